@@ -1,0 +1,12 @@
+//! virt-launcher: turns a KubeVirt `VirtualMachineInstance` into a running libvirt/QEMU domain
+//! and supervises it for the lifetime of its pod.
+//!
+//! Layers, one per concern (each module has its own error type):
+//! - [`spec`]: the KubeVirt v1 model (serde), loaded from JSON or YAML.
+//! - [`podfacts`]: facts about the pod gathered once before conversion (I/O lives here).
+//! - [`convert`]: a pure function from (VMI, pod facts) to a typed [`domain`] model.
+//! - [`domain`]: the libvirt domain model and its XML form.
+//! - [`libvirt`]: blocking libvirt access; the only module with `unsafe` is `libvirt::ffi`.
+//! - [`pod`]: the pod's private runtime: namespaces, directories, libvirtd and virtlogd.
+//! - [`supervisor`]: lifecycle, signals, reaping and grace periods.
+
