@@ -10,3 +10,7 @@
 //! - [`pod`]: the pod's private runtime: namespaces, directories, libvirtd and virtlogd.
 //! - [`supervisor`]: lifecycle, signals, reaping and grace periods.
 
+pub mod libvirt;
+pub mod logging;
+pub mod pod;
+pub mod supervisor;

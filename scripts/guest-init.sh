@@ -1,0 +1,309 @@
+#!/bin/sh
+# /init of the tiny TCG test guest (busybox ash). Packed by scripts/build-guest.sh.
+#
+# Driven by the kernel command line (/proc/cmdline); prints machine-readable marker
+# lines on the console (ttyS0, kernel booted with console=ttyS0):
+#
+#   LV-READY                      once, after mounts + module loading
+#   LV-BLOCK vda:2048 sda:8192    all /sys/block/{sd,vd}* with size in 512-byte sectors,
+#                                 sorted; printed at start and then only on change
+#                                 (checked every 0.5 s: hot-plug, unplug, growth)
+#   LV-WROTE <dev> <text>         lv.write=<dev>:<text> done (text read back from disk)
+#   LV-READ <dev> <line>          lv.read=<dev>: first line at offset 0 of /dev/<dev>
+#   LV-COUNT <n>                  lv.counter=<dev>: n is on disk (fsync'ed) when printed
+#   LV-ACPI-IGNORED               power button pressed while lv.acpi=ignore
+#   LV-POWEROFF / LV-REBOOT       right before poweroff -f / reboot -f
+#   LV-AGENT <command>            the minimal guest agent received <command>
+#   LV-ERROR <what>               anything that went wrong (the guest keeps running)
+#
+# Parameters (repeatable ones are applied in order; values cannot contain spaces):
+#   lv.write=<dev>:<text>  write "<text>\n" at offset 0 of /dev/<dev>, sync, read back
+#   lv.read=<dev>          print the first line of /dev/<dev>
+#   lv.counter=<dev>       count every 200 ms, resuming from the value on the disk
+#   lv.acpi=poweroff|ignore   what the ACPI power button does (default poweroff)
+#   lv.agent=on|off        answer a qemu-guest-agent channel (org.qemu.guest_agent.0)
+#                          if one exists (default on)
+#
+# PID 1 must never exit (the kernel panics): everything ends in an endless loop.
+
+PATH=/bin:/sbin
+export PATH
+
+# ---------------------------------------------------------------- basics
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# The initramfs may have no /dev/console node: reopen stdio on the console now.
+[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+mkdir -p /tmp /run /var/run /var/log
+mount -t tmpfs tmpfs /tmp 2>/dev/null
+
+err() { echo "LV-ERROR $*"; }
+
+CMDLINE=$(cat /proc/cmdline 2>/dev/null)
+
+# ---------------------------------------------------------------- modules
+# /lib/modules/load-order lists module file names (dependencies first), made by
+# build-guest.sh. Built-in drivers are simply not in the list.
+if [ -r /lib/modules/load-order ]; then
+    while read -r mod; do
+        [ -n "$mod" ] || continue
+        out=$(insmod "/lib/modules/$mod" 2>&1) || case "$out" in
+            *"File exists"*) ;;
+            *) err "insmod $mod: $out" ;;
+        esac
+    done </lib/modules/load-order
+else
+    err "no /lib/modules/load-order"
+fi
+
+# ---------------------------------------------------------------- parameters
+ACPI_MODE=poweroff
+AGENT=on
+for arg in $CMDLINE; do
+    case "$arg" in
+        lv.acpi=*) ACPI_MODE=${arg#lv.acpi=} ;;
+        lv.agent=*) AGENT=${arg#lv.agent=} ;;
+    esac
+done
+
+# ---------------------------------------------------------------- helpers
+# wait_dev <dev>: wait up to 10 s for /dev/<dev> (scsi scans are asynchronous).
+wait_dev() {
+    i=0
+    while [ ! -b "/dev/$1" ]; do
+        i=$((i + 1))
+        if [ "$i" -gt 100 ]; then
+            err "no block device /dev/$1"
+            return 1
+        fi
+        sleep 0.1
+    done
+    return 0
+}
+
+# first_line <dev>: first line at offset 0, printable characters only.
+# O_DIRECT so that a change made on the host side is seen; buffered as a fallback.
+first_line() {
+    { dd if="/dev/$1" bs=4096 count=1 iflag=direct 2>/dev/null ||
+        dd if="/dev/$1" bs=4096 count=1 2>/dev/null; } | head -n 1 | tr -d '\000-\037\177-\377'
+}
+
+# put_line <dev> <text>: write "<text>\n" at offset 0 and flush it to the disk.
+put_line() {
+    echo "$2" | dd of="/dev/$1" bs=4096 conv=notrunc,fsync 2>/dev/null
+}
+
+do_poweroff() {
+    sync
+    echo "LV-POWEROFF"
+    poweroff -f
+    sleep 5
+    err "poweroff -f returned"
+}
+
+do_reboot() {
+    sync
+    echo "LV-REBOOT"
+    reboot -f
+    sleep 5
+    err "reboot -f returned"
+}
+
+# ---------------------------------------------------------------- ACPI power button
+# The cloud kernel has no /proc/acpi/event; the ACPI "button" driver reports the
+# power button as an input device (KEY_POWER) which busybox acpid reads through
+# evdev (/dev/input/event*) and maps to the action PWRF/00000080.
+start_acpid() {
+    mkdir -p /etc/acpi/PWRF
+    case "$ACPI_MODE" in
+        poweroff)
+            cat >/etc/acpi/PWRF/00000080 <<'EOF'
+#!/bin/sh
+exec >/dev/console 2>&1
+sync
+echo "LV-POWEROFF"
+poweroff -f
+EOF
+            ;;
+        ignore)
+            cat >/etc/acpi/PWRF/00000080 <<'EOF'
+#!/bin/sh
+echo "LV-ACPI-IGNORED" >/dev/console
+EOF
+            ;;
+        *)
+            err "unknown lv.acpi=$ACPI_MODE (use poweroff or ignore); power button ignored"
+            printf '#!/bin/sh\necho "LV-ACPI-IGNORED" >/dev/console\n' >/etc/acpi/PWRF/00000080
+            ;;
+    esac
+    chmod 755 /etc/acpi/PWRF/00000080
+    if ! ls /dev/input/event* >/dev/null 2>&1; then
+        err "no /dev/input/event* (button/evdev missing?): ACPI power button not handled"
+        return
+    fi
+    acpid -c /etc/acpi -l /var/log/acpid.log -p /var/run/acpid.pid ||
+        err "acpid failed to start"
+}
+
+# ---------------------------------------------------------------- guest agent
+# A minimal qemu-guest-agent on the virtio-serial port named org.qemu.guest_agent.0:
+# guest-sync(-delimited), guest-ping, guest-info, guest-get-host-name,
+# guest-get-osinfo, guest-get-time, guest-shutdown. Everything else: CommandNotFound.
+agent_port() {
+    for n in /sys/class/virtio-ports/*/name; do
+        [ -r "$n" ] || continue
+        read -r name <"$n"
+        if [ "$name" = "org.qemu.guest_agent.0" ]; then
+            d=${n%/name}
+            echo "/dev/${d##*/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+agent_loop() {
+    port=$1
+    while :; do
+        if ! exec 3<>"$port"; then
+            err "cannot open agent port $port"
+            sleep 5
+            continue
+        fi
+        # read fails (EOF) while the host side is not connected: poll.
+        while :; do
+            if ! IFS= read -r line <&3; then
+                sleep 0.5
+                continue
+            fi
+            line=$(echo "$line" | tr -d '\000-\037\177-\377')
+            case "$line" in
+                *'"execute"'*) ;;
+                *) continue ;;
+            esac
+            cmd=${line#*\"execute\"}
+            cmd=${cmd#*\"}
+            cmd=${cmd%%\"*}
+            echo "LV-AGENT $cmd"
+            case "$cmd" in
+                guest-sync | guest-sync-delimited)
+                    id=${line#*\"id\"}
+                    id=${id#*:}
+                    id=$(echo "$id" | tr -cd '0-9')
+                    [ "$cmd" = guest-sync-delimited ] && printf '\377' >&3
+                    echo "{\"return\": ${id:-0}}" >&3
+                    ;;
+                guest-ping) echo '{"return": {}}' >&3 ;;
+                guest-info)
+                    echo '{"return": {"version": "lv-0.1", "supported_commands": [{"name": "guest-sync", "enabled": true, "success-response": true}, {"name": "guest-sync-delimited", "enabled": true, "success-response": true}, {"name": "guest-ping", "enabled": true, "success-response": true}, {"name": "guest-info", "enabled": true, "success-response": true}, {"name": "guest-get-host-name", "enabled": true, "success-response": true}, {"name": "guest-get-osinfo", "enabled": true, "success-response": true}, {"name": "guest-get-time", "enabled": true, "success-response": true}, {"name": "guest-shutdown", "enabled": true, "success-response": false}]}}' >&3
+                    ;;
+                guest-get-host-name) echo "{\"return\": {\"host-name\": \"$(hostname)\"}}" >&3 ;;
+                guest-get-osinfo)
+                    echo "{\"return\": {\"id\": \"lv-test\", \"name\": \"lv test guest\", \"pretty-name\": \"lv test guest (busybox)\", \"kernel-release\": \"$(uname -r)\", \"machine\": \"$(uname -m)\"}}" >&3
+                    ;;
+                guest-get-time) echo "{\"return\": $(date +%s)000000000}" >&3 ;;
+                guest-shutdown)
+                    # Like qemu-ga: no reply on success, the guest just goes away.
+                    case "$line" in
+                        *'"reboot"'*) do_reboot ;;
+                        *) do_poweroff ;;
+                    esac
+                    ;;
+                *)
+                    echo "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command $cmd has not been found\"}}" >&3
+                    ;;
+            esac
+        done
+    done
+}
+
+# ---------------------------------------------------------------- counter
+counter_loop() {
+    dev=$1
+    wait_dev "$dev" || return
+    n=$(first_line "$dev")
+    case "$n" in
+        '' | *[!0-9]*) n=0 ;;
+    esac
+    while :; do
+        n=$((n + 1))
+        if put_line "$dev" "$n"; then
+            echo "LV-COUNT $n"
+        else
+            err "counter write to /dev/$dev failed at $n"
+            n=$((n - 1))
+        fi
+        sleep 0.2
+    done
+}
+
+# ---------------------------------------------------------------- block list
+# block_list: set $cur to " vda:<sectors> ..." for all /sys/block/{sd,vd}*.
+block_list() {
+    cur=""
+    # sd* sorts before vd*, and each glob is sorted: the list is sorted.
+    for d in /sys/block/sd* /sys/block/vd*; do
+        [ -e "$d/size" ] || continue
+        read -r size <"$d/size" 2>/dev/null || continue
+        cur="$cur ${d##*/}:$size"
+    done
+}
+
+# ---------------------------------------------------------------- start
+hostname lv-guest 2>/dev/null
+start_acpid
+echo "LV-READY"
+# The first LV-BLOCK comes right after LV-READY, before any LV-WROTE/LV-READ.
+block_list
+echo "LV-BLOCK$cur"
+last=$cur
+
+for arg in $CMDLINE; do
+    case "$arg" in
+        lv.write=*)
+            v=${arg#lv.write=}
+            dev=${v%%:*}
+            text=${v#*:}
+            if [ -z "$dev" ] || [ "$dev" = "$v" ]; then
+                err "bad lv.write=$v (want <dev>:<text>)"
+            elif wait_dev "$dev"; then
+                if put_line "$dev" "$text"; then
+                    sync
+                    echo "LV-WROTE $dev $(first_line "$dev")"
+                else
+                    err "write to /dev/$dev failed"
+                fi
+            fi
+            ;;
+        lv.read=*)
+            dev=${arg#lv.read=}
+            wait_dev "$dev" && echo "LV-READ $dev $(first_line "$dev")"
+            ;;
+    esac
+done
+
+for arg in $CMDLINE; do
+    case "$arg" in
+        lv.counter=*) counter_loop "${arg#lv.counter=}" & ;;
+    esac
+done
+
+if [ "$AGENT" != off ]; then
+    if port=$(agent_port); then
+        agent_loop "$port" &
+    fi
+fi
+
+# ---------------------------------------------------------------- block watcher
+while :; do
+    block_list
+    if [ "$cur" != "$last" ]; then
+        echo "LV-BLOCK$cur"
+        last=$cur
+    fi
+    sleep 0.5 || sleep 1
+done
+
+# not reached; belt and braces
+while :; do sleep 3600; done

@@ -1,0 +1,167 @@
+//! libvirt's numeric event codes turned into named, typed events.
+
+use serde::Serialize;
+use virt::sys;
+
+use super::RawEvent;
+
+/// What a lifecycle event says happened to the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LifecycleKind {
+    Defined,
+    Undefined,
+    Started,
+    Suspended,
+    Resumed,
+    /// QEMU is gone; the detail says why.
+    Stopped(StopReason),
+    /// The guest began shutting down (QEMU still runs).
+    ShuttingDown,
+    PmSuspended,
+    Crashed,
+    Unknown(i32),
+}
+
+/// Why the domain stopped (`virDomainEventStoppedDetailType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StopReason {
+    Shutdown,
+    Destroyed,
+    Crashed,
+    Migrated,
+    Saved,
+    Failed,
+    FromSnapshot,
+    Unknown,
+}
+
+impl StopReason {
+    /// A stop that is the expected end of a VM's life (exit 0), as opposed to a crash.
+    pub fn is_clean(self) -> bool {
+        matches!(self, StopReason::Shutdown | StopReason::Destroyed | StopReason::Migrated | StopReason::Saved)
+    }
+}
+
+/// A domain event, named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum DomainEvent {
+    Lifecycle { domain: String, kind: LifecycleKind },
+    Reboot { domain: String },
+    Watchdog { domain: String, action: i32 },
+    IoError { domain: String, alias: String, path: String, reason: String },
+    DeviceRemoved { domain: String, alias: String },
+    DeviceRemovalFailed { domain: String, alias: String },
+    JobCompleted { domain: String },
+    AgentConnected { domain: String, connected: bool },
+    ConnectionClosed { reason: i32 },
+}
+
+impl From<RawEvent> for DomainEvent {
+    fn from(raw: RawEvent) -> Self {
+        match raw {
+            RawEvent::Lifecycle { domain, event, detail } => {
+                DomainEvent::Lifecycle { domain, kind: lifecycle_kind(event, detail) }
+            }
+            RawEvent::Reboot { domain } => DomainEvent::Reboot { domain },
+            RawEvent::Watchdog { domain, action } => DomainEvent::Watchdog { domain, action },
+            RawEvent::IoError { domain, src_path, alias, reason, .. } => {
+                DomainEvent::IoError { domain, alias, path: src_path, reason }
+            }
+            RawEvent::DeviceRemoved { domain, alias } => DomainEvent::DeviceRemoved { domain, alias },
+            RawEvent::DeviceRemovalFailed { domain, alias } => DomainEvent::DeviceRemovalFailed { domain, alias },
+            RawEvent::JobCompleted { domain } => DomainEvent::JobCompleted { domain },
+            RawEvent::AgentLifecycle { domain, state, .. } => DomainEvent::AgentConnected {
+                domain,
+                connected: state == sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as i32,
+            },
+            RawEvent::ConnectionClosed { reason } => DomainEvent::ConnectionClosed { reason },
+        }
+    }
+}
+
+impl DomainEvent {
+    /// The domain the event is about, if it is about one.
+    pub fn domain(&self) -> Option<&str> {
+        match self {
+            DomainEvent::Lifecycle { domain, .. }
+            | DomainEvent::Reboot { domain }
+            | DomainEvent::Watchdog { domain, .. }
+            | DomainEvent::IoError { domain, .. }
+            | DomainEvent::DeviceRemoved { domain, .. }
+            | DomainEvent::DeviceRemovalFailed { domain, .. }
+            | DomainEvent::JobCompleted { domain }
+            | DomainEvent::AgentConnected { domain, .. } => Some(domain),
+            DomainEvent::ConnectionClosed { .. } => None,
+        }
+    }
+}
+
+fn lifecycle_kind(event: i32, detail: i32) -> LifecycleKind {
+    let (event, detail) = (event as u32, detail as u32);
+    match event {
+        sys::VIR_DOMAIN_EVENT_DEFINED => LifecycleKind::Defined,
+        sys::VIR_DOMAIN_EVENT_UNDEFINED => LifecycleKind::Undefined,
+        sys::VIR_DOMAIN_EVENT_STARTED => LifecycleKind::Started,
+        sys::VIR_DOMAIN_EVENT_SUSPENDED => LifecycleKind::Suspended,
+        sys::VIR_DOMAIN_EVENT_RESUMED => LifecycleKind::Resumed,
+        sys::VIR_DOMAIN_EVENT_STOPPED => LifecycleKind::Stopped(match detail {
+            sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => StopReason::Shutdown,
+            sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED => StopReason::Destroyed,
+            sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED => StopReason::Crashed,
+            sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED => StopReason::Migrated,
+            sys::VIR_DOMAIN_EVENT_STOPPED_SAVED => StopReason::Saved,
+            sys::VIR_DOMAIN_EVENT_STOPPED_FAILED => StopReason::Failed,
+            sys::VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT => StopReason::FromSnapshot,
+            _ => StopReason::Unknown,
+        }),
+        sys::VIR_DOMAIN_EVENT_SHUTDOWN => LifecycleKind::ShuttingDown,
+        sys::VIR_DOMAIN_EVENT_PMSUSPENDED => LifecycleKind::PmSuspended,
+        sys::VIR_DOMAIN_EVENT_CRASHED => LifecycleKind::Crashed,
+        other => LifecycleKind::Unknown(other as i32),
+    }
+}
+
+/// The name of a `virDomainState`.
+pub fn state_name(state: u32) -> &'static str {
+    match state {
+        sys::VIR_DOMAIN_RUNNING => "Running",
+        sys::VIR_DOMAIN_BLOCKED => "Blocked",
+        sys::VIR_DOMAIN_PAUSED => "Paused",
+        sys::VIR_DOMAIN_SHUTDOWN => "ShuttingDown",
+        sys::VIR_DOMAIN_SHUTOFF => "Shutoff",
+        sys::VIR_DOMAIN_CRASHED => "Crashed",
+        sys::VIR_DOMAIN_PMSUSPENDED => "PMSuspended",
+        _ => "NoState",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stopped_details_map_to_reasons() {
+        let ev = DomainEvent::from(RawEvent::Lifecycle {
+            domain: "default_vm".into(),
+            event: sys::VIR_DOMAIN_EVENT_STOPPED as i32,
+            detail: sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED as i32,
+        });
+        assert_eq!(
+            ev,
+            DomainEvent::Lifecycle { domain: "default_vm".into(), kind: LifecycleKind::Stopped(StopReason::Migrated) }
+        );
+        assert!(StopReason::Migrated.is_clean());
+        assert!(!StopReason::Crashed.is_clean());
+        assert!(!StopReason::Failed.is_clean());
+    }
+
+    #[test]
+    fn unknown_event_codes_are_kept() {
+        assert_eq!(lifecycle_kind(99, 0), LifecycleKind::Unknown(99));
+        assert_eq!(state_name(42), "NoState");
+        assert_eq!(state_name(sys::VIR_DOMAIN_PAUSED), "Paused");
+    }
+}

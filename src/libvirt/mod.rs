@@ -1,0 +1,244 @@
+//! Blocking libvirt access, behind one type.
+//!
+//! [`Hypervisor`] owns the connection to the pod's private libvirtd, reconnects after a daemon
+//! restart and re-registers the event callbacks. Every method blocks (libvirt is synchronous
+//! FFI): async callers go through `tokio::task::spawn_blocking`. Domain handles are looked up
+//! per call and never cached, so a reconnect cannot leave a stale handle behind.
+
+pub mod events;
+pub mod ffi;
+
+use std::sync::{Mutex, MutexGuard, Once};
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+pub use events::{DomainEvent, LifecycleKind};
+pub use ffi::RawEvent;
+
+/// A libvirt failure, with what we were doing and libvirt's own code and message.
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    #[error("libvirt {op}: {message} (code {code})")]
+    Call { op: &'static str, code: i32, message: String },
+    #[error("not connected to libvirtd (reconnecting)")]
+    Disconnected,
+    #[error("domain {0} does not exist")]
+    NoDomain(String),
+}
+
+impl LibvirtError {
+    fn call(op: &'static str, e: virt::error::Error) -> Self {
+        LibvirtError::Call { op, code: e.code().to_raw() as i32, message: e.message().to_string() }
+    }
+
+    /// libvirt's error number, when the error came from libvirt.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            LibvirtError::Call { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// The domain's state as libvirt reports it (`virDomainState`), with its reason code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DomainState {
+    pub state: u32,
+    pub reason: i32,
+}
+
+impl DomainState {
+    pub fn is_running(&self) -> bool {
+        self.state == sys::VIR_DOMAIN_RUNNING
+    }
+    pub fn is_shut_off(&self) -> bool {
+        self.state == sys::VIR_DOMAIN_SHUTOFF
+    }
+    pub fn name(&self) -> &'static str {
+        events::state_name(self.state)
+    }
+}
+
+static EVENT_LOOP: Once = Once::new();
+
+/// Starts libvirt's default event loop on a dedicated OS thread, once per process. It must run
+/// before the first connection is opened, or no event callback ever fires.
+pub fn start_event_loop() -> Result<(), LibvirtError> {
+    let mut result = Ok(());
+    EVENT_LOOP.call_once(|| {
+        // libvirt prints every error to stderr unless told not to; we report errors ourselves.
+        virt::error::clear_error_callback();
+        if let Err(e) = virt::event::event_register_default_impl() {
+            result = Err(LibvirtError::call("event_register_default_impl", e));
+            return;
+        }
+        std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| loop {
+                if let Err(e) = virt::event::event_run_default_impl() {
+                    tracing::warn!(error = %e, "libvirt event loop iteration failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| result = Err(LibvirtError::Call { op: "spawn event thread", code: -1, message: e.to_string() }));
+    });
+    result
+}
+
+/// The connection to the pod's libvirtd.
+pub struct Hypervisor {
+    uri: String,
+    conn: Mutex<Option<Connect>>,
+    events: UnboundedSender<RawEvent>,
+}
+
+impl Hypervisor {
+    /// Connects to `uri` and registers the event callbacks, which send into `events`.
+    pub fn connect(uri: &str, events: UnboundedSender<RawEvent>) -> Result<Self, LibvirtError> {
+        start_event_loop()?;
+        let hv = Hypervisor { uri: uri.to_string(), conn: Mutex::new(None), events };
+        hv.reconnect()?;
+        Ok(hv)
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Opens a fresh connection (after a daemon restart) and re-registers the callbacks.
+    pub fn reconnect(&self) -> Result<(), LibvirtError> {
+        let conn = Connect::open(Some(&self.uri)).map_err(|e| LibvirtError::call("connect", e))?;
+        ffi::register_domain_events(&conn, &self.events)
+            .map_err(|e| LibvirtError::call("register events", e))?;
+        // Keepalive lets libvirt notice a dead daemon within a few seconds even when idle.
+        let _ = conn.set_keep_alive(2, 3);
+        let old = self.lock().replace(conn);
+        drop_quietly(old);
+        Ok(())
+    }
+
+    /// Forgets the current connection (it is known to be broken).
+    pub fn disconnect(&self) {
+        let old = self.lock().take();
+        drop_quietly(old);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.lock().as_ref().is_some_and(|c| c.is_alive().unwrap_or(false))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Connect>> {
+        // A panic while holding the lock cannot leave the Option inconsistent.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_conn<T>(&self, f: impl FnOnce(&Connect) -> Result<T, LibvirtError>) -> Result<T, LibvirtError> {
+        let guard = self.lock();
+        let conn = guard.as_ref().ok_or(LibvirtError::Disconnected)?;
+        f(conn)
+    }
+
+    fn with_domain<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Domain) -> Result<T, LibvirtError>,
+    ) -> Result<T, LibvirtError> {
+        self.with_conn(|c| {
+            let dom = c.lookup_domain_by_name(name).map_err(|e| {
+                if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN {
+                    LibvirtError::NoDomain(name.to_string())
+                } else {
+                    LibvirtError::call("lookup domain", e)
+                }
+            })?;
+            f(&dom)
+        })
+    }
+
+    /// Defines the domain persistently and starts it (KubeVirt's define+create).
+    pub fn define_and_start(&self, xml: &str) -> Result<(), LibvirtError> {
+        self.with_conn(|c| {
+            let dom = c.define_domain_xml(xml).map_err(|e| LibvirtError::call("define domain", e))?;
+            if let Err(e) = dom.create() {
+                let err = LibvirtError::call("start domain", e);
+                // Leave nothing defined behind a failed start.
+                let _ = dom.undefine();
+                return Err(err);
+            }
+            Ok(())
+        })
+    }
+
+    pub fn state(&self, name: &str) -> Result<DomainState, LibvirtError> {
+        self.with_domain(name, |d| {
+            let (state, reason) = ffi::domain_state(d).map_err(|e| LibvirtError::call("domain state", e))?;
+            Ok(DomainState { state, reason })
+        })
+    }
+
+    /// Presses the ACPI power button. Never the guest agent: an agent shutdown can block for a
+    /// minute in guests without an agent, longer than the pod's grace period.
+    pub fn shutdown_acpi(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| {
+            d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                .map_err(|e| LibvirtError::call("shutdown (ACPI)", e))
+        })
+    }
+
+    /// Hard power-off.
+    pub fn destroy(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| d.destroy().map_err(|e| LibvirtError::call("destroy", e)))
+    }
+
+    /// Removes the persistent definition (the domain may be running or not).
+    pub fn undefine(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| d.undefine().map_err(|e| LibvirtError::call("undefine", e)))
+    }
+
+    pub fn pause(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| d.suspend().map_err(|e| LibvirtError::call("pause", e)))
+    }
+
+    pub fn resume(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| d.resume().map_err(|e| LibvirtError::call("resume", e)))
+    }
+
+    pub fn reboot(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| {
+            d.reboot(sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN).map_err(|e| LibvirtError::call("reboot", e))
+        })
+    }
+
+    /// The live domain XML.
+    pub fn xml(&self, name: &str) -> Result<String, LibvirtError> {
+        self.with_domain(name, |d| d.xml_desc(0).map_err(|e| LibvirtError::call("dumpxml", e)))
+    }
+
+    /// The QEMU process id, from libvirt's pid file in the private runtime.
+    pub fn exists(&self, name: &str) -> Result<bool, LibvirtError> {
+        match self.with_domain(name, |_| Ok(())) {
+            Ok(()) => Ok(true),
+            Err(LibvirtError::NoDomain(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Hypervisor {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+/// `virt`'s `Drop` for `Connect` panics when closing fails (a dead daemon); closing a broken
+/// connection is not worth a panic, so close explicitly and ignore the outcome.
+fn drop_quietly(conn: Option<Connect>) {
+    if let Some(c) = conn {
+        ffi::close_connection(c);
+    }
+}

@@ -1,0 +1,314 @@
+//! virtlogd and libvirtd, owned by the launcher.
+//!
+//! Each daemon runs in the foreground as our child, in its own process group (a Ctrl-C on the
+//! launcher's terminal must reach the launcher only, which then shuts the guest down in order).
+//! Its stderr is relayed line by line into our JSON log with a `subcomponent` field. When a
+//! daemon dies it is restarted at once (well within a second), and a [`DaemonEvent`] tells the
+//! supervisor, which reconnects to libvirt; QEMU keeps running meanwhile.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::PodLayout;
+use crate::supervisor::reaper::{Exit, Reaper};
+
+/// How long a daemon may take to open its socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a daemon may take to exit after SIGTERM before it gets SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Daemon {
+    Virtlogd,
+    Libvirtd,
+}
+
+impl Daemon {
+    pub fn name(self) -> &'static str {
+        match self {
+            Daemon::Virtlogd => "virtlogd",
+            Daemon::Libvirtd => "libvirtd",
+        }
+    }
+
+    fn command(self, layout: &PodLayout) -> Command {
+        let conf = layout.conf_dir();
+        let pid = layout.pid_dir().join(format!("{}.pid", self.name()));
+        let mut cmd = Command::new(self.name());
+        match self {
+            Daemon::Virtlogd => cmd.arg("-f").arg(conf.join("virtlogd.conf")),
+            Daemon::Libvirtd => cmd.arg("-f").arg(conf.join("libvirtd.conf")),
+        };
+        cmd.arg("-p").arg(pid);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
+        cmd
+    }
+
+    /// The socket whose presence means the daemon serves.
+    fn socket(self, layout: &PodLayout) -> PathBuf {
+        match self {
+            Daemon::Virtlogd => PathBuf::from("/run/libvirt/virtlogd-sock"),
+            Daemon::Libvirtd => layout.libvirt_socket(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot start {daemon}: {source} (is libvirt installed? run scripts/setup-host.sh)")]
+    Spawn { daemon: &'static str, source: std::io::Error },
+    #[error("{daemon} exited during start-up ({exit}); its log lines above say why")]
+    EarlyExit { daemon: &'static str, exit: Exit },
+    #[error("{daemon} did not open {socket} within {timeout:?}")]
+    NotReady { daemon: &'static str, socket: PathBuf, timeout: Duration },
+}
+
+/// What happened to a daemon after start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonEvent {
+    Died { daemon: Daemon, exit: Exit },
+    Restarted { daemon: Daemon, pid: i32 },
+    RestartFailed { daemon: Daemon, error: String },
+}
+
+/// The running daemons and their watchers.
+pub struct Daemons {
+    stopping: watch::Sender<bool>,
+    pids: Vec<(Daemon, Arc<Mutex<i32>>)>,
+    watchers: Vec<JoinHandle<()>>,
+}
+
+impl Daemons {
+    /// Starts virtlogd, then libvirtd, each ready (socket open) before the next.
+    pub async fn start(
+        reaper: &Reaper,
+        layout: &PodLayout,
+        events: mpsc::UnboundedSender<DaemonEvent>,
+    ) -> Result<Daemons, DaemonError> {
+        let (stopping, _) = watch::channel(false);
+        let mut daemons = Daemons { stopping, pids: Vec::new(), watchers: Vec::new() };
+        for daemon in [Daemon::Virtlogd, Daemon::Libvirtd] {
+            let first = match start_one(reaper, layout, daemon).await {
+                Ok(s) => s,
+                Err(e) => {
+                    daemons.stop().await;
+                    return Err(e);
+                }
+            };
+            let pid = Arc::new(Mutex::new(first.pid));
+            daemons.pids.push((daemon, pid.clone()));
+            let watcher = watch_daemon(
+                reaper.clone(),
+                layout.clone(),
+                daemon,
+                first.exit,
+                pid,
+                daemons.stopping.subscribe(),
+                events.clone(),
+            );
+            daemons.watchers.push(tokio::spawn(watcher));
+        }
+        Ok(daemons)
+    }
+
+    /// The current pid of `daemon`.
+    pub fn pid(&self, daemon: Daemon) -> Option<i32> {
+        self.pids.iter().find(|(d, _)| *d == daemon).map(|(_, p)| *p.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Stops the daemons (libvirtd first), SIGKILL after a grace of a few seconds.
+    pub async fn stop(&mut self) {
+        let _ = self.stopping.send(true);
+        for (daemon, pid) in self.pids.iter().rev() {
+            let pid = *pid.lock().unwrap_or_else(|e| e.into_inner());
+            terminate(*daemon, pid).await;
+        }
+        for w in self.watchers.drain(..) {
+            let _ = w.await;
+        }
+    }
+}
+
+struct Started {
+    pid: i32,
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+}
+
+async fn start_one(reaper: &Reaper, layout: &PodLayout, daemon: Daemon) -> Result<Started, DaemonError> {
+    let socket = daemon.socket(layout);
+    // A stale socket from a crashed predecessor would look ready.
+    let _ = std::fs::remove_file(&socket);
+    let mut spawned =
+        reaper.spawn(&mut daemon.command(layout)).map_err(|source| DaemonError::Spawn { daemon: daemon.name(), source })?;
+    if let Some(stderr) = spawned.child.stderr.take() {
+        relay(daemon, stderr);
+    }
+    let pid = spawned.pid();
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(exit) = spawned.exit.try_recv() {
+            return Err(DaemonError::EarlyExit { daemon: daemon.name(), exit });
+        }
+        if UnixStream::connect(&socket).is_ok() {
+            tracing::info!(subcomponent = daemon.name(), pid, "daemon ready");
+            return Ok(Started { pid, exit: spawned.exit });
+        }
+        if Instant::now() > deadline {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            return Err(DaemonError::NotReady { daemon: daemon.name(), socket, timeout: READY_TIMEOUT });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits for the daemon to die and restarts it, until the launcher stops.
+async fn watch_daemon(
+    reaper: Reaper,
+    layout: PodLayout,
+    daemon: Daemon,
+    mut exit: tokio::sync::oneshot::Receiver<Exit>,
+    pid: Arc<Mutex<i32>>,
+    mut stopping: watch::Receiver<bool>,
+    events: mpsc::UnboundedSender<DaemonEvent>,
+) {
+    loop {
+        let status = tokio::select! {
+            s = &mut exit => s.unwrap_or(Exit::Signal(0)),
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        if *stopping.borrow() {
+            return;
+        }
+        tracing::warn!(subcomponent = daemon.name(), %status, "daemon died; restarting");
+        let _ = events.send(DaemonEvent::Died { daemon, exit: status });
+        match start_one(&reaper, &layout, daemon).await {
+            Ok(started) => {
+                *pid.lock().unwrap_or_else(|e| e.into_inner()) = started.pid;
+                exit = started.exit;
+                let _ = events.send(DaemonEvent::Restarted { daemon, pid: started.pid });
+            }
+            Err(e) => {
+                tracing::error!(subcomponent = daemon.name(), error = %e, "daemon restart failed; retrying in 1 s");
+                let _ = events.send(DaemonEvent::RestartFailed { daemon, error: e.to_string() });
+                // Try again shortly: a fake "exit" to loop on.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                exit = rx;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let _ = tx.send(Exit::Signal(0));
+                });
+            }
+        }
+    }
+}
+
+async fn terminate(daemon: Daemon, pid: i32) {
+    let pid = Pid::from_raw(pid);
+    if kill(pid, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        if !is_alive(pid) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!(subcomponent = daemon.name(), "daemon ignored SIGTERM; killing it");
+    let _ = kill(pid, Signal::SIGKILL);
+}
+
+/// Alive and not a zombie (a zombie awaits the reaper and is gone for our purposes).
+pub fn is_alive(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Relays a daemon's stderr into our log, one JSON line per line, on a plain thread (it blocks).
+fn relay(daemon: Daemon, stderr: std::process::ChildStderr) {
+    let _ = std::thread::Builder::new().name(format!("relay-{}", daemon.name())).spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log_line(daemon.name(), &line);
+        }
+    });
+}
+
+/// Errors libvirtd reports at every start in a pod, which concern drivers a launcher does not
+/// use (virtual networks, host D-Bus): logged at debug level so real errors stand out.
+const EXPECTED_NOISE: [&str; 9] = [
+    "End of file while reading data", // a client (our readiness probe) hung up
+    "Unable to find 'dnsmasq' binary",
+    "Unable to get system bus connection",
+    "DBus not available",
+    "udevGetDMIData",
+    "dmidecode",
+    "virCgroupDetectControllers", // cgroup_controllers = [] in a pod
+    "getaddrinfo failed for",     // the pod hostname need not resolve
+    "is tainted: high-privileges",
+];
+
+/// Logs one line of a daemon's or QEMU's output at the level it states.
+pub fn log_line(subcomponent: &str, line: &str) {
+    let line = line.trim_end();
+    if line.is_empty() {
+        return;
+    }
+    if EXPECTED_NOISE.iter().any(|n| line.contains(n)) {
+        tracing::debug!(subcomponent, "{line}");
+    } else if line.contains(": error : ") {
+        tracing::error!(subcomponent, "{line}");
+    } else if line.contains(": warning : ") {
+        tracing::warn!(subcomponent, "{line}");
+    } else {
+        tracing::info!(subcomponent, "{line}");
+    }
+}
+
+/// Follows a log file that another process appends to (the QEMU log written by virtlogd, the
+/// serial console log) and relays lines added from now on, until `stop` turns true.
+pub fn follow_file(subcomponent: &'static str, path: PathBuf, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let mut partial = String::new();
+        loop {
+            if let Ok(chunk) = read_from(&path, &mut offset) {
+                partial.push_str(&chunk);
+                while let Some(i) = partial.find('\n') {
+                    let line: String = partial.drain(..=i).collect();
+                    log_line(subcomponent, &line);
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    })
+}
+
+fn read_from(path: &Path, offset: &mut u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    if len < *offset {
+        *offset = 0; // truncated or rotated
+    }
+    f.seek(SeekFrom::Start(*offset))?;
+    let mut buf = Vec::new();
+    f.take(1 << 20).read_to_end(&mut buf)?;
+    *offset += buf.len() as u64;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}

@@ -1,0 +1,207 @@
+//! The pod's private runtime: its directories, its isolation from the host, and the libvirt
+//! daemons it owns.
+//!
+//! Inside a Kubernetes pod the container already is private, and libvirt's standard paths
+//! (`/run/libvirt`, `/var/lib/libvirt`, …) belong to this launcher alone. On a plain machine
+//! (standalone mode) [`isolate`] gives the launcher the same privacy: a new mount and UTS
+//! namespace in which each of libvirt's state directories is a private directory under the
+//! runtime root, so several launchers can run side by side and none touches the host's libvirt.
+
+pub mod daemons;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+
+/// Errors while preparing the pod runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("runtime directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("runtime directory {0} is in use by another launcher (lock held)")]
+    Busy(PathBuf),
+    #[error("cannot isolate the launcher ({step}): {source}; standalone mode needs root (CAP_SYS_ADMIN)")]
+    Isolate { step: String, source: nix::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PodError + '_ {
+    move |source| PodError::Io { path: path.to_path_buf(), source }
+}
+
+/// libvirt's state directories, each replaced by a private one in standalone mode.
+/// (`/run/libvirt` is bound first so `/run` below it stays the host's.)
+const LIBVIRT_DIRS: [(&str, &str); 5] = [
+    ("run", "/run/libvirt"),
+    ("lib", "/var/lib/libvirt"),
+    ("log", "/var/log/libvirt"),
+    ("cache", "/var/cache/libvirt"),
+    ("etc", "/etc/libvirt"),
+];
+
+/// The on-disk layout of one launcher's runtime root.
+#[derive(Debug, Clone)]
+pub struct PodLayout {
+    root: PathBuf,
+    isolated: bool,
+}
+
+impl PodLayout {
+    pub fn new(root: impl Into<PathBuf>, isolated: bool) -> Self {
+        PodLayout { root: root.into(), isolated }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn is_isolated(&self) -> bool {
+        self.isolated
+    }
+
+    /// Where libvirtd's unix sockets live; visible from outside the namespace, so other
+    /// processes (a migration source, `virsh` for debugging) can reach this pod's daemon.
+    pub fn sock_dir(&self) -> PathBuf {
+        self.root.join("sock")
+    }
+
+    pub fn libvirt_socket(&self) -> PathBuf {
+        self.sock_dir().join("libvirt-sock")
+    }
+
+    /// The libvirt URI for this pod's daemon.
+    pub fn libvirt_uri(&self) -> String {
+        format!("qemu+unix:///system?socket={}", self.libvirt_socket().display())
+    }
+
+    /// Our own configuration files (libvirtd.conf, virtlogd.conf, qemu.conf).
+    pub fn conf_dir(&self) -> PathBuf {
+        self.root.join("conf")
+    }
+
+    /// Pid files of the daemons.
+    pub fn pid_dir(&self) -> PathBuf {
+        self.root.join("pids")
+    }
+
+    /// The VM's private files (console socket and log, generated ISOs) in standalone mode.
+    pub fn private_dir(&self) -> PathBuf {
+        self.root.join("private")
+    }
+
+    /// Where libvirt writes the QEMU log of `domain`, as seen inside the pod.
+    pub fn qemu_log(&self, domain: &str) -> PathBuf {
+        Path::new("/var/log/libvirt/qemu").join(format!("{domain}.log"))
+    }
+
+    /// Creates the directories, mode 0700 (the root holds the VM's console and sockets).
+    pub fn create(&self) -> Result<(), PodError> {
+        let mut dirs = vec![self.root.clone(), self.sock_dir(), self.conf_dir(), self.pid_dir(), self.private_dir()];
+        if self.isolated {
+            dirs.extend(LIBVIRT_DIRS.iter().map(|(name, _)| self.root.join("state").join(name)));
+        }
+        for d in &dirs {
+            fs::create_dir_all(d).map_err(io_err(d))?;
+        }
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)).map_err(io_err(&self.root))?;
+        Ok(())
+    }
+
+    /// Takes the runtime root's lock for the life of the process: a second launcher on the same
+    /// root fails fast instead of fighting over the daemons.
+    pub fn lock(&self) -> Result<Flock<File>, PodError> {
+        let path = self.root.join("launcher.lock");
+        let file = File::create(&path).map_err(io_err(&path))?;
+        Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| PodError::Busy(self.root.clone()))
+    }
+
+    /// Writes libvirtd.conf, virtlogd.conf and qemu.conf, and installs qemu.conf where
+    /// libvirtd reads it (`/etc/libvirt`, private to this pod).
+    pub fn write_configs(&self, host_uuid: &str) -> Result<(), PodError> {
+        let sock_dir = self.sock_dir();
+        let libvirtd = format!(
+            "# written by virt-launcher\n\
+             unix_sock_dir = \"{}\"\n\
+             unix_sock_rw_perms = \"0700\"\n\
+             unix_sock_ro_perms = \"0700\"\n\
+             unix_sock_admin_perms = \"0700\"\n\
+             auth_unix_rw = \"none\"\n\
+             auth_unix_ro = \"none\"\n\
+             host_uuid = \"{host_uuid}\"\n\
+             log_outputs = \"3:stderr\"\n\
+             keepalive_interval = 5\n\
+             keepalive_count = 5\n",
+            sock_dir.display()
+        );
+        let virtlogd = "# written by virt-launcher\nlog_outputs = \"3:stderr\"\n";
+        // namespaces/cgroups: the pod is the sandbox; libvirt's own would need privileges a pod
+        // (and this machine) does not grant. Ownership is left alone: disks belong to the pod.
+        let qemu = "# written by virt-launcher\n\
+                    user = \"root\"\n\
+                    group = \"root\"\n\
+                    dynamic_ownership = 0\n\
+                    remember_owner = 0\n\
+                    namespaces = []\n\
+                    cgroup_controllers = []\n\
+                    stdio_handler = \"logd\"\n\
+                    log_timestamp = 1\n";
+        let conf = self.conf_dir();
+        write_file(&conf.join("libvirtd.conf"), &libvirtd)?;
+        write_file(&conf.join("virtlogd.conf"), virtlogd)?;
+        write_file(&conf.join("qemu.conf"), qemu)?;
+        let etc = Path::new("/etc/libvirt");
+        fs::create_dir_all(etc).map_err(io_err(etc))?;
+        write_file(&etc.join("qemu.conf"), qemu)?;
+        Ok(())
+    }
+
+    /// Removes the daemons' state, sockets and configuration once they and QEMU are gone. The
+    /// VM's private directory (its console log) stays for whoever wants to read what happened.
+    pub fn remove_daemon_state(&self) {
+        let mut dirs = vec![self.sock_dir(), self.conf_dir(), self.pid_dir(), self.root.join("state")];
+        dirs.retain(|d| d.exists());
+        for d in dirs {
+            if let Err(e) = fs::remove_dir_all(&d) {
+                tracing::warn!(path = %d.display(), error = %e, "could not remove runtime directory");
+            }
+        }
+        let _ = fs::remove_file(self.root.join("launcher.lock"));
+    }
+}
+
+fn write_file(path: &Path, content: &str) -> Result<(), PodError> {
+    let mut f = File::create(path).map_err(io_err(path))?;
+    f.write_all(content.as_bytes()).map_err(io_err(path))
+}
+
+/// Puts the calling process into a new mount and UTS namespace with private libvirt state
+/// directories and its own hostname. Must run before any thread is started.
+pub fn isolate(layout: &PodLayout, hostname: &str) -> Result<(), PodError> {
+    let step = |step: &str| {
+        let step = step.to_string();
+        move |source| PodError::Isolate { step, source }
+    };
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS).map_err(step("unshare"))?;
+    // Nothing we mount may leak back to the host.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(step("make / private"))?;
+    for (name, target) in LIBVIRT_DIRS {
+        let src = layout.root.join("state").join(name);
+        fs::create_dir_all(target).map_err(io_err(Path::new(target)))?;
+        mount(Some(&src), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(step(&format!("bind {} over {target}", src.display())))?;
+    }
+    nix::unistd::sethostname(hostname).map_err(step("sethostname"))?;
+    Ok(())
+}
+
+/// A fresh random UUID from the kernel (for libvirtd's `host_uuid`: two pods on one machine
+/// must differ or libvirt refuses to migrate between them).
+pub fn random_uuid() -> Result<String, PodError> {
+    let path = Path::new("/proc/sys/kernel/random/uuid");
+    Ok(fs::read_to_string(path).map_err(io_err(path))?.trim().to_string())
+}

@@ -1,0 +1,83 @@
+//! Bad input to `virt-launcher run`: one clear line naming the file, the volume and what is
+//! wrong, a non-zero exit, and no daemon or QEMU left behind (none is started).
+
+mod common;
+
+use common::{run_launcher, Pod};
+
+/// Runs the launcher on `pod`'s VMI file and returns its stderr, asserting a failed exit.
+fn fails(pod: &Pod) -> String {
+    let vmi = pod.vmi_path();
+    let runtime = pod.runtime_dir();
+    let pvcs = pod.pvcs_dir();
+    let (status, stderr) = run_launcher(&[
+        "run",
+        "--vmi",
+        vmi.to_str().unwrap(),
+        "--domain-type",
+        "qemu",
+        "--runtime-dir",
+        runtime.to_str().unwrap(),
+        "--volumes-dir",
+        pvcs.to_str().unwrap(),
+    ]);
+    assert!(!status.success(), "launcher succeeded on bad input");
+    let last = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("virt-launcher: "), "no one-line error at the end of stderr:\n{stderr}");
+    assert!(pod.leftover_processes().is_empty(), "processes left: {:?}", pod.leftover_processes());
+    last
+}
+
+#[test]
+fn missing_spec_file_is_named() {
+    let pod = Pod::new("nofile");
+    let line = fails(&pod);
+    assert!(line.contains(&pod.vmi_path().display().to_string()), "{line}");
+}
+
+#[test]
+fn malformed_spec_names_the_file() {
+    let pod = Pod::new("malformed");
+    std::fs::write(pod.vmi_path(), "apiVersion: kubevirt.io/v1\nkind: [unclosed\n").unwrap();
+    let line = fails(&pod);
+    assert!(line.contains("vmi.yaml"), "{line}");
+}
+
+#[test]
+fn unknown_kind_is_named() {
+    let pod = Pod::new("kind");
+    std::fs::write(pod.vmi_path(), "apiVersion: kubevirt.io/v1\nkind: Pod\nmetadata:\n  name: x\nspec: {}\n").unwrap();
+    let line = fails(&pod);
+    assert!(line.contains("Pod"), "{line}");
+}
+
+#[test]
+fn unknown_api_version_is_named() {
+    let pod = Pod::new("apiversion");
+    std::fs::write(
+        pod.vmi_path(),
+        "apiVersion: kubevirt.io/v9\nkind: VirtualMachineInstance\nmetadata:\n  name: x\nspec: {}\n",
+    )
+    .unwrap();
+    let line = fails(&pod);
+    assert!(line.contains("kubevirt.io/v9"), "{line}");
+}
+
+#[test]
+fn missing_disk_image_names_volume_and_path() {
+    let pod = Pod::new("nodisk").with_disk("rootdisk", "virtio", 16);
+    pod.prepare();
+    std::fs::remove_file(pod.disk_image("rootdisk")).unwrap();
+    let line = fails(&pod);
+    assert!(line.contains("rootdisk"), "volume not named: {line}");
+    assert!(line.contains("disk.img"), "path not named: {line}");
+}
+
+#[test]
+fn missing_pvc_directory_names_volume() {
+    let pod = Pod::new("nodir").with_disk("rootdisk", "virtio", 16);
+    pod.prepare();
+    std::fs::remove_dir_all(pod.pvcs_dir().join("rootdisk")).unwrap();
+    let line = fails(&pod);
+    assert!(line.contains("rootdisk"), "volume not named: {line}");
+}

@@ -1,0 +1,275 @@
+//! Shared harness for integration tests: a standalone launcher "pod" with its own runtime
+//! directory, PVC directory and VMI, booting the tiny test guest under TCG.
+//!
+//! Needs root, libvirt and QEMU, and the test guest (`scripts/build-guest.sh`); `./devtool
+//! test` provides all three. A missing prerequisite fails the test with the command to run:
+//! tests that need a guest never pass without booting one.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const LAUNCHER: &str = env!("CARGO_BIN_EXE_virt-launcher");
+
+/// Where the test guest's kernel and initramfs are.
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/guest"));
+    assert!(
+        dir.join("vmlinuz").is_file() && dir.join("initramfs.gz").is_file(),
+        "test guest missing in {}: run ./devtool test (or scripts/build-guest.sh)",
+        dir.display()
+    );
+    dir
+}
+
+/// One disk of the test VM: a Filesystem-mode PVC.
+pub struct Disk {
+    pub name: String,
+    pub bus: &'static str,
+    pub size_mib: u64,
+}
+
+/// A launcher pod under construction / running.
+pub struct Pod {
+    pub name: String,
+    pub dir: PathBuf,
+    pub kernel_args: String,
+    pub grace_seconds: u64,
+    pub disks: Vec<Disk>,
+    pub child: Option<Child>,
+}
+
+impl Pod {
+    /// A pod whose VMI is named `vl-<name>`; its directory is fresh.
+    pub fn new(name: &str) -> Pod {
+        let name = format!("vl-{name}");
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Pod {
+            name,
+            dir,
+            kernel_args: "console=ttyS0 quiet".into(),
+            grace_seconds: 30,
+            disks: Vec::new(),
+            child: None,
+        }
+    }
+
+    pub fn with_disk(mut self, name: &str, bus: &'static str, size_mib: u64) -> Pod {
+        self.disks.push(Disk { name: name.into(), bus, size_mib });
+        self
+    }
+
+    pub fn kernel_args(mut self, extra: &str) -> Pod {
+        self.kernel_args = format!("console=ttyS0 quiet {extra}");
+        self
+    }
+
+    pub fn grace(mut self, seconds: u64) -> Pod {
+        self.grace_seconds = seconds;
+        self
+    }
+
+    pub fn pvcs_dir(&self) -> PathBuf {
+        self.dir.join("pvcs")
+    }
+
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.join("runtime")
+    }
+
+    pub fn vmi_path(&self) -> PathBuf {
+        self.dir.join("vmi.yaml")
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.runtime_dir().join("private/virt-serial0-log")
+    }
+
+    pub fn launcher_log(&self) -> PathBuf {
+        self.dir.join("launcher.log")
+    }
+
+    pub fn disk_image(&self, disk: &str) -> PathBuf {
+        self.pvcs_dir().join(disk).join("disk.img")
+    }
+
+    /// The VMI as YAML, as `kubectl get vmi -o yaml` would show the relevant parts.
+    pub fn vmi_yaml(&self) -> String {
+        let mut disks = String::new();
+        let mut volumes = String::new();
+        for d in &self.disks {
+            disks += &format!("        - name: {}\n          disk:\n            bus: {}\n", d.name, d.bus);
+            volumes += &format!("    - name: {}\n      persistentVolumeClaim:\n        claimName: {}\n", d.name, d.name);
+        }
+        format!(
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: {name}\n  namespace: default\n\
+             spec:\n  terminationGracePeriodSeconds: {grace}\n  domain:\n    resources:\n      requests:\n        memory: 128Mi\n\
+             \x20   firmware:\n      kernelBoot:\n        kernelArgs: \"{args}\"\n        container:\n          image: test-guest\n\
+             \x20         kernelPath: /vmlinuz\n          initrdPath: /initramfs.gz\n    devices:\n      disks:\n{disks}\
+             \x20 volumes:\n{volumes}",
+            name = self.name,
+            grace = self.grace_seconds,
+            args = self.kernel_args,
+        )
+    }
+
+    /// Creates the PVC images (sparse) and the VMI file.
+    pub fn prepare(&self) {
+        for d in &self.disks {
+            let dir = self.pvcs_dir().join(&d.name);
+            fs::create_dir_all(&dir).unwrap();
+            let f = fs::File::create(dir.join("disk.img")).unwrap();
+            f.set_len(d.size_mib << 20).unwrap();
+        }
+        fs::write(self.vmi_path(), self.vmi_yaml()).unwrap();
+    }
+
+    /// The launcher command line for this pod.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(LAUNCHER);
+        cmd.arg("run")
+            .arg("--vmi")
+            .arg(self.vmi_path())
+            .args(["--domain-type", "qemu", "--json-logs", "--runtime-dir"])
+            .arg(self.runtime_dir())
+            .arg("--volumes-dir")
+            .arg(self.pvcs_dir())
+            .arg("--kernel-boot-dir")
+            .arg(guest_dir());
+        cmd
+    }
+
+    /// Prepares and starts the launcher, logging to `launcher.log`.
+    pub fn start(&mut self) {
+        self.prepare();
+        let log = fs::File::create(self.launcher_log()).unwrap();
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn virt-launcher");
+        self.child = Some(child);
+    }
+
+    pub fn console(&self) -> String {
+        fs::read_to_string(self.console_log()).unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.launcher_log()).unwrap_or_default()
+    }
+
+    /// Waits until the guest console shows `marker`; panics with both logs after `timeout`.
+    pub fn wait_console(&mut self, marker: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let console = self.console();
+            if console.contains(marker) {
+                return console;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("launcher exited ({status}) before the console showed {marker:?}\n{}", self.dump());
+            }
+            if Instant::now() > deadline {
+                panic!("console did not show {marker:?} within {timeout:?}\n{}", self.dump());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the launcher's own log contains `text`.
+    pub fn wait_log(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(text) {
+            if Instant::now() > deadline {
+                panic!("launcher log did not show {text:?} within {timeout:?}\n{}", self.dump());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().expect("started").id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+    }
+
+    /// Waits for the launcher to exit; panics after `timeout` (and kills it).
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("started");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("launcher did not exit within {timeout:?}\n{}", self.dump());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn dump(&self) -> String {
+        format!(
+            "--- launcher log ({}):\n{}\n--- console ({}):\n{}",
+            self.launcher_log().display(),
+            tail(&self.log(), 60),
+            self.console_log().display(),
+            tail(&self.console(), 30)
+        )
+    }
+
+    /// Processes on the machine whose command line mentions this pod (daemons, QEMU).
+    pub fn leftover_processes(&self) -> Vec<String> {
+        let needles = [self.dir.display().to_string(), format!("guest=default_{}", self.name)];
+        let mut found = Vec::new();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if pid == std::process::id() {
+                continue;
+            }
+            let mut raw = Vec::new();
+            if fs::File::open(entry.path().join("cmdline")).and_then(|mut f| f.read_to_end(&mut raw)).is_err() {
+                continue;
+            }
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if needles.iter().any(|n| cmdline.contains(n.as_str())) {
+                found.push(format!("{pid}: {cmdline}"));
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs the launcher to completion with the given arguments; returns (status, stderr).
+pub fn run_launcher(args: &[&str]) -> (ExitStatus, String) {
+    let out = Command::new(LAUNCHER).args(args).stdin(Stdio::null()).output().expect("run virt-launcher");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}

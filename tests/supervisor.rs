@@ -1,0 +1,117 @@
+//! The supervisor keeps the guest alive through daemon crashes, reports how the VM ended, and
+//! leaves no process behind.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Pod;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The counter the guest keeps writing at offset 0 of its disk (`lv.counter=vda`).
+fn disk_counter(pod: &Pod) -> u64 {
+    let data = std::fs::read(pod.disk_image("data")).unwrap_or_default();
+    let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    String::from_utf8_lossy(line).trim().parse().unwrap_or(0)
+}
+
+/// Waits until the on-disk counter passes `above`: the guest is running.
+fn wait_counter_above(pod: &Pod, above: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = disk_counter(pod);
+        if n > above {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "guest counter stuck at {n} (wanted > {above})\n{}", pod.dump());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn daemon_pid(pod: &Pod, daemon: &str) -> i32 {
+    let path = pod.runtime_dir().join("pids").join(format!("{daemon}.pid"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Kills `daemon` with SIGKILL and waits for the launcher to have restarted it.
+fn kill_daemon_and_wait_restart(pod: &mut Pod, daemon: &str) {
+    let old = daemon_pid(pod, daemon);
+    let restarted = format!("Restarted {{ daemon: {}{}", daemon[..1].to_uppercase(), &daemon[1..]);
+    let seen_before = pod.log().matches(&restarted).count();
+    kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(10);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(pod.runtime_dir().join("pids").join(format!("{daemon}.pid"))) {
+            if s.trim().parse::<i32>().ok().is_some_and(|p| p != old) && pod.log().matches(&restarted).count() > seen_before {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "{daemon} was not restarted\n{}", pod.dump());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn guest_survives_daemon_crashes_and_later_events_still_arrive() {
+    let mut pod = Pod::new("daemons").with_disk("data", "virtio", 16).kernel_args("lv.counter=vda");
+    pod.start();
+    pod.wait_console("LV-COUNT 3", Duration::from_secs(90));
+
+    // libvirtd dies: restarted, we reconnect, the guest keeps counting.
+    let before = disk_counter(&pod);
+    kill_daemon_and_wait_restart(&mut pod, "libvirtd");
+    pod.wait_log("reconnected to libvirtd", Duration::from_secs(15));
+    let after_libvirtd = wait_counter_above(&pod, before + 5, Duration::from_secs(30));
+
+    // virtlogd dies: restarted; the guest keeps counting.
+    kill_daemon_and_wait_restart(&mut pod, "virtlogd");
+    wait_counter_above(&pod, after_libvirtd + 5, Duration::from_secs(30));
+
+    // Events still arrive over the new connection: SIGTERM → ACPI → the guest powers off and
+    // the launcher sees the Stopped event and exits 0.
+    pod.signal(Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "exit {status}\n{}", pod.dump());
+    assert!(pod.log().contains("\"reason\":\"Shutdown\""), "{}", pod.dump());
+    let left = pod.leftover_processes();
+    assert!(left.is_empty(), "processes left behind: {left:#?}");
+}
+
+#[test]
+fn qemu_killed_is_reported_as_a_crash_with_non_zero_exit() {
+    let mut pod = Pod::new("qemukill").with_disk("data", "virtio", 16);
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    let qemu = pod
+        .leftover_processes()
+        .into_iter()
+        .find(|p| p.contains("qemu-system"))
+        .unwrap_or_else(|| panic!("no QEMU process found\n{}", pod.dump()));
+    let pid: i32 = qemu.split(':').next().unwrap().parse().unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let status = pod.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "a killed QEMU must not look like a clean stop\n{}", pod.dump());
+    assert!(pod.log().contains("domain stopped"), "no final event\n{}", pod.dump());
+    let left = pod.leftover_processes();
+    assert!(left.is_empty(), "processes left behind: {left:#?}");
+}
+
+#[test]
+fn second_launcher_on_the_same_runtime_dir_is_refused() {
+    let mut pod = Pod::new("twice").with_disk("data", "virtio", 16);
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    let out = pod.command().output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by another launcher"), "{stderr}");
+    // The first one is unaffected.
+    pod.signal(Signal::SIGTERM);
+    assert!(pod.wait_exit(Duration::from_secs(40)).success(), "{}", pod.dump());
+}
