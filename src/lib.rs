@@ -10,3 +10,7 @@
 //! - [`pod`]: the pod's private runtime: namespaces, directories, libvirtd and virtlogd.
 //! - [`supervisor`]: lifecycle, signals, reaping and grace periods.
 
+pub mod convert;
+pub mod domain;
+pub mod podfacts;
+pub mod spec;
