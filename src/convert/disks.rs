@@ -259,9 +259,11 @@ pub(crate) fn cache_mode(
         }
     };
     let wanted = match (explicit, shareable) {
-        (Some(c), true) if c != "none" => return Err(format!(
+        (Some(c), true) if c != "none" => {
+            return Err(format!(
             "a shareable disk needs cache none (got {c}): other writers would not see cached data"
-        )),
+        ))
+        }
         (Some(c), _) => c,
         (None, true) => "none",
         (None, false) if direct_capable => "none",

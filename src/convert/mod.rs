@@ -760,12 +760,14 @@ fn interfaces(
         let model = match ifc.model.as_deref().unwrap_or("virtio") {
             "virtio" => virtio_model.to_string(),
             m @ ("e1000" | "e1000e" | "igb" | "ne2k_pci" | "pcnet" | "rtl8139") => m.to_string(),
-            other => return Err(err(
-                format!("{f}.model"),
-                format!(
+            other => {
+                return Err(err(
+                    format!("{f}.model"),
+                    format!(
                     "{other:?} is not one of virtio, e1000, e1000e, igb, ne2k_pci, pcnet, rtl8139"
                 ),
-            )),
+                ))
+            }
         };
         if let Some(mac) = &ifc.mac_address {
             let parts: Vec<&str> = mac.split([':', '-']).collect();

@@ -372,6 +372,7 @@ pub struct Disk {
     pub lun: Option<LunTarget>,
     pub boot_order: Option<i64>,
     pub serial: Option<String>,
+    #[serde(rename = "dedicatedIOThread")]
     pub dedicated_io_thread: Option<bool>,
     /// `none`, `writethrough` or `writeback`.
     pub cache: Option<String>,
