@@ -10,7 +10,11 @@
 //! - [`pod`]: the pod's private runtime: namespaces, directories, libvirtd and virtlogd.
 //! - [`supervisor`]: lifecycle, signals, reaping and grace periods.
 
+pub mod convert;
+pub mod domain;
 pub mod libvirt;
 pub mod logging;
 pub mod pod;
+pub mod podfacts;
+pub mod spec;
 pub mod supervisor;

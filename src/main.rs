@@ -11,7 +11,7 @@ use virt_launcher::podfacts::{self, DomainType, PodPaths};
 use virt_launcher::pod::{self, PodLayout};
 use virt_launcher::spec::{self, VirtualMachineInstance};
 use virt_launcher::supervisor::{self, LaunchPlan};
-use virt_launcher::{convert, logging, prepare};
+use virt_launcher::{convert, logging};
 
 #[derive(Parser)]
 #[command(name = "virt-launcher", version, about = "Runs a KubeVirt VirtualMachineInstance as a libvirt/QEMU domain")]
@@ -167,7 +167,6 @@ fn run(args: RunArgs) -> Result<i32> {
         pod::isolate(&layout, &hostname(&vmi))?;
     }
     layout.write_configs(&pod::random_uuid()?)?;
-    prepare::prepare(&vmi, &facts)?;
     tracing::info!(
         vmi = %args.vmi.display(),
         domain = %plan.domain,

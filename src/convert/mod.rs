@@ -1,0 +1,877 @@
+//! VMI + pod facts → libvirt domain. **Pure**: no filesystem, clock or environment access;
+//! everything about the pod comes in through [`PodFacts`].
+//!
+//! Every rejection is a [`ConvertError`] naming the field path (`spec.domain.devices.disks[3].disk.bus`)
+//! and the reason.
+//!
+//! Decisions where KubeVirt's behaviour is not simply copied:
+//! - ACPI is on unless `features.acpi.enabled: false` (KubeVirt only defaults it when
+//!   `features` is absent; without ACPI a graceful shutdown cannot work).
+//! - EFI with secure boot (KubeVirt's default for `efi: {}`) turns SMM on, as libvirt requires.
+//! - Domain type `qemu` (TCG): `host-model`/`host-passthrough` need KVM, so the CPU becomes
+//!   `qemu64` with an XML comment saying why; a named model is kept.
+//! - `<uuid>` = `spec.domain.firmware.uuid`, else `metadata.uid` when it is a UUID, else
+//!   KubeVirt's name-derived firmware UUID; the SMBIOS system uuid is the same value (libvirt
+//!   rejects a mismatch).
+//! - Interfaces: each `masquerade`/`bridge` interface becomes `<interface type='ethernet'>` on a
+//!   pre-created tap `tap<index>` (`managed='no'`); the pod network code creates the taps. No
+//!   interface is invented when the spec lists none. SR-IOV, slirp, passt and binding plugins are
+//!   rejected.
+//! - Spare `pcie-root-port`s: [`PodFacts::spare_root_ports`] (default 8), overridden per VM by
+//!   the annotation [`SPARE_ROOT_PORTS_ANNOTATION`] (0..=32); only for q35 machines.
+//! - Serial console log always on; guest agent channel gets a fixed socket in the private dir.
+//! - `dedicatedCpuPlacement` and `blockSize.matchVolume` are accepted but not acted on yet.
+
+mod disks;
+pub mod names;
+pub mod uuid;
+
+use crate::domain::*;
+use crate::podfacts::{DomainType, PodFacts};
+use crate::spec::{is_dns1123_label, is_dns1123_subdomain, FeatureState, VirtualMachineInstance};
+
+pub use disks::{confine, confined_components};
+
+/// A rejected spec: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConvertError {
+    pub field: String,
+    pub reason: String,
+}
+
+pub(crate) fn err(field: impl Into<String>, reason: impl Into<String>) -> ConvertError {
+    ConvertError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Per-VM override of the number of spare `pcie-root-port` controllers.
+pub const SPARE_ROOT_PORTS_ANNOTATION: &str = "virt-launcher.kubevirt.io/spare-pcie-root-ports";
+/// Largest accepted guest memory: 16 TiB.
+pub const MAX_MEMORY_BYTES: u64 = 16 << 40;
+/// Largest accepted vCPU count.
+pub const MAX_VCPUS: u32 = 512;
+const MAX_SPARE_ROOT_PORTS: u32 = 32;
+const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
+
+/// Convert a VMI into a libvirt domain for the pod described by `facts`.
+pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain, ConvertError> {
+    check_metadata(vmi)?;
+    let memory = memory(vmi)?;
+    let cpu = cpu(vmi, facts)?;
+    let vcpus = cpu.sockets * cpu.cores * cpu.threads;
+    let uuid = domain_uuid(vmi)?;
+    let (os, secure_boot) = os(vmi, facts)?;
+    let features = features(vmi, secure_boot)?;
+    let clock = clock(vmi)?;
+    let storage = disks::convert_disks(vmi, facts, vcpus)?;
+    let interfaces = interfaces(vmi, &storage.boot_orders)?;
+    let dev = &vmi.spec.domain.devices;
+    let virtio_model = if dev.use_virtio_transitional == Some(true) {
+        "virtio-transitional"
+    } else {
+        "virtio-non-transitional"
+    };
+
+    let inputs = inputs(vmi)?;
+    let uses_usb = storage.uses_usb || inputs.iter().any(|i| i.bus == "usb");
+    let mut controllers = vec![
+        Controller {
+            kind: "usb",
+            index: Some(0),
+            model: Some(if uses_usb { "qemu-xhci" } else { "none" }.to_string()),
+        },
+        Controller {
+            kind: "scsi",
+            index: Some(0),
+            model: Some(virtio_model.to_string()),
+        },
+        Controller {
+            kind: "virtio-serial",
+            index: Some(0),
+            model: Some(virtio_model.to_string()),
+        },
+    ];
+    let spare = spare_root_ports(vmi, facts)?;
+    if os.machine.starts_with("q35") || os.machine.starts_with("pc-q35") {
+        for _ in 0..spare {
+            controllers.push(Controller {
+                kind: "pci",
+                index: None,
+                model: Some("pcie-root-port".to_string()),
+            });
+        }
+    }
+
+    let paths = &facts.paths;
+    let (serials, consoles) = if dev.autoattach_serial_console == Some(false) {
+        (vec![], vec![])
+    } else {
+        (
+            vec![Serial {
+                socket: paths.serial_socket(),
+                log: Some(paths.serial_log()),
+                port: 0,
+            }],
+            vec![Console { port: 0 }],
+        )
+    };
+    let (graphics, videos) = if dev.autoattach_graphics_device == Some(false) {
+        (vec![], vec![])
+    } else {
+        (
+            vec![Graphics {
+                vnc_socket: paths.vnc_socket(),
+            }],
+            vec![Video {
+                model: "vga".to_string(),
+                heads: 1,
+                vram: Some(16384),
+            }],
+        )
+    };
+    let memballoon = Some(if dev.autoattach_mem_balloon == Some(false) {
+        Memballoon {
+            model: "none".to_string(),
+            stats_period: None,
+        }
+    } else {
+        Memballoon {
+            model: virtio_model.to_string(),
+            stats_period: Some(10),
+        }
+    });
+    let rngs = if dev.rng.is_some() {
+        vec![Rng {
+            model: virtio_model.to_string(),
+            backend: "/dev/urandom".into(),
+        }]
+    } else {
+        vec![]
+    };
+
+    let mut system = vec![
+        ("manufacturer".to_string(), "KubeVirt".to_string()),
+        ("product".to_string(), "None".to_string()),
+        ("family".to_string(), "KubeVirt".to_string()),
+        ("uuid".to_string(), uuid.clone()),
+    ];
+    if let Some(serial) = vmi
+        .spec
+        .domain
+        .firmware
+        .as_ref()
+        .and_then(|f| f.serial.as_ref())
+    {
+        check_text("spec.domain.firmware.serial", serial, 256)?;
+        system.push(("serial".to_string(), serial.clone()));
+    }
+
+    Ok(Domain {
+        domain_type: facts.domain_type,
+        name: vmi.domain_name(),
+        uuid: Some(uuid),
+        kubevirt_uid: vmi.metadata.uid.clone(),
+        memory,
+        vcpus,
+        iothreads: storage.iothreads,
+        cpu,
+        os,
+        sysinfo: Some(Sysinfo { system }),
+        features,
+        clock,
+        on_poweroff: "destroy",
+        on_reboot: "restart",
+        on_crash: "destroy",
+        devices: Devices {
+            disks: storage.disks,
+            controllers,
+            interfaces,
+            serials,
+            consoles,
+            channels: vec![Channel {
+                socket: paths.guest_agent_socket(),
+                target_name: GUEST_AGENT_CHANNEL.to_string(),
+            }],
+            graphics,
+            videos,
+            inputs,
+            memballoon,
+            rngs,
+        },
+    })
+}
+
+/// Reject text XML cannot carry or that has no business in a domain (control characters).
+fn check_text(field: &str, s: &str, max: usize) -> Result<(), ConvertError> {
+    if s.len() > max {
+        return Err(err(field, format!("longer than {max} bytes")));
+    }
+    if s.chars().any(|c| c.is_control()) {
+        return Err(err(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+fn check_metadata(vmi: &VirtualMachineInstance) -> Result<(), ConvertError> {
+    let m = &vmi.metadata;
+    if m.name.is_empty() {
+        return Err(err("metadata.name", "required"));
+    }
+    if !is_dns1123_subdomain(&m.name) {
+        return Err(err(
+            "metadata.name",
+            format!("{:?} is not a DNS-1123 subdomain", m.name),
+        ));
+    }
+    if let Some(ns) = &m.namespace {
+        if !ns.is_empty() && !is_dns1123_label(ns) {
+            return Err(err(
+                "metadata.namespace",
+                format!("{ns:?} is not a DNS-1123 label"),
+            ));
+        }
+    }
+    if let Some(uid) = &m.uid {
+        check_text("metadata.uid", uid, 128)?;
+    }
+    Ok(())
+}
+
+fn domain_uuid(vmi: &VirtualMachineInstance) -> Result<String, ConvertError> {
+    if let Some(u) = vmi
+        .spec
+        .domain
+        .firmware
+        .as_ref()
+        .and_then(|f| f.uuid.as_deref())
+    {
+        if !uuid::is_uuid(u) {
+            return Err(err(
+                "spec.domain.firmware.uuid",
+                format!("{u:?} is not a UUID"),
+            ));
+        }
+        return Ok(u.to_ascii_lowercase());
+    }
+    match vmi.metadata.uid.as_deref() {
+        Some(u) if uuid::is_uuid(u) => Ok(u.to_ascii_lowercase()),
+        _ => Ok(uuid::firmware_uuid_from_name(&vmi.metadata.name)),
+    }
+}
+
+fn memory(vmi: &VirtualMachineInstance) -> Result<Memory, ConvertError> {
+    let d = &vmi.spec.domain;
+    let (field, q) = if let Some(g) = d.memory.as_ref().and_then(|m| m.guest.as_ref()) {
+        ("spec.domain.memory.guest", g)
+    } else if let Some(r) = d.resources.requests.get("memory") {
+        ("spec.domain.resources.requests.memory", r)
+    } else if let Some(l) = d.resources.limits.get("memory") {
+        ("spec.domain.resources.limits.memory", l)
+    } else {
+        return Err(err(
+            "spec.domain.resources.requests.memory",
+            "required (or spec.domain.memory.guest)",
+        ));
+    };
+    let bytes = q.value().map_err(|e| err(field, e.to_string()))?;
+    if !(1 << 20..=MAX_MEMORY_BYTES).contains(&bytes) {
+        return Err(err(
+            field,
+            format!("{:?} is out of range (1Mi .. 16Ti)", q.0),
+        ));
+    }
+    let kib = bytes.div_ceil(1024);
+    let hugepage_kib = match d.memory.as_ref().and_then(|m| m.hugepages.as_ref()) {
+        None => None,
+        Some(h) => {
+            let f = "spec.domain.memory.hugepages.pageSize";
+            let size = match h.page_size.as_str() {
+                "2Mi" => 2048,
+                "1Gi" => 1024 * 1024,
+                other => return Err(err(f, format!("{other:?} is not 2Mi or 1Gi"))),
+            };
+            if kib % size != 0 {
+                return Err(err(
+                    field,
+                    format!(
+                        "{:?} is not a multiple of the hugepage size {}",
+                        q.0, h.page_size
+                    ),
+                ));
+            }
+            Some(size)
+        }
+    };
+    Ok(Memory { kib, hugepage_kib })
+}
+
+fn cpu(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Cpu, ConvertError> {
+    let spec = vmi.spec.domain.cpu.clone().unwrap_or_default();
+    let one = |field: &str, v: Option<u32>| -> Result<u32, ConvertError> {
+        match v {
+            None => Ok(1),
+            Some(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+            Some(n) => Err(err(field, format!("{n} is out of range (1..{MAX_VCPUS})"))),
+        }
+    };
+    let mut cores = one("spec.domain.cpu.cores", spec.cores)?;
+    let sockets_set = one("spec.domain.cpu.sockets", spec.sockets)?;
+    let threads = one("spec.domain.cpu.threads", spec.threads)?;
+    let mut sockets = sockets_set;
+    if spec.cores.is_none() && spec.sockets.is_none() && spec.threads.is_none() {
+        // No topology: vCPUs from the CPU limit (or request), rounded up, as sockets.
+        let r = &vmi.spec.domain.resources;
+        let q = r
+            .limits
+            .get("cpu")
+            .map(|q| ("spec.domain.resources.limits.cpu", q))
+            .or_else(|| {
+                r.requests
+                    .get("cpu")
+                    .map(|q| ("spec.domain.resources.requests.cpu", q))
+            });
+        if let Some((field, q)) = q {
+            let milli = q.milli_value().map_err(|e| err(field, e.to_string()))?;
+            let n = milli.div_ceil(1000).max(1);
+            if n > u64::from(MAX_VCPUS) {
+                return Err(err(
+                    field,
+                    format!("{:?} is more than {MAX_VCPUS} vCPUs", q.0),
+                ));
+            }
+            sockets = u32::try_from(n).map_err(|_| err(field, "out of range"))?;
+            cores = 1;
+        }
+    }
+    let total = u64::from(sockets) * u64::from(cores) * u64::from(threads);
+    if total > u64::from(MAX_VCPUS) {
+        return Err(err(
+            "spec.domain.cpu",
+            format!("sockets × cores × threads = {total} vCPUs, more than {MAX_VCPUS}"),
+        ));
+    }
+
+    let valid_name = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    };
+    let mut comment = None;
+    let requested = spec.model.as_deref().unwrap_or("host-model");
+    let mode = match (requested, facts.domain_type) {
+        ("host-model", DomainType::Kvm) => CpuMode::HostModel,
+        ("host-passthrough", DomainType::Kvm) => CpuMode::HostPassthrough,
+        (m @ ("host-model" | "host-passthrough"), DomainType::Qemu) => {
+            comment = Some(format!(
+                "{m} needs KVM; domain type qemu (TCG) emulates the CPU, so the TCG-safe baseline qemu64 is used"
+            ));
+            CpuMode::Custom("qemu64".to_string())
+        }
+        (m, _) if valid_name(m) => CpuMode::Custom(m.to_string()),
+        (m, _) => {
+            return Err(err(
+                "spec.domain.cpu.model",
+                format!("{m:?} is not a CPU model name"),
+            ))
+        }
+    };
+    let mut features = Vec::new();
+    for (i, f) in spec.features.iter().enumerate() {
+        if !valid_name(&f.name) {
+            return Err(err(
+                format!("spec.domain.cpu.features[{i}].name"),
+                format!("{:?} is not a CPU feature name", f.name),
+            ));
+        }
+        let policy = f.policy.as_deref().unwrap_or("require");
+        if !matches!(
+            policy,
+            "force" | "require" | "optional" | "disable" | "forbid"
+        ) {
+            return Err(err(
+                format!("spec.domain.cpu.features[{i}].policy"),
+                format!("{policy:?} is not one of force, require, optional, disable, forbid"),
+            ));
+        }
+        features.push((policy.to_string(), f.name.clone()));
+    }
+    Ok(Cpu {
+        mode,
+        sockets,
+        cores,
+        threads,
+        features,
+        comment,
+    })
+}
+
+fn os(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(Os, bool), ConvertError> {
+    let machine = vmi
+        .spec
+        .domain
+        .machine
+        .as_ref()
+        .map(|m| m.machine_type.as_str())
+        .filter(|m| !m.is_empty())
+        .unwrap_or("q35");
+    if machine.len() > 64
+        || !machine
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return Err(err(
+            "spec.domain.machine.type",
+            format!("{machine:?} is not a machine type"),
+        ));
+    }
+    let mut os = Os {
+        arch: "x86_64".to_string(),
+        machine: machine.to_string(),
+        loader: None,
+        nvram: None,
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        bios_use_serial: false,
+        smbios_sysinfo: true,
+    };
+    let mut secure_boot = false;
+    let fw = vmi.spec.domain.firmware.as_ref();
+    if let Some(bl) = fw.and_then(|f| f.bootloader.as_ref()) {
+        match (&bl.bios, &bl.efi) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "spec.domain.firmware.bootloader",
+                    "bios and efi are mutually exclusive",
+                ))
+            }
+            (Some(b), None) => os.bios_use_serial = b.use_serial == Some(true),
+            (None, Some(e)) => {
+                secure_boot = e.secure_boot.unwrap_or(true);
+                let fwp = &facts.firmware;
+                let (code, vars) = if secure_boot {
+                    (&fwp.efi_secure_code, &fwp.efi_secure_vars)
+                } else {
+                    (&fwp.efi_code, &fwp.efi_vars)
+                };
+                os.loader = Some(Loader {
+                    path: code.clone(),
+                    secure: secure_boot,
+                });
+                os.nvram = Some(Nvram {
+                    path: facts.paths.nvram(&vmi.metadata.name),
+                    template: vars.clone(),
+                });
+            }
+            (None, None) => {}
+        }
+    }
+    if let Some(kb) = fw.and_then(|f| f.kernel_boot.as_ref()) {
+        let f = "spec.domain.firmware.kernelBoot";
+        let c = kb
+            .container
+            .as_ref()
+            .ok_or_else(|| err(format!("{f}.container"), "required"))?;
+        if c.image.trim().is_empty() {
+            return Err(err(format!("{f}.container.image"), "required"));
+        }
+        if c.kernel_path.is_none() && c.initrd_path.is_none() {
+            return Err(err(
+                format!("{f}.container"),
+                "needs kernelPath, initrdPath or both",
+            ));
+        }
+        let base = &facts.paths.kernel_boot_dir;
+        if let Some(k) = &c.kernel_path {
+            os.kernel = Some(
+                disks::confine(base, k).map_err(|r| err(format!("{f}.container.kernelPath"), r))?,
+            );
+        }
+        if let Some(i) = &c.initrd_path {
+            os.initrd = Some(
+                disks::confine(base, i).map_err(|r| err(format!("{f}.container.initrdPath"), r))?,
+            );
+        }
+        if let Some(args) = &kb.kernel_args {
+            if os.kernel.is_none() {
+                return Err(err(
+                    format!("{f}.kernelArgs"),
+                    "kernel arguments need container.kernelPath",
+                ));
+            }
+            check_text(&format!("{f}.kernelArgs"), args, 4096)?;
+            os.cmdline = Some(args.clone());
+        }
+    }
+    Ok((os, secure_boot))
+}
+
+fn features(vmi: &VirtualMachineInstance, secure_boot: bool) -> Result<Features, ConvertError> {
+    let spec = vmi.spec.domain.features.clone().unwrap_or_default();
+    let on = |s: &Option<FeatureState>| s.as_ref().is_some_and(FeatureState::on);
+    let mut f = Features {
+        acpi: spec.acpi.as_ref().is_none_or(FeatureState::on),
+        apic: spec
+            .apic
+            .as_ref()
+            .filter(|a| a.enabled.unwrap_or(true))
+            .map(|a| a.end_of_interrupt),
+        smm: on(&spec.smm) || secure_boot,
+        hyperv: vec![],
+    };
+    if secure_boot && spec.smm.as_ref().is_some_and(|s| !s.on()) {
+        return Err(err(
+            "spec.domain.features.smm.enabled",
+            "EFI secure boot needs SMM; enable it or set firmware.bootloader.efi.secureBoot: false",
+        ));
+    }
+    if let Some(h) = &spec.hyperv {
+        let simple = |name: &'static str, s: &Option<FeatureState>| {
+            s.as_ref().map(|s| HypervFeature {
+                name,
+                on: s.on(),
+                attrs: vec![],
+                direct: None,
+            })
+        };
+        f.hyperv.extend(simple("relaxed", &h.relaxed));
+        f.hyperv.extend(simple("vapic", &h.vapic));
+        if let Some(s) = &h.spinlocks {
+            let enabled = s.enabled.unwrap_or(true);
+            let retries = s.spinlocks.unwrap_or(4096);
+            if enabled && retries < 4096 {
+                return Err(err(
+                    "spec.domain.features.hyperv.spinlocks.spinlocks",
+                    format!("{retries} is below the minimum 4096"),
+                ));
+            }
+            f.hyperv.push(HypervFeature {
+                name: "spinlocks",
+                on: enabled,
+                attrs: if enabled {
+                    vec![("retries", retries.to_string())]
+                } else {
+                    vec![]
+                },
+                direct: None,
+            });
+        }
+        f.hyperv.extend(simple("vpindex", &h.vpindex));
+        f.hyperv.extend(simple("runtime", &h.runtime));
+        f.hyperv.extend(simple("synic", &h.synic));
+        if let Some(s) = &h.synictimer {
+            f.hyperv.push(HypervFeature {
+                name: "stimer",
+                on: s.on(),
+                attrs: vec![],
+                direct: None,
+            });
+        }
+        f.hyperv.extend(simple("reset", &h.reset));
+        if let Some(v) = &h.vendorid {
+            let enabled = v.enabled.unwrap_or(true);
+            let id = v.vendorid.clone().unwrap_or_default();
+            if enabled
+                && (id.is_empty() || id.len() > 12 || !id.bytes().all(|c| c.is_ascii_graphic()))
+            {
+                return Err(err(
+                    "spec.domain.features.hyperv.vendorid.vendorid",
+                    "must be 1-12 printable ASCII characters",
+                ));
+            }
+            f.hyperv.push(HypervFeature {
+                name: "vendor_id",
+                on: enabled,
+                attrs: if enabled { vec![("value", id)] } else { vec![] },
+                direct: None,
+            });
+        }
+        f.hyperv.extend(simple("frequencies", &h.frequencies));
+        f.hyperv
+            .extend(simple("reenlightenment", &h.reenlightenment));
+        f.hyperv.extend(simple("tlbflush", &h.tlbflush));
+        f.hyperv.extend(simple("ipi", &h.ipi));
+        f.hyperv.extend(simple("evmcs", &h.evmcs));
+    }
+    Ok(f)
+}
+
+fn clock(vmi: &VirtualMachineInstance) -> Result<Clock, ConvertError> {
+    let Some(c) = &vmi.spec.domain.clock else {
+        return Ok(Clock {
+            offset: ClockOffset::Utc { adjustment: None },
+            timers: vec![],
+        });
+    };
+    let offset = match (&c.utc, &c.timezone) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "spec.domain.clock",
+                "utc and timezone are mutually exclusive",
+            ))
+        }
+        (_, Some(tz)) => {
+            if tz.is_empty()
+                || tz.len() > 64
+                || !tz
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'+'))
+            {
+                return Err(err(
+                    "spec.domain.clock.timezone",
+                    format!("{tz:?} is not a time zone name"),
+                ));
+            }
+            ClockOffset::Timezone(tz.clone())
+        }
+        (Some(u), None) => {
+            if let Some(o) = u.offset_seconds {
+                if o.unsigned_abs() > 100 * 365 * 86400 {
+                    return Err(err(
+                        "spec.domain.clock.utc.offsetSeconds",
+                        format!("{o} is more than a century"),
+                    ));
+                }
+            }
+            ClockOffset::Utc {
+                adjustment: u.offset_seconds,
+            }
+        }
+        (None, None) => ClockOffset::Utc { adjustment: None },
+    };
+    let mut timers = Vec::new();
+    if let Some(t) = &c.timer {
+        for (name, libvirt_name, timer, ticks) in [
+            (
+                "hpet",
+                "hpet",
+                &t.hpet,
+                &["delay", "catchup", "merge", "discard"][..],
+            ),
+            ("kvm", "kvmclock", &t.kvm, &[][..]),
+            ("pit", "pit", &t.pit, &["delay", "catchup", "discard"][..]),
+            ("rtc", "rtc", &t.rtc, &["delay", "catchup"][..]),
+            ("hyperv", "hypervclock", &t.hyperv, &[][..]),
+        ] {
+            let Some(tm) = timer else { continue };
+            let f = format!("spec.domain.clock.timer.{name}");
+            if let Some(tp) = &tm.tick_policy {
+                if !ticks.contains(&tp.as_str()) {
+                    return Err(err(
+                        format!("{f}.tickPolicy"),
+                        format!("{tp:?} is not valid here (allowed: {})", ticks.join(", ")),
+                    ));
+                }
+            }
+            if let Some(tr) = &tm.track {
+                if name != "rtc" || !matches!(tr.as_str(), "guest" | "wall") {
+                    return Err(err(
+                        format!("{f}.track"),
+                        format!("{tr:?} is not guest or wall (rtc only)"),
+                    ));
+                }
+            }
+            timers.push(Timer {
+                name: libvirt_name,
+                present: Some(tm.present.unwrap_or(true)),
+                tickpolicy: tm.tick_policy.clone(),
+                track: tm.track.clone(),
+            });
+        }
+    }
+    Ok(Clock { offset, timers })
+}
+
+fn interfaces(
+    vmi: &VirtualMachineInstance,
+    disk_boot_orders: &[(u32, String)],
+) -> Result<Vec<Interface>, ConvertError> {
+    let virtio_model = if vmi.spec.domain.devices.use_virtio_transitional == Some(true) {
+        "virtio-transitional"
+    } else {
+        "virtio-non-transitional"
+    };
+    let mut networks = std::collections::BTreeMap::new();
+    for (i, n) in vmi.spec.networks.iter().enumerate() {
+        let f = format!("spec.networks[{i}]");
+        if !is_dns1123_label(&n.name) {
+            return Err(err(
+                format!("{f}.name"),
+                format!("{:?} is not a DNS-1123 label", n.name),
+            ));
+        }
+        if n.pod.is_none() && n.multus.is_none() {
+            return Err(err(f, "needs pod or multus"));
+        }
+        if networks.insert(n.name.as_str(), i).is_some() {
+            return Err(err(
+                format!("{f}.name"),
+                format!("network name {:?} is used twice", n.name),
+            ));
+        }
+    }
+    let mut orders: std::collections::BTreeMap<u32, String> = disk_boot_orders
+        .iter()
+        .map(|(o, f)| (*o, f.clone()))
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, ifc) in vmi.spec.domain.devices.interfaces.iter().enumerate() {
+        let f = format!("spec.domain.devices.interfaces[{i}]");
+        if !is_dns1123_label(&ifc.name) {
+            return Err(err(
+                format!("{f}.name"),
+                format!("{:?} is not a DNS-1123 label", ifc.name),
+            ));
+        }
+        if !seen.insert(ifc.name.as_str()) {
+            return Err(err(
+                format!("{f}.name"),
+                format!("interface name {:?} is used twice", ifc.name),
+            ));
+        }
+        if !networks.contains_key(ifc.name.as_str()) {
+            return Err(err(
+                format!("{f}.name"),
+                format!("no network named {:?} in spec.networks", ifc.name),
+            ));
+        }
+        let binding = if ifc.masquerade.is_some() {
+            "masquerade"
+        } else if ifc.bridge.is_some() {
+            "bridge"
+        } else if ifc.sriov.is_some() {
+            return Err(err(
+                f,
+                "sriov interfaces are not supported by this launcher",
+            ));
+        } else if ifc.slirp.is_some() {
+            return Err(err(f, "slirp was removed from KubeVirt; use masquerade"));
+        } else if ifc.passt.is_some() || ifc.binding.is_some() {
+            return Err(err(f, "network binding plugins (passt, binding) are not supported; use masquerade or bridge"));
+        } else {
+            return Err(err(f, "needs a binding: masquerade or bridge"));
+        };
+        let _ = binding;
+        let model = match ifc.model.as_deref().unwrap_or("virtio") {
+            "virtio" => virtio_model.to_string(),
+            m @ ("e1000" | "e1000e" | "igb" | "ne2k_pci" | "pcnet" | "rtl8139") => m.to_string(),
+            other => {
+                return Err(err(
+                    format!("{f}.model"),
+                    format!(
+                    "{other:?} is not one of virtio, e1000, e1000e, igb, ne2k_pci, pcnet, rtl8139"
+                ),
+                ))
+            }
+        };
+        if let Some(mac) = &ifc.mac_address {
+            let parts: Vec<&str> = mac.split([':', '-']).collect();
+            if parts.len() != 6
+                || !parts
+                    .iter()
+                    .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
+            {
+                return Err(err(
+                    format!("{f}.macAddress"),
+                    format!("{mac:?} is not a MAC address"),
+                ));
+            }
+        }
+        if let Some(m) = ifc.mtu {
+            if !(68..=65535).contains(&m) {
+                return Err(err(
+                    format!("{f}.mtu"),
+                    format!("{m} is out of range (68..65535)"),
+                ));
+            }
+        }
+        let boot_order = match ifc.boot_order {
+            None => None,
+            Some(o) => {
+                let bf = format!("{f}.bootOrder");
+                let o = u32::try_from(o)
+                    .ok()
+                    .filter(|o| *o >= 1)
+                    .ok_or_else(|| err(&bf, format!("{o} is not a positive integer")))?;
+                if let Some(prev) = orders.insert(o, bf.clone()) {
+                    return Err(err(
+                        bf,
+                        format!(
+                            "bootOrder {o} is already used by {}",
+                            prev.trim_end_matches(".bootOrder")
+                        ),
+                    ));
+                }
+                Some(o)
+            }
+        };
+        out.push(Interface {
+            alias: format!("ua-{}", ifc.name),
+            mac: ifc
+                .mac_address
+                .as_ref()
+                .map(|m| m.replace('-', ":").to_ascii_lowercase()),
+            tap: format!("tap{i}"),
+            model,
+            mtu: ifc.mtu,
+            boot_order,
+        });
+    }
+    Ok(out)
+}
+
+fn inputs(vmi: &VirtualMachineInstance) -> Result<Vec<Input>, ConvertError> {
+    let mut out = Vec::new();
+    for (i, inp) in vmi.spec.domain.devices.inputs.iter().enumerate() {
+        let f = format!("spec.domain.devices.inputs[{i}]");
+        if !is_dns1123_label(&inp.name) {
+            return Err(err(
+                format!("{f}.name"),
+                format!("{:?} is not a DNS-1123 label", inp.name),
+            ));
+        }
+        if inp.input_type != "tablet" {
+            return Err(err(
+                format!("{f}.type"),
+                format!("{:?} is not supported (tablet only)", inp.input_type),
+            ));
+        }
+        let bus = match inp.bus.as_deref().unwrap_or("usb") {
+            b @ ("usb" | "virtio") => b,
+            other => {
+                return Err(err(
+                    format!("{f}.bus"),
+                    format!("{other:?} is not usb or virtio"),
+                ))
+            }
+        };
+        out.push(Input {
+            kind: inp.input_type.clone(),
+            bus: bus.to_string(),
+            alias: format!("ua-{}", inp.name),
+        });
+    }
+    Ok(out)
+}
+
+fn spare_root_ports(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<u32, ConvertError> {
+    match vmi.metadata.annotations.get(SPARE_ROOT_PORTS_ANNOTATION) {
+        None => Ok(facts.spare_root_ports.min(MAX_SPARE_ROOT_PORTS)),
+        Some(v) => v
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n <= MAX_SPARE_ROOT_PORTS)
+            .ok_or_else(|| {
+                err(
+                    format!("metadata.annotations[{SPARE_ROOT_PORTS_ANNOTATION}]"),
+                    format!("{v:?} is not a number between 0 and {MAX_SPARE_ROOT_PORTS}"),
+                )
+            }),
+    }
+}

@@ -1,0 +1,288 @@
+//! Typed libvirt domain model (write side) and its XML form, plus [`live`], a lenient parser for
+//! libvirt's own `dumpxml` output (read side, every field optional).
+//!
+//! The writer is a small hand-written serialiser over the typed model ([`Domain::to_xml`]): every
+//! attribute value and text node is escaped; characters XML 1.0 cannot carry (NUL and other C0
+//! controls) are replaced by U+FFFD. The converter rejects such input anyway, so the replacement
+//! only guarantees that the output is always well-formed XML.
+
+pub mod live;
+mod xml;
+
+use crate::podfacts::DomainType;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Domain {
+    pub domain_type: DomainType,
+    pub name: String,
+    pub uuid: Option<String>,
+    /// `<metadata><kubevirt xmlns="http://kubevirt.io"><uid>` as KubeVirt writes it.
+    pub kubevirt_uid: Option<String>,
+    pub memory: Memory,
+    pub vcpus: u32,
+    /// Number of `<iothreads>`; 0 means none.
+    pub iothreads: u32,
+    pub cpu: Cpu,
+    pub os: Os,
+    pub sysinfo: Option<Sysinfo>,
+    pub features: Features,
+    pub clock: Clock,
+    pub on_poweroff: &'static str,
+    pub on_reboot: &'static str,
+    pub on_crash: &'static str,
+    pub devices: Devices,
+}
+
+impl Domain {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// libvirt domain XML.
+    pub fn to_xml(&self) -> String {
+        xml::write_domain(self)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Memory {
+    pub kib: u64,
+    /// Hugepage size in KiB when the guest is backed by hugepages.
+    pub hugepage_kib: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CpuMode {
+    HostModel,
+    HostPassthrough,
+    /// A named model (`<cpu mode='custom' match='exact'>`).
+    Custom(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cpu {
+    pub mode: CpuMode,
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+    /// `(policy, name)`.
+    pub features: Vec<(String, String)>,
+    /// Emitted as an XML comment inside `<cpu>` to explain a non-obvious choice.
+    pub comment: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Os {
+    pub arch: String,
+    pub machine: String,
+    pub loader: Option<Loader>,
+    pub nvram: Option<Nvram>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub bios_use_serial: bool,
+    /// `<smbios mode='sysinfo'/>` (pairs with [`Domain::sysinfo`]).
+    pub smbios_sysinfo: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loader {
+    pub path: PathBuf,
+    pub secure: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nvram {
+    pub path: PathBuf,
+    pub template: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sysinfo {
+    /// `<system><entry name='..'>..</entry>`.
+    pub system: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Features {
+    pub acpi: bool,
+    /// `Some(eoi)` emits `<apic/>` (with `eoi='on|off'` when set).
+    pub apic: Option<Option<bool>>,
+    pub smm: bool,
+    pub hyperv: Vec<HypervFeature>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HypervFeature {
+    pub name: &'static str,
+    pub on: bool,
+    /// Extra attributes (`retries`, `value`).
+    pub attrs: Vec<(&'static str, String)>,
+    /// `<stimer><direct state=.../></stimer>`
+    pub direct: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClockOffset {
+    Utc { adjustment: Option<i64> },
+    Timezone(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Clock {
+    pub offset: ClockOffset,
+    pub timers: Vec<Timer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timer {
+    pub name: &'static str,
+    pub present: Option<bool>,
+    pub tickpolicy: Option<String>,
+    pub track: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Devices {
+    pub disks: Vec<Disk>,
+    pub controllers: Vec<Controller>,
+    pub interfaces: Vec<Interface>,
+    pub serials: Vec<Serial>,
+    pub consoles: Vec<Console>,
+    pub channels: Vec<Channel>,
+    pub graphics: Vec<Graphics>,
+    pub videos: Vec<Video>,
+    pub inputs: Vec<Input>,
+    pub memballoon: Option<Memballoon>,
+    pub rngs: Vec<Rng>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskDevice {
+    Disk,
+    Cdrom,
+    Lun,
+}
+
+impl DiskDevice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskDevice::Disk => "disk",
+            DiskDevice::Cdrom => "cdrom",
+            DiskDevice::Lun => "lun",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    File(PathBuf),
+    Block(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Driver {
+    pub format: &'static str,
+    pub cache: Option<String>,
+    pub io: Option<String>,
+    pub error_policy: Option<String>,
+    pub discard: Option<&'static str>,
+    pub iothread: Option<u32>,
+    pub queues: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingStore {
+    pub format: &'static str,
+    pub source: DiskSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub device: DiskDevice,
+    pub source: DiskSource,
+    pub driver: Driver,
+    pub backing_store: Option<BackingStore>,
+    pub target_dev: String,
+    pub bus: String,
+    /// cdrom tray: `open` / `closed`.
+    pub tray: Option<String>,
+    /// virtio disk model (`virtio-non-transitional`).
+    pub model: Option<String>,
+    pub readonly: bool,
+    pub shareable: bool,
+    pub serial: Option<String>,
+    pub boot_order: Option<u32>,
+    pub alias: String,
+    /// `(logical, physical)` block sizes.
+    pub blockio: Option<(u64, u64)>,
+    /// Persistent reservations through the pr-helper socket (`lun` only).
+    pub reservations: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Controller {
+    pub kind: &'static str,
+    pub index: Option<u32>,
+    pub model: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub alias: String,
+    pub mac: Option<String>,
+    pub tap: String,
+    pub model: String,
+    pub mtu: Option<u32>,
+    pub boot_order: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Serial {
+    pub socket: PathBuf,
+    pub log: Option<PathBuf>,
+    pub port: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Console {
+    pub port: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Channel {
+    pub socket: PathBuf,
+    pub target_name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Graphics {
+    pub vnc_socket: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Video {
+    pub model: String,
+    pub heads: u32,
+    pub vram: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Input {
+    pub kind: String,
+    pub bus: String,
+    pub alias: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Memballoon {
+    pub model: String,
+    pub stats_period: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rng {
+    pub model: String,
+    pub backend: PathBuf,
+}

@@ -1,0 +1,510 @@
+//! Hand-written XML serialiser for [`Domain`]: indentation, escaping, nothing else.
+
+use super::*;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Escape for attribute values and text. Characters that XML 1.0 cannot represent at all
+/// (C0 controls other than tab/LF/CR, U+FFFE/U+FFFF) become U+FFFD.
+pub(crate) fn escape(s: &str, out: &mut String) {
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' | '\n' | '\r' => {
+                let _ = write!(out, "&#{};", c as u32);
+            }
+            c if (c as u32) < 0x20 || c == '\u{fffe}' || c == '\u{ffff}' => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+}
+
+type Attrs<'a> = Vec<(&'static str, std::borrow::Cow<'a, str>)>;
+
+struct W {
+    out: String,
+    depth: usize,
+}
+
+fn p(path: &Path) -> std::borrow::Cow<'_, str> {
+    path.to_string_lossy()
+}
+
+fn yn(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+impl W {
+    fn indent(&mut self) {
+        for _ in 0..self.depth {
+            self.out.push_str("  ");
+        }
+    }
+    fn start(&mut self, name: &str, attrs: &Attrs<'_>) {
+        self.indent();
+        self.out.push('<');
+        self.out.push_str(name);
+        for (k, v) in attrs {
+            self.out.push(' ');
+            self.out.push_str(k);
+            self.out.push_str("='");
+            escape(v, &mut self.out);
+            self.out.push('\'');
+        }
+    }
+    fn open(&mut self, name: &str, attrs: Attrs<'_>) {
+        self.start(name, &attrs);
+        self.out.push_str(">\n");
+        self.depth += 1;
+    }
+    fn empty(&mut self, name: &str, attrs: Attrs<'_>) {
+        self.start(name, &attrs);
+        self.out.push_str("/>\n");
+    }
+    fn leaf(&mut self, name: &str, attrs: Attrs<'_>, text: &str) {
+        self.start(name, &attrs);
+        self.out.push('>');
+        escape(text, &mut self.out);
+        self.out.push_str("</");
+        self.out.push_str(name);
+        self.out.push_str(">\n");
+    }
+    fn close(&mut self, name: &str) {
+        self.depth = self.depth.saturating_sub(1);
+        self.indent();
+        self.out.push_str("</");
+        self.out.push_str(name);
+        self.out.push_str(">\n");
+    }
+    fn comment(&mut self, text: &str) {
+        self.indent();
+        self.out.push_str("<!-- ");
+        let mut esc = String::new();
+        escape(text, &mut esc);
+        // "--" may not appear inside a comment.
+        self.out.push_str(&esc.replace("--", "- -"));
+        self.out.push_str(" -->\n");
+    }
+}
+
+macro_rules! attrs {
+    () => { Vec::new() };
+    ($($k:literal => $v:expr),+ $(,)?) => {
+        vec![$(($k, std::borrow::Cow::from($v))),+]
+    };
+}
+
+pub(crate) fn write_domain(d: &Domain) -> String {
+    let mut w = W {
+        out: String::with_capacity(4096 + 600 * d.devices.disks.len()),
+        depth: 0,
+    };
+    w.open("domain", attrs!["type" => d.domain_type.as_str()]);
+    w.leaf("name", attrs![], &d.name);
+    if let Some(uuid) = &d.uuid {
+        w.leaf("uuid", attrs![], uuid);
+    }
+    if let Some(uid) = &d.kubevirt_uid {
+        w.open("metadata", attrs![]);
+        w.open("kubevirt", attrs!["xmlns" => "http://kubevirt.io"]);
+        w.leaf("uid", attrs![], uid);
+        w.close("kubevirt");
+        w.close("metadata");
+    }
+    let kib = d.memory.kib.to_string();
+    w.leaf("memory", attrs!["unit" => "KiB"], &kib);
+    w.leaf("currentMemory", attrs!["unit" => "KiB"], &kib);
+    if let Some(size) = d.memory.hugepage_kib {
+        w.open("memoryBacking", attrs![]);
+        w.open("hugepages", attrs![]);
+        w.empty("page", attrs!["size" => size.to_string(), "unit" => "KiB"]);
+        w.close("hugepages");
+        w.close("memoryBacking");
+    }
+    w.leaf(
+        "vcpu",
+        attrs!["placement" => "static"],
+        &d.vcpus.to_string(),
+    );
+    if d.iothreads > 0 {
+        w.leaf("iothreads", attrs![], &d.iothreads.to_string());
+    }
+    write_sysinfo(&mut w, d);
+    write_os(&mut w, &d.os);
+    write_features(&mut w, &d.features);
+    write_cpu(&mut w, &d.cpu);
+    write_clock(&mut w, &d.clock);
+    w.leaf("on_poweroff", attrs![], d.on_poweroff);
+    w.leaf("on_reboot", attrs![], d.on_reboot);
+    w.leaf("on_crash", attrs![], d.on_crash);
+    write_devices(&mut w, &d.devices);
+    w.close("domain");
+    w.out
+}
+
+fn write_sysinfo(w: &mut W, d: &Domain) {
+    let Some(si) = &d.sysinfo else { return };
+    w.open("sysinfo", attrs!["type" => "smbios"]);
+    w.open("system", attrs![]);
+    for (k, v) in &si.system {
+        w.leaf("entry", attrs!["name" => k.as_str()], v);
+    }
+    w.close("system");
+    w.close("sysinfo");
+}
+
+fn write_os(w: &mut W, os: &Os) {
+    w.open("os", attrs![]);
+    w.leaf(
+        "type",
+        attrs!["arch" => os.arch.as_str(), "machine" => os.machine.as_str()],
+        "hvm",
+    );
+    if let Some(l) = &os.loader {
+        w.leaf(
+            "loader",
+            attrs!["readonly" => "yes", "secure" => yn(l.secure), "type" => "pflash"],
+            &p(&l.path),
+        );
+    }
+    if let Some(n) = &os.nvram {
+        w.leaf("nvram", attrs!["template" => p(&n.template)], &p(&n.path));
+    }
+    if let Some(k) = &os.kernel {
+        w.leaf("kernel", attrs![], &p(k));
+    }
+    if let Some(i) = &os.initrd {
+        w.leaf("initrd", attrs![], &p(i));
+    }
+    if let Some(c) = &os.cmdline {
+        w.leaf("cmdline", attrs![], c);
+    }
+    if os.bios_use_serial {
+        w.empty("bios", attrs!["useserial" => "yes"]);
+    }
+    if os.smbios_sysinfo {
+        w.empty("smbios", attrs!["mode" => "sysinfo"]);
+    }
+    w.close("os");
+}
+
+fn write_features(w: &mut W, f: &Features) {
+    if !f.acpi && f.apic.is_none() && !f.smm && f.hyperv.is_empty() {
+        return;
+    }
+    w.open("features", attrs![]);
+    if f.acpi {
+        w.empty("acpi", attrs![]);
+    }
+    if let Some(eoi) = f.apic {
+        match eoi {
+            Some(e) => w.empty("apic", attrs!["eoi" => on_off(e)]),
+            None => w.empty("apic", attrs![]),
+        }
+    }
+    if !f.hyperv.is_empty() {
+        w.open("hyperv", attrs!["mode" => "custom"]);
+        for h in &f.hyperv {
+            let mut a: Attrs<'_> = attrs!["state" => on_off(h.on)];
+            for (k, v) in &h.attrs {
+                a.push((k, v.as_str().into()));
+            }
+            match h.direct {
+                Some(direct) => {
+                    w.open(h.name, a);
+                    w.empty("direct", attrs!["state" => on_off(direct)]);
+                    w.close(h.name);
+                }
+                None => w.empty(h.name, a),
+            }
+        }
+        w.close("hyperv");
+    }
+    if f.smm {
+        w.empty("smm", attrs!["state" => "on"]);
+    }
+    w.close("features");
+}
+
+fn write_cpu(w: &mut W, cpu: &Cpu) {
+    let a: Attrs<'_> = match &cpu.mode {
+        CpuMode::HostModel => attrs!["mode" => "host-model", "check" => "partial"],
+        CpuMode::HostPassthrough => attrs!["mode" => "host-passthrough", "check" => "none"],
+        CpuMode::Custom(_) => attrs!["mode" => "custom", "match" => "exact", "check" => "none"],
+    };
+    w.open("cpu", a);
+    if let Some(c) = &cpu.comment {
+        w.comment(c);
+    }
+    if let CpuMode::Custom(m) = &cpu.mode {
+        w.leaf("model", attrs!["fallback" => "allow"], m);
+    }
+    w.empty(
+        "topology",
+        attrs![
+            "sockets" => cpu.sockets.to_string(),
+            "dies" => "1",
+            "cores" => cpu.cores.to_string(),
+            "threads" => cpu.threads.to_string(),
+        ],
+    );
+    for (policy, name) in &cpu.features {
+        w.empty(
+            "feature",
+            attrs!["policy" => policy.as_str(), "name" => name.as_str()],
+        );
+    }
+    w.close("cpu");
+}
+
+fn write_clock(w: &mut W, c: &Clock) {
+    let a: Attrs<'_> = match &c.offset {
+        ClockOffset::Utc { adjustment: None } => attrs!["offset" => "utc"],
+        ClockOffset::Utc {
+            adjustment: Some(adj),
+        } => attrs!["offset" => "utc", "adjustment" => adj.to_string()],
+        ClockOffset::Timezone(tz) => attrs!["offset" => "timezone", "timezone" => tz.as_str()],
+    };
+    if c.timers.is_empty() {
+        w.empty("clock", a);
+        return;
+    }
+    w.open("clock", a);
+    for t in &c.timers {
+        let mut a: Attrs<'_> = attrs!["name" => t.name];
+        if let Some(pr) = t.present {
+            a.push(("present", yn(pr).into()));
+        }
+        if let Some(tp) = &t.tickpolicy {
+            a.push(("tickpolicy", tp.as_str().into()));
+        }
+        if let Some(tr) = &t.track {
+            a.push(("track", tr.as_str().into()));
+        }
+        w.empty("timer", a);
+    }
+    w.close("clock");
+}
+
+fn source_attrs(s: &DiskSource) -> (&'static str, Attrs<'_>) {
+    match s {
+        DiskSource::File(f) => ("file", attrs!["file" => p(f)]),
+        DiskSource::Block(d) => ("block", attrs!["dev" => p(d)]),
+    }
+}
+
+fn write_disk(w: &mut W, d: &Disk) {
+    let (kind, src) = source_attrs(&d.source);
+    let mut a: Attrs<'_> = attrs!["type" => kind, "device" => d.device.as_str()];
+    if let Some(m) = &d.model {
+        a.push(("model", m.as_str().into()));
+    }
+    w.open("disk", a);
+    let dr = &d.driver;
+    let mut a: Attrs<'_> = attrs!["name" => "qemu", "type" => dr.format];
+    if let Some(c) = &dr.cache {
+        a.push(("cache", c.as_str().into()));
+    }
+    if let Some(e) = &dr.error_policy {
+        a.push(("error_policy", e.as_str().into()));
+    }
+    if let Some(io) = &dr.io {
+        a.push(("io", io.as_str().into()));
+    }
+    if let Some(disc) = dr.discard {
+        a.push(("discard", disc.into()));
+    }
+    if let Some(t) = dr.iothread {
+        a.push(("iothread", t.to_string().into()));
+    }
+    if let Some(q) = dr.queues {
+        a.push(("queues", q.to_string().into()));
+    }
+    w.empty("driver", a);
+    match &d.reservations {
+        Some(sock) => {
+            w.open("source", src);
+            w.open("reservations", attrs!["managed" => "no"]);
+            w.empty(
+                "source",
+                attrs!["type" => "unix", "path" => p(sock), "mode" => "client"],
+            );
+            w.close("reservations");
+            w.close("source");
+        }
+        None => w.empty("source", src),
+    }
+    if let Some(bs) = &d.backing_store {
+        let (kind, src) = source_attrs(&bs.source);
+        w.open("backingStore", attrs!["type" => kind]);
+        w.empty("format", attrs!["type" => bs.format]);
+        w.empty("source", src);
+        w.close("backingStore");
+    }
+    let mut a: Attrs<'_> = attrs!["dev" => d.target_dev.as_str(), "bus" => d.bus.as_str()];
+    if let Some(t) = &d.tray {
+        a.push(("tray", t.as_str().into()));
+    }
+    w.empty("target", a);
+    if let Some((logical, physical)) = d.blockio {
+        w.empty(
+            "blockio",
+            attrs![
+                "logical_block_size" => logical.to_string(),
+                "physical_block_size" => physical.to_string(),
+            ],
+        );
+    }
+    if d.readonly {
+        w.empty("readonly", attrs![]);
+    }
+    if d.shareable {
+        w.empty("shareable", attrs![]);
+    }
+    if let Some(s) = &d.serial {
+        w.leaf("serial", attrs![], s);
+    }
+    if let Some(b) = d.boot_order {
+        w.empty("boot", attrs!["order" => b.to_string()]);
+    }
+    w.empty("alias", attrs!["name" => d.alias.as_str()]);
+    w.close("disk");
+}
+
+fn write_devices(w: &mut W, dv: &Devices) {
+    w.open("devices", attrs![]);
+    for d in &dv.disks {
+        write_disk(w, d);
+    }
+    for c in &dv.controllers {
+        let mut a: Attrs<'_> = attrs!["type" => c.kind];
+        if let Some(i) = c.index {
+            a.push(("index", i.to_string().into()));
+        }
+        if let Some(m) = &c.model {
+            a.push(("model", m.as_str().into()));
+        }
+        w.empty("controller", a);
+    }
+    for i in &dv.interfaces {
+        w.open("interface", attrs!["type" => "ethernet"]);
+        if let Some(mac) = &i.mac {
+            w.empty("mac", attrs!["address" => mac.as_str()]);
+        }
+        w.empty("target", attrs!["dev" => i.tap.as_str(), "managed" => "no"]);
+        w.empty("model", attrs!["type" => i.model.as_str()]);
+        if let Some(m) = i.mtu {
+            w.empty("mtu", attrs!["size" => m.to_string()]);
+        }
+        if let Some(b) = i.boot_order {
+            w.empty("boot", attrs!["order" => b.to_string()]);
+        }
+        w.empty("alias", attrs!["name" => i.alias.as_str()]);
+        w.close("interface");
+    }
+    for s in &dv.serials {
+        w.open("serial", attrs!["type" => "unix"]);
+        w.empty("source", attrs!["mode" => "bind", "path" => p(&s.socket)]);
+        if let Some(log) = &s.log {
+            w.empty("log", attrs!["file" => p(log), "append" => "on"]);
+        }
+        w.empty("target", attrs!["port" => s.port.to_string()]);
+        w.close("serial");
+    }
+    for c in &dv.consoles {
+        w.open("console", attrs!["type" => "pty"]);
+        w.empty(
+            "target",
+            attrs!["type" => "serial", "port" => c.port.to_string()],
+        );
+        w.close("console");
+    }
+    for c in &dv.channels {
+        w.open("channel", attrs!["type" => "unix"]);
+        w.empty("source", attrs!["mode" => "bind", "path" => p(&c.socket)]);
+        w.empty(
+            "target",
+            attrs!["type" => "virtio", "name" => c.target_name.as_str()],
+        );
+        w.close("channel");
+    }
+    for i in &dv.inputs {
+        w.open(
+            "input",
+            attrs!["type" => i.kind.as_str(), "bus" => i.bus.as_str()],
+        );
+        w.empty("alias", attrs!["name" => i.alias.as_str()]);
+        w.close("input");
+    }
+    for g in &dv.graphics {
+        w.open("graphics", attrs!["type" => "vnc"]);
+        w.empty(
+            "listen",
+            attrs!["type" => "socket", "socket" => p(&g.vnc_socket)],
+        );
+        w.close("graphics");
+    }
+    for v in &dv.videos {
+        w.open("video", attrs![]);
+        let mut a: Attrs<'_> = attrs!["type" => v.model.as_str(), "heads" => v.heads.to_string()];
+        if let Some(vram) = v.vram {
+            a.push(("vram", vram.to_string().into()));
+        }
+        w.empty("model", a);
+        w.close("video");
+    }
+    if let Some(m) = &dv.memballoon {
+        match m.stats_period {
+            Some(period) => {
+                w.open("memballoon", attrs!["model" => m.model.as_str()]);
+                w.empty("stats", attrs!["period" => period.to_string()]);
+                w.close("memballoon");
+            }
+            None => w.empty("memballoon", attrs!["model" => m.model.as_str()]),
+        }
+    }
+    for r in &dv.rngs {
+        w.open("rng", attrs!["model" => r.model.as_str()]);
+        w.leaf("backend", attrs!["model" => "random"], &p(&r.backend));
+        w.close("rng");
+    }
+    w.close("devices");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_drops_controls() {
+        let mut s = String::new();
+        escape("a<b>&\"c'\0\u{1}\n", &mut s);
+        assert_eq!(s, "a&lt;b&gt;&amp;&quot;c&apos;\u{fffd}\u{fffd}&#10;");
+    }
+
+    #[test]
+    fn comment_cannot_be_closed_early() {
+        let mut w = W {
+            out: String::new(),
+            depth: 0,
+        };
+        w.comment("a -- b -->");
+        assert_eq!(w.out, "<!-- a - - b - -&gt; -->\n");
+    }
+}

@@ -1,0 +1,618 @@
+//! Facts about the pod, gathered once before conversion. All filesystem I/O of the conversion
+//! pipeline lives here (and in [`crate::prepare`]); [`crate::convert`] is pure.
+//!
+//! Two ways to get facts:
+//! - [`probe`] looks at the real pod: which PVC/DataVolume volumes are block devices, whether
+//!   `O_DIRECT` works on the volumes' files, which OVMF files exist, the formats of containerDisk
+//!   images. It is also the preflight: a non-hot-plug PVC/DataVolume whose `disk.img` (or block
+//!   node) is missing is an error naming the volume and the path.
+//! - [`from_file`] reads the `--pod-facts` JSON (`render` and the golden tests): all keys
+//!   optional, nothing probed, paths are KubeVirt's defaults. Keys: `blockVolumes`, `directIO`
+//!   (default `true`), `domainType` (`kvm`|`qemu`, default `kvm`), `preallocatedVolumes`,
+//!   `imageFormats` (`{"<volume>": "raw"|"qcow2"}`), `spareRootPorts` (default 8).
+//!   Unknown keys are rejected so a typo does not silently change the domain.
+
+use crate::spec::{is_dns1123_label, VirtualMachineInstance};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// libvirt domain type: `kvm` (hardware) or `qemu` (TCG emulation, e.g. nested CI without /dev/kvm).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    #[default]
+    Kvm,
+    Qemu,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
+}
+
+/// Disk image format of a base image (containerDisk) as read from its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Where KubeVirt puts things in the pod. Every field can be overridden (tests, odd pods).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPaths {
+    /// `/var/run/kubevirt-private/vmi-disks`: Filesystem-mode PVC at `<dir>/<volume>/disk.img`.
+    pub vmi_disks_dir: PathBuf,
+    /// `/var/run/kubevirt/hotplug-disks`: `<volume>.img`, or a `<volume>` block node.
+    pub hotplug_disks_dir: PathBuf,
+    /// `/dev`: Block-mode PVC at `/dev/<volume>`.
+    pub block_dev_dir: PathBuf,
+    /// `/var/run/kubevirt-ephemeral-disks`: qcow2 overlays (`disk-data/<volume>/disk.qcow2`)
+    /// and empty disks (`empty-disks/<volume>.qcow2`).
+    pub ephemeral_disks_dir: PathBuf,
+    /// `/var/run/kubevirt/container-disks`: containerDisk images as `disk_<volume index>.img`.
+    pub container_disks_dir: PathBuf,
+    /// Directory holding the kernelBoot container's files; `kernelPath`/`initrdPath` are
+    /// resolved inside it and cannot leave it.
+    pub kernel_boot_dir: PathBuf,
+    /// `/var/run/kubevirt-private/<uid or name>`: serial socket `virt-serial0` and its log
+    /// `virt-serial0-log`, VNC socket `virt-vnc`, guest agent socket `virt-guest-agent`,
+    /// generated cloud-init ISOs (`noCloud.iso`, `configdrive.iso`), EFI NVRAM.
+    pub private_dir: PathBuf,
+    /// `/var/run/kubevirt-private`: configMap/secret/serviceAccount sources and their ISOs
+    /// (`config-map/<vol>` → `config-map-disks/<vol>.iso`, `secret/<vol>` →
+    /// `secret-disks/<vol>.iso`, `service-account-disk/service-account.iso`).
+    pub config_dir: PathBuf,
+    /// `/var/run/secrets/kubernetes.io/serviceaccount`: the pod's service account token.
+    pub service_account_dir: PathBuf,
+}
+
+impl PodPaths {
+    /// KubeVirt's in-pod layout for this VMI. The private dir is keyed by the VMI's uid (or its
+    /// name when it has none); a uid/name that is not a safe path component is replaced by `_`.
+    pub fn kubevirt_defaults(vmi: &VirtualMachineInstance) -> Self {
+        let key = [
+            vmi.metadata.uid.as_deref(),
+            Some(vmi.metadata.name.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|k| is_safe_component(k))
+        .unwrap_or("_");
+        PodPaths {
+            vmi_disks_dir: "/var/run/kubevirt-private/vmi-disks".into(),
+            hotplug_disks_dir: "/var/run/kubevirt/hotplug-disks".into(),
+            block_dev_dir: "/dev".into(),
+            ephemeral_disks_dir: "/var/run/kubevirt-ephemeral-disks".into(),
+            container_disks_dir: "/var/run/kubevirt/container-disks".into(),
+            kernel_boot_dir: "/var/run/kubevirt-ephemeral-disks/kernel-boot".into(),
+            private_dir: Path::new("/var/run/kubevirt-private").join(key),
+            config_dir: "/var/run/kubevirt-private".into(),
+            service_account_dir: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+        }
+    }
+
+    /// The serial console's unix socket (`<private_dir>/virt-serial0`).
+    pub fn serial_socket(&self) -> PathBuf {
+        self.private_dir.join("virt-serial0")
+    }
+
+    /// The serial console's log file (`<private_dir>/virt-serial0-log`).
+    pub fn serial_log(&self) -> PathBuf {
+        self.private_dir.join("virt-serial0-log")
+    }
+
+    /// The VNC unix socket (`<private_dir>/virt-vnc`).
+    pub fn vnc_socket(&self) -> PathBuf {
+        self.private_dir.join("virt-vnc")
+    }
+
+    /// The guest agent channel's unix socket (`<private_dir>/virt-guest-agent`).
+    pub fn guest_agent_socket(&self) -> PathBuf {
+        self.private_dir.join("virt-guest-agent")
+    }
+
+    /// Filesystem-mode PVC/DataVolume image.
+    pub fn pvc_image(&self, volume: &str) -> PathBuf {
+        self.vmi_disks_dir.join(volume).join("disk.img")
+    }
+
+    /// Block-mode PVC/DataVolume node.
+    pub fn pvc_block(&self, volume: &str) -> PathBuf {
+        self.block_dev_dir.join(volume)
+    }
+
+    /// Hot-plugged volume: `<volume>.img` (Filesystem) or `<volume>` (Block).
+    pub fn hotplug_path(&self, volume: &str, block: bool) -> PathBuf {
+        if block {
+            self.hotplug_disks_dir.join(volume)
+        } else {
+            self.hotplug_disks_dir.join(format!("{volume}.img"))
+        }
+    }
+
+    /// qcow2 overlay of a containerDisk or ephemeral volume.
+    pub fn overlay(&self, volume: &str) -> PathBuf {
+        self.ephemeral_disks_dir
+            .join("disk-data")
+            .join(volume)
+            .join("disk.qcow2")
+    }
+
+    /// Image of an emptyDisk volume.
+    pub fn empty_disk(&self, volume: &str) -> PathBuf {
+        self.ephemeral_disks_dir
+            .join("empty-disks")
+            .join(format!("{volume}.qcow2"))
+    }
+
+    /// containerDisk base image; `index` is the volume's index in `spec.volumes`.
+    pub fn container_disk(&self, index: usize) -> PathBuf {
+        self.container_disks_dir.join(format!("disk_{index}.img"))
+    }
+
+    /// Generated NoCloud ISO.
+    pub fn cloud_init_no_cloud_iso(&self) -> PathBuf {
+        self.private_dir.join("noCloud.iso")
+    }
+
+    /// Generated ConfigDrive ISO.
+    pub fn cloud_init_config_drive_iso(&self) -> PathBuf {
+        self.private_dir.join("configdrive.iso")
+    }
+
+    pub fn config_map_source(&self, volume: &str) -> PathBuf {
+        self.config_dir.join("config-map").join(volume)
+    }
+    pub fn config_map_iso(&self, volume: &str) -> PathBuf {
+        self.config_dir
+            .join("config-map-disks")
+            .join(format!("{volume}.iso"))
+    }
+    pub fn secret_source(&self, volume: &str) -> PathBuf {
+        self.config_dir.join("secret").join(volume)
+    }
+    pub fn secret_iso(&self, volume: &str) -> PathBuf {
+        self.config_dir
+            .join("secret-disks")
+            .join(format!("{volume}.iso"))
+    }
+    pub fn downward_api_iso(&self, volume: &str) -> PathBuf {
+        self.config_dir
+            .join("downwardapi-disks")
+            .join(format!("{volume}.iso"))
+    }
+    pub fn service_account_iso(&self) -> PathBuf {
+        self.config_dir
+            .join("service-account-disk")
+            .join("service-account.iso")
+    }
+
+    /// EFI variable store of this VMI.
+    pub fn nvram(&self, vmi_name: &str) -> PathBuf {
+        self.private_dir
+            .join("nvram")
+            .join(format!("{vmi_name}_VARS.fd"))
+    }
+}
+
+/// OVMF firmware files. KubeVirt's defaults live in `/usr/share/OVMF`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FirmwarePaths {
+    pub efi_code: PathBuf,
+    pub efi_vars: PathBuf,
+    pub efi_secure_code: PathBuf,
+    pub efi_secure_vars: PathBuf,
+}
+
+impl Default for FirmwarePaths {
+    fn default() -> Self {
+        FirmwarePaths {
+            efi_code: "/usr/share/OVMF/OVMF_CODE.fd".into(),
+            efi_vars: "/usr/share/OVMF/OVMF_VARS.fd".into(),
+            efi_secure_code: "/usr/share/OVMF/OVMF_CODE.secboot.fd".into(),
+            efi_secure_vars: "/usr/share/OVMF/OVMF_VARS.secboot.fd".into(),
+        }
+    }
+}
+
+/// Default number of spare `pcie-root-port` controllers (host notes: 2 were not enough).
+pub const DEFAULT_SPARE_ROOT_PORTS: u32 = 8;
+
+/// Everything [`crate::convert::convert`] needs to know about the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFacts {
+    pub domain_type: DomainType,
+    /// PVC/DataVolume volumes (by volume name) that are block devices.
+    pub block_volumes: BTreeSet<String>,
+    /// `O_DIRECT` works on file-backed volumes → `cache='none'`, else `writethrough`.
+    pub direct_io: bool,
+    pub paths: PodPaths,
+    pub firmware: FirmwarePaths,
+    /// Volumes whose image is fully preallocated (→ `io='native'` with `cache='none'`).
+    pub preallocated_volumes: BTreeSet<String>,
+    /// Formats of containerDisk base images, by volume name; when absent the overlay's own
+    /// header names its backing file and `<backingStore>` is left out.
+    pub image_formats: BTreeMap<String, ImageFormat>,
+    /// Spare `pcie-root-port` controllers for later virtio hot-plug. The VMI annotation
+    /// [`crate::convert::SPARE_ROOT_PORTS_ANNOTATION`] overrides it per VM.
+    pub spare_root_ports: u32,
+    /// Socket of the persistent-reservation helper (`lun` with `reservation: true`).
+    pub pr_helper_socket: PathBuf,
+}
+
+impl PodFacts {
+    /// Facts with KubeVirt's default paths and nothing probed (`directIO` true, no block volumes).
+    pub fn defaults(vmi: &VirtualMachineInstance) -> Self {
+        PodFacts {
+            domain_type: DomainType::Kvm,
+            block_volumes: BTreeSet::new(),
+            direct_io: true,
+            paths: PodPaths::kubevirt_defaults(vmi),
+            firmware: FirmwarePaths::default(),
+            preallocated_volumes: BTreeSet::new(),
+            image_formats: BTreeMap::new(),
+            spare_root_ports: DEFAULT_SPARE_ROOT_PORTS,
+            pr_helper_socket: "/var/run/kubevirt/daemons/pr/pr-helper.sock".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodFactsError {
+    #[error("volume {volume}: {}: {reason}", path.display())]
+    Volume {
+        volume: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("volume {volume}: name is not a DNS-1123 label, refusing to use it in a path")]
+    VolumeName { volume: String },
+    #[error("{}: cannot read pod facts: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: invalid pod facts: {reason}", path.display())]
+    Parse { path: PathBuf, reason: String },
+}
+
+/// The `--pod-facts` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+struct FactsFile {
+    block_volumes: Vec<String>,
+    #[serde(rename = "directIO")]
+    direct_io: Option<bool>,
+    domain_type: Option<DomainType>,
+    preallocated_volumes: Vec<String>,
+    image_formats: BTreeMap<String, ImageFormat>,
+    spare_root_ports: Option<u32>,
+}
+
+/// Read the `--pod-facts` JSON file. No filesystem probing; paths are KubeVirt's defaults.
+pub fn from_file(path: &Path, vmi: &VirtualMachineInstance) -> Result<PodFacts, PodFactsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PodFactsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    from_json(&text, vmi).map_err(|reason| PodFactsError::Parse {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// [`from_file`] on a string; the error is the reason only.
+pub fn from_json(text: &str, vmi: &VirtualMachineInstance) -> Result<PodFacts, String> {
+    let file: FactsFile = if text.trim().is_empty() {
+        FactsFile::default()
+    } else {
+        serde_json::from_str(text).map_err(|e| e.to_string())?
+    };
+    let mut facts = PodFacts::defaults(vmi);
+    facts.block_volumes = file.block_volumes.into_iter().collect();
+    facts.preallocated_volumes = file.preallocated_volumes.into_iter().collect();
+    facts.image_formats = file.image_formats;
+    if let Some(d) = file.direct_io {
+        facts.direct_io = d;
+    }
+    if let Some(t) = file.domain_type {
+        facts.domain_type = t;
+    }
+    if let Some(n) = file.spare_root_ports {
+        facts.spare_root_ports = n;
+    }
+    Ok(facts)
+}
+
+/// Is `s` usable as one path component: non-empty, no `/`, NUL, `.` or `..`, printable ASCII.
+pub fn is_safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// How a PVC-like volume is attached.
+struct PvcLike<'a> {
+    name: &'a str,
+    hotplug: bool,
+}
+
+fn pvc_like_volumes(vmi: &VirtualMachineInstance) -> Vec<PvcLike<'_>> {
+    vmi.spec
+        .volumes
+        .iter()
+        .filter_map(|v| {
+            if let Some(p) = &v.persistent_volume_claim {
+                Some(PvcLike {
+                    name: &v.name,
+                    hotplug: p.hotpluggable.unwrap_or(false),
+                })
+            } else if let Some(d) = &v.data_volume {
+                Some(PvcLike {
+                    name: &v.name,
+                    hotplug: d.hotpluggable.unwrap_or(false),
+                })
+            } else if v
+                .ephemeral
+                .as_ref()
+                .is_some_and(|e| e.persistent_volume_claim.is_some())
+            {
+                Some(PvcLike {
+                    name: &v.name,
+                    hotplug: false,
+                })
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// Can `path` be opened with `O_DIRECT`? (Opens read-only; tmpfs and some overlay setups refuse.)
+fn opens_with_o_direct(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .is_ok()
+}
+
+/// Probe a scratch file in `dir` with `O_DIRECT` (used when there is no volume file to test).
+fn dir_supports_o_direct(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join(".virt-launcher-odirect-probe");
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+fn sniff_format(path: &Path) -> std::io::Result<ImageFormat> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)?;
+    let n = f.read(&mut magic)?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    })
+}
+
+fn first_existing(candidates: &[&str]) -> Option<PathBuf> {
+    candidates.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+fn probe_firmware() -> FirmwarePaths {
+    let d = FirmwarePaths::default();
+    FirmwarePaths {
+        efi_code: first_existing(&[
+            "/usr/share/OVMF/OVMF_CODE.fd",
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+        ])
+        .unwrap_or(d.efi_code),
+        efi_vars: first_existing(&[
+            "/usr/share/OVMF/OVMF_VARS.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+        ])
+        .unwrap_or(d.efi_vars),
+        efi_secure_code: first_existing(&[
+            "/usr/share/OVMF/OVMF_CODE.secboot.fd",
+            "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+            "/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd",
+        ])
+        .unwrap_or(d.efi_secure_code),
+        efi_secure_vars: first_existing(&[
+            "/usr/share/OVMF/OVMF_VARS.secboot.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+            "/usr/share/edk2/ovmf/OVMF_VARS.secboot.fd",
+        ])
+        .unwrap_or(d.efi_secure_vars),
+    }
+}
+
+/// Probe the real filesystem under `paths` (see the module docs).
+pub fn probe(
+    vmi: &VirtualMachineInstance,
+    paths: PodPaths,
+    domain_type: DomainType,
+) -> Result<PodFacts, PodFactsError> {
+    let mut facts = PodFacts::defaults(vmi);
+    facts.domain_type = domain_type;
+    facts.firmware = probe_firmware();
+
+    let mut file_images = Vec::new();
+    for v in pvc_like_volumes(vmi) {
+        if !is_dns1123_label(v.name) {
+            return Err(PodFactsError::VolumeName {
+                volume: v.name.to_string(),
+            });
+        }
+        if v.hotplug {
+            // Hot-plugged volumes come and go; they are looked at when attached.
+            if is_block_device(&paths.hotplug_path(v.name, true)) {
+                facts.block_volumes.insert(v.name.to_string());
+            }
+            continue;
+        }
+        if is_block_device(&paths.pvc_block(v.name)) {
+            facts.block_volumes.insert(v.name.to_string());
+            continue;
+        }
+        let image = paths.pvc_image(v.name);
+        if let Err(e) = std::fs::metadata(&image) {
+            return Err(PodFactsError::Volume {
+                volume: v.name.to_string(),
+                path: image,
+                reason: io_reason(&e),
+            });
+        }
+        file_images.push(image);
+    }
+
+    for (index, v) in vmi.spec.volumes.iter().enumerate() {
+        if v.container_disk.is_some() {
+            let image = paths.container_disk(index);
+            let format = sniff_format(&image).map_err(|e| PodFactsError::Volume {
+                volume: v.name.clone(),
+                path: image.clone(),
+                reason: io_reason(&e),
+            })?;
+            facts.image_formats.insert(v.name.clone(), format);
+        }
+    }
+
+    facts.direct_io = if file_images.is_empty() {
+        dir_supports_o_direct(&paths.vmi_disks_dir)
+    } else {
+        file_images.iter().all(|p| opens_with_o_direct(p))
+    };
+    facts.paths = paths;
+    Ok(facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec;
+
+    fn vmi(json: &str) -> VirtualMachineInstance {
+        spec::from_str(json, "test").expect("test vmi parses")
+    }
+
+    const PVC_VMI: &str = r#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance",
+        "metadata":{"name":"v","uid":"0c9f7a6e-2f7d-4c57-9a59-8b3f6a0c2d11"},
+        "spec":{"volumes":[{"name":"root","persistentVolumeClaim":{"claimName":"c"}},
+                           {"name":"hp","dataVolume":{"name":"hp","hotpluggable":true}}]}}"#;
+
+    #[test]
+    fn defaults_use_uid_for_private_dir() {
+        let p = PodPaths::kubevirt_defaults(&vmi(PVC_VMI));
+        assert_eq!(
+            p.serial_socket(),
+            Path::new(
+                "/var/run/kubevirt-private/0c9f7a6e-2f7d-4c57-9a59-8b3f6a0c2d11/virt-serial0"
+            )
+        );
+        assert_eq!(
+            p.serial_log().file_name().and_then(|s| s.to_str()),
+            Some("virt-serial0-log")
+        );
+        assert_eq!(
+            p.pvc_image("root"),
+            Path::new("/var/run/kubevirt-private/vmi-disks/root/disk.img")
+        );
+        assert_eq!(
+            p.hotplug_path("hp", false),
+            Path::new("/var/run/kubevirt/hotplug-disks/hp.img")
+        );
+    }
+
+    #[test]
+    fn unsafe_uid_falls_back_to_name() {
+        let v = vmi(
+            r#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance","metadata":{"name":"ok","uid":"../../etc"}}"#,
+        );
+        assert_eq!(
+            PodPaths::kubevirt_defaults(&v).private_dir,
+            Path::new("/var/run/kubevirt-private/ok")
+        );
+    }
+
+    #[test]
+    fn facts_file_keys_are_optional_and_typos_rejected() {
+        let v = vmi(PVC_VMI);
+        let f = from_json(r#"{"blockVolumes":["root"],"domainType":"qemu"}"#, &v).expect("valid");
+        assert!(f.block_volumes.contains("root"));
+        assert_eq!(f.domain_type, DomainType::Qemu);
+        assert!(f.direct_io);
+        assert_eq!(f.spare_root_ports, DEFAULT_SPARE_ROOT_PORTS);
+        assert!(from_json(r#"{"directIo":false}"#, &v).is_err());
+        assert!(from_json("", &v).is_ok());
+    }
+
+    #[test]
+    fn probe_reports_missing_volume_with_path() {
+        let tmp = std::env::temp_dir().join(format!("vl-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let v = vmi(PVC_VMI);
+        let mut paths = PodPaths::kubevirt_defaults(&v);
+        paths.vmi_disks_dir = tmp.join("vmi-disks");
+        paths.block_dev_dir = tmp.join("dev");
+        paths.hotplug_disks_dir = tmp.join("hp");
+        let err = probe(&v, paths.clone(), DomainType::Kvm).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("volume root: "), "{msg}");
+        assert!(
+            msg.ends_with("root/disk.img: No such file or directory"),
+            "{msg}"
+        );
+
+        std::fs::create_dir_all(tmp.join("vmi-disks/root")).expect("mkdir");
+        std::fs::write(tmp.join("vmi-disks/root/disk.img"), b"").expect("write");
+        let facts = probe(&v, paths, DomainType::Qemu).expect("probe ok");
+        assert_eq!(facts.domain_type, DomainType::Qemu);
+        assert!(facts.block_volumes.is_empty());
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}

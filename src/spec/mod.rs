@@ -1,0 +1,772 @@
+//! The KubeVirt `kubevirt.io/v1` model, as far as the launcher needs it.
+//!
+//! Types are plain serde structs (camelCase, unknown fields ignored, almost everything optional)
+//! so that any VMI a cluster accepts deserialises. Semantic validation (names, sizes, buses) is
+//! the converter's job ([`crate::convert`]), which names the offending field path.
+//!
+//! [`load_file`] / [`from_str`] accept JSON or YAML (one or several YAML documents; the first
+//! `VirtualMachineInstance` or `VirtualMachine` document is used). For a `VirtualMachine` its
+//! `spec.template` becomes the VMI; name, namespace and uid come from the VM's metadata when the
+//! template lacks them.
+
+mod quantity;
+
+pub use quantity::{parse_quantity, Quantity, QuantityError};
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// API versions whose VMI/VM shape we understand.
+pub const API_VERSIONS: &[&str] = &["kubevirt.io/v1", "kubevirt.io/v1alpha3"];
+
+/// Errors loading a VMI document. Every message names the origin (file) and, where known, the field.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{origin}: cannot read: {source}")]
+    Read {
+        origin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: not valid JSON/YAML: {reason}")]
+    Syntax { origin: String, reason: String },
+    #[error("{origin}: no VirtualMachineInstance or VirtualMachine document found")]
+    Empty { origin: String },
+    #[error("{origin}: unsupported apiVersion {api_version:?} / kind {kind:?} (want kubevirt.io/v1 VirtualMachineInstance or VirtualMachine)")]
+    UnknownKind {
+        origin: String,
+        api_version: String,
+        kind: String,
+    },
+    #[error("{origin}: field {field}: {reason}")]
+    Field {
+        origin: String,
+        field: String,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VirtualMachineInstance {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: VmiSpec,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmiStatus>,
+}
+
+impl VirtualMachineInstance {
+    /// `spec.terminationGracePeriodSeconds`, default 30 s (KubeVirt's default for VMs).
+    pub fn termination_grace_period(&self) -> Duration {
+        Duration::from_secs(self.spec.termination_grace_period_seconds.unwrap_or(30))
+    }
+
+    /// Namespace, `default` when unset or empty.
+    pub fn namespace(&self) -> &str {
+        match self.metadata.namespace.as_deref() {
+            Some(ns) if !ns.is_empty() => ns,
+            _ => "default",
+        }
+    }
+
+    /// KubeVirt's libvirt domain name: `<namespace>_<name>`.
+    pub fn domain_name(&self) -> String {
+        format!("{}_{}", self.namespace(), self.metadata.name)
+    }
+
+    /// The volume status entry for `name`, if any.
+    pub fn volume_status(&self, name: &str) -> Option<&VolumeStatus> {
+        self.status
+            .as_ref()
+            .and_then(|s| s.volume_status.iter().find(|v| v.name == name))
+    }
+}
+
+/// A `VirtualMachine`: kept for `spec.template` and `spec.dataVolumeTemplates`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VirtualMachine {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: VmSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VmSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_strategy: Option<String>,
+    pub template: VmiTemplate,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub data_volume_templates: Vec<DataVolumeTemplate>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VmiTemplate {
+    pub metadata: ObjectMeta,
+    pub spec: VmiSpec,
+}
+
+/// A CDI DataVolume template; its `spec` is kept verbatim for the importer issue.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DataVolumeTemplate {
+    pub metadata: ObjectMeta,
+    pub spec: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VmiSpec {
+    pub domain: DomainSpec,
+    pub volumes: Vec<Volume>,
+    pub networks: Vec<Network>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub termination_grace_period_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DomainSpec {
+    pub resources: ResourceRequirements,
+    pub memory: Option<MemorySpec>,
+    pub cpu: Option<CpuSpec>,
+    pub machine: Option<Machine>,
+    pub firmware: Option<Firmware>,
+    pub clock: Option<Clock>,
+    pub features: Option<Features>,
+    pub devices: Devices,
+    /// `shared`, `auto` or `supplementalPool`.
+    pub io_threads_policy: Option<String>,
+    pub chassis: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ResourceRequirements {
+    pub requests: BTreeMap<String, Quantity>,
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MemorySpec {
+    pub guest: Option<Quantity>,
+    pub hugepages: Option<Hugepages>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Hugepages {
+    pub page_size: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CpuSpec {
+    pub cores: Option<u32>,
+    pub sockets: Option<u32>,
+    pub threads: Option<u32>,
+    pub model: Option<String>,
+    pub features: Vec<CpuFeature>,
+    pub dedicated_cpu_placement: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CpuFeature {
+    pub name: String,
+    pub policy: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Machine {
+    #[serde(rename = "type")]
+    pub machine_type: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Firmware {
+    pub uuid: Option<String>,
+    pub serial: Option<String>,
+    pub bootloader: Option<Bootloader>,
+    pub kernel_boot: Option<KernelBoot>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Bootloader {
+    pub bios: Option<Bios>,
+    pub efi: Option<Efi>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Bios {
+    pub use_serial: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Efi {
+    /// KubeVirt's default is `true` when `efi` is present.
+    pub secure_boot: Option<bool>,
+    pub persistent: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KernelBoot {
+    pub kernel_args: Option<String>,
+    pub container: Option<KernelBootContainer>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KernelBootContainer {
+    pub image: String,
+    pub kernel_path: Option<String>,
+    pub initrd_path: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Clock {
+    pub utc: Option<ClockUtc>,
+    pub timezone: Option<String>,
+    pub timer: Option<Timers>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClockUtc {
+    pub offset_seconds: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Timers {
+    pub hpet: Option<Timer>,
+    pub kvm: Option<Timer>,
+    pub pit: Option<Timer>,
+    pub rtc: Option<Timer>,
+    pub hyperv: Option<Timer>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Timer {
+    pub present: Option<bool>,
+    pub tick_policy: Option<String>,
+    pub track: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Features {
+    pub acpi: Option<FeatureState>,
+    pub apic: Option<FeatureApic>,
+    pub smm: Option<FeatureState>,
+    pub hyperv: Option<FeatureHyperv>,
+}
+
+/// `{}` means enabled; `{enabled: false}` disables.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FeatureState {
+    pub enabled: Option<bool>,
+}
+
+impl FeatureState {
+    pub fn on(&self) -> bool {
+        self.enabled.unwrap_or(true)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FeatureApic {
+    pub enabled: Option<bool>,
+    pub end_of_interrupt: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FeatureHyperv {
+    pub relaxed: Option<FeatureState>,
+    pub vapic: Option<FeatureState>,
+    pub spinlocks: Option<FeatureSpinlocks>,
+    pub vpindex: Option<FeatureState>,
+    pub runtime: Option<FeatureState>,
+    pub synic: Option<FeatureState>,
+    pub synictimer: Option<FeatureState>,
+    pub reset: Option<FeatureState>,
+    pub vendorid: Option<FeatureVendorId>,
+    pub frequencies: Option<FeatureState>,
+    pub reenlightenment: Option<FeatureState>,
+    pub tlbflush: Option<FeatureState>,
+    pub ipi: Option<FeatureState>,
+    pub evmcs: Option<FeatureState>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FeatureSpinlocks {
+    pub enabled: Option<bool>,
+    pub spinlocks: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FeatureVendorId {
+    pub enabled: Option<bool>,
+    pub vendorid: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Devices {
+    pub disks: Vec<Disk>,
+    pub interfaces: Vec<Interface>,
+    pub inputs: Vec<Input>,
+    pub rng: Option<serde_json::Value>,
+    pub autoattach_serial_console: Option<bool>,
+    pub autoattach_graphics_device: Option<bool>,
+    pub autoattach_mem_balloon: Option<bool>,
+    pub use_virtio_transitional: Option<bool>,
+    pub block_multi_queue: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Disk {
+    pub name: String,
+    pub disk: Option<DiskTarget>,
+    pub cdrom: Option<CdromTarget>,
+    pub lun: Option<LunTarget>,
+    pub boot_order: Option<i64>,
+    pub serial: Option<String>,
+    #[serde(rename = "dedicatedIOThread")]
+    pub dedicated_io_thread: Option<bool>,
+    /// `none`, `writethrough` or `writeback`.
+    pub cache: Option<String>,
+    /// `native`, `threads` or `default`.
+    pub io: Option<String>,
+    pub tag: Option<String>,
+    pub block_size: Option<BlockSize>,
+    pub shareable: Option<bool>,
+    /// `stop`, `report`, `ignore` or `enospace`.
+    pub error_policy: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DiskTarget {
+    pub bus: Option<String>,
+    pub readonly: Option<bool>,
+    pub pci_address: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CdromTarget {
+    pub bus: Option<String>,
+    pub readonly: Option<bool>,
+    /// `open` or `closed` (default).
+    pub tray: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LunTarget {
+    pub bus: Option<String>,
+    pub readonly: Option<bool>,
+    pub reservation: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct BlockSize {
+    pub custom: Option<CustomBlockSize>,
+    pub match_volume: Option<FeatureState>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CustomBlockSize {
+    pub logical: u64,
+    pub physical: u64,
+    pub discard_granularity: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Interface {
+    pub name: String,
+    pub model: Option<String>,
+    pub mac_address: Option<String>,
+    pub boot_order: Option<i64>,
+    pub masquerade: Option<serde_json::Value>,
+    pub bridge: Option<serde_json::Value>,
+    pub sriov: Option<serde_json::Value>,
+    pub slirp: Option<serde_json::Value>,
+    pub passt: Option<serde_json::Value>,
+    pub binding: Option<serde_json::Value>,
+    pub mtu: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Input {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub input_type: String,
+    pub bus: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Network {
+    pub name: String,
+    pub pod: Option<serde_json::Value>,
+    pub multus: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Volume {
+    pub name: String,
+    pub persistent_volume_claim: Option<PvcSource>,
+    pub data_volume: Option<DataVolumeSource>,
+    pub container_disk: Option<ContainerDiskSource>,
+    pub ephemeral: Option<EphemeralSource>,
+    pub empty_disk: Option<EmptyDiskSource>,
+    pub host_disk: Option<HostDiskSource>,
+    pub cloud_init_no_cloud: Option<CloudInitSource>,
+    pub cloud_init_config_drive: Option<CloudInitSource>,
+    pub config_map: Option<ObjectRefSource>,
+    pub secret: Option<SecretSource>,
+    pub service_account: Option<ServiceAccountSource>,
+    #[serde(rename = "downwardAPI")]
+    pub downward_api: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PvcSource {
+    pub claim_name: String,
+    pub read_only: Option<bool>,
+    pub hotpluggable: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DataVolumeSource {
+    pub name: String,
+    pub hotpluggable: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ContainerDiskSource {
+    pub image: String,
+    pub path: Option<String>,
+    pub image_pull_policy: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EphemeralSource {
+    pub persistent_volume_claim: Option<PvcSource>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EmptyDiskSource {
+    pub capacity: Option<Quantity>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HostDiskSource {
+    pub path: String,
+    /// `Disk` or `DiskOrCreate`.
+    #[serde(rename = "type")]
+    pub disk_type: String,
+    pub capacity: Option<Quantity>,
+    pub shared: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct CloudInitSource {
+    pub user_data: Option<String>,
+    pub user_data_base64: Option<String>,
+    pub network_data: Option<String>,
+    pub network_data_base64: Option<String>,
+    pub secret_ref: Option<LocalObjectReference>,
+    pub network_data_secret_ref: Option<LocalObjectReference>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LocalObjectReference {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObjectRefSource {
+    pub name: String,
+    pub optional: Option<bool>,
+    pub volume_label: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SecretSource {
+    pub secret_name: String,
+    pub optional: Option<bool>,
+    pub volume_label: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServiceAccountSource {
+    pub service_account_name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VmiStatus {
+    pub phase: Option<String>,
+    pub volume_status: Vec<VolumeStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct VolumeStatus {
+    pub name: String,
+    /// Guest device name libvirt gave the disk (`vda`, `sdb`, ...), kept across restarts.
+    pub target: Option<String>,
+    /// `Pending`, `Bound`, `AttachedToNode`, `MountedToPod`, `Ready`, `Detaching`, ...
+    pub phase: Option<String>,
+    pub hotplug_volume: Option<serde_json::Value>,
+}
+
+/// Read `path` (JSON or YAML) holding a VirtualMachineInstance or a VirtualMachine.
+pub fn load_file(path: &Path) -> Result<VirtualMachineInstance, SpecError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        origin: origin.clone(),
+        source,
+    })?;
+    from_str(&text, &origin)
+}
+
+/// Parse `text` (JSON or YAML); `origin` names the source in error messages.
+pub fn from_str(text: &str, origin: &str) -> Result<VirtualMachineInstance, SpecError> {
+    let syntax = |reason: String| SpecError::Syntax {
+        origin: origin.to_string(),
+        reason,
+    };
+    let docs: Vec<serde_json::Value> = if text.trim_start().starts_with('{') {
+        vec![serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?]
+    } else {
+        let mut docs = Vec::new();
+        for de in serde_norway::Deserializer::from_str(text) {
+            let v = serde_json::Value::deserialize(de).map_err(|e| syntax(e.to_string()))?;
+            if !v.is_null() {
+                docs.push(v);
+            }
+        }
+        docs
+    };
+    let str_field = |v: &serde_json::Value, k: &str| {
+        v.get(k)
+            .and_then(|s| s.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let is_ours = |v: &serde_json::Value| {
+        matches!(
+            str_field(v, "kind").as_str(),
+            "VirtualMachineInstance" | "VirtualMachine"
+        )
+    };
+    let Some(doc) = docs
+        .iter()
+        .find(|v| is_ours(v))
+        .or_else(|| (docs.len() == 1).then(|| &docs[0]))
+    else {
+        return Err(SpecError::Empty {
+            origin: origin.to_string(),
+        });
+    };
+    let api_version = str_field(doc, "apiVersion");
+    let kind = str_field(doc, "kind");
+    if !API_VERSIONS.contains(&api_version.as_str()) || !is_ours(doc) {
+        return Err(SpecError::UnknownKind {
+            origin: origin.to_string(),
+            api_version,
+            kind,
+        });
+    }
+    let field_err = |e: serde_path_to_error::Error<serde_json::Error>| SpecError::Field {
+        origin: origin.to_string(),
+        field: e.path().to_string(),
+        reason: e.inner().to_string(),
+    };
+    if kind == "VirtualMachine" {
+        let vm: VirtualMachine = serde_path_to_error::deserialize(doc).map_err(field_err)?;
+        Ok(vm.into_vmi())
+    } else {
+        serde_path_to_error::deserialize(doc).map_err(field_err)
+    }
+}
+
+impl VirtualMachine {
+    /// The VMI this VM would create: `spec.template`, with the VM's name/namespace/uid as fallback.
+    pub fn into_vmi(self) -> VirtualMachineInstance {
+        let mut meta = self.spec.template.metadata;
+        if meta.name.is_empty() {
+            meta.name = self.metadata.name;
+        }
+        if meta.namespace.is_none() {
+            meta.namespace = self.metadata.namespace;
+        }
+        if meta.uid.is_none() {
+            meta.uid = self.metadata.uid;
+        }
+        VirtualMachineInstance {
+            api_version: self.api_version,
+            kind: "VirtualMachineInstance".to_string(),
+            metadata: meta,
+            spec: self.spec.template.spec,
+            status: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_template_becomes_vmi_with_vm_metadata() {
+        let yaml = "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: my-vm\n  uid: \"1234\"\nspec:\n  template:\n    spec:\n      domain:\n        devices:\n          disks:\n          - name: d\n            disk: {bus: virtio}\n      volumes:\n      - name: d\n        dataVolume: {name: d}\n";
+        let vmi = from_str(yaml, "t.yaml").expect("parses");
+        assert_eq!(vmi.metadata.name, "my-vm");
+        assert_eq!(vmi.metadata.uid.as_deref(), Some("1234"));
+        assert_eq!(vmi.kind, "VirtualMachineInstance");
+        assert_eq!(vmi.domain_name(), "default_my-vm");
+        assert_eq!(
+            vmi.spec.volumes[0]
+                .data_volume
+                .as_ref()
+                .map(|d| d.name.as_str()),
+            Some("d")
+        );
+    }
+
+    #[test]
+    fn multi_document_yaml_picks_the_vm() {
+        let yaml = "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: x}\n---\napiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {name: a, namespace: ns}\n";
+        let vmi = from_str(yaml, "t.yaml").expect("parses");
+        assert_eq!(vmi.domain_name(), "ns_a");
+        assert_eq!(vmi.termination_grace_period(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn unknown_kind_is_named() {
+        let err = from_str(r#"{"apiVersion":"v1","kind":"Pod"}"#, "p.json").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("p.json") && msg.contains("Pod") && msg.contains("\"v1\""),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let err = from_str(
+            r#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance","spec":{"domain":{"cpu":{"cores":"many"}}}}"#,
+            "v.json",
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("spec.domain.cpu.cores"), "{msg}");
+        assert!(msg.contains("v.json"), "{msg}");
+    }
+}
+
+/// Is `s` a DNS-1123 label (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters)?
+/// KubeVirt requires this of volume, disk and interface names; it also makes the name safe as a
+/// path component (no `/`, `..` or NUL).
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Is `s` a DNS-1123 subdomain (dot-separated labels, at most 253 characters)? Object names.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        for ok in ["a", "my-vm-disk", "0", "a1-b2"] {
+            assert!(is_dns1123_label(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            "A",
+            "-a",
+            "a-",
+            "a\0b",
+            "a.b",
+            &"x".repeat(64),
+        ] {
+            assert!(!is_dns1123_label(bad), "{bad:?}");
+        }
+        assert!(is_dns1123_subdomain("my.vm-1"));
+        assert!(!is_dns1123_subdomain("my..vm"));
+    }
+}
