@@ -148,8 +148,10 @@ fn run(args: RunArgs) -> Result<i32> {
 
     let mut paths = pod_paths(&vmi, &args.paths);
     if layout.is_isolated() {
-        // Standalone: the VM's private files live in our runtime root, not in the pod paths.
+        // Standalone: the VM's private and ephemeral files live in our runtime root, not in
+        // the host's /var/run/kubevirt* directories.
         paths.private_dir = layout.private_dir();
+        paths.ephemeral_disks_dir = layout.root().join("ephemeral");
     }
     let facts = podfacts::probe(&vmi, paths, args.domain_type)?;
     let domain = convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;

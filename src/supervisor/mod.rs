@@ -39,11 +39,11 @@ pub enum SupervisorError {
     Setup(std::io::Error),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
-    #[error("{0}")]
+    #[error(transparent)]
     Libvirt(#[from] LibvirtError),
     #[error("the domain did not start within --qemu-timeout ({0:?})")]
     StartTimeout(Duration),
-    #[error("internal task failed: {0}")]
+    #[error("internal task failed")]
     Join(#[from] tokio::task::JoinError),
 }
 
