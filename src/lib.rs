@@ -13,4 +13,5 @@
 pub mod convert;
 pub mod domain;
 pub mod podfacts;
+pub mod prepare;
 pub mod spec;
