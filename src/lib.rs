@@ -16,5 +16,6 @@ pub mod libvirt;
 pub mod logging;
 pub mod pod;
 pub mod podfacts;
+pub mod prepare;
 pub mod spec;
 pub mod supervisor;

@@ -298,7 +298,6 @@ pub(crate) fn io_mode(
 }
 
 struct Pending<'a> {
-    field: String,
     name: &'a str,
     bus: &'static str,
     disk: Disk,
@@ -479,6 +478,7 @@ pub(crate) fn convert_disks(
             ));
         }
 
+        let mut boot_order = None;
         if let Some(order) = d.boot_order {
             let bf = format!("{f}.bootOrder");
             let o = u32::try_from(order)
@@ -486,6 +486,7 @@ pub(crate) fn convert_disks(
                 .filter(|o| *o >= 1)
                 .ok_or_else(|| err(&bf, format!("{order} is not a positive integer")))?;
             boot_orders.push((o, bf));
+            boot_order = Some(o);
         }
 
         if hotplug && !is_hotplug_ready(vmi, &d.name) {
@@ -695,7 +696,6 @@ pub(crate) fn convert_disks(
         });
         let tray = tray.transpose()?;
         pending.push(Pending {
-            field: f,
             name,
             bus,
             dedicated,
@@ -719,7 +719,7 @@ pub(crate) fn convert_disks(
                 readonly,
                 shareable,
                 serial: d.serial.clone(),
-                boot_order: None,
+                boot_order,
                 alias: format!("ua-{name}"),
                 blockio,
                 reservations,
@@ -739,10 +739,6 @@ pub(crate) fn convert_disks(
                 ),
             ));
         }
-    }
-    for p in &mut pending {
-        let bf = format!("{}.bootOrder", p.field);
-        p.disk.boot_order = boot_orders.iter().find(|(_, f)| *f == bf).map(|(o, _)| *o);
     }
 
     // Target names.

@@ -1,0 +1,432 @@
+//! Side effects the domain needs before it can be defined — the I/O half of conversion.
+//! Call [`prepare`] after [`crate::podfacts::probe`] and before defining the domain that
+//! [`crate::convert::convert`] returned for the same VMI and facts; it creates exactly the files
+//! that domain references:
+//!
+//! - containerDisk: qcow2 overlay `<ephemeral>/disk-data/<vol>/disk.qcow2` over
+//!   `<container-disks>/disk_<index>.img` (backing format from the facts, else sniffed);
+//! - ephemeral: qcow2 overlay over the PVC's `disk.img` (or block node), backing format raw;
+//! - emptyDisk: sparse qcow2 of the requested capacity;
+//! - hostDisk `DiskOrCreate`: sparse raw file of the requested capacity when missing;
+//! - cloudInitNoCloud: ISO (volume id `cidata`: `meta-data`, `user-data`, `network-config`);
+//! - cloudInitConfigDrive: ISO (volume id `config-2`: `openstack/latest/{meta_data.json,user_data,network_data.json}`);
+//! - configMap / secret / downwardAPI / serviceAccount: ISO of the mounted source directory
+//!   (volume id = `volumeLabel` or `cfgdata`).
+//!
+//! Existing overlays and images are kept (a restarted launcher in the same pod reuses them).
+//! External tools: `qemu-img` and `xorrisofs`, looked up in `PATH`. Hot-plugged volumes are not
+//! touched here. Call it once; it is not safe to run concurrently for one VMI.
+
+use crate::podfacts::{ImageFormat, PodFacts};
+use crate::spec::{CloudInitSource, VirtualMachineInstance};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("volume {volume}: {}: {source}", path.display())]
+    Io {
+        volume: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {volume}: {tool} failed ({status}): {stderr}")]
+    Tool {
+        volume: String,
+        tool: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error("volume {volume}: {reason}")]
+    Invalid { volume: String, reason: String },
+}
+
+fn io_err(volume: &str, path: &Path) -> impl FnOnce(std::io::Error) -> PrepareError {
+    let volume = volume.to_string();
+    let path = path.to_path_buf();
+    move |source| PrepareError::Io {
+        volume,
+        path,
+        source,
+    }
+}
+
+fn run(volume: &str, tool: &'static str, args: &[&std::ffi::OsStr]) -> Result<(), PrepareError> {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .map_err(|e| PrepareError::Tool {
+            volume: volume.to_string(),
+            tool,
+            status: "not started".into(),
+            stderr: e.to_string(),
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(PrepareError::Tool {
+        volume: volume.to_string(),
+        tool,
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+fn mkparent(volume: &str, path: &Path) -> Result<(), PrepareError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(volume, parent))?;
+    }
+    Ok(())
+}
+
+fn overlay(
+    volume: &str,
+    overlay: &Path,
+    base: &Path,
+    format: ImageFormat,
+) -> Result<(), PrepareError> {
+    if overlay.exists() {
+        return Ok(());
+    }
+    mkparent(volume, overlay)?;
+    run(
+        volume,
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            format.as_str().as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            overlay.as_os_str(),
+        ],
+    )
+}
+
+fn sniff(volume: &str, path: &Path) -> Result<ImageFormat, PrepareError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(io_err(volume, path))?;
+    let n = f.read(&mut magic).map_err(io_err(volume, path))?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        ImageFormat::Qcow2
+    } else {
+        ImageFormat::Raw
+    })
+}
+
+fn make_iso(volume: &str, iso: &Path, volid: &str, dir: &Path) -> Result<(), PrepareError> {
+    mkparent(volume, iso)?;
+    let tmp = iso.with_extension("iso.tmp");
+    run(
+        volume,
+        "xorrisofs",
+        &[
+            "-quiet".as_ref(),
+            "-output".as_ref(),
+            tmp.as_os_str(),
+            "-volid".as_ref(),
+            volid.as_ref(),
+            "-joliet".as_ref(),
+            "-rock".as_ref(),
+            dir.as_os_str(),
+        ],
+    )?;
+    std::fs::rename(&tmp, iso).map_err(io_err(volume, iso))
+}
+
+/// Standard base64 (padding optional, whitespace ignored).
+pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        if c == b'=' {
+            break;
+        }
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// User data and network data of a cloud-init volume; `secretRef`s are read from the mounted
+/// secret at `<config_dir>/secret/<volume>/` (keys `userdata`/`userData`, `networkdata`/`networkData`).
+fn cloud_init_data(
+    volume: &str,
+    c: &CloudInitSource,
+    facts: &PodFacts,
+) -> Result<(Vec<u8>, Option<Vec<u8>>), PrepareError> {
+    let secret_dir = facts.paths.secret_source(volume);
+    let read_key = |keys: &[&str]| -> Result<Option<Vec<u8>>, PrepareError> {
+        for k in keys {
+            let p = secret_dir.join(k);
+            if p.exists() {
+                return std::fs::read(&p).map(Some).map_err(io_err(volume, &p));
+            }
+        }
+        Ok(None)
+    };
+    let b64 = |s: &str, what: &str| {
+        decode_base64(s).ok_or_else(|| PrepareError::Invalid {
+            volume: volume.to_string(),
+            reason: format!("{what} is not valid base64"),
+        })
+    };
+    let user = if let Some(u) = &c.user_data {
+        u.clone().into_bytes()
+    } else if let Some(u) = &c.user_data_base64 {
+        b64(u, "userDataBase64")?
+    } else if c.secret_ref.is_some() {
+        read_key(&["userdata", "userData"])?.ok_or_else(|| PrepareError::Invalid {
+            volume: volume.to_string(),
+            reason: format!("secretRef has no userdata key in {}", secret_dir.display()),
+        })?
+    } else {
+        Vec::new()
+    };
+    let network = if let Some(n) = &c.network_data {
+        Some(n.clone().into_bytes())
+    } else if let Some(n) = &c.network_data_base64 {
+        Some(b64(n, "networkDataBase64")?)
+    } else if c.network_data_secret_ref.is_some() {
+        read_key(&["networkdata", "networkData"])?
+    } else {
+        None
+    };
+    Ok((user, network))
+}
+
+fn write(volume: &str, path: &Path, data: &[u8]) -> Result<(), PrepareError> {
+    mkparent(volume, path)?;
+    std::fs::write(path, data).map_err(io_err(volume, path))
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+/// Create the files the converted domain references (see the module docs).
+pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), PrepareError> {
+    let paths = &facts.paths;
+    let hostname = vmi
+        .spec
+        .hostname
+        .clone()
+        .unwrap_or_else(|| vmi.metadata.name.clone());
+    let instance_id = format!("{}.{}", vmi.metadata.name, vmi.namespace());
+    for (index, v) in vmi.spec.volumes.iter().enumerate() {
+        let name = v.name.as_str();
+        if !crate::spec::is_dns1123_label(name) {
+            return Err(PrepareError::Invalid {
+                volume: name.to_string(),
+                reason: "name is not a DNS-1123 label".into(),
+            });
+        }
+        if v.container_disk.is_some() {
+            let base = paths.container_disk(index);
+            let fmt = match facts.image_formats.get(name) {
+                Some(f) => *f,
+                None => sniff(name, &base)?,
+            };
+            overlay(name, &paths.overlay(name), &base, fmt)?;
+        } else if v.ephemeral.is_some() {
+            let base = if facts.block_volumes.contains(name) {
+                paths.pvc_block(name)
+            } else {
+                paths.pvc_image(name)
+            };
+            overlay(name, &paths.overlay(name), &base, ImageFormat::Raw)?;
+        } else if let Some(e) = &v.empty_disk {
+            let target = paths.empty_disk(name);
+            if !target.exists() {
+                let bytes = e
+                    .capacity
+                    .as_ref()
+                    .and_then(|q| q.value().ok())
+                    .ok_or_else(|| PrepareError::Invalid {
+                        volume: name.to_string(),
+                        reason: "emptyDisk.capacity is missing or invalid".into(),
+                    })?;
+                mkparent(name, &target)?;
+                run(
+                    name,
+                    "qemu-img",
+                    &[
+                        "create".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        target.as_os_str(),
+                        bytes.to_string().as_ref(),
+                    ],
+                )?;
+            }
+        } else if let Some(h) = &v.host_disk {
+            let p = Path::new(&h.path);
+            if h.disk_type == "DiskOrCreate" && !p.exists() {
+                let bytes = h
+                    .capacity
+                    .as_ref()
+                    .and_then(|q| q.value().ok())
+                    .ok_or_else(|| PrepareError::Invalid {
+                        volume: name.to_string(),
+                        reason: "hostDisk.capacity is missing or invalid".into(),
+                    })?;
+                let f = std::fs::File::create(p).map_err(io_err(name, p))?;
+                f.set_len(bytes).map_err(io_err(name, p))?;
+            }
+        } else if let Some(c) = &v.cloud_init_no_cloud {
+            let (user, network) = cloud_init_data(name, c, facts)?;
+            let dir = paths.private_dir.join("cloud-init-nocloud");
+            let _ = std::fs::remove_dir_all(&dir);
+            write(
+                name,
+                &dir.join("meta-data"),
+                format!("instance-id: {instance_id}\nlocal-hostname: {hostname}\n").as_bytes(),
+            )?;
+            write(name, &dir.join("user-data"), &user)?;
+            if let Some(n) = network {
+                write(name, &dir.join("network-config"), &n)?;
+            }
+            make_iso(name, &paths.cloud_init_no_cloud_iso(), "cidata", &dir)?;
+        } else if let Some(c) = &v.cloud_init_config_drive {
+            let (user, network) = cloud_init_data(name, c, facts)?;
+            let dir = paths.private_dir.join("cloud-init-configdrive");
+            let _ = std::fs::remove_dir_all(&dir);
+            let latest = dir.join("openstack/latest");
+            let uuid = vmi
+                .metadata
+                .uid
+                .clone()
+                .unwrap_or_else(|| instance_id.clone());
+            write(
+                name,
+                &latest.join("meta_data.json"),
+                format!(
+                    "{{\"uuid\":{},\"hostname\":{},\"name\":{}}}",
+                    json_str(&uuid),
+                    json_str(&hostname),
+                    json_str(&vmi.metadata.name)
+                )
+                .as_bytes(),
+            )?;
+            write(name, &latest.join("user_data"), &user)?;
+            if let Some(n) = network {
+                write(name, &latest.join("network_data.json"), &n)?;
+            }
+            make_iso(name, &paths.cloud_init_config_drive_iso(), "config-2", &dir)?;
+        } else if let Some(c) = &v.config_map {
+            let label = c.volume_label.as_deref().unwrap_or("cfgdata");
+            make_iso(
+                name,
+                &paths.config_map_iso(name),
+                label,
+                &paths.config_map_source(name),
+            )?;
+        } else if let Some(s) = &v.secret {
+            let label = s.volume_label.as_deref().unwrap_or("cfgdata");
+            make_iso(
+                name,
+                &paths.secret_iso(name),
+                label,
+                &paths.secret_source(name),
+            )?;
+        } else if v.downward_api.is_some() {
+            let src = paths.config_dir.join("downwardapi").join(name);
+            make_iso(name, &paths.downward_api_iso(name), "cfgdata", &src)?;
+        } else if v.service_account.is_some() {
+            make_iso(
+                name,
+                &paths.service_account_iso(),
+                "cfgdata",
+                &paths.service_account_dir,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::podfacts::PodFacts;
+
+    fn have(tool: &str) -> bool {
+        Command::new(tool).arg("--version").output().is_ok()
+    }
+
+    #[test]
+    fn base64_decodes() {
+        assert_eq!(decode_base64("aGVsbG8=").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(decode_base64("aGVsbG8").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(decode_base64("aGVs\nbG8=").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(decode_base64("a*b"), None);
+    }
+
+    #[test]
+    fn creates_nocloud_iso_and_empty_disk() {
+        if !have("xorrisofs") || !have("qemu-img") {
+            println!("xorrisofs or qemu-img missing; skipping");
+            return;
+        }
+        let tmp = std::env::temp_dir().join(format!("vl-prepare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let vmi = crate::spec::from_str(
+            r#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance","metadata":{"name":"p"},
+               "spec":{"volumes":[
+                 {"name":"ci","cloudInitNoCloud":{"userDataBase64":"I2Nsb3VkLWNvbmZpZwo="}},
+                 {"name":"scratch","emptyDisk":{"capacity":"16Mi"}}]}}"#,
+            "t",
+        )
+        .expect("vmi");
+        let mut facts = PodFacts::defaults(&vmi);
+        facts.paths.private_dir = tmp.join("private");
+        facts.paths.ephemeral_disks_dir = tmp.join("ephemeral");
+        prepare(&vmi, &facts).expect("prepare");
+        let iso = std::fs::read(facts.paths.cloud_init_no_cloud_iso()).expect("iso written");
+        assert_eq!(&iso[0x8001..0x8006], b"CD001", "ISO 9660 signature");
+        assert!(
+            iso.windows(6).any(|w| w == b"cidata" || w == b"CIDATA"),
+            "volume id cidata"
+        );
+        let user = std::fs::read(facts.paths.private_dir.join("cloud-init-nocloud/user-data"))
+            .expect("user-data");
+        assert_eq!(user, b"#cloud-config\n");
+        let img = std::fs::read(facts.paths.empty_disk("scratch")).expect("empty disk");
+        assert_eq!(&img[..4], b"QFI\xfb");
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn missing_container_disk_names_volume() {
+        let tmp = std::env::temp_dir().join(format!("vl-prepare-cd-{}", std::process::id()));
+        let vmi = crate::spec::from_str(
+            r#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance","metadata":{"name":"p"},
+               "spec":{"volumes":[{"name":"cd","containerDisk":{"image":"x"}}]}}"#,
+            "t",
+        )
+        .expect("vmi");
+        let mut facts = PodFacts::defaults(&vmi);
+        facts.paths.container_disks_dir = tmp.join("none");
+        let e = prepare(&vmi, &facts).unwrap_err().to_string();
+        assert!(
+            e.starts_with("volume cd: ") && e.contains("disk_0.img"),
+            "{e}"
+        );
+    }
+}
