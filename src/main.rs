@@ -7,14 +7,18 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use virt_launcher::podfacts::{self, DomainType, PodPaths};
 use virt_launcher::pod::{self, PodLayout};
+use virt_launcher::podfacts::{self, DomainType, PodPaths};
 use virt_launcher::spec::{self, VirtualMachineInstance};
 use virt_launcher::supervisor::{self, LaunchPlan};
-use virt_launcher::{convert, logging};
+use virt_launcher::{convert, logging, prepare};
 
 #[derive(Parser)]
-#[command(name = "virt-launcher", version, about = "Runs a KubeVirt VirtualMachineInstance as a libvirt/QEMU domain")]
+#[command(
+    name = "virt-launcher",
+    version,
+    about = "Runs a KubeVirt VirtualMachineInstance as a libvirt/QEMU domain"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -135,7 +139,8 @@ fn render(args: RenderArgs) -> Result<()> {
         Some(f) => podfacts::from_file(f, &vmi)?,
         None => podfacts::probe(&vmi, pod_paths(&vmi, &args.paths), args.domain_type)?,
     };
-    let domain = convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
+    let domain =
+        convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
     print!("{}", domain.to_xml());
     Ok(())
 }
@@ -143,7 +148,10 @@ fn render(args: RenderArgs) -> Result<()> {
 fn run(args: RunArgs) -> Result<i32> {
     let vmi = spec::load_file(&args.vmi)?;
     let name = vmi.domain_name();
-    let root = args.runtime_dir.clone().unwrap_or_else(|| Path::new("/run/virt-launcher").join(&name));
+    let root = args
+        .runtime_dir
+        .clone()
+        .unwrap_or_else(|| Path::new("/run/virt-launcher").join(&name));
     let layout = PodLayout::new(absolute(&root), !args.no_isolate);
 
     let mut paths = pod_paths(&vmi, &args.paths);
@@ -154,7 +162,8 @@ fn run(args: RunArgs) -> Result<i32> {
         paths.ephemeral_disks_dir = layout.root().join("ephemeral");
     }
     let facts = podfacts::probe(&vmi, paths, args.domain_type)?;
-    let domain = convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
+    let domain =
+        convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
     let plan = LaunchPlan {
         domain: domain.name().to_string(),
         xml: domain.to_xml(),
@@ -169,6 +178,7 @@ fn run(args: RunArgs) -> Result<i32> {
         pod::isolate(&layout, &hostname(&vmi))?;
     }
     layout.write_configs(&pod::random_uuid()?)?;
+    prepare::prepare(&vmi, &facts)?;
     tracing::info!(
         vmi = %args.vmi.display(),
         domain = %plan.domain,

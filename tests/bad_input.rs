@@ -23,8 +23,15 @@ fn fails(pod: &Pod) -> String {
     ]);
     assert!(!status.success(), "launcher succeeded on bad input");
     let last = stderr.lines().last().unwrap_or_default().to_string();
-    assert!(last.starts_with("virt-launcher: "), "no one-line error at the end of stderr:\n{stderr}");
-    assert!(pod.leftover_processes().is_empty(), "processes left: {:?}", pod.leftover_processes());
+    assert!(
+        last.starts_with("virt-launcher: "),
+        "no one-line error at the end of stderr:\n{stderr}"
+    );
+    assert!(
+        pod.leftover_processes().is_empty(),
+        "processes left: {:?}",
+        pod.leftover_processes()
+    );
     last
 }
 
@@ -32,13 +39,20 @@ fn fails(pod: &Pod) -> String {
 fn missing_spec_file_is_named() {
     let pod = Pod::new("nofile");
     let line = fails(&pod);
-    assert!(line.contains(&pod.vmi_path().display().to_string()), "{line}");
+    assert!(
+        line.contains(&pod.vmi_path().display().to_string()),
+        "{line}"
+    );
 }
 
 #[test]
 fn malformed_spec_names_the_file() {
     let pod = Pod::new("malformed");
-    std::fs::write(pod.vmi_path(), "apiVersion: kubevirt.io/v1\nkind: [unclosed\n").unwrap();
+    std::fs::write(
+        pod.vmi_path(),
+        "apiVersion: kubevirt.io/v1\nkind: [unclosed\n",
+    )
+    .unwrap();
     let line = fails(&pod);
     assert!(line.contains("vmi.yaml"), "{line}");
 }
@@ -46,7 +60,11 @@ fn malformed_spec_names_the_file() {
 #[test]
 fn unknown_kind_is_named() {
     let pod = Pod::new("kind");
-    std::fs::write(pod.vmi_path(), "apiVersion: kubevirt.io/v1\nkind: Pod\nmetadata:\n  name: x\nspec: {}\n").unwrap();
+    std::fs::write(
+        pod.vmi_path(),
+        "apiVersion: kubevirt.io/v1\nkind: Pod\nmetadata:\n  name: x\nspec: {}\n",
+    )
+    .unwrap();
     let line = fails(&pod);
     assert!(line.contains("Pod"), "{line}");
 }

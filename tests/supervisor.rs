@@ -24,7 +24,11 @@ fn wait_counter_above(pod: &Pod, above: u64, timeout: Duration) -> u64 {
         if n > above {
             return n;
         }
-        assert!(Instant::now() < deadline, "guest counter stuck at {n} (wanted > {above})\n{}", pod.dump());
+        assert!(
+            Instant::now() < deadline,
+            "guest counter stuck at {n} (wanted > {above})\n{}",
+            pod.dump()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -41,25 +45,39 @@ fn daemon_pid(pod: &Pod, daemon: &str) -> i32 {
 /// Kills `daemon` with SIGKILL and waits for the launcher to have restarted it.
 fn kill_daemon_and_wait_restart(pod: &mut Pod, daemon: &str) {
     let old = daemon_pid(pod, daemon);
-    let restarted = format!("Restarted {{ daemon: {}{}", daemon[..1].to_uppercase(), &daemon[1..]);
+    let restarted = format!(
+        "Restarted {{ daemon: {}{}",
+        daemon[..1].to_uppercase(),
+        &daemon[1..]
+    );
     let seen_before = pod.log().matches(&restarted).count();
     kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
     let t = Instant::now();
     let deadline = t + Duration::from_secs(10);
     loop {
-        if let Ok(s) = std::fs::read_to_string(pod.runtime_dir().join("pids").join(format!("{daemon}.pid"))) {
-            if s.trim().parse::<i32>().ok().is_some_and(|p| p != old) && pod.log().matches(&restarted).count() > seen_before {
+        if let Ok(s) =
+            std::fs::read_to_string(pod.runtime_dir().join("pids").join(format!("{daemon}.pid")))
+        {
+            if s.trim().parse::<i32>().ok().is_some_and(|p| p != old)
+                && pod.log().matches(&restarted).count() > seen_before
+            {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "{daemon} was not restarted\n{}", pod.dump());
+        assert!(
+            Instant::now() < deadline,
+            "{daemon} was not restarted\n{}",
+            pod.dump()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn guest_survives_daemon_crashes_and_later_events_still_arrive() {
-    let mut pod = Pod::new("daemons").with_disk("data", "virtio", 16).kernel_args("lv.counter=vda");
+    let mut pod = Pod::new("daemons")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.counter=vda");
     pod.start();
     pod.wait_console("LV-COUNT 3", Duration::from_secs(90));
 
@@ -78,7 +96,11 @@ fn guest_survives_daemon_crashes_and_later_events_still_arrive() {
     pod.signal(Signal::SIGTERM);
     let status = pod.wait_exit(Duration::from_secs(40));
     assert!(status.success(), "exit {status}\n{}", pod.dump());
-    assert!(pod.log().contains("\"reason\":\"Shutdown\""), "{}", pod.dump());
+    assert!(
+        pod.log().contains("\"reason\":\"Shutdown\""),
+        "{}",
+        pod.dump()
+    );
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
 }
@@ -96,8 +118,16 @@ fn qemu_killed_is_reported_as_a_crash_with_non_zero_exit() {
     let pid: i32 = qemu.split(':').next().unwrap().parse().unwrap();
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     let status = pod.wait_exit(Duration::from_secs(30));
-    assert!(!status.success(), "a killed QEMU must not look like a clean stop\n{}", pod.dump());
-    assert!(pod.log().contains("domain stopped"), "no final event\n{}", pod.dump());
+    assert!(
+        !status.success(),
+        "a killed QEMU must not look like a clean stop\n{}",
+        pod.dump()
+    );
+    assert!(
+        pod.log().contains("domain stopped"),
+        "no final event\n{}",
+        pod.dump()
+    );
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
 }
@@ -113,5 +143,9 @@ fn second_launcher_on_the_same_runtime_dir_is_refused() {
     assert!(stderr.contains("in use by another launcher"), "{stderr}");
     // The first one is unaffected.
     pod.signal(Signal::SIGTERM);
-    assert!(pod.wait_exit(Duration::from_secs(40)).success(), "{}", pod.dump());
+    assert!(
+        pod.wait_exit(Duration::from_secs(40)).success(),
+        "{}",
+        pod.dump()
+    );
 }

@@ -97,7 +97,11 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     let spare = spare_root_ports(vmi, facts)?;
     if os.machine.starts_with("q35") || os.machine.starts_with("pc-q35") {
         // libvirt requires the root complex to be declared (index 0) before any port.
-        controllers.push(Controller { kind: "pci", index: Some(0), model: Some("pcie-root".to_string()) });
+        controllers.push(Controller {
+            kind: "pci",
+            index: Some(0),
+            model: Some("pcie-root".to_string()),
+        });
         for _ in 0..spare {
             controllers.push(Controller {
                 kind: "pci",

@@ -40,7 +40,10 @@ pub enum StopReason {
 impl StopReason {
     /// A stop that is the expected end of a VM's life (exit 0), as opposed to a crash.
     pub fn is_clean(self) -> bool {
-        matches!(self, StopReason::Shutdown | StopReason::Destroyed | StopReason::Migrated | StopReason::Saved)
+        matches!(
+            self,
+            StopReason::Shutdown | StopReason::Destroyed | StopReason::Migrated | StopReason::Saved
+        )
     }
 }
 
@@ -48,34 +51,79 @@ impl StopReason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum DomainEvent {
-    Lifecycle { domain: String, kind: LifecycleKind },
-    Reboot { domain: String },
-    Watchdog { domain: String, action: i32 },
-    IoError { domain: String, alias: String, path: String, reason: String },
-    DeviceRemoved { domain: String, alias: String },
-    DeviceRemovalFailed { domain: String, alias: String },
-    JobCompleted { domain: String },
-    AgentConnected { domain: String, connected: bool },
-    ConnectionClosed { reason: i32 },
+    Lifecycle {
+        domain: String,
+        kind: LifecycleKind,
+    },
+    Reboot {
+        domain: String,
+    },
+    Watchdog {
+        domain: String,
+        action: i32,
+    },
+    IoError {
+        domain: String,
+        alias: String,
+        path: String,
+        reason: String,
+    },
+    DeviceRemoved {
+        domain: String,
+        alias: String,
+    },
+    DeviceRemovalFailed {
+        domain: String,
+        alias: String,
+    },
+    JobCompleted {
+        domain: String,
+    },
+    AgentConnected {
+        domain: String,
+        connected: bool,
+    },
+    ConnectionClosed {
+        reason: i32,
+    },
 }
 
 impl From<RawEvent> for DomainEvent {
     fn from(raw: RawEvent) -> Self {
         match raw {
-            RawEvent::Lifecycle { domain, event, detail } => {
-                DomainEvent::Lifecycle { domain, kind: lifecycle_kind(event, detail) }
-            }
+            RawEvent::Lifecycle {
+                domain,
+                event,
+                detail,
+            } => DomainEvent::Lifecycle {
+                domain,
+                kind: lifecycle_kind(event, detail),
+            },
             RawEvent::Reboot { domain } => DomainEvent::Reboot { domain },
             RawEvent::Watchdog { domain, action } => DomainEvent::Watchdog { domain, action },
-            RawEvent::IoError { domain, src_path, alias, reason, .. } => {
-                DomainEvent::IoError { domain, alias, path: src_path, reason }
+            RawEvent::IoError {
+                domain,
+                src_path,
+                alias,
+                reason,
+                ..
+            } => DomainEvent::IoError {
+                domain,
+                alias,
+                path: src_path,
+                reason,
+            },
+            RawEvent::DeviceRemoved { domain, alias } => {
+                DomainEvent::DeviceRemoved { domain, alias }
             }
-            RawEvent::DeviceRemoved { domain, alias } => DomainEvent::DeviceRemoved { domain, alias },
-            RawEvent::DeviceRemovalFailed { domain, alias } => DomainEvent::DeviceRemovalFailed { domain, alias },
+            RawEvent::DeviceRemovalFailed { domain, alias } => {
+                DomainEvent::DeviceRemovalFailed { domain, alias }
+            }
             RawEvent::JobCompleted { domain } => DomainEvent::JobCompleted { domain },
             RawEvent::AgentLifecycle { domain, state, .. } => DomainEvent::AgentConnected {
                 domain,
-                connected: state == sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as i32,
+                connected: state
+                    == sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as i32,
             },
             RawEvent::ConnectionClosed { reason } => DomainEvent::ConnectionClosed { reason },
         }
@@ -151,7 +199,10 @@ mod tests {
         });
         assert_eq!(
             ev,
-            DomainEvent::Lifecycle { domain: "default_vm".into(), kind: LifecycleKind::Stopped(StopReason::Migrated) }
+            DomainEvent::Lifecycle {
+                domain: "default_vm".into(),
+                kind: LifecycleKind::Stopped(StopReason::Migrated)
+            }
         );
         assert!(StopReason::Migrated.is_clean());
         assert!(!StopReason::Crashed.is_clean());

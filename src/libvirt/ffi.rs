@@ -17,15 +17,44 @@ use virt::sys;
 /// An event exactly as libvirt reported it, with strings copied out of libvirt's memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RawEvent {
-    Lifecycle { domain: String, event: i32, detail: i32 },
-    Reboot { domain: String },
-    Watchdog { domain: String, action: i32 },
-    IoError { domain: String, src_path: String, alias: String, action: i32, reason: String },
-    DeviceRemoved { domain: String, alias: String },
-    DeviceRemovalFailed { domain: String, alias: String },
-    JobCompleted { domain: String },
-    AgentLifecycle { domain: String, state: i32, reason: i32 },
-    ConnectionClosed { reason: i32 },
+    Lifecycle {
+        domain: String,
+        event: i32,
+        detail: i32,
+    },
+    Reboot {
+        domain: String,
+    },
+    Watchdog {
+        domain: String,
+        action: i32,
+    },
+    IoError {
+        domain: String,
+        src_path: String,
+        alias: String,
+        action: i32,
+        reason: String,
+    },
+    DeviceRemoved {
+        domain: String,
+        alias: String,
+    },
+    DeviceRemovalFailed {
+        domain: String,
+        alias: String,
+    },
+    JobCompleted {
+        domain: String,
+    },
+    AgentLifecycle {
+        domain: String,
+        state: i32,
+        reason: i32,
+    },
+    ConnectionClosed {
+        reason: i32,
+    },
 }
 
 type Sender = UnboundedSender<RawEvent>;
@@ -71,11 +100,22 @@ unsafe extern "C" fn on_lifecycle(
     // SAFETY: libvirt passes a valid domain and our registered opaque pointer.
     unsafe {
         let domain = dom_name(dom);
-        send(opaque, RawEvent::Lifecycle { domain, event, detail })
+        send(
+            opaque,
+            RawEvent::Lifecycle {
+                domain,
+                event,
+                detail,
+            },
+        )
     }
 }
 
-unsafe extern "C" fn on_reboot(_c: sys::virConnectPtr, dom: sys::virDomainPtr, opaque: *mut c_void) {
+unsafe extern "C" fn on_reboot(
+    _c: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    opaque: *mut c_void,
+) {
     // SAFETY: as in `on_lifecycle`.
     unsafe {
         let domain = dom_name(dom);
@@ -126,7 +166,10 @@ unsafe extern "C" fn on_device_removed(
 ) {
     // SAFETY: as in `on_io_error`.
     unsafe {
-        let ev = RawEvent::DeviceRemoved { domain: dom_name(dom), alias: owned(alias) };
+        let ev = RawEvent::DeviceRemoved {
+            domain: dom_name(dom),
+            alias: owned(alias),
+        };
         send(opaque, ev)
     }
 }
@@ -139,7 +182,10 @@ unsafe extern "C" fn on_device_removal_failed(
 ) {
     // SAFETY: as in `on_io_error`.
     unsafe {
-        let ev = RawEvent::DeviceRemovalFailed { domain: dom_name(dom), alias: owned(alias) };
+        let ev = RawEvent::DeviceRemovalFailed {
+            domain: dom_name(dom),
+            alias: owned(alias),
+        };
         send(opaque, ev)
     }
 }
@@ -168,7 +214,14 @@ unsafe extern "C" fn on_agent_lifecycle(
     // SAFETY: as in `on_lifecycle`.
     unsafe {
         let domain = dom_name(dom);
-        send(opaque, RawEvent::AgentLifecycle { domain, state, reason })
+        send(
+            opaque,
+            RawEvent::AgentLifecycle {
+                domain,
+                state,
+                reason,
+            },
+        )
     }
 }
 
@@ -189,7 +242,10 @@ fn boxed_sender(tx: &Sender) -> *mut c_void {
 
 /// Registers every domain event the launcher follows, for all domains on `conn`, plus the
 /// connection close callback. Returns the callback ids (for deregistration).
-pub fn register_domain_events(conn: &Connect, tx: &Sender) -> Result<Vec<c_int>, virt::error::Error> {
+pub fn register_domain_events(
+    conn: &Connect,
+    tx: &Sender,
+) -> Result<Vec<c_int>, virt::error::Error> {
     // Each callback type is transmuted to the generic callback type, as libvirt's
     // VIR_DOMAIN_EVENT_CALLBACK macro does in C.
     type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
@@ -197,17 +253,35 @@ pub fn register_domain_events(conn: &Connect, tx: &Sender) -> Result<Vec<c_int>,
     // its event id documents, which is the signature of the function we pass for that id.
     let table: [(c_uint, Generic); 8] = unsafe {
         [
-            (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, std::mem::transmute::<*const (), Generic>(on_lifecycle as *const ())),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                std::mem::transmute::<*const (), Generic>(on_lifecycle as *const ()),
+            ),
             (sys::VIR_DOMAIN_EVENT_ID_REBOOT, on_reboot as Generic),
-            (sys::VIR_DOMAIN_EVENT_ID_WATCHDOG, std::mem::transmute::<*const (), Generic>(on_watchdog as *const ())),
-            (sys::VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, std::mem::transmute::<*const (), Generic>(on_io_error as *const ())),
-            (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, std::mem::transmute::<*const (), Generic>(on_device_removed as *const ())),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_WATCHDOG,
+                std::mem::transmute::<*const (), Generic>(on_watchdog as *const ()),
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON,
+                std::mem::transmute::<*const (), Generic>(on_io_error as *const ()),
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                std::mem::transmute::<*const (), Generic>(on_device_removed as *const ()),
+            ),
             (
                 sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
                 std::mem::transmute::<*const (), Generic>(on_device_removal_failed as *const ()),
             ),
-            (sys::VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, std::mem::transmute::<*const (), Generic>(on_job_completed as *const ())),
-            (sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, std::mem::transmute::<*const (), Generic>(on_agent_lifecycle as *const ())),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+                std::mem::transmute::<*const (), Generic>(on_job_completed as *const ()),
+            ),
+            (
+                sys::VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
+                std::mem::transmute::<*const (), Generic>(on_agent_lifecycle as *const ()),
+            ),
         ]
     };
     let mut ids = Vec::with_capacity(table.len());
@@ -235,7 +309,12 @@ pub fn register_domain_events(conn: &Connect, tx: &Sender) -> Result<Vec<c_int>,
     let opaque = boxed_sender(tx);
     // SAFETY: as above, for the close callback.
     let rc = unsafe {
-        sys::virConnectRegisterCloseCallback(conn.as_ptr(), Some(on_close), opaque, Some(free_sender))
+        sys::virConnectRegisterCloseCallback(
+            conn.as_ptr(),
+            Some(on_close),
+            opaque,
+            Some(free_sender),
+        )
     };
     if rc < 0 {
         // SAFETY: not registered, so still ours to free.

@@ -23,7 +23,11 @@ pub use ffi::RawEvent;
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
     #[error("libvirt {op}: {message} (code {code})")]
-    Call { op: &'static str, code: i32, message: String },
+    Call {
+        op: &'static str,
+        code: i32,
+        message: String,
+    },
     #[error("not connected to libvirtd (reconnecting)")]
     Disconnected,
     #[error("domain {0} does not exist")]
@@ -32,7 +36,11 @@ pub enum LibvirtError {
 
 impl LibvirtError {
     fn call(op: &'static str, e: virt::error::Error) -> Self {
-        LibvirtError::Call { op, code: e.code().to_raw() as i32, message: e.message().to_string() }
+        LibvirtError::Call {
+            op,
+            code: e.code().to_raw() as i32,
+            message: e.message().to_string(),
+        }
     }
 
     /// libvirt's error number, when the error came from libvirt.
@@ -85,7 +93,13 @@ pub fn start_event_loop() -> Result<(), LibvirtError> {
                 }
             })
             .map(|_| ())
-            .unwrap_or_else(|e| result = Err(LibvirtError::Call { op: "spawn event thread", code: -1, message: e.to_string() }));
+            .unwrap_or_else(|e| {
+                result = Err(LibvirtError::Call {
+                    op: "spawn event thread",
+                    code: -1,
+                    message: e.to_string(),
+                })
+            });
     });
     result
 }
@@ -101,7 +115,11 @@ impl Hypervisor {
     /// Connects to `uri` and registers the event callbacks, which send into `events`.
     pub fn connect(uri: &str, events: UnboundedSender<RawEvent>) -> Result<Self, LibvirtError> {
         start_event_loop()?;
-        let hv = Hypervisor { uri: uri.to_string(), conn: Mutex::new(None), events };
+        let hv = Hypervisor {
+            uri: uri.to_string(),
+            conn: Mutex::new(None),
+            events,
+        };
         hv.reconnect()?;
         Ok(hv)
     }
@@ -129,7 +147,9 @@ impl Hypervisor {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.lock().as_ref().is_some_and(|c| c.is_alive().unwrap_or(false))
+        self.lock()
+            .as_ref()
+            .is_some_and(|c| c.is_alive().unwrap_or(false))
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Connect>> {
@@ -137,7 +157,10 @@ impl Hypervisor {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn with_conn<T>(&self, f: impl FnOnce(&Connect) -> Result<T, LibvirtError>) -> Result<T, LibvirtError> {
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connect) -> Result<T, LibvirtError>,
+    ) -> Result<T, LibvirtError> {
         let guard = self.lock();
         let conn = guard.as_ref().ok_or(LibvirtError::Disconnected)?;
         f(conn)
@@ -163,7 +186,9 @@ impl Hypervisor {
     /// Defines the domain persistently and starts it (KubeVirt's define+create).
     pub fn define_and_start(&self, xml: &str) -> Result<(), LibvirtError> {
         self.with_conn(|c| {
-            let dom = c.define_domain_xml(xml).map_err(|e| LibvirtError::call("define domain", e))?;
+            let dom = c
+                .define_domain_xml(xml)
+                .map_err(|e| LibvirtError::call("define domain", e))?;
             if let Err(e) = dom.create() {
                 let err = LibvirtError::call("start domain", e);
                 // Leave nothing defined behind a failed start.
@@ -176,7 +201,8 @@ impl Hypervisor {
 
     pub fn state(&self, name: &str) -> Result<DomainState, LibvirtError> {
         self.with_domain(name, |d| {
-            let (state, reason) = ffi::domain_state(d).map_err(|e| LibvirtError::call("domain state", e))?;
+            let (state, reason) =
+                ffi::domain_state(d).map_err(|e| LibvirtError::call("domain state", e))?;
             Ok(DomainState { state, reason })
         })
     }
@@ -192,31 +218,42 @@ impl Hypervisor {
 
     /// Hard power-off.
     pub fn destroy(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| d.destroy().map_err(|e| LibvirtError::call("destroy", e)))
+        self.with_domain(name, |d| {
+            d.destroy().map_err(|e| LibvirtError::call("destroy", e))
+        })
     }
 
     /// Removes the persistent definition (the domain may be running or not).
     pub fn undefine(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| d.undefine().map_err(|e| LibvirtError::call("undefine", e)))
+        self.with_domain(name, |d| {
+            d.undefine().map_err(|e| LibvirtError::call("undefine", e))
+        })
     }
 
     pub fn pause(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| d.suspend().map_err(|e| LibvirtError::call("pause", e)))
+        self.with_domain(name, |d| {
+            d.suspend().map_err(|e| LibvirtError::call("pause", e))
+        })
     }
 
     pub fn resume(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| d.resume().map_err(|e| LibvirtError::call("resume", e)))
+        self.with_domain(name, |d| {
+            d.resume().map_err(|e| LibvirtError::call("resume", e))
+        })
     }
 
     pub fn reboot(&self, name: &str) -> Result<(), LibvirtError> {
         self.with_domain(name, |d| {
-            d.reboot(sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN).map_err(|e| LibvirtError::call("reboot", e))
+            d.reboot(sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+                .map_err(|e| LibvirtError::call("reboot", e))
         })
     }
 
     /// The live domain XML.
     pub fn xml(&self, name: &str) -> Result<String, LibvirtError> {
-        self.with_domain(name, |d| d.xml_desc(0).map_err(|e| LibvirtError::call("dumpxml", e)))
+        self.with_domain(name, |d| {
+            d.xml_desc(0).map_err(|e| LibvirtError::call("dumpxml", e))
+        })
     }
 
     /// The QEMU process id, from libvirt's pid file in the private runtime.

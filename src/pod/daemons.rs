@@ -51,7 +51,10 @@ impl Daemon {
             Daemon::Libvirtd => cmd.arg("-f").arg(conf.join("libvirtd.conf")),
         };
         cmd.arg("-p").arg(pid);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
         cmd
     }
 
@@ -67,11 +70,18 @@ impl Daemon {
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot start {daemon}: {source} (is libvirt installed? run scripts/setup-host.sh)")]
-    Spawn { daemon: &'static str, source: std::io::Error },
+    Spawn {
+        daemon: &'static str,
+        source: std::io::Error,
+    },
     #[error("{daemon} exited during start-up ({exit}); its log lines above say why")]
     EarlyExit { daemon: &'static str, exit: Exit },
     #[error("{daemon} did not open {socket} within {timeout:?}")]
-    NotReady { daemon: &'static str, socket: PathBuf, timeout: Duration },
+    NotReady {
+        daemon: &'static str,
+        socket: PathBuf,
+        timeout: Duration,
+    },
 }
 
 /// What happened to a daemon after start-up.
@@ -97,7 +107,11 @@ impl Daemons {
         events: mpsc::UnboundedSender<DaemonEvent>,
     ) -> Result<Daemons, DaemonError> {
         let (stopping, _) = watch::channel(false);
-        let mut daemons = Daemons { stopping, pids: Vec::new(), watchers: Vec::new() };
+        let mut daemons = Daemons {
+            stopping,
+            pids: Vec::new(),
+            watchers: Vec::new(),
+        };
         for daemon in [Daemon::Virtlogd, Daemon::Libvirtd] {
             let first = match start_one(reaper, layout, daemon).await {
                 Ok(s) => s,
@@ -124,7 +138,10 @@ impl Daemons {
 
     /// The current pid of `daemon`.
     pub fn pid(&self, daemon: Daemon) -> Option<i32> {
-        self.pids.iter().find(|(d, _)| *d == daemon).map(|(_, p)| *p.lock().unwrap_or_else(|e| e.into_inner()))
+        self.pids
+            .iter()
+            .find(|(d, _)| *d == daemon)
+            .map(|(_, p)| *p.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Stops the daemons (libvirtd first), SIGKILL after a grace of a few seconds.
@@ -145,12 +162,20 @@ struct Started {
     exit: tokio::sync::oneshot::Receiver<Exit>,
 }
 
-async fn start_one(reaper: &Reaper, layout: &PodLayout, daemon: Daemon) -> Result<Started, DaemonError> {
+async fn start_one(
+    reaper: &Reaper,
+    layout: &PodLayout,
+    daemon: Daemon,
+) -> Result<Started, DaemonError> {
     let socket = daemon.socket(layout);
     // A stale socket from a crashed predecessor would look ready.
     let _ = std::fs::remove_file(&socket);
-    let mut spawned =
-        reaper.spawn(&mut daemon.command(layout)).map_err(|source| DaemonError::Spawn { daemon: daemon.name(), source })?;
+    let mut spawned = reaper
+        .spawn(&mut daemon.command(layout))
+        .map_err(|source| DaemonError::Spawn {
+            daemon: daemon.name(),
+            source,
+        })?;
     if let Some(stderr) = spawned.child.stderr.take() {
         relay(daemon, stderr);
     }
@@ -158,15 +183,25 @@ async fn start_one(reaper: &Reaper, layout: &PodLayout, daemon: Daemon) -> Resul
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(exit) = spawned.exit.try_recv() {
-            return Err(DaemonError::EarlyExit { daemon: daemon.name(), exit });
+            return Err(DaemonError::EarlyExit {
+                daemon: daemon.name(),
+                exit,
+            });
         }
         if UnixStream::connect(&socket).is_ok() {
             tracing::info!(subcomponent = daemon.name(), pid, "daemon ready");
-            return Ok(Started { pid, exit: spawned.exit });
+            return Ok(Started {
+                pid,
+                exit: spawned.exit,
+            });
         }
         if Instant::now() > deadline {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            return Err(DaemonError::NotReady { daemon: daemon.name(), socket, timeout: READY_TIMEOUT });
+            return Err(DaemonError::NotReady {
+                daemon: daemon.name(),
+                socket,
+                timeout: READY_TIMEOUT,
+            });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -191,16 +226,25 @@ async fn watch_daemon(
             return;
         }
         tracing::warn!(subcomponent = daemon.name(), %status, "daemon died; restarting");
-        let _ = events.send(DaemonEvent::Died { daemon, exit: status });
+        let _ = events.send(DaemonEvent::Died {
+            daemon,
+            exit: status,
+        });
         match start_one(&reaper, &layout, daemon).await {
             Ok(started) => {
                 *pid.lock().unwrap_or_else(|e| e.into_inner()) = started.pid;
                 exit = started.exit;
-                let _ = events.send(DaemonEvent::Restarted { daemon, pid: started.pid });
+                let _ = events.send(DaemonEvent::Restarted {
+                    daemon,
+                    pid: started.pid,
+                });
             }
             Err(e) => {
                 tracing::error!(subcomponent = daemon.name(), error = %e, "daemon restart failed; retrying in 1 s");
-                let _ = events.send(DaemonEvent::RestartFailed { daemon, error: e.to_string() });
+                let _ = events.send(DaemonEvent::RestartFailed {
+                    daemon,
+                    error: e.to_string(),
+                });
                 // Try again shortly: a fake "exit" to loop on.
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 exit = rx;
@@ -225,25 +269,32 @@ async fn terminate(daemon: Daemon, pid: i32) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tracing::warn!(subcomponent = daemon.name(), "daemon ignored SIGTERM; killing it");
+    tracing::warn!(
+        subcomponent = daemon.name(),
+        "daemon ignored SIGTERM; killing it"
+    );
     let _ = kill(pid, Signal::SIGKILL);
 }
 
 /// Alive and not a zombie (a zombie awaits the reaper and is gone for our purposes).
 pub fn is_alive(pid: Pid) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }
 
 /// Relays a daemon's stderr into our log, one JSON line per line, on a plain thread (it blocks).
 fn relay(daemon: Daemon, stderr: std::process::ChildStderr) {
-    let _ = std::thread::Builder::new().name(format!("relay-{}", daemon.name())).spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            log_line(daemon.name(), &line);
-        }
-    });
+    let _ = std::thread::Builder::new()
+        .name(format!("relay-{}", daemon.name()))
+        .spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log_line(daemon.name(), &line);
+            }
+        });
 }
 
 /// Errors libvirtd reports at every start in a pod, which concern drivers a launcher does not
@@ -279,7 +330,11 @@ pub fn log_line(subcomponent: &str, line: &str) {
 
 /// Follows a log file that another process appends to (the QEMU log written by virtlogd, the
 /// serial console log) and relays lines added from now on, until `stop` turns true.
-pub fn follow_file(subcomponent: &'static str, path: PathBuf, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn follow_file(
+    subcomponent: &'static str,
+    path: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let mut partial = String::new();

@@ -22,7 +22,10 @@ use nix::sched::{unshare, CloneFlags};
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
     #[error("runtime directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("runtime directory {0} is in use by another launcher (lock held)")]
     Busy(PathBuf),
     #[error("cannot isolate the launcher ({step}): {source}; standalone mode needs root (CAP_SYS_ADMIN)")]
@@ -30,7 +33,10 @@ pub enum PodError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PodError + '_ {
-    move |source| PodError::Io { path: path.to_path_buf(), source }
+    move |source| PodError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// libvirt's state directories, each replaced by a private one in standalone mode.
@@ -52,7 +58,10 @@ pub struct PodLayout {
 
 impl PodLayout {
     pub fn new(root: impl Into<PathBuf>, isolated: bool) -> Self {
-        PodLayout { root: root.into(), isolated }
+        PodLayout {
+            root: root.into(),
+            isolated,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -75,7 +84,10 @@ impl PodLayout {
 
     /// The libvirt URI for this pod's daemon.
     pub fn libvirt_uri(&self) -> String {
-        format!("qemu+unix:///system?socket={}", self.libvirt_socket().display())
+        format!(
+            "qemu+unix:///system?socket={}",
+            self.libvirt_socket().display()
+        )
     }
 
     /// Our own configuration files (libvirtd.conf, virtlogd.conf, qemu.conf).
@@ -100,14 +112,25 @@ impl PodLayout {
 
     /// Creates the directories, mode 0700 (the root holds the VM's console and sockets).
     pub fn create(&self) -> Result<(), PodError> {
-        let mut dirs = vec![self.root.clone(), self.sock_dir(), self.conf_dir(), self.pid_dir(), self.private_dir()];
+        let mut dirs = vec![
+            self.root.clone(),
+            self.sock_dir(),
+            self.conf_dir(),
+            self.pid_dir(),
+            self.private_dir(),
+        ];
         if self.isolated {
-            dirs.extend(LIBVIRT_DIRS.iter().map(|(name, _)| self.root.join("state").join(name)));
+            dirs.extend(
+                LIBVIRT_DIRS
+                    .iter()
+                    .map(|(name, _)| self.root.join("state").join(name)),
+            );
         }
         for d in &dirs {
             fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)).map_err(io_err(&self.root))?;
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&self.root))?;
         Ok(())
     }
 
@@ -116,7 +139,8 @@ impl PodLayout {
     pub fn lock(&self) -> Result<Flock<File>, PodError> {
         let path = self.root.join("launcher.lock");
         let file = File::create(&path).map_err(io_err(&path))?;
-        Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| PodError::Busy(self.root.clone()))
+        Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| PodError::Busy(self.root.clone()))
     }
 
     /// Writes libvirtd.conf, virtlogd.conf and qemu.conf, and installs qemu.conf where
@@ -162,7 +186,12 @@ impl PodLayout {
     /// Removes the daemons' state, sockets and configuration once they and QEMU are gone. The
     /// VM's private directory (its console log) stays for whoever wants to read what happened.
     pub fn remove_daemon_state(&self) {
-        let mut dirs = vec![self.sock_dir(), self.conf_dir(), self.pid_dir(), self.root.join("state")];
+        let mut dirs = vec![
+            self.sock_dir(),
+            self.conf_dir(),
+            self.pid_dir(),
+            self.root.join("state"),
+        ];
         dirs.retain(|d| d.exists());
         for d in dirs {
             if let Err(e) = fs::remove_dir_all(&d) {
@@ -187,13 +216,25 @@ pub fn isolate(layout: &PodLayout, hostname: &str) -> Result<(), PodError> {
     };
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS).map_err(step("unshare"))?;
     // Nothing we mount may leak back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(step("make / private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step("make / private"))?;
     for (name, target) in LIBVIRT_DIRS {
         let src = layout.root.join("state").join(name);
         fs::create_dir_all(target).map_err(io_err(Path::new(target)))?;
-        mount(Some(&src), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(step(&format!("bind {} over {target}", src.display())))?;
+        mount(
+            Some(&src),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(step(&format!("bind {} over {target}", src.display())))?;
     }
     nix::unistd::sethostname(hostname).map_err(step("sethostname"))?;
     Ok(())
@@ -203,5 +244,8 @@ pub fn isolate(layout: &PodLayout, hostname: &str) -> Result<(), PodError> {
 /// must differ or libvirt refuses to migrate between them).
 pub fn random_uuid() -> Result<String, PodError> {
     let path = Path::new("/proc/sys/kernel/random/uuid");
-    Ok(fs::read_to_string(path).map_err(io_err(path))?.trim().to_string())
+    Ok(fs::read_to_string(path)
+        .map_err(io_err(path))?
+        .trim()
+        .to_string())
 }

@@ -88,14 +88,20 @@ async fn supervise(
 ) -> Result<Outcome, SupervisorError> {
     let (raw_tx, mut raw_events) = mpsc::unbounded_channel::<RawEvent>();
     let uri = layout.libvirt_uri();
-    let hv = Arc::new(tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??);
+    let hv =
+        Arc::new(tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??);
     let mut sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
 
     tracing::info!(domain = %plan.domain, "starting domain");
     let started = Instant::now();
     let (h, xml) = (hv.clone(), plan.xml.clone());
-    match tokio::time::timeout(plan.qemu_timeout, tokio::task::spawn_blocking(move || h.define_and_start(&xml))).await {
+    match tokio::time::timeout(
+        plan.qemu_timeout,
+        tokio::task::spawn_blocking(move || h.define_and_start(&xml)),
+    )
+    .await
+    {
         Err(_) => return Err(SupervisorError::StartTimeout(plan.qemu_timeout)),
         Ok(r) => r??,
     }
@@ -158,23 +164,40 @@ async fn supervise(
 
 /// SIGTERM/SIGINT: press the ACPI button once and start the grace clock. A second signal
 /// changes nothing (the clock already runs).
-async fn request_stop(hv: &Arc<Hypervisor>, plan: &LaunchPlan, signal: &str, deadline: &mut Option<Instant>) {
+async fn request_stop(
+    hv: &Arc<Hypervisor>,
+    plan: &LaunchPlan,
+    signal: &str,
+    deadline: &mut Option<Instant>,
+) {
     if deadline.is_some() {
-        tracing::info!(signal, "stop already requested; waiting for the guest or the grace period");
+        tracing::info!(
+            signal,
+            "stop already requested; waiting for the guest or the grace period"
+        );
         return;
     }
     *deadline = Some(Instant::now() + plan.grace);
-    tracing::info!(signal, grace_s = plan.grace.as_secs(), "shutting the guest down (ACPI power button)");
+    tracing::info!(
+        signal,
+        grace_s = plan.grace.as_secs(),
+        "shutting the guest down (ACPI power button)"
+    );
     let (h, name) = (hv.clone(), plan.domain.clone());
     match tokio::task::spawn_blocking(move || h.shutdown_acpi(&name)).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "ACPI shutdown request failed; the domain is destroyed when the grace period ends"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "ACPI shutdown request failed; the domain is destroyed when the grace period ends")
+        }
         Err(e) => tracing::error!(error = %e, "shutdown task failed"),
     }
 }
 
 /// Reconnects after libvirtd went away. Returns the stop reason if the domain is gone.
-async fn reconnect(hv: &Arc<Hypervisor>, plan: &LaunchPlan) -> Result<Option<StopReason>, SupervisorError> {
+async fn reconnect(
+    hv: &Arc<Hypervisor>,
+    plan: &LaunchPlan,
+) -> Result<Option<StopReason>, SupervisorError> {
     if hv.is_connected() {
         return Ok(None);
     }
@@ -237,11 +260,17 @@ async fn kill_leftovers() {
 
 /// Live (non-zombie) children of `parent`, from /proc.
 fn children_of(parent: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-            let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
             let mut f = rest.split_whitespace();
             let state = f.next();
             let ppid = f.next().and_then(|p| p.parse::<i32>().ok());

@@ -72,7 +72,9 @@ impl Reaper {
             nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)?;
         }
         let mut sigchld = signal(SignalKind::child())?;
-        let reaper = Reaper { table: Arc::default() };
+        let reaper = Reaper {
+            table: Arc::default(),
+        };
         let r = reaper.clone();
         tokio::spawn(async move {
             loop {
@@ -135,7 +137,9 @@ impl Reaper {
 
     /// Runs `cmd` to completion and returns its status and combined stdout+stderr.
     pub async fn output(&self, cmd: &mut Command) -> std::io::Result<(Exit, String)> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut spawned = self.spawn(cmd)?;
         let mut out = spawned.child.stdout.take();
         let mut err = spawned.child.stderr.take();
@@ -156,7 +160,10 @@ impl Reaper {
         })
         .await
         .unwrap_or_default();
-        let exit = spawned.exit.await.map_err(|_| std::io::Error::other("reaper stopped"))?;
+        let exit = spawned
+            .exit
+            .await
+            .map_err(|_| std::io::Error::other("reaper stopped"))?;
         Ok((exit, text))
     }
 }

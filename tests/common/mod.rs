@@ -63,7 +63,11 @@ impl Pod {
     }
 
     pub fn with_disk(mut self, name: &str, bus: &'static str, size_mib: u64) -> Pod {
-        self.disks.push(Disk { name: name.into(), bus, size_mib });
+        self.disks.push(Disk {
+            name: name.into(),
+            bus,
+            size_mib,
+        });
         self
     }
 
@@ -106,8 +110,14 @@ impl Pod {
         let mut disks = String::new();
         let mut volumes = String::new();
         for d in &self.disks {
-            disks += &format!("        - name: {}\n          disk:\n            bus: {}\n", d.name, d.bus);
-            volumes += &format!("    - name: {}\n      persistentVolumeClaim:\n        claimName: {}\n", d.name, d.name);
+            disks += &format!(
+                "        - name: {}\n          disk:\n            bus: {}\n",
+                d.name, d.bus
+            );
+            volumes += &format!(
+                "    - name: {}\n      persistentVolumeClaim:\n        claimName: {}\n",
+                d.name, d.name
+            );
         }
         format!(
             "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: {name}\n  namespace: default\n\
@@ -178,10 +188,16 @@ impl Pod {
                 return console;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("launcher exited ({status}) before the console showed {marker:?}\n{}", self.dump());
+                panic!(
+                    "launcher exited ({status}) before the console showed {marker:?}\n{}",
+                    self.dump()
+                );
             }
             if Instant::now() > deadline {
-                panic!("console did not show {marker:?} within {timeout:?}\n{}", self.dump());
+                panic!(
+                    "console did not show {marker:?} within {timeout:?}\n{}",
+                    self.dump()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -192,7 +208,10 @@ impl Pod {
         let deadline = Instant::now() + timeout;
         while !self.log().contains(text) {
             if Instant::now() > deadline {
-                panic!("launcher log did not show {text:?} within {timeout:?}\n{}", self.dump());
+                panic!(
+                    "launcher log did not show {text:?} within {timeout:?}\n{}",
+                    self.dump()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -232,15 +251,23 @@ impl Pod {
 
     /// Processes on the machine whose command line mentions this pod (daemons, QEMU).
     pub fn leftover_processes(&self) -> Vec<String> {
-        let needles = [self.dir.display().to_string(), format!("guest=default_{}", self.name)];
+        let needles = [
+            self.dir.display().to_string(),
+            format!("guest=default_{}", self.name),
+        ];
         let mut found = Vec::new();
         for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
             if pid == std::process::id() {
                 continue;
             }
             let mut raw = Vec::new();
-            if fs::File::open(entry.path().join("cmdline")).and_then(|mut f| f.read_to_end(&mut raw)).is_err() {
+            if fs::File::open(entry.path().join("cmdline"))
+                .and_then(|mut f| f.read_to_end(&mut raw))
+                .is_err()
+            {
                 continue;
             }
             let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
@@ -270,6 +297,13 @@ fn tail(s: &str, n: usize) -> String {
 
 /// Runs the launcher to completion with the given arguments; returns (status, stderr).
 pub fn run_launcher(args: &[&str]) -> (ExitStatus, String) {
-    let out = Command::new(LAUNCHER).args(args).stdin(Stdio::null()).output().expect("run virt-launcher");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(LAUNCHER)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run virt-launcher");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
