@@ -21,6 +21,8 @@
 #   lv.read=<dev>          print the first line of /dev/<dev>
 #   lv.counter=<dev>       count every 200 ms, resuming from the value on the disk
 #   lv.acpi=poweroff|ignore   what the ACPI power button does (default poweroff)
+#   lv.hotplug=list|rw     rw: read and write disks that appear while running (LV-HOTREAD,
+#                          LV-HOTWROTE <dev> lv-hot-<dev>); list (default): only LV-BLOCK
 #   lv.agent=on|off        answer a qemu-guest-agent channel (org.qemu.guest_agent.0)
 #                          if one exists (default on)
 #
@@ -60,9 +62,11 @@ fi
 # ---------------------------------------------------------------- parameters
 ACPI_MODE=poweroff
 AGENT=on
+HOTPLUG=list
 for arg in $CMDLINE; do
     case "$arg" in
         lv.acpi=*) ACPI_MODE=${arg#lv.acpi=} ;;
+        lv.hotplug=*) HOTPLUG=${arg#lv.hotplug=} ;;
         lv.agent=*) AGENT=${arg#lv.agent=} ;;
     esac
 done
@@ -149,7 +153,8 @@ EOF
 # ---------------------------------------------------------------- guest agent
 # A minimal qemu-guest-agent on the virtio-serial port named org.qemu.guest_agent.0:
 # guest-sync(-delimited), guest-ping, guest-info, guest-get-host-name,
-# guest-get-osinfo, guest-get-time, guest-shutdown. Everything else: CommandNotFound.
+# guest-get-osinfo, guest-get-time, guest-shutdown, guest-fsfreeze-{freeze,thaw,status}
+# (LV-FROZEN <n> / LV-THAWED <n>). Everything else: CommandNotFound.
 agent_port() {
     for n in /sys/class/virtio-ports/*/name; do
         [ -r "$n" ] || continue
@@ -196,13 +201,29 @@ agent_loop() {
                     ;;
                 guest-ping) echo '{"return": {}}' >&3 ;;
                 guest-info)
-                    echo '{"return": {"version": "lv-0.1", "supported_commands": [{"name": "guest-sync", "enabled": true, "success-response": true}, {"name": "guest-sync-delimited", "enabled": true, "success-response": true}, {"name": "guest-ping", "enabled": true, "success-response": true}, {"name": "guest-info", "enabled": true, "success-response": true}, {"name": "guest-get-host-name", "enabled": true, "success-response": true}, {"name": "guest-get-osinfo", "enabled": true, "success-response": true}, {"name": "guest-get-time", "enabled": true, "success-response": true}, {"name": "guest-shutdown", "enabled": true, "success-response": false}]}}' >&3
+                    echo '{"return": {"version": "lv-0.1", "supported_commands": [{"name": "guest-sync", "enabled": true, "success-response": true}, {"name": "guest-sync-delimited", "enabled": true, "success-response": true}, {"name": "guest-ping", "enabled": true, "success-response": true}, {"name": "guest-info", "enabled": true, "success-response": true}, {"name": "guest-get-host-name", "enabled": true, "success-response": true}, {"name": "guest-get-osinfo", "enabled": true, "success-response": true}, {"name": "guest-get-time", "enabled": true, "success-response": true}, {"name": "guest-shutdown", "enabled": true, "success-response": false}, {"name": "guest-fsfreeze-freeze", "enabled": true, "success-response": true}, {"name": "guest-fsfreeze-thaw", "enabled": true, "success-response": true}, {"name": "guest-fsfreeze-status", "enabled": true, "success-response": true}]}}' >&3
                     ;;
                 guest-get-host-name) echo "{\"return\": {\"host-name\": \"$(hostname)\"}}" >&3 ;;
                 guest-get-osinfo)
                     echo "{\"return\": {\"id\": \"lv-test\", \"name\": \"lv test guest\", \"pretty-name\": \"lv test guest (busybox)\", \"kernel-release\": \"$(uname -r)\", \"machine\": \"$(uname -m)\"}}" >&3
                     ;;
                 guest-get-time) echo "{\"return\": $(date +%s)000000000}" >&3 ;;
+                guest-fsfreeze-freeze | guest-fsfreeze-freeze-list)
+                    # The test guest's disks are raw block devices: flushing them is the
+                    # whole of a consistent point. One "filesystem" per virtio disk.
+                    sync
+                    FROZEN=$(ls -d /sys/block/vd* 2>/dev/null | wc -l)
+                    echo "LV-FROZEN $FROZEN"
+                    echo "{\"return\": $FROZEN}" >&3
+                    ;;
+                guest-fsfreeze-thaw)
+                    echo "LV-THAWED ${FROZEN:-0}"
+                    echo "{\"return\": ${FROZEN:-0}}" >&3
+                    FROZEN=0
+                    ;;
+                guest-fsfreeze-status)
+                    if [ "${FROZEN:-0}" -gt 0 ]; then echo '{"return": "frozen"}' >&3; else echo '{"return": "thawed"}' >&3; fi
+                    ;;
                 guest-shutdown)
                     # Like qemu-ga: no reply on success, the guest just goes away.
                     case "$line" in
@@ -296,10 +317,38 @@ if [ "$AGENT" != off ]; then
 fi
 
 # ---------------------------------------------------------------- block watcher
+# hot_rw <dev>: with lv.hotplug=rw, a disk that appears while the guest runs is read
+# (LV-HOTREAD <dev> <first line>) and, if it holds no data yet, written
+# (LV-HOTWROTE <dev> lv-hot-<dev>): a test can detach it, re-attach it and see the data.
+hot_rw() {
+    line=$(first_line "$1")
+    echo "LV-HOTREAD $1 $line"
+    case "$line" in
+        lv-hot-*) ;;
+        *)
+            if put_line "$1" "lv-hot-$1"; then
+                sync
+                echo "LV-HOTWROTE $1 $(first_line "$1")"
+            else
+                err "write to hot-plugged /dev/$1 failed"
+            fi
+            ;;
+    esac
+}
+
 while :; do
     block_list
     if [ "$cur" != "$last" ]; then
         echo "LV-BLOCK$cur"
+        if [ "$HOTPLUG" = rw ]; then
+            for entry in $cur; do
+                dev=${entry%%:*}
+                case " $last " in
+                    *" $dev:"*) ;;
+                    *) wait_dev "$dev" && hot_rw "$dev" ;;
+                esac
+            done
+        fi
         last=$cur
     fi
     sleep 0.5 || sleep 1

@@ -10,6 +10,7 @@
 //! - [`pod`]: the pod's private runtime: namespaces, directories, libvirtd and virtlogd.
 //! - [`supervisor`]: lifecycle, signals, reaping and grace periods.
 
+pub mod api;
 pub mod convert;
 pub mod domain;
 pub mod libvirt;

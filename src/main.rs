@@ -7,11 +7,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use virt_launcher::api::server::ServerConfig;
 use virt_launcher::pod::{self, PodLayout};
-use virt_launcher::podfacts::{self, DomainType, PodPaths};
+use virt_launcher::podfacts::{self, DomainType};
 use virt_launcher::spec::{self, VirtualMachineInstance};
-use virt_launcher::supervisor::{self, LaunchPlan};
-use virt_launcher::{convert, logging, prepare};
+use virt_launcher::supervisor::plan::{PathOverrides, Planner};
+use virt_launcher::supervisor::{self, RunOptions};
+use virt_launcher::{convert, logging};
 
 #[derive(Parser)]
 #[command(
@@ -51,9 +53,22 @@ struct PathArgs {
 #[derive(Args)]
 struct RunArgs {
     /// A kubevirt.io/v1 VirtualMachineInstance, or a VirtualMachine (its spec.template is run);
-    /// JSON or YAML.
+    /// JSON or YAML. Without it the launcher serves its socket and waits for a Sync call.
     #[arg(long, value_name = "FILE")]
-    vmi: PathBuf,
+    vmi: Option<PathBuf>,
+    /// The control API socket (KubeVirt's pod: /var/run/kubevirt/sockets/launcher-sock).
+    /// Default: <runtime-dir>/launcher-sock.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// A peer uid allowed to call the API besides the launcher's own (repeatable).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// A group given access to the socket (mode 0660 instead of 0600).
+    #[arg(long, value_name = "GID")]
+    socket_group: Option<u32>,
+    /// A hostname for the private UTS namespace (default: virt-launcher-<name>-<pid>).
+    #[arg(long)]
+    hostname: Option<String>,
     /// kvm (production default) or qemu (TCG software emulation, for machines without usable KVM).
     #[arg(long, env = "VIRT_LAUNCHER_DOMAIN_TYPE", default_value = "kvm", value_parser = parse_domain_type)]
     domain_type: DomainType,
@@ -115,18 +130,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn pod_paths(vmi: &VirtualMachineInstance, args: &PathArgs) -> PodPaths {
-    let mut paths = PodPaths::kubevirt_defaults(vmi);
-    let set = |dst: &mut PathBuf, src: &Option<PathBuf>| {
-        if let Some(p) = src {
-            *dst = absolute(p);
+impl PathArgs {
+    fn overrides(&self) -> PathOverrides {
+        PathOverrides {
+            vmi_disks_dir: self.volumes_dir.as_deref().map(absolute),
+            hotplug_disks_dir: self.hotplug_dir.as_deref().map(absolute),
+            block_dev_dir: self.block_dir.as_deref().map(absolute),
+            kernel_boot_dir: self.kernel_boot_dir.as_deref().map(absolute),
+            private_dir: None,
+            ephemeral_disks_dir: None,
         }
-    };
-    set(&mut paths.vmi_disks_dir, &args.volumes_dir);
-    set(&mut paths.hotplug_disks_dir, &args.hotplug_dir);
-    set(&mut paths.block_dev_dir, &args.block_dir);
-    set(&mut paths.kernel_boot_dir, &args.kernel_boot_dir);
-    paths
+    }
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -137,7 +151,11 @@ fn render(args: RenderArgs) -> Result<()> {
     let vmi = spec::load_file(&args.vmi)?;
     let facts = match &args.pod_facts {
         Some(f) => podfacts::from_file(f, &vmi)?,
-        None => podfacts::probe(&vmi, pod_paths(&vmi, &args.paths), args.domain_type)?,
+        None => podfacts::probe(
+            &vmi,
+            args.paths.overrides().paths_for(&vmi),
+            args.domain_type,
+        )?,
     };
     let domain =
         convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
@@ -146,47 +164,74 @@ fn render(args: RenderArgs) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<i32> {
-    let vmi = spec::load_file(&args.vmi)?;
-    let name = vmi.domain_name();
-    let root = args
-        .runtime_dir
-        .clone()
-        .unwrap_or_else(|| Path::new("/run/virt-launcher").join(&name));
+    let vmi = args.vmi.as_deref().map(spec::load_file).transpose()?;
+    let root = match (&args.runtime_dir, &vmi) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(vmi)) => Path::new("/run/virt-launcher").join(vmi.domain_name()),
+        (None, None) => {
+            Path::new("/run/virt-launcher").join(format!("launcher-{}", std::process::id()))
+        }
+    };
     let layout = PodLayout::new(absolute(&root), !args.no_isolate);
 
-    let mut paths = pod_paths(&vmi, &args.paths);
+    let mut overrides = args.paths.overrides();
     if layout.is_isolated() {
         // Standalone: the VM's private and ephemeral files live in our runtime root, not in
         // the host's /var/run/kubevirt* directories.
-        paths.private_dir = layout.private_dir();
-        paths.ephemeral_disks_dir = layout.root().join("ephemeral");
+        overrides.private_dir = Some(layout.private_dir());
+        overrides.ephemeral_disks_dir = Some(layout.root().join("ephemeral"));
     }
-    let facts = podfacts::probe(&vmi, paths, args.domain_type)?;
-    let domain =
-        convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
-    let plan = LaunchPlan {
-        domain: domain.name().to_string(),
-        xml: domain.to_xml(),
-        grace: vmi.termination_grace_period(),
-        qemu_timeout: Duration::from_secs(args.qemu_timeout),
-        console_log: Some(facts.paths.serial_log()),
+    let planner = Planner {
+        domain_type: args.domain_type,
+        paths: overrides,
     };
+    // A bad spec or a missing volume is reported before anything is started.
+    let console_log = match &vmi {
+        Some(vmi) => Some(
+            planner
+                .plan(vmi)
+                .with_context(|| args.vmi.clone().unwrap_or_default().display().to_string())?
+                .facts
+                .paths
+                .serial_log(),
+        ),
+        None => None,
+    };
+    let socket = args
+        .socket
+        .clone()
+        .map(|s| absolute(&s))
+        .unwrap_or_else(|| layout.root().join("launcher-sock"));
 
     layout.create()?;
     let _lock = layout.lock()?;
     if layout.is_isolated() {
-        pod::isolate(&layout, &hostname(&vmi))?;
+        let hostname = args
+            .hostname
+            .clone()
+            .unwrap_or_else(|| hostname(vmi.as_ref()));
+        pod::isolate(&layout, &hostname)?;
     }
     layout.write_configs(&pod::random_uuid()?)?;
-    prepare::prepare(&vmi, &facts)?;
     tracing::info!(
-        vmi = %args.vmi.display(),
-        domain = %plan.domain,
+        vmi = ?args.vmi,
         domain_type = ?args.domain_type,
         runtime_dir = %layout.root().display(),
-        console_log = %facts.paths.serial_log().display(),
+        socket = %socket.display(),
+        console_log = ?console_log,
         "launcher starting"
     );
+    let opts = RunOptions {
+        planner,
+        vmi,
+        api: Some(ServerConfig {
+            socket,
+            allowed_uids: args.allow_uids.clone(),
+            group: args.socket_group,
+        }),
+        qemu_timeout: Duration::from_secs(args.qemu_timeout),
+        console_log,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -194,17 +239,19 @@ fn run(args: RunArgs) -> Result<i32> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let outcome = runtime.block_on(supervisor::run(&layout, &plan));
+    let outcome = runtime.block_on(supervisor::run(&layout, opts));
     runtime.shutdown_timeout(Duration::from_secs(2));
     layout.remove_daemon_state();
-    let outcome = outcome?;
-    Ok(outcome.exit_code())
+    Ok(outcome?.exit_code())
 }
 
 /// A pod-like hostname: libvirt refuses to migrate between two daemons with the same one.
-fn hostname(vmi: &VirtualMachineInstance) -> String {
+fn hostname(vmi: Option<&VirtualMachineInstance>) -> String {
     let suffix = format!("{:05x}", std::process::id() & 0xfffff);
-    let mut base = format!("virt-launcher-{}", vmi.metadata.name);
+    let mut base = format!(
+        "virt-launcher-{}",
+        vmi.map(|v| v.metadata.name.as_str()).unwrap_or("pod")
+    );
     base.truncate(63 - suffix.len() - 1);
     format!("{base}-{suffix}")
 }

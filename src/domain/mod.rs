@@ -10,7 +10,7 @@ pub mod live;
 mod xml;
 
 use crate::podfacts::DomainType;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Domain {
@@ -219,6 +219,32 @@ pub struct Disk {
     pub blockio: Option<(u64, u64)>,
     /// Persistent reservations through the pr-helper socket (`lun` only).
     pub reservations: Option<PathBuf>,
+}
+
+/// Escapes a string for an XML attribute value.
+pub fn escape_attr(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    xml::escape(s, &mut out);
+    out
+}
+
+impl Disk {
+    /// The disk as a single `<disk>` element (for hot-plug).
+    pub fn to_xml(&self) -> String {
+        xml::write_single_disk(self)
+    }
+
+    /// The VMI volume behind the disk (from its `ua-<volume>` alias).
+    pub fn volume(&self) -> &str {
+        self.alias.strip_prefix("ua-").unwrap_or(&self.alias)
+    }
+
+    /// The backing file or device.
+    pub fn source_path(&self) -> &Path {
+        match &self.source {
+            DiskSource::File(p) | DiskSource::Block(p) => p,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -110,6 +110,16 @@ macro_rules! attrs {
     };
 }
 
+/// One `<disk>` element on its own, as `virDomainAttachDeviceFlags` takes it.
+pub(crate) fn write_single_disk(d: &Disk) -> String {
+    let mut w = W {
+        out: String::new(),
+        depth: 0,
+    };
+    write_disk(&mut w, d);
+    w.out
+}
+
 pub(crate) fn write_domain(d: &Domain) -> String {
     let mut w = W {
         out: String::with_capacity(4096 + 600 * d.devices.disks.len()),

@@ -363,3 +363,24 @@ pub fn domain_state(dom: &Domain) -> Result<(u32, i32), virt::error::Error> {
     }
     Ok((state as u32, reason))
 }
+
+/// Freezes all guest filesystems through the guest agent (`virDomainFSFreeze`); returns how
+/// many were frozen.
+pub fn fs_freeze(dom: &Domain) -> Result<i32, virt::error::Error> {
+    // SAFETY: `dom` is live; a NULL mountpoint list with count 0 means "all filesystems".
+    let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    if n < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(n)
+}
+
+/// Thaws all guest filesystems (`virDomainFSThaw`); returns how many were thawed.
+pub fn fs_thaw(dom: &Domain) -> Result<i32, virt::error::Error> {
+    // SAFETY: as in `fs_freeze`.
+    let n = unsafe { sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    if n < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(n)
+}

@@ -256,7 +256,7 @@ impl Hypervisor {
         })
     }
 
-    /// The QEMU process id, from libvirt's pid file in the private runtime.
+    /// Whether the domain is defined.
     pub fn exists(&self, name: &str) -> Result<bool, LibvirtError> {
         match self.with_domain(name, |_| Ok(())) {
             Ok(()) => Ok(true),
@@ -264,6 +264,133 @@ impl Hypervisor {
             Err(e) => Err(e),
         }
     }
+
+    /// Attaches a device to the running domain and its persistent definition.
+    pub fn attach_device(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
+        let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
+        self.with_domain(name, |d| {
+            d.attach_device_flags(xml, flags)
+                .map_err(|e| LibvirtError::call("attach device", e))
+        })
+    }
+
+    /// Asks for a device's removal from the running domain and its definition. Returns when
+    /// QEMU accepted the request; the removal itself completes when the guest acknowledges it
+    /// (a DEVICE_REMOVED event).
+    pub fn detach_device(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
+        let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
+        self.with_domain(name, |d| {
+            d.detach_device_flags(xml, flags)
+                .map_err(|e| LibvirtError::call("detach device", e))
+        })
+    }
+
+    /// Resizes a disk of the running domain to `bytes`.
+    pub fn block_resize(&self, name: &str, target: &str, bytes: u64) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| {
+            d.block_resize(target, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+                .map_err(|e| LibvirtError::call("block resize", e))
+        })
+    }
+
+    /// The capacity of a disk as the running domain sees it, in bytes.
+    pub fn block_capacity(&self, name: &str, target: &str) -> Result<u64, LibvirtError> {
+        self.with_domain(name, |d| {
+            d.block_info(target, 0)
+                .map(|i| i.capacity)
+                .map_err(|e| LibvirtError::call("block info", e))
+        })
+    }
+
+    pub fn fs_freeze(&self, name: &str) -> Result<i32, LibvirtError> {
+        self.with_domain(name, |d| {
+            ffi::fs_freeze(d).map_err(|e| LibvirtError::call("freeze filesystems", e))
+        })
+    }
+
+    pub fn fs_thaw(&self, name: &str) -> Result<i32, LibvirtError> {
+        self.with_domain(name, |d| {
+            ffi::fs_thaw(d).map_err(|e| LibvirtError::call("thaw filesystems", e))
+        })
+    }
+
+    /// CPU time, memory and balloon figures, and per-disk I/O for `targets`.
+    pub fn stats(&self, name: &str, targets: &[String]) -> Result<DomainStats, LibvirtError> {
+        self.with_domain(name, |d| {
+            let info = d.info().map_err(|e| LibvirtError::call("domain info", e))?;
+            let mut s = DomainStats {
+                cpu_time_ns: info.cpu_time,
+                memory_kib: info.memory,
+                max_memory_kib: info.max_mem,
+                ..DomainStats::default()
+            };
+            if let Ok(mem) = d.memory_stats(0) {
+                for m in mem {
+                    match m.tag {
+                        sys::VIR_DOMAIN_MEMORY_STAT_ACTUAL_BALLOON => s.balloon_actual_kib = m.val,
+                        sys::VIR_DOMAIN_MEMORY_STAT_UNUSED => s.balloon_unused_kib = m.val,
+                        sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE => s.balloon_available_kib = m.val,
+                        sys::VIR_DOMAIN_MEMORY_STAT_RSS => s.rss_kib = m.val,
+                        _ => {}
+                    }
+                }
+            }
+            for t in targets {
+                if let Ok(b) = d.block_stats(t) {
+                    s.disks.push(BlockIo {
+                        target: t.clone(),
+                        read_bytes: b.rd_bytes,
+                        write_bytes: b.wr_bytes,
+                        read_requests: b.rd_req,
+                        write_requests: b.wr_req,
+                        errors: b.errs,
+                    });
+                }
+            }
+            Ok(s)
+        })
+    }
+
+    /// libvirt's and QEMU's versions, as "major.minor.micro".
+    pub fn versions(&self) -> Result<(String, String), LibvirtError> {
+        self.with_conn(|c| {
+            let lib = c
+                .lib_version()
+                .map_err(|e| LibvirtError::call("libvirt version", e))?;
+            let hyp = c
+                .hyp_version()
+                .map_err(|e| LibvirtError::call("hypervisor version", e))?;
+            Ok((version_string(lib), version_string(hyp)))
+        })
+    }
+}
+
+fn version_string(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
+}
+
+/// Figures from `Hypervisor::stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainStats {
+    pub cpu_time_ns: u64,
+    pub memory_kib: u64,
+    pub max_memory_kib: u64,
+    pub balloon_actual_kib: u64,
+    pub balloon_unused_kib: u64,
+    pub balloon_available_kib: u64,
+    pub rss_kib: u64,
+    pub disks: Vec<BlockIo>,
+}
+
+/// One disk's I/O counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockIo {
+    pub target: String,
+    pub read_bytes: i64,
+    pub write_bytes: i64,
+    pub read_requests: i64,
+    pub write_requests: i64,
+    pub errors: i64,
 }
 
 impl Drop for Hypervisor {

@@ -477,6 +477,21 @@ pub struct Volume {
     pub downward_api: Option<serde_json::Value>,
 }
 
+impl Volume {
+    /// A PVC or DataVolume marked `hotpluggable`: attached and detached while the VM runs.
+    pub fn is_hotpluggable(&self) -> bool {
+        self.persistent_volume_claim
+            .as_ref()
+            .and_then(|p| p.hotpluggable)
+            .unwrap_or(false)
+            || self
+                .data_volume
+                .as_ref()
+                .and_then(|d| d.hotpluggable)
+                .unwrap_or(false)
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PvcSource {
@@ -578,6 +593,41 @@ pub struct VolumeStatus {
     /// `Pending`, `Bound`, `AttachedToNode`, `MountedToPod`, `Ready`, `Detaching`, ...
     pub phase: Option<String>,
     pub hotplug_volume: Option<serde_json::Value>,
+    /// What the controller knows of the claim: access modes (ReadWriteMany = shared storage
+    /// a migration target can reach) and capacity (a larger one means the PVC was expanded).
+    pub persistent_volume_claim_info: Option<PvcInfo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PvcInfo {
+    pub claim_name: Option<String>,
+    pub access_modes: Vec<String>,
+    pub volume_mode: Option<String>,
+    pub capacity: std::collections::BTreeMap<String, Quantity>,
+    pub requests: std::collections::BTreeMap<String, Quantity>,
+    pub preallocated: Option<bool>,
+    /// Fraction of the filesystem kept free, e.g. "0.055".
+    pub filesystem_overhead: Option<String>,
+}
+
+impl VolumeStatus {
+    /// ReadWriteMany: the claim is reachable from every node.
+    pub fn is_shared(&self) -> bool {
+        self.persistent_volume_claim_info
+            .as_ref()
+            .is_some_and(|p| p.access_modes.iter().any(|m| m == "ReadWriteMany"))
+    }
+
+    /// The claim's capacity in bytes, when the status states one.
+    pub fn capacity_bytes(&self) -> Option<u64> {
+        self.persistent_volume_claim_info
+            .as_ref()?
+            .capacity
+            .get("storage")?
+            .value()
+            .ok()
+    }
 }
 
 /// Read `path` (JSON or YAML) holding a VirtualMachineInstance or a VirtualMachine.

@@ -1,7 +1,10 @@
-//! Lifecycle and supervision: start the daemons, start the domain, follow its events, honour
-//! the pod's grace period, and leave nothing running behind.
+//! Lifecycle and supervision: start the daemons, serve the control API, start the domain,
+//! follow its events, honour the pod's grace period, and leave nothing running behind.
 
+pub mod core;
+pub mod plan;
 pub mod reaper;
+pub mod state;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,22 +15,25 @@ use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
+use crate::api::server::{self, ServerConfig, ServerError};
 use crate::libvirt::events::StopReason;
-use crate::libvirt::{DomainEvent, Hypervisor, LibvirtError, LifecycleKind, RawEvent};
+use crate::libvirt::{DomainEvent, Hypervisor, LibvirtError, RawEvent};
 use crate::pod::daemons::{self, Daemon, DaemonError, DaemonEvent, Daemons};
 use crate::pod::PodLayout;
+use crate::spec::VirtualMachineInstance;
+use core::{ControlError, Launcher, StopRequest};
+use plan::Planner;
 use reaper::Reaper;
+use state::EventKind;
 
-/// What to run.
-#[derive(Debug, Clone)]
-pub struct LaunchPlan {
-    /// libvirt domain name (`<namespace>_<name>`).
-    pub domain: String,
-    /// The converted domain XML.
-    pub xml: String,
-    /// `terminationGracePeriodSeconds`: from SIGTERM to destroy.
-    pub grace: Duration,
-    /// How long the domain may take to start (`--qemu-timeout`).
+/// What to run and how.
+pub struct RunOptions {
+    pub planner: Planner,
+    /// The VMI to start at once (standalone); without one the launcher waits for a Sync.
+    pub vmi: Option<VirtualMachineInstance>,
+    /// The control API socket, if served.
+    pub api: Option<ServerConfig>,
+    /// How long the domain may take to appear (`--qemu-timeout`).
     pub qemu_timeout: Duration,
     /// The guest's serial console log, relayed into our log as `subcomponent: console`.
     pub console_log: Option<PathBuf>,
@@ -41,7 +47,11 @@ pub enum SupervisorError {
     Daemon(#[from] DaemonError),
     #[error(transparent)]
     Libvirt(#[from] LibvirtError),
-    #[error("the domain did not start within --qemu-timeout ({0:?})")]
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Api(#[from] ServerError),
+    #[error("no domain was started within --qemu-timeout ({0:?})")]
     StartTimeout(Duration),
     #[error("internal task failed")]
     Join(#[from] tokio::task::JoinError),
@@ -50,39 +60,46 @@ pub enum SupervisorError {
 /// How the VM's life ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    pub reason: StopReason,
-    /// Whether the launcher had asked for the stop (SIGTERM / grace expiry).
+    /// None: the launcher was stopped before any domain ran.
+    pub reason: Option<StopReason>,
+    /// Whether the stop was asked for (SIGTERM, Shutdown, Kill).
     pub requested: bool,
 }
 
 impl Outcome {
     /// Exit 0 for a clean stop or a migration, non-zero for a crash or failure.
     pub fn exit_code(&self) -> i32 {
-        if self.reason.is_clean() {
-            0
-        } else {
-            1
+        match self.reason {
+            None => 0,
+            Some(r) if r.is_clean() => 0,
+            Some(_) => 1,
         }
     }
 }
 
-/// Runs the VM until it stops. Always stops the daemons and kills leftover processes before
+/// Runs until the VM stops. Always stops the daemons and kills leftover processes before
 /// returning, whether the VM ran or not.
-pub async fn run(layout: &PodLayout, plan: &LaunchPlan) -> Result<Outcome, SupervisorError> {
+pub async fn run(layout: &PodLayout, opts: RunOptions) -> Result<Outcome, SupervisorError> {
     let reaper = Reaper::start().map_err(SupervisorError::Setup)?;
     let (daemon_tx, daemon_rx) = mpsc::unbounded_channel();
     let mut daemons = Daemons::start(&reaper, layout, daemon_tx).await?;
     let (stop_follow, stop_follow_rx) = watch::channel(false);
-    let result = supervise(layout, plan, daemon_rx, stop_follow_rx).await;
+    let result = supervise(layout, opts, daemon_rx, stop_follow_rx).await;
     let _ = stop_follow.send(true);
     daemons.stop().await;
     kill_leftovers().await;
     result
 }
 
+/// The loop's view of a requested stop.
+struct Stopping {
+    deadline: Option<Instant>,
+    destroyed: bool,
+}
+
 async fn supervise(
     layout: &PodLayout,
-    plan: &LaunchPlan,
+    opts: RunOptions,
     mut daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
     stop_follow: watch::Receiver<bool>,
 ) -> Result<Outcome, SupervisorError> {
@@ -90,71 +107,117 @@ async fn supervise(
     let uri = layout.libvirt_uri();
     let hv =
         Arc::new(tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??);
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
+    let core = Launcher::new(hv.clone(), opts.planner.clone(), stop_tx);
     let mut sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
 
-    tracing::info!(domain = %plan.domain, "starting domain");
-    let started = Instant::now();
-    let (h, xml) = (hv.clone(), plan.xml.clone());
-    match tokio::time::timeout(
-        plan.qemu_timeout,
-        tokio::task::spawn_blocking(move || h.define_and_start(&xml)),
-    )
-    .await
-    {
-        Err(_) => return Err(SupervisorError::StartTimeout(plan.qemu_timeout)),
-        Ok(r) => r??,
+    let api = match &opts.api {
+        Some(cfg) => Some(server::serve(core.clone(), cfg).await?),
+        None => None,
+    };
+    let result = async {
+        if let Some(vmi) = opts.vmi.clone() {
+            let name = vmi.domain_name();
+            core.sync(vmi).await?;
+            daemons::follow_file("qemu", layout.qemu_log(&name), stop_follow.clone());
+        }
+        if let Some(console) = &opts.console_log {
+            daemons::follow_file("console", console.clone(), stop_follow.clone());
+        }
+        event_loop(
+            &core,
+            &opts,
+            &mut raw_events,
+            &mut daemon_events,
+            &mut stop_rx,
+            &mut sigterm,
+            &mut sigint,
+        )
+        .await
     }
-    tracing::info!(domain = %plan.domain, elapsed_ms = started.elapsed().as_millis() as u64, "domain running");
-    daemons::follow_file("qemu", layout.qemu_log(&plan.domain), stop_follow.clone());
-    if let Some(console) = &plan.console_log {
-        daemons::follow_file("console", console.clone(), stop_follow);
+    .await;
+    if let Ok(outcome) = &result {
+        core.publish(
+            EventKind::Final,
+            &format!("launcher exiting with code {}", outcome.exit_code()),
+        );
+        // Give watchers a moment to receive the final event before the socket goes away.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    if let Some(api) = api {
+        api.shutdown().await;
+    }
+    result
+}
 
-    let mut deadline: Option<Instant> = None;
-    let mut destroyed = false;
+async fn event_loop(
+    core: &Arc<Launcher>,
+    opts: &RunOptions,
+    raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
+    daemon_events: &mut mpsc::UnboundedReceiver<DaemonEvent>,
+    stop_rx: &mut mpsc::UnboundedReceiver<StopRequest>,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) -> Result<Outcome, SupervisorError> {
+    let launched = Instant::now();
+    let mut stopping = Stopping {
+        deadline: None,
+        destroyed: false,
+    };
     loop {
-        let sleep = async {
-            match deadline {
-                Some(d) if !destroyed => tokio::time::sleep_until(d.into()).await,
+        let grace_over = async {
+            match stopping.deadline {
+                Some(d) if !stopping.destroyed => tokio::time::sleep_until(d.into()).await,
                 _ => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = sigterm.recv() => request_stop(&hv, plan, "SIGTERM", &mut deadline).await,
-            _ = sigint.recv() => request_stop(&hv, plan, "SIGINT", &mut deadline).await,
-            _ = sleep => {
-                tracing::warn!(domain = %plan.domain, grace_s = plan.grace.as_secs(), "grace period over; destroying the domain");
-                destroyed = true;
-                let h = hv.clone();
-                let name = plan.domain.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || h.destroy(&name)).await? {
-                    tracing::error!(error = %e, "destroy failed");
-                }
+        let start_timeout = async {
+            if core.has_started() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep_until((launched + opts.qemu_timeout).into()).await
             }
+        };
+        tokio::select! {
+            _ = sigterm.recv() => {
+                if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
+                begin_stop(core, "SIGTERM", core.grace(), &mut stopping).await;
+            }
+            _ = sigint.recv() => {
+                if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
+                begin_stop(core, "SIGINT", core.grace(), &mut stopping).await;
+            }
+            Some(req) = stop_rx.recv() => match req {
+                StopRequest::Graceful(grace) => begin_stop(core, "Shutdown call", grace, &mut stopping).await,
+                StopRequest::Kill => {
+                    stopping.deadline.get_or_insert_with(Instant::now);
+                    destroy(core, "Kill call", &mut stopping).await;
+                }
+            },
+            _ = grace_over => destroy(core, "grace period over", &mut stopping).await,
+            _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
             Some(ev) = raw_events.recv() => {
                 let ev = DomainEvent::from(ev);
-                if ev.domain().is_some_and(|d| d != plan.domain) {
+                let name = core.status().name;
+                if ev.domain().is_some_and(|d| d != name) {
                     continue;
                 }
                 tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "domain event");
-                match ev {
-                    DomainEvent::Lifecycle { kind: LifecycleKind::Stopped(reason), .. } => {
-                        return finish(&hv, plan, reason, deadline.is_some()).await;
+                if let DomainEvent::ConnectionClosed { .. } = ev {
+                    if let Some(reason) = reconnect(core).await? {
+                        return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                     }
-                    DomainEvent::ConnectionClosed { .. } => {
-                        if let Some(outcome) = reconnect(&hv, plan).await? {
-                            return finish(&hv, plan, outcome, deadline.is_some()).await;
-                        }
-                    }
-                    _ => {}
+                } else if let Some(reason) = core.on_domain_event(&ev) {
+                    return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
             Some(ev) = daemon_events.recv() => {
                 tracing::info!(event = ?ev, "daemon event");
+                core.publish(EventKind::Daemon, &format!("{ev:?}"));
                 if let DaemonEvent::Restarted { daemon: Daemon::Libvirtd, .. } = ev {
-                    if let Some(outcome) = reconnect(&hv, plan).await? {
-                        return finish(&hv, plan, outcome, deadline.is_some()).await;
+                    if let Some(reason) = reconnect(core).await? {
+                        return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                     }
                 }
             }
@@ -162,29 +225,23 @@ async fn supervise(
     }
 }
 
-/// SIGTERM/SIGINT: press the ACPI button once and start the grace clock. A second signal
-/// changes nothing (the clock already runs).
-async fn request_stop(
-    hv: &Arc<Hypervisor>,
-    plan: &LaunchPlan,
-    signal: &str,
-    deadline: &mut Option<Instant>,
-) {
-    if deadline.is_some() {
+/// Press the ACPI button once and start the grace clock. A second request changes nothing.
+async fn begin_stop(core: &Arc<Launcher>, why: &str, grace: Duration, stopping: &mut Stopping) {
+    if stopping.deadline.is_some() {
         tracing::info!(
-            signal,
+            why,
             "stop already requested; waiting for the guest or the grace period"
         );
         return;
     }
-    *deadline = Some(Instant::now() + plan.grace);
+    stopping.deadline = Some(Instant::now() + grace);
     tracing::info!(
-        signal,
-        grace_s = plan.grace.as_secs(),
+        why,
+        grace_s = grace.as_secs(),
         "shutting the guest down (ACPI power button)"
     );
-    let (h, name) = (hv.clone(), plan.domain.clone());
-    match tokio::task::spawn_blocking(move || h.shutdown_acpi(&name)).await {
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    match tokio::task::spawn_blocking(move || hv.shutdown_acpi(&name)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "ACPI shutdown request failed; the domain is destroyed when the grace period ends")
@@ -193,11 +250,23 @@ async fn request_stop(
     }
 }
 
+async fn destroy(core: &Arc<Launcher>, why: &str, stopping: &mut Stopping) {
+    if stopping.destroyed {
+        return;
+    }
+    stopping.destroyed = true;
+    tracing::warn!(why, "destroying the domain");
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    match tokio::task::spawn_blocking(move || hv.destroy(&name)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "destroy failed"),
+        Err(e) => tracing::error!(error = %e, "destroy task failed"),
+    }
+}
+
 /// Reconnects after libvirtd went away. Returns the stop reason if the domain is gone.
-async fn reconnect(
-    hv: &Arc<Hypervisor>,
-    plan: &LaunchPlan,
-) -> Result<Option<StopReason>, SupervisorError> {
+async fn reconnect(core: &Arc<Launcher>) -> Result<Option<StopReason>, SupervisorError> {
+    let hv = core.hypervisor().clone();
     if hv.is_connected() {
         return Ok(None);
     }
@@ -214,9 +283,13 @@ async fn reconnect(
             Err(e) => return Err(e.into()),
         }
     }
-    let (h, name) = (hv.clone(), plan.domain.clone());
-    let state = tokio::task::spawn_blocking(move || h.state(&name)).await?;
+    let name = core.status().name;
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let state = tokio::task::spawn_blocking(move || hv.state(&name)).await?;
     tracing::info!(state = ?state.as_ref().map(|s| s.name()).ok(), "reconnected to libvirtd");
+    core.publish(EventKind::Daemon, "reconnected to libvirtd");
     Ok(match state {
         Ok(s) if s.is_shut_off() => Some(StopReason::Unknown),
         Err(LibvirtError::NoDomain(_)) => Some(StopReason::Unknown),
@@ -224,18 +297,16 @@ async fn reconnect(
     })
 }
 
-/// The domain stopped: report it and remove its definition.
-async fn finish(
-    hv: &Arc<Hypervisor>,
-    plan: &LaunchPlan,
-    reason: StopReason,
-    requested: bool,
-) -> Result<Outcome, SupervisorError> {
-    let (h, name) = (hv.clone(), plan.domain.clone());
-    let _ = tokio::task::spawn_blocking(move || h.undefine(&name)).await?;
-    let outcome = Outcome { reason, requested };
-    tracing::info!(domain = %plan.domain, reason = ?reason, requested, exit_code = outcome.exit_code(), "domain stopped");
-    Ok(outcome)
+/// The domain stopped: remove its definition and report it.
+async fn finish(core: &Arc<Launcher>, reason: StopReason, requested: bool) -> Outcome {
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    let _ = tokio::task::spawn_blocking(move || hv.undefine(&name)).await;
+    let outcome = Outcome {
+        reason: Some(reason),
+        requested,
+    };
+    tracing::info!(domain = %core.status().name, reason = ?reason, requested, exit_code = outcome.exit_code(), "domain stopped");
+    outcome
 }
 
 /// Kills every process still parented to us (an orphaned QEMU after a daemon crash), and

@@ -42,6 +42,12 @@ pub struct Pod {
     pub kernel_args: String,
     pub grace_seconds: u64,
     pub disks: Vec<Disk>,
+    /// Extra `metadata.annotations` lines (`key: value`).
+    pub annotations: Vec<String>,
+    /// Start without `--vmi`: the launcher serves its socket and waits for Sync.
+    pub wait_for_sync: bool,
+    /// Extra launcher arguments.
+    pub extra_args: Vec<String>,
     pub child: Option<Child>,
 }
 
@@ -58,6 +64,9 @@ impl Pod {
             kernel_args: "console=ttyS0 quiet".into(),
             grace_seconds: 30,
             disks: Vec::new(),
+            annotations: Vec::new(),
+            wait_for_sync: false,
+            extra_args: Vec::new(),
             child: None,
         }
     }
@@ -79,6 +88,18 @@ impl Pod {
     pub fn grace(mut self, seconds: u64) -> Pod {
         self.grace_seconds = seconds;
         self
+    }
+
+    pub fn uid(&self) -> String {
+        format!("00000000-0000-4000-8000-{:012x}", std::process::id())
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir().join("launcher-sock")
+    }
+
+    pub fn hotplug_dir(&self) -> PathBuf {
+        self.dir.join("hotplug")
     }
 
     pub fn pvcs_dir(&self) -> PathBuf {
@@ -119,13 +140,25 @@ impl Pod {
                 d.name, d.name
             );
         }
+        let annotations = if self.annotations.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  annotations:\n{}",
+                self.annotations
+                    .iter()
+                    .map(|a| format!("    {a}\n"))
+                    .collect::<String>()
+            )
+        };
         format!(
-            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: {name}\n  namespace: default\n\
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {uid}\n{annotations}\
              spec:\n  terminationGracePeriodSeconds: {grace}\n  domain:\n    resources:\n      requests:\n        memory: 128Mi\n\
              \x20   firmware:\n      kernelBoot:\n        kernelArgs: \"{args}\"\n        container:\n          image: test-guest\n\
              \x20         kernelPath: /vmlinuz\n          initrdPath: /initramfs.gz\n    devices:\n      disks:\n{disks}\
              \x20 volumes:\n{volumes}",
             name = self.name,
+            uid = self.uid(),
             grace = self.grace_seconds,
             args = self.kernel_args,
         )
@@ -133,6 +166,7 @@ impl Pod {
 
     /// Creates the PVC images (sparse) and the VMI file.
     pub fn prepare(&self) {
+        fs::create_dir_all(self.hotplug_dir()).unwrap();
         for d in &self.disks {
             let dir = self.pvcs_dir().join(&d.name);
             fs::create_dir_all(&dir).unwrap();
@@ -145,15 +179,19 @@ impl Pod {
     /// The launcher command line for this pod.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(LAUNCHER);
-        cmd.arg("run")
-            .arg("--vmi")
-            .arg(self.vmi_path())
-            .args(["--domain-type", "qemu", "--json-logs", "--runtime-dir"])
+        cmd.arg("run");
+        if !self.wait_for_sync {
+            cmd.arg("--vmi").arg(self.vmi_path());
+        }
+        cmd.args(["--domain-type", "qemu", "--json-logs", "--runtime-dir"])
             .arg(self.runtime_dir())
             .arg("--volumes-dir")
             .arg(self.pvcs_dir())
             .arg("--kernel-boot-dir")
-            .arg(guest_dir());
+            .arg(guest_dir())
+            .arg("--hotplug-dir")
+            .arg(self.hotplug_dir())
+            .args(&self.extra_args);
         cmd
     }
 
@@ -169,6 +207,27 @@ impl Pod {
             .spawn()
             .expect("spawn virt-launcher");
         self.child = Some(child);
+    }
+
+    /// Waits for the control socket to be published (the readiness signal).
+    pub fn wait_socket(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.socket().exists() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("launcher exited ({status}) before serving\n{}", self.dump());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "socket not ready within {timeout:?}\n{}",
+                self.dump()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Count of `marker` in the console log.
+    pub fn console_count(&self, marker: &str) -> usize {
+        self.console().matches(marker).count()
     }
 
     pub fn console(&self) -> String {

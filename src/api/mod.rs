@@ -1,0 +1,399 @@
+//! The gRPC control API (`proto/launcher/v1`), a thin layer over [`Launcher`]: each handler
+//! decodes, calls one core method, and maps the result. Errors become status codes with
+//! structured details (see `errors`).
+
+pub mod client;
+mod errors;
+pub mod server;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::spec;
+use crate::supervisor::core::{Launcher, StopRequest, FREEZE_TIMEOUT};
+use crate::supervisor::state;
+
+pub use errors::to_status;
+
+/// The generated protobuf types and service traits.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("launcher.v1");
+}
+
+use pb::launcher_server::Launcher as LauncherApi;
+
+/// The API version served.
+pub const API_VERSION: &str = "launcher.v1";
+
+/// Largest request accepted (a VMI is a few KiB; 4 MiB is generous).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The service: one per launcher.
+pub struct Service {
+    core: Arc<Launcher>,
+}
+
+impl Service {
+    pub fn new(core: Arc<Launcher>) -> Self {
+        Service { core }
+    }
+}
+
+/// Runs `fut` within the client's deadline (the `grpc-timeout` header), if it set one.
+async fn within_deadline<T, R>(
+    req: &Request<R>,
+    fut: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match deadline(req) {
+        Some(d) => tokio::time::timeout(d, fut).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "deadline of {d:?} passed"
+            )))
+        }),
+        None => fut.await,
+    }
+}
+
+/// Parses `grpc-timeout` (e.g. `500m`, `20S`).
+fn deadline<R>(req: &Request<R>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn state_pb(s: state::State) -> pb::DomainState {
+    use pb::DomainState as P;
+    use state::State as S;
+    match s {
+        S::None => P::None,
+        S::Starting => P::Starting,
+        S::Running => P::Running,
+        S::Paused => P::Paused,
+        S::ShuttingDown => P::ShuttingDown,
+        S::Shutoff => P::Shutoff,
+        S::Crashed => P::Crashed,
+    }
+}
+
+fn phase_pb(p: Option<state::Phase>) -> pb::VolumePhase {
+    use pb::VolumePhase as P;
+    use state::Phase as S;
+    match p {
+        None => P::Unspecified,
+        Some(S::Attaching) => P::Attaching,
+        Some(S::Ready) => P::Ready,
+        Some(S::Detaching) => P::Detaching,
+        Some(S::Detached) => P::Detached,
+        Some(S::Failed) => P::Failed,
+    }
+}
+
+pub fn domain_pb(s: &state::Status) -> pb::Domain {
+    pb::Domain {
+        name: s.name.clone(),
+        uid: s.uid.clone(),
+        state: state_pb(s.state) as i32,
+        reason: s.reason.clone(),
+        disks: s
+            .disks
+            .iter()
+            .map(|d| pb::Disk {
+                volume: d.volume.clone(),
+                target: d.target.clone(),
+                bus: d.bus.clone(),
+                source: d.source.clone(),
+                phase: phase_pb(Some(d.phase)) as i32,
+                message: d.message.clone(),
+                hotplugged: d.hotplugged,
+                shared: d.shared,
+                size_bytes: d.size_bytes,
+            })
+            .collect(),
+        last_seq: s.last_seq,
+    }
+}
+
+pub fn event_pb(e: &state::Event) -> pb::Event {
+    use pb::EventKind as P;
+    use state::EventKind as S;
+    pb::Event {
+        seq: e.seq,
+        time_unix_ms: e.time_unix_ms,
+        kind: match e.kind {
+            S::Domain => P::Domain,
+            S::Volume => P::Volume,
+            S::Daemon => P::Daemon,
+            S::IoError => P::IoError,
+            S::Final => P::Final,
+            S::Agent => P::Agent,
+        } as i32,
+        state: state_pb(e.state) as i32,
+        reason: e.reason.clone(),
+        volume: e.volume.clone(),
+        phase: phase_pb(e.phase) as i32,
+        message: e.message.clone(),
+    }
+}
+
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LauncherApi for Service {
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<pb::SyncResponse>, Status> {
+        within_deadline(&req, async {
+            let text = std::str::from_utf8(&req.get_ref().vmi).map_err(|_| {
+                Status::invalid_argument("vmi: not UTF-8 text (JSON or YAML expected)")
+            })?;
+            let vmi = spec::from_str(text, "SyncRequest.vmi").map_err(|e| to_status(&e.into()))?;
+            let status = self.core.sync(vmi).await.map_err(|e| to_status(&e))?;
+            Ok(Response::new(pb::SyncResponse {
+                domain: Some(domain_pb(&status)),
+            }))
+        })
+        .await
+    }
+
+    async fn shutdown(
+        &self,
+        req: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let grace = match req.get_ref().grace_seconds {
+            0 => self.core.grace(),
+            s => Duration::from_secs(s.into()),
+        };
+        self.core
+            .request_stop(StopRequest::Graceful(grace))
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn kill(&self, _req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        self.core
+            .request_stop(StopRequest::Kill)
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn pause(&self, req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        within_deadline(&req, async {
+            self.core.pause().await.map_err(|e| to_status(&e))
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn unpause(&self, req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        within_deadline(&req, async {
+            self.core.unpause().await.map_err(|e| to_status(&e))
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn reboot(&self, req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        within_deadline(&req, async {
+            self.core.reboot().await.map_err(|e| to_status(&e))
+        })
+        .await?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn freeze(
+        &self,
+        req: Request<pb::FreezeRequest>,
+    ) -> Result<Response<pb::FreezeResponse>, Status> {
+        let timeout = match req.get_ref().timeout_seconds {
+            0 => FREEZE_TIMEOUT,
+            s => Duration::from_secs(s.into()),
+        };
+        let n = within_deadline(&req, async {
+            self.core.freeze(timeout).await.map_err(|e| to_status(&e))
+        })
+        .await?;
+        Ok(Response::new(pb::FreezeResponse { filesystems: n }))
+    }
+
+    async fn unfreeze(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::FreezeResponse>, Status> {
+        let n = within_deadline(&req, async {
+            self.core.unfreeze().await.map_err(|e| to_status(&e))
+        })
+        .await?;
+        Ok(Response::new(pb::FreezeResponse { filesystems: n }))
+    }
+
+    async fn get_domain(&self, _req: Request<pb::Empty>) -> Result<Response<pb::Domain>, Status> {
+        Ok(Response::new(domain_pb(&self.core.status())))
+    }
+
+    async fn get_stats(&self, req: Request<pb::Empty>) -> Result<Response<pb::Stats>, Status> {
+        let (s, disks) = within_deadline(&req, async {
+            self.core.stats().await.map_err(|e| to_status(&e))
+        })
+        .await?;
+        Ok(Response::new(pb::Stats {
+            cpu_time_ns: s.cpu_time_ns,
+            memory_kib: s.memory_kib,
+            max_memory_kib: s.max_memory_kib,
+            balloon_actual_kib: s.balloon_actual_kib,
+            balloon_unused_kib: s.balloon_unused_kib,
+            balloon_available_kib: s.balloon_available_kib,
+            rss_kib: s.rss_kib,
+            disks: s
+                .disks
+                .iter()
+                .map(|b| pb::DiskStats {
+                    volume: disks
+                        .iter()
+                        .find(|(_, t)| *t == b.target)
+                        .map(|(v, _)| v.clone())
+                        .unwrap_or_default(),
+                    target: b.target.clone(),
+                    read_bytes: b.read_bytes,
+                    write_bytes: b.write_bytes,
+                    read_requests: b.read_requests,
+                    write_requests: b.write_requests,
+                    errors: b.errors,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_vmi(&self, _req: Request<pb::Empty>) -> Result<Response<pb::VmiResponse>, Status> {
+        let vmi = self.core.vmi_json().map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::VmiResponse { vmi }))
+    }
+
+    async fn ping(&self, _req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn info(&self, req: Request<pb::Empty>) -> Result<Response<pb::InfoResponse>, Status> {
+        let hv = self.core.hypervisor().clone();
+        let versions = within_deadline(&req, async {
+            tokio::task::spawn_blocking(move || hv.versions())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| to_status(&e.into()))
+        })
+        .await?;
+        Ok(Response::new(pb::InfoResponse {
+            launcher_version: env!("CARGO_PKG_VERSION").to_string(),
+            libvirt_version: versions.0,
+            qemu_version: versions.1,
+            api_version: API_VERSION.to_string(),
+            domain_type: self.core.domain_type().to_string(),
+            capabilities: [
+                "sync",
+                "hotplug-virtio",
+                "hotplug-scsi",
+                "freeze",
+                "watch-resume",
+                "stats",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            console_log: self
+                .core
+                .console_log()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let after = req.get_ref().after_seq;
+        let (tx, rx) = mpsc::channel::<Result<pb::Event, Status>>(256);
+        let (backlog, mut live) = if after == 0 {
+            // From now on, starting with the current state.
+            let status = self.core.status();
+            let (_, live) = self
+                .core
+                .subscribe(status.last_seq)
+                .map_err(|g| Status::out_of_range(g.to_string()))?;
+            let mut first = state::Event::new(state::EventKind::Domain);
+            first.seq = status.last_seq;
+            first.state = status.state;
+            first.reason = status.reason.clone();
+            first.message = "current state".into();
+            (vec![first], live)
+        } else {
+            self.core
+                .subscribe(after)
+                .map_err(|g| Status::out_of_range(g.to_string()))?
+        };
+        tokio::spawn(async move {
+            let mut last = after;
+            for e in backlog {
+                last = last.max(e.seq);
+                if tx.send(Ok(event_pb(&e))).await.is_err() {
+                    return; // the client went away
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.seq <= last => continue,
+                    Ok(e) => {
+                        last = e.seq;
+                        if tx.send(Ok(event_pb(&e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let msg = format!("stream fell {n} events behind after seq {last}; resume with after_seq={last}");
+                        let _ = tx.send(Err(Status::out_of_range(msg))).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_is_parsed() {
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(deadline(&req), Some(Duration::from_millis(250)));
+        req.metadata_mut()
+            .insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(deadline(&req), Some(Duration::from_secs(3)));
+        req.metadata_mut()
+            .insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(deadline(&req), None);
+    }
+}

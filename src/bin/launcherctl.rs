@@ -1,0 +1,449 @@
+//! `launcherctl`: a debug client for people in the pod. Readable output by default, `--json`
+//! for scripts.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tonic::Code;
+
+use virt_launcher::api::client;
+use virt_launcher::api::pb::{self, DomainState, EventKind, VolumePhase};
+
+#[derive(Parser)]
+#[command(
+    name = "launcherctl",
+    version,
+    about = "Talk to a virt-launcher over its control socket"
+)]
+struct Cli {
+    /// The launcher's control socket.
+    #[arg(
+        long,
+        env = "LAUNCHER_SOCKET",
+        default_value = "/var/run/kubevirt/sockets/launcher-sock"
+    )]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The domain: state, reason, disks and their phases.
+    Status,
+    /// Follow domain and volume events (Ctrl-C to stop).
+    Events {
+        /// Resume after this sequence number (0: from now, starting with the current state).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Print the guest's serial console log; with --follow, keep printing what it adds.
+    Console {
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Hot-plug a PVC (or DataVolume) as a disk: adds it to the VMI and syncs.
+    Attach {
+        volume: String,
+        /// The claim's name (default: the volume's name).
+        #[arg(long)]
+        claim: Option<String>,
+        #[arg(long, default_value = "virtio")]
+        bus: String,
+        /// The volume is a DataVolume rather than a plain PVC.
+        #[arg(long)]
+        datavolume: bool,
+    },
+    /// Hot-unplug a volume: removes it from the VMI and syncs (waits for the guest).
+    Detach {
+        volume: String,
+    },
+    Pause,
+    Resume,
+    /// ACPI shutdown; destroyed after the grace period.
+    Shutdown {
+        /// Seconds (default: the VMI's terminationGracePeriodSeconds).
+        #[arg(long, default_value_t = 0)]
+        grace: u32,
+    },
+    /// Immediate power-off.
+    Kill,
+    Reboot,
+    /// Freeze the guest's filesystems (guest agent); thawed automatically after --timeout.
+    Freeze {
+        #[arg(long, default_value_t = 60)]
+        timeout: u32,
+    },
+    Unfreeze,
+    /// CPU, memory and per-disk I/O figures.
+    Stats,
+    /// Versions and capabilities.
+    Info,
+    Ping,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("launcherctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    let code = match s.code() {
+        Code::InvalidArgument => "invalid argument",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Unavailable => "unavailable",
+        Code::PermissionDenied => "permission denied",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::OutOfRange => "out of range",
+        _ => "error",
+    };
+    anyhow::anyhow!("{code}: {}", s.message())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let mut c = client::connect(&cli.socket)
+        .await
+        .with_context(|| format!("cannot connect to {}", cli.socket.display()))?;
+    let json = cli.json;
+    match cli.command {
+        Cmd::Status => {
+            let d = c
+                .get_domain(pb::Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_domain(&d, json);
+        }
+        Cmd::Events { after } => {
+            let mut stream = c
+                .watch(pb::WatchRequest { after_seq: after })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(ev) = stream.message().await.map_err(status_error)? {
+                print_event(&ev, json);
+                if ev.kind() == EventKind::Final {
+                    break;
+                }
+            }
+        }
+        Cmd::Console { follow } => {
+            let info = c
+                .info(pb::Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if info.console_log.is_empty() {
+                bail!("no console yet: the launcher has not started a domain");
+            }
+            tail(&PathBuf::from(info.console_log), follow)?;
+        }
+        Cmd::Attach {
+            volume,
+            claim,
+            bus,
+            datavolume,
+        } => {
+            let mut vmi = current_vmi(&mut c).await?;
+            client::add_hotplug_volume(
+                &mut vmi,
+                &volume,
+                claim.as_deref().unwrap_or(&volume),
+                &bus,
+                datavolume,
+            )?;
+            let d = sync(&mut c, &vmi).await?;
+            print_domain(&d, json);
+        }
+        Cmd::Detach { volume } => {
+            let mut vmi = current_vmi(&mut c).await?;
+            client::remove_volume(&mut vmi, &volume)?;
+            let d = sync(&mut c, &vmi).await?;
+            print_domain(&d, json);
+        }
+        Cmd::Pause => done(
+            c.pause(pb::Empty {}).await.map_err(status_error)?,
+            "paused",
+            json,
+        ),
+        Cmd::Resume => done(
+            c.unpause(pb::Empty {}).await.map_err(status_error)?,
+            "resumed",
+            json,
+        ),
+        Cmd::Shutdown { grace } => done(
+            c.shutdown(pb::ShutdownRequest {
+                grace_seconds: grace,
+            })
+            .await
+            .map_err(status_error)?,
+            "shutdown requested",
+            json,
+        ),
+        Cmd::Kill => done(
+            c.kill(pb::Empty {}).await.map_err(status_error)?,
+            "kill requested",
+            json,
+        ),
+        Cmd::Reboot => done(
+            c.reboot(pb::Empty {}).await.map_err(status_error)?,
+            "reboot requested",
+            json,
+        ),
+        Cmd::Freeze { timeout } => {
+            let r = c
+                .freeze(pb::FreezeRequest {
+                    timeout_seconds: timeout,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out(
+                json,
+                json!({"frozen": r.filesystems}),
+                &format!(
+                    "froze {} filesystems (auto-thaw in {timeout}s)",
+                    r.filesystems
+                ),
+            );
+        }
+        Cmd::Unfreeze => {
+            let r = c
+                .unfreeze(pb::Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out(
+                json,
+                json!({"thawed": r.filesystems}),
+                &format!("thawed {} filesystems", r.filesystems),
+            );
+        }
+        Cmd::Stats => {
+            let s = c
+                .get_stats(pb::Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let disks: Vec<Value> = s
+                .disks
+                .iter()
+                .map(|d| json!({"volume": d.volume, "target": d.target, "readBytes": d.read_bytes, "writeBytes": d.write_bytes, "errors": d.errors}))
+                .collect();
+            let text = format!(
+                "cpu {:.2}s  memory {} KiB (max {})  balloon {} KiB  rss {} KiB\n{}",
+                s.cpu_time_ns as f64 / 1e9,
+                s.memory_kib,
+                s.max_memory_kib,
+                s.balloon_actual_kib,
+                s.rss_kib,
+                s.disks
+                    .iter()
+                    .map(|d| format!(
+                        "  {:<16} {:<5} read {:>12} B  written {:>12} B",
+                        d.volume, d.target, d.read_bytes, d.write_bytes
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            out(
+                json,
+                json!({"cpuTimeNs": s.cpu_time_ns, "memoryKiB": s.memory_kib, "balloonActualKiB": s.balloon_actual_kib, "rssKiB": s.rss_kib, "disks": disks}),
+                &text,
+            );
+        }
+        Cmd::Info => {
+            let i = c
+                .info(pb::Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out(
+                json,
+                json!({"launcher": i.launcher_version, "libvirt": i.libvirt_version, "qemu": i.qemu_version, "api": i.api_version, "domainType": i.domain_type, "capabilities": i.capabilities, "consoleLog": i.console_log}),
+                &format!(
+                    "launcher {}  libvirt {}  qemu {}  api {}  domain type {}\ncapabilities: {}",
+                    i.launcher_version,
+                    i.libvirt_version,
+                    i.qemu_version,
+                    i.api_version,
+                    i.domain_type,
+                    i.capabilities.join(", ")
+                ),
+            );
+        }
+        Cmd::Ping => done(
+            c.ping(pb::Empty {}).await.map_err(status_error)?,
+            "pong",
+            json,
+        ),
+    }
+    Ok(())
+}
+
+fn out(json: bool, value: Value, text: &str) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn done<T>(_: tonic::Response<T>, what: &str, json: bool) {
+    out(json, json!({"ok": true}), what);
+}
+
+async fn current_vmi(
+    c: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>,
+) -> Result<Value> {
+    let r = c
+        .get_vmi(pb::Empty {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Ok(serde_json::from_slice(&r.vmi)?)
+}
+
+async fn sync(
+    c: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>,
+    vmi: &Value,
+) -> Result<pb::Domain> {
+    let r = c
+        .sync(pb::SyncRequest {
+            vmi: serde_json::to_vec(vmi)?,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    r.domain.context("launcher returned no domain")
+}
+
+fn state_name(s: i32) -> &'static str {
+    match DomainState::try_from(s).unwrap_or(DomainState::Unspecified) {
+        DomainState::None => "None",
+        DomainState::Starting => "Starting",
+        DomainState::Running => "Running",
+        DomainState::Paused => "Paused",
+        DomainState::ShuttingDown => "ShuttingDown",
+        DomainState::Shutoff => "Shutoff",
+        DomainState::Crashed => "Crashed",
+        DomainState::Unspecified => "-",
+    }
+}
+
+fn phase_name(p: i32) -> &'static str {
+    match VolumePhase::try_from(p).unwrap_or(VolumePhase::Unspecified) {
+        VolumePhase::Attaching => "Attaching",
+        VolumePhase::Ready => "Ready",
+        VolumePhase::Detaching => "Detaching",
+        VolumePhase::Detached => "Detached",
+        VolumePhase::Failed => "Failed",
+        VolumePhase::Unspecified => "-",
+    }
+}
+
+fn print_domain(d: &pb::Domain, json: bool) {
+    let disks: Vec<Value> = d
+        .disks
+        .iter()
+        .map(|k| json!({"volume": k.volume, "target": k.target, "bus": k.bus, "source": k.source, "phase": phase_name(k.phase), "message": k.message, "hotplugged": k.hotplugged, "shared": k.shared, "sizeBytes": k.size_bytes}))
+        .collect();
+    let mut text = format!(
+        "domain {}  uid {}\nstate  {} ({})\n",
+        d.name,
+        d.uid,
+        state_name(d.state),
+        d.reason
+    );
+    text += &format!(
+        "{:<20} {:<6} {:<7} {:<10} {:>10}  {}\n",
+        "VOLUME", "TARGET", "BUS", "PHASE", "SIZE", "SOURCE"
+    );
+    for k in &d.disks {
+        text += &format!(
+            "{:<20} {:<6} {:<7} {:<10} {:>10}  {}{}{}\n",
+            k.volume,
+            k.target,
+            k.bus,
+            phase_name(k.phase),
+            k.size_bytes,
+            k.source,
+            if k.shared { "  (shared)" } else { "" },
+            if k.message.is_empty() {
+                String::new()
+            } else {
+                format!("  — {}", k.message)
+            }
+        );
+    }
+    out(
+        json,
+        json!({"name": d.name, "uid": d.uid, "state": state_name(d.state), "reason": d.reason, "disks": disks, "lastSeq": d.last_seq}),
+        text.trim_end(),
+    );
+}
+
+fn print_event(e: &pb::Event, json: bool) {
+    let kind = match e.kind() {
+        EventKind::Domain => "domain",
+        EventKind::Volume => "volume",
+        EventKind::Daemon => "daemon",
+        EventKind::IoError => "io-error",
+        EventKind::Final => "final",
+        EventKind::Agent => "agent",
+        EventKind::Unspecified => "-",
+    };
+    let text = match e.kind() {
+        EventKind::Volume | EventKind::IoError => format!(
+            "#{} {kind:<8} {} {} {}",
+            e.seq,
+            e.volume,
+            phase_name(e.phase),
+            e.message
+        ),
+        _ => format!(
+            "#{} {kind:<8} {} ({}) {}",
+            e.seq,
+            state_name(e.state),
+            e.reason,
+            e.message
+        ),
+    };
+    out(
+        json,
+        json!({"seq": e.seq, "timeUnixMs": e.time_unix_ms, "kind": kind, "state": state_name(e.state), "reason": e.reason, "volume": e.volume, "phase": phase_name(e.phase), "message": e.message}),
+        text.trim_end(),
+    );
+}
+
+fn tail(path: &PathBuf, follow: bool) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let mut stdout = std::io::stdout();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        f.read_to_end(&mut buf)?;
+        stdout.write_all(&buf)?;
+        stdout.flush()?;
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // Truncated (a new boot with append off): start over.
+        let pos = f.stream_position()?;
+        if std::fs::metadata(path)?.len() < pos {
+            f.seek(SeekFrom::Start(0))?;
+        }
+    }
+}

@@ -1,0 +1,846 @@
+//! The launcher's core: every operation on the domain, the state it keeps current from libvirt
+//! events, and the event log. The gRPC layer and the signal loop both drive this type; it knows
+//! nothing of either.
+//!
+//! Concurrency: operations that change the domain take `op` (one at a time, in arrival order);
+//! reads (`status`, `subscribe`) never wait for libvirt or for an operation; every libvirt call
+//! runs on tokio's blocking pool.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::plan::{PlanError, Planner};
+use super::state::{DiskStatus, Event, EventKind, EventLog, Gap, Phase, State, Status};
+use crate::domain::live::LiveDomain;
+use crate::domain::Disk;
+use crate::libvirt::events::StopReason;
+use crate::libvirt::{DomainEvent, DomainStats, Hypervisor, LibvirtError, LifecycleKind};
+use crate::spec::{SpecError, VirtualMachineInstance};
+
+/// How long a detach may wait for the guest to release the disk.
+pub const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default auto-thaw for a freeze.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why an operation failed, in terms a controller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("no domain is running")]
+    NoDomain,
+    #[error("the running domain belongs to VMI uid {running:?}; this VMI has uid {given:?}")]
+    WrongUid { running: String, given: String },
+    #[error("{0}")]
+    Precondition(String),
+    #[error("libvirtd is restarting; retry")]
+    Unavailable,
+    #[error("volume {volume}: {reason}")]
+    Volume { volume: String, reason: String },
+    #[error(transparent)]
+    Libvirt(LibvirtError),
+    #[error("internal task failed: {0}")]
+    Internal(String),
+}
+
+impl From<LibvirtError> for ControlError {
+    fn from(e: LibvirtError) -> Self {
+        match e {
+            LibvirtError::Disconnected => ControlError::Unavailable,
+            LibvirtError::NoDomain(_) => ControlError::NoDomain,
+            e => ControlError::Libvirt(e),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ControlError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ControlError::Internal(e.to_string())
+    }
+}
+
+/// A stop the API asked for; the supervisor loop carries it out (it owns the grace clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    Graceful(Duration),
+    Kill,
+}
+
+/// The core. Shared as `Arc<Launcher>`.
+pub struct Launcher {
+    hv: Arc<Hypervisor>,
+    planner: Planner,
+    status: RwLock<Status>,
+    events: EventLog,
+    op: tokio::sync::Mutex<()>,
+    vmi: Mutex<Option<VirtualMachineInstance>>,
+    stop: mpsc::UnboundedSender<StopRequest>,
+    /// Detaches waiting for the guest: alias → waiter.
+    removals: Mutex<HashMap<String, oneshot::Sender<bool>>>,
+    /// Becomes true once a domain was started.
+    started: AtomicBool,
+    freeze_generation: AtomicU64,
+    domain_type: String,
+    console_log: Mutex<Option<std::path::PathBuf>>,
+}
+
+impl Launcher {
+    pub fn new(
+        hv: Arc<Hypervisor>,
+        planner: Planner,
+        stop: mpsc::UnboundedSender<StopRequest>,
+    ) -> Arc<Launcher> {
+        let domain_type = format!("{:?}", planner.domain_type).to_lowercase();
+        Arc::new(Launcher {
+            hv,
+            planner,
+            status: RwLock::new(Status::default()),
+            events: EventLog::new(4096),
+            op: tokio::sync::Mutex::new(()),
+            vmi: Mutex::new(None),
+            stop,
+            removals: Mutex::new(HashMap::new()),
+            started: AtomicBool::new(false),
+            freeze_generation: AtomicU64::new(0),
+            domain_type,
+            console_log: Mutex::new(None),
+        })
+    }
+
+    pub fn hypervisor(&self) -> &Arc<Hypervisor> {
+        &self.hv
+    }
+
+    pub fn domain_type(&self) -> &str {
+        &self.domain_type
+    }
+
+    pub fn has_started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// The domain as last known; never blocks on libvirt.
+    pub fn status(&self) -> Status {
+        let mut s = self
+            .status
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        s.last_seq = self.events.last_seq();
+        s
+    }
+
+    /// The running VMI's grace period (default 30 s before any VMI).
+    pub fn grace(&self) -> Duration {
+        self.lock_vmi()
+            .as_ref()
+            .map(|v| v.termination_grace_period())
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// The VMI as last synced, as JSON.
+    pub fn vmi_json(&self) -> Result<Vec<u8>, ControlError> {
+        let vmi = self.lock_vmi();
+        let vmi = vmi.as_ref().ok_or(ControlError::NoDomain)?;
+        serde_json::to_vec_pretty(vmi).map_err(|e| ControlError::Internal(e.to_string()))
+    }
+
+    /// The guest's serial console log, once a domain was planned.
+    pub fn console_log(&self) -> Option<std::path::PathBuf> {
+        self.console_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn subscribe(&self, after: u64) -> Result<(Vec<Event>, broadcast::Receiver<Event>), Gap> {
+        self.events.subscribe(after)
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.events.last_seq()
+    }
+
+    fn lock_vmi(&self) -> std::sync::MutexGuard<'_, Option<VirtualMachineInstance>> {
+        self.vmi.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn domain_name(&self) -> Result<String, ControlError> {
+        let s = self.status.read().unwrap_or_else(|p| p.into_inner());
+        if s.name.is_empty() || matches!(s.state, State::None) {
+            return Err(ControlError::NoDomain);
+        }
+        Ok(s.name.clone())
+    }
+
+    /// Records a domain state change and publishes it.
+    pub fn set_state(&self, state: State, reason: &str) {
+        self.update(|s| {
+            s.state = state;
+            s.reason = reason.to_string();
+        });
+        let mut e = Event::new(EventKind::Domain);
+        e.state = state;
+        e.reason = reason.to_string();
+        self.events.push(e);
+    }
+
+    fn set_phase(&self, volume: &str, phase: Phase, message: &str) {
+        self.update(|s| {
+            if let Some(d) = s.disk_mut(volume) {
+                d.phase = phase;
+                d.message = message.to_string();
+            }
+        });
+        let mut e = Event::new(EventKind::Volume);
+        e.volume = volume.to_string();
+        e.phase = Some(phase);
+        e.message = message.to_string();
+        self.events.push(e);
+        match phase {
+            Phase::Failed => tracing::warn!(volume, ?phase, message, "volume"),
+            _ => tracing::info!(volume, ?phase, message, "volume"),
+        }
+    }
+
+    /// Publishes a free-form event (daemon restarts, agent, final).
+    pub fn publish(&self, kind: EventKind, message: &str) {
+        let mut e = Event::new(kind);
+        e.message = message.to_string();
+        let s = self.status();
+        e.state = s.state;
+        e.reason = s.reason;
+        self.events.push(e);
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Hypervisor) -> Result<T, LibvirtError> + Send + 'static,
+    ) -> Result<T, ControlError> {
+        let hv = self.hv.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&hv)).await??)
+    }
+
+    // ------------------------------------------------------------------ Sync
+
+    /// Starts the VMI, or reconciles the running domain to it.
+    pub async fn sync(&self, vmi: VirtualMachineInstance) -> Result<Status, ControlError> {
+        let _op = self.op.lock().await;
+        if !self.has_started() {
+            self.start(vmi).await?;
+        } else {
+            self.reconcile(vmi).await?;
+        }
+        Ok(self.status())
+    }
+
+    async fn start(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
+        let plan = self.planner.plan(&vmi)?;
+        self.planner.prepare(&vmi, &plan)?;
+        *self.console_log.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(plan.facts.paths.serial_log());
+        let name = plan.domain.name().to_string();
+        self.update(|s| {
+            s.name = name.clone();
+            s.uid = vmi.metadata.uid.clone().unwrap_or_default();
+            s.disks = plan
+                .domain
+                .devices
+                .disks
+                .iter()
+                .map(|d| disk_status(d, &vmi, Phase::Attaching, ""))
+                .collect();
+        });
+        self.set_state(State::Starting, "sync");
+        *self.lock_vmi() = Some(vmi.clone());
+        let xml = plan.xml.clone();
+        tracing::info!(domain = %name, "starting domain");
+        let t = std::time::Instant::now();
+        if let Err(e) = self.blocking(move |hv| hv.define_and_start(&xml)).await {
+            self.set_state(State::Shutoff, "failed");
+            return Err(e);
+        }
+        self.started.store(true, Ordering::SeqCst);
+        tracing::info!(domain = %name, elapsed_ms = t.elapsed().as_millis() as u64, "domain running");
+        let volumes: Vec<String> = self
+            .status()
+            .disks
+            .iter()
+            .map(|d| d.volume.clone())
+            .collect();
+        for v in volumes {
+            self.set_phase(&v, Phase::Ready, "");
+        }
+        Ok(())
+    }
+
+    async fn reconcile(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
+        let running = self.status().uid;
+        let given = vmi.metadata.uid.clone().unwrap_or_default();
+        if running != given {
+            return Err(ControlError::WrongUid { running, given });
+        }
+        let plan = self.planner.plan(&vmi)?;
+        *self.lock_vmi() = Some(vmi.clone());
+        let name = self.domain_name()?;
+        let live = self.live_disks(&name).await?;
+
+        // Attach what the spec has and the domain lacks (hot-pluggable volumes only).
+        let wanted: Vec<&Disk> = plan
+            .domain
+            .devices
+            .disks
+            .iter()
+            .filter(|d| is_hotplug(&vmi, d.volume()))
+            .collect();
+        let mut failures = Vec::new();
+        for disk in &wanted {
+            if live.iter().any(|l| l.volume_name() == Some(disk.volume())) {
+                continue;
+            }
+            if let Err(e) = self.attach(&name, &vmi, disk, &live).await {
+                failures.push(e);
+            }
+        }
+        // Detach hot-plugged disks the spec no longer has.
+        for l in &live {
+            let Some(volume) = l.volume_name() else {
+                continue;
+            };
+            let still_wanted = plan
+                .domain
+                .devices
+                .disks
+                .iter()
+                .any(|d| d.volume() == volume);
+            let was_hotplugged = self
+                .status()
+                .disks
+                .iter()
+                .any(|d| d.volume == volume && d.hotplugged);
+            if !still_wanted && was_hotplugged {
+                if let Err(e) = self.detach(&name, volume, l).await {
+                    failures.push(e);
+                }
+            }
+        }
+        // Grow disks whose claim grew.
+        for l in &live {
+            let Some(volume) = l.volume_name() else {
+                continue;
+            };
+            if let Err(e) = self.expand(&name, &vmi, volume, l).await {
+                failures.push(e);
+            }
+        }
+        match failures.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Online expansion: a Filesystem-mode `disk.img` grows to the claim's new usable size; a
+    /// Block-mode disk to its device's size. The guest sees the new size at once. Shrinking is
+    /// refused (it would cut off data).
+    async fn expand(
+        &self,
+        name: &str,
+        vmi: &VirtualMachineInstance,
+        volume: &str,
+        live: &crate::domain::live::LiveDisk,
+    ) -> Result<(), ControlError> {
+        let (Some(target), Some(source)) = (live.target_dev(), live.source_path()) else {
+            return Ok(());
+        };
+        if live.device.as_deref().is_some_and(|d| d != "disk") {
+            return Ok(());
+        }
+        let path = Path::new(source);
+        let is_block = std::fs::metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_block_device()
+        });
+        let current = size_of(path);
+        let wanted = if is_block {
+            current
+        } else {
+            super::plan::wanted_image_size(vmi, volume).unwrap_or(current)
+        };
+        let (t, n) = (target.to_string(), name.to_string());
+        let seen = self.blocking(move |hv| hv.block_capacity(&n, &t)).await?;
+        if wanted < current && !is_block {
+            let e = ControlError::Volume {
+                volume: volume.into(),
+                reason: format!("the claim shrank to {wanted} bytes but disk.img holds {current}: shrinking is not supported"),
+            };
+            self.set_phase(volume, Phase::Failed, &e.to_string());
+            return Err(e);
+        }
+        if wanted <= seen {
+            return Ok(());
+        }
+        if !is_block {
+            let grown = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.set_len(wanted));
+            if let Err(e) = grown {
+                let e = ControlError::Volume {
+                    volume: volume.into(),
+                    reason: format!("cannot grow {source}: {e}"),
+                };
+                self.set_phase(volume, Phase::Failed, &e.to_string());
+                return Err(e);
+            }
+        }
+        let (t, n) = (target.to_string(), name.to_string());
+        if let Err(e) = self
+            .blocking(move |hv| hv.block_resize(&n, &t, wanted))
+            .await
+        {
+            let e = ControlError::Volume {
+                volume: volume.into(),
+                reason: format!("live resize failed: {e}"),
+            };
+            self.set_phase(volume, Phase::Failed, &e.to_string());
+            return Err(e);
+        }
+        self.update(|s| {
+            if let Some(d) = s.disk_mut(volume) {
+                d.size_bytes = wanted;
+            }
+        });
+        self.set_phase(
+            volume,
+            Phase::Ready,
+            &format!("expanded from {seen} to {wanted} bytes"),
+        );
+        Ok(())
+    }
+
+    async fn live_disks(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::domain::live::LiveDisk>, ControlError> {
+        let n = name.to_string();
+        let xml = self.blocking(move |hv| hv.xml(&n)).await?;
+        let live = LiveDomain::parse(&xml)
+            .map_err(|e| ControlError::Internal(format!("live domain XML: {e}")))?;
+        Ok(live.disks().to_vec())
+    }
+
+    /// Hot-plugs one disk. On any failure the VM keeps running and the volume is Failed.
+    async fn attach(
+        &self,
+        name: &str,
+        vmi: &VirtualMachineInstance,
+        disk: &Disk,
+        live: &[crate::domain::live::LiveDisk],
+    ) -> Result<(), ControlError> {
+        let volume = disk.volume().to_string();
+        let mut disk = disk.clone();
+        // The converter's target may be taken by a disk attached earlier: pick a free one.
+        if live
+            .iter()
+            .any(|l| l.target_dev() == Some(disk.target_dev.as_str()))
+        {
+            let taken: Vec<&str> = live.iter().filter_map(|l| l.target_dev()).collect();
+            match free_target(&disk.target_dev, &taken) {
+                Some(t) => disk.target_dev = t,
+                None => {
+                    let e = ControlError::Volume {
+                        volume: volume.clone(),
+                        reason: "no free target name".into(),
+                    };
+                    self.add_failed(vmi, &disk, &e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        self.update(|s| {
+            s.disks.retain(|d| d.volume != volume);
+            s.disks.push(disk_status(&disk, vmi, Phase::Attaching, ""));
+        });
+        self.set_phase(&volume, Phase::Attaching, "");
+        if let Err(reason) = check_openable(disk.source_path(), disk.readonly) {
+            let e = ControlError::Volume {
+                volume: volume.clone(),
+                reason,
+            };
+            self.set_phase(&volume, Phase::Failed, &e.to_string());
+            return Err(e);
+        }
+        let xml = disk.to_xml();
+        let n = name.to_string();
+        match self.blocking(move |hv| hv.attach_device(&n, &xml)).await {
+            Ok(()) => {
+                self.set_phase(&volume, Phase::Ready, "");
+                Ok(())
+            }
+            Err(e) => {
+                let e = ControlError::Volume {
+                    volume: volume.clone(),
+                    reason: format!("attach failed: {e}"),
+                };
+                self.set_phase(&volume, Phase::Failed, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn add_failed(&self, vmi: &VirtualMachineInstance, disk: &Disk, message: &str) {
+        let volume = disk.volume().to_string();
+        self.update(|s| {
+            s.disks.retain(|d| d.volume != volume);
+            s.disks.push(disk_status(disk, vmi, Phase::Failed, message));
+        });
+        self.set_phase(&volume, Phase::Failed, message);
+    }
+
+    /// Unplugs one disk and waits for the guest to release it (DEVICE_REMOVED), up to
+    /// [`DETACH_TIMEOUT`]. Never reports success before the guest did.
+    async fn detach(
+        &self,
+        name: &str,
+        volume: &str,
+        live: &crate::domain::live::LiveDisk,
+    ) -> Result<(), ControlError> {
+        let alias = format!("ua-{volume}");
+        let (tx, rx) = oneshot::channel();
+        self.removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(alias.clone(), tx);
+        self.set_phase(volume, Phase::Detaching, "");
+        let xml = detach_xml(live);
+        let n = name.to_string();
+        if let Err(e) = self.blocking(move |hv| hv.detach_device(&n, &xml)).await {
+            self.removals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&alias);
+            let e = ControlError::Volume {
+                volume: volume.into(),
+                reason: format!("detach failed: {e}"),
+            };
+            self.set_phase(volume, Phase::Failed, &e.to_string());
+            return Err(e);
+        }
+        // libvirt may already have seen the removal (synchronous for cooperative guests); the
+        // event is delivered either way.
+        match tokio::time::timeout(DETACH_TIMEOUT, rx).await {
+            Ok(Ok(true)) => {
+                self.set_phase(volume, Phase::Detached, "");
+                self.update(|s| s.disks.retain(|d| d.volume != volume));
+                Ok(())
+            }
+            Ok(_) => {
+                let e = ControlError::Volume {
+                    volume: volume.into(),
+                    reason: "the guest refused to release the disk".into(),
+                };
+                self.set_phase(volume, Phase::Failed, &e.to_string());
+                Err(e)
+            }
+            Err(_) => {
+                self.removals
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&alias);
+                let e = ControlError::Volume {
+                    volume: volume.into(),
+                    reason: format!(
+                        "the guest did not release the disk within {}s; it is still attached",
+                        DETACH_TIMEOUT.as_secs()
+                    ),
+                };
+                self.set_phase(volume, Phase::Failed, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ simple operations
+
+    pub fn request_stop(&self, req: StopRequest) -> Result<(), ControlError> {
+        self.domain_name()?;
+        self.stop
+            .send(req)
+            .map_err(|_| ControlError::Precondition("the launcher is stopping".into()))
+    }
+
+    pub async fn pause(&self) -> Result<(), ControlError> {
+        let _op = self.op.lock().await;
+        let name = self.domain_name()?;
+        self.blocking(move |hv| hv.pause(&name)).await
+    }
+
+    pub async fn unpause(&self) -> Result<(), ControlError> {
+        let _op = self.op.lock().await;
+        let name = self.domain_name()?;
+        self.blocking(move |hv| hv.resume(&name)).await
+    }
+
+    pub async fn reboot(&self) -> Result<(), ControlError> {
+        let _op = self.op.lock().await;
+        let name = self.domain_name()?;
+        self.blocking(move |hv| hv.reboot(&name)).await
+    }
+
+    /// Freezes the guest's filesystems; thaws them by itself after `timeout`.
+    pub async fn freeze(self: &Arc<Self>, timeout: Duration) -> Result<i32, ControlError> {
+        let _op = self.op.lock().await;
+        let name = self.domain_name()?;
+        let n = name.clone();
+        let frozen = self
+            .blocking(move |hv| hv.fs_freeze(&n))
+            .await
+            .map_err(agent_error)?;
+        let generation = self.freeze_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.publish(
+            EventKind::Agent,
+            &format!(
+                "froze {frozen} filesystems; automatic thaw in {}s",
+                timeout.as_secs()
+            ),
+        );
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if me.freeze_generation.load(Ordering::SeqCst) == generation {
+                let _op = me.op.lock().await;
+                if me.freeze_generation.load(Ordering::SeqCst) != generation {
+                    return;
+                }
+                let n = name.clone();
+                match me.blocking(move |hv| hv.fs_thaw(&n)).await {
+                    Ok(k) => me.publish(
+                        EventKind::Agent,
+                        &format!("freeze timed out: thawed {k} filesystems"),
+                    ),
+                    Err(e) => tracing::error!(error = %e, "automatic thaw failed"),
+                }
+            }
+        });
+        Ok(frozen)
+    }
+
+    pub async fn unfreeze(&self) -> Result<i32, ControlError> {
+        let _op = self.op.lock().await;
+        let name = self.domain_name()?;
+        self.freeze_generation.fetch_add(1, Ordering::SeqCst);
+        let thawed = self
+            .blocking(move |hv| hv.fs_thaw(&name))
+            .await
+            .map_err(agent_error)?;
+        self.publish(EventKind::Agent, &format!("thawed {thawed} filesystems"));
+        Ok(thawed)
+    }
+
+    pub async fn stats(&self) -> Result<(DomainStats, Vec<(String, String)>), ControlError> {
+        let name = self.domain_name()?;
+        let disks: Vec<(String, String)> = self
+            .status()
+            .disks
+            .iter()
+            .filter(|d| d.phase == Phase::Ready)
+            .map(|d| (d.volume.clone(), d.target.clone()))
+            .collect();
+        let targets: Vec<String> = disks.iter().map(|(_, t)| t.clone()).collect();
+        let stats = self.blocking(move |hv| hv.stats(&name, &targets)).await?;
+        Ok((stats, disks))
+    }
+
+    // ------------------------------------------------------------------ events
+
+    /// Applies a libvirt event to the state. Returns the stop reason when the domain is gone.
+    pub fn on_domain_event(&self, ev: &DomainEvent) -> Option<StopReason> {
+        match ev {
+            DomainEvent::Lifecycle { kind, .. } => match kind {
+                LifecycleKind::Started => self.set_state(State::Running, "started"),
+                LifecycleKind::Resumed => self.set_state(State::Running, "unpaused"),
+                LifecycleKind::Suspended => self.set_state(State::Paused, "paused"),
+                LifecycleKind::ShuttingDown => {
+                    self.set_state(State::ShuttingDown, "guest shutdown")
+                }
+                LifecycleKind::Crashed => self.set_state(State::Crashed, "crashed"),
+                LifecycleKind::Stopped(r) => {
+                    let state = if r.is_clean() {
+                        State::Shutoff
+                    } else {
+                        State::Crashed
+                    };
+                    self.set_state(state, &format!("{r:?}").to_lowercase());
+                    return Some(*r);
+                }
+                _ => {}
+            },
+            DomainEvent::DeviceRemoved { alias, .. } => self.resolve_removal(alias, true),
+            DomainEvent::DeviceRemovalFailed { alias, .. } => self.resolve_removal(alias, false),
+            DomainEvent::IoError {
+                alias,
+                path,
+                reason,
+                ..
+            } => {
+                let volume = alias.strip_prefix("ua-").unwrap_or(alias);
+                tracing::error!(volume, path, reason, "I/O error on volume");
+                let mut e = Event::new(EventKind::IoError);
+                e.volume = volume.to_string();
+                e.message = format!("I/O error on {path}: {reason}");
+                e.state = self.status().state;
+                self.events.push(e);
+            }
+            DomainEvent::AgentConnected { connected, .. } => self.publish(
+                EventKind::Agent,
+                if *connected {
+                    "guest agent connected"
+                } else {
+                    "guest agent disconnected"
+                },
+            ),
+            DomainEvent::Reboot { .. } => self.publish(EventKind::Domain, "guest rebooted"),
+            DomainEvent::Watchdog { action, .. } => self.publish(
+                EventKind::Domain,
+                &format!("watchdog fired (action {action})"),
+            ),
+            _ => {}
+        }
+        None
+    }
+
+    fn resolve_removal(&self, alias: &str, removed: bool) {
+        if let Some(tx) = self
+            .removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(alias)
+        {
+            let _ = tx.send(removed);
+        }
+    }
+}
+
+fn agent_error(e: ControlError) -> ControlError {
+    match e {
+        ControlError::Libvirt(LibvirtError::Call { code, message, .. })
+            if code == virt::sys::VIR_ERR_AGENT_UNRESPONSIVE as i32 =>
+        {
+            ControlError::Precondition(format!("the guest agent is not connected: {message}"))
+        }
+        ControlError::Libvirt(LibvirtError::Call { code, message, .. })
+            if code == virt::sys::VIR_ERR_ARGUMENT_UNSUPPORTED as i32
+                || code == virt::sys::VIR_ERR_OPERATION_UNSUPPORTED as i32
+                || code == virt::sys::VIR_ERR_OPERATION_INVALID as i32
+                || message.contains("agent") =>
+        {
+            ControlError::Precondition(format!("the guest agent cannot do this: {message}"))
+        }
+        e => e,
+    }
+}
+
+fn is_hotplug(vmi: &VirtualMachineInstance, volume: &str) -> bool {
+    vmi.spec
+        .volumes
+        .iter()
+        .any(|v| v.name == volume && v.is_hotpluggable())
+}
+
+fn disk_status(d: &Disk, vmi: &VirtualMachineInstance, phase: Phase, message: &str) -> DiskStatus {
+    let volume = d.volume().to_string();
+    let status = vmi.volume_status(&volume);
+    DiskStatus {
+        target: d.target_dev.clone(),
+        bus: d.bus.clone(),
+        source: d.source_path().display().to_string(),
+        phase,
+        message: message.to_string(),
+        hotplugged: is_hotplug(vmi, &volume),
+        shared: d.shareable || status.is_some_and(|s| s.is_shared()),
+        size_bytes: size_of(d.source_path()),
+        volume,
+    }
+}
+
+fn size_of(path: &Path) -> u64 {
+    use std::io::{Seek, SeekFrom};
+    // Seeking to the end gives the size of files and block devices alike.
+    std::fs::File::open(path)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .unwrap_or(0)
+}
+
+/// The backing path must exist and open with the access the disk needs.
+fn check_openable(path: &Path, readonly: bool) -> Result<(), String> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(!readonly);
+    o.open(path)
+        .map(|_| ())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The first free target with the same prefix (`vd`, `sd`) as `wanted`.
+fn free_target(wanted: &str, taken: &[&str]) -> Option<String> {
+    let prefix: String = wanted.chars().take(2).collect();
+    (0..26 * 27)
+        .map(|i| {
+            if i < 26 {
+                format!("{prefix}{}", (b'a' + i as u8) as char)
+            } else {
+                let j = i - 26;
+                format!(
+                    "{prefix}{}{}",
+                    (b'a' + (j / 26) as u8) as char,
+                    (b'a' + (j % 26) as u8) as char
+                )
+            }
+        })
+        .find(|t| !taken.contains(&t.as_str()))
+}
+
+/// The minimal `<disk>` libvirt needs to find a live disk for detach.
+fn detach_xml(l: &crate::domain::live::LiveDisk) -> String {
+    let mut x = String::from("<disk>");
+    if let Some(alias) = l.alias() {
+        x += &format!("<alias name='{}'/>", crate::domain::escape_attr(alias));
+    }
+    if let Some(t) = l.target_dev() {
+        x += &format!("<target dev='{}'/>", crate::domain::escape_attr(t));
+    }
+    x += "</disk>";
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_targets_fill_gaps_with_the_same_prefix() {
+        assert_eq!(free_target("vdb", &["vda", "vdb"]).as_deref(), Some("vdc"));
+        assert_eq!(free_target("sda", &["vda"]).as_deref(), Some("sda"));
+        let many: Vec<String> = (0..26)
+            .map(|i| format!("vd{}", (b'a' + i) as char))
+            .collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(free_target("vda", &refs).as_deref(), Some("vdaa"));
+    }
+
+    #[test]
+    fn openable_check_names_the_path() {
+        let err = check_openable(Path::new("/nonexistent/hp.img"), true).unwrap_err();
+        assert!(err.contains("/nonexistent/hp.img"), "{err}");
+    }
+}

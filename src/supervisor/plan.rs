@@ -1,0 +1,173 @@
+//! From a VMI to what the supervisor runs: gather pod facts, convert, prepare files.
+
+use std::path::PathBuf;
+
+use crate::convert::{self, ConvertError};
+use crate::domain::Domain;
+use crate::podfacts::{self, DomainType, PodFacts, PodFactsError, PodPaths};
+use crate::prepare::{self, PrepareError};
+use crate::spec::VirtualMachineInstance;
+
+/// Where this launcher's pod keeps things, as given on the command line (None: KubeVirt's
+/// in-pod default).
+#[derive(Debug, Clone, Default)]
+pub struct PathOverrides {
+    pub vmi_disks_dir: Option<PathBuf>,
+    pub hotplug_disks_dir: Option<PathBuf>,
+    pub block_dev_dir: Option<PathBuf>,
+    pub kernel_boot_dir: Option<PathBuf>,
+    pub private_dir: Option<PathBuf>,
+    pub ephemeral_disks_dir: Option<PathBuf>,
+}
+
+impl PathOverrides {
+    /// KubeVirt's layout for `vmi`, with the overrides applied.
+    pub fn paths_for(&self, vmi: &VirtualMachineInstance) -> PodPaths {
+        let mut p = PodPaths::kubevirt_defaults(vmi);
+        let set = |dst: &mut PathBuf, src: &Option<PathBuf>| {
+            if let Some(s) = src {
+                *dst = s.clone();
+            }
+        };
+        set(&mut p.vmi_disks_dir, &self.vmi_disks_dir);
+        set(&mut p.hotplug_disks_dir, &self.hotplug_disks_dir);
+        set(&mut p.block_dev_dir, &self.block_dev_dir);
+        set(&mut p.kernel_boot_dir, &self.kernel_boot_dir);
+        set(&mut p.private_dir, &self.private_dir);
+        set(&mut p.ephemeral_disks_dir, &self.ephemeral_disks_dir);
+        p
+    }
+}
+
+/// Everything needed to turn a VMI into a domain in this pod.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    pub domain_type: DomainType,
+    pub paths: PathOverrides,
+}
+
+/// Why a VMI cannot run here.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("volume {volume}: cannot create {}: {source}", path.display())]
+    CreateImage {
+        volume: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Facts(#[from] PodFactsError),
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+}
+
+/// A converted VMI, ready to define.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub facts: PodFacts,
+    pub domain: Domain,
+    pub xml: String,
+}
+
+impl Planner {
+    /// Probes the pod and converts (safe to call to validate a spec; its only side effect is
+    /// [`create_missing_images`]).
+    pub fn plan(&self, vmi: &VirtualMachineInstance) -> Result<Plan, PlanError> {
+        create_missing_images(vmi, &self.paths.paths_for(vmi))?;
+        let facts = podfacts::probe(vmi, self.paths.paths_for(vmi), self.domain_type)?;
+        let domain = convert::convert(vmi, &facts)?;
+        let xml = domain.to_xml();
+        Ok(Plan { facts, domain, xml })
+    }
+
+    /// Creates the files the domain needs (ISOs, overlays, empty disks).
+    pub fn prepare(&self, vmi: &VirtualMachineInstance, plan: &Plan) -> Result<(), PlanError> {
+        Ok(prepare::prepare(vmi, &plan.facts)?)
+    }
+}
+
+/// CDI's default share of a Filesystem-mode PVC kept free for the filesystem itself.
+pub const DEFAULT_FILESYSTEM_OVERHEAD: f64 = 0.055;
+
+/// The size KubeVirt gives `disk.img` on a claim of `capacity` bytes: the capacity less the
+/// filesystem overhead, rounded down to whole MiB.
+pub fn usable_size(capacity: u64, overhead: Option<&str>) -> u64 {
+    let overhead = overhead
+        .and_then(|o| o.parse::<f64>().ok())
+        .filter(|o| (0.0..1.0).contains(o));
+    let usable = (capacity as f64 * (1.0 - overhead.unwrap_or(DEFAULT_FILESYSTEM_OVERHEAD))) as u64;
+    usable & !((1 << 20) - 1)
+}
+
+/// The size `disk.img` of `volume` should have, from the claim's capacity in the VMI status.
+pub fn wanted_image_size(vmi: &VirtualMachineInstance, volume: &str) -> Option<u64> {
+    let status = vmi.volume_status(volume)?;
+    let capacity = status.capacity_bytes()?;
+    let overhead = status
+        .persistent_volume_claim_info
+        .as_ref()
+        .and_then(|p| p.filesystem_overhead.as_deref());
+    Some(usable_size(capacity, overhead))
+}
+
+/// As KubeVirt does, a Filesystem-mode claim that is mounted (its directory exists) but has no
+/// `disk.img` gets a sparse one sized to the claim's capacity less the filesystem overhead.
+/// Without a known capacity nothing is created (the probe then names the missing file).
+fn create_missing_images(
+    vmi: &VirtualMachineInstance,
+    paths: &crate::podfacts::PodPaths,
+) -> Result<(), PlanError> {
+    for v in &vmi.spec.volumes {
+        let pvc = v
+            .persistent_volume_claim
+            .as_ref()
+            .map(|p| p.hotpluggable)
+            .or(v.data_volume.as_ref().map(|d| d.hotpluggable));
+        if !matches!(pvc, Some(None) | Some(Some(false))) || !crate::spec::is_dns1123_label(&v.name)
+        {
+            continue;
+        }
+        let dir = paths.vmi_disks_dir.join(&v.name);
+        let image = dir.join("disk.img");
+        if !dir.is_dir() || image.exists() || paths.pvc_block(&v.name).exists() {
+            continue;
+        }
+        let Some(size) = wanted_image_size(vmi, &v.name) else {
+            continue;
+        };
+        let err = |source| PlanError::CreateImage {
+            volume: v.name.clone(),
+            path: image.clone(),
+            source,
+        };
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&image)
+            .map_err(err)?;
+        f.set_len(size).map_err(err)?;
+        tracing::info!(volume = %v.name, path = %image.display(), size, "created sparse disk.img for the claim");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usable_size_leaves_the_overhead_and_rounds_to_mib() {
+        let gib = 1u64 << 30;
+        assert_eq!(
+            usable_size(gib, None),
+            (gib as f64 * 0.945) as u64 & !((1 << 20) - 1)
+        );
+        assert_eq!(usable_size(gib, Some("0")), gib);
+        assert_eq!(usable_size(gib, Some("0.5")), gib / 2);
+        // Nonsense overheads fall back to the default.
+        assert_eq!(usable_size(gib, Some("2")), usable_size(gib, None));
+        assert_eq!(usable_size(gib, Some("x")), usable_size(gib, None));
+    }
+}

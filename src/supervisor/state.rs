@@ -1,0 +1,227 @@
+//! What the launcher knows about its domain, kept current from libvirt events, and the
+//! numbered event log that controllers follow. Plain data: no libvirt, no I/O.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+/// The domain's state as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub enum State {
+    /// No domain yet (waiting for a VMI).
+    #[default]
+    None,
+    Starting,
+    Running,
+    Paused,
+    ShuttingDown,
+    Shutoff,
+    Crashed,
+}
+
+/// A volume's phase, as KubeVirt users know them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Phase {
+    Attaching,
+    Ready,
+    Detaching,
+    Detached,
+    Failed,
+}
+
+/// One disk of the domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskStatus {
+    pub volume: String,
+    pub target: String,
+    pub bus: String,
+    pub source: String,
+    pub phase: Phase,
+    pub message: String,
+    pub hotplugged: bool,
+    pub shared: bool,
+    pub size_bytes: u64,
+}
+
+/// The snapshot GetDomain returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub uid: String,
+    pub state: State,
+    pub reason: String,
+    pub disks: Vec<DiskStatus>,
+    pub last_seq: u64,
+}
+
+impl Status {
+    pub fn disk_mut(&mut self, volume: &str) -> Option<&mut DiskStatus> {
+        self.disks.iter_mut().find(|d| d.volume == volume)
+    }
+}
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum EventKind {
+    Domain,
+    Volume,
+    Daemon,
+    IoError,
+    Final,
+    Agent,
+}
+
+/// One numbered event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time_unix_ms: i64,
+    pub kind: EventKind,
+    pub state: State,
+    pub reason: String,
+    pub volume: String,
+    pub phase: Option<Phase>,
+    pub message: String,
+}
+
+impl Event {
+    pub fn new(kind: EventKind) -> Event {
+        Event {
+            seq: 0,
+            time_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            kind,
+            state: State::None,
+            reason: String::new(),
+            volume: String::new(),
+            phase: None,
+            message: String::new(),
+        }
+    }
+}
+
+/// Why a resume point cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("events after {after} are no longer kept (oldest kept: {oldest}); call GetDomain and watch from its last_seq")]
+pub struct Gap {
+    pub after: u64,
+    pub oldest: u64,
+}
+
+/// A bounded, numbered log of events with live subscription. Sequence numbers start at 1 and
+/// have no holes, so a subscriber that knows its last number can tell whether it missed any.
+pub struct EventLog {
+    inner: Mutex<LogInner>,
+    live: broadcast::Sender<Event>,
+    capacity: usize,
+}
+
+struct LogInner {
+    next: u64,
+    kept: VecDeque<Event>,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize) -> EventLog {
+        let (live, _) = broadcast::channel(capacity.max(16));
+        EventLog {
+            inner: Mutex::new(LogInner {
+                next: 1,
+                kept: VecDeque::new(),
+            }),
+            live,
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Numbers, keeps and broadcasts `event`; returns its sequence number.
+    pub fn push(&self, mut event: Event) -> u64 {
+        let mut inner = self.lock();
+        event.seq = inner.next;
+        inner.next += 1;
+        if inner.kept.len() == self.capacity {
+            inner.kept.pop_front();
+        }
+        inner.kept.push_back(event.clone());
+        // Sent under the lock so live order equals sequence order.
+        let _ = self.live.send(event.clone());
+        event.seq
+    }
+
+    /// The sequence number of the newest event (0 if none).
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next - 1
+    }
+
+    /// Kept events after `after`, plus a live receiver that continues exactly where they end.
+    pub fn subscribe(&self, after: u64) -> Result<(Vec<Event>, broadcast::Receiver<Event>), Gap> {
+        let inner = self.lock();
+        let rx = self.live.subscribe();
+        let oldest = inner.kept.front().map(|e| e.seq).unwrap_or(inner.next);
+        if after + 1 < oldest && after < inner.next - 1 {
+            return Err(Gap { after, oldest });
+        }
+        let backlog = inner
+            .kept
+            .iter()
+            .filter(|e| e.seq > after)
+            .cloned()
+            .collect();
+        Ok((backlog, rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(msg: &str) -> Event {
+        let mut e = Event::new(EventKind::Daemon);
+        e.message = msg.into();
+        e
+    }
+
+    #[test]
+    fn sequence_numbers_have_no_holes_and_resume_is_exact() {
+        let log = EventLog::new(4);
+        assert_eq!(log.last_seq(), 0);
+        for i in 1..=3 {
+            assert_eq!(log.push(ev(&i.to_string())), i);
+        }
+        let (backlog, mut rx) = log.subscribe(1).unwrap();
+        assert_eq!(
+            backlog.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        log.push(ev("4"));
+        assert_eq!(rx.try_recv().unwrap().seq, 4);
+    }
+
+    #[test]
+    fn a_resume_point_older_than_the_log_is_a_gap() {
+        let log = EventLog::new(2);
+        for i in 1..=5 {
+            log.push(ev(&i.to_string()));
+        }
+        // Kept: 4, 5. After 3 is fine (nothing missed); after 2 missed event 3.
+        assert!(log.subscribe(3).is_ok());
+        assert_eq!(
+            log.subscribe(2).unwrap_err(),
+            Gap {
+                after: 2,
+                oldest: 4
+            }
+        );
+        // "From now on" (the newest seq) is always fine.
+        assert!(log.subscribe(5).unwrap().0.is_empty());
+    }
+}

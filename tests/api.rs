@@ -1,0 +1,425 @@
+//! The control API, driven through the real socket against a launcher running a TCG guest.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Pod;
+use tonic::Code;
+use tonic_types::StatusExt;
+use virt_launcher::api::client;
+use virt_launcher::api::pb::{self, DomainState, EventKind, VolumePhase};
+
+type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
+
+async fn connect(pod: &Pod) -> Client {
+    client::connect(&pod.socket())
+        .await
+        .expect("connect to the launcher socket")
+}
+
+async fn domain(c: &mut Client) -> pb::Domain {
+    c.get_domain(pb::Empty {}).await.unwrap().into_inner()
+}
+
+/// Polls GetDomain until `pred` holds.
+async fn wait_domain(c: &mut Client, what: &str, pred: impl Fn(&pb::Domain) -> bool) -> pb::Domain {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = domain(c).await;
+        if pred(&d) {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "domain never became {what}: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn vmi_json(pod: &Pod) -> Vec<u8> {
+    let v: serde_json::Value = serde_norway::from_str(&pod.vmi_yaml()).unwrap();
+    serde_json::to_vec(&v).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_works_against_a_real_guest() {
+    let mut pod = Pod::new("api").with_disk("data", "virtio", 16);
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    let mut c = connect(&pod).await;
+
+    c.ping(pb::Empty {}).await.unwrap();
+    let info = c.info(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(info.api_version, "launcher.v1");
+    assert!(info.libvirt_version.starts_with("9."), "{info:?}");
+    assert_eq!(info.domain_type, "qemu");
+    assert_eq!(std::path::Path::new(&info.console_log), pod.console_log());
+
+    let d = domain(&mut c).await;
+    assert_eq!(d.state(), DomainState::Running);
+    assert_eq!(d.uid, pod.uid());
+    assert_eq!(d.disks.len(), 1);
+    assert_eq!(
+        (d.disks[0].volume.as_str(), d.disks[0].target.as_str()),
+        ("data", "vda")
+    );
+    assert_eq!(d.disks[0].phase(), VolumePhase::Ready);
+    assert_eq!(d.disks[0].size_bytes, 16 << 20);
+
+    let stats = c.get_stats(pb::Empty {}).await.unwrap().into_inner();
+    assert!(stats.cpu_time_ns > 0, "{stats:?}");
+    assert_eq!(stats.max_memory_kib, 128 * 1024);
+    assert_eq!(stats.disks.len(), 1);
+    assert_eq!(stats.disks[0].volume, "data");
+    assert!(
+        stats.disks[0].read_bytes > 0,
+        "the guest read its disk at boot: {stats:?}"
+    );
+
+    let vmi: serde_json::Value =
+        serde_json::from_slice(&c.get_vmi(pb::Empty {}).await.unwrap().into_inner().vmi).unwrap();
+    assert_eq!(vmi["metadata"]["name"], pod.name.as_str());
+
+    // Watch from now: the first event is the current state.
+    let mut watch = c
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.state(), DomainState::Running);
+    let resume_from = first.seq;
+
+    c.pause(pb::Empty {}).await.unwrap();
+    wait_domain(&mut c, "paused", |d| d.state() == DomainState::Paused).await;
+    c.unpause(pb::Empty {}).await.unwrap();
+    wait_domain(&mut c, "running", |d| d.state() == DomainState::Running).await;
+
+    // The live stream saw both, in order, with consecutive sequence numbers.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let e = watch.message().await.unwrap().unwrap();
+        if e.kind() == EventKind::Domain {
+            seen.push((e.seq, e.state()));
+        }
+    }
+    assert_eq!(
+        seen.iter().map(|s| s.1).collect::<Vec<_>>(),
+        vec![DomainState::Paused, DomainState::Running]
+    );
+
+    // A reconnecting controller resumes exactly where it stopped.
+    drop(watch);
+    let mut resumed = c
+        .watch(pb::WatchRequest {
+            after_seq: resume_from,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let again = resumed.message().await.unwrap().unwrap();
+    assert_eq!(
+        again.seq,
+        resume_from + 1,
+        "resume must continue with the next event"
+    );
+
+    // Freeze/unfreeze through the guest agent.
+    let frozen = c
+        .freeze(pb::FreezeRequest {
+            timeout_seconds: 30,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(frozen.filesystems, 1);
+    pod.wait_console("LV-FROZEN 1", Duration::from_secs(5));
+    let thawed = c.unfreeze(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(thawed.filesystems, 1);
+    pod.wait_console("LV-THAWED 1", Duration::from_secs(5));
+
+    // Reboot: the guest comes up a second time.
+    c.reboot(pb::Empty {}).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pod.console_count("LV-READY") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "guest did not reboot\n{}",
+            pod.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Shutdown: the stream ends with the final event, the launcher exits 0.
+    let mut tail = c
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    c.shutdown(pb::ShutdownRequest { grace_seconds: 20 })
+        .await
+        .unwrap();
+    let mut kinds = Vec::new();
+    while let Ok(Some(e)) = tail.message().await {
+        kinds.push(e.kind());
+        if e.kind() == EventKind::Final {
+            break;
+        }
+    }
+    assert_eq!(
+        kinds.last(),
+        Some(&EventKind::Final),
+        "no final event: {kinds:?}"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = pod.wait_exit(Duration::from_secs(30));
+        (s, pod)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{}", status.1.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_mode_waits_for_sync_and_bad_requests_get_clear_codes() {
+    let mut pod = Pod::new("apibad").with_disk("data", "virtio", 16);
+    pod.wait_for_sync = true;
+    pod.start();
+    pod.wait_socket(Duration::from_secs(30));
+    assert!(
+        !common::Pod::socket(&pod)
+            .with_file_name("launcher-init-sock")
+            .exists(),
+        "temporary socket left"
+    );
+    let mut c = connect(&pod).await;
+
+    // Before any domain: state None, operations are FailedPrecondition.
+    assert_eq!(domain(&mut c).await.state(), DomainState::None);
+    assert_eq!(
+        c.pause(pb::Empty {}).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        c.get_stats(pb::Empty {}).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    // Garbage and wrong fields: InvalidArgument naming the field.
+    let e = c
+        .sync(pb::SyncRequest {
+            vmi: b"{not json".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let bad = pod.vmi_yaml().replace(
+        "disk:\n            bus: virtio",
+        "lun:\n            bus: virtio",
+    );
+    let bad: serde_json::Value = serde_norway::from_str(&bad).unwrap();
+    let e = c
+        .sync(pb::SyncRequest {
+            vmi: serde_json::to_vec(&bad).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let field = e
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations[0]
+        .field
+        .clone();
+    assert!(field.starts_with("spec.domain.devices.disks[0]"), "{field}");
+
+    // Oversized message: refused, the launcher keeps serving.
+    let e = c
+        .sync(pb::SyncRequest {
+            vmi: vec![b' '; 5 << 20],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    c.ping(pb::Empty {}).await.unwrap();
+
+    // A good Sync starts the domain.
+    let d = c
+        .sync(pb::SyncRequest {
+            vmi: vmi_json(&pod),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .domain
+        .unwrap();
+    assert!(
+        matches!(d.state(), DomainState::Running | DomainState::Starting),
+        "{d:?}"
+    );
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+
+    // A Sync for another VMI is refused; the guest is unaffected.
+    let other = pod
+        .vmi_yaml()
+        .replace(&pod.uid(), "99999999-0000-4000-8000-000000000000");
+    let other: serde_json::Value = serde_norway::from_str(&other).unwrap();
+    let e = c
+        .sync(pb::SyncRequest {
+            vmi: serde_json::to_vec(&other).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(domain(&mut c).await.state(), DomainState::Running);
+
+    // A client that disconnects mid-stream harms nobody.
+    let watch = c
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    drop(watch);
+    c.ping(pb::Empty {}).await.unwrap();
+
+    c.kill(pb::Empty {}).await.unwrap();
+    let (status, pod) =
+        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(30)), pod))
+            .await
+            .unwrap();
+    assert!(status.success(), "{}", pod.dump());
+    assert!(
+        pod.log().contains("\"reason\":\"Destroyed\""),
+        "{}",
+        pod.dump()
+    );
+}
+
+#[test]
+fn peers_with_other_uids_are_refused() {
+    let mut pod = Pod::new("apiuid").with_disk("data", "virtio", 16);
+    pod.wait_for_sync = true;
+    // The socket is group-accessible so that uid 65534 can connect at all; the uid check is
+    // what must refuse it.
+    pod.extra_args = vec!["--socket-group".into(), "65534".into()];
+    pod.start();
+    pod.wait_socket(Duration::from_secs(30));
+    // The runtime root is 0700: give the stranger a way in to the socket's directory.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(pod.runtime_dir(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&pod.dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let ctl = env!("CARGO_BIN_EXE_launcherctl");
+    let out = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(ctl)
+            .arg("--socket")
+            .arg(pod.socket())
+            .arg("ping")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("permission denied") && stderr.contains("65534"),
+        "{stderr}"
+    );
+    // The launcher's own uid is served.
+    let ok = std::process::Command::new(ctl)
+        .arg("--socket")
+        .arg(pod.socket())
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        pod.wait_exit(Duration::from_secs(20)).success(),
+        "{}",
+        pod.dump()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_read_while_sync_hot_plugs() {
+    let mut pod = Pod::new("apiload").with_disk("data", "virtio", 16);
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    for i in 0..3 {
+        let f = std::fs::File::create(pod.hotplug_dir().join(format!("load{i}.img"))).unwrap();
+        f.set_len(8 << 20).unwrap();
+    }
+    let mut c = connect(&pod).await;
+    let mut vmi: serde_json::Value =
+        serde_json::from_slice(&c.get_vmi(pb::Empty {}).await.unwrap().into_inner().vmi).unwrap();
+    for i in 0..3 {
+        client::add_hotplug_volume(
+            &mut vmi,
+            &format!("load{i}"),
+            &format!("load{i}"),
+            "virtio",
+            false,
+        )
+        .unwrap();
+    }
+    let socket = pod.socket();
+    let readers: Vec<_> = (0..200)
+        .map(|_| {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                let mut c = client::connect(&socket).await.expect("connect");
+                let t = Instant::now();
+                let mut n = 0;
+                while t.elapsed() < Duration::from_secs(2) {
+                    let mut req = tonic::Request::new(pb::Empty {});
+                    req.set_timeout(Duration::from_secs(10));
+                    c.get_domain(req).await.expect("GetDomain answered");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let sync = tokio::spawn({
+        let socket = socket.clone();
+        let body = serde_json::to_vec(&vmi).unwrap();
+        async move {
+            let mut c = client::connect(&socket).await.unwrap();
+            c.sync(pb::SyncRequest { vmi: body })
+                .await
+                .map(|r| r.into_inner())
+        }
+    });
+    let mut total = 0;
+    for r in readers {
+        total += tokio::time::timeout(Duration::from_secs(60), r)
+            .await
+            .expect("reader finished")
+            .unwrap();
+    }
+    let d = sync.await.unwrap().expect("Sync succeeded").domain.unwrap();
+    assert!(total >= 200, "every reader got answers ({total} in all)");
+    assert_eq!(
+        d.disks
+            .iter()
+            .filter(|d| d.phase() == VolumePhase::Ready)
+            .count(),
+        4,
+        "{d:?}"
+    );
+    pod.wait_console("vdd:16384", Duration::from_secs(20));
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, pod) =
+        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(40)), pod))
+            .await
+            .unwrap();
+    assert!(status.success(), "{}", pod.dump());
+}
