@@ -335,11 +335,26 @@ impl Launcher {
                 }
             }
         }
-        // Grow disks whose claim grew.
+        // Failed attaches of volumes the spec no longer has are forgotten.
+        let wanted_volumes: Vec<&str> = plan
+            .domain
+            .devices
+            .disks
+            .iter()
+            .map(|d| d.volume())
+            .collect();
+        self.update(|s| {
+            s.disks
+                .retain(|d| d.phase != Phase::Failed || wanted_volumes.contains(&d.volume.as_str()))
+        });
+        // Grow disks whose claim grew (those still attached).
         for l in &live {
             let Some(volume) = l.volume_name() else {
                 continue;
             };
+            if !wanted_volumes.contains(&volume) {
+                continue;
+            }
             if let Err(e) = self.expand(&name, &vmi, volume, l).await {
                 failures.push(e);
             }

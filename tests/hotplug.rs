@@ -1,0 +1,412 @@
+//! Storage while the VM runs: hot-plug of Filesystem and Block PVCs on virtio, detach,
+//! re-attach with the data intact, online expansion, and failures that leave the VM running.
+//! Every step is checked from inside the guest (its console markers).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Pod;
+use serde_json::{json, Value};
+use tonic::Code;
+use virt_launcher::api::client;
+use virt_launcher::api::pb::{self, DomainState, VolumePhase};
+
+type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
+
+/// A loop device over a file, exposed as a Block-mode PVC device node in the hotplug dir.
+struct LoopDev {
+    dev: String,
+    node: PathBuf,
+}
+
+impl LoopDev {
+    fn new(backing: &Path, size_mib: u64, node: PathBuf) -> LoopDev {
+        std::fs::File::create(backing)
+            .unwrap()
+            .set_len(size_mib << 20)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(backing)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        // kubelet exposes a Block PVC as a device node; make one the same way.
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&dev).unwrap().rdev();
+        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        let st = Command::new("mknod")
+            .arg(&node)
+            .args(["b", &major.to_string(), &minor.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        LoopDev { dev, node }
+    }
+
+    /// Grows the backing file and tells the loop driver (the storage grew).
+    fn grow(&self, backing: &Path, size_mib: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(backing)
+            .unwrap()
+            .set_len(size_mib << 20)
+            .unwrap();
+        assert!(Command::new("losetup")
+            .args(["-c", &self.dev])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.node);
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+async fn vmi(c: &mut Client) -> Value {
+    serde_json::from_slice(&c.get_vmi(pb::Empty {}).await.unwrap().into_inner().vmi).unwrap()
+}
+
+async fn sync(c: &mut Client, vmi: &Value) -> Result<pb::Domain, tonic::Status> {
+    c.sync(pb::SyncRequest {
+        vmi: serde_json::to_vec(vmi).unwrap(),
+    })
+    .await
+    .map(|r| r.into_inner().domain.unwrap())
+}
+
+fn disk<'a>(d: &'a pb::Domain, volume: &str) -> Option<&'a pb::Disk> {
+    d.disks.iter().find(|k| k.volume == volume)
+}
+
+/// Waits for a console line that names `dev` and has no `gone` device in the latest LV-BLOCK.
+fn wait_block_line(pod: &mut Pod, want: impl Fn(&str) -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let console = pod.console();
+        if console
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("LV-BLOCK"))
+            .is_some_and(&want)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest never showed {what}\n{}",
+            pod.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The guest's name for the disk of `sectors` sectors in its latest LV-BLOCK line.
+fn wait_guest_dev(pod: &mut Pod, sectors: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let console = pod.console();
+        let line = console
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("LV-BLOCK"))
+            .unwrap_or_default();
+        let dev = line.split_whitespace().skip(1).find_map(|e| {
+            let (name, size) = e.split_once(':')?;
+            (size.parse::<u64>().ok()? == sectors).then(|| name.to_string())
+        });
+        if let Some(dev) = dev {
+            return dev;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest shows no disk of {sectors} sectors\n{}",
+            pod.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn first_line(path: &Path) -> String {
+    let data = std::fs::read(path).unwrap();
+    let end = data.iter().position(|b| *b == b'\n').unwrap_or(0);
+    String::from_utf8_lossy(&data[..end]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_and_block_pvcs_attach_detach_and_come_back_with_their_data() {
+    let mut pod = Pod::new("hotplug")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.hotplug=rw");
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    let fs_image = pod.hotplug_dir().join("fsvol.img");
+    std::fs::File::create(&fs_image)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let backing = pod.dir.join("blkvol.backing");
+    let blk = LoopDev::new(&backing, 24, pod.hotplug_dir().join("blkvol"));
+
+    let mut c = client::connect(&pod.socket()).await.unwrap();
+    let mut v = vmi(&mut c).await;
+    client::add_hotplug_volume(&mut v, "fsvol", "fsvol", "virtio", false).unwrap();
+    client::add_hotplug_volume(&mut v, "blkvol", "blkvol", "virtio", false).unwrap();
+    // Both at once, in one Sync.
+    let d = sync(&mut c, &v).await.expect("attach both");
+    assert_eq!(disk(&d, "fsvol").unwrap().phase(), VolumePhase::Ready);
+    assert_eq!(disk(&d, "blkvol").unwrap().phase(), VolumePhase::Ready);
+    assert!(disk(&d, "fsvol").unwrap().hotplugged);
+
+    // The guest sees both and writes to each. Guest names follow PCI probe order, not
+    // libvirt's target names, so the disks are told apart by size (32 MiB, 24 MiB).
+    let fs_g = wait_guest_dev(&mut pod, 65536);
+    let blk_g = wait_guest_dev(&mut pod, 49152);
+    pod.wait_console(
+        &format!("LV-HOTWROTE {fs_g} lv-hot-{fs_g}"),
+        Duration::from_secs(30),
+    );
+    pod.wait_console(
+        &format!("LV-HOTWROTE {blk_g} lv-hot-{blk_g}"),
+        Duration::from_secs(30),
+    );
+
+    // Detach both: the guest lets go, the launcher reports them gone only then.
+    client::remove_volume(&mut v, "fsvol").unwrap();
+    client::remove_volume(&mut v, "blkvol").unwrap();
+    let d = sync(&mut c, &v).await.expect("detach both");
+    assert!(
+        disk(&d, "fsvol").is_none() && disk(&d, "blkvol").is_none(),
+        "{d:?}"
+    );
+    wait_block_line(&mut pod, |l| l == "LV-BLOCK vda:32768", "both disks gone");
+    // The guest's writes are in the PVCs.
+    assert_eq!(first_line(&fs_image), format!("lv-hot-{fs_g}"));
+    assert_eq!(first_line(&backing), format!("lv-hot-{blk_g}"));
+
+    // Re-attach: the guest reads its data back.
+    let before = pod.console_count("LV-HOTREAD");
+    client::add_hotplug_volume(&mut v, "fsvol", "fsvol", "virtio", false).unwrap();
+    client::add_hotplug_volume(&mut v, "blkvol", "blkvol", "virtio", false).unwrap();
+    sync(&mut c, &v).await.expect("re-attach");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pod.console_count("LV-HOTREAD") < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "guest did not read the re-attached disks\n{}",
+            pod.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fs_g2 = wait_guest_dev(&mut pod, 65536);
+    let blk_g2 = wait_guest_dev(&mut pod, 49152);
+    let console = pod.console();
+    assert!(
+        console.contains(&format!("LV-HOTREAD {fs_g2} lv-hot-{fs_g}")),
+        "fsvol data lost\n{}",
+        pod.dump()
+    );
+    assert!(
+        console.contains(&format!("LV-HOTREAD {blk_g2} lv-hot-{blk_g}")),
+        "blkvol data lost\n{}",
+        pod.dump()
+    );
+
+    // Block device grows (the storage was expanded): a Sync resizes it live.
+    blk.grow(&backing, 40);
+    let d = sync(&mut c, &v).await.expect("expand block");
+    assert_eq!(disk(&d, "blkvol").unwrap().size_bytes, 40 << 20);
+    pod.wait_console(&format!("{blk_g2}:81920"), Duration::from_secs(20));
+
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, pod) =
+        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(40)), pod))
+            .await
+            .unwrap();
+    assert!(status.success(), "{}", pod.dump());
+    drop(blk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_pvc_expands_online_and_a_shrink_is_refused() {
+    let mut pod = Pod::new("expand")
+        .with_disk("data", "virtio", 64)
+        .kernel_args("lv.write=vda:keep-me");
+    pod.start();
+    pod.wait_console("LV-WROTE vda keep-me", Duration::from_secs(90));
+    let mut c = client::connect(&pod.socket()).await.unwrap();
+    let mut v = vmi(&mut c).await;
+
+    // The controller reports the claim grew to 256 MiB (no filesystem overhead on this claim).
+    let status = json!({"name": "data", "phase": "Ready",
+        "persistentVolumeClaimInfo": {"claimName": "data", "accessModes": ["ReadWriteOnce"],
+            "capacity": {"storage": "256Mi"}, "filesystemOverhead": "0"}});
+    v["status"] = json!({"volumeStatus": [status]});
+    let d = sync(&mut c, &v).await.expect("expand");
+    assert_eq!(disk(&d, "data").unwrap().size_bytes, 256 << 20);
+    assert_eq!(
+        std::fs::metadata(pod.disk_image("data")).unwrap().len(),
+        256 << 20
+    );
+    pod.wait_console("vda:524288", Duration::from_secs(20));
+    assert_eq!(
+        first_line(&pod.disk_image("data")),
+        "keep-me",
+        "data lost in the expansion"
+    );
+
+    // With the default 5.5% overhead the usable size would be smaller than the image: refused.
+    v["status"]["volumeStatus"][0]["persistentVolumeClaimInfo"]["filesystemOverhead"] =
+        json!("0.5");
+    let e = sync(&mut c, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("data") && e.message().contains("shrink"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        std::fs::metadata(pod.disk_image("data")).unwrap().len(),
+        256 << 20,
+        "image was touched"
+    );
+    let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(d.state(), DomainState::Running);
+
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, pod) =
+        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(40)), pod))
+            .await
+            .unwrap();
+    assert!(status.success(), "{}", pod.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_attaches_say_why_and_leave_the_vm_running() {
+    let mut pod = Pod::new("hpfail")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.counter=vda");
+    // No spare PCIe ports: a virtio hot-plug has nowhere to go.
+    pod.annotations
+        .push("virt-launcher.kubevirt.io/spare-pcie-root-ports: \"0\"".into());
+    pod.start();
+    pod.wait_console("LV-COUNT 2", Duration::from_secs(90));
+    let mut c = client::connect(&pod.socket()).await.unwrap();
+    let base = vmi(&mut c).await;
+
+    // 1. The backing file is missing.
+    let mut v = base.clone();
+    client::add_hotplug_volume(&mut v, "ghost", "ghost", "virtio", false).unwrap();
+    let e = sync(&mut c, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("ghost") && e.message().contains("ghost.img"),
+        "{}",
+        e.message()
+    );
+    let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(disk(&d, "ghost").unwrap().phase(), VolumePhase::Failed);
+    assert!(
+        disk(&d, "ghost").unwrap().message.contains("No such file"),
+        "{d:?}"
+    );
+
+    // 2. No free PCIe port: libvirt keeps one port free on its own, so the first virtio
+    // hot-plug may still fit; attaching more must fail cleanly, with nothing half-attached.
+    let mut v = base.clone();
+    let mut attached = Vec::new();
+    let mut refused = None;
+    for i in 0..3 {
+        let name = format!("noport{i}");
+        std::fs::File::create(pod.hotplug_dir().join(format!("{name}.img")))
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        client::add_hotplug_volume(&mut v, &name, &name, "virtio", false).unwrap();
+        match sync(&mut c, &v).await {
+            Ok(d) => attached.push(disk(&d, &name).unwrap().target.clone()),
+            Err(e) => {
+                refused = Some((name, e));
+                break;
+            }
+        }
+    }
+    let (name, e) = refused.expect("a VM without spare PCIe ports took three virtio hot-plugs");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains(&name) && e.message().contains("attach failed"),
+        "{}",
+        e.message()
+    );
+    let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(disk(&d, &name).unwrap().phase(), VolumePhase::Failed);
+
+    // 3. A bus that cannot hot-plug: the spec is wrong.
+    let mut v = base.clone();
+    client::add_hotplug_volume(&mut v, "satavol", "satavol", "sata", false).unwrap();
+    let e = sync(&mut c, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // The VM kept running all along, with only its own disk, and its counter advanced.
+    let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(d.state(), DomainState::Running);
+    let n = pod.console_count("LV-COUNT");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        pod.console_count("LV-COUNT") > n,
+        "guest stopped counting\n{}",
+        pod.dump()
+    );
+    let mut expected = "LV-BLOCK vda:32768".to_string();
+    for t in &attached {
+        expected += &format!(" {t}:16384");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last_block = pod
+            .console()
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("LV-BLOCK"))
+            .unwrap()
+            .to_string();
+        if last_block == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest sees {last_block:?}, expected {expected:?} (half-attached disk?)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A scsi hot-plug needs no PCIe port: it works on the same VM.
+    std::fs::File::create(pod.hotplug_dir().join("scsivol.img"))
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let mut v = base.clone();
+    client::add_hotplug_volume(&mut v, "scsivol", "scsivol", "scsi", false).unwrap();
+    let d = sync(&mut c, &v).await.expect("scsi attach");
+    assert_eq!(disk(&d, "scsivol").unwrap().phase(), VolumePhase::Ready);
+    pod.wait_console("sda:16384", Duration::from_secs(20));
+
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, pod) =
+        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(40)), pod))
+            .await
+            .unwrap();
+    assert!(status.success(), "{}", pod.dump());
+}
