@@ -48,7 +48,7 @@ impl StopReason {
 }
 
 /// A domain event, named.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum DomainEvent {
     Lifecycle {
@@ -78,6 +78,8 @@ pub enum DomainEvent {
     },
     JobCompleted {
         domain: String,
+        /// The finished job's statistics (a migration's downtime, total time, data).
+        stats: Vec<(String, f64)>,
     },
     AgentConnected {
         domain: String,
@@ -119,7 +121,7 @@ impl From<RawEvent> for DomainEvent {
             RawEvent::DeviceRemovalFailed { domain, alias } => {
                 DomainEvent::DeviceRemovalFailed { domain, alias }
             }
-            RawEvent::JobCompleted { domain } => DomainEvent::JobCompleted { domain },
+            RawEvent::JobCompleted { domain, stats } => DomainEvent::JobCompleted { domain, stats },
             RawEvent::AgentLifecycle { domain, state, .. } => DomainEvent::AgentConnected {
                 domain,
                 connected: state
@@ -140,7 +142,7 @@ impl DomainEvent {
             | DomainEvent::IoError { domain, .. }
             | DomainEvent::DeviceRemoved { domain, .. }
             | DomainEvent::DeviceRemovalFailed { domain, .. }
-            | DomainEvent::JobCompleted { domain }
+            | DomainEvent::JobCompleted { domain, .. }
             | DomainEvent::AgentConnected { domain, .. } => Some(domain),
             DomainEvent::ConnectionClosed { .. } => None,
         }

@@ -15,7 +15,7 @@ use virt::domain::Domain;
 use virt::sys;
 
 /// An event exactly as libvirt reported it, with strings copied out of libvirt's memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RawEvent {
     Lifecycle {
         domain: String,
@@ -46,6 +46,8 @@ pub enum RawEvent {
     },
     JobCompleted {
         domain: String,
+        /// The finished job's statistics (a migration's downtime, total time, data).
+        stats: Vec<(String, f64)>,
     },
     AgentLifecycle {
         domain: String,
@@ -193,14 +195,16 @@ unsafe extern "C" fn on_device_removal_failed(
 unsafe extern "C" fn on_job_completed(
     _c: sys::virConnectPtr,
     dom: sys::virDomainPtr,
-    _params: sys::virTypedParameterPtr,
-    _nparams: c_int,
+    params: sys::virTypedParameterPtr,
+    nparams: c_int,
     opaque: *mut c_void,
 ) {
-    // SAFETY: as in `on_lifecycle`; the typed parameters are not touched.
+    // SAFETY: as in `on_lifecycle`; libvirt passes `nparams` valid parameters, which we copy
+    // (they are libvirt's to free).
     unsafe {
         let domain = dom_name(dom);
-        send(opaque, RawEvent::JobCompleted { domain })
+        let stats = numeric_params(params, nparams);
+        send(opaque, RawEvent::JobCompleted { domain, stats })
     }
 }
 
@@ -383,4 +387,64 @@ pub fn fs_thaw(dom: &Domain) -> Result<i32, virt::error::Error> {
         return Err(virt::error::Error::last_error());
     }
     Ok(n)
+}
+
+/// A job's statistics: libvirt's typed parameters by name (numbers as f64).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobStats {
+    /// `virDomainJobType`: 0 none, 1 bounded, 2 unbounded, 3 completed, 4 failed, 5 cancelled.
+    pub job_type: i32,
+    pub fields: Vec<(String, f64)>,
+}
+
+impl JobStats {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+}
+
+/// Reads numeric typed parameters into owned pairs.
+///
+/// # Safety
+/// `params` must point to `n` initialised typed parameters (or be NULL with `n` 0).
+unsafe fn numeric_params(params: sys::virTypedParameterPtr, n: c_int) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for i in 0..n.max(0) as usize {
+        // SAFETY: `i < n` and the caller guarantees `n` valid entries.
+        let p = unsafe { &*params.add(i) };
+        // SAFETY: `field` is a NUL-terminated array libvirt filled.
+        let name = unsafe { CStr::from_ptr(p.field.as_ptr()) }.to_string_lossy().into_owned();
+        // SAFETY: the union member read matches the type tag.
+        let v = unsafe {
+            match p.type_ as u32 {
+                sys::VIR_TYPED_PARAM_INT => p.value.i as f64,
+                sys::VIR_TYPED_PARAM_UINT => p.value.ui as f64,
+                sys::VIR_TYPED_PARAM_LLONG => p.value.l as f64,
+                sys::VIR_TYPED_PARAM_ULLONG => p.value.ul as f64,
+                sys::VIR_TYPED_PARAM_DOUBLE => p.value.d,
+                _ => continue,
+            }
+        };
+        out.push((name, v));
+    }
+    out
+}
+
+/// `virDomainGetJobStats`, freeing libvirt's array (the `virt` wrapper aborts the process
+/// when no job is active).
+pub fn job_stats(dom: &Domain, completed: bool) -> Result<JobStats, virt::error::Error> {
+    let mut job_type: c_int = 0;
+    let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+    let mut n: c_int = 0;
+    let flags = if completed { sys::VIR_DOMAIN_JOB_STATS_COMPLETED | sys::VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED } else { 0 };
+    // SAFETY: `dom` is live; the out-pointers point to initialised locals.
+    let rc = unsafe { sys::virDomainGetJobStats(dom.as_ptr(), &mut job_type, &mut params, &mut n, flags) };
+    if rc < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: libvirt returned `n` parameters at `params` (NULL when 0).
+    let fields = unsafe { numeric_params(params, n) };
+    // SAFETY: `params`/`n` came from libvirt and are freed exactly once.
+    unsafe { sys::virTypedParamsFree(params, n) };
+    Ok(JobStats { job_type, fields })
 }

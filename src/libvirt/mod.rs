@@ -157,13 +157,14 @@ impl Hypervisor {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn with_conn<T>(
-        &self,
-        f: impl FnOnce(&Connect) -> Result<T, LibvirtError>,
-    ) -> Result<T, LibvirtError> {
-        let guard = self.lock();
-        let conn = guard.as_ref().ok_or(LibvirtError::Disconnected)?;
-        f(conn)
+    /// Runs `f` on the connection without holding the lock during the call: the connection
+    /// is referenced (virConnectRef) and released after, so a long call (a migration) never
+    /// blocks other calls or a reconnect.
+    fn with_conn<T>(&self, f: impl FnOnce(&Connect) -> Result<T, LibvirtError>) -> Result<T, LibvirtError> {
+        let conn = self.lock().as_ref().ok_or(LibvirtError::Disconnected)?.clone();
+        let result = f(&conn);
+        ffi::close_connection(conn);
+        result
     }
 
     fn with_domain<T>(
