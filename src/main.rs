@@ -11,7 +11,7 @@ use virt_launcher::pod::{self, PodLayout};
 use virt_launcher::podfacts::{self, DomainType, PodPaths};
 use virt_launcher::spec::{self, VirtualMachineInstance};
 use virt_launcher::supervisor::{self, LaunchPlan};
-use virt_launcher::{convert, logging, prepare};
+use virt_launcher::{convert, datavolume, logging, prepare};
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a VM until it stops or the launcher gets SIGTERM (standalone: a VMI file in, a VM out).
+    /// Run a VM until it stops or the launcher gets SIGTERM (standalone: a VMI or VM file in, a VM
+    /// out).
     Run(RunArgs),
     /// Print the libvirt domain XML a VMI converts to.
     Render(RenderArgs),
@@ -52,8 +53,21 @@ struct PathArgs {
 struct RunArgs {
     /// A kubevirt.io/v1 VirtualMachineInstance, or a VirtualMachine (its spec.template is run);
     /// JSON or YAML.
-    #[arg(long, value_name = "FILE")]
-    vmi: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "vm",
+        conflicts_with = "vm"
+    )]
+    vmi: Option<PathBuf>,
+    /// A kubevirt.io/v1 VirtualMachine whose spec.dataVolumeTemplates are imported into
+    /// --storage-dir first, as CDI would (http, pvc clone, blank); its PVC and DataVolume
+    /// volumes are that directory's claims.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["volumes_dir", "block_dir"])]
+    vm: Option<PathBuf>,
+    /// Where claims of --vm live (`<dir>/claims/<namespace>/<name>`), kept across runs.
+    #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
+    storage_dir: PathBuf,
     /// kvm (production default) or qemu (TCG software emulation, for machines without usable KVM).
     #[arg(long, env = "VIRT_LAUNCHER_DOMAIN_TYPE", default_value = "kvm", value_parser = parse_domain_type)]
     domain_type: DomainType,
@@ -146,7 +160,12 @@ fn render(args: RenderArgs) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<i32> {
-    let vmi = spec::load_file(&args.vmi)?;
+    let input = args
+        .vm
+        .as_ref()
+        .or(args.vmi.as_ref())
+        .context("--vmi or --vm")?;
+    let vmi = spec::load_file(input)?;
     let name = vmi.domain_name();
     let root = args
         .runtime_dir
@@ -161,9 +180,22 @@ fn run(args: RunArgs) -> Result<i32> {
         paths.private_dir = layout.private_dir();
         paths.ephemeral_disks_dir = layout.root().join("ephemeral");
     }
+    // Standalone DataVolumes: claims imported into the storage dir; kept (loop devices of Block
+    // claims attached) until the launcher returns.
+    let _claims = match &args.vm {
+        Some(vm) => Some(datavolume::materialise(
+            vm,
+            &vmi,
+            &datavolume::Options {
+                storage_dir: absolute(&args.storage_dir),
+                progress: datavolume::ProgressStyle::auto(args.json_logs),
+            },
+            &mut paths,
+        )?),
+        None => None,
+    };
     let facts = podfacts::probe(&vmi, paths, args.domain_type)?;
-    let domain =
-        convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
+    let domain = convert::convert(&vmi, &facts).with_context(|| format!("{}", input.display()))?;
     let plan = LaunchPlan {
         domain: domain.name().to_string(),
         xml: domain.to_xml(),
@@ -180,7 +212,7 @@ fn run(args: RunArgs) -> Result<i32> {
     layout.write_configs(&pod::random_uuid()?)?;
     prepare::prepare(&vmi, &facts)?;
     tracing::info!(
-        vmi = %args.vmi.display(),
+        vmi = %input.display(),
         domain = %plan.domain,
         domain_type = ?args.domain_type,
         runtime_dir = %layout.root().display(),
