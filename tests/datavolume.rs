@@ -926,6 +926,7 @@ fn bad_input_names_the_datavolume_and_leaves_the_claim_alone() {
     }
     let q = qcow2(&scratch, &noisy);
     server.file("/truncated.qcow2", q[..q.len() / 2].to_vec());
+    server.file("/empty.img", Vec::new());
     let gz = compress("gzip", &raw);
     server.file("/truncated.img.gz", gz[..gz.len() / 2].to_vec());
     server.file(
@@ -953,6 +954,16 @@ fn bad_input_names_the_datavolume_and_leaves_the_claim_alone() {
             "Connection refused",
         ),
         ("404", http(server.url("/missing.qcow2")), "HTTP 404 Not Found"),
+        (
+            "https",
+            http(format!("https://127.0.0.1:{}/x.qcow2", server.port)),
+            "https is not supported by this build",
+        ),
+        (
+            "empty file",
+            http(server.url("/empty.img")),
+            "the server sent an empty file",
+        ),
         (
             "corrupt",
             http(server.url("/corrupt.qcow2")),

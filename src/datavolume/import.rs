@@ -7,6 +7,10 @@
 //! `qemu-img check`, converted with `qemu-img convert`) or raw (used as is). qcow2 images with
 //! a backing file or an external data file are refused (they would read host files), as CDI
 //! does; VMDK/VDI/VHD(X), bzip2 and zstd are refused with their name.
+//!
+//! HTTP is `ureq` 3 without default features: HTTP/1.1 with redirects, chunked bodies and
+//! `HTTP(S)_PROXY`/`NO_PROXY`, seven small crates, no TLS stack — an `https://` URL is refused
+//! with a clear error. Downloads are not resumed: an interrupted import starts over.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
