@@ -3,6 +3,8 @@
 //!
 //! Layers, one per concern (each module has its own error type):
 //! - [`spec`]: the KubeVirt v1 model (serde), loaded from JSON or YAML.
+//! - [`datavolume`]: standalone DataVolumes: claims imported (http/pvc/blank) into a local
+//!   storage directory before the pod facts are probed.
 //! - [`podfacts`]: facts about the pod gathered once before conversion (I/O lives here).
 //! - [`convert`]: a pure function from (VMI, pod facts) to a typed [`domain`] model.
 //! - [`domain`]: the libvirt domain model and its XML form.
@@ -12,6 +14,7 @@
 
 pub mod api;
 pub mod convert;
+pub mod datavolume;
 pub mod domain;
 pub mod libvirt;
 pub mod logging;

@@ -13,7 +13,7 @@ use virt_launcher::podfacts::{self, DomainType};
 use virt_launcher::spec::{self, VirtualMachineInstance};
 use virt_launcher::supervisor::plan::{PathOverrides, Planner};
 use virt_launcher::supervisor::{self, RunOptions};
-use virt_launcher::{convert, logging};
+use virt_launcher::{convert, datavolume, logging};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a VM until it stops or the launcher gets SIGTERM (standalone: a VMI file in, a VM out).
+    /// Run a VM until it stops or the launcher gets SIGTERM (standalone: a VMI or VM file in, a VM
+    /// out).
     Run(RunArgs),
     /// Print the libvirt domain XML a VMI converts to.
     Render(RenderArgs),
@@ -53,9 +54,18 @@ struct PathArgs {
 #[derive(Args)]
 struct RunArgs {
     /// A kubevirt.io/v1 VirtualMachineInstance, or a VirtualMachine (its spec.template is run);
-    /// JSON or YAML. Without it the launcher serves its socket and waits for a Sync call.
-    #[arg(long, value_name = "FILE")]
+    /// JSON or YAML. Without it (and without --vm) the launcher serves its socket and waits
+    /// for a Sync call.
+    #[arg(long, value_name = "FILE", conflicts_with = "vm")]
     vmi: Option<PathBuf>,
+    /// A kubevirt.io/v1 VirtualMachine whose spec.dataVolumeTemplates are imported into
+    /// --storage-dir first, as CDI would (http, pvc clone, blank); its PVC and DataVolume
+    /// volumes are that directory's claims.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["volumes_dir", "block_dir"])]
+    vm: Option<PathBuf>,
+    /// Where claims of --vm live (`<dir>/claims/<namespace>/<name>`), kept across runs.
+    #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
+    storage_dir: PathBuf,
     /// The control API socket (KubeVirt's pod: /var/run/kubevirt/sockets/launcher-sock).
     /// Default: <runtime-dir>/launcher-sock.
     #[arg(long, value_name = "PATH")]
@@ -164,7 +174,8 @@ fn render(args: RenderArgs) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<i32> {
-    let vmi = args.vmi.as_deref().map(spec::load_file).transpose()?;
+    let input = args.vm.as_ref().or(args.vmi.as_ref());
+    let vmi = input.map(|p| spec::load_file(p)).transpose()?;
     let root = match (&args.runtime_dir, &vmi) {
         (Some(dir), _) => dir.clone(),
         (None, Some(vmi)) => Path::new("/run/virt-launcher").join(vmi.domain_name()),
@@ -181,21 +192,41 @@ fn run(args: RunArgs) -> Result<i32> {
         overrides.private_dir = Some(layout.private_dir());
         overrides.ephemeral_disks_dir = Some(layout.root().join("ephemeral"));
     }
+    // Standalone DataVolumes: claims imported into the storage dir; kept (loop devices of Block
+    // claims attached) until the launcher returns.
+    let _claims = match (&args.vm, &vmi) {
+        (Some(vm), Some(vmi)) => {
+            let mut paths = overrides.paths_for(vmi);
+            let claims = datavolume::materialise(
+                vm,
+                vmi,
+                &datavolume::Options {
+                    storage_dir: absolute(&args.storage_dir),
+                    progress: datavolume::ProgressStyle::auto(args.json_logs),
+                },
+                &mut paths,
+            )?;
+            overrides.vmi_disks_dir = Some(paths.vmi_disks_dir);
+            overrides.block_dev_dir = Some(paths.block_dev_dir);
+            Some(claims)
+        }
+        _ => None,
+    };
     let planner = Planner {
         domain_type: args.domain_type,
         paths: overrides,
     };
     // A bad spec or a missing volume is reported before anything is started.
-    let console_log = match &vmi {
-        Some(vmi) => Some(
+    let console_log = match (&vmi, input) {
+        (Some(vmi), Some(input)) => Some(
             planner
                 .plan(vmi)
-                .with_context(|| args.vmi.clone().unwrap_or_default().display().to_string())?
+                .with_context(|| input.display().to_string())?
                 .facts
                 .paths
                 .serial_log(),
         ),
-        None => None,
+        _ => None,
     };
     let socket = args
         .socket
@@ -214,7 +245,7 @@ fn run(args: RunArgs) -> Result<i32> {
     }
     layout.write_configs(&pod::random_uuid()?)?;
     tracing::info!(
-        vmi = ?args.vmi,
+        input = ?input,
         domain_type = ?args.domain_type,
         runtime_dir = %layout.root().display(),
         socket = %socket.display(),

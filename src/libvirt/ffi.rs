@@ -413,7 +413,9 @@ unsafe fn numeric_params(params: sys::virTypedParameterPtr, n: c_int) -> Vec<(St
         // SAFETY: `i < n` and the caller guarantees `n` valid entries.
         let p = unsafe { &*params.add(i) };
         // SAFETY: `field` is a NUL-terminated array libvirt filled.
-        let name = unsafe { CStr::from_ptr(p.field.as_ptr()) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(p.field.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
         // SAFETY: the union member read matches the type tag.
         let v = unsafe {
             match p.type_ as u32 {
@@ -436,9 +438,15 @@ pub fn job_stats(dom: &Domain, completed: bool) -> Result<JobStats, virt::error:
     let mut job_type: c_int = 0;
     let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
     let mut n: c_int = 0;
-    let flags = if completed { sys::VIR_DOMAIN_JOB_STATS_COMPLETED | sys::VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED } else { 0 };
+    let flags = if completed {
+        sys::VIR_DOMAIN_JOB_STATS_COMPLETED | sys::VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+    } else {
+        0
+    };
     // SAFETY: `dom` is live; the out-pointers point to initialised locals.
-    let rc = unsafe { sys::virDomainGetJobStats(dom.as_ptr(), &mut job_type, &mut params, &mut n, flags) };
+    let rc = unsafe {
+        sys::virDomainGetJobStats(dom.as_ptr(), &mut job_type, &mut params, &mut n, flags)
+    };
     if rc < 0 {
         return Err(virt::error::Error::last_error());
     }

@@ -160,8 +160,15 @@ impl Hypervisor {
     /// Runs `f` on the connection without holding the lock during the call: the connection
     /// is referenced (virConnectRef) and released after, so a long call (a migration) never
     /// blocks other calls or a reconnect.
-    fn with_conn<T>(&self, f: impl FnOnce(&Connect) -> Result<T, LibvirtError>) -> Result<T, LibvirtError> {
-        let conn = self.lock().as_ref().ok_or(LibvirtError::Disconnected)?.clone();
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connect) -> Result<T, LibvirtError>,
+    ) -> Result<T, LibvirtError> {
+        let conn = self
+            .lock()
+            .as_ref()
+            .ok_or(LibvirtError::Disconnected)?
+            .clone();
         let result = f(&conn);
         ffi::close_connection(conn);
         result

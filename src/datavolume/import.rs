@@ -1,0 +1,682 @@
+//! Filling a claim's scratch directory with a raw disk image: from HTTP, from another claim,
+//! or blank. Everything here writes inside the scratch directory only; the caller renames the
+//! result into the claim.
+//!
+//! Formats are told by magic bytes, never by the URL's name: gzip and xz layers are
+//! unpacked (`gzip`/`xz`, up to three layers), then the image is qcow2 (checked with
+//! `qemu-img check`, converted with `qemu-img convert`) or raw (used as is). qcow2 images with
+//! a backing file or an external data file are refused (they would read host files), as CDI
+//! does; VMDK/VDI/VHD(X), bzip2 and zstd are refused with their name.
+//!
+//! HTTP is `ureq` 3 without default features: HTTP/1.1 with redirects, chunked bodies and
+//! `HTTP(S)_PROXY`/`NO_PROXY`, seven small crates, no TLS stack — an `https://` URL is refused
+//! with a clear error. Downloads are not resumed: an interrupted import starts over.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::progress::{Progress, ProgressStyle};
+use super::DataVolumeError;
+
+/// Where and for whom an import runs.
+pub(crate) struct Job<'a> {
+    pub dv: &'a str,
+    pub style: ProgressStyle,
+    /// The claim's scratch directory (empty when the job starts).
+    pub staging: &'a Path,
+    /// Where the claim's usable size comes from (for "too large" errors).
+    pub size_hint: &'a str,
+}
+
+impl Job<'_> {
+    fn io(&self, path: &Path) -> impl FnOnce(io::Error) -> DataVolumeError {
+        let dv = self.dv.to_string();
+        let path = path.to_path_buf();
+        move |e| DataVolumeError::Io {
+            dv,
+            path,
+            reason: io_reason(&e),
+        }
+    }
+
+    fn image(&self, reason: impl Into<String>) -> DataVolumeError {
+        DataVolumeError::Image {
+            dv: self.dv.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn tool(&self, tool: &'static str, status: String, stderr: &[u8]) -> DataVolumeError {
+        DataVolumeError::Tool {
+            dv: self.dv.to_string(),
+            tool,
+            status,
+            stderr: one_line(stderr),
+        }
+    }
+}
+
+/// `io::Error` text without the " (os error N)" tail.
+pub(crate) fn io_reason(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Tool output as one line.
+pub(crate) fn one_line(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let more = lines.len().saturating_sub(3);
+    lines.truncate(3);
+    let mut s = lines.join("; ");
+    if more > 0 {
+        s += &format!(" (and {more} more lines)");
+    }
+    s
+}
+
+// ------------------------------------------------------------------------------ formats
+
+/// What the first bytes of a file say it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Magic {
+    Gzip,
+    Xz,
+    Qcow2,
+    /// A format we recognise and refuse (its name).
+    Unsupported(&'static str),
+    Raw,
+}
+
+pub(crate) fn sniff(head: &[u8]) -> Magic {
+    let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
+    if at(0, &[0x1f, 0x8b]) {
+        Magic::Gzip
+    } else if at(0, &[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        Magic::Xz
+    } else if at(0, b"QFI\xfb") {
+        Magic::Qcow2
+    } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
+        Magic::Unsupported("VMDK")
+    } else if at(0x40, &[0x7f, 0x10, 0xda, 0xbe]) {
+        Magic::Unsupported("VDI")
+    } else if at(0, b"vhdxfile") {
+        Magic::Unsupported("VHDX")
+    } else if at(0, b"conectix") {
+        Magic::Unsupported("VHD")
+    } else if at(0, b"BZh") && head.get(3).is_some_and(|b| (b'1'..=b'9').contains(b)) {
+        Magic::Unsupported("bzip2")
+    } else if at(0, &[0x28, 0xb5, 0x2f, 0xfd]) {
+        Magic::Unsupported("zstd")
+    } else {
+        Magic::Raw
+    }
+}
+
+fn sniff_file(job: &Job, path: &Path) -> Result<Magic, DataVolumeError> {
+    let mut head = Vec::with_capacity(512);
+    File::open(path)
+        .and_then(|f| f.take(512).read_to_end(&mut head))
+        .map_err(job.io(path))?;
+    Ok(sniff(&head))
+}
+
+// ------------------------------------------------------------------------------ http
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(15)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .max_redirects(10)
+        .user_agent(concat!("virt-launcher/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
+fn http_reason(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => io_reason(io),
+        ureq::Error::HostNotFound => "host not found".into(),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::TooManyRedirects => "too many redirects".into(),
+        other => other.to_string(),
+    }
+}
+
+/// GET `url` into `dest`, sparsely (all-zero 4 KiB blocks become holes). Returns the length.
+fn download(job: &Job, url: &str, headers: &[String], dest: &Path) -> Result<u64, DataVolumeError> {
+    let fail = |reason: String| DataVolumeError::Download {
+        dv: job.dv.to_string(),
+        url: url.to_string(),
+        reason,
+    };
+    if url.starts_with("https://") {
+        return Err(fail(
+            "https is not supported by this build (no TLS stack); serve the image over http".into(),
+        ));
+    }
+    if !url.starts_with("http://") {
+        return Err(fail("not an http:// URL".into()));
+    }
+    let mut req = agent().get(url);
+    for h in headers {
+        if let Some((name, value)) = h.split_once(':') {
+            req = req.header(name.trim(), value.trim());
+        }
+    }
+    let resp = req.call().map_err(|e| fail(http_reason(&e)))?;
+    let status = resp.status();
+    if status.as_u16() != 200 {
+        return Err(fail(
+            format!(
+                "HTTP {} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            )
+            .trim_end()
+            .to_string(),
+        ));
+    }
+    let total = resp.body().content_length();
+    let mut body = resp.into_body().into_reader();
+    let mut out = File::create(dest).map_err(job.io(dest))?;
+    let mut progress = Progress::new(job.dv, "download", total, job.style);
+    let written = sparse_copy(&mut body, &mut out, |n| progress.add(n)).map_err(|e| match e {
+        CopyError::Read(e) => fail(format!("transfer interrupted: {}", io_reason(&e))),
+        CopyError::Write(e) => job.io(dest)(e),
+    })?;
+    if let Some(total) = total {
+        if written != total {
+            return Err(fail(format!(
+                "transfer ended after {written} of {total} bytes"
+            )));
+        }
+    }
+    progress.finish();
+    out.set_len(written).map_err(job.io(dest))?;
+    if written == 0 {
+        return Err(fail("the server sent an empty file".into()));
+    }
+    Ok(written)
+}
+
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+const BLOCK: usize = 4096;
+const CHUNK: usize = 1 << 20;
+
+/// Copy `src` to `dst` (at its current position), seeking over all-zero 4 KiB blocks instead
+/// of writing them. The caller sets the final length (a trailing hole is not written).
+fn sparse_copy(
+    src: &mut impl Read,
+    dst: &mut File,
+    mut on_progress: impl FnMut(u64),
+) -> Result<u64, CopyError> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        // Fill the buffer as far as the source allows, so blocks stay aligned.
+        let mut filled = 0;
+        while filled < CHUNK {
+            match src.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(CopyError::Read(e)),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        for block in buf[..filled].chunks(BLOCK) {
+            if block.iter().all(|b| *b == 0) {
+                dst.seek(SeekFrom::Current(block.len() as i64))
+                    .map_err(CopyError::Write)?;
+            } else {
+                dst.write_all(block).map_err(CopyError::Write)?;
+            }
+        }
+        total += filled as u64;
+        on_progress(filled as u64);
+        if filled < CHUNK {
+            return Ok(total);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ tools
+
+/// Run `tool args…` with `input` on stdin (progress by bytes fed) and stdout to `out`.
+fn pipe_through(
+    job: &Job,
+    tool: &'static str,
+    args: &[&str],
+    input: &Path,
+    out: &Path,
+    phase: &'static str,
+) -> Result<(), DataVolumeError> {
+    let mut src = File::open(input).map_err(job.io(input))?;
+    let len = src.metadata().map_err(job.io(input))?.len();
+    let dst = File::create(out).map_err(job.io(out))?;
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(dst)
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| job.tool(tool, "not started".into(), io_reason(&e).as_bytes()))?;
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = e.read_to_end(&mut s);
+            s
+        })
+    });
+    let mut progress = Progress::new(job.dv, phase, Some(len), job.style);
+    let mut feed_error = None;
+    if let Some(mut stdin) = child.stdin.take() {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    feed_error = Some(job.io(input)(e));
+                    break;
+                }
+            };
+            // A tool that stops reading (bad data) closes the pipe: its exit status says why.
+            if stdin.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            progress.add(n as u64);
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| job.tool(tool, "lost".into(), io_reason(&e).as_bytes()))?;
+    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    if !status.success() {
+        return Err(job.image(format!(
+            "{tool} cannot unpack it: {}",
+            if stderr.is_empty() {
+                status.to_string()
+            } else {
+                one_line(&stderr)
+            }
+        )));
+    }
+    if let Some(e) = feed_error {
+        return Err(e);
+    }
+    progress.finish();
+    Ok(())
+}
+
+fn qemu_img(job: &Job, args: &[&std::ffi::OsStr]) -> Result<std::process::Output, DataVolumeError> {
+    Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| job.tool("qemu-img", "not started".into(), io_reason(&e).as_bytes()))
+}
+
+/// Validate a qcow2 image and return its virtual size.
+fn check_qcow2(job: &Job, path: &Path) -> Result<u64, DataVolumeError> {
+    let out = qemu_img(
+        job,
+        &[
+            "info".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    if !out.status.success() {
+        return Err(job.image(format!(
+            "not a valid qcow2 image: {}",
+            strip_qemu_prefix(&one_line(&out.stderr))
+        )));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| job.image(format!("qemu-img info printed no JSON: {e}")))?;
+    if let Some(b) = info.get("backing-filename").and_then(|v| v.as_str()) {
+        return Err(job.image(format!(
+            "the qcow2 image has a backing file ({b:?}); only self-contained images are imported"
+        )));
+    }
+    if let Some(d) = info
+        .pointer("/format-specific/data/data-file")
+        .and_then(|v| v.as_str())
+    {
+        return Err(job.image(format!(
+            "the qcow2 image has an external data file ({d:?}); only self-contained images are imported"
+        )));
+    }
+    let size = info
+        .get("virtual-size")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| job.image("qemu-img info reports no virtual size"))?;
+
+    let out = qemu_img(
+        job,
+        &[
+            "check".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    // 0: clean, 3: leaked clusters only (harmless), 2: corruptions, 1: check failed.
+    match out.status.code() {
+        Some(0) | Some(3) => Ok(size),
+        Some(2) => {
+            let n = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.get("corruptions").and_then(|c| c.as_u64()))
+                .unwrap_or(0);
+            Err(job.image(format!(
+                "the qcow2 image is corrupt or truncated (qemu-img check found {n} corruptions)"
+            )))
+        }
+        _ => Err(job.image(format!(
+            "the qcow2 image cannot be checked ({}): {}",
+            out.status,
+            strip_qemu_prefix(&one_line(&out.stderr))
+        ))),
+    }
+}
+
+/// `qemu-img: Could not open '/long/path': reason` → `reason`.
+fn strip_qemu_prefix(s: &str) -> String {
+    let s = s.strip_prefix("qemu-img: ").unwrap_or(s);
+    match (s.starts_with("Could not open '"), s.find("': ")) {
+        (true, Some(i)) => s[i + 3..].to_string(),
+        _ => s.to_string(),
+    }
+}
+
+/// `qemu-img convert -p`, its percentage relayed as progress.
+fn convert_qcow2(
+    job: &Job,
+    src: &Path,
+    dst: &Path,
+    virtual_size: u64,
+) -> Result<(), DataVolumeError> {
+    let mut child = Command::new("qemu-img")
+        .args(["convert", "-p", "-f", "qcow2", "-O", "raw"])
+        .arg(src)
+        .arg(dst)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| job.tool("qemu-img", "not started".into(), io_reason(&e).as_bytes()))?;
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = e.read_to_end(&mut s);
+            s
+        })
+    });
+    let mut progress = Progress::new(job.dv, "convert", Some(virtual_size), job.style);
+    if let Some(mut out) = child.stdout.take() {
+        // Lines like "    (42.05/100%)\r".
+        let mut buf = [0u8; 256];
+        let mut pending = String::new();
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+            while let Some(i) = pending.find(['\r', '\n']) {
+                let line: String = pending.drain(..=i).collect();
+                if let Some(pct) = line
+                    .trim()
+                    .strip_prefix('(')
+                    .and_then(|s| s.split('/').next())
+                    .and_then(|s| s.parse::<f64>().ok())
+                {
+                    progress.set((virtual_size as f64 * pct / 100.0) as u64);
+                }
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| job.tool("qemu-img", "lost".into(), io_reason(&e).as_bytes()))?;
+    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    if !status.success() {
+        return Err(job.image(format!(
+            "qemu-img cannot convert it: {}",
+            strip_qemu_prefix(&one_line(&stderr))
+        )));
+    }
+    progress.set(virtual_size);
+    progress.finish();
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ sources
+
+fn too_large(job: &Job, virtual_size: u64, usable: u64) -> DataVolumeError {
+    DataVolumeError::TooLarge {
+        dv: job.dv.to_string(),
+        virtual_size,
+        usable,
+        hint: job.size_hint.to_string(),
+    }
+}
+
+/// Download, unpack and convert `url` into `<staging>/disk.img` (raw, length `target`).
+pub(crate) fn from_http(
+    job: &Job,
+    url: &str,
+    headers: &[String],
+    target: u64,
+) -> Result<PathBuf, DataVolumeError> {
+    let mut current = job.staging.join("download");
+    let size = download(job, url, headers, &current)?;
+    tracing::info!(dataVolume = job.dv, url, bytes = size, "downloaded");
+
+    let mut layer = 0;
+    let (virtual_size, format) = loop {
+        match sniff_file(job, &current)? {
+            magic @ (Magic::Gzip | Magic::Xz) => {
+                layer += 1;
+                if layer > 3 {
+                    return Err(job.image("more than three compression layers"));
+                }
+                let (tool, name) = if magic == Magic::Gzip {
+                    ("gzip", "gzip")
+                } else {
+                    ("xz", "xz")
+                };
+                let next = job.staging.join(format!("unpacked-{layer}"));
+                tracing::info!(dataVolume = job.dv, format = name, "unpacking");
+                pipe_through(job, tool, &["-dc"], &current, &next, "unpack")?;
+                fs::remove_file(&current).map_err(job.io(&current))?;
+                current = next;
+            }
+            Magic::Qcow2 => break (check_qcow2(job, &current)?, "qcow2"),
+            Magic::Raw => {
+                let len = fs::metadata(&current).map_err(job.io(&current))?.len();
+                if len == 0 {
+                    return Err(job.image("it unpacks to an empty file"));
+                }
+                break (len, "raw");
+            }
+            Magic::Unsupported(name) => {
+                return Err(job.image(format!(
+                    "{name} is not supported (standalone import takes raw or qcow2, optionally gzip- or xz-compressed)"
+                )))
+            }
+        }
+    };
+    if virtual_size > target {
+        return Err(too_large(job, virtual_size, target));
+    }
+    let disk = job.staging.join("disk.img");
+    if format == "qcow2" {
+        tracing::info!(dataVolume = job.dv, virtual_size, "converting qcow2 to raw");
+        convert_qcow2(job, &current, &disk, virtual_size)?;
+        fs::remove_file(&current).map_err(job.io(&current))?;
+    } else {
+        fs::rename(&current, &disk).map_err(job.io(&disk))?;
+    }
+    Ok(disk)
+}
+
+/// Copy the image of another claim into `<staging>/disk.img`; `None` target = the source's size.
+pub(crate) fn from_claim(
+    job: &Job,
+    source: &Path,
+    target: Option<u64>,
+) -> Result<(PathBuf, u64), DataVolumeError> {
+    let mut src = File::open(source).map_err(job.io(source))?;
+    let len = src.metadata().map_err(job.io(source))?.len();
+    let target = target.unwrap_or(len);
+    if len > target {
+        return Err(too_large(job, len, target));
+    }
+    let disk = job.staging.join("disk.img");
+    let mut dst = File::create(&disk).map_err(job.io(&disk))?;
+    let mut progress = Progress::new(job.dv, "clone", Some(len), job.style);
+    // Copy only the data extents of a sparse source (SEEK_DATA/SEEK_HOLE).
+    let mut pos = 0u64;
+    while pos < len {
+        let data = match seek_data(&src, pos) {
+            Some(d) if d < len => d,
+            Some(_) => break,
+            None => pos,
+        };
+        let end = seek_hole(&src, data).unwrap_or(len).min(len);
+        src.seek(SeekFrom::Start(data)).map_err(job.io(source))?;
+        dst.seek(SeekFrom::Start(data)).map_err(job.io(&disk))?;
+        let mut range = (&mut src).take(end - data);
+        sparse_copy(&mut range, &mut dst, |_| {}).map_err(|e| match e {
+            CopyError::Read(e) => job.io(source)(e),
+            CopyError::Write(e) => job.io(&disk)(e),
+        })?;
+        progress.set(end);
+        pos = end.max(data + 1);
+    }
+    progress.set(len);
+    progress.finish();
+    Ok((disk, target))
+}
+
+fn seek_data(f: &File, pos: u64) -> Option<u64> {
+    use nix::unistd::{lseek, Whence};
+    match lseek(f.as_fd(), i64::try_from(pos).ok()?, Whence::SeekData) {
+        Ok(off) => u64::try_from(off).ok(),
+        // ENXIO: no data after pos.
+        Err(nix::errno::Errno::ENXIO) => Some(u64::MAX),
+        Err(_) => None,
+    }
+}
+
+fn seek_hole(f: &File, pos: u64) -> Option<u64> {
+    use nix::unistd::{lseek, Whence};
+    lseek(f.as_fd(), i64::try_from(pos).ok()?, Whence::SeekHole)
+        .ok()
+        .and_then(|o| u64::try_from(o).ok())
+}
+
+/// An empty `<staging>/disk.img`.
+pub(crate) fn blank(job: &Job) -> Result<PathBuf, DataVolumeError> {
+    let disk = job.staging.join("disk.img");
+    File::create(&disk).map_err(job.io(&disk))?;
+    Ok(disk)
+}
+
+/// Give the image its final length (sparse growth), allocate it if asked, and fsync it.
+pub(crate) fn finish(
+    job: &Job,
+    disk: &Path,
+    target: u64,
+    preallocate: bool,
+) -> Result<(), DataVolumeError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .map_err(job.io(disk))?;
+    f.set_len(target).map_err(job.io(disk))?;
+    if preallocate {
+        let len = i64::try_from(target).map_err(|_| job.image("size out of range"))?;
+        nix::fcntl::posix_fallocate(f.as_fd(), 0, len)
+            .map_err(|e| job.io(disk)(io::Error::from(e)))?;
+    }
+    f.sync_all().map_err(job.io(disk))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magic_bytes_decide_the_format() {
+        assert_eq!(sniff(&[0x1f, 0x8b, 8, 0]), Magic::Gzip);
+        assert_eq!(sniff(b"\xfd7zXZ\x00\x00"), Magic::Xz);
+        assert_eq!(sniff(b"QFI\xfb\x00\x00\x00\x03"), Magic::Qcow2);
+        assert_eq!(sniff(b"KDMV\x01"), Magic::Unsupported("VMDK"));
+        assert_eq!(sniff(b"vhdxfile"), Magic::Unsupported("VHDX"));
+        assert_eq!(sniff(b"BZh91AY"), Magic::Unsupported("bzip2"));
+        let mut vdi = vec![0u8; 0x48];
+        vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+        assert_eq!(sniff(&vdi), Magic::Unsupported("VDI"));
+        assert_eq!(sniff(b"hello\n"), Magic::Raw);
+        assert_eq!(sniff(b""), Magic::Raw);
+        assert_eq!(sniff(b"BZh"), Magic::Raw);
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_skips_zeros() {
+        let dir = std::env::temp_dir().join(format!("vl-dv-sparse-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("mkdir");
+        let mut data = vec![0u8; 3 * CHUNK + 100];
+        data[..5].copy_from_slice(b"hello");
+        data[2 * CHUNK + 7] = 1;
+        let last = data.len() - 1;
+        data[last] = 9;
+        let path = dir.join("out");
+        let mut out = File::create(&path).expect("create");
+        let mut seen = 0;
+        let n = sparse_copy(&mut &data[..], &mut out, |k| seen += k)
+            .unwrap_or_else(|_| panic!("copy failed"));
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(seen, n);
+        out.set_len(n).expect("len");
+        assert_eq!(fs::read(&path).expect("read"), data);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn qemu_prefix_is_trimmed() {
+        assert_eq!(
+            strip_qemu_prefix("qemu-img: Could not open '/x/y': Image is not in qcow2 format"),
+            "Image is not in qcow2 format"
+        );
+        assert_eq!(strip_qemu_prefix("other"), "other");
+    }
+}

@@ -1,0 +1,538 @@
+//! Standalone DataVolumes: what CDI and a CSI driver do in a cluster, done on one machine
+//! before the launcher starts the VM.
+//!
+//! [`materialise`] reads a `kubevirt.io/v1` VirtualMachine's `spec.dataVolumeTemplates`, makes
+//! each DataVolume a claim directory under the storage directory (see [`claim`] for the
+//! layout), imports it unless it is already complete, and points the launcher's volume paths at
+//! a per-VM view of the claims, so that [`crate::podfacts::probe`] finds Filesystem claims as
+//! `<volume>/disk.img` and Block claims as a block device node `<volume>` — exactly the pod
+//! layout KubeVirt uses.
+//!
+//! Sources: `http` (raw or qcow2, optionally gzip/xz compressed; told apart by magic bytes),
+//! `pvc` (a copy of another claim in the storage directory, by namespace/name) and `blank`.
+//! `registry` and the cluster-only sources fail with an error that says why.
+//!
+//! Sizes follow CDI (see [`spec::DataVolumeSpec::disk_size`]): a `spec.pvc` Filesystem claim
+//! holds a disk of the request minus CDI's default 5.5 % filesystem overhead (rounded down to
+//! 1 MiB), a `spec.storage` claim one of the full request; Block claims are the request. An
+//! image whose virtual size exceeds that is refused.
+//!
+//! Crash safety: an import works in `<claim>/.import/` and renames the finished, fsynced image
+//! into place, then writes `claim.json` (atomically) last. A claim is complete exactly when
+//! `claim.json` exists; an interrupted import is started over from scratch on the next run.
+//! A failed import removes its scratch files, and the claim directory too if the import
+//! created it, so the claim is left as it was.
+//!
+//! Sharing: `claim.json` records `accessModes`; a `ReadWriteMany` claim is `shared`
+//! ([`claim_is_shared`]), the signal that two local launchers may use it at once (live
+//! migration).
+
+pub mod claim;
+mod import;
+mod loopdev;
+mod progress;
+pub mod spec;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::podfacts::PodPaths;
+use crate::spec::{VirtualMachine, VirtualMachineInstance};
+
+pub use claim::ClaimMeta;
+pub use progress::ProgressStyle;
+pub use spec::{ClaimRef, DataVolumeSpec, Source, VolumeMode};
+
+use import::{io_reason, Job};
+
+/// Default storage directory of `virt-launcher run --vm`.
+pub const DEFAULT_STORAGE_DIR: &str = "/var/lib/virt-launcher/storage";
+
+/// Errors of standalone DataVolumes; each names the DataVolume (`namespace/name`) and what is
+/// wrong, on one line.
+#[derive(Debug, thiserror::Error)]
+pub enum DataVolumeError {
+    #[error("{file}: {reason}")]
+    Load { file: String, reason: String },
+    #[error("DataVolume {dv}: {field}: {reason}")]
+    Spec {
+        dv: String,
+        field: String,
+        reason: String,
+    },
+    #[error("DataVolume {dv}: {what} is not supported in standalone mode: {reason}")]
+    Unsupported {
+        dv: String,
+        what: String,
+        reason: String,
+    },
+    #[error("DataVolume {dv}: cannot import {url}: {reason}")]
+    Download {
+        dv: String,
+        url: String,
+        reason: String,
+    },
+    #[error("DataVolume {dv}: bad image: {reason}")]
+    Image { dv: String, reason: String },
+    #[error("DataVolume {dv}: image virtual size {virtual_size} bytes exceeds the claim's usable size {usable} bytes ({hint})")]
+    TooLarge {
+        dv: String,
+        virtual_size: u64,
+        usable: u64,
+        /// Where the usable size comes from.
+        hint: String,
+    },
+    #[error("DataVolume {dv}: clone source claim {source_claim}: {reason}")]
+    CloneSource {
+        dv: String,
+        source_claim: String,
+        reason: String,
+    },
+    #[error("DataVolume {dv}: {}: {reason}", path.display())]
+    Io {
+        dv: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("DataVolume {dv}: {tool} failed ({status}): {stderr}")]
+    Tool {
+        dv: String,
+        tool: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error("DataVolume {dv}: the claim in {} was imported as {recorded} but the template asks for {wanted}; remove the claim directory to import it again", dir.display())]
+    ModeMismatch {
+        dv: String,
+        dir: PathBuf,
+        recorded: &'static str,
+        wanted: &'static str,
+    },
+    #[error("volume {volume}: {kind} {claim} is not in spec.dataVolumeTemplates and has no claim in {}", dir.display())]
+    MissingClaim {
+        volume: String,
+        kind: &'static str,
+        claim: String,
+        dir: PathBuf,
+    },
+    #[error("volume {volume}: {}: {reason}", path.display())]
+    View {
+        volume: String,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// How [`materialise`] runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where claims live (`<dir>/claims/<namespace>/<name>`).
+    pub storage_dir: PathBuf,
+    pub progress: ProgressStyle,
+}
+
+/// Claims in use by a running launcher. Dropping it detaches the loop devices this launcher
+/// attached for Block claims.
+#[derive(Debug, Default)]
+pub struct Claims {
+    /// Volume name → claim, for every PVC/DataVolume volume of the VM.
+    pub volumes: BTreeMap<String, ClaimRef>,
+    loops: Vec<loopdev::LoopDevice>,
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        for dev in &self.loops {
+            loopdev::detach(dev);
+        }
+    }
+}
+
+/// Is the claim `namespace/name` in `storage_dir` complete and `ReadWriteMany`? Live migration
+/// between two local launchers may share such a claim; any other claim (ReadWriteOnce, made by
+/// hand without `claim.json`, incomplete, absent) is not shared.
+pub fn claim_is_shared(storage_dir: &Path, namespace: &str, name: &str) -> bool {
+    claim_meta(storage_dir, namespace, name).is_some_and(|m| m.shared)
+}
+
+/// The metadata of a complete claim.
+pub fn claim_meta(storage_dir: &Path, namespace: &str, name: &str) -> Option<ClaimMeta> {
+    let claim = ClaimRef {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+    };
+    if !crate::spec::is_dns1123_label(namespace) || !crate::spec::is_dns1123_subdomain(name) {
+        return None;
+    }
+    claim::read_meta(&claim::claim_dir(storage_dir, &claim))
+}
+
+/// Read the VirtualMachine in `file` (JSON or YAML; the first `VirtualMachine` document).
+pub fn load_vm(file: &Path) -> Result<VirtualMachine, DataVolumeError> {
+    let load = |reason: String| DataVolumeError::Load {
+        file: file.display().to_string(),
+        reason,
+    };
+    let text =
+        fs::read_to_string(file).map_err(|e| load(format!("cannot read: {}", io_reason(&e))))?;
+    let docs: Vec<serde_json::Value> = if text.trim_start().starts_with('{') {
+        vec![serde_json::from_str(&text).map_err(|e| load(e.to_string()))?]
+    } else {
+        use serde::Deserialize;
+        let mut docs = Vec::new();
+        for de in serde_norway::Deserializer::from_str(&text) {
+            docs.push(serde_json::Value::deserialize(de).map_err(|e| load(e.to_string()))?);
+        }
+        docs
+    };
+    let kind = |d: &serde_json::Value| d.get("kind").and_then(|k| k.as_str()).map(str::to_string);
+    let Some(doc) = docs
+        .iter()
+        .find(|d| kind(d).as_deref() == Some("VirtualMachine"))
+    else {
+        let found = docs
+            .iter()
+            .find_map(kind)
+            .unwrap_or_else(|| "nothing".into());
+        return Err(load(format!(
+            "--vm wants a kubevirt.io/v1 VirtualMachine, found {found} (a VirtualMachineInstance goes to --vmi)"
+        )));
+    };
+    serde_path_to_error::deserialize(doc)
+        .map_err(|e| load(format!("field {}: {}", e.path(), e.inner())))
+}
+
+/// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
+/// `opts.storage_dir`, then point `paths` (`vmi_disks_dir`, `block_dev_dir`) at this VM's view
+/// of its claims. `vmi` is the VMI the launcher runs (from the same file). Call before
+/// [`crate::podfacts::probe`]; keep the returned [`Claims`] alive while the VM runs.
+pub fn materialise(
+    vm_file: &Path,
+    vmi: &VirtualMachineInstance,
+    opts: &Options,
+    paths: &mut PodPaths,
+) -> Result<Claims, DataVolumeError> {
+    let vm = load_vm(vm_file)?;
+    let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
+    let namespace = vmi.namespace().to_string();
+
+    let mut specs = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, t) in vm.spec.data_volume_templates.iter().enumerate() {
+        if t.metadata.name.is_empty() {
+            return Err(DataVolumeError::Spec {
+                dv: format!("{namespace}/<spec.dataVolumeTemplates[{i}]>"),
+                field: "metadata.name".into(),
+                reason: "is required".into(),
+            });
+        }
+        let s = spec::parse(
+            &namespace,
+            &t.metadata.name,
+            t.metadata.namespace.as_deref(),
+            &t.spec,
+        )?;
+        if !names.insert(s.claim.name.clone()) {
+            return Err(DataVolumeError::Spec {
+                dv: s.claim.to_string(),
+                field: "metadata.name".into(),
+                reason: "appears twice in spec.dataVolumeTemplates".into(),
+            });
+        }
+        specs.push(s);
+    }
+
+    // Clones of claims that other templates of this VM create come after those.
+    let mut pending: Vec<&DataVolumeSpec> = specs.iter().collect();
+    while !pending.is_empty() {
+        let waits_for = |s: &DataVolumeSpec, pending: &[&DataVolumeSpec]| match &s.source {
+            Source::Pvc(src) => pending.iter().any(|p| &p.claim == src),
+            _ => false,
+        };
+        let ready: Vec<usize> = (0..pending.len())
+            .filter(|&i| !waits_for(pending[i], &pending))
+            .collect();
+        // A cycle of clones: run them anyway, the first one reports its missing source.
+        let next = ready.first().copied().unwrap_or(0);
+        let s = pending.remove(next);
+        ensure_claim(s, &storage, opts.progress)?;
+    }
+
+    build_view(vmi, &storage, paths)
+}
+
+/// The claim of `s`, imported unless complete.
+fn ensure_claim(
+    s: &DataVolumeSpec,
+    storage: &Path,
+    style: ProgressStyle,
+) -> Result<(), DataVolumeError> {
+    let dv = s.claim.to_string();
+    let dir = claim::claim_dir(storage, &s.claim);
+    let io = |path: &Path| {
+        let dv = dv.clone();
+        let path = path.to_path_buf();
+        move |e: std::io::Error| DataVolumeError::Io {
+            dv,
+            path,
+            reason: io_reason(&e),
+        }
+    };
+    let parent = dir.parent().unwrap_or(storage);
+    fs::create_dir_all(parent).map_err(io(parent))?;
+
+    // One import per claim at a time (two launchers of VMs sharing a storage directory).
+    let lock_path = claim::lock_path(storage, &s.claim);
+    let lock_file = File::create(&lock_path).map_err(io(&lock_path))?;
+    let _lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((f, _)) => {
+            tracing::info!(dataVolume = %dv, "waiting for another launcher importing this claim");
+            Flock::lock(f, FlockArg::LockExclusive)
+                .map_err(|(_, e)| io(&lock_path)(std::io::Error::from(e)))?
+        }
+    };
+
+    if let Some(meta) = claim::read_meta(&dir) {
+        if meta.volume_mode != s.volume_mode {
+            return Err(DataVolumeError::ModeMismatch {
+                dv,
+                dir,
+                recorded: meta.volume_mode.as_str(),
+                wanted: s.volume_mode.as_str(),
+            });
+        }
+        let image = dir.join(claim::image_name(meta.volume_mode));
+        fs::metadata(&image).map_err(io(&image))?;
+        if meta.source != s.source_json {
+            tracing::warn!(dataVolume = %dv, recorded = %meta.source, template = %s.source_json,
+                "the claim was imported from another source; keeping it (remove the claim directory to import again)");
+        }
+        tracing::info!(dataVolume = %dv, claim = %dir.display(), size = meta.size, "claim complete, reusing it");
+        return Ok(());
+    }
+
+    let created = !dir.exists();
+    fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let staging = dir.join(claim::STAGING_DIR);
+    if staging.exists() {
+        tracing::info!(dataVolume = %dv, "an earlier import was interrupted; starting over");
+        fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    fs::create_dir(&staging).map_err(io(&staging))?;
+
+    let t = std::time::Instant::now();
+    tracing::info!(dataVolume = %dv, source = s.source.kind(), claim = %dir.display(), "importing");
+    let result = import_into(s, storage, &dir, &staging, style);
+    let _ = fs::remove_dir_all(&staging);
+    match result {
+        Ok(meta) => {
+            tracing::info!(dataVolume = %dv, size = meta.size, seconds = t.elapsed().as_secs_f64(),
+                shared = meta.shared, "import complete");
+            Ok(())
+        }
+        Err(e) => {
+            if created {
+                let _ = fs::remove_dir(&dir);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Produce the image in `staging`, move it into the claim, and write `claim.json` last.
+fn import_into(
+    s: &DataVolumeSpec,
+    storage: &Path,
+    dir: &Path,
+    staging: &Path,
+    style: ProgressStyle,
+) -> Result<ClaimMeta, DataVolumeError> {
+    let dv = s.claim.to_string();
+    let requested = s.requested.as_ref().map(|(_, b)| *b);
+    let size_hint = match (&s.requested, s.volume_mode, s.form) {
+        (Some((text, _)), VolumeMode::Filesystem, spec::StorageForm::Pvc) => format!(
+            "spec.pvc requests {text}, less CDI's {}% filesystem overhead",
+            spec::FILESYSTEM_OVERHEAD_PER_MILLE as f64 / 10.0
+        ),
+        (Some((text, _)), _, form) => format!("{} requests {text}", form.field()),
+        (None, _, _) => "the size of the source".to_string(),
+    };
+    let job = Job {
+        dv: &dv,
+        style,
+        staging,
+        size_hint: &size_hint,
+    };
+    let (disk, size) = match &s.source {
+        Source::Http { url, headers } => {
+            let target = s.disk_size(requested.unwrap_or(0));
+            (import::from_http(&job, url, headers, target)?, target)
+        }
+        Source::Blank => (import::blank(&job)?, s.disk_size(requested.unwrap_or(0))),
+        Source::Pvc(src) => {
+            let src_dir = claim::claim_dir(storage, src);
+            let (src_image, _) =
+                claim::existing_image(&src_dir).ok_or_else(|| DataVolumeError::CloneSource {
+                    dv: dv.clone(),
+                    source_claim: src.to_string(),
+                    reason: format!("no disk.img or block.img in {}", src_dir.display()),
+                })?;
+            // Hold the source's lock while copying so that it is not being imported meanwhile.
+            let src_lock = claim::lock_path(storage, src);
+            let _guard = File::create(&src_lock)
+                .ok()
+                .and_then(|f| Flock::lock(f, FlockArg::LockShared).ok());
+            import::from_claim(&job, &src_image, requested.map(|r| s.disk_size(r)))?
+        }
+    };
+    import::finish(&job, &disk, size, s.preallocation)?;
+
+    let image = dir.join(claim::image_name(s.volume_mode));
+    let io = |path: &Path| {
+        let dv = dv.clone();
+        let path = path.to_path_buf();
+        move |e: std::io::Error| DataVolumeError::Io {
+            dv,
+            path,
+            reason: io_reason(&e),
+        }
+    };
+    fs::rename(&disk, &image).map_err(io(&image))?;
+    claim::sync_dir(dir).map_err(io(dir))?;
+
+    let meta = ClaimMeta {
+        name: s.claim.name.clone(),
+        namespace: s.claim.namespace.clone(),
+        source: s.source_json.clone(),
+        requested: s
+            .requested
+            .as_ref()
+            .map(|(t, _)| t.clone())
+            .unwrap_or_default(),
+        size,
+        volume_mode: s.volume_mode,
+        access_modes: s.access_modes.clone(),
+        shared: s.shared(),
+        completed_at: claim::rfc3339(SystemTime::now()),
+    };
+    let meta_path = dir.join(claim::META_FILE);
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| DataVolumeError::Io {
+        dv: dv.clone(),
+        path: meta_path.clone(),
+        reason: e.to_string(),
+    })?;
+    if let Err(e) = claim::write_atomic(&meta_path, &json) {
+        // Without its marker the image would be imported again anyway; do not leave it behind.
+        let _ = fs::remove_file(&image);
+        return Err(io(&meta_path)(e));
+    }
+    Ok(meta)
+}
+
+/// `<storage>/vms/<ns>/<vm>/{volumes,block}`: one entry per PVC/DataVolume volume, named after
+/// the volume, pointing at its claim (or the claim's loop device).
+fn build_view(
+    vmi: &VirtualMachineInstance,
+    storage: &Path,
+    paths: &mut PodPaths,
+) -> Result<Claims, DataVolumeError> {
+    let namespace = vmi.namespace().to_string();
+    let view = claim::vm_dir(storage, &namespace, &vmi.metadata.name);
+    let volumes_dir = view.join("volumes");
+    let block_dir = view.join("block");
+    let view_err = |volume: &str, path: &Path, e: std::io::Error| DataVolumeError::View {
+        volume: volume.to_string(),
+        path: path.to_path_buf(),
+        reason: io_reason(&e),
+    };
+    if !crate::spec::is_dns1123_subdomain(&vmi.metadata.name) {
+        return Err(DataVolumeError::View {
+            volume: "*".into(),
+            path: view,
+            reason: "the VirtualMachine's name is not a DNS-1123 name".into(),
+        });
+    }
+    if view.exists() {
+        // Only symlinks live here: removing them does not touch the claims.
+        fs::remove_dir_all(&view).map_err(|e| view_err("*", &view, e))?;
+    }
+    for d in [&volumes_dir, &block_dir] {
+        fs::create_dir_all(d).map_err(|e| view_err("*", d, e))?;
+    }
+
+    let mut claims = Claims::default();
+    for v in &vmi.spec.volumes {
+        let (kind, claim_name, hotplug) = if let Some(d) = &v.data_volume {
+            ("DataVolume", &d.name, d.hotpluggable.unwrap_or(false))
+        } else if let Some(p) = &v.persistent_volume_claim {
+            (
+                "PersistentVolumeClaim",
+                &p.claim_name,
+                p.hotpluggable.unwrap_or(false),
+            )
+        } else if let Some(p) = v
+            .ephemeral
+            .as_ref()
+            .and_then(|e| e.persistent_volume_claim.as_ref())
+        {
+            ("PersistentVolumeClaim", &p.claim_name, false)
+        } else {
+            continue;
+        };
+        if hotplug {
+            // Hot-plugged volumes come later, through the hot-plug directory.
+            continue;
+        }
+        if !crate::spec::is_dns1123_label(&v.name) || !crate::spec::is_dns1123_subdomain(claim_name)
+        {
+            // podfacts reports bad volume names; a bad claim name cannot be in the storage dir.
+            return Err(DataVolumeError::MissingClaim {
+                volume: v.name.clone(),
+                kind,
+                claim: format!("{namespace}/{claim_name}"),
+                dir: claim::claims_root(storage),
+            });
+        }
+        let cref = ClaimRef {
+            namespace: namespace.clone(),
+            name: claim_name.clone(),
+        };
+        let dir = claim::claim_dir(storage, &cref);
+        let Some((image, mode)) = claim::existing_image(&dir) else {
+            return Err(DataVolumeError::MissingClaim {
+                volume: v.name.clone(),
+                kind,
+                claim: cref.to_string(),
+                dir: claim::claims_root(storage),
+            });
+        };
+        match mode {
+            VolumeMode::Filesystem => {
+                let link = volumes_dir.join(&v.name);
+                symlink(&dir, &link).map_err(|e| view_err(&v.name, &link, e))?;
+            }
+            VolumeMode::Block => {
+                let dev = loopdev::attach(&image).map_err(|reason| DataVolumeError::View {
+                    volume: v.name.clone(),
+                    path: image.clone(),
+                    reason,
+                })?;
+                let link = block_dir.join(&v.name);
+                symlink(&dev.device, &link).map_err(|e| view_err(&v.name, &link, e))?;
+                tracing::info!(volume = %v.name, claim = %cref, device = %dev.device.display(),
+                    reused = !dev.owned, "block claim attached");
+                claims.loops.push(dev);
+            }
+        }
+        claims.volumes.insert(v.name.clone(), cref);
+    }
+    paths.vmi_disks_dir = volumes_dir;
+    paths.block_dev_dir = block_dir;
+    Ok(claims)
+}

@@ -1,0 +1,1115 @@
+//! Standalone DataVolumes end to end: `virt-launcher run --vm` imports each DataVolume of a
+//! VirtualMachine into a claim under `--storage-dir` (from an HTTP server on 127.0.0.1 that the
+//! test runs, from another claim, or blank) and boots the real TCG test guest on them; the guest
+//! prints the first line of each disk (`lv.read=<dev>` → `LV-READ <dev> <line>`).
+//!
+//! No external network: every image is made here (`qemu-img`, `gzip`, `xz`) and served by
+//! [`Server`].
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{guest_dir, Pod, LAUNCHER};
+use nix::sys::signal::Signal;
+use virt_launcher::datavolume::claim_is_shared;
+
+const MIB: u64 = 1 << 20;
+const BOOT: Duration = Duration::from_secs(120);
+
+// ------------------------------------------------------------------------------ HTTP server
+
+/// How the server answers a path.
+#[derive(Clone)]
+enum Route {
+    /// 200 with the whole body.
+    File(Arc<Vec<u8>>),
+    /// 200 announcing the whole length, `chunk` bytes every `pause` (an import to interrupt).
+    Slow {
+        data: Arc<Vec<u8>>,
+        chunk: usize,
+        pause: Duration,
+    },
+    /// 200 announcing the whole length, then the connection closes after `send` bytes.
+    CutOff { data: Arc<Vec<u8>>, send: usize },
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1: GET only, one thread per connection, no keep-alive.
+/// Unknown paths get 404. Every request line is recorded.
+struct Server {
+    port: u16,
+    routes: Arc<Mutex<HashMap<String, Route>>>,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = listener.local_addr().expect("addr").port();
+        let routes: Arc<Mutex<HashMap<String, Route>>> = Arc::default();
+        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (r, q) = (routes.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (r, q) = (r.clone(), q.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &r, &q);
+                });
+            }
+        });
+        Server {
+            port,
+            routes,
+            requests,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn route(&self, path: &str, route: Route) {
+        self.routes.lock().unwrap().insert(path.to_string(), route);
+    }
+
+    fn file(&self, path: &str, data: Vec<u8>) -> String {
+        self.route(path, Route::File(Arc::new(data)));
+        self.url(path)
+    }
+
+    /// How many GETs `path` has had.
+    fn hits(&self, path: &str) -> usize {
+        let want = format!("GET {path} ");
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(&want))
+            .count()
+    }
+}
+
+fn serve(
+    conn: TcpStream,
+    routes: &Mutex<HashMap<String, Route>>,
+    requests: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+    }
+    let request_line = request_line.trim().to_string();
+    requests.lock().unwrap().push(request_line.clone());
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
+    let route = routes.lock().unwrap().get(&path).cloned();
+    let mut out = conn;
+    let head = |len: usize| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+        )
+    };
+    match route {
+        None => {
+            let body = b"not found\n";
+            write!(
+                out,
+                "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            out.write_all(body)?;
+        }
+        Some(Route::File(data)) => {
+            out.write_all(head(data.len()).as_bytes())?;
+            out.write_all(&data)?;
+        }
+        Some(Route::Slow { data, chunk, pause }) => {
+            out.write_all(head(data.len()).as_bytes())?;
+            for c in data.chunks(chunk) {
+                out.write_all(c)?;
+                std::thread::sleep(pause);
+            }
+        }
+        Some(Route::CutOff { data, send }) => {
+            out.write_all(head(data.len()).as_bytes())?;
+            out.write_all(&data[..send])?;
+        }
+    }
+    out.flush()
+}
+
+// ------------------------------------------------------------------------------ images
+
+/// A raw disk image of `size` bytes: `text\n` at offset 0, a marker at 1 MiB, zeros elsewhere.
+fn raw_image(text: &str, size: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size as usize];
+    let line = format!("{text}\n");
+    v[..line.len()].copy_from_slice(line.as_bytes());
+    let mark = format!("data-region-of-{text}");
+    v[MIB as usize..MIB as usize + mark.len()].copy_from_slice(mark.as_bytes());
+    v
+}
+
+/// The image converted with `qemu-img convert -O <format>`.
+fn qemu_img_convert(scratch: &Path, raw: &[u8], format: &str) -> Vec<u8> {
+    let src = scratch.join("src.raw");
+    let dst = scratch.join(format!("out.{format}"));
+    fs::create_dir_all(scratch).unwrap();
+    fs::write(&src, raw).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", format])
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "qemu-img convert: {out:?}");
+    let bytes = fs::read(&dst).unwrap();
+    let _ = fs::remove_file(&src);
+    let _ = fs::remove_file(&dst);
+    bytes
+}
+
+fn qcow2(scratch: &Path, raw: &[u8]) -> Vec<u8> {
+    let q = qemu_img_convert(scratch, raw, "qcow2");
+    assert_eq!(&q[..4], b"QFI\xfb");
+    q
+}
+
+/// `gzip -c` / `xz -c` of `data`.
+fn compress(tool: &str, data: &[u8]) -> Vec<u8> {
+    let mut child = Command::new(tool)
+        .arg("-c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    assert!(out.status.success(), "{tool} failed");
+    out.stdout
+}
+
+/// FNV-1a over `data`: a checksum to compare the imported data region with the source.
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The imported disk holds `source` at its start and zeros after it.
+fn assert_disk_holds(disk: &Path, source: &[u8], size: u64) {
+    let got = fs::read(disk).unwrap_or_else(|e| panic!("{}: {e}", disk.display()));
+    assert_eq!(
+        got.len() as u64,
+        size,
+        "{} has the wrong size",
+        disk.display()
+    );
+    assert_eq!(
+        checksum(&got[..source.len()]),
+        checksum(source),
+        "{}: data region differs from the source",
+        disk.display()
+    );
+    assert!(
+        got[source.len()..].iter().all(|b| *b == 0),
+        "{}: non-zero bytes after the data region",
+        disk.display()
+    );
+}
+
+// ------------------------------------------------------------------------------ the VM
+
+/// A VirtualMachine with the test guest (kernelBoot, 128Mi), one virtio disk per entry of
+/// `disks` backed by the DataVolume of the same name, and `templates` (YAML list items,
+/// indented for `spec.dataVolumeTemplates`).
+fn vm_yaml(name: &str, kernel_args: &str, templates: &str, disks: &[&str]) -> String {
+    let mut devices = String::new();
+    let mut volumes = String::new();
+    for d in disks {
+        devices +=
+            &format!("            - name: {d}\n              disk:\n                bus: virtio\n");
+        volumes += &format!("        - name: {d}\n          dataVolume:\n            name: {d}\n");
+    }
+    format!(
+        "apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: {name}
+spec:
+  dataVolumeTemplates:
+{templates}  template:
+    spec:
+      terminationGracePeriodSeconds: 20
+      domain:
+        resources:
+          requests:
+            memory: 128Mi
+        firmware:
+          kernelBoot:
+            kernelArgs: \"console=ttyS0 quiet {kernel_args}\"
+            container:
+              image: test-guest
+              kernelPath: /vmlinuz
+              initrdPath: /initramfs.gz
+        devices:
+          disks:
+{devices}      volumes:
+{volumes}"
+    )
+}
+
+/// An `http` DataVolume template.
+fn http_dv(name: &str, url: &str, storage: &str) -> String {
+    format!(
+        "    - metadata:
+        name: {name}
+      spec:
+        source:
+          http:
+            url: \"{url}\"
+{storage}"
+    )
+}
+
+/// `pvc:` with a size (Filesystem, ReadWriteOnce).
+fn pvc(size: &str) -> String {
+    format!(
+        "        pvc:
+          accessModes:
+            - ReadWriteOnce
+          resources:
+            requests:
+              storage: {size}
+"
+    )
+}
+
+struct Vm {
+    pod: Pod,
+    storage: PathBuf,
+}
+
+impl Vm {
+    fn new(name: &str) -> Vm {
+        let pod = Pod::new(name);
+        let storage = pod.dir.join("storage");
+        Vm { pod, storage }
+    }
+
+    fn vm_path(&self) -> PathBuf {
+        self.pod.dir.join("vm.yaml")
+    }
+
+    fn write(&self, yaml: &str) {
+        fs::write(self.vm_path(), yaml).unwrap();
+    }
+
+    fn claim(&self, name: &str) -> PathBuf {
+        self.storage.join("claims/default").join(name)
+    }
+
+    fn args(&self) -> Vec<String> {
+        [
+            "run",
+            "--vm",
+            self.vm_path().to_str().unwrap(),
+            "--storage-dir",
+            self.storage.to_str().unwrap(),
+            "--domain-type",
+            "qemu",
+            "--json-logs",
+            "--runtime-dir",
+            self.pod.runtime_dir().to_str().unwrap(),
+            "--kernel-boot-dir",
+            guest_dir().to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Starts the launcher (a fresh launcher log and console).
+    fn start(&mut self) {
+        let _ = fs::remove_file(self.pod.console_log());
+        let log = fs::File::create(self.pod.launcher_log()).unwrap();
+        let child = Command::new(LAUNCHER)
+            .args(self.args())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn virt-launcher");
+        self.pod.child = Some(child);
+    }
+
+    /// SIGTERM and a clean exit.
+    fn stop(&mut self) {
+        self.pod.signal(Signal::SIGTERM);
+        let status = self.pod.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "launcher exit {status}\n{}",
+            self.pod.dump()
+        );
+        let left = self.pod.leftover_processes();
+        assert!(left.is_empty(), "processes left behind: {left:#?}");
+    }
+
+    /// Runs the launcher to completion, expecting it to fail before any VM starts; returns the
+    /// error line.
+    fn fails(&self) -> String {
+        let out = Command::new(LAUNCHER)
+            .args(self.args())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run virt-launcher");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "launcher succeeded:\n{stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("virt-launcher: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "want one error line:\n{stderr}");
+        assert!(
+            !self.pod.console_log().exists(),
+            "a VM was started:\n{stderr}"
+        );
+        errors[0].to_string()
+    }
+
+    /// `LV-BLOCK` sizes (sectors) of the guest's disks.
+    fn guest_block_sizes(&self) -> HashMap<String, u64> {
+        let console = self.pod.console();
+        let line = console
+            .lines()
+            .find(|l| l.starts_with("LV-BLOCK"))
+            .unwrap_or_default()
+            .to_string();
+        line.split_whitespace()
+            .skip(1)
+            .filter_map(|e| e.split_once(':'))
+            .filter_map(|(d, s)| Some((d.to_string(), s.trim().parse().ok()?)))
+            .collect()
+    }
+}
+
+impl Drop for Vm {
+    /// A failed test still stops its VM the graceful way: the harness's SIGKILL of the launcher
+    /// would leave QEMU running.
+    fn drop(&mut self) {
+        let Some(child) = self.pod.child.as_mut() else {
+            return;
+        };
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A claim directory's entries (names), sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+// ------------------------------------------------------------------------------ tests
+
+/// qcow2 over HTTP into a `spec.pvc` Filesystem claim; the guest reads it; a restart reuses the
+/// claim without downloading again and the guest's own writes survive.
+#[test]
+fn http_qcow2_import_boots_and_is_reused_on_restart() {
+    let mut vm = Vm::new("dv-qcow2");
+    let server = Server::start();
+    let raw = raw_image("dv-qcow2-content", 8 * MIB);
+    let url = server.file(
+        "/images/disk.qcow2",
+        qcow2(&vm.pod.dir.join("scratch"), &raw),
+    );
+    vm.write(&vm_yaml(
+        &vm.pod.name,
+        "lv.read=vda",
+        &http_dv("rootdisk", &url, &pvc("64Mi")),
+        &["rootdisk"],
+    ));
+
+    vm.start();
+    vm.pod.wait_console("LV-READ vda dv-qcow2-content", BOOT);
+    // spec.pvc: 64 MiB minus CDI's 5.5 % filesystem overhead, rounded down to 1 MiB = 60 MiB.
+    let disk = vm.claim("rootdisk").join("disk.img");
+    assert_eq!(
+        vm.guest_block_sizes().get("vda"),
+        Some(&(60 * MIB / 512)),
+        "{}",
+        vm.pod.console()
+    );
+    assert_disk_holds(&disk, &raw, 60 * MIB);
+    let meta = read_json(&vm.claim("rootdisk").join("claim.json"));
+    assert_eq!(meta["name"], "rootdisk");
+    assert_eq!(meta["namespace"], "default");
+    assert_eq!(meta["volumeMode"], "Filesystem");
+    assert_eq!(meta["accessModes"], serde_json::json!(["ReadWriteOnce"]));
+    assert_eq!(meta["shared"], false);
+    assert_eq!(meta["size"], 60 * MIB);
+    assert_eq!(meta["source"]["http"]["url"], url.as_str());
+    assert!(meta["completedAt"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
+    assert!(!claim_is_shared(&vm.storage, "default", "rootdisk"));
+    assert_eq!(
+        entries(&vm.claim("rootdisk")),
+        ["claim.json", "disk.img"],
+        "scratch files left in the claim"
+    );
+    let log = vm.pod.log();
+    assert!(
+        log.contains("\"message\":\"import progress\"") && log.contains("\"phase\":\"convert\""),
+        "no progress lines\n{log}"
+    );
+    vm.stop();
+    assert_eq!(server.hits("/images/disk.qcow2"), 1);
+
+    // The VM's own data lives in the claim; a restart must not import over it.
+    let inode = fs::metadata(&disk).unwrap().ino();
+    let mut data = fs::read(&disk).unwrap();
+    data[..14].copy_from_slice(b"written-by-vm\n");
+    fs::write(&disk, &data).unwrap();
+    drop(data);
+    vm.start();
+    vm.pod.wait_console("LV-READ vda written-by-vm", BOOT);
+    assert!(
+        vm.pod.log().contains("claim complete, reusing it"),
+        "{}",
+        vm.pod.dump()
+    );
+    vm.stop();
+    assert_eq!(
+        server.hits("/images/disk.qcow2"),
+        1,
+        "the image was downloaded again"
+    );
+    assert_eq!(fs::metadata(&disk).unwrap().ino(), inode);
+}
+
+/// gzip- and xz-compressed qcow2 and raw images, and plain raw, told apart by their bytes (the
+/// URLs' names lie on purpose); all four in one VM.
+#[test]
+fn compressed_and_raw_images_are_detected_by_content() {
+    let mut vm = Vm::new("dv-formats");
+    let server = Server::start();
+    let scratch = vm.pod.dir.join("scratch");
+    let images = [
+        ("qcow2gz", raw_image("from-qcow2-gz", 6 * MIB), "gzip", true),
+        ("rawxz", raw_image("from-raw-xz", 5 * MIB), "xz", false),
+        ("qcow2xz", raw_image("from-qcow2-xz", 4 * MIB), "xz", true),
+        ("plainraw", raw_image("from-plain-raw", 3 * MIB), "", false),
+    ];
+    let mut templates = String::new();
+    for (name, raw, tool, is_qcow2) in &images {
+        let mut bytes = if *is_qcow2 {
+            qcow2(&scratch, raw)
+        } else {
+            raw.clone()
+        };
+        if !tool.is_empty() {
+            bytes = compress(tool, &bytes);
+        }
+        // Misleading names: detection must go by magic bytes.
+        let url = server.file(&format!("/{name}.iso"), bytes);
+        templates += &http_dv(
+            name,
+            &url,
+            "        storage:\n          resources:\n            requests:\n              storage: 16Mi\n",
+        );
+    }
+    let disks: Vec<&str> = images.iter().map(|i| i.0).collect();
+    vm.write(&vm_yaml(
+        &vm.pod.name,
+        "lv.read=vda lv.read=vdb lv.read=vdc lv.read=vdd",
+        &templates,
+        &disks,
+    ));
+    vm.start();
+    let console = vm.pod.wait_console("LV-READ vdd ", BOOT);
+    for (dev, text) in [
+        ("vda", "from-qcow2-gz"),
+        ("vdb", "from-raw-xz"),
+        ("vdc", "from-qcow2-xz"),
+        ("vdd", "from-plain-raw"),
+    ] {
+        assert!(
+            console.contains(&format!("LV-READ {dev} {text}")),
+            "{dev} does not show {text}\n{console}"
+        );
+        // spec.storage: the whole request is usable.
+        assert_eq!(vm.guest_block_sizes().get(dev), Some(&(16 * MIB / 512)));
+    }
+    for (name, raw, _, _) in &images {
+        assert_disk_holds(&vm.claim(name).join("disk.img"), raw, 16 * MIB);
+    }
+    vm.stop();
+}
+
+/// `pvc` clones — of a claim made by hand and of another template of the same VM listed after
+/// the clone — and a preallocated `blank` disk.
+#[test]
+fn pvc_clone_and_blank_sources() {
+    let mut vm = Vm::new("dv-clone");
+    let server = Server::start();
+    // A claim made by hand (no claim.json): `claims/default/golden/disk.img`.
+    let golden = raw_image("golden-image", 12 * MIB);
+    fs::create_dir_all(vm.claim("golden")).unwrap();
+    fs::write(vm.claim("golden").join("disk.img"), &golden).unwrap();
+    let base_raw = raw_image("base-from-http", 2 * MIB);
+    let url = server.file("/base.img", base_raw.clone());
+
+    let templates = format!(
+        "    - metadata:
+        name: copy-of-golden
+      spec:
+        source:
+          pvc:
+            name: golden
+        storage: {{}}
+    - metadata:
+        name: empty
+      spec:
+        preallocation: true
+        source:
+          blank: {{}}
+        storage:
+          resources:
+            requests:
+              storage: 8Mi
+    - metadata:
+        name: copy-of-base
+      spec:
+        source:
+          pvc:
+            namespace: default
+            name: base
+        pvc:
+          resources:
+            requests:
+              storage: 32Mi
+{}",
+        http_dv("base", &url, &pvc("16Mi"))
+    );
+    vm.write(&vm_yaml(
+        &vm.pod.name,
+        "lv.read=vda lv.read=vdb lv.read=vdc",
+        &templates,
+        &["copy-of-golden", "empty", "copy-of-base"],
+    ));
+    vm.start();
+    let console = vm.pod.wait_console("LV-READ vdc ", BOOT);
+    assert!(console.contains("LV-READ vda golden-image"), "{console}");
+    assert!(
+        console.lines().any(|l| l.trim_end() == "LV-READ vdb"),
+        "the blank disk is not empty\n{console}"
+    );
+    assert!(console.contains("LV-READ vdc base-from-http"), "{console}");
+    let sizes = vm.guest_block_sizes();
+    // storage form without a size: the clone takes the source's size.
+    assert_eq!(sizes.get("vda"), Some(&(12 * MIB / 512)));
+    assert_eq!(sizes.get("vdb"), Some(&(8 * MIB / 512)));
+    // spec.pvc 32Mi: 30.24 MiB usable → 30 MiB.
+    assert_eq!(sizes.get("vdc"), Some(&(30 * MIB / 512)));
+    vm.stop();
+
+    assert_disk_holds(
+        &vm.claim("copy-of-golden").join("disk.img"),
+        &golden,
+        12 * MIB,
+    );
+    assert_disk_holds(
+        &vm.claim("copy-of-base").join("disk.img"),
+        &base_raw,
+        30 * MIB,
+    );
+    let empty = fs::metadata(vm.claim("empty").join("disk.img")).unwrap();
+    assert_eq!(empty.len(), 8 * MIB);
+    assert!(
+        empty.blocks() * 512 >= 8 * MIB,
+        "preallocation: true left the blank disk sparse ({} blocks)",
+        empty.blocks()
+    );
+    // The hand-made source is untouched (still no claim.json of its own).
+    assert_eq!(entries(&vm.claim("golden")), ["disk.img"]);
+    assert_eq!(
+        read_json(&vm.claim("copy-of-golden").join("claim.json"))["source"]["pvc"]["name"],
+        "golden"
+    );
+}
+
+/// `volumeMode: Block`: the claim is a loop device over a file in the claim directory, the
+/// guest sees the full request, a ReadWriteMany claim is marked shared, and the loop device
+/// goes away with the launcher.
+#[test]
+fn block_mode_claim_is_a_loop_device() {
+    let mut vm = Vm::new("dv-block");
+    let server = Server::start();
+    let raw = raw_image("block-mode-data", 3 * MIB);
+    let url = server.file("/blk", compress("xz", &raw));
+    let storage = "        storage:
+          volumeMode: Block
+          accessModes:
+            - ReadWriteMany
+          resources:
+            requests:
+              storage: 24Mi
+";
+    vm.write(&vm_yaml(
+        &vm.pod.name,
+        "lv.read=vda",
+        &http_dv("blk", &url, storage),
+        &["blk"],
+    ));
+    vm.start();
+    vm.pod.wait_console("LV-READ vda block-mode-data", BOOT);
+    assert_eq!(vm.guest_block_sizes().get("vda"), Some(&(24 * MIB / 512)));
+
+    let node = vm
+        .storage
+        .join(format!("vms/default/{}/block/blk", vm.pod.name));
+    let dev = fs::read_link(&node).unwrap_or_else(|e| panic!("{}: {e}", node.display()));
+    assert!(
+        fs::metadata(&node).unwrap().file_type().is_block_device(),
+        "{} is not a block device",
+        node.display()
+    );
+    let backing = vm.claim("blk").join("block.img");
+    let losetup = |file: &Path| {
+        let out = Command::new("losetup")
+            .arg("--associated")
+            .arg(file)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        losetup(&backing).contains(dev.to_str().unwrap()),
+        "{} is not backed by {}",
+        dev.display(),
+        backing.display()
+    );
+    let meta = read_json(&vm.claim("blk").join("claim.json"));
+    assert_eq!(meta["volumeMode"], "Block");
+    assert_eq!(meta["shared"], true);
+    assert!(claim_is_shared(&vm.storage, "default", "blk"));
+    assert!(!vm.claim("blk").join("disk.img").exists());
+    vm.stop();
+
+    assert_disk_holds(&backing, &raw, 24 * MIB);
+    assert!(
+        losetup(&backing).trim().is_empty(),
+        "loop device still attached after the launcher exited: {}",
+        losetup(&backing)
+    );
+}
+
+/// The storage document's VirtualMachine, as written; only the URL points at the test server.
+#[test]
+fn seed_vm_runs_as_written_with_a_local_url() {
+    let mut vm = Vm::new("dv-seed");
+    let server = Server::start();
+    let raw = raw_image("hello-from-the-seed-image", 16 * MIB);
+    let url = server.file(
+        "/my-vm-image.qcow2",
+        qcow2(&vm.pod.dir.join("scratch"), &raw),
+    );
+    // Copied from shared/seed/kubevirt-csi-storage.txt ("User defines a VirtualMachine with a
+    // DataVolume"). Changed: only the URL (a local server instead of example.com). Added where the document says "# ... other VM specs": memory (the document has none and
+    // KubeVirt requires it) and kernelBoot with the test guest (the document's image has no
+    // OS), with `lv.read=vda` so that the guest prints the disk's first line.
+    let manifest = format!(
+        r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: my-vm
+spec:
+  dataVolumeTemplates:
+    - metadata:
+        name: my-vm-disk
+      spec:
+        storageClassName: my-fast-storage # References the StorageClass
+        source:
+          http:
+            url: "{url}"
+        pvc:
+          accessModes:
+            - ReadWriteOnce # Or ReadWriteMany for live migration
+          resources:
+            requests:
+              storage: 20Gi
+  template:
+    spec:
+      domain:
+        devices:
+          disks:
+            - name: my-vm-disk
+              disk:
+                bus: virtio
+        # ... other VM specs
+        resources:
+          requests:
+            memory: 128Mi
+        firmware:
+          kernelBoot:
+            kernelArgs: "console=ttyS0 quiet lv.read=vda"
+            container:
+              image: test-guest
+              kernelPath: /vmlinuz
+              initrdPath: /initramfs.gz
+      volumes:
+        - name: my-vm-disk
+          dataVolume:
+            name: my-vm-disk
+"#
+    );
+    // Each launcher has its own libvirt daemons: the domain name default_my-vm is private to it.
+    vm.pod.name = "my-vm".to_string();
+    vm.write(&manifest);
+    vm.start();
+    vm.pod
+        .wait_console("LV-READ vda hello-from-the-seed-image", BOOT);
+    // 20Gi through spec.pvc: 19353 MiB usable after CDI's 5.5 % overhead.
+    let size = 19353 * MIB;
+    assert_eq!(vm.guest_block_sizes().get("vda"), Some(&(size / 512)));
+    let disk = vm.claim("my-vm-disk").join("disk.img");
+    let meta = fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), size);
+    assert!(
+        meta.blocks() * 512 < 64 * MIB,
+        "the 20Gi disk is not sparse: {} blocks",
+        meta.blocks()
+    );
+    let mut head = vec![0u8; raw.len()];
+    fs::File::open(&disk)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_eq!(
+        checksum(&head),
+        checksum(&raw),
+        "data region differs from the source"
+    );
+    vm.stop();
+}
+
+/// An import killed mid-download leaves no disk the VM could boot from; the next run starts
+/// over and completes. Progress goes to the log as JSON lines with bytes, total, rate and ETA.
+#[test]
+fn interrupted_import_starts_over_and_reports_progress() {
+    let mut vm = Vm::new("dv-interrupt");
+    let server = Server::start();
+    let raw = raw_image("survived-an-interruption", 8 * MIB);
+    // ~0.7 MiB/s of random-looking data: the import takes >10 s.
+    let mut data = raw.clone();
+    for (i, b) in data[2 * MIB as usize..].iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1;
+    }
+    let data = Arc::new(data);
+    server.route(
+        "/slow.img",
+        Route::Slow {
+            data: data.clone(),
+            chunk: 64 << 10,
+            pause: Duration::from_millis(90),
+        },
+    );
+    vm.write(&vm_yaml(
+        &vm.pod.name,
+        "lv.read=vda",
+        &http_dv("slow", &server.url("/slow.img"), &pvc("32Mi")),
+        &["slow"],
+    ));
+    vm.start();
+    // Wait for a progress line that shows bytes moving, then kill the launcher.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let progress = loop {
+        let line = vm.pod.log().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "import progress" && v["bytes"].as_u64()? > 0).then_some(v)
+        });
+        if let Some(v) = line {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no progress\n{}", vm.pod.dump());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(progress["dataVolume"], "default/slow");
+    assert_eq!(progress["phase"], "download");
+    assert_eq!(progress["total"], data.len() as u64);
+    assert!(
+        progress["rateBytesPerSecond"].as_u64().is_some(),
+        "{progress}"
+    );
+    assert!(progress["etaSeconds"].as_u64().is_some(), "{progress}");
+    vm.pod.signal(Signal::SIGKILL);
+    vm.pod.wait_exit(Duration::from_secs(10));
+
+    let claim = vm.claim("slow");
+    assert!(!claim.join("disk.img").exists(), "half-written disk.img");
+    assert!(!claim.join("claim.json").exists(), "claim marked complete");
+    assert!(
+        claim.join(".import/download").exists(),
+        "the test did not interrupt a download: {:?}",
+        entries(&claim.join(".import"))
+    );
+
+    // The same data, fast now.
+    server.route("/slow.img", Route::File(data.clone()));
+    vm.start();
+    vm.pod
+        .wait_console("LV-READ vda survived-an-interruption", BOOT);
+    assert!(vm.pod.log().contains("starting over"), "{}", vm.pod.dump());
+    vm.stop();
+    assert_disk_holds(&claim.join("disk.img"), &data, 30 * MIB);
+    assert_eq!(entries(&claim), ["claim.json", "disk.img"]);
+}
+
+/// Bad sources and images: one error line naming the DataVolume and the problem, a failed exit,
+/// no VM, and the claim directory as it was (absent, or with only what was there before).
+#[test]
+fn bad_input_names_the_datavolume_and_leaves_the_claim_alone() {
+    let vm = Vm::new("dv-bad");
+    let server = Server::start();
+    let scratch = vm.pod.dir.join("scratch");
+    let raw = raw_image("bad", 4 * MIB);
+    let good_qcow2 = qcow2(&scratch, &raw);
+
+    let mut corrupt = good_qcow2.clone();
+    corrupt[4..8].copy_from_slice(&[0, 0, 0, 99]); // qcow2 version 99
+    server.file("/corrupt.qcow2", corrupt);
+    // A qcow2 with data clusters past its end: qemu-img would read zeros there.
+    let big = raw_image("truncated", 8 * MIB);
+    let mut noisy = big.clone();
+    for (i, b) in noisy[MIB as usize..].iter_mut().enumerate() {
+        *b = (i % 251) as u8 | 1;
+    }
+    let q = qcow2(&scratch, &noisy);
+    server.file("/truncated.qcow2", q[..q.len() / 2].to_vec());
+    server.file("/empty.img", Vec::new());
+    let gz = compress("gzip", &raw);
+    server.file("/truncated.img.gz", gz[..gz.len() / 2].to_vec());
+    server.file(
+        "/64m.qcow2",
+        qcow2(&scratch, &raw_image("too-big", 64 * MIB)),
+    );
+    server.file("/vmdk", qemu_img_convert(&scratch, &raw, "vmdk"));
+    server.route(
+        "/cutoff.img",
+        Route::CutOff {
+            data: Arc::new(raw.clone()),
+            send: 1 << 20,
+        },
+    );
+    let closed_port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+
+    let http = |url: String| http_dv("bad", &url, &pvc("32Mi"));
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unreachable",
+            http(format!("http://127.0.0.1:{closed_port}/x.qcow2")),
+            "Connection refused",
+        ),
+        ("404", http(server.url("/missing.qcow2")), "HTTP 404 Not Found"),
+        (
+            "https",
+            http(format!("https://127.0.0.1:{}/x.qcow2", server.port)),
+            "https is not supported by this build",
+        ),
+        (
+            "empty file",
+            http(server.url("/empty.img")),
+            "the server sent an empty file",
+        ),
+        (
+            "corrupt",
+            http(server.url("/corrupt.qcow2")),
+            "bad image: not a valid qcow2 image",
+        ),
+        (
+            "truncated qcow2",
+            http(server.url("/truncated.qcow2")),
+            "bad image: the qcow2 image is corrupt or truncated",
+        ),
+        (
+            "truncated gzip",
+            http(server.url("/truncated.img.gz")),
+            "bad image: gzip cannot unpack it",
+        ),
+        (
+            "cut-off transfer",
+            http(server.url("/cutoff.img")),
+            "cannot import",
+        ),
+        (
+            "too large",
+            http(server.url("/64m.qcow2")),
+            "image virtual size 67108864 bytes exceeds the claim's usable size 31457280 bytes (spec.pvc requests 32Mi, less CDI's 5.5% filesystem overhead)",
+        ),
+        ("vmdk", http(server.url("/vmdk")), "VMDK is not supported"),
+        (
+            "unknown source",
+            "    - metadata:\n        name: bad\n      spec:\n        source:\n          nfs:\n            path: /x\n"
+                .to_string()
+                + &pvc("32Mi"),
+            "spec.source: unknown source type \"nfs\"",
+        ),
+        (
+            "registry",
+            "    - metadata:\n        name: bad\n      spec:\n        source:\n          registry:\n            url: docker://quay.io/containerdisks/fedora:latest\n"
+                .to_string()
+                + &pvc("32Mi"),
+            "spec.source.registry is not supported in standalone mode",
+        ),
+        (
+            "missing clone source",
+            "    - metadata:\n        name: bad\n      spec:\n        source:\n          pvc:\n            name: nowhere\n"
+                .to_string()
+                + &pvc("32Mi"),
+            "clone source claim default/nowhere",
+        ),
+    ];
+    let claim = vm.claim("bad");
+    for (what, template, want) in &cases {
+        vm.write(&vm_yaml(&vm.pod.name, "", template, &["bad"]));
+        let line = vm.fails();
+        eprintln!("{what}: {line}");
+        assert!(
+            line.starts_with("virt-launcher: DataVolume default/bad: "),
+            "{what}: {line}"
+        );
+        assert!(line.contains(want), "{what}: want {want:?} in\n{line}");
+        assert!(
+            !claim.exists(),
+            "{what}: claim directory left: {:?}",
+            entries(&claim)
+        );
+    }
+
+    // A claim directory that exists (say, made by hand) keeps exactly what it had.
+    fs::create_dir_all(&claim).unwrap();
+    fs::write(claim.join("notes.txt"), "mine").unwrap();
+    vm.write(&vm_yaml(
+        &vm.pod.name,
+        "",
+        &http(server.url("/64m.qcow2")),
+        &["bad"],
+    ));
+    let line = vm.fails();
+    assert!(line.contains("exceeds the claim's usable size"), "{line}");
+    assert_eq!(entries(&claim), ["notes.txt"]);
+    assert!(vm.pod.leftover_processes().is_empty());
+}
+
+/// A VM with a good and a bad DataVolume: the good claim completes once and is not touched by
+/// later failing runs.
+#[test]
+fn complete_claim_is_untouched_by_a_failing_run() {
+    let vm = Vm::new("dv-keep");
+    let server = Server::start();
+    let raw = raw_image("keep-me", 2 * MIB);
+    let url = server.file("/keep.img", raw.clone());
+    let templates = http_dv("keep", &url, &pvc("16Mi"))
+        + &http_dv("broken", &server.url("/nope"), &pvc("16Mi"));
+    vm.write(&vm_yaml(&vm.pod.name, "", &templates, &["keep", "broken"]));
+
+    let line = vm.fails();
+    assert!(line.contains("DataVolume default/broken: "), "{line}");
+    assert!(line.contains("HTTP 404"), "{line}");
+    let keep = vm.claim("keep");
+    let meta_before = fs::read(keep.join("claim.json")).expect("keep imported");
+    let disk_before = fs::metadata(keep.join("disk.img")).unwrap();
+    assert!(!vm.claim("broken").exists());
+
+    let line = vm.fails();
+    assert!(line.contains("DataVolume default/broken: "), "{line}");
+    assert_eq!(
+        server.hits("/keep.img"),
+        1,
+        "the complete claim was imported again"
+    );
+    assert_eq!(fs::read(keep.join("claim.json")).unwrap(), meta_before);
+    let disk_after = fs::metadata(keep.join("disk.img")).unwrap();
+    assert_eq!(disk_after.ino(), disk_before.ino());
+    assert_eq!(disk_after.mtime_nsec(), disk_before.mtime_nsec());
+    assert_disk_holds(&keep.join("disk.img"), &raw, 15 * MIB);
+}
+
+/// `--vm` wants a VirtualMachine; a volume naming a DataVolume that is neither a template nor
+/// a claim in the storage directory is named.
+#[test]
+fn vm_flag_errors_are_clear() {
+    let vm = Vm::new("dv-flags");
+    fs::write(
+        vm.vm_path(),
+        "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: x\n",
+    )
+    .unwrap();
+    let line = vm.fails();
+    assert!(
+        line.contains("--vm wants a kubevirt.io/v1 VirtualMachine, found VirtualMachineInstance"),
+        "{line}"
+    );
+
+    let yaml = vm_yaml(&vm.pod.name, "", "    []\n", &["elsewhere"])
+        .replace("  dataVolumeTemplates:\n    []\n", "");
+    vm.write(&yaml);
+    let line = vm.fails();
+    assert!(
+        line.contains("volume elsewhere: DataVolume default/elsewhere is not in spec.dataVolumeTemplates and has no claim in"),
+        "{line}"
+    );
+
+    let (status, stderr) = common::run_launcher(&[
+        "run",
+        "--vm",
+        vm.vm_path().to_str().unwrap(),
+        "--volumes-dir",
+        "/tmp",
+    ]);
+    assert!(!status.success());
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
