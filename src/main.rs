@@ -261,7 +261,6 @@ fn run(args: RunArgs) -> Result<i32> {
             group: args.socket_group,
         }),
         qemu_timeout: Duration::from_secs(args.qemu_timeout),
-        console_log,
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

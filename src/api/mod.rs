@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::spec;
 use crate::supervisor::core::{Launcher, StopRequest, FREEZE_TIMEOUT};
+use crate::supervisor::migration::MigrateOptions;
 use crate::supervisor::state;
 
 pub use errors::to_status;
@@ -126,6 +127,39 @@ pub fn domain_pb(s: &state::Status) -> pb::Domain {
             })
             .collect(),
         last_seq: s.last_seq,
+        migration_target: s.migration_target.as_ref().map(|t| pb::MigrationTarget {
+            uid: t.uid.clone(),
+            libvirt_uri: t.libvirt_uri.clone(),
+            migration_uri: t.migration_uri.clone(),
+            disks_uri: t.disks_uri.clone(),
+            private_dir: t.private_dir.clone(),
+            ephemeral_dir: t.ephemeral_dir.clone(),
+        }),
+        migration: s.migration.as_ref().map(migration_pb),
+    }
+}
+
+pub fn migration_pb(m: &state::MigrationProgress) -> pb::MigrationProgress {
+    use state::MigrationPhase as S;
+    pb::MigrationProgress {
+        phase: match m.phase {
+            S::Prepared => pb::MigrationPhase::Prepared,
+            S::Running => pb::MigrationPhase::Running,
+            S::Succeeded => pb::MigrationPhase::Succeeded,
+            S::Failed => pb::MigrationPhase::Failed,
+            S::Cancelled => pb::MigrationPhase::Cancelled,
+        } as i32,
+        mode: match m.mode {
+            state::MigrationMode::PreCopy => pb::MigrationMode::PreCopy,
+            state::MigrationMode::PostCopy => pb::MigrationMode::PostCopy,
+        } as i32,
+        data_total: m.data_total,
+        data_processed: m.data_processed,
+        data_remaining: m.data_remaining,
+        iteration: m.iteration,
+        dirty_rate: m.dirty_rate,
+        downtime_ms: m.downtime_ms,
+        elapsed_ms: m.elapsed_ms,
     }
 }
 
@@ -142,12 +176,14 @@ pub fn event_pb(e: &state::Event) -> pb::Event {
             S::IoError => P::IoError,
             S::Final => P::Final,
             S::Agent => P::Agent,
+            S::Migration => P::Migration,
         } as i32,
         state: state_pb(e.state) as i32,
         reason: e.reason.clone(),
         volume: e.volume.clone(),
         phase: phase_pb(e.phase) as i32,
         message: e.message.clone(),
+        migration: e.migration.as_ref().map(migration_pb),
     }
 }
 
@@ -321,6 +357,75 @@ impl LauncherApi for Service {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
         }))
+    }
+
+    async fn prepare_migration_target(
+        &self,
+        req: Request<pb::PrepareMigrationTargetRequest>,
+    ) -> Result<Response<pb::MigrationTarget>, Status> {
+        within_deadline(&req, async {
+            let text = std::str::from_utf8(&req.get_ref().vmi).map_err(|_| {
+                Status::invalid_argument("vmi: not UTF-8 text (JSON or YAML expected)")
+            })?;
+            let vmi = spec::from_str(text, "PrepareMigrationTargetRequest.vmi")
+                .map_err(|e| to_status(&e.into()))?;
+            let t = self
+                .core
+                .prepare_migration_target(vmi)
+                .await
+                .map_err(|e| to_status(&e))?;
+            Ok(Response::new(pb::MigrationTarget {
+                uid: t.uid,
+                libvirt_uri: t.libvirt_uri,
+                migration_uri: t.migration_uri,
+                disks_uri: t.disks_uri,
+                private_dir: t.private_dir,
+                ephemeral_dir: t.ephemeral_dir,
+            }))
+        })
+        .await
+    }
+
+    async fn migrate(
+        &self,
+        req: Request<pb::MigrateRequest>,
+    ) -> Result<Response<pb::MigrationResult>, Status> {
+        within_deadline(&req, async {
+            let r = req.get_ref();
+            if r.target_socket.is_empty() {
+                return Err(Status::invalid_argument("target_socket: required"));
+            }
+            let o = r.options.unwrap_or_default();
+            let opts = MigrateOptions {
+                bandwidth_mib: o.bandwidth_mib,
+                max_downtime_ms: o.max_downtime_ms,
+                completion_timeout_per_gib: o.completion_timeout_per_gib,
+                progress_timeout: o.progress_timeout,
+                allow_post_copy: o.allow_post_copy,
+                allow_auto_converge: o.allow_auto_converge,
+                parallel_connections: o.parallel_connections,
+                block_migration: o.block_migration,
+            };
+            let out = self
+                .core
+                .migrate(std::path::Path::new(&r.target_socket), opts)
+                .await
+                .map_err(|e| to_status(&e))?;
+            Ok(Response::new(pb::MigrationResult {
+                success: out.success,
+                progress: Some(migration_pb(&out.progress)),
+                message: out.message,
+            }))
+        })
+        .await
+    }
+
+    async fn cancel_migration(
+        &self,
+        _req: Request<pb::Empty>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        self.core.cancel_migration().map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::Empty {}))
     }
 
     type WatchStream = EventStream;

@@ -87,6 +87,32 @@ enum Cmd {
     /// Versions and capabilities.
     Info,
     Ping,
+    /// Ready this VM-less launcher to receive the VMI in FILE by live migration.
+    PrepareTarget {
+        vmi: PathBuf,
+    },
+    /// Live-migrate the VM to the prepared launcher behind --target; follows progress.
+    Migrate {
+        /// The target launcher's control socket.
+        #[arg(long)]
+        target: PathBuf,
+        /// MiB/s (0: unlimited).
+        #[arg(long, default_value_t = 0)]
+        bandwidth: u64,
+        #[arg(long)]
+        post_copy: bool,
+        #[arg(long)]
+        auto_converge: bool,
+        /// Copy local (non-shared) disks.
+        #[arg(long)]
+        block: bool,
+        #[arg(long, default_value_t = 0)]
+        completion_timeout_per_gib: u64,
+        #[arg(long, default_value_t = 0)]
+        progress_timeout: u64,
+    },
+    /// Abort the running migration (the VM stays here).
+    CancelMigration,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -283,6 +309,94 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
             );
         }
+        Cmd::PrepareTarget { vmi } => {
+            let body = std::fs::read(&vmi).with_context(|| vmi.display().to_string())?;
+            let t = c
+                .prepare_migration_target(pb::PrepareMigrationTargetRequest { vmi: body })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out(
+                json,
+                json!({"uid": t.uid, "libvirtUri": t.libvirt_uri, "migrationUri": t.migration_uri, "disksUri": t.disks_uri}),
+                &format!(
+                    "prepared for {}: libvirt {} data {}",
+                    t.uid, t.libvirt_uri, t.migration_uri
+                ),
+            );
+        }
+        Cmd::Migrate {
+            target,
+            bandwidth,
+            post_copy,
+            auto_converge,
+            block,
+            completion_timeout_per_gib,
+            progress_timeout,
+        } => {
+            // Follow progress on a second connection while the call runs.
+            let mut watcher = client::connect(&cli.socket).await?;
+            let after = watcher
+                .get_domain(pb::Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .last_seq;
+            let mut stream = watcher
+                .watch(pb::WatchRequest { after_seq: after })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let follow = tokio::spawn(async move {
+                while let Ok(Some(ev)) = stream.message().await {
+                    if ev.kind() == EventKind::Migration {
+                        print_event(&ev, json);
+                    }
+                }
+            });
+            let req = pb::MigrateRequest {
+                target_socket: target.display().to_string(),
+                options: Some(pb::MigrationOptions {
+                    bandwidth_mib: bandwidth,
+                    allow_post_copy: post_copy,
+                    allow_auto_converge: auto_converge,
+                    block_migration: block,
+                    completion_timeout_per_gib,
+                    progress_timeout,
+                    ..Default::default()
+                }),
+            };
+            let r = c.migrate(req).await.map_err(status_error);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            follow.abort();
+            let r = r?.into_inner();
+            let p = r.progress.unwrap_or_default();
+            out(
+                json,
+                json!({"success": r.success, "message": r.message, "downtimeMs": p.downtime_ms, "totalMs": p.elapsed_ms}),
+                &format!(
+                    "{}: {} (downtime {} ms, total {} ms)",
+                    if r.success {
+                        "migrated"
+                    } else {
+                        "migration failed"
+                    },
+                    r.message,
+                    p.downtime_ms,
+                    p.elapsed_ms
+                ),
+            );
+            if !r.success {
+                bail!("migration failed");
+            }
+        }
+        Cmd::CancelMigration => done(
+            c.cancel_migration(pb::Empty {})
+                .await
+                .map_err(status_error)?,
+            "cancel requested",
+            json,
+        ),
         Cmd::Ping => done(
             c.ping(pb::Empty {}).await.map_err(status_error)?,
             "pong",
@@ -292,12 +406,14 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Prints a result; a closed stdout (`| head`) ends the output quietly.
 fn out(json: bool, value: Value, text: &str) {
-    if json {
-        println!("{value}");
+    let mut stdout = std::io::stdout();
+    let _ = if json {
+        writeln!(stdout, "{value}")
     } else {
-        println!("{text}");
-    }
+        writeln!(stdout, "{text}")
+    };
 }
 
 fn done<T>(_: tonic::Response<T>, what: &str, json: bool) {
@@ -402,9 +518,26 @@ fn print_event(e: &pb::Event, json: bool) {
         EventKind::IoError => "io-error",
         EventKind::Final => "final",
         EventKind::Agent => "agent",
+        EventKind::Migration => "migration",
         EventKind::Unspecified => "-",
     };
     let text = match e.kind() {
+        EventKind::Migration => {
+            let m = e.migration.unwrap_or_default();
+            format!(
+                "#{} {kind:<8} {:?} {:?} {}/{} MiB remaining {} MiB iter {} downtime {} ms elapsed {} ms {}",
+                e.seq,
+                m.phase(),
+                m.mode(),
+                m.data_processed >> 20,
+                m.data_total >> 20,
+                m.data_remaining >> 20,
+                m.iteration,
+                m.downtime_ms,
+                m.elapsed_ms,
+                e.message
+            )
+        }
         EventKind::Volume | EventKind::IoError => format!(
             "#{} {kind:<8} {} {} {}",
             e.seq,

@@ -264,6 +264,54 @@ impl Hypervisor {
         })
     }
 
+    /// The live domain XML in the form a migration destination accepts.
+    pub fn migratable_xml(&self, name: &str) -> Result<String, LibvirtError> {
+        self.with_domain(name, |d| {
+            d.xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE | sys::VIR_DOMAIN_XML_SECURE)
+                .map_err(|e| LibvirtError::call("dumpxml (migratable)", e))
+        })
+    }
+
+    /// Peer-to-peer live migration to `dest_uri`; blocks until it ends.
+    pub fn migrate(
+        &self,
+        name: &str,
+        dest_uri: &str,
+        params: virt::domain::MigrateParameters,
+        flags: u32,
+    ) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| {
+            d.migrate_to_uri3(Some(dest_uri), params, flags)
+                .map_err(|e| LibvirtError::call("migrate", e))
+        })
+    }
+
+    /// Statistics of the running job (or, with `completed`, of the last completed one).
+    pub fn job_stats(&self, name: &str, completed: bool) -> Result<ffi::JobStats, LibvirtError> {
+        self.with_domain(name, |d| {
+            ffi::job_stats(d, completed).map_err(|e| LibvirtError::call("job stats", e))
+        })
+    }
+
+    pub fn abort_job(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| {
+            ffi::abort_job(d).map_err(|e| LibvirtError::call("abort job", e))
+        })
+    }
+
+    pub fn start_post_copy(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| {
+            ffi::start_post_copy(d).map_err(|e| LibvirtError::call("switch to post-copy", e))
+        })
+    }
+
+    pub fn set_max_downtime(&self, name: &str, ms: u64) -> Result<(), LibvirtError> {
+        self.with_domain(name, |d| {
+            d.migrate_set_max_downtime(ms, 0)
+                .map_err(|e| LibvirtError::call("set max downtime", e))
+        })
+    }
+
     /// Whether the domain is defined.
     pub fn exists(&self, name: &str) -> Result<bool, LibvirtError> {
         match self.with_domain(name, |_| Ok(())) {

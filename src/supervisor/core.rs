@@ -76,19 +76,23 @@ pub enum StopRequest {
 /// The core. Shared as `Arc<Launcher>`.
 pub struct Launcher {
     hv: Arc<Hypervisor>,
-    planner: Planner,
+    pub(super) planner: Planner,
     status: RwLock<Status>,
-    events: EventLog,
-    op: tokio::sync::Mutex<()>,
+    pub(super) events: EventLog,
+    pub(super) op: tokio::sync::Mutex<()>,
     vmi: Mutex<Option<VirtualMachineInstance>>,
     stop: mpsc::UnboundedSender<StopRequest>,
     /// Detaches waiting for the guest: alias → waiter.
     removals: Mutex<HashMap<String, oneshot::Sender<bool>>>,
-    /// Becomes true once a domain was started.
-    started: AtomicBool,
+    /// Becomes true once a domain was started (or arrived by migration).
+    pub(super) started: AtomicBool,
     freeze_generation: AtomicU64,
     domain_type: String,
-    console_log: Mutex<Option<std::path::PathBuf>>,
+    pub(super) console_log: Mutex<Option<std::path::PathBuf>>,
+    /// This pod's sockets, for receiving a migration.
+    pub(super) sockets: Option<super::migration::PodSockets>,
+    /// A CancelMigration arrived.
+    pub(super) cancel: AtomicBool,
 }
 
 impl Launcher {
@@ -96,6 +100,7 @@ impl Launcher {
         hv: Arc<Hypervisor>,
         planner: Planner,
         stop: mpsc::UnboundedSender<StopRequest>,
+        sockets: Option<super::migration::PodSockets>,
     ) -> Arc<Launcher> {
         let domain_type = format!("{:?}", planner.domain_type).to_lowercase();
         Arc::new(Launcher {
@@ -111,6 +116,8 @@ impl Launcher {
             freeze_generation: AtomicU64::new(0),
             domain_type,
             console_log: Mutex::new(None),
+            sockets,
+            cancel: AtomicBool::new(false),
         })
     }
 
@@ -168,11 +175,11 @@ impl Launcher {
         self.events.last_seq()
     }
 
-    fn lock_vmi(&self) -> std::sync::MutexGuard<'_, Option<VirtualMachineInstance>> {
+    pub(super) fn lock_vmi(&self) -> std::sync::MutexGuard<'_, Option<VirtualMachineInstance>> {
         self.vmi.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn update(&self, f: impl FnOnce(&mut Status)) {
+    pub(super) fn update(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.status.write().unwrap_or_else(|p| p.into_inner()));
     }
 
@@ -224,7 +231,7 @@ impl Launcher {
         self.events.push(e);
     }
 
-    async fn blocking<T: Send + 'static>(
+    pub(super) async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Hypervisor) -> Result<T, LibvirtError> + Send + 'static,
     ) -> Result<T, ControlError> {
@@ -589,7 +596,9 @@ impl Launcher {
     // ------------------------------------------------------------------ simple operations
 
     pub fn request_stop(&self, req: StopRequest) -> Result<(), ControlError> {
-        self.domain_name()?;
+        if !self.awaiting_migration() {
+            self.domain_name()?;
+        }
         self.stop
             .send(req)
             .map_err(|_| ControlError::Precondition("the launcher is stopping".into()))
@@ -683,8 +692,16 @@ impl Launcher {
     pub fn on_domain_event(&self, ev: &DomainEvent) -> Option<StopReason> {
         match ev {
             DomainEvent::Lifecycle { kind, .. } => match kind {
+                // On a migration target the incoming QEMU starts paused, waiting for the
+                // data; the VM is ours only when it resumes here.
+                LifecycleKind::Started if self.awaiting_migration() => {
+                    self.set_state(State::Starting, "incoming migration")
+                }
                 LifecycleKind::Started => self.set_state(State::Running, "started"),
-                LifecycleKind::Resumed => self.set_state(State::Running, "unpaused"),
+                LifecycleKind::Resumed => {
+                    self.adopt_incoming();
+                    self.set_state(State::Running, "unpaused")
+                }
                 LifecycleKind::Suspended => self.set_state(State::Paused, "paused"),
                 LifecycleKind::ShuttingDown => {
                     self.set_state(State::ShuttingDown, "guest shutdown")
@@ -773,7 +790,12 @@ fn is_hotplug(vmi: &VirtualMachineInstance, volume: &str) -> bool {
         .any(|v| v.name == volume && v.is_hotpluggable())
 }
 
-fn disk_status(d: &Disk, vmi: &VirtualMachineInstance, phase: Phase, message: &str) -> DiskStatus {
+pub(super) fn disk_status(
+    d: &Disk,
+    vmi: &VirtualMachineInstance,
+    phase: Phase,
+    message: &str,
+) -> DiskStatus {
     let volume = d.volume().to_string();
     let status = vmi.volume_status(&volume);
     DiskStatus {
@@ -784,6 +806,7 @@ fn disk_status(d: &Disk, vmi: &VirtualMachineInstance, phase: Phase, message: &s
         message: message.to_string(),
         hotplugged: is_hotplug(vmi, &volume),
         shared: d.shareable || status.is_some_and(|s| s.is_shared()),
+        readonly: d.readonly || d.device == crate::domain::DiskDevice::Cdrom,
         size_bytes: size_of(d.source_path()),
         volume,
     }

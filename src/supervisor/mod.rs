@@ -2,11 +2,11 @@
 //! follow its events, honour the pod's grace period, and leave nothing running behind.
 
 pub mod core;
+pub mod migration;
 pub mod plan;
 pub mod reaper;
 pub mod state;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,6 @@ pub struct RunOptions {
     pub api: Option<ServerConfig>,
     /// How long the domain may take to appear (`--qemu-timeout`).
     pub qemu_timeout: Duration,
-    /// The guest's serial console log, relayed into our log as `subcomponent: console`.
-    pub console_log: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +89,28 @@ pub async fn run(layout: &PodLayout, opts: RunOptions) -> Result<Outcome, Superv
     result
 }
 
+/// Relays the QEMU log and the guest console into our log once a domain exists (started
+/// here, or arrived by migration).
+struct Relays {
+    layout: PodLayout,
+    stop: watch::Receiver<bool>,
+    started: bool,
+}
+
+impl Relays {
+    fn start_when_ready(&mut self, core: &Launcher) {
+        if self.started {
+            return;
+        }
+        let (Some(console), name) = (core.console_log(), core.status().name) else {
+            return;
+        };
+        daemons::follow_file("qemu", self.layout.qemu_log(&name), self.stop.clone());
+        daemons::follow_file("console", console, self.stop.clone());
+        self.started = true;
+    }
+}
+
 /// The loop's view of a requested stop.
 struct Stopping {
     deadline: Option<Instant>,
@@ -108,7 +128,11 @@ async fn supervise(
     let hv =
         Arc::new(tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??);
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
-    let core = Launcher::new(hv.clone(), opts.planner.clone(), stop_tx);
+    let sockets = migration::PodSockets {
+        libvirt_uri: layout.libvirt_uri(),
+        runtime_dir: layout.root().to_path_buf(),
+    };
+    let core = Launcher::new(hv.clone(), opts.planner.clone(), stop_tx, Some(sockets));
     let mut sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
 
@@ -116,25 +140,23 @@ async fn supervise(
         Some(cfg) => Some(server::serve(core.clone(), cfg).await?),
         None => None,
     };
+    let relays = Relays {
+        layout: layout.clone(),
+        stop: stop_follow,
+        started: false,
+    };
     let result = async {
         if let Some(vmi) = opts.vmi.clone() {
-            let name = vmi.domain_name();
             core.sync(vmi).await?;
-            daemons::follow_file("qemu", layout.qemu_log(&name), stop_follow.clone());
         }
-        if let Some(console) = &opts.console_log {
-            daemons::follow_file("console", console.clone(), stop_follow.clone());
-        }
-        event_loop(
-            &core,
-            &opts,
-            &mut raw_events,
-            &mut daemon_events,
-            &mut stop_rx,
-            &mut sigterm,
-            &mut sigint,
-        )
-        .await
+        let inputs = Inputs {
+            raw_events: &mut raw_events,
+            daemon_events: &mut daemon_events,
+            stop_rx: &mut stop_rx,
+            sigterm: &mut sigterm,
+            sigint: &mut sigint,
+        };
+        event_loop(&core, &opts, relays, inputs).await
     }
     .await;
     if let Ok(outcome) = &result {
@@ -151,21 +173,35 @@ async fn supervise(
     result
 }
 
+/// Everything the supervisor loop waits on.
+struct Inputs<'a> {
+    raw_events: &'a mut mpsc::UnboundedReceiver<RawEvent>,
+    daemon_events: &'a mut mpsc::UnboundedReceiver<DaemonEvent>,
+    stop_rx: &'a mut mpsc::UnboundedReceiver<StopRequest>,
+    sigterm: &'a mut tokio::signal::unix::Signal,
+    sigint: &'a mut tokio::signal::unix::Signal,
+}
+
 async fn event_loop(
     core: &Arc<Launcher>,
     opts: &RunOptions,
-    raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
-    daemon_events: &mut mpsc::UnboundedReceiver<DaemonEvent>,
-    stop_rx: &mut mpsc::UnboundedReceiver<StopRequest>,
-    sigterm: &mut tokio::signal::unix::Signal,
-    sigint: &mut tokio::signal::unix::Signal,
+    mut relays: Relays,
+    inputs: Inputs<'_>,
 ) -> Result<Outcome, SupervisorError> {
+    let Inputs {
+        raw_events,
+        daemon_events,
+        stop_rx,
+        sigterm,
+        sigint,
+    } = inputs;
     let launched = Instant::now();
     let mut stopping = Stopping {
         deadline: None,
         destroyed: false,
     };
     loop {
+        relays.start_when_ready(core);
         let grace_over = async {
             match stopping.deadline {
                 Some(d) if !stopping.destroyed => tokio::time::sleep_until(d.into()).await,
@@ -189,6 +225,8 @@ async fn event_loop(
                 begin_stop(core, "SIGINT", core.grace(), &mut stopping).await;
             }
             Some(req) = stop_rx.recv() => match req {
+                // A prepared migration target told to give up, or a stop before any VM.
+                _ if !core.has_started() => return Ok(Outcome { reason: None, requested: true }),
                 StopRequest::Graceful(grace) => begin_stop(core, "Shutdown call", grace, &mut stopping).await,
                 StopRequest::Kill => {
                     stopping.deadline.get_or_insert_with(Instant::now);
@@ -299,6 +337,14 @@ async fn reconnect(core: &Arc<Launcher>) -> Result<Option<StopReason>, Superviso
 
 /// The domain stopped: remove its definition and report it.
 async fn finish(core: &Arc<Launcher>, reason: StopReason, requested: bool) -> Outcome {
+    if core.awaiting_migration() {
+        // The incoming VM never arrived (the migration failed): nothing of ours ran.
+        tracing::warn!(reason = ?reason, "the incoming migration failed; exiting");
+        return Outcome {
+            reason: None,
+            requested,
+        };
+    }
     let (hv, name) = (core.hypervisor().clone(), core.status().name);
     let _ = tokio::task::spawn_blocking(move || hv.undefine(&name)).await;
     let outcome = Outcome {

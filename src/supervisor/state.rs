@@ -43,7 +43,66 @@ pub struct DiskStatus {
     pub message: String,
     pub hotplugged: bool,
     pub shared: bool,
+    /// Read-only or a cdrom: never needs copying in a migration.
+    pub readonly: bool,
     pub size_bytes: u64,
+}
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MigrationPhase {
+    Prepared,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MigrationMode {
+    PreCopy,
+    PostCopy,
+}
+
+/// A migration's progress (or outcome).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MigrationProgress {
+    pub phase: MigrationPhase,
+    pub mode: MigrationMode,
+    pub data_total: u64,
+    pub data_processed: u64,
+    pub data_remaining: u64,
+    pub iteration: u64,
+    pub dirty_rate: u64,
+    pub downtime_ms: u64,
+    pub elapsed_ms: u64,
+}
+
+impl MigrationProgress {
+    pub fn new(phase: MigrationPhase) -> Self {
+        MigrationProgress {
+            phase,
+            mode: MigrationMode::PreCopy,
+            data_total: 0,
+            data_processed: 0,
+            data_remaining: 0,
+            iteration: 0,
+            dirty_rate: 0,
+            downtime_ms: 0,
+            elapsed_ms: 0,
+        }
+    }
+}
+
+/// Where a prepared migration target listens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TargetInfo {
+    pub uid: String,
+    pub libvirt_uri: String,
+    pub migration_uri: String,
+    pub disks_uri: String,
+    pub private_dir: String,
+    pub ephemeral_dir: String,
 }
 
 /// The snapshot GetDomain returns.
@@ -55,6 +114,8 @@ pub struct Status {
     pub reason: String,
     pub disks: Vec<DiskStatus>,
     pub last_seq: u64,
+    pub migration_target: Option<TargetInfo>,
+    pub migration: Option<MigrationProgress>,
 }
 
 impl Status {
@@ -72,6 +133,7 @@ pub enum EventKind {
     IoError,
     Final,
     Agent,
+    Migration,
 }
 
 /// One numbered event.
@@ -85,6 +147,7 @@ pub struct Event {
     pub volume: String,
     pub phase: Option<Phase>,
     pub message: String,
+    pub migration: Option<MigrationProgress>,
 }
 
 impl Event {
@@ -101,6 +164,7 @@ impl Event {
             volume: String::new(),
             phase: None,
             message: String::new(),
+            migration: None,
         }
     }
 }

@@ -48,6 +48,10 @@ pub struct Pod {
     pub wait_for_sync: bool,
     /// Extra launcher arguments.
     pub extra_args: Vec<String>,
+    /// Use another pod's PVC directory (two pods mounting one RWX claim).
+    pub shared_pvcs: Option<PathBuf>,
+    /// Report every claim as ReadWriteMany in the VMI status.
+    pub rwx: bool,
     pub child: Option<Child>,
 }
 
@@ -67,6 +71,8 @@ impl Pod {
             annotations: Vec::new(),
             wait_for_sync: false,
             extra_args: Vec::new(),
+            shared_pvcs: None,
+            rwx: false,
             child: None,
         }
     }
@@ -103,7 +109,9 @@ impl Pod {
     }
 
     pub fn pvcs_dir(&self) -> PathBuf {
-        self.dir.join("pvcs")
+        self.shared_pvcs
+            .clone()
+            .unwrap_or_else(|| self.dir.join("pvcs"))
     }
 
     pub fn runtime_dir(&self) -> PathBuf {
@@ -156,7 +164,8 @@ impl Pod {
              spec:\n  terminationGracePeriodSeconds: {grace}\n  domain:\n    resources:\n      requests:\n        memory: 128Mi\n\
              \x20   firmware:\n      kernelBoot:\n        kernelArgs: \"{args}\"\n        container:\n          image: test-guest\n\
              \x20         kernelPath: /vmlinuz\n          initrdPath: /initramfs.gz\n    devices:\n      disks:\n{disks}\
-             \x20 volumes:\n{volumes}",
+             \x20 volumes:\n{volumes}{status}",
+            status = self.status_yaml(),
             name = self.name,
             uid = self.uid(),
             grace = self.grace_seconds,
@@ -164,10 +173,25 @@ impl Pod {
         )
     }
 
+    /// `status.volumeStatus` with ReadWriteMany claims, when `rwx` is set.
+    fn status_yaml(&self) -> String {
+        if !self.rwx {
+            return String::new();
+        }
+        let mut out = String::from("status:\n  volumeStatus:\n");
+        for d in &self.disks {
+            out += &format!(
+                "    - name: {n}\n      phase: Ready\n      persistentVolumeClaimInfo:\n        claimName: {n}\n        accessModes: [ReadWriteMany]\n",
+                n = d.name
+            );
+        }
+        out
+    }
+
     /// Creates the PVC images (sparse) and the VMI file.
     pub fn prepare(&self) {
         fs::create_dir_all(self.hotplug_dir()).unwrap();
-        for d in &self.disks {
+        for d in self.disks.iter().filter(|_| self.shared_pvcs.is_none()) {
             let dir = self.pvcs_dir().join(&d.name);
             fs::create_dir_all(&dir).unwrap();
             let f = fs::File::create(dir.join("disk.img")).unwrap();
@@ -310,10 +334,10 @@ impl Pod {
 
     /// Processes on the machine whose command line mentions this pod (daemons, QEMU).
     pub fn leftover_processes(&self) -> Vec<String> {
-        let needles = [
-            self.dir.display().to_string(),
-            format!("guest=default_{}", self.name),
-        ];
+        // Everything this pod starts names its runtime directory on its command line (the
+        // launcher's flag, the daemons' config files, QEMU's console and VNC sockets); another
+        // pod sharing its claims or running its VM does not.
+        let needles = [self.runtime_dir().display().to_string()];
         let mut found = Vec::new();
         for entry in fs::read_dir("/proc").unwrap().flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {

@@ -1,0 +1,540 @@
+//! Live migration between two launcher pods.
+//!
+//! Target: [`Launcher::prepare_migration_target`] plans the VMI against this pod (same disks at
+//! the same paths, as two nodes mounting one RWX claim; its own private files) and reports where
+//! its libvirtd and the migration data sockets are. The VM arrives through libvirt; the core
+//! adopts it on its first lifecycle event.
+//!
+//! Source: [`Launcher::migrate`] checks the target was prepared for the same VMI, applies the
+//! storage rules (only shared or read-only disks migrate directly; local writable disks need
+//! block migration), rewrites the pod-local paths of the live XML to the target pod's, and runs
+//! a peer-to-peer migration over unix sockets while a monitor reports progress every 400 ms and
+//! enforces the progress and completion deadlines. Any failure leaves the VM running here and
+//! tells the target launcher to exit.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virt::sys;
+
+use super::core::{ControlError, Launcher};
+use super::state::{
+    Event, EventKind, MigrationMode, MigrationPhase, MigrationProgress, State, TargetInfo,
+};
+use crate::libvirt::ffi::JobStats;
+use crate::spec::VirtualMachineInstance;
+
+/// How often progress is read and published.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(400);
+const DEFAULT_TIMEOUT_PER_GIB: u64 = 150;
+const DEFAULT_PROGRESS_TIMEOUT: u64 = 150;
+
+/// What the caller asks of a migration.
+#[derive(Debug, Clone, Default)]
+pub struct MigrateOptions {
+    pub bandwidth_mib: u64,
+    pub max_downtime_ms: u64,
+    pub completion_timeout_per_gib: u64,
+    pub progress_timeout: u64,
+    pub allow_post_copy: bool,
+    pub allow_auto_converge: bool,
+    pub parallel_connections: u32,
+    pub block_migration: bool,
+}
+
+/// This pod's sockets, for a target.
+#[derive(Debug, Clone)]
+pub struct PodSockets {
+    pub libvirt_uri: String,
+    pub runtime_dir: std::path::PathBuf,
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone)]
+pub struct MigrationOutcome {
+    pub success: bool,
+    pub progress: MigrationProgress,
+    pub message: String,
+}
+
+impl Launcher {
+    /// Readies this (VM-less) launcher to receive `vmi` by migration.
+    pub async fn prepare_migration_target(
+        &self,
+        vmi: VirtualMachineInstance,
+    ) -> Result<TargetInfo, ControlError> {
+        let _op = self.op.lock().await;
+        if self.has_started() || self.status().migration_target.is_some() {
+            return Err(ControlError::Precondition(
+                "this launcher already runs or awaits a VM".into(),
+            ));
+        }
+        let sockets = self.sockets.clone().ok_or_else(|| {
+            ControlError::Precondition("this launcher cannot receive migrations".into())
+        })?;
+        let plan = self.planner.plan(&vmi)?;
+        self.planner.prepare(&vmi, &plan)?;
+        let paths = &plan.facts.paths;
+        let info = TargetInfo {
+            uid: vmi.metadata.uid.clone().unwrap_or_default(),
+            libvirt_uri: sockets.libvirt_uri.clone(),
+            migration_uri: format!(
+                "unix://{}",
+                sockets.runtime_dir.join("migration.sock").display()
+            ),
+            disks_uri: format!(
+                "unix://{}",
+                sockets.runtime_dir.join("migration-disks.sock").display()
+            ),
+            private_dir: paths.private_dir.display().to_string(),
+            ephemeral_dir: paths.ephemeral_disks_dir.display().to_string(),
+        };
+        *self.console_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(paths.serial_log());
+        let disks = plan
+            .domain
+            .devices
+            .disks
+            .iter()
+            .map(|d| super::core::disk_status(d, &vmi, super::state::Phase::Attaching, ""))
+            .collect();
+        self.update(|s| {
+            s.name = plan.domain.name().to_string();
+            s.uid = info.uid.clone();
+            s.disks = disks;
+            s.migration_target = Some(info.clone());
+            s.migration = Some(MigrationProgress::new(MigrationPhase::Prepared));
+        });
+        *self.lock_vmi() = Some(vmi);
+        self.publish_migration(
+            MigrationProgress::new(MigrationPhase::Prepared),
+            "prepared as migration target",
+        );
+        tracing::info!(migration_uri = %info.migration_uri, libvirt_uri = %info.libvirt_uri, "ready to receive a migration");
+        Ok(info)
+    }
+
+    /// Whether this launcher is a prepared target whose VM has not arrived.
+    pub fn awaiting_migration(&self) -> bool {
+        !self.has_started() && self.status().migration_target.is_some()
+    }
+
+    /// The VM arrived (first lifecycle event on a prepared target): adopt it.
+    pub(super) fn adopt_incoming(&self) {
+        if !self.awaiting_migration() {
+            return;
+        }
+        self.started.store(true, Ordering::SeqCst);
+        self.update(|s| {
+            s.migration_target = None;
+            for d in &mut s.disks {
+                d.phase = super::state::Phase::Ready;
+            }
+        });
+        let mut p = self
+            .status()
+            .migration
+            .unwrap_or_else(|| MigrationProgress::new(MigrationPhase::Succeeded));
+        p.phase = MigrationPhase::Succeeded;
+        self.update(|s| s.migration = Some(p.clone()));
+        self.publish_migration(p, "the VM arrived from the source");
+        tracing::info!("incoming migration arrived; serving the VM");
+    }
+
+    pub(super) fn publish_migration(&self, progress: MigrationProgress, message: &str) {
+        let mut e = Event::new(EventKind::Migration);
+        let s = self.status();
+        e.state = s.state;
+        e.reason = s.reason;
+        e.message = message.to_string();
+        e.migration = Some(progress);
+        self.events.push(e);
+    }
+
+    /// Asks a running migration to stop; the VM stays here.
+    pub fn cancel_migration(&self) -> Result<(), ControlError> {
+        if self.status().migration.as_ref().map(|m| m.phase) != Some(MigrationPhase::Running) {
+            return Err(ControlError::Precondition("no migration is running".into()));
+        }
+        self.cancel.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Migrates the running VM to the prepared target behind `target_socket`.
+    pub async fn migrate(
+        self: &Arc<Self>,
+        target_socket: &std::path::Path,
+        opts: MigrateOptions,
+    ) -> Result<MigrationOutcome, ControlError> {
+        if self
+            .status()
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.phase == MigrationPhase::Running)
+        {
+            return Err(ControlError::Precondition(
+                "a migration is already running".into(),
+            ));
+        }
+        let _op = self.op.lock().await;
+        let status = self.status();
+        if !self.has_started() || !matches!(status.state, State::Running | State::Paused) {
+            return Err(ControlError::Precondition(format!(
+                "cannot migrate a domain in state {:?}",
+                status.state
+            )));
+        }
+        if status
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.phase == MigrationPhase::Running)
+        {
+            return Err(ControlError::Precondition(
+                "a migration is already running".into(),
+            ));
+        }
+        let target = query_target(target_socket).await?;
+        if target.uid != status.uid {
+            return Err(ControlError::Precondition(format!(
+                "the target was prepared for VMI uid {:?}, this VM is {:?}",
+                target.uid, status.uid
+            )));
+        }
+        // Storage rules.
+        let local: Vec<&super::state::DiskStatus> = status
+            .disks
+            .iter()
+            .filter(|d| !d.shared && !d.readonly)
+            .collect();
+        if !local.is_empty() && !opts.block_migration {
+            let names: Vec<&str> = local.iter().map(|d| d.volume.as_str()).collect();
+            return Err(ControlError::Precondition(format!(
+                "volumes {names:?} are local to this pod (not ReadWriteMany nor shareable): \
+                 refusing to migrate unless block migration is requested"
+            )));
+        }
+        let vmi = self.lock_vmi().clone().ok_or(ControlError::NoDomain)?;
+        let here = self.planner.paths.paths_for(&vmi);
+        let name = status.name.clone();
+        let n = name.clone();
+        let xml = self.blocking(move |hv| hv.migratable_xml(&n)).await?;
+        let xml = rewrite_paths(
+            &xml,
+            &[
+                (
+                    here.private_dir.display().to_string(),
+                    target.private_dir.clone(),
+                ),
+                (
+                    here.ephemeral_disks_dir.display().to_string(),
+                    target.ephemeral_dir.clone(),
+                ),
+            ],
+        );
+
+        let mut flags =
+            sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_PERSIST_DEST;
+        // Our own storage check above stands in for libvirt's cache-mode heuristic.
+        flags |= sys::VIR_MIGRATE_UNSAFE;
+        if opts.allow_auto_converge {
+            flags |= sys::VIR_MIGRATE_AUTO_CONVERGE;
+        }
+        if opts.allow_post_copy {
+            flags |= sys::VIR_MIGRATE_POSTCOPY;
+        }
+        let mut params = virt::domain::MigrateParameters {
+            uri: Some(target.migration_uri.clone()),
+            dest_xml: Some(xml),
+            ..Default::default()
+        };
+        if opts.bandwidth_mib > 0 {
+            params.bandwidth = Some(opts.bandwidth_mib);
+        }
+        if opts.parallel_connections > 1 {
+            flags |= sys::VIR_MIGRATE_PARALLEL;
+            params.parallel_connections = Some(opts.parallel_connections as i32);
+        }
+        if opts.block_migration && !local.is_empty() {
+            flags |= sys::VIR_MIGRATE_NON_SHARED_DISK;
+            params.disks_uri = Some(target.disks_uri.clone());
+            params.migrate_disks = local.iter().map(|d| d.target.clone()).collect();
+        }
+
+        self.cancel.store(false, Ordering::SeqCst);
+        let started = Instant::now();
+        let running = MigrationProgress::new(MigrationPhase::Running);
+        self.update(|s| s.migration = Some(running.clone()));
+        self.publish_migration(running, &format!("migrating to {}", target.libvirt_uri));
+        tracing::info!(target = %target.libvirt_uri, "live migration started");
+
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let monitor = tokio::spawn(monitor(
+            self.clone(),
+            name.clone(),
+            opts.clone(),
+            status.disks.len(),
+            started,
+            done_rx,
+        ));
+        let (n, dest) = (name.clone(), target.libvirt_uri.clone());
+        let result = self
+            .blocking(move |hv| hv.migrate(&n, &dest, params, flags))
+            .await;
+        let _ = done_tx.send(true);
+        let monitor_verdict = monitor.await.unwrap_or(None);
+
+        let mut progress = self
+            .status()
+            .migration
+            .unwrap_or_else(|| MigrationProgress::new(MigrationPhase::Running));
+        progress.elapsed_ms = started.elapsed().as_millis() as u64;
+        let outcome = match result {
+            Ok(()) => {
+                let n = name.clone();
+                if let Ok(done) = self.blocking(move |hv| hv.job_stats(&n, true)).await {
+                    fill(&mut progress, &done);
+                }
+                progress.phase = MigrationPhase::Succeeded;
+                MigrationOutcome {
+                    success: true,
+                    progress,
+                    message: "the VM runs on the target".into(),
+                }
+            }
+            Err(e) => {
+                let cancelled = self.cancel.load(Ordering::SeqCst);
+                progress.phase = if cancelled {
+                    MigrationPhase::Cancelled
+                } else {
+                    MigrationPhase::Failed
+                };
+                let message = match monitor_verdict {
+                    Some(why) => format!("{why}; the VM keeps running here"),
+                    None if cancelled => "cancelled; the VM keeps running here".to_string(),
+                    None => format!("{e}; the VM keeps running here"),
+                };
+                // The target must not linger: tell its launcher to exit.
+                cleanup_target(target_socket).await;
+                MigrationOutcome {
+                    success: false,
+                    progress,
+                    message,
+                }
+            }
+        };
+        self.update(|s| s.migration = Some(outcome.progress.clone()));
+        self.publish_migration(outcome.progress.clone(), &outcome.message);
+        tracing::info!(
+            success = outcome.success,
+            downtime_ms = outcome.progress.downtime_ms,
+            total_ms = outcome.progress.elapsed_ms,
+            message = %outcome.message,
+            "live migration ended"
+        );
+        Ok(outcome)
+    }
+}
+
+/// Asks the target launcher what it was prepared for.
+async fn query_target(socket: &std::path::Path) -> Result<TargetInfo, ControlError> {
+    let unreachable = |e: String| {
+        ControlError::Precondition(format!("target launcher at {}: {e}", socket.display()))
+    };
+    let mut c = crate::api::client::connect(socket)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut req = tonic::Request::new(crate::api::pb::Empty {});
+    req.set_timeout(Duration::from_secs(5));
+    let d = c
+        .get_domain(req)
+        .await
+        .map_err(|e| unreachable(e.message().to_string()))?
+        .into_inner();
+    let t = d
+        .migration_target
+        .ok_or_else(|| unreachable("it was not prepared as a migration target".into()))?;
+    Ok(TargetInfo {
+        uid: t.uid,
+        libvirt_uri: t.libvirt_uri,
+        migration_uri: t.migration_uri,
+        disks_uri: t.disks_uri,
+        private_dir: t.private_dir,
+        ephemeral_dir: t.ephemeral_dir,
+    })
+}
+
+/// Tells a target launcher to give up (best effort: it may already be gone).
+async fn cleanup_target(socket: &std::path::Path) {
+    if let Ok(mut c) = crate::api::client::connect(socket).await {
+        let mut req = tonic::Request::new(crate::api::pb::Empty {});
+        req.set_timeout(Duration::from_secs(5));
+        if let Err(e) = c.kill(req).await {
+            tracing::debug!(error = %e, "target cleanup request");
+        }
+    }
+}
+
+/// Moves pod-local directories in the domain XML to the target pod's.
+pub fn rewrite_paths(xml: &str, moves: &[(String, String)]) -> String {
+    let mut out = xml.to_string();
+    for (from, to) in moves {
+        if from.is_empty() || from == to {
+            continue;
+        }
+        let (from, to) = (
+            crate::domain::escape_attr(from),
+            crate::domain::escape_attr(to),
+        );
+        for (a, b) in [
+            (format!("'{from}/"), format!("'{to}/")),
+            (format!("\"{from}/"), format!("\"{to}/")),
+            (format!(">{from}/"), format!(">{to}/")),
+        ] {
+            out = out.replace(&a, &b);
+        }
+    }
+    out
+}
+
+fn fill(p: &mut MigrationProgress, s: &JobStats) {
+    let get = |k: &str| s.get(k).unwrap_or(0.0).max(0.0) as u64;
+    p.data_total = get("data_total");
+    p.data_processed = get("data_processed");
+    p.data_remaining = get("data_remaining");
+    p.iteration = get("memory_iteration");
+    p.dirty_rate = get("memory_dirty_rate") * get("memory_page_size").max(1);
+    p.downtime_ms = get("downtime");
+    if s.get("time_elapsed").is_some() {
+        p.elapsed_ms = get("time_elapsed");
+    }
+}
+
+/// Publishes progress every [`PROGRESS_INTERVAL`] and enforces the deadlines. Returns why it
+/// aborted the migration, if it did.
+async fn monitor(
+    core: Arc<Launcher>,
+    name: String,
+    opts: MigrateOptions,
+    _disks: usize,
+    started: Instant,
+    mut done: tokio::sync::watch::Receiver<bool>,
+) -> Option<String> {
+    let per_gib = if opts.completion_timeout_per_gib == 0 {
+        DEFAULT_TIMEOUT_PER_GIB
+    } else {
+        opts.completion_timeout_per_gib
+    };
+    let progress_timeout = Duration::from_secs(if opts.progress_timeout == 0 {
+        DEFAULT_PROGRESS_TIMEOUT
+    } else {
+        opts.progress_timeout
+    });
+    let n = name.clone();
+    let mem_kib = core
+        .blocking(move |hv| hv.stats(&n, &[]))
+        .await
+        .map(|s| s.max_memory_kib)
+        .unwrap_or(1 << 20);
+    let gib = (mem_kib as f64 / (1 << 20) as f64).max(1.0 / 1024.0);
+    let completion = Duration::from_secs_f64(per_gib as f64 * gib);
+    let mut progress = MigrationProgress::new(MigrationPhase::Running);
+    let mut best_remaining = u64::MAX;
+    let mut last_progress = Instant::now();
+    let mut downtime_set = opts.max_downtime_ms == 0;
+    let mut verdict: Option<String> = None;
+    let mut aborted = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PROGRESS_INTERVAL) => {}
+            _ = done.wait_for(|d| *d) => return verdict,
+        }
+        let n = name.clone();
+        let Ok(stats) = core.blocking(move |hv| hv.job_stats(&n, false)).await else {
+            continue;
+        };
+        if stats.job_type == 0 {
+            continue; // not started yet, or just finished
+        }
+        if !downtime_set {
+            let (n, ms) = (name.clone(), opts.max_downtime_ms);
+            downtime_set = core
+                .blocking(move |hv| hv.set_max_downtime(&n, ms))
+                .await
+                .is_ok();
+        }
+        fill(&mut progress, &stats);
+        progress.elapsed_ms = started.elapsed().as_millis() as u64;
+        core.update(|s| s.migration = Some(progress.clone()));
+        core.publish_migration(progress.clone(), "progress");
+        if aborted {
+            continue;
+        }
+        let abort = |why: String| {
+            let core = core.clone();
+            let name = name.clone();
+            async move {
+                tracing::warn!(reason = %why, "aborting the migration");
+                if let Err(e) = core.blocking(move |hv| hv.abort_job(&name)).await {
+                    tracing::error!(error = %e, "abort failed");
+                }
+                why
+            }
+        };
+        if core.cancel.load(Ordering::SeqCst) {
+            verdict = Some(abort("cancelled on request".into()).await);
+            aborted = true;
+            continue;
+        }
+        if progress.mode == MigrationMode::PostCopy {
+            continue; // post-copy cannot be aborted safely; it finishes on its own
+        }
+        if progress.data_remaining < best_remaining {
+            best_remaining = progress.data_remaining;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > progress_timeout {
+            verdict = Some(abort(format!("no progress for {}s", progress_timeout.as_secs())).await);
+            aborted = true;
+            continue;
+        }
+        if started.elapsed() > completion {
+            if opts.allow_post_copy {
+                let n = name.clone();
+                match core.blocking(move |hv| hv.start_post_copy(&n)).await {
+                    Ok(()) => {
+                        progress.mode = MigrationMode::PostCopy;
+                        core.update(|s| s.migration = Some(progress.clone()));
+                        core.publish_migration(progress.clone(), "switched to post-copy");
+                        tracing::info!("completion deadline passed: switched to post-copy");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "switch to post-copy failed"),
+                }
+            } else {
+                verdict = Some(
+                    abort(format!(
+                        "did not complete within {}s ({per_gib}s per GiB)",
+                        completion.as_secs()
+                    ))
+                    .await,
+                );
+                aborted = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_local_paths_move_and_nothing_else() {
+        let xml = "<x><source path='/a/private/virt-serial0'/><log file=\"/a/private/log\"/>\
+                   <source file='/vols/data/disk.img'/><kernel>/a/private/k</kernel><b path='/a/privateX/y'/></x>";
+        let out = rewrite_paths(xml, &[("/a/private".into(), "/b/private".into())]);
+        assert_eq!(
+            out,
+            "<x><source path='/b/private/virt-serial0'/><log file=\"/b/private/log\"/>\
+             <source file='/vols/data/disk.img'/><kernel>/b/private/k</kernel><b path='/a/privateX/y'/></x>"
+        );
+    }
+}

@@ -1,0 +1,451 @@
+//! Live migration between two launcher pods on one machine: each has its own mount and UTS
+//! namespace and libvirt daemons, and both see the RWX claim at the same path. The guest writes
+//! an increasing counter to the shared disk and its console (`lv.counter=vda`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Pod;
+use tonic::Code;
+use virt_launcher::api::client;
+use virt_launcher::api::pb::{self, DomainState, EventKind, MigrationMode, MigrationPhase};
+
+type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
+
+/// A source pod running the counting guest on an RWX claim.
+fn source(name: &str, rwx: bool) -> Pod {
+    let mut pod = Pod::new(name)
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.counter=vda");
+    pod.rwx = rwx;
+    pod.start();
+    pod.wait_console("LV-COUNT 5", Duration::from_secs(90));
+    pod
+}
+
+/// A VM-less target pod sharing `src`'s claims, serving and waiting.
+fn target(name: &str, src: &Pod) -> Pod {
+    let mut pod = Pod::new(name).with_disk("data", "virtio", 16);
+    pod.shared_pvcs = Some(src.pvcs_dir());
+    pod.wait_for_sync = true;
+    pod.start();
+    pod.wait_socket(Duration::from_secs(30));
+    pod
+}
+
+async fn connect(pod: &Pod) -> Client {
+    client::connect(&pod.socket()).await.expect("connect")
+}
+
+async fn prepare(target: &Pod, vmi_yaml: &str) -> pb::MigrationTarget {
+    let mut c = connect(target).await;
+    c.prepare_migration_target(pb::PrepareMigrationTargetRequest {
+        vmi: vmi_yaml.as_bytes().to_vec(),
+    })
+    .await
+    .expect("prepare target")
+    .into_inner()
+}
+
+fn options() -> pb::MigrationOptions {
+    pb::MigrationOptions {
+        progress_timeout: 60,
+        ..Default::default()
+    }
+}
+
+/// Counter values on a console, in order.
+fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("LV-COUNT ")?.trim().parse().ok())
+        .collect()
+}
+
+fn disk_counter(pod: &Pod) -> u64 {
+    let data = std::fs::read(pod.disk_image("data")).unwrap();
+    let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    String::from_utf8_lossy(line).trim().parse().unwrap_or(0)
+}
+
+async fn wait_exit(pod: Pod, secs: u64) -> (std::process::ExitStatus, Pod) {
+    tokio::task::spawn_blocking(move || {
+        let mut pod = pod;
+        (pod.wait_exit(Duration::from_secs(secs)), pod)
+    })
+    .await
+    .unwrap()
+}
+
+/// Migrates `from` to `to` and checks the counter continues on `to` without a gap.
+async fn migrate_and_check(from: Pod, to: &mut Pod, vmi_yaml: &str) -> pb::MigrationResult {
+    prepare(to, vmi_yaml).await;
+    let mut c = connect(&from).await;
+    // Progress arrives on Watch at least every 400 ms while the migration runs.
+    let mut watch = c
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let progress = tokio::spawn(async move {
+        let mut stamps = Vec::new();
+        while let Ok(Some(e)) = watch.message().await {
+            if e.kind() == EventKind::Migration {
+                let running = e
+                    .migration
+                    .as_ref()
+                    .is_some_and(|m| m.phase() == MigrationPhase::Running);
+                stamps.push((
+                    e.time_unix_ms,
+                    running,
+                    e.migration.map(|m| m.data_total).unwrap_or(0),
+                ));
+                if !running {
+                    break;
+                }
+            }
+        }
+        stamps
+    });
+    let r = c
+        .migrate(pb::MigrateRequest {
+            target_socket: to.socket().display().to_string(),
+            options: Some(options()),
+        })
+        .await
+        .expect("Migrate call")
+        .into_inner();
+    assert!(
+        r.success,
+        "migration failed: {}\n{}\n{}",
+        r.message,
+        from.dump(),
+        to.dump()
+    );
+    let p = r.progress.clone().unwrap();
+    assert!(
+        p.downtime_ms > 0 && p.elapsed_ms > 0 && p.data_total > 0,
+        "{p:?}"
+    );
+
+    let stamps = tokio::time::timeout(Duration::from_secs(10), progress)
+        .await
+        .unwrap()
+        .unwrap();
+    let running: Vec<i64> = stamps
+        .iter()
+        .filter(|s| s.1 && s.2 > 0)
+        .map(|s| s.0)
+        .collect();
+    for w in running.windows(2) {
+        assert!(
+            w[1] - w[0] <= 1000,
+            "progress gap of {} ms: {stamps:?}",
+            w[1] - w[0]
+        );
+    }
+
+    // The source launcher exits 0 once the VM has left.
+    let (status, from) = wait_exit(from, 30).await;
+    assert!(status.success(), "{}", from.dump());
+    assert!(
+        from.log().contains("\"reason\":\"Migrated\""),
+        "{}",
+        from.dump()
+    );
+    assert!(
+        from.leftover_processes().is_empty(),
+        "source left: {:?}",
+        from.leftover_processes()
+    );
+
+    // The counter goes on on the target with no gap.
+    let last_src = *counts(&from.console()).last().expect("source counted");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let on_target = loop {
+        let c = counts(&to.console());
+        if c.len() >= 3 {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no counting on the target\n{}",
+            to.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        on_target[0] <= last_src + 1 && on_target[0] >= last_src,
+        "gap: source stopped at {last_src}, target continued at {}",
+        on_target[0]
+    );
+    assert!(
+        on_target.windows(2).all(|w| w[1] == w[0] + 1),
+        "target skipped values: {on_target:?}"
+    );
+    assert!(
+        disk_counter(to) >= on_target[0],
+        "the shared disk lags behind the guest"
+    );
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_moves_to_the_target_and_back_with_its_disk_data() {
+    let a = source("mig-a", true);
+    let vmi = a.vmi_yaml();
+    let mut b = target("mig-b", &a);
+    let first = migrate_and_check(a, &mut b, &vmi).await;
+    let mut c = connect(&b).await;
+    let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(d.state(), DomainState::Running);
+    assert!(d.migration_target.is_none());
+    assert!(d.disks[0].shared);
+
+    // And back, to a fresh pod on the first "node".
+    let mut a2 = {
+        let mut pod = Pod::new("mig-a2").with_disk("data", "virtio", 16);
+        pod.shared_pvcs = Some(b.pvcs_dir());
+        pod.wait_for_sync = true;
+        pod.start();
+        pod.wait_socket(Duration::from_secs(30));
+        pod
+    };
+    let second = migrate_and_check(b, &mut a2, &vmi).await;
+    eprintln!(
+        "migration A->B: total {} ms downtime {} ms; B->A: total {} ms downtime {} ms",
+        first.progress.as_ref().unwrap().elapsed_ms,
+        first.progress.as_ref().unwrap().downtime_ms,
+        second.progress.as_ref().unwrap().elapsed_ms,
+        second.progress.as_ref().unwrap().downtime_ms
+    );
+    a2.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, a2) = wait_exit(a2, 40).await;
+    assert!(status.success(), "{}", a2.dump());
+}
+
+/// Starts a slow migration (1 MiB/s) and waits until it is running.
+async fn slow_migration(
+    a: &Pod,
+    b: &Pod,
+) -> tokio::task::JoinHandle<Result<pb::MigrationResult, tonic::Status>> {
+    prepare(b, &a.vmi_yaml()).await;
+    let socket = a.socket();
+    let target = b.socket().display().to_string();
+    let call = tokio::spawn(async move {
+        let mut c = client::connect(&socket).await.unwrap();
+        let opts = pb::MigrationOptions {
+            bandwidth_mib: 1,
+            ..options()
+        };
+        c.migrate(pb::MigrateRequest {
+            target_socket: target,
+            options: Some(opts),
+        })
+        .await
+        .map(|r| r.into_inner())
+    });
+    let mut c = connect(a).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+        if d.migration
+            .as_ref()
+            .is_some_and(|m| m.phase() == MigrationPhase::Running && m.data_processed > 0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration never got going: {d:?}\n{}",
+            a.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    call
+}
+
+/// The VM still runs on `a` and keeps counting.
+async fn still_running_on(a: &Pod) {
+    let mut c = connect(a).await;
+    assert_eq!(
+        c.get_domain(pb::Empty {})
+            .await
+            .unwrap()
+            .into_inner()
+            .state(),
+        DomainState::Running
+    );
+    let n = counts(&a.console()).last().copied().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counts(&a.console()).last().copied().unwrap_or(0) < n + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped counting on the source\n{}",
+            a.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_migration_keeps_the_vm_on_the_source() {
+    let a = source("mig-cancel", true);
+    let b = target("mig-cancel-t", &a);
+    let call = slow_migration(&a, &b).await;
+    let mut c = connect(&a).await;
+    c.cancel_migration(pb::Empty {}).await.expect("cancel");
+    let r = call.await.unwrap().expect("Migrate returns a result");
+    assert!(!r.success);
+    assert_eq!(
+        r.progress.unwrap().phase(),
+        MigrationPhase::Cancelled,
+        "{}",
+        r.message
+    );
+    still_running_on(&a).await;
+    // The target was told to clean up and exits.
+    let (status, b) = wait_exit(b, 30).await;
+    assert!(status.success(), "{}", b.dump());
+    assert!(
+        b.leftover_processes().is_empty(),
+        "target left: {:?}",
+        b.leftover_processes()
+    );
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, a) = wait_exit(a, 40).await;
+    assert!(status.success(), "{}", a.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_dying_mid_migration_keeps_the_vm_on_the_source() {
+    let a = source("mig-kill", true);
+    let mut b = target("mig-kill-t", &a);
+    let call = slow_migration(&a, &b).await;
+    // The target pod dies: its launcher, daemons and the incoming QEMU.
+    b.signal(nix::sys::signal::Signal::SIGKILL);
+    for p in b.leftover_processes() {
+        let pid: i32 = p.split(':').next().unwrap().parse().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = b.wait_exit(Duration::from_secs(10));
+    let r = tokio::time::timeout(Duration::from_secs(90), call)
+        .await
+        .expect("Migrate returned")
+        .unwrap()
+        .expect("result");
+    assert!(!r.success);
+    assert_eq!(r.progress.unwrap().phase(), MigrationPhase::Failed);
+    assert!(!r.message.is_empty(), "the failure must say why");
+    still_running_on(&a).await;
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, a) = wait_exit(a, 40).await;
+    assert!(status.success(), "{}", a.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_migrations_are_refused_and_the_vm_stays() {
+    // A ReadWriteOnce claim cannot be migrated without block migration.
+    let a = source("mig-rwo", false);
+    let b = target("mig-rwo-t", &a);
+    let mut c = connect(&a).await;
+    let target_socket = b.socket().display().to_string();
+    let migrate = |socket: String| pb::MigrateRequest {
+        target_socket: socket,
+        options: Some(options()),
+    };
+
+    // Not prepared yet.
+    let e = c.migrate(migrate(target_socket.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("not prepared"), "{}", e.message());
+    // Unreachable target.
+    let e = c
+        .migrate(migrate("/nonexistent/launcher-sock".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // Prepared for another VMI.
+    let other = a
+        .vmi_yaml()
+        .replace(&a.uid(), "99999999-0000-4000-8000-000000000001");
+    prepare(&b, &other).await;
+    let e = c.migrate(migrate(target_socket.clone())).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("99999999"), "{}", e.message());
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    let (_, b) = wait_exit(b, 20).await;
+
+    // The right VMI, but the claim is ReadWriteOnce.
+    let b2 = target("mig-rwo-t2", &a);
+    prepare(&b2, &a.vmi_yaml()).await;
+    let e = c
+        .migrate(migrate(b2.socket().display().to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("data") && e.message().contains("block migration"),
+        "{}",
+        e.message()
+    );
+    still_running_on(&a).await;
+    drop(b);
+    b2.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = wait_exit(b2, 20).await;
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, a) = wait_exit(a, 40).await;
+    assert!(status.success(), "{}", a.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_migration_past_its_deadline_switches_to_post_copy() {
+    let a = source("mig-post", true);
+    let mut b = target("mig-post-t", &a);
+    prepare(&b, &a.vmi_yaml()).await;
+    let mut c = connect(&a).await;
+    // 2 MiB/s cannot move 128 MiB in time; 1 s per GiB is a 0.125 s deadline.
+    let opts = pb::MigrationOptions {
+        bandwidth_mib: 2,
+        allow_post_copy: true,
+        completion_timeout_per_gib: 1,
+        ..options()
+    };
+    let mut watch = c
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = c
+        .migrate(pb::MigrateRequest {
+            target_socket: b.socket().display().to_string(),
+            options: Some(opts),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.success, "{}\n{}", r.message, a.dump());
+    let mut saw_post_copy = false;
+    while let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_secs(2), watch.message()).await
+    {
+        if e.migration
+            .as_ref()
+            .is_some_and(|m| m.mode() == MigrationMode::PostCopy)
+        {
+            saw_post_copy = true;
+        }
+    }
+    assert!(saw_post_copy, "no post-copy switch was reported");
+    let (status, a) = wait_exit(a, 30).await;
+    assert!(status.success(), "{}", a.dump());
+    // The guest runs on the target and counts on.
+    let n = counts(&b.console()).last().copied().unwrap_or(0);
+    b.wait_console(&format!("LV-COUNT {}", n + 3), Duration::from_secs(30));
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, b) = wait_exit(b, 40).await;
+    assert!(status.success(), "{}", b.dump());
+}
