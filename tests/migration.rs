@@ -123,7 +123,7 @@ async fn migrate_and_check(from: Pod, to: &mut Pod, vmi_yaml: &str) -> pb::Migra
         from.dump(),
         to.dump()
     );
-    let p = r.progress.clone().unwrap();
+    let p = r.progress.unwrap();
     assert!(
         p.downtime_ms > 0 && p.elapsed_ms > 0 && p.data_total > 0,
         "{p:?}"
