@@ -173,13 +173,7 @@ async fn every_call_works_against_a_real_guest() {
         Some(&EventKind::Final),
         "no final event: {kinds:?}"
     );
-    let status = tokio::task::spawn_blocking(move || {
-        let s = pod.wait_exit(Duration::from_secs(30));
-        (s, pod)
-    })
-    .await
-    .unwrap();
-    assert!(status.0.success(), "{}", status.1.dump());
+    common::exit_cleanly(pod, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,11 +279,7 @@ async fn pod_mode_waits_for_sync_and_bad_requests_get_clear_codes() {
     c.ping(pb::Empty {}).await.unwrap();
 
     c.kill(pb::Empty {}).await.unwrap();
-    let (status, pod) =
-        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(30)), pod))
-            .await
-            .unwrap();
-    assert!(status.success(), "{}", pod.dump());
+    let pod = common::exit_cleanly(pod, Duration::from_secs(30)).await;
     assert!(
         pod.log().contains("\"reason\":\"Destroyed\""),
         "{}",
@@ -416,10 +406,5 @@ async fn two_hundred_clients_read_while_sync_hot_plugs() {
         "{d:?}"
     );
     pod.wait_console("vdd:16384", Duration::from_secs(20));
-    pod.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, pod) =
-        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(40)), pod))
-            .await
-            .unwrap();
-    assert!(status.success(), "{}", pod.dump());
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }

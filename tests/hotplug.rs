@@ -230,12 +230,7 @@ async fn filesystem_and_block_pvcs_attach_detach_and_come_back_with_their_data()
     assert_eq!(disk(&d, "blkvol").unwrap().size_bytes, 40 << 20);
     pod.wait_console(&format!("{blk_g2}:81920"), Duration::from_secs(20));
 
-    pod.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, pod) =
-        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(40)), pod))
-            .await
-            .unwrap();
-    assert!(status.success(), "{}", pod.dump());
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
     drop(blk);
 }
 
@@ -285,12 +280,7 @@ async fn filesystem_pvc_expands_online_and_a_shrink_is_refused() {
     let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
     assert_eq!(d.state(), DomainState::Running);
 
-    pod.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, pod) =
-        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(40)), pod))
-            .await
-            .unwrap();
-    assert!(status.success(), "{}", pod.dump());
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,10 +393,5 @@ async fn failed_attaches_say_why_and_leave_the_vm_running() {
     assert_eq!(disk(&d, "scsivol").unwrap().phase(), VolumePhase::Ready);
     pod.wait_console("sda:16384", Duration::from_secs(20));
 
-    pod.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, pod) =
-        tokio::task::spawn_blocking(move || (pod.wait_exit(Duration::from_secs(40)), pod))
-            .await
-            .unwrap();
-    assert!(status.success(), "{}", pod.dump());
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }

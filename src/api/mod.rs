@@ -127,15 +127,34 @@ pub fn domain_pb(s: &state::Status) -> pb::Domain {
             })
             .collect(),
         last_seq: s.last_seq,
-        migration_target: s.migration_target.as_ref().map(|t| pb::MigrationTarget {
-            uid: t.uid.clone(),
-            libvirt_uri: t.libvirt_uri.clone(),
-            migration_uri: t.migration_uri.clone(),
-            disks_uri: t.disks_uri.clone(),
-            private_dir: t.private_dir.clone(),
-            ephemeral_dir: t.ephemeral_dir.clone(),
-        }),
+        migration_target: s.migration_target.clone().map(pb::MigrationTarget::from),
         migration: s.migration.as_ref().map(migration_pb),
+    }
+}
+
+impl From<state::TargetInfo> for pb::MigrationTarget {
+    fn from(t: state::TargetInfo) -> Self {
+        pb::MigrationTarget {
+            uid: t.uid,
+            libvirt_uri: t.libvirt_uri,
+            migration_uri: t.migration_uri,
+            disks_uri: t.disks_uri,
+            private_dir: t.private_dir,
+            ephemeral_dir: t.ephemeral_dir,
+        }
+    }
+}
+
+impl From<pb::MigrationTarget> for state::TargetInfo {
+    fn from(t: pb::MigrationTarget) -> Self {
+        state::TargetInfo {
+            uid: t.uid,
+            libvirt_uri: t.libvirt_uri,
+            migration_uri: t.migration_uri,
+            disks_uri: t.disks_uri,
+            private_dir: t.private_dir,
+            ephemeral_dir: t.ephemeral_dir,
+        }
     }
 }
 
@@ -374,14 +393,7 @@ impl LauncherApi for Service {
                 .prepare_migration_target(vmi)
                 .await
                 .map_err(|e| to_status(&e))?;
-            Ok(Response::new(pb::MigrationTarget {
-                uid: t.uid,
-                libvirt_uri: t.libvirt_uri,
-                migration_uri: t.migration_uri,
-                disks_uri: t.disks_uri,
-                private_dir: t.private_dir,
-                ephemeral_dir: t.ephemeral_dir,
-            }))
+            Ok(Response::new(pb::MigrationTarget::from(t)))
         })
         .await
     }

@@ -402,12 +402,7 @@ impl Launcher {
         let (t, n) = (target.to_string(), name.to_string());
         let seen = self.blocking(move |hv| hv.block_capacity(&n, &t)).await?;
         if wanted < current && !is_block {
-            let e = ControlError::Volume {
-                volume: volume.into(),
-                reason: format!("the claim shrank to {wanted} bytes but disk.img holds {current}: shrinking is not supported"),
-            };
-            self.set_phase(volume, Phase::Failed, &e.to_string());
-            return Err(e);
+            return Err(self.volume_failed(volume, format!("the claim shrank to {wanted} bytes but disk.img holds {current}: shrinking is not supported")));
         }
         if wanted <= seen {
             return Ok(());
@@ -418,12 +413,7 @@ impl Launcher {
                 .open(path)
                 .and_then(|f| f.set_len(wanted));
             if let Err(e) = grown {
-                let e = ControlError::Volume {
-                    volume: volume.into(),
-                    reason: format!("cannot grow {source}: {e}"),
-                };
-                self.set_phase(volume, Phase::Failed, &e.to_string());
-                return Err(e);
+                return Err(self.volume_failed(volume, format!("cannot grow {source}: {e}")));
             }
         }
         let (t, n) = (target.to_string(), name.to_string());
@@ -431,12 +421,7 @@ impl Launcher {
             .blocking(move |hv| hv.block_resize(&n, &t, wanted))
             .await
         {
-            let e = ControlError::Volume {
-                volume: volume.into(),
-                reason: format!("live resize failed: {e}"),
-            };
-            self.set_phase(volume, Phase::Failed, &e.to_string());
-            return Err(e);
+            return Err(self.volume_failed(volume, format!("live resize failed: {e}")));
         }
         self.update(|s| {
             if let Some(d) = s.disk_mut(volume) {
@@ -496,12 +481,7 @@ impl Launcher {
         });
         self.set_phase(&volume, Phase::Attaching, "");
         if let Err(reason) = check_openable(disk.source_path(), disk.readonly) {
-            let e = ControlError::Volume {
-                volume: volume.clone(),
-                reason,
-            };
-            self.set_phase(&volume, Phase::Failed, &e.to_string());
-            return Err(e);
+            return Err(self.volume_failed(&volume, reason));
         }
         let xml = disk.to_xml();
         let n = name.to_string();
@@ -510,15 +490,18 @@ impl Launcher {
                 self.set_phase(&volume, Phase::Ready, "");
                 Ok(())
             }
-            Err(e) => {
-                let e = ControlError::Volume {
-                    volume: volume.clone(),
-                    reason: format!("attach failed: {e}"),
-                };
-                self.set_phase(&volume, Phase::Failed, &e.to_string());
-                Err(e)
-            }
+            Err(e) => Err(self.volume_failed(&volume, format!("attach failed: {e}"))),
         }
+    }
+
+    /// Marks `volume` Failed with `reason` (an event says why) and returns the error.
+    fn volume_failed(&self, volume: &str, reason: impl Into<String>) -> ControlError {
+        let e = ControlError::Volume {
+            volume: volume.to_string(),
+            reason: reason.into(),
+        };
+        self.set_phase(volume, Phase::Failed, &e.to_string());
+        e
     }
 
     fn add_failed(&self, vmi: &VirtualMachineInstance, disk: &Disk, message: &str) {
@@ -552,12 +535,7 @@ impl Launcher {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&alias);
-            let e = ControlError::Volume {
-                volume: volume.into(),
-                reason: format!("detach failed: {e}"),
-            };
-            self.set_phase(volume, Phase::Failed, &e.to_string());
-            return Err(e);
+            return Err(self.volume_failed(volume, format!("detach failed: {e}")));
         }
         // libvirt may already have seen the removal (synchronous for cooperative guests); the
         // event is delivered either way.
@@ -567,27 +545,19 @@ impl Launcher {
                 self.update(|s| s.disks.retain(|d| d.volume != volume));
                 Ok(())
             }
-            Ok(_) => {
-                let e = ControlError::Volume {
-                    volume: volume.into(),
-                    reason: "the guest refused to release the disk".into(),
-                };
-                self.set_phase(volume, Phase::Failed, &e.to_string());
-                Err(e)
-            }
+            Ok(_) => Err(self.volume_failed(volume, "the guest refused to release the disk")),
             Err(_) => {
                 self.removals
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&alias);
-                let e = ControlError::Volume {
-                    volume: volume.into(),
-                    reason: format!(
+                let e = self.volume_failed(
+                    volume,
+                    format!(
                         "the guest did not release the disk within {}s; it is still attached",
                         DETACH_TIMEOUT.as_secs()
                     ),
-                };
-                self.set_phase(volume, Phase::Failed, &e.to_string());
+                );
                 Err(e)
             }
         }

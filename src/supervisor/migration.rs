@@ -353,14 +353,7 @@ async fn query_target(socket: &std::path::Path) -> Result<TargetInfo, ControlErr
     let t = d
         .migration_target
         .ok_or_else(|| unreachable("it was not prepared as a migration target".into()))?;
-    Ok(TargetInfo {
-        uid: t.uid,
-        libvirt_uri: t.libvirt_uri,
-        migration_uri: t.migration_uri,
-        disks_uri: t.disks_uri,
-        private_dir: t.private_dir,
-        ephemeral_dir: t.ephemeral_dir,
-    })
+    Ok(TargetInfo::from(t))
 }
 
 /// Tells a target launcher to give up (best effort: it may already be gone).

@@ -378,6 +378,22 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Sends SIGTERM and waits (off the async runtime) for a clean exit; panics with the logs
+/// otherwise. Returns the pod for further checks.
+pub async fn stop_cleanly(pod: Pod, timeout: Duration) -> Pod {
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    exit_cleanly(pod, timeout).await
+}
+
+/// Waits (off the async runtime) for the launcher to exit 0.
+pub async fn exit_cleanly(mut pod: Pod, timeout: Duration) -> Pod {
+    let (status, pod) = tokio::task::spawn_blocking(move || (pod.wait_exit(timeout), pod))
+        .await
+        .unwrap();
+    assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
+    pod
+}
+
 /// Runs the launcher to completion with the given arguments; returns (status, stderr).
 pub fn run_launcher(args: &[&str]) -> (ExitStatus, String) {
     let out = Command::new(LAUNCHER)
