@@ -49,7 +49,10 @@ until grep -q "LV-WROTE vda $MARKER" "$LOG"; do
 done
 sleep 1
 
-say "the guest saw my-vm-disk as /dev/vda and wrote to it; now SIGTERM (the pod is deleted)"
+say "the guest saw my-vm-disk as /dev/vda and wrote to it; the launcher's view (launcherctl status):"
+"$(dirname "$LAUNCHER")/launcherctl" --socket "$RUNTIME/launcher-sock" status
+
+say "now SIGTERM (the pod is deleted)"
 kill -TERM "$PID"
 set +e
 wait "$PID"

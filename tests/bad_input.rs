@@ -99,3 +99,32 @@ fn missing_pvc_directory_names_volume() {
     let line = fails(&pod);
     assert!(line.contains("rootdisk"), "volume not named: {line}");
 }
+
+#[test]
+fn unwritable_runtime_dir_is_named_and_nothing_starts() {
+    let pod = Pod::new("rtdir").with_disk("data", "virtio", 16);
+    pod.prepare();
+    // A runtime directory below a regular file cannot be created.
+    let blocker = pod.dir.join("not-a-dir");
+    std::fs::write(&blocker, b"").unwrap();
+    let runtime = blocker.join("runtime");
+    let vmi = pod.vmi_path();
+    let pvcs = pod.pvcs_dir();
+    let (status, stderr) = run_launcher(&[
+        "run",
+        "--vmi",
+        vmi.to_str().unwrap(),
+        "--domain-type",
+        "qemu",
+        "--runtime-dir",
+        runtime.to_str().unwrap(),
+        "--volumes-dir",
+        pvcs.to_str().unwrap(),
+        "--kernel-boot-dir",
+        common::guest_dir().to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("runtime directory") && last.contains("not-a-dir"), "{last}");
+    assert!(pod.leftover_processes().is_empty());
+}
