@@ -125,6 +125,9 @@ fn unwritable_runtime_dir_is_named_and_nothing_starts() {
     ]);
     assert!(!status.success());
     let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.contains("runtime directory") && last.contains("not-a-dir"), "{last}");
+    assert!(
+        last.contains("runtime directory") && last.contains("not-a-dir"),
+        "{last}"
+    );
     assert!(pod.leftover_processes().is_empty());
 }

@@ -149,3 +149,72 @@ fn second_launcher_on_the_same_runtime_dir_is_refused() {
         pod.dump()
     );
 }
+
+/// The host pid of the process that is PID 1 in the pid namespace `unshare` created.
+fn pid_one_below(unshare_pid: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+                continue;
+            };
+            let ppid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .map(|v| v.trim().to_string());
+            let nspid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .map(|v| v.split_whitespace().last().unwrap_or("").to_string());
+            if ppid.as_deref() == Some(&unshare_pid.to_string()) && nspid.as_deref() == Some("1") {
+                return pid;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no PID 1 below unshare {unshare_pid}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn launcher_as_pid_1_reaps_and_stops_cleanly() {
+    let mut pod = Pod::new("pid1")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.write=vda:as-pid-1");
+    pod.wrapper = ["unshare", "--pid", "--fork", "--mount-proc"]
+        .map(String::from)
+        .to_vec();
+    pod.start();
+    pod.wait_console("LV-WROTE vda as-pid-1", Duration::from_secs(90));
+    let launcher = pid_one_below(pod.child.as_ref().unwrap().id() as i32);
+    // No zombie lingers under PID 1 (everything it starts, and every orphan, is reaped).
+    let zombies: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter(|s| s.contains(&format!("PPid:\t{launcher}\n")) && s.contains("State:\tZ"))
+        .collect();
+    assert!(zombies.is_empty(), "zombies under PID 1: {zombies:?}");
+    // PID 1 ignores signals it has no handler for; ours handles SIGTERM.
+    kill(Pid::from_raw(launcher), Signal::SIGTERM).unwrap();
+    let status = pod.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "{}", pod.dump());
+    assert!(
+        pod.log().contains("\"reason\":\"Shutdown\""),
+        "{}",
+        pod.dump()
+    );
+    assert!(std::fs::read(pod.disk_image("data"))
+        .unwrap()
+        .starts_with(b"as-pid-1\n"));
+    assert!(
+        pod.leftover_processes().is_empty(),
+        "{:?}",
+        pod.leftover_processes()
+    );
+}

@@ -52,6 +52,8 @@ pub struct Pod {
     pub shared_pvcs: Option<PathBuf>,
     /// Report every claim as ReadWriteMany in the VMI status.
     pub rwx: bool,
+    /// A command the launcher runs under (e.g. `unshare --pid --fork` to be PID 1).
+    pub wrapper: Vec<String>,
     pub child: Option<Child>,
 }
 
@@ -73,6 +75,7 @@ impl Pod {
             extra_args: Vec::new(),
             shared_pvcs: None,
             rwx: false,
+            wrapper: Vec::new(),
             child: None,
         }
     }
@@ -202,7 +205,14 @@ impl Pod {
 
     /// The launcher command line for this pod.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(LAUNCHER);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(LAUNCHER);
+                c
+            }
+            None => Command::new(LAUNCHER),
+        };
         cmd.arg("run");
         if !self.wait_for_sync {
             cmd.arg("--vmi").arg(self.vmi_path());
