@@ -502,16 +502,16 @@ fn progress(msg: &str) {
 
 fn bench_conversion(ctx: &mut Ctx) -> Result<()> {
     let quick = ctx.opts.quick;
-    let mut convert_only: Vec<f64> = Vec::new();
+    let mut samples: Vec<(usize, Vec<f64>)> = Vec::new();
     for n in CONVERSION_DISKS {
         check_interrupt()?;
         let vmi = vmi_with_disks(n)?;
         let facts = PodFacts::defaults(&vmi);
-        let conv = time_per_call(quick, || {
+        let conv = us_per_call(quick, || {
             let d = convert::convert(&vmi, &facts).expect("bench VMI converts");
             std::hint::black_box(d);
         });
-        let both = time_per_call(quick, || {
+        let both = us_per_call(quick, || {
             let d = convert::convert(&vmi, &facts).expect("bench VMI converts");
             std::hint::black_box(d.to_xml());
         });
@@ -519,69 +519,40 @@ fn bench_conversion(ctx: &mut Ctx) -> Result<()> {
             .context("convert the bench VMI")?
             .to_xml()
             .len();
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let med = |v: &[f64]| Stat::of(v).map_or(0.0, |s| s.median);
         progress(&format!(
             "conversion, {n} disks: {:.1} µs (+ XML: {:.1} µs)",
-            us(conv),
-            us(both)
+            med(&conv),
+            med(&both)
         ));
-        convert_only.push(us(conv));
         ctx.conversion.push(ConversionRow {
             disks: n,
-            convert_us: us(conv),
-            convert_and_xml_us: us(both),
+            convert_us: med(&conv),
+            convert_and_xml_us: med(&both),
             xml_bytes,
         });
+        samples.push((n, both));
     }
-    let rows = ctx.conversion.clone();
-    let does = "VMI → domain model → XML text (in process, no I/O)";
-    let per = |n: usize| -> Vec<f64> {
-        rows.iter()
-            .filter(|r| r.disks == n)
-            .map(|r| r.convert_and_xml_us)
-            .collect()
-    };
-    ctx.figure(
-        "convert.disks_1",
-        "conversion, 1 disk",
-        "µs",
-        &per(1),
-        does,
-        None,
-        None,
-    );
-    ctx.figure(
-        "convert.disks_13",
-        "conversion, 13 disks",
-        "µs",
-        &per(13),
-        does,
-        None,
-        Some(Goal::Below(1000.0)),
-    );
-    ctx.figure(
-        "convert.disks_64",
-        "conversion, 64 disks",
-        "µs",
-        &per(64),
-        does,
-        None,
-        None,
-    );
-    ctx.figure(
-        "convert.disks_256",
-        "conversion, 256 disks",
-        "µs",
-        &per(256),
-        does,
-        None,
-        None,
-    );
+    let does = "VMI → domain model → XML text, in process (one sample per batch of calls)";
+    let names: [(&'static str, &'static str, Option<Goal>); 4] = [
+        ("convert.disks_1", "conversion, 1 disk", None),
+        (
+            "convert.disks_13",
+            "conversion, 13 disks",
+            Some(Goal::Below(1000.0)),
+        ),
+        ("convert.disks_64", "conversion, 64 disks", None),
+        ("convert.disks_256", "conversion, 256 disks", None),
+    ];
+    for ((id, name, goal), (_, s)) in names.into_iter().zip(&samples) {
+        ctx.figure(id, name, "µs", s, does, None, goal);
+    }
     Ok(())
 }
 
-/// Median time of one call: warm-up, then batches sized to ~20 ms (5 ms when quick).
-fn time_per_call(quick: bool, f: impl Fn()) -> Duration {
+/// Time of one call in µs, one sample per batch: warm-up, then batches sized to ~20 ms
+/// (5 ms when quick).
+fn us_per_call(quick: bool, f: impl Fn()) -> Vec<f64> {
     let (batch_time, batches) = if quick {
         (Duration::from_millis(5), 5)
     } else {
@@ -594,17 +565,15 @@ fn time_per_call(quick: bool, f: impl Fn()) -> Duration {
     f();
     let one = t.elapsed().max(Duration::from_nanos(100));
     let per_batch = (batch_time.as_nanos() / one.as_nanos()).clamp(1, 100_000) as u32;
-    let mut samples: Vec<Duration> = (0..batches)
+    (0..batches)
         .map(|_| {
             let t = Instant::now();
             for _ in 0..per_batch {
                 f();
             }
-            t.elapsed() / per_batch
+            (t.elapsed() / per_batch).as_secs_f64() * 1e6
         })
-        .collect();
-    samples.sort();
-    samples[samples.len() / 2]
+        .collect()
 }
 
 /// A VMI with `n` disks cycling through the volume kinds and buses the converter handles
@@ -707,6 +676,12 @@ struct RawWarmRun {
 #[derive(Debug, Clone, Copy, Default)]
 struct PodRss {
     launcher: f64,
+    /// The launcher's anonymous memory (heap, stacks); the rest of its RSS is file-backed
+    /// (its binary and the shared libraries, libvirt's among them).
+    launcher_anon: f64,
+    /// The launcher's proportional set size: shared pages split among the processes mapping
+    /// them (libvirtd maps the same libvirt libraries).
+    launcher_pss: f64,
     libvirtd: f64,
     virtlogd: f64,
     qemu: f64,
@@ -939,8 +914,18 @@ fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
         )),
         None,
     );
-    let rows: [(&'static str, RssField); 4] = [
+    let rows: [(&'static str, RssField); 7] = [
         ("virt-launcher", |r| r.launcher),
+        ("virt-launcher: anonymous (heap, stacks)", |r| {
+            r.launcher_anon
+        }),
+        (
+            "virt-launcher: file-backed (binary, shared libraries)",
+            |r| r.launcher - r.launcher_anon,
+        ),
+        ("virt-launcher: PSS (shared pages split)", |r| {
+            r.launcher_pss
+        }),
         ("libvirtd", |r| r.libvirtd),
         ("virtlogd", |r| r.virtlogd),
         ("qemu-system-x86_64", |r| r.qemu),
@@ -951,7 +936,7 @@ fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
         ctx.memory.push(MemoryRow {
             process,
             launcher_pod_mib: lm,
-            raw_libvirt_mib: rm.filter(|_| process != "virt-launcher"),
+            raw_libvirt_mib: rm.filter(|_| !process.starts_with("virt-launcher")),
         });
     }
     ctx.memory.push(MemoryRow {
@@ -1115,6 +1100,8 @@ fn launcher_once(ctx: &mut Ctx, disks: usize) -> Result<LauncherRun> {
     let qemu = find_qemu(&ctx.name, &mount_ns(libvirtd)?)?;
     let rss = PodRss {
         launcher: rss_mib(pod.pid())?,
+        launcher_anon: status_mib(pod.pid(), "RssAnon")?,
+        launcher_pss: pss_mib(pod.pid())?,
         libvirtd: rss_mib(libvirtd)?,
         virtlogd: rss_mib(virtlogd)?,
         qemu: rss_mib(qemu)?,
@@ -1160,6 +1147,8 @@ fn raw_cold_once(ctx: &mut Ctx, disks: usize) -> Result<RawColdRun> {
     std::thread::sleep(SETTLE);
     let rss = PodRss {
         launcher: 0.0,
+        launcher_anon: 0.0,
+        launcher_pss: 0.0,
         libvirtd: rss_mib(raw.pid(RawDaemon::Libvirtd)?)?,
         virtlogd: rss_mib(raw.pid(RawDaemon::Virtlogd)?)?,
         qemu: rss_mib(find_qemu(&ctx.name, &raw.mnt_ns)?)?,
@@ -1816,13 +1805,30 @@ fn read_pid(path: &Path) -> Result<i32> {
 
 /// VmRSS of `pid`, in MiB.
 fn rss_mib(pid: i32) -> Result<f64> {
+    status_mib(pid, "VmRSS")
+}
+
+/// Pss of `pid` from `/proc/<pid>/smaps_rollup`, in MiB.
+fn pss_mib(pid: i32) -> Result<f64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("read /proc/{pid}/smaps_rollup"))?;
+    let kib: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("/proc/{pid}/smaps_rollup has no Pss"))?;
+    Ok(kib / 1024.0)
+}
+
+/// A memory field of `/proc/<pid>/status` (VmRSS, RssAnon, RssFile, …), in MiB.
+fn status_mib(pid: i32, field: &str) -> Result<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| anyhow!("/proc/{pid}/status has no VmRSS"))?;
+        .ok_or_else(|| anyhow!("/proc/{pid}/status has no {field}"))?;
     Ok(kib / 1024.0)
 }
 
@@ -2090,21 +2096,29 @@ fn plot(r: &Report, out: &Path) -> Result<Option<PathBuf>> {
     let dat_path = out.join("disks.dat");
     write(&dat_path, &dat)?;
     let png = out.join("disks.png");
+    let xtics = r
+        .disks
+        .iter()
+        .map(|p| p.disks.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let script = format!(
-        "set terminal pngcairo size 1200,600 font ',10'\n\
+        "set terminal pngcairo size 1500,520 font ',10'\n\
          set output '{png}'\n\
-         set multiplot layout 1,2 title 'virt-launcher vs raw libvirt, TCG guest, {date}'\n\
-         set grid\nset key outside below\nset xlabel 'virtio disks at start'\n\
-         set ylabel 'ms'\nset title 'start time'\n\
-         plot '{dat}' using 1:2 with linespoints title 'launcher: spawn → running', \
+         set multiplot layout 1,3 title 'virt-launcher vs raw libvirt, TCG test guest, {date}'\n\
+         set grid\nset key top left\nset offsets 0, 0, graph 0.3, 0\n\
+         set xlabel 'virtio disks at start'\nset xtics ({xtics})\nset yrange [0:*]\n\
+         set ylabel 'ms'\nset title 'start: → domain running'\n\
+         plot '{dat}' using 1:2 with linespoints lw 2 title 'launcher: spawn → running', \
               '' using 1:3 with linespoints title 'raw cold: daemons + createXML', \
-              '' using 1:4 with linespoints title 'raw warm: createXML', \
-              '' using 1:5 with linespoints dashtype 2 title 'launcher: spawn → console', \
-              '' using 1:6 with linespoints dashtype 2 title 'raw cold: → console'\n\
-         set ylabel 'MiB'\nset title 'RSS with one running guest'\nset yrange [0:*]\n\
-         plot '{dat}' using 1:7 with linespoints title 'virt-launcher', \
+              '' using 1:4 with linespoints title 'raw warm: createXML only'\n\
+         set title 'start: → guest console (LV-READY)'\n\
+         plot '{dat}' using 1:5 with linespoints lw 2 title 'launcher: spawn → console', \
+              '' using 1:6 with linespoints title 'raw cold: daemons → console'\n\
+         set ylabel 'MiB'\nset title 'RSS with one running guest'\n\
+         plot '{dat}' using 1:7 with linespoints lw 2 title 'virt-launcher', \
               '' using 1:8 with linespoints title 'its libvirtd', \
-              15 with lines dashtype 3 title 'goal: launcher < 15 MiB'\n\
+              15 with lines dashtype 2 title 'goal: launcher < 15 MiB'\n\
          unset multiplot\n",
         png = png.display(),
         dat = dat_path.display(),
