@@ -285,12 +285,16 @@ pub struct Machine {
     pub libvirt: String,
     pub qemu: String,
     pub accelerator: String,
+    /// `/proc/loadavg` (1, 5, 15 min) when the run began: other people's guests share the CPUs.
+    pub load_at_start: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub schema: u32,
     pub date: String,
+    /// `/proc/loadavg` (1, 5, 15 min) when the run ended.
+    pub load_at_end: String,
     pub quick: bool,
     pub iterations: usize,
     pub duration_s: f64,
@@ -427,6 +431,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     let mut report = Report {
         schema: 1,
         date,
+        load_at_end: load_average(),
         quick: opts.quick,
         iterations: opts.iterations(),
         duration_s: 0.0,
@@ -1937,7 +1942,17 @@ fn machine() -> Machine {
         libvirt: command_line("libvirtd", &["--version"]),
         qemu: command_line("qemu-system-x86_64", &["--version"]),
         accelerator: accelerator.into(),
+        load_at_start: load_average(),
     }
+}
+
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The first line of a command's output ("" if it fails).
@@ -1986,6 +2001,12 @@ pub fn markdown(r: &Report) -> String {
         o,
         "Machine: {} CPUs ({}), {:.0} GiB RAM, kernel {}, {}; {}; {}; guests under {}.\n",
         m.cpus, m.cpu_model, m.memory_gib, m.kernel, m.os, m.libvirt, m.qemu, m.accelerator
+    );
+    let _ = writeln!(
+        o,
+        "Load average (1, 5, 15 min): {} at the start, {} at the end (the CPUs are shared with \
+         whatever else runs on the machine).\n",
+        m.load_at_start, r.load_at_end
     );
     o.push_str("| figure | launcher | raw libvirt | ratio | goal | met? |\n");
     o.push_str("| --- | ---: | ---: | ---: | --- | --- |\n");
