@@ -89,6 +89,10 @@ struct RunArgs {
     /// Do not create a private mount/UTS namespace (inside a pod the container already is one).
     #[arg(long)]
     no_isolate: bool,
+    /// Seconds a hot-unplug waits for the guest to release the disk before it is reported
+    /// as failed (the disk then stays attached; a late release is still noticed).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    detach_timeout: f64,
     /// Seconds the domain may take to start before the launcher gives up.
     #[arg(long, default_value_t = 240)]
     qemu_timeout: u64,
@@ -261,6 +265,7 @@ fn run(args: RunArgs) -> Result<i32> {
             group: args.socket_group,
         }),
         qemu_timeout: Duration::from_secs(args.qemu_timeout),
+        detach_timeout: Duration::from_secs_f64(args.detach_timeout),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -395,3 +395,64 @@ async fn failed_attaches_say_why_and_leave_the_vm_running() {
 
     common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detach_the_guest_does_not_acknowledge_times_out_and_says_so() {
+    let mut pod = Pod::new("hptimeout").with_disk("data", "virtio", 16);
+    pod.extra_args = vec!["--detach-timeout".into(), "2".into()];
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    std::fs::File::create(pod.hotplug_dir().join("slow.img"))
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let mut c = client::connect(&pod.socket()).await.unwrap();
+    let mut v = vmi(&mut c).await;
+    client::add_hotplug_volume(&mut v, "slow", "slow", "virtio", false).unwrap();
+    sync(&mut c, &v).await.expect("attach");
+    pod.wait_console("vdb:16384", Duration::from_secs(20));
+
+    // A paused guest cannot acknowledge the unplug: the launcher must not claim success.
+    c.pause(pb::Empty {}).await.unwrap();
+    client::remove_volume(&mut v, "slow").unwrap();
+    let t = Instant::now();
+    let e = sync(&mut c, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("slow") && e.message().contains("did not release"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "gave up before the deadline"
+    );
+    let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(
+        disk(&d, "slow").unwrap().phase(),
+        VolumePhase::Failed,
+        "{d:?}"
+    );
+
+    // Once the guest runs again it releases the disk; the launcher notices and says so.
+    c.unpause(pb::Empty {}).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+        if disk(&d, "slow").is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "late release never noticed: {d:?}\n{}",
+            pod.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_block_line(
+        &mut pod,
+        |l| l == "LV-BLOCK vda:32768",
+        "the disk gone in the guest",
+    );
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
+}

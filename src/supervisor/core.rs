@@ -22,7 +22,7 @@ use crate::libvirt::events::StopReason;
 use crate::libvirt::{DomainEvent, DomainStats, Hypervisor, LibvirtError, LifecycleKind};
 use crate::spec::{SpecError, VirtualMachineInstance};
 
-/// How long a detach may wait for the guest to release the disk.
+/// How long a detach waits for the guest to release the disk, unless configured.
 pub const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default auto-thaw for a freeze.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -93,6 +93,8 @@ pub struct Launcher {
     pub(super) sockets: Option<super::migration::PodSockets>,
     /// A CancelMigration arrived.
     pub(super) cancel: AtomicBool,
+    /// How long a detach waits for the guest, in milliseconds.
+    detach_timeout_ms: AtomicU64,
 }
 
 impl Launcher {
@@ -118,7 +120,18 @@ impl Launcher {
             console_log: Mutex::new(None),
             sockets,
             cancel: AtomicBool::new(false),
+            detach_timeout_ms: AtomicU64::new(DETACH_TIMEOUT.as_millis() as u64),
         })
+    }
+
+    /// How long a detach waits for the guest to release the disk.
+    pub fn set_detach_timeout(&self, timeout: Duration) {
+        self.detach_timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    fn detach_timeout(&self) -> Duration {
+        Duration::from_millis(self.detach_timeout_ms.load(Ordering::SeqCst))
     }
 
     pub fn hypervisor(&self) -> &Arc<Hypervisor> {
@@ -342,7 +355,8 @@ impl Launcher {
                 }
             }
         }
-        // Failed attaches of volumes the spec no longer has are forgotten.
+        // Failed attaches of volumes the spec no longer has are forgotten; a failed detach
+        // stays visible (the disk is still attached).
         let wanted_volumes: Vec<&str> = plan
             .domain
             .devices
@@ -350,9 +364,13 @@ impl Launcher {
             .iter()
             .map(|d| d.volume())
             .collect();
+        let attached: Vec<&str> = live.iter().filter_map(|l| l.volume_name()).collect();
         self.update(|s| {
-            s.disks
-                .retain(|d| d.phase != Phase::Failed || wanted_volumes.contains(&d.volume.as_str()))
+            s.disks.retain(|d| {
+                d.phase != Phase::Failed
+                    || wanted_volumes.contains(&d.volume.as_str())
+                    || attached.contains(&d.volume.as_str())
+            })
         });
         // Grow disks whose claim grew (those still attached).
         for l in &live {
@@ -539,7 +557,8 @@ impl Launcher {
         }
         // libvirt may already have seen the removal (synchronous for cooperative guests); the
         // event is delivered either way.
-        match tokio::time::timeout(DETACH_TIMEOUT, rx).await {
+        let timeout = self.detach_timeout();
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(true)) => {
                 self.set_phase(volume, Phase::Detached, "");
                 self.update(|s| s.disks.retain(|d| d.volume != volume));
@@ -555,7 +574,7 @@ impl Launcher {
                     volume,
                     format!(
                         "the guest did not release the disk within {}s; it is still attached",
-                        DETACH_TIMEOUT.as_secs()
+                        timeout.as_secs_f32()
                     ),
                 );
                 Err(e)
@@ -723,13 +742,24 @@ impl Launcher {
     }
 
     fn resolve_removal(&self, alias: &str, removed: bool) {
-        if let Some(tx) = self
+        let waiter = self
             .removals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(alias)
-        {
-            let _ = tx.send(removed);
+            .remove(alias);
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(removed);
+            }
+            // The guest let go after its detach had already timed out: the disk is gone now.
+            None if removed => {
+                let volume = alias.strip_prefix("ua-").unwrap_or(alias).to_string();
+                if self.status().disks.iter().any(|d| d.volume == volume) {
+                    self.set_phase(&volume, Phase::Detached, "the guest released the disk late");
+                    self.update(|s| s.disks.retain(|d| d.volume != volume));
+                }
+            }
+            None => {}
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub api: Option<ServerConfig>,
     /// How long the domain may take to appear (`--qemu-timeout`).
     pub qemu_timeout: Duration,
+    /// How long a hot-unplug waits for the guest to release the disk.
+    pub detach_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +135,7 @@ async fn supervise(
         runtime_dir: layout.root().to_path_buf(),
     };
     let core = Launcher::new(hv.clone(), opts.planner.clone(), stop_tx, Some(sockets));
+    core.set_detach_timeout(opts.detach_timeout);
     let mut sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
 
