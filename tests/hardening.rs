@@ -369,3 +369,532 @@ fn hotplug_path_check_for_attach() {
     assert!(check("fifo", false).unwrap_err().contains("FIFO"));
     assert!(check("ok", true).unwrap_err().contains("No such file"));
 }
+
+// ------------------------------------------------------------------ live guest helpers
+
+use common::Pod;
+use nix::sys::signal::Signal;
+use virt_launcher::api::{client, pb};
+
+type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
+
+/// Text the guest writes to its second disk at boot (`lv.write=vdb:`); compared byte for byte
+/// after the launcher stopped.
+const MARK: &str = "hardening-data-0123456789";
+
+/// A pod whose guest counts on `data` (vda) and wrote MARK to `mark` (vdb).
+fn guest_pod(name: &str) -> Pod {
+    Pod::new(name)
+        .with_disk("data", "virtio", 16)
+        .with_disk("mark", "virtio", 16)
+        .kernel_args(&format!("lv.counter=vda lv.write=vdb:{MARK}"))
+}
+
+/// After the launcher stopped: the counter on disk is the last one the guest reported (or
+/// the one it was writing), and the MARK disk holds exactly MARK.
+/// `console_complete`: the console log recorded the guest to the end (it stops after a
+/// virtlogd restart; then only "nothing went backwards" can be checked).
+fn assert_data_intact(pod: &Pod, seen_before_stop: u64, console_complete: bool) {
+    let printed = pod.last_console_count();
+    let on_disk = pod.disk_counter("data");
+    assert!(printed > 0, "the guest never counted\n{}", pod.dump());
+    assert!(
+        on_disk >= printed.max(seen_before_stop),
+        "counter on disk {on_disk}, guest reported {printed}, seen {seen_before_stop}: data lost\n{}",
+        pod.dump()
+    );
+    if console_complete {
+        assert!(
+            on_disk <= printed + 1,
+            "counter on disk {on_disk} ahead of the guest's last report {printed}\n{}",
+            pod.dump()
+        );
+    }
+    let mark = fs::read(pod.disk_image("mark")).unwrap();
+    let want = format!("{MARK}\n");
+    assert_eq!(&mark[..want.len()], want.as_bytes(), "MARK disk changed");
+    assert!(
+        mark[want.len()..].iter().all(|b| *b == 0),
+        "MARK disk has other data"
+    );
+}
+
+fn stop_and_check(pod: Pod) -> Pod {
+    stop_and_check_with(pod, true)
+}
+
+fn stop_and_check_with(mut pod: Pod, console_complete: bool) -> Pod {
+    let seen = pod.disk_counter("data");
+    pod.signal(Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "exit {status}\n{}", pod.dump());
+    assert_data_intact(&pod, seen, console_complete);
+    let left = pod.leftover_processes();
+    assert!(left.is_empty(), "processes left behind: {left:#?}");
+    pod
+}
+
+async fn connect(pod: &Pod) -> Client {
+    client::connect(&pod.socket()).await.expect("connect")
+}
+
+fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p) as usize]
+}
+
+fn raise_fd_limit(want: u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max.min(want);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
+
+/// A legitimate client calling GetDomain and Ping every 20 ms until told to stop.
+fn legit_caller(
+    socket: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<Duration>, Vec<String>)> {
+    tokio::spawn(async move {
+        let mut c = client::connect(&socket).await.expect("legit connect");
+        let (mut lat, mut errs) = (Vec::new(), Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let t = Instant::now();
+            let mut r = tonic::Request::new(pb::Empty {});
+            r.set_timeout(Duration::from_secs(5));
+            let a = c.get_domain(r).await;
+            let mut r = tonic::Request::new(pb::Empty {});
+            r.set_timeout(Duration::from_secs(5));
+            let b = c.ping(r).await;
+            lat.push(t.elapsed());
+            for e in [a.err(), b.err()].into_iter().flatten() {
+                errs.push(e.to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (lat, errs)
+    })
+}
+
+// ------------------------------------------------------------------ the socket under a flood
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_connections_and_requests_is_bounded() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut pod = guest_pod("flood");
+    pod.start();
+    tokio::task::block_in_place(|| pod.wait_console("LV-COUNT 3", Duration::from_secs(90)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let legit = legit_caller(pod.socket(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let count_before = pod.disk_counter("data");
+
+    // 1. 10 000 connection attempts, each held open, some sending garbage.
+    let socket = pod.socket();
+    let launcher_pid = pod.child.as_ref().unwrap().id();
+    let (held_open, closed, failed, peak_fds) = tokio::task::spawn_blocking(move || {
+        let fds = || {
+            fs::read_dir(format!("/proc/{launcher_pid}/fd"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        let mut peak_fds = fds();
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        raise_fd_limit(16384);
+        let mut conns = Vec::new();
+        let mut failed = 0;
+        for i in 0..10_000 {
+            match UnixStream::connect(&socket) {
+                Ok(mut s) => {
+                    if i % 10 == 0 {
+                        let _ = s.write_all(b"GARBAGE\r\n\r\n\x00\xff not http/2");
+                    }
+                    conns.push(s);
+                }
+                Err(_) => failed += 1,
+            }
+            if i % 500 == 0 {
+                peak_fds = peak_fds.max(fds());
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        peak_fds = peak_fds.max(fds());
+        let (mut open, mut closed) = (0, 0);
+        for s in &mut conns {
+            s.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 64];
+            match s.read(&mut b) {
+                Ok(0) => closed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+                Ok(_) => open += 1, // the server's HTTP/2 preface: served
+                Err(_) => closed += 1,
+            }
+        }
+        (open, closed, failed, peak_fds)
+    })
+    .await
+    .unwrap();
+    println!("connections: 10000 attempted, {held_open} still open (accepted, or queued in the kernel backlog), {closed} closed by the launcher, {failed} failed to connect; launcher fds at peak: {peak_fds}");
+    // What bounds the launcher: its own descriptors (a few dozen besides the connections).
+    assert!(
+        peak_fds <= virt_launcher::api::server::MAX_CONNECTIONS + 100,
+        "launcher had {peak_fds} fds open"
+    );
+    assert!(closed + failed >= 10_000 - virt_launcher::api::server::MAX_CONNECTIONS - 100);
+
+    // 2. 10 000 requests from 100 concurrent callers on 10 connections.
+    let ok = Arc::new(AtomicU64::new(0));
+    let err = Arc::new(AtomicU64::new(0));
+    let t = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(connect(&pod).await);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let mut c = clients[i % 10].clone();
+        let (ok, err) = (ok.clone(), err.clone());
+        tasks.push(tokio::spawn(async move {
+            for j in 0..100 {
+                let r = match (i + j) % 4 {
+                    0 => c.get_domain(pb::Empty {}).await.map(|_| ()),
+                    1 => c.ping(pb::Empty {}).await.map(|_| ()),
+                    2 => c.info(pb::Empty {}).await.map(|_| ()),
+                    _ => c.get_stats(pb::Empty {}).await.map(|_| ()),
+                };
+                if r.is_ok() { &ok } else { &err }.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // A few oversized requests (5 MiB): refused, nothing else affected.
+    let mut c = connect(&pod).await;
+    for _ in 0..5 {
+        let e = c
+            .sync(pb::SyncRequest {
+                vmi: vec![b'{'; 5 << 20],
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::OutOfRange
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::InvalidArgument
+            ),
+            "{e}"
+        );
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = t.elapsed();
+    let (ok, err) = (ok.load(Ordering::Relaxed), err.load(Ordering::Relaxed));
+    println!("requests: {ok} answered, {err} failed, in {elapsed:?}");
+    assert_eq!(ok + err, 10_000);
+    assert_eq!(err, 0, "requests of an allowed peer failed");
+
+    stop.store(true, Ordering::SeqCst);
+    let (mut lat, errs) = legit.await.unwrap();
+    let (p50, p99, max) = (
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+        percentile(&mut lat, 1.0),
+    );
+    println!(
+        "legit client: {} calls, p50 {p50:?}, p99 {p99:?}, max {max:?}, {} errors",
+        lat.len() * 2,
+        errs.len()
+    );
+    assert!(errs.is_empty(), "legit calls failed: {errs:?}");
+    assert!(p99 < Duration::from_secs(2), "legit p99 {p99:?}");
+    // The guest kept running through all of it.
+    let count_after = pod.disk_counter("data");
+    println!("guest counter: {count_before} -> {count_after}");
+    assert!(
+        count_after > count_before + 5,
+        "guest stalled\n{}",
+        pod.dump()
+    );
+    tokio::task::block_in_place(|| {
+        stop_and_check(pod);
+    });
+}
+
+// ------------------------------------------------------------------ daemon faults
+
+/// User sees: GetDomain keeps answering throughout; GetStats may fail (UNAVAILABLE) for the
+/// second libvirtd is down and recovers; the guest never notices; a final SIGTERM still shuts
+/// it down cleanly (events arrive over the last connection). Nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirtd_killed_five_times_and_virtlogd_twice_while_the_api_is_busy() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut pod = guest_pod("daemonfaults");
+    pod.start();
+    tokio::task::block_in_place(|| pod.wait_console("LV-COUNT 3", Duration::from_secs(90)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let legit = legit_caller(pod.socket(), stop.clone());
+    let stats = {
+        let socket = pod.socket();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut c = client::connect(&socket).await.unwrap();
+            let (mut ok, mut failed) = (0, 0);
+            let mut last_ok = false;
+            while !stop.load(Ordering::SeqCst) {
+                let mut r = tonic::Request::new(pb::Empty {});
+                r.set_timeout(Duration::from_secs(5));
+                last_ok = c.get_stats(r).await.is_ok();
+                if last_ok {
+                    ok += 1
+                } else {
+                    failed += 1
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (ok, failed, last_ok)
+        })
+    };
+    let p = &pod;
+    tokio::task::block_in_place(|| {
+        for i in 0..5 {
+            let before = p.disk_counter("data");
+            p.kill_daemon_and_wait_restart("libvirtd", Duration::from_secs(15));
+            p.wait_counter_above("data", before + 2, Duration::from_secs(30));
+            println!(
+                "libvirtd kill {}: guest at {}",
+                i + 1,
+                p.disk_counter("data")
+            );
+        }
+        for _ in 0..2 {
+            let before = p.disk_counter("data");
+            p.kill_daemon_and_wait_restart("virtlogd", Duration::from_secs(15));
+            p.wait_counter_above("data", before + 2, Duration::from_secs(30));
+        }
+        // Let the stats caller see a healthy daemon again.
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    stop.store(true, Ordering::SeqCst);
+    let (lat, errs) = legit.await.unwrap();
+    let (ok, failed, last_ok) = stats.await.unwrap();
+    println!(
+        "GetDomain/Ping: {} calls, {} errors; GetStats: {ok} ok, {failed} failed",
+        lat.len() * 2,
+        errs.len()
+    );
+    assert!(errs.is_empty(), "GetDomain/Ping failed: {errs:?}");
+    assert!(
+        last_ok,
+        "GetStats did not recover after the restarts\n{}",
+        pod.dump()
+    );
+    let console_before = pod.console().len();
+    tokio::task::block_in_place(|| {
+        std::thread::sleep(Duration::from_secs(1));
+        println!(
+            "console log grew by {} bytes after the virtlogd restarts",
+            pod.console().len() - console_before
+        );
+        // Known: QEMU's console pipe to virtlogd is not re-established after a virtlogd
+        // restart, so the console log stops (RELIABILITY.md); the disks are unaffected.
+        stop_and_check_with(pod, false);
+    });
+}
+
+// ------------------------------------------------------------------ hot-plug file vanishes
+
+/// User sees: the volume goes Failed with a message naming the volume and the missing path;
+/// the VM keeps running; once the file is back, the next Sync attaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hotplug_file_deleted_before_attach() {
+    let mut pod = guest_pod("hpgone");
+    pod.start();
+    tokio::task::block_in_place(|| pod.wait_console("LV-COUNT 3", Duration::from_secs(90)));
+    let mut c = connect(&pod).await;
+    let mut vmi: Value =
+        serde_json::from_slice(&c.get_vmi(pb::Empty {}).await.unwrap().into_inner().vmi).unwrap();
+    client::add_hotplug_volume(&mut vmi, "hp", "hp", "virtio", false).unwrap();
+    let img = pod.hotplug_dir().join("hp.img");
+    fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    fs::remove_file(&img).unwrap(); // mounted, then gone right before the attach
+    let r = c
+        .sync(pb::SyncRequest {
+            vmi: serde_json::to_vec(&vmi).unwrap(),
+        })
+        .await;
+    let d = match r {
+        Ok(d) => d.into_inner().domain.unwrap(),
+        Err(e) => {
+            assert!(e.message().contains("hp"), "{e}");
+            c.get_domain(pb::Empty {}).await.unwrap().into_inner()
+        }
+    };
+    let hp = d
+        .disks
+        .iter()
+        .find(|k| k.volume == "hp")
+        .expect("hp listed");
+    assert_eq!(hp.phase(), pb::VolumePhase::Failed, "{hp:?}");
+    assert!(
+        hp.message.contains("hp.img"),
+        "message names the path: {hp:?}"
+    );
+    assert_eq!(d.state(), pb::DomainState::Running);
+    // Back again: attached.
+    fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+    let d = c
+        .sync(pb::SyncRequest {
+            vmi: serde_json::to_vec(&vmi).unwrap(),
+        })
+        .await
+        .expect("second Sync")
+        .into_inner()
+        .domain
+        .unwrap();
+    let hp = d.disks.iter().find(|k| k.volume == "hp").unwrap();
+    assert_eq!(hp.phase(), pb::VolumePhase::Ready, "{hp:?}");
+    tokio::task::block_in_place(|| {
+        pod.wait_console("vdc:16384", Duration::from_secs(20));
+        stop_and_check(pod);
+    });
+}
+
+/// Needs the core to call `podfacts::confined_hotplug_path` before it attaches (lead, issue
+/// 9 hand-over): until then the symlinked file IS attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs supervisor/core.rs attach() to call podfacts::confined_hotplug_path"]
+async fn hotplug_symlink_out_of_the_hotplug_dir_is_refused_at_attach() {
+    let mut pod = guest_pod("hpsym");
+    pod.start();
+    tokio::task::block_in_place(|| pod.wait_console("LV-COUNT 3", Duration::from_secs(90)));
+    let outside = pod.dir.join("outside.img");
+    fs::File::create(&outside)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    symlink(&outside, pod.hotplug_dir().join("hp.img")).unwrap();
+    let mut c = connect(&pod).await;
+    let mut vmi: Value =
+        serde_json::from_slice(&c.get_vmi(pb::Empty {}).await.unwrap().into_inner().vmi).unwrap();
+    client::add_hotplug_volume(&mut vmi, "hp", "hp", "virtio", false).unwrap();
+    let _ = c
+        .sync(pb::SyncRequest {
+            vmi: serde_json::to_vec(&vmi).unwrap(),
+        })
+        .await;
+    let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    let hp = d
+        .disks
+        .iter()
+        .find(|k| k.volume == "hp")
+        .expect("hp listed");
+    assert_eq!(hp.phase(), pb::VolumePhase::Failed, "{hp:?}");
+    assert!(hp.message.contains("outside"), "{hp:?}");
+    tokio::task::block_in_place(|| {
+        stop_and_check(pod);
+    });
+}
+
+// ------------------------------------------------------------------ runtime disk full
+
+struct Tmpfs(PathBuf);
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        Tmpfs(dir.to_path_buf())
+    }
+    /// Fills the filesystem; returns the filler's path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let p = self.0.join("filler");
+        let mut f = fs::File::create(&p).unwrap();
+        let chunk = vec![0x5au8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.flush();
+        p
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// FOUND (RELIABILITY.md): with the runtime filesystem full, the guest stalls within seconds
+/// (its counter stops): the console path through virtlogd into the full filesystem blocks the
+/// guest's serial writes. Needs the console log (and libvirt's state) on space the guest's
+/// output cannot exhaust, or a launcher that drops console output when the log cannot be
+/// written (supervisor/pod: lead). The data on the PVC is intact either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "finding: a full runtime fs stalls the guest (console path); see RELIABILITY.md"]
+async fn runtime_disk_full() {
+    let mut pod = guest_pod("diskfull");
+    let fs_ = Tmpfs::mount(&pod.runtime_dir(), "64m");
+    pod.start();
+    tokio::task::block_in_place(|| pod.wait_console("LV-COUNT 3", Duration::from_secs(90)));
+    let filler = fs_.fill();
+    let mut c = connect(&pod).await;
+    let before = pod.disk_counter("data");
+    tokio::task::block_in_place(|| {
+        pod.wait_counter_above("data", before + 5, Duration::from_secs(30));
+    });
+    c.get_domain(pb::Empty {})
+        .await
+        .expect("GetDomain while full");
+    let _ = c.get_stats(pb::Empty {}).await;
+    tokio::task::block_in_place(|| {
+        pod.kill_daemon_and_wait_restart("libvirtd", Duration::from_secs(15));
+        let before = pod.disk_counter("data");
+        pod.wait_counter_above("data", before + 2, Duration::from_secs(30));
+    });
+    let d = c
+        .get_domain(pb::Empty {})
+        .await
+        .expect("GetDomain after restart while full");
+    println!(
+        "while full: state {:?}, reason {:?}",
+        d.get_ref().state(),
+        d.get_ref().reason
+    );
+    drop(c);
+    let pod = tokio::task::block_in_place(|| stop_and_check(pod));
+    fs::remove_file(&filler).unwrap();
+
+    // A launcher starting on a full runtime filesystem.
+    let mut pod2 = guest_pod("diskfull2");
+    let fs2 = Tmpfs::mount(&pod2.runtime_dir(), "1m");
+    fs2.fill();
+    pod2.start();
+    let status = tokio::task::block_in_place(|| pod2.wait_exit(Duration::from_secs(60)));
+    assert!(!status.success());
+    let log = pod2.log();
+    assert!(
+        log.contains("No space left on device") || log.contains("space"),
+        "{}",
+        pod2.dump()
+    );
+    assert!(pod2.leftover_processes().is_empty());
+    drop(pod);
+}
