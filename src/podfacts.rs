@@ -290,6 +290,239 @@ pub enum PodFactsError {
     },
     #[error("{}: invalid pod facts: {reason}", path.display())]
     Parse { path: PathBuf, reason: String },
+    /// A path named by a spec field (kernelPath, initrdPath, hostDisk.path) is unusable.
+    #[error("{field}: {}: {reason}", path.display())]
+    Field {
+        field: String,
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+/// What a confined path must be once resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    /// A regular file (disk images, kernels, hot-plugged Filesystem volumes).
+    File,
+    /// A block device node (Block-mode volumes).
+    Block,
+}
+
+/// `path` with every symlink resolved, if it lies inside `base` (also resolved).
+///
+/// The rule for every path built from a name in a spec or request: after following symlinks
+/// it must still be inside the directory it was built in. A `disk.img` symlinked to another
+/// file in the same PVC directory is fine; one leading anywhere else is refused, and so is a
+/// `<volume>` directory that is itself a symlink out of the volumes directory.
+pub fn confine_existing(base: &Path, path: &Path) -> Result<PathBuf, String> {
+    let real_base = base
+        .canonicalize()
+        .map_err(|e| format!("directory {}: {}", base.display(), io_reason(&e)))?;
+    let real = path.canonicalize().map_err(|e| io_reason(&e))?;
+    if real.starts_with(&real_base) {
+        Ok(real)
+    } else {
+        Err(format!(
+            "resolves to {}, outside {}: refusing to use it",
+            real.display(),
+            real_base.display()
+        ))
+    }
+}
+
+fn describe(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_file() {
+        "regular file"
+    } else {
+        "special file"
+    }
+}
+
+/// Checks the type of an existing path without opening it (opening a FIFO would block).
+fn check_kind(real: &Path, want: PathKind) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = std::fs::metadata(real)
+        .map_err(|e| io_reason(&e))?
+        .file_type();
+    let ok = match want {
+        PathKind::File => ft.is_file(),
+        PathKind::Block => ft.is_block_device(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "is a {}, not a {}",
+            describe(ft),
+            match want {
+                PathKind::File => "regular file",
+                PathKind::Block => "block device",
+            }
+        ))
+    }
+}
+
+/// [`confine_existing`] plus the kind check, as a volume error naming `volume` and `path`.
+pub fn confined_volume_path(
+    volume: &str,
+    base: &Path,
+    path: &Path,
+    want: PathKind,
+) -> Result<PathBuf, PodFactsError> {
+    let err = |reason| PodFactsError::Volume {
+        volume: volume.to_string(),
+        path: path.to_path_buf(),
+        reason,
+    };
+    let real = confine_existing(base, path).map_err(err)?;
+    check_kind(&real, want).map_err(err)?;
+    Ok(real)
+}
+
+/// The backing path of a hot-plugged volume, checked right before it is attached: the name is
+/// a DNS-1123 label, the path (`<hotplug dir>/<volume>.img`, or `<hotplug dir>/<volume>` for a
+/// Block volume) exists, stays inside the hot-plug directory after following symlinks, and is
+/// a regular file (or a block device). Returns the resolved path; the domain keeps using the
+/// pod path. Call it before anything opens the path.
+pub fn confined_hotplug_path(
+    paths: &PodPaths,
+    volume: &str,
+    block: bool,
+) -> Result<PathBuf, PodFactsError> {
+    if !is_dns1123_label(volume) {
+        return Err(PodFactsError::VolumeName {
+            volume: volume.to_string(),
+        });
+    }
+    let kind = if block {
+        PathKind::Block
+    } else {
+        PathKind::File
+    };
+    confined_volume_path(
+        volume,
+        &paths.hotplug_disks_dir,
+        &paths.hotplug_path(volume, block),
+        kind,
+    )
+}
+
+/// The directory `<vmi disks dir>/<volume>` of a Filesystem-mode claim, if it exists and is
+/// not a way out of the volumes directory (for creating a missing `disk.img` in it).
+pub fn confined_pvc_dir(paths: &PodPaths, volume: &str) -> Result<PathBuf, PodFactsError> {
+    if !is_dns1123_label(volume) {
+        return Err(PodFactsError::VolumeName {
+            volume: volume.to_string(),
+        });
+    }
+    let dir = paths.vmi_disks_dir.join(volume);
+    let real =
+        confine_existing(&paths.vmi_disks_dir, &dir).map_err(|reason| PodFactsError::Volume {
+            volume: volume.to_string(),
+            path: dir.clone(),
+            reason,
+        })?;
+    if real == paths.vmi_disks_dir.canonicalize().unwrap_or_default() {
+        return Err(PodFactsError::Volume {
+            volume: volume.to_string(),
+            path: dir,
+            reason: "is the volumes directory itself".into(),
+        });
+    }
+    Ok(real)
+}
+
+/// hostDisk policy. KubeVirt gates hostDisk behind a feature gate (a cluster decision taken
+/// before the launcher sees the VMI); the path is a host path the spec's author names
+/// directly, so there is no directory to confine it to. What the launcher enforces: an
+/// absolute path without `..` (checked by the converter), a regular file when it exists
+/// (never a directory, FIFO or device: opening a FIFO would hang the launcher), and for
+/// `DiskOrCreate` an existing parent directory; the file is then created without following
+/// a symlink (see [`crate::prepare`]).
+fn check_host_disk(field: &str, path: &Path, create: bool) -> Result<(), PodFactsError> {
+    let err = |reason: String| PodFactsError::Field {
+        field: field.to_string(),
+        path: path.to_path_buf(),
+        reason,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() && create => {
+            // A dangling or live symlink in place of a file to create: refuse rather than
+            // create (or size) whatever it points to.
+            match std::fs::metadata(path) {
+                Ok(t) => check_kind_of(t.file_type()).map_err(err),
+                Err(_) => Err(err(
+                    "is a dangling symlink: refusing to create a file through it".into(),
+                )),
+            }
+        }
+        Ok(_) => {
+            let m = std::fs::metadata(path).map_err(|e| err(io_reason(&e)))?;
+            check_kind_of(m.file_type()).map_err(err)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            let parent = path.parent().unwrap_or(Path::new("/"));
+            match std::fs::metadata(parent) {
+                Ok(m) if m.is_dir() => Ok(()),
+                Ok(_) => Err(err(format!("{} is not a directory", parent.display()))),
+                Err(e) => Err(err(format!("{}: {}", parent.display(), io_reason(&e)))),
+            }
+        }
+        Err(e) => Err(err(io_reason(&e))),
+    }
+}
+
+fn check_kind_of(ft: std::fs::FileType) -> Result<(), String> {
+    if ft.is_file() {
+        Ok(())
+    } else {
+        Err(format!("is a {}, not a regular file", describe(ft)))
+    }
+}
+
+/// kernelBoot files: resolved inside the kernel boot directory, symlinks included.
+fn check_kernel_boot(vmi: &VirtualMachineInstance, paths: &PodPaths) -> Result<(), PodFactsError> {
+    let Some(c) = vmi
+        .spec
+        .domain
+        .firmware
+        .as_ref()
+        .and_then(|f| f.kernel_boot.as_ref())
+        .and_then(|k| k.container.as_ref())
+    else {
+        return Ok(());
+    };
+    let f = "spec.domain.firmware.kernelBoot.container";
+    for (field, value) in [
+        ("kernelPath", &c.kernel_path),
+        ("initrdPath", &c.initrd_path),
+    ] {
+        let Some(value) = value else { continue };
+        let field = format!("{f}.{field}");
+        // A lexically bad path is the converter's error (it names the field too).
+        let Ok(path) = crate::convert::confine(&paths.kernel_boot_dir, value) else {
+            continue;
+        };
+        let err = |reason| PodFactsError::Field {
+            field: field.clone(),
+            path: path.clone(),
+            reason,
+        };
+        let real = confine_existing(&paths.kernel_boot_dir, &path).map_err(err)?;
+        check_kind(&real, PathKind::File).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// The `--pod-facts` file.
@@ -489,13 +722,24 @@ pub fn probe(
             });
         }
         if v.hotplug {
-            // Hot-plugged volumes come and go; they are looked at when attached.
-            if is_block_device(&paths.hotplug_path(v.name, true)) {
+            // Hot-plugged volumes come and go; they are checked again when attached. One that
+            // is already there must not lead out of the hot-plug directory.
+            let block = is_block_device(&paths.hotplug_path(v.name, true));
+            if std::fs::symlink_metadata(paths.hotplug_path(v.name, block)).is_ok() {
+                confined_hotplug_path(&paths, v.name, block)?;
+            }
+            if block {
                 facts.block_volumes.insert(v.name.to_string());
             }
             continue;
         }
         if is_block_device(&paths.pvc_block(v.name)) {
+            confined_volume_path(
+                v.name,
+                &paths.block_dev_dir,
+                &paths.pvc_block(v.name),
+                PathKind::Block,
+            )?;
             facts.block_volumes.insert(v.name.to_string());
             continue;
         }
@@ -507,12 +751,33 @@ pub fn probe(
                 reason: io_reason(&e),
             });
         }
+        // Symlinks may point anywhere inside the claim's own directory, nowhere else.
+        confined_pvc_dir(&paths, v.name)?;
+        confined_volume_path(
+            v.name,
+            &paths.vmi_disks_dir.join(v.name),
+            &image,
+            PathKind::File,
+        )?;
         file_images.push(image);
     }
 
+    check_kernel_boot(vmi, &paths)?;
     for (index, v) in vmi.spec.volumes.iter().enumerate() {
+        if let Some(h) = &v.host_disk {
+            if h.path.starts_with('/') && !h.path.split('/').any(|c| c == "..") {
+                check_host_disk(
+                    &format!("spec.volumes[{index}].hostDisk.path"),
+                    Path::new(&h.path),
+                    h.disk_type == "DiskOrCreate",
+                )?;
+            }
+        }
         if v.container_disk.is_some() {
             let image = paths.container_disk(index);
+            if std::fs::symlink_metadata(&image).is_ok() {
+                confined_volume_path(&v.name, &paths.container_disks_dir, &image, PathKind::File)?;
+            }
             let format = sniff_format(&image).map_err(|e| PodFactsError::Volume {
                 volume: v.name.clone(),
                 path: image.clone(),

@@ -177,7 +177,10 @@ fn cloud_init_data(
         for k in keys {
             let p = secret_dir.join(k);
             if p.exists() {
-                return std::fs::read(&p).map(Some).map_err(io_err(volume, &p));
+                // Kubernetes mounts secrets as symlinks into `..data/`: fine inside the
+                // secret's directory, refused anywhere else (the data goes to the guest).
+                let real = confined(volume, &facts.paths.config_dir.join("secret"), &p)?;
+                return std::fs::read(&real).map(Some).map_err(io_err(volume, &p));
             }
         }
         Ok(None)
@@ -210,6 +213,28 @@ fn cloud_init_data(
         None
     };
     Ok((user, network))
+}
+
+/// `path` resolved, if it stays inside `base` (see [`crate::podfacts::confine_existing`]).
+fn confined(volume: &str, base: &Path, path: &Path) -> Result<PathBuf, PrepareError> {
+    crate::podfacts::confine_existing(base, path).map_err(|reason| PrepareError::Invalid {
+        volume: volume.to_string(),
+        reason: format!("{}: {reason}", path.display()),
+    })
+}
+
+/// An ISO of a mounted source directory, which must not lead out of `base`. xorrisofs records
+/// symlinks inside it as symlinks (it does not follow them), so their targets never reach the
+/// guest.
+fn make_confined_iso(
+    volume: &str,
+    iso: &Path,
+    volid: &str,
+    base: &Path,
+    dir: &Path,
+) -> Result<(), PrepareError> {
+    let real = confined(volume, base, dir)?;
+    make_iso(volume, iso, volid, &real)
 }
 
 fn write(volume: &str, path: &Path, data: &[u8]) -> Result<(), PrepareError> {
@@ -287,7 +312,15 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
                         volume: name.to_string(),
                         reason: "hostDisk.capacity is missing or invalid".into(),
                     })?;
-                let f = std::fs::File::create(p).map_err(io_err(name, p))?;
+                // Never through a symlink, never over an existing file (a dangling symlink
+                // does not "exist" but must not be followed either).
+                use std::os::unix::fs::OpenOptionsExt;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(p)
+                    .map_err(io_err(name, p))?;
                 f.set_len(bytes).map_err(io_err(name, p))?;
             }
         } else if let Some(c) = &v.cloud_init_no_cloud {
@@ -332,23 +365,26 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
             make_iso(name, &paths.cloud_init_config_drive_iso(), "config-2", &dir)?;
         } else if let Some(c) = &v.config_map {
             let label = c.volume_label.as_deref().unwrap_or("cfgdata");
-            make_iso(
+            make_confined_iso(
                 name,
                 &paths.config_map_iso(name),
                 label,
+                &paths.config_dir.join("config-map"),
                 &paths.config_map_source(name),
             )?;
         } else if let Some(s) = &v.secret {
             let label = s.volume_label.as_deref().unwrap_or("cfgdata");
-            make_iso(
+            make_confined_iso(
                 name,
                 &paths.secret_iso(name),
                 label,
+                &paths.config_dir.join("secret"),
                 &paths.secret_source(name),
             )?;
         } else if v.downward_api.is_some() {
-            let src = paths.config_dir.join("downwardapi").join(name);
-            make_iso(name, &paths.downward_api_iso(name), "cfgdata", &src)?;
+            let base = paths.config_dir.join("downwardapi");
+            let src = base.join(name);
+            make_confined_iso(name, &paths.downward_api_iso(name), "cfgdata", &base, &src)?;
         } else if v.service_account.is_some() {
             make_iso(
                 name,

@@ -640,6 +640,29 @@ pub fn load_file(path: &Path) -> Result<VirtualMachineInstance, SpecError> {
     from_str(&text, &origin)
 }
 
+/// Deepest YAML flow nesting (`[`/`{`) scanned; counted naively (brackets inside scalars
+/// count too), hence well above the deserialiser's limit of 128 real levels.
+pub const MAX_FLOW_DEPTH: usize = 256;
+
+/// The line where the naive `[`/`{` depth first passes [`MAX_FLOW_DEPTH`], if it does.
+fn too_deep_flow(text: &str) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    for b in text.bytes() {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some(line);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'\n' => line += 1,
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Parse `text` (JSON or YAML); `origin` names the source in error messages.
 pub fn from_str(text: &str, origin: &str) -> Result<VirtualMachineInstance, SpecError> {
     let syntax = |reason: String| SpecError::Syntax {
@@ -649,6 +672,14 @@ pub fn from_str(text: &str, origin: &str) -> Result<VirtualMachineInstance, Spec
     let docs: Vec<serde_json::Value> = if text.trim_start().starts_with('{') {
         vec![serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?]
     } else {
+        // The YAML scanner's time grows with the square of the flow nesting depth: 20 000
+        // `[` take seconds, 1 MiB of them hours. No spec nests that deep (the deserialiser's
+        // own limit is 128 levels): refuse before scanning.
+        if let Some(line) = too_deep_flow(text) {
+            return Err(syntax(format!(
+                "more than {MAX_FLOW_DEPTH} nested '[' or '{{' (line {line})"
+            )));
+        }
         let mut docs = Vec::new();
         for de in serde_norway::Deserializer::from_str(text) {
             let v = serde_json::Value::deserialize(de).map_err(|e| syntax(e.to_string()))?;
@@ -818,5 +849,26 @@ mod name_tests {
         }
         assert!(is_dns1123_subdomain("my.vm-1"));
         assert!(!is_dns1123_subdomain("my..vm"));
+    }
+}
+
+#[cfg(test)]
+mod nesting_tests {
+    use super::*;
+
+    #[test]
+    fn deep_yaml_flow_nesting_is_refused_quickly() {
+        let head = "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  x: ";
+        let t = std::time::Instant::now();
+        let e = from_str(&format!("{head}{}", "[".repeat(1 << 20)), "t").unwrap_err();
+        assert!(e.to_string().contains("nested"), "{e}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+        // Brackets in a scalar count too, but a real spec is far from the bound.
+        let ok = format!("{head}\"{}\"\n  name: v\n", "[".repeat(MAX_FLOW_DEPTH - 10));
+        assert!(from_str(&ok, "t").is_ok());
     }
 }

@@ -137,6 +137,8 @@ fn create_missing_images(
         let Some(size) = wanted_image_size(vmi, &v.name) else {
             continue;
         };
+        // A `<volume>` directory that is a symlink out of the volumes directory gets nothing.
+        crate::podfacts::confined_pvc_dir(paths, &v.name)?;
         let err = |source| PlanError::CreateImage {
             volume: v.name.clone(),
             path: image.clone(),

@@ -373,12 +373,105 @@ impl Pod {
 }
 
 impl Drop for Pod {
+    /// A test that panics must not leave QEMU or the daemons behind: SIGTERM (the launcher
+    /// stops its guest), up to 15 s, then SIGKILL, then any leftover process of this pod.
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
             if child.try_wait().ok().flatten().is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(15);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if child.try_wait().ok().flatten().is_none() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
             }
+        }
+        if self.child.is_some() {
+            for p in self.leftover_processes() {
+                if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Pod {
+    /// The counter the guest keeps at offset 0 of `disk` (`lv.counter=vda`), 0 if none.
+    pub fn disk_counter(&self, disk: &str) -> u64 {
+        let data = fs::read(self.disk_image(disk)).unwrap_or_default();
+        let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
+        String::from_utf8_lossy(line).trim().parse().unwrap_or(0)
+    }
+
+    /// The highest `LV-COUNT n` the guest printed (n was on disk, fsync'ed, when printed).
+    pub fn last_console_count(&self) -> u64 {
+        self.console()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("LV-COUNT "))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits until the on-disk counter of `disk` passes `above`.
+    pub fn wait_counter_above(&self, disk: &str, above: u64, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.disk_counter(disk);
+            if n > above {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest counter stuck at {n} (wanted > {above})\n{}",
+                self.dump()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// pid of a daemon the launcher runs (`libvirtd`, `virtlogd`), from its pid file.
+    pub fn daemon_pid(&self, daemon: &str) -> Option<i32> {
+        fs::read_to_string(
+            self.runtime_dir()
+                .join("pids")
+                .join(format!("{daemon}.pid")),
+        )
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+    }
+
+    /// SIGKILLs `daemon` and waits until the launcher runs a new one.
+    pub fn kill_daemon_and_wait_restart(&self, daemon: &str, timeout: Duration) {
+        let old = self.daemon_pid(daemon).expect("daemon pid file");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(old),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(new) = self.daemon_pid(daemon).filter(|p| *p != old) {
+                if Path::new(&format!("/proc/{new}")).exists() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{daemon} not restarted\n{}",
+                self.dump()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
