@@ -769,10 +769,8 @@ async fn hotplug_file_deleted_before_attach() {
     });
 }
 
-/// Needs the core to call `podfacts::confined_hotplug_path` before it attaches (lead, issue
-/// 9 hand-over): until then the symlinked file IS attached.
+/// The core checks `podfacts::confined_hotplug_path` before it attaches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs supervisor/core.rs attach() to call podfacts::confined_hotplug_path"]
 async fn hotplug_symlink_out_of_the_hotplug_dir_is_refused_at_attach() {
     let mut pod = guest_pod("hpsym");
     pod.start();

@@ -66,6 +66,10 @@ async fn within_deadline<T, R>(
 fn deadline<R>(req: &Request<R>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    // The gRPC spec allows at most 8 digits; more is a malformed header, not a deadline.
+    if num.is_empty() || num.len() > 8 {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),

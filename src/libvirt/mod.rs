@@ -66,6 +66,21 @@ impl DomainState {
     pub fn is_shut_off(&self) -> bool {
         self.state == sys::VIR_DOMAIN_SHUTOFF
     }
+
+    /// Why a shut-off domain stopped, from the state's reason (`virDomainShutoffReason`).
+    pub fn stop_reason(&self) -> events::StopReason {
+        use events::StopReason as R;
+        match self.reason as u32 {
+            sys::VIR_DOMAIN_SHUTOFF_SHUTDOWN => R::Shutdown,
+            sys::VIR_DOMAIN_SHUTOFF_DESTROYED => R::Destroyed,
+            sys::VIR_DOMAIN_SHUTOFF_CRASHED => R::Crashed,
+            sys::VIR_DOMAIN_SHUTOFF_MIGRATED => R::Migrated,
+            sys::VIR_DOMAIN_SHUTOFF_SAVED => R::Saved,
+            sys::VIR_DOMAIN_SHUTOFF_FAILED => R::Failed,
+            sys::VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT => R::FromSnapshot,
+            _ => R::Unknown,
+        }
+    }
     pub fn name(&self) -> &'static str {
         events::state_name(self.state)
     }

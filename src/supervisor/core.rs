@@ -493,6 +493,18 @@ impl Launcher {
                 }
             }
         }
+        // Never trust the name: the hot-plug path must stay in the hot-plug directory after
+        // symlinks are followed.
+        let paths = self.planner.paths.paths_for(vmi);
+        let block = matches!(disk.source, crate::domain::DiskSource::Block(_));
+        if let Err(e) = crate::podfacts::confined_hotplug_path(&paths, &volume, block) {
+            let e = ControlError::Volume {
+                volume: volume.clone(),
+                reason: e.to_string(),
+            };
+            self.add_failed(vmi, &disk, &e.to_string());
+            return Err(e);
+        }
         self.update(|s| {
             s.disks.retain(|d| d.volume != volume);
             s.disks.push(disk_status(&disk, vmi, Phase::Attaching, ""));
@@ -814,10 +826,16 @@ pub(super) fn disk_status(
 
 fn size_of(path: &Path) -> u64 {
     use std::io::{Seek, SeekFrom};
-    // Seeking to the end gives the size of files and block devices alike.
-    std::fs::File::open(path)
-        .and_then(|mut f| f.seek(SeekFrom::End(0)))
-        .unwrap_or(0)
+    use std::os::unix::fs::FileTypeExt;
+    // stat() never opens the path (opening a FIFO would block); only a block device is opened,
+    // to seek to its end.
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(m) if m.file_type().is_block_device() => std::fs::File::open(path)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// The backing path must exist and open with the access the disk needs.

@@ -203,6 +203,8 @@ async fn event_loop(
         deadline: None,
         destroyed: false,
     };
+    let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         relays.start_when_ready(core);
         let grace_over = async {
@@ -238,6 +240,14 @@ async fn event_loop(
             },
             _ = grace_over => destroy(core, "grace period over", &mut stopping).await,
             _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
+            // Events can be lost (a daemon restart at the wrong moment): check now and then that
+            // the domain we think runs still does, so a stop never goes unnoticed.
+            _ = liveness.tick(), if core.has_started() => {
+                if let Some(reason) = gone(core).await {
+                    tracing::warn!(reason = ?reason, "the domain stopped without an event");
+                    return Ok(finish(core, reason, stopping.deadline.is_some()).await);
+                }
+            }
             Some(ev) = raw_events.recv() => {
                 let ev = DomainEvent::from(ev);
                 let name = core.status().name;
@@ -263,6 +273,22 @@ async fn event_loop(
                 }
             }
         }
+    }
+}
+
+/// How often the loop checks that the domain still exists (a backstop for lost events).
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Whether the domain is gone, and why (None: still there, or libvirtd unreachable).
+async fn gone(core: &Arc<Launcher>) -> Option<StopReason> {
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    match tokio::task::spawn_blocking(move || hv.state(&name))
+        .await
+        .ok()?
+    {
+        Ok(s) if s.is_shut_off() => Some(s.stop_reason()),
+        Err(LibvirtError::NoDomain(_)) => Some(StopReason::Unknown),
+        _ => None,
     }
 }
 
@@ -332,7 +358,7 @@ async fn reconnect(core: &Arc<Launcher>) -> Result<Option<StopReason>, Superviso
     tracing::info!(state = ?state.as_ref().map(|s| s.name()).ok(), "reconnected to libvirtd");
     core.publish(EventKind::Daemon, "reconnected to libvirtd");
     Ok(match state {
-        Ok(s) if s.is_shut_off() => Some(StopReason::Unknown),
+        Ok(s) if s.is_shut_off() => Some(s.stop_reason()),
         Err(LibvirtError::NoDomain(_)) => Some(StopReason::Unknown),
         _ => None,
     })
