@@ -449,3 +449,40 @@ async fn a_slow_migration_past_its_deadline_switches_to_post_copy() {
     let (status, b) = wait_exit(b, 40).await;
     assert!(status.success(), "{}", b.dump());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_migration_cancels_it_and_stops_with_the_data_intact() {
+    let a = source("mig-term", true);
+    let b = target("mig-term-t", &a);
+    let call = slow_migration(&a, &b).await;
+    // The source pod is deleted mid-migration.
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    let r = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("Migrate returned")
+        .unwrap();
+    if let Ok(r) = r {
+        assert!(
+            !r.success,
+            "a migration must not complete after SIGTERM: {r:?}"
+        );
+    }
+    let (status, a) = wait_exit(a, 45).await;
+    assert!(status.success(), "{}", a.dump());
+    assert!(a.log().contains("cancelling it"), "{}", a.dump());
+    assert!(
+        a.log().contains("\"reason\":\"Shutdown\""),
+        "the guest was not shut down cleanly\n{}",
+        a.dump()
+    );
+    // Everything the guest reported as written is on the shared disk.
+    let last = *counts(&a.console()).last().expect("the guest counted");
+    assert!(
+        disk_counter(&a) >= last,
+        "disk holds {} but the guest wrote {last}",
+        disk_counter(&a)
+    );
+    let (status, b) = wait_exit(b, 30).await;
+    assert!(status.success(), "{}", b.dump());
+    assert!(a.leftover_processes().is_empty() && b.leftover_processes().is_empty());
+}

@@ -151,6 +151,14 @@ impl Launcher {
         self.events.push(e);
     }
 
+    /// Whether a migration is under way from here.
+    pub fn migration_running(&self) -> bool {
+        self.status()
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.phase == MigrationPhase::Running)
+    }
+
     /// Asks a running migration to stop; the VM stays here.
     pub fn cancel_migration(&self) -> Result<(), ControlError> {
         if self.status().migration.as_ref().map(|m| m.phase) != Some(MigrationPhase::Running) {

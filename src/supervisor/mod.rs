@@ -302,6 +302,15 @@ async fn begin_stop(core: &Arc<Launcher>, why: &str, grace: Duration, stopping: 
         return;
     }
     stopping.deadline = Some(Instant::now() + grace);
+    // The pod is going away: a migration in flight is abandoned first (the VM stays here and
+    // shuts down with the pod; the target is told to clean up).
+    if core.cancel_migration().is_ok() {
+        tracing::warn!(why, "stop requested during a migration: cancelling it");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while core.migration_running() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     tracing::info!(
         why,
         grace_s = grace.as_secs(),
