@@ -408,3 +408,61 @@ async fn two_hundred_clients_read_while_sync_hot_plugs() {
     pod.wait_console("vdd:16384", Duration::from_secs(20));
     common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_without_a_guest_agent_is_a_failed_precondition() {
+    let mut pod = Pod::new("noagent")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.agent=off");
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    let mut c = connect(&pod).await;
+    let e = c
+        .freeze(pb::FreezeRequest { timeout_seconds: 5 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("agent"), "{}", e.message());
+    // The guest is unaffected.
+    assert_eq!(domain(&mut c).await.state(), DomainState::Running);
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
+}
+
+#[test]
+fn a_claim_without_disk_img_gets_a_sparse_one_sized_to_the_claim() {
+    let mut pod = Pod::new("sparse")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.write=vda:on-new-image");
+    pod.prepare();
+    std::fs::remove_file(pod.disk_image("data")).unwrap();
+    // The controller reports a 100 MiB claim with CDI's default overhead (5.5 %).
+    let mut yaml = pod.vmi_yaml();
+    yaml += "status:\n  volumeStatus:\n    - name: data\n      phase: Ready\n      persistentVolumeClaimInfo:\n        claimName: data\n        capacity:\n          storage: 100Mi\n";
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
+    let log = std::fs::File::create(pod.launcher_log()).unwrap();
+    pod.child = Some(
+        pod.command()
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    pod.wait_console("LV-WROTE vda on-new-image", Duration::from_secs(90));
+    let meta = std::fs::metadata(pod.disk_image("data")).unwrap();
+    // 100 MiB × 0.945 = 94.5 MiB, rounded down to whole MiB.
+    assert_eq!(meta.len(), 94 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < 8 << 20, "the image is not sparse");
+    assert!(
+        pod.console()
+            .contains(&format!("vda:{}", (94u64 << 20) / 512)),
+        "{}",
+        pod.dump()
+    );
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        pod.wait_exit(Duration::from_secs(40)).success(),
+        "{}",
+        pod.dump()
+    );
+}
