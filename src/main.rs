@@ -153,6 +153,7 @@ impl PathArgs {
             kernel_boot_dir: self.kernel_boot_dir.as_deref().map(absolute),
             private_dir: None,
             ephemeral_disks_dir: None,
+            trusted_roots: Vec::new(),
         }
     }
 }
@@ -212,6 +213,11 @@ fn run(args: RunArgs) -> Result<i32> {
             )?;
             overrides.vmi_disks_dir = Some(paths.vmi_disks_dir);
             overrides.block_dev_dir = Some(paths.block_dev_dir);
+            // The view links each volume to its claim and each Block claim to its loop device.
+            overrides.trusted_roots = vec![
+                absolute(&args.storage_dir).join("claims"),
+                PathBuf::from("/dev"),
+            ];
             Some(claims)
         }
         _ => None,

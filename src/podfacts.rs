@@ -79,6 +79,11 @@ pub struct PodPaths {
     pub config_dir: PathBuf,
     /// `/var/run/secrets/kubernetes.io/serviceaccount`: the pod's service account token.
     pub service_account_dir: PathBuf,
+    /// Directories the launcher itself populated with links into other places it owns (the
+    /// standalone DataVolume view links each volume to its claim under the storage directory,
+    /// and each Block claim to its loop device): a PVC directory or Block node may resolve
+    /// into one of these as well as into its own directory. Never set from a spec.
+    pub trusted_roots: Vec<PathBuf>,
 }
 
 impl PodPaths {
@@ -103,6 +108,7 @@ impl PodPaths {
             private_dir: Path::new("/var/run/kubevirt-private").join(key),
             config_dir: "/var/run/kubevirt-private".into(),
             service_account_dir: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+            trusted_roots: Vec::new(),
         }
     }
 
@@ -373,6 +379,21 @@ fn check_kind(real: &Path, want: PathKind) -> Result<(), String> {
     }
 }
 
+/// [`confine_existing`] against `base`, or else against one of the launcher's own
+/// [`PodPaths::trusted_roots`].
+pub fn confine_existing_or_trusted(
+    base: &Path,
+    trusted: &[PathBuf],
+    path: &Path,
+) -> Result<PathBuf, String> {
+    confine_existing(base, path).or_else(|refused| {
+        trusted
+            .iter()
+            .find_map(|root| confine_existing(root, path).ok())
+            .ok_or(refused)
+    })
+}
+
 /// [`confine_existing`] plus the kind check, as a volume error naming `volume` and `path`.
 pub fn confined_volume_path(
     volume: &str,
@@ -427,8 +448,8 @@ pub fn confined_pvc_dir(paths: &PodPaths, volume: &str) -> Result<PathBuf, PodFa
         });
     }
     let dir = paths.vmi_disks_dir.join(volume);
-    let real =
-        confine_existing(&paths.vmi_disks_dir, &dir).map_err(|reason| PodFactsError::Volume {
+    let real = confine_existing_or_trusted(&paths.vmi_disks_dir, &paths.trusted_roots, &dir)
+        .map_err(|reason| PodFactsError::Volume {
             volume: volume.to_string(),
             path: dir.clone(),
             reason,
@@ -734,12 +755,16 @@ pub fn probe(
             continue;
         }
         if is_block_device(&paths.pvc_block(v.name)) {
-            confined_volume_path(
-                v.name,
-                &paths.block_dev_dir,
-                &paths.pvc_block(v.name),
-                PathKind::Block,
-            )?;
+            let node = paths.pvc_block(v.name);
+            let err = |reason| PodFactsError::Volume {
+                volume: v.name.to_string(),
+                path: node.clone(),
+                reason,
+            };
+            let real =
+                confine_existing_or_trusted(&paths.block_dev_dir, &paths.trusted_roots, &node)
+                    .map_err(err)?;
+            check_kind(&real, PathKind::Block).map_err(err)?;
             facts.block_volumes.insert(v.name.to_string());
             continue;
         }
