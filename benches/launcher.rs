@@ -20,8 +20,11 @@
 //! Launcher and raw iterations are interleaved (rotating their order) and reported as medians.
 //!
 //! To add a benchmark: write `fn bench_x(ctx: &mut Ctx) -> Result<()>` that pushes
-//! [`Figure`]s with [`Ctx::figure`], list it in [`BENCHMARKS`], and drop its ids from
-//! [`NOT_YET_MEASURED`].
+//! [`Figure`]s with [`Ctx::figure`], list it in [`BENCHMARKS`], drop its ids from
+//! [`NOT_YET_MEASURED`] and add them to `FIGURES` in `tests/bench_smoke.rs`. Benchmarks that
+//! drive a running VM through the control API live in `benches/launcher/`: `running.rs`
+//! (hot-plug, control path, memory with 32 hot-plugged disks) and `migration.rs`, with the
+//! pieces they share in `pods.rs`.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -46,6 +49,15 @@ use virt::sys;
 use virt_launcher::podfacts::{self, DomainType, PodFacts, PodPaths};
 use virt_launcher::{convert, spec};
 
+// Paths relative to this file's directory, so that `tests/bench_smoke.rs` (which includes this
+// file with `#[path]`) finds them too.
+#[path = "launcher/migration.rs"]
+mod migration;
+#[path = "launcher/pods.rs"]
+mod pods;
+#[path = "launcher/running.rs"]
+mod running;
+
 // ------------------------------------------------------------------------------------------
 // What is measured
 
@@ -56,6 +68,11 @@ pub const BENCHMARKS: &[(&str, BenchFn)] = &[
     ("conversion", bench_conversion),
     ("start, stop and memory", bench_lifecycle),
     ("disks (plot)", bench_disks),
+    (
+        "hot-plug, control path, memory with 32 hot-plugged disks",
+        running::bench_running,
+    ),
+    ("live migration", migration::bench_migration),
 ];
 
 /// A promised figure whose feature has not landed yet: listed in the output, never omitted.
@@ -66,43 +83,7 @@ pub struct Planned {
     pub goal: &'static str,
 }
 
-pub const NOT_YET_MEASURED: &[Planned] = &[
-    Planned {
-        id: "hotplug.attached",
-        name: "hot-plug: Sync → disk attached (vs raw attachDevice)",
-        goal: "ratio ≤ 1.2",
-    },
-    Planned {
-        id: "hotplug.guest_visible",
-        name: "hot-plug: Sync → disk visible in the guest (vs raw attach → visible)",
-        goal: "ratio ≤ 1.2",
-    },
-    Planned {
-        id: "memory.hotplug_32",
-        name: "memory: launcher RSS with 32 hot-plugged disks",
-        goal: "",
-    },
-    Planned {
-        id: "migration.total",
-        name: "live migration: total time (vs raw virsh migrate)",
-        goal: "ratio ≤ 1.1",
-    },
-    Planned {
-        id: "migration.downtime",
-        name: "live migration: downtime (vs raw virsh migrate)",
-        goal: "ratio ≤ 1.1",
-    },
-    Planned {
-        id: "control.getdomain_rps",
-        name: "control path: GetDomain calls/s, 50 concurrent clients",
-        goal: "",
-    },
-    Planned {
-        id: "control.getdomain_p99",
-        name: "control path: GetDomain p99 latency, 50 concurrent clients",
-        goal: "",
-    },
-];
+pub const NOT_YET_MEASURED: &[Planned] = &[];
 
 /// Disk counts of the conversion benchmark.
 const CONVERSION_DISKS: [usize; 4] = [1, 13, 64, 256];
@@ -124,6 +105,8 @@ pub struct Options {
     pub update_doc: Option<PathBuf>,
     /// Make the PNG plot (needs gnuplot).
     pub plot: bool,
+    /// Run only the benchmarks whose name contains one of these (all when empty).
+    pub only: Vec<String>,
 }
 
 impl Options {
@@ -143,6 +126,7 @@ impl Options {
             out_dir: absolute(&target).join("bench"),
             update_doc: None,
             plot: true,
+            only: Vec::new(),
         }
     }
 
@@ -267,6 +251,21 @@ pub struct DiskPoint {
     pub libvirtd_rss_mib: f64,
 }
 
+/// The launcher's memory in one pod right after boot and with 32 hot-plugged disks.
+#[derive(Debug, Clone, Serialize)]
+pub struct HotplugMemoryRow {
+    pub what: &'static str,
+    pub after_boot_mib: f64,
+    pub with_32_hotplugged_mib: f64,
+}
+
+/// `/proc/loadavg` (1, 5, 15 min) when a benchmark began.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadSample {
+    pub benchmark: &'static str,
+    pub load: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ConversionRow {
     pub disks: usize,
@@ -303,6 +302,9 @@ pub struct Report {
     pub memory: Vec<MemoryRow>,
     pub disks: Vec<DiskPoint>,
     pub conversion: Vec<ConversionRow>,
+    pub hotplug_memory: Vec<HotplugMemoryRow>,
+    /// The load average at the start of each benchmark (other people's tests share the CPUs).
+    pub load_during: Vec<LoadSample>,
     pub not_yet_measured: Vec<Planned>,
     pub plot: Option<PathBuf>,
     /// Processes of this run still alive at the end (killed then); should be empty.
@@ -324,6 +326,8 @@ pub struct Ctx<'a> {
     memory: Vec<MemoryRow>,
     disks: Vec<DiskPoint>,
     conversion: Vec<ConversionRow>,
+    hotplug_memory: Vec<HotplugMemoryRow>,
+    load_during: Vec<LoadSample>,
 }
 
 impl Ctx<'_> {
@@ -396,6 +400,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     preflight(opts)?;
     virt::error::clear_error_callback();
     let began = Instant::now();
+    let _ = STARTED.set(began);
     let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let work = std::env::temp_dir().join(format!("lvb-{}", std::process::id()));
     let _ = fs::remove_dir_all(&work);
@@ -410,11 +415,21 @@ pub fn run(opts: &Options) -> Result<Report> {
         memory: Vec::new(),
         disks: Vec::new(),
         conversion: Vec::new(),
+        hotplug_memory: Vec::new(),
+        load_during: Vec::new(),
     };
     let machine = machine();
     let reaper = OrphanReaper::start()?;
     for (name, bench) in BENCHMARKS {
-        progress(&format!("== {name}"));
+        if !opts.only.is_empty() && !opts.only.iter().any(|o| name.contains(o.as_str())) {
+            continue;
+        }
+        let load = load_average();
+        progress(&format!("== {name} (load average {load})"));
+        ctx.load_during.push(LoadSample {
+            benchmark: name,
+            load,
+        });
         bench(&mut ctx).with_context(|| format!("benchmark {name:?}"))?;
     }
     if let Some(mut warm) = ctx.warm.take() {
@@ -440,12 +455,14 @@ pub fn run(opts: &Options) -> Result<Report> {
         memory: std::mem::take(&mut ctx.memory),
         disks: std::mem::take(&mut ctx.disks),
         conversion: std::mem::take(&mut ctx.conversion),
+        hotplug_memory: std::mem::take(&mut ctx.hotplug_memory),
+        load_during: std::mem::take(&mut ctx.load_during),
         not_yet_measured: NOT_YET_MEASURED.to_vec(),
         plot: None,
         leftover_processes,
     };
     drop(ctx);
-    if opts.plot {
+    if opts.plot && !report.disks.is_empty() {
         report.plot = plot(&report, &opts.out_dir)?;
     }
     report.duration_s = began.elapsed().as_secs_f64();
@@ -498,8 +515,12 @@ fn in_path(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// When the run began (for the progress lines' time stamps).
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 fn progress(msg: &str) {
-    eprintln!("bench: {msg}");
+    let t = STARTED.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("bench: [{t:6.1} s] {msg}");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -755,7 +776,14 @@ fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
                     wa.push(r);
                 }
                 _ => {
-                    let r = raw_warm_once(ctx, 1, WarmStop::Destroy)?;
+                    // The smoke run does not wait for this guest's console (the destroy sample
+                    // is then of a guest still booting).
+                    let stop = if ctx.opts.quick {
+                        WarmStop::DestroyAtOnce
+                    } else {
+                        WarmStop::Destroy
+                    };
+                    let r = raw_warm_once(ctx, 1, stop)?;
                     progress(&format!(
                         "{}/{n} raw warm: createXML {} ms, destroy {} ms",
                         i + 1,
@@ -1066,16 +1094,41 @@ fn write_pod(dir: &Path, name: &str, disks: usize) -> Result<PodFiles> {
 /// The domain XML the launcher generates for `files`, with the VM's private files (console
 /// log) under `private` — exactly as `virt-launcher run` computes it in standalone mode.
 fn domain_xml(files: &PodFiles, guest_dir: &Path, private: &Path) -> Result<String> {
+    domain_xml_with(files, guest_dir, private, None)
+}
+
+/// As [`domain_xml`], with hot-plugged volumes under `hotplug` (the launcher's `--hotplug-dir`).
+fn domain_xml_with(
+    files: &PodFiles,
+    guest_dir: &Path,
+    private: &Path,
+    hotplug: Option<&Path>,
+) -> Result<String> {
     let vmi = spec::load_file(&files.vmi)?;
-    let mut paths = PodPaths::kubevirt_defaults(&vmi);
+    Ok(convert_vmi(&vmi, files, guest_dir, private, hotplug)?.to_xml())
+}
+
+/// The launcher's conversion of `vmi` with the pod paths a standalone launcher would use for
+/// `files`, the guest, its private directory and its hot-plug directory.
+fn convert_vmi(
+    vmi: &spec::VirtualMachineInstance,
+    files: &PodFiles,
+    guest_dir: &Path,
+    private: &Path,
+    hotplug: Option<&Path>,
+) -> Result<virt_launcher::domain::Domain> {
+    let mut paths = PodPaths::kubevirt_defaults(vmi);
     paths.vmi_disks_dir = absolute(&files.pvcs);
     paths.kernel_boot_dir = absolute(guest_dir);
     paths.private_dir = private.to_path_buf();
     paths.ephemeral_disks_dir = private.join("ephemeral");
+    if let Some(dir) = hotplug {
+        paths.hotplug_disks_dir = absolute(dir);
+    }
     fs::create_dir_all(private).with_context(|| format!("create {}", private.display()))?;
     // Pod facts may run tools (qemu-img) and wait for them: not while the reaper runs.
-    let facts = without_reaping(|| podfacts::probe(&vmi, paths, DomainType::Qemu))?;
-    Ok(convert::convert(&vmi, &facts)?.to_xml())
+    let facts = without_reaping(|| podfacts::probe(vmi, paths, DomainType::Qemu))?;
+    Ok(convert::convert(vmi, &facts)?)
 }
 
 fn launcher_once(ctx: &mut Ctx, disks: usize) -> Result<LauncherRun> {
@@ -1281,14 +1334,30 @@ struct LauncherProc {
 
 impl LauncherProc {
     fn spawn(opts: &Options, files: &PodFiles, runtime: &Path) -> Result<LauncherProc> {
+        LauncherProc::spawn_with(opts, Some(&files.vmi), &files.pvcs, None, runtime)
+    }
+
+    /// `virt-launcher run` with the VMI file (none: it serves its socket and waits for Sync or
+    /// PrepareMigrationTarget), the PVC directory, and a hot-plug directory if given.
+    fn spawn_with(
+        opts: &Options,
+        vmi: Option<&Path>,
+        pvcs: &Path,
+        hotplug: Option<&Path>,
+        runtime: &Path,
+    ) -> Result<LauncherProc> {
         let mut cmd = Command::new(&opts.launcher);
-        cmd.arg("run")
-            .arg("--vmi")
-            .arg(&files.vmi)
-            .args(["--domain-type", "qemu", "--json-logs", "--runtime-dir"])
+        cmd.arg("run");
+        if let Some(vmi) = vmi {
+            cmd.arg("--vmi").arg(vmi);
+        }
+        if let Some(dir) = hotplug {
+            cmd.arg("--hotplug-dir").arg(dir);
+        }
+        cmd.args(["--domain-type", "qemu", "--json-logs", "--runtime-dir"])
             .arg(runtime)
             .arg("--volumes-dir")
-            .arg(&files.pvcs)
+            .arg(pvcs)
             .arg("--kernel-boot-dir")
             .arg(&opts.guest_dir)
             .stdin(Stdio::null())
@@ -1323,6 +1392,29 @@ impl LauncherProc {
 
     fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// The control socket (published by renaming once the launcher serves).
+    fn socket(&self) -> PathBuf {
+        self.runtime.join("launcher-sock")
+    }
+
+    /// Waits until the control socket is published.
+    fn wait_socket(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.socket().exists() {
+            check_interrupt()?;
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "the launcher did not publish {} within {timeout:?}\n{}",
+                    self.socket().display(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
     }
 
     fn note_namespace(&mut self) {
@@ -1592,6 +1684,18 @@ impl RawLibvirt {
         Ok((dom, t.elapsed()))
     }
 
+    /// defineXML + create (a persistent domain, as the launcher's): hot-plug with
+    /// AFFECT_CONFIG and completed-job statistics after a migration need one.
+    fn define_start(&self, xml: &str) -> Result<Domain> {
+        let conn = self.conn.as_ref().ok_or_else(|| anyhow!("not connected"))?;
+        let dom = conn
+            .define_domain_xml(xml)
+            .map_err(|e| anyhow!("defineXML: {e}\n{}", self.log_tail()))?;
+        dom.create()
+            .map_err(|e| anyhow!("create: {e}\n{}", self.log_tail()))?;
+        Ok(dom)
+    }
+
     fn pid(&self, which: RawDaemon) -> Result<i32> {
         let child = match which {
             RawDaemon::Virtlogd => &self.virtlogd,
@@ -1677,7 +1781,8 @@ impl RawLibvirt {
 impl Drop for RawLibvirt {
     fn drop(&mut self) {
         let _ = self.stop();
-        kill_matching(&[self.root.display().to_string()]);
+        // With the separator: `…/mr4/` must not match another pair's `…/mr41/`.
+        kill_matching(&[format!("{}/", self.root.display())]);
     }
 }
 
@@ -1712,6 +1817,24 @@ fn spawn_known(cmd: &mut Command) -> std::io::Result<Child> {
     let child = cmd.spawn()?;
     known.push(child.id() as i32);
     Ok(child)
+}
+
+/// Runs a command to completion as a known child: the orphan reaper keeps reaping other
+/// processes meanwhile (a paused reaper would slow down libvirt's QEMU shutdowns).
+fn run_known(cmd: &mut Command) -> Result<std::process::Output> {
+    let child = spawn_known(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .with_context(|| format!("spawn {cmd:?}"))?;
+    let pid = child.id() as i32;
+    let out = child.wait_with_output();
+    KNOWN_CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|p| *p != pid);
+    out.with_context(|| format!("wait for {cmd:?}"))
 }
 
 /// Runs `f` with the reaper paused (for code that spawns and waits for its own commands).
@@ -2002,10 +2125,16 @@ pub fn markdown(r: &Report) -> String {
         "Machine: {} CPUs ({}), {:.0} GiB RAM, kernel {}, {}; {}; {}; guests under {}.\n",
         m.cpus, m.cpu_model, m.memory_gib, m.kernel, m.os, m.libvirt, m.qemu, m.accelerator
     );
+    let during = r
+        .load_during
+        .iter()
+        .map(|l| format!("{} {}", l.benchmark, l.load))
+        .collect::<Vec<_>>()
+        .join("; ");
     let _ = writeln!(
         o,
         "Load average (1, 5, 15 min): {} at the start, {} at the end (the CPUs are shared with \
-         whatever else runs on the machine).\n",
+         whatever else runs on the machine); at the start of each benchmark: {during}.\n",
         m.load_at_start, r.load_at_end
     );
     o.push_str("| figure | launcher | raw libvirt | ratio | goal | met? |\n");
@@ -2045,6 +2174,24 @@ pub fn markdown(r: &Report) -> String {
             f(row.launcher_pod_mib),
             f(row.raw_libvirt_mib)
         );
+    }
+
+    if !r.hotplug_memory.is_empty() {
+        o.push_str(
+            "\n**The launcher's memory with hot-plugged disks** (MiB, one pod: after boot, then \
+             with 32 disks hot-plugged by Sync, the hot-plug samples on virtio and the others \
+             on virtio-scsi):\n\n",
+        );
+        o.push_str(
+            "| virt-launcher | after boot | 32 hot-plugged disks |\n| --- | ---: | ---: |\n",
+        );
+        for row in &r.hotplug_memory {
+            let _ = writeln!(
+                o,
+                "| {} | {:.1} | {:.1} |",
+                row.what, row.after_boot_mib, row.with_32_hotplugged_mib
+            );
+        }
     }
 
     o.push_str(
@@ -2236,14 +2383,20 @@ fn main() -> ExitCode {
                 opts.plot = false;
                 Ok(())
             }
+            "--only" => value("--only").map(|v| {
+                opts.only
+                    .extend(v.to_string_lossy().split(',').map(str::to_string))
+            }),
             "--out" => value("--out").map(|v| opts.out_dir = absolute(&v)),
             "--launcher" => value("--launcher").map(|v| opts.launcher = absolute(&v)),
             "--guest-dir" => value("--guest-dir").map(|v| opts.guest_dir = absolute(&v)),
             "--bench" => Ok(()), // added by `cargo bench`
             "-h" | "--help" => {
                 println!(
-                    "usage: launcher [--quick] [--update-doc] [--no-plot] [--out DIR] \
-                     [--launcher BIN] [--guest-dir DIR]"
+                    "usage: launcher [--quick] [--update-doc] [--no-plot] [--only NAME,…] \
+                     [--out DIR] [--launcher BIN] [--guest-dir DIR]\n\
+                     --only runs the benchmarks whose name contains one of the words \
+                     (conversion, start, disks, hot-plug, migration), for debugging"
                 );
                 return ExitCode::SUCCESS;
             }

@@ -1,0 +1,412 @@
+//! Benchmarks on one running VM per side, driven through the control API:
+//!
+//! - control path: GetDomain from 50 concurrent clients (one connection each) against 50
+//!   threads calling `virDomainGetState` + `virDomainGetXMLDesc` on a raw daemon (there is no
+//!   raw GetDomain; that pair is what a controller would otherwise call);
+//! - hot-plug: Sync → volume Ready, and → the guest lists the disk, against raw
+//!   `virDomainAttachDeviceFlags(LIVE | CONFIG)` of the same `<disk>` XML;
+//! - memory: the launcher's RSS and PSS once 32 disks are hot-plugged.
+//!
+//! The launcher pod and the raw domain boot from the same VMI (one 1 MiB PVC, 32 spare
+//! `pcie-root-port`s); each hot-plugged disk has its own size so that the guest's `LV-BLOCK`
+//! lines tell the disks apart.
+
+use super::pods::*;
+use super::*;
+
+use virt_launcher::api::client;
+use virt_launcher::api::pb;
+
+/// Disks hot-plugged into the launcher's VM before its memory is measured.
+const HOTPLUG_TOTAL: usize = 32;
+/// Spare `pcie-root-port`s in the VMI (the launcher's annotation). The domain's own PCIe
+/// devices take 4 of them, so 16 leave room for the 8 virtio hot-plug samples; the rest of the
+/// 32 disks go on virtio-scsi (32 spare ports, the most the launcher accepts, would still leave
+/// only 28 for virtio).
+const SPARE_ROOT_PORTS: u32 = 16;
+/// Concurrent control-path clients.
+const CLIENTS: usize = 50;
+
+/// Each hot-plugged disk `hp<i>` is `i + 2` MiB (the boot disk is 1 MiB).
+fn hotplug_sectors(i: usize) -> u64 {
+    (i as u64 + 2) * 2048
+}
+
+pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
+    let quick = ctx.opts.quick;
+    let samples = if quick { 1 } else { 8 };
+    let (rounds, round) = if quick {
+        (1, Duration::from_millis(500))
+    } else {
+        (5, Duration::from_secs(2))
+    };
+    let guest_dir = ctx.opts.guest_dir.clone();
+    let name = ctx.name.clone();
+    let spec = VmiSpec {
+        name: &name,
+        disks: 1,
+        kernel_args: "console=ttyS0 quiet",
+        rwx: false,
+        spare_root_ports: Some(SPARE_ROOT_PORTS),
+    };
+    let rt = tokio_runtime()?;
+
+    // Both VMs boot at once (set-up, not measured).
+    let ldir = ctx.fresh_dir("hl")?;
+    let lfiles = write_spec_pod(&ldir, &ldir.join("pvcs"), &spec)?;
+    let lhot = ldir.join("hotplug");
+    fs::create_dir_all(&lhot)?;
+    let lruntime = ldir.join("runtime");
+    let lconsole = lruntime.join("private/virt-serial0-log");
+    let mut pod = LauncherProc::spawn_with(
+        ctx.opts,
+        Some(&lfiles.vmi),
+        &lfiles.pvcs,
+        Some(&lhot),
+        &lruntime,
+    )?;
+
+    let rdir = ctx.fresh_dir("hr")?;
+    let rfiles = write_spec_pod(&rdir, &rdir.join("pvcs"), &spec)?;
+    let rhot = rdir.join("hotplug");
+    fs::create_dir_all(&rhot)?;
+    let rprivate = rdir.join("private");
+    let rconsole = rprivate.join("virt-serial0-log");
+    let xml = domain_xml_with(&rfiles, &guest_dir, &rprivate, Some(&rhot))?;
+    let (mut raw, _) = RawLibvirt::start(&rdir, "lvb-hotplug")?;
+    raw.connect()?;
+    let dom = raw.define_start(&xml)?;
+
+    let timeout = start_timeout(HOTPLUG_TOTAL);
+    pod.note_namespace();
+    wait_console(&lconsole, Instant::now() + timeout, || pod.check_alive())?;
+    wait_console(&rconsole, Instant::now() + timeout, || raw.check_alive())?;
+    pod.wait_socket(Duration::from_secs(30))?;
+    std::thread::sleep(SETTLE);
+    let before = launcher_mem(pod.pid())?;
+    progress(&format!(
+        "running VM: both guests up, launcher RSS {:.1} MiB",
+        before.rss
+    ));
+
+    // Control path, interleaved rounds.
+    let socket = pod.socket();
+    let uri = raw.uri();
+    let dom_name = format!("default_{name}");
+    let (mut l_rps, mut l_p99, mut r_rps, mut r_p99) = (vec![], vec![], vec![], vec![]);
+    for i in 0..rounds {
+        for step in 0..2 {
+            check_interrupt()?;
+            if (i + step) % 2 == 0 {
+                let load = rt.block_on(getdomain_load(&socket, CLIENTS, round))?;
+                progress(&format!(
+                    "{}/{rounds} launcher GetDomain x{CLIENTS}: {:.0} calls/s, p99 {:.2} ms",
+                    i + 1,
+                    load.rps(),
+                    load.p99_ms()
+                ));
+                l_rps.push(load.rps());
+                l_p99.push(load.p99_ms());
+            } else {
+                let load = libvirt_load(&uri, &dom_name, CLIENTS, round)?;
+                progress(&format!(
+                    "{}/{rounds} raw GetState+GetXMLDesc x{CLIENTS}: {:.0} calls/s, p99 {:.2} ms",
+                    i + 1,
+                    load.rps(),
+                    load.p99_ms()
+                ));
+                r_rps.push(load.rps());
+                r_p99.push(load.p99_ms());
+            }
+        }
+    }
+
+    // Hot-plug, interleaved: disk hp<i> on both sides in iteration i.
+    let mut c = rt.block_on(connect(&socket))?;
+    let got = rt
+        .block_on(c.get_vmi(pb::Empty {}))
+        .map_err(|e| anyhow!("GetVMI: {e}"))?;
+    let mut lvmi: Value = serde_json::from_slice(&got.into_inner().vmi).context("GetVMI JSON")?;
+    let mut rvmi = lvmi.clone();
+    let deadline = |d: u64| Instant::now() + Duration::from_secs(d);
+    let (mut l_att, mut l_vis, mut r_att, mut r_vis) = (vec![], vec![], vec![], vec![]);
+    for i in 0..samples {
+        let volume = format!("hp{i}");
+        let sectors = hotplug_sectors(i);
+        for step in 0..2 {
+            check_interrupt()?;
+            if (i + step) % 2 == 0 {
+                sparse_file(&lhot.join(format!("{volume}.img")), sectors * 512)?;
+                client::add_hotplug_volume(&mut lvmi, &volume, &volume, "virtio", false)?;
+                let body = serde_json::to_vec(&lvmi)?;
+                let t0 = Instant::now();
+                let attached = sync_ready(&rt, &mut c, body, &volume)?;
+                let seen = wait_guest_disk(&lconsole, sectors, deadline(60), || pod.check_alive())?;
+                progress(&format!(
+                    "{}/{samples} launcher hot-plug: Sync → Ready {} ms, → guest {} ms",
+                    i + 1,
+                    fmt_num(ms(attached - t0)),
+                    fmt_num(ms(seen - t0))
+                ));
+                l_att.push(ms(attached - t0));
+                l_vis.push(ms(seen - t0));
+            } else {
+                sparse_file(&rhot.join(format!("{volume}.img")), sectors * 512)?;
+                client::add_hotplug_volume(&mut rvmi, &volume, &volume, "virtio", false)?;
+                let disk = hotplug_disk_xml(&rvmi, &rfiles, &guest_dir, &rprivate, &rhot, &volume)?;
+                let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
+                let t0 = Instant::now();
+                dom.attach_device_flags(&disk, flags)
+                    .map_err(|e| anyhow!("attachDeviceFlags: {e}\n{disk}"))?;
+                let attached = Instant::now();
+                let seen = wait_guest_disk(&rconsole, sectors, deadline(60), || raw.check_alive())?;
+                progress(&format!(
+                    "{}/{samples} raw attachDeviceFlags: {} ms, → guest {} ms",
+                    i + 1,
+                    fmt_num(ms(attached - t0)),
+                    fmt_num(ms(seen - t0))
+                ));
+                r_att.push(ms(attached - t0));
+                r_vis.push(ms(seen - t0));
+            }
+        }
+    }
+
+    // Memory: the launcher's VM gets 32 hot-plugged disks in all, the ones after the samples
+    // on virtio-scsi, one Sync each (the smoke run adds them in one Sync).
+    for i in samples..HOTPLUG_TOTAL {
+        check_interrupt()?;
+        let volume = format!("hp{i}");
+        sparse_file(
+            &lhot.join(format!("{volume}.img")),
+            hotplug_sectors(i) * 512,
+        )?;
+        client::add_hotplug_volume(&mut lvmi, &volume, &volume, "scsi", false)?;
+        if !quick || i + 1 == HOTPLUG_TOTAL {
+            sync_ready(&rt, &mut c, serde_json::to_vec(&lvmi)?, &volume)?;
+        }
+    }
+    progress(&format!("{HOTPLUG_TOTAL} disks hot-plugged"));
+    wait_guest_disk_count(&lconsole, 1 + HOTPLUG_TOTAL, deadline(120), || {
+        pod.check_alive()
+    })?;
+    std::thread::sleep(SETTLE);
+    let after = launcher_mem(pod.pid())?;
+    progress(&format!(
+        "launcher with {HOTPLUG_TOTAL} hot-plugged disks: RSS {:.1} MiB (PSS {:.1} MiB)",
+        after.rss, after.pss
+    ));
+    drop(c);
+    drop(rt);
+
+    pod.signal(Signal::SIGTERM)?;
+    pod.wait_exit(Duration::from_secs(90))?;
+    drop(pod);
+    drop(dom);
+    raw.stop()?;
+    progress("running VM: both sides stopped");
+    drop(raw);
+    let _ = fs::remove_dir_all(&ldir);
+    let _ = fs::remove_dir_all(&rdir);
+
+    ctx.figure(
+        "hotplug.attached",
+        "hot-plug: Sync → disk attached (vs raw attachDeviceFlags)",
+        "ms",
+        &l_att,
+        "Sync with the VMI plus one hot-plug PVC (MountedToPod) → the call returns with the \
+         volume Ready (parse, diff, convert, checks, attach LIVE|CONFIG)",
+        Some((
+            &r_att,
+            "virDomainAttachDeviceFlags(LIVE|CONFIG) of the same <disk> XML, in process, on a \
+             raw private daemon pair",
+        )),
+        Some(Goal::RatioAtMost(1.2)),
+    );
+    ctx.figure(
+        "hotplug.guest_visible",
+        "hot-plug: Sync → disk visible in the guest (vs raw attach → visible)",
+        "ms",
+        &l_vis,
+        "as hotplug.attached, until the guest's console lists the disk in an LV-BLOCK line \
+         (the guest looks every 0.5 s)",
+        Some((
+            &r_vis,
+            "attachDeviceFlags → the guest's LV-BLOCK line lists the disk",
+        )),
+        Some(Goal::RatioAtMost(1.2)),
+    );
+    ctx.figure(
+        "memory.hotplug_32",
+        "memory: launcher RSS with 32 hot-plugged disks",
+        "MiB",
+        &[after.rss],
+        "VmRSS of the launcher 0.5 s after its guest lists 33 disks (32 hot-plugged, one \
+         Sync each: the hot-plug samples on virtio, the others on virtio-scsi)",
+        None,
+        None,
+    );
+    ctx.figure(
+        "memory.hotplug_32_pss",
+        "memory: launcher PSS with 32 hot-plugged disks",
+        "MiB",
+        &[after.pss],
+        "Pss of the launcher (shared pages split), sampled with memory.hotplug_32",
+        None,
+        None,
+    );
+    const CONTROL_RAW: &str = "no raw GetDomain exists: 50 threads, one connection each, \
+                               calling virDomainGetState + virDomainGetXMLDesc (what a \
+                               controller would otherwise call) on a raw daemon";
+    ctx.figure(
+        "control.getdomain_rps",
+        "control path: GetDomain calls/s, 50 concurrent clients (higher is better)",
+        "calls/s",
+        &l_rps,
+        "50 clients, one connection each, calling GetDomain back to back; calls per second \
+         of each round",
+        Some((&r_rps, CONTROL_RAW)),
+        None,
+    );
+    ctx.figure(
+        "control.getdomain_p99",
+        "control path: GetDomain p99 latency, 50 concurrent clients",
+        "ms",
+        &l_p99,
+        "99th percentile of the calls' latencies in each round",
+        Some((&r_p99, CONTROL_RAW)),
+        None,
+    );
+    let row = |what, f: fn(&LauncherMem) -> f64| HotplugMemoryRow {
+        what,
+        after_boot_mib: f(&before),
+        with_32_hotplugged_mib: f(&after),
+    };
+    ctx.hotplug_memory = vec![
+        row("RSS", |m| m.rss),
+        row("anonymous (heap, stacks)", |m| m.anon),
+        row("file-backed (binary, shared libraries)", |m| m.rss - m.anon),
+        row("PSS", |m| m.pss),
+    ];
+    Ok(())
+}
+
+/// Sync; returns when the call came back with `volume` Ready.
+fn sync_ready(
+    rt: &tokio::runtime::Runtime,
+    c: &mut Client,
+    vmi: Vec<u8>,
+    volume: &str,
+) -> Result<Instant> {
+    let d = rt
+        .block_on(c.sync(pb::SyncRequest { vmi }))
+        .map_err(|e| anyhow!("Sync adding {volume}: {e}"))?;
+    let at = Instant::now();
+    let d = d.into_inner().domain.unwrap_or_default();
+    match d.disks.iter().find(|k| k.volume == volume) {
+        Some(k) if k.phase() == pb::VolumePhase::Ready => Ok(at),
+        other => bail!("Sync returned without {volume} Ready: {other:?}"),
+    }
+}
+
+/// One round of the control-path load: every call's latency.
+struct Load {
+    latencies_ms: Vec<f64>,
+    secs: f64,
+}
+
+impl Load {
+    fn rps(&self) -> f64 {
+        self.latencies_ms.len() as f64 / self.secs
+    }
+
+    fn p99_ms(&self) -> f64 {
+        percentile(&self.latencies_ms, 99.0)
+    }
+}
+
+/// `clients` connections to the launcher socket calling GetDomain back to back for `dur`.
+async fn getdomain_load(socket: &Path, clients: usize, dur: Duration) -> Result<Load> {
+    let mut conns = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        conns.push(connect(socket).await?);
+    }
+    let t0 = Instant::now();
+    let end = t0 + dur;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    c.get_domain(pb::Empty {})
+                        .await
+                        .map_err(|e| anyhow!("GetDomain: {e}"))?;
+                    lat.push(ms(t.elapsed()));
+                }
+                Ok::<_, anyhow::Error>(lat)
+            })
+        })
+        .collect();
+    let mut latencies_ms = Vec::new();
+    for t in tasks {
+        latencies_ms.extend(t.await.context("GetDomain client")??);
+    }
+    Ok(Load {
+        latencies_ms,
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// `clients` threads, one libvirt connection each, calling virDomainGetState +
+/// virDomainGetXMLDesc back to back for `dur` (one latency per pair).
+fn libvirt_load(uri: &str, dom_name: &str, clients: usize, dur: Duration) -> Result<Load> {
+    let ready = Arc::new(std::sync::Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (uri, name, ready) = (uri.to_string(), dom_name.to_string(), ready.clone());
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let opened = Connect::open(Some(&uri))
+                    .map_err(|e| anyhow!("connect {uri}: {e}"))
+                    .and_then(|conn| {
+                        let dom = conn
+                            .lookup_domain_by_name(&name)
+                            .map_err(|e| anyhow!("lookup {name}: {e}"))?;
+                        Ok((conn, dom))
+                    });
+                ready.wait();
+                let (conn, dom) = opened?;
+                let end = Instant::now() + dur;
+                let mut lat = Vec::new();
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    dom.state().map_err(|e| anyhow!("GetState: {e}"))?;
+                    dom.xml_desc(0).map_err(|e| anyhow!("GetXMLDesc: {e}"))?;
+                    lat.push(ms(t.elapsed()));
+                }
+                drop(dom);
+                drop(conn);
+                Ok(lat)
+            })
+        })
+        .collect();
+    ready.wait();
+    let t0 = Instant::now();
+    let mut latencies_ms = Vec::new();
+    let mut first_err = None;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(lat)) => latencies_ms.extend(lat),
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(_) => first_err = first_err.or(Some(anyhow!("a libvirt client panicked"))),
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    Ok(Load {
+        latencies_ms,
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}
