@@ -5,10 +5,14 @@ mod common;
 
 use common::{run_launcher, Pod};
 
-/// Runs the launcher on `pod`'s VMI file and returns its stderr, asserting a failed exit.
+/// Runs the launcher on `pod`'s VMI file and returns its last stderr line, asserting a
+/// failed exit with one clear line and no process left.
 fn fails(pod: &Pod) -> String {
+    fails_with_runtime(pod, &pod.runtime_dir())
+}
+
+fn fails_with_runtime(pod: &Pod, runtime: &std::path::Path) -> String {
     let vmi = pod.vmi_path();
-    let runtime = pod.runtime_dir();
     let pvcs = pod.pvcs_dir();
     let (status, stderr) = run_launcher(&[
         "run",
@@ -20,6 +24,8 @@ fn fails(pod: &Pod) -> String {
         runtime.to_str().unwrap(),
         "--volumes-dir",
         pvcs.to_str().unwrap(),
+        "--kernel-boot-dir",
+        common::guest_dir().to_str().unwrap(),
     ]);
     assert!(!status.success(), "launcher succeeded on bad input");
     let last = stderr.lines().last().unwrap_or_default().to_string();
@@ -107,27 +113,9 @@ fn unwritable_runtime_dir_is_named_and_nothing_starts() {
     // A runtime directory below a regular file cannot be created.
     let blocker = pod.dir.join("not-a-dir");
     std::fs::write(&blocker, b"").unwrap();
-    let runtime = blocker.join("runtime");
-    let vmi = pod.vmi_path();
-    let pvcs = pod.pvcs_dir();
-    let (status, stderr) = run_launcher(&[
-        "run",
-        "--vmi",
-        vmi.to_str().unwrap(),
-        "--domain-type",
-        "qemu",
-        "--runtime-dir",
-        runtime.to_str().unwrap(),
-        "--volumes-dir",
-        pvcs.to_str().unwrap(),
-        "--kernel-boot-dir",
-        common::guest_dir().to_str().unwrap(),
-    ]);
-    assert!(!status.success());
-    let last = stderr.lines().last().unwrap_or_default();
+    let line = fails_with_runtime(&pod, &blocker.join("runtime"));
     assert!(
-        last.contains("runtime directory") && last.contains("not-a-dir"),
-        "{last}"
+        line.contains("runtime directory") && line.contains("not-a-dir"),
+        "{line}"
     );
-    assert!(pod.leftover_processes().is_empty());
 }

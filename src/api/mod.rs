@@ -62,6 +62,14 @@ async fn within_deadline<T, R>(
     }
 }
 
+/// A VMI carried in a request (JSON or YAML text); errors name `field`.
+fn decode_vmi(bytes: &[u8], field: &str) -> Result<crate::spec::VirtualMachineInstance, Status> {
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        Status::invalid_argument(format!("{field}: not UTF-8 text (JSON or YAML expected)"))
+    })?;
+    spec::from_str(text, field).map_err(|e| to_status(&e.into()))
+}
+
 /// Parses `grpc-timeout` (e.g. `500m`, `20S`).
 fn deadline<R>(req: &Request<R>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -219,10 +227,7 @@ impl LauncherApi for Service {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
         within_deadline(&req, async {
-            let text = std::str::from_utf8(&req.get_ref().vmi).map_err(|_| {
-                Status::invalid_argument("vmi: not UTF-8 text (JSON or YAML expected)")
-            })?;
-            let vmi = spec::from_str(text, "SyncRequest.vmi").map_err(|e| to_status(&e.into()))?;
+            let vmi = decode_vmi(&req.get_ref().vmi, "SyncRequest.vmi")?;
             let status = self.core.sync(vmi).await.map_err(|e| to_status(&e))?;
             Ok(Response::new(pb::SyncResponse {
                 domain: Some(domain_pb(&status)),
@@ -387,11 +392,7 @@ impl LauncherApi for Service {
         req: Request<pb::PrepareMigrationTargetRequest>,
     ) -> Result<Response<pb::MigrationTarget>, Status> {
         within_deadline(&req, async {
-            let text = std::str::from_utf8(&req.get_ref().vmi).map_err(|_| {
-                Status::invalid_argument("vmi: not UTF-8 text (JSON or YAML expected)")
-            })?;
-            let vmi = spec::from_str(text, "PrepareMigrationTargetRequest.vmi")
-                .map_err(|e| to_status(&e.into()))?;
+            let vmi = decode_vmi(&req.get_ref().vmi, "PrepareMigrationTargetRequest.vmi")?;
             let t = self
                 .core
                 .prepare_migration_target(vmi)
