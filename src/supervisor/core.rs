@@ -95,6 +95,8 @@ pub struct Launcher {
     pub(super) cancel: AtomicBool,
     /// How long a detach waits for the guest, in milliseconds.
     detach_timeout_ms: AtomicU64,
+    /// Statistics of the last completed job (a migration), from its JOB_COMPLETED event.
+    pub(super) last_job: Mutex<Option<Vec<(String, f64)>>>,
 }
 
 impl Launcher {
@@ -121,6 +123,7 @@ impl Launcher {
             sockets,
             cancel: AtomicBool::new(false),
             detach_timeout_ms: AtomicU64::new(DETACH_TIMEOUT.as_millis() as u64),
+            last_job: Mutex::new(None),
         })
     }
 
@@ -417,6 +420,23 @@ impl Launcher {
         } else {
             super::plan::wanted_image_size(vmi, volume).unwrap_or(current)
         };
+        // Ask QEMU only when something says the disk grew: a claim capacity beyond the image,
+        // or a block device larger than the size we last saw (one monitor round trip per disk
+        // on every Sync would make hot-plug slow for VMs with many disks).
+        let known = self
+            .status()
+            .disks
+            .iter()
+            .find(|d| d.volume == volume)
+            .map(|d| d.size_bytes);
+        let may_have_grown = if is_block {
+            known.is_none_or(|k| current > k)
+        } else {
+            wanted > current
+        };
+        if wanted >= current && !may_have_grown {
+            return Ok(());
+        }
         let (t, n) = (target.to_string(), name.to_string());
         let seen = self.blocking(move |hv| hv.block_capacity(&n, &t)).await?;
         if wanted < current && !is_block {
@@ -743,6 +763,9 @@ impl Launcher {
                     "guest agent disconnected"
                 },
             ),
+            DomainEvent::JobCompleted { stats, .. } => {
+                *self.last_job.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone())
+            }
             DomainEvent::Reboot { .. } => self.publish(EventKind::Domain, "guest rebooted"),
             DomainEvent::Watchdog { action, .. } => self.publish(
                 EventKind::Domain,

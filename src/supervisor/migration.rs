@@ -269,6 +269,7 @@ impl Launcher {
         }
 
         self.cancel.store(false, Ordering::SeqCst);
+        *self.last_job.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let started = Instant::now();
         let running = MigrationProgress::new(MigrationPhase::Running);
         self.update(|s| s.migration = Some(running.clone()));
@@ -298,8 +299,28 @@ impl Launcher {
         progress.elapsed_ms = started.elapsed().as_millis() as u64;
         let outcome = match result {
             Ok(()) => {
-                let n = name.clone();
-                if let Ok(done) = self.blocking(move |hv| hv.job_stats(&n, true)).await {
+                // The measured downtime: libvirt's completed-job statistics, from the
+                // JOB_COMPLETED event (the source domain may already be gone), else by asking.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                let done = loop {
+                    if let Some(fields) = self
+                        .last_job
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                    {
+                        break Some(JobStats {
+                            job_type: 3,
+                            fields,
+                        });
+                    }
+                    if Instant::now() > deadline {
+                        let n = name.clone();
+                        break self.blocking(move |hv| hv.job_stats(&n, true)).await.ok();
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
+                if let Some(done) = done {
                     fill(&mut progress, &done);
                 }
                 progress.phase = MigrationPhase::Succeeded;
@@ -397,16 +418,22 @@ pub fn rewrite_paths(xml: &str, moves: &[(String, String)]) -> String {
     out
 }
 
+/// Copies the statistics libvirt reported into `p`; a field it did not report keeps its value
+/// (the completed-job event carries fewer fields than a running job's statistics).
 fn fill(p: &mut MigrationProgress, s: &JobStats) {
-    let get = |k: &str| s.get(k).unwrap_or(0.0).max(0.0) as u64;
-    p.data_total = get("data_total");
-    p.data_processed = get("data_processed");
-    p.data_remaining = get("data_remaining");
-    p.iteration = get("memory_iteration");
-    p.dirty_rate = get("memory_dirty_rate") * get("memory_page_size").max(1);
-    p.downtime_ms = get("downtime");
-    if s.get("time_elapsed").is_some() {
-        p.elapsed_ms = get("time_elapsed");
+    let set = |dst: &mut u64, k: &str| {
+        if let Some(v) = s.get(k) {
+            *dst = v.max(0.0) as u64;
+        }
+    };
+    set(&mut p.data_total, "data_total");
+    set(&mut p.data_processed, "data_processed");
+    set(&mut p.data_remaining, "data_remaining");
+    set(&mut p.iteration, "memory_iteration");
+    set(&mut p.downtime_ms, "downtime");
+    set(&mut p.elapsed_ms, "time_elapsed");
+    if let Some(rate) = s.get("memory_dirty_rate") {
+        p.dirty_rate = (rate.max(0.0) * s.get("memory_page_size").unwrap_or(1.0).max(1.0)) as u64;
     }
 }
 
