@@ -1569,38 +1569,16 @@ impl RawLibvirt {
         }
         let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid")?;
         let sock_dir = root.join("sock");
+        // The launcher's own configuration, byte for byte.
         write(
             &root.join("conf/libvirtd.conf"),
-            &format!(
-                "unix_sock_dir = \"{}\"\n\
-                 unix_sock_rw_perms = \"0700\"\n\
-                 unix_sock_ro_perms = \"0700\"\n\
-                 unix_sock_admin_perms = \"0700\"\n\
-                 auth_unix_rw = \"none\"\n\
-                 auth_unix_ro = \"none\"\n\
-                 host_uuid = \"{}\"\n\
-                 log_outputs = \"3:stderr\"\n\
-                 keepalive_interval = 5\n\
-                 keepalive_count = 5\n",
-                sock_dir.display(),
-                uuid.trim()
-            ),
+            &virt_launcher::pod::libvirtd_conf(&sock_dir, uuid.trim()),
         )?;
         write(
             &root.join("conf/virtlogd.conf"),
-            "log_outputs = \"3:stderr\"\n",
+            virt_launcher::pod::VIRTLOGD_CONF,
         )?;
-        write(
-            &root.join("conf/qemu.conf"),
-            "user = \"root\"\n\
-             group = \"root\"\n\
-             dynamic_ownership = 0\n\
-             remember_owner = 0\n\
-             namespaces = []\n\
-             cgroup_controllers = []\n\
-             stdio_handler = \"logd\"\n\
-             log_timestamp = 1\n",
-        )?;
+        write(&root.join("conf/qemu.conf"), virt_launcher::pod::QEMU_CONF)?;
 
         let log = |name: &str| -> Result<fs::File> {
             let p = root.join(format!("{name}.log"));

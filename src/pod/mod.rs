@@ -147,39 +147,14 @@ impl PodLayout {
     /// libvirtd reads it (`/etc/libvirt`, private to this pod).
     pub fn write_configs(&self, host_uuid: &str) -> Result<(), PodError> {
         let sock_dir = self.sock_dir();
-        let libvirtd = format!(
-            "# written by virt-launcher\n\
-             unix_sock_dir = \"{}\"\n\
-             unix_sock_rw_perms = \"0700\"\n\
-             unix_sock_ro_perms = \"0700\"\n\
-             unix_sock_admin_perms = \"0700\"\n\
-             auth_unix_rw = \"none\"\n\
-             auth_unix_ro = \"none\"\n\
-             host_uuid = \"{host_uuid}\"\n\
-             log_outputs = \"3:stderr\"\n\
-             keepalive_interval = 5\n\
-             keepalive_count = 5\n",
-            sock_dir.display()
-        );
-        let virtlogd = "# written by virt-launcher\nlog_outputs = \"3:stderr\"\n";
-        // namespaces/cgroups: the pod is the sandbox; libvirt's own would need privileges a pod
-        // (and this machine) does not grant. Ownership is left alone: disks belong to the pod.
-        let qemu = "# written by virt-launcher\n\
-                    user = \"root\"\n\
-                    group = \"root\"\n\
-                    dynamic_ownership = 0\n\
-                    remember_owner = 0\n\
-                    namespaces = []\n\
-                    cgroup_controllers = []\n\
-                    stdio_handler = \"logd\"\n\
-                    log_timestamp = 1\n";
+        let libvirtd = libvirtd_conf(&sock_dir, host_uuid);
         let conf = self.conf_dir();
         write_file(&conf.join("libvirtd.conf"), &libvirtd)?;
-        write_file(&conf.join("virtlogd.conf"), virtlogd)?;
-        write_file(&conf.join("qemu.conf"), qemu)?;
+        write_file(&conf.join("virtlogd.conf"), VIRTLOGD_CONF)?;
+        write_file(&conf.join("qemu.conf"), QEMU_CONF)?;
         let etc = Path::new("/etc/libvirt");
         fs::create_dir_all(etc).map_err(io_err(etc))?;
-        write_file(&etc.join("qemu.conf"), qemu)?;
+        write_file(&etc.join("qemu.conf"), QEMU_CONF)?;
         Ok(())
     }
 
@@ -201,6 +176,41 @@ impl PodLayout {
         let _ = fs::remove_file(self.root.join("launcher.lock"));
     }
 }
+
+/// libvirtd's configuration for a pod: sockets in `sock_dir` (reachable from outside the
+/// namespace), no authentication beyond the socket's mode, a distinct `host_uuid` (libvirt
+/// refuses to migrate between two daemons that share one), logs on stderr for our relay.
+pub fn libvirtd_conf(sock_dir: &Path, host_uuid: &str) -> String {
+    format!(
+        "# written by virt-launcher\n\
+         unix_sock_dir = \"{}\"\n\
+         unix_sock_rw_perms = \"0700\"\n\
+         unix_sock_ro_perms = \"0700\"\n\
+         unix_sock_admin_perms = \"0700\"\n\
+         auth_unix_rw = \"none\"\n\
+         auth_unix_ro = \"none\"\n\
+         host_uuid = \"{host_uuid}\"\n\
+         log_outputs = \"3:stderr\"\n\
+         keepalive_interval = 5\n\
+         keepalive_count = 5\n",
+        sock_dir.display()
+    )
+}
+
+/// virtlogd's configuration: logs on stderr for our relay.
+pub const VIRTLOGD_CONF: &str = "# written by virt-launcher\nlog_outputs = \"3:stderr\"\n";
+
+/// qemu.conf. namespaces/cgroups: the pod is the sandbox; libvirt's own would need privileges a
+/// pod (and this machine) does not grant. Ownership is left alone: disks belong to the pod.
+pub const QEMU_CONF: &str = "# written by virt-launcher\n\
+                             user = \"root\"\n\
+                             group = \"root\"\n\
+                             dynamic_ownership = 0\n\
+                             remember_owner = 0\n\
+                             namespaces = []\n\
+                             cgroup_controllers = []\n\
+                             stdio_handler = \"logd\"\n\
+                             log_timestamp = 1\n";
 
 fn write_file(path: &Path, content: &str) -> Result<(), PodError> {
     let mut f = File::create(path).map_err(io_err(path))?;
