@@ -247,6 +247,10 @@ pub struct PodFacts {
     pub block_volumes: BTreeSet<String>,
     /// `O_DIRECT` works on file-backed volumes → `cache='none'`, else `writethrough`.
     pub direct_io: bool,
+    /// PVC/DataVolume volumes whose image refuses `O_DIRECT` (a claim on tmpfs, say), probed
+    /// one by one: they get `writethrough` whatever [`PodFacts::direct_io`] says, so one such
+    /// claim neither fails to attach nor costs the other claims their `cache='none'`.
+    pub no_direct_io: BTreeSet<String>,
     pub paths: PodPaths,
     pub firmware: FirmwarePaths,
     /// Volumes whose image is fully preallocated (→ `io='native'` with `cache='none'`).
@@ -268,6 +272,7 @@ impl PodFacts {
             domain_type: DomainType::Kvm,
             block_volumes: BTreeSet::new(),
             direct_io: true,
+            no_direct_io: BTreeSet::new(),
             paths: PodPaths::kubevirt_defaults(vmi),
             firmware: FirmwarePaths::default(),
             preallocated_volumes: BTreeSet::new(),
@@ -553,6 +558,8 @@ struct FactsFile {
     block_volumes: Vec<String>,
     #[serde(rename = "directIO")]
     direct_io: Option<bool>,
+    #[serde(rename = "noDirectIO")]
+    no_direct_io: Vec<String>,
     domain_type: Option<DomainType>,
     preallocated_volumes: Vec<String>,
     image_formats: BTreeMap<String, ImageFormat>,
@@ -581,6 +588,7 @@ pub fn from_json(text: &str, vmi: &VirtualMachineInstance) -> Result<PodFacts, S
     let mut facts = PodFacts::defaults(vmi);
     facts.block_volumes = file.block_volumes.into_iter().collect();
     facts.preallocated_volumes = file.preallocated_volumes.into_iter().collect();
+    facts.no_direct_io = file.no_direct_io.into_iter().collect();
     facts.image_formats = file.image_formats;
     if let Some(d) = file.direct_io {
         facts.direct_io = d;
@@ -751,6 +759,11 @@ pub fn probe(
             }
             if block {
                 facts.block_volumes.insert(v.name.to_string());
+            } else {
+                let image = paths.hotplug_path(v.name, false);
+                if image.exists() && !opens_with_o_direct(&image) {
+                    facts.no_direct_io.insert(v.name.to_string());
+                }
             }
             continue;
         }
@@ -784,6 +797,9 @@ pub fn probe(
             &image,
             PathKind::File,
         )?;
+        if !opens_with_o_direct(&image) {
+            facts.no_direct_io.insert(v.name.to_string());
+        }
         file_images.push(image);
     }
 
@@ -812,10 +828,13 @@ pub fn probe(
         }
     }
 
+    // The default (files the launcher makes itself: overlays, cloud-init, empty disks): a
+    // probe of the disks directory when there is no claim image, else whether any claim's
+    // filesystem allows it; each claim image also answers for itself (`no_direct_io`).
     facts.direct_io = if file_images.is_empty() {
         dir_supports_o_direct(&paths.vmi_disks_dir)
     } else {
-        file_images.iter().all(|p| opens_with_o_direct(p))
+        file_images.len() > facts.no_direct_io.len()
     };
     facts.paths = paths;
     Ok(facts)

@@ -502,7 +502,8 @@ pub(crate) fn convert_disks(
                 } else {
                     DiskSource::File(paths.hotplug_path(name, false))
                 };
-                (src, "raw", None, block || facts.direct_io, block)
+                let direct = facts.direct_io && !facts.no_direct_io.contains(name);
+                (src, "raw", None, block || direct, block)
             }
             Kind::Pvc { .. } => {
                 if block {
@@ -518,7 +519,7 @@ pub(crate) fn convert_disks(
                         DiskSource::File(paths.pvc_image(name)),
                         "raw",
                         None,
-                        facts.direct_io,
+                        facts.direct_io && !facts.no_direct_io.contains(name),
                         false,
                     )
                 }
@@ -537,7 +538,7 @@ pub(crate) fn convert_disks(
                     DiskSource::File(paths.overlay(name)),
                     "qcow2",
                     Some(bs),
-                    facts.direct_io,
+                    facts.direct_io && !facts.no_direct_io.contains(name),
                     false,
                 )
             }
