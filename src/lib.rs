@@ -8,9 +8,14 @@
 //! - [`podfacts`]: facts about the pod gathered once before conversion (I/O lives here).
 //! - [`convert`]: a pure function from (VMI, pod facts) to a typed [`domain`] model.
 //! - [`domain`]: the libvirt domain model and its XML form.
-//! - [`libvirt`]: blocking libvirt access; the only module with `unsafe` is `libvirt::ffi`.
+//! - [`libvirt`]: blocking libvirt access through a small pure-Rust client of libvirt's remote
+//!   RPC protocol (no libvirt C library is linked).
 //! - [`pod`]: the pod's private runtime: namespaces, directories, libvirtd and virtlogd.
 //! - [`supervisor`]: lifecycle, signals, reaping and grace periods.
+//!
+//! The crate has no `unsafe` code (`forbid(unsafe_code)`); system calls go through `nix`.
+
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod convert;

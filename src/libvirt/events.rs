@@ -1,9 +1,54 @@
 //! libvirt's numeric event codes turned into named, typed events.
 
 use serde::Serialize;
-use virt::sys;
 
-use super::RawEvent;
+use super::consts as c;
+
+/// An event exactly as libvirt reported it (the numeric codes of libvirt's C API).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawEvent {
+    Lifecycle {
+        domain: String,
+        event: i32,
+        detail: i32,
+    },
+    Reboot {
+        domain: String,
+    },
+    Watchdog {
+        domain: String,
+        action: i32,
+    },
+    IoError {
+        domain: String,
+        src_path: String,
+        alias: String,
+        action: i32,
+        reason: String,
+    },
+    DeviceRemoved {
+        domain: String,
+        alias: String,
+    },
+    DeviceRemovalFailed {
+        domain: String,
+        alias: String,
+    },
+    JobCompleted {
+        domain: String,
+        /// The finished job's statistics (a migration's downtime, total time, data).
+        stats: Vec<(String, f64)>,
+    },
+    AgentLifecycle {
+        domain: String,
+        state: i32,
+        reason: i32,
+    },
+    /// The connection to libvirtd ended (`virConnectCloseReason`: 0 error, 1 end of file).
+    ConnectionClosed {
+        reason: i32,
+    },
+}
 
 /// What a lifecycle event says happened to the domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -125,7 +170,7 @@ impl From<RawEvent> for DomainEvent {
             RawEvent::AgentLifecycle { domain, state, .. } => DomainEvent::AgentConnected {
                 domain,
                 connected: state
-                    == sys::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as i32,
+                    == c::VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED as i32,
             },
             RawEvent::ConnectionClosed { reason } => DomainEvent::ConnectionClosed { reason },
         }
@@ -152,24 +197,24 @@ impl DomainEvent {
 fn lifecycle_kind(event: i32, detail: i32) -> LifecycleKind {
     let (event, detail) = (event as u32, detail as u32);
     match event {
-        sys::VIR_DOMAIN_EVENT_DEFINED => LifecycleKind::Defined,
-        sys::VIR_DOMAIN_EVENT_UNDEFINED => LifecycleKind::Undefined,
-        sys::VIR_DOMAIN_EVENT_STARTED => LifecycleKind::Started,
-        sys::VIR_DOMAIN_EVENT_SUSPENDED => LifecycleKind::Suspended,
-        sys::VIR_DOMAIN_EVENT_RESUMED => LifecycleKind::Resumed,
-        sys::VIR_DOMAIN_EVENT_STOPPED => LifecycleKind::Stopped(match detail {
-            sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => StopReason::Shutdown,
-            sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED => StopReason::Destroyed,
-            sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED => StopReason::Crashed,
-            sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED => StopReason::Migrated,
-            sys::VIR_DOMAIN_EVENT_STOPPED_SAVED => StopReason::Saved,
-            sys::VIR_DOMAIN_EVENT_STOPPED_FAILED => StopReason::Failed,
-            sys::VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT => StopReason::FromSnapshot,
+        c::VIR_DOMAIN_EVENT_DEFINED => LifecycleKind::Defined,
+        c::VIR_DOMAIN_EVENT_UNDEFINED => LifecycleKind::Undefined,
+        c::VIR_DOMAIN_EVENT_STARTED => LifecycleKind::Started,
+        c::VIR_DOMAIN_EVENT_SUSPENDED => LifecycleKind::Suspended,
+        c::VIR_DOMAIN_EVENT_RESUMED => LifecycleKind::Resumed,
+        c::VIR_DOMAIN_EVENT_STOPPED => LifecycleKind::Stopped(match detail {
+            c::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => StopReason::Shutdown,
+            c::VIR_DOMAIN_EVENT_STOPPED_DESTROYED => StopReason::Destroyed,
+            c::VIR_DOMAIN_EVENT_STOPPED_CRASHED => StopReason::Crashed,
+            c::VIR_DOMAIN_EVENT_STOPPED_MIGRATED => StopReason::Migrated,
+            c::VIR_DOMAIN_EVENT_STOPPED_SAVED => StopReason::Saved,
+            c::VIR_DOMAIN_EVENT_STOPPED_FAILED => StopReason::Failed,
+            c::VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT => StopReason::FromSnapshot,
             _ => StopReason::Unknown,
         }),
-        sys::VIR_DOMAIN_EVENT_SHUTDOWN => LifecycleKind::ShuttingDown,
-        sys::VIR_DOMAIN_EVENT_PMSUSPENDED => LifecycleKind::PmSuspended,
-        sys::VIR_DOMAIN_EVENT_CRASHED => LifecycleKind::Crashed,
+        c::VIR_DOMAIN_EVENT_SHUTDOWN => LifecycleKind::ShuttingDown,
+        c::VIR_DOMAIN_EVENT_PMSUSPENDED => LifecycleKind::PmSuspended,
+        c::VIR_DOMAIN_EVENT_CRASHED => LifecycleKind::Crashed,
         other => LifecycleKind::Unknown(other as i32),
     }
 }
@@ -177,13 +222,13 @@ fn lifecycle_kind(event: i32, detail: i32) -> LifecycleKind {
 /// The name of a `virDomainState`.
 pub fn state_name(state: u32) -> &'static str {
     match state {
-        sys::VIR_DOMAIN_RUNNING => "Running",
-        sys::VIR_DOMAIN_BLOCKED => "Blocked",
-        sys::VIR_DOMAIN_PAUSED => "Paused",
-        sys::VIR_DOMAIN_SHUTDOWN => "ShuttingDown",
-        sys::VIR_DOMAIN_SHUTOFF => "Shutoff",
-        sys::VIR_DOMAIN_CRASHED => "Crashed",
-        sys::VIR_DOMAIN_PMSUSPENDED => "PMSuspended",
+        c::VIR_DOMAIN_RUNNING => "Running",
+        c::VIR_DOMAIN_BLOCKED => "Blocked",
+        c::VIR_DOMAIN_PAUSED => "Paused",
+        c::VIR_DOMAIN_SHUTDOWN => "ShuttingDown",
+        c::VIR_DOMAIN_SHUTOFF => "Shutoff",
+        c::VIR_DOMAIN_CRASHED => "Crashed",
+        c::VIR_DOMAIN_PMSUSPENDED => "PMSuspended",
         _ => "NoState",
     }
 }
@@ -196,8 +241,8 @@ mod tests {
     fn stopped_details_map_to_reasons() {
         let ev = DomainEvent::from(RawEvent::Lifecycle {
             domain: "default_vm".into(),
-            event: sys::VIR_DOMAIN_EVENT_STOPPED as i32,
-            detail: sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED as i32,
+            event: c::VIR_DOMAIN_EVENT_STOPPED as i32,
+            detail: c::VIR_DOMAIN_EVENT_STOPPED_MIGRATED as i32,
         });
         assert_eq!(
             ev,
@@ -215,6 +260,6 @@ mod tests {
     fn unknown_event_codes_are_kept() {
         assert_eq!(lifecycle_kind(99, 0), LifecycleKind::Unknown(99));
         assert_eq!(state_name(42), "NoState");
-        assert_eq!(state_name(sys::VIR_DOMAIN_PAUSED), "Paused");
+        assert_eq!(state_name(c::VIR_DOMAIN_PAUSED), "Paused");
     }
 }

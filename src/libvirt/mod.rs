@@ -1,23 +1,26 @@
 //! Blocking libvirt access, behind one type.
 //!
 //! [`Hypervisor`] owns the connection to the pod's private libvirtd, reconnects after a daemon
-//! restart and re-registers the event callbacks. Every method blocks (libvirt is synchronous
-//! FFI): async callers go through `tokio::task::spawn_blocking`. Domain handles are looked up
-//! per call and never cached, so a reconnect cannot leave a stale handle behind.
+//! restart and re-registers the event callbacks. It speaks libvirt's remote RPC protocol itself
+//! ([`rpc`], [`xdr`]) over the daemon's unix socket, so the launcher does not link libvirt's C
+//! client library (nor its fifty-odd shared dependencies). Every method blocks its caller:
+//! async callers go through `tokio::task::spawn_blocking`. Domain handles are looked up per
+//! call and never cached, so a reconnect cannot leave a stale handle behind.
 
+pub mod consts;
 pub mod events;
-pub mod ffi;
+pub mod rpc;
+pub mod xdr;
 
-use std::sync::{Mutex, MutexGuard, Once};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc::UnboundedSender;
-use virt::connect::Connect;
-use virt::domain::Domain;
-use virt::sys;
 
-pub use events::{DomainEvent, LifecycleKind};
-pub use ffi::RawEvent;
+pub use consts::*;
+pub use events::{DomainEvent, LifecycleKind, RawEvent};
+use rpc::{procs, Client, RpcError};
+use xdr::{Decoder, Encoder, RemoteDomain, TypedParam, TypedValue, XdrError};
 
 /// A libvirt failure, with what we were doing and libvirt's own code and message.
 #[derive(Debug, thiserror::Error)]
@@ -35,11 +38,20 @@ pub enum LibvirtError {
 }
 
 impl LibvirtError {
-    fn call(op: &'static str, e: virt::error::Error) -> Self {
-        LibvirtError::Call {
-            op,
-            code: e.code().to_raw() as i32,
-            message: e.message().to_string(),
+    fn call(op: &'static str, e: RpcError) -> Self {
+        match e {
+            RpcError::Remote(r) => LibvirtError::Call {
+                op,
+                code: r.code,
+                message: r.message,
+            },
+            // The connection broke under the call: the supervisor reconnects.
+            RpcError::Closed | RpcError::Io(_) => LibvirtError::Disconnected,
+            e @ (RpcError::Protocol(_) | RpcError::Decode(_)) => LibvirtError::Call {
+                op,
+                code: VIR_ERR_RPC,
+                message: e.to_string(),
+            },
         }
     }
 
@@ -61,23 +73,23 @@ pub struct DomainState {
 
 impl DomainState {
     pub fn is_running(&self) -> bool {
-        self.state == sys::VIR_DOMAIN_RUNNING
+        self.state == VIR_DOMAIN_RUNNING
     }
     pub fn is_shut_off(&self) -> bool {
-        self.state == sys::VIR_DOMAIN_SHUTOFF
+        self.state == VIR_DOMAIN_SHUTOFF
     }
 
     /// Why a shut-off domain stopped, from the state's reason (`virDomainShutoffReason`).
     pub fn stop_reason(&self) -> events::StopReason {
         use events::StopReason as R;
         match self.reason as u32 {
-            sys::VIR_DOMAIN_SHUTOFF_SHUTDOWN => R::Shutdown,
-            sys::VIR_DOMAIN_SHUTOFF_DESTROYED => R::Destroyed,
-            sys::VIR_DOMAIN_SHUTOFF_CRASHED => R::Crashed,
-            sys::VIR_DOMAIN_SHUTOFF_MIGRATED => R::Migrated,
-            sys::VIR_DOMAIN_SHUTOFF_SAVED => R::Saved,
-            sys::VIR_DOMAIN_SHUTOFF_FAILED => R::Failed,
-            sys::VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT => R::FromSnapshot,
+            VIR_DOMAIN_SHUTOFF_SHUTDOWN => R::Shutdown,
+            VIR_DOMAIN_SHUTOFF_DESTROYED => R::Destroyed,
+            VIR_DOMAIN_SHUTOFF_CRASHED => R::Crashed,
+            VIR_DOMAIN_SHUTOFF_MIGRATED => R::Migrated,
+            VIR_DOMAIN_SHUTOFF_SAVED => R::Saved,
+            VIR_DOMAIN_SHUTOFF_FAILED => R::Failed,
+            VIR_DOMAIN_SHUTOFF_FROM_SNAPSHOT => R::FromSnapshot,
             _ => R::Unknown,
         }
     }
@@ -86,52 +98,188 @@ impl DomainState {
     }
 }
 
-static EVENT_LOOP: Once = Once::new();
+/// A job's statistics: libvirt's typed parameters by name (numbers as f64).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobStats {
+    /// `virDomainJobType`: 0 none, 1 bounded, 2 unbounded, 3 completed, 4 failed, 5 cancelled.
+    pub job_type: i32,
+    pub fields: Vec<(String, f64)>,
+}
 
-/// Starts libvirt's default event loop on a dedicated OS thread, once per process. It must run
-/// before the first connection is opened, or no event callback ever fires.
-pub fn start_event_loop() -> Result<(), LibvirtError> {
-    let mut result = Ok(());
-    EVENT_LOOP.call_once(|| {
-        // libvirt prints every error to stderr unless told not to; we report errors ourselves.
-        virt::error::clear_error_callback();
-        if let Err(e) = virt::event::event_register_default_impl() {
-            result = Err(LibvirtError::call("event_register_default_impl", e));
-            return;
+impl JobStats {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.fields.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+}
+
+/// The parameters of a migration (`VIR_MIGRATE_PARAM_*`); `None` leaves libvirt's default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MigrateParams {
+    /// Where QEMU sends the memory (`migrate_uri`).
+    pub uri: Option<String>,
+    /// The domain XML the destination defines (`destination_xml`).
+    pub dest_xml: Option<String>,
+    /// MiB/s (`bandwidth`).
+    pub bandwidth: Option<u64>,
+    /// `parallel.connections`, with `VIR_MIGRATE_PARALLEL`.
+    pub parallel_connections: Option<i32>,
+    /// Where the disks' data goes in a block migration (`disks_uri`).
+    pub disks_uri: Option<String>,
+    /// The disks (targets) to copy in a block migration (`migrate_disks`, repeated).
+    pub migrate_disks: Vec<String>,
+}
+
+impl MigrateParams {
+    fn typed(&self) -> Vec<TypedParam> {
+        let mut p = Vec::new();
+        let s = |v: &str| TypedValue::String(v.to_string());
+        if let Some(v) = &self.uri {
+            p.push(TypedParam::new(VIR_MIGRATE_PARAM_URI, s(v)));
         }
-        std::thread::Builder::new()
-            .name("libvirt-events".into())
-            .spawn(|| loop {
-                if let Err(e) = virt::event::event_run_default_impl() {
-                    tracing::warn!(error = %e, "libvirt event loop iteration failed");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-            .map(|_| ())
-            .unwrap_or_else(|e| {
-                result = Err(LibvirtError::Call {
-                    op: "spawn event thread",
-                    code: -1,
-                    message: e.to_string(),
-                })
-            });
-    });
-    result
+        if let Some(v) = &self.dest_xml {
+            p.push(TypedParam::new(VIR_MIGRATE_PARAM_DEST_XML, s(v)));
+        }
+        if let Some(v) = self.bandwidth {
+            p.push(TypedParam::new(
+                VIR_MIGRATE_PARAM_BANDWIDTH,
+                TypedValue::ULLong(v),
+            ));
+        }
+        if let Some(v) = self.parallel_connections {
+            p.push(TypedParam::new(
+                VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS,
+                TypedValue::Int(v),
+            ));
+        }
+        if let Some(v) = &self.disks_uri {
+            p.push(TypedParam::new(VIR_MIGRATE_PARAM_DISKS_URI, s(v)));
+        }
+        for d in &self.migrate_disks {
+            p.push(TypedParam::new(VIR_MIGRATE_PARAM_MIGRATE_DISKS, s(d)));
+        }
+        p
+    }
+}
+
+/// Where a libvirt URI points: the daemon's socket, and the name to open there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Target {
+    socket: PathBuf,
+    name: String,
+}
+
+/// Parses `driver[+unix]:///path[?socket=<path>]`, the only form the launcher uses (its own
+/// daemon's unix socket). The name opened on the daemon is the URI without the transport and
+/// the client-side parameters, as libvirt's remote driver sends it (`qemu:///system`).
+fn parse_uri(uri: &str) -> Result<Target, String> {
+    let (scheme, rest) = uri
+        .split_once("://")
+        .ok_or_else(|| format!("{uri:?} is not a libvirt URI"))?;
+    let (driver, transport) = match scheme.split_once('+') {
+        Some((d, t)) => (d, Some(t)),
+        None => (scheme, None),
+    };
+    if !matches!(transport, None | Some("unix")) {
+        return Err(format!("{uri:?}: only the unix transport is supported"));
+    }
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{uri:?}: a host is not supported with the unix transport"
+        ));
+    }
+    let mut socket = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == "socket" {
+            socket = Some(PathBuf::from(percent_decode(v)));
+        }
+    }
+    let socket = socket.unwrap_or_else(|| PathBuf::from("/var/run/libvirt/libvirt-sock"));
+    Ok(Target {
+        socket,
+        name: format!("{driver}://{path}"),
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let hex = |c: u8| (c as char).to_digit(16);
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Encodes a call's arguments, makes the call and decodes its reply (which must be consumed
+/// exactly).
+fn rpc<T>(
+    c: &Client,
+    op: &'static str,
+    proc_: i32,
+    args: impl FnOnce(&mut Encoder),
+    ret: impl FnOnce(&mut Decoder<'_>) -> Result<T, XdrError>,
+) -> Result<T, LibvirtError> {
+    let mut e = Encoder::new();
+    args(&mut e);
+    let body = c
+        .call(proc_, &e.into_bytes())
+        .map_err(|err| LibvirtError::call(op, err))?;
+    let mut d = Decoder::new(&body);
+    ret(&mut d)
+        .and_then(|v| d.finish().map(|()| v))
+        .map_err(|err| LibvirtError::call(op, err.into()))
+}
+
+/// A reply with no body.
+fn void(_: &mut Decoder<'_>) -> Result<(), XdrError> {
+    Ok(())
+}
+
+/// A call on a domain with no reply body: `{dom}` or `{dom, flags}` and more.
+fn dom_call(
+    c: &Client,
+    dom: &RemoteDomain,
+    op: &'static str,
+    proc_: i32,
+    rest: impl FnOnce(&mut Encoder),
+) -> Result<(), LibvirtError> {
+    rpc(
+        c,
+        op,
+        proc_,
+        |e| {
+            dom.encode(e);
+            rest(e);
+        },
+        void,
+    )
 }
 
 /// The connection to the pod's libvirtd.
 pub struct Hypervisor {
     uri: String,
-    conn: Mutex<Option<Connect>>,
+    target: Result<Target, String>,
+    conn: Mutex<Option<Arc<Client>>>,
     events: UnboundedSender<RawEvent>,
 }
 
 impl Hypervisor {
     /// Connects to `uri` and registers the event callbacks, which send into `events`.
     pub fn connect(uri: &str, events: UnboundedSender<RawEvent>) -> Result<Self, LibvirtError> {
-        start_event_loop()?;
         let hv = Hypervisor {
             uri: uri.to_string(),
+            target: parse_uri(uri),
             conn: Mutex::new(None),
             events,
         };
@@ -145,77 +293,111 @@ impl Hypervisor {
 
     /// Opens a fresh connection (after a daemon restart) and re-registers the callbacks.
     pub fn reconnect(&self) -> Result<(), LibvirtError> {
-        let conn = Connect::open(Some(&self.uri)).map_err(|e| LibvirtError::call("connect", e))?;
-        ffi::register_domain_events(&conn, &self.events)
-            .map_err(|e| LibvirtError::call("register events", e))?;
-        // Keepalive lets libvirt notice a dead daemon within a few seconds even when idle.
-        let _ = conn.set_keep_alive(2, 3);
-        let old = self.lock().replace(conn);
-        drop_quietly(old);
+        let target = self.target.as_ref().map_err(|e| LibvirtError::Call {
+            op: "connect",
+            code: VIR_ERR_INTERNAL_ERROR,
+            message: e.clone(),
+        })?;
+        let failed = |e: RpcError| match e {
+            RpcError::Io(e) => LibvirtError::Call {
+                op: "connect",
+                code: VIR_ERR_SYSTEM_ERROR,
+                message: format!(
+                    "Failed to connect socket to '{}': {e}",
+                    target.socket.display()
+                ),
+            },
+            e => LibvirtError::call("connect", e),
+        };
+        let client = Client::connect(&target.socket, self.events.clone()).map_err(failed)?;
+        client.open(&target.name).map_err(failed)?;
+        register_domain_events(&client)?;
+        let old = self.lock().replace(Arc::new(client));
+        // Dropping the old connection closes it once no call uses it any more.
+        drop(old);
         Ok(())
     }
 
     /// Forgets the current connection (it is known to be broken).
     pub fn disconnect(&self) {
         let old = self.lock().take();
-        drop_quietly(old);
+        drop(old);
     }
 
     pub fn is_connected(&self) -> bool {
-        self.lock()
-            .as_ref()
-            .is_some_and(|c| c.is_alive().unwrap_or(false))
+        self.lock().as_ref().is_some_and(|c| c.is_open())
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Connect>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<Client>>> {
         // A panic while holding the lock cannot leave the Option inconsistent.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the connection without holding the lock during the call: the connection
-    /// is referenced (virConnectRef) and released after, so a long call (a migration) never
-    /// blocks other calls or a reconnect.
+    /// Runs `f` on the connection without holding the lock during the call, so a long call (a
+    /// migration) never blocks other calls or a reconnect.
     fn with_conn<T>(
         &self,
-        f: impl FnOnce(&Connect) -> Result<T, LibvirtError>,
+        f: impl FnOnce(&Client) -> Result<T, LibvirtError>,
     ) -> Result<T, LibvirtError> {
         let conn = self
             .lock()
             .as_ref()
             .ok_or(LibvirtError::Disconnected)?
             .clone();
-        let result = f(&conn);
-        ffi::close_connection(conn);
-        result
+        f(&conn)
     }
 
     fn with_domain<T>(
         &self,
         name: &str,
-        f: impl FnOnce(&Domain) -> Result<T, LibvirtError>,
+        f: impl FnOnce(&Client, &RemoteDomain) -> Result<T, LibvirtError>,
     ) -> Result<T, LibvirtError> {
         self.with_conn(|c| {
-            let dom = c.lookup_domain_by_name(name).map_err(|e| {
-                if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN {
+            let dom = rpc(
+                c,
+                "lookup domain",
+                procs::DOMAIN_LOOKUP_BY_NAME,
+                |e| {
+                    e.string(name);
+                },
+                RemoteDomain::decode,
+            )
+            .map_err(|e| match e {
+                LibvirtError::Call { code, .. } if code == VIR_ERR_NO_DOMAIN => {
                     LibvirtError::NoDomain(name.to_string())
-                } else {
-                    LibvirtError::call("lookup domain", e)
                 }
+                e => e,
             })?;
-            f(&dom)
+            f(c, &dom)
         })
     }
 
     /// Defines the domain persistently and starts it (KubeVirt's define+create).
     pub fn define_and_start(&self, xml: &str) -> Result<(), LibvirtError> {
         self.with_conn(|c| {
-            let dom = c
-                .define_domain_xml(xml)
-                .map_err(|e| LibvirtError::call("define domain", e))?;
-            if let Err(e) = dom.create() {
-                let err = LibvirtError::call("start domain", e);
+            let dom = rpc(
+                c,
+                "define domain",
+                procs::DOMAIN_DEFINE_XML,
+                |e| {
+                    e.string(xml);
+                },
+                RemoteDomain::decode,
+            )?;
+            // virDomainCreate, as libvirt's remote driver sends it (with flags 0).
+            let started = rpc(
+                c,
+                "start domain",
+                procs::DOMAIN_CREATE_WITH_FLAGS,
+                |e| {
+                    dom.encode(e);
+                    e.u32(0);
+                },
+                RemoteDomain::decode,
+            );
+            if let Err(err) = started {
                 // Leave nothing defined behind a failed start.
-                let _ = dom.undefine();
+                let _ = dom_call(c, &dom, "undefine", procs::DOMAIN_UNDEFINE, |_| {});
                 return Err(err);
             }
             Ok(())
@@ -223,113 +405,193 @@ impl Hypervisor {
     }
 
     pub fn state(&self, name: &str) -> Result<DomainState, LibvirtError> {
-        self.with_domain(name, |d| {
-            let (state, reason) =
-                ffi::domain_state(d).map_err(|e| LibvirtError::call("domain state", e))?;
-            Ok(DomainState { state, reason })
+        self.with_domain(name, |c, d| {
+            rpc(
+                c,
+                "domain state",
+                procs::DOMAIN_GET_STATE,
+                |e| {
+                    d.encode(e);
+                    e.u32(0);
+                },
+                |r| {
+                    Ok(DomainState {
+                        state: r.i32()? as u32,
+                        reason: r.i32()?,
+                    })
+                },
+            )
         })
     }
 
     /// Presses the ACPI power button. Never the guest agent: an agent shutdown can block for a
     /// minute in guests without an agent, longer than the pod's grace period.
     pub fn shutdown_acpi(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                .map_err(|e| LibvirtError::call("shutdown (ACPI)", e))
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "shutdown (ACPI)", procs::DOMAIN_SHUTDOWN_FLAGS, |e| {
+                e.u32(VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN);
+            })
         })
     }
 
     /// Hard power-off.
     pub fn destroy(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.destroy().map_err(|e| LibvirtError::call("destroy", e))
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "destroy", procs::DOMAIN_DESTROY, |_| {})
         })
     }
 
     /// Removes the persistent definition (the domain may be running or not).
     pub fn undefine(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.undefine().map_err(|e| LibvirtError::call("undefine", e))
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "undefine", procs::DOMAIN_UNDEFINE, |_| {})
         })
     }
 
     pub fn pause(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.suspend().map_err(|e| LibvirtError::call("pause", e))
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "pause", procs::DOMAIN_SUSPEND, |_| {})
         })
     }
 
     pub fn resume(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.resume().map_err(|e| LibvirtError::call("resume", e))
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "resume", procs::DOMAIN_RESUME, |_| {})
         })
     }
 
     pub fn reboot(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.reboot(sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
-                .map_err(|e| LibvirtError::call("reboot", e))
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "reboot", procs::DOMAIN_REBOOT, |e| {
+                e.u32(VIR_DOMAIN_REBOOT_ACPI_POWER_BTN);
+            })
+        })
+    }
+
+    fn xml_desc(&self, name: &str, op: &'static str, flags: u32) -> Result<String, LibvirtError> {
+        self.with_domain(name, |c, d| {
+            rpc(
+                c,
+                op,
+                procs::DOMAIN_GET_XML_DESC,
+                |e| {
+                    d.encode(e);
+                    e.u32(flags);
+                },
+                |r| r.string(),
+            )
         })
     }
 
     /// The live domain XML.
     pub fn xml(&self, name: &str) -> Result<String, LibvirtError> {
-        self.with_domain(name, |d| {
-            d.xml_desc(0).map_err(|e| LibvirtError::call("dumpxml", e))
-        })
+        self.xml_desc(name, "dumpxml", 0)
     }
 
     /// The live domain XML in the form a migration destination accepts.
     pub fn migratable_xml(&self, name: &str) -> Result<String, LibvirtError> {
-        self.with_domain(name, |d| {
-            d.xml_desc(sys::VIR_DOMAIN_XML_MIGRATABLE | sys::VIR_DOMAIN_XML_SECURE)
-                .map_err(|e| LibvirtError::call("dumpxml (migratable)", e))
-        })
+        self.xml_desc(
+            name,
+            "dumpxml (migratable)",
+            VIR_DOMAIN_XML_MIGRATABLE | VIR_DOMAIN_XML_SECURE,
+        )
     }
 
     /// Peer-to-peer live migration to `dest_uri`; blocks until it ends.
+    ///
+    /// What `virDomainMigrateToURI3` does for `VIR_MIGRATE_PEER2PEER` against a daemon that
+    /// supports extensible parameters: one `MIGRATE_PERFORM3_PARAMS` call to the source
+    /// daemon, which then drives the destination itself.
     pub fn migrate(
         &self,
         name: &str,
         dest_uri: &str,
-        params: virt::domain::MigrateParameters,
+        params: MigrateParams,
         flags: u32,
     ) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.migrate_to_uri3(Some(dest_uri), params, flags)
-                .map_err(|e| LibvirtError::call("migrate", e))
+        let params = params.typed();
+        self.with_domain(name, |c, d| {
+            rpc(
+                c,
+                "migrate",
+                procs::DOMAIN_MIGRATE_PERFORM3_PARAMS,
+                |e| {
+                    d.encode(e);
+                    e.opt_string(Some(dest_uri));
+                    xdr::encode_typed_params(e, &params);
+                    e.opaque(&[]).u32(flags);
+                },
+                // remote_domain_migrate_perform3_params_ret: the cookie, unused in p2p mode.
+                |r| r.opaque(xdr::STRING_MAX, "cookie").map(|_| ()),
+            )
         })
     }
 
     /// Statistics of the running job (or, with `completed`, of the last completed one).
-    pub fn job_stats(&self, name: &str, completed: bool) -> Result<ffi::JobStats, LibvirtError> {
-        self.with_domain(name, |d| {
-            ffi::job_stats(d, completed).map_err(|e| LibvirtError::call("job stats", e))
+    pub fn job_stats(&self, name: &str, completed: bool) -> Result<JobStats, LibvirtError> {
+        let flags = if completed {
+            VIR_DOMAIN_JOB_STATS_COMPLETED | VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+        } else {
+            0
+        };
+        self.with_domain(name, |c, d| {
+            rpc(
+                c,
+                "job stats",
+                procs::DOMAIN_GET_JOB_STATS,
+                |e| {
+                    d.encode(e);
+                    e.u32(flags);
+                },
+                |r| {
+                    let job_type = r.i32()?;
+                    let params = xdr::decode_typed_params(r, rpc::JOB_STATS_MAX)?;
+                    Ok(JobStats {
+                        job_type,
+                        fields: xdr::numeric_params(&params),
+                    })
+                },
+            )
         })
     }
 
     pub fn abort_job(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            ffi::abort_job(d).map_err(|e| LibvirtError::call("abort job", e))
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "abort job", procs::DOMAIN_ABORT_JOB, |_| {})
         })
     }
 
     pub fn start_post_copy(&self, name: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            ffi::start_post_copy(d).map_err(|e| LibvirtError::call("switch to post-copy", e))
+        self.with_domain(name, |c, d| {
+            dom_call(
+                c,
+                d,
+                "switch to post-copy",
+                procs::DOMAIN_MIGRATE_START_POST_COPY,
+                |e| {
+                    e.u32(0);
+                },
+            )
         })
     }
 
     pub fn set_max_downtime(&self, name: &str, ms: u64) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.migrate_set_max_downtime(ms, 0)
-                .map_err(|e| LibvirtError::call("set max downtime", e))
+        self.with_domain(name, |c, d| {
+            dom_call(
+                c,
+                d,
+                "set max downtime",
+                procs::DOMAIN_MIGRATE_SET_MAX_DOWNTIME,
+                |e| {
+                    e.u64(ms).u32(0);
+                },
+            )
         })
     }
 
     /// Whether the domain is defined.
     pub fn exists(&self, name: &str) -> Result<bool, LibvirtError> {
-        match self.with_domain(name, |_| Ok(())) {
+        match self.with_domain(name, |_, _| Ok(())) {
             Ok(()) => Ok(true),
             Err(LibvirtError::NoDomain(_)) => Ok(false),
             Err(e) => Err(e),
@@ -338,10 +600,17 @@ impl Hypervisor {
 
     /// Attaches a device to the running domain and its persistent definition.
     pub fn attach_device(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
-        let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
-        self.with_domain(name, |d| {
-            d.attach_device_flags(xml, flags)
-                .map_err(|e| LibvirtError::call("attach device", e))
+        self.with_domain(name, |c, d| {
+            dom_call(
+                c,
+                d,
+                "attach device",
+                procs::DOMAIN_ATTACH_DEVICE_FLAGS,
+                |e| {
+                    e.string(xml)
+                        .u32(VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG);
+                },
+            )
         })
     }
 
@@ -349,73 +618,154 @@ impl Hypervisor {
     /// QEMU accepted the request; the removal itself completes when the guest acknowledges it
     /// (a DEVICE_REMOVED event).
     pub fn detach_device(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
-        let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
-        self.with_domain(name, |d| {
-            d.detach_device_flags(xml, flags)
-                .map_err(|e| LibvirtError::call("detach device", e))
+        self.with_domain(name, |c, d| {
+            dom_call(
+                c,
+                d,
+                "detach device",
+                procs::DOMAIN_DETACH_DEVICE_FLAGS,
+                |e| {
+                    e.string(xml)
+                        .u32(VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG);
+                },
+            )
         })
     }
 
     /// Resizes a disk of the running domain to `bytes`.
     pub fn block_resize(&self, name: &str, target: &str, bytes: u64) -> Result<(), LibvirtError> {
-        self.with_domain(name, |d| {
-            d.block_resize(target, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES)
-                .map_err(|e| LibvirtError::call("block resize", e))
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "block resize", procs::DOMAIN_BLOCK_RESIZE, |e| {
+                e.string(target)
+                    .u64(bytes)
+                    .u32(VIR_DOMAIN_BLOCK_RESIZE_BYTES);
+            })
         })
     }
 
     /// The capacity of a disk as the running domain sees it, in bytes.
     pub fn block_capacity(&self, name: &str, target: &str) -> Result<u64, LibvirtError> {
-        self.with_domain(name, |d| {
-            d.block_info(target, 0)
-                .map(|i| i.capacity)
-                .map_err(|e| LibvirtError::call("block info", e))
+        self.with_domain(name, |c, d| {
+            rpc(
+                c,
+                "block info",
+                procs::DOMAIN_GET_BLOCK_INFO,
+                |e| {
+                    d.encode(e);
+                    e.string(target).u32(0);
+                },
+                // remote_domain_get_block_info_ret {allocation, capacity, physical}
+                |r| {
+                    r.u64()?;
+                    let capacity = r.u64()?;
+                    r.u64()?;
+                    Ok(capacity)
+                },
+            )
         })
     }
 
+    fn fs_call(&self, name: &str, op: &'static str, proc_: i32) -> Result<i32, LibvirtError> {
+        self.with_domain(name, |c, d| {
+            rpc(
+                c,
+                op,
+                proc_,
+                |e| {
+                    d.encode(e);
+                    // No mountpoints: all filesystems.
+                    e.u32(0).u32(0);
+                },
+                |r| r.i32(),
+            )
+        })
+    }
+
+    /// Freezes all guest filesystems through the guest agent; returns how many were frozen.
     pub fn fs_freeze(&self, name: &str) -> Result<i32, LibvirtError> {
-        self.with_domain(name, |d| {
-            ffi::fs_freeze(d).map_err(|e| LibvirtError::call("freeze filesystems", e))
-        })
+        self.fs_call(name, "freeze filesystems", procs::DOMAIN_FSFREEZE)
     }
 
+    /// Thaws all guest filesystems; returns how many were thawed.
     pub fn fs_thaw(&self, name: &str) -> Result<i32, LibvirtError> {
-        self.with_domain(name, |d| {
-            ffi::fs_thaw(d).map_err(|e| LibvirtError::call("thaw filesystems", e))
-        })
+        self.fs_call(name, "thaw filesystems", procs::DOMAIN_FSTHAW)
     }
 
     /// CPU time, memory and balloon figures, and per-disk I/O for `targets`.
     pub fn stats(&self, name: &str, targets: &[String]) -> Result<DomainStats, LibvirtError> {
-        self.with_domain(name, |d| {
-            let info = d.info().map_err(|e| LibvirtError::call("domain info", e))?;
-            let mut s = DomainStats {
-                cpu_time_ns: info.cpu_time,
-                memory_kib: info.memory,
-                max_memory_kib: info.max_mem,
-                ..DomainStats::default()
-            };
-            if let Ok(mem) = d.memory_stats(0) {
-                for m in mem {
-                    match m.tag {
-                        sys::VIR_DOMAIN_MEMORY_STAT_ACTUAL_BALLOON => s.balloon_actual_kib = m.val,
-                        sys::VIR_DOMAIN_MEMORY_STAT_UNUSED => s.balloon_unused_kib = m.val,
-                        sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE => s.balloon_available_kib = m.val,
-                        sys::VIR_DOMAIN_MEMORY_STAT_RSS => s.rss_kib = m.val,
-                        _ => {}
-                    }
+        self.with_domain(name, |c, d| {
+            // remote_domain_get_info_ret {state, maxMem, memory, nrVirtCpu, cpuTime}
+            let mut s = rpc(
+                c,
+                "domain info",
+                procs::DOMAIN_GET_INFO,
+                |e| d.encode(e),
+                |r| {
+                    r.u32()?;
+                    let max_memory_kib = r.u64()?;
+                    let memory_kib = r.u64()?;
+                    r.u32()?;
+                    let cpu_time_ns = r.u64()?;
+                    Ok(DomainStats {
+                        cpu_time_ns,
+                        memory_kib,
+                        max_memory_kib,
+                        ..DomainStats::default()
+                    })
+                },
+            )?;
+            // remote_domain_memory_stats_ret {stats<REMOTE_DOMAIN_MEMORY_STATS_MAX>}
+            let mem = rpc(
+                c,
+                "memory stats",
+                procs::DOMAIN_MEMORY_STATS,
+                |e| {
+                    d.encode(e);
+                    e.u32(VIR_DOMAIN_MEMORY_STAT_NR).u32(0);
+                },
+                |r| {
+                    let n = r.array_len(1024, "memory stats")?;
+                    (0..n)
+                        .map(|_| Ok((r.i32()?, r.u64()?)))
+                        .collect::<Result<Vec<_>, XdrError>>()
+                },
+            );
+            for (tag, val) in mem.unwrap_or_default() {
+                match tag {
+                    VIR_DOMAIN_MEMORY_STAT_ACTUAL_BALLOON => s.balloon_actual_kib = val,
+                    VIR_DOMAIN_MEMORY_STAT_UNUSED => s.balloon_unused_kib = val,
+                    VIR_DOMAIN_MEMORY_STAT_AVAILABLE => s.balloon_available_kib = val,
+                    VIR_DOMAIN_MEMORY_STAT_RSS => s.rss_kib = val,
+                    _ => {}
                 }
             }
             for t in targets {
-                if let Ok(b) = d.block_stats(t) {
-                    s.disks.push(BlockIo {
-                        target: t.clone(),
-                        read_bytes: b.rd_bytes,
-                        write_bytes: b.wr_bytes,
-                        read_requests: b.rd_req,
-                        write_requests: b.wr_req,
-                        errors: b.errs,
-                    });
+                // remote_domain_block_stats_ret {rd_req, rd_bytes, wr_req, wr_bytes, errs}
+                let b = rpc(
+                    c,
+                    "block stats",
+                    procs::DOMAIN_BLOCK_STATS,
+                    |e| {
+                        d.encode(e);
+                        e.string(t);
+                    },
+                    |r| {
+                        let read_requests = r.i64()?;
+                        let read_bytes = r.i64()?;
+                        let write_requests = r.i64()?;
+                        let write_bytes = r.i64()?;
+                        Ok(BlockIo {
+                            target: t.clone(),
+                            read_bytes,
+                            write_bytes,
+                            read_requests,
+                            write_requests,
+                            errors: r.i64()?,
+                        })
+                    },
+                );
+                if let Ok(b) = b {
+                    s.disks.push(b);
                 }
             }
             Ok(s)
@@ -425,18 +775,55 @@ impl Hypervisor {
     /// libvirt's and QEMU's versions, as "major.minor.micro".
     pub fn versions(&self) -> Result<(String, String), LibvirtError> {
         self.with_conn(|c| {
-            let lib = c
-                .lib_version()
-                .map_err(|e| LibvirtError::call("libvirt version", e))?;
-            let hyp = c
-                .hyp_version()
-                .map_err(|e| LibvirtError::call("hypervisor version", e))?;
+            let lib = rpc(
+                c,
+                "libvirt version",
+                procs::CONNECT_GET_LIB_VERSION,
+                |_| {},
+                |r| r.u64(),
+            )?;
+            let hyp = rpc(
+                c,
+                "hypervisor version",
+                procs::CONNECT_GET_VERSION,
+                |_| {},
+                |r| r.u64(),
+            )?;
             Ok((version_string(lib), version_string(hyp)))
         })
     }
 }
 
-fn version_string(v: u32) -> String {
+/// Registers every domain event the launcher follows, for all domains on the connection
+/// (`REMOTE_PROC_CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY`, no domain). The events arrive
+/// on the connection's reader thread, which sends them as [`RawEvent`]s.
+fn register_domain_events(c: &Client) -> Result<Vec<i32>, LibvirtError> {
+    [
+        VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+        VIR_DOMAIN_EVENT_ID_REBOOT,
+        VIR_DOMAIN_EVENT_ID_WATCHDOG,
+        VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON,
+        VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+        VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+        VIR_DOMAIN_EVENT_ID_JOB_COMPLETED,
+        VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE,
+    ]
+    .into_iter()
+    .map(|id| {
+        rpc(
+            c,
+            "register events",
+            procs::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
+            |e| {
+                e.i32(id).bool(false);
+            },
+            |r| r.i32(),
+        )
+    })
+    .collect()
+}
+
+fn version_string(v: u64) -> String {
     format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
 }
 
@@ -464,16 +851,69 @@ pub struct BlockIo {
     pub errors: i64,
 }
 
-impl Drop for Hypervisor {
-    fn drop(&mut self) {
-        self.disconnect();
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// `virt`'s `Drop` for `Connect` panics when closing fails (a dead daemon); closing a broken
-/// connection is not worth a panic, so close explicitly and ignore the outcome.
-fn drop_quietly(conn: Option<Connect>) {
-    if let Some(c) = conn {
-        ffi::close_connection(c);
+    #[test]
+    fn uris_name_the_socket_and_the_driver() {
+        assert_eq!(
+            parse_uri("qemu+unix:///system?socket=/run/pod/sock/libvirt-sock").unwrap(),
+            Target {
+                socket: "/run/pod/sock/libvirt-sock".into(),
+                name: "qemu:///system".into()
+            }
+        );
+        assert_eq!(
+            parse_uri("qemu:///system").unwrap(),
+            Target {
+                socket: "/var/run/libvirt/libvirt-sock".into(),
+                name: "qemu:///system".into()
+            }
+        );
+        assert_eq!(
+            parse_uri("qemu+unix:///system?mode=legacy&socket=/a%20b/s")
+                .unwrap()
+                .socket,
+            PathBuf::from("/a b/s")
+        );
+        assert!(parse_uri("qemu+ssh://host/system").is_err());
+        assert!(parse_uri("qemu+unix://host/system").is_err());
+        assert!(parse_uri("not a uri").is_err());
+    }
+
+    #[test]
+    fn migrate_params_become_typed_params() {
+        let p = MigrateParams {
+            uri: Some("unix:///m.sock".into()),
+            dest_xml: Some("<domain/>".into()),
+            bandwidth: Some(64),
+            parallel_connections: Some(4),
+            disks_uri: Some("unix:///d.sock".into()),
+            migrate_disks: vec!["vda".into(), "vdb".into()],
+        };
+        let t = p.typed();
+        let names: Vec<&str> = t.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "migrate_uri",
+                "destination_xml",
+                "bandwidth",
+                "parallel.connections",
+                "disks_uri",
+                "migrate_disks",
+                "migrate_disks"
+            ]
+        );
+        assert_eq!(t[2].value, TypedValue::ULLong(64));
+        assert_eq!(t[3].value, TypedValue::Int(4));
+        assert!(MigrateParams::default().typed().is_empty());
+    }
+
+    #[test]
+    fn versions_print_like_libvirt() {
+        assert_eq!(version_string(9_000_000), "9.0.0");
+        assert_eq!(version_string(7_002_011), "7.2.11");
     }
 }

@@ -19,7 +19,7 @@ use super::state::{DiskStatus, Event, EventKind, EventLog, Gap, Phase, State, St
 use crate::domain::live::LiveDomain;
 use crate::domain::Disk;
 use crate::libvirt::events::StopReason;
-use crate::libvirt::{DomainEvent, DomainStats, Hypervisor, LibvirtError, LifecycleKind};
+use crate::libvirt::{self, DomainEvent, DomainStats, Hypervisor, LibvirtError, LifecycleKind};
 use crate::spec::{SpecError, VirtualMachineInstance};
 
 /// How long a detach waits for the guest to release the disk, unless configured.
@@ -802,14 +802,14 @@ impl Launcher {
 fn agent_error(e: ControlError) -> ControlError {
     match e {
         ControlError::Libvirt(LibvirtError::Call { code, message, .. })
-            if code == virt::sys::VIR_ERR_AGENT_UNRESPONSIVE as i32 =>
+            if code == libvirt::VIR_ERR_AGENT_UNRESPONSIVE =>
         {
             ControlError::Precondition(format!("the guest agent is not connected: {message}"))
         }
         ControlError::Libvirt(LibvirtError::Call { code, message, .. })
-            if code == virt::sys::VIR_ERR_ARGUMENT_UNSUPPORTED as i32
-                || code == virt::sys::VIR_ERR_OPERATION_UNSUPPORTED as i32
-                || code == virt::sys::VIR_ERR_OPERATION_INVALID as i32
+            if code == libvirt::VIR_ERR_ARGUMENT_UNSUPPORTED
+                || code == libvirt::VIR_ERR_OPERATION_UNSUPPORTED
+                || code == libvirt::VIR_ERR_OPERATION_INVALID
                 || message.contains("agent") =>
         {
             ControlError::Precondition(format!("the guest agent cannot do this: {message}"))

@@ -16,13 +16,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virt::sys;
-
 use super::core::{ControlError, Launcher};
 use super::state::{
     Event, EventKind, MigrationMode, MigrationPhase, MigrationProgress, State, TargetInfo,
 };
-use crate::libvirt::ffi::JobStats;
+use crate::libvirt::{self, JobStats, MigrateParams};
 use crate::spec::VirtualMachineInstance;
 
 /// How often progress is read and published.
@@ -240,17 +238,18 @@ impl Launcher {
             ],
         );
 
-        let mut flags =
-            sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_PERSIST_DEST;
+        let mut flags = libvirt::VIR_MIGRATE_LIVE
+            | libvirt::VIR_MIGRATE_PEER2PEER
+            | libvirt::VIR_MIGRATE_PERSIST_DEST;
         // Our own storage check above stands in for libvirt's cache-mode heuristic.
-        flags |= sys::VIR_MIGRATE_UNSAFE;
+        flags |= libvirt::VIR_MIGRATE_UNSAFE;
         if opts.allow_auto_converge {
-            flags |= sys::VIR_MIGRATE_AUTO_CONVERGE;
+            flags |= libvirt::VIR_MIGRATE_AUTO_CONVERGE;
         }
         if opts.allow_post_copy {
-            flags |= sys::VIR_MIGRATE_POSTCOPY;
+            flags |= libvirt::VIR_MIGRATE_POSTCOPY;
         }
-        let mut params = virt::domain::MigrateParameters {
+        let mut params = MigrateParams {
             uri: Some(target.migration_uri.clone()),
             dest_xml: Some(xml),
             ..Default::default()
@@ -259,11 +258,11 @@ impl Launcher {
             params.bandwidth = Some(opts.bandwidth_mib);
         }
         if opts.parallel_connections > 1 {
-            flags |= sys::VIR_MIGRATE_PARALLEL;
+            flags |= libvirt::VIR_MIGRATE_PARALLEL;
             params.parallel_connections = Some(opts.parallel_connections as i32);
         }
         if opts.block_migration && !local.is_empty() {
-            flags |= sys::VIR_MIGRATE_NON_SHARED_DISK;
+            flags |= libvirt::VIR_MIGRATE_NON_SHARED_DISK;
             params.disks_uri = Some(target.disks_uri.clone());
             params.migrate_disks = local.iter().map(|d| d.target.clone()).collect();
         }
