@@ -245,6 +245,7 @@ async fn event_loop(
             _ = liveness.tick(), if core.has_started() => {
                 if let Some(reason) = gone(core).await {
                     tracing::warn!(reason = ?reason, "the domain stopped without an event");
+                    drain_after_stop(core, raw_events, reason).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -260,6 +261,7 @@ async fn event_loop(
                         return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                     }
                 } else if let Some(reason) = core.on_domain_event(&ev) {
+                    drain_after_stop(core, raw_events, reason).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -275,6 +277,46 @@ async fn event_loop(
         }
     }
 }
+
+/// The events libvirt sends right after a stop still count: after STOPPED(migrated) comes
+/// JOB_COMPLETED with the migration's statistics (its downtime), a fraction of a millisecond
+/// later. Handle what is queued, and after a migration wait a little for that event.
+async fn drain_after_stop(
+    core: &Arc<Launcher>,
+    raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
+    reason: StopReason,
+) {
+    let name = core.status().name;
+    let wait = if reason == StopReason::Migrated {
+        JOB_COMPLETED_WAIT
+    } else {
+        Duration::ZERO
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let ev = match raw_events.try_recv() {
+            Ok(ev) => ev,
+            Err(_) if tokio::time::Instant::now() >= deadline => return,
+            Err(_) => match tokio::time::timeout_at(deadline, raw_events.recv()).await {
+                Ok(Some(ev)) => ev,
+                _ => return,
+            },
+        };
+        let ev = DomainEvent::from(ev);
+        if ev.domain().is_some_and(|d| d != name) {
+            continue;
+        }
+        tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "domain event");
+        let job_done = matches!(ev, DomainEvent::JobCompleted { .. });
+        let _ = core.on_domain_event(&ev);
+        if job_done {
+            return;
+        }
+    }
+}
+
+/// How long a migrated-away launcher waits for the JOB_COMPLETED event after the stop.
+const JOB_COMPLETED_WAIT: Duration = Duration::from_secs(1);
 
 /// How often the loop checks that the domain still exists (a backstop for lost events).
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
