@@ -209,7 +209,7 @@ pub const QEMU_CONF: &str = "# written by virt-launcher\n\
                              remember_owner = 0\n\
                              namespaces = []\n\
                              cgroup_controllers = []\n\
-                             stdio_handler = \"logd\"\n\
+                             stdio_handler = \"file\"\n\
                              log_timestamp = 1\n";
 
 fn write_file(path: &Path, content: &str) -> Result<(), PodError> {
