@@ -347,6 +347,7 @@ pub fn follow_file(
     tokio::spawn(async move {
         let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let mut partial = String::new();
+        let mut failing = false;
         let mut relay = |chunk: &str| {
             partial.push_str(chunk);
             while let Some(i) = partial.find('\n') {
@@ -363,11 +364,15 @@ pub fn follow_file(
                 match rotate(&path, &mut offset) {
                     Ok(rest) => {
                         relay(&rest);
+                        failing = false;
                         tracing::info!(subcomponent, path = %path.display(), max_bytes, "log rotated");
                     }
-                    Err(e) => {
+                    // Said once, not every 200 ms while it lasts.
+                    Err(e) if !failing => {
+                        failing = true;
                         tracing::warn!(subcomponent, path = %path.display(), error = %e, "log rotation failed")
                     }
+                    Err(_) => {}
                 }
             }
             tokio::select! {
