@@ -96,6 +96,11 @@ struct RunArgs {
     /// Seconds the domain may take to start before the launcher gives up.
     #[arg(long, default_value_t = 240)]
     qemu_timeout: u64,
+    /// The size at which the serial console log and the QEMU log are rotated: copied to
+    /// `<log>.1` and truncated (at most twice this per log stays on disk).
+    #[arg(long, default_value_t = virt_launcher::pod::daemons::DEFAULT_LOG_MAX_BYTES,
+          value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
+    log_max_bytes: u64,
     /// Always log JSON lines, even on a terminal.
     #[arg(long)]
     json_logs: bool,
@@ -272,6 +277,7 @@ fn run(args: RunArgs) -> Result<i32> {
         }),
         qemu_timeout: Duration::from_secs(args.qemu_timeout),
         detach_timeout: Duration::from_secs_f64(args.detach_timeout),
+        log_max_bytes: args.log_max_bytes,
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -85,11 +85,16 @@ fn guest_survives_daemon_crashes_and_later_events_still_arrive() {
     let before = disk_counter(&pod);
     kill_daemon_and_wait_restart(&mut pod, "libvirtd");
     pod.wait_log("reconnected to libvirtd", Duration::from_secs(15));
-    let after_libvirtd = wait_counter_above(&pod, before + 5, Duration::from_secs(30));
+    wait_counter_above(&pod, before + 5, Duration::from_secs(30));
 
-    // virtlogd dies: restarted; the guest keeps counting.
+    // virtlogd dies: restarted; the guest keeps counting, and its console keeps reaching the
+    // console log and the launcher's log (QEMU writes the log itself, not through virtlogd).
     kill_daemon_and_wait_restart(&mut pod, "virtlogd");
-    wait_counter_above(&pod, after_libvirtd + 5, Duration::from_secs(30));
+    let after_virtlogd = disk_counter(&pod);
+    let n = wait_counter_above(&pod, after_virtlogd + 5, Duration::from_secs(30));
+    let line = format!("LV-COUNT {n}");
+    pod.wait_console(&line, Duration::from_secs(10));
+    pod.wait_log(&format!("\"message\":\"{line}\""), Duration::from_secs(10));
 
     // Events still arrive over the new connection: SIGTERM → ACPI → the guest powers off and
     // the launcher sees the Stopped event and exits 0.
@@ -217,4 +222,63 @@ fn launcher_as_pid_1_reaps_and_stops_cleanly() {
         "{:?}",
         pod.leftover_processes()
     );
+}
+
+/// The console log is bounded (`--log-max-bytes`): past the cap the launcher copies it to
+/// `<log>.1` and truncates it; QEMU goes on appending at the new end (it opened the log with
+/// O_APPEND: no hole, no lost line), and the launcher's own log relays every line across the
+/// rotation.
+#[test]
+fn console_log_is_rotated_at_the_cap_and_relayed_without_a_gap() {
+    const CAP: u64 = 1024;
+    let mut pod = Pod::new("logcap")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.counter=vda");
+    pod.extra_args = vec!["--log-max-bytes".into(), CAP.to_string()];
+    pod.start();
+    pod.wait_console("LV-COUNT 3", Duration::from_secs(90));
+    let log = pod.console_log();
+    let mut old = log.clone().into_os_string();
+    old.push(".1");
+    let old = std::path::PathBuf::from(old);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut largest = 0;
+    while !old.exists() {
+        largest = largest.max(std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0));
+        assert!(
+            Instant::now() < deadline,
+            "no rotation within 60 s (largest {largest} bytes)\n{}",
+            pod.dump()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A few more lines after the rotation.
+    let n = wait_counter_above(&pod, disk_counter(&pod) + 5, Duration::from_secs(30));
+    pod.wait_console(&format!("LV-COUNT {n}"), Duration::from_secs(10));
+    let live = std::fs::read(&log).unwrap();
+    let kept = std::fs::read(&old).unwrap();
+    println!(
+        "cap {CAP}: largest live log seen {largest} bytes, .1 {} bytes, live now {} bytes",
+        kept.len(),
+        live.len()
+    );
+    // The launcher checks every 200 ms; the guest writes a 12-byte line every 200 ms.
+    assert!(largest <= CAP + 256 && kept.len() as u64 <= CAP + 256);
+    assert!(
+        live.starts_with(b"LV-") && !live.contains(&0),
+        "the live log does not start with the guest's next line (a hole: not O_APPEND?): {:?}",
+        String::from_utf8_lossy(&live[..live.len().min(64)])
+    );
+    pod.signal(Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "exit {status}\n{}", pod.dump());
+    let relayed = pod.log();
+    assert!(relayed.contains("log rotated"), "{}", pod.dump());
+    for i in 1..=n {
+        assert!(
+            relayed.contains(&format!("\"message\":\"LV-COUNT {i}\"")),
+            "LV-COUNT {i} missing from the launcher's log (rotation lost it)\n{}",
+            pod.dump()
+        );
+    }
 }

@@ -328,22 +328,51 @@ pub fn log_line(subcomponent: &str, line: &str) {
     }
 }
 
-/// Follows a log file that another process appends to (the QEMU log written by virtlogd, the
-/// serial console log) and relays lines added from now on, until `stop` turns true.
+/// How large the console log and the QEMU log may grow before the launcher rotates them.
+///
+/// QEMU writes both itself (`stdio_handler = "file"`, see [`super::QEMU_CONF`]), so nothing
+/// else bounds them; virtlogd used to (2 MiB × 4 files). At the cap the file is copied to
+/// `<file>.1` (replacing the previous one) and truncated: QEMU opened it with `O_APPEND`, so
+/// its next write lands at the new end. At most twice the cap per log stays on disk.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 4 << 20;
+
+/// Follows a log file that QEMU appends to (the QEMU log, the serial console log) and relays
+/// lines added from now on, until `stop` turns true; rotates it when it passes `max_bytes`.
 pub fn follow_file(
     subcomponent: &'static str,
     path: PathBuf,
+    max_bytes: u64,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let mut partial = String::new();
+        let mut failing = false;
+        let mut relay = |chunk: &str| {
+            partial.push_str(chunk);
+            while let Some(i) = partial.find('\n') {
+                let line: String = partial.drain(..=i).collect();
+                log_line(subcomponent, &line);
+            }
+        };
         loop {
             if let Ok(chunk) = read_from(&path, &mut offset) {
-                partial.push_str(&chunk);
-                while let Some(i) = partial.find('\n') {
-                    let line: String = partial.drain(..=i).collect();
-                    log_line(subcomponent, &line);
+                relay(&chunk);
+            }
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if len > max_bytes {
+                match rotate(&path, &mut offset) {
+                    Ok(rest) => {
+                        relay(&rest);
+                        failing = false;
+                        tracing::info!(subcomponent, path = %path.display(), max_bytes, "log rotated");
+                    }
+                    // Said once, not every 200 ms while it lasts.
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(subcomponent, path = %path.display(), error = %e, "log rotation failed")
+                    }
+                    Err(_) => {}
                 }
             }
             tokio::select! {
@@ -352,6 +381,30 @@ pub fn follow_file(
             }
         }
     })
+}
+
+/// Copies `path` to `<path>.1` (best effort: the filesystem may be full) and truncates it to
+/// zero. Returns what was added since `offset` (read from the copy, so the relay misses only
+/// what is written between the copy and the truncation); `offset` is reset to 0.
+fn rotate(path: &Path, offset: &mut u64) -> std::io::Result<String> {
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    let old = PathBuf::from(old);
+    let _ = std::fs::remove_file(&old);
+    let rest = match std::fs::copy(path, &old) {
+        Ok(_) => read_from(&old, offset).unwrap_or_default(),
+        Err(e) => {
+            let _ = std::fs::remove_file(&old);
+            tracing::warn!(path = %old.display(), error = %e, "could not keep the previous log");
+            String::new()
+        }
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    *offset = 0;
+    Ok(rest)
 }
 
 fn read_from(path: &Path, offset: &mut u64) -> std::io::Result<String> {

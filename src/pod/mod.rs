@@ -202,6 +202,15 @@ pub const VIRTLOGD_CONF: &str = "# written by virt-launcher\nlog_outputs = \"3:s
 
 /// qemu.conf. namespaces/cgroups: the pod is the sandbox; libvirt's own would need privileges a
 /// pod (and this machine) does not grant. Ownership is left alone: disks belong to the pod.
+///
+/// `stdio_handler = "file"`: QEMU writes the serial console log and its own stderr log to files
+/// libvirt opens for it (`O_APPEND`), not through pipes to virtlogd. With virtlogd, one failed
+/// write (a full runtime filesystem) made virtlogd drop the file and close the pipe for the rest
+/// of the VM's life, and a virtlogd restart cut both pipes the same way: the console log stopped
+/// for good. QEMU skips a console log write that fails and tries the next, so the log resumes
+/// once there is space, and virtlogd's fate no longer matters to it. Nothing caps the files
+/// now: the launcher rotates them ([`daemons::follow_file`]). virtlogd still runs, owned and
+/// restarted by the launcher, for anything in libvirt that asks for it.
 pub const QEMU_CONF: &str = "# written by virt-launcher\n\
                              user = \"root\"\n\
                              group = \"root\"\n\
@@ -209,7 +218,7 @@ pub const QEMU_CONF: &str = "# written by virt-launcher\n\
                              remember_owner = 0\n\
                              namespaces = []\n\
                              cgroup_controllers = []\n\
-                             stdio_handler = \"logd\"\n\
+                             stdio_handler = \"file\"\n\
                              log_timestamp = 1\n";
 
 fn write_file(path: &Path, content: &str) -> Result<(), PodError> {

@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub qemu_timeout: Duration,
     /// How long a hot-unplug waits for the guest to release the disk.
     pub detach_timeout: Duration,
+    /// The size at which the console and QEMU logs are rotated (`--log-max-bytes`).
+    pub log_max_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,7 @@ pub async fn run(layout: &PodLayout, opts: RunOptions) -> Result<Outcome, Superv
 /// here, or arrived by migration).
 struct Relays {
     layout: PodLayout,
+    log_max_bytes: u64,
     stop: watch::Receiver<bool>,
     started: bool,
 }
@@ -107,8 +110,9 @@ impl Relays {
         let (Some(console), name) = (core.console_log(), core.status().name) else {
             return;
         };
-        daemons::follow_file("qemu", self.layout.qemu_log(&name), self.stop.clone());
-        daemons::follow_file("console", console, self.stop.clone());
+        let max = self.log_max_bytes;
+        daemons::follow_file("qemu", self.layout.qemu_log(&name), max, self.stop.clone());
+        daemons::follow_file("console", console, max, self.stop.clone());
         self.started = true;
     }
 }
@@ -145,6 +149,7 @@ async fn supervise(
     };
     let relays = Relays {
         layout: layout.clone(),
+        log_max_bytes: opts.log_max_bytes,
         stop: stop_follow,
         started: false,
     };
