@@ -847,7 +847,7 @@ pub(super) fn disk_status(
     }
 }
 
-fn size_of(path: &Path) -> u64 {
+pub(super) fn size_of(path: &Path) -> u64 {
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::FileTypeExt;
     // stat() never opens the path (opening a FIFO would block); only a block device is opened,
