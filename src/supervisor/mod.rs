@@ -259,6 +259,8 @@ async fn event_loop(
                     if let Some(reason) = reconnect(core).await? {
                         return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                     }
+                } else if stale_stop(core, &ev).await {
+                    tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
                 } else if let Some(reason) = core.on_domain_event(&ev) {
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
@@ -342,23 +344,10 @@ async fn destroy(core: &Arc<Launcher>, why: &str, stopping: &mut Stopping) {
 
 /// Reconnects after libvirtd went away. Returns the stop reason if the domain is gone.
 async fn reconnect(core: &Arc<Launcher>) -> Result<Option<StopReason>, SupervisorError> {
-    let hv = core.hypervisor().clone();
-    if hv.is_connected() {
+    if !core.ensure_connected().await? {
         return Ok(None);
     }
-    hv.disconnect();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let h = hv.clone();
-        match tokio::task::spawn_blocking(move || h.reconnect()).await? {
-            Ok(()) => break,
-            Err(e) if Instant::now() < until => {
-                tracing::debug!(error = %e, "libvirtd not back yet");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let hv = core.hypervisor().clone();
     let name = core.status().name;
     if name.is_empty() {
         return Ok(None);
@@ -371,6 +360,53 @@ async fn reconnect(core: &Arc<Launcher>) -> Result<Option<StopReason>, Superviso
         Err(LibvirtError::NoDomain(_)) => Some(StopReason::Unknown),
         _ => None,
     })
+}
+
+/// A stop event about a start that failed earlier (libvirtd, back after dying mid-start,
+/// killed the half-started QEMU and said so on the new connection) while the domain started
+/// since runs: not a stop of ours.
+async fn stale_stop(core: &Arc<Launcher>, ev: &DomainEvent) -> bool {
+    if !matches!(
+        ev,
+        DomainEvent::Lifecycle {
+            kind: crate::libvirt::LifecycleKind::Stopped(_),
+            ..
+        }
+    ) || !core.has_started()
+    {
+        return false;
+    }
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    matches!(
+        tokio::task::spawn_blocking(move || hv.state(&name)).await,
+        Ok(Ok(s)) if s.is_running()
+    )
+}
+
+/// SIGKILLs any QEMU of domain `name` still running under this launcher (one libvirtd spawned
+/// and lost track of when it died), and waits for it to be gone: it would hold the disks.
+pub(crate) async fn kill_orphan_qemu(name: &str) {
+    let me = std::process::id() as i32;
+    let needle = format!("guest={name},");
+    let orphans = || -> Vec<i32> {
+        children_of(me)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                    .unwrap_or(false)
+            })
+            .collect()
+    };
+    let found = orphans();
+    for pid in &found {
+        tracing::warn!(pid, domain = name, "killing a QEMU libvirtd lost track of");
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while !found.is_empty() && !orphans().is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The domain stopped: remove its definition and report it.
