@@ -245,6 +245,9 @@ async fn event_loop(
             _ = liveness.tick(), if core.has_started() => {
                 if let Some(reason) = gone(core).await {
                     tracing::warn!(reason = ?reason, "the domain stopped without an event");
+                    if reason == StopReason::Migrated {
+                        until_migration_ends(core, raw_events).await;
+                    }
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -262,6 +265,9 @@ async fn event_loop(
                 } else if stale_stop(core, &ev).await {
                     tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
                 } else if let Some(reason) = core.on_domain_event(&ev) {
+                    if reason == StopReason::Migrated {
+                        until_migration_ends(core, raw_events).await;
+                    }
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -360,6 +366,28 @@ async fn reconnect(core: &Arc<Launcher>) -> Result<Option<StopReason>, Superviso
         Err(LibvirtError::NoDomain(_)) => Some(StopReason::Unknown),
         _ => None,
     })
+}
+
+/// The VM left by migration: the Migrate call still waits for libvirt's completed-job
+/// statistics (the measured downtime), which arrive as an event after the stop. Keep handling
+/// events until the call has ended (at most 10 s), and only then remove the definition.
+async fn until_migration_ends(
+    core: &Arc<Launcher>,
+    raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
+) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while core.migration_running() && Instant::now() < until {
+        tokio::select! {
+            Some(ev) = raw_events.recv() => {
+                let ev = DomainEvent::from(ev);
+                if matches!(ev, DomainEvent::JobCompleted { .. }) {
+                    tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "domain event");
+                    core.on_domain_event(&ev);
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
 }
 
 /// A stop event about a start that failed earlier (libvirtd, back after dying mid-start,
