@@ -1,9 +1,11 @@
 //! Live migration between two launcher pods on one machine: each has its own mount and UTS
-//! namespace and libvirt daemons, and both see the RWX claim at the same path. The guest writes
-//! an increasing counter to the shared disk and its console (`lv.counter=vda`).
+//! namespace and libvirt daemons, and both see the RWX claim at the same path (block
+//! migration: each has its own ReadWriteOnce claim). The guest writes an increasing counter to
+//! the disk and its console (`lv.counter=vda`).
 
 mod common;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::Pod;
@@ -39,13 +41,23 @@ async fn connect(pod: &Pod) -> Client {
 }
 
 async fn prepare(target: &Pod, vmi_yaml: &str) -> pb::MigrationTarget {
+    prepare_with(target, vmi_yaml, HashMap::new())
+        .await
+        .expect("prepare target")
+}
+
+async fn prepare_with(
+    target: &Pod,
+    vmi_yaml: &str,
+    disk_sizes: HashMap<String, u64>,
+) -> Result<pb::MigrationTarget, tonic::Status> {
     let mut c = connect(target).await;
     c.prepare_migration_target(pb::PrepareMigrationTargetRequest {
         vmi: vmi_yaml.as_bytes().to_vec(),
+        disk_sizes,
     })
     .await
-    .expect("prepare target")
-    .into_inner()
+    .map(|r| r.into_inner())
 }
 
 fn options() -> pb::MigrationOptions {
@@ -81,6 +93,16 @@ async fn wait_exit(pod: Pod, secs: u64) -> (std::process::ExitStatus, Pod) {
 /// Migrates `from` to `to` and checks the counter continues on `to` without a gap.
 async fn migrate_and_check(from: Pod, to: &mut Pod, vmi_yaml: &str) -> pb::MigrationResult {
     prepare(to, vmi_yaml).await;
+    migrate_prepared_and_check(from, to, options()).await.0
+}
+
+/// Migrates `from` to the prepared `to` with `opts` and checks the counter continues on `to`
+/// without a gap. Returns the result and the (exited) source pod.
+async fn migrate_prepared_and_check(
+    from: Pod,
+    to: &mut Pod,
+    opts: pb::MigrationOptions,
+) -> (pb::MigrationResult, Pod) {
     let mut c = connect(&from).await;
     // Progress arrives on Watch at least every 400 ms while the migration runs.
     let mut watch = c
@@ -111,7 +133,7 @@ async fn migrate_and_check(from: Pod, to: &mut Pod, vmi_yaml: &str) -> pb::Migra
     let r = c
         .migrate(pb::MigrateRequest {
             target_socket: to.socket().display().to_string(),
-            options: Some(options()),
+            options: Some(opts),
         })
         .await
         .expect("Migrate call")
@@ -186,9 +208,9 @@ async fn migrate_and_check(from: Pod, to: &mut Pod, vmi_yaml: &str) -> pb::Migra
     );
     assert!(
         disk_counter(to) >= on_target[0],
-        "the shared disk lags behind the guest"
+        "the target's disk lags behind the guest"
     );
-    r
+    (r, from)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,4 +507,196 @@ async fn sigterm_during_a_migration_cancels_it_and_stops_with_the_data_intact() 
     let (status, b) = wait_exit(b, 30).await;
     assert!(status.success(), "{}", b.dump());
     assert!(a.leftover_processes().is_empty() && b.leftover_processes().is_empty());
+}
+
+/// Sizes of the source's local disks, as an orchestrator passes them to the target.
+async fn local_disk_sizes(src: &Pod) -> HashMap<String, u64> {
+    let d = connect(src)
+        .await
+        .get_domain(pb::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    d.disks
+        .into_iter()
+        .filter(|d| !d.shared)
+        .map(|d| (d.volume, d.size_bytes))
+        .collect()
+}
+
+/// A VM-less target pod with its own (ReadWriteOnce) claim directories but no `disk.img` in
+/// them, as a fresh claim on another node.
+fn empty_target(name: &str) -> Pod {
+    let mut pod = Pod::new(name)
+        .with_disk("data", "virtio", 16)
+        .with_disk("logs", "virtio", 8);
+    pod.wait_for_sync = true;
+    pod.start();
+    pod.wait_socket(Duration::from_secs(30));
+    for d in ["data", "logs"] {
+        std::fs::remove_file(pod.disk_image(d)).unwrap();
+    }
+    pod
+}
+
+fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+/// The first line of a disk image.
+fn first_line(path: &std::path::Path) -> String {
+    let data = read_at(path, 0, 4096);
+    let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    String::from_utf8_lossy(line).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_migration_copies_local_disks_to_the_target() {
+    // The source runs on two ReadWriteOnce claims: the guest counts on `data` (vda) and wrote
+    // a line to `logs` (vdb) at boot; `data` also holds a block written before the VM started
+    // (as an OS image would), far from where the guest writes.
+    const SEED_AT: u64 = 12 << 20;
+    const SEED: &[u8] = b"lv-seeded-before-boot";
+    let mut a = Pod::new("mig-blk")
+        .with_disk("data", "virtio", 16)
+        .with_disk("logs", "virtio", 8)
+        .kernel_args("lv.write=vdb:lv-written-by-the-guest lv.counter=vda");
+    a.start();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.disk_image("data"))
+            .unwrap();
+        f.write_all_at(SEED, SEED_AT).unwrap();
+        f.sync_all().unwrap();
+    }
+    a.wait_console(
+        "LV-WROTE vdb lv-written-by-the-guest",
+        Duration::from_secs(90),
+    );
+    a.wait_console("LV-COUNT 5", Duration::from_secs(90));
+    let vmi = a.vmi_yaml();
+    let sizes = local_disk_sizes(&a).await;
+    assert_eq!(
+        sizes,
+        HashMap::from([
+            ("data".to_string(), 16 << 20),
+            ("logs".to_string(), 8 << 20)
+        ])
+    );
+    let mut c = connect(&a).await;
+    let block = pb::MigrationOptions {
+        block_migration: true,
+        ..options()
+    };
+
+    // A target without the source's sizes has nothing to copy into (and the VMI states no
+    // capacity): refused, naming the missing file.
+    let b = empty_target("mig-blk-t");
+    let e = prepare_with(&b, &vmi, HashMap::new()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("disk.img") && e.message().contains("data"),
+        "{}",
+        e.message()
+    );
+    // A destination of the wrong size is refused before anything is copied.
+    let mut wrong = sizes.clone();
+    wrong.insert("data".into(), 8 << 20);
+    prepare_with(&b, &vmi, wrong).await.expect("prepare");
+    let e = c
+        .migrate(pb::MigrateRequest {
+            target_socket: b.socket().display().to_string(),
+            options: Some(block),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("data") && e.message().contains("same size"),
+        "{}",
+        e.message()
+    );
+    still_running_on(&a).await;
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    let (_, b) = wait_exit(b, 20).await;
+    drop(b);
+
+    // The right target: the sparse destinations are created at the source's sizes.
+    let mut b = empty_target("mig-blk-t2");
+    prepare_with(&b, &vmi, sizes.clone())
+        .await
+        .expect("prepare");
+    for (d, size) in &sizes {
+        let m = std::fs::metadata(b.disk_image(d)).unwrap();
+        assert_eq!(m.len(), *size, "{d}");
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&m) * 512 < 1 << 20,
+            "{d} is not sparse"
+        );
+    }
+    // Without block migration the local claims are refused.
+    let e = c
+        .migrate(pb::MigrateRequest {
+            target_socket: b.socket().display().to_string(),
+            options: Some(options()),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("block migration"), "{}", e.message());
+
+    let (r, a) = migrate_prepared_and_check(a, &mut b, block).await;
+    let p = r.progress.unwrap();
+    eprintln!(
+        "block migration: total {} ms, downtime {} ms, {} bytes",
+        p.elapsed_ms, p.downtime_ms, p.data_total
+    );
+    // The target's own files hold what the guest and the image had before the migration.
+    let last_src = *counts(&a.console()).last().unwrap();
+    assert_eq!(read_at(&b.disk_image("data"), SEED_AT, SEED.len()), SEED);
+    assert_eq!(first_line(&b.disk_image("logs")), "lv-written-by-the-guest");
+    assert!(
+        disk_counter(&b) >= last_src,
+        "target disk holds {} but the guest had written {last_src}",
+        disk_counter(&b)
+    );
+    // The source's copy is no longer used.
+    let src_now = disk_counter(&a);
+    let n = counts(&b.console()).last().copied().unwrap();
+    b.wait_console(&format!("LV-COUNT {}", n + 5), Duration::from_secs(30));
+    assert_eq!(
+        disk_counter(&a),
+        src_now,
+        "something still writes the source's copy"
+    );
+    let d = connect(&b)
+        .await
+        .get_domain(pb::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.state(), DomainState::Running);
+    assert!(d
+        .disks
+        .iter()
+        .all(|d| d.source.starts_with(&b.pvcs_dir().display().to_string())));
+
+    // Stopped on the target, every count the guest printed is in the target's file.
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, b) = wait_exit(b, 40).await;
+    assert!(status.success(), "{}", b.dump());
+    let last = *counts(&b.console()).last().unwrap();
+    assert!(
+        disk_counter(&b) >= last,
+        "target disk holds {} but the guest wrote {last}",
+        disk_counter(&b)
+    );
+    assert!(b.leftover_processes().is_empty() && a.leftover_processes().is_empty());
 }

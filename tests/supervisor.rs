@@ -282,3 +282,128 @@ fn console_log_is_rotated_at_the_cap_and_relayed_without_a_gap() {
         );
     }
 }
+
+/// When, during a start, libvirtd is killed.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// As the launcher logs "starting domain": libvirtd is defining the domain, probing QEMU's
+    /// capabilities or spawning it.
+    Define,
+    /// This long after QEMU appeared: libvirtd is setting it up over QMP, the guest has not
+    /// started (0 ms), or is about to (later).
+    Qemu(u64),
+}
+
+/// Starts a counting guest whose disk already holds 1000, SIGKILLs the pod's libvirtd at
+/// `when`, and waits for the guest to count on. Returns the time from the kill to the guest
+/// counting. The launcher must recover: libvirtd comes back within a second, and the start
+/// either finished (the domain is adopted) or is done again.
+fn start_and_kill_libvirtd(name: &str, when: KillAt) -> (Pod, Duration) {
+    let mut pod = Pod::new(name)
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.counter=vda");
+    pod.prepare();
+    std::fs::write(pod.disk_image("data"), b"1000\n").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(pod.disk_image("data"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    pod.spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hit = match when {
+            KillAt::Define => pod.log().contains("\"message\":\"starting domain\""),
+            KillAt::Qemu(_) => pod
+                .leftover_processes()
+                .iter()
+                .any(|p| p.contains("qemu-system")),
+        };
+        if hit {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the start never got to {when:?}\n{}",
+            pod.dump()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if let KillAt::Qemu(ms) = when {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let libvirtd = pod.daemon_pid("libvirtd").expect("libvirtd pid");
+    kill(Pid::from_raw(libvirtd), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(90);
+    while !pod.console().contains("LV-COUNT 1003") {
+        if let Some(status) = pod.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!(
+                "libvirtd killed at {when:?}: the launcher exited ({status}) instead of recovering\n{}",
+                pod.dump()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not run within 90 s after libvirtd was killed at {when:?}\n{}",
+            pod.dump()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (pod, killed.elapsed())
+}
+
+/// The disk holds a count, never less than what it held or what the guest printed.
+fn assert_counter_intact(pod: &Pod) {
+    let first = std::fs::read(pod.disk_image("data")).unwrap();
+    let line = first.split(|b| *b == b'\n').next().unwrap();
+    let n: u64 = String::from_utf8_lossy(line)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("disk no longer holds a count: {:?}", &first[..16]));
+    assert!(n >= 1000, "the disk lost its data: {n}");
+    assert!(
+        n >= pod.last_console_count(),
+        "disk holds {n} but the guest printed {}",
+        pod.last_console_count()
+    );
+}
+
+#[test]
+fn libvirtd_killed_during_a_start_is_recovered_from() {
+    let timings = [KillAt::Define, KillAt::Qemu(0), KillAt::Qemu(150)];
+    for (i, when) in timings.into_iter().enumerate() {
+        let (mut pod, took) = start_and_kill_libvirtd(&format!("startkill{i}"), when);
+        // One guest, which counted on from the disk's value (it booted once, on intact data).
+        let qemus = pod
+            .leftover_processes()
+            .iter()
+            .filter(|p| p.contains("qemu-system"))
+            .count();
+        assert_eq!(qemus, 1, "{:#?}", pod.leftover_processes());
+        let counts: Vec<u64> = pod
+            .console()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("LV-COUNT ")?.trim().parse().ok())
+            .collect();
+        assert_eq!(counts[..3], [1001, 1002, 1003], "{}", pod.dump());
+        assert_eq!(pod.console_count("LV-READY"), 1, "{}", pod.dump());
+        eprintln!(
+            "libvirtd killed at {when:?}: guest counting {} ms later",
+            took.as_millis()
+        );
+        // And the launcher still works: SIGTERM stops the guest cleanly.
+        pod.signal(Signal::SIGTERM);
+        let status = pod.wait_exit(Duration::from_secs(40));
+        assert!(status.success(), "exit {status}\n{}", pod.dump());
+        assert!(
+            pod.log().contains("\"reason\":\"Shutdown\""),
+            "{}",
+            pod.dump()
+        );
+        let left = pod.leftover_processes();
+        assert!(left.is_empty(), "processes left behind: {left:#?}");
+        assert_counter_intact(&pod);
+    }
+}

@@ -205,9 +205,12 @@ async fn launcher_migrate(
     vmi: Vec<u8>,
 ) -> Result<(f64, pb::MigrationResult)> {
     let mut t = connect(target).await?;
-    t.prepare_migration_target(pb::PrepareMigrationTargetRequest { vmi })
-        .await
-        .map_err(|e| anyhow!("PrepareMigrationTarget: {e}"))?;
+    t.prepare_migration_target(pb::PrepareMigrationTargetRequest {
+        vmi,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow!("PrepareMigrationTarget: {e}"))?;
     drop(t);
     let mut c = connect(source).await?;
     let req = pb::MigrateRequest {

@@ -153,6 +153,8 @@ impl From<state::TargetInfo> for pb::MigrationTarget {
             disks_uri: t.disks_uri,
             private_dir: t.private_dir,
             ephemeral_dir: t.ephemeral_dir,
+            volumes_dir: t.volumes_dir,
+            hotplug_dir: t.hotplug_dir,
         }
     }
 }
@@ -166,6 +168,8 @@ impl From<pb::MigrationTarget> for state::TargetInfo {
             disks_uri: t.disks_uri,
             private_dir: t.private_dir,
             ephemeral_dir: t.ephemeral_dir,
+            volumes_dir: t.volumes_dir,
+            hotplug_dir: t.hotplug_dir,
         }
     }
 }
@@ -393,9 +397,10 @@ impl LauncherApi for Service {
     ) -> Result<Response<pb::MigrationTarget>, Status> {
         within_deadline(&req, async {
             let vmi = decode_vmi(&req.get_ref().vmi, "PrepareMigrationTargetRequest.vmi")?;
+            let sizes = req.get_ref().disk_sizes.clone();
             let t = self
                 .core
-                .prepare_migration_target(vmi)
+                .prepare_migration_target(vmi, sizes)
                 .await
                 .map_err(|e| to_status(&e))?;
             Ok(Response::new(pb::MigrationTarget::from(t)))

@@ -90,6 +90,10 @@ enum Cmd {
     /// Ready this VM-less launcher to receive the VMI in FILE by live migration.
     PrepareTarget {
         vmi: PathBuf,
+        /// The source launcher's control socket: its local (not shared) disks' sizes size the
+        /// destination images a block migration copies into (created when missing).
+        #[arg(long)]
+        source: Option<PathBuf>,
     },
     /// Live-migrate the VM to the prepared launcher behind --target; follows progress.
     Migrate {
@@ -309,10 +313,27 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
             );
         }
-        Cmd::PrepareTarget { vmi } => {
+        Cmd::PrepareTarget { vmi, source } => {
             let body = std::fs::read(&vmi).with_context(|| vmi.display().to_string())?;
+            let mut disk_sizes = std::collections::HashMap::new();
+            if let Some(source) = source {
+                let mut s = client::connect(&source)
+                    .await
+                    .with_context(|| format!("cannot connect to {}", source.display()))?;
+                let d = s
+                    .get_domain(pb::Empty {})
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for disk in d.disks.into_iter().filter(|d| !d.shared) {
+                    disk_sizes.insert(disk.volume, disk.size_bytes);
+                }
+            }
             let t = c
-                .prepare_migration_target(pb::PrepareMigrationTargetRequest { vmi: body })
+                .prepare_migration_target(pb::PrepareMigrationTargetRequest {
+                    vmi: body,
+                    disk_sizes,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();

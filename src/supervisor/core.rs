@@ -24,6 +24,8 @@ use crate::spec::{SpecError, VirtualMachineInstance};
 
 /// How long a detach waits for the guest to release the disk, unless configured.
 pub const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a lost libvirtd may take to come back before the launcher gives up on it.
+pub const LIBVIRTD_BACK: Duration = Duration::from_secs(30);
 /// Default auto-thaw for a freeze.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -97,6 +99,10 @@ pub struct Launcher {
     detach_timeout_ms: AtomicU64,
     /// Statistics of the last completed job (a migration), from its JOB_COMPLETED event.
     pub(super) last_job: Mutex<Option<Vec<(String, f64)>>>,
+    /// One reconnection to libvirtd at a time (the loop and a start may both notice a loss).
+    reconnecting: tokio::sync::Mutex<()>,
+    /// How many times a new connection to libvirtd was opened.
+    connections: AtomicU64,
 }
 
 impl Launcher {
@@ -124,7 +130,40 @@ impl Launcher {
             cancel: AtomicBool::new(false),
             detach_timeout_ms: AtomicU64::new(DETACH_TIMEOUT.as_millis() as u64),
             last_job: Mutex::new(None),
+            reconnecting: tokio::sync::Mutex::new(()),
+            connections: AtomicU64::new(0),
         })
+    }
+
+    /// Reconnects to libvirtd if the connection is broken (the daemon died; the pod's daemon
+    /// supervisor restarts it), waiting up to `LIBVIRTD_BACK` for it. Returns whether it
+    /// opened a new connection.
+    pub(super) async fn ensure_connected(&self) -> Result<bool, LibvirtError> {
+        let _one = self.reconnecting.lock().await;
+        if self.hv.is_connected() {
+            return Ok(false);
+        }
+        self.hv.disconnect();
+        let until = std::time::Instant::now() + LIBVIRTD_BACK;
+        loop {
+            let hv = self.hv.clone();
+            match tokio::task::spawn_blocking(move || hv.reconnect())
+                .await
+                .map_err(|e| LibvirtError::Call {
+                    op: "reconnect",
+                    code: -1,
+                    message: e.to_string(),
+                })? {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() < until => {
+                    tracing::debug!(error = %e, "libvirtd not back yet");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        Ok(true)
     }
 
     /// How long a detach waits for the guest to release the disk.
@@ -290,7 +329,18 @@ impl Launcher {
         let xml = plan.xml.clone();
         tracing::info!(domain = %name, "starting domain");
         let t = std::time::Instant::now();
-        if let Err(e) = self.blocking(move |hv| hv.define_and_start(&xml)).await {
+        let connection = self.connections.load(Ordering::SeqCst);
+        let result = match self.blocking(move |hv| hv.define_and_start(&xml)).await {
+            // libvirtd died under the call (killed, crashed): it is being restarted.
+            Err(e)
+                if !self.hv.is_connected()
+                    || self.connections.load(Ordering::SeqCst) != connection =>
+            {
+                self.start_again(&name, &plan.xml, e).await
+            }
+            r => r,
+        };
+        if let Err(e) = result {
             self.set_state(State::Shutoff, "failed");
             return Err(e);
         }
@@ -306,6 +356,86 @@ impl Launcher {
             self.set_phase(&v, Phase::Ready, "");
         }
         Ok(())
+    }
+
+    /// libvirtd died while it was starting the domain. Once it is back (the pod's daemon
+    /// supervisor restarts it within a second), the domain either runs (libvirtd had finished
+    /// starting it and reattaches to its QEMU: adopted) or not (libvirtd kills a QEMU it was
+    /// still setting up): then any QEMU of this domain libvirtd does not know of is killed, so
+    /// that nothing else holds the disks, and the domain is started once more. A second failure
+    /// is returned, saying what happened.
+    async fn start_again(
+        &self,
+        name: &str,
+        xml: &str,
+        first: ControlError,
+    ) -> Result<(), ControlError> {
+        tracing::warn!(domain = %name, error = %first, "libvirtd died while starting the domain; starting it again once libvirtd is back");
+        self.publish(
+            EventKind::Daemon,
+            "libvirtd died during the domain's start; retrying",
+        );
+        let lost = |what: String| {
+            ControlError::Precondition(format!(
+                "libvirtd died while starting the domain ({first}); {what}"
+            ))
+        };
+        self.ensure_connected()
+            .await
+            .map_err(|e| lost(format!("it did not come back: {e}")))?;
+        match self.settled_state(name).await {
+            Some(s) if s.is_running() => {
+                tracing::info!(domain = %name, "libvirtd, back, runs the domain: adopting it");
+                self.set_state(State::Running, "started");
+                return Ok(());
+            }
+            Some(s) if !s.is_shut_off() => {
+                tracing::warn!(domain = %name, state = s.name(), "destroying the half-started domain");
+                let n = name.to_string();
+                let _ = self.blocking(move |hv| hv.destroy(&n)).await;
+            }
+            _ => {}
+        }
+        super::kill_orphan_qemu(name).await;
+        let n = name.to_string();
+        if self
+            .blocking(move |hv| hv.exists(&n))
+            .await
+            .unwrap_or(false)
+        {
+            let n = name.to_string();
+            let _ = self.blocking(move |hv| hv.undefine(&n)).await;
+        }
+        let x = xml.to_string();
+        self.blocking(move |hv| hv.define_and_start(&x))
+            .await
+            .map_err(|e| lost(format!("starting it again failed: {e}")))?;
+        tracing::info!(domain = %name, "domain started on the second attempt");
+        Ok(())
+    }
+
+    /// The domain's state once libvirtd has finished dealing with a domain it found starting
+    /// when it came back (it kills those); None: no such domain.
+    async fn settled_state(&self, name: &str) -> Option<crate::libvirt::DomainState> {
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let n = name.to_string();
+            let state = match self.blocking(move |hv| hv.state(&n)).await {
+                Ok(s) => Some(s),
+                Err(ControlError::NoDomain) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "domain state");
+                    None
+                }
+            };
+            if let Some(s) = state.filter(|s| s.is_running() || s.is_shut_off()) {
+                return Some(s);
+            }
+            if std::time::Instant::now() > until {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn reconcile(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
@@ -847,7 +977,7 @@ pub(super) fn disk_status(
     }
 }
 
-fn size_of(path: &Path) -> u64 {
+pub(super) fn size_of(path: &Path) -> u64 {
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::FileTypeExt;
     // stat() never opens the path (opening a FIFO would block); only a block device is opened,

@@ -1,17 +1,20 @@
 //! Live migration between two launcher pods.
 //!
-//! Target: [`Launcher::prepare_migration_target`] plans the VMI against this pod (same disks at
-//! the same paths, as two nodes mounting one RWX claim; its own private files) and reports where
-//! its libvirtd and the migration data sockets are. The VM arrives through libvirt; the core
-//! adopts it on its first lifecycle event.
+//! Target: [`Launcher::prepare_migration_target`] plans the VMI against this pod (its claims at
+//! its own volumes directory: one RWX claim mounted by two nodes, or for block migration its own
+//! local claim, whose missing `disk.img` it creates at the source's size; its own private files)
+//! and reports where its libvirtd and the migration data sockets are. The VM arrives through
+//! libvirt; the core adopts it on its first lifecycle event.
 //!
 //! Source: [`Launcher::migrate`] checks the target was prepared for the same VMI, applies the
 //! storage rules (only shared or read-only disks migrate directly; local writable disks need
-//! block migration), rewrites the pod-local paths of the live XML to the target pod's, and runs
+//! block migration into same-sized images on the target, which QEMU mirrors into over the
+//! disks socket), rewrites the pod-local paths of the live XML to the target pod's, and runs
 //! a peer-to-peer migration over unix sockets while a monitor reports progress every 400 ms and
 //! enforces the progress and completion deadlines. Any failure leaves the VM running here and
 //! tells the target launcher to exit.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,9 +61,13 @@ pub struct MigrationOutcome {
 
 impl Launcher {
     /// Readies this (VM-less) launcher to receive `vmi` by migration.
+    ///
+    /// `disk_sizes` (volume name to bytes) sizes the destination of a block migration: a local
+    /// claim named there whose `disk.img` is missing is created sparse at the source's size.
     pub async fn prepare_migration_target(
         &self,
         vmi: VirtualMachineInstance,
+        disk_sizes: HashMap<String, u64>,
     ) -> Result<TargetInfo, ControlError> {
         let _op = self.op.lock().await;
         if self.has_started() || self.status().migration_target.is_some() {
@@ -71,8 +78,32 @@ impl Launcher {
         let sockets = self.sockets.clone().ok_or_else(|| {
             ControlError::Precondition("this launcher cannot receive migrations".into())
         })?;
-        let plan = self.planner.plan(&vmi)?;
-        self.planner.prepare(&vmi, &plan)?;
+        let created = super::plan::create_copy_targets(
+            &vmi,
+            &self.planner.paths.paths_for(&vmi),
+            &disk_sizes,
+        )?;
+        let undo = |why: ControlError| {
+            for (_, p) in &created {
+                let _ = std::fs::remove_file(p);
+            }
+            why
+        };
+        let plan = self.planner.plan(&vmi).map_err(|e| undo(e.into()))?;
+        // Block migration copies only writable disks: a read-only one must already be here.
+        if let Some(d) = plan.domain.devices.disks.iter().find(|d| {
+            (d.readonly || d.shareable || d.device == crate::domain::DiskDevice::Cdrom)
+                && created.iter().any(|(v, _)| v == d.volume())
+        }) {
+            return Err(undo(ControlError::Precondition(format!(
+                "volume {}: read-only or shareable disks are not copied by block migration; \
+                 this pod must mount the same data",
+                d.volume()
+            ))));
+        }
+        self.planner
+            .prepare(&vmi, &plan)
+            .map_err(|e| undo(e.into()))?;
         let paths = &plan.facts.paths;
         let info = TargetInfo {
             uid: vmi.metadata.uid.clone().unwrap_or_default(),
@@ -87,6 +118,8 @@ impl Launcher {
             ),
             private_dir: paths.private_dir.display().to_string(),
             ephemeral_dir: paths.ephemeral_disks_dir.display().to_string(),
+            volumes_dir: paths.vmi_disks_dir.display().to_string(),
+            hotplug_dir: paths.hotplug_disks_dir.display().to_string(),
         };
         *self.console_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(paths.serial_log());
         let disks = plan
@@ -199,7 +232,7 @@ impl Launcher {
                 "a migration is already running".into(),
             ));
         }
-        let target = query_target(target_socket).await?;
+        let (target, target_disks) = query_target(target_socket).await?;
         if target.uid != status.uid {
             return Err(ControlError::Precondition(format!(
                 "the target was prepared for VMI uid {:?}, this VM is {:?}",
@@ -219,6 +252,9 @@ impl Launcher {
                  refusing to migrate unless block migration is requested"
             )));
         }
+        if opts.block_migration {
+            check_copy_sizes(&local, &target_disks)?;
+        }
         let vmi = self.lock_vmi().clone().ok_or(ControlError::NoDomain)?;
         let here = self.planner.paths.paths_for(&vmi);
         let name = status.name.clone();
@@ -234,6 +270,14 @@ impl Launcher {
                 (
                     here.ephemeral_disks_dir.display().to_string(),
                     target.ephemeral_dir.clone(),
+                ),
+                (
+                    here.vmi_disks_dir.display().to_string(),
+                    target.volumes_dir.clone(),
+                ),
+                (
+                    here.hotplug_disks_dir.display().to_string(),
+                    target.hotplug_dir.clone(),
                 ),
             ],
         );
@@ -363,8 +407,37 @@ impl Launcher {
     }
 }
 
-/// Asks the target launcher what it was prepared for.
-async fn query_target(socket: &std::path::Path) -> Result<TargetInfo, ControlError> {
+/// Block migration copies each local disk into the target's copy of it, which must have the
+/// same size (QEMU mirrors into the existing image; a smaller one cannot hold the data, a
+/// larger one would change the disk the guest sees).
+fn check_copy_sizes(
+    local: &[&super::state::DiskStatus],
+    target: &[crate::api::pb::Disk],
+) -> Result<(), ControlError> {
+    for d in local {
+        let here = super::core::size_of(std::path::Path::new(&d.source));
+        let there = target.iter().find(|t| t.volume == d.volume);
+        let why = match there {
+            None => "the target has no such disk".to_string(),
+            Some(t) if t.size_bytes != here => format!(
+                "the target's copy ({}) is {} bytes, this one is {here} bytes",
+                t.source, t.size_bytes
+            ),
+            Some(_) => continue,
+        };
+        return Err(ControlError::Precondition(format!(
+            "volume {}: {why}: block migration needs a destination disk of the same size \
+             (PrepareMigrationTarget creates a missing one from disk_sizes)",
+            d.volume
+        )));
+    }
+    Ok(())
+}
+
+/// Asks the target launcher what it was prepared for, and its disks.
+async fn query_target(
+    socket: &std::path::Path,
+) -> Result<(TargetInfo, Vec<crate::api::pb::Disk>), ControlError> {
     let unreachable = |e: String| {
         ControlError::Precondition(format!("target launcher at {}: {e}", socket.display()))
     };
@@ -381,7 +454,7 @@ async fn query_target(socket: &std::path::Path) -> Result<TargetInfo, ControlErr
     let t = d
         .migration_target
         .ok_or_else(|| unreachable("it was not prepared as a migration target".into()))?;
-    Ok(TargetInfo::from(t))
+    Ok((TargetInfo::from(t), d.disks))
 }
 
 /// Tells a target launcher to give up (best effort: it may already be gone).
@@ -399,7 +472,7 @@ async fn cleanup_target(socket: &std::path::Path) {
 pub fn rewrite_paths(xml: &str, moves: &[(String, String)]) -> String {
     let mut out = xml.to_string();
     for (from, to) in moves {
-        if from.is_empty() || from == to {
+        if from.is_empty() || to.is_empty() || from == to {
             continue;
         }
         let (from, to) = (

@@ -265,6 +265,8 @@ async fn event_loop(
                     if let Some(reason) = reconnect(core).await? {
                         return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                     }
+                } else if stale_stop(core, &ev).await {
+                    tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
                 } else if let Some(reason) = core.on_domain_event(&ev) {
                     drain_after_stop(core, raw_events, reason).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
@@ -284,44 +286,40 @@ async fn event_loop(
 }
 
 /// The events libvirt sends right after a stop still count: after STOPPED(migrated) comes
-/// JOB_COMPLETED with the migration's statistics (its downtime), a fraction of a millisecond
-/// later. Handle what is queued, and after a migration wait a little for that event.
+/// JOB_COMPLETED with the migration's statistics (its measured downtime), a fraction of a
+/// millisecond later, and the Migrate call waits for them. Handle what is queued; after a
+/// migration keep handling events until the Migrate call has ended (at most
+/// [`MIGRATION_END_WAIT`]), and only then let the definition be removed.
 async fn drain_after_stop(
     core: &Arc<Launcher>,
     raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
     reason: StopReason,
 ) {
     let name = core.status().name;
-    let wait = if reason == StopReason::Migrated {
-        JOB_COMPLETED_WAIT
-    } else {
-        Duration::ZERO
-    };
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        let ev = match raw_events.try_recv() {
-            Ok(ev) => ev,
-            Err(_) if tokio::time::Instant::now() >= deadline => return,
-            Err(_) => match tokio::time::timeout_at(deadline, raw_events.recv()).await {
-                Ok(Some(ev)) => ev,
-                _ => return,
-            },
-        };
+    let handle = |ev: RawEvent| {
         let ev = DomainEvent::from(ev);
-        if ev.domain().is_some_and(|d| d != name) {
-            continue;
+        if ev.domain().is_none_or(|d| d == name) {
+            tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "domain event");
+            let _ = core.on_domain_event(&ev);
         }
-        tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "domain event");
-        let job_done = matches!(ev, DomainEvent::JobCompleted { .. });
-        let _ = core.on_domain_event(&ev);
-        if job_done {
+    };
+    let until = Instant::now() + MIGRATION_END_WAIT;
+    loop {
+        while let Ok(ev) = raw_events.try_recv() {
+            handle(ev);
+        }
+        if reason != StopReason::Migrated || !core.migration_running() || Instant::now() >= until {
             return;
+        }
+        tokio::select! {
+            Some(ev) = raw_events.recv() => handle(ev),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
 }
 
-/// How long a migrated-away launcher waits for the JOB_COMPLETED event after the stop.
-const JOB_COMPLETED_WAIT: Duration = Duration::from_secs(1);
+/// How long a migrated-away launcher waits for its Migrate call to end before it finishes.
+const MIGRATION_END_WAIT: Duration = Duration::from_secs(10);
 
 /// How often the loop checks that the domain still exists (a backstop for lost events).
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(2);
@@ -389,23 +387,10 @@ async fn destroy(core: &Arc<Launcher>, why: &str, stopping: &mut Stopping) {
 
 /// Reconnects after libvirtd went away. Returns the stop reason if the domain is gone.
 async fn reconnect(core: &Arc<Launcher>) -> Result<Option<StopReason>, SupervisorError> {
-    let hv = core.hypervisor().clone();
-    if hv.is_connected() {
+    if !core.ensure_connected().await? {
         return Ok(None);
     }
-    hv.disconnect();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let h = hv.clone();
-        match tokio::task::spawn_blocking(move || h.reconnect()).await? {
-            Ok(()) => break,
-            Err(e) if Instant::now() < until => {
-                tracing::debug!(error = %e, "libvirtd not back yet");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let hv = core.hypervisor().clone();
     let name = core.status().name;
     if name.is_empty() {
         return Ok(None);
@@ -418,6 +403,53 @@ async fn reconnect(core: &Arc<Launcher>) -> Result<Option<StopReason>, Superviso
         Err(LibvirtError::NoDomain(_)) => Some(StopReason::Unknown),
         _ => None,
     })
+}
+
+/// A stop event about a start that failed earlier (libvirtd, back after dying mid-start,
+/// killed the half-started QEMU and said so on the new connection) while the domain started
+/// since runs: not a stop of ours.
+async fn stale_stop(core: &Arc<Launcher>, ev: &DomainEvent) -> bool {
+    if !matches!(
+        ev,
+        DomainEvent::Lifecycle {
+            kind: crate::libvirt::LifecycleKind::Stopped(_),
+            ..
+        }
+    ) || !core.has_started()
+    {
+        return false;
+    }
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    matches!(
+        tokio::task::spawn_blocking(move || hv.state(&name)).await,
+        Ok(Ok(s)) if s.is_running()
+    )
+}
+
+/// SIGKILLs any QEMU of domain `name` still running under this launcher (one libvirtd spawned
+/// and lost track of when it died), and waits for it to be gone: it would hold the disks.
+pub(crate) async fn kill_orphan_qemu(name: &str) {
+    let me = std::process::id() as i32;
+    let needle = format!("guest={name},");
+    let orphans = || -> Vec<i32> {
+        children_of(me)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                    .unwrap_or(false)
+            })
+            .collect()
+    };
+    let found = orphans();
+    for pid in &found {
+        tracing::warn!(pid, domain = name, "killing a QEMU libvirtd lost track of");
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while !found.is_empty() && !orphans().is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The domain stopped: remove its definition and report it.

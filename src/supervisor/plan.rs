@@ -122,40 +122,86 @@ fn create_missing_images(
     vmi: &VirtualMachineInstance,
     paths: &crate::podfacts::PodPaths,
 ) -> Result<(), PlanError> {
-    for v in &vmi.spec.volumes {
+    for v in claim_volumes(vmi) {
+        if let Some(size) = wanted_image_size(vmi, v) {
+            create_image(paths, v, size)?;
+        }
+    }
+    Ok(())
+}
+
+/// The non-hot-plug PVC and DataVolume volumes of `vmi` (the ones at `<volumes dir>/<name>`).
+fn claim_volumes(vmi: &VirtualMachineInstance) -> impl Iterator<Item = &str> {
+    vmi.spec.volumes.iter().filter_map(|v| {
         let pvc = v
             .persistent_volume_claim
             .as_ref()
             .map(|p| p.hotpluggable)
             .or(v.data_volume.as_ref().map(|d| d.hotpluggable));
-        if !matches!(pvc, Some(None) | Some(Some(false))) || !crate::spec::is_dns1123_label(&v.name)
-        {
-            continue;
-        }
-        let dir = paths.vmi_disks_dir.join(&v.name);
-        let image = dir.join("disk.img");
-        if !dir.is_dir() || image.exists() || paths.pvc_block(&v.name).exists() {
-            continue;
-        }
-        let Some(size) = wanted_image_size(vmi, &v.name) else {
-            continue;
-        };
-        // A `<volume>` directory that is a symlink out of the volumes directory gets nothing.
-        crate::podfacts::confined_pvc_dir(paths, &v.name)?;
-        let err = |source| PlanError::CreateImage {
-            volume: v.name.clone(),
-            path: image.clone(),
-            source,
-        };
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&image)
-            .map_err(err)?;
-        f.set_len(size).map_err(err)?;
-        tracing::info!(volume = %v.name, path = %image.display(), size, "created sparse disk.img for the claim");
+        (matches!(pvc, Some(None) | Some(Some(false))) && crate::spec::is_dns1123_label(&v.name))
+            .then_some(v.name.as_str())
+    })
+}
+
+/// Creates `<volumes dir>/<volume>/disk.img`, sparse, of `size` bytes, when the claim is
+/// mounted (its directory exists) and has neither a `disk.img` nor a block node. Returns the
+/// path when it created the file.
+fn create_image(
+    paths: &crate::podfacts::PodPaths,
+    volume: &str,
+    size: u64,
+) -> Result<Option<PathBuf>, PlanError> {
+    let dir = paths.vmi_disks_dir.join(volume);
+    let image = dir.join("disk.img");
+    if !dir.is_dir() || image.exists() || paths.pvc_block(volume).exists() {
+        return Ok(None);
     }
-    Ok(())
+    // A `<volume>` directory that is a symlink out of the volumes directory gets nothing.
+    crate::podfacts::confined_pvc_dir(paths, volume)?;
+    let err = |source| PlanError::CreateImage {
+        volume: volume.to_string(),
+        path: image.clone(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&image)
+        .map_err(err)?;
+    f.set_len(size).map_err(err)?;
+    tracing::info!(volume, path = %image.display(), size, "created sparse disk.img for the claim");
+    Ok(Some(image))
+}
+
+/// On a block-migration target: each local claim of `vmi` named in `sizes` whose `disk.img` is
+/// missing gets a sparse one of the source's size, for the copy to land in. A claim the VMI
+/// status says is ReadWriteMany is never created (it must be the source's own storage).
+/// Returns the volumes and paths created.
+pub fn create_copy_targets(
+    vmi: &VirtualMachineInstance,
+    paths: &crate::podfacts::PodPaths,
+    sizes: &std::collections::HashMap<String, u64>,
+) -> Result<Vec<(String, PathBuf)>, PlanError> {
+    let mut created = Vec::new();
+    for v in claim_volumes(vmi) {
+        let Some(&size) = sizes.get(v) else {
+            continue;
+        };
+        if size == 0 || vmi.volume_status(v).is_some_and(|s| s.is_shared()) {
+            continue;
+        }
+        match create_image(paths, v, size) {
+            Ok(Some(p)) => created.push((v.to_string(), p)),
+            Ok(None) => {}
+            Err(e) => {
+                for (_, p) in &created {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(created)
 }
 
 #[cfg(test)]

@@ -103,6 +103,8 @@ pub struct TargetInfo {
     pub disks_uri: String,
     pub private_dir: String,
     pub ephemeral_dir: String,
+    pub volumes_dir: String,
+    pub hotplug_dir: String,
 }
 
 /// The snapshot GetDomain returns.

@@ -232,6 +232,12 @@ impl Pod {
     /// Prepares and starts the launcher, logging to `launcher.log`.
     pub fn start(&mut self) {
         self.prepare();
+        self.spawn();
+    }
+
+    /// Starts the launcher on what [`Pod::prepare`] made (a test may change the files in
+    /// between), logging to `launcher.log`.
+    pub fn spawn(&mut self) {
         let log = fs::File::create(self.launcher_log()).unwrap();
         let child = self
             .command()
