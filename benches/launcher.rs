@@ -2311,10 +2311,6 @@ fn write(path: &Path, text: &str) -> Result<()> {
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
 fn check_interrupt() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted");
@@ -2323,17 +2319,21 @@ fn check_interrupt() -> Result<()> {
 }
 
 /// Ctrl-C / SIGTERM: finish the current wait, clean up every process and namespace, exit.
+/// The signals are blocked (before any other thread exists, so every thread inherits the
+/// mask) and taken by one thread with `sigwait`: no signal handler, no `unsafe`.
 fn install_signal_handlers() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let _ = unsafe { sigaction(sig, &action) };
+    use nix::sys::signal::SigSet;
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    if set.thread_block().is_err() {
+        return;
     }
+    std::thread::spawn(move || {
+        while set.wait().is_ok() {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+        }
+    });
 }
 
 // ------------------------------------------------------------------------------------------

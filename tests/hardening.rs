@@ -373,7 +373,8 @@ fn hotplug_path_check_for_attach() {
 // ------------------------------------------------------------------ live guest helpers
 
 use common::Pod;
-use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use virt_launcher::api::{client, pb};
 
 type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
@@ -440,16 +441,9 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 }
 
 fn raise_fd_limit(want: u64) {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        r.rlim_cur = r.rlim_max.min(want);
-        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-    }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard.min(want), hard).expect("setrlimit");
 }
 
 /// A legitimate client calling GetDomain and Ping every 20 ms until told to stop.
@@ -700,6 +694,73 @@ async fn libvirtd_killed_five_times_and_virtlogd_twice_while_the_api_is_busy() {
         // QEMU writes the console log itself: it goes on through the virtlogd restarts.
         let line = format!("LV-COUNT {}", console_before + 3);
         pod.wait_console(&line, Duration::from_secs(30));
+        stop_and_check(pod);
+    });
+}
+
+/// libvirtd hangs (SIGSTOP: it keeps its socket and accepts connections, but answers nothing).
+/// User sees: within ~8 s keepalive gives up on the connection, the reconnect's handshake times
+/// out, the launcher kills the hung daemon (an event says so), the pod's supervisor starts a
+/// fresh one and the launcher reconnects; the guest never stops counting and the API answers
+/// GetStats again. Before keepalive, every libvirt call (and the liveness check) would have
+/// waited on the hung daemon for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_libvirtd_is_replaced_and_the_guest_runs_on() {
+    let mut pod = guest_pod("hunglibvirtd");
+    pod.start();
+    tokio::task::block_in_place(|| pod.wait_console("LV-COUNT 3", Duration::from_secs(90)));
+    let old = pod.daemon_pid("libvirtd").expect("libvirtd pid");
+    kill(Pid::from_raw(old), Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    let replaced = tokio::task::block_in_place(|| {
+        let deadline = stopped + Duration::from_secs(40);
+        loop {
+            if let Some(new) = pod.daemon_pid("libvirtd").filter(|p| *p != old) {
+                if Path::new(&format!("/proc/{new}")).exists() {
+                    return stopped.elapsed();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hung libvirtd was not replaced within 40 s\n{}",
+                pod.dump()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    // The old daemon is gone for good (killed, not merely continued).
+    assert!(
+        !Path::new(&format!("/proc/{old}/status")).exists()
+            || std::fs::read_to_string(format!("/proc/{old}/status"))
+                .unwrap_or_default()
+                .contains("State:\tZ"),
+        "the hung libvirtd {old} is still there"
+    );
+    let log = pod.log();
+    assert!(log.contains("not even keepalive"), "{}", pod.dump());
+    assert!(log.contains("libvirtd is hung"), "{}", pod.dump());
+    let mut c = connect(&pod).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut r = tonic::Request::new(pb::Empty {});
+        r.set_timeout(Duration::from_secs(5));
+        if c.get_stats(r).await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GetStats never recovered\n{}",
+            pod.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "libvirtd stopped: replaced after {} ms",
+        replaced.as_millis()
+    );
+    tokio::task::block_in_place(|| {
+        let before = pod.disk_counter("data");
+        pod.wait_counter_above("data", before + 2, Duration::from_secs(30));
         stop_and_check(pod);
     });
 }

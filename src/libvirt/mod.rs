@@ -14,6 +14,7 @@ pub mod xdr;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -35,6 +36,9 @@ pub enum LibvirtError {
     Disconnected,
     #[error("domain {0} does not exist")]
     NoDomain(String),
+    /// libvirtd accepts connections but answers nothing (hung, or stopped).
+    #[error("libvirtd {op}: {source}")]
+    Hung { op: &'static str, source: RpcError },
 }
 
 impl LibvirtError {
@@ -47,6 +51,7 @@ impl LibvirtError {
             },
             // The connection broke under the call: the supervisor reconnects.
             RpcError::Closed | RpcError::Io(_) => LibvirtError::Disconnected,
+            e @ RpcError::Timeout(_) => LibvirtError::Hung { op, source: e },
             e @ (RpcError::Protocol(_) | RpcError::Decode(_)) => LibvirtError::Call {
                 op,
                 code: VIR_ERR_RPC,
@@ -266,6 +271,11 @@ fn dom_call(
     )
 }
 
+/// Keepalive of the connection to libvirtd: a PING after 2 s of silence, the connection given
+/// up after 8 s without any packet (what `virConnectSetKeepAlive(2, 3)` did before).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_COUNT: u32 = 3;
+
 /// The connection to the pod's libvirtd.
 pub struct Hypervisor {
     uri: String,
@@ -311,6 +321,13 @@ impl Hypervisor {
         };
         let client = Client::connect(&target.socket, self.events.clone()).map_err(failed)?;
         client.open(&target.name).map_err(failed)?;
+        // Keepalive: a hung daemon (not only a dead one) ends the connection within seconds.
+        match client.start_keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("libvirtd does not support keepalive"),
+            Err(e @ RpcError::Timeout(_)) => return Err(LibvirtError::call("keepalive", e)),
+            Err(e) => tracing::warn!(error = %e, "could not start keepalive"),
+        }
         register_domain_events(&client)?;
         let old = self.lock().replace(Arc::new(client));
         // Dropping the old connection closes it once no call uses it any more.

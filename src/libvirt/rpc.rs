@@ -11,8 +11,10 @@
 //! that serial, domain events become [`RawEvent`]s on the event channel. End of file or a read
 //! error closes the connection: every pending call fails with [`RpcError::Closed`] and, unless
 //! we closed it ourselves, a [`RawEvent::ConnectionClosed`] is sent (what libvirt's close
-//! callback reported before). Keepalive is never announced, so the daemon never pings; a dead
-//! daemon shows as end of file on the socket.
+//! callback reported before). A dead daemon shows as end of file on the socket; a hung one is
+//! caught by keepalive ([`Client::start_keepalive`], as `virConnectSetKeepAlive(2, 3)` did): a
+//! PING after each quiet interval, and the connection closed when nothing at all came back for
+//! `count + 1` intervals, so no caller and no supervisor step waits on a hung daemon for ever.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -21,8 +23,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -66,6 +68,7 @@ pub mod status {
 /// The procedures used, numbered as in `remote_protocol.x` (all exist in libvirt 9.0).
 pub mod procs {
     pub const CONNECT_OPEN: i32 = 1;
+    pub const CONNECT_SUPPORTS_FEATURE: i32 = 60;
     pub const CONNECT_CLOSE: i32 = 2;
     pub const CONNECT_GET_VERSION: i32 = 4;
     pub const DOMAIN_DEFINE_XML: i32 = 11;
@@ -160,6 +163,8 @@ pub enum RpcError {
     Decode(#[from] XdrError),
     #[error("the connection to libvirtd is closed")]
     Closed,
+    #[error("libvirtd did not answer within {0:?}")]
+    Timeout(Duration),
     #[error("{}", .0.message)]
     Remote(RemoteError),
 }
@@ -313,9 +318,28 @@ struct Shared {
     pending: Mutex<Option<HashMap<u32, ReplySender>>>,
     /// Set when we close the connection ourselves: no close event then.
     closing: AtomicBool,
+    /// A handle of the socket for shutting it down without the writer's lock (a writer may be
+    /// blocked on a daemon that stopped reading).
+    control: UnixStream,
+    /// When the last packet arrived from the daemon (keepalive).
+    last_rx: Mutex<Instant>,
 }
 
 impl Shared {
+    fn new(stream: UnixStream) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Shared {
+            control: stream.try_clone()?,
+            writer: Mutex::new(stream),
+            pending: Mutex::new(Some(HashMap::new())),
+            closing: AtomicBool::new(false),
+            last_rx: Mutex::new(Instant::now()),
+        }))
+    }
+
+    fn last_rx(&self) -> MutexGuard<'_, Instant> {
+        self.last_rx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn pending(&self) -> MutexGuard<'_, Option<HashMap<u32, ReplySender>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -330,7 +354,7 @@ impl Shared {
     }
 
     fn shutdown(&self) {
-        let _ = self.writer().shutdown(Shutdown::Both);
+        let _ = self.control.shutdown(Shutdown::Both);
     }
 }
 
@@ -346,11 +370,7 @@ impl Client {
     pub fn connect(socket: &Path, events: UnboundedSender<RawEvent>) -> Result<Self, RpcError> {
         let stream = UnixStream::connect(socket)?;
         let reader = stream.try_clone()?;
-        let shared = Arc::new(Shared {
-            writer: Mutex::new(stream),
-            pending: Mutex::new(Some(HashMap::new())),
-            closing: AtomicBool::new(false),
-        });
+        let shared = Shared::new(stream)?;
         let s = shared.clone();
         std::thread::Builder::new()
             .name("libvirt-rpc".into())
@@ -364,7 +384,7 @@ impl Client {
     /// The remote driver's handshake: the authentication list (which must allow "none"), then
     /// `REMOTE_PROC_CONNECT_OPEN` of `name` (e.g. `qemu:///system`).
     pub fn open(&self, name: &str) -> Result<(), RpcError> {
-        let body = self.call(procs::AUTH_LIST, &[])?;
+        let body = self.call_timeout(procs::AUTH_LIST, &[], Some(HANDSHAKE_TIMEOUT))?;
         let mut d = Decoder::new(&body);
         // remote_auth_type types<REMOTE_AUTH_TYPE_LIST_MAX>
         let n = d.array_len(20, "auth types")?;
@@ -378,8 +398,36 @@ impl Client {
         }
         let mut e = Encoder::new();
         e.opt_string(Some(name)).u32(0);
-        self.call(procs::CONNECT_OPEN, &e.into_bytes())?;
+        self.call_timeout(
+            procs::CONNECT_OPEN,
+            &e.into_bytes(),
+            Some(HANDSHAKE_TIMEOUT),
+        )?;
         Ok(())
+    }
+
+    /// Starts keepalive if the daemon supports it (`VIR_DRV_FEATURE_PROGRAM_KEEPALIVE`): a
+    /// PING whenever nothing came from the daemon for `interval`, and the connection closed
+    /// (a [`RawEvent::ConnectionClosed`] follows) after `interval * (count + 1)` of silence.
+    /// Returns whether it runs.
+    pub fn start_keepalive(&self, interval: Duration, count: u32) -> Result<bool, RpcError> {
+        let mut e = Encoder::new();
+        e.i32(FEATURE_PROGRAM_KEEPALIVE);
+        let body = self.call_timeout(
+            procs::CONNECT_SUPPORTS_FEATURE,
+            &e.into_bytes(),
+            Some(HANDSHAKE_TIMEOUT),
+        )?;
+        let mut d = Decoder::new(&body);
+        let supported = d.i32()? != 0;
+        d.finish()?;
+        if supported {
+            let weak = Arc::downgrade(&self.shared);
+            std::thread::Builder::new()
+                .name("libvirt-keepalive".into())
+                .spawn(move || keepalive_loop(weak, interval, count))?;
+        }
+        Ok(supported)
     }
 
     /// Whether the connection is still usable.
@@ -425,7 +473,7 @@ impl Client {
                 Ok(r) => r,
                 Err(RecvTimeoutError::Timeout) => {
                     self.forget(serial);
-                    Err(RpcError::Protocol(format!("no reply within {t:?}")))
+                    Err(RpcError::Timeout(t))
                 }
                 Err(RecvTimeoutError::Disconnected) => Err(RpcError::Closed),
             },
@@ -455,6 +503,7 @@ fn read_loop(mut stream: UnixStream, shared: Arc<Shared>, events: UnboundedSende
     let reason = loop {
         match read_packet(&mut stream) {
             Ok(Some(packet)) => {
+                *shared.last_rx() = Instant::now();
                 if let Err(e) = dispatch(&packet, &shared, &events) {
                     tracing::warn!(error = %e, "closing the libvirt connection");
                     break CLOSE_REASON_ERROR;
@@ -474,6 +523,54 @@ fn read_loop(mut stream: UnixStream, shared: Arc<Shared>, events: UnboundedSende
     if !shared.closing.load(Ordering::SeqCst) {
         // A closed receiver means the launcher is shutting down; nothing to do then.
         let _ = events.send(RawEvent::ConnectionClosed { reason });
+    }
+}
+
+/// How long each handshake call may take: a daemon that accepts connections but answers
+/// nothing (hung, or stopped) must not block a reconnect for ever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `VIR_DRV_FEATURE_PROGRAM_KEEPALIVE`.
+const FEATURE_PROGRAM_KEEPALIVE: i32 = 10;
+
+fn keepalive_packet(proc_: i32) -> Vec<u8> {
+    let h = Header {
+        prog: KEEPALIVE_PROGRAM,
+        vers: KEEPALIVE_VERSION,
+        proc_,
+        kind: kind::MESSAGE,
+        serial: 0,
+        status: status::OK,
+    };
+    encode_packet(&h, &[])
+}
+
+/// Runs until the connection is gone: PINGs the daemon after each quiet `interval` and shuts
+/// the socket down after `interval * (count + 1)` without a single packet from it.
+fn keepalive_loop(shared: Weak<Shared>, interval: Duration, count: u32) {
+    loop {
+        std::thread::sleep(interval);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.closing.load(Ordering::SeqCst) || shared.pending().is_none() {
+            return;
+        }
+        let quiet = shared.last_rx().elapsed();
+        if quiet >= interval * (count + 1) {
+            tracing::warn!(
+                quiet_ms = quiet.as_millis() as u64,
+                "libvirtd answers nothing, not even keepalive: closing the connection"
+            );
+            shared.shutdown();
+            return;
+        }
+        if quiet >= interval {
+            // Never wait for the writer: a caller may hold it, blocked on a hung daemon.
+            if let Ok(mut w) = shared.writer.try_lock() {
+                let _ = w.write_all(&keepalive_packet(KEEPALIVE_PING));
+            }
+        }
     }
 }
 
@@ -512,20 +609,14 @@ fn dispatch(
             Err(e) => tracing::warn!(procedure = h.proc_, error = %e, "malformed libvirt event"),
         },
         (KEEPALIVE_PROGRAM, kind::MESSAGE) if h.proc_ == KEEPALIVE_PING => {
-            // Not expected (keepalive is never announced), but answering costs nothing. Never
-            // wait for the writer here: a caller may be blocked writing while we must read.
-            let pong = Header {
-                prog: KEEPALIVE_PROGRAM,
-                vers: KEEPALIVE_VERSION,
-                proc_: KEEPALIVE_PONG,
-                kind: kind::MESSAGE,
-                serial: 0,
-                status: status::OK,
-            };
+            // The daemon's own keepalive. Never wait for the writer here: a caller may be
+            // blocked writing while we must read.
             if let Ok(mut w) = shared.writer.try_lock() {
-                let _ = w.write_all(&encode_packet(&pong, &[]));
+                let _ = w.write_all(&keepalive_packet(KEEPALIVE_PONG));
             }
         }
+        // A PONG: its arrival already counted as a sign of life.
+        (KEEPALIVE_PROGRAM, kind::MESSAGE) => {}
         _ => tracing::debug!(
             program = h.prog,
             kind = h.kind,
@@ -697,11 +788,7 @@ mod tests {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let reader = ours.try_clone().unwrap();
-        let shared = Arc::new(Shared {
-            writer: Mutex::new(ours),
-            pending: Mutex::new(Some(HashMap::new())),
-            closing: AtomicBool::new(false),
-        });
+        let shared = Shared::new(ours).unwrap();
         let s = shared.clone();
         std::thread::spawn(move || read_loop(reader, s, tx));
         let client = Arc::new(Client {
@@ -786,5 +873,47 @@ mod tests {
         );
         assert!(!client.is_open());
         assert!(matches!(client.call(1, &[]), Err(RpcError::Closed)));
+    }
+
+    /// A daemon that stops answering: PINGs after each quiet interval, then the socket is shut
+    /// down (the reader's end of file becomes the close event).
+    #[test]
+    fn keepalive_pings_a_silent_daemon_then_closes() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let shared = Shared::new(ours).unwrap();
+        let interval = Duration::from_millis(20);
+        let weak = Arc::downgrade(&shared);
+        let t = std::thread::spawn(move || keepalive_loop(weak, interval, 2));
+        let mut pings = 0;
+        while let Some(p) = read_packet(&mut theirs).unwrap() {
+            let (h, body) = decode_header(&p).unwrap();
+            assert_eq!(
+                (h.prog, h.proc_, h.kind),
+                (KEEPALIVE_PROGRAM, KEEPALIVE_PING, kind::MESSAGE)
+            );
+            assert!(body.is_empty());
+            pings += 1;
+        }
+        t.join().unwrap();
+        assert!((1..=3).contains(&pings), "{pings} pings before the close");
+        assert!(shared.last_rx().elapsed() >= interval * 3);
+    }
+
+    /// A daemon that keeps sending (events, PONGs) is never cut off.
+    #[test]
+    fn keepalive_leaves_a_live_daemon_alone() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let shared = Shared::new(ours).unwrap();
+        let interval = Duration::from_millis(20);
+        let weak = Arc::downgrade(&shared);
+        let t = std::thread::spawn(move || keepalive_loop(weak, interval, 2));
+        for _ in 0..15 {
+            *shared.last_rx() = Instant::now();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!t.is_finished(), "keepalive gave up on a daemon that talks");
+        shared.closing.store(true, Ordering::SeqCst);
+        t.join().unwrap();
+        drop(theirs);
     }
 }

@@ -7,7 +7,7 @@
 //! runs on tokio's blocking pool.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -103,6 +103,8 @@ pub struct Launcher {
     reconnecting: tokio::sync::Mutex<()>,
     /// How many times a new connection to libvirtd was opened.
     connections: AtomicU64,
+    /// libvirtd's pid file, to kill a daemon that hangs (the pod's supervisor restarts it).
+    libvirtd_pid_file: Mutex<Option<PathBuf>>,
 }
 
 impl Launcher {
@@ -132,7 +134,46 @@ impl Launcher {
             last_job: Mutex::new(None),
             reconnecting: tokio::sync::Mutex::new(()),
             connections: AtomicU64::new(0),
+            libvirtd_pid_file: Mutex::new(None),
         })
+    }
+
+    /// Where libvirtd's pid is kept: with it, a libvirtd that accepts connections but answers
+    /// nothing is killed, and the pod's daemon supervisor starts a fresh one.
+    pub fn set_libvirtd_pid_file(&self, path: PathBuf) {
+        *self
+            .libvirtd_pid_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(path);
+    }
+
+    /// SIGKILLs a hung libvirtd (QEMU keeps running; the restarted daemon takes it back).
+    fn kill_hung_libvirtd(&self, why: &LibvirtError) {
+        let Some(file) = self
+            .libvirtd_pid_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let pid = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let Some(pid) = pid else {
+            return;
+        };
+        // Only ever a libvirtd: a stale pid file must not make us kill anything else.
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "libvirtd" {
+            return;
+        }
+        tracing::warn!(pid, error = %why, "libvirtd is hung: killing it so that it is restarted");
+        self.publish(EventKind::Daemon, "libvirtd hung: killed and restarted");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 
     /// Reconnects to libvirtd if the connection is broken (the daemon died; the pod's daemon
@@ -155,6 +196,11 @@ impl Launcher {
                     message: e.to_string(),
                 })? {
                 Ok(()) => break,
+                // Accepted but never answered, after keepalive already gave up on it.
+                Err(e @ LibvirtError::Hung { .. }) if std::time::Instant::now() < until => {
+                    self.kill_hung_libvirtd(&e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(e) if std::time::Instant::now() < until => {
                     tracing::debug!(error = %e, "libvirtd not back yet");
                     tokio::time::sleep(Duration::from_millis(100)).await;

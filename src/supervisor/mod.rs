@@ -140,6 +140,7 @@ async fn supervise(
     };
     let core = Launcher::new(hv.clone(), opts.planner.clone(), stop_tx, Some(sockets));
     core.set_detach_timeout(opts.detach_timeout);
+    core.set_libvirtd_pid_file(layout.pid_dir().join("libvirtd.pid"));
     let mut sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
 
