@@ -2319,21 +2319,36 @@ fn check_interrupt() -> Result<()> {
 }
 
 /// Ctrl-C / SIGTERM: finish the current wait, clean up every process and namespace, exit.
-/// The signals are blocked (before any other thread exists, so every thread inherits the
-/// mask) and taken by one thread with `sigwait`: no signal handler, no `unsafe`.
+/// Taken by tokio's signal handling on a thread of its own: no handler of ours, no `unsafe`,
+/// and no blocked signal mask for the launchers and daemons the benchmark spawns to inherit.
 fn install_signal_handlers() {
-    use nix::sys::signal::SigSet;
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    if set.thread_block().is_err() {
-        return;
-    }
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        while set.wait().is_ok() {
-            INTERRUPTED.store(true, Ordering::SeqCst);
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            let _ = ready_tx.send(());
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                INTERRUPTED.store(true, Ordering::SeqCst);
+            }
+        });
     });
+    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
 }
 
 // ------------------------------------------------------------------------------------------

@@ -336,7 +336,21 @@ hot_rw() {
     esac
 }
 
+# Every 50 ms a look at the names in /sys/block (a glob: no process forked), so that a new disk
+# is reported within 50 ms; every 0.5 s (or when the names change) the full list with sizes,
+# which also reports a disk that grew.
+tick=0
+last_names=
 while :; do
+    set -- /sys/block/*
+    names="$*"
+    tick=$((tick + 1))
+    if [ "$names" = "$last_names" ] && [ "$tick" -lt 10 ]; then
+        sleep 0.05 || sleep 1
+        continue
+    fi
+    tick=0
+    last_names=$names
     block_list
     if [ "$cur" != "$last" ]; then
         echo "LV-BLOCK$cur"
@@ -351,7 +365,7 @@ while :; do
         fi
         last=$cur
     fi
-    sleep 0.5 || sleep 1
+    sleep 0.05 || sleep 1
 done
 
 # not reached; belt and braces

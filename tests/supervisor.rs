@@ -98,16 +98,7 @@ fn guest_survives_daemon_crashes_and_later_events_still_arrive() {
 
     // Events still arrive over the new connection: SIGTERM → ACPI → the guest powers off and
     // the launcher sees the Stopped event and exits 0.
-    pod.signal(Signal::SIGTERM);
-    let status = pod.wait_exit(Duration::from_secs(40));
-    assert!(status.success(), "exit {status}\n{}", pod.dump());
-    assert!(
-        pod.log().contains("\"reason\":\"Shutdown\""),
-        "{}",
-        pod.dump()
-    );
-    let left = pod.leftover_processes();
-    assert!(left.is_empty(), "processes left behind: {left:#?}");
+    pod.sigterm_and_expect_shutdown();
 }
 
 #[test]
@@ -394,16 +385,7 @@ fn libvirtd_killed_during_a_start_is_recovered_from() {
             took.as_millis()
         );
         // And the launcher still works: SIGTERM stops the guest cleanly.
-        pod.signal(Signal::SIGTERM);
-        let status = pod.wait_exit(Duration::from_secs(40));
-        assert!(status.success(), "exit {status}\n{}", pod.dump());
-        assert!(
-            pod.log().contains("\"reason\":\"Shutdown\""),
-            "{}",
-            pod.dump()
-        );
-        let left = pod.leftover_processes();
-        assert!(left.is_empty(), "processes left behind: {left:#?}");
+        pod.sigterm_and_expect_shutdown();
         assert_counter_intact(&pod);
     }
 }

@@ -12,6 +12,7 @@ pub mod events;
 pub mod rpc;
 pub mod xdr;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -276,11 +277,33 @@ fn dom_call(
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_COUNT: u32 = 3;
 
+/// One open connection and the domain handles looked up on it.
+struct Connection {
+    client: Client,
+    domains: Mutex<HashMap<String, RemoteDomain>>,
+}
+
+impl Connection {
+    fn domains(&self) -> MutexGuard<'_, HashMap<String, RemoteDomain>> {
+        self.domains.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// libvirt's NO_DOMAIN as our own error.
+fn no_domain(e: LibvirtError, name: &str) -> LibvirtError {
+    match e {
+        LibvirtError::Call { code, .. } if code == VIR_ERR_NO_DOMAIN => {
+            LibvirtError::NoDomain(name.to_string())
+        }
+        e => e,
+    }
+}
+
 /// The connection to the pod's libvirtd.
 pub struct Hypervisor {
     uri: String,
     target: Result<Target, String>,
-    conn: Mutex<Option<Arc<Client>>>,
+    conn: Mutex<Option<Arc<Connection>>>,
     events: UnboundedSender<RawEvent>,
 }
 
@@ -329,7 +352,10 @@ impl Hypervisor {
             Err(e) => tracing::warn!(error = %e, "could not start keepalive"),
         }
         register_domain_events(&client)?;
-        let old = self.lock().replace(Arc::new(client));
+        let old = self.lock().replace(Arc::new(Connection {
+            client,
+            domains: Mutex::new(HashMap::new()),
+        }));
         // Dropping the old connection closes it once no call uses it any more.
         drop(old);
         Ok(())
@@ -342,10 +368,10 @@ impl Hypervisor {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.lock().as_ref().is_some_and(|c| c.is_open())
+        self.lock().as_ref().is_some_and(|c| c.client.is_open())
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Arc<Client>>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Arc<Connection>>> {
         // A panic while holding the lock cannot leave the Option inconsistent.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -356,36 +382,55 @@ impl Hypervisor {
         &self,
         f: impl FnOnce(&Client) -> Result<T, LibvirtError>,
     ) -> Result<T, LibvirtError> {
-        let conn = self
-            .lock()
-            .as_ref()
-            .ok_or(LibvirtError::Disconnected)?
-            .clone();
-        f(&conn)
+        let conn = self.connection()?;
+        f(&conn.client)
     }
 
+    fn connection(&self) -> Result<Arc<Connection>, LibvirtError> {
+        self.lock()
+            .as_ref()
+            .cloned()
+            .ok_or(LibvirtError::Disconnected)
+    }
+
+    /// Runs `f` with the domain's handle. The handle (name, UUID, id) is looked up once per
+    /// connection and kept (one round trip less per call): the daemon finds a domain by its
+    /// UUID, so a kept handle stays good while the domain exists. When a call with a kept
+    /// handle says NO_DOMAIN, the handle is dropped and the call made once more with a fresh
+    /// lookup, so a domain defined again (a new UUID) is never reported missing.
     fn with_domain<T>(
         &self,
         name: &str,
-        f: impl FnOnce(&Client, &RemoteDomain) -> Result<T, LibvirtError>,
+        f: impl Fn(&Client, &RemoteDomain) -> Result<T, LibvirtError>,
     ) -> Result<T, LibvirtError> {
-        self.with_conn(|c| {
-            let dom = rpc(
-                c,
-                "lookup domain",
-                procs::DOMAIN_LOOKUP_BY_NAME,
-                |e| {
-                    e.string(name);
-                },
-                RemoteDomain::decode,
-            )
-            .map_err(|e| match e {
-                LibvirtError::Call { code, .. } if code == VIR_ERR_NO_DOMAIN => {
-                    LibvirtError::NoDomain(name.to_string())
+        let conn = self.connection()?;
+        let c = &conn.client;
+        let kept = conn.domains().get(name).cloned();
+        if let Some(d) = kept {
+            match f(c, &d).map_err(|e| no_domain(e, name)) {
+                Err(LibvirtError::NoDomain(_)) => {
+                    conn.domains().remove(name);
                 }
-                e => e,
-            })?;
-            f(c, &dom)
+                r => return r,
+            }
+        }
+        let d = rpc(
+            c,
+            "lookup domain",
+            procs::DOMAIN_LOOKUP_BY_NAME,
+            |e| {
+                e.string(name);
+            },
+            RemoteDomain::decode,
+        )
+        .map_err(|e| no_domain(e, name))?;
+        conn.domains().insert(name.to_string(), d.clone());
+        f(c, &d).map_err(|e| {
+            let e = no_domain(e, name);
+            if matches!(e, LibvirtError::NoDomain(_)) {
+                conn.domains().remove(name);
+            }
+            e
         })
     }
 

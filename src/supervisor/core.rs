@@ -490,10 +490,13 @@ impl Launcher {
         if running != given {
             return Err(ControlError::WrongUid { running, given });
         }
+        let t0 = std::time::Instant::now();
         let plan = self.planner.plan(&vmi)?;
+        let planned = t0.elapsed();
         *self.lock_vmi() = Some(vmi.clone());
         let name = self.domain_name()?;
         let live = self.live_disks(&name).await?;
+        let looked = t0.elapsed();
 
         // Attach what the spec has and the domain lacks (hot-pluggable volumes only).
         let wanted: Vec<&Disk> = plan
@@ -512,6 +515,7 @@ impl Launcher {
                 failures.push(e);
             }
         }
+        let attach_done = t0.elapsed();
         // Detach hot-plugged disks the spec no longer has.
         for l in &live {
             let Some(volume) = l.volume_name() else {
@@ -563,6 +567,13 @@ impl Launcher {
                 failures.push(e);
             }
         }
+        tracing::debug!(
+            plan_us = planned.as_micros() as u64,
+            live_xml_us = (looked - planned).as_micros() as u64,
+            attach_us = (attach_done - looked).as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "sync reconciled"
+        );
         match failures.into_iter().next() {
             Some(e) => Err(e),
             None => Ok(()),

@@ -487,6 +487,23 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+impl Pod {
+    /// SIGTERM, then: exit 0 within 40 s, the guest stopped by its own ACPI shutdown (reason
+    /// Shutdown in the launcher's log), and no process of the pod left behind.
+    pub fn sigterm_and_expect_shutdown(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(40));
+        assert!(status.success(), "exit {status}\n{}", self.dump());
+        assert!(
+            self.log().contains("\"reason\":\"Shutdown\""),
+            "{}",
+            self.dump()
+        );
+        let left = self.leftover_processes();
+        assert!(left.is_empty(), "processes left behind: {left:#?}");
+    }
+}
+
 /// Sends SIGTERM and waits (off the async runtime) for a clean exit; panics with the logs
 /// otherwise. Returns the pod for further checks.
 pub async fn stop_cleanly(pod: Pod, timeout: Duration) -> Pod {
