@@ -146,8 +146,22 @@ EOF
         err "no /dev/input/event* (button/evdev missing?): ACPI power button not handled"
         return
     fi
-    acpid -c /etc/acpi -l /var/log/acpid.log -p /var/run/acpid.pid ||
+    if ! acpid -c /etc/acpi -l /var/log/acpid.log -p /var/run/acpid.pid; then
         err "acpid failed to start"
+        return
+    fi
+    # acpid daemonizes before it opens the input devices: a power button pressed in between
+    # is lost. LV-READY (after this) means the button is handled.
+    i=0
+    while [ $i -lt 100 ]; do
+        pid=$(cat /var/run/acpid.pid 2>/dev/null)
+        if [ -n "$pid" ] && ls -l "/proc/$pid/fd" 2>/dev/null | grep -q /dev/input/event; then
+            return
+        fi
+        i=$((i + 1))
+        sleep 0.05
+    done
+    err "acpid did not open /dev/input/event* within 5 s"
 }
 
 # ---------------------------------------------------------------- guest agent
