@@ -231,10 +231,21 @@ impl LauncherApi for Service {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<pb::SyncResponse>, Status> {
         within_deadline(&req, async {
+            let t0 = std::time::Instant::now();
             let vmi = decode_vmi(&req.get_ref().vmi, "SyncRequest.vmi")?;
+            let decoded = t0.elapsed();
             let status = self.core.sync(vmi).await.map_err(|e| to_status(&e))?;
+            let domain = domain_pb(&status);
+            tracing::debug!(
+                decode_us = decoded.as_micros() as u64,
+                total_us = t0.elapsed().as_micros() as u64,
+                "Sync handled"
+            );
+            // Read the domain's disks for the next Sync now, off that Sync's path.
+            let core = self.core.clone();
+            tokio::spawn(async move { core.prefetch_live_disks().await });
             Ok(Response::new(pb::SyncResponse {
-                domain: Some(domain_pb(&status)),
+                domain: Some(domain),
             }))
         })
         .await

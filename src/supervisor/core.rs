@@ -105,6 +105,12 @@ pub struct Launcher {
     connections: AtomicU64,
     /// libvirtd's pid file, to kill a daemon that hangs (the pod's supervisor restarts it).
     libvirtd_pid_file: Mutex<Option<PathBuf>>,
+    /// The live domain's disks as last read, and the [`Launcher::live_generation`] they were
+    /// read at: a Sync reuses them instead of asking libvirt for the whole domain XML again.
+    live_cache: Mutex<Option<(u64, Vec<crate::domain::live::LiveDisk>)>>,
+    /// Bumped whenever the domain may have changed: our own device calls, every domain event,
+    /// a reconnect. A cached read from an older generation is never used.
+    live_generation: AtomicU64,
 }
 
 impl Launcher {
@@ -135,6 +141,8 @@ impl Launcher {
             reconnecting: tokio::sync::Mutex::new(()),
             connections: AtomicU64::new(0),
             libvirtd_pid_file: Mutex::new(None),
+            live_cache: Mutex::new(None),
+            live_generation: AtomicU64::new(0),
         })
     }
 
@@ -209,6 +217,9 @@ impl Launcher {
             }
         }
         self.connections.fetch_add(1, Ordering::SeqCst);
+        // The daemon was away: what it did meanwhile (a start finished, a device gone) is
+        // read afresh.
+        self.domain_changed();
         Ok(true)
     }
 
@@ -642,10 +653,11 @@ impl Launcher {
             }
         }
         let (t, n) = (target.to_string(), name.to_string());
-        if let Err(e) = self
+        let resized = self
             .blocking(move |hv| hv.block_resize(&n, &t, wanted))
-            .await
-        {
+            .await;
+        self.domain_changed();
+        if let Err(e) = resized {
             return Err(self.volume_failed(volume, format!("live resize failed: {e}")));
         }
         self.update(|s| {
@@ -665,11 +677,42 @@ impl Launcher {
         &self,
         name: &str,
     ) -> Result<Vec<crate::domain::live::LiveDisk>, ControlError> {
+        let generation = self.live_generation.load(Ordering::SeqCst);
+        if let Some((g, disks)) = self.live_cache().as_ref() {
+            if *g == generation {
+                return Ok(disks.clone());
+            }
+        }
         let n = name.to_string();
         let xml = self.blocking(move |hv| hv.xml(&n)).await?;
         let live = LiveDomain::parse(&xml)
             .map_err(|e| ControlError::Internal(format!("live domain XML: {e}")))?;
-        Ok(live.disks().to_vec())
+        let disks = live.disks().to_vec();
+        // Kept under the generation read before the call: a change during it makes it stale.
+        *self.live_cache() = Some((generation, disks.clone()));
+        Ok(disks)
+    }
+
+    fn live_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(u64, Vec<crate::domain::live::LiveDisk>)>> {
+        self.live_cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The domain may have changed: the next Sync reads its disks from libvirt again.
+    fn domain_changed(&self) {
+        self.live_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Reads the live disks ahead of the next Sync (after a Sync changed the domain), so that
+    /// the read is off the next Sync's path. Errors are the next Sync's to report.
+    pub async fn prefetch_live_disks(&self) {
+        if !self.has_started() {
+            return;
+        }
+        if let Ok(name) = self.domain_name() {
+            let _ = self.live_disks(&name).await;
+        }
     }
 
     /// Hot-plugs one disk. On any failure the VM keeps running and the volume is Failed.
@@ -722,7 +765,9 @@ impl Launcher {
         }
         let xml = disk.to_xml();
         let n = name.to_string();
-        match self.blocking(move |hv| hv.attach_device(&n, &xml)).await {
+        let attached = self.blocking(move |hv| hv.attach_device(&n, &xml)).await;
+        self.domain_changed();
+        match attached {
             Ok(()) => {
                 self.set_phase(&volume, Phase::Ready, "");
                 Ok(())
@@ -767,7 +812,9 @@ impl Launcher {
         self.set_phase(volume, Phase::Detaching, "");
         let xml = detach_xml(live);
         let n = name.to_string();
-        if let Err(e) = self.blocking(move |hv| hv.detach_device(&n, &xml)).await {
+        let detached = self.blocking(move |hv| hv.detach_device(&n, &xml)).await;
+        self.domain_changed();
+        if let Err(e) = detached {
             self.removals
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -898,6 +945,7 @@ impl Launcher {
 
     /// Applies a libvirt event to the state. Returns the stop reason when the domain is gone.
     pub fn on_domain_event(&self, ev: &DomainEvent) -> Option<StopReason> {
+        self.domain_changed();
         match ev {
             DomainEvent::Lifecycle { kind, .. } => match kind {
                 // On a migration target the incoming QEMU starts paused, waiting for the
