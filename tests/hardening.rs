@@ -713,20 +713,8 @@ async fn hung_libvirtd_is_replaced_and_the_guest_runs_on() {
     kill(Pid::from_raw(old), Signal::SIGSTOP).unwrap();
     let stopped = Instant::now();
     let replaced = tokio::task::block_in_place(|| {
-        let deadline = stopped + Duration::from_secs(40);
-        loop {
-            if let Some(new) = pod.daemon_pid("libvirtd").filter(|p| *p != old) {
-                if Path::new(&format!("/proc/{new}")).exists() {
-                    return stopped.elapsed();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the hung libvirtd was not replaced within 40 s\n{}",
-                pod.dump()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        pod.wait_daemon_replaced("libvirtd", old, Duration::from_secs(40));
+        stopped.elapsed()
     });
     // The old daemon is gone for good (killed, not merely continued).
     assert!(

@@ -465,6 +465,11 @@ impl Pod {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
+        self.wait_daemon_replaced(daemon, old, timeout);
+    }
+
+    /// Waits until the launcher runs a new `daemon` in place of pid `old`.
+    pub fn wait_daemon_replaced(&self, daemon: &str, old: i32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(new) = self.daemon_pid(daemon).filter(|p| *p != old) {
@@ -474,7 +479,7 @@ impl Pod {
             }
             assert!(
                 Instant::now() < deadline,
-                "{daemon} not restarted\n{}",
+                "{daemon} not restarted within {timeout:?}\n{}",
                 self.dump()
             );
             std::thread::sleep(Duration::from_millis(20));
