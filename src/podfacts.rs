@@ -743,7 +743,8 @@ pub fn probe(
     facts.domain_type = domain_type;
     facts.firmware = probe_firmware();
 
-    let mut file_images = Vec::new();
+    // Claim images (hot-plugged ones aside) probed, and how many of them allow O_DIRECT.
+    let (mut claim_images, mut claim_images_direct) = (0usize, 0usize);
     for v in pvc_like_volumes(vmi) {
         if !is_dns1123_label(v.name) {
             return Err(PodFactsError::VolumeName {
@@ -797,10 +798,12 @@ pub fn probe(
             &image,
             PathKind::File,
         )?;
-        if !opens_with_o_direct(&image) {
+        claim_images += 1;
+        if opens_with_o_direct(&image) {
+            claim_images_direct += 1;
+        } else {
             facts.no_direct_io.insert(v.name.to_string());
         }
-        file_images.push(image);
     }
 
     check_kernel_boot(vmi, &paths)?;
@@ -831,10 +834,10 @@ pub fn probe(
     // The default (files the launcher makes itself: overlays, cloud-init, empty disks): a
     // probe of the disks directory when there is no claim image, else whether any claim's
     // filesystem allows it; each claim image also answers for itself (`no_direct_io`).
-    facts.direct_io = if file_images.is_empty() {
+    facts.direct_io = if claim_images == 0 {
         dir_supports_o_direct(&paths.vmi_disks_dir)
     } else {
-        file_images.len() > facts.no_direct_io.len()
+        claim_images_direct > 0
     };
     facts.paths = paths;
     Ok(facts)
