@@ -256,12 +256,9 @@ async fn event_loop(
                 }
             }
             Some(ev) = raw_events.recv() => {
-                let ev = DomainEvent::from(ev);
-                let name = core.status().name;
-                if ev.domain().is_some_and(|d| d != name) {
+                let Some(ev) = our_event(core, ev) else {
                     continue;
-                }
-                tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "domain event");
+                };
                 if let DomainEvent::ConnectionClosed { .. } = ev {
                     if let Some(reason) = reconnect(core).await? {
                         return Ok(finish(core, reason, stopping.deadline.is_some()).await);
@@ -296,11 +293,8 @@ async fn drain_after_stop(
     raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
     reason: StopReason,
 ) {
-    let name = core.status().name;
     let handle = |ev: RawEvent| {
-        let ev = DomainEvent::from(ev);
-        if ev.domain().is_none_or(|d| d == name) {
-            tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "domain event");
+        if let Some(ev) = our_event(core, ev) {
             let _ = core.on_domain_event(&ev);
         }
     };
@@ -317,6 +311,16 @@ async fn drain_after_stop(
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
+}
+
+/// The event as the domain model has it, logged; None when it is about another domain.
+fn our_event(core: &Launcher, ev: RawEvent) -> Option<DomainEvent> {
+    let ev = DomainEvent::from(ev);
+    if ev.domain().is_some_and(|d| d != core.status().name) {
+        return None;
+    }
+    tracing::info!(event = %serde_json::to_string(&ev).unwrap_or_default(), "domain event");
+    Some(ev)
 }
 
 /// How long a migrated-away launcher waits for its Migrate call to end before it finishes.
