@@ -38,7 +38,9 @@ PACKAGES=(
 
 # installed <pkg>: print the installed version, or nothing.
 installed() {
-    dpkg-query -W -f='${Status}\t${Version}\n' "$1" 2>/dev/null |
+    # dpkg-query fails for a package it has never heard of: that is "not installed", not an
+    # error (with pipefail, the assignment QSV=$(installed …) would end the script).
+    { dpkg-query -W -f='${Status}\t${Version}\n' "$1" 2>/dev/null || true; } |
         awk -F'\t' '$1 == "install ok installed" {print $2}'
 }
 
