@@ -733,11 +733,35 @@ fn probe_firmware() -> FirmwarePaths {
     }
 }
 
+/// What the running domain says of a hot-plugged volume it holds. QEMU keeps the volume's file
+/// or device open, so this is what the probe found when the volume was attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachedVolume {
+    /// Attached as a block device (`<disk type='block'>`).
+    pub block: bool,
+    /// Attached with `cache='none'` (its image took `O_DIRECT`).
+    pub direct_io: bool,
+}
+
 /// Probe the real filesystem under `paths` (see the module docs).
 pub fn probe(
     vmi: &VirtualMachineInstance,
     paths: PodPaths,
     domain_type: DomainType,
+) -> Result<PodFacts, PodFactsError> {
+    probe_running(vmi, paths, domain_type, &BTreeMap::new())
+}
+
+/// [`probe`] for a domain that runs: the hot-plugged volumes it already holds (`attached`, by
+/// volume name) are taken as the domain has them instead of being probed again (they are never
+/// attached again, and checking each one's path on every Sync made a Sync's cost grow with the
+/// number of disks). Hot-plugged volumes not attached yet are probed as usual, and
+/// [`confined_hotplug_path`] is checked once more right before any attach.
+pub fn probe_running(
+    vmi: &VirtualMachineInstance,
+    paths: PodPaths,
+    domain_type: DomainType,
+    attached: &BTreeMap<String, AttachedVolume>,
 ) -> Result<PodFacts, PodFactsError> {
     let mut facts = PodFacts::defaults(vmi);
     facts.domain_type = domain_type;
@@ -752,6 +776,14 @@ pub fn probe(
             });
         }
         if v.hotplug {
+            if let Some(a) = attached.get(v.name) {
+                if a.block {
+                    facts.block_volumes.insert(v.name.to_string());
+                } else if !a.direct_io {
+                    facts.no_direct_io.insert(v.name.to_string());
+                }
+                continue;
+            }
             // Hot-plugged volumes come and go; they are checked again when attached. One that
             // is already there must not lead out of the hot-plug directory.
             let block = is_block_device(&paths.hotplug_path(v.name, true));
@@ -925,6 +957,45 @@ mod tests {
         let facts = probe(&v, paths, DomainType::Qemu).expect("probe ok");
         assert_eq!(facts.domain_type, DomainType::Qemu);
         assert!(facts.block_volumes.is_empty());
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn attached_hotplug_volumes_are_taken_from_the_domain_not_probed() {
+        let tmp = std::env::temp_dir().join(format!("vl-attached-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let v = vmi(PVC_VMI);
+        let mut paths = PodPaths::kubevirt_defaults(&v);
+        paths.vmi_disks_dir = tmp.join("vmi-disks");
+        paths.block_dev_dir = tmp.join("dev");
+        paths.hotplug_disks_dir = tmp.join("hp");
+        std::fs::create_dir_all(tmp.join("vmi-disks/root")).expect("mkdir");
+        std::fs::create_dir_all(tmp.join("hp")).expect("mkdir");
+        std::fs::write(tmp.join("vmi-disks/root/disk.img"), b"").expect("write");
+        // hp.img leads out of the hot-plug directory: a probe refuses it...
+        std::os::unix::fs::symlink("/etc/hostname", tmp.join("hp/hp.img")).expect("symlink");
+        let err = probe(&v, paths.clone(), DomainType::Qemu).unwrap_err();
+        assert!(err.to_string().contains("volume hp"), "{err}");
+        // ...but the domain already holds what it had when attached: taken as it is.
+        for (block, direct_io) in [(true, true), (false, false), (false, true)] {
+            let attached =
+                BTreeMap::from([("hp".to_string(), AttachedVolume { block, direct_io })]);
+            let f = probe_running(&v, paths.clone(), DomainType::Qemu, &attached).expect("probe");
+            assert_eq!(f.block_volumes.contains("hp"), block);
+            assert_eq!(f.no_direct_io.contains("hp"), !block && !direct_io);
+        }
+        // A claim (not hot-plugged) is always probed.
+        let attached = BTreeMap::from([(
+            "root".to_string(),
+            AttachedVolume {
+                block: true,
+                direct_io: true,
+            },
+        )]);
+        std::fs::remove_file(tmp.join("hp/hp.img")).expect("rm");
+        std::fs::remove_file(tmp.join("vmi-disks/root/disk.img")).expect("rm");
+        let err = probe_running(&v, paths, DomainType::Qemu, &attached).unwrap_err();
+        assert!(err.to_string().starts_with("volume root: "), "{err}");
         let _ = std::fs::remove_dir_all(&tmp);
     }
 }

@@ -107,6 +107,12 @@ impl LiveDomain {
 }
 
 impl LiveDisk {
+    /// A single `<disk>` element, as sent to libvirt to attach it: what the live domain shows
+    /// of that disk once attached (libvirt keeps the type, source, driver, target and alias).
+    pub fn parse(xml: &str) -> Result<LiveDisk, DomainError> {
+        quick_xml::de::from_str(xml).map_err(|e| DomainError::Parse(e.to_string()))
+    }
+
     pub fn target_dev(&self) -> Option<&str> {
         self.target.as_ref()?.dev.as_deref()
     }
@@ -130,6 +136,43 @@ impl LiveDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_single_disk_reads_as_the_live_domain_shows_it() {
+        let disk = crate::domain::Disk {
+            device: crate::domain::DiskDevice::Disk,
+            source: crate::domain::DiskSource::Block("/dev/hp".into()),
+            driver: crate::domain::Driver {
+                format: "raw",
+                cache: Some("none".into()),
+                io: Some("native".into()),
+                error_policy: Some("stop".into()),
+                discard: Some("unmap"),
+                iothread: None,
+                queues: None,
+            },
+            backing_store: None,
+            target_dev: "vdc".into(),
+            bus: "virtio".into(),
+            tray: None,
+            model: Some("virtio-non-transitional".into()),
+            readonly: false,
+            shareable: false,
+            serial: None,
+            boot_order: None,
+            alias: "ua-hp".into(),
+            blockio: None,
+            reservations: None,
+        };
+        let l = LiveDisk::parse(&disk.to_xml()).expect("parses");
+        assert_eq!(l.disk_type.as_deref(), Some("block"));
+        assert_eq!(l.device.as_deref(), Some("disk"));
+        assert_eq!(l.source_path(), Some("/dev/hp"));
+        assert_eq!(l.target_dev(), Some("vdc"));
+        assert_eq!(l.bus(), Some("virtio"));
+        assert_eq!(l.volume_name(), Some("hp"));
+        assert_eq!(l.driver.and_then(|d| d.cache).as_deref(), Some("none"));
+    }
 
     const DUMP: &str = r#"<domain type='kvm' id='3'>
   <name>default_vm</name>

@@ -268,7 +268,12 @@ impl Launcher {
     pub fn vmi_json(&self) -> Result<Vec<u8>, ControlError> {
         let vmi = self.lock_vmi();
         let vmi = vmi.as_ref().ok_or(ControlError::NoDomain)?;
-        serde_json::to_vec_pretty(vmi).map_err(|e| ControlError::Internal(e.to_string()))
+        let mut doc =
+            serde_json::to_value(vmi).map_err(|e| ControlError::Internal(e.to_string()))?;
+        // As `kubectl get vmi -o json` shows it: fields that are not set are left out, not
+        // written as `null` (that doubled the size of every Sync built from this).
+        drop_nulls(&mut doc);
+        serde_json::to_vec(&doc).map_err(|e| ControlError::Internal(e.to_string()))
     }
 
     /// The guest's serial console log, once a domain was planned.
@@ -383,17 +388,18 @@ impl Launcher {
         });
         self.set_state(State::Starting, "sync");
         *self.lock_vmi() = Some(vmi.clone());
-        let xml = plan.xml.clone();
+        let xml = plan.domain.to_xml();
         tracing::info!(domain = %name, "starting domain");
         let t = std::time::Instant::now();
         let connection = self.connections.load(Ordering::SeqCst);
-        let result = match self.blocking(move |hv| hv.define_and_start(&xml)).await {
+        let define = xml.clone();
+        let result = match self.blocking(move |hv| hv.define_and_start(&define)).await {
             // libvirtd died under the call (killed, crashed): it is being restarted.
             Err(e)
                 if !self.hv.is_connected()
                     || self.connections.load(Ordering::SeqCst) != connection =>
             {
-                self.start_again(&name, &plan.xml, e).await
+                self.start_again(&name, &xml, e).await
             }
             r => r,
         };
@@ -496,30 +502,43 @@ impl Launcher {
     }
 
     async fn reconcile(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
-        let running = self.status().uid;
+        // One look at the state for the whole Sync: what it attaches or detaches below changes
+        // only volumes this snapshot does not decide on.
+        let before = self.status();
         let given = vmi.metadata.uid.clone().unwrap_or_default();
-        if running != given {
-            return Err(ControlError::WrongUid { running, given });
+        if before.uid != given {
+            return Err(ControlError::WrongUid {
+                running: before.uid,
+                given,
+            });
         }
         let t0 = std::time::Instant::now();
-        let plan = self.planner.plan(&vmi)?;
-        let planned = t0.elapsed();
-        *self.lock_vmi() = Some(vmi.clone());
         let name = self.domain_name()?;
         let live = self.live_disks(&name).await?;
         let looked = t0.elapsed();
-
-        // Attach what the spec has and the domain lacks (hot-pluggable volumes only).
-        let wanted: Vec<&Disk> = plan
+        // The hot-plugged volumes the domain holds are planned as it holds them, not probed
+        // again: a Sync's cost stays the same however many disks are attached.
+        let attached = live
+            .iter()
+            .filter_map(|l| Some((l.volume_name()?.to_string(), attached_volume(l))))
+            .collect();
+        let plan = self.planner.plan_running(&vmi, &attached)?;
+        let planned = t0.elapsed();
+        *self.lock_vmi() = Some(vmi.clone());
+        let wanted_volumes: Vec<&str> = plan
             .domain
             .devices
             .disks
             .iter()
-            .filter(|d| is_hotplug(&vmi, d.volume()))
+            .map(|d| d.volume())
             .collect();
+
+        // Attach what the spec has and the domain lacks (hot-pluggable volumes only).
         let mut failures = Vec::new();
-        for disk in &wanted {
-            if live.iter().any(|l| l.volume_name() == Some(disk.volume())) {
+        for disk in &plan.domain.devices.disks {
+            if !is_hotplug(&vmi, disk.volume())
+                || live.iter().any(|l| l.volume_name() == Some(disk.volume()))
+            {
                 continue;
             }
             if let Err(e) = self.attach(&name, &vmi, disk, &live).await {
@@ -532,18 +551,11 @@ impl Launcher {
             let Some(volume) = l.volume_name() else {
                 continue;
             };
-            let still_wanted = plan
-                .domain
-                .devices
-                .disks
-                .iter()
-                .any(|d| d.volume() == volume);
-            let was_hotplugged = self
-                .status()
+            let was_hotplugged = before
                 .disks
                 .iter()
                 .any(|d| d.volume == volume && d.hotplugged);
-            if !still_wanted && was_hotplugged {
+            if was_hotplugged && !wanted_volumes.contains(&volume) {
                 if let Err(e) = self.detach(&name, volume, l).await {
                     failures.push(e);
                 }
@@ -551,13 +563,6 @@ impl Launcher {
         }
         // Failed attaches of volumes the spec no longer has are forgotten; a failed detach
         // stays visible (the disk is still attached).
-        let wanted_volumes: Vec<&str> = plan
-            .domain
-            .devices
-            .disks
-            .iter()
-            .map(|d| d.volume())
-            .collect();
         let attached: Vec<&str> = live.iter().filter_map(|l| l.volume_name()).collect();
         self.update(|s| {
             s.disks.retain(|d| {
@@ -574,14 +579,19 @@ impl Launcher {
             if !wanted_volumes.contains(&volume) {
                 continue;
             }
-            if let Err(e) = self.expand(&name, &vmi, volume, l).await {
+            let known = before
+                .disks
+                .iter()
+                .find(|d| d.volume == volume)
+                .map(|d| d.size_bytes);
+            if let Err(e) = self.expand(&name, &vmi, volume, l, known).await {
                 failures.push(e);
             }
         }
         tracing::debug!(
-            plan_us = planned.as_micros() as u64,
-            live_xml_us = (looked - planned).as_micros() as u64,
-            attach_us = (attach_done - looked).as_micros() as u64,
+            live_xml_us = looked.as_micros() as u64,
+            plan_us = (planned - looked).as_micros() as u64,
+            attach_us = (attach_done - planned).as_micros() as u64,
             total_us = t0.elapsed().as_micros() as u64,
             "sync reconciled"
         );
@@ -593,13 +603,14 @@ impl Launcher {
 
     /// Online expansion: a Filesystem-mode `disk.img` grows to the claim's new usable size; a
     /// Block-mode disk to its device's size. The guest sees the new size at once. Shrinking is
-    /// refused (it would cut off data).
+    /// refused (it would cut off data). `known` is the size the launcher last saw.
     async fn expand(
         &self,
         name: &str,
         vmi: &VirtualMachineInstance,
         volume: &str,
         live: &crate::domain::live::LiveDisk,
+        known: Option<u64>,
     ) -> Result<(), ControlError> {
         let (Some(target), Some(source)) = (live.target_dev(), live.source_path()) else {
             return Ok(());
@@ -608,25 +619,22 @@ impl Launcher {
             return Ok(());
         }
         let path = Path::new(source);
-        let is_block = std::fs::metadata(path).is_ok_and(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_block_device()
-        });
+        let is_block = attached_volume(live).block;
+        let claim_size = super::plan::wanted_image_size(vmi, volume);
+        // A file grows only when its claim's capacity says so: without a capacity, or with the
+        // size last seen, there is nothing to look at (no file system call on the Sync's path).
+        if !is_block && (claim_size.is_none() || claim_size == known) {
+            return Ok(());
+        }
         let current = size_of(path);
         let wanted = if is_block {
             current
         } else {
-            super::plan::wanted_image_size(vmi, volume).unwrap_or(current)
+            claim_size.unwrap_or(current)
         };
         // Ask QEMU only when something says the disk grew: a claim capacity beyond the image,
         // or a block device larger than the size we last saw (one monitor round trip per disk
         // on every Sync would make hot-plug slow for VMs with many disks).
-        let known = self
-            .status()
-            .disks
-            .iter()
-            .find(|d| d.volume == volume)
-            .map(|d| d.size_bytes);
         let may_have_grown = if is_block {
             known.is_none_or(|k| current > k)
         } else {
@@ -653,10 +661,10 @@ impl Launcher {
             }
         }
         let (t, n) = (target.to_string(), name.to_string());
+        // A resize changes no cached disk field (their sizes are not cached).
         let resized = self
             .blocking(move |hv| hv.block_resize(&n, &t, wanted))
             .await;
-        self.domain_changed();
         if let Err(e) = resized {
             return Err(self.volume_failed(volume, format!("live resize failed: {e}")));
         }
@@ -702,6 +710,25 @@ impl Launcher {
     /// The domain may have changed: the next Sync reads its disks from libvirt again.
     fn domain_changed(&self) {
         self.live_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The disk we just attached, added to the cached disks when the cache is current, so the
+    /// next Sync need not read the whole domain XML again for a change we made ourselves. The
+    /// generation moves on all the same: a read that started before the attach (a prefetch)
+    /// stores its result under the old generation, which is then stale. Any other change
+    /// meanwhile has moved the generation too, and the cache is read again as usual.
+    fn live_cache_add(&self, disk: crate::domain::live::LiveDisk) {
+        let mut cache = self.live_cache();
+        let generation = self.live_generation.fetch_add(1, Ordering::SeqCst);
+        match cache.as_mut() {
+            Some((g, disks)) if *g == generation => {
+                if !disks.iter().any(|d| d.alias() == disk.alias()) {
+                    disks.push(disk);
+                }
+                *g = generation + 1;
+            }
+            _ => *cache = None,
+        }
     }
 
     /// Reads the live disks ahead of the next Sync (after a Sync changed the domain), so that
@@ -764,16 +791,20 @@ impl Launcher {
             return Err(self.volume_failed(&volume, reason));
         }
         let xml = disk.to_xml();
+        let now_live = crate::domain::live::LiveDisk::parse(&xml);
         let n = name.to_string();
         let attached = self.blocking(move |hv| hv.attach_device(&n, &xml)).await;
-        self.domain_changed();
-        match attached {
-            Ok(()) => {
-                self.set_phase(&volume, Phase::Ready, "");
-                Ok(())
+        match (attached, now_live) {
+            (Ok(()), Ok(l)) => self.live_cache_add(l),
+            (Ok(()), Err(_)) => self.domain_changed(),
+            (Err(e), _) => {
+                // What a failed attach left in the domain is libvirt's to say: read it again.
+                self.domain_changed();
+                return Err(self.volume_failed(&volume, format!("attach failed: {e}")));
             }
-            Err(e) => Err(self.volume_failed(&volume, format!("attach failed: {e}"))),
         }
+        self.set_phase(&volume, Phase::Ready, "");
+        Ok(())
     }
 
     /// Marks `volume` Failed with `reason` (an event says why) and returns the error.
@@ -1053,6 +1084,26 @@ fn agent_error(e: ControlError) -> ControlError {
     }
 }
 
+/// Removes every `null` member of the objects in `v`, at any depth.
+fn drop_nulls(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
+/// How the domain holds a disk (see [`crate::podfacts::AttachedVolume`]).
+fn attached_volume(l: &crate::domain::live::LiveDisk) -> crate::podfacts::AttachedVolume {
+    crate::podfacts::AttachedVolume {
+        block: l.disk_type.as_deref() == Some("block"),
+        direct_io: l.driver.as_ref().and_then(|d| d.cache.as_deref()) == Some("none"),
+    }
+}
+
 fn is_hotplug(vmi: &VirtualMachineInstance, volume: &str) -> bool {
     vmi.spec
         .volumes
@@ -1140,6 +1191,20 @@ fn detach_xml(l: &crate::domain::live::LiveDisk) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nulls_are_left_out_at_every_depth() {
+        let mut v = serde_json::json!({
+            "a": null,
+            "b": {"c": null, "d": 1, "e": {}},
+            "f": [{"g": null, "h": [null]}]
+        });
+        drop_nulls(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"b": {"d": 1, "e": {}}, "f": [{"h": [null]}]})
+        );
+    }
 
     #[test]
     fn free_targets_fill_gaps_with_the_same_prefix() {

@@ -1,10 +1,11 @@
 //! From a VMI to what the supervisor runs: gather pod facts, convert, prepare files.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::convert::{self, ConvertError};
 use crate::domain::Domain;
-use crate::podfacts::{self, DomainType, PodFacts, PodFactsError, PodPaths};
+use crate::podfacts::{self, AttachedVolume, DomainType, PodFacts, PodFactsError, PodPaths};
 use crate::prepare::{self, PrepareError};
 use crate::spec::VirtualMachineInstance;
 
@@ -66,23 +67,32 @@ pub enum PlanError {
     Prepare(#[from] PrepareError),
 }
 
-/// A converted VMI, ready to define.
+/// A converted VMI, ready to define (`domain.to_xml()`).
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub facts: PodFacts,
     pub domain: Domain,
-    pub xml: String,
 }
 
 impl Planner {
     /// Probes the pod and converts (safe to call to validate a spec; its only side effect is
     /// [`create_missing_images`]).
     pub fn plan(&self, vmi: &VirtualMachineInstance) -> Result<Plan, PlanError> {
+        self.plan_running(vmi, &BTreeMap::new())
+    }
+
+    /// [`Planner::plan`] for a running domain, which holds the hot-plugged volumes in
+    /// `attached` (see [`podfacts::probe_running`]).
+    pub fn plan_running(
+        &self,
+        vmi: &VirtualMachineInstance,
+        attached: &BTreeMap<String, AttachedVolume>,
+    ) -> Result<Plan, PlanError> {
         create_missing_images(vmi, &self.paths.paths_for(vmi))?;
-        let facts = podfacts::probe(vmi, self.paths.paths_for(vmi), self.domain_type)?;
+        let facts =
+            podfacts::probe_running(vmi, self.paths.paths_for(vmi), self.domain_type, attached)?;
         let domain = convert::convert(vmi, &facts)?;
-        let xml = domain.to_xml();
-        Ok(Plan { facts, domain, xml })
+        Ok(Plan { facts, domain })
     }
 
     /// Creates the files the domain needs (ISOs, overlays, empty disks).
