@@ -252,6 +252,15 @@ async fn slow_migration(
     a: &Pod,
     b: &Pod,
 ) -> tokio::task::JoinHandle<Result<pb::MigrationResult, tonic::Status>> {
+    slow_migration_with(a, b, options()).await
+}
+
+/// [`slow_migration`] with these options (the bandwidth is always 1 MiB/s).
+async fn slow_migration_with(
+    a: &Pod,
+    b: &Pod,
+    opts: pb::MigrationOptions,
+) -> tokio::task::JoinHandle<Result<pb::MigrationResult, tonic::Status>> {
     prepare(b, &a.vmi_yaml()).await;
     let socket = a.socket();
     let target = b.socket().display().to_string();
@@ -259,7 +268,7 @@ async fn slow_migration(
         let mut c = client::connect(&socket).await.unwrap();
         let opts = pb::MigrationOptions {
             bandwidth_mib: 1,
-            ..options()
+            ..opts
         };
         c.migrate(pb::MigrateRequest {
             target_socket: target,
@@ -317,6 +326,10 @@ async fn cancel_mid_migration_keeps_the_vm_on_the_source() {
     let b = target("mig-cancel-t", &a);
     let call = slow_migration(&a, &b).await;
     let mut c = connect(&a).await;
+    // No max_downtime_ms asked: the first pass runs with the launcher's low default limit
+    // (QEMU's own is 300 ms; virsh prints milliseconds).
+    let domain = c.get_domain(pb::Empty {}).await.unwrap().into_inner().name;
+    assert_eq!(a.virsh(&["migrate-getmaxdowntime", &domain]), "50");
     c.cancel_migration(pb::Empty {}).await.expect("cancel");
     let r = call.await.unwrap().expect("Migrate returns a result");
     assert!(!r.success);
@@ -344,7 +357,24 @@ async fn cancel_mid_migration_keeps_the_vm_on_the_source() {
 async fn target_dying_mid_migration_keeps_the_vm_on_the_source() {
     let a = source("mig-kill", true);
     let mut b = target("mig-kill-t", &a);
-    let call = slow_migration(&a, &b).await;
+    let call = slow_migration_with(
+        &a,
+        &b,
+        pb::MigrationOptions {
+            max_downtime_ms: 120,
+            ..options()
+        },
+    )
+    .await;
+    // The downtime limit asked for holds from the first pass on.
+    let domain = connect(&a)
+        .await
+        .get_domain(pb::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    assert_eq!(a.virsh(&["migrate-getmaxdowntime", &domain]), "120");
     // The target pod dies: its launcher, daemons and the incoming QEMU.
     b.signal(nix::sys::signal::Signal::SIGKILL);
     for p in b.leftover_processes() {

@@ -28,6 +28,15 @@ use crate::spec::VirtualMachineInstance;
 
 /// How often progress is read and published.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(400);
+/// The switch-over downtime allowed during the first pass over memory when the caller sets no
+/// `max_downtime_ms`. QEMU's own default (300 ms) lets it switch over at the end of the first
+/// pass with whatever the guest dirtied meanwhile (measured here: 90–330 ms of downtime for an
+/// idle 128 MiB guest); at 50 ms it makes one more, short pass first (40–70 ms, total time
+/// unchanged).
+pub const INITIAL_DOWNTIME_MS: u64 = 50;
+/// Where the default limit stops doubling: QEMU's (and KubeVirt's) default, so a busy VM that
+/// does not converge at a low limit gets, after a few passes, the limit it would have had.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
 const DEFAULT_TIMEOUT_PER_GIB: u64 = 150;
 const DEFAULT_PROGRESS_TIMEOUT: u64 = 150;
 
@@ -311,6 +320,20 @@ impl Launcher {
             params.migrate_disks = local.iter().map(|d| d.target.clone()).collect();
         }
 
+        // The downtime limit applies from the first pass (QEMU may switch over at its end);
+        // set in time, it needs no migration job yet. Failing that, the monitor sets it.
+        let limit = downtime_limit(&opts, 1);
+        let n = name.clone();
+        let downtime_applied = match self
+            .blocking(move |hv| hv.set_max_downtime(&n, limit))
+            .await
+        {
+            Ok(()) => Some(limit),
+            Err(e) => {
+                tracing::debug!(error = %e, "downtime limit before the start");
+                None
+            }
+        };
         self.cancel.store(false, Ordering::SeqCst);
         *self.last_job.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let started = Instant::now();
@@ -324,7 +347,7 @@ impl Launcher {
             self.clone(),
             name.clone(),
             opts.clone(),
-            status.disks.len(),
+            downtime_applied,
             started,
             done_rx,
         ));
@@ -509,13 +532,26 @@ fn fill(p: &mut MigrationProgress, s: &JobStats) {
     }
 }
 
+/// The downtime limit for memory pass `pass` (1 = the first): the caller's
+/// `max_downtime_ms` throughout, else [`INITIAL_DOWNTIME_MS`] doubled with each further pass up
+/// to [`DEFAULT_MAX_DOWNTIME_MS`].
+pub fn downtime_limit(opts: &MigrateOptions, pass: u64) -> u64 {
+    if opts.max_downtime_ms > 0 {
+        return opts.max_downtime_ms;
+    }
+    let doublings = pass.saturating_sub(1).min(16) as u32;
+    INITIAL_DOWNTIME_MS
+        .saturating_mul(1 << doublings)
+        .min(DEFAULT_MAX_DOWNTIME_MS)
+}
+
 /// Publishes progress every [`PROGRESS_INTERVAL`] and enforces the deadlines. Returns why it
 /// aborted the migration, if it did.
 async fn monitor(
     core: Arc<Launcher>,
     name: String,
     opts: MigrateOptions,
-    _disks: usize,
+    mut downtime_applied: Option<u64>,
     started: Instant,
     mut done: tokio::sync::watch::Receiver<bool>,
 ) -> Option<String> {
@@ -540,7 +576,6 @@ async fn monitor(
     let mut progress = MigrationProgress::new(MigrationPhase::Running);
     let mut best_remaining = u64::MAX;
     let mut last_progress = Instant::now();
-    let mut downtime_set = opts.max_downtime_ms == 0;
     let mut verdict: Option<String> = None;
     let mut aborted = false;
     loop {
@@ -555,14 +590,23 @@ async fn monitor(
         if stats.job_type == 0 {
             continue; // not started yet, or just finished
         }
-        if !downtime_set {
-            let (n, ms) = (name.clone(), opts.max_downtime_ms);
-            downtime_set = core
-                .blocking(move |hv| hv.set_max_downtime(&n, ms))
-                .await
-                .is_ok();
-        }
         fill(&mut progress, &stats);
+        let limit = downtime_limit(&opts, progress.iteration);
+        if downtime_applied != Some(limit) && progress.mode != MigrationMode::PostCopy {
+            let n = name.clone();
+            if core
+                .blocking(move |hv| hv.set_max_downtime(&n, limit))
+                .await
+                .is_ok()
+            {
+                tracing::debug!(
+                    limit_ms = limit,
+                    pass = progress.iteration,
+                    "downtime limit"
+                );
+                downtime_applied = Some(limit);
+            }
+        }
         progress.elapsed_ms = started.elapsed().as_millis() as u64;
         core.update(|s| s.migration = Some(progress.clone()));
         core.publish_migration(progress.clone(), "progress");
@@ -625,6 +669,19 @@ async fn monitor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_downtime_limit_starts_low_and_doubles_per_pass_to_qemus_default() {
+        let default = MigrateOptions::default();
+        let limits: Vec<u64> = (0..=6).map(|p| downtime_limit(&default, p)).collect();
+        assert_eq!(limits, [50, 50, 100, 200, 300, 300, 300]);
+        assert_eq!(downtime_limit(&default, u64::MAX), DEFAULT_MAX_DOWNTIME_MS);
+        let asked = MigrateOptions {
+            max_downtime_ms: 20,
+            ..Default::default()
+        };
+        assert!((0..8).all(|p| downtime_limit(&asked, p) == 20));
+    }
 
     #[test]
     fn pod_local_paths_move_and_nothing_else() {

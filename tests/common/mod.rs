@@ -457,6 +457,27 @@ impl Pod {
         .ok()
     }
 
+    /// Runs `virsh` against the pod's own libvirtd, inside its mount namespace; its output.
+    pub fn virsh(&self, args: &[&str]) -> String {
+        let pid = self.daemon_pid("libvirtd").expect("libvirtd pid file");
+        let uri = format!(
+            "qemu+unix:///system?socket={}/sock/libvirt-sock",
+            self.runtime_dir().display()
+        );
+        let out = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "virsh", "-c", &uri])
+            .args(args)
+            .output()
+            .expect("run virsh");
+        assert!(
+            out.status.success(),
+            "virsh {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.dump()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// SIGKILLs `daemon` and waits until the launcher runs a new one.
     pub fn kill_daemon_and_wait_restart(&self, daemon: &str, timeout: Duration) {
         let old = self.daemon_pid(daemon).expect("daemon pid file");
