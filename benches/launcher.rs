@@ -107,6 +107,9 @@ pub struct Options {
     pub plot: bool,
     /// Run only the benchmarks whose name contains one of these (all when empty).
     pub only: Vec<String>,
+    /// Keep each launcher's log (its stderr) in `<out>/logs/` (with `RUST_LOG=virt_launcher=
+    /// debug`, a Sync's parts are timed there).
+    pub keep_logs: bool,
 }
 
 impl Options {
@@ -127,6 +130,7 @@ impl Options {
             update_doc: None,
             plot: true,
             only: Vec::new(),
+            keep_logs: false,
         }
     }
 
@@ -1373,12 +1377,30 @@ impl LauncherProc {
         let mut child =
             spawn_known(&mut cmd).with_context(|| format!("spawn {}", opts.launcher.display()))?;
         let stderr = child.stderr.take().expect("piped");
+        let mut kept = None;
+        if opts.keep_logs {
+            let dir = opts.out_dir.join("logs");
+            fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            // Named after the pod's directory (hl3, ml5, …: unique within a run).
+            let pod = runtime
+                .parent()
+                .and_then(Path::file_name)
+                .unwrap_or_default();
+            let path = dir.join(format!("{}.log", pod.to_string_lossy()));
+            kept = Some(std::io::BufWriter::new(
+                fs::File::create(&path).with_context(|| format!("create {}", path.display()))?,
+            ));
+        }
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let at = Instant::now();
+                if let Some(f) = kept.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(f, "{line}");
+                }
                 let v = serde_json::from_str(&line).unwrap_or(Value::String(line));
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push((at, v));
             }
@@ -2379,6 +2401,10 @@ fn main() -> ExitCode {
                 opts.plot = false;
                 Ok(())
             }
+            "--keep-logs" => {
+                opts.keep_logs = true;
+                Ok(())
+            }
             "--only" => value("--only").map(|v| {
                 opts.only
                     .extend(v.to_string_lossy().split(',').map(str::to_string))
@@ -2390,9 +2416,10 @@ fn main() -> ExitCode {
             "-h" | "--help" => {
                 println!(
                     "usage: launcher [--quick] [--update-doc] [--no-plot] [--only NAME,…] \
-                     [--out DIR] [--launcher BIN] [--guest-dir DIR]\n\
+                     [--keep-logs] [--out DIR] [--launcher BIN] [--guest-dir DIR]\n\
                      --only runs the benchmarks whose name contains one of the words \
-                     (conversion, start, disks, hot-plug, migration), for debugging"
+                     (conversion, start, disks, hot-plug, migration), for debugging\n\
+                     --keep-logs keeps each launcher's log in <out>/logs/"
                 );
                 return ExitCode::SUCCESS;
             }

@@ -147,7 +147,7 @@ fn block_lines(console: &str, sectors: Option<u64>) -> (usize, bool) {
 }
 
 /// Polls the guest's console until an `LV-BLOCK` line lists a disk of `sectors` sectors (the
-/// guest checks its disks every 0.5 s); returns when it appeared.
+/// guest looks for new disks every 50 ms); returns when it appeared.
 pub(super) fn wait_guest_disk(
     console: &Path,
     sectors: u64,
