@@ -9,7 +9,8 @@
 //!
 //! The launcher pod and the raw domain boot from the same VMI (one 1 MiB PVC, 32 spare
 //! `pcie-root-port`s); each hot-plugged disk has its own size so that the guest's `LV-BLOCK`
-//! lines tell the disks apart.
+//! lines tell the disks apart. The hot-plug samples are taken on [`HOTPLUG_PAIRS`] such pairs
+//! in turn ([`HOTPLUG_SAMPLES`] virtio disks each); the control path and memory on the first.
 
 use super::pods::*;
 use super::*;
@@ -19,10 +20,13 @@ use virt_launcher::api::pb;
 
 /// Disks hot-plugged into the launcher's VM before its memory is measured.
 const HOTPLUG_TOTAL: usize = 32;
-/// Hot-plug samples per side, each a new virtio disk. A libvirt attach varies by ±40 % from
-/// one sample to the next here (10–40 ms), on either side: with 8 samples the ratio of the
-/// medians swung 0.94–1.24 between runs of the same code.
+/// Hot-plug samples per side and VM pair, each a new virtio disk.
 const HOTPLUG_SAMPLES: usize = 24;
+/// VM pairs the hot-plug samples are taken on (one after the other). A libvirt attach varies
+/// by ±40 % from one sample to the next here (10–40 ms), on either side, and when the guest
+/// sees a new disk falls into two modes ~45 ms apart: with 8 samples the ratio of the medians
+/// swung 0.94–1.24 between runs of the same code, with 24 still 1.05–1.23.
+const HOTPLUG_PAIRS: usize = 2;
 /// Spare `pcie-root-port`s in the VMI (the launcher's annotation): 32, the most the launcher
 /// accepts. The domain's own PCIe devices take 4 of them, which leaves 28 for the virtio
 /// hot-plug samples; the rest of the 32 disks go on virtio-scsi.
@@ -35,15 +39,196 @@ fn hotplug_sectors(i: usize) -> u64 {
     (i as u64 + 2) * 2048
 }
 
+/// One launcher pod and one raw domain booted from the same VMI, with what the hot-plug
+/// samples need of each.
+struct Pair {
+    pod: LauncherProc,
+    ldir: PathBuf,
+    lhot: PathBuf,
+    lconsole: PathBuf,
+    raw: RawLibvirt,
+    dom: virt::domain::Domain,
+    rdir: PathBuf,
+    rfiles: PodFiles,
+    rhot: PathBuf,
+    rprivate: PathBuf,
+    rconsole: PathBuf,
+}
+
+impl Pair {
+    /// Boots both VMs at once (set-up, not measured) and waits until both guests are up.
+    fn boot(ctx: &mut Ctx, spec: &VmiSpec, raw_name: &str) -> Result<Pair> {
+        let ldir = ctx.fresh_dir("hl")?;
+        let lfiles = write_spec_pod(&ldir, &ldir.join("pvcs"), spec)?;
+        let lhot = ldir.join("hotplug");
+        fs::create_dir_all(&lhot)?;
+        let lruntime = ldir.join("runtime");
+        let lconsole = lruntime.join("private/virt-serial0-log");
+        let mut pod = LauncherProc::spawn_with(
+            ctx.opts,
+            Some(&lfiles.vmi),
+            &lfiles.pvcs,
+            Some(&lhot),
+            &lruntime,
+        )?;
+
+        let rdir = ctx.fresh_dir("hr")?;
+        let rfiles = write_spec_pod(&rdir, &rdir.join("pvcs"), spec)?;
+        let rhot = rdir.join("hotplug");
+        fs::create_dir_all(&rhot)?;
+        let rprivate = rdir.join("private");
+        let rconsole = rprivate.join("virt-serial0-log");
+        let xml = domain_xml_with(&rfiles, &ctx.opts.guest_dir, &rprivate, Some(&rhot))?;
+        let (mut raw, _) = RawLibvirt::start(&rdir, raw_name)?;
+        raw.connect()?;
+        let dom = raw.define_start(&xml)?;
+
+        let timeout = start_timeout(HOTPLUG_TOTAL);
+        pod.note_namespace();
+        wait_console(&lconsole, Instant::now() + timeout, || pod.check_alive())?;
+        wait_console(&rconsole, Instant::now() + timeout, || raw.check_alive())?;
+        pod.wait_socket(Duration::from_secs(30))?;
+        std::thread::sleep(SETTLE);
+        Ok(Pair {
+            pod,
+            ldir,
+            lhot,
+            lconsole,
+            raw,
+            dom,
+            rdir,
+            rfiles,
+            rhot,
+            rprivate,
+            rconsole,
+        })
+    }
+
+    /// Stops both sides and removes their files.
+    fn stop(mut self) -> Result<()> {
+        self.pod.signal(Signal::SIGTERM)?;
+        self.pod.wait_exit(Duration::from_secs(90))?;
+        drop(self.pod);
+        drop(self.dom);
+        self.raw.stop()?;
+        drop(self.raw);
+        let _ = fs::remove_dir_all(&self.ldir);
+        let _ = fs::remove_dir_all(&self.rdir);
+        Ok(())
+    }
+}
+
+/// Hot-plug samples of both sides: Sync → Ready and → seen by the guest, attach → seen.
+#[derive(Default)]
+struct HotplugSamples {
+    l_att: Vec<f64>,
+    l_vis: Vec<f64>,
+    r_att: Vec<f64>,
+    r_vis: Vec<f64>,
+}
+
+/// `samples` interleaved hot-plugs on `pair`: disk hp<i> on both sides in iteration i, the
+/// side going first alternating. The Sync client runs on a single-thread runtime, as the raw
+/// side's call runs on the calling thread: neither side's figure includes hand-offs between
+/// the client's threads. Returns the launcher's client and VMI (as last synced).
+fn hotplug_round(
+    rt: &tokio::runtime::Runtime,
+    ctx: &Ctx,
+    pair: &mut Pair,
+    samples: usize,
+    label: &str,
+    out: &mut HotplugSamples,
+) -> Result<(Client, Value)> {
+    let mut c = rt.block_on(connect(&pair.pod.socket()))?;
+    let got = rt
+        .block_on(c.get_vmi(pb::Empty {}))
+        .map_err(|e| anyhow!("GetVMI: {e}"))?;
+    let mut lvmi: Value = serde_json::from_slice(&got.into_inner().vmi).context("GetVMI JSON")?;
+    let mut rvmi = lvmi.clone();
+    let deadline = || Instant::now() + Duration::from_secs(60);
+    for i in 0..samples {
+        let volume = format!("hp{i}");
+        let sectors = hotplug_sectors(i);
+        for step in 0..2 {
+            check_interrupt()?;
+            std::thread::sleep(poll_phase_delay(2 * i + step));
+            if (i + step) % 2 == 0 {
+                sparse_file(&pair.lhot.join(format!("{volume}.img")), sectors * 512)?;
+                client::add_hotplug_volume(&mut lvmi, &volume, &volume, "virtio", false)?;
+                let body = serde_json::to_vec(&lvmi)?;
+                let t0 = Instant::now();
+                let attached = sync_ready(rt, &mut c, body, &volume)?;
+                let pod = &mut pair.pod;
+                let seen = wait_guest_disk(&pair.lconsole, sectors, deadline(), || {
+                    pod.check_alive()
+                })?;
+                progress(&format!(
+                    "{label}{}/{samples} launcher hot-plug: Sync → Ready {} ms, → guest {} ms",
+                    i + 1,
+                    fmt_num(ms(attached - t0)),
+                    fmt_num(ms(seen - t0))
+                ));
+                out.l_att.push(ms(attached - t0));
+                out.l_vis.push(ms(seen - t0));
+            } else {
+                sparse_file(&pair.rhot.join(format!("{volume}.img")), sectors * 512)?;
+                client::add_hotplug_volume(&mut rvmi, &volume, &volume, "virtio", false)?;
+                let disk = hotplug_disk_xml(
+                    &rvmi,
+                    &pair.rfiles,
+                    &ctx.opts.guest_dir,
+                    &pair.rprivate,
+                    &pair.rhot,
+                    &volume,
+                )?;
+                let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
+                let t0 = Instant::now();
+                pair.dom
+                    .attach_device_flags(&disk, flags)
+                    .map_err(|e| anyhow!("attachDeviceFlags: {e}\n{disk}"))?;
+                let attached = Instant::now();
+                let raw = &mut pair.raw;
+                let seen = wait_guest_disk(&pair.rconsole, sectors, deadline(), || {
+                    raw.check_alive()
+                })?;
+                progress(&format!(
+                    "{label}{}/{samples} raw attachDeviceFlags: {} ms, → guest {} ms",
+                    i + 1,
+                    fmt_num(ms(attached - t0)),
+                    fmt_num(ms(seen - t0))
+                ));
+                out.r_att.push(ms(attached - t0));
+                out.r_vis.push(ms(seen - t0));
+            }
+        }
+    }
+    Ok((c, lvmi))
+}
+
+/// How often the test guest looks for new disks (`scripts/guest-init.sh`).
+const GUEST_DISK_POLL: Duration = Duration::from_millis(50);
+
+/// A pause before hot-plug sample `k`, spread evenly over one guest disk poll (a golden-ratio
+/// sequence). Without it each sample began right after the other guest had seen its disk, at
+/// the same phase of this guest's polling every time: one side's "seen by the guest" came out
+/// one poll (~45 ms) longer than the other's for a whole run, which side depending on how the
+/// two guests' polls happened to line up (ratios 0.99–1.25 between runs of the same code).
+fn poll_phase_delay(k: usize) -> Duration {
+    GUEST_DISK_POLL.mul_f64((k as f64 * 0.618_033_988_749_895).fract())
+}
+
 pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
     let quick = ctx.opts.quick;
-    let samples = if quick { 1 } else { HOTPLUG_SAMPLES };
+    let (pairs, samples) = if quick {
+        (1, 1)
+    } else {
+        (HOTPLUG_PAIRS, HOTPLUG_SAMPLES)
+    };
     let (rounds, round) = if quick {
         (1, Duration::from_millis(500))
     } else {
         (5, Duration::from_secs(2))
     };
-    let guest_dir = ctx.opts.guest_dir.clone();
     let name = ctx.name.clone();
     let spec = VmiSpec {
         name: &name,
@@ -52,49 +237,17 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
         rwx: false,
         spare_root_ports: Some(SPARE_ROOT_PORTS),
     };
-    let rt = tokio_runtime()?;
-
-    // Both VMs boot at once (set-up, not measured).
-    let ldir = ctx.fresh_dir("hl")?;
-    let lfiles = write_spec_pod(&ldir, &ldir.join("pvcs"), &spec)?;
-    let lhot = ldir.join("hotplug");
-    fs::create_dir_all(&lhot)?;
-    let lruntime = ldir.join("runtime");
-    let lconsole = lruntime.join("private/virt-serial0-log");
-    let mut pod = LauncherProc::spawn_with(
-        ctx.opts,
-        Some(&lfiles.vmi),
-        &lfiles.pvcs,
-        Some(&lhot),
-        &lruntime,
-    )?;
-
-    let rdir = ctx.fresh_dir("hr")?;
-    let rfiles = write_spec_pod(&rdir, &rdir.join("pvcs"), &spec)?;
-    let rhot = rdir.join("hotplug");
-    fs::create_dir_all(&rhot)?;
-    let rprivate = rdir.join("private");
-    let rconsole = rprivate.join("virt-serial0-log");
-    let xml = domain_xml_with(&rfiles, &guest_dir, &rprivate, Some(&rhot))?;
-    let (mut raw, _) = RawLibvirt::start(&rdir, "lvb-hotplug")?;
-    raw.connect()?;
-    let dom = raw.define_start(&xml)?;
-
-    let timeout = start_timeout(HOTPLUG_TOTAL);
-    pod.note_namespace();
-    wait_console(&lconsole, Instant::now() + timeout, || pod.check_alive())?;
-    wait_console(&rconsole, Instant::now() + timeout, || raw.check_alive())?;
-    pod.wait_socket(Duration::from_secs(30))?;
-    std::thread::sleep(SETTLE);
-    let before = launcher_mem(pod.pid())?;
+    let mut pair = Pair::boot(ctx, &spec, "lvb-hotplug")?;
+    let before = launcher_mem(pair.pod.pid())?;
     progress(&format!(
         "running VM: both guests up, launcher RSS {:.1} MiB",
         before.rss
     ));
 
     // Control path, interleaved rounds.
-    let socket = pod.socket();
-    let uri = raw.uri();
+    let rt = tokio_runtime()?;
+    let socket = pair.pod.socket();
+    let uri = pair.raw.uri();
     let dom_name = format!("default_{name}");
     let (mut l_rps, mut l_p99, mut r_rps, mut r_p99) = (vec![], vec![], vec![], vec![]);
     for i in 0..rounds {
@@ -123,63 +276,17 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
             }
         }
     }
+    drop(rt);
 
-    // Hot-plug, interleaved: disk hp<i> on both sides in iteration i. The Sync client runs on
-    // a single-thread runtime, as the raw side's call runs on the calling thread: neither
-    // side's figure includes hand-offs between the client's threads.
+    // Hot-plug, in rounds of fresh VM pairs (each VM has room for HOTPLUG_SAMPLES virtio
+    // disks); the first pair's launcher then takes the rest of the 32 disks for the memory
+    // figure.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let mut c = rt.block_on(connect(&socket))?;
-    let got = rt
-        .block_on(c.get_vmi(pb::Empty {}))
-        .map_err(|e| anyhow!("GetVMI: {e}"))?;
-    let mut lvmi: Value = serde_json::from_slice(&got.into_inner().vmi).context("GetVMI JSON")?;
-    let mut rvmi = lvmi.clone();
-    let deadline = |d: u64| Instant::now() + Duration::from_secs(d);
-    let (mut l_att, mut l_vis, mut r_att, mut r_vis) = (vec![], vec![], vec![], vec![]);
-    for i in 0..samples {
-        let volume = format!("hp{i}");
-        let sectors = hotplug_sectors(i);
-        for step in 0..2 {
-            check_interrupt()?;
-            if (i + step) % 2 == 0 {
-                sparse_file(&lhot.join(format!("{volume}.img")), sectors * 512)?;
-                client::add_hotplug_volume(&mut lvmi, &volume, &volume, "virtio", false)?;
-                let body = serde_json::to_vec(&lvmi)?;
-                let t0 = Instant::now();
-                let attached = sync_ready(&rt, &mut c, body, &volume)?;
-                let seen = wait_guest_disk(&lconsole, sectors, deadline(60), || pod.check_alive())?;
-                progress(&format!(
-                    "{}/{samples} launcher hot-plug: Sync → Ready {} ms, → guest {} ms",
-                    i + 1,
-                    fmt_num(ms(attached - t0)),
-                    fmt_num(ms(seen - t0))
-                ));
-                l_att.push(ms(attached - t0));
-                l_vis.push(ms(seen - t0));
-            } else {
-                sparse_file(&rhot.join(format!("{volume}.img")), sectors * 512)?;
-                client::add_hotplug_volume(&mut rvmi, &volume, &volume, "virtio", false)?;
-                let disk = hotplug_disk_xml(&rvmi, &rfiles, &guest_dir, &rprivate, &rhot, &volume)?;
-                let flags = sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG;
-                let t0 = Instant::now();
-                dom.attach_device_flags(&disk, flags)
-                    .map_err(|e| anyhow!("attachDeviceFlags: {e}\n{disk}"))?;
-                let attached = Instant::now();
-                let seen = wait_guest_disk(&rconsole, sectors, deadline(60), || raw.check_alive())?;
-                progress(&format!(
-                    "{}/{samples} raw attachDeviceFlags: {} ms, → guest {} ms",
-                    i + 1,
-                    fmt_num(ms(attached - t0)),
-                    fmt_num(ms(seen - t0))
-                ));
-                r_att.push(ms(attached - t0));
-                r_vis.push(ms(seen - t0));
-            }
-        }
-    }
+    let mut hp = HotplugSamples::default();
+    let (mut c, mut lvmi) = hotplug_round(&rt, ctx, &mut pair, samples, "", &mut hp)?;
 
     // Memory: the launcher's VM gets 32 hot-plugged disks in all, the ones after the samples
     // on virtio-scsi, one Sync each (the smoke run adds them in one Sync).
@@ -187,7 +294,7 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
         check_interrupt()?;
         let volume = format!("hp{i}");
         sparse_file(
-            &lhot.join(format!("{volume}.img")),
+            &pair.lhot.join(format!("{volume}.img")),
             hotplug_sectors(i) * 512,
         )?;
         client::add_hotplug_volume(&mut lvmi, &volume, &volume, "scsi", false)?;
@@ -196,27 +303,33 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
         }
     }
     progress(&format!("{HOTPLUG_TOTAL} disks hot-plugged"));
-    wait_guest_disk_count(&lconsole, 1 + HOTPLUG_TOTAL, deadline(120), || {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pod = &mut pair.pod;
+    wait_guest_disk_count(&pair.lconsole, 1 + HOTPLUG_TOTAL, deadline, || {
         pod.check_alive()
     })?;
     std::thread::sleep(SETTLE);
-    let after = launcher_mem(pod.pid())?;
+    let after = launcher_mem(pair.pod.pid())?;
     progress(&format!(
         "launcher with {HOTPLUG_TOTAL} hot-plugged disks: RSS {:.1} MiB (PSS {:.1} MiB)",
         after.rss, after.pss
     ));
     drop(c);
+    pair.stop()?;
+    for n in 1..pairs {
+        let mut pair = Pair::boot(ctx, &spec, &format!("lvb-hotplug{n}"))?;
+        let label = format!("pair {}: ", n + 1);
+        drop(hotplug_round(&rt, ctx, &mut pair, samples, &label, &mut hp)?);
+        pair.stop()?;
+    }
     drop(rt);
-
-    pod.signal(Signal::SIGTERM)?;
-    pod.wait_exit(Duration::from_secs(90))?;
-    drop(pod);
-    drop(dom);
-    raw.stop()?;
     progress("running VM: both sides stopped");
-    drop(raw);
-    let _ = fs::remove_dir_all(&ldir);
-    let _ = fs::remove_dir_all(&rdir);
+    let HotplugSamples {
+        l_att,
+        l_vis,
+        r_att,
+        r_vis,
+    } = hp;
 
     ctx.figure(
         "hotplug.attached",
