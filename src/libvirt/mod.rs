@@ -3,9 +3,10 @@
 //! [`Hypervisor`] owns the connection to the pod's private libvirtd, reconnects after a daemon
 //! restart and re-registers the event callbacks. It speaks libvirt's remote RPC protocol itself
 //! ([`rpc`], [`xdr`]) over the daemon's unix socket, so the launcher does not link libvirt's C
-//! client library (nor its fifty-odd shared dependencies). Every method blocks its caller:
-//! async callers go through `tokio::task::spawn_blocking`. Domain handles are looked up per
-//! call and never cached, so a reconnect cannot leave a stale handle behind.
+//! client library (nor its fifty-odd shared dependencies). Every method blocks its caller
+//! (async callers go through `tokio::task::spawn_blocking`) except the few `async` ones on a
+//! hot-plug Sync's path, which await the reply on the runtime. Domain handles are kept per
+//! connection, so a reconnect cannot leave a stale handle behind.
 
 pub mod consts;
 pub mod events;
@@ -238,9 +239,16 @@ fn rpc<T>(
 ) -> Result<T, LibvirtError> {
     let mut e = Encoder::new();
     args(&mut e);
-    let body = c
-        .call(proc_, &e.into_bytes())
-        .map_err(|err| LibvirtError::call(op, err))?;
+    decode_reply(op, c.call(proc_, &e.into_bytes()), ret)
+}
+
+/// A reply's body decoded by `ret`, all of it.
+fn decode_reply<T>(
+    op: &'static str,
+    reply: Result<Vec<u8>, RpcError>,
+    ret: impl FnOnce(&mut Decoder<'_>) -> Result<T, XdrError>,
+) -> Result<T, LibvirtError> {
+    let body = reply.map_err(|err| LibvirtError::call(op, err))?;
     let mut d = Decoder::new(&body);
     ret(&mut d)
         .and_then(|v| d.finish().map(|()| v))
@@ -426,6 +434,51 @@ impl Hypervisor {
         .map_err(|e| no_domain(e, name))?;
         conn.domains().insert(name.to_string(), d.clone());
         f(c, &d).map_err(|e| {
+            let e = no_domain(e, name);
+            if matches!(e, LibvirtError::NoDomain(_)) {
+                conn.domains().remove(name);
+            }
+            e
+        })
+    }
+
+    /// [`Hypervisor::with_domain`] and [`dom_call`] for a task on the async runtime: the call
+    /// is awaited ([`Client::call_async`]) with no blocking thread in between. For the calls on
+    /// a hot-plug Sync's path, where the hand-offs to a blocking thread and back cost, under
+    /// load, about as much as all of the launcher's own work.
+    async fn dom_call_async(
+        &self,
+        name: &str,
+        op: &'static str,
+        proc_: i32,
+        rest: impl Fn(&mut Encoder),
+    ) -> Result<(), LibvirtError> {
+        let conn = self.connection()?;
+        let call = |d: &RemoteDomain| {
+            let mut e = Encoder::new();
+            d.encode(&mut e);
+            rest(&mut e);
+            conn.client.call_async(proc_, &e.into_bytes())
+        };
+        let kept = conn.domains().get(name).cloned();
+        if let Some(d) = kept {
+            match decode_reply(op, call(&d).await, void).map_err(|e| no_domain(e, name)) {
+                Err(LibvirtError::NoDomain(_)) => {
+                    conn.domains().remove(name);
+                }
+                r => return r,
+            }
+        }
+        let mut e = Encoder::new();
+        e.string(name);
+        let lookup = conn
+            .client
+            .call_async(procs::DOMAIN_LOOKUP_BY_NAME, &e.into_bytes())
+            .await;
+        let d = decode_reply("lookup domain", lookup, RemoteDomain::decode)
+            .map_err(|e| no_domain(e, name))?;
+        conn.domains().insert(name.to_string(), d.clone());
+        decode_reply(op, call(&d).await, void).map_err(|e| {
             let e = no_domain(e, name);
             if matches!(e, LibvirtError::NoDomain(_)) {
                 conn.domains().remove(name);
@@ -660,20 +713,19 @@ impl Hypervisor {
         }
     }
 
-    /// Attaches a device to the running domain and its persistent definition.
-    pub fn attach_device(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
-        self.with_domain(name, |c, d| {
-            dom_call(
-                c,
-                d,
-                "attach device",
-                procs::DOMAIN_ATTACH_DEVICE_FLAGS,
-                |e| {
-                    e.string(xml)
-                        .u32(VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG);
-                },
-            )
-        })
+    /// Attaches a device to the running domain and its persistent definition (awaited on the
+    /// async runtime: see [`Hypervisor::dom_call_async`]).
+    pub async fn attach_device(&self, name: &str, xml: &str) -> Result<(), LibvirtError> {
+        self.dom_call_async(
+            name,
+            "attach device",
+            procs::DOMAIN_ATTACH_DEVICE_FLAGS,
+            |e| {
+                e.string(xml)
+                    .u32(VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG);
+            },
+        )
+        .await
     }
 
     /// Asks for a device's removal from the running domain and its definition. Returns when

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 use super::events::RawEvent;
 use super::xdr::{decode_typed_params, numeric_params, Decoder, Encoder, RemoteDomain, XdrError};
@@ -308,14 +309,32 @@ pub fn decode_event(proc_: i32, body: &[u8]) -> Result<Option<RawEvent>, XdrErro
     Ok(Some(ev))
 }
 
-type ReplySender = SyncSender<Result<Vec<u8>, RpcError>>;
+type Reply = Result<Vec<u8>, RpcError>;
+
+/// Who waits for a reply.
+enum Waiter {
+    /// A thread blocked in [`Client::call`].
+    Thread(SyncSender<Reply>),
+    /// A task awaiting [`Client::call_async`]: the reader thread wakes it directly.
+    Task(oneshot::Sender<Reply>),
+}
+
+impl Waiter {
+    fn send(self, reply: Reply) {
+        // A waiter that gave up (timed out, dropped) does not care.
+        match self {
+            Waiter::Thread(tx) => drop(tx.send(reply)),
+            Waiter::Task(tx) => drop(tx.send(reply)),
+        }
+    }
+}
 
 /// What the callers and the reader thread share.
 struct Shared {
     /// Writes of whole packets are serialised here.
     writer: Mutex<UnixStream>,
     /// Callers waiting for a reply, by serial; `None` once the connection is closed.
-    pending: Mutex<Option<HashMap<u32, ReplySender>>>,
+    pending: Mutex<Option<HashMap<u32, Waiter>>>,
     /// Set when we close the connection ourselves: no close event then.
     closing: AtomicBool,
     /// A handle of the socket for shutting it down without the writer's lock (a writer may be
@@ -340,7 +359,7 @@ impl Shared {
         self.last_rx.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn pending(&self) -> MutexGuard<'_, Option<HashMap<u32, ReplySender>>> {
+    fn pending(&self) -> MutexGuard<'_, Option<HashMap<u32, Waiter>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -358,7 +377,8 @@ impl Shared {
     }
 }
 
-/// One connection to libvirtd. Cheap to share behind an `Arc`; every call blocks its caller.
+/// One connection to libvirtd. Cheap to share behind an `Arc`; [`Client::call`] blocks its
+/// caller, [`Client::call_async`] is awaited.
 pub struct Client {
     shared: Arc<Shared>,
     serial: AtomicU32,
@@ -440,12 +460,26 @@ impl Client {
         self.call_timeout(proc_, args, None)
     }
 
-    fn call_timeout(
+    /// [`Client::call`] for a task on the async runtime: the request is written at once (from
+    /// the calling thread; a unix socket write that does not block unless the daemon stopped
+    /// reading, and keepalive shuts such a connection down) and the returned future resolves
+    /// when the reader thread hands over the reply. No blocking thread sits between the task
+    /// and the daemon: under load every hand-off between threads cost ~0.5 ms.
+    pub fn call_async(
         &self,
         proc_: i32,
         args: &[u8],
-        timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, RpcError> {
+    ) -> impl std::future::Future<Output = Reply> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(proc_, args, Waiter::Task(tx));
+        async move {
+            sent?;
+            rx.await.map_err(|_| RpcError::Closed)?
+        }
+    }
+
+    /// Registers `waiter` under a new serial and writes the call; returns the serial.
+    fn send(&self, proc_: i32, args: &[u8], waiter: Waiter) -> Result<u32, RpcError> {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
         let packet = encode_packet(&Header::call(proc_, serial), args);
         if packet.len() > MESSAGE_MAX {
@@ -454,9 +488,8 @@ impl Client {
                 packet.len()
             )));
         }
-        let (tx, rx) = sync_channel(1);
         match self.shared.pending().as_mut() {
-            Some(map) => map.insert(serial, tx),
+            Some(map) => map.insert(serial, waiter),
             None => return Err(RpcError::Closed),
         };
         let written = self.shared.writer().write_all(&packet);
@@ -467,6 +500,17 @@ impl Client {
             self.shared.shutdown();
             return Err(e.into());
         }
+        Ok(serial)
+    }
+
+    fn call_timeout(
+        &self,
+        proc_: i32,
+        args: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, RpcError> {
+        let (tx, rx) = sync_channel(1);
+        let serial = self.send(proc_, args, Waiter::Thread(tx))?;
         match timeout {
             None => rx.recv().map_err(|_| RpcError::Closed)?,
             Some(t) => match rx.recv_timeout(t) {
@@ -599,7 +643,7 @@ fn dispatch(
                     s => Err(RpcError::Protocol(format!("reply with status {s}"))),
                 }
             };
-            let _ = tx.send(result);
+            tx.send(result);
         }
         (REMOTE_PROGRAM, kind::MESSAGE) => match decode_event(h.proc_, body) {
             Ok(Some(ev)) => {
@@ -873,6 +917,58 @@ mod tests {
         );
         assert!(!client.is_open());
         assert!(matches!(client.call(1, &[]), Err(RpcError::Closed)));
+    }
+
+    /// An awaited call and a blocking one at once: each gets its own reply, whatever the
+    /// order; an awaited call pending when the daemon hangs up fails as closed.
+    #[test]
+    fn awaited_calls_get_their_replies_and_fail_on_close() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let reader = ours.try_clone().unwrap();
+        let shared = Shared::new(ours).unwrap();
+        let s = shared.clone();
+        std::thread::spawn(move || read_loop(reader, s, tx));
+        let client = Arc::new(Client {
+            shared,
+            serial: AtomicU32::new(1),
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let reply = |h: Header, body: &[u8]| {
+            encode_packet(
+                &Header {
+                    kind: kind::REPLY,
+                    status: status::OK,
+                    ..h
+                },
+                body,
+            )
+        };
+
+        let awaited = client.call_async(procs::DOMAIN_GET_STATE, &[]);
+        let (h1, _) = decode_header(&read_packet(&mut theirs).unwrap().unwrap()).unwrap();
+        let c = client.clone();
+        let blocking = std::thread::spawn(move || c.call(procs::DOMAIN_GET_INFO, &[]));
+        let (h2, _) = decode_header(&read_packet(&mut theirs).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            (h1.proc_, h2.proc_),
+            (procs::DOMAIN_GET_STATE, procs::DOMAIN_GET_INFO)
+        );
+        theirs.write_all(&reply(h2, &[0, 0, 0, 2])).unwrap();
+        theirs.write_all(&reply(h1, &[0, 0, 0, 1])).unwrap();
+        assert_eq!(blocking.join().unwrap().unwrap(), vec![0, 0, 0, 2]);
+        assert_eq!(rt.block_on(awaited).unwrap(), vec![0, 0, 0, 1]);
+
+        let pending = client.call_async(procs::DOMAIN_GET_INFO, &[]);
+        read_packet(&mut theirs).unwrap().unwrap();
+        drop(theirs);
+        assert!(matches!(rt.block_on(pending), Err(RpcError::Closed)));
+        assert!(matches!(
+            rt.block_on(client.call_async(1, &[])),
+            Err(RpcError::Closed)
+        ));
     }
 
     /// A daemon that stops answering: PINGs after each quiet interval, then the socket is shut

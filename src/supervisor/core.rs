@@ -792,8 +792,7 @@ impl Launcher {
         }
         let xml = disk.to_xml();
         let now_live = crate::domain::live::LiveDisk::parse(&xml);
-        let n = name.to_string();
-        let attached = self.blocking(move |hv| hv.attach_device(&n, &xml)).await;
+        let attached = self.hv.attach_device(name, &xml).await;
         match (attached, now_live) {
             (Ok(()), Ok(l)) => self.live_cache_add(l),
             (Ok(()), Err(_)) => self.domain_changed(),
