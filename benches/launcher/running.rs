@@ -159,9 +159,8 @@ fn hotplug_round(
                 let t0 = Instant::now();
                 let attached = sync_ready(rt, &mut c, body, &volume)?;
                 let pod = &mut pair.pod;
-                let seen = wait_guest_disk(&pair.lconsole, sectors, deadline(), || {
-                    pod.check_alive()
-                })?;
+                let seen =
+                    wait_guest_disk(&pair.lconsole, sectors, deadline(), || pod.check_alive())?;
                 progress(&format!(
                     "{label}{}/{samples} launcher hot-plug: Sync → Ready {} ms, → guest {} ms",
                     i + 1,
@@ -188,9 +187,8 @@ fn hotplug_round(
                     .map_err(|e| anyhow!("attachDeviceFlags: {e}\n{disk}"))?;
                 let attached = Instant::now();
                 let raw = &mut pair.raw;
-                let seen = wait_guest_disk(&pair.rconsole, sectors, deadline(), || {
-                    raw.check_alive()
-                })?;
+                let seen =
+                    wait_guest_disk(&pair.rconsole, sectors, deadline(), || raw.check_alive())?;
                 progress(&format!(
                     "{label}{}/{samples} raw attachDeviceFlags: {} ms, → guest {} ms",
                     i + 1,
@@ -319,7 +317,9 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
     for n in 1..pairs {
         let mut pair = Pair::boot(ctx, &spec, &format!("lvb-hotplug{n}"))?;
         let label = format!("pair {}: ", n + 1);
-        drop(hotplug_round(&rt, ctx, &mut pair, samples, &label, &mut hp)?);
+        drop(hotplug_round(
+            &rt, ctx, &mut pair, samples, &label, &mut hp,
+        )?);
         pair.stop()?;
     }
     drop(rt);
