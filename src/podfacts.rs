@@ -935,15 +935,21 @@ mod tests {
         assert!(from_json("", &v).is_ok());
     }
 
-    #[test]
-    fn probe_reports_missing_volume_with_path() {
-        let tmp = std::env::temp_dir().join(format!("vl-probe-{}", std::process::id()));
+    /// An empty scratch directory named after `tag`, and the pod's volume paths inside it.
+    fn scratch_paths(tag: &str, v: &VirtualMachineInstance) -> (PathBuf, PodPaths) {
+        let tmp = std::env::temp_dir().join(format!("vl-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        let v = vmi(PVC_VMI);
-        let mut paths = PodPaths::kubevirt_defaults(&v);
+        let mut paths = PodPaths::kubevirt_defaults(v);
         paths.vmi_disks_dir = tmp.join("vmi-disks");
         paths.block_dev_dir = tmp.join("dev");
         paths.hotplug_disks_dir = tmp.join("hp");
+        (tmp, paths)
+    }
+
+    #[test]
+    fn probe_reports_missing_volume_with_path() {
+        let v = vmi(PVC_VMI);
+        let (tmp, paths) = scratch_paths("probe", &v);
         let err = probe(&v, paths.clone(), DomainType::Kvm).unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("volume root: "), "{msg}");
@@ -962,13 +968,8 @@ mod tests {
 
     #[test]
     fn attached_hotplug_volumes_are_taken_from_the_domain_not_probed() {
-        let tmp = std::env::temp_dir().join(format!("vl-attached-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
         let v = vmi(PVC_VMI);
-        let mut paths = PodPaths::kubevirt_defaults(&v);
-        paths.vmi_disks_dir = tmp.join("vmi-disks");
-        paths.block_dev_dir = tmp.join("dev");
-        paths.hotplug_disks_dir = tmp.join("hp");
+        let (tmp, paths) = scratch_paths("attached", &v);
         std::fs::create_dir_all(tmp.join("vmi-disks/root")).expect("mkdir");
         std::fs::create_dir_all(tmp.join("hp")).expect("mkdir");
         std::fs::write(tmp.join("vmi-disks/root/disk.img"), b"").expect("write");

@@ -826,11 +826,14 @@ mod tests {
         }
     }
 
-    /// A fake daemon on a socket pair: replies out of order, sends an event, then hangs up.
-    #[test]
-    fn concurrent_calls_events_and_close() {
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// A client whose daemon is the returned end of a socket pair, and its event stream.
+    fn with_fake_daemon() -> (
+        Arc<Client>,
+        UnixStream,
+        tokio::sync::mpsc::UnboundedReceiver<RawEvent>,
+    ) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let reader = ours.try_clone().unwrap();
         let shared = Shared::new(ours).unwrap();
         let s = shared.clone();
@@ -839,6 +842,25 @@ mod tests {
             shared,
             serial: AtomicU32::new(1),
         });
+        (client, theirs, rx)
+    }
+
+    /// The daemon's reply to call `h`.
+    fn reply(h: Header, status: u32, body: &[u8]) -> Vec<u8> {
+        encode_packet(
+            &Header {
+                kind: kind::REPLY,
+                status,
+                ..h
+            },
+            body,
+        )
+    }
+
+    /// A fake daemon on a socket pair: replies out of order, sends an event, then hangs up.
+    #[test]
+    fn concurrent_calls_events_and_close() {
+        let (client, mut theirs, mut rx) = with_fake_daemon();
 
         let c1 = client.clone();
         let slow = std::thread::spawn(move || c1.call(procs::DOMAIN_GET_STATE, &[]));
@@ -858,16 +880,6 @@ mod tests {
             .opt_string(None)
             .opt_string(None);
         err.i32(0).i32(0).bool(false);
-        let reply = |h: Header, status, body: &[u8]| {
-            encode_packet(
-                &Header {
-                    kind: kind::REPLY,
-                    status,
-                    ..h
-                },
-                body,
-            )
-        };
         theirs
             .write_all(&reply(h2, status::ERROR, &err.into_bytes()))
             .unwrap();
@@ -923,29 +935,10 @@ mod tests {
     /// order; an awaited call pending when the daemon hangs up fails as closed.
     #[test]
     fn awaited_calls_get_their_replies_and_fail_on_close() {
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let reader = ours.try_clone().unwrap();
-        let shared = Shared::new(ours).unwrap();
-        let s = shared.clone();
-        std::thread::spawn(move || read_loop(reader, s, tx));
-        let client = Arc::new(Client {
-            shared,
-            serial: AtomicU32::new(1),
-        });
+        let (client, mut theirs, _events) = with_fake_daemon();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let reply = |h: Header, body: &[u8]| {
-            encode_packet(
-                &Header {
-                    kind: kind::REPLY,
-                    status: status::OK,
-                    ..h
-                },
-                body,
-            )
-        };
 
         let awaited = client.call_async(procs::DOMAIN_GET_STATE, &[]);
         let (h1, _) = decode_header(&read_packet(&mut theirs).unwrap().unwrap()).unwrap();
@@ -956,8 +949,12 @@ mod tests {
             (h1.proc_, h2.proc_),
             (procs::DOMAIN_GET_STATE, procs::DOMAIN_GET_INFO)
         );
-        theirs.write_all(&reply(h2, &[0, 0, 0, 2])).unwrap();
-        theirs.write_all(&reply(h1, &[0, 0, 0, 1])).unwrap();
+        theirs
+            .write_all(&reply(h2, status::OK, &[0, 0, 0, 2]))
+            .unwrap();
+        theirs
+            .write_all(&reply(h1, status::OK, &[0, 0, 0, 1]))
+            .unwrap();
         assert_eq!(blocking.join().unwrap().unwrap(), vec![0, 0, 0, 2]);
         assert_eq!(rt.block_on(awaited).unwrap(), vec![0, 0, 0, 1]);
 
