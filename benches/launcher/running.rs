@@ -152,7 +152,8 @@ fn hotplug_round(
         for step in 0..2 {
             check_interrupt()?;
             std::thread::sleep(poll_phase_delay(2 * i + step));
-            if (i + step) % 2 == 0 {
+            let launcher = (i + step) % 2 == 0;
+            let (t0, attached, seen) = if launcher {
                 sparse_file(&pair.lhot.join(format!("{volume}.img")), sectors * 512)?;
                 client::add_hotplug_volume(&mut lvmi, &volume, &volume, "virtio", false)?;
                 let body = serde_json::to_vec(&lvmi)?;
@@ -161,14 +162,7 @@ fn hotplug_round(
                 let pod = &mut pair.pod;
                 let seen =
                     wait_guest_disk(&pair.lconsole, sectors, deadline(), || pod.check_alive())?;
-                progress(&format!(
-                    "{label}{}/{samples} launcher hot-plug: Sync → Ready {} ms, → guest {} ms",
-                    i + 1,
-                    fmt_num(ms(attached - t0)),
-                    fmt_num(ms(seen - t0))
-                ));
-                out.l_att.push(ms(attached - t0));
-                out.l_vis.push(ms(seen - t0));
+                (t0, attached, seen)
             } else {
                 sparse_file(&pair.rhot.join(format!("{volume}.img")), sectors * 512)?;
                 client::add_hotplug_volume(&mut rvmi, &volume, &volume, "virtio", false)?;
@@ -189,15 +183,25 @@ fn hotplug_round(
                 let raw = &mut pair.raw;
                 let seen =
                     wait_guest_disk(&pair.rconsole, sectors, deadline(), || raw.check_alive())?;
-                progress(&format!(
-                    "{label}{}/{samples} raw attachDeviceFlags: {} ms, → guest {} ms",
-                    i + 1,
-                    fmt_num(ms(attached - t0)),
-                    fmt_num(ms(seen - t0))
-                ));
-                out.r_att.push(ms(attached - t0));
-                out.r_vis.push(ms(seen - t0));
-            }
+                (t0, attached, seen)
+            };
+            let (what, att, vis) = if launcher {
+                (
+                    "launcher hot-plug: Sync → Ready",
+                    &mut out.l_att,
+                    &mut out.l_vis,
+                )
+            } else {
+                ("raw attachDeviceFlags:", &mut out.r_att, &mut out.r_vis)
+            };
+            progress(&format!(
+                "{label}{}/{samples} {what} {} ms, → guest {} ms",
+                i + 1,
+                fmt_num(ms(attached - t0)),
+                fmt_num(ms(seen - t0))
+            ));
+            att.push(ms(attached - t0));
+            vis.push(ms(seen - t0));
         }
     }
     Ok((c, lvmi))

@@ -791,16 +791,14 @@ impl Launcher {
             return Err(self.volume_failed(&volume, reason));
         }
         let xml = disk.to_xml();
-        let now_live = crate::domain::live::LiveDisk::parse(&xml);
-        let attached = self.hv.attach_device(name, &xml).await;
-        match (attached, now_live) {
-            (Ok(()), Ok(l)) => self.live_cache_add(l),
-            (Ok(()), Err(_)) => self.domain_changed(),
-            (Err(e), _) => {
-                // What a failed attach left in the domain is libvirt's to say: read it again.
-                self.domain_changed();
-                return Err(self.volume_failed(&volume, format!("attach failed: {e}")));
-            }
+        if let Err(e) = self.hv.attach_device(name, &xml).await {
+            // What a failed attach left in the domain is libvirt's to say: read it again.
+            self.domain_changed();
+            return Err(self.volume_failed(&volume, format!("attach failed: {e}")));
+        }
+        match crate::domain::live::LiveDisk::parse(&xml) {
+            Ok(l) => self.live_cache_add(l),
+            Err(_) => self.domain_changed(),
         }
         self.set_phase(&volume, Phase::Ready, "");
         Ok(())
