@@ -9,10 +9,10 @@ use clap::{Args, Parser, Subcommand};
 
 use virt_launcher::api::server::ServerConfig;
 use virt_launcher::pod::{self, PodLayout};
-use virt_launcher::podfacts::{self, DomainType};
+use virt_launcher::pod::facts::{self as podfacts, DomainType};
 use virt_launcher::spec::{self, VirtualMachineInstance};
-use virt_launcher::supervisor::plan::{PathOverrides, Planner};
-use virt_launcher::supervisor::{self, RunOptions};
+use virt_launcher::vm::plan::{PathOverrides, Planner};
+use virt_launcher::vm::{self, RunOptions};
 use virt_launcher::{convert, datavolume, logging};
 
 #[derive(Parser)]
@@ -286,7 +286,7 @@ fn run(args: RunArgs) -> Result<i32> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let outcome = runtime.block_on(supervisor::run(&layout, opts));
+    let outcome = runtime.block_on(vm::run(&layout, opts));
     runtime.shutdown_timeout(Duration::from_secs(2));
     layout.remove_daemon_state();
     Ok(outcome?.exit_code())

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 use virt_launcher::domain::live::LiveDomain;
-use virt_launcher::podfacts::{DomainType, PodFacts};
+use virt_launcher::pod::facts::{DomainType, PodFacts};
 use virt_launcher::{convert, spec};
 
 struct Rng(u64);

@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use quick_xml::events::Event;
-use virt_launcher::{convert, podfacts, spec};
+use virt_launcher::pod::facts as podfacts;
+use virt_launcher::{convert, spec};
 
 #[derive(Debug, PartialEq)]
 enum Node {

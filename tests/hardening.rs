@@ -308,7 +308,7 @@ fn host_disks_are_never_created_through_a_symlink() {
 
 #[test]
 fn cloud_init_and_config_sources_may_not_leave_their_directories() {
-    use virt_launcher::podfacts::PodFacts;
+    use virt_launcher::pod::facts::PodFacts;
     let l = Layout::new("cfg");
     let spec = |vols: Value| {
         virt_launcher::spec::from_str(&vmi(vols, None, None).to_string(), "t").unwrap()
@@ -320,7 +320,7 @@ fn cloud_init_and_config_sources_may_not_leave_their_directories() {
     facts.paths.private_dir = l.p("private");
     fs::create_dir_all(l.p("config/config-map")).unwrap();
     symlink("/etc", l.p("config/config-map/cm")).unwrap();
-    let e = virt_launcher::prepare::prepare(&v, &facts)
+    let e = virt_launcher::pod::prepare::prepare(&v, &facts)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("volume cm: ") && e.contains("outside"), "{e}");
@@ -330,7 +330,7 @@ fn cloud_init_and_config_sources_may_not_leave_their_directories() {
     let v = spec(json!([{"name": "ci", "cloudInitNoCloud": {"secretRef": {"name": "s"}}}]));
     fs::create_dir_all(l.p("config/secret/ci")).unwrap();
     symlink(l.p("outside/secret.img"), l.p("config/secret/ci/userdata")).unwrap();
-    let e = virt_launcher::prepare::prepare(&v, &facts)
+    let e = virt_launcher::pod::prepare::prepare(&v, &facts)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("volume ci: ") && e.contains("outside"), "{e}");
@@ -340,7 +340,7 @@ fn cloud_init_and_config_sources_may_not_leave_their_directories() {
     fs::write(l.p("config/secret/ci/..data/userdata"), b"#cloud-config\n").unwrap();
     symlink("..data/userdata", l.p("config/secret/ci/userdata")).unwrap();
     if Command::new("xorrisofs").arg("--version").output().is_ok() {
-        virt_launcher::prepare::prepare(&v, &facts).expect("k8s secret layout");
+        virt_launcher::pod::prepare::prepare(&v, &facts).expect("k8s secret layout");
         let ud = fs::read(l.p("private/cloud-init-nocloud/user-data")).unwrap();
         assert_eq!(ud, b"#cloud-config\n");
     }
@@ -351,10 +351,10 @@ fn hotplug_path_check_for_attach() {
     // What the core calls right before attaching (see podfacts::confined_hotplug_path).
     let l = Layout::new("hpcheck");
     let v = virt_launcher::spec::from_str(&vmi(json!([]), None, None).to_string(), "t").unwrap();
-    let mut paths = virt_launcher::podfacts::PodPaths::kubevirt_defaults(&v);
+    let mut paths = virt_launcher::pod::facts::PodPaths::kubevirt_defaults(&v);
     paths.hotplug_disks_dir = l.p("hotplug");
     let check = |vol: &str, block: bool| {
-        virt_launcher::podfacts::confined_hotplug_path(&paths, vol, block)
+        virt_launcher::pod::facts::confined_hotplug_path(&paths, vol, block)
             .map_err(|e| e.to_string())
     };
     fs::write(l.p("hotplug/ok.img"), b"").unwrap();

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use virt_launcher::supervisor::reaper::{Exit, Reaper};
+use virt_launcher::pod::process::{Exit, Reaper};
 
 #[tokio::test]
 async fn statuses_reach_their_spawner_and_orphans_are_reaped() {

@@ -12,7 +12,7 @@ use super::pods::*;
 use super::*;
 
 use virt_launcher::api::pb;
-use virt_launcher::supervisor::migration::rewrite_paths;
+use virt_launcher::vm::migration::rewrite_paths;
 
 /// One raw daemon pair holding the VM, and its private directory (console log).
 struct RawSide {

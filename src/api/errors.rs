@@ -6,10 +6,10 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::libvirt::LibvirtError;
-use crate::podfacts::PodFactsError;
+use crate::pod::facts::PodFactsError;
 use crate::spec::SpecError;
-use crate::supervisor::core::ControlError;
-use crate::supervisor::plan::PlanError;
+use crate::vm::core::ControlError;
+use crate::vm::plan::PlanError;
 
 /// The ErrorInfo domain of our errors.
 pub const ERROR_DOMAIN: &str = "launcher.kubevirt.io";

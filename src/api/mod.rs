@@ -16,9 +16,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::spec;
-use crate::supervisor::core::{Launcher, StopRequest, FREEZE_TIMEOUT};
-use crate::supervisor::migration::MigrateOptions;
-use crate::supervisor::state;
+use crate::vm::core::{Launcher, StopRequest, FREEZE_TIMEOUT};
+use crate::vm::migration::MigrateOptions;
+use crate::vm::state;
 
 pub use errors::to_status;
 

@@ -37,7 +37,7 @@ use tonic::{Request, Status};
 
 use super::pb::launcher_server::LauncherServer;
 use super::{Service, MAX_MESSAGE_BYTES};
-use crate::supervisor::core::Launcher;
+use crate::vm::core::Launcher;
 
 /// Most connections of allowed peers served at once.
 pub const MAX_CONNECTIONS: usize = 256;

@@ -2,7 +2,7 @@
 
 use super::{err, names, ConvertError, MAX_MEMORY_BYTES};
 use crate::domain::{BackingStore, Disk, DiskDevice, DiskSource, Driver};
-use crate::podfacts::PodFacts;
+use crate::pod::facts::PodFacts;
 use crate::spec::{is_dns1123_label, Quantity, VirtualMachineInstance, Volume};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};

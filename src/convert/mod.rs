@@ -27,7 +27,7 @@ pub mod names;
 pub mod uuid;
 
 use crate::domain::*;
-use crate::podfacts::{DomainType, PodFacts};
+use crate::pod::facts::{DomainType, PodFacts};
 use crate::spec::{is_dns1123_label, is_dns1123_subdomain, FeatureState, VirtualMachineInstance};
 
 pub use disks::{confine, confined_components};

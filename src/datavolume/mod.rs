@@ -4,7 +4,7 @@
 //! [`materialise`] reads a `kubevirt.io/v1` VirtualMachine's `spec.dataVolumeTemplates`, makes
 //! each DataVolume a claim directory under the storage directory (see [`claim`] for the
 //! layout), imports it unless it is already complete, and points the launcher's volume paths at
-//! a per-VM view of the claims, so that [`crate::podfacts::probe`] finds Filesystem claims as
+//! a per-VM view of the claims, so that [`crate::pod::facts::probe`] finds Filesystem claims as
 //! `<volume>/disk.img` and Block claims as a block device node `<volume>` — exactly the pod
 //! layout KubeVirt uses.
 //!
@@ -41,7 +41,7 @@ use std::time::SystemTime;
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::podfacts::PodPaths;
+use crate::pod::facts::PodPaths;
 use crate::spec::{VirtualMachine, VirtualMachineInstance};
 
 pub use claim::ClaimMeta;
@@ -210,7 +210,7 @@ pub fn load_vm(file: &Path) -> Result<VirtualMachine, DataVolumeError> {
 /// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
 /// `opts.storage_dir`, then point `paths` (`vmi_disks_dir`, `block_dev_dir`) at this VM's view
 /// of its claims. `vmi` is the VMI the launcher runs (from the same file). Call before
-/// [`crate::podfacts::probe`]; keep the returned [`Claims`] alive while the VM runs.
+/// [`crate::pod::facts::probe`]; keep the returned [`Claims`] alive while the VM runs.
 pub fn materialise(
     vm_file: &Path,
     vmi: &VirtualMachineInstance,

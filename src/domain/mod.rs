@@ -9,7 +9,7 @@
 pub mod live;
 mod xml;
 
-use crate::podfacts::DomainType;
+use crate::pod::facts::DomainType;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq)]

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::PodLayout;
-use crate::supervisor::reaper::{Exit, Reaper};
+use crate::pod::process::{Exit, Reaper};
 
 /// How long a daemon may take to open its socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);

@@ -8,6 +8,9 @@
 //! runtime root, so several launchers can run side by side and none touches the host's libvirt.
 
 pub mod daemons;
+pub mod facts;
+pub mod prepare;
+pub mod process;
 
 use std::fs::{self, File};
 use std::io::Write;

@@ -774,7 +774,7 @@ impl Launcher {
         // symlinks are followed.
         let paths = self.planner.paths.paths_for(vmi);
         let block = matches!(disk.source, crate::domain::DiskSource::Block(_));
-        if let Err(e) = crate::podfacts::confined_hotplug_path(&paths, &volume, block) {
+        if let Err(e) = crate::pod::facts::confined_hotplug_path(&paths, &volume, block) {
             let e = ControlError::Volume {
                 volume: volume.clone(),
                 reason: e.to_string(),
@@ -1093,9 +1093,9 @@ fn drop_nulls(v: &mut serde_json::Value) {
     }
 }
 
-/// How the domain holds a disk (see [`crate::podfacts::AttachedVolume`]).
-fn attached_volume(l: &crate::domain::live::LiveDisk) -> crate::podfacts::AttachedVolume {
-    crate::podfacts::AttachedVolume {
+/// How the domain holds a disk (see [`crate::pod::facts::AttachedVolume`]).
+fn attached_volume(l: &crate::domain::live::LiveDisk) -> crate::pod::facts::AttachedVolume {
+    crate::pod::facts::AttachedVolume {
         block: l.disk_type.as_deref() == Some("block"),
         direct_io: l.driver.as_ref().and_then(|d| d.cache.as_deref()) == Some("none"),
     }

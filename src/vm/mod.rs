@@ -1,10 +1,9 @@
-//! Lifecycle and supervision: start the daemons, serve the control API, start the domain,
+//! The core: lifecycle and supervision of the VM: start the domain, follow its events, honour
 //! follow its events, honour the pod's grace period, and leave nothing running behind.
 
 pub mod core;
 pub mod migration;
 pub mod plan;
-pub mod reaper;
 pub mod state;
 
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use crate::pod::PodLayout;
 use crate::spec::VirtualMachineInstance;
 use core::{ControlError, Launcher, StopRequest};
 use plan::Planner;
-use reaper::Reaper;
+use crate::pod::process::Reaper;
 use state::EventKind;
 
 /// What to run and how.

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use crate::convert::{self, ConvertError};
 use crate::domain::Domain;
-use crate::podfacts::{self, AttachedVolume, DomainType, PodFacts, PodFactsError, PodPaths};
-use crate::prepare::{self, PrepareError};
+use crate::pod::facts::{self as podfacts, AttachedVolume, DomainType, PodFacts, PodFactsError, PodPaths};
+use crate::pod::prepare::{self, PrepareError};
 use crate::spec::VirtualMachineInstance;
 
 /// Where this launcher's pod keeps things, as given on the command line (None: KubeVirt's
@@ -130,7 +130,7 @@ pub fn wanted_image_size(vmi: &VirtualMachineInstance, volume: &str) -> Option<u
 /// Without a known capacity nothing is created (the probe then names the missing file).
 fn create_missing_images(
     vmi: &VirtualMachineInstance,
-    paths: &crate::podfacts::PodPaths,
+    paths: &crate::pod::facts::PodPaths,
 ) -> Result<(), PlanError> {
     for v in claim_volumes(vmi) {
         if let Some(size) = wanted_image_size(vmi, v) {
@@ -157,7 +157,7 @@ fn claim_volumes(vmi: &VirtualMachineInstance) -> impl Iterator<Item = &str> {
 /// mounted (its directory exists) and has neither a `disk.img` nor a block node. Returns the
 /// path when it created the file.
 fn create_image(
-    paths: &crate::podfacts::PodPaths,
+    paths: &crate::pod::facts::PodPaths,
     volume: &str,
     size: u64,
 ) -> Result<Option<PathBuf>, PlanError> {
@@ -167,7 +167,7 @@ fn create_image(
         return Ok(None);
     }
     // A `<volume>` directory that is a symlink out of the volumes directory gets nothing.
-    crate::podfacts::confined_pvc_dir(paths, volume)?;
+    crate::pod::facts::confined_pvc_dir(paths, volume)?;
     let err = |source| PlanError::CreateImage {
         volume: volume.to_string(),
         path: image.clone(),
@@ -189,7 +189,7 @@ fn create_image(
 /// Returns the volumes and paths created.
 pub fn create_copy_targets(
     vmi: &VirtualMachineInstance,
-    paths: &crate::podfacts::PodPaths,
+    paths: &crate::pod::facts::PodPaths,
     sizes: &std::collections::HashMap<String, u64>,
 ) -> Result<Vec<(String, PathBuf)>, PlanError> {
     let mut created = Vec::new();

@@ -1,5 +1,5 @@
 //! Side effects the domain needs before it can be defined — the I/O half of conversion.
-//! Call [`prepare`] after [`crate::podfacts::probe`] and before defining the domain that
+//! Call [`prepare`] after [`crate::pod::facts::probe`] and before defining the domain that
 //! [`crate::convert::convert`] returned for the same VMI and facts; it creates exactly the files
 //! that domain references:
 //!
@@ -17,7 +17,7 @@
 //! External tools: `qemu-img` and `xorrisofs`, looked up in `PATH`. Hot-plugged volumes are not
 //! touched here. Call it once; it is not safe to run concurrently for one VMI.
 
-use crate::podfacts::{ImageFormat, PodFacts};
+use crate::pod::facts::{ImageFormat, PodFacts};
 use crate::spec::{CloudInitSource, VirtualMachineInstance};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -215,9 +215,9 @@ fn cloud_init_data(
     Ok((user, network))
 }
 
-/// `path` resolved, if it stays inside `base` (see [`crate::podfacts::confine_existing`]).
+/// `path` resolved, if it stays inside `base` (see [`crate::pod::facts::confine_existing`]).
 fn confined(volume: &str, base: &Path, path: &Path) -> Result<PathBuf, PrepareError> {
-    crate::podfacts::confine_existing(base, path).map_err(|reason| PrepareError::Invalid {
+    crate::pod::facts::confine_existing(base, path).map_err(|reason| PrepareError::Invalid {
         volume: volume.to_string(),
         reason: format!("{}: {reason}", path.display()),
     })
@@ -400,7 +400,7 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::podfacts::PodFacts;
+    use crate::pod::facts::PodFacts;
 
     fn have(tool: &str) -> bool {
         Command::new(tool).arg("--version").output().is_ok()

@@ -1,5 +1,5 @@
 //! Facts about the pod, gathered once before conversion. All filesystem I/O of the conversion
-//! pipeline lives here (and in [`crate::prepare`]); [`crate::convert`] is pure.
+//! pipeline lives here (and in [`crate::pod::prepare`]); [`crate::convert`] is pure.
 //!
 //! Two ways to get facts:
 //! - [`probe`] looks at the real pod: which PVC/DataVolume volumes are block devices, whether
@@ -475,7 +475,7 @@ pub fn confined_pvc_dir(paths: &PodPaths, volume: &str) -> Result<PathBuf, PodFa
 /// absolute path without `..` (checked by the converter), a regular file when it exists
 /// (never a directory, FIFO or device: opening a FIFO would hang the launcher), and for
 /// `DiskOrCreate` an existing parent directory; the file is then created without following
-/// a symlink (see [`crate::prepare`]).
+/// a symlink (see [`crate::pod::prepare`]).
 fn check_host_disk(field: &str, path: &Path, create: bool) -> Result<(), PodFactsError> {
     let err = |reason: String| PodFactsError::Field {
         field: field.to_string(),
