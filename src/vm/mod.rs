@@ -1,5 +1,5 @@
 //! The core: lifecycle and supervision of the VM: start the domain, follow its events, honour
-//! follow its events, honour the pod's grace period, and leave nothing running behind.
+//! the pod's grace period, and leave nothing running behind.
 
 pub mod core;
 pub mod migration;
