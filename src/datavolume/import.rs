@@ -16,11 +16,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::progress::{Progress, ProgressStyle};
 use super::DataVolumeError;
+use crate::pod::process::{Command, Output, ProcessError, Stdio};
 
 /// Where and for whom an import runs.
 pub(crate) struct Job<'a> {
@@ -50,12 +50,10 @@ impl Job<'_> {
         }
     }
 
-    fn tool(&self, tool: &'static str, status: String, stderr: &[u8]) -> DataVolumeError {
+    fn tool(&self, source: ProcessError) -> DataVolumeError {
         DataVolumeError::Tool {
             dv: self.dv.to_string(),
-            tool,
-            status,
-            stderr: one_line(stderr),
+            source,
         }
     }
 }
@@ -279,16 +277,8 @@ fn pipe_through(
         .args(args)
         .stdin(Stdio::piped())
         .stdout(dst)
-        .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| job.tool(tool, "not started".into(), io_reason(&e).as_bytes()))?;
-    let stderr = child.stderr.take().map(|mut e| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = e.read_to_end(&mut s);
-            s
-        })
-    });
+        .map_err(|e| job.tool(e))?;
     let mut progress = Progress::new(job.dv, phase, Some(len), job.style);
     let mut feed_error = None;
     if let Some(mut stdin) = child.stdin.take() {
@@ -310,17 +300,14 @@ fn pipe_through(
             progress.add(n as u64);
         }
     }
-    let status = child
-        .wait()
-        .map_err(|e| job.tool(tool, "lost".into(), io_reason(&e).as_bytes()))?;
-    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
-    if !status.success() {
+    let out = child.wait_with_output().map_err(|e| job.tool(e))?;
+    if !out.success() {
         return Err(job.image(format!(
             "{tool} cannot unpack it: {}",
-            if stderr.is_empty() {
-                status.to_string()
+            if out.stderr.is_empty() {
+                out.exit.to_string()
             } else {
-                one_line(&stderr)
+                one_line(&out.stderr)
             }
         )));
     }
@@ -331,11 +318,11 @@ fn pipe_through(
     Ok(())
 }
 
-fn qemu_img(job: &Job, args: &[&std::ffi::OsStr]) -> Result<std::process::Output, DataVolumeError> {
+fn qemu_img(job: &Job, args: &[&std::ffi::OsStr]) -> Result<Output, DataVolumeError> {
     Command::new("qemu-img")
         .args(args)
         .output()
-        .map_err(|e| job.tool("qemu-img", "not started".into(), io_reason(&e).as_bytes()))
+        .map_err(|e| job.tool(e))
 }
 
 /// Validate a qcow2 image and return its virtual size.
@@ -350,7 +337,7 @@ fn check_qcow2(job: &Job, path: &Path) -> Result<u64, DataVolumeError> {
             path.as_os_str(),
         ],
     )?;
-    if !out.status.success() {
+    if !out.success() {
         return Err(job.image(format!(
             "not a valid qcow2 image: {}",
             strip_qemu_prefix(&one_line(&out.stderr))
@@ -387,7 +374,7 @@ fn check_qcow2(job: &Job, path: &Path) -> Result<u64, DataVolumeError> {
         ],
     )?;
     // 0: clean, 3: leaked clusters only (harmless), 2: corruptions, 1: check failed.
-    match out.status.code() {
+    match out.exit.code() {
         Some(0) | Some(3) => Ok(size),
         Some(2) => {
             let n = serde_json::from_slice::<serde_json::Value>(&out.stdout)
@@ -400,7 +387,7 @@ fn check_qcow2(job: &Job, path: &Path) -> Result<u64, DataVolumeError> {
         }
         _ => Err(job.image(format!(
             "the qcow2 image cannot be checked ({}): {}",
-            out.status,
+            out.exit,
             strip_qemu_prefix(&one_line(&out.stderr))
         ))),
     }
@@ -428,16 +415,8 @@ fn convert_qcow2(
         .arg(dst)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| job.tool("qemu-img", "not started".into(), io_reason(&e).as_bytes()))?;
-    let stderr = child.stderr.take().map(|mut e| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = e.read_to_end(&mut s);
-            s
-        })
-    });
+        .map_err(|e| job.tool(e))?;
     let mut progress = Progress::new(job.dv, "convert", Some(virtual_size), job.style);
     if let Some(mut out) = child.stdout.take() {
         // Lines like "    (42.05/100%)\r".
@@ -461,14 +440,11 @@ fn convert_qcow2(
             }
         }
     }
-    let status = child
-        .wait()
-        .map_err(|e| job.tool("qemu-img", "lost".into(), io_reason(&e).as_bytes()))?;
-    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
-    if !status.success() {
+    let out = child.wait_with_output().map_err(|e| job.tool(e))?;
+    if !out.success() {
         return Err(job.image(format!(
             "qemu-img cannot convert it: {}",
-            strip_qemu_prefix(&one_line(&stderr))
+            strip_qemu_prefix(&one_line(&out.stderr))
         )));
     }
     progress.set(virtual_size);

@@ -1,7 +1,8 @@
 //! Loop devices for Block-mode claims (`losetup` from util-linux).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use crate::pod::process::{Command, ProcessError};
 
 /// A loop device over a claim's `block.img`.
 #[derive(Debug)]
@@ -13,15 +14,6 @@ pub struct LoopDevice {
     pub owned: bool,
 }
 
-fn one_line(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// The loop device already backed by `file`, if any.
 fn find(file: &Path) -> Result<Option<PathBuf>, String> {
     let out = Command::new("losetup")
@@ -29,15 +21,8 @@ fn find(file: &Path) -> Result<Option<PathBuf>, String> {
         .args(["--output", "NAME"])
         .arg("--associated")
         .arg(file)
-        .output()
-        .map_err(|e| format!("losetup: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "losetup --associated failed ({}): {}",
-            out.status,
-            one_line(&out.stderr)
-        ));
-    }
+        .run()
+        .map_err(|e| e.to_string())?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
@@ -57,14 +42,12 @@ pub fn attach(file: &Path) -> Result<LoopDevice, String> {
     let out = Command::new("losetup")
         .args(["--find", "--show"])
         .arg(file)
-        .output()
-        .map_err(|e| format!("losetup: {e}"))?;
+        .run()
+        .map_err(|e| e.to_string())?;
     let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || !device.starts_with("/dev/") {
+    if !device.starts_with("/dev/") {
         return Err(format!(
-            "losetup --find failed ({}): {}",
-            out.status,
-            one_line(&out.stderr)
+            "losetup --find --show printed {device:?}, not a device"
         ));
     }
     Ok(LoopDevice {
@@ -83,14 +66,14 @@ pub fn detach(dev: &LoopDevice) {
     match Command::new("losetup")
         .arg("--detach")
         .arg(&dev.device)
-        .output()
+        .run()
     {
-        Ok(out) if out.status.success() => {
+        Ok(_) => {
             tracing::info!(device = %dev.device.display(), file = %dev.file.display(), "loop device detached")
         }
-        Ok(out) => tracing::warn!(
+        Err(e @ ProcessError::Failed { .. }) => tracing::warn!(
             device = %dev.device.display(),
-            error = one_line(&out.stderr),
+            error = %e,
             "cannot detach loop device"
         ),
         Err(e) => tracing::warn!(device = %dev.device.display(), error = %e, "cannot run losetup"),

@@ -99,12 +99,11 @@ pub enum DataVolumeError {
         path: PathBuf,
         reason: String,
     },
-    #[error("DataVolume {dv}: {tool} failed ({status}): {stderr}")]
+    #[error("DataVolume {dv}: {source}")]
     Tool {
         dv: String,
-        tool: &'static str,
-        status: String,
-        stderr: String,
+        #[source]
+        source: crate::pod::process::ProcessError,
     },
     #[error("DataVolume {dv}: the claim in {} was imported as {recorded} but the template asks for {wanted}; remove the claim directory to import it again", dir.display())]
     ModeMismatch {

@@ -8,9 +8,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::PodLayout;
-use crate::pod::process::{Exit, Reaper};
+use crate::pod::process::{Child, Command, Exit, ProcessError, Reaper, Stdio};
 
 /// How long a daemon may take to open its socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -72,7 +70,7 @@ pub enum DaemonError {
     #[error("cannot start {daemon}: {source} (is libvirt installed? run scripts/setup-host.sh)")]
     Spawn {
         daemon: &'static str,
-        source: std::io::Error,
+        source: ProcessError,
     },
     #[error("{daemon} exited during start-up ({exit}); its log lines above say why")]
     EarlyExit { daemon: &'static str, exit: Exit },
@@ -100,9 +98,10 @@ pub struct Daemons {
 }
 
 impl Daemons {
-    /// Starts virtlogd, then libvirtd, each ready (socket open) before the next.
+    /// Starts virtlogd, then libvirtd, each ready (socket open) before the next. The reaper
+    /// must run: it collects what the daemons leave behind (an orphaned QEMU).
     pub async fn start(
-        reaper: &Reaper,
+        _reaper: &Reaper,
         layout: &PodLayout,
         events: mpsc::UnboundedSender<DaemonEvent>,
     ) -> Result<Daemons, DaemonError> {
@@ -113,7 +112,7 @@ impl Daemons {
             watchers: Vec::new(),
         };
         for daemon in [Daemon::Virtlogd, Daemon::Libvirtd] {
-            let first = match start_one(reaper, layout, daemon).await {
+            let first = match start_one(layout, daemon).await {
                 Ok(s) => s,
                 Err(e) => {
                     daemons.stop().await;
@@ -123,10 +122,9 @@ impl Daemons {
             let pid = Arc::new(Mutex::new(first.pid));
             daemons.pids.push((daemon, pid.clone()));
             let watcher = watch_daemon(
-                reaper.clone(),
                 layout.clone(),
                 daemon,
-                first.exit,
+                first.child,
                 pid,
                 daemons.stopping.subscribe(),
                 events.clone(),
@@ -159,30 +157,27 @@ impl Daemons {
 
 struct Started {
     pid: i32,
-    exit: tokio::sync::oneshot::Receiver<Exit>,
+    child: Child,
 }
 
-async fn start_one(
-    reaper: &Reaper,
-    layout: &PodLayout,
-    daemon: Daemon,
-) -> Result<Started, DaemonError> {
+async fn start_one(layout: &PodLayout, daemon: Daemon) -> Result<Started, DaemonError> {
     let socket = daemon.socket(layout);
     // A stale socket from a crashed predecessor would look ready.
     let _ = std::fs::remove_file(&socket);
-    let mut spawned = reaper
-        .spawn(&mut daemon.command(layout))
+    let mut child = daemon
+        .command(layout)
+        .spawn()
         .map_err(|source| DaemonError::Spawn {
             daemon: daemon.name(),
             source,
         })?;
-    if let Some(stderr) = spawned.child.stderr.take() {
+    if let Some(stderr) = child.stderr.take() {
         relay(daemon, stderr);
     }
-    let pid = spawned.pid();
+    let pid = child.pid();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        if let Ok(exit) = spawned.exit.try_recv() {
+        if let Ok(Some(exit)) = child.try_exit() {
             return Err(DaemonError::EarlyExit {
                 daemon: daemon.name(),
                 exit,
@@ -190,10 +185,7 @@ async fn start_one(
         }
         if UnixStream::connect(&socket).is_ok() {
             tracing::info!(subcomponent = daemon.name(), pid, "daemon ready");
-            return Ok(Started {
-                pid,
-                exit: spawned.exit,
-            });
+            return Ok(Started { pid, child });
         }
         if Instant::now() > deadline {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -209,17 +201,18 @@ async fn start_one(
 
 /// Waits for the daemon to die and restarts it, until the launcher stops.
 async fn watch_daemon(
-    reaper: Reaper,
     layout: PodLayout,
     daemon: Daemon,
-    mut exit: tokio::sync::oneshot::Receiver<Exit>,
+    first: Child,
     pid: Arc<Mutex<i32>>,
     mut stopping: watch::Receiver<bool>,
     events: mpsc::UnboundedSender<DaemonEvent>,
 ) {
+    // None: the last restart failed; try again in a second.
+    let mut current = Some(first);
     loop {
         let status = tokio::select! {
-            s = &mut exit => s.unwrap_or(Exit::Signal(0)),
+            s = next_exit(current.as_ref()) => s,
             _ = stopping.wait_for(|s| *s) => return,
         };
         if *stopping.borrow() {
@@ -230,10 +223,10 @@ async fn watch_daemon(
             daemon,
             exit: status,
         });
-        match start_one(&reaper, &layout, daemon).await {
+        match start_one(&layout, daemon).await {
             Ok(started) => {
                 *pid.lock().unwrap_or_else(|e| e.into_inner()) = started.pid;
-                exit = started.exit;
+                current = Some(started.child);
                 let _ = events.send(DaemonEvent::Restarted {
                     daemon,
                     pid: started.pid,
@@ -245,14 +238,20 @@ async fn watch_daemon(
                     daemon,
                     error: e.to_string(),
                 });
-                // Try again shortly: a fake "exit" to loop on.
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                exit = rx;
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    let _ = tx.send(Exit::Signal(0));
-                });
+                current = None;
             }
+        }
+    }
+}
+
+/// The daemon's exit status; without a daemon (a failed restart), a fake "exit" after a
+/// second, to try again.
+async fn next_exit(child: Option<&Child>) -> Exit {
+    match child {
+        Some(c) => c.exited().await.unwrap_or(Exit::Signal(0)),
+        None => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Exit::Signal(0)
         }
     }
 }
@@ -287,7 +286,7 @@ pub fn is_alive(pid: Pid) -> bool {
 }
 
 /// Relays a daemon's stderr into our log, one JSON line per line, on a plain thread (it blocks).
-fn relay(daemon: Daemon, stderr: std::process::ChildStderr) {
+fn relay(daemon: Daemon, stderr: crate::pod::process::ChildStderr) {
     let _ = std::thread::Builder::new()
         .name(format!("relay-{}", daemon.name()))
         .spawn(move || {

@@ -18,9 +18,9 @@
 //! touched here. Call it once; it is not safe to run concurrently for one VMI.
 
 use crate::pod::facts::{ImageFormat, PodFacts};
+use crate::pod::process::{Command, ProcessError};
 use crate::spec::{CloudInitSource, VirtualMachineInstance};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -31,12 +31,11 @@ pub enum PrepareError {
         #[source]
         source: std::io::Error,
     },
-    #[error("volume {volume}: {tool} failed ({status}): {stderr}")]
+    #[error("volume {volume}: {source}")]
     Tool {
         volume: String,
-        tool: &'static str,
-        status: String,
-        stderr: String,
+        #[source]
+        source: ProcessError,
     },
     #[error("volume {volume}: {reason}")]
     Invalid { volume: String, reason: String },
@@ -53,24 +52,14 @@ fn io_err(volume: &str, path: &Path) -> impl FnOnce(std::io::Error) -> PrepareEr
 }
 
 fn run(volume: &str, tool: &'static str, args: &[&std::ffi::OsStr]) -> Result<(), PrepareError> {
-    let out = Command::new(tool)
+    Command::new(tool)
         .args(args)
-        .output()
-        .map_err(|e| PrepareError::Tool {
+        .run()
+        .map(drop)
+        .map_err(|source| PrepareError::Tool {
             volume: volume.to_string(),
-            tool,
-            status: "not started".into(),
-            stderr: e.to_string(),
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(PrepareError::Tool {
-        volume: volume.to_string(),
-        tool,
-        status: out.status.to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    })
+            source,
+        })
 }
 
 fn mkparent(volume: &str, path: &Path) -> Result<(), PrepareError> {
