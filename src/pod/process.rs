@@ -74,7 +74,7 @@ impl std::fmt::Display for Exit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
-    #[error("{tool} is missing (not found in PATH)")]
+    #[error("{tool} is missing (not found{})", if .tool.contains('/') { "" } else { " in PATH" })]
     Missing { tool: String },
     #[error("cannot start {tool}: {source}")]
     Spawn {
