@@ -142,15 +142,14 @@ impl Slot {
         self.watch.send_replace(Some(exit));
     }
 
-    /// Blocks until the reaper filled the slot.
-    fn wait(&self) -> Exit {
-        let mut exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(e) = *exit {
-                return e;
-            }
-            exit = self.done.wait(exit).unwrap_or_else(PoisonError::into_inner);
-        }
+    /// Blocks until the reaper filled the slot, or `timeout` passed.
+    fn wait_timeout(&self, timeout: Duration) -> Option<Exit> {
+        let exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        let (exit, _) = self
+            .done
+            .wait_timeout_while(exit, timeout, |e| e.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        *exit
     }
 }
 
@@ -625,11 +624,16 @@ impl Child {
         }
         if Reaper::is_running() {
             let mut rx = self.slot.watch.subscribe();
-            let exit = rx
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|e| self.lost(e.to_string()))?;
-            return (*exit).ok_or_else(|| self.lost("no status"));
+            loop {
+                let wait = rx.wait_for(Option::is_some);
+                if let Ok(exit) = tokio::time::timeout(LOST_CHECK, wait).await {
+                    let exit = exit.map_err(|e| self.lost(e.to_string()))?;
+                    return (*exit).ok_or_else(|| self.lost("no status"));
+                }
+                if let Some(e) = check_lost(self.pid, &self.tool, &self.slot)? {
+                    return Ok(e);
+                }
+            }
         }
         let (pid, tool, slot) = (self.pid, self.tool.clone(), self.slot.clone());
         tokio::task::spawn_blocking(move || wait_blocking(pid, &tool, &slot))
@@ -696,6 +700,28 @@ fn reap_own(t: &mut Table, pid: i32, tool: &str) -> Result<Option<Exit>, Process
     }
 }
 
+/// How often a waiter checks that its child's status was not lost (see [`check_lost`]).
+const LOST_CHECK: Duration = Duration::from_secs(1);
+
+/// With the reaper: the reaper fills a child's slot under the lock it reaps under, so a slot
+/// still empty (under that lock) for a child that is gone means its status went elsewhere —
+/// a `waitpid` outside this module. An error then, rather than a wait forever.
+fn check_lost(pid: i32, tool: &str, slot: &Slot) -> Result<Option<Exit>, ProcessError> {
+    let mut t = table();
+    if let Some(e) = slot.get() {
+        return Ok(Some(e));
+    }
+    if vanished(pid) {
+        t.children.remove(&pid);
+        return Err(ProcessError::Lost {
+            tool: tool.to_string(),
+            pid,
+            reason: "reaped by someone else".into(),
+        });
+    }
+    Ok(None)
+}
+
 /// Blocks until child `pid` has exited: its status from the reaper once that runs, else
 /// collected here.
 fn wait_blocking(pid: i32, tool: &str, slot: &Slot) -> Result<Exit, ProcessError> {
@@ -707,7 +733,14 @@ fn wait_blocking(pid: i32, tool: &str, slot: &Slot) -> Result<Exit, ProcessError
             }
             if t.reaping {
                 drop(t);
-                return Ok(slot.wait());
+                loop {
+                    if let Some(e) = slot.wait_timeout(LOST_CHECK) {
+                        return Ok(e);
+                    }
+                    if let Some(e) = check_lost(pid, tool, slot)? {
+                        return Ok(e);
+                    }
+                }
             }
             if let Some(e) = reap_own(&mut t, pid, tool)? {
                 return Ok(e);
