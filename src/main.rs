@@ -8,8 +8,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use virt_launcher::api::server::ServerConfig;
+use virt_launcher::domain::DomainType;
+use virt_launcher::pod::facts as podfacts;
 use virt_launcher::pod::{self, PodLayout};
-use virt_launcher::pod::facts::{self as podfacts, DomainType};
 use virt_launcher::spec::{self, VirtualMachineInstance};
 use virt_launcher::vm::plan::{PathOverrides, Planner};
 use virt_launcher::vm::{self, RunOptions};

@@ -41,7 +41,7 @@ use std::time::SystemTime;
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::pod::facts::PodPaths;
+use crate::convert::facts::PodPaths;
 use crate::spec::{VirtualMachine, VirtualMachineInstance};
 
 pub use claim::ClaimMeta;

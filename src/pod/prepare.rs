@@ -17,7 +17,7 @@
 //! External tools: `qemu-img` and `xorrisofs`, looked up in `PATH`. Hot-plugged volumes are not
 //! touched here. Call it once; it is not safe to run concurrently for one VMI.
 
-use crate::pod::facts::{ImageFormat, PodFacts};
+use crate::convert::facts::{ImageFormat, PodFacts};
 use crate::spec::{CloudInitSource, VirtualMachineInstance};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -400,7 +400,7 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pod::facts::PodFacts;
+    use crate::convert::facts::PodFacts;
 
     fn have(tool: &str) -> bool {
         Command::new(tool).arg("--version").output().is_ok()

@@ -2,7 +2,7 @@
 //!
 //! Types are plain serde structs (camelCase, unknown fields ignored, almost everything optional)
 //! so that any VMI a cluster accepts deserialises. Semantic validation (names, sizes, buses) is
-//! the converter's job ([`crate::convert`]), which names the offending field path.
+//! the converter's job (module `convert`), which names the offending field path.
 //!
 //! [`load_file`] / [`from_str`] accept JSON or YAML (one or several YAML documents; the first
 //! `VirtualMachineInstance` or `VirtualMachine` document is used). For a `VirtualMachine` its

@@ -18,11 +18,11 @@ use crate::api::server::{self, ServerConfig, ServerError};
 use crate::libvirt::events::StopReason;
 use crate::libvirt::{DomainEvent, Hypervisor, LibvirtError, RawEvent};
 use crate::pod::daemons::{self, Daemon, DaemonError, DaemonEvent, Daemons};
+use crate::pod::process::Reaper;
 use crate::pod::PodLayout;
 use crate::spec::VirtualMachineInstance;
 use core::{ControlError, Launcher, StopRequest};
 use plan::Planner;
-use crate::pod::process::Reaper;
 use state::EventKind;
 
 /// What to run and how.

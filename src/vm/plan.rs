@@ -3,9 +3,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::convert::facts::{PodFacts, PodPaths};
 use crate::convert::{self, ConvertError};
 use crate::domain::Domain;
-use crate::pod::facts::{self as podfacts, AttachedVolume, DomainType, PodFacts, PodFactsError, PodPaths};
+use crate::domain::DomainType;
+use crate::pod::facts::{self as podfacts, AttachedVolume, PodFactsError};
 use crate::pod::prepare::{self, PrepareError};
 use crate::spec::VirtualMachineInstance;
 
@@ -130,7 +132,7 @@ pub fn wanted_image_size(vmi: &VirtualMachineInstance, volume: &str) -> Option<u
 /// Without a known capacity nothing is created (the probe then names the missing file).
 fn create_missing_images(
     vmi: &VirtualMachineInstance,
-    paths: &crate::pod::facts::PodPaths,
+    paths: &crate::convert::facts::PodPaths,
 ) -> Result<(), PlanError> {
     for v in claim_volumes(vmi) {
         if let Some(size) = wanted_image_size(vmi, v) {
@@ -157,7 +159,7 @@ fn claim_volumes(vmi: &VirtualMachineInstance) -> impl Iterator<Item = &str> {
 /// mounted (its directory exists) and has neither a `disk.img` nor a block node. Returns the
 /// path when it created the file.
 fn create_image(
-    paths: &crate::pod::facts::PodPaths,
+    paths: &crate::convert::facts::PodPaths,
     volume: &str,
     size: u64,
 ) -> Result<Option<PathBuf>, PlanError> {
@@ -189,7 +191,7 @@ fn create_image(
 /// Returns the volumes and paths created.
 pub fn create_copy_targets(
     vmi: &VirtualMachineInstance,
-    paths: &crate::pod::facts::PodPaths,
+    paths: &crate::convert::facts::PodPaths,
     sizes: &std::collections::HashMap<String, u64>,
 ) -> Result<Vec<(String, PathBuf)>, PlanError> {
     let mut created = Vec::new();
