@@ -358,7 +358,7 @@ fn import_into(
     let size_hint = match (&s.requested, s.volume_mode, s.form) {
         (Some((text, _)), VolumeMode::Filesystem, spec::StorageForm::Pvc) => format!(
             "spec.pvc requests {text}, less CDI's {}% filesystem overhead",
-            spec::FILESYSTEM_OVERHEAD_PER_MILLE as f64 / 10.0
+            crate::spec::cdi::FilesystemOverhead::DEFAULT.percent()
         ),
         (Some((text, _)), _, form) => format!("{} requests {text}", form.field()),
         (None, _, _) => "the size of the source".to_string(),

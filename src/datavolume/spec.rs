@@ -5,13 +5,8 @@
 use serde_json::Value;
 
 use super::DataVolumeError;
+use crate::spec::cdi::{usable_space, FilesystemOverhead, ALIGN};
 use crate::spec::{is_dns1123_label, is_dns1123_subdomain, Quantity};
-
-/// CDI's default filesystem overhead (`CDIConfig.spec.filesystemOverhead.global`), in thousandths.
-pub const FILESYSTEM_OVERHEAD_PER_MILLE: u64 = 55;
-
-/// CDI aligns image sizes to 1 MiB (`util.DefaultAlignBlockSize`).
-pub const ALIGN: u64 = 1 << 20;
 
 /// `namespace/name` of a DataVolume or claim.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -112,7 +107,9 @@ impl DataVolumeSpec {
     ///   rounded down to 1 MiB (a 20Gi claim holds a 19353 MiB disk.img).
     pub fn disk_size(&self, requested: u64) -> u64 {
         match (self.volume_mode, self.form) {
-            (VolumeMode::Filesystem, StorageForm::Pvc) => usable_space(requested),
+            (VolumeMode::Filesystem, StorageForm::Pvc) => {
+                usable_space(requested, FilesystemOverhead::DEFAULT)
+            }
             _ => requested.div_ceil(ALIGN).saturating_mul(ALIGN),
         }
     }
@@ -121,14 +118,6 @@ impl DataVolumeSpec {
     pub fn shared(&self) -> bool {
         self.access_modes.iter().any(|m| m == "ReadWriteMany")
     }
-}
-
-/// CDI's `GetUsableSpace(0.055, size)`: `ceil(0.945 × size)` rounded down to 1 MiB.
-pub fn usable_space(size: u64) -> u64 {
-    let keep = 1000 - FILESYSTEM_OVERHEAD_PER_MILLE;
-    let usable = (u128::from(size) * u128::from(keep)).div_ceil(1000);
-    let usable = u64::try_from(usable).unwrap_or(u64::MAX);
-    usable / ALIGN * ALIGN
 }
 
 /// Read `spec.dataVolumeTemplates[index]` (`metadata` and `spec`) for a VM in `namespace`.
@@ -500,13 +489,6 @@ mod tests {
         assert_eq!(b.volume_mode, VolumeMode::Block);
         assert_eq!(b.disk_size(64 << 20), 64 << 20);
         assert_eq!(b.access_modes, vec!["ReadWriteOnce".to_string()]);
-    }
-
-    #[test]
-    fn usable_space_matches_cdi() {
-        assert_eq!(usable_space(1 << 30), 967 << 20); // 0.945 GiB = 967.68 MiB
-        assert_eq!(usable_space(1 << 20), 0);
-        assert_eq!(usable_space(64 << 20), 60 << 20); // 60.48 MiB
     }
 
     #[test]

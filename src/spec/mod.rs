@@ -9,6 +9,7 @@
 //! `spec.template` becomes the VMI; name, namespace and uid come from the VM's metadata when the
 //! template lacks them.
 
+pub mod cdi;
 mod quantity;
 
 pub use quantity::{parse_quantity, Quantity, QuantityError};

@@ -5,11 +5,10 @@ use std::path::PathBuf;
 
 use crate::convert::facts::{PodFacts, PodPaths};
 use crate::convert::{self, ConvertError};
-use crate::domain::Domain;
-use crate::domain::DomainType;
+use crate::domain::{Domain, DomainType};
 use crate::pod::facts::{self as podfacts, AttachedVolume, PodFactsError};
 use crate::pod::prepare::{self, PrepareError};
-use crate::spec::VirtualMachineInstance;
+use crate::spec::{cdi, VirtualMachineInstance};
 
 /// Where this launcher's pod keeps things, as given on the command line (None: KubeVirt's
 /// in-pod default).
@@ -103,17 +102,11 @@ impl Planner {
     }
 }
 
-/// CDI's default share of a Filesystem-mode PVC kept free for the filesystem itself.
-pub const DEFAULT_FILESYSTEM_OVERHEAD: f64 = 0.055;
-
-/// The size KubeVirt gives `disk.img` on a claim of `capacity` bytes: the capacity less the
-/// filesystem overhead, rounded down to whole MiB.
+/// The size KubeVirt gives `disk.img` on a claim of `capacity` bytes: CDI's usable space
+/// (see [`cdi::usable_space`]) with the claim's filesystem overhead, CDI's default when the
+/// status names none or a nonsense one.
 pub fn usable_size(capacity: u64, overhead: Option<&str>) -> u64 {
-    let overhead = overhead
-        .and_then(|o| o.parse::<f64>().ok())
-        .filter(|o| (0.0..1.0).contains(o));
-    let usable = (capacity as f64 * (1.0 - overhead.unwrap_or(DEFAULT_FILESYSTEM_OVERHEAD))) as u64;
-    usable & !((1 << 20) - 1)
+    cdi::usable_space(capacity, cdi::FilesystemOverhead::or_default(overhead))
 }
 
 /// The size `disk.img` of `volume` should have, from the claim's capacity in the VMI status.
