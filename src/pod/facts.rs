@@ -413,18 +413,6 @@ fn dir_supports_o_direct(dir: &Path) -> bool {
     ok
 }
 
-fn sniff_format(path: &Path) -> std::io::Result<ImageFormat> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path)?;
-    let n = f.read(&mut magic)?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
-}
-
 fn first_existing(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.exists())
 }
@@ -580,11 +568,13 @@ pub fn probe_running(
             if std::fs::symlink_metadata(&image).is_ok() {
                 confined_volume_path(&v.name, &paths.container_disks_dir, &image, PathKind::File)?;
             }
-            let format = sniff_format(&image).map_err(|e| PodFactsError::Volume {
-                volume: v.name.clone(),
-                path: image.clone(),
-                reason: io_reason(&e),
-            })?;
+            let format = crate::pod::image::sniff(&image)
+                .map(|m| m.disk_format())
+                .map_err(|e| PodFactsError::Volume {
+                    volume: v.name.clone(),
+                    path: image.clone(),
+                    reason: io_reason(&e),
+                })?;
             facts.image_formats.insert(v.name.clone(), format);
         }
     }

@@ -9,6 +9,7 @@
 
 pub mod daemons;
 pub mod facts;
+pub mod image;
 pub mod prepare;
 pub mod process;
 

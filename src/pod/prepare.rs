@@ -106,16 +106,10 @@ fn overlay(
     )
 }
 
+/// The backing format of a containerDisk's overlay, from the base image's first bytes.
 fn sniff(volume: &str, path: &Path) -> Result<ImageFormat, PrepareError> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(io_err(volume, path))?;
-    let n = f.read(&mut magic).map_err(io_err(volume, path))?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
+    let magic = crate::pod::image::sniff(path).map_err(io_err(volume, path))?;
+    Ok(magic.disk_format())
 }
 
 fn make_iso(volume: &str, iso: &Path, volid: &str, dir: &Path) -> Result<(), PrepareError> {
