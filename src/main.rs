@@ -259,7 +259,7 @@ fn run(args: RunArgs) -> Result<i32> {
             .unwrap_or_else(|| hostname(vmi.as_ref()));
         pod::isolate(&layout, &hostname)?;
     }
-    layout.write_configs(&pod::random_uuid()?)?;
+    layout.write_configs(&pod::random_uuid())?;
     tracing::info!(
         input = ?input,
         domain_type = ?args.domain_type,
