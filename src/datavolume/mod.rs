@@ -215,12 +215,13 @@ pub fn materialise(
         if t.metadata.name.is_empty() {
             return Err(DataVolumeError::Spec {
                 dv: format!("{namespace}/<spec.dataVolumeTemplates[{i}]>"),
-                field: "metadata.name".into(),
+                field: format!("spec.dataVolumeTemplates[{i}].metadata.name"),
                 reason: "is required".into(),
             });
         }
         let s = spec::parse(
             &namespace,
+            i,
             &t.metadata.name,
             t.metadata.namespace.as_deref(),
             &t.spec,
@@ -228,7 +229,7 @@ pub fn materialise(
         if !names.insert(s.claim.name.clone()) {
             return Err(DataVolumeError::Spec {
                 dv: s.claim.to_string(),
-                field: "metadata.name".into(),
+                field: format!("spec.dataVolumeTemplates[{i}].metadata.name"),
                 reason: "appears twice in spec.dataVolumeTemplates".into(),
             });
         }
