@@ -5,7 +5,7 @@
 //! `cargo bench --bench convert [-- --json out.json]`
 
 use std::time::{Duration, Instant};
-use virt_launcher::pod::facts::PodFacts;
+use virt_launcher::convert::facts::PodFacts;
 use virt_launcher::{convert, spec};
 
 /// A VMI with `n` disks cycling through the volume kinds and buses the converter handles.

@@ -46,7 +46,9 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-use virt_launcher::pod::facts::{self as podfacts, DomainType, PodFacts, PodPaths};
+use virt_launcher::convert::facts::{PodFacts, PodPaths};
+use virt_launcher::domain::DomainType;
+use virt_launcher::pod::facts as podfacts;
 use virt_launcher::{convert, spec};
 
 // Paths relative to this file's directory, so that `tests/bench_smoke.rs` (which includes this

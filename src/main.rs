@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use virt_launcher::api::server::ServerConfig;
-use virt_launcher::pod::facts::{self as podfacts, DomainType};
+use virt_launcher::domain::DomainType;
+use virt_launcher::pod::facts as podfacts;
 use virt_launcher::pod::{self, PodLayout};
 use virt_launcher::spec::{self, VirtualMachineInstance};
 use virt_launcher::vm::plan::{PathOverrides, Planner};
@@ -258,7 +259,7 @@ fn run(args: RunArgs) -> Result<i32> {
             .unwrap_or_else(|| hostname(vmi.as_ref()));
         pod::isolate(&layout, &hostname)?;
     }
-    layout.write_configs(&pod::random_uuid()?)?;
+    layout.write_configs(&pod::random_uuid())?;
     tracing::info!(
         input = ?input,
         domain_type = ?args.domain_type,

@@ -3,8 +3,9 @@
 //! must be well-formed and readable by `domain::live::LiveDomain::parse`.
 
 use serde_json::{json, Map, Value};
+use virt_launcher::convert::facts::PodFacts;
 use virt_launcher::domain::live::LiveDomain;
-use virt_launcher::pod::facts::{DomainType, PodFacts};
+use virt_launcher::domain::DomainType;
 use virt_launcher::{convert, spec};
 
 struct Rng(u64);

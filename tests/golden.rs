@@ -194,7 +194,7 @@ fn run(dir: &Path) -> Result<String, String> {
     let facts = if facts_path.exists() {
         podfacts::from_file(&facts_path, &vmi).map_err(|e| e.to_string())?
     } else {
-        podfacts::PodFacts::defaults(&vmi)
+        virt_launcher::convert::facts::PodFacts::defaults(&vmi)
     };
     convert::convert(&vmi, &facts)
         .map(|d| d.to_xml())

@@ -308,7 +308,7 @@ fn host_disks_are_never_created_through_a_symlink() {
 
 #[test]
 fn cloud_init_and_config_sources_may_not_leave_their_directories() {
-    use virt_launcher::pod::facts::PodFacts;
+    use virt_launcher::convert::facts::PodFacts;
     let l = Layout::new("cfg");
     let spec = |vols: Value| {
         virt_launcher::spec::from_str(&vmi(vols, None, None).to_string(), "t").unwrap()
@@ -351,7 +351,7 @@ fn hotplug_path_check_for_attach() {
     // What the core calls right before attaching (see podfacts::confined_hotplug_path).
     let l = Layout::new("hpcheck");
     let v = virt_launcher::spec::from_str(&vmi(json!([]), None, None).to_string(), "t").unwrap();
-    let mut paths = virt_launcher::pod::facts::PodPaths::kubevirt_defaults(&v);
+    let mut paths = virt_launcher::convert::facts::PodPaths::kubevirt_defaults(&v);
     paths.hotplug_disks_dir = l.p("hotplug");
     let check = |vol: &str, block: bool| {
         virt_launcher::pod::facts::confined_hotplug_path(&paths, vol, block)

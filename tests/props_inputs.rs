@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use virt_launcher::api::pb;
+use virt_launcher::convert::facts::PodFacts;
 use virt_launcher::domain::live::LiveDomain;
-use virt_launcher::pod::facts::{self as podfacts, PodFacts};
+use virt_launcher::pod::facts as podfacts;
 use virt_launcher::{convert, spec};
 
 // ------------------------------------------------------------------ allocation accounting

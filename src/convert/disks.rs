@@ -1,8 +1,8 @@
 //! Volumes and disks → `<disk>` elements.
 
+use super::facts::PodFacts;
 use super::{err, names, ConvertError, MAX_MEMORY_BYTES};
 use crate::domain::{BackingStore, Disk, DiskDevice, DiskSource, Driver};
-use crate::pod::facts::PodFacts;
 use crate::spec::{is_dns1123_label, Quantity, VirtualMachineInstance, Volume};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};

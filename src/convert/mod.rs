@@ -23,12 +23,13 @@
 //! - `dedicatedCpuPlacement` and `blockSize.matchVolume` are accepted but not acted on yet.
 
 mod disks;
+pub mod facts;
 pub mod names;
 pub mod uuid;
 
 use crate::domain::*;
-use crate::pod::facts::{DomainType, PodFacts};
 use crate::spec::{is_dns1123_label, is_dns1123_subdomain, FeatureState, VirtualMachineInstance};
+use facts::PodFacts;
 
 pub use disks::{confine, confined_components};
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 use super::progress::{Progress, ProgressStyle};
 use super::DataVolumeError;
 use crate::pod::process::{Command, Output, ProcessError, Stdio};
+use crate::pod::image::{self, Magic};
 
 /// Where and for whom an import runs.
 pub(crate) struct Job<'a> {
@@ -86,48 +87,8 @@ pub(crate) fn one_line(bytes: &[u8]) -> String {
 
 // ------------------------------------------------------------------------------ formats
 
-/// What the first bytes of a file say it is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Magic {
-    Gzip,
-    Xz,
-    Qcow2,
-    /// A format we recognise and refuse (its name).
-    Unsupported(&'static str),
-    Raw,
-}
-
-pub(crate) fn sniff(head: &[u8]) -> Magic {
-    let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
-    if at(0, &[0x1f, 0x8b]) {
-        Magic::Gzip
-    } else if at(0, &[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
-        Magic::Xz
-    } else if at(0, b"QFI\xfb") {
-        Magic::Qcow2
-    } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") {
-        Magic::Unsupported("VMDK")
-    } else if at(0x40, &[0x7f, 0x10, 0xda, 0xbe]) {
-        Magic::Unsupported("VDI")
-    } else if at(0, b"vhdxfile") {
-        Magic::Unsupported("VHDX")
-    } else if at(0, b"conectix") {
-        Magic::Unsupported("VHD")
-    } else if at(0, b"BZh") && head.get(3).is_some_and(|b| (b'1'..=b'9').contains(b)) {
-        Magic::Unsupported("bzip2")
-    } else if at(0, &[0x28, 0xb5, 0x2f, 0xfd]) {
-        Magic::Unsupported("zstd")
-    } else {
-        Magic::Raw
-    }
-}
-
 fn sniff_file(job: &Job, path: &Path) -> Result<Magic, DataVolumeError> {
-    let mut head = Vec::with_capacity(512);
-    File::open(path)
-        .and_then(|f| f.take(512).read_to_end(&mut head))
-        .map_err(job.io(path))?;
-    Ok(sniff(&head))
+    image::sniff(path).map_err(job.io(path))
 }
 
 // ------------------------------------------------------------------------------ http
@@ -608,22 +569,6 @@ pub(crate) fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn magic_bytes_decide_the_format() {
-        assert_eq!(sniff(&[0x1f, 0x8b, 8, 0]), Magic::Gzip);
-        assert_eq!(sniff(b"\xfd7zXZ\x00\x00"), Magic::Xz);
-        assert_eq!(sniff(b"QFI\xfb\x00\x00\x00\x03"), Magic::Qcow2);
-        assert_eq!(sniff(b"KDMV\x01"), Magic::Unsupported("VMDK"));
-        assert_eq!(sniff(b"vhdxfile"), Magic::Unsupported("VHDX"));
-        assert_eq!(sniff(b"BZh91AY"), Magic::Unsupported("bzip2"));
-        let mut vdi = vec![0u8; 0x48];
-        vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
-        assert_eq!(sniff(&vdi), Magic::Unsupported("VDI"));
-        assert_eq!(sniff(b"hello\n"), Magic::Raw);
-        assert_eq!(sniff(b""), Magic::Raw);
-        assert_eq!(sniff(b"BZh"), Magic::Raw);
-    }
 
     #[test]
     fn sparse_copy_keeps_data_and_skips_zeros() {

@@ -41,8 +41,8 @@ use std::time::SystemTime;
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::pod::facts::PodPaths;
-use crate::spec::{VirtualMachine, VirtualMachineInstance};
+use crate::convert::facts::PodPaths;
+use crate::spec::{Manifest, SpecError, VirtualMachine, VirtualMachineInstance};
 
 pub use claim::ClaimMeta;
 pub use progress::ProgressStyle;
@@ -59,6 +59,9 @@ pub const DEFAULT_STORAGE_DIR: &str = "/var/lib/virt-launcher/storage";
 pub enum DataVolumeError {
     #[error("{file}: {reason}")]
     Load { file: String, reason: String },
+    /// The manifest could not be read or parsed (names the file, and the field if any).
+    #[error(transparent)]
+    Manifest(#[from] SpecError),
     #[error("DataVolume {dv}: {field}: {reason}")]
     Spec {
         dv: String,
@@ -171,39 +174,24 @@ pub fn claim_meta(storage_dir: &Path, namespace: &str, name: &str) -> Option<Cla
     claim::read_meta(&claim::claim_dir(storage_dir, &claim))
 }
 
-/// Read the VirtualMachine in `file` (JSON or YAML; the first `VirtualMachine` document).
+/// Read the VirtualMachine in `file` (JSON or YAML; the first `VirtualMachine` document),
+/// through the one manifest reader ([`Manifest`]) and its nesting guard.
 pub fn load_vm(file: &Path) -> Result<VirtualMachine, DataVolumeError> {
-    let load = |reason: String| DataVolumeError::Load {
-        file: file.display().to_string(),
-        reason,
-    };
-    let text =
-        fs::read_to_string(file).map_err(|e| load(format!("cannot read: {}", io_reason(&e))))?;
-    let docs: Vec<serde_json::Value> = if text.trim_start().starts_with('{') {
-        vec![serde_json::from_str(&text).map_err(|e| load(e.to_string()))?]
-    } else {
-        use serde::Deserialize;
-        let mut docs = Vec::new();
-        for de in serde_norway::Deserializer::from_str(&text) {
-            docs.push(serde_json::Value::deserialize(de).map_err(|e| load(e.to_string()))?);
-        }
-        docs
-    };
-    let kind = |d: &serde_json::Value| d.get("kind").and_then(|k| k.as_str()).map(str::to_string);
-    let Some(doc) = docs
-        .iter()
-        .find(|d| kind(d).as_deref() == Some("VirtualMachine"))
-    else {
-        let found = docs
+    let manifest = Manifest::read(file)?;
+    let Some(doc) = manifest.find_kind("VirtualMachine") else {
+        let found = manifest
+            .docs
             .iter()
-            .find_map(kind)
-            .unwrap_or_else(|| "nothing".into());
-        return Err(load(format!(
-            "--vm wants a kubevirt.io/v1 VirtualMachine, found {found} (a VirtualMachineInstance goes to --vmi)"
-        )));
+            .find_map(|d| d.get("kind").and_then(|k| k.as_str()))
+            .unwrap_or("nothing");
+        return Err(DataVolumeError::Load {
+            file: file.display().to_string(),
+            reason: format!(
+                "--vm wants a kubevirt.io/v1 VirtualMachine, found {found} (a VirtualMachineInstance goes to --vmi)"
+            ),
+        });
     };
-    serde_path_to_error::deserialize(doc)
-        .map_err(|e| load(format!("field {}: {}", e.path(), e.inner())))
+    Ok(manifest.deserialize(doc)?)
 }
 
 /// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
@@ -226,12 +214,13 @@ pub fn materialise(
         if t.metadata.name.is_empty() {
             return Err(DataVolumeError::Spec {
                 dv: format!("{namespace}/<spec.dataVolumeTemplates[{i}]>"),
-                field: "metadata.name".into(),
+                field: format!("spec.dataVolumeTemplates[{i}].metadata.name"),
                 reason: "is required".into(),
             });
         }
         let s = spec::parse(
             &namespace,
+            i,
             &t.metadata.name,
             t.metadata.namespace.as_deref(),
             &t.spec,
@@ -239,7 +228,7 @@ pub fn materialise(
         if !names.insert(s.claim.name.clone()) {
             return Err(DataVolumeError::Spec {
                 dv: s.claim.to_string(),
-                field: "metadata.name".into(),
+                field: format!("spec.dataVolumeTemplates[{i}].metadata.name"),
                 reason: "appears twice in spec.dataVolumeTemplates".into(),
             });
         }
@@ -357,7 +346,7 @@ fn import_into(
     let size_hint = match (&s.requested, s.volume_mode, s.form) {
         (Some((text, _)), VolumeMode::Filesystem, spec::StorageForm::Pvc) => format!(
             "spec.pvc requests {text}, less CDI's {}% filesystem overhead",
-            spec::FILESYSTEM_OVERHEAD_PER_MILLE as f64 / 10.0
+            crate::spec::cdi::FilesystemOverhead::DEFAULT.percent()
         ),
         (Some((text, _)), _, form) => format!("{} requests {text}", form.field()),
         (None, _, _) => "the size of the source".to_string(),
@@ -534,4 +523,47 @@ fn build_view(
     paths.vmi_disks_dir = volumes_dir;
     paths.block_dev_dir = block_dir;
     Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dv-load-{}-{name}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.yaml");
+        fs::write(&file, text).unwrap();
+        file
+    }
+
+    /// A VM whose DataVolume template nests 1 MiB of `[`: without the guard the YAML scanner
+    /// takes hours over it; the one manifest reader refuses it before scanning, naming the
+    /// file and the line.
+    #[test]
+    fn deeply_nested_vm_and_datavolume_manifests_are_refused() {
+        let head = "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: vm\nspec:\n  dataVolumeTemplates:\n  - metadata:\n      name: dv\n    spec:\n      source:\n        http:\n          url: ";
+        let file = scratch("deep", &format!("{head}{}", "[".repeat(1 << 20)));
+        let e = load_vm(&file).unwrap_err().to_string();
+        fs::remove_dir_all(file.parent().unwrap()).unwrap();
+        assert!(
+            e.starts_with(&format!("{}: ", file.display()))
+                && e.contains("more than 256 nested '[' or '{' (line 12)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn load_vm_names_the_file_and_the_field() {
+        let file = scratch(
+            "field",
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: [1]\n",
+        );
+        let e = load_vm(&file).unwrap_err().to_string();
+        fs::remove_dir_all(file.parent().unwrap()).unwrap();
+        assert!(
+            e.starts_with(&format!("{}: field metadata.name: ", file.display())),
+            "{e}"
+        );
+    }
 }

@@ -1,17 +1,16 @@
 //! A CDI DataVolume template (`spec.dataVolumeTemplates[]` of a VirtualMachine) read into what
 //! standalone import needs. The VM model keeps the template's `spec` as raw JSON; this module
-//! validates it field by field so that errors name the DataVolume and the field.
+//! reads it into a serde model (with `serde_path_to_error`, as the VMI is read) and then checks
+//! what serde cannot, so that every error names the DataVolume and the field as written in
+//! the VM (`spec.dataVolumeTemplates[0].spec.source.http.url`).
 
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::DataVolumeError;
+use crate::spec::cdi::{usable_space, FilesystemOverhead, ALIGN};
 use crate::spec::{is_dns1123_label, is_dns1123_subdomain, Quantity};
-
-/// CDI's default filesystem overhead (`CDIConfig.spec.filesystemOverhead.global`), in thousandths.
-pub const FILESYSTEM_OVERHEAD_PER_MILLE: u64 = 55;
-
-/// CDI aligns image sizes to 1 MiB (`util.DefaultAlignBlockSize`).
-pub const ALIGN: u64 = 1 << 20;
 
 /// `namespace/name` of a DataVolume or claim.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -79,14 +78,6 @@ impl VolumeMode {
     }
 }
 
-/// Access modes Kubernetes knows.
-pub const ACCESS_MODES: &[&str] = &[
-    "ReadWriteOnce",
-    "ReadOnlyMany",
-    "ReadWriteMany",
-    "ReadWriteOncePod",
-];
-
 /// A validated DataVolume template.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DataVolumeSpec {
@@ -112,7 +103,9 @@ impl DataVolumeSpec {
     ///   rounded down to 1 MiB (a 20Gi claim holds a 19353 MiB disk.img).
     pub fn disk_size(&self, requested: u64) -> u64 {
         match (self.volume_mode, self.form) {
-            (VolumeMode::Filesystem, StorageForm::Pvc) => usable_space(requested),
+            (VolumeMode::Filesystem, StorageForm::Pvc) => {
+                usable_space(requested, FilesystemOverhead::DEFAULT)
+            }
             _ => requested.div_ceil(ALIGN).saturating_mul(ALIGN),
         }
     }
@@ -123,17 +116,157 @@ impl DataVolumeSpec {
     }
 }
 
-/// CDI's `GetUsableSpace(0.055, size)`: `ceil(0.945 × size)` rounded down to 1 MiB.
-pub fn usable_space(size: u64) -> u64 {
-    let keep = 1000 - FILESYSTEM_OVERHEAD_PER_MILLE;
-    let usable = (u128::from(size) * u128::from(keep)).div_ceil(1000);
-    let usable = u64::try_from(usable).unwrap_or(u64::MAX);
-    usable / ALIGN * ALIGN
+// ------------------------------------------------------------------------------ the model
+
+/// `spec` of a DataVolume template, as written. Unknown fields are ignored, as the VMI model
+/// ignores them (a DataVolume a cluster accepts must read here too: `storageClassName`,
+/// `priorityClassName`, checkpoints...), except unknown source types ([`SourceDoc`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct SpecDoc {
+    source: Option<SourceDoc>,
+    source_ref: Option<IgnoredAny>,
+    pvc: Option<StorageDoc>,
+    storage: Option<StorageDoc>,
+    content_type: Option<String>,
+    preallocation: Option<bool>,
 }
 
+/// `spec.pvc` or `spec.storage`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct StorageDoc {
+    resources: ResourcesDoc,
+    volume_mode: Option<VolumeMode>,
+    access_modes: Option<Vec<AccessMode>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ResourcesDoc {
+    requests: RequestsDoc,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RequestsDoc {
+    storage: Option<Quantity>,
+}
+
+/// Access modes Kubernetes knows (named as Kubernetes names them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[allow(clippy::enum_variant_names)]
+enum AccessMode {
+    ReadWriteOnce,
+    ReadOnlyMany,
+    ReadWriteMany,
+    ReadWriteOncePod,
+}
+
+impl AccessMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::ReadWriteOnce => "ReadWriteOnce",
+            AccessMode::ReadOnlyMany => "ReadOnlyMany",
+            AccessMode::ReadWriteMany => "ReadWriteMany",
+            AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+        }
+    }
+}
+
+/// `spec.source.http`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct HttpDoc {
+    url: Option<String>,
+    extra_headers: Option<Vec<String>>,
+    secret_ref: Option<IgnoredAny>,
+    secret_extra_headers: Option<IgnoredAny>,
+    cert_config_map: Option<IgnoredAny>,
+}
+
+/// `spec.source.pvc`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PvcSourceDoc {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+/// One source type of `spec.source`, as written.
+#[derive(Debug)]
+enum SourceKind {
+    Http(HttpDoc),
+    Pvc(PvcSourceDoc),
+    Blank,
+    /// A CDI source type that standalone mode cannot serve (its name).
+    Unsupported(&'static str),
+}
+
+/// `spec.source`: the source types it names (a `null` one is not named). A type CDI does not
+/// have is refused here, with its name.
+#[derive(Debug, Default)]
+struct SourceDoc {
+    kinds: Vec<(String, SourceKind)>,
+}
+
+/// CDI's source types that need a cluster (or a registry) to import from.
+const CLUSTER_SOURCES: &[&str] = &[
+    "registry", "s3", "gcs", "upload", "imageio", "vddk", "snapshot",
+];
+
+impl<'de> Deserialize<'de> for SourceDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Kinds;
+        impl<'de> Visitor<'de> for Kinds {
+            type Value = SourceDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object naming one source type (http, pvc or blank)")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SourceDoc, A::Error> {
+                let mut kinds = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let kind = match key.as_str() {
+                        "http" => map.next_value::<Option<HttpDoc>>()?.map(SourceKind::Http),
+                        "pvc" => map
+                            .next_value::<Option<PvcSourceDoc>>()?
+                            .map(SourceKind::Pvc),
+                        "blank" => map
+                            .next_value::<Option<IgnoredAny>>()?
+                            .map(|_| SourceKind::Blank),
+                        k => match CLUSTER_SOURCES.iter().find(|c| **c == k) {
+                            Some(name) => map
+                                .next_value::<Option<IgnoredAny>>()?
+                                .map(|_| SourceKind::Unsupported(name)),
+                            None => {
+                                if map.next_value::<Option<IgnoredAny>>()?.is_none() {
+                                    continue;
+                                }
+                                return Err(serde::de::Error::custom(format!(
+                                    "unknown source type {k:?} (standalone mode imports http, pvc and blank)"
+                                )));
+                            }
+                        },
+                    };
+                    if let Some(kind) = kind {
+                        kinds.push((key, kind));
+                    }
+                }
+                Ok(SourceDoc { kinds })
+            }
+        }
+        d.deserialize_map(Kinds)
+    }
+}
+
+// ------------------------------------------------------------------------------ validation
+
 /// Read `spec.dataVolumeTemplates[index]` (`metadata` and `spec`) for a VM in `namespace`.
+/// Errors name the DataVolume and the field as written in the VM
+/// (`spec.dataVolumeTemplates[0].spec.source.http.url`).
 pub fn parse(
     namespace: &str,
+    index: usize,
     template_name: &str,
     template_namespace: Option<&str>,
     spec: &Value,
@@ -143,10 +276,16 @@ pub fn parse(
         name: template_name.to_string(),
     };
     let dv = claim.to_string();
+    let template = format!("spec.dataVolumeTemplates[{index}]");
     let field_err = |field: &str, reason: String| DataVolumeError::Spec {
         dv: dv.clone(),
-        field: field.to_string(),
+        field: format!("{template}.{field}"),
         reason,
+    };
+    let unsupported = |what: &str, reason: &str| DataVolumeError::Unsupported {
+        dv: dv.clone(),
+        what: format!("{template}.{what}"),
+        reason: reason.to_string(),
     };
     if !is_dns1123_subdomain(template_name) {
         return Err(field_err(
@@ -165,21 +304,41 @@ pub fn parse(
     if !spec.is_object() {
         return Err(field_err("spec", "is missing or not an object".into()));
     }
+    let doc: SpecDoc = serde_path_to_error::deserialize(spec).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "spec".to_string()
+        } else {
+            format!("spec.{path}")
+        };
+        field_err(&field, e.into_inner().to_string())
+    })?;
 
-    if let Some(ct) = spec.get("contentType").and_then(Value::as_str) {
+    if let Some(ct) = &doc.content_type {
         if ct != "kubevirt" {
-            return Err(DataVolumeError::Unsupported {
-                dv: dv.clone(),
-                what: format!("spec.contentType {ct:?}"),
-                reason: "standalone mode imports disk images only (contentType kubevirt)".into(),
-            });
+            return Err(unsupported(
+                &format!("spec.contentType {ct:?}"),
+                "standalone mode imports disk images only (contentType kubevirt)",
+            ));
         }
     }
 
     let source_json = spec.get("source").cloned().unwrap_or(Value::Null);
-    let source = parse_source(&claim, spec, &source_json)?;
+    let source = match doc.source {
+        Some(s) => source(&claim, s, &field_err, &unsupported)?,
+        None if doc.source_ref.is_some() => return Err(unsupported(
+            "spec.sourceRef",
+            "a DataSource reference needs the cluster's CDI; give spec.source (http, pvc or blank)",
+        )),
+        None => {
+            return Err(field_err(
+                "spec.source",
+                "is required (http, pvc or blank)".into(),
+            ))
+        }
+    };
 
-    let (form, storage) = match (spec.get("pvc"), spec.get("storage")) {
+    let (form, storage) = match (doc.pvc, doc.storage) {
         (Some(_), Some(_)) => {
             return Err(field_err(
                 "spec",
@@ -196,19 +355,10 @@ pub fn parse(
         }
     };
     let f = |rest: &str| format!("{}.{rest}", form.field());
-    if !storage.is_object() {
-        return Err(field_err(form.field(), "is not an object".into()));
-    }
 
-    let requested = match storage.pointer("/resources/requests/storage") {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            let q: Quantity = serde_json::from_value(v.clone()).map_err(|_| {
-                field_err(
-                    &f("resources.requests.storage"),
-                    format!("{v} is not a quantity"),
-                )
-            })?;
+    let requested = match storage.resources.requests.storage {
+        None => None,
+        Some(q) => {
             let bytes = q
                 .value()
                 .map_err(|e| field_err(&f("resources.requests.storage"), e.to_string()))?;
@@ -223,60 +373,16 @@ pub fn parse(
         ));
     }
 
-    let volume_mode = match storage.get("volumeMode") {
-        None | Some(Value::Null) => VolumeMode::Filesystem,
-        Some(Value::String(s)) if s == "Filesystem" => VolumeMode::Filesystem,
-        Some(Value::String(s)) if s == "Block" => VolumeMode::Block,
-        Some(other) => {
-            return Err(field_err(
-                &f("volumeMode"),
-                format!("{other} is not Filesystem or Block"),
-            ))
-        }
-    };
-
-    let mut access_modes = Vec::new();
-    match storage.get("accessModes") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(modes)) => {
-            for (i, m) in modes.iter().enumerate() {
-                match m.as_str() {
-                    Some(s) if ACCESS_MODES.contains(&s) => {
-                        if !access_modes.iter().any(|x| x == s) {
-                            access_modes.push(s.to_string());
-                        }
-                    }
-                    _ => {
-                        return Err(field_err(
-                            &f(&format!("accessModes[{i}]")),
-                            format!("{m} is not one of {}", ACCESS_MODES.join(", ")),
-                        ))
-                    }
-                }
-            }
-        }
-        Some(other) => {
-            return Err(field_err(
-                &f("accessModes"),
-                format!("{other} is not a list"),
-            ))
+    let mut access_modes: Vec<String> = Vec::new();
+    for m in storage.access_modes.unwrap_or_default() {
+        if !access_modes.iter().any(|x| x == m.as_str()) {
+            access_modes.push(m.as_str().to_string());
         }
     }
     if access_modes.is_empty() {
         // A storage profile would pick one in a cluster; ReadWriteOnce is the safe default.
-        access_modes.push("ReadWriteOnce".to_string());
+        access_modes.push(AccessMode::ReadWriteOnce.as_str().to_string());
     }
-
-    let preallocation = match spec.get("preallocation") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(field_err(
-                "spec.preallocation",
-                format!("{other} is not true or false"),
-            ))
-        }
-    };
 
     let spec = DataVolumeSpec {
         claim,
@@ -284,9 +390,9 @@ pub fn parse(
         source_json,
         form,
         requested,
-        volume_mode,
+        volume_mode: storage.volume_mode.unwrap_or(VolumeMode::Filesystem),
         access_modes,
-        preallocation,
+        preallocation: doc.preallocation.unwrap_or(false),
     };
     if let Some((text, bytes)) = &spec.requested {
         if spec.disk_size(*bytes) == 0 {
@@ -299,40 +405,16 @@ pub fn parse(
     Ok(spec)
 }
 
-fn parse_source(claim: &ClaimRef, spec: &Value, source: &Value) -> Result<Source, DataVolumeError> {
-    let dv = claim.to_string();
-    let field_err = |field: &str, reason: String| DataVolumeError::Spec {
-        dv: dv.clone(),
-        field: field.to_string(),
-        reason,
-    };
-    let unsupported = |what: &str, reason: &str| DataVolumeError::Unsupported {
-        dv: dv.clone(),
-        what: what.to_string(),
-        reason: reason.to_string(),
-    };
-    let obj = match source {
-        Value::Object(o) => o,
-        Value::Null if spec.get("sourceRef").is_some() => return Err(unsupported(
-            "spec.sourceRef",
-            "a DataSource reference needs the cluster's CDI; give spec.source (http, pvc or blank)",
-        )),
-        Value::Null => {
-            return Err(field_err(
-                "spec.source",
-                "is required (http, pvc or blank)".into(),
-            ))
-        }
-        other => {
-            return Err(field_err(
-                "spec.source",
-                format!("{other} is not an object"),
-            ))
-        }
-    };
-    let mut kinds = obj.iter().filter(|(_, v)| !v.is_null());
-    let (kind, body) = match (kinds.next(), kinds.next()) {
-        (Some(k), None) => k,
+/// The one source `spec.source` names, checked.
+fn source(
+    claim: &ClaimRef,
+    doc: SourceDoc,
+    field_err: &dyn Fn(&str, String) -> DataVolumeError,
+    unsupported: &dyn Fn(&str, &str) -> DataVolumeError,
+) -> Result<Source, DataVolumeError> {
+    let mut kinds = doc.kinds.into_iter();
+    let kind = match (kinds.next(), kinds.next()) {
+        (Some((_, k)), None) => k,
         (None, _) => {
             return Err(field_err(
                 "spec.source",
@@ -346,10 +428,10 @@ fn parse_source(claim: &ClaimRef, spec: &Value, source: &Value) -> Result<Source
             ))
         }
     };
-    match kind.as_str() {
-        "http" => {
-            let url = match body.get("url") {
-                Some(Value::String(u)) if !u.trim().is_empty() => u.trim().to_string(),
+    match kind {
+        SourceKind::Http(http) => {
+            let url = match http.url.as_deref().map(str::trim) {
+                Some(u) if !u.is_empty() => u.to_string(),
                 _ => {
                     return Err(field_err(
                         "spec.source.http.url",
@@ -357,61 +439,56 @@ fn parse_source(claim: &ClaimRef, spec: &Value, source: &Value) -> Result<Source
                     ))
                 }
             };
-            for (key, why) in [
-                ("secretRef", "a Secret"),
-                ("secretExtraHeaders", "a Secret"),
-                ("certConfigMap", "a ConfigMap (and TLS)"),
+            for (key, present, why) in [
+                ("secretRef", http.secret_ref.is_some(), "a Secret"),
+                (
+                    "secretExtraHeaders",
+                    http.secret_extra_headers.is_some(),
+                    "a Secret",
+                ),
+                (
+                    "certConfigMap",
+                    http.cert_config_map.is_some(),
+                    "a ConfigMap (and TLS)",
+                ),
             ] {
-                if body.get(key).is_some_and(|v| !v.is_null()) {
+                if present {
                     return Err(unsupported(
                         &format!("spec.source.http.{key}"),
                         &format!("it needs {why}, which standalone mode does not have"),
                     ));
                 }
             }
-            let mut headers = Vec::new();
-            if let Some(h) = body.get("extraHeaders").filter(|v| !v.is_null()) {
-                let list = h.as_array().ok_or_else(|| {
-                    field_err(
-                        "spec.source.http.extraHeaders",
-                        format!("{h} is not a list"),
-                    )
-                })?;
-                for (i, item) in list.iter().enumerate() {
-                    match item.as_str() {
-                        Some(s) if valid_header(s) => headers.push(s.to_string()),
-                        _ => {
-                            return Err(field_err(
-                                &format!("spec.source.http.extraHeaders[{i}]"),
-                                format!("{item} is not a \"Name: value\" header"),
-                            ))
-                        }
-                    }
-                }
+            let headers = http.extra_headers.unwrap_or_default();
+            if let Some(i) = headers.iter().position(|h| !valid_header(h)) {
+                return Err(field_err(
+                    &format!("spec.source.http.extraHeaders[{i}]"),
+                    format!("{:?} is not a \"Name: value\" header", headers[i]),
+                ));
             }
             Ok(Source::Http { url, headers })
         }
-        "pvc" => {
-            let name = match body.get("name") {
-                Some(Value::String(n)) if is_dns1123_subdomain(n) => n.clone(),
+        SourceKind::Pvc(pvc) => {
+            let name = match pvc.name {
+                Some(n) if is_dns1123_subdomain(&n) => n,
                 other => {
                     return Err(field_err(
                         "spec.source.pvc.name",
                         format!(
                             "{} is not a claim name",
-                            other.map_or("missing".to_string(), |v| v.to_string())
+                            other.map_or("missing".to_string(), |n| format!("{n:?}"))
                         ),
                     ))
                 }
             };
-            let namespace = match body.get("namespace") {
-                None | Some(Value::Null) => claim.namespace.clone(),
-                Some(Value::String(n)) if n.is_empty() => claim.namespace.clone(),
-                Some(Value::String(n)) if is_dns1123_label(n) => n.clone(),
+            let namespace = match pvc.namespace {
+                None => claim.namespace.clone(),
+                Some(n) if n.is_empty() => claim.namespace.clone(),
+                Some(n) if is_dns1123_label(&n) => n,
                 Some(other) => {
                     return Err(field_err(
                         "spec.source.pvc.namespace",
-                        format!("{other} is not a namespace name"),
+                        format!("{other:?} is not a namespace name"),
                     ))
                 }
             };
@@ -424,19 +501,15 @@ fn parse_source(claim: &ClaimRef, spec: &Value, source: &Value) -> Result<Source
             }
             Ok(Source::Pvc(source))
         }
-        "blank" => Ok(Source::Blank),
-        "registry" => Err(unsupported(
+        SourceKind::Blank => Ok(Source::Blank),
+        SourceKind::Unsupported("registry") => Err(unsupported(
             "spec.source.registry",
             "pulling a container image needs a registry, which standalone mode does not reach \
              (it works offline); serve the disk image over http, or use a containerDisk volume",
         )),
-        "s3" | "gcs" | "upload" | "imageio" | "vddk" | "snapshot" => Err(unsupported(
+        SourceKind::Unsupported(kind) => Err(unsupported(
             &format!("spec.source.{kind}"),
             "it needs services of a cluster (CDI); standalone mode imports http, pvc and blank",
-        )),
-        other => Err(field_err(
-            "spec.source",
-            format!("unknown source type {other:?} (standalone mode imports http, pvc and blank)"),
         )),
     }
 }
@@ -460,7 +533,7 @@ mod tests {
     use serde_json::json;
 
     fn dv(spec: Value) -> Result<DataVolumeSpec, DataVolumeError> {
-        parse("default", "disk", None, &spec)
+        parse("default", 0, "disk", None, &spec)
     }
 
     #[test]
@@ -503,13 +576,6 @@ mod tests {
     }
 
     #[test]
-    fn usable_space_matches_cdi() {
-        assert_eq!(usable_space(1 << 30), 967 << 20); // 0.945 GiB = 967.68 MiB
-        assert_eq!(usable_space(1 << 20), 0);
-        assert_eq!(usable_space(64 << 20), 60 << 20); // 60.48 MiB
-    }
-
-    #[test]
     fn clone_in_storage_form_may_omit_the_size() {
         let s = dv(json!({"source": {"pvc": {"name": "golden"}}, "storage": {}})).expect("valid");
         assert_eq!(
@@ -533,11 +599,11 @@ mod tests {
         let cases = [
             (
                 json!({"source": {"nfs": {}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
-                "DataVolume default/disk: spec.source: unknown source type \"nfs\"",
+                "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source: unknown source type \"nfs\"",
             ),
             (
                 json!({"source": {"registry": {"url": "docker://x"}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
-                "DataVolume default/disk: spec.source.registry is not supported",
+                "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source.registry is not supported",
             ),
             (
                 json!({"source": {"http": {}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
@@ -575,5 +641,85 @@ mod tests {
             assert!(err.starts_with("DataVolume default/disk: "), "{err}");
             assert!(!err.contains('\n'), "{err}");
         }
+    }
+
+    /// Each error names the field as written in the VM, from `spec.dataVolumeTemplates[i]`
+    /// down, serde's own type errors included.
+    #[test]
+    fn errors_name_the_full_field_path() {
+        let at = |index, spec: Value| {
+            parse("default", index, "disk", None, &spec)
+                .expect_err(&spec.to_string())
+                .to_string()
+        };
+        let cases = [
+            (
+                json!({"source": {"http": {"url": 5}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.http.url: invalid type: integer `5`, expected a string",
+            ),
+            (
+                json!({"source": {"http": {}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.http.url: is required (a string)",
+            ),
+            (
+                json!({"source": {"http": {"url": "http://x", "extraHeaders": ["A: b", 7]}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.http.extraHeaders[1]: invalid type: integer `7`, expected a string",
+            ),
+            (
+                json!({"source": {"http": {"url": "http://x", "extraHeaders": ["A: b", "nocolon"]}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.http.extraHeaders[1]: \"nocolon\" is not a \"Name: value\" header",
+            ),
+            (
+                json!({"source": {"nfs": {"server": "x"}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source: unknown source type \"nfs\"",
+            ),
+            (
+                json!({"source": {"blank": {}}, "storage": {"accessModes": ["ReadWriteOnce", "RWX"], "resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.storage.accessModes[1]: unknown variant `RWX`",
+            ),
+            (
+                json!({"source": {"blank": {}}, "pvc": {"resources": {"requests": {"storage": {"a": 1}}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.pvc.resources.requests.storage: invalid type: map, expected a quantity",
+            ),
+            (
+                json!({"source": {"blank": {}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}, "preallocation": "yes"}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.preallocation: invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                json!({"source": "http://x", "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source: invalid type: string \"http://x\", expected an object naming one source type",
+            ),
+            (
+                json!({"source": {"s3": {"url": "s3://x"}}, "pvc": {}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.s3 is not supported in standalone mode",
+            ),
+        ];
+        for (spec, want) in cases {
+            let err = at(2, spec.clone());
+            assert!(err.starts_with(want), "{spec}:\n got  {err}\n want {want}");
+        }
+    }
+
+    /// Fields the model does not use are ignored, as the VMI ignores them; a `null` source
+    /// type counts as absent.
+    #[test]
+    fn unknown_fields_and_null_sources_are_ignored() {
+        let s = dv(json!({
+            "storageClassName": "fast", "priorityClassName": "p", "checkpoints": [],
+            "source": {"http": {"url": " http://x/a.img ", "certConfigMap": null, "extra": 1},
+                       "blank": null, "nfs": null},
+            "pvc": {"storageClassName": "fast", "dataSource": {"x": 1},
+                    "resources": {"requests": {"storage": "1Gi"}, "limits": {"storage": "2Gi"}}}
+        }))
+        .expect("valid");
+        assert_eq!(
+            s.source,
+            Source::Http {
+                url: "http://x/a.img".into(),
+                headers: vec![]
+            }
+        );
+        assert_eq!(s.access_modes, vec!["ReadWriteOnce".to_string()]);
+        assert!(!s.preallocation);
     }
 }

@@ -9,8 +9,26 @@
 pub mod live;
 mod xml;
 
-use crate::pod::facts::DomainType;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// libvirt domain type: `kvm` (hardware) or `qemu` (TCG emulation, e.g. nested CI without /dev/kvm).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    #[default]
+    Kvm,
+    Qemu,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Domain {

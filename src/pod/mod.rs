@@ -9,6 +9,7 @@
 
 pub mod daemons;
 pub mod facts;
+pub mod image;
 pub mod prepare;
 pub mod process;
 
@@ -262,12 +263,8 @@ pub fn isolate(layout: &PodLayout, hostname: &str) -> Result<(), PodError> {
     Ok(())
 }
 
-/// A fresh random UUID from the kernel (for libvirtd's `host_uuid`: two pods on one machine
-/// must differ or libvirt refuses to migrate between them).
-pub fn random_uuid() -> Result<String, PodError> {
-    let path = Path::new("/proc/sys/kernel/random/uuid");
-    Ok(fs::read_to_string(path)
-        .map_err(io_err(path))?
-        .trim()
-        .to_string())
+/// A fresh random UUID (v4, from the OS's random source) for libvirtd's `host_uuid`: two pods
+/// on one machine must differ or libvirt refuses to migrate between them.
+pub fn random_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
 }

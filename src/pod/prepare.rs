@@ -17,7 +17,7 @@
 //! External tools: `qemu-img` and `xorrisofs`, looked up in `PATH`. Hot-plugged volumes are not
 //! touched here. Call it once; it is not safe to run concurrently for one VMI.
 
-use crate::pod::facts::{ImageFormat, PodFacts};
+use crate::convert::facts::{ImageFormat, PodFacts};
 use crate::pod::process::{Command, ProcessError};
 use crate::spec::{CloudInitSource, VirtualMachineInstance};
 use std::path::{Path, PathBuf};
@@ -95,16 +95,10 @@ fn overlay(
     )
 }
 
+/// The backing format of a containerDisk's overlay, from the base image's first bytes.
 fn sniff(volume: &str, path: &Path) -> Result<ImageFormat, PrepareError> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(io_err(volume, path))?;
-    let n = f.read(&mut magic).map_err(io_err(volume, path))?;
-    Ok(if n == 4 && magic == *b"QFI\xfb" {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
+    let magic = crate::pod::image::sniff(path).map_err(io_err(volume, path))?;
+    Ok(magic.disk_format())
 }
 
 fn make_iso(volume: &str, iso: &Path, volid: &str, dir: &Path) -> Result<(), PrepareError> {
@@ -127,37 +121,25 @@ fn make_iso(volume: &str, iso: &Path, volid: &str, dir: &Path) -> Result<(), Pre
     std::fs::rename(&tmp, iso).map_err(io_err(volume, iso))
 }
 
-/// Standard base64 (padding optional, whitespace ignored).
-pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        if c == b'=' {
-            break;
-        }
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
+/// Standard base64 (RFC 4648 alphabet `+/`, as Kubernetes and KubeVirt encode it), padding
+/// optional, whitespace (line breaks of a wrapped value) ignored. Anything else is an error:
+/// a URL-safe `-`/`_`, data after the padding, a misplaced `=`.
+pub fn decode_base64(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine;
+    const STANDARD_PADDING_OPTIONAL: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let compact: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    STANDARD_PADDING_OPTIONAL.decode(compact)
 }
 
 /// User data and network data of a cloud-init volume; `secretRef`s are read from the mounted
 /// secret at `<config_dir>/secret/<volume>/` (keys `userdata`/`userData`, `networkdata`/`networkData`).
 fn cloud_init_data(
     volume: &str,
+    field: &str,
     c: &CloudInitSource,
     facts: &PodFacts,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), PrepareError> {
@@ -175,9 +157,9 @@ fn cloud_init_data(
         Ok(None)
     };
     let b64 = |s: &str, what: &str| {
-        decode_base64(s).ok_or_else(|| PrepareError::Invalid {
+        decode_base64(s).map_err(|e| PrepareError::Invalid {
             volume: volume.to_string(),
-            reason: format!("{what} is not valid base64"),
+            reason: format!("{field}.{what}: not valid base64 (standard alphabet): {e}"),
         })
     };
     let user = if let Some(u) = &c.user_data {
@@ -313,7 +295,8 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
                 f.set_len(bytes).map_err(io_err(name, p))?;
             }
         } else if let Some(c) = &v.cloud_init_no_cloud {
-            let (user, network) = cloud_init_data(name, c, facts)?;
+            let field = format!("spec.volumes[{index}].cloudInitNoCloud");
+            let (user, network) = cloud_init_data(name, &field, c, facts)?;
             let dir = paths.private_dir.join("cloud-init-nocloud");
             let _ = std::fs::remove_dir_all(&dir);
             write(
@@ -327,7 +310,8 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
             }
             make_iso(name, &paths.cloud_init_no_cloud_iso(), "cidata", &dir)?;
         } else if let Some(c) = &v.cloud_init_config_drive {
-            let (user, network) = cloud_init_data(name, c, facts)?;
+            let field = format!("spec.volumes[{index}].cloudInitConfigDrive");
+            let (user, network) = cloud_init_data(name, &field, c, facts)?;
             let dir = paths.private_dir.join("cloud-init-configdrive");
             let _ = std::fs::remove_dir_all(&dir);
             let latest = dir.join("openstack/latest");
@@ -389,7 +373,7 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pod::facts::PodFacts;
+    use crate::convert::facts::PodFacts;
 
     fn have(tool: &str) -> bool {
         Command::new(tool).arg("--version").output().is_ok()
@@ -397,10 +381,18 @@ mod tests {
 
     #[test]
     fn base64_decodes() {
-        assert_eq!(decode_base64("aGVsbG8=").as_deref(), Some(&b"hello"[..]));
-        assert_eq!(decode_base64("aGVsbG8").as_deref(), Some(&b"hello"[..]));
-        assert_eq!(decode_base64("aGVs\nbG8=").as_deref(), Some(&b"hello"[..]));
-        assert_eq!(decode_base64("a*b"), None);
+        let ok = |s| decode_base64(s).ok();
+        assert_eq!(ok("aGVsbG8=").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(ok("aGVsbG8").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(ok("aGVs\nbG8=").as_deref(), Some(&b"hello"[..]));
+        assert_eq!(ok("a*b"), None);
+        // The standard alphabet only: `+/` decode, URL-safe `-_` do not.
+        assert_eq!(ok("+/8=").as_deref(), Some(&[0xfb, 0xff][..]));
+        assert_eq!(ok("-_8="), None);
+        // Nothing after the padding is ignored.
+        assert_eq!(ok("aGVsbG8=aGVsbG8="), None);
+        assert_eq!(ok("aGk=!"), None);
+        assert_eq!(ok("").as_deref(), Some(&b""[..]));
     }
 
     #[test]
@@ -451,6 +443,30 @@ mod tests {
         let e = prepare(&vmi, &facts).unwrap_err().to_string();
         assert!(
             e.starts_with("volume cd: ") && e.contains("disk_0.img"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_base64_names_the_field() {
+        let tmp = std::env::temp_dir().join(format!("vl-prepare-b64-{}", std::process::id()));
+        let vmi = crate::spec::from_str(
+            r#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance","metadata":{"name":"p"},
+               "spec":{"volumes":[{"name":"disk","persistentVolumeClaim":{"claimName":"c"}},
+                 {"name":"ci","cloudInitConfigDrive":{"userData":"x","networkDataBase64":"bmV0-_w=="}}]}}"#,
+            "t",
+        )
+        .expect("vmi");
+        let mut facts = PodFacts::defaults(&vmi);
+        facts.paths.private_dir = tmp.join("private");
+        facts.paths.ephemeral_disks_dir = tmp.join("ephemeral");
+        let e = prepare(&vmi, &facts);
+        let _ = std::fs::remove_dir_all(&tmp);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "volume ci: spec.volumes[1].cloudInitConfigDrive.networkDataBase64: not valid base64"
+            ),
             "{e}"
         );
     }

@@ -2,15 +2,18 @@
 //!
 //! Types are plain serde structs (camelCase, unknown fields ignored, almost everything optional)
 //! so that any VMI a cluster accepts deserialises. Semantic validation (names, sizes, buses) is
-//! the converter's job ([`crate::convert`]), which names the offending field path.
+//! the converter's job (module `convert`), which names the offending field path.
 //!
 //! [`load_file`] / [`from_str`] accept JSON or YAML (one or several YAML documents; the first
 //! `VirtualMachineInstance` or `VirtualMachine` document is used). For a `VirtualMachine` its
 //! `spec.template` becomes the VMI; name, namespace and uid come from the VM's metadata when the
 //! template lacks them.
 
+pub mod cdi;
+mod manifest;
 mod quantity;
 
+pub use manifest::{Manifest, MAX_FLOW_DEPTH};
 pub use quantity::{parse_quantity, Quantity, QuantityError};
 
 use serde::{Deserialize, Serialize};
@@ -632,103 +635,48 @@ impl VolumeStatus {
 
 /// Read `path` (JSON or YAML) holding a VirtualMachineInstance or a VirtualMachine.
 pub fn load_file(path: &Path) -> Result<VirtualMachineInstance, SpecError> {
-    let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
-        origin: origin.clone(),
-        source,
-    })?;
-    from_str(&text, &origin)
-}
-
-/// Deepest YAML flow nesting (`[`/`{`) scanned; counted naively (brackets inside scalars
-/// count too), hence well above the deserialiser's limit of 128 real levels.
-pub const MAX_FLOW_DEPTH: usize = 256;
-
-/// The line where the naive `[`/`{` depth first passes [`MAX_FLOW_DEPTH`], if it does.
-fn too_deep_flow(text: &str) -> Option<usize> {
-    let (mut depth, mut line) = (0usize, 1usize);
-    for b in text.bytes() {
-        match b {
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_FLOW_DEPTH {
-                    return Some(line);
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b'\n' => line += 1,
-            _ => {}
-        }
-    }
-    None
+    Manifest::read(path)?.vmi()
 }
 
 /// Parse `text` (JSON or YAML); `origin` names the source in error messages.
 pub fn from_str(text: &str, origin: &str) -> Result<VirtualMachineInstance, SpecError> {
-    let syntax = |reason: String| SpecError::Syntax {
-        origin: origin.to_string(),
-        reason,
-    };
-    let docs: Vec<serde_json::Value> = if text.trim_start().starts_with('{') {
-        vec![serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?]
-    } else {
-        // The YAML scanner's time grows with the square of the flow nesting depth: 20 000
-        // `[` take seconds, 1 MiB of them hours. No spec nests that deep (the deserialiser's
-        // own limit is 128 levels): refuse before scanning.
-        if let Some(line) = too_deep_flow(text) {
-            return Err(syntax(format!(
-                "more than {MAX_FLOW_DEPTH} nested '[' or '{{' (line {line})"
-            )));
+    Manifest::parse(text, origin)?.vmi()
+}
+
+impl Manifest {
+    /// The VMI of this manifest: its first `VirtualMachineInstance` or `VirtualMachine`
+    /// document (or its only document, whatever it is, so that a wrong kind is named).
+    pub fn vmi(&self) -> Result<VirtualMachineInstance, SpecError> {
+        let is_ours = |v: &serde_json::Value| {
+            matches!(
+                manifest::str_field(v, "kind"),
+                "VirtualMachineInstance" | "VirtualMachine"
+            )
+        };
+        let docs = &self.docs;
+        let Some(doc) = docs
+            .iter()
+            .find(|v| is_ours(v))
+            .or_else(|| (docs.len() == 1).then(|| &docs[0]))
+        else {
+            return Err(SpecError::Empty {
+                origin: self.origin.clone(),
+            });
+        };
+        let api_version = manifest::str_field(doc, "apiVersion");
+        let kind = manifest::str_field(doc, "kind");
+        if !API_VERSIONS.contains(&api_version) || !is_ours(doc) {
+            return Err(SpecError::UnknownKind {
+                origin: self.origin.clone(),
+                api_version: api_version.to_string(),
+                kind: kind.to_string(),
+            });
         }
-        let mut docs = Vec::new();
-        for de in serde_norway::Deserializer::from_str(text) {
-            let v = serde_json::Value::deserialize(de).map_err(|e| syntax(e.to_string()))?;
-            if !v.is_null() {
-                docs.push(v);
-            }
+        if kind == "VirtualMachine" {
+            Ok(self.deserialize::<VirtualMachine>(doc)?.into_vmi())
+        } else {
+            self.deserialize(doc)
         }
-        docs
-    };
-    let str_field = |v: &serde_json::Value, k: &str| {
-        v.get(k)
-            .and_then(|s| s.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let is_ours = |v: &serde_json::Value| {
-        matches!(
-            str_field(v, "kind").as_str(),
-            "VirtualMachineInstance" | "VirtualMachine"
-        )
-    };
-    let Some(doc) = docs
-        .iter()
-        .find(|v| is_ours(v))
-        .or_else(|| (docs.len() == 1).then(|| &docs[0]))
-    else {
-        return Err(SpecError::Empty {
-            origin: origin.to_string(),
-        });
-    };
-    let api_version = str_field(doc, "apiVersion");
-    let kind = str_field(doc, "kind");
-    if !API_VERSIONS.contains(&api_version.as_str()) || !is_ours(doc) {
-        return Err(SpecError::UnknownKind {
-            origin: origin.to_string(),
-            api_version,
-            kind,
-        });
-    }
-    let field_err = |e: serde_path_to_error::Error<serde_json::Error>| SpecError::Field {
-        origin: origin.to_string(),
-        field: e.path().to_string(),
-        reason: e.inner().to_string(),
-    };
-    if kind == "VirtualMachine" {
-        let vm: VirtualMachine = serde_path_to_error::deserialize(doc).map_err(field_err)?;
-        Ok(vm.into_vmi())
-    } else {
-        serde_path_to_error::deserialize(doc).map_err(field_err)
     }
 }
 

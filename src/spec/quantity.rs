@@ -46,20 +46,26 @@ impl Serialize for Quantity {
 
 impl<'de> Deserialize<'de> for Quantity {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            S(String),
-            U(u64),
-            I(i64),
-            F(f64),
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Quantity;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a quantity (a string such as 512Mi or 2Gi, or a number)")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Quantity, E> {
+                Ok(Quantity(s.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, u: u64) -> Result<Quantity, E> {
+                Ok(Quantity(u.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, i: i64) -> Result<Quantity, E> {
+                Ok(Quantity(i.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Quantity, E> {
+                Ok(Quantity(f.to_string()))
+            }
         }
-        Ok(Quantity(match Raw::deserialize(d)? {
-            Raw::S(s) => s,
-            Raw::U(u) => u.to_string(),
-            Raw::I(i) => i.to_string(),
-            Raw::F(f) => f.to_string(),
-        }))
+        d.deserialize_any(Text)
     }
 }
 
@@ -172,5 +178,19 @@ mod tests {
             Err(QuantityError::Range(_))
         ));
         assert!(Quantity::from("").value().is_err());
+    }
+
+    #[test]
+    fn deserialises_from_text_or_number_only() {
+        let q = |v| serde_json::from_value::<Quantity>(v);
+        assert_eq!(q(serde_json::json!("2Gi")).unwrap().0, "2Gi");
+        assert_eq!(q(serde_json::json!(1024)).unwrap().0, "1024");
+        assert_eq!(q(serde_json::json!(-3)).unwrap().0, "-3");
+        assert_eq!(q(serde_json::json!(1.5)).unwrap().0, "1.5");
+        let e = q(serde_json::json!({"a": 1})).unwrap_err().to_string();
+        assert!(
+            e.contains("expected a quantity (a string such as 512Mi"),
+            "{e}"
+        );
     }
 }

@@ -3,13 +3,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::convert::facts::{PodFacts, PodPaths};
 use crate::convert::{self, ConvertError};
-use crate::domain::Domain;
-use crate::pod::facts::{
-    self as podfacts, AttachedVolume, DomainType, PodFacts, PodFactsError, PodPaths,
-};
+use crate::domain::{Domain, DomainType};
+use crate::pod::facts::{self as podfacts, AttachedVolume, PodFactsError};
 use crate::pod::prepare::{self, PrepareError};
-use crate::spec::VirtualMachineInstance;
+use crate::spec::{cdi, VirtualMachineInstance};
 
 /// Where this launcher's pod keeps things, as given on the command line (None: KubeVirt's
 /// in-pod default).
@@ -103,17 +102,11 @@ impl Planner {
     }
 }
 
-/// CDI's default share of a Filesystem-mode PVC kept free for the filesystem itself.
-pub const DEFAULT_FILESYSTEM_OVERHEAD: f64 = 0.055;
-
-/// The size KubeVirt gives `disk.img` on a claim of `capacity` bytes: the capacity less the
-/// filesystem overhead, rounded down to whole MiB.
+/// The size KubeVirt gives `disk.img` on a claim of `capacity` bytes: CDI's usable space
+/// (see [`cdi::usable_space`]) with the claim's filesystem overhead, CDI's default when the
+/// status names none or a nonsense one.
 pub fn usable_size(capacity: u64, overhead: Option<&str>) -> u64 {
-    let overhead = overhead
-        .and_then(|o| o.parse::<f64>().ok())
-        .filter(|o| (0.0..1.0).contains(o));
-    let usable = (capacity as f64 * (1.0 - overhead.unwrap_or(DEFAULT_FILESYSTEM_OVERHEAD))) as u64;
-    usable & !((1 << 20) - 1)
+    cdi::usable_space(capacity, cdi::FilesystemOverhead::or_default(overhead))
 }
 
 /// The size `disk.img` of `volume` should have, from the claim's capacity in the VMI status.
@@ -132,7 +125,7 @@ pub fn wanted_image_size(vmi: &VirtualMachineInstance, volume: &str) -> Option<u
 /// Without a known capacity nothing is created (the probe then names the missing file).
 fn create_missing_images(
     vmi: &VirtualMachineInstance,
-    paths: &crate::pod::facts::PodPaths,
+    paths: &crate::convert::facts::PodPaths,
 ) -> Result<(), PlanError> {
     for v in claim_volumes(vmi) {
         if let Some(size) = wanted_image_size(vmi, v) {
@@ -159,7 +152,7 @@ fn claim_volumes(vmi: &VirtualMachineInstance) -> impl Iterator<Item = &str> {
 /// mounted (its directory exists) and has neither a `disk.img` nor a block node. Returns the
 /// path when it created the file.
 fn create_image(
-    paths: &crate::pod::facts::PodPaths,
+    paths: &crate::convert::facts::PodPaths,
     volume: &str,
     size: u64,
 ) -> Result<Option<PathBuf>, PlanError> {
@@ -191,7 +184,7 @@ fn create_image(
 /// Returns the volumes and paths created.
 pub fn create_copy_targets(
     vmi: &VirtualMachineInstance,
-    paths: &crate::pod::facts::PodPaths,
+    paths: &crate::convert::facts::PodPaths,
     sizes: &std::collections::HashMap<String, u64>,
 ) -> Result<Vec<(String, PathBuf)>, PlanError> {
     let mut created = Vec::new();

@@ -1,0 +1,268 @@
+//! What the converter knows about the pod: its paths, firmware files, which volumes are block
+//! devices or take `O_DIRECT`, the formats of containerDisk images. Plain data with KubeVirt's
+//! defaults and no I/O; `pod::facts` probes the real pod (or reads `--pod-facts`) and
+//! fills it in.
+
+use crate::domain::DomainType;
+use crate::spec::VirtualMachineInstance;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Disk image format of a base image (containerDisk) as read from its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Where KubeVirt puts things in the pod. Every field can be overridden (tests, odd pods).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPaths {
+    /// `/var/run/kubevirt-private/vmi-disks`: Filesystem-mode PVC at `<dir>/<volume>/disk.img`.
+    pub vmi_disks_dir: PathBuf,
+    /// `/var/run/kubevirt/hotplug-disks`: `<volume>.img`, or a `<volume>` block node.
+    pub hotplug_disks_dir: PathBuf,
+    /// `/dev`: Block-mode PVC at `/dev/<volume>`.
+    pub block_dev_dir: PathBuf,
+    /// `/var/run/kubevirt-ephemeral-disks`: qcow2 overlays (`disk-data/<volume>/disk.qcow2`)
+    /// and empty disks (`empty-disks/<volume>.qcow2`).
+    pub ephemeral_disks_dir: PathBuf,
+    /// `/var/run/kubevirt/container-disks`: containerDisk images as `disk_<volume index>.img`.
+    pub container_disks_dir: PathBuf,
+    /// Directory holding the kernelBoot container's files; `kernelPath`/`initrdPath` are
+    /// resolved inside it and cannot leave it.
+    pub kernel_boot_dir: PathBuf,
+    /// `/var/run/kubevirt-private/<uid or name>`: serial socket `virt-serial0` and its log
+    /// `virt-serial0-log`, VNC socket `virt-vnc`, guest agent socket `virt-guest-agent`,
+    /// generated cloud-init ISOs (`noCloud.iso`, `configdrive.iso`), EFI NVRAM.
+    pub private_dir: PathBuf,
+    /// `/var/run/kubevirt-private`: configMap/secret/serviceAccount sources and their ISOs
+    /// (`config-map/<vol>` → `config-map-disks/<vol>.iso`, `secret/<vol>` →
+    /// `secret-disks/<vol>.iso`, `service-account-disk/service-account.iso`).
+    pub config_dir: PathBuf,
+    /// `/var/run/secrets/kubernetes.io/serviceaccount`: the pod's service account token.
+    pub service_account_dir: PathBuf,
+    /// Directories the launcher itself populated with links into other places it owns (the
+    /// standalone DataVolume view links each volume to its claim under the storage directory,
+    /// and each Block claim to its loop device): a PVC directory or Block node may resolve
+    /// into one of these as well as into its own directory. Never set from a spec.
+    pub trusted_roots: Vec<PathBuf>,
+}
+
+impl PodPaths {
+    /// KubeVirt's in-pod layout for this VMI. The private dir is keyed by the VMI's uid (or its
+    /// name when it has none); a uid/name that is not a safe path component is replaced by `_`.
+    pub fn kubevirt_defaults(vmi: &VirtualMachineInstance) -> Self {
+        let key = [
+            vmi.metadata.uid.as_deref(),
+            Some(vmi.metadata.name.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|k| is_safe_component(k))
+        .unwrap_or("_");
+        PodPaths {
+            vmi_disks_dir: "/var/run/kubevirt-private/vmi-disks".into(),
+            hotplug_disks_dir: "/var/run/kubevirt/hotplug-disks".into(),
+            block_dev_dir: "/dev".into(),
+            ephemeral_disks_dir: "/var/run/kubevirt-ephemeral-disks".into(),
+            container_disks_dir: "/var/run/kubevirt/container-disks".into(),
+            kernel_boot_dir: "/var/run/kubevirt-ephemeral-disks/kernel-boot".into(),
+            private_dir: Path::new("/var/run/kubevirt-private").join(key),
+            config_dir: "/var/run/kubevirt-private".into(),
+            service_account_dir: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+            trusted_roots: Vec::new(),
+        }
+    }
+
+    /// The serial console's unix socket (`<private_dir>/virt-serial0`).
+    pub fn serial_socket(&self) -> PathBuf {
+        self.private_dir.join("virt-serial0")
+    }
+
+    /// The serial console's log file (`<private_dir>/virt-serial0-log`).
+    pub fn serial_log(&self) -> PathBuf {
+        self.private_dir.join("virt-serial0-log")
+    }
+
+    /// The VNC unix socket (`<private_dir>/virt-vnc`).
+    pub fn vnc_socket(&self) -> PathBuf {
+        self.private_dir.join("virt-vnc")
+    }
+
+    /// The guest agent channel's unix socket (`<private_dir>/virt-guest-agent`).
+    pub fn guest_agent_socket(&self) -> PathBuf {
+        self.private_dir.join("virt-guest-agent")
+    }
+
+    /// Filesystem-mode PVC/DataVolume image.
+    pub fn pvc_image(&self, volume: &str) -> PathBuf {
+        self.vmi_disks_dir.join(volume).join("disk.img")
+    }
+
+    /// Block-mode PVC/DataVolume node.
+    pub fn pvc_block(&self, volume: &str) -> PathBuf {
+        self.block_dev_dir.join(volume)
+    }
+
+    /// Hot-plugged volume: `<volume>.img` (Filesystem) or `<volume>` (Block).
+    pub fn hotplug_path(&self, volume: &str, block: bool) -> PathBuf {
+        if block {
+            self.hotplug_disks_dir.join(volume)
+        } else {
+            self.hotplug_disks_dir.join(format!("{volume}.img"))
+        }
+    }
+
+    /// qcow2 overlay of a containerDisk or ephemeral volume.
+    pub fn overlay(&self, volume: &str) -> PathBuf {
+        self.ephemeral_disks_dir
+            .join("disk-data")
+            .join(volume)
+            .join("disk.qcow2")
+    }
+
+    /// Image of an emptyDisk volume.
+    pub fn empty_disk(&self, volume: &str) -> PathBuf {
+        self.ephemeral_disks_dir
+            .join("empty-disks")
+            .join(format!("{volume}.qcow2"))
+    }
+
+    /// containerDisk base image; `index` is the volume's index in `spec.volumes`.
+    pub fn container_disk(&self, index: usize) -> PathBuf {
+        self.container_disks_dir.join(format!("disk_{index}.img"))
+    }
+
+    /// Generated NoCloud ISO.
+    pub fn cloud_init_no_cloud_iso(&self) -> PathBuf {
+        self.private_dir.join("noCloud.iso")
+    }
+
+    /// Generated ConfigDrive ISO.
+    pub fn cloud_init_config_drive_iso(&self) -> PathBuf {
+        self.private_dir.join("configdrive.iso")
+    }
+
+    pub fn config_map_source(&self, volume: &str) -> PathBuf {
+        self.config_dir.join("config-map").join(volume)
+    }
+    pub fn config_map_iso(&self, volume: &str) -> PathBuf {
+        self.config_dir
+            .join("config-map-disks")
+            .join(format!("{volume}.iso"))
+    }
+    pub fn secret_source(&self, volume: &str) -> PathBuf {
+        self.config_dir.join("secret").join(volume)
+    }
+    pub fn secret_iso(&self, volume: &str) -> PathBuf {
+        self.config_dir
+            .join("secret-disks")
+            .join(format!("{volume}.iso"))
+    }
+    pub fn downward_api_iso(&self, volume: &str) -> PathBuf {
+        self.config_dir
+            .join("downwardapi-disks")
+            .join(format!("{volume}.iso"))
+    }
+    pub fn service_account_iso(&self) -> PathBuf {
+        self.config_dir
+            .join("service-account-disk")
+            .join("service-account.iso")
+    }
+
+    /// EFI variable store of this VMI.
+    pub fn nvram(&self, vmi_name: &str) -> PathBuf {
+        self.private_dir
+            .join("nvram")
+            .join(format!("{vmi_name}_VARS.fd"))
+    }
+}
+
+/// OVMF firmware files. KubeVirt's defaults live in `/usr/share/OVMF`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FirmwarePaths {
+    pub efi_code: PathBuf,
+    pub efi_vars: PathBuf,
+    pub efi_secure_code: PathBuf,
+    pub efi_secure_vars: PathBuf,
+}
+
+impl Default for FirmwarePaths {
+    fn default() -> Self {
+        FirmwarePaths {
+            efi_code: "/usr/share/OVMF/OVMF_CODE.fd".into(),
+            efi_vars: "/usr/share/OVMF/OVMF_VARS.fd".into(),
+            efi_secure_code: "/usr/share/OVMF/OVMF_CODE.secboot.fd".into(),
+            efi_secure_vars: "/usr/share/OVMF/OVMF_VARS.secboot.fd".into(),
+        }
+    }
+}
+
+/// Default number of spare `pcie-root-port` controllers (host notes: 2 were not enough).
+pub const DEFAULT_SPARE_ROOT_PORTS: u32 = 8;
+
+/// Everything [`crate::convert::convert`] needs to know about the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFacts {
+    pub domain_type: DomainType,
+    /// PVC/DataVolume volumes (by volume name) that are block devices.
+    pub block_volumes: BTreeSet<String>,
+    /// `O_DIRECT` works on file-backed volumes → `cache='none'`, else `writethrough`.
+    pub direct_io: bool,
+    /// PVC/DataVolume volumes whose image refuses `O_DIRECT` (a claim on tmpfs, say), probed
+    /// one by one: they get `writethrough` whatever [`PodFacts::direct_io`] says, so one such
+    /// claim neither fails to attach nor costs the other claims their `cache='none'`.
+    pub no_direct_io: BTreeSet<String>,
+    pub paths: PodPaths,
+    pub firmware: FirmwarePaths,
+    /// Volumes whose image is fully preallocated (→ `io='native'` with `cache='none'`).
+    pub preallocated_volumes: BTreeSet<String>,
+    /// Formats of containerDisk base images, by volume name; when absent the overlay's own
+    /// header names its backing file and `<backingStore>` is left out.
+    pub image_formats: BTreeMap<String, ImageFormat>,
+    /// Spare `pcie-root-port` controllers for later virtio hot-plug. The VMI annotation
+    /// [`crate::convert::SPARE_ROOT_PORTS_ANNOTATION`] overrides it per VM.
+    pub spare_root_ports: u32,
+    /// Socket of the persistent-reservation helper (`lun` with `reservation: true`).
+    pub pr_helper_socket: PathBuf,
+}
+
+impl PodFacts {
+    /// Facts with KubeVirt's default paths and nothing probed (`directIO` true, no block volumes).
+    pub fn defaults(vmi: &VirtualMachineInstance) -> Self {
+        PodFacts {
+            domain_type: DomainType::Kvm,
+            block_volumes: BTreeSet::new(),
+            direct_io: true,
+            no_direct_io: BTreeSet::new(),
+            paths: PodPaths::kubevirt_defaults(vmi),
+            firmware: FirmwarePaths::default(),
+            preallocated_volumes: BTreeSet::new(),
+            image_formats: BTreeMap::new(),
+            spare_root_ports: DEFAULT_SPARE_ROOT_PORTS,
+            pr_helper_socket: "/var/run/kubevirt/daemons/pr/pr-helper.sock".into(),
+        }
+    }
+}
+
+/// Is `s` usable as one path component: non-empty, no `/`, NUL, `.` or `..`, printable ASCII.
+pub fn is_safe_component(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
