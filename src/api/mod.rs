@@ -4,6 +4,7 @@
 
 pub mod client;
 mod errors;
+pub mod peer;
 pub mod server;
 
 use std::future::Future;
@@ -439,9 +440,10 @@ impl LauncherApi for Service {
                 parallel_connections: o.parallel_connections,
                 block_migration: o.block_migration,
             };
+            let peer = peer::GrpcPeer::new(&r.target_socket);
             let out = self
                 .core
-                .migrate(std::path::Path::new(&r.target_socket), opts)
+                .migrate(&peer, opts)
                 .await
                 .map_err(|e| to_status(&e))?;
             Ok(Response::new(pb::MigrationResult {

@@ -14,13 +14,14 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::plan::{PlanError, Planner};
+pub use super::error::ControlError;
+use super::plan::Planner;
 use super::state::{DiskStatus, Event, EventKind, EventLog, Gap, Phase, State, Status};
 use crate::domain::live::LiveDomain;
 use crate::domain::Disk;
 use crate::libvirt::events::StopReason;
 use crate::libvirt::{self, DomainEvent, DomainStats, Hypervisor, LibvirtError, LifecycleKind};
-use crate::spec::{SpecError, VirtualMachineInstance};
+use crate::spec::VirtualMachineInstance;
 
 /// How long a detach waits for the guest to release the disk, unless configured.
 pub const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,45 +29,6 @@ pub const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 pub const LIBVIRTD_BACK: Duration = Duration::from_secs(30);
 /// Default auto-thaw for a freeze.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Why an operation failed, in terms a controller can act on.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("{0}")]
-    Spec(#[from] SpecError),
-    #[error("{0}")]
-    Plan(#[from] PlanError),
-    #[error("no domain is running")]
-    NoDomain,
-    #[error("the running domain belongs to VMI uid {running:?}; this VMI has uid {given:?}")]
-    WrongUid { running: String, given: String },
-    #[error("{0}")]
-    Precondition(String),
-    #[error("libvirtd is restarting; retry")]
-    Unavailable,
-    #[error("volume {volume}: {reason}")]
-    Volume { volume: String, reason: String },
-    #[error(transparent)]
-    Libvirt(LibvirtError),
-    #[error("internal task failed: {0}")]
-    Internal(String),
-}
-
-impl From<LibvirtError> for ControlError {
-    fn from(e: LibvirtError) -> Self {
-        match e {
-            LibvirtError::Disconnected => ControlError::Unavailable,
-            LibvirtError::NoDomain(_) => ControlError::NoDomain,
-            e => ControlError::Libvirt(e),
-        }
-    }
-}
-
-impl From<tokio::task::JoinError> for ControlError {
-    fn from(e: tokio::task::JoinError) -> Self {
-        ControlError::Internal(e.to_string())
-    }
-}
 
 /// A stop the API asked for; the supervisor loop carries it out (it owns the grace clock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -459,7 +421,7 @@ impl Launcher {
             }
             _ => {}
         }
-        super::kill_orphan_qemu(name).await;
+        crate::pod::children::kill_orphan_qemu(name).await;
         let n = name.to_string();
         if self
             .blocking(move |hv| hv.exists(&n))

@@ -15,6 +15,8 @@
 //! tells the target launcher to exit.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +68,37 @@ pub struct MigrationOutcome {
     pub success: bool,
     pub progress: MigrationProgress,
     pub message: String,
+}
+
+/// A future a [`MigrationPeer`] returns.
+pub type PeerFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One disk of a prepared target, as its launcher reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerDisk {
+    pub volume: String,
+    pub source: String,
+    pub size_bytes: u64,
+}
+
+/// What a target launcher says it was prepared for.
+#[derive(Debug, Clone, Default)]
+pub struct PreparedTarget {
+    /// None: it was not prepared as a migration target.
+    pub target: Option<TargetInfo>,
+    pub disks: Vec<PeerDisk>,
+}
+
+/// What the source of a migration needs of the target's launcher. The core knows no transport:
+/// a front-end implements this (the gRPC client does, over the target pod's socket).
+pub trait MigrationPeer: Send + Sync {
+    /// Where the peer is, for messages (`target launcher at <where>: ...`).
+    fn location(&self) -> String;
+    /// What the target was prepared for, and its disks. An error says why the peer could not
+    /// be asked.
+    fn prepared(&self) -> PeerFuture<'_, Result<PreparedTarget, String>>;
+    /// Tells the target's launcher to give up and exit (best effort: it may be gone).
+    fn give_up(&self) -> PeerFuture<'_, ()>;
 }
 
 impl Launcher {
@@ -208,10 +241,10 @@ impl Launcher {
         Ok(())
     }
 
-    /// Migrates the running VM to the prepared target behind `target_socket`.
+    /// Migrates the running VM to the prepared target `peer` speaks for.
     pub async fn migrate(
         self: &Arc<Self>,
-        target_socket: &std::path::Path,
+        peer: &dyn MigrationPeer,
         opts: MigrateOptions,
     ) -> Result<MigrationOutcome, ControlError> {
         if self
@@ -241,7 +274,7 @@ impl Launcher {
                 "a migration is already running".into(),
             ));
         }
-        let (target, target_disks) = query_target(target_socket).await?;
+        let (target, target_disks) = query_target(peer).await?;
         if target.uid != status.uid {
             return Err(ControlError::Precondition(format!(
                 "the target was prepared for VMI uid {:?}, this VM is {:?}",
@@ -409,7 +442,7 @@ impl Launcher {
                     None => format!("{e}; the VM keeps running here"),
                 };
                 // The target must not linger: tell its launcher to exit.
-                cleanup_target(target_socket).await;
+                peer.give_up().await;
                 MigrationOutcome {
                     success: false,
                     progress,
@@ -435,7 +468,7 @@ impl Launcher {
 /// larger one would change the disk the guest sees).
 fn check_copy_sizes(
     local: &[&super::state::DiskStatus],
-    target: &[crate::api::pb::Disk],
+    target: &[PeerDisk],
 ) -> Result<(), ControlError> {
     for d in local {
         let here = super::core::size_of(std::path::Path::new(&d.source));
@@ -459,36 +492,15 @@ fn check_copy_sizes(
 
 /// Asks the target launcher what it was prepared for, and its disks.
 async fn query_target(
-    socket: &std::path::Path,
-) -> Result<(TargetInfo, Vec<crate::api::pb::Disk>), ControlError> {
+    peer: &dyn MigrationPeer,
+) -> Result<(TargetInfo, Vec<PeerDisk>), ControlError> {
     let unreachable = |e: String| {
-        ControlError::Precondition(format!("target launcher at {}: {e}", socket.display()))
+        ControlError::Precondition(format!("target launcher at {}: {e}", peer.location()))
     };
-    let mut c = crate::api::client::connect(socket)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let mut req = tonic::Request::new(crate::api::pb::Empty {});
-    req.set_timeout(Duration::from_secs(5));
-    let d = c
-        .get_domain(req)
-        .await
-        .map_err(|e| unreachable(e.message().to_string()))?
-        .into_inner();
-    let t = d
-        .migration_target
-        .ok_or_else(|| unreachable("it was not prepared as a migration target".into()))?;
-    Ok((TargetInfo::from(t), d.disks))
-}
-
-/// Tells a target launcher to give up (best effort: it may already be gone).
-async fn cleanup_target(socket: &std::path::Path) {
-    if let Ok(mut c) = crate::api::client::connect(socket).await {
-        let mut req = tonic::Request::new(crate::api::pb::Empty {});
-        req.set_timeout(Duration::from_secs(5));
-        if let Err(e) = c.kill(req).await {
-            tracing::debug!(error = %e, "target cleanup request");
-        }
-    }
+    let PreparedTarget { target, disks } = peer.prepared().await.map_err(unreachable)?;
+    let target =
+        target.ok_or_else(|| unreachable("it was not prepared as a migration target".into()))?;
+    Ok((target, disks))
 }
 
 /// Moves pod-local directories in the domain XML to the target pod's.

@@ -2,6 +2,7 @@
 //! the pod's grace period, and leave nothing running behind.
 
 pub mod core;
+pub mod error;
 pub mod migration;
 pub mod plan;
 pub mod state;
@@ -9,20 +10,17 @@ pub mod state;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
-use crate::api::server::{self, ServerConfig, ServerError};
 use crate::libvirt::events::StopReason;
 use crate::libvirt::{DomainEvent, Hypervisor, LibvirtError, RawEvent};
-use crate::pod::daemons::{self, Daemon, DaemonError, DaemonEvent, Daemons};
+use crate::pod::daemons::{self, Daemon, DaemonEvent};
 use crate::pod::PodLayout;
 use crate::spec::VirtualMachineInstance;
-use core::{ControlError, Launcher, StopRequest};
+use core::{Launcher, StopRequest};
+pub use error::{Classified, ControlError, ErrorKind};
 use plan::Planner;
-use crate::pod::process::Reaper;
 use state::EventKind;
 
 /// What to run and how.
@@ -30,8 +28,6 @@ pub struct RunOptions {
     pub planner: Planner,
     /// The VMI to start at once (standalone); without one the launcher waits for a Sync.
     pub vmi: Option<VirtualMachineInstance>,
-    /// The control API socket, if served.
-    pub api: Option<ServerConfig>,
     /// How long the domain may take to appear (`--qemu-timeout`).
     pub qemu_timeout: Duration,
     /// How long a hot-unplug waits for the guest to release the disk.
@@ -45,13 +41,9 @@ pub enum SupervisorError {
     #[error("cannot set up process supervision: {0}")]
     Setup(std::io::Error),
     #[error(transparent)]
-    Daemon(#[from] DaemonError),
-    #[error(transparent)]
     Libvirt(#[from] LibvirtError),
     #[error(transparent)]
     Control(#[from] ControlError),
-    #[error(transparent)]
-    Api(#[from] ServerError),
     #[error("no domain was started within --qemu-timeout ({0:?})")]
     StartTimeout(Duration),
     #[error("internal task failed")]
@@ -78,18 +70,98 @@ impl Outcome {
     }
 }
 
-/// Runs until the VM stops. Always stops the daemons and kills leftover processes before
-/// returning, whether the VM ran or not.
-pub async fn run(layout: &PodLayout, opts: RunOptions) -> Result<Outcome, SupervisorError> {
-    let reaper = Reaper::start().map_err(SupervisorError::Setup)?;
-    let (daemon_tx, daemon_rx) = mpsc::unbounded_channel();
-    let mut daemons = Daemons::start(&reaper, layout, daemon_tx).await?;
-    let (stop_follow, stop_follow_rx) = watch::channel(false);
-    let result = supervise(layout, opts, daemon_rx, stop_follow_rx).await;
-    let _ = stop_follow.send(true);
-    daemons.stop().await;
-    kill_leftovers().await;
-    result
+/// The pod's side of the core: where its daemons are, what they report, and when to stop
+/// following their logs.
+pub struct Pod {
+    pub layout: PodLayout,
+    pub daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
+    /// Becomes true when the log relays should stop (the launcher is exiting).
+    pub stop_follow: watch::Receiver<bool>,
+}
+
+/// The core before it runs: connected to libvirtd, listening for signals. Front-ends are
+/// given [`Supervisor::launcher`] before [`Supervisor::run`] is called.
+pub struct Supervisor {
+    core: Arc<Launcher>,
+    opts: RunOptions,
+    relays: Relays,
+    raw_events: mpsc::UnboundedReceiver<RawEvent>,
+    daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
+    stop_rx: mpsc::UnboundedReceiver<StopRequest>,
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+}
+
+impl Supervisor {
+    /// Connects to the pod's libvirtd and sets up signal handling.
+    pub async fn connect(pod: Pod, opts: RunOptions) -> Result<Supervisor, SupervisorError> {
+        let layout = &pod.layout;
+        let (raw_tx, raw_events) = mpsc::unbounded_channel::<RawEvent>();
+        let uri = layout.libvirt_uri();
+        let hv = Arc::new(
+            tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??,
+        );
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let sockets = migration::PodSockets {
+            libvirt_uri: layout.libvirt_uri(),
+            runtime_dir: layout.root().to_path_buf(),
+        };
+        let core = Launcher::new(hv, opts.planner.clone(), stop_tx, Some(sockets));
+        core.set_detach_timeout(opts.detach_timeout);
+        core.set_libvirtd_pid_file(layout.pid_dir().join("libvirtd.pid"));
+        let sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
+        let sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
+        let relays = Relays {
+            layout: layout.clone(),
+            log_max_bytes: opts.log_max_bytes,
+            stop: pod.stop_follow,
+            started: false,
+        };
+        Ok(Supervisor {
+            core,
+            opts,
+            relays,
+            raw_events,
+            daemon_events: pod.daemon_events,
+            stop_rx,
+            sigterm,
+            sigint,
+        })
+    }
+
+    /// The core, for the front-ends.
+    pub fn launcher(&self) -> Arc<Launcher> {
+        self.core.clone()
+    }
+
+    /// Starts the VMI given (if any) and runs until the VM stops; the last event published
+    /// says how it ended.
+    pub async fn run(mut self) -> Result<Outcome, SupervisorError> {
+        let core = self.core.clone();
+        let result = async {
+            if let Some(vmi) = self.opts.vmi.clone() {
+                core.sync(vmi).await?;
+            }
+            let inputs = Inputs {
+                raw_events: &mut self.raw_events,
+                daemon_events: &mut self.daemon_events,
+                stop_rx: &mut self.stop_rx,
+                sigterm: &mut self.sigterm,
+                sigint: &mut self.sigint,
+            };
+            event_loop(&core, &self.opts, self.relays, inputs).await
+        }
+        .await;
+        if let Ok(outcome) = &result {
+            core.publish(
+                EventKind::Final,
+                &format!("launcher exiting with code {}", outcome.exit_code()),
+            );
+            // Give watchers a moment to receive the final event before the socket goes away.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        result
+    }
 }
 
 /// Relays the QEMU log and the guest console into our log once a domain exists (started
@@ -120,65 +192,6 @@ impl Relays {
 struct Stopping {
     deadline: Option<Instant>,
     destroyed: bool,
-}
-
-async fn supervise(
-    layout: &PodLayout,
-    opts: RunOptions,
-    mut daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
-    stop_follow: watch::Receiver<bool>,
-) -> Result<Outcome, SupervisorError> {
-    let (raw_tx, mut raw_events) = mpsc::unbounded_channel::<RawEvent>();
-    let uri = layout.libvirt_uri();
-    let hv =
-        Arc::new(tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??);
-    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
-    let sockets = migration::PodSockets {
-        libvirt_uri: layout.libvirt_uri(),
-        runtime_dir: layout.root().to_path_buf(),
-    };
-    let core = Launcher::new(hv.clone(), opts.planner.clone(), stop_tx, Some(sockets));
-    core.set_detach_timeout(opts.detach_timeout);
-    core.set_libvirtd_pid_file(layout.pid_dir().join("libvirtd.pid"));
-    let mut sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
-
-    let api = match &opts.api {
-        Some(cfg) => Some(server::serve(core.clone(), cfg).await?),
-        None => None,
-    };
-    let relays = Relays {
-        layout: layout.clone(),
-        log_max_bytes: opts.log_max_bytes,
-        stop: stop_follow,
-        started: false,
-    };
-    let result = async {
-        if let Some(vmi) = opts.vmi.clone() {
-            core.sync(vmi).await?;
-        }
-        let inputs = Inputs {
-            raw_events: &mut raw_events,
-            daemon_events: &mut daemon_events,
-            stop_rx: &mut stop_rx,
-            sigterm: &mut sigterm,
-            sigint: &mut sigint,
-        };
-        event_loop(&core, &opts, relays, inputs).await
-    }
-    .await;
-    if let Ok(outcome) = &result {
-        core.publish(
-            EventKind::Final,
-            &format!("launcher exiting with code {}", outcome.exit_code()),
-        );
-        // Give watchers a moment to receive the final event before the socket goes away.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    if let Some(api) = api {
-        api.shutdown().await;
-    }
-    result
 }
 
 /// Everything the supervisor loop waits on.
@@ -430,32 +443,6 @@ async fn stale_stop(core: &Arc<Launcher>, ev: &DomainEvent) -> bool {
     )
 }
 
-/// SIGKILLs any QEMU of domain `name` still running under this launcher (one libvirtd spawned
-/// and lost track of when it died), and waits for it to be gone: it would hold the disks.
-pub(crate) async fn kill_orphan_qemu(name: &str) {
-    let me = std::process::id() as i32;
-    let needle = format!("guest={name},");
-    let orphans = || -> Vec<i32> {
-        children_of(me)
-            .into_iter()
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                    .unwrap_or(false)
-            })
-            .collect()
-    };
-    let found = orphans();
-    for pid in &found {
-        tracing::warn!(pid, domain = name, "killing a QEMU libvirtd lost track of");
-        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-    }
-    let until = Instant::now() + Duration::from_secs(10);
-    while !found.is_empty() && !orphans().is_empty() && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The domain stopped: remove its definition and report it.
 async fn finish(core: &Arc<Launcher>, reason: StopReason, requested: bool) -> Outcome {
     if core.awaiting_migration() {
@@ -474,45 +461,4 @@ async fn finish(core: &Arc<Launcher>, reason: StopReason, requested: bool) -> Ou
     };
     tracing::info!(domain = %core.status().name, reason = ?reason, requested, exit_code = outcome.exit_code(), "domain stopped");
     outcome
-}
-
-/// Kills every process still parented to us (an orphaned QEMU after a daemon crash), and
-/// waits for the reaper to collect them.
-async fn kill_leftovers() {
-    let me = std::process::id() as i32;
-    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
-        let children = children_of(me);
-        if children.is_empty() {
-            return;
-        }
-        for pid in &children {
-            tracing::warn!(pid, ?sig, "terminating leftover process");
-            let _ = kill(Pid::from_raw(*pid), sig);
-        }
-        let until = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < until && !children_of(me).is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-/// Live (non-zombie) children of `parent`, from /proc.
-fn children_of(parent: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let mut f = rest.split_whitespace();
-            let state = f.next();
-            let ppid = f.next().and_then(|p| p.parse::<i32>().ok());
-            ppid == Some(parent) && state != Some("Z")
-        })
-        .collect()
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use crate::convert::{self, ConvertError};
 use crate::domain::Domain;
-use crate::pod::facts::{self as podfacts, AttachedVolume, DomainType, PodFacts, PodFactsError, PodPaths};
+use crate::pod::facts::{
+    self as podfacts, AttachedVolume, DomainType, PodFacts, PodFactsError, PodPaths,
+};
 use crate::pod::prepare::{self, PrepareError};
 use crate::spec::VirtualMachineInstance;
 
