@@ -1,11 +1,14 @@
 //! The core: lifecycle and supervision of the VM: start the domain, follow its events, honour
 //! the pod's grace period, and leave nothing running behind.
 
+pub mod agent;
 pub mod core;
 pub mod error;
+pub mod lifecycle;
 pub mod migration;
 pub mod plan;
 pub mod state;
+pub mod volumes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
