@@ -310,7 +310,7 @@ async fn serve(layout: &PodLayout, opts: RunOptions, api: &ServerConfig) -> Resu
     };
     let result = async {
         let core = vm::Supervisor::connect(pod, opts).await?;
-        let server = api::server::serve(core.launcher(), api).await?;
+        let server = api::server::serve(core.handle(), api).await?;
         let outcome = core.run().await;
         server.shutdown().await;
         Ok(outcome?)

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::core::{ControlError, Launcher};
+use super::handle::Request;
 use super::state::EventKind;
 use crate::libvirt::{self, LibvirtError};
 
 impl Launcher {
     /// Freezes the guest's filesystems; thaws them by itself after `timeout`.
     pub async fn freeze(self: &Arc<Self>, timeout: Duration) -> Result<i32, ControlError> {
-        let _op = self.op.lock().await;
         let name = self.domain_name()?;
         let n = name.clone();
         let frozen = self
@@ -26,29 +26,39 @@ impl Launcher {
                 timeout.as_secs()
             ),
         );
-        let me = self.clone();
+        // The automatic thaw is a request to the owner like any other: it waits its turn
+        // behind the operation running then, and a thaw or freeze meanwhile cancels it.
+        let me = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
-            if me.freeze_generation.load(Ordering::SeqCst) == generation {
-                let _op = me.op.lock().await;
-                if me.freeze_generation.load(Ordering::SeqCst) != generation {
-                    return;
-                }
-                let n = name.clone();
-                match me.blocking(move |hv| hv.fs_thaw(&n)).await {
-                    Ok(k) => me.publish(
-                        EventKind::Agent,
-                        &format!("freeze timed out: thawed {k} filesystems"),
-                    ),
-                    Err(e) => tracing::error!(error = %e, "automatic thaw failed"),
+            if let Some(me) = me.upgrade() {
+                if me.freeze_generation.load(Ordering::SeqCst) == generation {
+                    let _ = me.owner.send(Request::AutoThaw { generation });
                 }
             }
         });
         Ok(frozen)
     }
 
+    /// Thaws the filesystems frozen by freeze number `generation`, unless a later freeze or
+    /// thaw came since.
+    pub(crate) async fn auto_thaw(&self, generation: u64) {
+        if self.freeze_generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        let Ok(name) = self.domain_name() else {
+            return;
+        };
+        match self.blocking(move |hv| hv.fs_thaw(&name)).await {
+            Ok(k) => self.publish(
+                EventKind::Agent,
+                &format!("freeze timed out: thawed {k} filesystems"),
+            ),
+            Err(e) => tracing::error!(error = %e, "automatic thaw failed"),
+        }
+    }
+
     pub async fn unfreeze(&self) -> Result<i32, ControlError> {
-        let _op = self.op.lock().await;
         let name = self.domain_name()?;
         self.freeze_generation.fetch_add(1, Ordering::SeqCst);
         let thawed = self

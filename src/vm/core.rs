@@ -1,22 +1,22 @@
-//! The launcher's core: every operation on the domain, the state it keeps current from libvirt
-//! events, and the event log. The gRPC layer and the signal loop both drive this type; it knows
-//! nothing of either.
+//! The state of the core and the operations on the domain. Private to `vm`: the only way in is
+//! a [`super::Command`] sent through a [`super::Handle`] to the owner task (`vm::Supervisor`),
+//! which runs the operations one at a time (stops first) and applies libvirt events.
 //!
-//! Concurrency: operations that change the domain take `op` (one at a time, in arrival order);
-//! reads (`status`, `subscribe`) never wait for libvirt or for an operation; every libvirt call
-//! runs on tokio's blocking pool.
+//! The status, the VMI and the console path are published through `watch` channels and the
+//! event log, so reads never wait for libvirt or for an operation; every libvirt call runs on
+//! tokio's blocking pool.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use super::error::ControlError;
 use super::plan::Planner;
-use super::state::{Event, EventKind, EventLog, Gap, Phase, State, Status};
+use super::state::{Event, EventKind, EventLog, Phase, State, Status};
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::spec::VirtualMachineInstance;
 
@@ -27,35 +27,28 @@ pub const LIBVIRTD_BACK: Duration = Duration::from_secs(30);
 /// Default auto-thaw for a freeze.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A stop the API asked for; the supervisor loop carries it out (it owns the grace clock).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopRequest {
-    Graceful(Duration),
-    Kill,
-}
-
-/// The core. Shared as `Arc<Launcher>`.
-pub struct Launcher {
+/// The core's state, shared by the owner task and the child tasks it runs operations in.
+pub(crate) struct Launcher {
     pub(crate) hv: Arc<Hypervisor>,
     pub(crate) planner: Planner,
-    pub(crate) status: RwLock<Status>,
-    pub(crate) events: EventLog,
-    pub(crate) op: tokio::sync::Mutex<()>,
-    pub(crate) vmi: Mutex<Option<VirtualMachineInstance>>,
-    pub(crate) stop: mpsc::UnboundedSender<StopRequest>,
+    pub(crate) status: watch::Sender<Status>,
+    pub(crate) events: Arc<EventLog>,
+    pub(crate) vmi: watch::Sender<Option<Arc<VirtualMachineInstance>>>,
+    /// The owner's request channel (an automatic thaw is queued there like any command).
+    pub(crate) owner: mpsc::UnboundedSender<super::handle::Request>,
     /// Detaches waiting for the guest: alias → waiter.
     pub(crate) removals: Mutex<HashMap<String, oneshot::Sender<bool>>>,
     /// Becomes true once a domain was started (or arrived by migration).
     pub(crate) started: AtomicBool,
     pub(crate) freeze_generation: AtomicU64,
     pub(crate) domain_type: String,
-    pub(crate) console_log: Mutex<Option<std::path::PathBuf>>,
+    pub(crate) console_log: watch::Sender<Option<PathBuf>>,
     /// This pod's sockets, for receiving a migration.
     pub(crate) sockets: Option<super::migration::PodSockets>,
     /// A CancelMigration arrived.
     pub(crate) cancel: AtomicBool,
-    /// How long a detach waits for the guest, in milliseconds.
-    pub(crate) detach_timeout_ms: AtomicU64,
+    /// How long a detach waits for the guest.
+    pub(crate) detach_timeout: Duration,
     /// Statistics of the last completed job (a migration), from its JOB_COMPLETED event.
     pub(crate) last_job: Mutex<Option<Vec<(String, f64)>>>,
     /// One reconnection to libvirtd at a time (the loop and a start may both notice a loss).
@@ -63,7 +56,7 @@ pub struct Launcher {
     /// How many times a new connection to libvirtd was opened.
     pub(crate) connections: AtomicU64,
     /// libvirtd's pid file, to kill a daemon that hangs (the pod's supervisor restarts it).
-    pub(crate) libvirtd_pid_file: Mutex<Option<PathBuf>>,
+    pub(crate) libvirtd_pid_file: Option<PathBuf>,
     /// The live domain's disks as last read, and the [`Launcher::live_generation`] they were
     /// read at: a Sync reuses them instead of asking libvirt for the whole domain XML again.
     pub(crate) live_cache: Mutex<Option<(u64, Vec<crate::domain::live::LiveDisk>)>>,
@@ -73,58 +66,48 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    pub fn new(
+    pub(crate) fn new(
         hv: Arc<Hypervisor>,
-        planner: Planner,
-        stop: mpsc::UnboundedSender<StopRequest>,
-        sockets: Option<super::migration::PodSockets>,
+        config: super::CoreConfig,
+        owner: mpsc::UnboundedSender<super::handle::Request>,
     ) -> Arc<Launcher> {
+        let super::CoreConfig {
+            planner,
+            sockets,
+            detach_timeout,
+            libvirtd_pid_file,
+        } = config;
         let domain_type = format!("{:?}", planner.domain_type).to_lowercase();
         Arc::new(Launcher {
             hv,
             planner,
-            status: RwLock::new(Status::default()),
-            events: EventLog::new(4096),
-            op: tokio::sync::Mutex::new(()),
-            vmi: Mutex::new(None),
-            stop,
+            status: watch::Sender::new(Status::default()),
+            events: Arc::new(EventLog::new(4096)),
+            vmi: watch::Sender::new(None),
+            owner,
             removals: Mutex::new(HashMap::new()),
             started: AtomicBool::new(false),
             freeze_generation: AtomicU64::new(0),
             domain_type,
-            console_log: Mutex::new(None),
+            console_log: watch::Sender::new(None),
             sockets,
             cancel: AtomicBool::new(false),
-            detach_timeout_ms: AtomicU64::new(DETACH_TIMEOUT.as_millis() as u64),
+            detach_timeout,
             last_job: Mutex::new(None),
             reconnecting: tokio::sync::Mutex::new(()),
             connections: AtomicU64::new(0),
-            libvirtd_pid_file: Mutex::new(None),
+            libvirtd_pid_file,
             live_cache: Mutex::new(None),
             live_generation: AtomicU64::new(0),
         })
     }
 
-    /// Where libvirtd's pid is kept: with it, a libvirtd that accepts connections but answers
-    /// nothing is killed, and the pod's daemon supervisor starts a fresh one.
-    pub fn set_libvirtd_pid_file(&self, path: PathBuf) {
-        *self
-            .libvirtd_pid_file
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(path);
-    }
-
     /// SIGKILLs a hung libvirtd (QEMU keeps running; the restarted daemon takes it back).
     pub(crate) fn kill_hung_libvirtd(&self, why: &LibvirtError) {
-        let Some(file) = self
-            .libvirtd_pid_file
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
+        let Some(file) = &self.libvirtd_pid_file else {
             return;
         };
-        let pid = std::fs::read_to_string(&file)
+        let pid = std::fs::read_to_string(file)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
         let Some(pid) = pid else {
@@ -182,14 +165,8 @@ impl Launcher {
         Ok(true)
     }
 
-    /// How long a detach waits for the guest to release the disk.
-    pub fn set_detach_timeout(&self, timeout: Duration) {
-        self.detach_timeout_ms
-            .store(timeout.as_millis() as u64, Ordering::SeqCst);
-    }
-
     pub(crate) fn detach_timeout(&self) -> Duration {
-        Duration::from_millis(self.detach_timeout_ms.load(Ordering::SeqCst))
+        self.detach_timeout
     }
 
     pub fn hypervisor(&self) -> &Arc<Hypervisor> {
@@ -206,61 +183,44 @@ impl Launcher {
 
     /// The domain as last known; never blocks on libvirt.
     pub fn status(&self) -> Status {
-        let mut s = self
-            .status
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut s = self.status.borrow().clone();
         s.last_seq = self.events.last_seq();
         s
     }
 
     /// The running VMI's grace period (default 30 s before any VMI).
     pub fn grace(&self) -> Duration {
-        self.lock_vmi()
+        self.vmi
+            .borrow()
             .as_ref()
             .map(|v| v.termination_grace_period())
             .unwrap_or(Duration::from_secs(30))
     }
 
-    /// The VMI as last synced, as JSON.
-    pub fn vmi_json(&self) -> Result<Vec<u8>, ControlError> {
-        let vmi = self.lock_vmi();
-        let vmi = vmi.as_ref().ok_or(ControlError::NoDomain)?;
-        let mut doc =
-            serde_json::to_value(vmi).map_err(|e| ControlError::Internal(e.to_string()))?;
-        // As `kubectl get vmi -o json` shows it: fields that are not set are left out, not
-        // written as `null` (that doubled the size of every Sync built from this).
-        drop_nulls(&mut doc);
-        serde_json::to_vec(&doc).map_err(|e| ControlError::Internal(e.to_string()))
-    }
-
     /// The guest's serial console log, once a domain was planned.
-    pub fn console_log(&self) -> Option<std::path::PathBuf> {
-        self.console_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn console_log(&self) -> Option<PathBuf> {
+        self.console_log.borrow().clone()
     }
 
-    pub fn subscribe(&self, after: u64) -> Result<(Vec<Event>, broadcast::Receiver<Event>), Gap> {
-        self.events.subscribe(after)
+    pub(crate) fn set_console_log(&self, path: PathBuf) {
+        self.console_log.send_replace(Some(path));
     }
 
-    pub fn last_seq(&self) -> u64 {
-        self.events.last_seq()
+    /// The VMI as last synced (or prepared for).
+    pub(crate) fn vmi(&self) -> Option<Arc<VirtualMachineInstance>> {
+        self.vmi.borrow().clone()
     }
 
-    pub(crate) fn lock_vmi(&self) -> std::sync::MutexGuard<'_, Option<VirtualMachineInstance>> {
-        self.vmi.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn set_vmi(&self, vmi: VirtualMachineInstance) {
+        self.vmi.send_replace(Some(Arc::new(vmi)));
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut Status)) {
-        f(&mut self.status.write().unwrap_or_else(|p| p.into_inner()));
+        self.status.send_modify(f);
     }
 
     pub(crate) fn domain_name(&self) -> Result<String, ControlError> {
-        let s = self.status.read().unwrap_or_else(|p| p.into_inner());
+        let s = self.status.borrow();
         if s.name.is_empty() || matches!(s.state, State::None) {
             return Err(ControlError::NoDomain);
         }
@@ -313,36 +273,5 @@ impl Launcher {
     ) -> Result<T, ControlError> {
         let hv = self.hv.clone();
         Ok(tokio::task::spawn_blocking(move || f(&hv)).await??)
-    }
-}
-
-/// Removes every `null` member of the objects in `v`, at any depth.
-fn drop_nulls(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(m) => {
-            m.retain(|_, x| !x.is_null());
-            m.values_mut().for_each(drop_nulls);
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(drop_nulls),
-        _ => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    pub(crate) fn nulls_are_left_out_at_every_depth() {
-        let mut v = serde_json::json!({
-            "a": null,
-            "b": {"c": null, "d": 1, "e": {}},
-            "f": [{"g": null, "h": [null]}]
-        });
-        drop_nulls(&mut v);
-        assert_eq!(
-            v,
-            serde_json::json!({"b": {"d": 1, "e": {}}, "f": [{"h": [null]}]})
-        );
     }
 }

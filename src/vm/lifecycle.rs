@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::core::{ControlError, Launcher, StopRequest};
+use super::core::{ControlError, Launcher};
 use super::state::{Event, EventKind, Phase, State, Status};
 use super::volumes::{attached_volume, disk_status, is_hotplug};
 use crate::libvirt::events::StopReason;
@@ -15,7 +15,6 @@ use crate::spec::VirtualMachineInstance;
 impl Launcher {
     /// Starts the VMI, or reconciles the running domain to it.
     pub async fn sync(&self, vmi: VirtualMachineInstance) -> Result<Status, ControlError> {
-        let _op = self.op.lock().await;
         if !self.has_started() {
             self.start(vmi).await?;
         } else {
@@ -27,8 +26,7 @@ impl Launcher {
     pub(crate) async fn start(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
         let plan = self.planner.plan(&vmi)?;
         self.planner.prepare(&vmi, &plan)?;
-        *self.console_log.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(plan.facts.paths.serial_log());
+        self.set_console_log(plan.facts.paths.serial_log());
         let name = plan.domain.name().to_string();
         self.update(|s| {
             s.name = name.clone();
@@ -42,7 +40,7 @@ impl Launcher {
                 .collect();
         });
         self.set_state(State::Starting, "sync");
-        *self.lock_vmi() = Some(vmi.clone());
+        self.set_vmi(vmi);
         let xml = plan.domain.to_xml();
         tracing::info!(domain = %name, "starting domain");
         let t = std::time::Instant::now();
@@ -179,7 +177,7 @@ impl Launcher {
             .collect();
         let plan = self.planner.plan_running(&vmi, &attached)?;
         let planned = t0.elapsed();
-        *self.lock_vmi() = Some(vmi.clone());
+        self.set_vmi(vmi.clone());
         let wanted_volumes: Vec<&str> = plan
             .domain
             .devices
@@ -256,29 +254,25 @@ impl Launcher {
         }
     }
 
-    pub fn request_stop(&self, req: StopRequest) -> Result<(), ControlError> {
+    /// Whether there is anything to stop: a domain, or a prepared migration target.
+    pub(crate) fn check_stop(&self) -> Result<(), ControlError> {
         if !self.awaiting_migration() {
             self.domain_name()?;
         }
-        self.stop
-            .send(req)
-            .map_err(|_| ControlError::Precondition("the launcher is stopping".into()))
+        Ok(())
     }
 
     pub async fn pause(&self) -> Result<(), ControlError> {
-        let _op = self.op.lock().await;
         let name = self.domain_name()?;
         self.blocking(move |hv| hv.pause(&name)).await
     }
 
     pub async fn unpause(&self) -> Result<(), ControlError> {
-        let _op = self.op.lock().await;
         let name = self.domain_name()?;
         self.blocking(move |hv| hv.resume(&name)).await
     }
 
     pub async fn reboot(&self) -> Result<(), ControlError> {
-        let _op = self.op.lock().await;
         let name = self.domain_name()?;
         self.blocking(move |hv| hv.reboot(&name)).await
     }

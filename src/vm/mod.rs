@@ -1,14 +1,28 @@
 //! The core: lifecycle and supervision of the VM: start the domain, follow its events, honour
 //! the pod's grace period, and leave nothing running behind.
+//!
+//! One way in: front-ends hold a [`Handle`] and send it [`Command`]s; the owner task
+//! ([`Supervisor::run`]) handles them in order, stops first, and answers each through a
+//! oneshot. Operations that change the domain run one at a time as child tasks (a Sync waiting
+//! for a guest to release a disk, or a migration being monitored, never keeps a stop, a libvirt
+//! event or a read waiting); statistics and versions run beside them. Reads (status, event log,
+//! VMI, console path) come from watched state and never wait for libvirt.
+//!
+//! Files: `handle` (Command, Reply, Handle), `lifecycle` (start, reconcile, pause/reboot,
+//! domain events), `volumes` (attach, detach, expand, live-disk cache), `agent` (freeze/thaw),
+//! `migration` (`source`, `target`, and the [`migration::MigrationPeer`] a front-end
+//! implements), `state` (status and event log), `plan` (VMI to domain in this pod), `error`
+//! (the core's error and its classification), `core` (the state the operations share).
 
-pub mod agent;
-pub mod core;
+mod agent;
+mod core;
 pub mod error;
-pub mod lifecycle;
+pub mod handle;
+mod lifecycle;
 pub mod migration;
 pub mod plan;
 pub mod state;
-pub mod volumes;
+mod volumes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,8 +35,11 @@ use crate::libvirt::{DomainEvent, Hypervisor, LibvirtError, RawEvent};
 use crate::pod::daemons::{self, Daemon, DaemonEvent};
 use crate::pod::PodLayout;
 use crate::spec::VirtualMachineInstance;
-use core::{Launcher, StopRequest};
+use core::Launcher;
+pub use core::{DETACH_TIMEOUT, FREEZE_TIMEOUT, LIBVIRTD_BACK};
 pub use error::{Classified, ControlError, ErrorKind};
+use handle::Request;
+pub use handle::{Answer, Command, Handle, Reply};
 use plan::Planner;
 use state::EventKind;
 
@@ -82,15 +99,30 @@ pub struct Pod {
     pub stop_follow: watch::Receiver<bool>,
 }
 
-/// The core before it runs: connected to libvirtd, listening for signals. Front-ends are
-/// given [`Supervisor::launcher`] before [`Supervisor::run`] is called.
+/// What the core is configured with.
+pub(crate) struct CoreConfig {
+    pub planner: Planner,
+    pub sockets: Option<migration::PodSockets>,
+    pub detach_timeout: Duration,
+    pub libvirtd_pid_file: Option<std::path::PathBuf>,
+}
+
+/// The owner of the domain's state, before it runs: connected to libvirtd, listening for
+/// signals. Front-ends get a [`Handle`] ([`Supervisor::handle`]) before [`Supervisor::run`].
 pub struct Supervisor {
     core: Arc<Launcher>,
+    handle: Handle,
     opts: RunOptions,
     relays: Relays,
+    inputs: Inputs,
+}
+
+/// Everything the owner waits on.
+struct Inputs {
     raw_events: mpsc::UnboundedReceiver<RawEvent>,
     daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
-    stop_rx: mpsc::UnboundedReceiver<StopRequest>,
+    urgent: mpsc::UnboundedReceiver<Request>,
+    requests: mpsc::UnboundedReceiver<Request>,
     sigterm: tokio::signal::unix::Signal,
     sigint: tokio::signal::unix::Signal,
 }
@@ -104,14 +136,27 @@ impl Supervisor {
         let hv = Arc::new(
             tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??,
         );
-        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-        let sockets = migration::PodSockets {
-            libvirt_uri: layout.libvirt_uri(),
-            runtime_dir: layout.root().to_path_buf(),
+        let (requests_tx, requests) = mpsc::unbounded_channel();
+        let (urgent_tx, urgent) = mpsc::unbounded_channel();
+        let config = CoreConfig {
+            planner: opts.planner.clone(),
+            sockets: Some(migration::PodSockets {
+                libvirt_uri: layout.libvirt_uri(),
+                runtime_dir: layout.root().to_path_buf(),
+            }),
+            detach_timeout: opts.detach_timeout,
+            libvirtd_pid_file: Some(layout.pid_dir().join("libvirtd.pid")),
         };
-        let core = Launcher::new(hv, opts.planner.clone(), stop_tx, Some(sockets));
-        core.set_detach_timeout(opts.detach_timeout);
-        core.set_libvirtd_pid_file(layout.pid_dir().join("libvirtd.pid"));
+        let core = Launcher::new(hv, config, requests_tx.clone());
+        let handle = Handle {
+            requests: requests_tx,
+            urgent: urgent_tx,
+            status: core.status.subscribe(),
+            vmi: core.vmi.subscribe(),
+            console_log: core.console_log.subscribe(),
+            events: core.events.clone(),
+            domain_type: core.domain_type().to_string(),
+        };
         let sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
         let sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
         let relays = Relays {
@@ -122,37 +167,40 @@ impl Supervisor {
         };
         Ok(Supervisor {
             core,
+            handle,
             opts,
             relays,
-            raw_events,
-            daemon_events: pod.daemon_events,
-            stop_rx,
-            sigterm,
-            sigint,
+            inputs: Inputs {
+                raw_events,
+                daemon_events: pod.daemon_events,
+                urgent,
+                requests,
+                sigterm,
+                sigint,
+            },
         })
     }
 
-    /// The core, for the front-ends.
-    pub fn launcher(&self) -> Arc<Launcher> {
-        self.core.clone()
+    /// The way into the core, for the front-ends.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
     }
 
-    /// Starts the VMI given (if any) and runs until the VM stops; the last event published
-    /// says how it ended.
-    pub async fn run(mut self) -> Result<Outcome, SupervisorError> {
-        let core = self.core.clone();
+    /// Starts the VMI given (if any) and handles commands and events until the VM stops; the
+    /// last event published says how it ended.
+    pub async fn run(self) -> Result<Outcome, SupervisorError> {
+        let Supervisor {
+            core,
+            opts,
+            relays,
+            inputs,
+            ..
+        } = self;
         let result = async {
-            if let Some(vmi) = self.opts.vmi.clone() {
+            if let Some(vmi) = opts.vmi.clone() {
                 core.sync(vmi).await?;
             }
-            let inputs = Inputs {
-                raw_events: &mut self.raw_events,
-                daemon_events: &mut self.daemon_events,
-                stop_rx: &mut self.stop_rx,
-                sigterm: &mut self.sigterm,
-                sigint: &mut self.sigint,
-            };
-            event_loop(&core, &self.opts, self.relays, inputs).await
+            owner_loop(&core, &opts, relays, inputs).await
         }
         .await;
         if let Ok(outcome) = &result {
@@ -197,28 +245,69 @@ struct Stopping {
     destroyed: bool,
 }
 
-/// Everything the supervisor loop waits on.
-struct Inputs<'a> {
-    raw_events: &'a mut mpsc::UnboundedReceiver<RawEvent>,
-    daemon_events: &'a mut mpsc::UnboundedReceiver<DaemonEvent>,
-    stop_rx: &'a mut mpsc::UnboundedReceiver<StopRequest>,
-    sigterm: &'a mut tokio::signal::unix::Signal,
-    sigint: &'a mut tokio::signal::unix::Signal,
+/// A stop asked for through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopRequest {
+    Graceful(Duration),
+    Kill,
 }
 
-async fn event_loop(
+/// The operations the owner runs one at a time: whether one runs, and those waiting their
+/// turn, in arrival order.
+struct Queue<T> {
+    busy: bool,
+    waiting: std::collections::VecDeque<T>,
+}
+
+impl<T> Queue<T> {
+    fn new() -> Self {
+        Queue {
+            busy: false,
+            waiting: Default::default(),
+        }
+    }
+
+    /// `item` arrived: it is returned if it may start now, else it waits its turn.
+    fn admit(&mut self, item: T) -> Option<T> {
+        if self.busy {
+            self.waiting.push_back(item);
+            None
+        } else {
+            self.busy = true;
+            Some(item)
+        }
+    }
+
+    /// The running operation ended: the next one to start, if any.
+    fn finished(&mut self) -> Option<T> {
+        let next = self.waiting.pop_front();
+        self.busy = next.is_some();
+        next
+    }
+}
+
+/// The owner task: handles stops first (signals, Shutdown, Kill, CancelMigration), then the
+/// end of an operation, libvirt and daemon events, and then the next command. Operations run
+/// as child tasks, one exclusive operation at a time (a Sync waiting for a detach, or a
+/// migration being monitored, never keeps a stop, an event or a read waiting); each tells the
+/// owner when it is done.
+async fn owner_loop(
     core: &Arc<Launcher>,
     opts: &RunOptions,
     mut relays: Relays,
-    inputs: Inputs<'_>,
+    inputs: Inputs,
 ) -> Result<Outcome, SupervisorError> {
     let Inputs {
-        raw_events,
-        daemon_events,
-        stop_rx,
-        sigterm,
-        sigint,
+        mut raw_events,
+        mut daemon_events,
+        mut urgent,
+        mut requests,
+        mut sigterm,
+        mut sigint,
     } = inputs;
+    let raw_events = &mut raw_events;
+    let (done_tx, mut done) = mpsc::unbounded_channel::<()>();
+    let mut queue = Queue::new();
     let launched = Instant::now();
     let mut stopping = Stopping {
         deadline: None,
@@ -242,6 +331,7 @@ async fn event_loop(
             }
         };
         tokio::select! {
+            biased;
             _ = sigterm.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
                 begin_stop(core, "SIGTERM", core.grace(), &mut stopping).await;
@@ -250,17 +340,18 @@ async fn event_loop(
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
                 begin_stop(core, "SIGINT", core.grace(), &mut stopping).await;
             }
-            Some(req) = stop_rx.recv() => match req {
-                // A prepared migration target told to give up, or a stop before any VM.
-                _ if !core.has_started() => return Ok(Outcome { reason: None, requested: true }),
-                StopRequest::Graceful(grace) => begin_stop(core, "Shutdown call", grace, &mut stopping).await,
-                StopRequest::Kill => {
-                    stopping.deadline.get_or_insert_with(Instant::now);
-                    destroy(core, "Kill call", &mut stopping).await;
+            Some(req) = urgent.recv() => {
+                if let Some(outcome) = on_urgent(core, req, &mut stopping).await {
+                    return Ok(outcome);
                 }
-            },
+            }
             _ = grace_over => destroy(core, "grace period over", &mut stopping).await,
             _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
+            Some(()) = done.recv() => {
+                if let Some(next) = queue.finished() {
+                    spawn_operation(core, next, &done_tx);
+                }
+            }
             // Events can be lost (a daemon restart at the wrong moment): check now and then that
             // the domain we think runs still does, so a stop never goes unnoticed.
             _ = liveness.tick(), if core.has_started() => {
@@ -294,8 +385,152 @@ async fn event_loop(
                     }
                 }
             }
+            Some(req) = requests.recv() => {
+                if let Request::Command(cmd, _) = &req {
+                    if cmd.is_urgent() {
+                        if let Some(outcome) = on_urgent(core, req, &mut stopping).await {
+                            return Ok(outcome);
+                        }
+                        continue;
+                    }
+                }
+                admit(core, req, &mut queue, &done_tx);
+            }
         }
     }
+}
+
+/// Starts `req` now or queues it behind the exclusive operation running.
+fn admit(
+    core: &Arc<Launcher>,
+    req: Request,
+    queue: &mut Queue<Request>,
+    done: &mpsc::UnboundedSender<()>,
+) {
+    if let Request::Command(cmd, _) = &req {
+        if !cmd.is_exclusive() {
+            tokio::spawn(execute(core.clone(), req));
+            return;
+        }
+    }
+    let req = match req {
+        // A second migration is refused at once, not after the first one ended.
+        Request::Command(cmd, reply)
+            if matches!(*cmd, Command::Migrate { .. }) && core.migration_running() =>
+        {
+            let _ = reply.send(Err(ControlError::Precondition(
+                "a migration is already running".into(),
+            )));
+            return;
+        }
+        req => req,
+    };
+    if let Some(req) = queue.admit(req) {
+        spawn_operation(core, req, done);
+    }
+}
+
+/// Runs an exclusive operation as a child task that says when it is done.
+fn spawn_operation(core: &Arc<Launcher>, req: Request, done: &mpsc::UnboundedSender<()>) {
+    let (core, done) = (core.clone(), done.clone());
+    tokio::spawn(async move {
+        execute(core, req).await;
+        let _ = done.send(());
+    });
+}
+
+/// Carries out one request and answers it.
+async fn execute(core: Arc<Launcher>, req: Request) {
+    let (cmd, reply) = match req {
+        Request::Command(cmd, reply) => (cmd, reply),
+        Request::AutoThaw { generation } => return core.auto_thaw(generation).await,
+    };
+    let name = cmd.name();
+    if reply.is_closed() {
+        // The caller gave up (its deadline passed) while this waited its turn.
+        tracing::debug!(command = name, "caller gone; not started");
+        return;
+    }
+    let answer = match *cmd {
+        Command::Sync(vmi) => {
+            let t0 = Instant::now();
+            let answer = core.sync(vmi).await.map(Reply::Status);
+            tracing::debug!(total_us = t0.elapsed().as_micros() as u64, "Sync handled");
+            if answer.is_ok() {
+                // Read the domain's disks for the next Sync now, off that Sync's path.
+                let core = core.clone();
+                tokio::spawn(async move { core.prefetch_live_disks().await });
+            }
+            answer
+        }
+        Command::Pause => core.pause().await.map(|()| Reply::Done),
+        Command::Unpause => core.unpause().await.map(|()| Reply::Done),
+        Command::Reboot => core.reboot().await.map(|()| Reply::Done),
+        Command::Freeze { timeout } => core.freeze(timeout).await.map(Reply::Filesystems),
+        Command::Unfreeze => core.unfreeze().await.map(Reply::Filesystems),
+        Command::Stats => core
+            .stats()
+            .await
+            .map(|(stats, disks)| Reply::Stats { stats, disks }),
+        Command::Versions => core
+            .blocking(|hv| hv.versions())
+            .await
+            .map(|(libvirt, qemu)| Reply::Versions { libvirt, qemu }),
+        Command::PrepareMigrationTarget { vmi, disk_sizes } => core
+            .prepare_migration_target(vmi, disk_sizes)
+            .await
+            .map(Reply::Target),
+        Command::Migrate { peer, options } => core
+            .migrate(peer.as_ref(), options)
+            .await
+            .map(Reply::Migrated),
+        Command::Shutdown { .. } | Command::Kill | Command::CancelMigration => Err(
+            ControlError::Internal(format!("{name} is handled by the owner")),
+        ),
+    };
+    if let Err(e) = &answer {
+        tracing::debug!(command = name, error = %e, "command failed");
+    }
+    let _ = reply.send(answer);
+}
+
+/// Handles a stop or a CancelMigration. Returns the outcome when the launcher is done.
+async fn on_urgent(core: &Arc<Launcher>, req: Request, stopping: &mut Stopping) -> Option<Outcome> {
+    let Request::Command(cmd, reply) = req else {
+        return None;
+    };
+    let stop = match *cmd {
+        Command::CancelMigration => {
+            let _ = reply.send(core.cancel_migration().map(|()| Reply::Done));
+            return None;
+        }
+        Command::Shutdown { grace } => StopRequest::Graceful(grace.unwrap_or_else(|| core.grace())),
+        Command::Kill => StopRequest::Kill,
+        _ => {
+            let _ = reply.send(Err(ControlError::Internal("not a stop".into())));
+            return None;
+        }
+    };
+    if let Err(e) = core.check_stop() {
+        let _ = reply.send(Err(e));
+        return None;
+    }
+    let _ = reply.send(Ok(Reply::Done));
+    match stop {
+        // A prepared migration target told to give up, or a stop before any VM.
+        _ if !core.has_started() => {
+            return Some(Outcome {
+                reason: None,
+                requested: true,
+            })
+        }
+        StopRequest::Graceful(grace) => begin_stop(core, "Shutdown call", grace, stopping).await,
+        StopRequest::Kill => {
+            stopping.deadline.get_or_insert_with(Instant::now);
+            destroy(core, "Kill call", stopping).await;
+        }
+    }
+    None
 }
 
 /// The events libvirt sends right after a stop still count: after STOPPED(migrated) comes
@@ -464,4 +699,24 @@ async fn finish(core: &Arc<Launcher>, reason: StopReason, requested: bool) -> Ou
     };
     tracing::info!(domain = %core.status().name, reason = ?reason, requested, exit_code = outcome.exit_code(), "domain stopped");
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_operations_run_one_at_a_time_in_arrival_order() {
+        let mut q = Queue::new();
+        assert_eq!(q.admit("a"), Some("a"));
+        assert_eq!(q.admit("b"), None);
+        assert_eq!(q.admit("c"), None);
+        assert_eq!(q.finished(), Some("b"));
+        assert_eq!(q.admit("d"), None);
+        assert_eq!(q.finished(), Some("c"));
+        assert_eq!(q.finished(), Some("d"));
+        assert_eq!(q.finished(), None);
+        // Idle again: the next one starts at once.
+        assert_eq!(q.admit("e"), Some("e"));
+    }
 }

@@ -31,7 +31,6 @@ impl Launcher {
                 "a migration is already running".into(),
             ));
         }
-        let _op = self.op.lock().await;
         let status = self.status();
         if !self.has_started() || !matches!(status.state, State::Running | State::Paused) {
             return Err(ControlError::Precondition(format!(
@@ -71,7 +70,7 @@ impl Launcher {
         if opts.block_migration {
             check_copy_sizes(&local, &target_disks)?;
         }
-        let vmi = self.lock_vmi().clone().ok_or(ControlError::NoDomain)?;
+        let vmi = self.vmi().ok_or(ControlError::NoDomain)?;
         let here = self.planner.paths.paths_for(&vmi);
         let name = status.name.clone();
         let n = name.clone();

@@ -17,7 +17,6 @@ impl Launcher {
         vmi: VirtualMachineInstance,
         disk_sizes: HashMap<String, u64>,
     ) -> Result<TargetInfo, ControlError> {
-        let _op = self.op.lock().await;
         if self.has_started() || self.status().migration_target.is_some() {
             return Err(ControlError::Precondition(
                 "this launcher already runs or awaits a VM".into(),
@@ -69,7 +68,7 @@ impl Launcher {
             volumes_dir: paths.vmi_disks_dir.display().to_string(),
             hotplug_dir: paths.hotplug_disks_dir.display().to_string(),
         };
-        *self.console_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(paths.serial_log());
+        self.set_console_log(paths.serial_log());
         let disks = plan
             .domain
             .devices
@@ -86,7 +85,7 @@ impl Launcher {
             s.migration_target = Some(info.clone());
             s.migration = Some(MigrationProgress::new(MigrationPhase::Prepared));
         });
-        *self.lock_vmi() = Some(vmi);
+        self.set_vmi(vmi);
         self.publish_migration(
             MigrationProgress::new(MigrationPhase::Prepared),
             "prepared as migration target",
