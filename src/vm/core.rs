@@ -45,12 +45,8 @@ pub(crate) struct Launcher {
     pub(crate) console_log: watch::Sender<Option<PathBuf>>,
     /// This pod's sockets, for receiving a migration.
     pub(crate) sockets: Option<super::migration::PodSockets>,
-    /// A CancelMigration arrived.
-    pub(crate) cancel: AtomicBool,
     /// How long a detach waits for the guest.
     pub(crate) detach_timeout: Duration,
-    /// Statistics of the last completed job (a migration), from its JOB_COMPLETED event.
-    pub(crate) last_job: Mutex<Option<Vec<(String, f64)>>>,
     /// One reconnection to libvirtd at a time (the loop and a start may both notice a loss).
     pub(crate) reconnecting: tokio::sync::Mutex<()>,
     /// How many times a new connection to libvirtd was opened.
@@ -91,9 +87,7 @@ impl Launcher {
             domain_type,
             console_log: watch::Sender::new(None),
             sockets,
-            cancel: AtomicBool::new(false),
             detach_timeout,
-            last_job: Mutex::new(None),
             reconnecting: tokio::sync::Mutex::new(()),
             connections: AtomicU64::new(0),
             libvirtd_pid_file,

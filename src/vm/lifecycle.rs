@@ -346,9 +346,7 @@ impl Launcher {
                     "guest agent disconnected"
                 },
             ),
-            DomainEvent::JobCompleted { stats, .. } => {
-                *self.last_job.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats.clone())
-            }
+            // JOB_COMPLETED goes to the migration that waits for it (the owner's link).
             DomainEvent::Reboot { .. } => self.publish(EventKind::Domain, "guest rebooted"),
             DomainEvent::Watchdog { action, .. } => self.publish(
                 EventKind::Domain,

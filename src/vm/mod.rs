@@ -40,6 +40,7 @@ pub use core::{DETACH_TIMEOUT, FREEZE_TIMEOUT, LIBVIRTD_BACK};
 pub use error::{Classified, ControlError, ErrorKind};
 use handle::Request;
 pub use handle::{Answer, Command, Handle, Reply};
+use migration::{MigrationInbox, MigrationLink};
 use plan::Planner;
 use state::EventKind;
 
@@ -308,6 +309,7 @@ async fn owner_loop(
     let raw_events = &mut raw_events;
     let (done_tx, mut done) = mpsc::unbounded_channel::<()>();
     let mut queue = Queue::new();
+    let mut link = MigrationLink::default();
     let launched = Instant::now();
     let mut stopping = Stopping {
         deadline: None,
@@ -334,14 +336,14 @@ async fn owner_loop(
             biased;
             _ = sigterm.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
-                begin_stop(core, "SIGTERM", core.grace(), &mut stopping).await;
+                begin_stop(core, "SIGTERM", core.grace(), &mut stopping, &link).await;
             }
             _ = sigint.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
-                begin_stop(core, "SIGINT", core.grace(), &mut stopping).await;
+                begin_stop(core, "SIGINT", core.grace(), &mut stopping, &link).await;
             }
             Some(req) = urgent.recv() => {
-                if let Some(outcome) = on_urgent(core, req, &mut stopping).await {
+                if let Some(outcome) = on_urgent(core, req, &mut stopping, &link).await {
                     return Ok(outcome);
                 }
             }
@@ -349,7 +351,7 @@ async fn owner_loop(
             _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
             Some(()) = done.recv() => {
                 if let Some(next) = queue.finished() {
-                    spawn_operation(core, next, &done_tx);
+                    spawn_operation(core, next, &done_tx, &mut link);
                 }
             }
             // Events can be lost (a daemon restart at the wrong moment): check now and then that
@@ -357,7 +359,7 @@ async fn owner_loop(
             _ = liveness.tick(), if core.has_started() => {
                 if let Some(reason) = gone(core).await {
                     tracing::warn!(reason = ?reason, "the domain stopped without an event");
-                    drain_after_stop(core, raw_events, reason).await;
+                    drain_after_stop(core, raw_events, reason, &mut link).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -371,8 +373,8 @@ async fn owner_loop(
                     }
                 } else if stale_stop(core, &ev).await {
                     tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
-                } else if let Some(reason) = core.on_domain_event(&ev) {
-                    drain_after_stop(core, raw_events, reason).await;
+                } else if let Some(reason) = apply_event(core, &mut link, &ev) {
+                    drain_after_stop(core, raw_events, reason, &mut link).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -388,13 +390,13 @@ async fn owner_loop(
             Some(req) = requests.recv() => {
                 if let Request::Command(cmd, _) = &req {
                     if cmd.is_urgent() {
-                        if let Some(outcome) = on_urgent(core, req, &mut stopping).await {
+                        if let Some(outcome) = on_urgent(core, req, &mut stopping, &link).await {
                             return Ok(outcome);
                         }
                         continue;
                     }
                 }
-                admit(core, req, &mut queue, &done_tx);
+                admit(core, req, &mut queue, &done_tx, &mut link);
             }
         }
     }
@@ -406,10 +408,11 @@ fn admit(
     req: Request,
     queue: &mut Queue<Request>,
     done: &mpsc::UnboundedSender<()>,
+    link: &mut MigrationLink,
 ) {
     if let Request::Command(cmd, _) = &req {
         if !cmd.is_exclusive() {
-            tokio::spawn(execute(core.clone(), req));
+            tokio::spawn(execute(core.clone(), req, None));
             return;
         }
     }
@@ -426,21 +429,30 @@ fn admit(
         req => req,
     };
     if let Some(req) = queue.admit(req) {
-        spawn_operation(core, req, done);
+        spawn_operation(core, req, done, link);
     }
 }
 
 /// Runs an exclusive operation as a child task that says when it is done.
-fn spawn_operation(core: &Arc<Launcher>, req: Request, done: &mpsc::UnboundedSender<()>) {
+fn spawn_operation(
+    core: &Arc<Launcher>,
+    req: Request,
+    done: &mpsc::UnboundedSender<()>,
+    link: &mut MigrationLink,
+) {
+    let inbox = match &req {
+        Request::Command(cmd, _) if matches!(**cmd, Command::Migrate { .. }) => Some(link.open()),
+        _ => None,
+    };
     let (core, done) = (core.clone(), done.clone());
     tokio::spawn(async move {
-        execute(core, req).await;
+        execute(core, req, inbox).await;
         let _ = done.send(());
     });
 }
 
 /// Carries out one request and answers it.
-async fn execute(core: Arc<Launcher>, req: Request) {
+async fn execute(core: Arc<Launcher>, req: Request, inbox: Option<MigrationInbox>) {
     let (cmd, reply) = match req {
         Request::Command(cmd, reply) => (cmd, reply),
         Request::AutoThaw { generation } => return core.auto_thaw(generation).await,
@@ -480,10 +492,15 @@ async fn execute(core: Arc<Launcher>, req: Request) {
             .prepare_migration_target(vmi, disk_sizes)
             .await
             .map(Reply::Target),
-        Command::Migrate { peer, options } => core
-            .migrate(peer.as_ref(), options)
-            .await
-            .map(Reply::Migrated),
+        Command::Migrate { peer, options } => match inbox {
+            Some(inbox) => core
+                .migrate(peer.as_ref(), options, inbox)
+                .await
+                .map(Reply::Migrated),
+            None => Err(ControlError::Internal(
+                "a migration started without its link to the owner".into(),
+            )),
+        },
         Command::Shutdown { .. } | Command::Kill | Command::CancelMigration => Err(
             ControlError::Internal(format!("{name} is handled by the owner")),
         ),
@@ -495,13 +512,22 @@ async fn execute(core: Arc<Launcher>, req: Request) {
 }
 
 /// Handles a stop or a CancelMigration. Returns the outcome when the launcher is done.
-async fn on_urgent(core: &Arc<Launcher>, req: Request, stopping: &mut Stopping) -> Option<Outcome> {
+async fn on_urgent(
+    core: &Arc<Launcher>,
+    req: Request,
+    stopping: &mut Stopping,
+    link: &MigrationLink,
+) -> Option<Outcome> {
     let Request::Command(cmd, reply) = req else {
         return None;
     };
     let stop = match *cmd {
         Command::CancelMigration => {
-            let _ = reply.send(core.cancel_migration().map(|()| Reply::Done));
+            let answer = core.check_cancel().map(|()| {
+                link.cancel();
+                Reply::Done
+            });
+            let _ = reply.send(answer);
             return None;
         }
         Command::Shutdown { grace } => StopRequest::Graceful(grace.unwrap_or_else(|| core.grace())),
@@ -524,7 +550,9 @@ async fn on_urgent(core: &Arc<Launcher>, req: Request, stopping: &mut Stopping) 
                 requested: true,
             })
         }
-        StopRequest::Graceful(grace) => begin_stop(core, "Shutdown call", grace, stopping).await,
+        StopRequest::Graceful(grace) => {
+            begin_stop(core, "Shutdown call", grace, stopping, link).await
+        }
         StopRequest::Kill => {
             stopping.deadline.get_or_insert_with(Instant::now);
             destroy(core, "Kill call", stopping).await;
@@ -542,10 +570,11 @@ async fn drain_after_stop(
     core: &Arc<Launcher>,
     raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
     reason: StopReason,
+    link: &mut MigrationLink,
 ) {
-    let handle = |ev: RawEvent| {
+    let mut handle = |ev: RawEvent| {
         if let Some(ev) = our_event(core, ev) {
-            let _ = core.on_domain_event(&ev);
+            let _ = apply_event(core, link, &ev);
         }
     };
     let until = Instant::now() + MIGRATION_END_WAIT;
@@ -561,6 +590,15 @@ async fn drain_after_stop(
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
+}
+
+/// Applies a libvirt event: to the state, and a completed job's statistics to the migration
+/// waiting for them. Returns the stop reason when the domain is gone.
+fn apply_event(core: &Launcher, link: &mut MigrationLink, ev: &DomainEvent) -> Option<StopReason> {
+    if let DomainEvent::JobCompleted { stats, .. } = ev {
+        link.job_completed(stats);
+    }
+    core.on_domain_event(ev)
 }
 
 /// The event as the domain model has it, logged; None when it is about another domain.
@@ -593,7 +631,13 @@ async fn gone(core: &Arc<Launcher>) -> Option<StopReason> {
 }
 
 /// Press the ACPI button once and start the grace clock. A second request changes nothing.
-async fn begin_stop(core: &Arc<Launcher>, why: &str, grace: Duration, stopping: &mut Stopping) {
+async fn begin_stop(
+    core: &Arc<Launcher>,
+    why: &str,
+    grace: Duration,
+    stopping: &mut Stopping,
+    link: &MigrationLink,
+) {
     if stopping.deadline.is_some() {
         tracing::info!(
             why,
@@ -604,7 +648,8 @@ async fn begin_stop(core: &Arc<Launcher>, why: &str, grace: Duration, stopping: 
     stopping.deadline = Some(Instant::now() + grace);
     // The pod is going away: a migration in flight is abandoned first (the VM stays here and
     // shuts down with the pod; the target is told to clean up).
-    if core.cancel_migration().is_ok() {
+    if core.check_cancel().is_ok() {
+        link.cancel();
         tracing::warn!(why, "stop requested during a migration: cancelling it");
         let deadline = Instant::now() + Duration::from_secs(10);
         while core.migration_running() && Instant::now() < deadline {

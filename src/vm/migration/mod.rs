@@ -16,8 +16,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
 
 pub mod source;
 pub mod target;
@@ -119,12 +120,81 @@ impl Launcher {
             .is_some_and(|m| m.phase == MigrationPhase::Running)
     }
 
-    /// Asks a running migration to stop; the VM stays here.
-    pub fn cancel_migration(&self) -> Result<(), ControlError> {
+    /// Whether there is a migration to cancel.
+    pub(crate) fn check_cancel(&self) -> Result<(), ControlError> {
         if self.status().migration.as_ref().map(|m| m.phase) != Some(MigrationPhase::Running) {
             return Err(ControlError::Precondition("no migration is running".into()));
         }
-        self.cancel.store(true, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+/// A completed job's statistics, as its JOB_COMPLETED event carries them.
+pub(crate) type JobFields = Vec<(String, f64)>;
+
+/// The owner's end of the link to the migration running (or last run): how it passes on a
+/// cancellation, and the completed job's statistics from the JOB_COMPLETED event (the
+/// migration's measured downtime; the source domain may be gone by the time it asks).
+#[derive(Default)]
+pub(crate) struct MigrationLink {
+    cancel: Option<watch::Sender<bool>>,
+    job_completed: Option<oneshot::Sender<JobFields>>,
+}
+
+/// The migration's end of the link.
+pub(crate) struct MigrationInbox {
+    pub(crate) cancel: watch::Receiver<bool>,
+    pub(crate) job_completed: oneshot::Receiver<JobFields>,
+}
+
+impl MigrationLink {
+    /// A fresh link for the migration about to start (the previous one's ends are dropped).
+    pub(crate) fn open(&mut self) -> MigrationInbox {
+        let (cancel, cancel_rx) = watch::channel(false);
+        let (job, job_rx) = oneshot::channel();
+        self.cancel = Some(cancel);
+        self.job_completed = Some(job);
+        MigrationInbox {
+            cancel: cancel_rx,
+            job_completed: job_rx,
+        }
+    }
+
+    /// Asks the migration to stop (it aborts the job; the VM stays here).
+    pub(crate) fn cancel(&self) {
+        if let Some(c) = &self.cancel {
+            let _ = c.send(true);
+        }
+    }
+
+    /// Passes on a JOB_COMPLETED event's statistics (the first one after the start).
+    pub(crate) fn job_completed(&mut self, stats: &JobFields) {
+        if let Some(tx) = self.job_completed.take() {
+            let _ = tx.send(stats.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_link_passes_a_cancel_and_the_first_completed_job_to_the_migration_open_now() {
+        let mut link = MigrationLink::default();
+        link.cancel(); // no migration yet: nothing to tell
+        let old = link.open();
+        let new = link.open();
+        link.cancel();
+        link.job_completed(&vec![("downtime".into(), 42.0)]);
+        link.job_completed(&vec![("downtime".into(), 7.0)]);
+        assert!(*new.cancel.borrow());
+        assert_eq!(
+            new.job_completed.await.unwrap(),
+            vec![("downtime".to_string(), 42.0)]
+        );
+        // The earlier migration's link was closed when the new one opened.
+        assert!(!*old.cancel.borrow());
+        assert!(old.job_completed.await.is_err());
     }
 }

@@ -1,12 +1,11 @@
 //! The source side of a migration: checks, the libvirt call, and the monitor that reports
 //! progress and enforces the deadlines.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    MigrateOptions, MigrationOutcome, MigrationPeer, PeerDisk, PreparedTarget,
+    MigrateOptions, MigrationInbox, MigrationOutcome, MigrationPeer, PeerDisk, PreparedTarget,
     DEFAULT_MAX_DOWNTIME_MS, DEFAULT_PROGRESS_TIMEOUT, DEFAULT_TIMEOUT_PER_GIB,
     INITIAL_DOWNTIME_MS, PROGRESS_INTERVAL,
 };
@@ -20,6 +19,7 @@ impl Launcher {
         self: &Arc<Self>,
         peer: &dyn MigrationPeer,
         opts: MigrateOptions,
+        inbox: MigrationInbox,
     ) -> Result<MigrationOutcome, ControlError> {
         if self
             .status()
@@ -140,8 +140,10 @@ impl Launcher {
                 None
             }
         };
-        self.cancel.store(false, Ordering::SeqCst);
-        *self.last_job.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let MigrationInbox {
+            cancel,
+            job_completed,
+        } = inbox;
         let started = Instant::now();
         let running = MigrationProgress::new(MigrationPhase::Running);
         self.update(|s| s.migration = Some(running.clone()));
@@ -156,6 +158,7 @@ impl Launcher {
             downtime_applied,
             started,
             done_rx,
+            cancel.clone(),
         ));
         let (n, dest) = (name.clone(), target.libvirt_uri.clone());
         let result = self
@@ -173,24 +176,15 @@ impl Launcher {
             Ok(()) => {
                 // The measured downtime: libvirt's completed-job statistics, from the
                 // JOB_COMPLETED event (the source domain may already be gone), else by asking.
-                let deadline = Instant::now() + Duration::from_secs(2);
-                let done = loop {
-                    if let Some(fields) = self
-                        .last_job
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take()
-                    {
-                        break Some(JobStats {
-                            job_type: 3,
-                            fields,
-                        });
-                    }
-                    if Instant::now() > deadline {
+                let done = match tokio::time::timeout(JOB_COMPLETED_WAIT, job_completed).await {
+                    Ok(Ok(fields)) => Some(JobStats {
+                        job_type: 3,
+                        fields,
+                    }),
+                    _ => {
                         let n = name.clone();
-                        break self.blocking(move |hv| hv.job_stats(&n, true)).await.ok();
+                        self.blocking(move |hv| hv.job_stats(&n, true)).await.ok()
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                 };
                 if let Some(done) = done {
                     fill(&mut progress, &done);
@@ -203,7 +197,7 @@ impl Launcher {
                 }
             }
             Err(e) => {
-                let cancelled = self.cancel.load(Ordering::SeqCst);
+                let cancelled = *cancel.borrow();
                 progress.phase = if cancelled {
                     MigrationPhase::Cancelled
                 } else {
@@ -235,6 +229,10 @@ impl Launcher {
         Ok(outcome)
     }
 }
+
+/// How long a successful migration waits for the JOB_COMPLETED event's statistics before it
+/// asks libvirt for them.
+const JOB_COMPLETED_WAIT: Duration = Duration::from_secs(2);
 
 /// Block migration copies each local disk into the target's copy of it, which must have the
 /// same size (QEMU mirrors into the existing image; a smaller one cannot hold the data, a
@@ -339,6 +337,7 @@ async fn monitor(
     mut downtime_applied: Option<u64>,
     started: Instant,
     mut done: tokio::sync::watch::Receiver<bool>,
+    cancel: tokio::sync::watch::Receiver<bool>,
 ) -> Option<String> {
     let per_gib = if opts.completion_timeout_per_gib == 0 {
         DEFAULT_TIMEOUT_PER_GIB
@@ -409,7 +408,7 @@ async fn monitor(
                 why
             }
         };
-        if core.cancel.load(Ordering::SeqCst) {
+        if *cancel.borrow() {
             verdict = Some(abort("cancelled on request".into()).await);
             aborted = true;
             continue;
