@@ -244,7 +244,20 @@ impl Relays {
 struct Stopping {
     deadline: Option<Instant>,
     destroyed: bool,
+    /// A stop came during a migration: the ACPI button is pressed once the cancelled
+    /// migration has ended (the migration tells the owner it is done), or at the latest then.
+    acpi_after_migration: Option<AcpiPending>,
 }
+
+/// An ACPI shutdown waiting for a cancelled migration to end.
+struct AcpiPending {
+    why: &'static str,
+    grace: Duration,
+    until: Instant,
+}
+
+/// How long a stop waits for the migration it cancelled to end before it presses the button.
+const MIGRATION_CANCEL_WAIT: Duration = Duration::from_secs(10);
 
 /// A stop asked for through the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,6 +327,7 @@ async fn owner_loop(
     let mut stopping = Stopping {
         deadline: None,
         destroyed: false,
+        acpi_after_migration: None,
     };
     let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
     liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -323,6 +337,12 @@ async fn owner_loop(
             match stopping.deadline {
                 Some(d) if !stopping.destroyed => tokio::time::sleep_until(d.into()).await,
                 _ => std::future::pending().await,
+            }
+        };
+        let migration_cancel_over = async {
+            match &stopping.acpi_after_migration {
+                Some(p) => tokio::time::sleep_until(p.until.into()).await,
+                None => std::future::pending().await,
             }
         };
         let start_timeout = async {
@@ -348,10 +368,21 @@ async fn owner_loop(
                 }
             }
             _ = grace_over => destroy(core, "grace period over", &mut stopping).await,
+            _ = migration_cancel_over => {
+                if let Some(p) = stopping.acpi_after_migration.take() {
+                    tracing::warn!("the cancelled migration has not ended; shutting down anyway");
+                    press_acpi(core, p.why, p.grace).await;
+                }
+            }
             _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
             Some(()) = done.recv() => {
                 if let Some(next) = queue.finished() {
                     spawn_operation(core, next, &done_tx, &mut link);
+                }
+                if stopping.acpi_after_migration.is_some() && !core.migration_running() {
+                    if let Some(p) = stopping.acpi_after_migration.take() {
+                        press_acpi(core, p.why, p.grace).await;
+                    }
                 }
             }
             // Events can be lost (a daemon restart at the wrong moment): check now and then that
@@ -633,7 +664,7 @@ async fn gone(core: &Arc<Launcher>) -> Option<StopReason> {
 /// Press the ACPI button once and start the grace clock. A second request changes nothing.
 async fn begin_stop(
     core: &Arc<Launcher>,
-    why: &str,
+    why: &'static str,
     grace: Duration,
     stopping: &mut Stopping,
     link: &MigrationLink,
@@ -651,11 +682,18 @@ async fn begin_stop(
     if core.check_cancel().is_ok() {
         link.cancel();
         tracing::warn!(why, "stop requested during a migration: cancelling it");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while core.migration_running() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        stopping.acpi_after_migration = Some(AcpiPending {
+            why,
+            grace,
+            until: Instant::now() + MIGRATION_CANCEL_WAIT,
+        });
+        return;
     }
+    press_acpi(core, why, grace).await;
+}
+
+/// Presses the guest's ACPI power button.
+async fn press_acpi(core: &Arc<Launcher>, why: &str, grace: Duration) {
     tracing::info!(
         why,
         grace_s = grace.as_secs(),
@@ -676,6 +714,7 @@ async fn destroy(core: &Arc<Launcher>, why: &str, stopping: &mut Stopping) {
         return;
     }
     stopping.destroyed = true;
+    stopping.acpi_after_migration = None;
     tracing::warn!(why, "destroying the domain");
     let (hv, name) = (core.hypervisor().clone(), core.status().name);
     match tokio::task::spawn_blocking(move || hv.destroy(&name)).await {
