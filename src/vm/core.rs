@@ -6,13 +6,12 @@
 //! event log, so reads never wait for libvirt or for an operation; every libvirt call runs on
 //! tokio's blocking pool.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 pub use super::error::ControlError;
 use super::plan::Planner;
@@ -36,8 +35,8 @@ pub(crate) struct Launcher {
     pub(crate) vmi: watch::Sender<Option<Arc<VirtualMachineInstance>>>,
     /// The owner's request channel (an automatic thaw is queued there like any command).
     pub(crate) owner: mpsc::UnboundedSender<super::handle::Request>,
-    /// Detaches waiting for the guest: alias → waiter.
-    pub(crate) removals: Mutex<HashMap<String, oneshot::Sender<bool>>>,
+    /// The owner's channel for what operations tell it (a detach waiting for the guest).
+    pub(crate) internal: mpsc::UnboundedSender<super::Internal>,
     /// Becomes true once a domain was started (or arrived by migration).
     pub(crate) started: AtomicBool,
     pub(crate) freeze_generation: AtomicU64,
@@ -66,6 +65,7 @@ impl Launcher {
         hv: Arc<Hypervisor>,
         config: super::CoreConfig,
         owner: mpsc::UnboundedSender<super::handle::Request>,
+        internal: mpsc::UnboundedSender<super::Internal>,
     ) -> Arc<Launcher> {
         let super::CoreConfig {
             planner,
@@ -81,7 +81,7 @@ impl Launcher {
             events: Arc::new(EventLog::new(4096)),
             vmi: watch::Sender::new(None),
             owner,
-            removals: Mutex::new(HashMap::new()),
+            internal,
             started: AtomicBool::new(false),
             freeze_generation: AtomicU64::new(0),
             domain_type,

@@ -322,8 +322,8 @@ impl Launcher {
                 }
                 _ => {}
             },
-            DomainEvent::DeviceRemoved { alias, .. } => self.resolve_removal(alias, true),
-            DomainEvent::DeviceRemovalFailed { alias, .. } => self.resolve_removal(alias, false),
+            // DEVICE_REMOVED and DEVICE_REMOVAL_FAILED go to the detach waiting for them (the
+            // owner's removals).
             DomainEvent::IoError {
                 alias,
                 path,

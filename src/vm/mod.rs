@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::libvirt::events::StopReason;
 use crate::libvirt::{DomainEvent, Hypervisor, LibvirtError, RawEvent};
@@ -124,6 +124,7 @@ struct Inputs {
     daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
     urgent: mpsc::UnboundedReceiver<Request>,
     requests: mpsc::UnboundedReceiver<Request>,
+    internal: mpsc::UnboundedReceiver<Internal>,
     sigterm: tokio::signal::unix::Signal,
     sigint: tokio::signal::unix::Signal,
 }
@@ -148,7 +149,8 @@ impl Supervisor {
             detach_timeout: opts.detach_timeout,
             libvirtd_pid_file: Some(layout.pid_dir().join("libvirtd.pid")),
         };
-        let core = Launcher::new(hv, config, requests_tx.clone());
+        let (internal_tx, internal) = mpsc::unbounded_channel();
+        let core = Launcher::new(hv, config, requests_tx.clone(), internal_tx);
         let handle = Handle {
             requests: requests_tx,
             urgent: urgent_tx,
@@ -176,6 +178,7 @@ impl Supervisor {
                 daemon_events: pod.daemon_events,
                 urgent,
                 requests,
+                internal,
                 sigterm,
                 sigint,
             },
@@ -316,6 +319,7 @@ async fn owner_loop(
         mut daemon_events,
         mut urgent,
         mut requests,
+        mut internal,
         mut sigterm,
         mut sigint,
     } = inputs;
@@ -323,6 +327,7 @@ async fn owner_loop(
     let (done_tx, mut done) = mpsc::unbounded_channel::<()>();
     let mut queue = Queue::new();
     let mut link = MigrationLink::default();
+    let mut removals = Removals::new();
     let launched = Instant::now();
     let mut stopping = Stopping {
         deadline: None,
@@ -385,12 +390,21 @@ async fn owner_loop(
                     }
                 }
             }
+            // Before libvirt's events: a detach says it waits before it asks libvirt.
+            Some(msg) = internal.recv() => match msg {
+                Internal::AwaitRemoval { alias, answer } => {
+                    removals.insert(alias, answer);
+                }
+                Internal::ForgetRemoval { alias } => {
+                    removals.remove(&alias);
+                }
+            },
             // Events can be lost (a daemon restart at the wrong moment): check now and then that
             // the domain we think runs still does, so a stop never goes unnoticed.
             _ = liveness.tick(), if core.has_started() => {
                 if let Some(reason) = gone(core).await {
                     tracing::warn!(reason = ?reason, "the domain stopped without an event");
-                    drain_after_stop(core, raw_events, reason, &mut link).await;
+                    drain_after_stop(core, raw_events, reason, &mut link, &mut removals).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -404,8 +418,8 @@ async fn owner_loop(
                     }
                 } else if stale_stop(core, &ev).await {
                     tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
-                } else if let Some(reason) = apply_event(core, &mut link, &ev) {
-                    drain_after_stop(core, raw_events, reason, &mut link).await;
+                } else if let Some(reason) = apply_event(core, &mut link, &mut removals, &ev) {
+                    drain_after_stop(core, raw_events, reason, &mut link, &mut removals).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -602,10 +616,11 @@ async fn drain_after_stop(
     raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
     reason: StopReason,
     link: &mut MigrationLink,
+    removals: &mut Removals,
 ) {
     let mut handle = |ev: RawEvent| {
         if let Some(ev) = our_event(core, ev) {
-            let _ = apply_event(core, link, &ev);
+            let _ = apply_event(core, link, removals, &ev);
         }
     };
     let until = Instant::now() + MIGRATION_END_WAIT;
@@ -625,11 +640,51 @@ async fn drain_after_stop(
 
 /// Applies a libvirt event: to the state, and a completed job's statistics to the migration
 /// waiting for them. Returns the stop reason when the domain is gone.
-fn apply_event(core: &Launcher, link: &mut MigrationLink, ev: &DomainEvent) -> Option<StopReason> {
-    if let DomainEvent::JobCompleted { stats, .. } = ev {
-        link.job_completed(stats);
+fn apply_event(
+    core: &Launcher,
+    link: &mut MigrationLink,
+    removals: &mut Removals,
+    ev: &DomainEvent,
+) -> Option<StopReason> {
+    match ev {
+        DomainEvent::JobCompleted { stats, .. } => link.job_completed(stats),
+        DomainEvent::DeviceRemoved { alias, .. } => removed(core, removals, alias, true),
+        DomainEvent::DeviceRemovalFailed { alias, .. } => removed(core, removals, alias, false),
+        _ => {}
     }
     core.on_domain_event(ev)
+}
+
+/// The detaches waiting for the guest to release a disk: alias → where the answer goes.
+type Removals = std::collections::HashMap<String, oneshot::Sender<bool>>;
+
+/// What an operation tells the owner.
+pub(crate) enum Internal {
+    /// A detach of the disk with this alias waits for the guest's answer (true: released).
+    AwaitRemoval {
+        alias: String,
+        answer: oneshot::Sender<bool>,
+    },
+    /// That detach stopped waiting (libvirt refused it, or it timed out).
+    ForgetRemoval { alias: String },
+}
+
+/// The guest answered the detach of disk `alias`: the detach waiting gets the answer; a
+/// release nobody waits for any more (the detach timed out) removes the disk all the same.
+fn removed(core: &Launcher, removals: &mut Removals, alias: &str, released: bool) {
+    if hand_over(removals, alias, released) {
+        core.released_late(alias);
+    }
+}
+
+/// Gives the guest's answer to the detach waiting for it; true when the disk was released
+/// and nobody waits for that any more.
+fn hand_over(removals: &mut Removals, alias: &str, released: bool) -> bool {
+    let late = match removals.remove(alias) {
+        Some(waiter) => waiter.send(released).is_err(),
+        None => true,
+    };
+    late && released
 }
 
 /// The event as the domain model has it, logged; None when it is about another domain.
@@ -802,5 +857,23 @@ mod tests {
         assert_eq!(q.finished(), None);
         // Idle again: the next one starts at once.
         assert_eq!(q.admit("e"), Some("e"));
+    }
+
+    #[test]
+    fn the_guests_answer_goes_to_the_detach_waiting_or_counts_as_a_late_release() {
+        let mut removals = Removals::new();
+        let (tx, mut rx) = oneshot::channel();
+        removals.insert("ua-a".into(), tx);
+        assert!(!hand_over(&mut removals, "ua-a", true));
+        assert_eq!(rx.try_recv(), Ok(true));
+        // The detach timed out (its receiver is gone) just before the guest let go.
+        let (tx, rx) = oneshot::channel();
+        removals.insert("ua-b".into(), tx);
+        drop(rx);
+        assert!(hand_over(&mut removals, "ua-b", true));
+        // Nobody waits: a release is late, a refusal changes nothing.
+        assert!(hand_over(&mut removals, "ua-c", true));
+        assert!(!hand_over(&mut removals, "ua-c", false));
+        assert!(removals.is_empty());
     }
 }

@@ -245,21 +245,20 @@ impl Launcher {
         live: &crate::domain::live::LiveDisk,
     ) -> Result<(), ControlError> {
         let alias = format!("ua-{volume}");
+        // The owner hands over the guest's answer (DEVICE_REMOVED or DEVICE_REMOVAL_FAILED); it
+        // hears of this waiter before libvirt is asked, so the event cannot come first.
         let (tx, rx) = oneshot::channel();
-        self.removals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(alias.clone(), tx);
+        let _ = self.internal.send(super::Internal::AwaitRemoval {
+            alias: alias.clone(),
+            answer: tx,
+        });
         self.set_phase(volume, Phase::Detaching, "");
         let xml = detach_xml(live);
         let n = name.to_string();
         let detached = self.blocking(move |hv| hv.detach_device(&n, &xml)).await;
         self.domain_changed();
         if let Err(e) = detached {
-            self.removals
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&alias);
+            let _ = self.internal.send(super::Internal::ForgetRemoval { alias });
             return Err(self.volume_failed(volume, format!("detach failed: {e}")));
         }
         // libvirt may already have seen the removal (synchronous for cooperative guests); the
@@ -273,10 +272,7 @@ impl Launcher {
             }
             Ok(_) => Err(self.volume_failed(volume, "the guest refused to release the disk")),
             Err(_) => {
-                self.removals
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&alias);
+                let _ = self.internal.send(super::Internal::ForgetRemoval { alias });
                 let e = self.volume_failed(
                     volume,
                     format!(
@@ -289,25 +285,13 @@ impl Launcher {
         }
     }
 
-    pub(crate) fn resolve_removal(&self, alias: &str, removed: bool) {
-        let waiter = self
-            .removals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(alias);
-        match waiter {
-            Some(tx) => {
-                let _ = tx.send(removed);
-            }
-            // The guest let go after its detach had already timed out: the disk is gone now.
-            None if removed => {
-                let volume = alias.strip_prefix("ua-").unwrap_or(alias).to_string();
-                if self.status().disks.iter().any(|d| d.volume == volume) {
-                    self.set_phase(&volume, Phase::Detached, "the guest released the disk late");
-                    self.update(|s| s.disks.retain(|d| d.volume != volume));
-                }
-            }
-            None => {}
+    /// The guest released the disk with alias `alias` after its detach had stopped waiting
+    /// (timed out): the disk is gone now.
+    pub(crate) fn released_late(&self, alias: &str) {
+        let volume = alias.strip_prefix("ua-").unwrap_or(alias).to_string();
+        if self.status().disks.iter().any(|d| d.volume == volume) {
+            self.set_phase(&volume, Phase::Detached, "the guest released the disk late");
+            self.update(|s| s.disks.retain(|d| d.volume != volume));
         }
     }
 }
