@@ -404,7 +404,7 @@ async fn owner_loop(
             _ = liveness.tick(), if core.has_started() => {
                 if let Some(reason) = gone(core).await {
                     tracing::warn!(reason = ?reason, "the domain stopped without an event");
-                    drain_after_stop(core, raw_events, reason, &mut link, &mut removals).await;
+                    drain_after_stop(core, raw_events, &mut done, reason, &mut link, &mut removals).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -419,7 +419,7 @@ async fn owner_loop(
                 } else if stale_stop(core, &ev).await {
                     tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
                 } else if let Some(reason) = apply_event(core, &mut link, &mut removals, &ev) {
-                    drain_after_stop(core, raw_events, reason, &mut link, &mut removals).await;
+                    drain_after_stop(core, raw_events, &mut done, reason, &mut link, &mut removals).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -609,11 +609,12 @@ async fn on_urgent(
 /// The events libvirt sends right after a stop still count: after STOPPED(migrated) comes
 /// JOB_COMPLETED with the migration's statistics (its measured downtime), a fraction of a
 /// millisecond later, and the Migrate call waits for them. Handle what is queued; after a
-/// migration keep handling events until the Migrate call has ended (at most
-/// [`MIGRATION_END_WAIT`]), and only then let the definition be removed.
+/// migration keep handling events until the Migrate call has ended (it says so on `done`; at
+/// most [`MIGRATION_END_WAIT`]), and only then let the definition be removed.
 async fn drain_after_stop(
     core: &Arc<Launcher>,
     raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
+    done: &mut mpsc::UnboundedReceiver<()>,
     reason: StopReason,
     link: &mut MigrationLink,
     removals: &mut Removals,
@@ -633,7 +634,8 @@ async fn drain_after_stop(
         }
         tokio::select! {
             Some(ev) = raw_events.recv() => handle(ev),
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            Some(()) = done.recv() => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
         }
     }
 }
