@@ -7,9 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use virt_launcher::api::server::ServerConfig;
+use tokio::sync::{mpsc, watch};
+use virt_launcher::api::{self, server::ServerConfig};
 use virt_launcher::domain::DomainType;
+use virt_launcher::pod::daemons::Daemons;
 use virt_launcher::pod::facts as podfacts;
+use virt_launcher::pod::process::Reaper;
 use virt_launcher::pod::{self, PodLayout};
 use virt_launcher::spec::{self, VirtualMachineInstance};
 use virt_launcher::vm::plan::{PathOverrides, Planner};
@@ -268,14 +271,14 @@ fn run(args: RunArgs) -> Result<i32> {
         console_log = ?console_log,
         "launcher starting"
     );
+    let api = ServerConfig {
+        socket,
+        allowed_uids: args.allow_uids.clone(),
+        group: args.socket_group,
+    };
     let opts = RunOptions {
         planner,
         vmi,
-        api: Some(ServerConfig {
-            socket,
-            allowed_uids: args.allow_uids.clone(),
-            group: args.socket_group,
-        }),
         qemu_timeout: Duration::from_secs(args.qemu_timeout),
         detach_timeout: Duration::from_secs_f64(args.detach_timeout),
         log_max_bytes: args.log_max_bytes,
@@ -287,10 +290,37 @@ fn run(args: RunArgs) -> Result<i32> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let outcome = runtime.block_on(vm::run(&layout, opts));
+    let outcome = runtime.block_on(serve(&layout, opts, &api));
     runtime.shutdown_timeout(Duration::from_secs(2));
     layout.remove_daemon_state();
     Ok(outcome?.exit_code())
+}
+
+/// Starts the pod's daemons, the core and the control API on it, and runs until the VM
+/// stops. Always stops the daemons and kills leftover processes before returning, whether the
+/// VM ran or not.
+async fn serve(layout: &PodLayout, opts: RunOptions, api: &ServerConfig) -> Result<vm::Outcome> {
+    let reaper = Reaper::start().context("cannot set up process supervision")?;
+    let (daemon_tx, daemon_events) = mpsc::unbounded_channel();
+    let mut daemons = Daemons::start(&reaper, layout, daemon_tx).await?;
+    let (stop_follow, follow) = watch::channel(false);
+    let pod = vm::Pod {
+        layout: layout.clone(),
+        daemon_events,
+        stop_follow: follow,
+    };
+    let result = async {
+        let core = vm::Supervisor::connect(pod, opts).await?;
+        let server = api::server::serve(core.handle(), api).await?;
+        let outcome = core.run().await;
+        server.shutdown().await;
+        Ok(outcome?)
+    }
+    .await;
+    let _ = stop_follow.send(true);
+    daemons.stop().await;
+    pod::children::kill_leftovers().await;
+    result
 }
 
 /// A pod-like hostname: libvirt refuses to migrate between two daemons with the same one.

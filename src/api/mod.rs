@@ -1,14 +1,14 @@
-//! The gRPC control API (`proto/launcher/v1`), a thin layer over [`Launcher`]: each handler
-//! decodes, calls one core method, and maps the result. Errors become status codes with
+//! The gRPC control API (`proto/launcher/v1`), a thin layer over the core's [`Handle`]: each
+//! handler decodes, sends one [`Command`] (or reads the watched status), and maps the result. Errors become status codes with
 //! structured details (see `errors`).
 
 pub mod client;
 mod errors;
+pub mod peer;
 pub mod server;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
@@ -16,9 +16,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::spec;
-use crate::vm::core::{Launcher, StopRequest, FREEZE_TIMEOUT};
 use crate::vm::migration::MigrateOptions;
-use crate::vm::state;
+use crate::vm::{state, Command, ControlError, Handle, Reply, FREEZE_TIMEOUT};
 
 pub use errors::to_status;
 
@@ -38,13 +37,23 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
 /// The service: one per launcher.
 pub struct Service {
-    core: Arc<Launcher>,
+    core: Handle,
 }
 
 impl Service {
-    pub fn new(core: Arc<Launcher>) -> Self {
+    pub fn new(core: Handle) -> Self {
         Service { core }
     }
+
+    /// Sends `cmd` to the core; a core error becomes a status.
+    async fn send(&self, cmd: Command) -> Result<Reply, Status> {
+        self.core.send(cmd).await.map_err(|e| to_status(&e))
+    }
+}
+
+/// A reply of another kind than the command gives: a bug in the core.
+fn unexpected(r: Reply) -> Status {
+    to_status(&ControlError::Internal(format!("unexpected reply {r:?}")))
 }
 
 /// Runs `fut` within the client's deadline (the `grpc-timeout` header), if it set one.
@@ -234,16 +243,16 @@ impl LauncherApi for Service {
             let t0 = std::time::Instant::now();
             let vmi = decode_vmi(&req.get_ref().vmi, "SyncRequest.vmi")?;
             let decoded = t0.elapsed();
-            let status = self.core.sync(vmi).await.map_err(|e| to_status(&e))?;
+            let status = match self.send(Command::Sync(vmi)).await? {
+                Reply::Status(s) => s,
+                r => return Err(unexpected(r)),
+            };
             let domain = domain_pb(&status);
             tracing::debug!(
                 decode_us = decoded.as_micros() as u64,
                 total_us = t0.elapsed().as_micros() as u64,
                 "Sync handled"
             );
-            // Read the domain's disks for the next Sync now, off that Sync's path.
-            let core = self.core.clone();
-            tokio::spawn(async move { core.prefetch_live_disks().await });
             Ok(Response::new(pb::SyncResponse {
                 domain: Some(domain),
             }))
@@ -256,43 +265,30 @@ impl LauncherApi for Service {
         req: Request<pb::ShutdownRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
         let grace = match req.get_ref().grace_seconds {
-            0 => self.core.grace(),
-            s => Duration::from_secs(s.into()),
+            0 => None,
+            s => Some(Duration::from_secs(s.into())),
         };
-        self.core
-            .request_stop(StopRequest::Graceful(grace))
-            .map_err(|e| to_status(&e))?;
+        self.send(Command::Shutdown { grace }).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn kill(&self, _req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
-        self.core
-            .request_stop(StopRequest::Kill)
-            .map_err(|e| to_status(&e))?;
+        self.send(Command::Kill).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn pause(&self, req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
-        within_deadline(&req, async {
-            self.core.pause().await.map_err(|e| to_status(&e))
-        })
-        .await?;
+        within_deadline(&req, self.send(Command::Pause)).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn unpause(&self, req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
-        within_deadline(&req, async {
-            self.core.unpause().await.map_err(|e| to_status(&e))
-        })
-        .await?;
+        within_deadline(&req, self.send(Command::Unpause)).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
     async fn reboot(&self, req: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
-        within_deadline(&req, async {
-            self.core.reboot().await.map_err(|e| to_status(&e))
-        })
-        .await?;
+        within_deadline(&req, self.send(Command::Reboot)).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -304,22 +300,20 @@ impl LauncherApi for Service {
             0 => FREEZE_TIMEOUT,
             s => Duration::from_secs(s.into()),
         };
-        let n = within_deadline(&req, async {
-            self.core.freeze(timeout).await.map_err(|e| to_status(&e))
-        })
-        .await?;
-        Ok(Response::new(pb::FreezeResponse { filesystems: n }))
+        match within_deadline(&req, self.send(Command::Freeze { timeout })).await? {
+            Reply::Filesystems(n) => Ok(Response::new(pb::FreezeResponse { filesystems: n })),
+            r => Err(unexpected(r)),
+        }
     }
 
     async fn unfreeze(
         &self,
         req: Request<pb::Empty>,
     ) -> Result<Response<pb::FreezeResponse>, Status> {
-        let n = within_deadline(&req, async {
-            self.core.unfreeze().await.map_err(|e| to_status(&e))
-        })
-        .await?;
-        Ok(Response::new(pb::FreezeResponse { filesystems: n }))
+        match within_deadline(&req, self.send(Command::Unfreeze)).await? {
+            Reply::Filesystems(n) => Ok(Response::new(pb::FreezeResponse { filesystems: n })),
+            r => Err(unexpected(r)),
+        }
     }
 
     async fn get_domain(&self, _req: Request<pb::Empty>) -> Result<Response<pb::Domain>, Status> {
@@ -327,10 +321,10 @@ impl LauncherApi for Service {
     }
 
     async fn get_stats(&self, req: Request<pb::Empty>) -> Result<Response<pb::Stats>, Status> {
-        let (s, disks) = within_deadline(&req, async {
-            self.core.stats().await.map_err(|e| to_status(&e))
-        })
-        .await?;
+        let (s, disks) = match within_deadline(&req, self.send(Command::Stats)).await? {
+            Reply::Stats { stats, disks } => (stats, disks),
+            r => return Err(unexpected(r)),
+        };
         Ok(Response::new(pb::Stats {
             cpu_time_ns: s.cpu_time_ns,
             memory_kib: s.memory_kib,
@@ -369,14 +363,10 @@ impl LauncherApi for Service {
     }
 
     async fn info(&self, req: Request<pb::Empty>) -> Result<Response<pb::InfoResponse>, Status> {
-        let hv = self.core.hypervisor().clone();
-        let versions = within_deadline(&req, async {
-            tokio::task::spawn_blocking(move || hv.versions())
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| to_status(&e.into()))
-        })
-        .await?;
+        let versions = match within_deadline(&req, self.send(Command::Versions)).await? {
+            Reply::Versions { libvirt, qemu } => (libvirt, qemu),
+            r => return Err(unexpected(r)),
+        };
         Ok(Response::new(pb::InfoResponse {
             launcher_version: env!("CARGO_PKG_VERSION").to_string(),
             libvirt_version: versions.0,
@@ -409,12 +399,14 @@ impl LauncherApi for Service {
         within_deadline(&req, async {
             let vmi = decode_vmi(&req.get_ref().vmi, "PrepareMigrationTargetRequest.vmi")?;
             let sizes = req.get_ref().disk_sizes.clone();
-            let t = self
-                .core
-                .prepare_migration_target(vmi, sizes)
-                .await
-                .map_err(|e| to_status(&e))?;
-            Ok(Response::new(pb::MigrationTarget::from(t)))
+            let cmd = Command::PrepareMigrationTarget {
+                vmi,
+                disk_sizes: sizes,
+            };
+            match self.send(cmd).await? {
+                Reply::Target(t) => Ok(Response::new(pb::MigrationTarget::from(t))),
+                r => Err(unexpected(r)),
+            }
         })
         .await
     }
@@ -429,7 +421,7 @@ impl LauncherApi for Service {
                 return Err(Status::invalid_argument("target_socket: required"));
             }
             let o = r.options.unwrap_or_default();
-            let opts = MigrateOptions {
+            let options = MigrateOptions {
                 bandwidth_mib: o.bandwidth_mib,
                 max_downtime_ms: o.max_downtime_ms,
                 completion_timeout_per_gib: o.completion_timeout_per_gib,
@@ -439,11 +431,11 @@ impl LauncherApi for Service {
                 parallel_connections: o.parallel_connections,
                 block_migration: o.block_migration,
             };
-            let out = self
-                .core
-                .migrate(std::path::Path::new(&r.target_socket), opts)
-                .await
-                .map_err(|e| to_status(&e))?;
+            let peer = Box::new(peer::GrpcPeer::new(&r.target_socket));
+            let out = match self.send(Command::Migrate { peer, options }).await? {
+                Reply::Migrated(out) => out,
+                r => return Err(unexpected(r)),
+            };
             Ok(Response::new(pb::MigrationResult {
                 success: out.success,
                 progress: Some(migration_pb(&out.progress)),
@@ -457,7 +449,7 @@ impl LauncherApi for Service {
         &self,
         _req: Request<pb::Empty>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.core.cancel_migration().map_err(|e| to_status(&e))?;
+        self.send(Command::CancelMigration).await?;
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -37,7 +37,7 @@ use tonic::{Request, Status};
 
 use super::pb::launcher_server::LauncherServer;
 use super::{Service, MAX_MESSAGE_BYTES};
-use crate::vm::core::Launcher;
+use crate::vm::Handle;
 
 /// Most connections of allowed peers served at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -94,7 +94,7 @@ pub fn init_socket_path(socket: &Path) -> PathBuf {
 }
 
 /// Binds, starts serving and then publishes the socket under its final name.
-pub async fn serve(core: Arc<Launcher>, config: &ServerConfig) -> Result<ApiServer, ServerError> {
+pub async fn serve(core: Handle, config: &ServerConfig) -> Result<ApiServer, ServerError> {
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ServerError::Socket { path, source }

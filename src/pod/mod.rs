@@ -7,6 +7,7 @@
 //! namespace in which each of libvirt's state directories is a private directory under the
 //! runtime root, so several launchers can run side by side and none touches the host's libvirt.
 
+pub mod children;
 pub mod daemons;
 pub mod facts;
 pub mod image;

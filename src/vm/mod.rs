@@ -1,27 +1,46 @@
 //! The core: lifecycle and supervision of the VM: start the domain, follow its events, honour
 //! the pod's grace period, and leave nothing running behind.
+//!
+//! One way in: front-ends hold a [`Handle`] and send it [`Command`]s; the owner task
+//! ([`Supervisor::run`]) handles them in order, stops first, and answers each through a
+//! oneshot. Operations that change the domain run one at a time as child tasks (a Sync waiting
+//! for a guest to release a disk, or a migration being monitored, never keeps a stop, a libvirt
+//! event or a read waiting); statistics and versions run beside them. Reads (status, event log,
+//! VMI, console path) come from watched state and never wait for libvirt.
+//!
+//! Files: `handle` (Command, Reply, Handle), `lifecycle` (start, reconcile, pause/reboot,
+//! domain events), `volumes` (attach, detach, expand, live-disk cache), `agent` (freeze/thaw),
+//! `migration` (`source`, `target`, and the [`migration::MigrationPeer`] a front-end
+//! implements), `state` (status and event log), `plan` (VMI to domain in this pod), `error`
+//! (the core's error and its classification), `core` (the state the operations share).
 
-pub mod core;
+mod agent;
+mod core;
+pub mod error;
+pub mod handle;
+mod lifecycle;
 pub mod migration;
 pub mod plan;
 pub mod state;
+mod volumes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::api::server::{self, ServerConfig, ServerError};
 use crate::libvirt::events::StopReason;
 use crate::libvirt::{DomainEvent, Hypervisor, LibvirtError, RawEvent};
-use crate::pod::daemons::{self, Daemon, DaemonError, DaemonEvent, Daemons};
-use crate::pod::process::Reaper;
+use crate::pod::daemons::{self, Daemon, DaemonEvent};
 use crate::pod::PodLayout;
 use crate::spec::VirtualMachineInstance;
-use core::{ControlError, Launcher, StopRequest};
+use core::Launcher;
+pub use core::{DETACH_TIMEOUT, FREEZE_TIMEOUT, LIBVIRTD_BACK};
+pub use error::{Classified, ControlError, ErrorKind};
+use handle::Request;
+pub use handle::{Answer, Command, Handle, Reply};
+use migration::{MigrationInbox, MigrationLink};
 use plan::Planner;
 use state::EventKind;
 
@@ -30,8 +49,6 @@ pub struct RunOptions {
     pub planner: Planner,
     /// The VMI to start at once (standalone); without one the launcher waits for a Sync.
     pub vmi: Option<VirtualMachineInstance>,
-    /// The control API socket, if served.
-    pub api: Option<ServerConfig>,
     /// How long the domain may take to appear (`--qemu-timeout`).
     pub qemu_timeout: Duration,
     /// How long a hot-unplug waits for the guest to release the disk.
@@ -45,13 +62,9 @@ pub enum SupervisorError {
     #[error("cannot set up process supervision: {0}")]
     Setup(std::io::Error),
     #[error(transparent)]
-    Daemon(#[from] DaemonError),
-    #[error(transparent)]
     Libvirt(#[from] LibvirtError),
     #[error(transparent)]
     Control(#[from] ControlError),
-    #[error(transparent)]
-    Api(#[from] ServerError),
     #[error("no domain was started within --qemu-timeout ({0:?})")]
     StartTimeout(Duration),
     #[error("internal task failed")]
@@ -78,18 +91,132 @@ impl Outcome {
     }
 }
 
-/// Runs until the VM stops. Always stops the daemons and kills leftover processes before
-/// returning, whether the VM ran or not.
-pub async fn run(layout: &PodLayout, opts: RunOptions) -> Result<Outcome, SupervisorError> {
-    let reaper = Reaper::start().map_err(SupervisorError::Setup)?;
-    let (daemon_tx, daemon_rx) = mpsc::unbounded_channel();
-    let mut daemons = Daemons::start(&reaper, layout, daemon_tx).await?;
-    let (stop_follow, stop_follow_rx) = watch::channel(false);
-    let result = supervise(layout, opts, daemon_rx, stop_follow_rx).await;
-    let _ = stop_follow.send(true);
-    daemons.stop().await;
-    kill_leftovers().await;
-    result
+/// The pod's side of the core: where its daemons are, what they report, and when to stop
+/// following their logs.
+pub struct Pod {
+    pub layout: PodLayout,
+    pub daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
+    /// Becomes true when the log relays should stop (the launcher is exiting).
+    pub stop_follow: watch::Receiver<bool>,
+}
+
+/// What the core is configured with.
+pub(crate) struct CoreConfig {
+    pub planner: Planner,
+    pub sockets: Option<migration::PodSockets>,
+    pub detach_timeout: Duration,
+    pub libvirtd_pid_file: Option<std::path::PathBuf>,
+}
+
+/// The owner of the domain's state, before it runs: connected to libvirtd, listening for
+/// signals. Front-ends get a [`Handle`] ([`Supervisor::handle`]) before [`Supervisor::run`].
+pub struct Supervisor {
+    core: Arc<Launcher>,
+    handle: Handle,
+    opts: RunOptions,
+    relays: Relays,
+    inputs: Inputs,
+}
+
+/// Everything the owner waits on.
+struct Inputs {
+    raw_events: mpsc::UnboundedReceiver<RawEvent>,
+    daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
+    urgent: mpsc::UnboundedReceiver<Request>,
+    requests: mpsc::UnboundedReceiver<Request>,
+    internal: mpsc::UnboundedReceiver<Internal>,
+    sigterm: tokio::signal::unix::Signal,
+    sigint: tokio::signal::unix::Signal,
+}
+
+impl Supervisor {
+    /// Connects to the pod's libvirtd and sets up signal handling.
+    pub async fn connect(pod: Pod, opts: RunOptions) -> Result<Supervisor, SupervisorError> {
+        let layout = &pod.layout;
+        let (raw_tx, raw_events) = mpsc::unbounded_channel::<RawEvent>();
+        let uri = layout.libvirt_uri();
+        let hv = Arc::new(
+            tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??,
+        );
+        let (requests_tx, requests) = mpsc::unbounded_channel();
+        let (urgent_tx, urgent) = mpsc::unbounded_channel();
+        let config = CoreConfig {
+            planner: opts.planner.clone(),
+            sockets: Some(migration::PodSockets {
+                libvirt_uri: layout.libvirt_uri(),
+                runtime_dir: layout.root().to_path_buf(),
+            }),
+            detach_timeout: opts.detach_timeout,
+            libvirtd_pid_file: Some(layout.pid_dir().join("libvirtd.pid")),
+        };
+        let (internal_tx, internal) = mpsc::unbounded_channel();
+        let core = Launcher::new(hv, config, requests_tx.clone(), internal_tx);
+        let handle = Handle {
+            requests: requests_tx,
+            urgent: urgent_tx,
+            status: core.status.subscribe(),
+            vmi: core.vmi.subscribe(),
+            console_log: core.console_log.subscribe(),
+            events: core.events.clone(),
+            domain_type: core.domain_type().to_string(),
+        };
+        let sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
+        let sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
+        let relays = Relays {
+            layout: layout.clone(),
+            log_max_bytes: opts.log_max_bytes,
+            stop: pod.stop_follow,
+            started: false,
+        };
+        Ok(Supervisor {
+            core,
+            handle,
+            opts,
+            relays,
+            inputs: Inputs {
+                raw_events,
+                daemon_events: pod.daemon_events,
+                urgent,
+                requests,
+                internal,
+                sigterm,
+                sigint,
+            },
+        })
+    }
+
+    /// The way into the core, for the front-ends.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Starts the VMI given (if any) and handles commands and events until the VM stops; the
+    /// last event published says how it ended.
+    pub async fn run(self) -> Result<Outcome, SupervisorError> {
+        let Supervisor {
+            core,
+            opts,
+            relays,
+            inputs,
+            ..
+        } = self;
+        let result = async {
+            if let Some(vmi) = opts.vmi.clone() {
+                core.sync(vmi).await?;
+            }
+            owner_loop(&core, &opts, relays, inputs).await
+        }
+        .await;
+        if let Ok(outcome) = &result {
+            core.publish(
+                EventKind::Final,
+                &format!("launcher exiting with code {}", outcome.exit_code()),
+            );
+            // Give watchers a moment to receive the final event before the socket goes away.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        result
+    }
 }
 
 /// Relays the QEMU log and the guest console into our log once a domain exists (started
@@ -120,93 +247,92 @@ impl Relays {
 struct Stopping {
     deadline: Option<Instant>,
     destroyed: bool,
+    /// A stop came during a migration: the ACPI button is pressed once the cancelled
+    /// migration has ended (the migration tells the owner it is done), or at the latest then.
+    acpi_after_migration: Option<AcpiPending>,
 }
 
-async fn supervise(
-    layout: &PodLayout,
-    opts: RunOptions,
-    mut daemon_events: mpsc::UnboundedReceiver<DaemonEvent>,
-    stop_follow: watch::Receiver<bool>,
-) -> Result<Outcome, SupervisorError> {
-    let (raw_tx, mut raw_events) = mpsc::unbounded_channel::<RawEvent>();
-    let uri = layout.libvirt_uri();
-    let hv =
-        Arc::new(tokio::task::spawn_blocking(move || Hypervisor::connect(&uri, raw_tx)).await??);
-    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
-    let sockets = migration::PodSockets {
-        libvirt_uri: layout.libvirt_uri(),
-        runtime_dir: layout.root().to_path_buf(),
-    };
-    let core = Launcher::new(hv.clone(), opts.planner.clone(), stop_tx, Some(sockets));
-    core.set_detach_timeout(opts.detach_timeout);
-    core.set_libvirtd_pid_file(layout.pid_dir().join("libvirtd.pid"));
-    let mut sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
+/// An ACPI shutdown waiting for a cancelled migration to end.
+struct AcpiPending {
+    why: &'static str,
+    grace: Duration,
+    until: Instant,
+}
 
-    let api = match &opts.api {
-        Some(cfg) => Some(server::serve(core.clone(), cfg).await?),
-        None => None,
-    };
-    let relays = Relays {
-        layout: layout.clone(),
-        log_max_bytes: opts.log_max_bytes,
-        stop: stop_follow,
-        started: false,
-    };
-    let result = async {
-        if let Some(vmi) = opts.vmi.clone() {
-            core.sync(vmi).await?;
+/// How long a stop waits for the migration it cancelled to end before it presses the button.
+const MIGRATION_CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// A stop asked for through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopRequest {
+    Graceful(Duration),
+    Kill,
+}
+
+/// The operations the owner runs one at a time: whether one runs, and those waiting their
+/// turn, in arrival order.
+struct Queue<T> {
+    busy: bool,
+    waiting: std::collections::VecDeque<T>,
+}
+
+impl<T> Queue<T> {
+    fn new() -> Self {
+        Queue {
+            busy: false,
+            waiting: Default::default(),
         }
-        let inputs = Inputs {
-            raw_events: &mut raw_events,
-            daemon_events: &mut daemon_events,
-            stop_rx: &mut stop_rx,
-            sigterm: &mut sigterm,
-            sigint: &mut sigint,
-        };
-        event_loop(&core, &opts, relays, inputs).await
     }
-    .await;
-    if let Ok(outcome) = &result {
-        core.publish(
-            EventKind::Final,
-            &format!("launcher exiting with code {}", outcome.exit_code()),
-        );
-        // Give watchers a moment to receive the final event before the socket goes away.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+
+    /// `item` arrived: it is returned if it may start now, else it waits its turn.
+    fn admit(&mut self, item: T) -> Option<T> {
+        if self.busy {
+            self.waiting.push_back(item);
+            None
+        } else {
+            self.busy = true;
+            Some(item)
+        }
     }
-    if let Some(api) = api {
-        api.shutdown().await;
+
+    /// The running operation ended: the next one to start, if any.
+    fn finished(&mut self) -> Option<T> {
+        let next = self.waiting.pop_front();
+        self.busy = next.is_some();
+        next
     }
-    result
 }
 
-/// Everything the supervisor loop waits on.
-struct Inputs<'a> {
-    raw_events: &'a mut mpsc::UnboundedReceiver<RawEvent>,
-    daemon_events: &'a mut mpsc::UnboundedReceiver<DaemonEvent>,
-    stop_rx: &'a mut mpsc::UnboundedReceiver<StopRequest>,
-    sigterm: &'a mut tokio::signal::unix::Signal,
-    sigint: &'a mut tokio::signal::unix::Signal,
-}
-
-async fn event_loop(
+/// The owner task: handles stops first (signals, Shutdown, Kill, CancelMigration), then the
+/// end of an operation, libvirt and daemon events, and then the next command. Operations run
+/// as child tasks, one exclusive operation at a time (a Sync waiting for a detach, or a
+/// migration being monitored, never keeps a stop, an event or a read waiting); each tells the
+/// owner when it is done.
+async fn owner_loop(
     core: &Arc<Launcher>,
     opts: &RunOptions,
     mut relays: Relays,
-    inputs: Inputs<'_>,
+    inputs: Inputs,
 ) -> Result<Outcome, SupervisorError> {
     let Inputs {
-        raw_events,
-        daemon_events,
-        stop_rx,
-        sigterm,
-        sigint,
+        mut raw_events,
+        mut daemon_events,
+        mut urgent,
+        mut requests,
+        mut internal,
+        mut sigterm,
+        mut sigint,
     } = inputs;
+    let raw_events = &mut raw_events;
+    let (done_tx, mut done) = mpsc::unbounded_channel::<()>();
+    let mut queue = Queue::new();
+    let mut link = MigrationLink::default();
+    let mut removals = Removals::new();
     let launched = Instant::now();
     let mut stopping = Stopping {
         deadline: None,
         destroyed: false,
+        acpi_after_migration: None,
     };
     let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
     liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -218,6 +344,12 @@ async fn event_loop(
                 _ => std::future::pending().await,
             }
         };
+        let migration_cancel_over = async {
+            match &stopping.acpi_after_migration {
+                Some(p) => tokio::time::sleep_until(p.until.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let start_timeout = async {
             if core.has_started() {
                 std::future::pending::<()>().await
@@ -226,31 +358,53 @@ async fn event_loop(
             }
         };
         tokio::select! {
+            biased;
             _ = sigterm.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
-                begin_stop(core, "SIGTERM", core.grace(), &mut stopping).await;
+                begin_stop(core, "SIGTERM", core.grace(), &mut stopping, &link).await;
             }
             _ = sigint.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
-                begin_stop(core, "SIGINT", core.grace(), &mut stopping).await;
+                begin_stop(core, "SIGINT", core.grace(), &mut stopping, &link).await;
             }
-            Some(req) = stop_rx.recv() => match req {
-                // A prepared migration target told to give up, or a stop before any VM.
-                _ if !core.has_started() => return Ok(Outcome { reason: None, requested: true }),
-                StopRequest::Graceful(grace) => begin_stop(core, "Shutdown call", grace, &mut stopping).await,
-                StopRequest::Kill => {
-                    stopping.deadline.get_or_insert_with(Instant::now);
-                    destroy(core, "Kill call", &mut stopping).await;
+            Some(req) = urgent.recv() => {
+                if let Some(outcome) = on_urgent(core, req, &mut stopping, &link).await {
+                    return Ok(outcome);
+                }
+            }
+            _ = grace_over => destroy(core, "grace period over", &mut stopping).await,
+            _ = migration_cancel_over => {
+                if let Some(p) = stopping.acpi_after_migration.take() {
+                    tracing::warn!("the cancelled migration has not ended; shutting down anyway");
+                    press_acpi(core, p.why, p.grace).await;
+                }
+            }
+            _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
+            Some(()) = done.recv() => {
+                if let Some(next) = queue.finished() {
+                    spawn_operation(core, next, &done_tx, &mut link);
+                }
+                if stopping.acpi_after_migration.is_some() && !core.migration_running() {
+                    if let Some(p) = stopping.acpi_after_migration.take() {
+                        press_acpi(core, p.why, p.grace).await;
+                    }
+                }
+            }
+            // Before libvirt's events: a detach says it waits before it asks libvirt.
+            Some(msg) = internal.recv() => match msg {
+                Internal::AwaitRemoval { alias, answer } => {
+                    removals.insert(alias, answer);
+                }
+                Internal::ForgetRemoval { alias } => {
+                    removals.remove(&alias);
                 }
             },
-            _ = grace_over => destroy(core, "grace period over", &mut stopping).await,
-            _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
             // Events can be lost (a daemon restart at the wrong moment): check now and then that
             // the domain we think runs still does, so a stop never goes unnoticed.
             _ = liveness.tick(), if core.has_started() => {
                 if let Some(reason) = gone(core).await {
                     tracing::warn!(reason = ?reason, "the domain stopped without an event");
-                    drain_after_stop(core, raw_events, reason).await;
+                    drain_after_stop(core, raw_events, &mut done, reason, &mut link, &mut removals).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -264,8 +418,8 @@ async fn event_loop(
                     }
                 } else if stale_stop(core, &ev).await {
                     tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
-                } else if let Some(reason) = core.on_domain_event(&ev) {
-                    drain_after_stop(core, raw_events, reason).await;
+                } else if let Some(reason) = apply_event(core, &mut link, &mut removals, &ev) {
+                    drain_after_stop(core, raw_events, &mut done, reason, &mut link, &mut removals).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -278,23 +432,196 @@ async fn event_loop(
                     }
                 }
             }
+            Some(req) = requests.recv() => {
+                if let Request::Command(cmd, _) = &req {
+                    if cmd.is_urgent() {
+                        if let Some(outcome) = on_urgent(core, req, &mut stopping, &link).await {
+                            return Ok(outcome);
+                        }
+                        continue;
+                    }
+                }
+                admit(core, req, &mut queue, &done_tx, &mut link);
+            }
         }
     }
+}
+
+/// Starts `req` now or queues it behind the exclusive operation running.
+fn admit(
+    core: &Arc<Launcher>,
+    req: Request,
+    queue: &mut Queue<Request>,
+    done: &mpsc::UnboundedSender<()>,
+    link: &mut MigrationLink,
+) {
+    if let Request::Command(cmd, _) = &req {
+        if !cmd.is_exclusive() {
+            tokio::spawn(execute(core.clone(), req, None));
+            return;
+        }
+    }
+    let req = match req {
+        // A second migration is refused at once, not after the first one ended.
+        Request::Command(cmd, reply)
+            if matches!(*cmd, Command::Migrate { .. }) && core.migration_running() =>
+        {
+            let _ = reply.send(Err(ControlError::Precondition(
+                "a migration is already running".into(),
+            )));
+            return;
+        }
+        req => req,
+    };
+    if let Some(req) = queue.admit(req) {
+        spawn_operation(core, req, done, link);
+    }
+}
+
+/// Runs an exclusive operation as a child task that says when it is done.
+fn spawn_operation(
+    core: &Arc<Launcher>,
+    req: Request,
+    done: &mpsc::UnboundedSender<()>,
+    link: &mut MigrationLink,
+) {
+    let inbox = match &req {
+        Request::Command(cmd, _) if matches!(**cmd, Command::Migrate { .. }) => Some(link.open()),
+        _ => None,
+    };
+    let (core, done) = (core.clone(), done.clone());
+    tokio::spawn(async move {
+        execute(core, req, inbox).await;
+        let _ = done.send(());
+    });
+}
+
+/// Carries out one request and answers it.
+async fn execute(core: Arc<Launcher>, req: Request, inbox: Option<MigrationInbox>) {
+    let (cmd, reply) = match req {
+        Request::Command(cmd, reply) => (cmd, reply),
+        Request::AutoThaw { generation } => return core.auto_thaw(generation).await,
+    };
+    let name = cmd.name();
+    if reply.is_closed() {
+        // The caller gave up (its deadline passed) while this waited its turn.
+        tracing::debug!(command = name, "caller gone; not started");
+        return;
+    }
+    let answer = match *cmd {
+        Command::Sync(vmi) => {
+            let t0 = Instant::now();
+            let answer = core.sync(vmi).await.map(Reply::Status);
+            tracing::debug!(total_us = t0.elapsed().as_micros() as u64, "Sync handled");
+            if answer.is_ok() {
+                // Read the domain's disks for the next Sync now, off that Sync's path.
+                let core = core.clone();
+                tokio::spawn(async move { core.prefetch_live_disks().await });
+            }
+            answer
+        }
+        Command::Pause => core.pause().await.map(|()| Reply::Done),
+        Command::Unpause => core.unpause().await.map(|()| Reply::Done),
+        Command::Reboot => core.reboot().await.map(|()| Reply::Done),
+        Command::Freeze { timeout } => core.freeze(timeout).await.map(Reply::Filesystems),
+        Command::Unfreeze => core.unfreeze().await.map(Reply::Filesystems),
+        Command::Stats => core
+            .stats()
+            .await
+            .map(|(stats, disks)| Reply::Stats { stats, disks }),
+        Command::Versions => core
+            .blocking(|hv| hv.versions())
+            .await
+            .map(|(libvirt, qemu)| Reply::Versions { libvirt, qemu }),
+        Command::PrepareMigrationTarget { vmi, disk_sizes } => core
+            .prepare_migration_target(vmi, disk_sizes)
+            .await
+            .map(Reply::Target),
+        Command::Migrate { peer, options } => match inbox {
+            Some(inbox) => core
+                .migrate(peer.as_ref(), options, inbox)
+                .await
+                .map(Reply::Migrated),
+            None => Err(ControlError::Internal(
+                "a migration started without its link to the owner".into(),
+            )),
+        },
+        Command::Shutdown { .. } | Command::Kill | Command::CancelMigration => Err(
+            ControlError::Internal(format!("{name} is handled by the owner")),
+        ),
+    };
+    if let Err(e) = &answer {
+        tracing::debug!(command = name, error = %e, "command failed");
+    }
+    let _ = reply.send(answer);
+}
+
+/// Handles a stop or a CancelMigration. Returns the outcome when the launcher is done.
+async fn on_urgent(
+    core: &Arc<Launcher>,
+    req: Request,
+    stopping: &mut Stopping,
+    link: &MigrationLink,
+) -> Option<Outcome> {
+    let Request::Command(cmd, reply) = req else {
+        return None;
+    };
+    let stop = match *cmd {
+        Command::CancelMigration => {
+            let answer = core.check_cancel().map(|()| {
+                link.cancel();
+                Reply::Done
+            });
+            let _ = reply.send(answer);
+            return None;
+        }
+        Command::Shutdown { grace } => StopRequest::Graceful(grace.unwrap_or_else(|| core.grace())),
+        Command::Kill => StopRequest::Kill,
+        _ => {
+            let _ = reply.send(Err(ControlError::Internal("not a stop".into())));
+            return None;
+        }
+    };
+    if let Err(e) = core.check_stop() {
+        let _ = reply.send(Err(e));
+        return None;
+    }
+    let _ = reply.send(Ok(Reply::Done));
+    match stop {
+        // A prepared migration target told to give up, or a stop before any VM.
+        _ if !core.has_started() => {
+            return Some(Outcome {
+                reason: None,
+                requested: true,
+            })
+        }
+        StopRequest::Graceful(grace) => {
+            begin_stop(core, "Shutdown call", grace, stopping, link).await
+        }
+        StopRequest::Kill => {
+            stopping.deadline.get_or_insert_with(Instant::now);
+            destroy(core, "Kill call", stopping).await;
+        }
+    }
+    None
 }
 
 /// The events libvirt sends right after a stop still count: after STOPPED(migrated) comes
 /// JOB_COMPLETED with the migration's statistics (its measured downtime), a fraction of a
 /// millisecond later, and the Migrate call waits for them. Handle what is queued; after a
-/// migration keep handling events until the Migrate call has ended (at most
-/// [`MIGRATION_END_WAIT`]), and only then let the definition be removed.
+/// migration keep handling events until the Migrate call has ended (it says so on `done`; at
+/// most [`MIGRATION_END_WAIT`]), and only then let the definition be removed.
 async fn drain_after_stop(
     core: &Arc<Launcher>,
     raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
+    done: &mut mpsc::UnboundedReceiver<()>,
     reason: StopReason,
+    link: &mut MigrationLink,
+    removals: &mut Removals,
 ) {
-    let handle = |ev: RawEvent| {
+    let mut handle = |ev: RawEvent| {
         if let Some(ev) = our_event(core, ev) {
-            let _ = core.on_domain_event(&ev);
+            let _ = apply_event(core, link, removals, &ev);
         }
     };
     let until = Instant::now() + MIGRATION_END_WAIT;
@@ -307,9 +634,59 @@ async fn drain_after_stop(
         }
         tokio::select! {
             Some(ev) = raw_events.recv() => handle(ev),
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            Some(()) = done.recv() => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
         }
     }
+}
+
+/// Applies a libvirt event: to the state, and a completed job's statistics to the migration
+/// waiting for them. Returns the stop reason when the domain is gone.
+fn apply_event(
+    core: &Launcher,
+    link: &mut MigrationLink,
+    removals: &mut Removals,
+    ev: &DomainEvent,
+) -> Option<StopReason> {
+    match ev {
+        DomainEvent::JobCompleted { stats, .. } => link.job_completed(stats),
+        DomainEvent::DeviceRemoved { alias, .. } => removed(core, removals, alias, true),
+        DomainEvent::DeviceRemovalFailed { alias, .. } => removed(core, removals, alias, false),
+        _ => {}
+    }
+    core.on_domain_event(ev)
+}
+
+/// The detaches waiting for the guest to release a disk: alias → where the answer goes.
+type Removals = std::collections::HashMap<String, oneshot::Sender<bool>>;
+
+/// What an operation tells the owner.
+pub(crate) enum Internal {
+    /// A detach of the disk with this alias waits for the guest's answer (true: released).
+    AwaitRemoval {
+        alias: String,
+        answer: oneshot::Sender<bool>,
+    },
+    /// That detach stopped waiting (libvirt refused it, or it timed out).
+    ForgetRemoval { alias: String },
+}
+
+/// The guest answered the detach of disk `alias`: the detach waiting gets the answer; a
+/// release nobody waits for any more (the detach timed out) removes the disk all the same.
+fn removed(core: &Launcher, removals: &mut Removals, alias: &str, released: bool) {
+    if hand_over(removals, alias, released) {
+        core.released_late(alias);
+    }
+}
+
+/// Gives the guest's answer to the detach waiting for it; true when the disk was released
+/// and nobody waits for that any more.
+fn hand_over(removals: &mut Removals, alias: &str, released: bool) -> bool {
+    let late = match removals.remove(alias) {
+        Some(waiter) => waiter.send(released).is_err(),
+        None => true,
+    };
+    late && released
 }
 
 /// The event as the domain model has it, logged; None when it is about another domain.
@@ -342,7 +719,13 @@ async fn gone(core: &Arc<Launcher>) -> Option<StopReason> {
 }
 
 /// Press the ACPI button once and start the grace clock. A second request changes nothing.
-async fn begin_stop(core: &Arc<Launcher>, why: &str, grace: Duration, stopping: &mut Stopping) {
+async fn begin_stop(
+    core: &Arc<Launcher>,
+    why: &'static str,
+    grace: Duration,
+    stopping: &mut Stopping,
+    link: &MigrationLink,
+) {
     if stopping.deadline.is_some() {
         tracing::info!(
             why,
@@ -353,13 +736,21 @@ async fn begin_stop(core: &Arc<Launcher>, why: &str, grace: Duration, stopping: 
     stopping.deadline = Some(Instant::now() + grace);
     // The pod is going away: a migration in flight is abandoned first (the VM stays here and
     // shuts down with the pod; the target is told to clean up).
-    if core.cancel_migration().is_ok() {
+    if core.check_cancel().is_ok() {
+        link.cancel();
         tracing::warn!(why, "stop requested during a migration: cancelling it");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while core.migration_running() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        stopping.acpi_after_migration = Some(AcpiPending {
+            why,
+            grace,
+            until: Instant::now() + MIGRATION_CANCEL_WAIT,
+        });
+        return;
     }
+    press_acpi(core, why, grace).await;
+}
+
+/// Presses the guest's ACPI power button.
+async fn press_acpi(core: &Arc<Launcher>, why: &str, grace: Duration) {
     tracing::info!(
         why,
         grace_s = grace.as_secs(),
@@ -380,6 +771,7 @@ async fn destroy(core: &Arc<Launcher>, why: &str, stopping: &mut Stopping) {
         return;
     }
     stopping.destroyed = true;
+    stopping.acpi_after_migration = None;
     tracing::warn!(why, "destroying the domain");
     let (hv, name) = (core.hypervisor().clone(), core.status().name);
     match tokio::task::spawn_blocking(move || hv.destroy(&name)).await {
@@ -430,32 +822,6 @@ async fn stale_stop(core: &Arc<Launcher>, ev: &DomainEvent) -> bool {
     )
 }
 
-/// SIGKILLs any QEMU of domain `name` still running under this launcher (one libvirtd spawned
-/// and lost track of when it died), and waits for it to be gone: it would hold the disks.
-pub(crate) async fn kill_orphan_qemu(name: &str) {
-    let me = std::process::id() as i32;
-    let needle = format!("guest={name},");
-    let orphans = || -> Vec<i32> {
-        children_of(me)
-            .into_iter()
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                    .unwrap_or(false)
-            })
-            .collect()
-    };
-    let found = orphans();
-    for pid in &found {
-        tracing::warn!(pid, domain = name, "killing a QEMU libvirtd lost track of");
-        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-    }
-    let until = Instant::now() + Duration::from_secs(10);
-    while !found.is_empty() && !orphans().is_empty() && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The domain stopped: remove its definition and report it.
 async fn finish(core: &Arc<Launcher>, reason: StopReason, requested: bool) -> Outcome {
     if core.awaiting_migration() {
@@ -476,43 +842,40 @@ async fn finish(core: &Arc<Launcher>, reason: StopReason, requested: bool) -> Ou
     outcome
 }
 
-/// Kills every process still parented to us (an orphaned QEMU after a daemon crash), and
-/// waits for the reaper to collect them.
-async fn kill_leftovers() {
-    let me = std::process::id() as i32;
-    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
-        let children = children_of(me);
-        if children.is_empty() {
-            return;
-        }
-        for pid in &children {
-            tracing::warn!(pid, ?sig, "terminating leftover process");
-            let _ = kill(Pid::from_raw(*pid), sig);
-        }
-        let until = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < until && !children_of(me).is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Live (non-zombie) children of `parent`, from /proc.
-fn children_of(parent: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let mut f = rest.split_whitespace();
-            let state = f.next();
-            let ppid = f.next().and_then(|p| p.parse::<i32>().ok());
-            ppid == Some(parent) && state != Some("Z")
-        })
-        .collect()
+    #[test]
+    fn exclusive_operations_run_one_at_a_time_in_arrival_order() {
+        let mut q = Queue::new();
+        assert_eq!(q.admit("a"), Some("a"));
+        assert_eq!(q.admit("b"), None);
+        assert_eq!(q.admit("c"), None);
+        assert_eq!(q.finished(), Some("b"));
+        assert_eq!(q.admit("d"), None);
+        assert_eq!(q.finished(), Some("c"));
+        assert_eq!(q.finished(), Some("d"));
+        assert_eq!(q.finished(), None);
+        // Idle again: the next one starts at once.
+        assert_eq!(q.admit("e"), Some("e"));
+    }
+
+    #[test]
+    fn the_guests_answer_goes_to_the_detach_waiting_or_counts_as_a_late_release() {
+        let mut removals = Removals::new();
+        let (tx, mut rx) = oneshot::channel();
+        removals.insert("ua-a".into(), tx);
+        assert!(!hand_over(&mut removals, "ua-a", true));
+        assert_eq!(rx.try_recv(), Ok(true));
+        // The detach timed out (its receiver is gone) just before the guest let go.
+        let (tx, rx) = oneshot::channel();
+        removals.insert("ua-b".into(), tx);
+        drop(rx);
+        assert!(hand_over(&mut removals, "ua-b", true));
+        // Nobody waits: a release is late, a refusal changes nothing.
+        assert!(hand_over(&mut removals, "ua-c", true));
+        assert!(!hand_over(&mut removals, "ua-c", false));
+        assert!(removals.is_empty());
+    }
 }

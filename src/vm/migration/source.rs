@@ -1,218 +1,25 @@
-//! Live migration between two launcher pods.
-//!
-//! Target: [`Launcher::prepare_migration_target`] plans the VMI against this pod (its claims at
-//! its own volumes directory: one RWX claim mounted by two nodes, or for block migration its own
-//! local claim, whose missing `disk.img` it creates at the source's size; its own private files)
-//! and reports where its libvirtd and the migration data sockets are. The VM arrives through
-//! libvirt; the core adopts it on its first lifecycle event.
-//!
-//! Source: [`Launcher::migrate`] checks the target was prepared for the same VMI, applies the
-//! storage rules (only shared or read-only disks migrate directly; local writable disks need
-//! block migration into same-sized images on the target, which QEMU mirrors into over the
-//! disks socket), rewrites the pod-local paths of the live XML to the target pod's, and runs
-//! a peer-to-peer migration over unix sockets while a monitor reports progress every 400 ms and
-//! enforces the progress and completion deadlines. Any failure leaves the VM running here and
-//! tells the target launcher to exit.
+//! The source side of a migration: checks, the libvirt call, and the monitor that reports
+//! progress and enforces the deadlines.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::core::{ControlError, Launcher};
-use super::state::{
-    Event, EventKind, MigrationMode, MigrationPhase, MigrationProgress, State, TargetInfo,
+use super::{
+    MigrateOptions, MigrationInbox, MigrationOutcome, MigrationPeer, PeerDisk, PreparedTarget,
+    DEFAULT_MAX_DOWNTIME_MS, DEFAULT_PROGRESS_TIMEOUT, DEFAULT_TIMEOUT_PER_GIB,
+    INITIAL_DOWNTIME_MS, PROGRESS_INTERVAL,
 };
 use crate::libvirt::{self, JobStats, MigrateParams};
-use crate::spec::VirtualMachineInstance;
-
-/// How often progress is read and published.
-pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(400);
-/// The switch-over downtime allowed during the first pass over memory when the caller sets no
-/// `max_downtime_ms`. QEMU's own default (300 ms) lets it switch over at the end of the first
-/// pass with whatever the guest dirtied meanwhile (measured here: 90–330 ms of downtime for an
-/// idle 128 MiB guest); at 50 ms it makes one more, short pass first (40–70 ms, total time
-/// unchanged).
-pub const INITIAL_DOWNTIME_MS: u64 = 50;
-/// Where the default limit stops doubling: QEMU's (and KubeVirt's) default, so a busy VM that
-/// does not converge at a low limit gets, after a few passes, the limit it would have had.
-pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
-const DEFAULT_TIMEOUT_PER_GIB: u64 = 150;
-const DEFAULT_PROGRESS_TIMEOUT: u64 = 150;
-
-/// What the caller asks of a migration.
-#[derive(Debug, Clone, Default)]
-pub struct MigrateOptions {
-    pub bandwidth_mib: u64,
-    pub max_downtime_ms: u64,
-    pub completion_timeout_per_gib: u64,
-    pub progress_timeout: u64,
-    pub allow_post_copy: bool,
-    pub allow_auto_converge: bool,
-    pub parallel_connections: u32,
-    pub block_migration: bool,
-}
-
-/// This pod's sockets, for a target.
-#[derive(Debug, Clone)]
-pub struct PodSockets {
-    pub libvirt_uri: String,
-    pub runtime_dir: std::path::PathBuf,
-}
-
-/// How a migration ended.
-#[derive(Debug, Clone)]
-pub struct MigrationOutcome {
-    pub success: bool,
-    pub progress: MigrationProgress,
-    pub message: String,
-}
+use crate::vm::core::{ControlError, Launcher};
+use crate::vm::state::{MigrationMode, MigrationPhase, MigrationProgress, State, TargetInfo};
 
 impl Launcher {
-    /// Readies this (VM-less) launcher to receive `vmi` by migration.
-    ///
-    /// `disk_sizes` (volume name to bytes) sizes the destination of a block migration: a local
-    /// claim named there whose `disk.img` is missing is created sparse at the source's size.
-    pub async fn prepare_migration_target(
-        &self,
-        vmi: VirtualMachineInstance,
-        disk_sizes: HashMap<String, u64>,
-    ) -> Result<TargetInfo, ControlError> {
-        let _op = self.op.lock().await;
-        if self.has_started() || self.status().migration_target.is_some() {
-            return Err(ControlError::Precondition(
-                "this launcher already runs or awaits a VM".into(),
-            ));
-        }
-        let sockets = self.sockets.clone().ok_or_else(|| {
-            ControlError::Precondition("this launcher cannot receive migrations".into())
-        })?;
-        let created = super::plan::create_copy_targets(
-            &vmi,
-            &self.planner.paths.paths_for(&vmi),
-            &disk_sizes,
-        )?;
-        let undo = |why: ControlError| {
-            for (_, p) in &created {
-                let _ = std::fs::remove_file(p);
-            }
-            why
-        };
-        let plan = self.planner.plan(&vmi).map_err(|e| undo(e.into()))?;
-        // Block migration copies only writable disks: a read-only one must already be here.
-        if let Some(d) = plan.domain.devices.disks.iter().find(|d| {
-            (d.readonly || d.shareable || d.device == crate::domain::DiskDevice::Cdrom)
-                && created.iter().any(|(v, _)| v == d.volume())
-        }) {
-            return Err(undo(ControlError::Precondition(format!(
-                "volume {}: read-only or shareable disks are not copied by block migration; \
-                 this pod must mount the same data",
-                d.volume()
-            ))));
-        }
-        self.planner
-            .prepare(&vmi, &plan)
-            .map_err(|e| undo(e.into()))?;
-        let paths = &plan.facts.paths;
-        let info = TargetInfo {
-            uid: vmi.metadata.uid.clone().unwrap_or_default(),
-            libvirt_uri: sockets.libvirt_uri.clone(),
-            migration_uri: format!(
-                "unix://{}",
-                sockets.runtime_dir.join("migration.sock").display()
-            ),
-            disks_uri: format!(
-                "unix://{}",
-                sockets.runtime_dir.join("migration-disks.sock").display()
-            ),
-            private_dir: paths.private_dir.display().to_string(),
-            ephemeral_dir: paths.ephemeral_disks_dir.display().to_string(),
-            volumes_dir: paths.vmi_disks_dir.display().to_string(),
-            hotplug_dir: paths.hotplug_disks_dir.display().to_string(),
-        };
-        *self.console_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(paths.serial_log());
-        let disks = plan
-            .domain
-            .devices
-            .disks
-            .iter()
-            .map(|d| super::core::disk_status(d, &vmi, super::state::Phase::Attaching, ""))
-            .collect();
-        self.update(|s| {
-            s.name = plan.domain.name().to_string();
-            s.uid = info.uid.clone();
-            s.disks = disks;
-            s.migration_target = Some(info.clone());
-            s.migration = Some(MigrationProgress::new(MigrationPhase::Prepared));
-        });
-        *self.lock_vmi() = Some(vmi);
-        self.publish_migration(
-            MigrationProgress::new(MigrationPhase::Prepared),
-            "prepared as migration target",
-        );
-        tracing::info!(migration_uri = %info.migration_uri, libvirt_uri = %info.libvirt_uri, "ready to receive a migration");
-        Ok(info)
-    }
-
-    /// Whether this launcher is a prepared target whose VM has not arrived.
-    pub fn awaiting_migration(&self) -> bool {
-        !self.has_started() && self.status().migration_target.is_some()
-    }
-
-    /// The VM arrived (first lifecycle event on a prepared target): adopt it.
-    pub(super) fn adopt_incoming(&self) {
-        if !self.awaiting_migration() {
-            return;
-        }
-        self.started.store(true, Ordering::SeqCst);
-        self.update(|s| {
-            s.migration_target = None;
-            for d in &mut s.disks {
-                d.phase = super::state::Phase::Ready;
-            }
-        });
-        let mut p = self
-            .status()
-            .migration
-            .unwrap_or_else(|| MigrationProgress::new(MigrationPhase::Succeeded));
-        p.phase = MigrationPhase::Succeeded;
-        self.update(|s| s.migration = Some(p.clone()));
-        self.publish_migration(p, "the VM arrived from the source");
-        tracing::info!("incoming migration arrived; serving the VM");
-    }
-
-    pub(super) fn publish_migration(&self, progress: MigrationProgress, message: &str) {
-        let mut e = Event::new(EventKind::Migration);
-        let s = self.status();
-        e.state = s.state;
-        e.reason = s.reason;
-        e.message = message.to_string();
-        e.migration = Some(progress);
-        self.events.push(e);
-    }
-
-    /// Whether a migration is under way from here.
-    pub fn migration_running(&self) -> bool {
-        self.status()
-            .migration
-            .as_ref()
-            .is_some_and(|m| m.phase == MigrationPhase::Running)
-    }
-
-    /// Asks a running migration to stop; the VM stays here.
-    pub fn cancel_migration(&self) -> Result<(), ControlError> {
-        if self.status().migration.as_ref().map(|m| m.phase) != Some(MigrationPhase::Running) {
-            return Err(ControlError::Precondition("no migration is running".into()));
-        }
-        self.cancel.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// Migrates the running VM to the prepared target behind `target_socket`.
+    /// Migrates the running VM to the prepared target `peer` speaks for.
     pub async fn migrate(
         self: &Arc<Self>,
-        target_socket: &std::path::Path,
+        peer: &dyn MigrationPeer,
         opts: MigrateOptions,
+        inbox: MigrationInbox,
     ) -> Result<MigrationOutcome, ControlError> {
         if self
             .status()
@@ -224,7 +31,6 @@ impl Launcher {
                 "a migration is already running".into(),
             ));
         }
-        let _op = self.op.lock().await;
         let status = self.status();
         if !self.has_started() || !matches!(status.state, State::Running | State::Paused) {
             return Err(ControlError::Precondition(format!(
@@ -241,7 +47,7 @@ impl Launcher {
                 "a migration is already running".into(),
             ));
         }
-        let (target, target_disks) = query_target(target_socket).await?;
+        let (target, target_disks) = query_target(peer).await?;
         if target.uid != status.uid {
             return Err(ControlError::Precondition(format!(
                 "the target was prepared for VMI uid {:?}, this VM is {:?}",
@@ -249,7 +55,7 @@ impl Launcher {
             )));
         }
         // Storage rules.
-        let local: Vec<&super::state::DiskStatus> = status
+        let local: Vec<&crate::vm::state::DiskStatus> = status
             .disks
             .iter()
             .filter(|d| !d.shared && !d.readonly)
@@ -264,7 +70,7 @@ impl Launcher {
         if opts.block_migration {
             check_copy_sizes(&local, &target_disks)?;
         }
-        let vmi = self.lock_vmi().clone().ok_or(ControlError::NoDomain)?;
+        let vmi = self.vmi().ok_or(ControlError::NoDomain)?;
         let here = self.planner.paths.paths_for(&vmi);
         let name = status.name.clone();
         let n = name.clone();
@@ -334,8 +140,10 @@ impl Launcher {
                 None
             }
         };
-        self.cancel.store(false, Ordering::SeqCst);
-        *self.last_job.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let MigrationInbox {
+            cancel,
+            job_completed,
+        } = inbox;
         let started = Instant::now();
         let running = MigrationProgress::new(MigrationPhase::Running);
         self.update(|s| s.migration = Some(running.clone()));
@@ -350,6 +158,7 @@ impl Launcher {
             downtime_applied,
             started,
             done_rx,
+            cancel.clone(),
         ));
         let (n, dest) = (name.clone(), target.libvirt_uri.clone());
         let result = self
@@ -367,24 +176,15 @@ impl Launcher {
             Ok(()) => {
                 // The measured downtime: libvirt's completed-job statistics, from the
                 // JOB_COMPLETED event (the source domain may already be gone), else by asking.
-                let deadline = Instant::now() + Duration::from_secs(2);
-                let done = loop {
-                    if let Some(fields) = self
-                        .last_job
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .take()
-                    {
-                        break Some(JobStats {
-                            job_type: 3,
-                            fields,
-                        });
-                    }
-                    if Instant::now() > deadline {
+                let done = match tokio::time::timeout(JOB_COMPLETED_WAIT, job_completed).await {
+                    Ok(Ok(fields)) => Some(JobStats {
+                        job_type: 3,
+                        fields,
+                    }),
+                    _ => {
                         let n = name.clone();
-                        break self.blocking(move |hv| hv.job_stats(&n, true)).await.ok();
+                        self.blocking(move |hv| hv.job_stats(&n, true)).await.ok()
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                 };
                 if let Some(done) = done {
                     fill(&mut progress, &done);
@@ -397,7 +197,7 @@ impl Launcher {
                 }
             }
             Err(e) => {
-                let cancelled = self.cancel.load(Ordering::SeqCst);
+                let cancelled = *cancel.borrow();
                 progress.phase = if cancelled {
                     MigrationPhase::Cancelled
                 } else {
@@ -409,7 +209,7 @@ impl Launcher {
                     None => format!("{e}; the VM keeps running here"),
                 };
                 // The target must not linger: tell its launcher to exit.
-                cleanup_target(target_socket).await;
+                peer.give_up().await;
                 MigrationOutcome {
                     success: false,
                     progress,
@@ -430,15 +230,19 @@ impl Launcher {
     }
 }
 
+/// How long a successful migration waits for the JOB_COMPLETED event's statistics before it
+/// asks libvirt for them.
+const JOB_COMPLETED_WAIT: Duration = Duration::from_secs(2);
+
 /// Block migration copies each local disk into the target's copy of it, which must have the
 /// same size (QEMU mirrors into the existing image; a smaller one cannot hold the data, a
 /// larger one would change the disk the guest sees).
 fn check_copy_sizes(
-    local: &[&super::state::DiskStatus],
-    target: &[crate::api::pb::Disk],
+    local: &[&crate::vm::state::DiskStatus],
+    target: &[PeerDisk],
 ) -> Result<(), ControlError> {
     for d in local {
-        let here = super::core::size_of(std::path::Path::new(&d.source));
+        let here = crate::vm::volumes::size_of(std::path::Path::new(&d.source));
         let there = target.iter().find(|t| t.volume == d.volume);
         let why = match there {
             None => "the target has no such disk".to_string(),
@@ -459,36 +263,15 @@ fn check_copy_sizes(
 
 /// Asks the target launcher what it was prepared for, and its disks.
 async fn query_target(
-    socket: &std::path::Path,
-) -> Result<(TargetInfo, Vec<crate::api::pb::Disk>), ControlError> {
+    peer: &dyn MigrationPeer,
+) -> Result<(TargetInfo, Vec<PeerDisk>), ControlError> {
     let unreachable = |e: String| {
-        ControlError::Precondition(format!("target launcher at {}: {e}", socket.display()))
+        ControlError::Precondition(format!("target launcher at {}: {e}", peer.location()))
     };
-    let mut c = crate::api::client::connect(socket)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let mut req = tonic::Request::new(crate::api::pb::Empty {});
-    req.set_timeout(Duration::from_secs(5));
-    let d = c
-        .get_domain(req)
-        .await
-        .map_err(|e| unreachable(e.message().to_string()))?
-        .into_inner();
-    let t = d
-        .migration_target
-        .ok_or_else(|| unreachable("it was not prepared as a migration target".into()))?;
-    Ok((TargetInfo::from(t), d.disks))
-}
-
-/// Tells a target launcher to give up (best effort: it may already be gone).
-async fn cleanup_target(socket: &std::path::Path) {
-    if let Ok(mut c) = crate::api::client::connect(socket).await {
-        let mut req = tonic::Request::new(crate::api::pb::Empty {});
-        req.set_timeout(Duration::from_secs(5));
-        if let Err(e) = c.kill(req).await {
-            tracing::debug!(error = %e, "target cleanup request");
-        }
-    }
+    let PreparedTarget { target, disks } = peer.prepared().await.map_err(unreachable)?;
+    let target =
+        target.ok_or_else(|| unreachable("it was not prepared as a migration target".into()))?;
+    Ok((target, disks))
 }
 
 /// Moves pod-local directories in the domain XML to the target pod's.
@@ -554,6 +337,7 @@ async fn monitor(
     mut downtime_applied: Option<u64>,
     started: Instant,
     mut done: tokio::sync::watch::Receiver<bool>,
+    cancel: tokio::sync::watch::Receiver<bool>,
 ) -> Option<String> {
     let per_gib = if opts.completion_timeout_per_gib == 0 {
         DEFAULT_TIMEOUT_PER_GIB
@@ -624,7 +408,7 @@ async fn monitor(
                 why
             }
         };
-        if core.cancel.load(Ordering::SeqCst) {
+        if *cancel.borrow() {
             verdict = Some(abort("cancelled on request".into()).await);
             aborted = true;
             continue;
@@ -671,7 +455,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_downtime_limit_starts_low_and_doubles_per_pass_to_qemus_default() {
+    pub(crate) fn the_default_downtime_limit_starts_low_and_doubles_per_pass_to_qemus_default() {
         let default = MigrateOptions::default();
         let limits: Vec<u64> = (0..=6).map(|p| downtime_limit(&default, p)).collect();
         assert_eq!(limits, [50, 50, 100, 200, 300, 300, 300]);
@@ -684,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn pod_local_paths_move_and_nothing_else() {
+    pub(crate) fn pod_local_paths_move_and_nothing_else() {
         let xml = "<x><source path='/a/private/virt-serial0'/><log file=\"/a/private/log\"/>\
                    <source file='/vols/data/disk.img'/><kernel>/a/private/k</kernel><b path='/a/privateX/y'/></x>";
         let out = rewrite_paths(xml, &[("/a/private".into(), "/b/private".into())]);

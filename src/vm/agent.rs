@@ -1,0 +1,90 @@
+//! The guest agent: freeze and thaw the guest's filesystems, with an automatic thaw.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::core::{ControlError, Launcher};
+use super::handle::Request;
+use super::state::EventKind;
+use crate::libvirt::{self, LibvirtError};
+
+impl Launcher {
+    /// Freezes the guest's filesystems; thaws them by itself after `timeout`.
+    pub async fn freeze(self: &Arc<Self>, timeout: Duration) -> Result<i32, ControlError> {
+        let name = self.domain_name()?;
+        let n = name.clone();
+        let frozen = self
+            .blocking(move |hv| hv.fs_freeze(&n))
+            .await
+            .map_err(agent_error)?;
+        let generation = self.freeze_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.publish(
+            EventKind::Agent,
+            &format!(
+                "froze {frozen} filesystems; automatic thaw in {}s",
+                timeout.as_secs()
+            ),
+        );
+        // The automatic thaw is a request to the owner like any other: it waits its turn
+        // behind the operation running then, and a thaw or freeze meanwhile cancels it.
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(me) = me.upgrade() {
+                if me.freeze_generation.load(Ordering::SeqCst) == generation {
+                    let _ = me.owner.send(Request::AutoThaw { generation });
+                }
+            }
+        });
+        Ok(frozen)
+    }
+
+    /// Thaws the filesystems frozen by freeze number `generation`, unless a later freeze or
+    /// thaw came since.
+    pub(crate) async fn auto_thaw(&self, generation: u64) {
+        if self.freeze_generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        let Ok(name) = self.domain_name() else {
+            return;
+        };
+        match self.blocking(move |hv| hv.fs_thaw(&name)).await {
+            Ok(k) => self.publish(
+                EventKind::Agent,
+                &format!("freeze timed out: thawed {k} filesystems"),
+            ),
+            Err(e) => tracing::error!(error = %e, "automatic thaw failed"),
+        }
+    }
+
+    pub async fn unfreeze(&self) -> Result<i32, ControlError> {
+        let name = self.domain_name()?;
+        self.freeze_generation.fetch_add(1, Ordering::SeqCst);
+        let thawed = self
+            .blocking(move |hv| hv.fs_thaw(&name))
+            .await
+            .map_err(agent_error)?;
+        self.publish(EventKind::Agent, &format!("thawed {thawed} filesystems"));
+        Ok(thawed)
+    }
+}
+
+fn agent_error(e: ControlError) -> ControlError {
+    match e {
+        ControlError::Libvirt(LibvirtError::Call { code, message, .. })
+            if code == libvirt::VIR_ERR_AGENT_UNRESPONSIVE =>
+        {
+            ControlError::Precondition(format!("the guest agent is not connected: {message}"))
+        }
+        ControlError::Libvirt(LibvirtError::Call { code, message, .. })
+            if code == libvirt::VIR_ERR_ARGUMENT_UNSUPPORTED
+                || code == libvirt::VIR_ERR_OPERATION_UNSUPPORTED
+                || code == libvirt::VIR_ERR_OPERATION_INVALID
+                || message.contains("agent") =>
+        {
+            ControlError::Precondition(format!("the guest agent cannot do this: {message}"))
+        }
+        e => e,
+    }
+}

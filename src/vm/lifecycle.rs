@@ -1,0 +1,359 @@
+//! Lifecycle: start the domain (and start it again when libvirtd died under the start),
+//! reconcile the running domain to a new VMI, stop/pause/reboot requests, statistics, and the
+//! domain's state as libvirt events report it.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::core::{ControlError, Launcher};
+use super::state::{Event, EventKind, Phase, State, Status};
+use super::volumes::{attached_volume, disk_status, is_hotplug};
+use crate::libvirt::events::StopReason;
+use crate::libvirt::{DomainEvent, DomainStats, LifecycleKind};
+use crate::spec::VirtualMachineInstance;
+
+impl Launcher {
+    /// Starts the VMI, or reconciles the running domain to it.
+    pub async fn sync(&self, vmi: VirtualMachineInstance) -> Result<Status, ControlError> {
+        if !self.has_started() {
+            self.start(vmi).await?;
+        } else {
+            self.reconcile(vmi).await?;
+        }
+        Ok(self.status())
+    }
+
+    pub(crate) async fn start(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
+        let plan = self.planner.plan(&vmi)?;
+        self.planner.prepare(&vmi, &plan)?;
+        self.set_console_log(plan.facts.paths.serial_log());
+        let name = plan.domain.name().to_string();
+        self.update(|s| {
+            s.name = name.clone();
+            s.uid = vmi.metadata.uid.clone().unwrap_or_default();
+            s.disks = plan
+                .domain
+                .devices
+                .disks
+                .iter()
+                .map(|d| disk_status(d, &vmi, Phase::Attaching, ""))
+                .collect();
+        });
+        self.set_state(State::Starting, "sync");
+        self.set_vmi(vmi);
+        let xml = plan.domain.to_xml();
+        tracing::info!(domain = %name, "starting domain");
+        let t = std::time::Instant::now();
+        let connection = self.connections.load(Ordering::SeqCst);
+        let define = xml.clone();
+        let result = match self.blocking(move |hv| hv.define_and_start(&define)).await {
+            // libvirtd died under the call (killed, crashed): it is being restarted.
+            Err(e)
+                if !self.hv.is_connected()
+                    || self.connections.load(Ordering::SeqCst) != connection =>
+            {
+                self.start_again(&name, &xml, e).await
+            }
+            r => r,
+        };
+        if let Err(e) = result {
+            self.set_state(State::Shutoff, "failed");
+            return Err(e);
+        }
+        self.started.store(true, Ordering::SeqCst);
+        tracing::info!(domain = %name, elapsed_ms = t.elapsed().as_millis() as u64, "domain running");
+        let volumes: Vec<String> = self
+            .status()
+            .disks
+            .iter()
+            .map(|d| d.volume.clone())
+            .collect();
+        for v in volumes {
+            self.set_phase(&v, Phase::Ready, "");
+        }
+        Ok(())
+    }
+
+    /// libvirtd died while it was starting the domain. Once it is back (the pod's daemon
+    /// supervisor restarts it within a second), the domain either runs (libvirtd had finished
+    /// starting it and reattaches to its QEMU: adopted) or not (libvirtd kills a QEMU it was
+    /// still setting up): then any QEMU of this domain libvirtd does not know of is killed, so
+    /// that nothing else holds the disks, and the domain is started once more. A second failure
+    /// is returned, saying what happened.
+    pub(crate) async fn start_again(
+        &self,
+        name: &str,
+        xml: &str,
+        first: ControlError,
+    ) -> Result<(), ControlError> {
+        tracing::warn!(domain = %name, error = %first, "libvirtd died while starting the domain; starting it again once libvirtd is back");
+        self.publish(
+            EventKind::Daemon,
+            "libvirtd died during the domain's start; retrying",
+        );
+        let lost = |what: String| {
+            ControlError::Precondition(format!(
+                "libvirtd died while starting the domain ({first}); {what}"
+            ))
+        };
+        self.ensure_connected()
+            .await
+            .map_err(|e| lost(format!("it did not come back: {e}")))?;
+        match self.settled_state(name).await {
+            Some(s) if s.is_running() => {
+                tracing::info!(domain = %name, "libvirtd, back, runs the domain: adopting it");
+                self.set_state(State::Running, "started");
+                return Ok(());
+            }
+            Some(s) if !s.is_shut_off() => {
+                tracing::warn!(domain = %name, state = s.name(), "destroying the half-started domain");
+                let n = name.to_string();
+                let _ = self.blocking(move |hv| hv.destroy(&n)).await;
+            }
+            _ => {}
+        }
+        crate::pod::children::kill_orphan_qemu(name).await;
+        let n = name.to_string();
+        if self
+            .blocking(move |hv| hv.exists(&n))
+            .await
+            .unwrap_or(false)
+        {
+            let n = name.to_string();
+            let _ = self.blocking(move |hv| hv.undefine(&n)).await;
+        }
+        let x = xml.to_string();
+        self.blocking(move |hv| hv.define_and_start(&x))
+            .await
+            .map_err(|e| lost(format!("starting it again failed: {e}")))?;
+        tracing::info!(domain = %name, "domain started on the second attempt");
+        Ok(())
+    }
+
+    /// The domain's state once libvirtd has finished dealing with a domain it found starting
+    /// when it came back (it kills those); None: no such domain.
+    pub(crate) async fn settled_state(&self, name: &str) -> Option<crate::libvirt::DomainState> {
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let n = name.to_string();
+            let state = match self.blocking(move |hv| hv.state(&n)).await {
+                Ok(s) => Some(s),
+                Err(ControlError::NoDomain) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "domain state");
+                    None
+                }
+            };
+            if let Some(s) = state.filter(|s| s.is_running() || s.is_shut_off()) {
+                return Some(s);
+            }
+            if std::time::Instant::now() > until {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub(crate) async fn reconcile(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
+        // One look at the state for the whole Sync: what it attaches or detaches below changes
+        // only volumes this snapshot does not decide on.
+        let before = self.status();
+        let given = vmi.metadata.uid.clone().unwrap_or_default();
+        if before.uid != given {
+            return Err(ControlError::WrongUid {
+                running: before.uid,
+                given,
+            });
+        }
+        let t0 = std::time::Instant::now();
+        let name = self.domain_name()?;
+        let live = self.live_disks(&name).await?;
+        let looked = t0.elapsed();
+        // The hot-plugged volumes the domain holds are planned as it holds them, not probed
+        // again: a Sync's cost stays the same however many disks are attached.
+        let attached = live
+            .iter()
+            .filter_map(|l| Some((l.volume_name()?.to_string(), attached_volume(l))))
+            .collect();
+        let plan = self.planner.plan_running(&vmi, &attached)?;
+        let planned = t0.elapsed();
+        self.set_vmi(vmi.clone());
+        let wanted_volumes: Vec<&str> = plan
+            .domain
+            .devices
+            .disks
+            .iter()
+            .map(|d| d.volume())
+            .collect();
+
+        // Attach what the spec has and the domain lacks (hot-pluggable volumes only).
+        let mut failures = Vec::new();
+        for disk in &plan.domain.devices.disks {
+            if !is_hotplug(&vmi, disk.volume())
+                || live.iter().any(|l| l.volume_name() == Some(disk.volume()))
+            {
+                continue;
+            }
+            if let Err(e) = self.attach(&name, &vmi, disk, &live).await {
+                failures.push(e);
+            }
+        }
+        let attach_done = t0.elapsed();
+        // Detach hot-plugged disks the spec no longer has.
+        for l in &live {
+            let Some(volume) = l.volume_name() else {
+                continue;
+            };
+            let was_hotplugged = before
+                .disks
+                .iter()
+                .any(|d| d.volume == volume && d.hotplugged);
+            if was_hotplugged && !wanted_volumes.contains(&volume) {
+                if let Err(e) = self.detach(&name, volume, l).await {
+                    failures.push(e);
+                }
+            }
+        }
+        // Failed attaches of volumes the spec no longer has are forgotten; a failed detach
+        // stays visible (the disk is still attached).
+        let attached: Vec<&str> = live.iter().filter_map(|l| l.volume_name()).collect();
+        self.update(|s| {
+            s.disks.retain(|d| {
+                d.phase != Phase::Failed
+                    || wanted_volumes.contains(&d.volume.as_str())
+                    || attached.contains(&d.volume.as_str())
+            })
+        });
+        // Grow disks whose claim grew (those still attached).
+        for l in &live {
+            let Some(volume) = l.volume_name() else {
+                continue;
+            };
+            if !wanted_volumes.contains(&volume) {
+                continue;
+            }
+            let known = before
+                .disks
+                .iter()
+                .find(|d| d.volume == volume)
+                .map(|d| d.size_bytes);
+            if let Err(e) = self.expand(&name, &vmi, volume, l, known).await {
+                failures.push(e);
+            }
+        }
+        tracing::debug!(
+            live_xml_us = looked.as_micros() as u64,
+            plan_us = (planned - looked).as_micros() as u64,
+            attach_us = (attach_done - planned).as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "sync reconciled"
+        );
+        match failures.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether there is anything to stop: a domain, or a prepared migration target.
+    pub(crate) fn check_stop(&self) -> Result<(), ControlError> {
+        if !self.awaiting_migration() {
+            self.domain_name()?;
+        }
+        Ok(())
+    }
+
+    pub async fn pause(&self) -> Result<(), ControlError> {
+        let name = self.domain_name()?;
+        self.blocking(move |hv| hv.pause(&name)).await
+    }
+
+    pub async fn unpause(&self) -> Result<(), ControlError> {
+        let name = self.domain_name()?;
+        self.blocking(move |hv| hv.resume(&name)).await
+    }
+
+    pub async fn reboot(&self) -> Result<(), ControlError> {
+        let name = self.domain_name()?;
+        self.blocking(move |hv| hv.reboot(&name)).await
+    }
+
+    pub async fn stats(&self) -> Result<(DomainStats, Vec<(String, String)>), ControlError> {
+        let name = self.domain_name()?;
+        let disks: Vec<(String, String)> = self
+            .status()
+            .disks
+            .iter()
+            .filter(|d| d.phase == Phase::Ready)
+            .map(|d| (d.volume.clone(), d.target.clone()))
+            .collect();
+        let targets: Vec<String> = disks.iter().map(|(_, t)| t.clone()).collect();
+        let stats = self.blocking(move |hv| hv.stats(&name, &targets)).await?;
+        Ok((stats, disks))
+    }
+
+    /// Applies a libvirt event to the state. Returns the stop reason when the domain is gone.
+    pub fn on_domain_event(&self, ev: &DomainEvent) -> Option<StopReason> {
+        self.domain_changed();
+        match ev {
+            DomainEvent::Lifecycle { kind, .. } => match kind {
+                // On a migration target the incoming QEMU starts paused, waiting for the
+                // data; the VM is ours only when it resumes here.
+                LifecycleKind::Started if self.awaiting_migration() => {
+                    self.set_state(State::Starting, "incoming migration")
+                }
+                LifecycleKind::Started => self.set_state(State::Running, "started"),
+                LifecycleKind::Resumed => {
+                    self.adopt_incoming();
+                    self.set_state(State::Running, "unpaused")
+                }
+                LifecycleKind::Suspended => self.set_state(State::Paused, "paused"),
+                LifecycleKind::ShuttingDown => {
+                    self.set_state(State::ShuttingDown, "guest shutdown")
+                }
+                LifecycleKind::Crashed => self.set_state(State::Crashed, "crashed"),
+                LifecycleKind::Stopped(r) => {
+                    let state = if r.is_clean() {
+                        State::Shutoff
+                    } else {
+                        State::Crashed
+                    };
+                    self.set_state(state, &format!("{r:?}").to_lowercase());
+                    return Some(*r);
+                }
+                _ => {}
+            },
+            // DEVICE_REMOVED and DEVICE_REMOVAL_FAILED go to the detach waiting for them (the
+            // owner's removals).
+            DomainEvent::IoError {
+                alias,
+                path,
+                reason,
+                ..
+            } => {
+                let volume = alias.strip_prefix("ua-").unwrap_or(alias);
+                tracing::error!(volume, path, reason, "I/O error on volume");
+                let mut e = Event::new(EventKind::IoError);
+                e.volume = volume.to_string();
+                e.message = format!("I/O error on {path}: {reason}");
+                e.state = self.status().state;
+                self.events.push(e);
+            }
+            DomainEvent::AgentConnected { connected, .. } => self.publish(
+                EventKind::Agent,
+                if *connected {
+                    "guest agent connected"
+                } else {
+                    "guest agent disconnected"
+                },
+            ),
+            // JOB_COMPLETED goes to the migration that waits for it (the owner's link).
+            DomainEvent::Reboot { .. } => self.publish(EventKind::Domain, "guest rebooted"),
+            DomainEvent::Watchdog { action, .. } => self.publish(
+                EventKind::Domain,
+                &format!("watchdog fired (action {action})"),
+            ),
+            _ => {}
+        }
+        None
+    }
+}

@@ -1,0 +1,123 @@
+//! The target side of a migration: get ready to receive the VM, and adopt it when it arrives.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use crate::spec::VirtualMachineInstance;
+use crate::vm::core::{ControlError, Launcher};
+use crate::vm::state::{MigrationPhase, MigrationProgress, TargetInfo};
+
+impl Launcher {
+    /// Readies this (VM-less) launcher to receive `vmi` by migration.
+    ///
+    /// `disk_sizes` (volume name to bytes) sizes the destination of a block migration: a local
+    /// claim named there whose `disk.img` is missing is created sparse at the source's size.
+    pub async fn prepare_migration_target(
+        &self,
+        vmi: VirtualMachineInstance,
+        disk_sizes: HashMap<String, u64>,
+    ) -> Result<TargetInfo, ControlError> {
+        if self.has_started() || self.status().migration_target.is_some() {
+            return Err(ControlError::Precondition(
+                "this launcher already runs or awaits a VM".into(),
+            ));
+        }
+        let sockets = self.sockets.clone().ok_or_else(|| {
+            ControlError::Precondition("this launcher cannot receive migrations".into())
+        })?;
+        let created = crate::vm::plan::create_copy_targets(
+            &vmi,
+            &self.planner.paths.paths_for(&vmi),
+            &disk_sizes,
+        )?;
+        let undo = |why: ControlError| {
+            for (_, p) in &created {
+                let _ = std::fs::remove_file(p);
+            }
+            why
+        };
+        let plan = self.planner.plan(&vmi).map_err(|e| undo(e.into()))?;
+        // Block migration copies only writable disks: a read-only one must already be here.
+        if let Some(d) = plan.domain.devices.disks.iter().find(|d| {
+            (d.readonly || d.shareable || d.device == crate::domain::DiskDevice::Cdrom)
+                && created.iter().any(|(v, _)| v == d.volume())
+        }) {
+            return Err(undo(ControlError::Precondition(format!(
+                "volume {}: read-only or shareable disks are not copied by block migration; \
+                 this pod must mount the same data",
+                d.volume()
+            ))));
+        }
+        self.planner
+            .prepare(&vmi, &plan)
+            .map_err(|e| undo(e.into()))?;
+        let paths = &plan.facts.paths;
+        let info = TargetInfo {
+            uid: vmi.metadata.uid.clone().unwrap_or_default(),
+            libvirt_uri: sockets.libvirt_uri.clone(),
+            migration_uri: format!(
+                "unix://{}",
+                sockets.runtime_dir.join("migration.sock").display()
+            ),
+            disks_uri: format!(
+                "unix://{}",
+                sockets.runtime_dir.join("migration-disks.sock").display()
+            ),
+            private_dir: paths.private_dir.display().to_string(),
+            ephemeral_dir: paths.ephemeral_disks_dir.display().to_string(),
+            volumes_dir: paths.vmi_disks_dir.display().to_string(),
+            hotplug_dir: paths.hotplug_disks_dir.display().to_string(),
+        };
+        self.set_console_log(paths.serial_log());
+        let disks = plan
+            .domain
+            .devices
+            .disks
+            .iter()
+            .map(|d| {
+                crate::vm::volumes::disk_status(d, &vmi, crate::vm::state::Phase::Attaching, "")
+            })
+            .collect();
+        self.update(|s| {
+            s.name = plan.domain.name().to_string();
+            s.uid = info.uid.clone();
+            s.disks = disks;
+            s.migration_target = Some(info.clone());
+            s.migration = Some(MigrationProgress::new(MigrationPhase::Prepared));
+        });
+        self.set_vmi(vmi);
+        self.publish_migration(
+            MigrationProgress::new(MigrationPhase::Prepared),
+            "prepared as migration target",
+        );
+        tracing::info!(migration_uri = %info.migration_uri, libvirt_uri = %info.libvirt_uri, "ready to receive a migration");
+        Ok(info)
+    }
+
+    /// Whether this launcher is a prepared target whose VM has not arrived.
+    pub fn awaiting_migration(&self) -> bool {
+        !self.has_started() && self.status().migration_target.is_some()
+    }
+
+    /// The VM arrived (first lifecycle event on a prepared target): adopt it.
+    pub(crate) fn adopt_incoming(&self) {
+        if !self.awaiting_migration() {
+            return;
+        }
+        self.started.store(true, Ordering::SeqCst);
+        self.update(|s| {
+            s.migration_target = None;
+            for d in &mut s.disks {
+                d.phase = crate::vm::state::Phase::Ready;
+            }
+        });
+        let mut p = self
+            .status()
+            .migration
+            .unwrap_or_else(|| MigrationProgress::new(MigrationPhase::Succeeded));
+        p.phase = MigrationPhase::Succeeded;
+        self.update(|s| s.migration = Some(p.clone()));
+        self.publish_migration(p, "the VM arrived from the source");
+        tracing::info!("incoming migration arrived; serving the VM");
+    }
+}
