@@ -96,20 +96,20 @@ impl LauncherProc {
 
     /// Waits until the control socket is published.
     pub(crate) fn wait_socket(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while !self.socket().exists() {
-            check_interrupt()?;
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "the launcher did not publish {} within {timeout:?}\n{}",
-                    self.socket().display(),
-                    self.log_tail()
-                );
+        let socket = self.socket();
+        poll(Instant::now() + timeout, Duration::from_millis(2), || {
+            if socket.exists() {
+                return Ok(Some(()));
             }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
+            self.check_alive().map(|()| None)
+        })?
+        .ok_or_else(|| {
+            anyhow!(
+                "the launcher did not publish {} within {timeout:?}\n{}",
+                socket.display(),
+                self.log_tail()
+            )
+        })
     }
 
     pub(crate) fn note_namespace(&mut self) {
@@ -126,27 +126,25 @@ impl LauncherProc {
         pred: impl Fn(&Value) -> bool,
         timeout: Duration,
     ) -> Result<(Instant, Value)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((at, v)) = self
+        poll(Instant::now() + timeout, Duration::from_millis(2), || {
+            let found = self
                 .lines
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
                 .find(|(_, v)| pred(v))
-            {
-                return Ok((*at, v.clone()));
+                .map(|(at, v)| (*at, v.clone()));
+            match found {
+                Some(line) => Ok(Some(line)),
+                None => self.check_alive().map(|()| None),
             }
-            check_interrupt()?;
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "the launcher did not log the expected line within {timeout:?}\n{}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        })?
+        .ok_or_else(|| {
+            anyhow!(
+                "the launcher did not log the expected line within {timeout:?}\n{}",
+                self.log_tail()
+            )
+        })
     }
 
     pub(crate) fn check_alive(&mut self) -> Result<()> {
@@ -159,24 +157,22 @@ impl LauncherProc {
 
     /// Waits for the launcher to exit successfully; returns when it did.
     pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Result<Instant> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                let at = Instant::now();
-                if !status.success() {
-                    std::thread::sleep(Duration::from_millis(50));
-                    bail!("the launcher exited with {status}\n{}", self.log_tail());
-                }
-                return Ok(at);
+        let exited = poll(Instant::now() + timeout, Duration::from_millis(2), || {
+            Ok(self
+                .child
+                .try_wait()?
+                .map(|status| (Instant::now(), status)))
+        })?;
+        match exited {
+            Some((at, status)) if status.success() => Ok(at),
+            Some((_, status)) => {
+                std::thread::sleep(Duration::from_millis(50));
+                bail!("the launcher exited with {status}\n{}", self.log_tail())
             }
-            check_interrupt()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "the launcher did not exit within {timeout:?}\n{}",
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
+            None => bail!(
+                "the launcher did not exit within {timeout:?}\n{}",
+                self.log_tail()
+            ),
         }
     }
 

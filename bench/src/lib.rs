@@ -405,6 +405,18 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
+/// [`testkit::poll`] that also stops on Ctrl-C / SIGTERM.
+fn poll<T>(
+    deadline: Instant,
+    every: Duration,
+    mut step: impl FnMut() -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    testkit::poll(deadline, every, || match step()? {
+        Some(v) => Ok(Some(v)),
+        None => check_interrupt().map(|()| None),
+    })
+}
+
 /// Ctrl-C / SIGTERM: finish the current wait, clean up every process and namespace, exit.
 /// Taken by tokio's signal handling on a thread of its own: no handler of ours, no `unsafe`,
 /// and no blocked signal mask for the launchers and daemons the benchmark spawns to inherit.

@@ -137,10 +137,23 @@ pub(crate) fn wait_console(
     deadline: Instant,
     alive: impl FnMut() -> Result<()>,
 ) -> Result<Instant> {
-    poll_console(path, deadline, Duration::from_millis(5), alive, |text| {
-        text.contains(READY_MARKER)
+    let every = Duration::from_millis(5);
+    wait_marker(path, READY_MARKER, deadline, every, alive)
+}
+
+/// Polls the guest's console log at `path` every `every` until it shows `marker`; returns when
+/// it did.
+pub(crate) fn wait_marker(
+    path: &Path,
+    marker: &str,
+    deadline: Instant,
+    every: Duration,
+    alive: impl FnMut() -> Result<()>,
+) -> Result<Instant> {
+    poll_console(path, deadline, every, alive, |text| {
+        text.contains(marker)
             .then_some(())
-            .ok_or_else(|| format!("did not show {READY_MARKER} in time"))
+            .ok_or_else(|| format!("did not show {marker} in time"))
     })
 }
 
@@ -154,18 +167,15 @@ fn poll_console(
     mut alive: impl FnMut() -> Result<()>,
     done: impl Fn(&str) -> Result<(), String>,
 ) -> Result<Instant> {
-    loop {
-        let missing = match done(&testkit::guest::read_console(path)) {
-            Ok(()) => return Ok(Instant::now()),
-            Err(missing) => missing,
-        };
-        check_interrupt()?;
-        alive()?;
-        if Instant::now() > deadline {
-            bail!("the guest console {} {missing}", path.display());
+    let mut missing = String::new();
+    poll(deadline, every, || {
+        match done(&testkit::guest::read_console(path)) {
+            Ok(()) => return Ok(Some(Instant::now())),
+            Err(m) => missing = m,
         }
-        std::thread::sleep(every);
-    }
+        alive().map(|()| None)
+    })?
+    .ok_or_else(|| anyhow!("the guest console {} {missing}", path.display()))
 }
 
 /// The launcher process's memory (MiB).
@@ -258,15 +268,10 @@ pub(crate) fn shutdown_acpi(dom: &Domain) -> Result<()> {
 
 /// Waits until a (transient) domain is no longer active.
 pub(crate) fn wait_inactive(dom: &Domain, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while let Ok(true) = dom.is_active() {
-        check_interrupt()?;
-        if Instant::now() > deadline {
-            bail!("the domain did not shut off within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
+    poll(Instant::now() + timeout, Duration::from_millis(5), || {
+        Ok((!matches!(dom.is_active(), Ok(true))).then_some(()))
+    })?
+    .ok_or_else(|| anyhow!("the domain did not shut off within {timeout:?}"))
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {

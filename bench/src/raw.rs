@@ -167,15 +167,13 @@ impl RawLibvirt {
     }
 
     pub(crate) fn wait_socket(&mut self, socket: &Path, deadline: Instant) -> Result<()> {
-        while UnixStream::connect(socket).is_err() {
-            check_interrupt()?;
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                bail!("{} did not appear\n{}", socket.display(), self.log_tail());
+        poll(deadline, Duration::from_millis(2), || {
+            if UnixStream::connect(socket).is_ok() {
+                return Ok(Some(()));
             }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
+            self.check_alive().map(|()| None)
+        })?
+        .ok_or_else(|| anyhow!("{} did not appear\n{}", socket.display(), self.log_tail()))
     }
 
     pub(crate) fn check_alive(&mut self) -> Result<()> {

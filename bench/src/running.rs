@@ -63,7 +63,7 @@ impl Pair {
         let lhot = ldir.join("hotplug");
         fs::create_dir_all(&lhot)?;
         let lruntime = ldir.join("runtime");
-        let lconsole = lruntime.join("private/virt-serial0-log");
+        let lconsole = testkit::guest::console_log(&lruntime);
         let mut pod = LauncherProc::spawn_with(
             ctx.opts,
             Some(&lfiles.vmi),
@@ -77,7 +77,7 @@ impl Pair {
         let rhot = rdir.join("hotplug");
         fs::create_dir_all(&rhot)?;
         let rprivate = rdir.join("private");
-        let rconsole = rprivate.join("virt-serial0-log");
+        let rconsole = testkit::guest::console_in(&rprivate);
         let xml = domain_xml_with(&rfiles, &ctx.opts.guest_dir, &rprivate, Some(&rhot))?;
         let (mut raw, _) = RawLibvirt::start(&rdir, raw_name)?;
         raw.connect()?;
@@ -255,27 +255,21 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
     for i in 0..rounds {
         for step in 0..2 {
             check_interrupt()?;
-            if (i + step) % 2 == 0 {
+            let (load, side, rps, p99) = if (i + step) % 2 == 0 {
                 let load = rt.block_on(getdomain_load(&socket, CLIENTS, round))?;
-                progress(&format!(
-                    "{}/{rounds} launcher GetDomain x{CLIENTS}: {:.0} calls/s, p99 {:.2} ms",
-                    i + 1,
-                    load.rps(),
-                    load.p99_ms()
-                ));
-                l_rps.push(load.rps());
-                l_p99.push(load.p99_ms());
+                (load, "launcher GetDomain", &mut l_rps, &mut l_p99)
             } else {
                 let load = libvirt_load(&uri, &dom_name, CLIENTS, round)?;
-                progress(&format!(
-                    "{}/{rounds} raw GetState+GetXMLDesc x{CLIENTS}: {:.0} calls/s, p99 {:.2} ms",
-                    i + 1,
-                    load.rps(),
-                    load.p99_ms()
-                ));
-                r_rps.push(load.rps());
-                r_p99.push(load.p99_ms());
-            }
+                (load, "raw GetState+GetXMLDesc", &mut r_rps, &mut r_p99)
+            };
+            progress(&format!(
+                "{}/{rounds} {side} x{CLIENTS}: {:.0} calls/s, p99 {:.2} ms",
+                i + 1,
+                load.rps(),
+                load.p99_ms()
+            ));
+            rps.push(load.rps());
+            p99.push(load.p99_ms());
         }
     }
     drop(rt);

@@ -337,7 +337,7 @@ pub(crate) fn launcher_once(ctx: &mut Ctx, disks: usize) -> Result<LauncherRun> 
     let dir = ctx.fresh_dir("l")?;
     let files = write_pod(&dir, &ctx.name, disks)?;
     let runtime = dir.join("runtime");
-    let console = runtime.join("private/virt-serial0-log");
+    let console = testkit::guest::console_log(&runtime);
     let timeout = start_timeout(disks);
 
     let mut pod = LauncherProc::spawn(ctx.opts, &files, &runtime)?;
@@ -355,8 +355,8 @@ pub(crate) fn launcher_once(ctx: &mut Ctx, disks: usize) -> Result<LauncherRun> 
     let booted = wait_console(&console, t0 + timeout, || pod.check_alive())?;
     std::thread::sleep(SETTLE);
 
-    let libvirtd = read_pid(&runtime.join("pids/libvirtd.pid"))?;
-    let virtlogd = read_pid(&runtime.join("pids/virtlogd.pid"))?;
+    let libvirtd = read_pid(&testkit::launcher::daemon_pid_file(&runtime, "libvirtd"))?;
+    let virtlogd = read_pid(&testkit::launcher::daemon_pid_file(&runtime, "virtlogd"))?;
     let qemu = find_qemu(&ctx.name, &mount_ns(libvirtd)?)?;
     let rss = PodRss {
         launcher: rss_mib(pod.pid())?,
@@ -395,7 +395,7 @@ pub(crate) fn raw_cold_once(ctx: &mut Ctx, disks: usize) -> Result<RawColdRun> {
     let files = write_pod(&dir, &ctx.name, disks)?;
     let private = dir.join("private");
     let xml = domain_xml(&files, &ctx.opts.guest_dir, &private)?;
-    let console = private.join("virt-serial0-log");
+    let console = testkit::guest::console_in(&private);
     let timeout = start_timeout(disks);
 
     let t0 = Instant::now();
@@ -439,7 +439,7 @@ pub(crate) fn raw_warm_once(ctx: &mut Ctx, disks: usize, stop: WarmStop) -> Resu
     let files = write_pod(&dir, &ctx.name, disks)?;
     let private = dir.join("private");
     let xml = domain_xml(&files, &ctx.opts.guest_dir, &private)?;
-    let console = private.join("virt-serial0-log");
+    let console = testkit::guest::console_in(&private);
     let timeout = start_timeout(disks);
     let warm = ctx.warm()?;
 

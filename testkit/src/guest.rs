@@ -2,6 +2,7 @@
 //! says on its console and writes to its disks.
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The console line the guest prints once it is up.
@@ -24,7 +25,12 @@ pub fn is_complete(dir: &Path) -> bool {
 
 /// The guest's serial console log in a launcher's runtime directory.
 pub fn console_log(runtime_dir: &Path) -> PathBuf {
-    runtime_dir.join("private/virt-serial0-log")
+    console_in(&runtime_dir.join("private"))
+}
+
+/// The guest's serial console log in the VM's private directory (the domain XML's).
+pub fn console_in(private_dir: &Path) -> PathBuf {
+    private_dir.join("virt-serial0-log")
 }
 
 /// The text of a console log ("" until it exists).
@@ -34,12 +40,18 @@ pub fn read_console(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The counter the guest keeps at offset 0 of a disk (`lv.counter=vda`): the first line of
-/// the disk image, 0 if none.
-pub fn disk_counter(image: &Path) -> u64 {
-    let data = fs::read(image).unwrap_or_default();
+/// What the guest wrote at the start of a disk image: its first line (of the first 4 KiB),
+/// trimmed; "" if the image cannot be read.
+pub fn first_line(image: &Path) -> String {
+    let mut data = Vec::new();
+    let _ = fs::File::open(image).and_then(|f| f.take(4096).read_to_end(&mut data));
     let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
-    String::from_utf8_lossy(line).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(line).trim().to_string()
+}
+
+/// The counter the guest keeps at offset 0 of a disk (`lv.counter=vda`), 0 if none.
+pub fn disk_counter(image: &Path) -> u64 {
+    first_line(image).parse().unwrap_or(0)
 }
 
 /// The `LV-COUNT n` values on a console, in order (n was on disk, fsync'ed, when printed).

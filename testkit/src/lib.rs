@@ -12,6 +12,7 @@ pub mod procs;
 pub mod vmi;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The workspace root (the launcher's repository).
 pub fn root() -> &'static Path {
@@ -26,4 +27,51 @@ pub fn fresh_dir(path: PathBuf) -> std::io::Result<PathBuf> {
     }
     std::fs::create_dir_all(&path)?;
     Ok(path)
+}
+
+/// Calls `step` every `every` until it gives a value (`Ok(Some)`) or an error, or `deadline`
+/// passes (`Ok(None)`: the caller says what did not happen). `step` runs at least once.
+pub fn poll<T, E>(
+    deadline: Instant,
+    every: Duration,
+    mut step: impl FnMut() -> Result<Option<T>, E>,
+) -> Result<Option<T>, E> {
+    loop {
+        if let Some(v) = step()? {
+            return Ok(Some(v));
+        }
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(every);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_gives_the_value_the_error_or_none_after_the_deadline() {
+        let mut n = 0;
+        let got = poll(
+            Instant::now() + Duration::from_secs(5),
+            Duration::ZERO,
+            || {
+                n += 1;
+                Ok::<_, ()>((n == 3).then_some(n))
+            },
+        );
+        assert_eq!(got, Ok(Some(3)));
+        let failed = poll(Instant::now(), Duration::ZERO, || {
+            Err::<Option<()>, _>("dead")
+        });
+        assert_eq!(failed, Err("dead"));
+        let mut calls = 0;
+        let none = poll(Instant::now(), Duration::ZERO, || {
+            calls += 1;
+            Ok::<Option<()>, ()>(None)
+        });
+        assert_eq!((none, calls), (Ok(None), 1));
+    }
 }

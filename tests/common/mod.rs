@@ -204,18 +204,18 @@ impl Pod {
 
     /// Waits for the control socket to be published (the readiness signal).
     pub fn wait_socket(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.socket().exists() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("launcher exited ({status}) before serving\n{}", self.dump());
+        let served = wait(timeout, Duration::from_millis(20), || {
+            if self.socket().exists() {
+                return Some(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "socket not ready within {timeout:?}\n{}",
-                self.dump()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            self.panic_if_exited("before serving");
+            None
+        });
+        assert!(
+            served.is_some(),
+            "socket not ready within {timeout:?}\n{}",
+            self.dump()
+        );
     }
 
     /// Count of `marker` in the console log.
@@ -233,40 +233,39 @@ impl Pod {
 
     /// Waits until the guest console shows `marker`; panics with both logs after `timeout`.
     pub fn wait_console(&mut self, marker: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let shown = wait(timeout, Duration::from_millis(100), || {
             let console = self.console();
             if console.contains(marker) {
-                return console;
+                return Some(console);
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!(
-                    "launcher exited ({status}) before the console showed {marker:?}\n{}",
-                    self.dump()
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "console did not show {marker:?} within {timeout:?}\n{}",
-                    self.dump()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            self.panic_if_exited(&format!("before the console showed {marker:?}"));
+            None
+        });
+        shown.unwrap_or_else(|| {
+            panic!(
+                "console did not show {marker:?} within {timeout:?}\n{}",
+                self.dump()
+            )
+        })
+    }
+
+    /// Panics with the logs if the launcher has exited.
+    fn panic_if_exited(&mut self, when: &str) {
+        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            panic!("launcher exited ({status}) {when}\n{}", self.dump());
         }
     }
 
     /// Waits until the launcher's own log contains `text`.
     pub fn wait_log(&mut self, text: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.log().contains(text) {
-            if Instant::now() > deadline {
-                panic!(
-                    "launcher log did not show {text:?} within {timeout:?}\n{}",
-                    self.dump()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let shown = wait(timeout, Duration::from_millis(100), || {
+            self.log().contains(text).then_some(())
+        });
+        assert!(
+            shown.is_some(),
+            "launcher log did not show {text:?} within {timeout:?}\n{}",
+            self.dump()
+        );
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -276,19 +275,15 @@ impl Pod {
 
     /// Waits for the launcher to exit; panics after `timeout` (and kills it).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().expect("started");
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("launcher did not exit within {timeout:?}\n{}", self.dump());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(status) = wait(timeout, Duration::from_millis(50), || {
+            child.try_wait().unwrap()
+        }) {
+            return status;
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("launcher did not exit within {timeout:?}\n{}", self.dump())
     }
 
     pub fn dump(&self) -> String {
@@ -335,19 +330,17 @@ impl Pod {
 
     /// Waits until the on-disk counter of `disk` passes `above`.
     pub fn wait_counter_above(&self, disk: &str, above: u64, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let n = self.disk_counter(disk);
-            if n > above {
-                return n;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let mut n = 0;
+        let passed = wait(timeout, Duration::from_millis(100), || {
+            n = self.disk_counter(disk);
+            (n > above).then_some(n)
+        });
+        passed.unwrap_or_else(|| {
+            panic!(
                 "guest counter stuck at {n} (wanted > {above})\n{}",
                 self.dump()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            )
+        })
     }
 
     /// pid of a daemon the launcher runs (`libvirtd`, `virtlogd`), from its pid file.
@@ -389,21 +382,23 @@ impl Pod {
 
     /// Waits until the launcher runs a new `daemon` in place of pid `old`.
     pub fn wait_daemon_replaced(&self, daemon: &str, old: i32, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(new) = self.daemon_pid(daemon).filter(|p| *p != old) {
-                if Path::new(&format!("/proc/{new}")).exists() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{daemon} not restarted within {timeout:?}\n{}",
-                self.dump()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let replaced = wait(timeout, Duration::from_millis(20), || {
+            let new = self.daemon_pid(daemon).filter(|p| *p != old)?;
+            Path::new(&format!("/proc/{new}")).exists().then_some(())
+        });
+        assert!(
+            replaced.is_some(),
+            "{daemon} not restarted within {timeout:?}\n{}",
+            self.dump()
+        );
     }
+}
+
+/// Calls `f` every `every` until it gives a value; `None` once `timeout` has passed.
+pub fn wait<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let Ok(found) =
+        testkit::poll::<T, std::convert::Infallible>(Instant::now() + timeout, every, || Ok(f()));
+    found
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -436,12 +431,17 @@ pub async fn stop_cleanly(pod: Pod, timeout: Duration) -> Pod {
 }
 
 /// Waits (off the async runtime) for the launcher to exit 0.
-pub async fn exit_cleanly(mut pod: Pod, timeout: Duration) -> Pod {
-    let (status, pod) = tokio::task::spawn_blocking(move || (pod.wait_exit(timeout), pod))
-        .await
-        .unwrap();
+pub async fn exit_cleanly(pod: Pod, timeout: Duration) -> Pod {
+    let (status, pod) = exit_status(pod, timeout).await;
     assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
     pod
+}
+
+/// Waits (off the async runtime) for the launcher to exit; its status. Panics after `timeout`.
+pub async fn exit_status(mut pod: Pod, timeout: Duration) -> (ExitStatus, Pod) {
+    tokio::task::spawn_blocking(move || (pod.wait_exit(timeout), pod))
+        .await
+        .unwrap()
 }
 
 /// Runs the launcher to completion with the given arguments; returns (status, stderr).
