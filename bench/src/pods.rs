@@ -1,5 +1,6 @@
-//! What the benchmarks on a running VM share: their VMIs, the control API client, the
-//! guest's `LV-BLOCK` console lines, and the launcher's memory.
+//! What the benchmarks share about a pod: their VMIs and PVCs, the domain XML the launcher
+//! would define for them, waits on the guest's console (`LV-READY`, `LV-BLOCK`, `LV-COUNT`),
+//! the control API client, and the launcher's memory.
 
 use super::*;
 

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 /// The workspace root (the launcher's repository).
 pub fn root() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit/ is a folder of the repository")
 }
 
 /// A fresh, empty directory at `path` (whatever was there is removed).
