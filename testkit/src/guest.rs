@@ -62,19 +62,23 @@ pub fn counts(console: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The disks of the guest's latest `LV-BLOCK` line (it looks for new disks every 50 ms):
-/// `(name, sectors)`.
+/// The guest's `LV-BLOCK` lines in order (it prints one whenever its disks change, looking
+/// every 50 ms), each as its disks: `(name, sectors)`.
+pub fn block_lines(console: &str) -> impl Iterator<Item = Vec<(&str, u64)>> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("LV-BLOCK"))
+        .map(block_entries)
+}
+
+/// The disks of the guest's latest `LV-BLOCK` line.
 pub fn latest_block_line(console: &str) -> Option<Vec<(&str, u64)>> {
-    let line = console.lines().rev().find(|l| l.starts_with("LV-BLOCK"))?;
-    Some(block_entries(line))
+    block_lines(console).last()
 }
 
 /// Whether any `LV-BLOCK` line lists a disk of `sectors` sectors.
 pub fn ever_listed(console: &str, sectors: u64) -> bool {
-    console
-        .lines()
-        .filter(|l| l.starts_with("LV-BLOCK"))
-        .any(|l| block_entries(l).iter().any(|(_, s)| *s == sectors))
+    block_lines(console).any(|disks| disks.iter().any(|(_, s)| *s == sectors))
 }
 
 /// The guest's name for the disk of `sectors` sectors in its latest `LV-BLOCK` line.
@@ -112,5 +116,6 @@ mod tests {
         assert_eq!(device_of(console, 4096).as_deref(), Some("vdb"));
         assert_eq!(counts(console), [3, 4]);
         assert_eq!(latest_block_line("nothing"), None);
+        assert_eq!(block_lines(console).next(), Some(vec![("vda", 2048)]));
     }
 }

@@ -158,14 +158,27 @@ mod tests {
     fn terminate_stops_a_child_and_finds_it_by_its_command_line() {
         let mut child = std::process::Command::new("sleep")
             .arg("1234.5")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let found = mentioning(&["sleep 1234.5".to_string()]);
-        assert!(
-            found.iter().any(|(p, _)| *p == child.id() as i32),
-            "{found:?}"
+        let pid = child.id() as i32;
+        // Until the child has exec'ed, /proc shows this test's command line.
+        let found = crate::poll(
+            Instant::now() + Duration::from_secs(10),
+            Duration::from_millis(5),
+            || {
+                let found = mentioning(&["sleep 1234.5".to_string()]);
+                Ok::<_, ()>(found.iter().any(|(p, _)| *p == pid).then_some(found))
+            },
         );
-        assert!(terminate(&mut child, Duration::from_secs(5)));
+        let stopped = terminate(&mut child, Duration::from_secs(5));
+        assert!(
+            matches!(found, Ok(Some(_))),
+            "not found by its command line"
+        );
+        assert!(stopped);
         assert!(child.try_wait().unwrap().is_some());
     }
 }

@@ -191,9 +191,14 @@ impl Pod {
     /// Starts the launcher on what [`Pod::prepare`] made (a test may change the files in
     /// between), logging to `launcher.log`.
     pub fn spawn(&mut self) {
+        let cmd = self.command();
+        self.spawn_command(cmd);
+    }
+
+    /// Starts `cmd` as this pod's launcher, logging to `launcher.log`.
+    pub fn spawn_command(&mut self, mut cmd: Command) {
         let log = fs::File::create(self.launcher_log()).unwrap();
-        let child = self
-            .command()
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
