@@ -273,8 +273,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     let _ = STARTED.set(began);
     let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let work = std::env::temp_dir().join(format!("lvb-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&work);
-    fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    let work = testkit::fresh_dir(work).context("the benchmark's work directory")?;
     let mut ctx = Ctx {
         opts,
         work: work.clone(),

@@ -23,11 +23,13 @@ pub fn root() -> &'static Path {
 
 /// A fresh, empty directory at `path` (whatever was there is removed).
 pub fn fresh_dir(path: PathBuf) -> std::io::Result<PathBuf> {
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     match std::fs::remove_dir_all(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(named(e)),
         _ => {}
     }
-    std::fs::create_dir_all(&path)?;
+    std::fs::create_dir_all(&path).map_err(named)?;
     Ok(path)
 }
 
