@@ -56,12 +56,18 @@ struct Pair {
 }
 
 impl Pair {
+    /// A fresh directory `<tag><n>` with the VMI, its PVCs and a hot-plug directory.
+    fn pod_dir(ctx: &mut Ctx, tag: &str, spec: &VmiSpec) -> Result<(PathBuf, PodFiles, PathBuf)> {
+        let dir = ctx.fresh_dir(tag)?;
+        let files = write_spec_pod(&dir, &dir.join("pvcs"), spec)?;
+        let hot = dir.join("hotplug");
+        fs::create_dir_all(&hot)?;
+        Ok((dir, files, hot))
+    }
+
     /// Boots both VMs at once (set-up, not measured) and waits until both guests are up.
     fn boot(ctx: &mut Ctx, spec: &VmiSpec, raw_name: &str) -> Result<Pair> {
-        let ldir = ctx.fresh_dir("hl")?;
-        let lfiles = write_spec_pod(&ldir, &ldir.join("pvcs"), spec)?;
-        let lhot = ldir.join("hotplug");
-        fs::create_dir_all(&lhot)?;
+        let (ldir, lfiles, lhot) = Pair::pod_dir(ctx, "hl", spec)?;
         let lruntime = ldir.join("runtime");
         let lconsole = testkit::guest::console_log(&lruntime);
         let mut pod = LauncherProc::spawn_with(
@@ -72,10 +78,7 @@ impl Pair {
             &lruntime,
         )?;
 
-        let rdir = ctx.fresh_dir("hr")?;
-        let rfiles = write_spec_pod(&rdir, &rdir.join("pvcs"), spec)?;
-        let rhot = rdir.join("hotplug");
-        fs::create_dir_all(&rhot)?;
+        let (rdir, rfiles, rhot) = Pair::pod_dir(ctx, "hr", spec)?;
         let rprivate = rdir.join("private");
         let rconsole = testkit::guest::console_in(&rprivate);
         let xml = domain_xml_with(&rfiles, &ctx.opts.guest_dir, &rprivate, Some(&rhot))?;
