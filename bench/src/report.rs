@@ -461,3 +461,24 @@ pub(crate) fn update_doc(doc: &Path, md: &str) -> Result<()> {
 pub(crate) fn write(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).with_context(|| format!("write {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_goals_and_numbers() {
+        let s = Stat::of(&[3.0, 1.0, 2.0, 10.0]).expect("samples");
+        assert_eq!((s.median, s.min, s.max, s.n), (2.5, 1.0, 10.0, 4));
+        assert_eq!(Stat::of(&[4.0, 1.0, 9.0]).map(|s| s.median), Some(4.0));
+        assert!(Stat::of(&[]).is_none());
+        assert_eq!(Goal::RatioAtMost(1.1).met(5.0, Some(1.2)), Some(false));
+        assert_eq!(Goal::RatioAtMost(1.1).met(5.0, None), None);
+        assert_eq!(Goal::Below(15.0).met(9.3, None), Some(true));
+        assert_eq!(Goal::Below(15.0).text("MiB"), "< 15.0 MiB");
+        assert_eq!(
+            [fmt_num(1234.5), fmt_num(12.34), fmt_num(0.1234)],
+            ["1234", "12.3", "0.12"]
+        );
+    }
+}
