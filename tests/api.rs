@@ -10,13 +10,7 @@ use tonic_types::StatusExt;
 use virt_launcher::api::client;
 use virt_launcher::api::pb::{self, DomainState, EventKind, VolumePhase};
 
-type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
-
-async fn connect(pod: &Pod) -> Client {
-    client::connect(&pod.socket())
-        .await
-        .expect("connect to the launcher socket")
-}
+use common::Client;
 
 async fn domain(c: &mut Client) -> pb::Domain {
     c.get_domain(pb::Empty {}).await.unwrap().into_inner()
@@ -48,7 +42,7 @@ async fn every_call_works_against_a_real_guest() {
     let mut pod = Pod::new("api").with_disk("data", "virtio", 16);
     pod.start();
     pod.wait_console("LV-READY", Duration::from_secs(90));
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
 
     c.ping(pb::Empty {}).await.unwrap();
     let info = c.info(pb::Empty {}).await.unwrap().into_inner();
@@ -188,7 +182,7 @@ async fn pod_mode_waits_for_sync_and_bad_requests_get_clear_codes() {
             .exists(),
         "temporary socket left"
     );
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
 
     // Before any domain: state None, operations are FailedPrecondition.
     assert_eq!(domain(&mut c).await.state(), DomainState::None);
@@ -347,7 +341,7 @@ async fn two_hundred_clients_read_while_sync_hot_plugs() {
         let f = std::fs::File::create(pod.hotplug_dir().join(format!("load{i}.img"))).unwrap();
         f.set_len(8 << 20).unwrap();
     }
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
     let mut vmi: serde_json::Value =
         serde_json::from_slice(&c.get_vmi(pb::Empty {}).await.unwrap().into_inner().vmi).unwrap();
     for i in 0..3 {
@@ -416,7 +410,7 @@ async fn freeze_without_a_guest_agent_is_a_failed_precondition() {
         .kernel_args("lv.agent=off");
     pod.start();
     pod.wait_console("LV-READY", Duration::from_secs(90));
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
     let e = c
         .freeze(pb::FreezeRequest { timeout_seconds: 5 })
         .await

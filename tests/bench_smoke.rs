@@ -1,12 +1,10 @@
 //! A short smoke run of the benchmark command (`./devtool bench --quick`): one iteration of each
 //! side and few disks, with real launcher runs, real raw libvirt daemons and real TCG guests.
 //! It checks that the run produces well-formed results with every figure present and positive;
-//! the figures' values are never pass/fail.
+//! the figures' values are never pass/fail. The benchmark is the `launcher-bench` crate
+//! (`bench/`), run here on the launcher binary cargo built for the tests.
 
-#[allow(dead_code)]
-#[path = "../benches/launcher.rs"]
-mod launcher_bench;
-
+use std::path::Path;
 use std::time::Instant;
 
 use serde_json::Value;
@@ -62,7 +60,8 @@ fn check_stat(fig: &str, side: &str, s: &Value) {
 fn quick_bench_run_writes_every_figure() {
     let out = std::env::temp_dir().join(format!("lvb-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let mut opts = launcher_bench::Options::defaults(true);
+    let mut opts =
+        launcher_bench::Options::defaults(Path::new(env!("CARGO_BIN_EXE_virt-launcher")), true);
     opts.out_dir = out.clone();
 
     let t = Instant::now();

@@ -1,33 +1,13 @@
-//! Property test (hand-rolled, deterministic seeds): arbitrary JSON and mutated real VMIs go
+//! Property test (deterministic seeds, `fastrand`): arbitrary JSON and mutated real VMIs go
 //! through `spec::from_str` → `convert` → `to_xml`. Nothing may panic, and every produced XML
 //! must be well-formed and readable by `domain::live::LiveDomain::parse`.
 
+use fastrand::Rng;
 use serde_json::{json, Map, Value};
 use virt_launcher::convert::facts::PodFacts;
 use virt_launcher::domain::live::LiveDomain;
 use virt_launcher::domain::DomainType;
 use virt_launcher::{convert, spec};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
-}
 
 const KEYS: &[&str] = &[
     "name",
@@ -175,43 +155,50 @@ const STRINGS: &[&str] = &[
 ];
 
 fn gen_value(r: &mut Rng, depth: u32) -> Value {
-    let k = if depth > 4 { r.below(4) } else { r.below(7) };
+    let k = if depth > 4 {
+        r.usize(..4)
+    } else {
+        r.usize(..7)
+    };
     match k {
         0 => Value::Null,
-        1 => Value::Bool(r.chance(50)),
-        2 => match r.below(4) {
-            0 => json!(r.next() as i64),
-            1 => json!(r.below(600)),
-            2 => json!(-(r.below(10) as i64)),
-            _ => json!(r.next() as f64 / 3.0),
+        1 => Value::Bool(r.u8(..100) < 50),
+        2 => match r.usize(..4) {
+            0 => json!(r.i64(..)),
+            1 => json!(r.usize(..600)),
+            2 => json!(-(r.usize(..10) as i64)),
+            _ => json!(r.u64(..) as f64 / 3.0),
         },
-        3 => Value::String(r.pick(STRINGS).to_string()),
+        3 => Value::String(STRINGS[r.usize(..STRINGS.len())].to_string()),
         4 | 5 => {
             let mut m = Map::new();
-            for _ in 0..r.below(5) {
-                m.insert(r.pick(KEYS).to_string(), gen_value(r, depth + 1));
+            for _ in 0..r.usize(..5) {
+                m.insert(
+                    KEYS[r.usize(..KEYS.len())].to_string(),
+                    gen_value(r, depth + 1),
+                );
             }
             Value::Object(m)
         }
-        _ => Value::Array((0..r.below(4)).map(|_| gen_value(r, depth + 1)).collect()),
+        _ => Value::Array((0..r.usize(..4)).map(|_| gen_value(r, depth + 1)).collect()),
     }
 }
 
 /// Replace a random subtree of `v` (or insert a random key) with a random value.
 fn mutate(r: &mut Rng, v: &mut Value, depth: u32) {
     match v {
-        Value::Object(m) if !m.is_empty() && depth < 8 && r.chance(75) => {
-            let idx = r.below(m.len());
+        Value::Object(m) if !m.is_empty() && depth < 8 && r.u8(..100) < 75 => {
+            let idx = r.usize(..m.len());
             if let Some((_, child)) = m.iter_mut().nth(idx) {
                 mutate(r, child, depth + 1);
             }
         }
-        Value::Object(m) if r.chance(50) => {
-            m.insert(r.pick(KEYS).to_string(), gen_value(r, depth));
+        Value::Object(m) if r.u8(..100) < 50 => {
+            m.insert(KEYS[r.usize(..KEYS.len())].to_string(), gen_value(r, depth));
         }
-        Value::Array(a) if !a.is_empty() && depth < 8 && r.chance(75) => {
-            let idx = r.below(a.len());
-            if r.chance(15) {
+        Value::Array(a) if !a.is_empty() && depth < 8 && r.u8(..100) < 75 => {
+            let idx = r.usize(..a.len());
+            if r.u8(..100) < 15 {
                 let dup = a[idx].clone();
                 a.push(dup);
             } else {
@@ -243,21 +230,21 @@ fn seeds() -> Vec<Value> {
 
 fn random_facts(r: &mut Rng, vmi: &spec::VirtualMachineInstance) -> PodFacts {
     let mut f = PodFacts::defaults(vmi);
-    f.direct_io = r.chance(50);
-    f.domain_type = if r.chance(50) {
+    f.direct_io = r.u8(..100) < 50;
+    f.domain_type = if r.u8(..100) < 50 {
         DomainType::Kvm
     } else {
         DomainType::Qemu
     };
     for v in &vmi.spec.volumes {
-        if r.chance(30) {
+        if r.u8(..100) < 30 {
             f.block_volumes.insert(v.name.clone());
         }
-        if r.chance(20) {
+        if r.u8(..100) < 20 {
             f.preallocated_volumes.insert(v.name.clone());
         }
     }
-    f.spare_root_ports = r.below(40) as u32;
+    f.spare_root_ports = r.usize(..40) as u32;
     f
 }
 
@@ -289,15 +276,15 @@ fn check(text: &str, r: &mut Rng) -> bool {
 #[test]
 fn mutated_golden_vmis_never_panic_and_produce_wellformed_xml() {
     let seeds = seeds();
-    let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut r = Rng::with_seed(0x9E37_79B9_7F4A_7C15);
     let mut converted = 0;
     let n = 4000;
     for i in 0..n {
         let mut v = seeds[i % seeds.len()].clone();
-        for _ in 0..=r.below(3) {
+        for _ in 0..=r.usize(..3) {
             mutate(&mut r, &mut v, 0);
         }
-        let text = if r.chance(50) {
+        let text = if r.u8(..100) < 50 {
             serde_json::to_string(&v).expect("json")
         } else {
             serde_norway::to_string(&v).expect("yaml")
@@ -316,21 +303,24 @@ fn mutated_golden_vmis_never_panic_and_produce_wellformed_xml() {
 
 #[test]
 fn arbitrary_json_never_panics() {
-    let mut r = Rng(0xDEAD_BEEF_CAFE_F00D);
+    let mut r = Rng::with_seed(0xDEAD_BEEF_CAFE_F00D);
     for _ in 0..4000 {
         let mut doc = Map::new();
         doc.insert("apiVersion".into(), json!("kubevirt.io/v1"));
         doc.insert(
             "kind".into(),
-            json!(if r.chance(80) {
+            json!(if r.u8(..100) < 80 {
                 "VirtualMachineInstance"
             } else {
                 "VirtualMachine"
             }),
         );
-        doc.insert("metadata".into(), json!({"name": r.pick(STRINGS)}));
+        doc.insert(
+            "metadata".into(),
+            json!({"name": STRINGS[r.usize(..STRINGS.len())]}),
+        );
         doc.insert("spec".into(), gen_value(&mut r, 0));
-        if r.chance(30) {
+        if r.u8(..100) < 30 {
             doc.insert("status".into(), gen_value(&mut r, 0));
         }
         let text = serde_json::to_string(&Value::Object(doc)).expect("json");
@@ -340,13 +330,15 @@ fn arbitrary_json_never_panics() {
 
 #[test]
 fn arbitrary_text_never_panics() {
-    let mut r = Rng(42);
+    let mut r = Rng::with_seed(42);
     let alphabet: Vec<char> = "{}[]:,\"' \n-#&*!|>apiVersion kind:kubevirt.io/v1\u{0}\u{feff}é"
         .chars()
         .collect();
     for _ in 0..3000 {
-        let len = r.below(200);
-        let text: String = (0..len).map(|_| *r.pick(&alphabet)).collect();
+        let len = r.usize(..200);
+        let text: String = (0..len)
+            .map(|_| alphabet[r.usize(..alphabet.len())])
+            .collect();
         assert!(!check(&text, &mut r) || text.contains("kubevirt.io/v1"));
     }
 }

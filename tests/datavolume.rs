@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{guest_dir, Pod, LAUNCHER};
+use common::{guest_dir, run_launcher, Pod, LAUNCHER};
 use nix::sys::signal::Signal;
 use virt_launcher::datavolume::claim_is_shared;
 
@@ -350,15 +350,9 @@ impl Vm {
     /// Starts the launcher (a fresh launcher log and console).
     fn start(&mut self) {
         let _ = fs::remove_file(self.pod.console_log());
-        let log = fs::File::create(self.pod.launcher_log()).unwrap();
-        let child = Command::new(LAUNCHER)
-            .args(self.args())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn virt-launcher");
-        self.pod.child = Some(child);
+        let mut cmd = Command::new(LAUNCHER);
+        cmd.args(self.args());
+        self.pod.spawn_command(cmd);
     }
 
     /// SIGTERM and a clean exit.
@@ -377,13 +371,9 @@ impl Vm {
     /// Runs the launcher to completion, expecting it to fail before any VM starts; returns the
     /// error line.
     fn fails(&self) -> String {
-        let out = Command::new(LAUNCHER)
-            .args(self.args())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run virt-launcher");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "launcher succeeded:\n{stderr}");
+        let args = self.args();
+        let (status, stderr) = run_launcher(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!status.success(), "launcher succeeded:\n{stderr}");
         let errors: Vec<&str> = stderr
             .lines()
             .filter(|l| l.starts_with("virt-launcher: "))
@@ -399,34 +389,21 @@ impl Vm {
     /// `LV-BLOCK` sizes (sectors) of the guest's disks.
     fn guest_block_sizes(&self) -> HashMap<String, u64> {
         let console = self.pod.console();
-        let line = console
-            .lines()
-            .find(|l| l.starts_with("LV-BLOCK"))
+        let first = testkit::guest::block_lines(&console).next();
+        first
             .unwrap_or_default()
-            .to_string();
-        line.split_whitespace()
-            .skip(1)
-            .filter_map(|e| e.split_once(':'))
-            .filter_map(|(d, s)| Some((d.to_string(), s.trim().parse().ok()?)))
+            .into_iter()
+            .map(|(d, s)| (d.to_string(), s))
             .collect()
     }
 }
 
 impl Drop for Vm {
-    /// A failed test still stops its VM the graceful way: the harness's SIGKILL of the launcher
-    /// would leave QEMU running.
+    /// A failed test still stops its VM the graceful way, with the time an import's clean-up
+    /// may take (the pod's own clean-up gives the launcher 15 s).
     fn drop(&mut self) {
-        let Some(child) = self.pod.child.as_mut() else {
-            return;
-        };
-        if child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(40);
-        while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
-            std::thread::sleep(Duration::from_millis(100));
+        if let Some(child) = self.pod.child.as_mut() {
+            testkit::procs::terminate(child, Duration::from_secs(40));
         }
     }
 }

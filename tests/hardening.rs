@@ -129,24 +129,12 @@ fn refused(l: &Layout, vmi: &Value, want: &[&str]) {
     }
     assert_eq!(l.outside_listing(), before, "something was created outside");
     let runtime = l.p("runtime").display().to_string();
-    let left: Vec<String> = procs_mentioning(&runtime);
+    let left: Vec<String> = testkit::procs::mentioning(&[runtime])
+        .into_iter()
+        .map(|(_, cmdline)| cmdline)
+        .filter(|c| !c.contains("hardening-"))
+        .collect();
     assert!(left.is_empty(), "processes left: {left:?}");
-}
-
-fn procs_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        if e.file_name().to_string_lossy().parse::<u32>().is_err() {
-            continue;
-        }
-        if let Ok(raw) = fs::read(e.path().join("cmdline")) {
-            let c = String::from_utf8_lossy(&raw).replace('\0', " ");
-            if c.contains(needle) && !c.contains("hardening-") {
-                found.push(c);
-            }
-        }
-    }
-    found
 }
 
 #[test]
@@ -377,8 +365,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use virt_launcher::api::{client, pb};
 
-type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
-
 /// Text the guest writes to its second disk at boot (`lv.write=vdb:`); compared byte for byte
 /// after the launcher stopped.
 const MARK: &str = "hardening-data-0123456789";
@@ -429,10 +415,6 @@ fn stop_and_check(mut pod: Pod) -> Pod {
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
     pod
-}
-
-async fn connect(pod: &Pod) -> Client {
-    client::connect(&pod.socket()).await.expect("connect")
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -546,7 +528,7 @@ async fn a_flood_of_connections_and_requests_is_bounded() {
     let t = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..10 {
-        clients.push(connect(&pod).await);
+        clients.push(pod.client().await);
     }
     let mut tasks = Vec::new();
     for i in 0..100 {
@@ -565,7 +547,7 @@ async fn a_flood_of_connections_and_requests_is_bounded() {
         }));
     }
     // A few oversized requests (5 MiB): refused, nothing else affected.
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
     for _ in 0..5 {
         let e = c
             .sync(pb::SyncRequest {
@@ -727,7 +709,7 @@ async fn hung_libvirtd_is_replaced_and_the_guest_runs_on() {
     let log = pod.log();
     assert!(log.contains("not even keepalive"), "{}", pod.dump());
     assert!(log.contains("libvirtd is hung"), "{}", pod.dump());
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut r = tonic::Request::new(pb::Empty {});
@@ -762,7 +744,7 @@ async fn hotplug_file_deleted_before_attach() {
     let mut pod = guest_pod("hpgone");
     pod.start();
     tokio::task::block_in_place(|| pod.wait_console("LV-COUNT 3", Duration::from_secs(90)));
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
     let mut vmi: Value =
         serde_json::from_slice(&c.get_vmi(pb::Empty {}).await.unwrap().into_inner().vmi).unwrap();
     client::add_hotplug_volume(&mut vmi, "hp", "hp", "virtio", false).unwrap();
@@ -823,7 +805,7 @@ async fn hotplug_symlink_out_of_the_hotplug_dir_is_refused_at_attach() {
         .set_len(8 << 20)
         .unwrap();
     symlink(&outside, pod.hotplug_dir().join("hp.img")).unwrap();
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
     let mut vmi: Value =
         serde_json::from_slice(&c.get_vmi(pb::Empty {}).await.unwrap().into_inner().vmi).unwrap();
     client::add_hotplug_volume(&mut vmi, "hp", "hp", "virtio", false).unwrap();
@@ -930,7 +912,7 @@ async fn runtime_disk_full() {
     let filler = fs_.fill();
     pad_console_to_page(&pod);
     let printed_when_full = pod.last_console_count();
-    let mut c = connect(&pod).await;
+    let mut c = pod.client().await;
     let before = pod.disk_counter("data");
     let counted = tokio::task::block_in_place(|| {
         pod.wait_counter_above("data", before + 10, Duration::from_secs(30))

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::Pod;
 use serde_json::{json, Value};
+use testkit::guest::{self, first_line};
 use tonic::Code;
 use virt_launcher::api::client;
 use virt_launcher::api::pb::{self, DomainState, VolumePhase};
 
-type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
+use common::Client;
 
 /// A loop device over a file, exposed as a Block-mode PVC device node in the hotplug dir.
 struct LoopDev {
@@ -91,58 +92,22 @@ fn disk<'a>(d: &'a pb::Domain, volume: &str) -> Option<&'a pb::Disk> {
     d.disks.iter().find(|k| k.volume == volume)
 }
 
-/// Waits for a console line that names `dev` and has no `gone` device in the latest LV-BLOCK.
+/// Waits until the guest's latest LV-BLOCK line is one `want` accepts.
 fn wait_block_line(pod: &mut Pod, want: impl Fn(&str) -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let shown = common::wait(Duration::from_secs(30), Duration::from_millis(100), || {
         let console = pod.console();
-        if console
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("LV-BLOCK"))
-            .is_some_and(&want)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest never showed {what}\n{}",
-            pod.dump()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let latest = console.lines().rev().find(|l| l.starts_with("LV-BLOCK"));
+        latest.is_some_and(&want).then_some(())
+    });
+    assert!(shown.is_some(), "guest never showed {what}\n{}", pod.dump());
 }
 
 /// The guest's name for the disk of `sectors` sectors in its latest LV-BLOCK line.
 fn wait_guest_dev(pod: &mut Pod, sectors: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let console = pod.console();
-        let line = console
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("LV-BLOCK"))
-            .unwrap_or_default();
-        let dev = line.split_whitespace().skip(1).find_map(|e| {
-            let (name, size) = e.split_once(':')?;
-            (size.parse::<u64>().ok()? == sectors).then(|| name.to_string())
-        });
-        if let Some(dev) = dev {
-            return dev;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest shows no disk of {sectors} sectors\n{}",
-            pod.dump()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn first_line(path: &Path) -> String {
-    let data = std::fs::read(path).unwrap();
-    let end = data.iter().position(|b| *b == b'\n').unwrap_or(0);
-    String::from_utf8_lossy(&data[..end]).into_owned()
+    let dev = common::wait(Duration::from_secs(30), Duration::from_millis(100), || {
+        guest::device_of(&pod.console(), sectors)
+    });
+    dev.unwrap_or_else(|| panic!("guest shows no disk of {sectors} sectors\n{}", pod.dump()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +125,7 @@ async fn filesystem_and_block_pvcs_attach_detach_and_come_back_with_their_data()
     let backing = pod.dir.join("blkvol.backing");
     let blk = LoopDev::new(&backing, 24, pod.hotplug_dir().join("blkvol"));
 
-    let mut c = client::connect(&pod.socket()).await.unwrap();
+    let mut c = pod.client().await;
     let mut v = vmi(&mut c).await;
     client::add_hotplug_volume(&mut v, "fsvol", "fsvol", "virtio", false).unwrap();
     client::add_hotplug_volume(&mut v, "blkvol", "blkvol", "virtio", false).unwrap();
@@ -241,7 +206,7 @@ async fn filesystem_pvc_expands_online_and_a_shrink_is_refused() {
         .kernel_args("lv.write=vda:keep-me");
     pod.start();
     pod.wait_console("LV-WROTE vda keep-me", Duration::from_secs(90));
-    let mut c = client::connect(&pod.socket()).await.unwrap();
+    let mut c = pod.client().await;
     let mut v = vmi(&mut c).await;
 
     // The controller reports the claim grew to 256 MiB (no filesystem overhead on this claim).
@@ -293,7 +258,7 @@ async fn failed_attaches_say_why_and_leave_the_vm_running() {
         .push("virt-launcher.kubevirt.io/spare-pcie-root-ports: \"0\"".into());
     pod.start();
     pod.wait_console("LV-COUNT 2", Duration::from_secs(90));
-    let mut c = client::connect(&pod.socket()).await.unwrap();
+    let mut c = pod.client().await;
     let base = vmi(&mut c).await;
 
     // 1. The backing file is missing.
@@ -406,7 +371,7 @@ async fn a_detach_the_guest_does_not_acknowledge_times_out_and_says_so() {
         .unwrap()
         .set_len(8 << 20)
         .unwrap();
-    let mut c = client::connect(&pod.socket()).await.unwrap();
+    let mut c = pod.client().await;
     let mut v = vmi(&mut c).await;
     client::add_hotplug_volume(&mut v, "slow", "slow", "virtio", false).unwrap();
     sync(&mut c, &v).await.expect("attach");

@@ -9,11 +9,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::Pod;
+use testkit::guest::{counts, first_line};
 use tonic::Code;
-use virt_launcher::api::client;
 use virt_launcher::api::pb::{self, DomainState, EventKind, MigrationMode, MigrationPhase};
-
-type Client = pb::launcher_client::LauncherClient<tonic::transport::Channel>;
 
 /// A source pod running the counting guest on an RWX claim.
 fn source(name: &str, rwx: bool) -> Pod {
@@ -36,10 +34,6 @@ fn target(name: &str, src: &Pod) -> Pod {
     pod
 }
 
-async fn connect(pod: &Pod) -> Client {
-    client::connect(&pod.socket()).await.expect("connect")
-}
-
 async fn prepare(target: &Pod, vmi_yaml: &str) -> pb::MigrationTarget {
     prepare_with(target, vmi_yaml, HashMap::new())
         .await
@@ -51,7 +45,7 @@ async fn prepare_with(
     vmi_yaml: &str,
     disk_sizes: HashMap<String, u64>,
 ) -> Result<pb::MigrationTarget, tonic::Status> {
-    let mut c = connect(target).await;
+    let mut c = target.client().await;
     c.prepare_migration_target(pb::PrepareMigrationTargetRequest {
         vmi: vmi_yaml.as_bytes().to_vec(),
         disk_sizes,
@@ -67,29 +61,6 @@ fn options() -> pb::MigrationOptions {
     }
 }
 
-/// Counter values on a console, in order.
-fn counts(console: &str) -> Vec<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("LV-COUNT ")?.trim().parse().ok())
-        .collect()
-}
-
-fn disk_counter(pod: &Pod) -> u64 {
-    let data = std::fs::read(pod.disk_image("data")).unwrap();
-    let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
-    String::from_utf8_lossy(line).trim().parse().unwrap_or(0)
-}
-
-async fn wait_exit(pod: Pod, secs: u64) -> (std::process::ExitStatus, Pod) {
-    tokio::task::spawn_blocking(move || {
-        let mut pod = pod;
-        (pod.wait_exit(Duration::from_secs(secs)), pod)
-    })
-    .await
-    .unwrap()
-}
-
 /// Migrates `from` to `to` and checks the counter continues on `to` without a gap.
 async fn migrate_and_check(from: Pod, to: &mut Pod, vmi_yaml: &str) -> pb::MigrationResult {
     prepare(to, vmi_yaml).await;
@@ -103,7 +74,7 @@ async fn migrate_prepared_and_check(
     to: &mut Pod,
     opts: pb::MigrationOptions,
 ) -> (pb::MigrationResult, Pod) {
-    let mut c = connect(&from).await;
+    let mut c = from.client().await;
     // Progress arrives on Watch at least every 400 ms while the migration runs.
     let mut watch = c
         .watch(pb::WatchRequest { after_seq: 0 })
@@ -169,7 +140,7 @@ async fn migrate_prepared_and_check(
     }
 
     // The source launcher exits 0 once the VM has left.
-    let (status, from) = wait_exit(from, 30).await;
+    let (status, from) = common::exit_status(from, Duration::from_secs(30)).await;
     assert!(status.success(), "{}", from.dump());
     assert!(
         from.log().contains("\"reason\":\"Migrated\""),
@@ -207,7 +178,7 @@ async fn migrate_prepared_and_check(
         "target skipped values: {on_target:?}"
     );
     assert!(
-        disk_counter(to) >= on_target[0],
+        to.disk_counter("data") >= on_target[0],
         "the target's disk lags behind the guest"
     );
     (r, from)
@@ -219,7 +190,7 @@ async fn vm_moves_to_the_target_and_back_with_its_disk_data() {
     let vmi = a.vmi_yaml();
     let mut b = target("mig-b", &a);
     let first = migrate_and_check(a, &mut b, &vmi).await;
-    let mut c = connect(&b).await;
+    let mut c = b.client().await;
     let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
     assert_eq!(d.state(), DomainState::Running);
     assert!(d.migration_target.is_none());
@@ -243,7 +214,7 @@ async fn vm_moves_to_the_target_and_back_with_its_disk_data() {
         second.progress.as_ref().unwrap().downtime_ms
     );
     a2.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, a2) = wait_exit(a2, 40).await;
+    let (status, a2) = common::exit_status(a2, Duration::from_secs(40)).await;
     assert!(status.success(), "{}", a2.dump());
 }
 
@@ -265,7 +236,7 @@ async fn slow_migration_with(
     let socket = a.socket();
     let target = b.socket().display().to_string();
     let call = tokio::spawn(async move {
-        let mut c = client::connect(&socket).await.unwrap();
+        let mut c = testkit::launcher::connect(&socket).await.unwrap();
         let opts = pb::MigrationOptions {
             bandwidth_mib: 1,
             ..opts
@@ -277,7 +248,7 @@ async fn slow_migration_with(
         .await
         .map(|r| r.into_inner())
     });
-    let mut c = connect(a).await;
+    let mut c = a.client().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
@@ -299,7 +270,7 @@ async fn slow_migration_with(
 
 /// The VM still runs on `a` and keeps counting.
 async fn still_running_on(a: &Pod) {
-    let mut c = connect(a).await;
+    let mut c = a.client().await;
     assert_eq!(
         c.get_domain(pb::Empty {})
             .await
@@ -325,7 +296,7 @@ async fn cancel_mid_migration_keeps_the_vm_on_the_source() {
     let a = source("mig-cancel", true);
     let b = target("mig-cancel-t", &a);
     let call = slow_migration(&a, &b).await;
-    let mut c = connect(&a).await;
+    let mut c = a.client().await;
     // No max_downtime_ms asked: the first pass runs with the launcher's low default limit
     // (QEMU's own is 300 ms; virsh prints milliseconds).
     let domain = c.get_domain(pb::Empty {}).await.unwrap().into_inner().name;
@@ -341,7 +312,7 @@ async fn cancel_mid_migration_keeps_the_vm_on_the_source() {
     );
     still_running_on(&a).await;
     // The target was told to clean up and exits.
-    let (status, b) = wait_exit(b, 30).await;
+    let (status, b) = common::exit_status(b, Duration::from_secs(30)).await;
     assert!(status.success(), "{}", b.dump());
     assert!(
         b.leftover_processes().is_empty(),
@@ -349,7 +320,7 @@ async fn cancel_mid_migration_keeps_the_vm_on_the_source() {
         b.leftover_processes()
     );
     a.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, a) = wait_exit(a, 40).await;
+    let (status, a) = common::exit_status(a, Duration::from_secs(40)).await;
     assert!(status.success(), "{}", a.dump());
 }
 
@@ -367,7 +338,8 @@ async fn target_dying_mid_migration_keeps_the_vm_on_the_source() {
     )
     .await;
     // The downtime limit asked for holds from the first pass on.
-    let domain = connect(&a)
+    let domain = a
+        .client()
         .await
         .get_domain(pb::Empty {})
         .await
@@ -395,7 +367,7 @@ async fn target_dying_mid_migration_keeps_the_vm_on_the_source() {
     assert!(!r.message.is_empty(), "the failure must say why");
     still_running_on(&a).await;
     a.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, a) = wait_exit(a, 40).await;
+    let (status, a) = common::exit_status(a, Duration::from_secs(40)).await;
     assert!(status.success(), "{}", a.dump());
 }
 
@@ -404,7 +376,7 @@ async fn bad_migrations_are_refused_and_the_vm_stays() {
     // A ReadWriteOnce claim cannot be migrated without block migration.
     let a = source("mig-rwo", false);
     let b = target("mig-rwo-t", &a);
-    let mut c = connect(&a).await;
+    let mut c = a.client().await;
     let target_socket = b.socket().display().to_string();
     let migrate = |socket: String| pb::MigrateRequest {
         target_socket: socket,
@@ -430,7 +402,7 @@ async fn bad_migrations_are_refused_and_the_vm_stays() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("99999999"), "{}", e.message());
     b.signal(nix::sys::signal::Signal::SIGTERM);
-    let (_, b) = wait_exit(b, 20).await;
+    let (_, b) = common::exit_status(b, Duration::from_secs(20)).await;
 
     // The right VMI, but the claim is ReadWriteOnce.
     let b2 = target("mig-rwo-t2", &a);
@@ -448,9 +420,9 @@ async fn bad_migrations_are_refused_and_the_vm_stays() {
     still_running_on(&a).await;
     drop(b);
     b2.signal(nix::sys::signal::Signal::SIGTERM);
-    let _ = wait_exit(b2, 20).await;
+    let _ = common::exit_status(b2, Duration::from_secs(20)).await;
     a.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, a) = wait_exit(a, 40).await;
+    let (status, a) = common::exit_status(a, Duration::from_secs(40)).await;
     assert!(status.success(), "{}", a.dump());
 }
 
@@ -459,7 +431,7 @@ async fn a_slow_migration_past_its_deadline_switches_to_post_copy() {
     let a = source("mig-post", true);
     let mut b = target("mig-post-t", &a);
     prepare(&b, &a.vmi_yaml()).await;
-    let mut c = connect(&a).await;
+    let mut c = a.client().await;
     // 2 MiB/s cannot move 128 MiB in time; 1 s per GiB is a 0.125 s deadline.
     let opts = pb::MigrationOptions {
         bandwidth_mib: 2,
@@ -492,13 +464,13 @@ async fn a_slow_migration_past_its_deadline_switches_to_post_copy() {
         }
     }
     assert!(saw_post_copy, "no post-copy switch was reported");
-    let (status, a) = wait_exit(a, 30).await;
+    let (status, a) = common::exit_status(a, Duration::from_secs(30)).await;
     assert!(status.success(), "{}", a.dump());
     // The guest runs on the target and counts on.
     let n = counts(&b.console()).last().copied().unwrap_or(0);
     b.wait_console(&format!("LV-COUNT {}", n + 3), Duration::from_secs(30));
     b.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, b) = wait_exit(b, 40).await;
+    let (status, b) = common::exit_status(b, Duration::from_secs(40)).await;
     assert!(status.success(), "{}", b.dump());
 }
 
@@ -519,7 +491,7 @@ async fn sigterm_during_a_migration_cancels_it_and_stops_with_the_data_intact() 
             "a migration must not complete after SIGTERM: {r:?}"
         );
     }
-    let (status, a) = wait_exit(a, 45).await;
+    let (status, a) = common::exit_status(a, Duration::from_secs(45)).await;
     assert!(status.success(), "{}", a.dump());
     assert!(a.log().contains("cancelling it"), "{}", a.dump());
     assert!(
@@ -530,18 +502,19 @@ async fn sigterm_during_a_migration_cancels_it_and_stops_with_the_data_intact() 
     // Everything the guest reported as written is on the shared disk.
     let last = *counts(&a.console()).last().expect("the guest counted");
     assert!(
-        disk_counter(&a) >= last,
+        a.disk_counter("data") >= last,
         "disk holds {} but the guest wrote {last}",
-        disk_counter(&a)
+        a.disk_counter("data")
     );
-    let (status, b) = wait_exit(b, 30).await;
+    let (status, b) = common::exit_status(b, Duration::from_secs(30)).await;
     assert!(status.success(), "{}", b.dump());
     assert!(a.leftover_processes().is_empty() && b.leftover_processes().is_empty());
 }
 
 /// Sizes of the source's local disks, as an orchestrator passes them to the target.
 async fn local_disk_sizes(src: &Pod) -> HashMap<String, u64> {
-    let d = connect(src)
+    let d = src
+        .client()
         .await
         .get_domain(pb::Empty {})
         .await
@@ -579,13 +552,6 @@ fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
-/// The first line of a disk image.
-fn first_line(path: &std::path::Path) -> String {
-    let data = read_at(path, 0, 4096);
-    let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
-    String::from_utf8_lossy(line).trim().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_migration_copies_local_disks_to_the_target() {
     // The source runs on two ReadWriteOnce claims: the guest counts on `data` (vda) and wrote
@@ -621,7 +587,7 @@ async fn block_migration_copies_local_disks_to_the_target() {
             ("logs".to_string(), 8 << 20)
         ])
     );
-    let mut c = connect(&a).await;
+    let mut c = a.client().await;
     let block = pb::MigrationOptions {
         block_migration: true,
         ..options()
@@ -656,7 +622,7 @@ async fn block_migration_copies_local_disks_to_the_target() {
     );
     still_running_on(&a).await;
     b.signal(nix::sys::signal::Signal::SIGTERM);
-    let (_, b) = wait_exit(b, 20).await;
+    let (_, b) = common::exit_status(b, Duration::from_secs(20)).await;
     drop(b);
 
     // The right target: the sparse destinations are created at the source's sizes.
@@ -693,20 +659,21 @@ async fn block_migration_copies_local_disks_to_the_target() {
     assert_eq!(read_at(&b.disk_image("data"), SEED_AT, SEED.len()), SEED);
     assert_eq!(first_line(&b.disk_image("logs")), "lv-written-by-the-guest");
     assert!(
-        disk_counter(&b) >= last_src,
+        b.disk_counter("data") >= last_src,
         "target disk holds {} but the guest had written {last_src}",
-        disk_counter(&b)
+        b.disk_counter("data")
     );
     // The source's copy is no longer used.
-    let src_now = disk_counter(&a);
+    let src_now = a.disk_counter("data");
     let n = counts(&b.console()).last().copied().unwrap();
     b.wait_console(&format!("LV-COUNT {}", n + 5), Duration::from_secs(30));
     assert_eq!(
-        disk_counter(&a),
+        a.disk_counter("data"),
         src_now,
         "something still writes the source's copy"
     );
-    let d = connect(&b)
+    let d = b
+        .client()
         .await
         .get_domain(pb::Empty {})
         .await
@@ -720,13 +687,13 @@ async fn block_migration_copies_local_disks_to_the_target() {
 
     // Stopped on the target, every count the guest printed is in the target's file.
     b.signal(nix::sys::signal::Signal::SIGTERM);
-    let (status, b) = wait_exit(b, 40).await;
+    let (status, b) = common::exit_status(b, Duration::from_secs(40)).await;
     assert!(status.success(), "{}", b.dump());
     let last = *counts(&b.console()).last().unwrap();
     assert!(
-        disk_counter(&b) >= last,
+        b.disk_counter("data") >= last,
         "target disk holds {} but the guest wrote {last}",
-        disk_counter(&b)
+        b.disk_counter("data")
     );
     assert!(b.leftover_processes().is_empty() && a.leftover_processes().is_empty());
 }

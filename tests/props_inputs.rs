@@ -3,11 +3,9 @@
 //! gRPC request decoding (every request type, and Sync's own handling of its bytes), and the
 //! live-domain XML parser. Each target runs mutated inputs for a bounded time; every input
 //! must finish without panicking, within a per-input time box, and within an allocation bound
-//! (peak live bytes on the thread, counted by the allocator below). Huge and deeply nested
+//! (peak live bytes on the thread, counted by a counting allocator). Huge and deeply nested
 //! inputs (1 MiB) are tried explicitly.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,57 +20,10 @@ use virt_launcher::{convert, spec};
 
 // ------------------------------------------------------------------ allocation accounting
 
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn track(delta: isize) {
-    let _ = LIVE.try_with(|l| {
-        let v = l.get() + delta;
-        l.set(v);
-        let _ = PEAK.try_with(|p| {
-            if v > p.get() {
-                p.set(v)
-            }
-        });
-    });
-}
-
-// SAFETY: forwards to the system allocator unchanged; only counts sizes in thread-locals
-// with const initialisers (no allocation, no destructor).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            track(l.size() as isize);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        track(-(l.size() as isize));
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = System.realloc(p, l, new);
-        if !q.is_null() {
-            track(new as isize - l.size() as isize);
-        }
-        q
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Peak extra bytes live on this thread while `f` runs.
+/// Peak extra bytes live on this thread while `f` runs (the allocation-counter crate's
+/// counting allocator: no `unsafe` of ours).
 fn peak_alloc(f: impl FnOnce()) -> isize {
-    let start = LIVE.with(|l| l.get());
-    PEAK.with(|p| p.set(start));
-    f();
-    PEAK.with(|p| p.get()) - start
+    allocation_counter::measure(f).bytes_max as isize
 }
 
 // ------------------------------------------------------------------ mutator

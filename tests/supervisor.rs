@@ -9,42 +9,9 @@ use common::Pod;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The counter the guest keeps writing at offset 0 of its disk (`lv.counter=vda`).
-fn disk_counter(pod: &Pod) -> u64 {
-    let data = std::fs::read(pod.disk_image("data")).unwrap_or_default();
-    let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
-    String::from_utf8_lossy(line).trim().parse().unwrap_or(0)
-}
-
-/// Waits until the on-disk counter passes `above`: the guest is running.
-fn wait_counter_above(pod: &Pod, above: u64, timeout: Duration) -> u64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let n = disk_counter(pod);
-        if n > above {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "guest counter stuck at {n} (wanted > {above})\n{}",
-            pod.dump()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn daemon_pid(pod: &Pod, daemon: &str) -> i32 {
-    let path = pod.runtime_dir().join("pids").join(format!("{daemon}.pid"));
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Kills `daemon` with SIGKILL and waits for the launcher to have restarted it.
 fn kill_daemon_and_wait_restart(pod: &mut Pod, daemon: &str) {
-    let old = daemon_pid(pod, daemon);
+    let old = pod.daemon_pid(daemon).expect("daemon pid file");
     let restarted = format!(
         "Restarted {{ daemon: {}{}",
         daemon[..1].to_uppercase(),
@@ -52,25 +19,11 @@ fn kill_daemon_and_wait_restart(pod: &mut Pod, daemon: &str) {
     );
     let seen_before = pod.log().matches(&restarted).count();
     kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
-    let t = Instant::now();
-    let deadline = t + Duration::from_secs(10);
-    loop {
-        if let Ok(s) =
-            std::fs::read_to_string(pod.runtime_dir().join("pids").join(format!("{daemon}.pid")))
-        {
-            if s.trim().parse::<i32>().ok().is_some_and(|p| p != old)
-                && pod.log().matches(&restarted).count() > seen_before
-            {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{daemon} was not restarted\n{}",
-            pod.dump()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let done = common::wait(Duration::from_secs(10), Duration::from_millis(20), || {
+        let replaced = pod.daemon_pid(daemon).is_some_and(|p| p != old);
+        (replaced && pod.log().matches(&restarted).count() > seen_before).then_some(())
+    });
+    assert!(done.is_some(), "{daemon} was not restarted\n{}", pod.dump());
 }
 
 #[test]
@@ -82,16 +35,16 @@ fn guest_survives_daemon_crashes_and_later_events_still_arrive() {
     pod.wait_console("LV-COUNT 3", Duration::from_secs(90));
 
     // libvirtd dies: restarted, we reconnect, the guest keeps counting.
-    let before = disk_counter(&pod);
+    let before = pod.disk_counter("data");
     kill_daemon_and_wait_restart(&mut pod, "libvirtd");
     pod.wait_log("reconnected to libvirtd", Duration::from_secs(15));
-    wait_counter_above(&pod, before + 5, Duration::from_secs(30));
+    pod.wait_counter_above("data", before + 5, Duration::from_secs(30));
 
     // virtlogd dies: restarted; the guest keeps counting, and its console keeps reaching the
     // console log and the launcher's log (QEMU writes the log itself, not through virtlogd).
     kill_daemon_and_wait_restart(&mut pod, "virtlogd");
-    let after_virtlogd = disk_counter(&pod);
-    let n = wait_counter_above(&pod, after_virtlogd + 5, Duration::from_secs(30));
+    let after_virtlogd = pod.disk_counter("data");
+    let n = pod.wait_counter_above("data", after_virtlogd + 5, Duration::from_secs(30));
     let line = format!("LV-COUNT {n}");
     pod.wait_console(&line, Duration::from_secs(10));
     pod.wait_log(&format!("\"message\":\"{line}\""), Duration::from_secs(10));
@@ -244,7 +197,11 @@ fn console_log_is_rotated_at_the_cap_and_relayed_without_a_gap() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // A few more lines after the rotation.
-    let n = wait_counter_above(&pod, disk_counter(&pod) + 5, Duration::from_secs(30));
+    let n = pod.wait_counter_above(
+        "data",
+        pod.disk_counter("data") + 5,
+        Duration::from_secs(30),
+    );
     pod.wait_console(&format!("LV-COUNT {n}"), Duration::from_secs(10));
     let live = std::fs::read(&log).unwrap();
     let kept = std::fs::read(&old).unwrap();

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use super::progress::{Progress, ProgressStyle};
 use super::DataVolumeError;
-use crate::pod::process::{Command, Output, ProcessError, Stdio};
 use crate::pod::image::{self, Magic};
+use crate::pod::process::{Command, Output, ProcessError, Stdio};
 
 /// Where and for whom an import runs.
 pub(crate) struct Job<'a> {

@@ -1,5 +1,6 @@
-//! Shared harness for integration tests: a standalone launcher "pod" with its own runtime
-//! directory, PVC directory and VMI, booting the tiny test guest under TCG.
+//! The integration tests' launcher pod: a standalone launcher with its own runtime directory,
+//! PVC directory and VMI, booting the tiny test guest under TCG. Built on the harness the
+//! benchmark shares (`testkit`); here every failure panics with the pod's logs.
 //!
 //! Needs root, libvirt and QEMU, and the test guest (`scripts/build-guest.sh`); `./devtool
 //! test` provides all three. A missing prerequisite fails the test with the command to run:
@@ -8,31 +9,25 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+pub use testkit::launcher::Client;
+pub use testkit::vmi::Disk;
+use testkit::{guest, launcher, procs};
 
 pub const LAUNCHER: &str = env!("CARGO_BIN_EXE_virt-launcher");
 
 /// Where the test guest's kernel and initramfs are.
 pub fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/guest"));
+    let dir = guest::dir();
     assert!(
-        dir.join("vmlinuz").is_file() && dir.join("initramfs.gz").is_file(),
+        guest::is_complete(&dir),
         "test guest missing in {}: run ./devtool test (or scripts/build-guest.sh)",
         dir.display()
     );
     dir
-}
-
-/// One disk of the test VM: a Filesystem-mode PVC.
-pub struct Disk {
-    pub name: String,
-    pub bus: &'static str,
-    pub size_mib: u64,
 }
 
 /// A launcher pod under construction / running.
@@ -61,13 +56,13 @@ impl Pod {
     /// A pod whose VMI is named `vl-<name>`; its directory is fresh.
     pub fn new(name: &str) -> Pod {
         let name = format!("vl-{name}");
-        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir =
+            testkit::fresh_dir(std::env::temp_dir().join(format!("{name}-{}", std::process::id())))
+                .unwrap();
         Pod {
             name,
             dir,
-            kernel_args: "console=ttyS0 quiet".into(),
+            kernel_args: testkit::vmi::KERNEL_ARGS.into(),
             grace_seconds: 30,
             disks: Vec::new(),
             annotations: Vec::new(),
@@ -81,16 +76,12 @@ impl Pod {
     }
 
     pub fn with_disk(mut self, name: &str, bus: &'static str, size_mib: u64) -> Pod {
-        self.disks.push(Disk {
-            name: name.into(),
-            bus,
-            size_mib,
-        });
+        self.disks.push(Disk::new(name, bus, size_mib));
         self
     }
 
     pub fn kernel_args(mut self, extra: &str) -> Pod {
-        self.kernel_args = format!("console=ttyS0 quiet {extra}");
+        self.kernel_args = format!("{} {extra}", testkit::vmi::KERNEL_ARGS);
         self
     }
 
@@ -104,7 +95,14 @@ impl Pod {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.runtime_dir().join("launcher-sock")
+        launcher::socket(&self.runtime_dir())
+    }
+
+    /// A client on the control socket.
+    pub async fn client(&self) -> Client {
+        launcher::connect(&self.socket())
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     pub fn hotplug_dir(&self) -> PathBuf {
@@ -126,7 +124,7 @@ impl Pod {
     }
 
     pub fn console_log(&self) -> PathBuf {
-        self.runtime_dir().join("private/virt-serial0-log")
+        guest::console_log(&self.runtime_dir())
     }
 
     pub fn launcher_log(&self) -> PathBuf {
@@ -134,99 +132,54 @@ impl Pod {
     }
 
     pub fn disk_image(&self, disk: &str) -> PathBuf {
-        self.pvcs_dir().join(disk).join("disk.img")
+        Disk::new(disk, "virtio", 0).image(&self.pvcs_dir())
     }
 
     /// The VMI as YAML, as `kubectl get vmi -o yaml` would show the relevant parts.
     pub fn vmi_yaml(&self) -> String {
-        let mut disks = String::new();
-        let mut volumes = String::new();
-        for d in &self.disks {
-            disks += &format!(
-                "        - name: {}\n          disk:\n            bus: {}\n",
-                d.name, d.bus
-            );
-            volumes += &format!(
-                "    - name: {}\n      persistentVolumeClaim:\n        claimName: {}\n",
-                d.name, d.name
-            );
+        testkit::vmi::GuestVmi {
+            name: &self.name,
+            uid: Some(&self.uid()),
+            grace_seconds: self.grace_seconds,
+            kernel_args: &self.kernel_args,
+            disks: &self.disks,
+            annotations: &self.annotations,
+            rwx: self.rwx,
         }
-        let annotations = if self.annotations.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "  annotations:\n{}",
-                self.annotations
-                    .iter()
-                    .map(|a| format!("    {a}\n"))
-                    .collect::<String>()
-            )
-        };
-        format!(
-            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {uid}\n{annotations}\
-             spec:\n  terminationGracePeriodSeconds: {grace}\n  domain:\n    resources:\n      requests:\n        memory: 128Mi\n\
-             \x20   firmware:\n      kernelBoot:\n        kernelArgs: \"{args}\"\n        container:\n          image: test-guest\n\
-             \x20         kernelPath: /vmlinuz\n          initrdPath: /initramfs.gz\n    devices:\n      disks:\n{disks}\
-             \x20 volumes:\n{volumes}{status}",
-            status = self.status_yaml(),
-            name = self.name,
-            uid = self.uid(),
-            grace = self.grace_seconds,
-            args = self.kernel_args,
-        )
-    }
-
-    /// `status.volumeStatus` with ReadWriteMany claims, when `rwx` is set.
-    fn status_yaml(&self) -> String {
-        if !self.rwx {
-            return String::new();
-        }
-        let mut out = String::from("status:\n  volumeStatus:\n");
-        for d in &self.disks {
-            out += &format!(
-                "    - name: {n}\n      phase: Ready\n      persistentVolumeClaimInfo:\n        claimName: {n}\n        accessModes: [ReadWriteMany]\n",
-                n = d.name
-            );
-        }
-        out
+        .yaml()
     }
 
     /// Creates the PVC images (sparse) and the VMI file.
     pub fn prepare(&self) {
         fs::create_dir_all(self.hotplug_dir()).unwrap();
-        for d in self.disks.iter().filter(|_| self.shared_pvcs.is_none()) {
-            let dir = self.pvcs_dir().join(&d.name);
-            fs::create_dir_all(&dir).unwrap();
-            let f = fs::File::create(dir.join("disk.img")).unwrap();
-            f.set_len(d.size_mib << 20).unwrap();
+        if self.shared_pvcs.is_none() {
+            for d in &self.disks {
+                d.create(&self.pvcs_dir()).unwrap();
+            }
         }
         fs::write(self.vmi_path(), self.vmi_yaml()).unwrap();
     }
 
     /// The launcher command line for this pod.
     pub fn command(&self) -> Command {
-        let mut cmd = match self.wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(LAUNCHER);
-                c
-            }
-            None => Command::new(LAUNCHER),
-        };
-        cmd.arg("run");
-        if !self.wait_for_sync {
-            cmd.arg("--vmi").arg(self.vmi_path());
+        let (runtime, pvcs, guest, hotplug) = (
+            self.runtime_dir(),
+            self.pvcs_dir(),
+            guest_dir(),
+            self.hotplug_dir(),
+        );
+        let vmi = self.vmi_path();
+        launcher::Run {
+            launcher: Path::new(LAUNCHER),
+            wrapper: &self.wrapper,
+            vmi: (!self.wait_for_sync).then_some(vmi.as_path()),
+            runtime_dir: &runtime,
+            volumes_dir: &pvcs,
+            kernel_boot_dir: &guest,
+            hotplug_dir: Some(&hotplug),
+            extra_args: &self.extra_args,
         }
-        cmd.args(["--domain-type", "qemu", "--json-logs", "--runtime-dir"])
-            .arg(self.runtime_dir())
-            .arg("--volumes-dir")
-            .arg(self.pvcs_dir())
-            .arg("--kernel-boot-dir")
-            .arg(guest_dir())
-            .arg("--hotplug-dir")
-            .arg(self.hotplug_dir())
-            .args(&self.extra_args);
-        cmd
+        .command()
     }
 
     /// Prepares and starts the launcher, logging to `launcher.log`.
@@ -238,9 +191,14 @@ impl Pod {
     /// Starts the launcher on what [`Pod::prepare`] made (a test may change the files in
     /// between), logging to `launcher.log`.
     pub fn spawn(&mut self) {
+        let cmd = self.command();
+        self.spawn_command(cmd);
+    }
+
+    /// Starts `cmd` as this pod's launcher, logging to `launcher.log`.
+    pub fn spawn_command(&mut self, mut cmd: Command) {
         let log = fs::File::create(self.launcher_log()).unwrap();
-        let child = self
-            .command()
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -251,18 +209,18 @@ impl Pod {
 
     /// Waits for the control socket to be published (the readiness signal).
     pub fn wait_socket(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.socket().exists() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("launcher exited ({status}) before serving\n{}", self.dump());
+        let served = wait(timeout, Duration::from_millis(20), || {
+            if self.socket().exists() {
+                return Some(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "socket not ready within {timeout:?}\n{}",
-                self.dump()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            self.panic_if_exited("before serving");
+            None
+        });
+        assert!(
+            served.is_some(),
+            "socket not ready within {timeout:?}\n{}",
+            self.dump()
+        );
     }
 
     /// Count of `marker` in the console log.
@@ -271,7 +229,7 @@ impl Pod {
     }
 
     pub fn console(&self) -> String {
-        fs::read_to_string(self.console_log()).unwrap_or_default()
+        guest::read_console(&self.console_log())
     }
 
     pub fn log(&self) -> String {
@@ -280,40 +238,39 @@ impl Pod {
 
     /// Waits until the guest console shows `marker`; panics with both logs after `timeout`.
     pub fn wait_console(&mut self, marker: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let shown = wait(timeout, Duration::from_millis(100), || {
             let console = self.console();
             if console.contains(marker) {
-                return console;
+                return Some(console);
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!(
-                    "launcher exited ({status}) before the console showed {marker:?}\n{}",
-                    self.dump()
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "console did not show {marker:?} within {timeout:?}\n{}",
-                    self.dump()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            self.panic_if_exited(&format!("before the console showed {marker:?}"));
+            None
+        });
+        shown.unwrap_or_else(|| {
+            panic!(
+                "console did not show {marker:?} within {timeout:?}\n{}",
+                self.dump()
+            )
+        })
+    }
+
+    /// Panics with the logs if the launcher has exited.
+    fn panic_if_exited(&mut self, when: &str) {
+        if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            panic!("launcher exited ({status}) {when}\n{}", self.dump());
         }
     }
 
     /// Waits until the launcher's own log contains `text`.
     pub fn wait_log(&mut self, text: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.log().contains(text) {
-            if Instant::now() > deadline {
-                panic!(
-                    "launcher log did not show {text:?} within {timeout:?}\n{}",
-                    self.dump()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let shown = wait(timeout, Duration::from_millis(100), || {
+            self.log().contains(text).then_some(())
+        });
+        assert!(
+            shown.is_some(),
+            "launcher log did not show {text:?} within {timeout:?}\n{}",
+            self.dump()
+        );
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -323,19 +280,15 @@ impl Pod {
 
     /// Waits for the launcher to exit; panics after `timeout` (and kills it).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().expect("started");
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("launcher did not exit within {timeout:?}\n{}", self.dump());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(status) = wait(timeout, Duration::from_millis(50), || {
+            child.try_wait().unwrap()
+        }) {
+            return status;
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("launcher did not exit within {timeout:?}\n{}", self.dump())
     }
 
     pub fn dump(&self) -> String {
@@ -348,33 +301,10 @@ impl Pod {
         )
     }
 
-    /// Processes on the machine whose command line mentions this pod (daemons, QEMU).
+    /// Processes on the machine whose command line mentions this pod (daemons, QEMU), as
+    /// `pid: command line`.
     pub fn leftover_processes(&self) -> Vec<String> {
-        // Everything this pod starts names its runtime directory on its command line (the
-        // launcher's flag, the daemons' config files, QEMU's console and VNC sockets); another
-        // pod sharing its claims or running its VM does not.
-        let needles = [self.runtime_dir().display().to_string()];
-        let mut found = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            if pid == std::process::id() {
-                continue;
-            }
-            let mut raw = Vec::new();
-            if fs::File::open(entry.path().join("cmdline"))
-                .and_then(|mut f| f.read_to_end(&mut raw))
-                .is_err()
-            {
-                continue;
-            }
-            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-            if needles.iter().any(|n| cmdline.contains(n.as_str())) {
-                found.push(format!("{pid}: {cmdline}"));
-            }
-        }
-        found
+        launcher::leftovers(&self.runtime_dir(), false)
     }
 }
 
@@ -382,29 +312,9 @@ impl Drop for Pod {
     /// A test that panics must not leave QEMU or the daemons behind: SIGTERM (the launcher
     /// stops its guest), up to 15 s, then SIGKILL, then any leftover process of this pod.
     fn drop(&mut self) {
+        let runtime = self.runtime_dir();
         if let Some(child) = self.child.as_mut() {
-            if child.try_wait().ok().flatten().is_none() {
-                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                let deadline = Instant::now() + Duration::from_secs(15);
-                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                if child.try_wait().ok().flatten().is_none() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-            }
-        }
-        if self.child.is_some() {
-            for p in self.leftover_processes() {
-                if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
+            launcher::clean_up(child, &runtime, None, Duration::from_secs(15));
         }
     }
 }
@@ -412,49 +322,35 @@ impl Drop for Pod {
 impl Pod {
     /// The counter the guest keeps at offset 0 of `disk` (`lv.counter=vda`), 0 if none.
     pub fn disk_counter(&self, disk: &str) -> u64 {
-        let data = fs::read(self.disk_image(disk)).unwrap_or_default();
-        let line = data.split(|b| *b == b'\n').next().unwrap_or_default();
-        String::from_utf8_lossy(line).trim().parse().unwrap_or(0)
+        guest::disk_counter(&self.disk_image(disk))
     }
 
     /// The highest `LV-COUNT n` the guest printed (n was on disk, fsync'ed, when printed).
     pub fn last_console_count(&self) -> u64 {
-        self.console()
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("LV-COUNT "))
-            .filter_map(|n| n.trim().parse().ok())
+        guest::counts(&self.console())
+            .into_iter()
             .max()
             .unwrap_or(0)
     }
 
     /// Waits until the on-disk counter of `disk` passes `above`.
     pub fn wait_counter_above(&self, disk: &str, above: u64, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let n = self.disk_counter(disk);
-            if n > above {
-                return n;
-            }
-            assert!(
-                Instant::now() < deadline,
+        let mut n = 0;
+        let passed = wait(timeout, Duration::from_millis(100), || {
+            n = self.disk_counter(disk);
+            (n > above).then_some(n)
+        });
+        passed.unwrap_or_else(|| {
+            panic!(
                 "guest counter stuck at {n} (wanted > {above})\n{}",
                 self.dump()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            )
+        })
     }
 
     /// pid of a daemon the launcher runs (`libvirtd`, `virtlogd`), from its pid file.
     pub fn daemon_pid(&self, daemon: &str) -> Option<i32> {
-        fs::read_to_string(
-            self.runtime_dir()
-                .join("pids")
-                .join(format!("{daemon}.pid")),
-        )
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+        procs::read_pid(&launcher::daemon_pid_file(&self.runtime_dir(), daemon)).ok()
     }
 
     /// Runs `virsh` against the pod's own libvirtd, inside its mount namespace; its output.
@@ -491,21 +387,23 @@ impl Pod {
 
     /// Waits until the launcher runs a new `daemon` in place of pid `old`.
     pub fn wait_daemon_replaced(&self, daemon: &str, old: i32, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(new) = self.daemon_pid(daemon).filter(|p| *p != old) {
-                if Path::new(&format!("/proc/{new}")).exists() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{daemon} not restarted within {timeout:?}\n{}",
-                self.dump()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let replaced = wait(timeout, Duration::from_millis(20), || {
+            let new = self.daemon_pid(daemon).filter(|p| *p != old)?;
+            Path::new(&format!("/proc/{new}")).exists().then_some(())
+        });
+        assert!(
+            replaced.is_some(),
+            "{daemon} not restarted within {timeout:?}\n{}",
+            self.dump()
+        );
     }
+}
+
+/// Calls `f` every `every` until it gives a value; `None` once `timeout` has passed.
+pub fn wait<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let Ok(found) =
+        testkit::poll::<T, std::convert::Infallible>(Instant::now() + timeout, every, || Ok(f()));
+    found
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -538,12 +436,17 @@ pub async fn stop_cleanly(pod: Pod, timeout: Duration) -> Pod {
 }
 
 /// Waits (off the async runtime) for the launcher to exit 0.
-pub async fn exit_cleanly(mut pod: Pod, timeout: Duration) -> Pod {
-    let (status, pod) = tokio::task::spawn_blocking(move || (pod.wait_exit(timeout), pod))
-        .await
-        .unwrap();
+pub async fn exit_cleanly(pod: Pod, timeout: Duration) -> Pod {
+    let (status, pod) = exit_status(pod, timeout).await;
     assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
     pod
+}
+
+/// Waits (off the async runtime) for the launcher to exit; its status. Panics after `timeout`.
+pub async fn exit_status(mut pod: Pod, timeout: Duration) -> (ExitStatus, Pod) {
+    tokio::task::spawn_blocking(move || (pod.wait_exit(timeout), pod))
+        .await
+        .unwrap()
 }
 
 /// Runs the launcher to completion with the given arguments; returns (status, stderr).

@@ -56,14 +56,20 @@ struct Pair {
 }
 
 impl Pair {
+    /// A fresh directory `<tag><n>` with the VMI, its PVCs and a hot-plug directory.
+    fn pod_dir(ctx: &mut Ctx, tag: &str, spec: &VmiSpec) -> Result<(PathBuf, PodFiles, PathBuf)> {
+        let dir = ctx.fresh_dir(tag)?;
+        let files = write_spec_pod(&dir, &dir.join("pvcs"), spec)?;
+        let hot = dir.join("hotplug");
+        fs::create_dir_all(&hot)?;
+        Ok((dir, files, hot))
+    }
+
     /// Boots both VMs at once (set-up, not measured) and waits until both guests are up.
     fn boot(ctx: &mut Ctx, spec: &VmiSpec, raw_name: &str) -> Result<Pair> {
-        let ldir = ctx.fresh_dir("hl")?;
-        let lfiles = write_spec_pod(&ldir, &ldir.join("pvcs"), spec)?;
-        let lhot = ldir.join("hotplug");
-        fs::create_dir_all(&lhot)?;
+        let (ldir, lfiles, lhot) = Pair::pod_dir(ctx, "hl", spec)?;
         let lruntime = ldir.join("runtime");
-        let lconsole = lruntime.join("private/virt-serial0-log");
+        let lconsole = testkit::guest::console_log(&lruntime);
         let mut pod = LauncherProc::spawn_with(
             ctx.opts,
             Some(&lfiles.vmi),
@@ -72,12 +78,9 @@ impl Pair {
             &lruntime,
         )?;
 
-        let rdir = ctx.fresh_dir("hr")?;
-        let rfiles = write_spec_pod(&rdir, &rdir.join("pvcs"), spec)?;
-        let rhot = rdir.join("hotplug");
-        fs::create_dir_all(&rhot)?;
+        let (rdir, rfiles, rhot) = Pair::pod_dir(ctx, "hr", spec)?;
         let rprivate = rdir.join("private");
-        let rconsole = rprivate.join("virt-serial0-log");
+        let rconsole = testkit::guest::console_in(&rprivate);
         let xml = domain_xml_with(&rfiles, &ctx.opts.guest_dir, &rprivate, Some(&rhot))?;
         let (mut raw, _) = RawLibvirt::start(&rdir, raw_name)?;
         raw.connect()?;
@@ -255,27 +258,21 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
     for i in 0..rounds {
         for step in 0..2 {
             check_interrupt()?;
-            if (i + step) % 2 == 0 {
+            let (load, side, rps, p99) = if (i + step) % 2 == 0 {
                 let load = rt.block_on(getdomain_load(&socket, CLIENTS, round))?;
-                progress(&format!(
-                    "{}/{rounds} launcher GetDomain x{CLIENTS}: {:.0} calls/s, p99 {:.2} ms",
-                    i + 1,
-                    load.rps(),
-                    load.p99_ms()
-                ));
-                l_rps.push(load.rps());
-                l_p99.push(load.p99_ms());
+                (load, "launcher GetDomain", &mut l_rps, &mut l_p99)
             } else {
                 let load = libvirt_load(&uri, &dom_name, CLIENTS, round)?;
-                progress(&format!(
-                    "{}/{rounds} raw GetState+GetXMLDesc x{CLIENTS}: {:.0} calls/s, p99 {:.2} ms",
-                    i + 1,
-                    load.rps(),
-                    load.p99_ms()
-                ));
-                r_rps.push(load.rps());
-                r_p99.push(load.p99_ms());
-            }
+                (load, "raw GetState+GetXMLDesc", &mut r_rps, &mut r_p99)
+            };
+            progress(&format!(
+                "{}/{rounds} {side} x{CLIENTS}: {:.0} calls/s, p99 {:.2} ms",
+                i + 1,
+                load.rps(),
+                load.p99_ms()
+            ));
+            rps.push(load.rps());
+            p99.push(load.p99_ms());
         }
     }
     drop(rt);

@@ -70,9 +70,9 @@ pub(super) fn bench_migration(ctx: &mut Ctx) -> Result<()> {
     let mut rside = RawSide { raw, private };
 
     source.note_namespace();
-    let lconsole = source_dir.join("runtime/private/virt-serial0-log");
+    let lconsole = testkit::guest::console_log(&source_dir.join("runtime"));
     wait_console(&lconsole, Instant::now() + timeout, || source.check_alive())?;
-    let rconsole = rside.private.join("virt-serial0-log");
+    let rconsole = testkit::guest::console_in(&rside.private);
     wait_console(&rconsole, Instant::now() + timeout, || {
         rside.raw.check_alive()
     })?;
@@ -117,11 +117,8 @@ pub(super) fn bench_migration(ctx: &mut Ctx) -> Result<()> {
                 l_job.push(p.elapsed_ms as f64);
                 // The source launcher exits once its VM has left; the guest counts on.
                 source.wait_exit(Duration::from_secs(60))?;
-                let console = tdir.join("runtime/private/virt-serial0-log");
-                wait_marker(&console, "LV-COUNT", Duration::from_secs(60), || {
-                    target.check_alive()
-                })?;
-                std::thread::sleep(SETTLE_AFTER_ARRIVAL);
+                let console = testkit::guest::console_log(&tdir.join("runtime"));
+                settle_on_target(&console, || target.check_alive())?;
                 drop(std::mem::replace(&mut source, target));
                 let _ = fs::remove_dir_all(std::mem::replace(&mut source_dir, tdir));
             } else {
@@ -144,12 +141,9 @@ pub(super) fn bench_migration(ctx: &mut Ctx) -> Result<()> {
                 r_total.push(total);
                 r_down.push(down);
                 r_job.push(job);
-                let console = target.private.join("virt-serial0-log");
+                let console = testkit::guest::console_in(&target.private);
                 let mut target = target;
-                wait_marker(&console, "LV-COUNT", Duration::from_secs(60), || {
-                    target.raw.check_alive()
-                })?;
-                std::thread::sleep(SETTLE_AFTER_ARRIVAL);
+                settle_on_target(&console, || target.raw.check_alive())?;
                 let mut old = std::mem::replace(&mut rside, target);
                 old.raw.stop()?;
                 let _ = fs::remove_dir_all(&old.raw.root);
@@ -315,29 +309,16 @@ fn raw_migrate(
     Ok((total, field("Total downtime:")?, field("Time elapsed:")?))
 }
 
-/// Waits until `path` contains `marker`.
-fn wait_marker(
-    path: &Path,
-    marker: &str,
-    timeout: Duration,
-    mut alive: impl FnMut() -> Result<()>,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if fs::read(path)
-            .map(|b| String::from_utf8_lossy(&b).contains(marker))
-            .unwrap_or(false)
-        {
-            return Ok(());
-        }
-        check_interrupt()?;
-        alive()?;
-        if Instant::now() > deadline {
-            bail!(
-                "{} did not show {marker} within {timeout:?}",
-                path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Waits until the guest counts on the target (its console at `console`), then lets it settle.
+fn settle_on_target(console: &Path, alive: impl FnMut() -> Result<()>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_marker(
+        console,
+        "LV-COUNT",
+        deadline,
+        Duration::from_millis(20),
+        alive,
+    )?;
+    std::thread::sleep(SETTLE_AFTER_ARRIVAL);
+    Ok(())
 }
