@@ -262,15 +262,7 @@ fn ensure_claim(
 ) -> Result<(), DataVolumeError> {
     let dv = s.claim.to_string();
     let dir = claim::claim_dir(storage, &s.claim);
-    let io = |path: &Path| {
-        let dv = dv.clone();
-        let path = path.to_path_buf();
-        move |e: std::io::Error| DataVolumeError::Io {
-            dv,
-            path,
-            reason: io_reason(&e),
-        }
-    };
+    let io = |path: &Path| io_error(&dv, path);
     let parent = dir.parent().unwrap_or(storage);
     fs::create_dir_all(parent).map_err(io(parent))?;
 
@@ -382,15 +374,7 @@ fn import_into(
     import::finish(&job, &disk, size, s.preallocation)?;
 
     let image = dir.join(claim::image_name(s.volume_mode));
-    let io = |path: &Path| {
-        let dv = dv.clone();
-        let path = path.to_path_buf();
-        move |e: std::io::Error| DataVolumeError::Io {
-            dv,
-            path,
-            reason: io_reason(&e),
-        }
-    };
+    let io = |path: &Path| io_error(&dv, path);
     fs::rename(&disk, &image).map_err(io(&image))?;
     claim::sync_dir(dir).map_err(io(dir))?;
 
@@ -523,6 +507,16 @@ fn build_view(
     paths.vmi_disks_dir = volumes_dir;
     paths.block_dev_dir = block_dir;
     Ok(claims)
+}
+
+/// Maps an I/O error on `path` while handling DataVolume `dv` to our error.
+fn io_error(dv: &str, path: &Path) -> impl FnOnce(std::io::Error) -> DataVolumeError {
+    let (dv, path) = (dv.to_string(), path.to_path_buf());
+    move |e| DataVolumeError::Io {
+        dv,
+        path,
+        reason: io_reason(&e),
+    }
 }
 
 #[cfg(test)]
