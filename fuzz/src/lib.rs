@@ -3,7 +3,7 @@
 //! bytes, must return (an error for bad input is fine) and asserts the invariants that hold
 //! for every input: a panic is a finding.
 
-use std::path::Path;
+use std::path::{Component, Path};
 
 use virt_launcher::domain::live::{LiveDisk, LiveDomain};
 use virt_launcher::domain::Domain;
@@ -46,7 +46,29 @@ pub fn vmi_text(text: &str, facts: Option<&str>) {
     let Ok(domain) = convert::convert(&vmi, &facts) else {
         return;
     };
+    paths_stay_put(&domain);
     domain_reads_back(&domain);
+}
+
+/// A name from the spec never turns into a path that climbs elsewhere: every file the domain
+/// names (disk sources, kernel, initrd, firmware) is absolute and has no `..`.
+pub fn paths_stay_put(d: &Domain) {
+    let os = &d.os;
+    let paths = d
+        .devices
+        .disks
+        .iter()
+        .map(|disk| disk.source_path())
+        .chain(os.kernel.as_deref())
+        .chain(os.initrd.as_deref())
+        .chain(os.loader.as_ref().map(|l| l.path.as_path()))
+        .chain(os.nvram.as_ref().map(|n| n.path.as_path()));
+    for p in paths {
+        assert!(
+            p.is_absolute() && !p.components().any(|c| c == Component::ParentDir),
+            "domain path {p:?}"
+        );
+    }
 }
 
 /// The domain's XML is well-formed and the read side ([`LiveDomain`], [`LiveDisk`]) finds in
