@@ -5,7 +5,7 @@
 #  - apt packages: libvirt (daemon + qemu driver + clients + dev), QEMU 7.2 (with
 #    qemu-utils pinned to bookworm: a newer qemu-utils conflicts with qemu-system-x86 7.2),
 #    tools for the test guest (busybox-static, cpio, xz-utils), xorriso (cloud-init ISOs),
-#    util-linux (losetup, unshare, nsenter), iproute2
+#    util-linux (losetup, unshare, nsenter), iproute2, g++ (libFuzzer's C++, for fuzz/)
 #  - users/groups libvirt expects: kvm, libvirt, libvirt-qemu
 #  - /var/log/libvirt, /var/run/libvirt, /var/lib/libvirt, /var/cache/libvirt
 #  - the Rust toolchain (rustup in ~/.cargo/bin) is present and recent enough
@@ -33,7 +33,7 @@ PACKAGES=(
     libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     qemu-system-x86 qemu-utils pkg-config libxml2-utils
     busybox-static cpio xz-utils gzip
-    xorriso util-linux iproute2
+    xorriso util-linux iproute2 g++
 )
 
 # installed <pkg>: print the installed version, or nothing.
@@ -106,7 +106,7 @@ else
     log "packages: all present (libvirt $(installed libvirt-daemon), qemu $(installed qemu-system-x86))"
 fi
 
-for tool in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox; do
+for tool in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++; do
     command -v "$tool" >/dev/null || die "$tool not found after installing packages"
 done
 

@@ -618,50 +618,89 @@ fn keepalive_loop(shared: Weak<Shared>, interval: Duration, count: u32) {
     }
 }
 
-/// Handles one packet. An error here means the peer cannot be trusted any more.
-fn dispatch(
-    packet: &[u8],
-    shared: &Shared,
-    events: &UnboundedSender<RawEvent>,
-) -> Result<(), RpcError> {
+/// One packet from the daemon, decoded: what [`dispatch`] acts on.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    /// The reply to call `serial`: its body, or the error the daemon (or a malformed reply)
+    /// gives instead.
+    Reply {
+        serial: u32,
+        result: Result<&'a [u8], RpcError>,
+    },
+    /// A domain event: `Ok(None)` for one we do not follow, `Err` for a malformed one.
+    Event {
+        proc_: i32,
+        event: Result<Option<RawEvent>, XdrError>,
+    },
+    /// The daemon's keepalive PING: answer with a PONG.
+    Ping,
+    /// A keepalive PONG: its arrival already counted as a sign of life.
+    Pong,
+    /// Any other program or message type: ignored.
+    Other(Header),
+}
+
+/// Decodes one packet (without its length word, as [`read_packet`] returns it). An error here
+/// means the peer cannot be trusted any more; a malformed reply or event body is not one (it
+/// is reported to its caller, or logged).
+pub fn decode_packet(packet: &[u8]) -> Result<Incoming<'_>, RpcError> {
     let (h, body) = decode_header(packet)?;
-    match (h.prog, h.kind) {
-        (REMOTE_PROGRAM, kind::REPLY) => {
-            let Some(tx) = shared.pending().as_mut().and_then(|m| m.remove(&h.serial)) else {
-                tracing::debug!(serial = h.serial, "reply to no pending call");
-                return Ok(());
-            };
-            let result = if h.vers != REMOTE_PROTOCOL_VERSION {
+    Ok(match (h.prog, h.kind) {
+        (REMOTE_PROGRAM, kind::REPLY) => Incoming::Reply {
+            serial: h.serial,
+            result: if h.vers != REMOTE_PROTOCOL_VERSION {
                 Err(RpcError::Protocol(format!("reply of version {}", h.vers)))
             } else {
                 match h.status {
-                    status::OK => Ok(body.to_vec()),
+                    status::OK => Ok(body),
                     status::ERROR => match RemoteError::decode(&mut Decoder::new(body)) {
                         Ok(e) => Err(RpcError::Remote(e)),
                         Err(e) => Err(e.into()),
                     },
                     s => Err(RpcError::Protocol(format!("reply with status {s}"))),
                 }
+            },
+        },
+        (REMOTE_PROGRAM, kind::MESSAGE) => Incoming::Event {
+            proc_: h.proc_,
+            event: decode_event(h.proc_, body),
+        },
+        (KEEPALIVE_PROGRAM, kind::MESSAGE) if h.proc_ == KEEPALIVE_PING => Incoming::Ping,
+        (KEEPALIVE_PROGRAM, kind::MESSAGE) => Incoming::Pong,
+        _ => Incoming::Other(h),
+    })
+}
+
+/// Handles one packet. An error here means the peer cannot be trusted any more.
+fn dispatch(
+    packet: &[u8],
+    shared: &Shared,
+    events: &UnboundedSender<RawEvent>,
+) -> Result<(), RpcError> {
+    match decode_packet(packet)? {
+        Incoming::Reply { serial, result } => {
+            let Some(tx) = shared.pending().as_mut().and_then(|m| m.remove(&serial)) else {
+                tracing::debug!(serial, "reply to no pending call");
+                return Ok(());
             };
-            tx.send(result);
+            tx.send(result.map(<[u8]>::to_vec));
         }
-        (REMOTE_PROGRAM, kind::MESSAGE) => match decode_event(h.proc_, body) {
+        Incoming::Event { proc_, event } => match event {
             Ok(Some(ev)) => {
                 let _ = events.send(ev);
             }
-            Ok(None) => tracing::debug!(procedure = h.proc_, "ignoring libvirt event"),
-            Err(e) => tracing::warn!(procedure = h.proc_, error = %e, "malformed libvirt event"),
+            Ok(None) => tracing::debug!(procedure = proc_, "ignoring libvirt event"),
+            Err(e) => tracing::warn!(procedure = proc_, error = %e, "malformed libvirt event"),
         },
-        (KEEPALIVE_PROGRAM, kind::MESSAGE) if h.proc_ == KEEPALIVE_PING => {
+        Incoming::Ping => {
             // The daemon's own keepalive. Never wait for the writer here: a caller may be
             // blocked writing while we must read.
             if let Ok(mut w) = shared.writer.try_lock() {
                 let _ = w.write_all(&keepalive_packet(KEEPALIVE_PONG));
             }
         }
-        // A PONG: its arrival already counted as a sign of life.
-        (KEEPALIVE_PROGRAM, kind::MESSAGE) => {}
-        _ => tracing::debug!(
+        Incoming::Pong => {}
+        Incoming::Other(h) => tracing::debug!(
             program = h.prog,
             kind = h.kind,
             procedure = h.proc_,
@@ -710,6 +749,70 @@ mod tests {
         p.truncate(p.len() - 1);
         assert!(read_packet(&mut &p[..]).is_err());
         assert!(decode_header(&[0; 23]).is_err());
+        assert!(decode_packet(&[0; 23]).is_err());
+    }
+
+    #[test]
+    fn packets_decode_into_what_the_reader_acts_on() {
+        let packet = |h: Header, body: &[u8]| encode_packet(&h, body)[LEN_WORD..].to_vec();
+        let reply = |vers, status| Header {
+            vers,
+            kind: kind::REPLY,
+            status,
+            ..Header::call(procs::DOMAIN_GET_STATE, 9)
+        };
+        let p = packet(reply(REMOTE_PROTOCOL_VERSION, status::OK), &[0, 0, 0, 1]);
+        assert!(matches!(
+            decode_packet(&p).unwrap(),
+            Incoming::Reply {
+                serial: 9,
+                result: Ok([0, 0, 0, 1])
+            }
+        ));
+        let p = packet(reply(2, status::OK), &[]);
+        assert!(matches!(
+            decode_packet(&p).unwrap(),
+            Incoming::Reply {
+                result: Err(RpcError::Protocol(_)),
+                ..
+            }
+        ));
+        // An error reply whose remote_error is cut short: the caller gets a decode error.
+        let p = packet(reply(REMOTE_PROTOCOL_VERSION, status::ERROR), &[0, 0, 0, 1]);
+        assert!(matches!(
+            decode_packet(&p).unwrap(),
+            Incoming::Reply {
+                result: Err(RpcError::Decode(_)),
+                ..
+            }
+        ));
+        let event = Header {
+            kind: kind::MESSAGE,
+            ..Header::call(procs::DOMAIN_EVENT_CALLBACK_REBOOT, 0)
+        };
+        assert!(matches!(
+            decode_packet(&packet(event, &[])).unwrap(),
+            Incoming::Event {
+                proc_: procs::DOMAIN_EVENT_CALLBACK_REBOOT,
+                event: Err(_)
+            }
+        ));
+        assert!(matches!(
+            decode_packet(&keepalive_packet(KEEPALIVE_PING)[LEN_WORD..]).unwrap(),
+            Incoming::Ping
+        ));
+        assert!(matches!(
+            decode_packet(&keepalive_packet(KEEPALIVE_PONG)[LEN_WORD..]).unwrap(),
+            Incoming::Pong
+        ));
+        let other = Header {
+            prog: 1,
+            ..Header::call(1, 1)
+        };
+        assert!(matches!(
+            decode_packet(&packet(other, &[])).unwrap(),
+            Incoming::Other(h) if h == other
+        ));
     }
 
     #[test]
@@ -818,6 +921,7 @@ mod tests {
                 })
                 .collect();
             let _ = decode_header(&bytes);
+            let _ = decode_packet(&bytes);
             let _ = RemoteError::decode(&mut Decoder::new(&bytes));
             for p in [318, 319, 321, 324, 333, 348, 363, 367] {
                 let _ = decode_event(p, &bytes);

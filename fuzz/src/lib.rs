@@ -1,0 +1,121 @@
+//! What the fuzz targets in `fuzz_targets/` check, shared where two targets reach the same
+//! code (a VMI arrives as a file and inside gRPC requests). Every function takes untrusted
+//! bytes, must return (an error for bad input is fine) and asserts the invariants that hold
+//! for every input: a panic is a finding.
+
+use std::path::{Component, Path};
+
+use virt_launcher::convert::facts::PodFacts;
+use virt_launcher::domain::live::{LiveDisk, LiveDomain};
+use virt_launcher::domain::Domain;
+use virt_launcher::pod::facts as podfacts;
+use virt_launcher::{convert, spec};
+
+/// A `vmi_convert` input: VMI text (JSON or YAML), optionally followed by a NUL byte and a
+/// pod-facts file (the `--pod-facts` JSON the golden tests use). Without one the facts are
+/// KubeVirt's defaults.
+pub fn vmi_input(data: &[u8]) {
+    let (vmi, facts) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], Some(&data[i + 1..])),
+        None => (data, None),
+    };
+    let Ok(text) = std::str::from_utf8(vmi) else {
+        return;
+    };
+    let facts = facts.map(String::from_utf8_lossy);
+    vmi_text(text, facts.as_deref());
+}
+
+/// VMI text → spec → conversion → domain XML, and the XML read back.
+pub fn vmi_text(text: &str, facts: Option<&str>) {
+    let Ok(vmi) = spec::from_str(text, "fuzz") else {
+        return;
+    };
+    // What the launcher hands back (GetVMI, launcherctl) reads back as the same VMI.
+    let json = serde_json::to_string(&vmi).expect("a parsed VMI serialises");
+    match spec::from_str(&json, "fuzz") {
+        Ok(again) => assert_eq!(again, vmi, "the VMI changed through its own JSON: {json}"),
+        Err(e) => panic!("the VMI's own JSON does not parse: {e}\n{json}"),
+    }
+    let facts = match facts {
+        None => PodFacts::defaults(&vmi),
+        Some(f) => match podfacts::from_json(f, &vmi) {
+            Ok(f) => f,
+            Err(_) => return,
+        },
+    };
+    let Ok(domain) = convert::convert(&vmi, &facts) else {
+        return;
+    };
+    paths_stay_put(&domain);
+    domain_reads_back(&domain);
+}
+
+/// A name from the spec never turns into a path that climbs elsewhere: every file the domain
+/// names (disk sources, kernel, initrd, firmware) is absolute and has no `..`.
+pub fn paths_stay_put(d: &Domain) {
+    let os = &d.os;
+    let paths = d
+        .devices
+        .disks
+        .iter()
+        .map(|disk| disk.source_path())
+        .chain(os.kernel.as_deref())
+        .chain(os.initrd.as_deref())
+        .chain(os.loader.as_ref().map(|l| l.path.as_path()))
+        .chain(os.nvram.as_ref().map(|n| n.path.as_path()));
+    for p in paths {
+        assert!(
+            p.is_absolute() && !p.components().any(|c| c == Component::ParentDir),
+            "domain path {p:?}"
+        );
+    }
+}
+
+/// The domain's XML is well-formed and the read side ([`LiveDomain`], [`LiveDisk`]) finds in
+/// it exactly what the write side put there.
+pub fn domain_reads_back(d: &Domain) {
+    let xml = d.to_xml();
+    well_formed(&xml);
+    let live = LiveDomain::parse(&xml)
+        .unwrap_or_else(|e| panic!("our domain XML does not read back: {e}\n{xml}"));
+    assert_eq!(live.name.as_deref(), Some(d.name()), "{xml}");
+    assert_eq!(live.uuid, d.uuid, "{xml}");
+    assert_eq!(live.disks().len(), d.devices.disks.len(), "{xml}");
+    for (read, written) in live.disks().iter().zip(&d.devices.disks) {
+        assert_eq!(
+            read.target_dev(),
+            Some(written.target_dev.as_str()),
+            "{xml}"
+        );
+        assert_eq!(read.bus(), Some(written.bus.as_str()), "{xml}");
+        assert_eq!(read.alias(), Some(written.alias.as_str()), "{xml}");
+        assert_eq!(read.volume_name(), Some(written.volume()), "{xml}");
+        assert_eq!(
+            read.source_path().map(Path::new),
+            Some(written.source_path()),
+            "{xml}"
+        );
+        assert_eq!(read.serial, written.serial, "{xml}");
+        // The hot-plug form of the same disk reads back as the same disk.
+        let single = written.to_xml();
+        well_formed(&single);
+        let alone = LiveDisk::parse(&single)
+            .unwrap_or_else(|e| panic!("our disk XML does not read back: {e}\n{single}"));
+        assert_eq!(&alone, read, "{single}");
+    }
+    let ifaces = live.devices.as_ref().map_or(&[][..], |d| &d.interface[..]);
+    assert_eq!(ifaces.len(), d.devices.interfaces.len(), "{xml}");
+}
+
+/// Every event of `xml` reads without an error, to the end.
+pub fn well_formed(xml: &str) {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    loop {
+        match reader.read_event() {
+            Ok(quick_xml::events::Event::Eof) => break,
+            Ok(_) => {}
+            Err(e) => panic!("not well-formed XML: {e}\n{xml}"),
+        }
+    }
+}
