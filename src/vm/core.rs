@@ -2,8 +2,9 @@
 //! a [`super::Command`] sent through a [`super::Handle`] to the owner task (`vm::Supervisor`),
 //! which runs the operations one at a time (stops first) and applies libvirt events.
 //!
-//! The status, the VMI and the console path are published through `watch` channels and the
-//! event log, so reads never wait for libvirt or for an operation; every libvirt call runs on
+//! The status, the VMI and the console path are published by the owner (its `Ledger`) through
+//! `watch` channels and the event log, so reads never wait for libvirt or for an operation;
+//! operations change them only by sending the owner a `Report`. Every libvirt call runs on
 //! tokio's blocking pool.
 
 use std::path::PathBuf;
@@ -38,14 +39,16 @@ pub(crate) struct Launcher {
     pub(crate) status: watch::Receiver<Status>,
     /// The event log (the owner alone pushes to it).
     pub(crate) events: Arc<EventLog>,
-    pub(crate) vmi: watch::Sender<Option<Arc<VirtualMachineInstance>>>,
+    /// The VMI as last synced (the owner sets it).
+    pub(crate) vmi: watch::Receiver<Option<Arc<VirtualMachineInstance>>>,
     /// The owner's channel for what operations tell it: reports, a detach waiting for the
     /// guest, the end of an operation.
     pub(crate) internal: mpsc::UnboundedSender<super::Internal>,
     /// Becomes true once a domain was started (or arrived by migration); the owner sets it.
     pub(crate) started: watch::Receiver<bool>,
     pub(crate) domain_type: String,
-    pub(crate) console_log: watch::Sender<Option<PathBuf>>,
+    /// Where the guest's console is logged (the owner sets it).
+    pub(crate) console_log: watch::Receiver<Option<PathBuf>>,
     /// This pod's sockets, for receiving a migration.
     pub(crate) sockets: Option<super::migration::PodSockets>,
     /// How long a detach waits for the guest.
@@ -93,11 +96,11 @@ impl Launcher {
             planner,
             status: views.status,
             events: views.events,
-            vmi: watch::Sender::new(None),
+            vmi: views.vmi,
             internal,
             started: views.started,
             domain_type,
-            console_log: watch::Sender::new(None),
+            console_log: views.console_log,
             sockets,
             detach_timeout,
             reconnecting: tokio::sync::Mutex::new(()),
@@ -209,7 +212,7 @@ impl Launcher {
     }
 
     pub(crate) fn set_console_log(&self, path: PathBuf) {
-        self.console_log.send_replace(Some(path));
+        self.report(Report::ConsoleLog(path));
     }
 
     /// The VMI as last synced (or prepared for).
@@ -218,7 +221,7 @@ impl Launcher {
     }
 
     pub(crate) fn set_vmi(&self, vmi: VirtualMachineInstance) {
-        self.vmi.send_replace(Some(Arc::new(vmi)));
+        self.report(Report::Vmi(Arc::new(vmi)));
     }
 
     /// Tells the owner to apply `report` (after those sent before it).

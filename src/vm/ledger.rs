@@ -4,6 +4,7 @@
 //! the order they were sent, so the status a watcher sees and the events in the log always
 //! agree. Reads stay on the watch channels and the log.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::handle::Request;
 use super::state::{Event, EventKind, EventLog, MigrationProgress, Phase, State, Status};
+use crate::spec::VirtualMachineInstance;
 
 /// A change an operation asks the owner to make, applied in the order sent.
 pub(crate) enum Report {
@@ -33,6 +35,10 @@ pub(crate) enum Report {
     Status(Box<dyn FnOnce(&mut Status) + Send>),
     /// A domain was started here (or arrived by migration).
     Started,
+    /// The VMI as last synced (or prepared for).
+    Vmi(Arc<VirtualMachineInstance>),
+    /// Where the guest's serial console is logged (once a domain was planned).
+    ConsoleLog(PathBuf),
     /// The guest's filesystems were frozen: they are thawed by themselves after `timeout`
     /// unless a freeze or a thaw comes first.
     Frozen { timeout: Duration },
@@ -44,6 +50,8 @@ pub(crate) enum Report {
 pub(crate) struct Ledger {
     status: watch::Sender<Status>,
     started: watch::Sender<bool>,
+    vmi: watch::Sender<Option<Arc<VirtualMachineInstance>>>,
+    console_log: watch::Sender<Option<PathBuf>>,
     events: Arc<EventLog>,
     /// Bumped by each freeze and each thaw: an automatic thaw of an older freeze is stale.
     freeze_generation: u64,
@@ -55,6 +63,8 @@ pub(crate) struct Ledger {
 pub(crate) struct Views {
     pub status: watch::Receiver<Status>,
     pub started: watch::Receiver<bool>,
+    pub vmi: watch::Receiver<Option<Arc<VirtualMachineInstance>>>,
+    pub console_log: watch::Receiver<Option<PathBuf>>,
     pub events: Arc<EventLog>,
 }
 
@@ -62,15 +72,21 @@ impl Ledger {
     pub(crate) fn new(requests: mpsc::UnboundedSender<Request>) -> (Ledger, Views) {
         let (status, status_rx) = watch::channel(Status::default());
         let (started, started_rx) = watch::channel(false);
+        let (vmi, vmi_rx) = watch::channel(None);
+        let (console_log, console_log_rx) = watch::channel(None);
         let events = Arc::new(EventLog::new(4096));
         let views = Views {
             status: status_rx,
             started: started_rx,
+            vmi: vmi_rx,
+            console_log: console_log_rx,
             events: events.clone(),
         };
         let ledger = Ledger {
             status,
             started,
+            vmi,
+            console_log,
             events,
             freeze_generation: 0,
             requests,
@@ -92,6 +108,12 @@ impl Ledger {
             Report::Status(edit) => self.status.send_modify(edit),
             Report::Started => {
                 self.started.send_replace(true);
+            }
+            Report::Vmi(vmi) => {
+                self.vmi.send_replace(Some(vmi));
+            }
+            Report::ConsoleLog(path) => {
+                self.console_log.send_replace(Some(path));
             }
             Report::Frozen { timeout } => {
                 self.freeze_generation += 1;

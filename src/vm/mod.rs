@@ -11,8 +11,10 @@
 //! Files: `handle` (Command, Reply, Handle), `lifecycle` (start, reconcile, pause/reboot,
 //! domain events), `volumes` (attach, detach, expand, live-disk cache), `agent` (freeze/thaw),
 //! `migration` (`source`, `target`, and the [`migration::MigrationPeer`] a front-end
-//! implements), `state` (status and event log), `plan` (VMI to domain in this pod), `error`
-//! (the core's error and its classification), `core` (the state the operations share).
+//! implements), `state` (status and event log), `ledger` (the owner's books: the only writer
+//! of the watched status and the event log; operations send it reports), `plan` (VMI to
+//! domain in this pod), `error` (the core's error and its classification), `core` (what the
+//! operations share: configuration, the read sides of the ledger, the libvirt connection).
 
 mod agent;
 mod core;
@@ -159,8 +161,8 @@ impl Supervisor {
             requests: requests_tx,
             urgent: urgent_tx,
             status: core.status.clone(),
-            vmi: core.vmi.subscribe(),
-            console_log: core.console_log.subscribe(),
+            vmi: core.vmi.clone(),
+            console_log: core.console_log.clone(),
             events: core.events.clone(),
             domain_type: core.domain_type().to_string(),
         };
@@ -217,7 +219,7 @@ impl Supervisor {
         // the final event.
         let mut removals = Removals::new();
         while let Ok(msg) = inputs.internal.try_recv() {
-            on_internal(&core, &mut ledger, &mut removals, msg);
+            on_internal(&mut ledger, &mut removals, msg);
         }
         if let Ok(outcome) = &result {
             ledger.publish(
@@ -374,7 +376,12 @@ async fn owner_loop(
             // judged on the state it left (a domain that started, a migration that ended).
             // Before libvirt's events too: a detach says it waits before it asks libvirt.
             Some(msg) = internal.recv() => {
-                if on_internal(core, ledger, &mut removals, msg) {
+                if let Handled::Done { synced } = on_internal(ledger, &mut removals, msg) {
+                    if synced {
+                        // Read the domain's disks for the next Sync now, off that Sync's path.
+                        let core = core.clone();
+                        tokio::spawn(async move { core.prefetch_live_disks().await });
+                    }
                     if let Some(next) = queue.finished() {
                         spawn_operation(core, ledger, next, &mut link);
                     }
@@ -582,13 +589,18 @@ pub(crate) struct SyncEnd {
     result: Result<(), ControlError>,
 }
 
-/// Handles what an operation told the owner; true when it says the operation ended.
-fn on_internal(
-    core: &Arc<Launcher>,
-    ledger: &mut Ledger,
-    removals: &mut Removals,
-    msg: Internal,
-) -> bool {
+/// What the owner made of an operation's message.
+#[derive(Debug, PartialEq, Eq)]
+enum Handled {
+    Applied,
+    /// The operation ended; `synced`: it was a Sync that succeeded.
+    Done {
+        synced: bool,
+    },
+}
+
+/// Handles what an operation told the owner.
+fn on_internal(ledger: &mut Ledger, removals: &mut Removals, msg: Internal) -> Handled {
     match msg {
         Internal::Report(r) => ledger.apply(r),
         Internal::AwaitRemoval { alias, answer } => {
@@ -598,18 +610,15 @@ fn on_internal(
             removals.remove(&alias);
         }
         Internal::Done { synced } => {
-            if let Some(SyncEnd { reply, result }) = synced {
-                if result.is_ok() {
-                    // Read the domain's disks for the next Sync now, off that Sync's path.
-                    let core = core.clone();
-                    tokio::spawn(async move { core.prefetch_live_disks().await });
-                }
-                let _ = reply.send(result.map(|()| Reply::Status(ledger.status())));
-            }
-            return true;
+            let Some(SyncEnd { reply, result }) = synced else {
+                return Handled::Done { synced: false };
+            };
+            let ok = result.is_ok();
+            let _ = reply.send(result.map(|()| Reply::Status(ledger.status())));
+            return Handled::Done { synced: ok };
         }
     }
-    false
+    Handled::Applied
 }
 
 /// Handles a stop or a CancelMigration. Returns the outcome when the launcher is done.
@@ -685,7 +694,7 @@ async fn drain_after_stop(
     let until = Instant::now() + MIGRATION_END_WAIT;
     loop {
         while let Ok(msg) = internal.try_recv() {
-            on_internal(core, ledger, removals, msg);
+            on_internal(ledger, removals, msg);
         }
         while let Ok(ev) = raw_events.try_recv() {
             handle(ev, ledger, link, removals);
@@ -696,7 +705,7 @@ async fn drain_after_stop(
         tokio::select! {
             Some(ev) = raw_events.recv() => handle(ev, ledger, link, removals),
             Some(msg) = internal.recv() => {
-                on_internal(core, ledger, removals, msg);
+                on_internal(ledger, removals, msg);
             }
             _ = tokio::time::sleep_until(until.into()) => {}
         }
@@ -928,6 +937,92 @@ mod tests {
         assert_eq!(q.finished(), None);
         // Idle again: the next one starts at once.
         assert_eq!(q.admit("e"), Some("e"));
+    }
+
+    fn report(r: Report) -> Internal {
+        Internal::Report(r)
+    }
+
+    #[tokio::test]
+    async fn a_sync_is_answered_with_the_status_after_everything_it_reported() {
+        let (requests, _r) = mpsc::unbounded_channel();
+        let (mut ledger, views) = Ledger::new(requests);
+        let mut removals = Removals::new();
+        let (reply, answer) = oneshot::channel();
+        let handled: Vec<Handled> = [
+            report(Report::Status(Box::new(|s: &mut state::Status| {
+                s.name = "default_vm".into()
+            }))),
+            report(Report::State {
+                state: state::State::Running,
+                reason: "started".into(),
+            }),
+            report(Report::Started),
+            Internal::Done {
+                synced: Some(SyncEnd {
+                    reply,
+                    result: Ok(()),
+                }),
+            },
+        ]
+        .into_iter()
+        .map(|m| on_internal(&mut ledger, &mut removals, m))
+        .collect();
+        assert_eq!(
+            handled,
+            [
+                Handled::Applied,
+                Handled::Applied,
+                Handled::Applied,
+                Handled::Done { synced: true }
+            ]
+        );
+        let Ok(Reply::Status(s)) = answer.await.unwrap() else {
+            panic!("a Sync answers with the status");
+        };
+        assert_eq!(s.name, "default_vm");
+        assert_eq!(s.state, state::State::Running);
+        assert_eq!(s.last_seq, 1);
+        assert!(*views.started.borrow());
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_answers_its_error_and_other_operations_just_end() {
+        let (requests, _r) = mpsc::unbounded_channel();
+        let (mut ledger, _views) = Ledger::new(requests);
+        let mut removals = Removals::new();
+        let (reply, answer) = oneshot::channel();
+        let done = Internal::Done {
+            synced: Some(SyncEnd {
+                reply,
+                result: Err(ControlError::NoDomain),
+            }),
+        };
+        assert_eq!(
+            on_internal(&mut ledger, &mut removals, done),
+            Handled::Done { synced: false }
+        );
+        assert!(matches!(answer.await.unwrap(), Err(ControlError::NoDomain)));
+        let other = Internal::Done { synced: None };
+        assert_eq!(
+            on_internal(&mut ledger, &mut removals, other),
+            Handled::Done { synced: false }
+        );
+        // A detach's wait is registered and forgotten through the same channel.
+        let (answer, _rx) = oneshot::channel();
+        let alias = "ua-hp".to_string();
+        let wait = Internal::AwaitRemoval {
+            alias: alias.clone(),
+            answer,
+        };
+        assert_eq!(
+            on_internal(&mut ledger, &mut removals, wait),
+            Handled::Applied
+        );
+        assert!(removals.contains_key(&alias));
+        let forget = Internal::ForgetRemoval { alias };
+        on_internal(&mut ledger, &mut removals, forget);
+        assert!(removals.is_empty());
     }
 
     #[test]
