@@ -1,24 +1,23 @@
 //! The guest agent: freeze and thaw the guest's filesystems, with an automatic thaw.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::core::{ControlError, Launcher};
-use super::handle::Request;
+use super::ledger::Report;
 use super::state::EventKind;
 use crate::libvirt::{self, LibvirtError};
 
 impl Launcher {
     /// Freezes the guest's filesystems; thaws them by itself after `timeout`.
-    pub async fn freeze(self: &Arc<Self>, timeout: Duration) -> Result<i32, ControlError> {
+    pub async fn freeze(&self, timeout: Duration) -> Result<i32, ControlError> {
         let name = self.domain_name()?;
         let n = name.clone();
         let frozen = self
             .blocking(move |hv| hv.fs_freeze(&n))
             .await
             .map_err(agent_error)?;
-        let generation = self.freeze_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        // The owner counts the freeze and schedules its automatic thaw.
+        self.report(Report::Frozen { timeout });
         self.publish(
             EventKind::Agent,
             &format!(
@@ -26,26 +25,12 @@ impl Launcher {
                 timeout.as_secs()
             ),
         );
-        // The automatic thaw is a request to the owner like any other: it waits its turn
-        // behind the operation running then, and a thaw or freeze meanwhile cancels it.
-        let me = Arc::downgrade(self);
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            if let Some(me) = me.upgrade() {
-                if me.freeze_generation.load(Ordering::SeqCst) == generation {
-                    let _ = me.owner.send(Request::AutoThaw { generation });
-                }
-            }
-        });
         Ok(frozen)
     }
 
-    /// Thaws the filesystems frozen by freeze number `generation`, unless a later freeze or
-    /// thaw came since.
-    pub(crate) async fn auto_thaw(&self, generation: u64) {
-        if self.freeze_generation.load(Ordering::SeqCst) != generation {
-            return;
-        }
+    /// Thaws the filesystems of a freeze whose automatic thaw is due (the owner checked that
+    /// no later freeze or thaw came since).
+    pub(crate) async fn auto_thaw(&self) {
         let Ok(name) = self.domain_name() else {
             return;
         };
@@ -60,7 +45,7 @@ impl Launcher {
 
     pub async fn unfreeze(&self) -> Result<i32, ControlError> {
         let name = self.domain_name()?;
-        self.freeze_generation.fetch_add(1, Ordering::SeqCst);
+        self.report(Report::Thawing);
         let thawed = self
             .blocking(move |hv| hv.fs_thaw(&name))
             .await

@@ -2,20 +2,22 @@
 //! a [`super::Command`] sent through a [`super::Handle`] to the owner task (`vm::Supervisor`),
 //! which runs the operations one at a time (stops first) and applies libvirt events.
 //!
-//! The status, the VMI and the console path are published through `watch` channels and the
-//! event log, so reads never wait for libvirt or for an operation; every libvirt call runs on
+//! The status, the VMI and the console path are published by the owner (its `Ledger`) through
+//! `watch` channels and the event log, so reads never wait for libvirt or for an operation;
+//! operations change them only by sending the owner a `Report`. Every libvirt call runs on
 //! tokio's blocking pool.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 pub use super::error::ControlError;
+use super::ledger::{Report, Views};
 use super::plan::Planner;
-use super::state::{Event, EventKind, EventLog, Phase, State, Status};
+use super::state::{EventKind, EventLog, MigrationProgress, Phase, State, Status};
 use crate::libvirt::{Hypervisor, LibvirtError};
 use crate::spec::VirtualMachineInstance;
 
@@ -26,34 +28,49 @@ pub const LIBVIRTD_BACK: Duration = Duration::from_secs(30);
 /// Default auto-thaw for a freeze.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The core's state, shared by the owner task and the child tasks it runs operations in.
+/// What the owner task and the child tasks it runs operations in share: the configuration
+/// (read-only), the read sides of the owner's [`super::ledger::Ledger`] (the status, whether a
+/// domain started, the event log: only the owner writes them; operations send it a
+/// [`Report`]), and the connection to libvirtd with what keeps it usable.
 pub(crate) struct Launcher {
     pub(crate) hv: Arc<Hypervisor>,
     pub(crate) planner: Planner,
-    pub(crate) status: watch::Sender<Status>,
+    /// The status as the owner last applied it.
+    pub(crate) status: watch::Receiver<Status>,
+    /// The event log (the owner alone pushes to it).
     pub(crate) events: Arc<EventLog>,
-    pub(crate) vmi: watch::Sender<Option<Arc<VirtualMachineInstance>>>,
-    /// The owner's request channel (an automatic thaw is queued there like any command).
-    pub(crate) owner: mpsc::UnboundedSender<super::handle::Request>,
-    /// The owner's channel for what operations tell it (a detach waiting for the guest).
+    /// The VMI as last synced (the owner sets it).
+    pub(crate) vmi: watch::Receiver<Option<Arc<VirtualMachineInstance>>>,
+    /// The owner's channel for what operations tell it: reports, a detach waiting for the
+    /// guest, the end of an operation.
     pub(crate) internal: mpsc::UnboundedSender<super::Internal>,
-    /// Becomes true once a domain was started (or arrived by migration).
-    pub(crate) started: AtomicBool,
-    pub(crate) freeze_generation: AtomicU64,
+    /// Becomes true once a domain was started (or arrived by migration); the owner sets it.
+    pub(crate) started: watch::Receiver<bool>,
     pub(crate) domain_type: String,
-    pub(crate) console_log: watch::Sender<Option<PathBuf>>,
+    /// Where the guest's console is logged (the owner sets it).
+    pub(crate) console_log: watch::Receiver<Option<PathBuf>>,
     /// This pod's sockets, for receiving a migration.
     pub(crate) sockets: Option<super::migration::PodSockets>,
     /// How long a detach waits for the guest.
     pub(crate) detach_timeout: Duration,
-    /// One reconnection to libvirtd at a time (the loop and a start may both notice a loss).
+    /// One reconnection to libvirtd at a time. Kept as a lock, not moved to the owner: a start
+    /// that finds libvirtd gone under its define must reconnect itself (it runs as the owner's
+    /// child task, and the owner itself reconnects when it hears of the loss), and the second
+    /// of the two must wait for the first and then find the connection back, not open another.
     pub(crate) reconnecting: tokio::sync::Mutex<()>,
-    /// How many times a new connection to libvirtd was opened.
+    /// How many times a new connection to libvirtd was opened: a property of the connection
+    /// (written under `reconnecting`), read by a start to tell that libvirtd was replaced
+    /// under its call. Not domain state.
     pub(crate) connections: AtomicU64,
     /// libvirtd's pid file, to kill a daemon that hangs (the pod's supervisor restarts it).
     pub(crate) libvirtd_pid_file: Option<PathBuf>,
     /// The live domain's disks as last read, and the [`Launcher::live_generation`] they were
     /// read at: a Sync reuses them instead of asking libvirt for the whole domain XML again.
+    /// Kept as a lock and an atomic, not moved to the owner: it is read and filled on a
+    /// hot-plug Sync's path (and by the prefetch after it), where a round trip through the
+    /// owner per look would cost time the hot-plug goal (Sync to attached within 1.2x of raw
+    /// libvirt) has no room for; it is a cache of libvirt's answer, never the domain's state,
+    /// and a stale generation only means reading libvirt again.
     pub(crate) live_cache: Mutex<Option<(u64, Vec<crate::domain::live::LiveDisk>)>>,
     /// Bumped whenever the domain may have changed: our own device calls, every domain event,
     /// a reconnect. A cached read from an older generation is never used.
@@ -64,7 +81,7 @@ impl Launcher {
     pub(crate) fn new(
         hv: Arc<Hypervisor>,
         config: super::CoreConfig,
-        owner: mpsc::UnboundedSender<super::handle::Request>,
+        views: Views,
         internal: mpsc::UnboundedSender<super::Internal>,
     ) -> Arc<Launcher> {
         let super::CoreConfig {
@@ -77,15 +94,13 @@ impl Launcher {
         Arc::new(Launcher {
             hv,
             planner,
-            status: watch::Sender::new(Status::default()),
-            events: Arc::new(EventLog::new(4096)),
-            vmi: watch::Sender::new(None),
-            owner,
+            status: views.status,
+            events: views.events,
+            vmi: views.vmi,
             internal,
-            started: AtomicBool::new(false),
-            freeze_generation: AtomicU64::new(0),
+            started: views.started,
             domain_type,
-            console_log: watch::Sender::new(None),
+            console_log: views.console_log,
             sockets,
             detach_timeout,
             reconnecting: tokio::sync::Mutex::new(()),
@@ -172,7 +187,7 @@ impl Launcher {
     }
 
     pub fn has_started(&self) -> bool {
-        self.started.load(Ordering::SeqCst)
+        *self.started.borrow()
     }
 
     /// The domain as last known; never blocks on libvirt.
@@ -197,7 +212,7 @@ impl Launcher {
     }
 
     pub(crate) fn set_console_log(&self, path: PathBuf) {
-        self.console_log.send_replace(Some(path));
+        self.report(Report::ConsoleLog(path));
     }
 
     /// The VMI as last synced (or prepared for).
@@ -206,11 +221,17 @@ impl Launcher {
     }
 
     pub(crate) fn set_vmi(&self, vmi: VirtualMachineInstance) {
-        self.vmi.send_replace(Some(Arc::new(vmi)));
+        self.report(Report::Vmi(Arc::new(vmi)));
     }
 
-    pub(crate) fn update(&self, f: impl FnOnce(&mut Status)) {
-        self.status.send_modify(f);
+    /// Tells the owner to apply `report` (after those sent before it).
+    pub(crate) fn report(&self, report: Report) {
+        let _ = self.internal.send(super::Internal::Report(report));
+    }
+
+    /// Has the owner edit the status.
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Status) + Send + 'static) {
+        self.report(Report::Status(Box::new(f)));
     }
 
     pub(crate) fn domain_name(&self) -> Result<String, ControlError> {
@@ -221,44 +242,36 @@ impl Launcher {
         Ok(s.name.clone())
     }
 
-    /// Records a domain state change and publishes it.
+    /// Has the owner record a domain state change and publish it.
     pub fn set_state(&self, state: State, reason: &str) {
-        self.update(|s| {
-            s.state = state;
-            s.reason = reason.to_string();
+        self.report(Report::State {
+            state,
+            reason: reason.to_string(),
         });
-        let mut e = Event::new(EventKind::Domain);
-        e.state = state;
-        e.reason = reason.to_string();
-        self.events.push(e);
     }
 
     pub(crate) fn set_phase(&self, volume: &str, phase: Phase, message: &str) {
-        self.update(|s| {
-            if let Some(d) = s.disk_mut(volume) {
-                d.phase = phase;
-                d.message = message.to_string();
-            }
+        self.report(Report::Phase {
+            volume: volume.to_string(),
+            phase,
+            message: message.to_string(),
         });
-        let mut e = Event::new(EventKind::Volume);
-        e.volume = volume.to_string();
-        e.phase = Some(phase);
-        e.message = message.to_string();
-        self.events.push(e);
-        match phase {
-            Phase::Failed => tracing::warn!(volume, ?phase, message, "volume"),
-            _ => tracing::info!(volume, ?phase, message, "volume"),
-        }
     }
 
-    /// Publishes a free-form event (daemon restarts, agent, final).
+    /// Has the owner publish a free-form event (daemon restarts, agent).
     pub fn publish(&self, kind: EventKind, message: &str) {
-        let mut e = Event::new(kind);
-        e.message = message.to_string();
-        let s = self.status();
-        e.state = s.state;
-        e.reason = s.reason;
-        self.events.push(e);
+        self.report(Report::Event {
+            kind,
+            message: message.to_string(),
+        });
+    }
+
+    /// Has the owner publish a migration event.
+    pub(crate) fn publish_migration(&self, progress: MigrationProgress, message: &str) {
+        self.report(Report::Migration {
+            progress,
+            message: message.to_string(),
+        });
     }
 
     pub(crate) async fn blocking<T: Send + 'static>(

@@ -6,21 +6,22 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::core::{ControlError, Launcher};
-use super::state::{Event, EventKind, Phase, State, Status};
+use super::ledger::{Ledger, Report};
+use super::state::{Event, EventKind, Phase, State};
 use super::volumes::{attached_volume, disk_status, is_hotplug};
 use crate::libvirt::events::StopReason;
 use crate::libvirt::{DomainEvent, DomainStats, LifecycleKind};
 use crate::spec::VirtualMachineInstance;
 
 impl Launcher {
-    /// Starts the VMI, or reconciles the running domain to it.
-    pub async fn sync(&self, vmi: VirtualMachineInstance) -> Result<Status, ControlError> {
+    /// Starts the VMI, or reconciles the running domain to it. The status to answer with is
+    /// the owner's once it has applied what this Sync reported.
+    pub async fn sync(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
         if !self.has_started() {
-            self.start(vmi).await?;
+            self.start(vmi).await
         } else {
-            self.reconcile(vmi).await?;
+            self.reconcile(vmi).await
         }
-        Ok(self.status())
     }
 
     pub(crate) async fn start(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
@@ -28,16 +29,19 @@ impl Launcher {
         self.planner.prepare(&vmi, &plan)?;
         self.set_console_log(plan.facts.paths.serial_log());
         let name = plan.domain.name().to_string();
-        self.update(|s| {
-            s.name = name.clone();
-            s.uid = vmi.metadata.uid.clone().unwrap_or_default();
-            s.disks = plan
-                .domain
-                .devices
-                .disks
-                .iter()
-                .map(|d| disk_status(d, &vmi, Phase::Attaching, ""))
-                .collect();
+        let disks: Vec<_> = plan
+            .domain
+            .devices
+            .disks
+            .iter()
+            .map(|d| disk_status(d, &vmi, Phase::Attaching, ""))
+            .collect();
+        let volumes: Vec<String> = disks.iter().map(|d| d.volume.clone()).collect();
+        let (n, uid) = (name.clone(), vmi.metadata.uid.clone().unwrap_or_default());
+        self.update(move |s| {
+            s.name = n;
+            s.uid = uid;
+            s.disks = disks;
         });
         self.set_state(State::Starting, "sync");
         self.set_vmi(vmi);
@@ -60,14 +64,8 @@ impl Launcher {
             self.set_state(State::Shutoff, "failed");
             return Err(e);
         }
-        self.started.store(true, Ordering::SeqCst);
+        self.report(Report::Started);
         tracing::info!(domain = %name, elapsed_ms = t.elapsed().as_millis() as u64, "domain running");
-        let volumes: Vec<String> = self
-            .status()
-            .disks
-            .iter()
-            .map(|d| d.volume.clone())
-            .collect();
         for v in volumes {
             self.set_phase(&v, Phase::Ready, "");
         }
@@ -216,13 +214,15 @@ impl Launcher {
         }
         // Failed attaches of volumes the spec no longer has are forgotten; a failed detach
         // stays visible (the disk is still attached).
-        let attached: Vec<&str> = live.iter().filter_map(|l| l.volume_name()).collect();
-        self.update(|s| {
-            s.disks.retain(|d| {
-                d.phase != Phase::Failed
-                    || wanted_volumes.contains(&d.volume.as_str())
-                    || attached.contains(&d.volume.as_str())
-            })
+        let keep: Vec<String> = wanted_volumes
+            .iter()
+            .copied()
+            .chain(live.iter().filter_map(|l| l.volume_name()))
+            .map(str::to_string)
+            .collect();
+        self.update(move |s| {
+            s.disks
+                .retain(|d| d.phase != Phase::Failed || keep.contains(&d.volume))
         });
         // Grow disks whose claim grew (those still attached).
         for l in &live {
@@ -291,33 +291,34 @@ impl Launcher {
         Ok((stats, disks))
     }
 
-    /// Applies a libvirt event to the state. Returns the stop reason when the domain is gone.
-    pub fn on_domain_event(&self, ev: &DomainEvent) -> Option<StopReason> {
+    /// Applies a libvirt event to the owner's ledger. Returns the stop reason when the domain
+    /// is gone.
+    pub(crate) fn on_domain_event(&self, ledger: &Ledger, ev: &DomainEvent) -> Option<StopReason> {
         self.domain_changed();
         match ev {
             DomainEvent::Lifecycle { kind, .. } => match kind {
                 // On a migration target the incoming QEMU starts paused, waiting for the
                 // data; the VM is ours only when it resumes here.
                 LifecycleKind::Started if self.awaiting_migration() => {
-                    self.set_state(State::Starting, "incoming migration")
+                    ledger.set_state(State::Starting, "incoming migration")
                 }
-                LifecycleKind::Started => self.set_state(State::Running, "started"),
+                LifecycleKind::Started => ledger.set_state(State::Running, "started"),
                 LifecycleKind::Resumed => {
-                    self.adopt_incoming();
-                    self.set_state(State::Running, "unpaused")
+                    self.adopt_incoming(ledger);
+                    ledger.set_state(State::Running, "unpaused")
                 }
-                LifecycleKind::Suspended => self.set_state(State::Paused, "paused"),
+                LifecycleKind::Suspended => ledger.set_state(State::Paused, "paused"),
                 LifecycleKind::ShuttingDown => {
-                    self.set_state(State::ShuttingDown, "guest shutdown")
+                    ledger.set_state(State::ShuttingDown, "guest shutdown")
                 }
-                LifecycleKind::Crashed => self.set_state(State::Crashed, "crashed"),
+                LifecycleKind::Crashed => ledger.set_state(State::Crashed, "crashed"),
                 LifecycleKind::Stopped(r) => {
                     let state = if r.is_clean() {
                         State::Shutoff
                     } else {
                         State::Crashed
                     };
-                    self.set_state(state, &format!("{r:?}").to_lowercase());
+                    ledger.set_state(state, &format!("{r:?}").to_lowercase());
                     return Some(*r);
                 }
                 _ => {}
@@ -335,10 +336,10 @@ impl Launcher {
                 let mut e = Event::new(EventKind::IoError);
                 e.volume = volume.to_string();
                 e.message = format!("I/O error on {path}: {reason}");
-                e.state = self.status().state;
-                self.events.push(e);
+                e.state = ledger.status().state;
+                ledger.push(e);
             }
-            DomainEvent::AgentConnected { connected, .. } => self.publish(
+            DomainEvent::AgentConnected { connected, .. } => ledger.publish(
                 EventKind::Agent,
                 if *connected {
                     "guest agent connected"
@@ -347,8 +348,8 @@ impl Launcher {
                 },
             ),
             // JOB_COMPLETED goes to the migration that waits for it (the owner's link).
-            DomainEvent::Reboot { .. } => self.publish(EventKind::Domain, "guest rebooted"),
-            DomainEvent::Watchdog { action, .. } => self.publish(
+            DomainEvent::Reboot { .. } => ledger.publish(EventKind::Domain, "guest rebooted"),
+            DomainEvent::Watchdog { action, .. } => ledger.publish(
                 EventKind::Domain,
                 &format!("watchdog fired (action {action})"),
             ),

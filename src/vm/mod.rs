@@ -11,13 +11,16 @@
 //! Files: `handle` (Command, Reply, Handle), `lifecycle` (start, reconcile, pause/reboot,
 //! domain events), `volumes` (attach, detach, expand, live-disk cache), `agent` (freeze/thaw),
 //! `migration` (`source`, `target`, and the [`migration::MigrationPeer`] a front-end
-//! implements), `state` (status and event log), `plan` (VMI to domain in this pod), `error`
-//! (the core's error and its classification), `core` (the state the operations share).
+//! implements), `state` (status and event log), `ledger` (the owner's books: the only writer
+//! of the watched status and the event log; operations send it reports), `plan` (VMI to
+//! domain in this pod), `error` (the core's error and its classification), `core` (what the
+//! operations share: configuration, the read sides of the ledger, the libvirt connection).
 
 mod agent;
 mod core;
 pub mod error;
 pub mod handle;
+mod ledger;
 mod lifecycle;
 pub mod migration;
 pub mod plan;
@@ -40,6 +43,7 @@ pub use core::{DETACH_TIMEOUT, FREEZE_TIMEOUT, LIBVIRTD_BACK};
 pub use error::{Classified, ControlError, ErrorKind};
 use handle::Request;
 pub use handle::{Answer, Command, Handle, Reply};
+use ledger::{Ledger, Report};
 use migration::{MigrationInbox, MigrationLink};
 use plan::Planner;
 use state::EventKind;
@@ -112,6 +116,7 @@ pub(crate) struct CoreConfig {
 /// signals. Front-ends get a [`Handle`] ([`Supervisor::handle`]) before [`Supervisor::run`].
 pub struct Supervisor {
     core: Arc<Launcher>,
+    ledger: Ledger,
     handle: Handle,
     opts: RunOptions,
     relays: Relays,
@@ -150,13 +155,14 @@ impl Supervisor {
             libvirtd_pid_file: Some(layout.pid_dir().join("libvirtd.pid")),
         };
         let (internal_tx, internal) = mpsc::unbounded_channel();
-        let core = Launcher::new(hv, config, requests_tx.clone(), internal_tx);
+        let (ledger, views) = Ledger::new(requests_tx.clone());
+        let core = Launcher::new(hv, config, views, internal_tx);
         let handle = Handle {
             requests: requests_tx,
             urgent: urgent_tx,
-            status: core.status.subscribe(),
-            vmi: core.vmi.subscribe(),
-            console_log: core.console_log.subscribe(),
+            status: core.status.clone(),
+            vmi: core.vmi.clone(),
+            console_log: core.console_log.clone(),
             events: core.events.clone(),
             domain_type: core.domain_type().to_string(),
         };
@@ -170,6 +176,7 @@ impl Supervisor {
         };
         Ok(Supervisor {
             core,
+            ledger,
             handle,
             opts,
             relays,
@@ -195,20 +202,27 @@ impl Supervisor {
     pub async fn run(self) -> Result<Outcome, SupervisorError> {
         let Supervisor {
             core,
+            mut ledger,
             opts,
             relays,
-            inputs,
+            mut inputs,
             ..
         } = self;
         let result = async {
             if let Some(vmi) = opts.vmi.clone() {
                 core.sync(vmi).await?;
             }
-            owner_loop(&core, &opts, relays, inputs).await
+            owner_loop(&core, &opts, relays, &mut inputs, &mut ledger).await
         }
         .await;
+        // What operations reported and the owner has not applied yet still goes in, before
+        // the final event.
+        let mut removals = Removals::new();
+        while let Ok(msg) = inputs.internal.try_recv() {
+            on_internal(&mut ledger, &mut removals, msg);
+        }
         if let Ok(outcome) = &result {
-            core.publish(
+            ledger.publish(
                 EventKind::Final,
                 &format!("launcher exiting with code {}", outcome.exit_code()),
             );
@@ -312,19 +326,18 @@ async fn owner_loop(
     core: &Arc<Launcher>,
     opts: &RunOptions,
     mut relays: Relays,
-    inputs: Inputs,
+    inputs: &mut Inputs,
+    ledger: &mut Ledger,
 ) -> Result<Outcome, SupervisorError> {
     let Inputs {
-        mut raw_events,
-        mut daemon_events,
-        mut urgent,
-        mut requests,
-        mut internal,
-        mut sigterm,
-        mut sigint,
+        raw_events,
+        daemon_events,
+        urgent,
+        requests,
+        internal,
+        sigterm,
+        sigint,
     } = inputs;
-    let raw_events = &mut raw_events;
-    let (done_tx, mut done) = mpsc::unbounded_channel::<()>();
     let mut queue = Queue::new();
     let mut link = MigrationLink::default();
     let mut removals = Removals::new();
@@ -359,6 +372,26 @@ async fn owner_loop(
         };
         tokio::select! {
             biased;
+            // First what operations report: it already happened, and a stop or an event is
+            // judged on the state it left (a domain that started, a migration that ended).
+            // Before libvirt's events too: a detach says it waits before it asks libvirt.
+            Some(msg) = internal.recv() => {
+                if let Handled::Done { synced } = on_internal(ledger, &mut removals, msg) {
+                    if synced {
+                        // Read the domain's disks for the next Sync now, off that Sync's path.
+                        let core = core.clone();
+                        tokio::spawn(async move { core.prefetch_live_disks().await });
+                    }
+                    if let Some(next) = queue.finished() {
+                        spawn_operation(core, ledger, next, &mut link);
+                    }
+                    if stopping.acpi_after_migration.is_some() && !core.migration_running() {
+                        if let Some(p) = stopping.acpi_after_migration.take() {
+                            press_acpi(core, p.why, p.grace).await;
+                        }
+                    }
+                }
+            }
             _ = sigterm.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
                 begin_stop(core, "SIGTERM", core.grace(), &mut stopping, &link).await;
@@ -380,31 +413,12 @@ async fn owner_loop(
                 }
             }
             _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
-            Some(()) = done.recv() => {
-                if let Some(next) = queue.finished() {
-                    spawn_operation(core, next, &done_tx, &mut link);
-                }
-                if stopping.acpi_after_migration.is_some() && !core.migration_running() {
-                    if let Some(p) = stopping.acpi_after_migration.take() {
-                        press_acpi(core, p.why, p.grace).await;
-                    }
-                }
-            }
-            // Before libvirt's events: a detach says it waits before it asks libvirt.
-            Some(msg) = internal.recv() => match msg {
-                Internal::AwaitRemoval { alias, answer } => {
-                    removals.insert(alias, answer);
-                }
-                Internal::ForgetRemoval { alias } => {
-                    removals.remove(&alias);
-                }
-            },
             // Events can be lost (a daemon restart at the wrong moment): check now and then that
             // the domain we think runs still does, so a stop never goes unnoticed.
             _ = liveness.tick(), if core.has_started() => {
                 if let Some(reason) = gone(core).await {
                     tracing::warn!(reason = ?reason, "the domain stopped without an event");
-                    drain_after_stop(core, raw_events, &mut done, reason, &mut link, &mut removals).await;
+                    drain_after_stop(core, ledger, raw_events, internal, reason, &mut link, &mut removals).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
@@ -418,14 +432,14 @@ async fn owner_loop(
                     }
                 } else if stale_stop(core, &ev).await {
                     tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
-                } else if let Some(reason) = apply_event(core, &mut link, &mut removals, &ev) {
-                    drain_after_stop(core, raw_events, &mut done, reason, &mut link, &mut removals).await;
+                } else if let Some(reason) = apply_event(core, ledger, &mut link, &mut removals, &ev) {
+                    drain_after_stop(core, ledger, raw_events, internal, reason, &mut link, &mut removals).await;
                     return Ok(finish(core, reason, stopping.deadline.is_some()).await);
                 }
             }
             Some(ev) = daemon_events.recv() => {
                 tracing::info!(event = ?ev, "daemon event");
-                core.publish(EventKind::Daemon, &format!("{ev:?}"));
+                ledger.publish(EventKind::Daemon, &format!("{ev:?}"));
                 if let DaemonEvent::Restarted { daemon: Daemon::Libvirtd, .. } = ev {
                     if let Some(reason) = reconnect(core).await? {
                         return Ok(finish(core, reason, stopping.deadline.is_some()).await);
@@ -441,7 +455,7 @@ async fn owner_loop(
                         continue;
                     }
                 }
-                admit(core, req, &mut queue, &done_tx, &mut link);
+                admit(core, ledger, req, &mut queue, &mut link);
             }
         }
     }
@@ -450,9 +464,9 @@ async fn owner_loop(
 /// Starts `req` now or queues it behind the exclusive operation running.
 fn admit(
     core: &Arc<Launcher>,
+    ledger: &Ledger,
     req: Request,
     queue: &mut Queue<Request>,
-    done: &mpsc::UnboundedSender<()>,
     link: &mut MigrationLink,
 ) {
     if let Request::Command(cmd, _) = &req {
@@ -462,6 +476,8 @@ fn admit(
         }
     }
     let req = match req {
+        // A thaw or a freeze came since: this automatic thaw is off.
+        Request::AutoThaw { generation } if !ledger.thaw_due(generation) => return,
         // A second migration is refused at once, not after the first one ended.
         Request::Command(cmd, reply)
             if matches!(*cmd, Command::Migrate { .. }) && core.migration_running() =>
@@ -474,51 +490,61 @@ fn admit(
         req => req,
     };
     if let Some(req) = queue.admit(req) {
-        spawn_operation(core, req, done, link);
+        spawn_operation(core, ledger, req, link);
     }
 }
 
-/// Runs an exclusive operation as a child task that says when it is done.
-fn spawn_operation(
-    core: &Arc<Launcher>,
-    req: Request,
-    done: &mpsc::UnboundedSender<()>,
-    link: &mut MigrationLink,
-) {
+/// Runs an exclusive operation as a child task that tells the owner when it is done (after
+/// everything it reported, on the same channel).
+fn spawn_operation(core: &Arc<Launcher>, ledger: &Ledger, req: Request, link: &mut MigrationLink) {
     let inbox = match &req {
         Request::Command(cmd, _) if matches!(**cmd, Command::Migrate { .. }) => Some(link.open()),
         _ => None,
     };
-    let (core, done) = (core.clone(), done.clone());
+    // An automatic thaw made stale while it waited its turn ends at once.
+    let req = match req {
+        Request::AutoThaw { generation } if !ledger.thaw_due(generation) => None,
+        req => Some(req),
+    };
+    let core = core.clone();
     tokio::spawn(async move {
-        execute(core, req, inbox).await;
-        let _ = done.send(());
+        let synced = match req {
+            Some(req) => execute(core.clone(), req, inbox).await,
+            None => None,
+        };
+        let _ = core.internal.send(Internal::Done { synced });
     });
 }
 
-/// Carries out one request and answers it.
-async fn execute(core: Arc<Launcher>, req: Request, inbox: Option<MigrationInbox>) {
+/// Carries out one request and answers it; a Sync is answered by the owner (with the status
+/// once what the Sync reported is applied): its caller and result are returned.
+async fn execute(
+    core: Arc<Launcher>,
+    req: Request,
+    inbox: Option<MigrationInbox>,
+) -> Option<SyncEnd> {
     let (cmd, reply) = match req {
         Request::Command(cmd, reply) => (cmd, reply),
-        Request::AutoThaw { generation } => return core.auto_thaw(generation).await,
+        Request::AutoThaw { .. } => {
+            core.auto_thaw().await;
+            return None;
+        }
     };
     let name = cmd.name();
     if reply.is_closed() {
         // The caller gave up (its deadline passed) while this waited its turn.
         tracing::debug!(command = name, "caller gone; not started");
-        return;
+        return None;
     }
     let answer = match *cmd {
         Command::Sync(vmi) => {
             let t0 = Instant::now();
-            let answer = core.sync(vmi).await.map(Reply::Status);
+            let result = core.sync(vmi).await;
             tracing::debug!(total_us = t0.elapsed().as_micros() as u64, "Sync handled");
-            if answer.is_ok() {
-                // Read the domain's disks for the next Sync now, off that Sync's path.
-                let core = core.clone();
-                tokio::spawn(async move { core.prefetch_live_disks().await });
+            if let Err(e) = &result {
+                tracing::debug!(command = name, error = %e, "command failed");
             }
-            answer
+            return Some(SyncEnd { reply, result });
         }
         Command::Pause => core.pause().await.map(|()| Reply::Done),
         Command::Unpause => core.unpause().await.map(|()| Reply::Done),
@@ -554,6 +580,45 @@ async fn execute(core: Arc<Launcher>, req: Request, inbox: Option<MigrationInbox
         tracing::debug!(command = name, error = %e, "command failed");
     }
     let _ = reply.send(answer);
+    None
+}
+
+/// A Sync that ended: its caller, and how it went.
+pub(crate) struct SyncEnd {
+    reply: oneshot::Sender<Answer>,
+    result: Result<(), ControlError>,
+}
+
+/// What the owner made of an operation's message.
+#[derive(Debug, PartialEq, Eq)]
+enum Handled {
+    Applied,
+    /// The operation ended; `synced`: it was a Sync that succeeded.
+    Done {
+        synced: bool,
+    },
+}
+
+/// Handles what an operation told the owner.
+fn on_internal(ledger: &mut Ledger, removals: &mut Removals, msg: Internal) -> Handled {
+    match msg {
+        Internal::Report(r) => ledger.apply(r),
+        Internal::AwaitRemoval { alias, answer } => {
+            removals.insert(alias, answer);
+        }
+        Internal::ForgetRemoval { alias } => {
+            removals.remove(&alias);
+        }
+        Internal::Done { synced } => {
+            let Some(SyncEnd { reply, result }) = synced else {
+                return Handled::Done { synced: false };
+            };
+            let ok = result.is_ok();
+            let _ = reply.send(result.map(|()| Reply::Status(ledger.status())));
+            return Handled::Done { synced: ok };
+        }
+    }
+    Handled::Applied
 }
 
 /// Handles a stop or a CancelMigration. Returns the outcome when the launcher is done.
@@ -609,32 +674,39 @@ async fn on_urgent(
 /// The events libvirt sends right after a stop still count: after STOPPED(migrated) comes
 /// JOB_COMPLETED with the migration's statistics (its measured downtime), a fraction of a
 /// millisecond later, and the Migrate call waits for them. Handle what is queued; after a
-/// migration keep handling events until the Migrate call has ended (it says so on `done`; at
-/// most [`MIGRATION_END_WAIT`]), and only then let the definition be removed.
+/// migration keep handling events and reports until the Migrate call has ended (it says so;
+/// at most [`MIGRATION_END_WAIT`]), and only then let the definition be removed.
 async fn drain_after_stop(
     core: &Arc<Launcher>,
+    ledger: &mut Ledger,
     raw_events: &mut mpsc::UnboundedReceiver<RawEvent>,
-    done: &mut mpsc::UnboundedReceiver<()>,
+    internal: &mut mpsc::UnboundedReceiver<Internal>,
     reason: StopReason,
     link: &mut MigrationLink,
     removals: &mut Removals,
 ) {
-    let mut handle = |ev: RawEvent| {
-        if let Some(ev) = our_event(core, ev) {
-            let _ = apply_event(core, link, removals, &ev);
-        }
-    };
+    let handle =
+        |ev: RawEvent, ledger: &mut Ledger, link: &mut MigrationLink, removals: &mut Removals| {
+            if let Some(ev) = our_event(core, ev) {
+                let _ = apply_event(core, ledger, link, removals, &ev);
+            }
+        };
     let until = Instant::now() + MIGRATION_END_WAIT;
     loop {
+        while let Ok(msg) = internal.try_recv() {
+            on_internal(ledger, removals, msg);
+        }
         while let Ok(ev) = raw_events.try_recv() {
-            handle(ev);
+            handle(ev, ledger, link, removals);
         }
         if reason != StopReason::Migrated || !core.migration_running() || Instant::now() >= until {
             return;
         }
         tokio::select! {
-            Some(ev) = raw_events.recv() => handle(ev),
-            Some(()) = done.recv() => {}
+            Some(ev) = raw_events.recv() => handle(ev, ledger, link, removals),
+            Some(msg) = internal.recv() => {
+                on_internal(ledger, removals, msg);
+            }
             _ = tokio::time::sleep_until(until.into()) => {}
         }
     }
@@ -644,24 +716,30 @@ async fn drain_after_stop(
 /// waiting for them. Returns the stop reason when the domain is gone.
 fn apply_event(
     core: &Launcher,
+    ledger: &Ledger,
     link: &mut MigrationLink,
     removals: &mut Removals,
     ev: &DomainEvent,
 ) -> Option<StopReason> {
     match ev {
         DomainEvent::JobCompleted { stats, .. } => link.job_completed(stats),
-        DomainEvent::DeviceRemoved { alias, .. } => removed(core, removals, alias, true),
-        DomainEvent::DeviceRemovalFailed { alias, .. } => removed(core, removals, alias, false),
+        DomainEvent::DeviceRemoved { alias, .. } => removed(ledger, removals, alias, true),
+        DomainEvent::DeviceRemovalFailed { alias, .. } => removed(ledger, removals, alias, false),
         _ => {}
     }
-    core.on_domain_event(ev)
+    core.on_domain_event(ledger, ev)
 }
 
 /// The detaches waiting for the guest to release a disk: alias → where the answer goes.
 type Removals = std::collections::HashMap<String, oneshot::Sender<bool>>;
 
-/// What an operation tells the owner.
+/// What an operation (or a child task of one) tells the owner, in order.
 pub(crate) enum Internal {
+    /// A change for the owner to apply to the state it keeps.
+    Report(Report),
+    /// The exclusive operation running ended (everything it reported came before this); a
+    /// Sync's caller waits for the status as the owner has it then.
+    Done { synced: Option<SyncEnd> },
     /// A detach of the disk with this alias waits for the guest's answer (true: released).
     AwaitRemoval {
         alias: String,
@@ -673,9 +751,9 @@ pub(crate) enum Internal {
 
 /// The guest answered the detach of disk `alias`: the detach waiting gets the answer; a
 /// release nobody waits for any more (the detach timed out) removes the disk all the same.
-fn removed(core: &Launcher, removals: &mut Removals, alias: &str, released: bool) {
+fn removed(ledger: &Ledger, removals: &mut Removals, alias: &str, released: bool) {
     if hand_over(removals, alias, released) {
-        core.released_late(alias);
+        Launcher::released_late(ledger, alias);
     }
 }
 
@@ -859,6 +937,92 @@ mod tests {
         assert_eq!(q.finished(), None);
         // Idle again: the next one starts at once.
         assert_eq!(q.admit("e"), Some("e"));
+    }
+
+    fn report(r: Report) -> Internal {
+        Internal::Report(r)
+    }
+
+    #[tokio::test]
+    async fn a_sync_is_answered_with_the_status_after_everything_it_reported() {
+        let (requests, _r) = mpsc::unbounded_channel();
+        let (mut ledger, views) = Ledger::new(requests);
+        let mut removals = Removals::new();
+        let (reply, answer) = oneshot::channel();
+        let handled: Vec<Handled> = [
+            report(Report::Status(Box::new(|s: &mut state::Status| {
+                s.name = "default_vm".into()
+            }))),
+            report(Report::State {
+                state: state::State::Running,
+                reason: "started".into(),
+            }),
+            report(Report::Started),
+            Internal::Done {
+                synced: Some(SyncEnd {
+                    reply,
+                    result: Ok(()),
+                }),
+            },
+        ]
+        .into_iter()
+        .map(|m| on_internal(&mut ledger, &mut removals, m))
+        .collect();
+        assert_eq!(
+            handled,
+            [
+                Handled::Applied,
+                Handled::Applied,
+                Handled::Applied,
+                Handled::Done { synced: true }
+            ]
+        );
+        let Ok(Reply::Status(s)) = answer.await.unwrap() else {
+            panic!("a Sync answers with the status");
+        };
+        assert_eq!(s.name, "default_vm");
+        assert_eq!(s.state, state::State::Running);
+        assert_eq!(s.last_seq, 1);
+        assert!(*views.started.borrow());
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_answers_its_error_and_other_operations_just_end() {
+        let (requests, _r) = mpsc::unbounded_channel();
+        let (mut ledger, _views) = Ledger::new(requests);
+        let mut removals = Removals::new();
+        let (reply, answer) = oneshot::channel();
+        let done = Internal::Done {
+            synced: Some(SyncEnd {
+                reply,
+                result: Err(ControlError::NoDomain),
+            }),
+        };
+        assert_eq!(
+            on_internal(&mut ledger, &mut removals, done),
+            Handled::Done { synced: false }
+        );
+        assert!(matches!(answer.await.unwrap(), Err(ControlError::NoDomain)));
+        let other = Internal::Done { synced: None };
+        assert_eq!(
+            on_internal(&mut ledger, &mut removals, other),
+            Handled::Done { synced: false }
+        );
+        // A detach's wait is registered and forgotten through the same channel.
+        let (answer, _rx) = oneshot::channel();
+        let alias = "ua-hp".to_string();
+        let wait = Internal::AwaitRemoval {
+            alias: alias.clone(),
+            answer,
+        };
+        assert_eq!(
+            on_internal(&mut ledger, &mut removals, wait),
+            Handled::Applied
+        );
+        assert!(removals.contains_key(&alias));
+        let forget = Internal::ForgetRemoval { alias };
+        on_internal(&mut ledger, &mut removals, forget);
+        assert!(removals.is_empty());
     }
 
     #[test]

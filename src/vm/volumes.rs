@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
 
 use super::core::{ControlError, Launcher};
+use super::ledger::Ledger;
 use super::state::{DiskStatus, Phase};
 use crate::domain::live::LiveDomain;
 use crate::domain::Disk;
@@ -81,8 +82,9 @@ impl Launcher {
         if let Err(e) = resized {
             return Err(self.volume_failed(volume, format!("live resize failed: {e}")));
         }
-        self.update(|s| {
-            if let Some(d) = s.disk_mut(volume) {
+        let v = volume.to_string();
+        self.update(move |s| {
+            if let Some(d) = s.disk_mut(&v) {
                 d.size_bytes = wanted;
             }
         });
@@ -195,9 +197,13 @@ impl Launcher {
             self.add_failed(vmi, &disk, &e.to_string());
             return Err(e);
         }
-        self.update(|s| {
-            s.disks.retain(|d| d.volume != volume);
-            s.disks.push(disk_status(&disk, vmi, Phase::Attaching, ""));
+        let (v, status) = (
+            volume.clone(),
+            disk_status(&disk, vmi, Phase::Attaching, ""),
+        );
+        self.update(move |s| {
+            s.disks.retain(|d| d.volume != v);
+            s.disks.push(status);
         });
         self.set_phase(&volume, Phase::Attaching, "");
         if let Err(reason) = check_openable(disk.source_path(), disk.readonly) {
@@ -229,9 +235,13 @@ impl Launcher {
 
     pub(crate) fn add_failed(&self, vmi: &VirtualMachineInstance, disk: &Disk, message: &str) {
         let volume = disk.volume().to_string();
-        self.update(|s| {
-            s.disks.retain(|d| d.volume != volume);
-            s.disks.push(disk_status(disk, vmi, Phase::Failed, message));
+        let (v, status) = (
+            volume.clone(),
+            disk_status(disk, vmi, Phase::Failed, message),
+        );
+        self.update(move |s| {
+            s.disks.retain(|d| d.volume != v);
+            s.disks.push(status);
         });
         self.set_phase(&volume, Phase::Failed, message);
     }
@@ -267,7 +277,8 @@ impl Launcher {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(true)) => {
                 self.set_phase(volume, Phase::Detached, "");
-                self.update(|s| s.disks.retain(|d| d.volume != volume));
+                let v = volume.to_string();
+                self.update(move |s| s.disks.retain(|d| d.volume != v));
                 Ok(())
             }
             Ok(_) => Err(self.volume_failed(volume, "the guest refused to release the disk")),
@@ -286,12 +297,12 @@ impl Launcher {
     }
 
     /// The guest released the disk with alias `alias` after its detach had stopped waiting
-    /// (timed out): the disk is gone now.
-    pub(crate) fn released_late(&self, alias: &str) {
+    /// (timed out): the owner records that the disk is gone now.
+    pub(crate) fn released_late(ledger: &Ledger, alias: &str) {
         let volume = alias.strip_prefix("ua-").unwrap_or(alias).to_string();
-        if self.status().disks.iter().any(|d| d.volume == volume) {
-            self.set_phase(&volume, Phase::Detached, "the guest released the disk late");
-            self.update(|s| s.disks.retain(|d| d.volume != volume));
+        if ledger.status().disks.iter().any(|d| d.volume == volume) {
+            ledger.set_phase(&volume, Phase::Detached, "the guest released the disk late");
+            ledger.update(|s| s.disks.retain(|d| d.volume != volume));
         }
     }
 }

@@ -24,7 +24,7 @@ pub mod source;
 pub mod target;
 
 use super::core::{ControlError, Launcher};
-use super::state::{Event, EventKind, MigrationPhase, MigrationProgress, TargetInfo};
+use super::state::{MigrationPhase, MigrationProgress, TargetInfo};
 
 /// How often progress is read and published.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(400);
@@ -102,16 +102,6 @@ pub trait MigrationPeer: Send + Sync {
 pub use source::{downtime_limit, rewrite_paths};
 
 impl Launcher {
-    pub(crate) fn publish_migration(&self, progress: MigrationProgress, message: &str) {
-        let mut e = Event::new(EventKind::Migration);
-        let s = self.status();
-        e.state = s.state;
-        e.reason = s.reason;
-        e.message = message.to_string();
-        e.migration = Some(progress);
-        self.events.push(e);
-    }
-
     /// Whether a migration is under way from here.
     pub fn migration_running(&self) -> bool {
         self.status()

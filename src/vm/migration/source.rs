@@ -146,7 +146,8 @@ impl Launcher {
         } = inbox;
         let started = Instant::now();
         let running = MigrationProgress::new(MigrationPhase::Running);
-        self.update(|s| s.migration = Some(running.clone()));
+        let r = running.clone();
+        self.update(move |s| s.migration = Some(r));
         self.publish_migration(running, &format!("migrating to {}", target.libvirt_uri));
         tracing::info!(target = %target.libvirt_uri, "live migration started");
 
@@ -165,12 +166,11 @@ impl Launcher {
             .blocking(move |hv| hv.migrate(&n, &dest, params, flags))
             .await;
         let _ = done_tx.send(true);
-        let monitor_verdict = monitor.await.unwrap_or(None);
-
-        let mut progress = self
-            .status()
-            .migration
-            .unwrap_or_else(|| MigrationProgress::new(MigrationPhase::Running));
+        // The monitor's last progress is what the owner was last told (its reports may not be
+        // applied yet).
+        let (monitor_verdict, mut progress) = monitor
+            .await
+            .unwrap_or_else(|_| (None, MigrationProgress::new(MigrationPhase::Running)));
         progress.elapsed_ms = started.elapsed().as_millis() as u64;
         let outcome = match result {
             Ok(()) => {
@@ -217,7 +217,8 @@ impl Launcher {
                 }
             }
         };
-        self.update(|s| s.migration = Some(outcome.progress.clone()));
+        let p = outcome.progress.clone();
+        self.update(move |s| s.migration = Some(p));
         self.publish_migration(outcome.progress.clone(), &outcome.message);
         tracing::info!(
             success = outcome.success,
@@ -328,8 +329,8 @@ pub fn downtime_limit(opts: &MigrateOptions, pass: u64) -> u64 {
         .min(DEFAULT_MAX_DOWNTIME_MS)
 }
 
-/// Publishes progress every [`PROGRESS_INTERVAL`] and enforces the deadlines. Returns why it
-/// aborted the migration, if it did.
+/// Reports progress to the owner every [`PROGRESS_INTERVAL`] and enforces the deadlines.
+/// Returns why it aborted the migration, if it did, and the last progress it reported.
 async fn monitor(
     core: Arc<Launcher>,
     name: String,
@@ -338,7 +339,7 @@ async fn monitor(
     started: Instant,
     mut done: tokio::sync::watch::Receiver<bool>,
     cancel: tokio::sync::watch::Receiver<bool>,
-) -> Option<String> {
+) -> (Option<String>, MigrationProgress) {
     let per_gib = if opts.completion_timeout_per_gib == 0 {
         DEFAULT_TIMEOUT_PER_GIB
     } else {
@@ -365,7 +366,7 @@ async fn monitor(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PROGRESS_INTERVAL) => {}
-            _ = done.wait_for(|d| *d) => return verdict,
+            _ = done.wait_for(|d| *d) => return (verdict, progress),
         }
         let n = name.clone();
         let Ok(stats) = core.blocking(move |hv| hv.job_stats(&n, false)).await else {
@@ -392,7 +393,8 @@ async fn monitor(
             }
         }
         progress.elapsed_ms = started.elapsed().as_millis() as u64;
-        core.update(|s| s.migration = Some(progress.clone()));
+        let p = progress.clone();
+        core.update(move |s| s.migration = Some(p));
         core.publish_migration(progress.clone(), "progress");
         if aborted {
             continue;
@@ -430,7 +432,8 @@ async fn monitor(
                 match core.blocking(move |hv| hv.start_post_copy(&n)).await {
                     Ok(()) => {
                         progress.mode = MigrationMode::PostCopy;
-                        core.update(|s| s.migration = Some(progress.clone()));
+                        let p = progress.clone();
+                        core.update(move |s| s.migration = Some(p));
                         core.publish_migration(progress.clone(), "switched to post-copy");
                         tracing::info!("completion deadline passed: switched to post-copy");
                     }

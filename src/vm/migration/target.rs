@@ -1,11 +1,10 @@
 //! The target side of a migration: get ready to receive the VM, and adopt it when it arrives.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-
 use crate::spec::VirtualMachineInstance;
 use crate::vm::core::{ControlError, Launcher};
+use crate::vm::ledger::Ledger;
 use crate::vm::state::{MigrationPhase, MigrationProgress, TargetInfo};
+use std::collections::HashMap;
 
 impl Launcher {
     /// Readies this (VM-less) launcher to receive `vmi` by migration.
@@ -78,11 +77,12 @@ impl Launcher {
                 crate::vm::volumes::disk_status(d, &vmi, crate::vm::state::Phase::Attaching, "")
             })
             .collect();
-        self.update(|s| {
-            s.name = plan.domain.name().to_string();
-            s.uid = info.uid.clone();
+        let (name, target) = (plan.domain.name().to_string(), info.clone());
+        self.update(move |s| {
+            s.name = name;
+            s.uid = target.uid.clone();
             s.disks = disks;
-            s.migration_target = Some(info.clone());
+            s.migration_target = Some(target);
             s.migration = Some(MigrationProgress::new(MigrationPhase::Prepared));
         });
         self.set_vmi(vmi);
@@ -99,25 +99,25 @@ impl Launcher {
         !self.has_started() && self.status().migration_target.is_some()
     }
 
-    /// The VM arrived (first lifecycle event on a prepared target): adopt it.
-    pub(crate) fn adopt_incoming(&self) {
+    /// The VM arrived (first lifecycle event on a prepared target): the owner adopts it.
+    pub(crate) fn adopt_incoming(&self, ledger: &Ledger) {
         if !self.awaiting_migration() {
             return;
         }
-        self.started.store(true, Ordering::SeqCst);
-        self.update(|s| {
+        ledger.mark_started();
+        ledger.update(|s| {
             s.migration_target = None;
             for d in &mut s.disks {
                 d.phase = crate::vm::state::Phase::Ready;
             }
         });
-        let mut p = self
+        let mut p = ledger
             .status()
             .migration
             .unwrap_or_else(|| MigrationProgress::new(MigrationPhase::Succeeded));
         p.phase = MigrationPhase::Succeeded;
-        self.update(|s| s.migration = Some(p.clone()));
-        self.publish_migration(p, "the VM arrived from the source");
+        ledger.update(|s| s.migration = Some(p.clone()));
+        ledger.publish_migration(p, "the VM arrived from the source");
         tracing::info!("incoming migration arrived; serving the VM");
     }
 }
