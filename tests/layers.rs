@@ -278,6 +278,33 @@ fn layers_point_down() {
     );
 }
 
+/// Every child process goes through `pod::process` (the one owner of `waitpid`): a process
+/// started any other way races the reaper for its exit status.
+#[test]
+fn child_processes_start_only_in_pod_process() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let owner = src.join("pod/process.rs");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found = Vec::new();
+    for file in files.iter().filter(|f| **f != owner) {
+        let code = strip_comments(&std::fs::read_to_string(file).unwrap());
+        for (n, line) in code.lines().enumerate() {
+            let line: String = line.split_whitespace().collect();
+            let std_command = line.contains("std::process::Command")
+                || (line.contains("std::process::{") && line.contains("Command"));
+            if std_command || line.contains("tokio::process") || line.contains("libc::fork") {
+                found.push(format!("{}:{}", file.display(), n + 1));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "processes started outside src/pod/process.rs:\n{}",
+        found.join("\n")
+    );
+}
+
 #[test]
 fn the_scanner_sees_paths_and_skips_comments() {
     let code = strip_comments(concat!(

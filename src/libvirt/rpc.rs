@@ -910,16 +910,9 @@ mod tests {
     #[test]
     fn garbage_packets_do_not_panic() {
         // A deterministic pseudo-random sweep through the decoders.
-        let mut x: u32 = 0x1234_5678;
+        let mut rng = fastrand::Rng::with_seed(0x1234_5678);
         for len in 0..200 {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    (x & 0xff) as u8
-                })
-                .collect();
+            let bytes: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
             let _ = decode_header(&bytes);
             let _ = decode_packet(&bytes);
             let _ = RemoteError::decode(&mut Decoder::new(&bytes));
