@@ -342,7 +342,15 @@ pub fn run(opts: &Options) -> Result<Report> {
     let md = markdown(&report);
     write(&opts.out_dir.join("results.md"), &md)?;
     if let Some(doc) = &opts.update_doc {
-        update_doc(doc, &md)?;
+        // The document shows the plot from its own folder (docs/disks.png), committed with it.
+        let mut in_doc = report.clone();
+        if let (Some(plot), Some(dir)) = (&report.plot, doc.parent()) {
+            let committed = Path::new("docs/disks.png");
+            fs::create_dir_all(dir.join("docs")).context("create docs/")?;
+            fs::copy(plot, dir.join(committed)).context("copy the plot to docs/")?;
+            in_doc.plot = Some(committed.to_path_buf());
+        }
+        update_doc(doc, &markdown(&in_doc))?;
     }
     let _ = fs::remove_dir_all(&work);
     Ok(report)

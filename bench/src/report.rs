@@ -363,7 +363,11 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     if let Some(p) = &r.plot {
-        let _ = writeln!(o, "\nPlot: `{}`", p.display());
+        let _ = writeln!(
+            o,
+            "\n![start time and RSS against the number of disks]({})",
+            p.display()
+        );
     }
     if !r.leftover_processes.is_empty() {
         let _ = writeln!(
