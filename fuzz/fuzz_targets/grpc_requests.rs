@@ -15,11 +15,11 @@ fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(data: &[u8]) -
     Some(m)
 }
 
-/// What `decode_vmi` in the API does with a request's `vmi` bytes, then the conversion the
-/// core applies to it.
+/// The VMI as the Sync handler takes it (`api::decode_vmi`), then the conversion the core
+/// applies to it.
 fn vmi(bytes: &[u8]) {
-    if let Ok(text) = std::str::from_utf8(bytes) {
-        virt_launcher_fuzz::vmi_text(text, None);
+    if let Ok(vmi) = virt_launcher::api::decode_vmi(bytes, "SyncRequest.vmi") {
+        virt_launcher_fuzz::vmi_checks(&vmi, None);
     }
 }
 

@@ -71,8 +71,12 @@ async fn within_deadline<T, R>(
     }
 }
 
-/// A VMI carried in a request (JSON or YAML text); errors name `field`.
-fn decode_vmi(bytes: &[u8], field: &str) -> Result<crate::spec::VirtualMachineInstance, Status> {
+/// A VMI carried in a request (JSON or YAML text); errors name `field`. Public for the
+/// `grpc_requests` fuzz target, which feeds it what a handler would.
+pub fn decode_vmi(
+    bytes: &[u8],
+    field: &str,
+) -> Result<crate::spec::VirtualMachineInstance, Status> {
     let text = std::str::from_utf8(bytes).map_err(|_| {
         Status::invalid_argument(format!("{field}: not UTF-8 text (JSON or YAML expected)"))
     })?;
