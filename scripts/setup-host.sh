@@ -2,10 +2,12 @@
 # Prepare a Debian 12 machine (as root) for building and testing virt-launcher.
 # Idempotent: every step checks first and is skipped when already done.
 #
-#  - apt packages: libvirt (daemon + qemu driver + clients + dev), QEMU 7.2 (with
-#    qemu-utils pinned to bookworm: a newer qemu-utils conflicts with qemu-system-x86 7.2),
-#    tools for the test guest (busybox-static, cpio, xz-utils), xorriso (cloud-init ISOs),
-#    util-linux (losetup, unshare, nsenter), iproute2, g++ (libFuzzer's C++, for fuzz/)
+#  - apt packages: libvirt 11.x (monolithic daemon + QEMU driver + clients + dev) and QEMU 10.x
+#    from Debian's bookworm-backports (the generation KubeVirt v1.9 ships: libvirt 11, QEMU 10),
+#    passt, tools for the test guest (busybox-static, cpio, xz-utils), xorriso (cloud-init ISOs),
+#    util-linux (losetup, unshare, nsenter), iproute2, g++ (libFuzzer's C++, for fuzz/).
+#    bookworm-backports is enabled in apt's sources and pinned for only the virtualisation
+#    packages (/etc/apt/preferences.d/virt-launcher-backports); everything else stays bookworm.
 #  - users/groups libvirt expects: kvm, libvirt, libvirt-qemu
 #  - /var/log/libvirt, /var/run/libvirt, /var/lib/libvirt, /var/cache/libvirt
 #  - the Rust toolchain (rustup in ~/.cargo/bin) is present and recent enough
@@ -29,36 +31,82 @@ die() {
 DID=0 # number of changes made
 
 # ------------------------------------------------------------------ apt packages
+# The versions we support and test: libvirt 11.x and QEMU 10.x (KubeVirt v1.9's generation).
+LIBVIRT_MAJOR=11
+QEMU_MAJOR=10
 PACKAGES=(
     libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-    qemu-system-x86 qemu-utils pkg-config libxml2-utils
+    qemu-system-x86 qemu-utils passt pkg-config libxml2-utils
     busybox-static cpio xz-utils gzip
     xorriso util-linux iproute2 g++
 )
+# Packages that must come from bookworm-backports, with the major version each must have.
+declare -A BACKPORTED=(
+    [libvirt-daemon]=$LIBVIRT_MAJOR [libvirt-daemon-driver-qemu]=$LIBVIRT_MAJOR
+    [libvirt-clients]=$LIBVIRT_MAJOR [libvirt-dev]=$LIBVIRT_MAJOR
+    [qemu-system-x86]=$QEMU_MAJOR [qemu-utils]=$QEMU_MAJOR
+)
+SOURCES=/etc/apt/sources.list.d/bookworm-backports.sources
+# A mirror may stand in for the archive (VIRT_LAUNCHER_BACKPORTS_URI=http://mirror/debian).
+BACKPORTS_URI=${VIRT_LAUNCHER_BACKPORTS_URI:-http://deb.debian.org/debian}
+PIN=/etc/apt/preferences.d/virt-launcher-backports
 
 # installed <pkg>: print the installed version, or nothing.
 installed() {
     # dpkg-query fails for a package it has never heard of: that is "not installed", not an
-    # error (with pipefail, the assignment QSV=$(installed …) would end the script).
+    # error (with pipefail, the assignment V=$(installed …) would end the script).
     { dpkg-query -W -f='${Status}\t${Version}\n' "$1" 2>/dev/null || true; } |
         awk -F'\t' '$1 == "install ok installed" {print $2}'
 }
+# major <debian version>: the upstream major version ("1:10.0.2+ds-2~bpo12+1" → 10).
+major() { local v=${1#*:}; echo "${v%%.*}"; }
 
 MISSING=()
 for p in "${PACKAGES[@]}"; do
-    [ -n "$(installed "$p")" ] || MISSING+=("$p")
+    v=$(installed "$p")
+    want=${BACKPORTED[$p]:-}
+    if [ -z "$v" ]; then
+        MISSING+=("$p")
+    elif [ -n "$want" ] && [ "$(major "$v")" != "$want" ]; then
+        log "$p $v is not the supported $want.x: upgrading from bookworm-backports"
+        MISSING+=("$p")
+    fi
 done
-# qemu-utils must come from the same QEMU (7.2, bookworm) as qemu-system-x86.
-QSV=$(installed qemu-system-x86)
-QUV=$(installed qemu-utils)
-# Compare the upstream release (e.g. "1:7.2" of "1:7.2+dfsg-7+deb12u18+b3").
-if [ -n "$QUV" ] && [ -n "$QSV" ] && [ "${QUV%%[+-]*}" != "${QSV%%[+-]*}" ]; then
-    log "qemu-utils $QUV does not match qemu-system-x86 $QSV: reinstalling from bookworm"
-    MISSING+=(qemu-utils)
-fi
+
+# Written only when something must be installed; removed again if the install fails, so a
+# failed run leaves no source or pin behind that the next run would trust.
+ADDED_APT_FILES=()
+enable_backports() {
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        cat >"$SOURCES" <<SRC
+# written by virt-launcher's scripts/setup-host.sh: libvirt 11.x and QEMU 10.x
+Types: deb
+URIs: $BACKPORTS_URI
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+        ADDED_APT_FILES+=("$SOURCES")
+    fi
+    if [ ! -e "$PIN" ]; then
+        cat >"$PIN" <<'PINS'
+# written by virt-launcher's scripts/setup-host.sh: libvirt 11.x and QEMU 10.x (KubeVirt v1.9's
+# generation) from bookworm-backports; everything else stays on bookworm.
+Package: libvirt* libnss-libvirt qemu-* seabios ipxe-qemu libslirp0 passt
+Pin: release n=bookworm-backports
+Pin-Priority: 990
+PINS
+        ADDED_APT_FILES+=("$PIN")
+    fi
+}
+# apt_fail <what> <log>: undo this run's apt files and stop with one line.
+apt_fail() {
+    [ "${#ADDED_APT_FILES[@]}" = 0 ] || rm -f "${ADDED_APT_FILES[@]}"
+    die "$1 (apt's output: $2). Check that $BACKPORTS_URI bookworm-backports is reachable (apt-get update), then rerun ./devtool setup"
+}
 
 if [ "${#MISSING[@]}" -gt 0 ]; then
-    log "missing packages: ${MISSING[*]}"
+    log "to install: ${MISSING[*]}"
     export DEBIAN_FRONTEND=noninteractive
     # Never let a package start a daemon (host-wide libvirtd/virtlogd).
     POLICY=/usr/sbin/policy-rc.d
@@ -67,40 +115,29 @@ if [ "${#MISSING[@]}" -gt 0 ]; then
         chmod 755 "$POLICY"
         trap 'rm -f "$POLICY"' EXIT
     fi
-    # The verified line from the host notes; qemu-utils/bookworm + --allow-downgrades
-    # avoids "held broken packages" when the image carries a newer qemu-utils.
-    # Only the missing packages are named, so present ones are not upgraded.
-    INSTALL=(apt-get install -y -q --no-install-recommends --allow-downgrades)
-    NEED_QEMU_UTILS=0
-    for p in "${MISSING[@]}"; do
-        case "$p" in
-            qemu-utils) NEED_QEMU_UTILS=1 ;;
-            qemu-system-x86) NEED_QEMU_UTILS=1 && INSTALL+=(qemu-system-x86) ;;
-            *) INSTALL+=("$p") ;;
-        esac
-    done
-    [ "$NEED_QEMU_UTILS" = 0 ] || INSTALL+=(qemu-utils/bookworm)
-    UPDATED=0
-    # Update first only when apt cannot know the packages (no lists, or no candidate).
-    if ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 ||
+    enable_backports
+    LOG=/tmp/setup-host-apt.log
+    # The backports suite must be in apt's lists: update when it is not (or nothing is).
+    if [ "${#ADDED_APT_FILES[@]}" -gt 0 ] ||
+        ! ls /var/lib/apt/lists/*bookworm-backports*_Packages* >/dev/null 2>&1 ||
         apt-cache policy "${MISSING[@]}" 2>/dev/null | grep -q 'Candidate: (none)'; then
         log "apt-get update"
-        apt-get update -q >/dev/null
-        UPDATED=1
+        apt-get update -q >"$LOG" 2>&1 || apt_fail "apt-get update failed" "$LOG"
+        # apt-get update only warns about a suite it cannot fetch.
+        ls /var/lib/apt/lists/*bookworm-backports*_Packages* >/dev/null 2>&1 ||
+            apt_fail "bookworm-backports could not be fetched" "$LOG"
     fi
-    if ! "${INSTALL[@]}" >/tmp/setup-host-apt.log 2>&1; then
-        [ "$UPDATED" = 0 ] || {
-            tail -n 20 /tmp/setup-host-apt.log >&2
-            die "apt-get install failed (log: /tmp/setup-host-apt.log)"
-        }
-        log "apt-get install failed; apt-get update and retry"
-        apt-get update -q >/dev/null
-        "${INSTALL[@]}" >/tmp/setup-host-apt.log 2>&1 || {
-            tail -n 20 /tmp/setup-host-apt.log >&2
-            die "apt-get install failed (log: /tmp/setup-host-apt.log)"
-        }
-    fi
-    log "installed: ${MISSING[*]} (log: /tmp/setup-host-apt.log)"
+    for p in "${!BACKPORTED[@]}"; do
+        c=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')
+        [ "$(major "$c")" = "${BACKPORTED[$p]}" ] ||
+            apt_fail "package $p: no ${BACKPORTED[$p]}.x candidate (apt offers '${c:-none}')" "$LOG"
+    done
+    # Only the missing packages are named, so present ones are not upgraded.
+    apt-get install -y -q --no-install-recommends "${MISSING[@]}" >"$LOG" 2>&1 || {
+        failed=$(grep -oE '^E: .*' "$LOG" | head -n 1)
+        apt_fail "apt-get install ${MISSING[*]} failed: ${failed:-see the log}" "$LOG"
+    }
+    log "installed: ${MISSING[*]} (log: $LOG)"
     DID=$((DID + 1))
 else
     log "packages: all present (libvirt $(installed libvirt-daemon), qemu $(installed qemu-system-x86))"

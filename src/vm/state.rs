@@ -118,6 +118,38 @@ pub struct Status {
     pub last_seq: u64,
     pub migration_target: Option<TargetInfo>,
     pub migration: Option<MigrationProgress>,
+    /// What KubeVirt's virt-handler reads from the domain's metadata.
+    pub kubevirt: KubevirtMetadata,
+}
+
+/// The domain metadata KubeVirt's virt-handler reads (`Spec.Metadata.KubeVirt` of its domain
+/// JSON): the graceful-shutdown stamps and the migration's progress. Kept by the core; the
+/// KubeVirt front-end renders it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KubevirtMetadata {
+    /// `GracePeriod.DeletionGracePeriodSeconds`: the VMI's termination grace period.
+    pub deletion_grace_period_seconds: i64,
+    /// `GracePeriod.DeletionTimestamp`: when the first Shutdown was asked for.
+    pub deletion_timestamp: Option<SystemTime>,
+    /// `GracePeriod.MarkedForGracefulShutdown`: the pod got SIGTERM.
+    pub marked_for_graceful_shutdown: bool,
+    /// `Migration`: the migration under way or last ended.
+    pub migration: Option<MigrationMetadata>,
+}
+
+/// `Spec.Metadata.KubeVirt.Migration` of KubeVirt's domain JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MigrationMetadata {
+    /// `vmi.status.migrationState.migrationUid`.
+    pub uid: String,
+    pub start_timestamp: Option<SystemTime>,
+    pub end_timestamp: Option<SystemTime>,
+    pub failed: bool,
+    pub failure_reason: String,
+    /// "", "Aborting", "Succeeded" or "Failed".
+    pub abort_status: String,
+    /// "PreCopy", "PostCopy" or "Paused".
+    pub mode: String,
 }
 
 impl Status {
