@@ -207,6 +207,10 @@ pub struct Driver {
     pub error_policy: Option<String>,
     pub discard: Option<&'static str>,
     pub iothread: Option<u32>,
+    /// `<driver><iothreads><iothread id=…/>…</iothreads></driver>`: the disk's queues are
+    /// spread over these iothreads (KubeVirt's `supplementalPool`; libvirt ≥ 10, QEMU ≥ 9).
+    /// Exclusive with [`Driver::iothread`].
+    pub iothread_pool: Vec<u32>,
     pub queues: Option<u32>,
 }
 
@@ -216,10 +220,21 @@ pub struct BackingStore {
     pub source: DiskSource,
 }
 
+/// `<source><dataStore>`: the raw image a qcow2 image keeps its data in (its `data-file`).
+/// Changed-block tracking puts a volume behind such a qcow2 overlay so that the bitmaps live in
+/// the overlay while the data stays in the volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataStore {
+    pub format: &'static str,
+    pub source: DiskSource,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Disk {
     pub device: DiskDevice,
     pub source: DiskSource,
+    /// Only with a file source in qcow2 format (see [`DataStore`]).
+    pub data_store: Option<DataStore>,
     pub driver: Driver,
     pub backing_store: Option<BackingStore>,
     pub target_dev: String,

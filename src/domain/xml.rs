@@ -346,19 +346,37 @@ fn write_disk(w: &mut W, d: &Disk) {
     if let Some(q) = dr.queues {
         a.push(("queues", q.to_string().into()));
     }
-    w.empty("driver", a);
-    match &d.reservations {
-        Some(sock) => {
-            w.open("source", src);
+    if dr.iothread_pool.is_empty() {
+        w.empty("driver", a);
+    } else {
+        w.open("driver", a);
+        w.open("iothreads", attrs![]);
+        for id in &dr.iothread_pool {
+            w.empty("iothread", attrs!["id" => id.to_string()]);
+        }
+        w.close("iothreads");
+        w.close("driver");
+    }
+    if d.reservations.is_none() && d.data_store.is_none() {
+        w.empty("source", src);
+    } else {
+        w.open("source", src);
+        if let Some(sock) = &d.reservations {
             w.open("reservations", attrs!["managed" => "no"]);
             w.empty(
                 "source",
                 attrs!["type" => "unix", "path" => p(sock), "mode" => "client"],
             );
             w.close("reservations");
-            w.close("source");
         }
-        None => w.empty("source", src),
+        if let Some(ds) = &d.data_store {
+            let (kind, src) = source_attrs(&ds.source);
+            w.open("dataStore", attrs!["type" => kind]);
+            w.empty("format", attrs!["type" => ds.format]);
+            w.empty("source", src);
+            w.close("dataStore");
+        }
+        w.close("source");
     }
     if let Some(bs) = &d.backing_store {
         let (kind, src) = source_attrs(&bs.source);
