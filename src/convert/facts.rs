@@ -56,6 +56,9 @@ pub struct PodPaths {
     /// Changed-block tracking overlays `<volume>.qcow2`: KubeVirt's `/var/lib/libvirt/qemu/cbt`,
     /// or `/var/run/kubevirt-private/libvirt/qemu/cbt` when QEMU runs as non-root.
     pub cbt_dir: PathBuf,
+    /// Log of the passt back-end libvirt starts for a `passtBinding` interface (KubeVirt's
+    /// `/var/run/kubevirt/passt.log`).
+    pub passt_log: PathBuf,
     /// Directories the launcher itself populated with links into other places it owns (the
     /// standalone DataVolume view links each volume to its claim under the storage directory,
     /// and each Block claim to its loop device): a PVC directory or Block node may resolve
@@ -90,6 +93,7 @@ impl PodPaths {
             } else {
                 "/var/lib/libvirt/qemu/cbt".into()
             },
+            passt_log: "/var/run/kubevirt/passt.log".into(),
             trusted_roots: Vec::new(),
         }
     }

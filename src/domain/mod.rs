@@ -68,6 +68,10 @@ pub struct Memory {
     pub kib: u64,
     /// Hugepage size in KiB when the guest is backed by hugepages.
     pub hugepage_kib: Option<u64>,
+    /// `<memoryBacking><source type='memfd'/><access mode='shared'/>` and a single NUMA cell
+    /// holding all vCPUs and memory (memfd needs a NUMA topology): guest memory another process
+    /// can map, as vhost-user back-ends (passt) need.
+    pub shared_memfd: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -291,10 +295,39 @@ pub struct Controller {
 pub struct Interface {
     pub alias: String,
     pub mac: Option<String>,
-    pub tap: String,
+    pub attachment: Attachment,
     pub model: String,
     pub mtu: Option<u32>,
     pub boot_order: Option<u32>,
+}
+
+/// How an interface reaches the pod network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// `<interface type='ethernet'>` on a tap the pod network code created (`managed='no'`).
+    Tap(String),
+    /// `<interface type='vhostuser'>` with `<backend type='passt'>`: libvirt starts passt
+    /// (vhost-user mode, libvirt ≥ 11.1) bound to the pod interface `source_dev`. Needs shared
+    /// guest memory ([`Memory::shared_memfd`]).
+    Passt {
+        source_dev: String,
+        log_file: PathBuf,
+        port_forwards: Vec<PortForward>,
+    },
+}
+
+/// `<portForward proto=…>`: with no ranges, every port of that protocol is forwarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortForward {
+    pub proto: &'static str,
+    pub ranges: Vec<PortRange>,
+}
+
+/// `<range start=… [exclude='yes']/>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub exclude: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
