@@ -16,7 +16,7 @@
 //! - Interfaces: each `masquerade`/`bridge` interface becomes `<interface type='ethernet'>` on a
 //!   pre-created tap `tap<index>` (`managed='no'`); the pod network code creates the taps. A
 //!   `passtBinding` interface becomes KubeVirt's vhost-user interface with libvirt's passt
-//!   back-end (see [`passt_attachment`]), with shared memfd guest memory and one NUMA cell. No
+//!   back-end (see `passt_attachment`), with shared memfd guest memory and one NUMA cell. No
 //!   interface is invented when the spec lists none. SR-IOV, slirp, the discontinued `passt`
 //!   and binding plugins are rejected.
 //! - Changed-block tracking (`status.changedBlockTracking.state` `Initializing`/`Enabled`): PVC,
