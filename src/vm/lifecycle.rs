@@ -329,7 +329,8 @@ impl Launcher {
                 LifecycleKind::ShuttingDown => {
                     ledger.set_state(State::ShuttingDown, "guest shutdown")
                 }
-                LifecycleKind::Crashed => ledger.set_state(State::Crashed, "crashed"),
+                // libvirt's CRASHED event is the guest's panic (QEMU still runs).
+                LifecycleKind::Crashed => ledger.set_state(State::Crashed, "panicked"),
                 LifecycleKind::Stopped(r) => {
                     let state = if r.is_clean() {
                         State::Shutoff

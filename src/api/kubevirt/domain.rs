@@ -318,7 +318,8 @@ pub fn lifecycle(status: &Status) -> Option<(&'static str, &'static str)> {
         State::Paused if migrating => ("Paused", "Migration"),
         State::Paused => ("Paused", "User"),
         State::ShuttingDown => ("ShuttingDown", "User"),
-        State::Crashed if status.reason == "crashed" => ("Crashed", "Crashed"),
+        // The guest panicked; QEMU still runs.
+        State::Crashed if status.reason == "panicked" => ("Crashed", "Panicked"),
         State::Shutoff | State::Crashed => ("Shutoff", shutoff_reason(&status.reason)),
     })
 }
@@ -688,7 +689,8 @@ mod tests {
             (State::Shutoff, "migrated", None, ("Shutoff", "Migrated")),
             (State::Shutoff, "saved", None, ("Shutoff", "Saved")),
             (State::Shutoff, "failed", None, ("Shutoff", "Failed")),
-            (State::Crashed, "crashed", None, ("Crashed", "Crashed")),
+            (State::Crashed, "panicked", None, ("Crashed", "Panicked")),
+            (State::Crashed, "crashed", None, ("Shutoff", "Crashed")),
             (State::Crashed, "failed", None, ("Shutoff", "Failed")),
             (
                 State::Crashed,

@@ -2,3 +2,4 @@
 //! core `Handle` as launcher.v1.
 
 pub mod domain;
+pub mod notify;
