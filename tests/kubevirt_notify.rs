@@ -225,8 +225,8 @@ async fn the_handler_is_notified_of_the_domain_through_refusals_hangs_and_a_rest
         r.status() == "Paused"
     })
     .await;
-    soon("Unpause", c.unpause(pb::Empty {})).await.unwrap();
     let n = server.received().len();
+    soon("Unpause", c.unpause(pb::Empty {})).await.unwrap();
     wait_event(&server, n, "Running after the restart", |r| {
         r.status() == "Running"
     })
