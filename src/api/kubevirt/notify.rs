@@ -554,6 +554,119 @@ mod tests {
         assert_eq!(q.pop().await, None);
     }
 
+    /// A handle on bare channels: the status and VMI senders stand in for the core's ledger.
+    fn handle() -> (
+        Handle,
+        tokio::sync::watch::Sender<crate::vm::state::Status>,
+        tokio::sync::watch::Sender<Option<Arc<crate::spec::VirtualMachineInstance>>>,
+    ) {
+        let (status_tx, status) = tokio::sync::watch::channel(Default::default());
+        let (vmi_tx, vmi) = tokio::sync::watch::channel(None);
+        let h = Handle {
+            requests: tokio::sync::mpsc::unbounded_channel().0,
+            urgent: tokio::sync::mpsc::unbounded_channel().0,
+            status,
+            vmi,
+            console_log: tokio::sync::watch::channel(None).1,
+            events: Arc::new(crate::vm::state::EventLog::new(64)),
+            domain_type: "qemu".into(),
+        };
+        (h, status_tx, vmi_tx)
+    }
+
+    fn test_vmi() -> crate::spec::VirtualMachineInstance {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "vm", "namespace": "ns", "uid": "u-1"},
+            "spec": {"domain": {"devices": {}}}
+        }))
+        .unwrap()
+    }
+
+    fn state_event(state: State, reason: &str) -> Event {
+        let mut e = Event::new(EventKind::Domain);
+        e.state = state;
+        e.reason = reason.into();
+        e
+    }
+
+    #[test]
+    fn the_follower_sends_added_then_changes_only_then_the_end_after_the_last_state() {
+        let (h, status, vmi) = handle();
+        let q = Queue::new(64);
+        let mut f = Follower::default();
+        // Nothing before there is a VMI and a domain.
+        f.domain(&h, &q);
+        vmi.send_replace(Some(Arc::new(test_vmi())));
+        f.domain(&h, &q);
+        assert!(q.kinds().is_empty());
+        let set = |state, reason: &str| {
+            status.send_modify(|s| {
+                s.state = state;
+                s.reason = reason.into();
+            })
+        };
+        set(State::Starting, "sync");
+        f.domain(&h, &q);
+        f.domain(&h, &q);
+        assert_eq!(
+            q.kinds(),
+            [Kind::Added],
+            "an unchanged domain is not sent again"
+        );
+        set(State::Running, "started");
+        f.domain(&h, &q);
+        status.send_modify(|s| s.kubevirt.marked_for_graceful_shutdown = true);
+        f.domain(&h, &q);
+        assert_eq!(q.kinds(), [Kind::Added, Kind::Modified]);
+        let last: serde_json::Value =
+            serde_json::from_slice(&q.lock().items.back().unwrap().json).unwrap();
+        assert_eq!(
+            last["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["MarkedForGracefulShutdown"],
+            serde_json::json!(true)
+        );
+        // An I/O error and a panic become Kubernetes events; other events nothing.
+        let mut io = Event::new(EventKind::IoError);
+        io.volume = "data".into();
+        assert!(!f.event(&h, &q, &io));
+        assert!(!f.event(&h, &q, &state_event(State::Crashed, "panicked")));
+        assert!(!f.event(&h, &q, &Event::new(EventKind::Agent)));
+        set(State::Shutoff, "shutdown");
+        f.domain(&h, &q);
+        assert!(f.event(&h, &q, &Event::new(EventKind::Final)), "the end");
+        assert_eq!(
+            q.kinds(),
+            [
+                Kind::Added,
+                Kind::Modified,
+                Kind::K8s,
+                Kind::K8s,
+                Kind::Modified,
+                Kind::Final
+            ]
+        );
+        let items: Vec<serde_json::Value> = q
+            .lock()
+            .items
+            .iter()
+            .map(|i| serde_json::from_slice(&i.json).unwrap())
+            .collect();
+        assert_eq!(items[2]["reason"], "IOerror");
+        assert_eq!(items[3]["reason"], "GuestPanicked");
+        assert_eq!(items[4]["Status"]["Status"], "Shutoff");
+        assert_eq!(items[5]["Status"]["Reason"], "NonExistent");
+        assert!(items[5]["ObjectMeta"]["deletionTimestamp"].is_string());
+    }
+
+    #[test]
+    fn no_final_event_without_a_domain() {
+        let (h, _status, vmi) = handle();
+        vmi.send_replace(Some(Arc::new(test_vmi())));
+        let q = Queue::new(8);
+        let mut f = Follower::default();
+        assert!(f.event(&h, &q, &Event::new(EventKind::Final)));
+        assert!(q.kinds().is_empty());
+    }
+
     #[test]
     fn the_k8s_event_names_the_vmi() {
         let vmi: crate::spec::VirtualMachineInstance = serde_json::from_value(serde_json::json!({
