@@ -315,13 +315,27 @@ pub fn lifecycle(status: &Status) -> Option<(&'static str, &'static str)> {
         // Defined, not started yet: the handler tolerates Shutoff/Unknown while Scheduled.
         State::Starting => ("Shutoff", "Unknown"),
         State::Running => ("Running", "Unknown"),
-        State::Paused if migrating => ("Paused", "Migration"),
-        State::Paused => ("Paused", "User"),
+        State::Paused => ("Paused", pause_reason(&status.reason, migrating)),
         State::ShuttingDown => ("ShuttingDown", "User"),
         // The guest panicked; QEMU still runs.
         State::Crashed if status.reason == "panicked" => ("Crashed", "Panicked"),
         State::Shutoff | State::Crashed => ("Shutoff", shutoff_reason(&status.reason)),
     })
+}
+
+/// A pause's reason as the core words it (libvirt's suspended detail).
+fn pause_reason(reason: &str, migrating: bool) -> &'static str {
+    match reason {
+        "paused" if migrating => "Migration",
+        "paused" => "User",
+        "migration" => "Migration",
+        "ioerror" => "IOError",
+        "watchdog" => "Watchdog",
+        "fromsnapshot" | "restored" => "FromSnapshot",
+        "postcopy" => "Postcopy",
+        "postcopy failed" => "PostcopyFailed",
+        _ => "Unknown",
+    }
 }
 
 /// A stop's reason as the core words it (libvirt's stopped detail, lower case).
