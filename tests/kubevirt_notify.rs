@@ -274,3 +274,83 @@ async fn the_handler_is_notified_of_the_domain_through_refusals_hangs_and_a_rest
     server.stop().await;
     assert!(!Path::new(&sock).exists());
 }
+
+/// A tmpfs mounted for the length of a test (unmounted when dropped).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        use nix::mount::{mount, MsFlags};
+        std::fs::create_dir_all(dir).unwrap();
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .unwrap_or_else(|e| panic!("mount tmpfs on {}: {e}", dir.display()));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Fills it up, so that the next allocation fails with ENOSPC.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0xa5u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.flush();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_io_error_is_notified_as_a_kubernetes_event_and_an_ioerror_pause() {
+    // The claim's filesystem is full: the guest's first write fails with ENOSPC and the
+    // error policy (stop) pauses the VM.
+    let mut pod = Pod::new("kvioerr")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.write=vda:hello");
+    let claim = pod.pvcs_dir().join("data");
+    let fs = Tmpfs::mount(&claim, "1m");
+    let share = pod.dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    // The handler's pipe is there from the start this time.
+    let server = NotifyServer::start(&share.join("domain-notify-pipe.sock")).unwrap();
+    pod.extra_args = vec!["--kubevirt-share-dir".into(), share.display().to_string()];
+    pod.prepare();
+    fs.fill();
+    pod.spawn();
+
+    let k8s = wait_event(&server, 0, "the IOerror event", |r| r.event_type == "K8S").await;
+    assert_eq!(k8s.json["reason"], json!("IOerror"), "{}", k8s.json);
+    assert_eq!(k8s.json["type"], json!("Warning"));
+    assert_eq!(
+        k8s.json["involvedObject"],
+        json!({"kind": "VirtualMachineInstance", "apiVersion": "kubevirt.io/v1",
+               "namespace": "default", "name": pod.name, "uid": pod.uid()})
+    );
+    assert!(
+        k8s.json["message"].as_str().unwrap().contains("data"),
+        "{}",
+        k8s.json
+    );
+    wait_event(&server, 0, "Paused/IOError", |r| {
+        r.status() == "Paused" && r.reason() == "IOError"
+    })
+    .await;
+
+    let mut c = pod.client().await;
+    c.kill(pb::Empty {}).await.unwrap();
+    wait_event(&server, 0, "the final event", Received::is_gone).await;
+    let (_, pod) = common::exit_status(pod, Duration::from_secs(40)).await;
+    // Unmounted before the pod's directory is removed.
+    drop(fs);
+    drop(pod);
+    server.stop().await;
+}
