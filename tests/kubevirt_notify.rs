@@ -354,3 +354,35 @@ async fn an_io_error_is_notified_as_a_kubernetes_event_and_an_ioerror_pause() {
     drop(pod);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_any_handler_the_launcher_runs_and_exits_without_waiting_for_one() {
+    let mut pod = Pod::new("kvnohandler").with_disk("data", "virtio", 16);
+    pod.wait_for_sync = true;
+    let share = pod.dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    pod.extra_args = vec!["--kubevirt-share-dir".into(), share.display().to_string()];
+    pod.start();
+    pod.wait_socket(Duration::from_secs(30));
+    let mut c = pod.client().await;
+    c.sync(pb::SyncRequest {
+        vmi: vmi_json(&pod),
+    })
+    .await
+    .unwrap();
+    let pod = tokio::task::spawn_blocking(move || {
+        pod.wait_console("LV-READY", Duration::from_secs(120));
+        pod
+    })
+    .await
+    .unwrap();
+    c.kill(pb::Empty {}).await.unwrap();
+    // Not the 15 s a launcher gives a handler it knows of to take the final event.
+    let pod = common::exit_cleanly(pod, Duration::from_secs(10)).await;
+    assert!(
+        pod.log().contains("no handler ever contacted the pod"),
+        "{}",
+        pod.dump()
+    );
+    assert!(!share.join("domain-notify-pipe.sock").exists());
+}

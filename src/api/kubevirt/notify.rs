@@ -14,7 +14,8 @@
 //! 5 s per attempt; a transient failure (unavailable, deadline, aborted, transport) drops
 //! the connection and dials again; an event not delivered in time, or refused for another
 //! reason, is logged and dropped; `success: false` is logged. Until the socket has appeared
-//! once (the handler has not contacted the pod yet), the clock does not run: the event waits.
+//! once (the handler has not contacted the pod yet), the clock does not run: the event waits,
+//! and is dropped when the launcher ends without any handler having come.
 //!
 //! Two tasks, so that the core is never held up: a follower that watches the core's status
 //! and event log and queues what to send, and a sender that delivers the queue. The queue is
@@ -182,6 +183,11 @@ impl Queue {
     pub(crate) fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_one();
+    }
+
+    /// Whether [`Queue::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// The next item; None once closed and empty.
@@ -369,6 +375,11 @@ async fn deliver(queue: Arc<Queue>, config: NotifyConfig) {
                 if config.socket.exists() {
                     contacted = true;
                     deadline = Instant::now() + config.event_timeout;
+                } else if queue.is_closed() {
+                    // The launcher is done and no handler ever contacted the pod: there is
+                    // nobody to tell.
+                    tracing::info!("notify: no handler ever contacted the pod; events dropped");
+                    return;
                 } else {
                     tokio::time::sleep(config.interval).await;
                     continue;
