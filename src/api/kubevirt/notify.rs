@@ -217,6 +217,9 @@ impl Queue {
 pub(crate) struct Follower {
     added: bool,
     last: Vec<u8>,
+    /// The I/O error last told (repeats are not told again until the domain changes: with
+    /// error policy `report` every failed request is an event).
+    last_io_error: Option<String>,
 }
 
 impl Follower {
@@ -240,6 +243,7 @@ impl Follower {
         };
         self.added = true;
         self.last = json.clone();
+        self.last_io_error = None;
         queue.push(Item { kind, json });
     }
 
@@ -259,8 +263,9 @@ impl Follower {
                 return true;
             }
             EventKind::IoError => {
-                if let Some(vmi) = vmi {
-                    let message = format!("I/O error on volume {}: {}", e.volume, e.message);
+                let message = format!("{} (volume {})", e.message, e.volume);
+                if let Some(vmi) = vmi.filter(|_| self.last_io_error.as_ref() != Some(&message)) {
+                    self.last_io_error = Some(message.clone());
                     queue.push(Item {
                         kind: Kind::K8s,
                         json: k8s_event(&vmi, "Warning", "IOerror", &message),
@@ -639,6 +644,7 @@ mod tests {
         let mut io = Event::new(EventKind::IoError);
         io.volume = "data".into();
         assert!(!f.event(&h, &q, &io));
+        assert!(!f.event(&h, &q, &io), "a repeat is not told again");
         assert!(!f.event(&h, &q, &state_event(State::Crashed, "panicked")));
         assert!(!f.event(&h, &q, &Event::new(EventKind::Agent)));
         set(State::Shutoff, "shutdown");
