@@ -386,3 +386,111 @@ async fn without_any_handler_the_launcher_runs_and_exits_without_waiting_for_one
     );
     assert!(!share.join("domain-notify-pipe.sock").exists());
 }
+
+/// Gives `pod` a KubeVirt share dir with a handler's notify pipe in it.
+fn with_handler(pod: &mut Pod) -> NotifyServer {
+    let share = pod.dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    pod.extra_args = vec!["--kubevirt-share-dir".into(), share.display().to_string()];
+    NotifyServer::start(&share.join("domain-notify-pipe.sock")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_is_added_on_the_target_and_gone_from_the_source() {
+    let mut src = Pod::new("kvmigsrc")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.counter=vda");
+    src.rwx = true;
+    let src_handler = with_handler(&mut src);
+    src.start();
+    let src = tokio::task::spawn_blocking(move || {
+        src.wait_console("LV-COUNT 3", Duration::from_secs(120));
+        src
+    })
+    .await
+    .unwrap();
+    wait_event(&src_handler, 0, "Running on the source", |r| {
+        r.status() == "Running"
+    })
+    .await;
+
+    let mut dst = Pod::new("kvmigdst").with_disk("data", "virtio", 16);
+    dst.shared_pvcs = Some(src.pvcs_dir());
+    dst.wait_for_sync = true;
+    let dst_handler = with_handler(&mut dst);
+    dst.start();
+    dst.wait_socket(Duration::from_secs(30));
+    let mut t = dst.client().await;
+    t.prepare_migration_target(pb::PrepareMigrationTargetRequest {
+        vmi: src.vmi_yaml().into_bytes(),
+        disk_sizes: Default::default(),
+    })
+    .await
+    .unwrap();
+    // A prepared target has no domain yet: nothing to tell.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        dst_handler.received().is_empty(),
+        "{}",
+        describe(&dst_handler.received())
+    );
+
+    let mut c = src.client().await;
+    let r = c
+        .migrate(pb::MigrateRequest {
+            target_socket: dst.socket().display().to_string(),
+            options: Some(pb::MigrationOptions {
+                progress_timeout: 60,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.success, "{}\n{}\n{}", r.message, src.dump(), dst.dump());
+
+    // The target: ADDED for the incoming domain, then Running; never gone.
+    wait_event(&dst_handler, 0, "Running on the target", |r| {
+        r.status() == "Running"
+    })
+    .await;
+    let got = dst_handler.received();
+    assert_eq!(got[0].event_type, "ADDED", "{}", describe(&got));
+    assert_eq!(got[0].json["ObjectMeta"]["uid"], json!(src.uid()));
+    assert!(got.iter().all(|r| !r.is_gone()), "{}", describe(&got));
+
+    // The source: Shutoff/Migrated, then gone, and it exits.
+    let gone = wait_event(
+        &src_handler,
+        0,
+        "the source's final event",
+        Received::is_gone,
+    )
+    .await;
+    assert_eq!((gone.status(), gone.reason()), ("NoState", "NonExistent"));
+    let got = src_handler.received();
+    assert_eq!(got[0].event_type, "ADDED", "{}", describe(&got));
+    let before = &got[got.len() - 2];
+    assert_eq!(
+        (before.status(), before.reason()),
+        ("Shutoff", "Migrated"),
+        "{}",
+        describe(&got)
+    );
+    assert!(got.last().unwrap().is_gone(), "{}", describe(&got));
+    common::exit_cleanly(src, Duration::from_secs(40)).await;
+
+    // The VM goes on on the target; stopping it there ends with its own final event.
+    let n = dst_handler.received().len();
+    t.kill(pb::Empty {}).await.unwrap();
+    wait_event(
+        &dst_handler,
+        n,
+        "the target's final event",
+        Received::is_gone,
+    )
+    .await;
+    common::exit_cleanly(dst, Duration::from_secs(40)).await;
+    src_handler.stop().await;
+    dst_handler.stop().await;
+}
