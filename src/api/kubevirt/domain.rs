@@ -534,6 +534,8 @@ pub fn to_json(d: &Domain) -> Vec<u8> {
 }
 
 #[cfg(test)]
+// `KubevirtMetadata {..}.into()`: the same tests whether the status keeps it boxed or not.
+#[allow(clippy::useless_conversion)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
@@ -585,10 +587,12 @@ mod tests {
             state: State::Running,
             reason: "started".into(),
             disks: vec![disk("rootdisk", "vda", false, Phase::Ready)],
+            // `.into()`: the status may keep it boxed.
             kubevirt: KubevirtMetadata {
                 deletion_grace_period_seconds: 30,
                 ..Default::default()
-            },
+            }
+            .into(),
             domain: Box::new(DomainFacts {
                 domain_type: "kvm".into(),
                 uuid: UUID.into(),
@@ -747,7 +751,8 @@ mod tests {
                 abort_status: "Aborting".into(),
                 mode: "PreCopy".into(),
             }),
-        };
+        }
+        .into();
         let d = rendered(&s, &vmi(Some(30)));
         let kv = &d["Spec"]["Metadata"]["KubeVirt"];
         assert_eq!(
@@ -764,7 +769,7 @@ mod tests {
                    "Mode": "PreCopy"})
         );
         // The core has not stamped a grace period yet: the VMI's is used.
-        s.kubevirt = KubevirtMetadata::default();
+        s.kubevirt = Default::default();
         let d = rendered(&s, &vmi(Some(7)));
         assert_eq!(
             d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"],
