@@ -4,6 +4,7 @@
 
 pub mod client;
 mod errors;
+pub mod kubevirt;
 pub mod peer;
 pub mod server;
 

@@ -88,6 +88,7 @@ impl Command {
 }
 
 /// What a command answers.
+// A reply is moved once, through a oneshot: its size does not matter.
 #[derive(Debug)]
 pub enum Reply {
     /// Done; nothing to report.

@@ -111,6 +111,17 @@ impl Launcher {
         let live = LiveDomain::parse(&xml)
             .map_err(|e| ControlError::Internal(format!("live domain XML: {e}")))?;
         let disks = live.disks().to_vec();
+        // MACs libvirt chose that the status lacks (a VM that arrived by migration).
+        if self
+            .status
+            .borrow()
+            .domain
+            .interfaces
+            .iter()
+            .any(|i| i.mac.is_empty())
+        {
+            self.update(move |s| s.domain.learn_macs(&live));
+        }
         // Kept under the generation read before the call: a change during it makes it stale.
         *self.live_cache() = Some((generation, disks.clone()));
         Ok(disks)
@@ -342,6 +353,8 @@ pub(crate) fn disk_status(
         shared: d.shareable || status.is_some_and(|s| s.is_shared()),
         readonly: d.readonly || d.device == crate::domain::DiskDevice::Cdrom,
         size_bytes: size_of(d.source_path()),
+        device: d.device.as_str().to_string(),
+        block: matches!(d.source, crate::domain::DiskSource::Block(_)),
         volume,
     }
 }
