@@ -53,7 +53,7 @@ pub async fn kill_leftovers() {
 }
 
 /// Live (non-zombie) children of `parent`, from /proc.
-fn children_of(parent: i32) -> Vec<i32> {
+pub fn children_of(parent: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

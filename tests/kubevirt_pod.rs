@@ -1,0 +1,354 @@
+//! KubeVirt's pod contract, black-box: `virt-launcher-monitor` started with the command line
+//! virt-controller gives the `compute` container (plus `--domain-type qemu`: TCG here), in a
+//! mount namespace of its own that plays the container: temporary directories are bound over
+//! KubeVirt's absolute in-pod paths (`/var/run/kubevirt-private`, `/var/run/libvirt`) and
+//! libvirt's state directories, as the container's emptyDirs and image would provide them.
+//! The share, ephemeral and container-disk directories are given by flag, as KubeVirt does.
+//!
+//! Checked as virt-handler relies on it: `launcher-sock` appears as a real socket; its owner's
+//! parent (SO_PEERCRED) is the monitor; unknown flags are accepted; libvirt answers at
+//! `virtqemud-sock`; after a Sync, QEMU's parent is the monitor and the serial console socket
+//! is `<private>/<uid>/virt-serial0`; SIGTERM to the monitor marks the domain for graceful
+//! shutdown without pressing the power button, and `--grace-period-seconds` later the launcher
+//! destroys the domain (the guest ignores ACPI anyway) and everything exits, the
+//! container-disk `*.sock` removed.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Pod;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use virt_launcher::api::pb::{self, DomainState};
+
+const MONITOR: &str = env!("CARGO_BIN_EXE_virt-launcher-monitor");
+
+fn ppid(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills what is left in the container's mount namespace when the test ends (or panics).
+struct Container(Option<String>);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if let Some(ns) = &self.0 {
+            testkit::procs::kill_namespace(ns);
+        }
+    }
+}
+
+/// The processes in mount namespace `ns`, as `pid: command line`.
+fn in_namespace(ns: &str) -> Vec<String> {
+    testkit::procs::pids()
+        .into_iter()
+        .filter(|p| testkit::procs::mount_ns(*p).is_ok_and(|n| n == ns))
+        .map(|p| format!("{p}: {}", testkit::procs::cmdline(p).unwrap_or_default()))
+        .collect()
+}
+
+fn is_socket(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// The pod's directories: what the test binds or passes by flag.
+struct Dirs {
+    top: PathBuf,
+}
+
+impl Dirs {
+    fn share(&self) -> PathBuf {
+        self.top.join("share")
+    }
+    fn container_disks(&self) -> PathBuf {
+        self.share().join("container-disks")
+    }
+    fn private(&self) -> PathBuf {
+        self.top.join("private")
+    }
+    fn libvirt_run(&self) -> PathBuf {
+        self.top.join("libvirt-run")
+    }
+    fn socket(&self) -> PathBuf {
+        self.share().join("sockets/launcher-sock")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubevirts_pod_runs_our_launcher() {
+    let guest = common::guest_dir();
+    // The VMI (and its uid) as the harness builds it; the guest ignores the power button.
+    let mut pod = Pod::new("kvpod")
+        .kernel_args("lv.acpi=ignore")
+        .with_disk("data", "virtio", 8);
+    pod.wait_for_sync = true;
+    let uid = pod.uid();
+    let dirs = Dirs {
+        top: pod.dir.join("container"),
+    };
+    for d in [
+        dirs.share().join("sockets"),
+        dirs.container_disks().join("kernel-boot"),
+        dirs.top.join("ephemeral"),
+        dirs.private(),
+        dirs.libvirt_run(),
+    ] {
+        fs::create_dir_all(d).unwrap();
+    }
+    // Filesystem PVCs are mounted at /var/run/kubevirt-private/vmi-disks/<volume>/.
+    for d in &pod.disks {
+        d.create(&dirs.private().join("vmi-disks")).unwrap();
+    }
+    for f in ["vmlinuz", "initramfs.gz"] {
+        fs::copy(
+            guest.join(f),
+            dirs.container_disks().join("kernel-boot").join(f),
+        )
+        .unwrap();
+    }
+    // A containerDisk container's socket: gone once the pod ends.
+    let cd_sock = dirs.container_disks().join("disk_0.sock");
+    let _cd_listener = UnixListener::bind(&cd_sock).unwrap();
+
+    // The container: KubeVirt's absolute paths and libvirt's state bound to our directories.
+    let mut binds = vec![
+        (dirs.private(), PathBuf::from("/run/kubevirt-private")),
+        (dirs.libvirt_run(), PathBuf::from("/run/libvirt")),
+    ];
+    for name in ["lib", "log", "cache", "etc"] {
+        let src = dirs.top.join("state").join(name);
+        fs::create_dir_all(&src).unwrap();
+        let target = match name {
+            "etc" => PathBuf::from("/etc/libvirt"),
+            other => Path::new("/var").join(other).join("libvirt"),
+        };
+        binds.push((src, target));
+    }
+    let mut script = String::from("set -e\n");
+    for (src, target) in &binds {
+        script += &format!(
+            "mkdir -p '{t}'\nmount --bind '{s}' '{t}'\n",
+            s = src.display(),
+            t = target.display()
+        );
+    }
+    script += "exec \"$@\"\n";
+    let share = dirs.share();
+    let ephemeral = dirs.top.join("ephemeral");
+    let cds = dirs.container_disks();
+    let args: Vec<String> = vec![
+        "--qemu-timeout".into(),
+        "271s".into(),
+        "--name".into(),
+        pod.name.clone(),
+        "--uid".into(),
+        uid.clone(),
+        "--namespace".into(),
+        "default".into(),
+        "--kubevirt-share-dir".into(),
+        share.display().to_string(),
+        "--ephemeral-disk-dir".into(),
+        ephemeral.display().to_string(),
+        "--container-disk-dir".into(),
+        cds.display().to_string(),
+        "--grace-period-seconds".into(),
+        "4".into(),
+        "--hook-sidecars".into(),
+        "0".into(),
+        "--ovmf-path".into(),
+        "/usr/share/OVMF".into(),
+        "--disk-memory-limit".into(),
+        "2097152000".into(),
+        "--hypervisor".into(),
+        "kvm".into(),
+        "--allow-emulation".into(),
+        "--image-volume".into(),
+        "--libvirt-log-filters".into(),
+        "3:remote 4:event".into(),
+        "--vl-test-unknown-flag".into(),
+        "some-value".into(),
+        "--vl-test-unknown-switch".into(),
+        "--domain-type".into(),
+        "qemu".into(),
+    ];
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--uts", "--", "sh", "-c", &script, "sh", MONITOR])
+        .args(&args)
+        .stdin(Stdio::null());
+    pod.spawn_command(cmd);
+    let monitor = pod.child.as_ref().unwrap().id() as i32;
+
+    // Readiness: launcher-sock, a real socket (virt-handler opens it without following links).
+    let sock = dirs.socket();
+    wait_for("launcher-sock", Duration::from_secs(60), || {
+        if let Some(Ok(Some(st))) = pod.child.as_mut().map(|c| c.try_wait()) {
+            panic!("monitor exited early ({st})\n{}", pod.log());
+        }
+        is_socket(&sock).then_some(())
+    });
+    assert!(!sock.with_file_name("launcher-init-sock").exists());
+    let ns = testkit::procs::mount_ns(monitor).unwrap();
+    assert_ne!(
+        ns,
+        testkit::procs::mount_ns(std::process::id() as i32).unwrap()
+    );
+    let _container = Container(Some(ns.clone()));
+
+    // SO_PEERCRED: the socket's owner is virt-launcher, a child of the monitor.
+    let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let owner = stream.peer_cred().unwrap().pid().unwrap();
+    drop(stream);
+    assert_eq!(
+        ppid(owner),
+        Some(monitor),
+        "socket owner's parent\n{}",
+        pod.log()
+    );
+    let exe = fs::read_link(format!("/proc/{owner}/exe")).unwrap();
+    assert!(exe.ends_with("virt-launcher"), "{}", exe.display());
+
+    // Unknown flags: named in a warning, not fatal.
+    let log = pod.log();
+    assert!(
+        log.contains("ignoring unknown flags")
+            && log.contains("--vl-test-unknown-flag")
+            && log.contains("--vl-test-unknown-switch"),
+        "{log}"
+    );
+
+    // libvirt answers at virtqemud-sock.
+    let virtqemud = dirs.libvirt_run().join("virtqemud-sock");
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(format!(
+            "qemu+unix:///system?socket={}",
+            virtqemud.display()
+        ))
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("QEMU"),
+        "virsh at virtqemud-sock: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Start the VM through launcher.v1.
+    let mut c = testkit::launcher::connect(&sock).await.unwrap();
+    let vmi: serde_json::Value = serde_norway::from_str(&pod.vmi_yaml()).unwrap();
+    let synced = c
+        .sync(pb::SyncRequest {
+            vmi: serde_json::to_vec(&vmi).unwrap(),
+        })
+        .await;
+    assert!(synced.is_ok(), "{synced:?}\n{}", pod.log());
+    let qemu = wait_for("QEMU", Duration::from_secs(30), || {
+        testkit::procs::find_qemu(&pod.name, &ns).ok()
+    });
+    // Re-parented to the monitor once libvirtd's daemonizing fork exits.
+    wait_for(
+        "QEMU re-parented to the monitor",
+        Duration::from_secs(10),
+        || (ppid(qemu) == Some(monitor)).then_some(()),
+    );
+
+    // The serial console socket, a real socket in the VM's private directory.
+    let vm_private = dirs.private().join(&uid);
+    assert!(
+        is_socket(&vm_private.join("virt-serial0")),
+        "no console socket in {}: {:?}",
+        vm_private.display(),
+        fs::read_dir(&vm_private).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    let console_log = vm_private.join("virt-serial0-log");
+    wait_for("the guest booted", Duration::from_secs(120), || {
+        testkit::guest::read_console(&console_log)
+            .contains("LV-READY")
+            .then_some(())
+    });
+    let monitor_rss = testkit::procs::rss_mib(monitor).unwrap();
+    let launcher_rss = testkit::procs::rss_mib(owner).unwrap();
+    eprintln!(
+        "RSS with a guest running: monitor {monitor_rss:.1} MiB, launcher {launcher_rss:.1} MiB"
+    );
+
+    // SIGTERM to the monitor (kubelet deleting the pod): the launcher marks the domain for
+    // graceful shutdown, and does not press the button itself (virt-handler's Shutdown does).
+    let mut watch = c
+        .watch(pb::WatchRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let _current = watch.message().await.unwrap().unwrap();
+    let signalled = Instant::now();
+    kill(Pid::from_raw(monitor), Signal::SIGTERM).unwrap();
+    let marked = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(ev) = watch.message().await.unwrap() {
+            if ev.message == "marked for graceful shutdown" {
+                return ev;
+            }
+        }
+        panic!("event stream ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no graceful-shutdown mark\n{}", pod.log()));
+    assert_eq!(marked.state(), DomainState::Running);
+    let d = c.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(
+        d.state(),
+        DomainState::Running,
+        "stopped before the grace period"
+    );
+
+    // --grace-period-seconds (4) later: destroyed; everything exits.
+    let status = pod.wait_exit(Duration::from_secs(60));
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "exited {took:?} after SIGTERM, before the grace period\n{}",
+        pod.log()
+    );
+    let console = testkit::guest::read_console(&console_log);
+    assert!(
+        !console.contains("LV-ACPI-IGNORED"),
+        "the launcher pressed the power button"
+    );
+    let log = pod.log();
+    assert!(
+        log.contains("--grace-period-seconds after SIGTERM over"),
+        "{log}"
+    );
+    assert!(testkit::procs::cmdline(qemu).is_none(), "QEMU still runs");
+    assert!(
+        testkit::procs::cmdline(owner).is_none(),
+        "virt-launcher still runs"
+    );
+    assert!(!cd_sock.exists(), "container-disk socket not removed");
+    assert!(status.code().is_some(), "monitor killed: {status:?}");
+    let left = in_namespace(&ns);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
