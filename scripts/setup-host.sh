@@ -105,6 +105,11 @@ apt_fail() {
     die "$1 (apt's output: $2). Check that $BACKPORTS_URI bookworm-backports is reachable (apt-get update), then rerun ./devtool setup"
 }
 
+NEED_BACKPORTS=0
+for p in "${MISSING[@]}"; do
+    [ -z "${BACKPORTED[$p]:-}" ] || NEED_BACKPORTS=1
+done
+
 if [ "${#MISSING[@]}" -gt 0 ]; then
     log "to install: ${MISSING[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -115,23 +120,27 @@ if [ "${#MISSING[@]}" -gt 0 ]; then
         chmod 755 "$POLICY"
         trap 'rm -f "$POLICY"' EXIT
     fi
-    enable_backports
     LOG=/tmp/setup-host-apt.log
-    # The backports suite must be in apt's lists: update when it is not (or nothing is).
-    if [ "${#ADDED_APT_FILES[@]}" -gt 0 ] ||
-        ! ls /var/lib/apt/lists/*bookworm-backports*_Packages* >/dev/null 2>&1 ||
+    [ "$NEED_BACKPORTS" = 0 ] || enable_backports
+    # Update when apt's lists lack the backports suite (or anything), or a package has no
+    # candidate, or this run just added the suite.
+    if [ "${#ADDED_APT_FILES[@]}" -gt 0 ] || ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 ||
+        { [ "$NEED_BACKPORTS" = 1 ] && ! ls /var/lib/apt/lists/*bookworm-backports*_Packages* >/dev/null 2>&1; } ||
         apt-cache policy "${MISSING[@]}" 2>/dev/null | grep -q 'Candidate: (none)'; then
         log "apt-get update"
         apt-get update -q >"$LOG" 2>&1 || apt_fail "apt-get update failed" "$LOG"
-        # apt-get update only warns about a suite it cannot fetch.
-        ls /var/lib/apt/lists/*bookworm-backports*_Packages* >/dev/null 2>&1 ||
+        # apt-get update only warns about a suite it cannot fetch (and keeps stale lists).
+        if [ "$NEED_BACKPORTS" = 1 ] && grep -qE '^(Err:|W: Failed to fetch|E: Failed to fetch).*bookworm-backports' "$LOG"; then
             apt_fail "bookworm-backports could not be fetched" "$LOG"
+        fi
     fi
-    for p in "${!BACKPORTED[@]}"; do
-        c=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')
-        [ "$(major "$c")" = "${BACKPORTED[$p]}" ] ||
-            apt_fail "package $p: no ${BACKPORTED[$p]}.x candidate (apt offers '${c:-none}')" "$LOG"
-    done
+    if [ "$NEED_BACKPORTS" = 1 ]; then
+        for p in "${!BACKPORTED[@]}"; do
+            c=$(apt-cache policy "$p" 2>/dev/null | awk '/Candidate:/ {print $2}')
+            [ "$(major "$c")" = "${BACKPORTED[$p]}" ] ||
+                apt_fail "package $p: no ${BACKPORTED[$p]}.x candidate (apt offers '${c:-none}')" "$LOG"
+        done
+    fi
     # Only the missing packages are named, so present ones are not upgraded.
     apt-get install -y -q --no-install-recommends "${MISSING[@]}" >"$LOG" 2>&1 || {
         failed=$(grep -oE '^E: .*' "$LOG" | head -n 1)

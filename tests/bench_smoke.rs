@@ -99,13 +99,7 @@ fn quick_bench_run_writes_every_figure() {
     assert_eq!(figures.len(), FIGURES.len(), "figures: {figures:#?}");
 
     let memory = r["memory"].as_array().expect("memory");
-    for process in [
-        "virt-launcher",
-        "libvirtd",
-        "virtlogd",
-        "qemu-system-x86_64",
-        "total",
-    ] {
+    for process in ["virt-launcher", "libvirtd", "qemu-system-x86_64", "total"] {
         let row = memory
             .iter()
             .find(|m| m["process"] == process)

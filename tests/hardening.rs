@@ -608,7 +608,7 @@ async fn a_flood_of_connections_and_requests_is_bounded() {
 /// second libvirtd is down and recovers; the guest never notices; a final SIGTERM still shuts
 /// it down cleanly (events arrive over the last connection). Nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn libvirtd_killed_five_times_and_virtlogd_twice_while_the_api_is_busy() {
+async fn libvirtd_killed_five_times_while_the_api_is_busy() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let mut pod = guest_pod("daemonfaults");
@@ -649,11 +649,6 @@ async fn libvirtd_killed_five_times_and_virtlogd_twice_while_the_api_is_busy() {
                 p.disk_counter("data")
             );
         }
-        for _ in 0..2 {
-            let before = p.disk_counter("data");
-            p.kill_daemon_and_wait_restart("virtlogd", Duration::from_secs(15));
-            p.wait_counter_above("data", before + 2, Duration::from_secs(30));
-        }
         // Let the stats caller see a healthy daemon again.
         std::thread::sleep(Duration::from_secs(3));
     });
@@ -673,7 +668,7 @@ async fn libvirtd_killed_five_times_and_virtlogd_twice_while_the_api_is_busy() {
     );
     let console_before = pod.last_console_count();
     tokio::task::block_in_place(|| {
-        // QEMU writes the console log itself: it goes on through the virtlogd restarts.
+        // QEMU writes the console log itself: it goes on through the libvirtd restarts.
         let line = format!("LV-COUNT {}", console_before + 3);
         pod.wait_console(&line, Duration::from_secs(30));
         stop_and_check(pod);

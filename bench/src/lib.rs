@@ -12,10 +12,10 @@
 //!
 //! Sides (see BENCHMARKS.md for what each includes):
 //! - **launcher**: `virt-launcher run` spawned with a VMI file, booting the TCG test guest.
-//! - **raw, cold**: what the launcher does, done by hand: a fresh private virtlogd + libvirtd pair
+//! - **raw, cold**: what the launcher does, done by hand: a fresh private libvirtd
 //!   in its own mount/UTS namespace with the launcher's configuration, then `createXML` of the
 //!   XML the launcher would generate.
-//! - **raw, warm**: `createXML` on a private daemon pair started once for the whole run.
+//! - **raw, warm**: `createXML` on a private daemon started once for the whole run.
 //!
 //! Launcher and raw iterations are interleaved (rotating their order) and reported as medians.
 //!
@@ -374,13 +374,7 @@ fn preflight(opts: &Options) -> Result<()> {
             );
         }
     }
-    for tool in [
-        "libvirtd",
-        "virtlogd",
-        "unshare",
-        "nsenter",
-        "qemu-system-x86_64",
-    ] {
+    for tool in ["libvirtd", "unshare", "qemu-system-x86_64"] {
         if !in_path(tool) {
             bail!("{tool} not found: run scripts/setup-host.sh (or ./devtool setup)");
         }

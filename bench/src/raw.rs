@@ -1,23 +1,22 @@
-//! Raw libvirt: a private virtlogd + libvirtd pair, as the launcher runs them.
+//! Raw libvirt: a private libvirtd, as the launcher runs it (no virtlogd: QEMU writes its own
+//! logs with the launcher's qemu.conf, so neither side runs one).
 
 use crate::*;
 
 #[derive(Clone, Copy)]
 pub(crate) enum RawDaemon {
-    Virtlogd,
     Libvirtd,
 }
 
 pub(crate) struct RawLibvirt {
     pub(crate) root: PathBuf,
-    pub(crate) virtlogd: Option<Child>,
     pub(crate) libvirtd: Option<Child>,
     pub(crate) conn: Option<Connect>,
     pub(crate) mnt_ns: String,
 }
 
 /// Binds private state directories over libvirt's (as the launcher's `pod::isolate` does),
-/// installs qemu.conf, sets the hostname and becomes virtlogd. `$1` root, `$2` hostname.
+/// installs qemu.conf, sets the hostname and becomes libvirtd. `$1` root, `$2` hostname.
 pub(crate) const NAMESPACE_SCRIPT: &str = r#"set -e
 R=$1
 for pair in run:/run/libvirt lib:/var/lib/libvirt log:/var/log/libvirt cache:/var/cache/libvirt etc:/etc/libvirt; do
@@ -26,13 +25,12 @@ for pair in run:/run/libvirt lib:/var/lib/libvirt log:/var/log/libvirt cache:/va
 done
 cp "$R/conf/qemu.conf" /etc/libvirt/qemu.conf
 hostname "$2"
-exec virtlogd -f "$R/conf/virtlogd.conf" -p "$R/pids/virtlogd.pid"
+exec libvirtd -f "$R/conf/libvirtd.conf" -p "$R/pids/libvirtd.pid"
 "#;
 
 impl RawLibvirt {
-    /// Writes the configuration (the launcher's, from `src/pod/mod.rs`), starts virtlogd in
-    /// a new mount + UTS namespace and libvirtd in the same one; returns once libvirtd's socket
-    /// accepts, with the time that took.
+    /// Writes the configuration (the launcher's, from `src/pod/mod.rs`), starts libvirtd in a
+    /// new mount + UTS namespace; returns once its socket accepts, with the time that took.
     pub(crate) fn start(root: &Path, hostname: &str) -> Result<(RawLibvirt, Duration)> {
         let t0 = Instant::now();
         for d in [
@@ -55,17 +53,13 @@ impl RawLibvirt {
             &root.join("conf/libvirtd.conf"),
             &virt_launcher::pod::libvirtd_conf(&sock_dir, uuid.trim()),
         )?;
-        write(
-            &root.join("conf/virtlogd.conf"),
-            virt_launcher::pod::VIRTLOGD_CONF,
-        )?;
         write(&root.join("conf/qemu.conf"), virt_launcher::pod::QEMU_CONF)?;
 
         let log = |name: &str| -> Result<fs::File> {
             let p = root.join(format!("{name}.log"));
             fs::File::create(&p).with_context(|| format!("create {}", p.display()))
         };
-        let virtlogd = spawn_known(
+        let libvirtd = spawn_known(
             Command::new("unshare")
                 .args([
                     "--mount",
@@ -82,40 +76,22 @@ impl RawLibvirt {
                 .arg(hostname)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(log("virtlogd")?)
+                .stderr(log("libvirtd")?)
                 .process_group(0),
         )
-        .context("spawn unshare … virtlogd")?;
+        .context("spawn unshare … libvirtd")?;
         let mut raw = RawLibvirt {
             root: root.to_path_buf(),
-            virtlogd: Some(virtlogd),
-            libvirtd: None,
+            libvirtd: Some(libvirtd),
             conn: None,
             mnt_ns: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        raw.wait_socket(&root.join("state/run/virtlogd-sock"), deadline)?;
-        let vpid = raw.pid(RawDaemon::Virtlogd)?;
-        raw.mnt_ns = mount_ns(vpid)?;
-        if raw.mnt_ns == mount_ns(std::process::id() as i32)? {
-            bail!("virtlogd is not in a private mount namespace");
-        }
-        let libvirtd = spawn_known(
-            Command::new("nsenter")
-                .arg("--target")
-                .arg(vpid.to_string())
-                .args(["--mount", "--uts", "--", "libvirtd", "-f"])
-                .arg(root.join("conf/libvirtd.conf"))
-                .arg("-p")
-                .arg(root.join("pids/libvirtd.pid"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log("libvirtd")?)
-                .process_group(0),
-        )
-        .context("spawn nsenter … libvirtd")?;
-        raw.libvirtd = Some(libvirtd);
         raw.wait_socket(&sock_dir.join("libvirt-sock"), deadline)?;
+        raw.mnt_ns = mount_ns(raw.pid(RawDaemon::Libvirtd)?)?;
+        if raw.mnt_ns == mount_ns(std::process::id() as i32)? {
+            bail!("libvirtd is not in a private mount namespace");
+        }
         Ok((raw, t0.elapsed()))
     }
 
@@ -157,7 +133,6 @@ impl RawLibvirt {
 
     pub(crate) fn pid(&self, which: RawDaemon) -> Result<i32> {
         let child = match which {
-            RawDaemon::Virtlogd => &self.virtlogd,
             RawDaemon::Libvirtd => &self.libvirtd,
         };
         child
@@ -178,10 +153,7 @@ impl RawLibvirt {
 
     pub(crate) fn check_alive(&mut self) -> Result<()> {
         let mut died = None;
-        for (name, child) in [
-            ("virtlogd", &mut self.virtlogd),
-            ("libvirtd", &mut self.libvirtd),
-        ] {
+        for (name, child) in [("libvirtd", &mut self.libvirtd)] {
             if let Some(status) = child.as_mut().map(|c| c.try_wait()).transpose()?.flatten() {
                 *child = None;
                 died = Some((name, status));
@@ -195,7 +167,7 @@ impl RawLibvirt {
 
     pub(crate) fn log_tail(&self) -> String {
         let mut out = String::new();
-        for name in ["virtlogd", "libvirtd"] {
+        for name in ["libvirtd"] {
             let text =
                 fs::read_to_string(self.root.join(format!("{name}.log"))).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
@@ -207,7 +179,7 @@ impl RawLibvirt {
         out
     }
 
-    /// Destroys any domain still running, stops libvirtd then virtlogd (SIGTERM, SIGKILL after
+    /// Destroys any domain still running, stops libvirtd (SIGTERM, SIGKILL after
     /// 10 s), and kills anything left in the namespace. Returns how long it took.
     pub(crate) fn stop(&mut self) -> Result<Duration> {
         let t = Instant::now();
@@ -220,10 +192,7 @@ impl RawLibvirt {
             drop(conn);
         }
         let mut result = Ok(());
-        for child in [self.libvirtd.take(), self.virtlogd.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(child) = self.libvirtd.take() {
             let (mut child, grace) = (child, Duration::from_secs(10));
             if !testkit::procs::terminate(&mut child, grace) {
                 result = Err(anyhow!(

@@ -48,13 +48,12 @@ pub(crate) struct PodRss {
     /// them (libvirtd maps the same libvirt libraries).
     pub(crate) launcher_pss: f64,
     pub(crate) libvirtd: f64,
-    pub(crate) virtlogd: f64,
     pub(crate) qemu: f64,
 }
 
 impl PodRss {
     pub(crate) fn total(&self) -> f64 {
-        self.launcher + self.libvirtd + self.virtlogd + self.qemu
+        self.launcher + self.libvirtd + self.qemu
     }
 }
 
@@ -148,8 +147,8 @@ pub(crate) fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
     let warm_destroy: Vec<f64> = wd.iter().map(|r| r.stop_ms).collect();
 
     const L_SPAWN: &str = "spawn of `virt-launcher run` (parse, convert, namespace, configs, \
-                           virtlogd + libvirtd start, connect, define + start)";
-    const COLD: &str = "fresh private virtlogd + libvirtd (namespace, configs) started, \
+                           libvirtd start, connect, define + start)";
+    const COLD: &str = "fresh private libvirtd (namespace, configs) started, \
                         connect, createXML";
     ctx.figure(
         "start.running",
@@ -180,7 +179,7 @@ pub(crate) fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
         "spawn → the launcher logs libvirtd `daemon ready` (socket accepts)",
         Some((
             &cv(|r| r.daemons_ms),
-            "unshare + binds + virtlogd, nsenter + libvirtd, until the socket accepts",
+            "unshare + binds + libvirtd, until the socket accepts",
         )),
         None,
     );
@@ -246,10 +245,10 @@ pub(crate) fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
         "stop: SIGTERM → launcher exited (daemons stopped)",
         "ms",
         &lv(|r| r.stop_exit_ms),
-        "SIGTERM → process exit: guest off, libvirtd and virtlogd stopped",
+        "SIGTERM → process exit: guest off, libvirtd stopped",
         Some((
             &cv(|r| r.stop_exit_ms),
-            "ACPI shutdown → shut off, then SIGTERM libvirtd, virtlogd and wait for both",
+            "ACPI shutdown → shut off, then SIGTERM libvirtd and wait for it",
         )),
         None,
     );
@@ -276,17 +275,17 @@ pub(crate) fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
     );
     ctx.figure(
         "memory.pod_total",
-        "memory: whole pod RSS (launcher + libvirtd + virtlogd + QEMU)",
+        "memory: whole pod RSS (launcher + libvirtd + QEMU)",
         "MiB",
         &lv(|r| r.rss.total()),
-        "sum of VmRSS of the launcher, its libvirtd, virtlogd and QEMU",
+        "sum of VmRSS of the launcher, its libvirtd and QEMU",
         Some((
             &cv(|r| r.rss.total()),
-            "libvirtd + virtlogd + QEMU of a cold pair with one guest, sampled likewise",
+            "libvirtd + QEMU of a cold raw daemon with one guest, sampled likewise",
         )),
         None,
     );
-    let rows: [(&'static str, RssField); 7] = [
+    let rows: [(&'static str, RssField); 6] = [
         ("virt-launcher", |r| r.launcher),
         ("virt-launcher: anonymous (heap, stacks)", |r| {
             r.launcher_anon
@@ -299,7 +298,6 @@ pub(crate) fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
             r.launcher_pss
         }),
         ("libvirtd", |r| r.libvirtd),
-        ("virtlogd", |r| r.virtlogd),
         ("qemu-system-x86_64", |r| r.qemu),
     ];
     for (process, f) in rows {
@@ -356,14 +354,12 @@ pub(crate) fn launcher_once(ctx: &mut Ctx, disks: usize) -> Result<LauncherRun> 
     std::thread::sleep(SETTLE);
 
     let libvirtd = read_pid(&testkit::launcher::daemon_pid_file(&runtime, "libvirtd"))?;
-    let virtlogd = read_pid(&testkit::launcher::daemon_pid_file(&runtime, "virtlogd"))?;
     let qemu = find_qemu(&ctx.name, &mount_ns(libvirtd)?)?;
     let rss = PodRss {
         launcher: rss_mib(pod.pid())?,
         launcher_anon: status_mib(pod.pid(), "RssAnon")?,
         launcher_pss: pss_mib(pod.pid())?,
         libvirtd: rss_mib(libvirtd)?,
-        virtlogd: rss_mib(virtlogd)?,
         qemu: rss_mib(qemu)?,
     };
 
@@ -410,7 +406,6 @@ pub(crate) fn raw_cold_once(ctx: &mut Ctx, disks: usize) -> Result<RawColdRun> {
         launcher_anon: 0.0,
         launcher_pss: 0.0,
         libvirtd: rss_mib(raw.pid(RawDaemon::Libvirtd)?)?,
-        virtlogd: rss_mib(raw.pid(RawDaemon::Virtlogd)?)?,
         qemu: rss_mib(find_qemu(&ctx.name, &raw.mnt_ns)?)?,
     };
 

@@ -118,8 +118,9 @@ pub struct Status {
     pub last_seq: u64,
     pub migration_target: Option<TargetInfo>,
     pub migration: Option<MigrationProgress>,
-    /// What KubeVirt's virt-handler reads from the domain's metadata.
-    pub kubevirt: KubevirtMetadata,
+    /// What KubeVirt's virt-handler reads from the domain's metadata (boxed: rarely set,
+    /// and `Status` travels in replies).
+    pub kubevirt: Box<KubevirtMetadata>,
 }
 
 /// The domain metadata KubeVirt's virt-handler reads (`Spec.Metadata.KubeVirt` of its domain
