@@ -97,15 +97,12 @@ impl Dirs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubevirts_pod_runs_our_launcher() {
+/// Starts `virt-launcher-monitor` for `pod` in a container of its own (see the module docs),
+/// with KubeVirt's command line, `grace` as `--grace-period-seconds` and `qemu_timeout` as
+/// `--qemu-timeout`; a containerDisk socket (`disk_0.sock`) waits in the container-disk dir.
+/// Returns the directories, the monitor's pid and the containerDisk socket's listener.
+fn start_container(pod: &mut Pod, grace: &str, qemu_timeout: &str) -> (Dirs, i32, UnixListener) {
     let guest = common::guest_dir();
-    // The VMI (and its uid) as the harness builds it; the guest ignores the power button.
-    let mut pod = Pod::new("kvpod")
-        .kernel_args("lv.acpi=ignore")
-        .with_disk("data", "virtio", 8);
-    pod.wait_for_sync = true;
-    let uid = pod.uid();
     let dirs = Dirs {
         top: pod.dir.join("container"),
     };
@@ -122,6 +119,7 @@ async fn kubevirts_pod_runs_our_launcher() {
     for d in &pod.disks {
         d.create(&dirs.private().join("vmi-disks")).unwrap();
     }
+    // The kernelBoot container's files, where KubeVirt mounts them.
     for f in ["vmlinuz", "initramfs.gz"] {
         fs::copy(
             guest.join(f),
@@ -130,8 +128,7 @@ async fn kubevirts_pod_runs_our_launcher() {
         .unwrap();
     }
     // A containerDisk container's socket: gone once the pod ends.
-    let cd_sock = dirs.container_disks().join("disk_0.sock");
-    let _cd_listener = UnixListener::bind(&cd_sock).unwrap();
+    let cd_listener = UnixListener::bind(dirs.container_disks().join("disk_0.sock")).unwrap();
 
     // The container: KubeVirt's absolute paths and libvirt's state bound to our directories.
     let mut binds = vec![
@@ -156,26 +153,24 @@ async fn kubevirts_pod_runs_our_launcher() {
         );
     }
     script += "exec \"$@\"\n";
-    let share = dirs.share();
-    let ephemeral = dirs.top.join("ephemeral");
-    let cds = dirs.container_disks();
+    let path = |p: PathBuf| p.display().to_string();
     let args: Vec<String> = vec![
         "--qemu-timeout".into(),
-        "271s".into(),
+        qemu_timeout.into(),
         "--name".into(),
         pod.name.clone(),
         "--uid".into(),
-        uid.clone(),
+        pod.uid(),
         "--namespace".into(),
         "default".into(),
         "--kubevirt-share-dir".into(),
-        share.display().to_string(),
+        path(dirs.share()),
         "--ephemeral-disk-dir".into(),
-        ephemeral.display().to_string(),
+        path(dirs.top.join("ephemeral")),
         "--container-disk-dir".into(),
-        cds.display().to_string(),
+        path(dirs.container_disks()),
         "--grace-period-seconds".into(),
-        "4".into(),
+        grace.into(),
         "--hook-sidecars".into(),
         "0".into(),
         "--ovmf-path".into(),
@@ -200,6 +195,19 @@ async fn kubevirts_pod_runs_our_launcher() {
         .stdin(Stdio::null());
     pod.spawn_command(cmd);
     let monitor = pod.child.as_ref().unwrap().id() as i32;
+    (dirs, monitor, cd_listener)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubevirts_pod_runs_our_launcher() {
+    // The VMI (and its uid) as the harness builds it; the guest ignores the power button.
+    let mut pod = Pod::new("kvpod")
+        .kernel_args("lv.acpi=ignore")
+        .with_disk("data", "virtio", 8);
+    pod.wait_for_sync = true;
+    let uid = pod.uid();
+    let (dirs, monitor, _cd_listener) = start_container(&mut pod, "4", "271s");
+    let cd_sock = dirs.container_disks().join("disk_0.sock");
 
     // Readiness: launcher-sock, a real socket (virt-handler opens it without following links).
     let sock = dirs.socket();
@@ -351,4 +359,29 @@ async fn kubevirts_pod_runs_our_launcher() {
     assert!(status.code().is_some(), "monitor killed: {status:?}");
     let left = in_namespace(&ns);
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// `--qemu-timeout`: without a domain in time (no Sync came), the launcher fails and the pod
+/// ends, the container-disk sockets removed.
+#[test]
+fn no_domain_within_the_qemu_timeout_fails_the_pod() {
+    let mut pod = Pod::new("kvtimeout");
+    let (dirs, monitor, _cd_listener) = start_container(&mut pod, "30", "3s");
+    let _container = wait_for("the container", Duration::from_secs(30), || {
+        let ns = testkit::procs::mount_ns(monitor).ok()?;
+        (ns != testkit::procs::mount_ns(std::process::id() as i32).ok()?)
+            .then(|| Container(Some(ns)))
+    });
+    let sock = dirs.socket();
+    wait_for("launcher-sock", Duration::from_secs(30), || {
+        is_socket(&sock).then_some(())
+    });
+    let status = pod.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{status:?}\n{}", pod.log());
+    let log = pod.log();
+    assert!(
+        log.contains("no domain was started within --qemu-timeout"),
+        "{log}"
+    );
+    assert!(!dirs.container_disks().join("disk_0.sock").exists());
 }
