@@ -189,12 +189,40 @@ fn start_container(pod: &mut Pod, grace: &str, qemu_timeout: &str) -> (Dirs, i32
         "--domain-type".into(),
         "qemu".into(),
     ];
+    // PID 1 of its own pid namespace, as in a container (`unshare` waits for it and passes
+    // its exit status on).
     let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--uts", "--", "sh", "-c", &script, "sh", MONITOR])
-        .args(&args)
-        .stdin(Stdio::null());
+    cmd.args([
+        "--mount",
+        "--uts",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+        MONITOR,
+    ])
+    .args(&args)
+    .stdin(Stdio::null());
     pod.spawn_command(cmd);
-    let monitor = pod.child.as_ref().unwrap().id() as i32;
+    let unshare = pod.child.as_ref().unwrap().id() as i32;
+    // The monitor, as this (the host's) pid namespace numbers it.
+    let monitor = wait_for("the monitor", Duration::from_secs(10), || {
+        testkit::procs::pids().into_iter().find(|p| {
+            ppid(*p) == Some(unshare)
+                && fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == Path::new(MONITOR))
+        })
+    });
+    let status = fs::read_to_string(format!("/proc/{monitor}/status")).unwrap();
+    let ns_pid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap();
+    assert_eq!(ns_pid, "1", "the monitor is the container's PID 1");
     (dirs, monitor, cd_listener)
 }
 
@@ -356,7 +384,8 @@ async fn kubevirts_pod_runs_our_launcher() {
         "virt-launcher still runs"
     );
     assert!(!cd_sock.exists(), "container-disk socket not removed");
-    assert!(status.code().is_some(), "monitor killed: {status:?}");
+    // The launcher's status, passed on: a stop asked for is a clean end.
+    assert!(status.success(), "{status:?}\n{}", pod.log());
     let left = in_namespace(&ns);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
