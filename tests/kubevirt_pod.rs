@@ -1,9 +1,6 @@
 //! KubeVirt's pod contract, black-box: `virt-launcher-monitor` started with the command line
-//! virt-controller gives the `compute` container (plus `--domain-type qemu`: TCG here), in a
-//! mount namespace of its own that plays the container: temporary directories are bound over
-//! KubeVirt's absolute in-pod paths (`/var/run/kubevirt-private`, `/var/run/libvirt`) and
-//! libvirt's state directories, as the container's emptyDirs and image would provide them.
-//! The share, ephemeral and container-disk directories are given by flag, as KubeVirt does.
+//! virt-controller gives the `compute` container (plus `--domain-type qemu`: TCG here), as PID 1
+//! of a container played by mount, UTS and pid namespaces (`testkit::compute`).
 //!
 //! Checked as virt-handler relies on it: `launcher-sock` appears as a real socket; its owner's
 //! parent (SO_PEERCRED) is the monitor; unknown flags are accepted; libvirt answers at
@@ -18,9 +15,11 @@ mod common;
 use std::fs;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
+use testkit::compute::{self, Compute};
 
 use common::Pod;
 use nix::sys::signal::{kill, Signal};
@@ -28,16 +27,6 @@ use nix::unistd::Pid;
 use virt_launcher::api::pb::{self, DomainState};
 
 const MONITOR: &str = env!("CARGO_BIN_EXE_virt-launcher-monitor");
-
-fn ppid(pid: i32) -> Option<i32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -74,156 +63,47 @@ fn is_socket(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
-/// The pod's directories: what the test binds or passes by flag.
-struct Dirs {
-    top: PathBuf,
-}
-
-impl Dirs {
-    fn share(&self) -> PathBuf {
-        self.top.join("share")
-    }
-    fn container_disks(&self) -> PathBuf {
-        self.share().join("container-disks")
-    }
-    fn private(&self) -> PathBuf {
-        self.top.join("private")
-    }
-    fn libvirt_run(&self) -> PathBuf {
-        self.top.join("libvirt-run")
-    }
-    fn socket(&self) -> PathBuf {
-        self.share().join("sockets/launcher-sock")
-    }
-}
-
-/// Starts `virt-launcher-monitor` for `pod` in a container of its own (see the module docs),
-/// with KubeVirt's command line, `grace` as `--grace-period-seconds` and `qemu_timeout` as
-/// `--qemu-timeout`; a containerDisk socket (`disk_0.sock`) waits in the container-disk dir.
-/// Returns the directories, the monitor's pid and the containerDisk socket's listener.
-fn start_container(pod: &mut Pod, grace: &str, qemu_timeout: &str) -> (Dirs, i32, UnixListener) {
-    let guest = common::guest_dir();
-    let dirs = Dirs {
+/// Starts `virt-launcher-monitor` for `pod` in its container (`testkit::compute`), with
+/// `grace` as `--grace-period-seconds`, `qemu_timeout` as `--qemu-timeout`, and flags of later
+/// KubeVirt versions (and some of ours do not know) among KubeVirt's; a containerDisk
+/// container's socket (`disk_0.sock`) waits in the container-disk dir. Returns the container,
+/// the monitor's pid and that socket's listener.
+fn start_container(pod: &mut Pod, grace: u64, qemu_timeout: &str) -> (Compute, i32, UnixListener) {
+    let c = Compute {
         top: pod.dir.join("container"),
+        name: pod.name.clone(),
+        uid: pod.uid(),
+        grace_seconds: grace,
+        qemu_timeout: qemu_timeout.into(),
+        extra_args: [
+            "--image-volume",
+            "--libvirt-log-filters",
+            "3:remote 4:event",
+            "--vl-test-unknown-flag",
+            "some-value",
+            "--vl-test-unknown-switch",
+        ]
+        .map(String::from)
+        .to_vec(),
     };
-    for d in [
-        dirs.share().join("sockets"),
-        dirs.container_disks().join("kernel-boot"),
-        dirs.top.join("ephemeral"),
-        dirs.private(),
-        dirs.libvirt_run(),
-    ] {
-        fs::create_dir_all(d).unwrap();
-    }
+    c.prepare(&common::guest_dir()).unwrap();
     // Filesystem PVCs are mounted at /var/run/kubevirt-private/vmi-disks/<volume>/.
     for d in &pod.disks {
-        d.create(&dirs.private().join("vmi-disks")).unwrap();
+        d.create(&c.vmi_disks()).unwrap();
     }
-    // The kernelBoot container's files, where KubeVirt mounts them.
-    for f in ["vmlinuz", "initramfs.gz"] {
-        fs::copy(
-            guest.join(f),
-            dirs.container_disks().join("kernel-boot").join(f),
-        )
-        .unwrap();
-    }
-    // A containerDisk container's socket: gone once the pod ends.
-    let cd_listener = UnixListener::bind(dirs.container_disks().join("disk_0.sock")).unwrap();
-
-    // The container: KubeVirt's absolute paths and libvirt's state bound to our directories.
-    let mut binds = vec![
-        (dirs.private(), PathBuf::from("/run/kubevirt-private")),
-        (dirs.libvirt_run(), PathBuf::from("/run/libvirt")),
-    ];
-    for name in ["lib", "log", "cache", "etc"] {
-        let src = dirs.top.join("state").join(name);
-        fs::create_dir_all(&src).unwrap();
-        let target = match name {
-            "etc" => PathBuf::from("/etc/libvirt"),
-            other => Path::new("/var").join(other).join("libvirt"),
-        };
-        binds.push((src, target));
-    }
-    let mut script = String::from("set -e\n");
-    for (src, target) in &binds {
-        script += &format!(
-            "mkdir -p '{t}'\nmount --bind '{s}' '{t}'\n",
-            s = src.display(),
-            t = target.display()
-        );
-    }
-    script += "exec \"$@\"\n";
-    let path = |p: PathBuf| p.display().to_string();
-    let args: Vec<String> = vec![
-        "--qemu-timeout".into(),
-        qemu_timeout.into(),
-        "--name".into(),
-        pod.name.clone(),
-        "--uid".into(),
-        pod.uid(),
-        "--namespace".into(),
-        "default".into(),
-        "--kubevirt-share-dir".into(),
-        path(dirs.share()),
-        "--ephemeral-disk-dir".into(),
-        path(dirs.top.join("ephemeral")),
-        "--container-disk-dir".into(),
-        path(dirs.container_disks()),
-        "--grace-period-seconds".into(),
-        grace.into(),
-        "--hook-sidecars".into(),
-        "0".into(),
-        "--ovmf-path".into(),
-        "/usr/share/OVMF".into(),
-        "--disk-memory-limit".into(),
-        "2097152000".into(),
-        "--hypervisor".into(),
-        "kvm".into(),
-        "--allow-emulation".into(),
-        "--image-volume".into(),
-        "--libvirt-log-filters".into(),
-        "3:remote 4:event".into(),
-        "--vl-test-unknown-flag".into(),
-        "some-value".into(),
-        "--vl-test-unknown-switch".into(),
-        "--domain-type".into(),
-        "qemu".into(),
-    ];
-    // PID 1 of its own pid namespace, as in a container (`unshare` waits for it and passes
-    // its exit status on).
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--mount",
-        "--uts",
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--",
-        "sh",
-        "-c",
-        &script,
-        "sh",
-        MONITOR,
-    ])
-    .args(&args)
-    .stdin(Stdio::null());
+    let cd_listener = UnixListener::bind(c.container_disks().join("disk_0.sock")).unwrap();
+    let mut cmd = c.command(Path::new(MONITOR)).unwrap();
+    cmd.stdin(Stdio::null());
     pod.spawn_command(cmd);
     let unshare = pod.child.as_ref().unwrap().id() as i32;
-    // The monitor, as this (the host's) pid namespace numbers it.
-    let monitor = wait_for("the monitor", Duration::from_secs(10), || {
-        testkit::procs::pids().into_iter().find(|p| {
-            ppid(*p) == Some(unshare)
-                && fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == Path::new(MONITOR))
-        })
-    });
-    let status = fs::read_to_string(format!("/proc/{monitor}/status")).unwrap();
-    let ns_pid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|l| l.split_whitespace().last())
-        .unwrap();
-    assert_eq!(ns_pid, "1", "the monitor is the container's PID 1");
-    (dirs, monitor, cd_listener)
+    let monitor = compute::monitor_pid(unshare, Path::new(MONITOR), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", pod.log()));
+    assert_eq!(
+        compute::pid_in_namespace(monitor),
+        Some(1),
+        "the monitor is the container's PID 1"
+    );
+    (c, monitor, cd_listener)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +114,7 @@ async fn kubevirts_pod_runs_our_launcher() {
         .with_disk("data", "virtio", 8);
     pod.wait_for_sync = true;
     let uid = pod.uid();
-    let (dirs, monitor, _cd_listener) = start_container(&mut pod, "4", "271s");
+    let (dirs, monitor, _cd_listener) = start_container(&mut pod, 4, "271s");
     let cd_sock = dirs.container_disks().join("disk_0.sock");
 
     // Readiness: launcher-sock, a real socket (virt-handler opens it without following links).
@@ -258,7 +138,7 @@ async fn kubevirts_pod_runs_our_launcher() {
     let owner = stream.peer_cred().unwrap().pid().unwrap();
     drop(stream);
     assert_eq!(
-        ppid(owner),
+        compute::parent(owner),
         Some(monitor),
         "socket owner's parent\n{}",
         pod.log()
@@ -309,7 +189,7 @@ async fn kubevirts_pod_runs_our_launcher() {
     wait_for(
         "QEMU re-parented to the monitor",
         Duration::from_secs(10),
-        || (ppid(qemu) == Some(monitor)).then_some(()),
+        || (compute::parent(qemu) == Some(monitor)).then_some(()),
     );
 
     // The serial console socket, a real socket in the VM's private directory.
@@ -395,7 +275,7 @@ async fn kubevirts_pod_runs_our_launcher() {
 #[test]
 fn no_domain_within_the_qemu_timeout_fails_the_pod() {
     let mut pod = Pod::new("kvtimeout");
-    let (dirs, monitor, _cd_listener) = start_container(&mut pod, "30", "3s");
+    let (dirs, monitor, _cd_listener) = start_container(&mut pod, 30, "3s");
     let _container = wait_for("the container", Duration::from_secs(30), || {
         let ns = testkit::procs::mount_ns(monitor).ok()?;
         (ns != testkit::procs::mount_ns(std::process::id() as i32).ok()?)
