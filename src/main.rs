@@ -387,9 +387,23 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     if args.simulate_crash {
         anyhow::bail!("--simulate-crash: crashing as asked");
     }
+    if !nix::unistd::geteuid().is_root() {
+        // KubeVirt runs non-root VMIs (`--run-as-nonroot`, uid 107) unless its `Root` feature
+        // gate is on (`pkg/virt-api/webhooks/mutating-webhook/mutators/vmi-mutator.go`).
+        anyhow::bail!(
+            "running as uid {}{}: non-root VMIs are not supported yet (libvirt's session mode); \
+             enable KubeVirt's Root feature gate so VMIs run as root",
+            nix::unistd::geteuid(),
+            if args.run_as_nonroot {
+                " (--run-as-nonroot)"
+            } else {
+                ""
+            }
+        );
+    }
     if args.run_as_nonroot {
         tracing::warn!(
-            "--run-as-nonroot: not supported yet; libvirtd runs in system mode as this user"
+            "--run-as-nonroot: running as root anyway (non-root VMIs are not supported yet)"
         );
     }
     if args.hook_sidecars > 0 {

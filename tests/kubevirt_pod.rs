@@ -294,3 +294,45 @@ fn no_domain_within_the_qemu_timeout_fails_the_pod() {
     );
     assert!(!dirs.container_disks().join("disk_0.sock").exists());
 }
+
+const LAUNCHER: &str = env!("CARGO_BIN_EXE_virt-launcher");
+
+/// KubeVirt's command line is told from ours: a bad value names KubeVirt's flag, a non-root
+/// launcher (KubeVirt's non-root VMIs) says what to do, and `virt-launcher run` keeps its own
+/// flags (an unknown one is still an error there). Nothing is started.
+#[test]
+fn command_lines_are_told_apart() {
+    let run = |cmd: &mut Command| {
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (st, err) = run(Command::new(LAUNCHER).args(["--uid", "u", "--qemu-timeout", "soon"]));
+    assert!(!st.success());
+    assert!(
+        err.contains("--qemu-timeout: not a duration like 271s (got \"soon\")"),
+        "{err}"
+    );
+    let (st, err) = run(Command::new("setpriv").args([
+        "--reuid=107",
+        "--regid=107",
+        "--clear-groups",
+        LAUNCHER,
+        "--uid",
+        "u",
+        "--run-as-nonroot",
+    ]));
+    assert!(!st.success());
+    assert!(
+        err.contains("running as uid 107 (--run-as-nonroot): non-root VMIs are not supported yet"),
+        "{err}"
+    );
+    let (st, err) = run(Command::new(LAUNCHER).args(["run", "--qemu-timeout", "soon"]));
+    assert!(!st.success());
+    assert!(err.contains("invalid value 'soon'"), "{err}");
+    let (st, err) = run(Command::new(LAUNCHER).args(["run", "--uid", "u"]));
+    assert!(!st.success());
+    assert!(err.contains("unexpected argument '--uid'"), "{err}");
+}
