@@ -136,7 +136,11 @@ fn parse_domain_type(s: &str) -> Result<DomainType, String> {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
+    // Lossy: only KubeVirt's command line is read from it (ours goes to clap as given).
+    let argv: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     let result = if is_kubevirt_command_line(&argv) {
         logging::init(true);
         run_kubevirt(argv)

@@ -39,7 +39,10 @@ fn log(level: &str, msg: &str) {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let argv: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     // Only what the monitor itself needs; the launcher judges the rest (and says what it
     // ignores).
     let parsed = KubevirtArgs::parse(argv.clone()).unwrap_or_else(|e| {
