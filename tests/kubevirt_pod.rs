@@ -28,6 +28,14 @@ use virt_launcher::api::pb::{self, DomainState};
 
 const MONITOR: &str = env!("CARGO_BIN_EXE_virt-launcher-monitor");
 
+/// The monitor to run: this build's, or `VL_TEST_MONITOR` (e.g. `target/release/…`, to read the
+/// release build's memory figures the main test prints; it runs the `virt-launcher` beside it).
+fn monitor_binary() -> std::path::PathBuf {
+    std::env::var_os("VL_TEST_MONITOR")
+        .map(|p| std::path::absolute(p).unwrap())
+        .unwrap_or_else(|| MONITOR.into())
+}
+
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -92,11 +100,12 @@ fn start_container(pod: &mut Pod, grace: u64, qemu_timeout: &str) -> (Compute, i
         d.create(&c.vmi_disks()).unwrap();
     }
     let cd_listener = UnixListener::bind(c.container_disks().join("disk_0.sock")).unwrap();
-    let mut cmd = c.command(Path::new(MONITOR)).unwrap();
+    let binary = monitor_binary();
+    let mut cmd = c.command(&binary).unwrap();
     cmd.stdin(Stdio::null());
     pod.spawn_command(cmd);
     let unshare = pod.child.as_ref().unwrap().id() as i32;
-    let monitor = compute::monitor_pid(unshare, Path::new(MONITOR), Duration::from_secs(10))
+    let monitor = compute::monitor_pid(unshare, &binary, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", pod.log()));
     assert_eq!(
         compute::pid_in_namespace(monitor),
@@ -206,10 +215,19 @@ async fn kubevirts_pod_runs_our_launcher() {
             .contains("LV-READY")
             .then_some(())
     });
-    let monitor_rss = testkit::procs::rss_mib(monitor).unwrap();
-    let launcher_rss = testkit::procs::rss_mib(owner).unwrap();
+    let mem = |pid: i32| {
+        let f = |field| testkit::procs::status_mib(pid, field).unwrap();
+        format!(
+            "RSS {:.1} MiB (anon {:.1}, file {:.1})",
+            f("VmRSS"),
+            f("RssAnon"),
+            f("RssFile")
+        )
+    };
     eprintln!(
-        "RSS with a guest running: monitor {monitor_rss:.1} MiB, launcher {launcher_rss:.1} MiB"
+        "with a guest running: monitor {}, launcher {}",
+        mem(monitor),
+        mem(owner)
     );
 
     // SIGTERM to the monitor (kubelet deleting the pod): the launcher marks the domain for
