@@ -466,6 +466,7 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     let _lock = layout.lock()?;
     layout.write_configs(&pod::random_uuid())?;
     layout.link_virtqemud_sock()?;
+    layout.link_virtqemud_program()?;
     tracing::info!(
         domain = %args.domain_name(),
         uid = %args.uid,

@@ -155,6 +155,19 @@ async fn kubevirts_pod_runs_our_launcher() {
     let exe = fs::read_link(format!("/proc/{owner}/exe")).unwrap();
     assert!(exe.ends_with("virt-launcher"), "{}", exe.display());
 
+    // The libvirt daemon is the socket owner's child called virtqemud (virt-handler raises
+    // its memlock limit before VFIO/SEV VMs start): libvirtd run under that name.
+    let daemon = testkit::procs::pids()
+        .into_iter()
+        .find(|p| {
+            compute::parent(*p) == Some(owner)
+                && fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| s.contains("(virtqemud)"))
+        })
+        .unwrap_or_else(|| panic!("no virtqemud child of the launcher\n{}", pod.log()));
+    let exe = fs::read_link(format!("/proc/{daemon}/exe")).unwrap();
+    assert!(exe.ends_with("libvirtd"), "{}", exe.display());
+
     // Unknown flags: named in a warning, not fatal.
     let log = pod.log();
     assert!(

@@ -186,6 +186,7 @@ impl PodLayout {
             self.conf_dir(),
             self.pid_dir(),
             self.root.join("state"),
+            self.root.join("bin"),
         ];
         // KubeVirt's /var/run/libvirt is the pod's (an emptyDir), not ours to remove.
         dirs.retain(|d| d.exists() && (self.kubevirt.is_none() || *d != self.sock_dir()));
@@ -331,6 +332,47 @@ impl PodLayout {
             .map(PathBuf::from)
             .unwrap_or_default();
         std::os::unix::fs::symlink(&target, &link).map_err(io_err(&link))
+    }
+}
+
+impl PodLayout {
+    /// The program to start for daemon `name`: `name` (from PATH), except libvirtd in
+    /// KubeVirt's pod once [`PodLayout::link_virtqemud_program`] ran: it then runs through a
+    /// link named `virtqemud`, so that its process is called that (`/proc/<pid>/stat`), as
+    /// virt-handler expects of the launcher's child that starts QEMU: it raises that process's
+    /// memlock limit before a VFIO/SEV/realtime VM starts
+    /// (`pkg/hypervisor/common/qemu.go` FindVirtqemudProcess, `pkg/hypervisor/kvm/runtime.go`).
+    pub fn daemon_program(&self, name: &str) -> PathBuf {
+        let link = self.virtqemud_program();
+        if self.kubevirt.is_some() && name == "libvirtd" && link.exists() {
+            return link;
+        }
+        PathBuf::from(name)
+    }
+
+    fn virtqemud_program(&self) -> PathBuf {
+        self.root.join("bin").join("virtqemud")
+    }
+
+    /// In KubeVirt mode: links `<root>/bin/virtqemud` to libvirtd found in `PATH` (see
+    /// [`PodLayout::daemon_program`]). Nothing when libvirtd is not found: starting it fails
+    /// then, with the usual error.
+    pub fn link_virtqemud_program(&self) -> Result<(), PodError> {
+        if self.kubevirt.is_none() {
+            return Ok(());
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let Some(libvirtd) = std::env::split_paths(&path)
+            .map(|d| d.join("libvirtd"))
+            .find(|p| p.is_file())
+        else {
+            return Ok(());
+        };
+        let link = self.virtqemud_program();
+        let dir = self.root.join("bin");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libvirtd, &link).map_err(io_err(&link))
     }
 }
 
