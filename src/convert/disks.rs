@@ -2,7 +2,7 @@
 
 use super::facts::PodFacts;
 use super::{err, names, ConvertError, MAX_MEMORY_BYTES};
-use crate::domain::{BackingStore, Disk, DiskDevice, DiskSource, Driver};
+use crate::domain::{BackingStore, DataStore, Disk, DiskDevice, DiskSource, Driver};
 use crate::spec::{is_dns1123_label, Quantity, VirtualMachineInstance, Volume};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -301,7 +301,8 @@ struct Pending<'a> {
     name: &'a str,
     bus: &'static str,
     disk: Disk,
-    dedicated: bool,
+    /// Index in `spec.domain.devices.disks`.
+    index: usize,
 }
 
 fn parse_bus(
@@ -391,6 +392,8 @@ pub(crate) fn convert_disks(
     let mut seen_disks: BTreeMap<&str, usize> = BTreeMap::new();
     let mut boot_orders: Vec<(u32, String)> = Vec::new();
     let mut pending: Vec<Pending<'_>> = Vec::new();
+    // Bus of every spec disk, attached now or not (iothread numbering follows the spec).
+    let mut buses: Vec<&'static str> = Vec::new();
     for (i, d) in devices.disks.iter().enumerate() {
         let f = format!("spec.domain.devices.disks[{i}]");
         if !is_dns1123_label(&d.name) {
@@ -454,6 +457,7 @@ pub(crate) fn convert_disks(
             )?;
             (DiskDevice::Disk, bus, t.readonly.unwrap_or(false))
         };
+        buses.push(bus);
         let bus_field = format!(
             "{f}.{}.bus",
             match device {
@@ -613,6 +617,29 @@ pub(crate) fn convert_disks(
             ),
         };
 
+        // Changed-block tracking (KubeVirt: storage/volume.go convertVolumeWithCBT, hostDisk
+        // likewise): the disk becomes the qcow2 overlay `<cbt_dir>/<volume>.qcow2` whose raw
+        // data file (`<dataStore>`) is the volume; the dirty bitmaps live in the overlay. A
+        // lun passes its block device through and cannot sit behind an overlay, so it is left
+        // as it is. The overlay is a file: its cache mode follows the file-backed probe.
+        let cbt = vmi.cbt_applies()
+            && d.lun.is_none()
+            && matches!(kind, Kind::Pvc { .. } | Kind::HostDisk { .. });
+        let (source, format, data_store, direct_capable, is_block) = if cbt {
+            (
+                DiskSource::File(paths.cbt_overlay(name)),
+                "qcow2",
+                Some(DataStore {
+                    format: "raw",
+                    source,
+                }),
+                facts.direct_io && !facts.no_direct_io.contains(name),
+                false,
+            )
+        } else {
+            (source, format, None, direct_capable, is_block)
+        };
+
         let mut reservations = None;
         if let Some(l) = &d.lun {
             if !is_block || !matches!(kind, Kind::Pvc { .. }) {
@@ -629,7 +656,7 @@ pub(crate) fn convert_disks(
         let shareable = d.shareable.unwrap_or(false);
         let cache = cache_mode(d.cache.as_deref(), shareable, direct_capable)
             .map_err(|r| err(format!("{f}.cache"), r))?;
-        let preallocated = facts.preallocated_volumes.contains(name);
+        let preallocated = !cbt && facts.preallocated_volumes.contains(name);
         let io = io_mode(d.io.as_deref(), cache, is_block || preallocated)
             .map_err(|r| err(format!("{f}.io"), r))?;
         let error_policy = match d.error_policy.as_deref().unwrap_or("stop") {
@@ -699,7 +726,7 @@ pub(crate) fn convert_disks(
         pending.push(Pending {
             name,
             bus,
-            dedicated,
+            index: i,
             disk: Disk {
                 device,
                 source,
@@ -710,8 +737,10 @@ pub(crate) fn convert_disks(
                     error_policy: Some(error_policy),
                     discard: (device != DiskDevice::Cdrom).then_some("unmap"),
                     iothread: None,
+                    iothread_pool: vec![],
                     queues,
                 },
+                data_store,
                 backing_store: backing,
                 target_dev: String::new(),
                 bus: bus.to_string(),
@@ -754,7 +783,7 @@ pub(crate) fn convert_disks(
         p.disk.target_dev = dev;
     }
 
-    let iothreads = assign_iothreads(vmi, &mut pending, vcpus)?;
+    let iothreads = assign_iothreads(vmi, &buses, &mut pending)?;
     let uses_usb = pending.iter().any(|p| p.bus == "usb");
     Ok(Storage {
         disks: pending.into_iter().map(|p| p.disk).collect(),
@@ -764,70 +793,148 @@ pub(crate) fn convert_disks(
     })
 }
 
-/// KubeVirt's iothread layout. With policy `shared` (or no policy but some
-/// `dedicatedIOThread`), thread 1 is shared by all virtio disks and each dedicated disk gets
-/// its own thread. With `auto`, dedicated disks get their own threads and the other virtio
-/// disks are spread round-robin over a pool so that the total stays within 2 × vCPUs.
+/// KubeVirt's iothread layout (converter/iothreads/iothreads.go GetIOThreadsCountType,
+/// storage/disk.go assignDiskIOThread), numbered over the spec's disks so that a disk keeps its
+/// thread when a hot-plugged one is attached later:
+/// - iothreads are used when `ioThreadsPolicy` is set or some disk asks for `dedicatedIOThread`;
+/// - `shared` (or no policy): a pool of 1 thread; `auto`: a pool of 2 × the CPU request (else
+///   the CPU limit, else 1), at least 1. The pool holds one thread per non-dedicated disk (any
+///   bus) up to that limit minus the dedicated disks. Pool threads are `1..=pool`, given
+///   round-robin to the non-dedicated virtio disks; each dedicated virtio disk gets its own
+///   thread after the pool. `<iothreads>` = pool + dedicated.
+/// - `supplementalPool`: `supplementalPoolThreadCount` threads, and every virtio disk's
+///   `<driver>` lists them all (`<iothreads><iothread id=…/>`), so that QEMU spreads the disk's
+///   queues over the pool (per-queue iothread mapping, libvirt ≥ 10 / QEMU ≥ 9).
+///   `dedicatedIOThread` has no effect under this policy, as in KubeVirt.
 fn assign_iothreads(
     vmi: &VirtualMachineInstance,
+    buses: &[&'static str],
     pending: &mut [Pending<'_>],
-    vcpus: u32,
 ) -> Result<u32, ConvertError> {
-    let policy = vmi.spec.domain.io_threads_policy.as_deref();
-    let any_dedicated = pending.iter().any(|p| p.dedicated);
-    match policy {
-        None if !any_dedicated => Ok(0),
-        None | Some("shared") => {
-            let mut next = 2u32;
-            for p in pending.iter_mut().filter(|p| p.bus == "virtio") {
-                p.disk.driver.iothread = Some(if p.dedicated {
-                    next += 1;
-                    next - 1
-                } else {
-                    1
-                });
-            }
-            Ok(next - 1)
-        }
+    let domain = &vmi.spec.domain;
+    let disks = &domain.devices.disks;
+    let dedicated = |i: usize| disks[i].dedicated_io_thread == Some(true);
+    let any_dedicated = (0..disks.len()).any(dedicated);
+    let limit = match domain.io_threads_policy.as_deref() {
+        None if !any_dedicated => return Ok(0),
+        None | Some("shared") => 1,
         Some("auto") => {
-            let limit = vcpus.saturating_mul(2).max(1);
-            let dedicated = pending.iter().filter(|p| p.dedicated).count() as u32;
-            let shared_disks = pending
-                .iter()
-                .filter(|p| p.bus == "virtio" && !p.dedicated)
-                .count() as u32;
-            let pool = if shared_disks == 0 {
-                0
-            } else {
-                limit.saturating_sub(dedicated).clamp(1, shared_disks)
+            let r = &domain.resources;
+            let cpus = match r
+                .requests
+                .get("cpu")
+                .map(|q| ("spec.domain.resources.requests.cpu", q))
+                .or_else(|| {
+                    r.limits
+                        .get("cpu")
+                        .map(|q| ("spec.domain.resources.limits.cpu", q))
+                }) {
+                Some((field, q)) => q
+                    .milli_value()
+                    .map_err(|e| err(field, e.to_string()))?
+                    .div_ceil(1000),
+                None => 1,
             };
-            let mut next_dedicated = 1u32;
-            let mut rr = 0u32;
-            for p in pending.iter_mut().filter(|p| p.bus == "virtio") {
-                p.disk.driver.iothread = Some(if p.dedicated {
-                    next_dedicated += 1;
-                    next_dedicated - 1
-                } else {
-                    rr += 1;
-                    dedicated + 1 + (rr - 1) % pool.max(1)
-                });
-            }
-            Ok(dedicated + pool)
+            u32::try_from(cpus.saturating_mul(2)).unwrap_or(u32::MAX)
         }
-        Some("supplementalPool") => Err(err(
-            "spec.domain.ioThreadsPolicy",
-            "supplementalPool needs per-queue iothread mapping, which libvirt 9.0 does not offer; use shared or auto",
-        )),
-        Some(other) => Err(err(
-            "spec.domain.ioThreadsPolicy",
-            format!("{other:?} is not one of shared, auto, supplementalPool"),
-        )),
+        Some("supplementalPool") => {
+            let f = "spec.domain.ioThreads.supplementalPoolThreadCount";
+            let n = domain
+                .io_threads
+                .as_ref()
+                .and_then(|t| t.supplemental_pool_thread_count)
+                .ok_or_else(|| err(f, "required with ioThreadsPolicy supplementalPool"))?;
+            if !(1..=super::MAX_VCPUS).contains(&n) {
+                return Err(err(
+                    f,
+                    format!("{n} is out of range (1..{})", super::MAX_VCPUS),
+                ));
+            }
+            let pool: Vec<u32> = (1..=n).collect();
+            for p in pending.iter_mut().filter(|p| p.bus == "virtio") {
+                p.disk.driver.iothread_pool = pool.clone();
+            }
+            return Ok(n);
+        }
+        Some(other) => {
+            return Err(err(
+                "spec.domain.ioThreadsPolicy",
+                format!("{other:?} is not one of shared, auto, supplementalPool"),
+            ))
+        }
+    };
+    let n_dedicated = (0..disks.len()).filter(|i| dedicated(*i)).count() as u32;
+    let mut pool = disks.len() as u32 - n_dedicated;
+    if pool + n_dedicated > limit {
+        pool = limit.saturating_sub(n_dedicated).max(1);
     }
+    // Thread of each spec disk (virtio only), in spec order.
+    let mut thread = vec![None; disks.len()];
+    let (mut next_dedicated, mut next_pool) = (pool + 1, 1u32);
+    for (i, bus) in buses.iter().enumerate() {
+        if *bus != "virtio" {
+            continue;
+        }
+        thread[i] = Some(if dedicated(i) {
+            next_dedicated += 1;
+            next_dedicated - 1
+        } else {
+            let t = next_pool;
+            next_pool = next_pool % pool.max(1) + 1;
+            t
+        });
+    }
+    for p in pending.iter_mut() {
+        p.disk.driver.iothread = thread[p.index];
+    }
+    Ok(pool + n_dedicated)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// KubeVirt's converter_test "Should use correct IOThreads policies" table: one dedicated
+    /// disk, then six shared virtio disks, with a CPU request of `cpus`.
+    #[test]
+    fn iothread_numbering_matches_kubevirt() {
+        let run = |policy: &str, cpus: u32| {
+            let mut disks = vec![
+                serde_json::json!({"name": "d0", "disk": {"bus": "virtio"}, "dedicatedIOThread": true}),
+                serde_json::json!({"name": "d1", "disk": {"bus": "virtio"}, "dedicatedIOThread": false}),
+            ];
+            let mut volumes = vec![];
+            for i in 2..7 {
+                disks.push(serde_json::json!({"name": format!("d{i}"), "disk": {"bus": "virtio"}}));
+            }
+            for i in 0..7 {
+                volumes.push(serde_json::json!({"name": format!("d{i}"), "persistentVolumeClaim": {"claimName": "c"}}));
+            }
+            let vmi = serde_json::json!({
+                "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                "metadata": {"name": "t"},
+                "spec": {"domain": {"ioThreadsPolicy": policy,
+                    "resources": {"requests": {"memory": "1Gi", "cpu": cpus.to_string()}},
+                    "devices": {"disks": disks}}, "volumes": volumes}
+            });
+            let vmi = crate::spec::from_str(&vmi.to_string(), "t").expect("vmi");
+            let d = crate::convert::convert(&vmi, &PodFacts::defaults(&vmi)).expect("converts");
+            let ids: Vec<u32> = d
+                .devices
+                .disks
+                .iter()
+                .map(|d| d.driver.iothread.expect("iothread"))
+                .collect();
+            (d.iothreads, ids)
+        };
+        assert_eq!(run("shared", 1), (2, vec![2, 1, 1, 1, 1, 1, 1]));
+        assert_eq!(run("shared", 2), (2, vec![2, 1, 1, 1, 1, 1, 1]));
+        assert_eq!(run("auto", 1), (2, vec![2, 1, 1, 1, 1, 1, 1]));
+        assert_eq!(run("auto", 2), (4, vec![4, 1, 2, 3, 1, 2, 3]));
+        assert_eq!(run("auto", 3), (6, vec![6, 1, 2, 3, 4, 5, 1]));
+        assert_eq!(run("auto", 4), (7, vec![7, 1, 2, 3, 4, 5, 6]));
+        assert_eq!(run("auto", 5), (7, vec![7, 1, 2, 3, 4, 5, 6]));
+    }
 
     #[test]
     fn cache_decisions() {

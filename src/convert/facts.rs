@@ -53,6 +53,12 @@ pub struct PodPaths {
     pub config_dir: PathBuf,
     /// `/var/run/secrets/kubernetes.io/serviceaccount`: the pod's service account token.
     pub service_account_dir: PathBuf,
+    /// Changed-block tracking overlays `<volume>.qcow2`: KubeVirt's `/var/lib/libvirt/qemu/cbt`,
+    /// or `/var/run/kubevirt-private/libvirt/qemu/cbt` when QEMU runs as non-root.
+    pub cbt_dir: PathBuf,
+    /// Log of the passt back-end libvirt starts for a `passtBinding` interface (KubeVirt's
+    /// `/var/run/kubevirt/passt.log`).
+    pub passt_log: PathBuf,
     /// Directories the launcher itself populated with links into other places it owns (the
     /// standalone DataVolume view links each volume to its claim under the storage directory,
     /// and each Block claim to its loop device): a PVC directory or Block node may resolve
@@ -82,6 +88,12 @@ impl PodPaths {
             private_dir: Path::new("/var/run/kubevirt-private").join(key),
             config_dir: "/var/run/kubevirt-private".into(),
             service_account_dir: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+            cbt_dir: if vmi.is_non_root() {
+                "/var/run/kubevirt-private/libvirt/qemu/cbt".into()
+            } else {
+                "/var/lib/libvirt/qemu/cbt".into()
+            },
+            passt_log: "/var/run/kubevirt/passt.log".into(),
             trusted_roots: Vec::new(),
         }
     }
@@ -131,6 +143,12 @@ impl PodPaths {
             .join("disk-data")
             .join(volume)
             .join("disk.qcow2")
+    }
+
+    /// Changed-block tracking overlay of a PVC, DataVolume or hostDisk volume: a qcow2 image
+    /// whose data file is the volume itself.
+    pub fn cbt_overlay(&self, volume: &str) -> PathBuf {
+        self.cbt_dir.join(format!("{volume}.qcow2"))
     }
 
     /// Image of an emptyDisk volume.

@@ -14,9 +14,14 @@
 //!   KubeVirt's name-derived firmware UUID; the SMBIOS system uuid is the same value (libvirt
 //!   rejects a mismatch).
 //! - Interfaces: each `masquerade`/`bridge` interface becomes `<interface type='ethernet'>` on a
-//!   pre-created tap `tap<index>` (`managed='no'`); the pod network code creates the taps. No
-//!   interface is invented when the spec lists none. SR-IOV, slirp, passt and binding plugins are
-//!   rejected.
+//!   pre-created tap `tap<index>` (`managed='no'`); the pod network code creates the taps. A
+//!   `passtBinding` interface becomes KubeVirt's vhost-user interface with libvirt's passt
+//!   back-end (see `passt_attachment`), with shared memfd guest memory and one NUMA cell. No
+//!   interface is invented when the spec lists none. SR-IOV, slirp, the discontinued `passt`
+//!   and binding plugins are rejected.
+//! - Changed-block tracking (`status.changedBlockTracking.state` `Initializing`/`Enabled`): PVC,
+//!   DataVolume and hostDisk disks become a qcow2 overlay `<cbt_dir>/<volume>.qcow2` with the
+//!   volume as its raw `<dataStore>`; the pod runtime must have created the overlay.
 //! - Spare `pcie-root-port`s: [`PodFacts::spare_root_ports`] (default 8), overridden per VM by
 //!   the annotation [`SPARE_ROOT_PORTS_ANNOTATION`] (0..=32); only for q35 machines.
 //! - Serial console log always on; guest agent channel gets a fixed socket in the private dir.
@@ -60,7 +65,7 @@ const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 /// Convert a VMI into a libvirt domain for the pod described by `facts`.
 pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain, ConvertError> {
     check_metadata(vmi)?;
-    let memory = memory(vmi)?;
+    let mut memory = memory(vmi)?;
     let cpu = cpu(vmi, facts)?;
     let vcpus = cpu.sockets * cpu.cores * cpu.threads;
     let uuid = domain_uuid(vmi)?;
@@ -68,7 +73,12 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     let features = features(vmi, secure_boot)?;
     let clock = clock(vmi)?;
     let storage = disks::convert_disks(vmi, facts, vcpus)?;
-    let interfaces = interfaces(vmi, &storage.boot_orders)?;
+    let interfaces = interfaces(vmi, facts, &storage.boot_orders)?;
+    // vhost-user (passt) maps guest memory: KubeVirt's memory_backing.go and cpu.go
+    // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding.
+    memory.shared_memfd = interfaces
+        .iter()
+        .any(|i| matches!(i.attachment, Attachment::Passt { .. }));
     let dev = &vmi.spec.domain.devices;
     let virtio_model = if dev.use_virtio_transitional == Some(true) {
         "virtio-transitional"
@@ -312,7 +322,11 @@ fn memory(vmi: &VirtualMachineInstance) -> Result<Memory, ConvertError> {
             Some(size)
         }
     };
-    Ok(Memory { kib, hugepage_kib })
+    Ok(Memory {
+        kib,
+        hugepage_kib,
+        shared_memfd: false,
+    })
 }
 
 fn cpu(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Cpu, ConvertError> {
@@ -695,6 +709,7 @@ fn clock(vmi: &VirtualMachineInstance) -> Result<Clock, ConvertError> {
 
 fn interfaces(
     vmi: &VirtualMachineInstance,
+    facts: &PodFacts,
     disk_boot_orders: &[(u32, String)],
 ) -> Result<Vec<Interface>, ConvertError> {
     let virtio_model = if vmi.spec.domain.devices.use_virtio_transitional == Some(true) {
@@ -747,10 +762,20 @@ fn interfaces(
                 format!("no network named {:?} in spec.networks", ifc.name),
             ));
         }
-        let binding = if ifc.masquerade.is_some() {
-            "masquerade"
-        } else if ifc.bridge.is_some() {
-            "bridge"
+        let attachment = if ifc.masquerade.is_some() || ifc.bridge.is_some() {
+            Attachment::Tap(format!("tap{i}"))
+        } else if ifc.passt_binding.is_some() {
+            let net = &vmi.spec.networks[networks[ifc.name.as_str()]];
+            if net.pod.is_none() {
+                return Err(err(
+                    format!("{f}.passtBinding"),
+                    format!(
+                        "passtBinding works on the pod network only; network {:?} is not one",
+                        ifc.name
+                    ),
+                ));
+            }
+            passt_attachment(vmi, facts, i, ifc)?
         } else if ifc.sriov.is_some() {
             return Err(err(
                 f,
@@ -758,12 +783,22 @@ fn interfaces(
             ));
         } else if ifc.slirp.is_some() {
             return Err(err(f, "slirp was removed from KubeVirt; use masquerade"));
-        } else if ifc.passt.is_some() || ifc.binding.is_some() {
-            return Err(err(f, "network binding plugins (passt, binding) are not supported; use masquerade or bridge"));
+        } else if ifc.passt.is_some() {
+            return Err(err(
+                format!("{f}.passt"),
+                "the passt binding was discontinued in KubeVirt 1.3; use passtBinding: {}",
+            ));
+        } else if ifc.binding.is_some() {
+            return Err(err(
+                format!("{f}.binding"),
+                "network binding plugins are not supported; use masquerade, bridge or passtBinding",
+            ));
         } else {
-            return Err(err(f, "needs a binding: masquerade or bridge"));
+            return Err(err(
+                f,
+                "needs a binding: masquerade, bridge or passtBinding",
+            ));
         };
-        let _ = binding;
         let model = match ifc.model.as_deref().unwrap_or("virtio") {
             "virtio" => virtio_model.to_string(),
             m @ ("e1000" | "e1000e" | "igb" | "ne2k_pci" | "pcnet" | "rtl8139") => m.to_string(),
@@ -823,13 +858,126 @@ fn interfaces(
                 .mac_address
                 .as_ref()
                 .map(|m| m.replace('-', ":").to_ascii_lowercase()),
-            tap: format!("tap{i}"),
+            attachment,
             model,
             mtu: ifc.mtu,
             boot_order,
         });
     }
     Ok(out)
+}
+
+/// Envoy's ports, kept from the guest when Istio injects its proxy (KubeVirt
+/// pkg/network/istio/ports.go ReservedPorts).
+const ISTIO_RESERVED_PORTS: [u16; 10] = [
+    15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090,
+];
+
+/// A `passtBinding` interface as KubeVirt's converter writes it (converter/network/
+/// configurator.go passtBindingOptions, passt.go generatePasstPortForward): vhost-user with
+/// libvirt's passt back-end on the pod interface named in `status.interfaces` (`eth0`, the pod
+/// network's interface, when the status does not name one: a standalone VMI has no status), its
+/// log in the pod's `passt.log`, and the interface's `ports` forwarded (every TCP and UDP port
+/// when none is listed; Envoy's ports excluded under Istio).
+fn passt_attachment(
+    vmi: &VirtualMachineInstance,
+    facts: &PodFacts,
+    index: usize,
+    ifc: &crate::spec::Interface,
+) -> Result<Attachment, ConvertError> {
+    let f = format!("spec.domain.devices.interfaces[{index}]");
+    let status = vmi.status.as_ref().and_then(|s| {
+        s.interfaces
+            .iter()
+            .enumerate()
+            .find(|(_, st)| st.name.as_deref() == Some(ifc.name.as_str()))
+            .and_then(|(k, st)| Some((k, st.pod_interface_name.as_deref()?)))
+    });
+    let source_dev = match status {
+        None => "eth0".to_string(),
+        Some((k, dev)) => {
+            let ok = !dev.is_empty()
+                && dev.len() <= 15
+                && dev
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+            if !ok {
+                return Err(err(
+                    format!("status.interfaces[{k}].podInterfaceName"),
+                    format!("{dev:?} is not a network interface name"),
+                ));
+            }
+            dev.to_string()
+        }
+    };
+    let istio = vmi
+        .metadata
+        .annotations
+        .get("sidecar.istio.io/inject")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let mut tcp: Vec<PortRange> = Vec::new();
+    let mut udp: Vec<PortRange> = Vec::new();
+    if istio {
+        tcp.extend(ISTIO_RESERVED_PORTS.iter().map(|p| PortRange {
+            start: *p,
+            exclude: true,
+        }));
+    }
+    for (j, port) in ifc.ports.iter().enumerate() {
+        let pf = format!("{f}.ports[{j}]");
+        let start = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| {
+                err(
+                    format!("{pf}.port"),
+                    format!("{} is out of range (1..65535)", port.port),
+                )
+            })?;
+        let range = PortRange {
+            start,
+            exclude: false,
+        };
+        match port.protocol.as_deref() {
+            None | Some("") => tcp.push(range),
+            Some(p) if p.eq_ignore_ascii_case("tcp") => tcp.push(range),
+            Some(p) if p.eq_ignore_ascii_case("udp") => udp.push(range),
+            Some(p) => {
+                return Err(err(
+                    format!("{pf}.protocol"),
+                    format!("{p:?} is not TCP or UDP (passt forwards those only)"),
+                ))
+            }
+        }
+    }
+    let mut port_forwards = Vec::new();
+    if tcp.is_empty() && udp.is_empty() {
+        port_forwards.push(PortForward {
+            proto: "tcp",
+            ranges: vec![],
+        });
+        port_forwards.push(PortForward {
+            proto: "udp",
+            ranges: vec![],
+        });
+    }
+    if !tcp.is_empty() {
+        port_forwards.push(PortForward {
+            proto: "tcp",
+            ranges: tcp,
+        });
+    }
+    if !udp.is_empty() {
+        port_forwards.push(PortForward {
+            proto: "udp",
+            ranges: udp,
+        });
+    }
+    Ok(Attachment::Passt {
+        source_dev,
+        log_file: facts.paths.passt_log.clone(),
+        port_forwards,
+    })
 }
 
 fn inputs(vmi: &VirtualMachineInstance) -> Result<Vec<Input>, ConvertError> {

@@ -68,6 +68,10 @@ pub struct Memory {
     pub kib: u64,
     /// Hugepage size in KiB when the guest is backed by hugepages.
     pub hugepage_kib: Option<u64>,
+    /// `<memoryBacking><source type='memfd'/><access mode='shared'/>` and a single NUMA cell
+    /// holding all vCPUs and memory (memfd needs a NUMA topology): guest memory another process
+    /// can map, as vhost-user back-ends (passt) need.
+    pub shared_memfd: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,6 +211,10 @@ pub struct Driver {
     pub error_policy: Option<String>,
     pub discard: Option<&'static str>,
     pub iothread: Option<u32>,
+    /// `<driver><iothreads><iothread id=…/>…</iothreads></driver>`: the disk's queues are
+    /// spread over these iothreads (KubeVirt's `supplementalPool`; libvirt ≥ 10, QEMU ≥ 9).
+    /// Exclusive with [`Driver::iothread`].
+    pub iothread_pool: Vec<u32>,
     pub queues: Option<u32>,
 }
 
@@ -216,10 +224,21 @@ pub struct BackingStore {
     pub source: DiskSource,
 }
 
+/// `<source><dataStore>`: the raw image a qcow2 image keeps its data in (its `data-file`).
+/// Changed-block tracking puts a volume behind such a qcow2 overlay so that the bitmaps live in
+/// the overlay while the data stays in the volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataStore {
+    pub format: &'static str,
+    pub source: DiskSource,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Disk {
     pub device: DiskDevice,
     pub source: DiskSource,
+    /// Only with a file source in qcow2 format (see [`DataStore`]).
+    pub data_store: Option<DataStore>,
     pub driver: Driver,
     pub backing_store: Option<BackingStore>,
     pub target_dev: String,
@@ -276,10 +295,39 @@ pub struct Controller {
 pub struct Interface {
     pub alias: String,
     pub mac: Option<String>,
-    pub tap: String,
+    pub attachment: Attachment,
     pub model: String,
     pub mtu: Option<u32>,
     pub boot_order: Option<u32>,
+}
+
+/// How an interface reaches the pod network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// `<interface type='ethernet'>` on a tap the pod network code created (`managed='no'`).
+    Tap(String),
+    /// `<interface type='vhostuser'>` with `<backend type='passt'>`: libvirt starts passt
+    /// (vhost-user mode, libvirt ≥ 11.1) bound to the pod interface `source_dev`. Needs shared
+    /// guest memory ([`Memory::shared_memfd`]).
+    Passt {
+        source_dev: String,
+        log_file: PathBuf,
+        port_forwards: Vec<PortForward>,
+    },
+}
+
+/// `<portForward proto=…>`: with no ranges, every port of that protocol is forwarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortForward {
+    pub proto: &'static str,
+    pub ranges: Vec<PortRange>,
+}
+
+/// `<range start=… [exclude='yes']/>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub exclude: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

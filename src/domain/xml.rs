@@ -140,11 +140,17 @@ pub(crate) fn write_domain(d: &Domain) -> String {
     let kib = d.memory.kib.to_string();
     w.leaf("memory", attrs!["unit" => "KiB"], &kib);
     w.leaf("currentMemory", attrs!["unit" => "KiB"], &kib);
-    if let Some(size) = d.memory.hugepage_kib {
+    if d.memory.hugepage_kib.is_some() || d.memory.shared_memfd {
         w.open("memoryBacking", attrs![]);
-        w.open("hugepages", attrs![]);
-        w.empty("page", attrs!["size" => size.to_string(), "unit" => "KiB"]);
-        w.close("hugepages");
+        if let Some(size) = d.memory.hugepage_kib {
+            w.open("hugepages", attrs![]);
+            w.empty("page", attrs!["size" => size.to_string(), "unit" => "KiB"]);
+            w.close("hugepages");
+        }
+        if d.memory.shared_memfd {
+            w.empty("source", attrs!["type" => "memfd"]);
+            w.empty("access", attrs!["mode" => "shared"]);
+        }
         w.close("memoryBacking");
     }
     w.leaf(
@@ -158,7 +164,11 @@ pub(crate) fn write_domain(d: &Domain) -> String {
     write_sysinfo(&mut w, d);
     write_os(&mut w, &d.os);
     write_features(&mut w, &d.features);
-    write_cpu(&mut w, &d.cpu);
+    write_cpu(
+        &mut w,
+        &d.cpu,
+        d.memory.shared_memfd.then_some(d.memory.kib),
+    );
     write_clock(&mut w, &d.clock);
     w.leaf("on_poweroff", attrs![], d.on_poweroff);
     w.leaf("on_reboot", attrs![], d.on_reboot);
@@ -252,7 +262,8 @@ fn write_features(w: &mut W, f: &Features) {
     w.close("features");
 }
 
-fn write_cpu(w: &mut W, cpu: &Cpu) {
+/// `numa_kib`: one NUMA cell with every vCPU and this much memory.
+fn write_cpu(w: &mut W, cpu: &Cpu, numa_kib: Option<u64>) {
     let a: Attrs<'_> = match &cpu.mode {
         CpuMode::HostModel => attrs!["mode" => "host-model", "check" => "partial"],
         CpuMode::HostPassthrough => attrs!["mode" => "host-passthrough", "check" => "none"],
@@ -279,6 +290,20 @@ fn write_cpu(w: &mut W, cpu: &Cpu) {
             "feature",
             attrs!["policy" => policy.as_str(), "name" => name.as_str()],
         );
+    }
+    if let Some(kib) = numa_kib {
+        let vcpus = cpu.sockets * cpu.cores * cpu.threads;
+        w.open("numa", attrs![]);
+        w.empty(
+            "cell",
+            attrs![
+                "id" => "0",
+                "cpus" => format!("0-{}", vcpus.saturating_sub(1)),
+                "memory" => kib.to_string(),
+                "unit" => "KiB",
+            ],
+        );
+        w.close("numa");
     }
     w.close("cpu");
 }
@@ -346,19 +371,37 @@ fn write_disk(w: &mut W, d: &Disk) {
     if let Some(q) = dr.queues {
         a.push(("queues", q.to_string().into()));
     }
-    w.empty("driver", a);
-    match &d.reservations {
-        Some(sock) => {
-            w.open("source", src);
+    if dr.iothread_pool.is_empty() {
+        w.empty("driver", a);
+    } else {
+        w.open("driver", a);
+        w.open("iothreads", attrs![]);
+        for id in &dr.iothread_pool {
+            w.empty("iothread", attrs!["id" => id.to_string()]);
+        }
+        w.close("iothreads");
+        w.close("driver");
+    }
+    if d.reservations.is_none() && d.data_store.is_none() {
+        w.empty("source", src);
+    } else {
+        w.open("source", src);
+        if let Some(sock) = &d.reservations {
             w.open("reservations", attrs!["managed" => "no"]);
             w.empty(
                 "source",
                 attrs!["type" => "unix", "path" => p(sock), "mode" => "client"],
             );
             w.close("reservations");
-            w.close("source");
         }
-        None => w.empty("source", src),
+        if let Some(ds) = &d.data_store {
+            let (kind, src) = source_attrs(&ds.source);
+            w.open("dataStore", attrs!["type" => kind]);
+            w.empty("format", attrs!["type" => ds.format]);
+            w.empty("source", src);
+            w.close("dataStore");
+        }
+        w.close("source");
     }
     if let Some(bs) = &d.backing_store {
         let (kind, src) = source_attrs(&bs.source);
@@ -413,12 +456,47 @@ fn write_devices(w: &mut W, dv: &Devices) {
         w.empty("controller", a);
     }
     for i in &dv.interfaces {
-        w.open("interface", attrs!["type" => "ethernet"]);
+        let kind = match i.attachment {
+            Attachment::Tap(_) => "ethernet",
+            Attachment::Passt { .. } => "vhostuser",
+        };
+        w.open("interface", attrs!["type" => kind]);
         if let Some(mac) = &i.mac {
             w.empty("mac", attrs!["address" => mac.as_str()]);
         }
-        w.empty("target", attrs!["dev" => i.tap.as_str(), "managed" => "no"]);
-        w.empty("model", attrs!["type" => i.model.as_str()]);
+        match &i.attachment {
+            Attachment::Tap(tap) => {
+                w.empty("target", attrs!["dev" => tap.as_str(), "managed" => "no"]);
+                w.empty("model", attrs!["type" => i.model.as_str()]);
+            }
+            Attachment::Passt {
+                source_dev,
+                log_file,
+                port_forwards,
+            } => {
+                w.empty("source", attrs!["dev" => source_dev.as_str()]);
+                w.empty("model", attrs!["type" => i.model.as_str()]);
+                w.empty(
+                    "backend",
+                    attrs!["type" => "passt", "logFile" => p(log_file)],
+                );
+                for pf in port_forwards {
+                    if pf.ranges.is_empty() {
+                        w.empty("portForward", attrs!["proto" => pf.proto]);
+                        continue;
+                    }
+                    w.open("portForward", attrs!["proto" => pf.proto]);
+                    for r in &pf.ranges {
+                        let mut a: Attrs<'_> = attrs!["start" => r.start.to_string()];
+                        if r.exclude {
+                            a.push(("exclude", "yes".into()));
+                        }
+                        w.empty("range", a);
+                    }
+                    w.close("portForward");
+                }
+            }
+        }
         if let Some(m) = i.mtu {
             w.empty("mtu", attrs!["size" => m.to_string()]);
         }

@@ -95,6 +95,26 @@ impl VirtualMachineInstance {
         format!("{}_{}", self.namespace(), self.metadata.name)
     }
 
+    /// Is changed-block tracking on (status `Initializing` or `Enabled`)?
+    pub fn cbt_applies(&self) -> bool {
+        self.status
+            .as_ref()
+            .and_then(|s| s.changed_block_tracking.as_ref())
+            .is_some_and(ChangedBlockTrackingStatus::applies)
+    }
+
+    /// Does QEMU run as a non-root user (KubeVirt's `vmitrait.IsNonRoot`)?
+    pub fn is_non_root(&self) -> bool {
+        self.metadata
+            .annotations
+            .contains_key("kubevirt.io/nonroot")
+            || self
+                .status
+                .as_ref()
+                .and_then(|s| s.runtime_user)
+                .is_some_and(|u| u != 0)
+    }
+
     /// The volume status entry for `name`, if any.
     pub fn volume_status(&self, name: &str) -> Option<&VolumeStatus> {
         self.status
@@ -165,7 +185,17 @@ pub struct DomainSpec {
     pub devices: Devices,
     /// `shared`, `auto` or `supplementalPool`.
     pub io_threads_policy: Option<String>,
+    /// `ioThreads.supplementalPoolThreadCount` for the `supplementalPool` policy.
+    pub io_threads: Option<DiskIoThreads>,
     pub chassis: Option<serde_json::Value>,
+}
+
+/// `spec.domain.ioThreads`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DiskIoThreads {
+    /// Size of the iothread pool every virtio disk's queues are spread over.
+    pub supplemental_pool_thread_count: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -440,8 +470,21 @@ pub struct Interface {
     pub sriov: Option<serde_json::Value>,
     pub slirp: Option<serde_json::Value>,
     pub passt: Option<serde_json::Value>,
+    /// The core passt binding (`passtBinding: {}`, KubeVirt ≥ 1.8): libvirt's passt backend.
+    pub passt_binding: Option<serde_json::Value>,
     pub binding: Option<serde_json::Value>,
     pub mtu: Option<u32>,
+    /// Ports to forward to the guest (passt forwards all when none is listed).
+    pub ports: Vec<Port>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Port {
+    pub name: Option<String>,
+    /// `TCP` (default) or `UDP`.
+    pub protocol: Option<String>,
+    pub port: i64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -585,6 +628,34 @@ pub struct ServiceAccountSource {
 pub struct VmiStatus {
     pub phase: Option<String>,
     pub volume_status: Vec<VolumeStatus>,
+    /// Changed-block tracking: `Initializing` or `Enabled` puts PVC, DataVolume and hostDisk
+    /// volumes behind a qcow2 overlay whose data file is the volume (`<dataStore>`).
+    pub changed_block_tracking: Option<ChangedBlockTrackingStatus>,
+    /// uid QEMU runs as; non-zero means a non-root pod (KubeVirt's default, 107).
+    pub runtime_user: Option<u64>,
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ChangedBlockTrackingStatus {
+    /// `PendingRestart`, `Initializing`, `Enabled`, `Disabled`, ...
+    pub state: Option<String>,
+}
+
+impl ChangedBlockTrackingStatus {
+    /// KubeVirt applies the overlays in both `Initializing` and `Enabled`.
+    pub fn applies(&self) -> bool {
+        matches!(self.state.as_deref(), Some("Initializing" | "Enabled"))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct InterfaceStatus {
+    pub name: Option<String>,
+    /// The pod interface the VMI interface is bound to (`eth0`, `pod<hash>`).
+    pub pod_interface_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
