@@ -367,3 +367,41 @@ fn command_lines_are_told_apart() {
     assert!(!st.success());
     assert!(err.contains("unexpected argument '--uid'"), "{err}");
 }
+
+/// The monitor passes a failed launcher's status on and removes the container-disk sockets;
+/// with `--keep-after-failure` it stays (for debugging) instead of exiting. `--simulate-crash`
+/// (KubeVirt's functional tests' flag) makes the launcher fail before it touches anything.
+#[test]
+fn monitor_passes_a_failure_on_or_keeps_the_container() {
+    let dir =
+        testkit::fresh_dir(std::env::temp_dir().join(format!("vl-kvcrash-{}", std::process::id())))
+            .unwrap();
+    let monitor = |keep: bool| {
+        let mut cmd = Command::new(monitor_binary());
+        cmd.args(["--uid", "u", "--simulate-crash", "--container-disk-dir"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if keep {
+            cmd.arg("--keep-after-failure");
+        }
+        cmd.spawn().unwrap()
+    };
+    let sock = dir.join("disk_0.sock");
+    let _listener = UnixListener::bind(&sock).unwrap();
+    let out = monitor(false).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--simulate-crash: crashing as asked"), "{err}");
+    assert!(!sock.exists(), "container-disk socket not removed");
+
+    let mut kept = monitor(true);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(kept.try_wait().unwrap().is_none(), "the monitor exited");
+    kept.kill().unwrap();
+    let out = kept.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--keep-after-failure"), "{err}");
+    fs::remove_dir_all(&dir).unwrap();
+}
