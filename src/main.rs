@@ -419,8 +419,18 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     if args.hypervisor != "kvm" {
         tracing::warn!(hypervisor = %args.hypervisor, "--hypervisor: only kvm is supported");
     }
-    let domain_type = match args.domain_type.as_deref() {
-        Some(t) => parse_domain_type(t).map_err(|e| anyhow::anyhow!("--domain-type: {e}"))?,
+    // Our `--domain-type` (or VIRT_LAUNCHER_DOMAIN_TYPE, as for `run`), else KubeVirt's rule.
+    let forced = args
+        .domain_type
+        .clone()
+        .map(|t| ("--domain-type", t))
+        .or_else(|| {
+            std::env::var("VIRT_LAUNCHER_DOMAIN_TYPE")
+                .ok()
+                .map(|t| ("VIRT_LAUNCHER_DOMAIN_TYPE", t))
+        });
+    let domain_type = match forced {
+        Some((by, t)) => parse_domain_type(&t).map_err(|e| anyhow::anyhow!("{by}: {e}"))?,
         None if args.allow_emulation && !Path::new("/dev/kvm").exists() => {
             tracing::warn!(
                 "/dev/kvm is missing: software emulation (TCG), as --allow-emulation allows"

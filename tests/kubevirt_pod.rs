@@ -360,6 +360,12 @@ fn command_lines_are_told_apart() {
         err.contains("running as uid 107 (--run-as-nonroot): non-root VMIs are not supported yet"),
         "{err}"
     );
+    let (st, err) = run(Command::new(LAUNCHER).args(["--uid", "u", "--domain-type", "xen"]));
+    assert!(!st.success());
+    assert!(
+        err.contains("--domain-type: unknown domain type \"xen\""),
+        "{err}"
+    );
     let (st, err) = run(Command::new(LAUNCHER).args(["run", "--qemu-timeout", "soon"]));
     assert!(!st.success());
     assert!(err.contains("invalid value 'soon'"), "{err}");
