@@ -7,8 +7,9 @@
 //! parent), forwards SIGTERM/SIGINT/SIGQUIT/SIGHUP to the launcher as SIGTERM, and when the
 //! launcher has exited: gives a QEMU that survived it SIGTERM and 10 s (then SIGKILL), removes
 //! the `*.sock` files in `--container-disk-dir` (the containerDisk containers stop on that),
-//! and exits with the launcher's status (with `--keep-after-failure`, a failed launcher leaves
-//! the monitor waiting for a signal, for debugging). It stays small: it is resident per VM.
+//! and exits with the launcher's status (128 + the signal if it was killed; with
+//! `--keep-after-failure`, a failed launcher leaves the monitor, and so the container, running
+//! until the pod is deleted, for debugging). It stays small: it is resident per VM.
 //! One thread for signals and the wait (a current-thread runtime), and the reaper thread of
 //! `pod::process`.
 
