@@ -299,6 +299,8 @@ async fn kubevirts_pod_runs_our_launcher() {
     assert!(status.success(), "{status:?}\n{}", pod.log());
     let left = in_namespace(&ns);
     assert!(left.is_empty(), "left behind: {left:?}");
+    // Passed: the copies of the guest and the disk go (a failure keeps them to look at).
+    fs::remove_dir_all(dirs.top).unwrap();
 }
 
 /// `--qemu-timeout`: without a domain in time (no Sync came), the launcher fails and the pod
@@ -324,6 +326,7 @@ fn no_domain_within_the_qemu_timeout_fails_the_pod() {
         "{log}"
     );
     assert!(!dirs.container_disks().join("disk_0.sock").exists());
+    fs::remove_dir_all(dirs.top).unwrap();
 }
 
 const LAUNCHER: &str = env!("CARGO_BIN_EXE_virt-launcher");

@@ -1,6 +1,6 @@
 //! KubeVirt's `compute` container around `virt-launcher-monitor`, played on this machine: a
-//! mount, UTS and pid namespace of its own (the monitor is its PID 1), in which temporary
-//! directories are bound over KubeVirt's absolute in-pod paths (`/var/run/kubevirt-private`,
+//! mount, UTS and pid namespace of its own (the monitor is its PID 1) with a `/run` of its own,
+//! in which temporary directories are bound over KubeVirt's absolute in-pod paths (`/var/run/kubevirt-private`,
 //! `/var/run/libvirt`) and over libvirt's state directories (`/var/lib/libvirt`,
 //! `/var/log/libvirt`, `/var/cache/libvirt`, `/etc/libvirt`), as the pod's emptyDirs and the
 //! image provide them. The share, ephemeral and container-disk directories are given by flag,
@@ -140,7 +140,9 @@ impl Compute {
             fs::create_dir_all(&src).with_context(|| src.display().to_string())?;
             binds.push((src, PathBuf::from(target)));
         }
-        let mut script = String::from("set -e\n");
+        // The container's own /run (nothing of the host's), in which the binds' mount points
+        // are made.
+        let mut script = String::from("set -e\nmount -t tmpfs -o mode=0755 tmpfs /run\n");
         for (src, target) in &binds {
             script += &format!(
                 "mkdir -p '{t}'\nmount --bind '{s}' '{t}'\n",
