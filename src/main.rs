@@ -10,13 +10,14 @@ use clap::{Args, Parser, Subcommand};
 use tokio::sync::{mpsc, watch};
 use virt_launcher::api::{self, server::ServerConfig};
 use virt_launcher::domain::DomainType;
+use virt_launcher::pod::cmdline::{self, KubevirtArgs};
 use virt_launcher::pod::daemons::Daemons;
 use virt_launcher::pod::facts as podfacts;
 use virt_launcher::pod::process::Reaper;
 use virt_launcher::pod::{self, PodLayout};
 use virt_launcher::spec::{self, VirtualMachineInstance};
 use virt_launcher::vm::plan::{PathOverrides, Planner};
-use virt_launcher::vm::{self, RunOptions};
+use virt_launcher::vm::{self, OnSigterm, RunOptions};
 use virt_launcher::{convert, datavolume, logging};
 
 #[derive(Parser)]
@@ -139,13 +140,23 @@ fn parse_domain_type(s: &str) -> Result<DomainType, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Cmd::Run(args) => {
-            logging::init(args.json_logs);
-            run(args)
+    // Lossy: only KubeVirt's command line is read from it (ours goes to clap as given).
+    let argv: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let result = if is_kubevirt_command_line(&argv) {
+        logging::init(true);
+        run_kubevirt(argv)
+    } else {
+        let cli = Cli::parse();
+        match cli.command {
+            Cmd::Run(args) => {
+                logging::init(args.json_logs);
+                run(args)
+            }
+            Cmd::Render(args) => render(args).map(|()| 0),
         }
-        Cmd::Render(args) => render(args).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
@@ -166,6 +177,7 @@ impl PathArgs {
             kernel_boot_dir: self.kernel_boot_dir.as_deref().map(absolute),
             private_dir: None,
             ephemeral_disks_dir: None,
+            container_disks_dir: None,
             trusted_roots: Vec::new(),
         }
     }
@@ -286,15 +298,29 @@ fn run(args: RunArgs) -> Result<i32> {
         qemu_timeout: Duration::from_secs(args.qemu_timeout),
         detach_timeout: Duration::from_secs_f64(args.detach_timeout),
         log_max_bytes: args.log_max_bytes,
+        on_sigterm: OnSigterm::ShutDown,
     };
 
+    run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
+}
+
+/// Runs the core and the API on a runtime of their own until the VM stops; then removes the
+/// daemons' state. `subreaper`: whether orphans (a daemonized QEMU) become ours;
+/// `share_dir`: KubeVirt's share dir, whose notify pipe gets the domain's events.
+fn run_core(
+    layout: &PodLayout,
+    opts: RunOptions,
+    api: &ServerConfig,
+    subreaper: bool,
+    share_dir: Option<PathBuf>,
+) -> Result<i32> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let outcome = runtime.block_on(serve(&layout, opts, &api, args.kubevirt_share_dir.clone()));
+    let outcome = runtime.block_on(serve(layout, opts, api, subreaper, share_dir));
     runtime.shutdown_timeout(Duration::from_secs(2));
     layout.remove_daemon_state();
     Ok(outcome?.exit_code())
@@ -307,9 +333,10 @@ async fn serve(
     layout: &PodLayout,
     opts: RunOptions,
     api: &ServerConfig,
+    subreaper: bool,
     share_dir: Option<PathBuf>,
 ) -> Result<vm::Outcome> {
-    let reaper = Reaper::start().context("cannot set up process supervision")?;
+    let reaper = Reaper::start_as(subreaper).context("cannot set up process supervision")?;
     let (daemon_tx, daemon_events) = mpsc::unbounded_channel();
     let mut daemons = Daemons::start(&reaper, layout, daemon_tx).await?;
     let (stop_follow, follow) = watch::channel(false);
@@ -346,4 +373,147 @@ fn hostname(vmi: Option<&VirtualMachineInstance>) -> String {
     );
     base.truncate(63 - suffix.len() - 1);
     format!("{base}-{suffix}")
+}
+
+// ------------------------------------------------------------------------- KubeVirt's pod
+
+/// KubeVirt's in-pod paths that are not flags.
+const KUBEVIRT_PRIVATE_DIR: &str = "/var/run/kubevirt-private";
+const KUBEVIRT_LIBVIRT_RUN_DIR: &str = "/var/run/libvirt";
+
+/// Whether `virt-launcher` was started with KubeVirt's command line (by
+/// `virt-launcher-monitor`, as virt-controller's pod does): no subcommand of ours first, and
+/// at least one of KubeVirt's launcher flags. `virt-launcher run …`, `render …`, `--help` and
+/// `--version` keep their meaning.
+fn is_kubevirt_command_line(argv: &[String]) -> bool {
+    match argv.first().map(String::as_str) {
+        None | Some("run" | "render" | "help" | "--help" | "-h" | "--version" | "-V") => false,
+        Some(_) => argv.iter().any(|a| cmdline::is_known_flag(a)),
+    }
+}
+
+/// The launcher in KubeVirt's `compute` container: KubeVirt's flags and paths, the command
+/// socket at `<share>/sockets/launcher-sock`, no private namespace, not a subreaper (QEMU
+/// goes to the monitor), SIGTERM marks the domain for graceful shutdown.
+fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
+    let args = KubevirtArgs::parse(argv)?;
+    if !args.unknown.is_empty() {
+        tracing::warn!(flags = ?args.unknown, "ignoring unknown flags");
+    }
+    if args.simulate_crash {
+        anyhow::bail!("--simulate-crash: crashing as asked");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        // KubeVirt runs non-root VMIs (`--run-as-nonroot`, uid 107) unless its `Root` feature
+        // gate is on (`pkg/virt-api/webhooks/mutating-webhook/mutators/vmi-mutator.go`).
+        anyhow::bail!(
+            "running as uid {}{}: non-root VMIs are not supported yet (libvirt's session mode); \
+             enable KubeVirt's Root feature gate so VMIs run as root",
+            nix::unistd::geteuid(),
+            if args.run_as_nonroot {
+                " (--run-as-nonroot)"
+            } else {
+                ""
+            }
+        );
+    }
+    if args.run_as_nonroot {
+        tracing::warn!(
+            "--run-as-nonroot: running as root anyway (non-root VMIs are not supported yet)"
+        );
+    }
+    if args.hook_sidecars > 0 {
+        tracing::warn!(
+            count = args.hook_sidecars,
+            "--hook-sidecars: hook sidecars are not supported yet; not waiting for them"
+        );
+    }
+    if args.hypervisor != "kvm" {
+        tracing::warn!(hypervisor = %args.hypervisor, "--hypervisor: only kvm is supported");
+    }
+    // Our `--domain-type` (or VIRT_LAUNCHER_DOMAIN_TYPE, as for `run`), else KubeVirt's rule.
+    let forced = args
+        .domain_type
+        .clone()
+        .map(|t| ("--domain-type", t))
+        .or_else(|| {
+            std::env::var("VIRT_LAUNCHER_DOMAIN_TYPE")
+                .ok()
+                .map(|t| ("VIRT_LAUNCHER_DOMAIN_TYPE", t))
+        });
+    let domain_type = match forced {
+        Some((by, t)) => parse_domain_type(&t).map_err(|e| anyhow::anyhow!("{by}: {e}"))?,
+        None if args.allow_emulation && !Path::new("/dev/kvm").exists() => {
+            tracing::warn!(
+                "/dev/kvm is missing: software emulation (TCG), as --allow-emulation allows"
+            );
+            DomainType::Qemu
+        }
+        None => DomainType::Kvm,
+    };
+    let layout = PodLayout::kubevirt(
+        Path::new(KUBEVIRT_PRIVATE_DIR),
+        KUBEVIRT_LIBVIRT_RUN_DIR,
+        absolute(&args.container_disk_dir),
+    );
+    let container_disks = absolute(&args.container_disk_dir);
+    let planner = Planner {
+        domain_type,
+        paths: PathOverrides {
+            hotplug_disks_dir: Some(absolute(&args.hotplug_disk_dir)),
+            ephemeral_disks_dir: Some(absolute(&args.ephemeral_disk_dir)),
+            // KubeVirt mounts the kernelBoot container's files here
+            // (`pkg/container-disk/container-disk.go` GetKernelBootArtifactPathFromLauncherView).
+            kernel_boot_dir: Some(container_disks.join("kernel-boot")),
+            container_disks_dir: Some(container_disks),
+            ..PathOverrides::default()
+        },
+    };
+    let socket = absolute(&args.init_socket()).with_file_name("launcher-sock");
+    for dir in [
+        socket.parent().unwrap_or(Path::new("/")),
+        &args.ephemeral_disk_dir,
+        &args.hotplug_disk_dir,
+    ] {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    // The VM's private directory (console socket, generated ISOs), as KubeVirt's launcher
+    // creates it at start-up; the VMI's uid keys it (`PodPaths::kubevirt_defaults`).
+    if !args.uid.is_empty() && !args.uid.contains('/') && args.uid != "." && args.uid != ".." {
+        let vm_private = Path::new(KUBEVIRT_PRIVATE_DIR).join(&args.uid);
+        std::fs::create_dir_all(&vm_private)
+            .with_context(|| format!("create {}", vm_private.display()))?;
+    }
+    layout.create()?;
+    let _lock = layout.lock()?;
+    layout.write_configs(&pod::random_uuid())?;
+    layout.link_virtqemud_sock()?;
+    layout.link_virtqemud_program()?;
+    tracing::info!(
+        domain = %args.domain_name(),
+        uid = %args.uid,
+        domain_type = ?domain_type,
+        socket = %socket.display(),
+        qemu_timeout_s = args.qemu_timeout.as_secs_f64(),
+        grace_period_s = args.grace_period.as_secs(),
+        ignored_flags = ?args.ignored,
+        "launcher starting in KubeVirt's pod"
+    );
+    let api = ServerConfig {
+        socket,
+        // virt-handler runs as root.
+        allowed_uids: vec![0],
+        group: None,
+    };
+    let opts = RunOptions {
+        planner,
+        vmi: None,
+        qemu_timeout: args.qemu_timeout,
+        detach_timeout: Duration::from_secs(30),
+        log_max_bytes: virt_launcher::pod::daemons::DEFAULT_LOG_MAX_BYTES,
+        on_sigterm: OnSigterm::MarkForHandler {
+            grace: args.grace_period,
+        },
+    };
+    run_core(&layout, opts, &api, false, Some(absolute(&args.share_dir)))
 }

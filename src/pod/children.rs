@@ -8,12 +8,17 @@ use nix::unistd::Pid;
 
 /// SIGKILLs any QEMU of domain `name` still running under this launcher (one libvirtd spawned
 /// and lost track of when it died), and waits for it to be gone: it would hold the disks.
+/// Under this launcher: its child, or, when it is no child subreaper, its parent's.
 pub async fn kill_orphan_qemu(name: &str) {
     let me = std::process::id() as i32;
+    // Not a subreaper (KubeVirt's pod): orphans went to our parent, the monitor.
+    let subreaper = me == 1 || nix::sys::prctl::get_child_subreaper().unwrap_or(true);
+    let parent = (!subreaper).then(|| nix::unistd::getppid().as_raw());
     let needle = format!("guest={name},");
     let orphans = || -> Vec<i32> {
         children_of(me)
             .into_iter()
+            .chain(parent.map(children_of).unwrap_or_default())
             .filter(|pid| {
                 std::fs::read(format!("/proc/{pid}/cmdline"))
                     .map(|c| String::from_utf8_lossy(&c).contains(&needle))
@@ -53,7 +58,7 @@ pub async fn kill_leftovers() {
 }
 
 /// Live (non-zombie) children of `parent`, from /proc.
-fn children_of(parent: i32) -> Vec<i32> {
+pub fn children_of(parent: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

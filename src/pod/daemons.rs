@@ -46,7 +46,7 @@ impl Daemon {
     fn command(self, layout: &PodLayout) -> Command {
         let conf = layout.conf_dir();
         let pid = layout.pid_dir().join(format!("{}.pid", self.name()));
-        let mut cmd = Command::new(self.name());
+        let mut cmd = Command::new(layout.daemon_program(self.name()));
         match self {
             Daemon::Libvirtd => cmd.arg("-f").arg(conf.join("libvirtd.conf")),
         };

@@ -8,6 +8,7 @@
 //! runtime root, so several launchers can run side by side and none touches the host's libvirt.
 
 pub mod children;
+pub mod cmdline;
 pub mod daemons;
 pub mod facts;
 pub mod image;
@@ -59,6 +60,17 @@ const LIBVIRT_DIRS: [(&str, &str); 5] = [
 pub struct PodLayout {
     root: PathBuf,
     isolated: bool,
+    /// KubeVirt's pod ([`PodLayout::kubevirt`]): its directories.
+    kubevirt: Option<KubevirtDirs>,
+}
+
+/// The directories of KubeVirt's `compute` container the launcher serves in.
+#[derive(Debug, Clone)]
+pub struct KubevirtDirs {
+    /// `/var/run/libvirt`: libvirtd's sockets, `virtqemud-sock` among them.
+    pub libvirt_run_dir: PathBuf,
+    /// `--container-disk-dir`: its `*.sock` files are removed when the pod ends.
+    pub container_disk_dir: PathBuf,
 }
 
 impl PodLayout {
@@ -66,6 +78,7 @@ impl PodLayout {
         PodLayout {
             root: root.into(),
             isolated,
+            kubevirt: None,
         }
     }
 
@@ -80,7 +93,10 @@ impl PodLayout {
     /// Where libvirtd's unix sockets live; visible from outside the namespace, so other
     /// processes (a migration source, `virsh` for debugging) can reach this pod's daemon.
     pub fn sock_dir(&self) -> PathBuf {
-        self.root.join("sock")
+        match &self.kubevirt {
+            Some(k) => k.libvirt_run_dir.clone(),
+            None => self.root.join("sock"),
+        }
     }
 
     pub fn libvirt_socket(&self) -> PathBuf {
@@ -170,8 +186,10 @@ impl PodLayout {
             self.conf_dir(),
             self.pid_dir(),
             self.root.join("state"),
+            self.root.join("bin"),
         ];
-        dirs.retain(|d| d.exists());
+        // KubeVirt's /var/run/libvirt is the pod's (an emptyDir), not ours to remove.
+        dirs.retain(|d| d.exists() && (self.kubevirt.is_none() || *d != self.sock_dir()));
         for d in dirs {
             if let Err(e) = fs::remove_dir_all(&d) {
                 tracing::warn!(path = %d.display(), error = %e, "could not remove runtime directory");
@@ -265,4 +283,151 @@ pub fn isolate(layout: &PodLayout, hostname: &str) -> Result<(), PodError> {
 /// on one machine must differ or libvirt refuses to migrate between them.
 pub fn random_uuid() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+// ------------------------------------------------------------------------- KubeVirt's pod
+
+/// The name virt-handler reaches the pod's libvirt daemon by (`/var/run/libvirt/virtqemud-sock`,
+/// its migration-target proxy). Our daemon is libvirtd with only the QEMU driver, which is what
+/// virtqemud is; its socket is `libvirt-sock`, and this name is a relative symlink to it (it
+/// resolves inside `/proc/<pid>/root` too, and survives a libvirtd restart).
+pub const VIRTQEMUD_SOCK: &str = "virtqemud-sock";
+
+impl PodLayout {
+    /// The layout in KubeVirt's `compute` container: no private namespace (the container is
+    /// one, and hot-plug and containerDisk mounts arrive by propagation), the runtime root
+    /// (configuration, pid files, lock) at `<private_root>/launcher`, libvirtd's sockets in
+    /// `libvirt_run_dir` (`/var/run/libvirt`). `private_root` is `/var/run/kubevirt-private`,
+    /// where the VM's own directory `<uid>` (console socket `virt-serial0`) also lives.
+    pub fn kubevirt(
+        private_root: &Path,
+        libvirt_run_dir: impl Into<PathBuf>,
+        container_disk_dir: impl Into<PathBuf>,
+    ) -> Self {
+        PodLayout {
+            root: private_root.join("launcher"),
+            isolated: false,
+            kubevirt: Some(KubevirtDirs {
+                libvirt_run_dir: libvirt_run_dir.into(),
+                container_disk_dir: container_disk_dir.into(),
+            }),
+        }
+    }
+
+    /// KubeVirt's directories, in KubeVirt mode.
+    pub fn kubevirt_dirs(&self) -> Option<&KubevirtDirs> {
+        self.kubevirt.as_ref()
+    }
+
+    /// In KubeVirt mode: links `virtqemud-sock` to libvirtd's socket (see [`VIRTQEMUD_SOCK`]).
+    pub fn link_virtqemud_sock(&self) -> Result<(), PodError> {
+        if self.kubevirt.is_none() {
+            return Ok(());
+        }
+        let link = self.sock_dir().join(VIRTQEMUD_SOCK);
+        let _ = fs::remove_file(&link);
+        let target = self
+            .libvirt_socket()
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        std::os::unix::fs::symlink(&target, &link).map_err(io_err(&link))
+    }
+}
+
+impl PodLayout {
+    /// The program to start for daemon `name`: `name` (from PATH), except libvirtd in
+    /// KubeVirt's pod once [`PodLayout::link_virtqemud_program`] ran: it then runs through a
+    /// link named `virtqemud`, so that its process is called that (`/proc/<pid>/stat`), as
+    /// virt-handler expects of the launcher's child that starts QEMU: it raises that process's
+    /// memlock limit before a VFIO/SEV/realtime VM starts
+    /// (`pkg/hypervisor/common/qemu.go` FindVirtqemudProcess, `pkg/hypervisor/kvm/runtime.go`).
+    pub fn daemon_program(&self, name: &str) -> PathBuf {
+        let link = self.virtqemud_program();
+        if self.kubevirt.is_some() && name == "libvirtd" && link.exists() {
+            return link;
+        }
+        PathBuf::from(name)
+    }
+
+    fn virtqemud_program(&self) -> PathBuf {
+        self.root.join("bin").join("virtqemud")
+    }
+
+    /// In KubeVirt mode: links `<root>/bin/virtqemud` to libvirtd found in `PATH` (see
+    /// [`PodLayout::daemon_program`]). Nothing when libvirtd is not found: starting it fails
+    /// then, with the usual error.
+    pub fn link_virtqemud_program(&self) -> Result<(), PodError> {
+        if self.kubevirt.is_none() {
+            return Ok(());
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let Some(libvirtd) = std::env::split_paths(&path)
+            .map(|d| d.join("libvirtd"))
+            .find(|p| p.is_file())
+        else {
+            return Ok(());
+        };
+        let link = self.virtqemud_program();
+        let dir = self.root.join("bin");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&libvirtd, &link).map_err(io_err(&link))
+    }
+}
+
+/// Removes the `*.sock` files in KubeVirt's container-disk directory: each containerDisk
+/// container waits on its socket there and stops once it is gone (KubeVirt's monitor does this
+/// when the launcher ends). Returns what was removed.
+pub fn remove_container_disk_sockets(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "sock") {
+            let gone = match e.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+                _ => fs::remove_file(&path),
+            };
+            if gone.is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod kubevirt_tests {
+    use super::*;
+
+    #[test]
+    fn kubevirt_layout_and_virtqemud_link() {
+        let tmp = std::env::temp_dir().join(format!("vl-kv-layout-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let run = tmp.join("run-libvirt");
+        fs::create_dir_all(&run).unwrap();
+        let l = PodLayout::kubevirt(&tmp.join("private"), &run, tmp.join("cd"));
+        assert!(!l.is_isolated());
+        assert_eq!(l.root(), tmp.join("private/launcher"));
+        assert_eq!(l.libvirt_socket(), run.join("libvirt-sock"));
+        l.link_virtqemud_sock().unwrap();
+        l.link_virtqemud_sock().unwrap();
+        assert_eq!(
+            fs::read_link(run.join(VIRTQEMUD_SOCK)).unwrap(),
+            PathBuf::from("libvirt-sock")
+        );
+
+        let cd = tmp.join("cd");
+        fs::create_dir_all(cd.join("dir.sock")).unwrap();
+        fs::write(cd.join("disk_0.sock"), "").unwrap();
+        fs::write(cd.join("disk_0.img"), "").unwrap();
+        let mut removed = remove_container_disk_sockets(&cd);
+        removed.sort();
+        assert_eq!(removed, [cd.join("dir.sock"), cd.join("disk_0.sock")]);
+        assert!(cd.join("disk_0.img").exists());
+        fs::remove_dir_all(&tmp).unwrap();
+    }
 }

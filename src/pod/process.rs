@@ -259,9 +259,17 @@ impl Reaper {
     /// Becomes a child subreaper (unless PID 1 already) and starts reaping every child of the
     /// process, for good. Calling it again returns the running reaper.
     pub fn start() -> io::Result<Reaper> {
+        Reaper::start_as(true)
+    }
+
+    /// [`Reaper::start`], as a child subreaper or not. Not one (KubeVirt's pod, under
+    /// `virt-launcher-monitor`): orphans — the QEMU libvirtd daemonizes — go to the monitor,
+    /// where virt-handler looks for QEMU (among the children of the socket owner's parent);
+    /// this process still reaps its own children.
+    pub fn start_as(subreaper: bool) -> io::Result<Reaper> {
         let mut t = table();
         if !t.reaping {
-            if std::process::id() != 1 {
+            if subreaper && std::process::id() != 1 {
                 nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)?;
             }
             std::thread::Builder::new()

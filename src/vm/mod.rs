@@ -59,6 +59,22 @@ pub struct RunOptions {
     pub detach_timeout: Duration,
     /// The size at which the console and QEMU logs are rotated (`--log-max-bytes`).
     pub log_max_bytes: u64,
+    /// What SIGTERM (and SIGINT) does.
+    pub on_sigterm: OnSigterm,
+}
+
+/// What the launcher does on SIGTERM once a domain runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnSigterm {
+    /// Standalone: the ACPI power button, and the domain destroyed when the VMI's grace
+    /// period is over.
+    #[default]
+    ShutDown,
+    /// KubeVirt's pod is being deleted: mark `MarkedForGracefulShutdown` in the KubeVirt
+    /// metadata (virt-handler, told of it, drives the shutdown through the cmd API) and destroy
+    /// the domain ourselves after `grace` (`--grace-period-seconds`), as KubeVirt's launcher
+    /// does (`cmd/virt-launcher/virt-launcher.go`, `pkg/virt-launcher/monitor.go`).
+    MarkForHandler { grace: Duration },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +276,8 @@ impl Relays {
 /// The loop's view of a requested stop.
 struct Stopping {
     deadline: Option<Instant>,
+    /// KubeVirt mode: when the domain is destroyed after SIGTERM (`--grace-period-seconds`).
+    kill_at: Option<Instant>,
     destroyed: bool,
     /// A stop came during a migration: the ACPI button is pressed once the cancelled
     /// migration has ended (the migration tells the owner it is done), or at the latest then.
@@ -344,6 +362,7 @@ async fn owner_loop(
     let launched = Instant::now();
     let mut stopping = Stopping {
         deadline: None,
+        kill_at: None,
         destroyed: false,
         acpi_after_migration: None,
     };
@@ -353,6 +372,12 @@ async fn owner_loop(
         relays.start_when_ready(core);
         let grace_over = async {
             match stopping.deadline {
+                Some(d) if !stopping.destroyed => tokio::time::sleep_until(d.into()).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let sigterm_grace_over = async {
+            match stopping.kill_at {
                 Some(d) if !stopping.destroyed => tokio::time::sleep_until(d.into()).await,
                 _ => std::future::pending().await,
             }
@@ -394,11 +419,11 @@ async fn owner_loop(
             }
             _ = sigterm.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
-                begin_stop(core, "SIGTERM", core.grace(), &mut stopping, &link).await;
+                on_signal(core, ledger, opts.on_sigterm, "SIGTERM", &mut stopping, &link).await;
             }
             _ = sigint.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
-                begin_stop(core, "SIGINT", core.grace(), &mut stopping, &link).await;
+                on_signal(core, ledger, opts.on_sigterm, "SIGINT", &mut stopping, &link).await;
             }
             Some(req) = urgent.recv() => {
                 if let Some(outcome) = on_urgent(core, req, &mut stopping, &link).await {
@@ -406,6 +431,9 @@ async fn owner_loop(
                 }
             }
             _ = grace_over => destroy(core, "grace period over", &mut stopping).await,
+            _ = sigterm_grace_over => {
+                destroy(core, "--grace-period-seconds after SIGTERM over", &mut stopping).await
+            }
             _ = migration_cancel_over => {
                 if let Some(p) = stopping.acpi_after_migration.take() {
                     tracing::warn!("the cancelled migration has not ended; shutting down anyway");
@@ -825,6 +853,37 @@ async fn begin_stop(
         return;
     }
     press_acpi(core, why, grace).await;
+}
+
+/// SIGTERM or SIGINT while a domain runs (see [`OnSigterm`]).
+async fn on_signal(
+    core: &Arc<Launcher>,
+    ledger: &mut Ledger,
+    policy: OnSigterm,
+    why: &'static str,
+    stopping: &mut Stopping,
+    link: &MigrationLink,
+) {
+    match policy {
+        OnSigterm::ShutDown => begin_stop(core, why, core.grace(), stopping, link).await,
+        OnSigterm::MarkForHandler { grace } => {
+            // Its own timer: a Shutdown from virt-handler meanwhile still presses the button.
+            if stopping.kill_at.is_none() {
+                tracing::info!(
+                    why,
+                    grace_s = grace.as_secs(),
+                    "marked for graceful shutdown; the domain is destroyed when the grace period ends"
+                );
+                stopping.kill_at = Some(Instant::now() + grace);
+            }
+            if !core.status().kubevirt.marked_for_graceful_shutdown {
+                ledger.apply(Report::Status(Box::new(|s: &mut state::Status| {
+                    s.kubevirt.marked_for_graceful_shutdown = true
+                })));
+                ledger.publish(EventKind::Domain, "marked for graceful shutdown");
+            }
+        }
+    }
 }
 
 /// Presses the guest's ACPI power button.

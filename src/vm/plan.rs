@@ -20,6 +20,8 @@ pub struct PathOverrides {
     pub kernel_boot_dir: Option<PathBuf>,
     pub private_dir: Option<PathBuf>,
     pub ephemeral_disks_dir: Option<PathBuf>,
+    /// `--container-disk-dir` in KubeVirt's pod.
+    pub container_disks_dir: Option<PathBuf>,
     /// See [`PodPaths::trusted_roots`]: set only by the launcher (standalone DataVolumes).
     pub trusted_roots: Vec<PathBuf>,
 }
@@ -39,6 +41,7 @@ impl PathOverrides {
         set(&mut p.kernel_boot_dir, &self.kernel_boot_dir);
         set(&mut p.private_dir, &self.private_dir);
         set(&mut p.ephemeral_disks_dir, &self.ephemeral_disks_dir);
+        set(&mut p.container_disks_dir, &self.container_disks_dir);
         p.trusted_roots = self.trusted_roots.clone();
         p
     }

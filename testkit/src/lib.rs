@@ -1,11 +1,13 @@
 //! The launcher harness that the integration tests (`tests/common`) and the benchmark
 //! (`bench/`) share: the test guest's VMIs and PVC images, the `virt-launcher run` command
 //! line, the guest's console lines, the control API client, and what is found in `/proc`
-//! (processes, memory, namespaces) to measure a pod and to clean up after it.
+//! (processes, memory, namespaces) to measure a pod and to clean up after it; KubeVirt's
+//! `compute` container around `virt-launcher-monitor` (`compute`).
 //!
 //! Tests wrap it in panicking helpers (`tests/common`); the benchmark in `Result`s that stop a
 //! run cleanly. Nothing here knows which of the two calls it.
 
+pub mod compute;
 pub mod guest;
 pub mod kubevirt;
 pub mod launcher;
