@@ -1,9 +1,20 @@
-//! Compiles `proto/` into Rust with protox (pure Rust: no `protoc` needed).
+//! Compiles `proto/` into Rust with protox (pure Rust: no `protoc` needed): our own
+//! launcher.v1, and KubeVirt's command protocol (kubevirt.cmd.*) that virt-handler speaks.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/launcher/v1/launcher.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    let ours = ["proto/launcher/v1/launcher.proto"];
+    let kubevirt = [
+        "proto/kubevirt/cmd/info/info.proto",
+        "proto/kubevirt/cmd/v1/cmd.proto",
+    ];
+    for p in ours.iter().chain(&kubevirt) {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    tonic_prost_build::configure().compile_fds(protox::compile(ours, ["proto"])?)?;
+    // KubeVirt's cmd protocol has more RPCs than the launcher serves: the ones it does not
+    // implement answer UNIMPLEMENTED.
+    tonic_prost_build::configure()
+        .generate_default_stubs(true)
+        .compile_fds(protox::compile(kubevirt, ["proto"])?)?;
     Ok(())
 }

@@ -101,6 +101,29 @@ impl VirtualMachineInstance {
             .as_ref()
             .and_then(|s| s.volume_status.iter().find(|v| v.name == name))
     }
+
+    /// KubeVirt's hot-plug rule, as virt-handler's VMIs carry it: a PVC or DataVolume volume is
+    /// hot-plugged when its `status.volumeStatus` entry has `hotplugVolume`, whatever its
+    /// `hotpluggable` flag says; that flag is set to match. Volumes without a status entry keep
+    /// their flag. (Which hot-plugged disks are attached then follows the entry's phase:
+    /// `MountedToPod` or `Ready`.)
+    pub fn apply_volume_status_hotplug(&mut self) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        for v in &mut self.spec.volumes {
+            let Some(entry) = status.volume_status.iter().find(|e| e.name == v.name) else {
+                continue;
+            };
+            let hotplug = Some(entry.hotplug_volume.is_some());
+            if let Some(p) = &mut v.persistent_volume_claim {
+                p.hotpluggable = hotplug;
+            }
+            if let Some(d) = &mut v.data_volume {
+                d.hotpluggable = hotplug;
+            }
+        }
+    }
 }
 
 /// A `VirtualMachine`: kept for `spec.template` and `spec.dataVolumeTemplates`.

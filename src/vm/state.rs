@@ -120,6 +120,8 @@ pub struct Status {
     pub migration: Option<MigrationProgress>,
     /// What KubeVirt's virt-handler reads from the domain's metadata.
     pub kubevirt: KubevirtMetadata,
+    /// The domain's definition was removed (KubeVirt's Delete): the launcher is ending.
+    pub deleted: bool,
 }
 
 /// The domain metadata KubeVirt's virt-handler reads (`Spec.Metadata.KubeVirt` of its domain
