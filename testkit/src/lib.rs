@@ -7,6 +7,7 @@
 //! run cleanly. Nothing here knows which of the two calls it.
 
 pub mod guest;
+pub mod kubevirt;
 pub mod launcher;
 pub mod procs;
 pub mod vmi;
