@@ -1,11 +1,14 @@
 //! Compiles `proto/` into Rust with protox (pure Rust: no `protoc` needed): our own
-//! launcher.v1, and KubeVirt's command protocol (kubevirt.cmd.*) that virt-handler speaks.
+//! launcher.v1, and KubeVirt's protocols that virt-handler speaks (kubevirt.cmd.*, served;
+//! kubevirt.notify.*, called).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ours = ["proto/launcher/v1/launcher.proto"];
     let kubevirt = [
         "proto/kubevirt/cmd/info/info.proto",
         "proto/kubevirt/cmd/v1/cmd.proto",
+        "proto/kubevirt/notify/v1/notify.proto",
+        "proto/kubevirt/notify/info/info.proto",
     ];
     for p in ours.iter().chain(&kubevirt) {
         println!("cargo:rerun-if-changed={p}");

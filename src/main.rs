@@ -110,6 +110,10 @@ struct RunArgs {
     json_logs: bool,
     #[command(flatten)]
     paths: PathArgs,
+    /// KubeVirt's share dir: the domain is notified to virt-handler on its
+    /// `domain-notify-pipe.sock` there.
+    #[arg(long, value_name = "DIR")]
+    kubevirt_share_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -290,7 +294,7 @@ fn run(args: RunArgs) -> Result<i32> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let outcome = runtime.block_on(serve(&layout, opts, &api));
+    let outcome = runtime.block_on(serve(&layout, opts, &api, args.kubevirt_share_dir.clone()));
     runtime.shutdown_timeout(Duration::from_secs(2));
     layout.remove_daemon_state();
     Ok(outcome?.exit_code())
@@ -299,7 +303,12 @@ fn run(args: RunArgs) -> Result<i32> {
 /// Starts the pod's daemons, the core and the control API on it, and runs until the VM
 /// stops. Always stops the daemons and kills leftover processes before returning, whether the
 /// VM ran or not.
-async fn serve(layout: &PodLayout, opts: RunOptions, api: &ServerConfig) -> Result<vm::Outcome> {
+async fn serve(
+    layout: &PodLayout,
+    opts: RunOptions,
+    api: &ServerConfig,
+    share_dir: Option<PathBuf>,
+) -> Result<vm::Outcome> {
     let reaper = Reaper::start().context("cannot set up process supervision")?;
     let (daemon_tx, daemon_events) = mpsc::unbounded_channel();
     let mut daemons = Daemons::start(&reaper, layout, daemon_tx).await?;
@@ -312,7 +321,12 @@ async fn serve(layout: &PodLayout, opts: RunOptions, api: &ServerConfig) -> Resu
     let result = async {
         let core = vm::Supervisor::connect(pod, opts).await?;
         let server = api::server::serve(core.handle(), api).await?;
+        let notify = share_dir.map(|d| api::kubevirt::notify::spawn(core.handle(), d));
         let outcome = core.run().await;
+        // As KubeVirt's launcher: wait up to 15 s for the final event to be delivered.
+        if let Some(n) = notify {
+            let _ = tokio::time::timeout(Duration::from_secs(15), n).await;
+        }
         server.shutdown().await;
         Ok(outcome?)
     }

@@ -18,6 +18,7 @@ impl Launcher {
             .map_err(agent_error)?;
         // The owner counts the freeze and schedules its automatic thaw.
         self.report(Report::Frozen { timeout });
+        self.update(|s| s.domain.frozen = true);
         self.publish(
             EventKind::Agent,
             &format!(
@@ -35,10 +36,13 @@ impl Launcher {
             return;
         };
         match self.blocking(move |hv| hv.fs_thaw(&name)).await {
-            Ok(k) => self.publish(
-                EventKind::Agent,
-                &format!("freeze timed out: thawed {k} filesystems"),
-            ),
+            Ok(k) => {
+                self.update(|s| s.domain.frozen = false);
+                self.publish(
+                    EventKind::Agent,
+                    &format!("freeze timed out: thawed {k} filesystems"),
+                )
+            }
             Err(e) => tracing::error!(error = %e, "automatic thaw failed"),
         }
     }
@@ -50,6 +54,7 @@ impl Launcher {
             .blocking(move |hv| hv.fs_thaw(&name))
             .await
             .map_err(agent_error)?;
+        self.update(|s| s.domain.frozen = false);
         self.publish(EventKind::Agent, &format!("thawed {thawed} filesystems"));
         Ok(thawed)
     }

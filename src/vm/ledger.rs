@@ -225,6 +225,8 @@ mod tests {
             shared: false,
             readonly: false,
             size_bytes: 0,
+            device: "disk".into(),
+            block: false,
         }
     }
 

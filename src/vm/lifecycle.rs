@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::core::{ControlError, Launcher};
 use super::ledger::{Ledger, Report};
-use super::state::{Event, EventKind, Phase, State};
+use super::state::{DomainFacts, Event, EventKind, Phase, State};
 use super::volumes::{attached_volume, disk_status, is_hotplug};
 use crate::libvirt::events::StopReason;
 use crate::libvirt::{DomainEvent, DomainStats, LifecycleKind};
@@ -71,12 +71,15 @@ impl Launcher {
         let volumes: Vec<String> = disks.iter().map(|d| d.volume.clone()).collect();
         let (n, uid) = (name.clone(), vmi.metadata.uid.clone().unwrap_or_default());
         let grace = vmi.termination_grace_period().as_secs() as i64;
+        let facts = DomainFacts::of(&plan.domain);
+        let learn_macs = facts.interfaces.iter().any(|i| i.mac.is_empty());
         self.update(move |s| {
             s.name = n;
             s.uid = uid;
             s.disks = disks;
             // KubeVirt's GracePeriod.DeletionGracePeriodSeconds, as its converter sets it.
             s.kubevirt.deletion_grace_period_seconds = grace;
+            *s.domain = facts;
         });
         self.set_state(State::Starting, "sync");
         self.set_vmi(vmi);
@@ -100,11 +103,26 @@ impl Launcher {
             return Err(e);
         }
         self.report(Report::Started);
+        if learn_macs {
+            self.learn_macs(&name).await;
+        }
         tracing::info!(domain = %name, elapsed_ms = t.elapsed().as_millis() as u64, "domain running");
         for v in volumes {
             self.set_phase(&v, Phase::Ready, "");
         }
         Ok(())
+    }
+
+    /// Records the MACs libvirt chose for the interfaces the VMI gave none.
+    pub(crate) async fn learn_macs(&self, name: &str) {
+        let n = name.to_string();
+        match self.blocking(move |hv| hv.xml(&n)).await {
+            Ok(xml) => match crate::domain::live::LiveDomain::parse(&xml) {
+                Ok(live) => self.update(move |s| s.domain.learn_macs(&live)),
+                Err(e) => tracing::warn!(error = %e, "live domain XML"),
+            },
+            Err(e) => tracing::warn!(error = %e, "reading the interfaces' MACs"),
+        }
     }
 
     /// libvirtd died while it was starting the domain. Once it is back (the pod's daemon
@@ -351,7 +369,8 @@ impl Launcher {
                 LifecycleKind::ShuttingDown => {
                     ledger.set_state(State::ShuttingDown, "guest shutdown")
                 }
-                LifecycleKind::Crashed => ledger.set_state(State::Crashed, "crashed"),
+                // libvirt's CRASHED event is the guest's panic (QEMU still runs).
+                LifecycleKind::Crashed => ledger.set_state(State::Crashed, "panicked"),
                 LifecycleKind::Stopped(r) => {
                     let state = if r.is_clean() {
                         State::Shutoff
@@ -379,14 +398,18 @@ impl Launcher {
                 e.state = ledger.status().state;
                 ledger.push(e);
             }
-            DomainEvent::AgentConnected { connected, .. } => ledger.publish(
-                EventKind::Agent,
-                if *connected {
-                    "guest agent connected"
-                } else {
-                    "guest agent disconnected"
-                },
-            ),
+            DomainEvent::AgentConnected { connected, .. } => {
+                let c = *connected;
+                ledger.update(|s| s.domain.agent_connected = c);
+                ledger.publish(
+                    EventKind::Agent,
+                    if *connected {
+                        "guest agent connected"
+                    } else {
+                        "guest agent disconnected"
+                    },
+                );
+            }
             // JOB_COMPLETED goes to the migration that waits for it (the owner's link).
             DomainEvent::Reboot { .. } => ledger.publish(EventKind::Domain, "guest rebooted"),
             DomainEvent::Watchdog { action, .. } => ledger.publish(

@@ -46,6 +46,10 @@ pub struct DiskStatus {
     /// Read-only or a cdrom: never needs copying in a migration.
     pub readonly: bool,
     pub size_bytes: u64,
+    /// libvirt's device kind: "disk", "cdrom" or "lun".
+    pub device: String,
+    /// The source is a block device (else a file).
+    pub block: bool,
 }
 
 /// Where a migration stands.
@@ -122,6 +126,94 @@ pub struct Status {
     pub kubevirt: KubevirtMetadata,
     /// The domain's definition was removed (KubeVirt's Delete): the launcher is ending.
     pub deleted: bool,
+    /// What the core knows of the domain's definition and its guest (boxed: the status
+    /// travels in replies).
+    pub domain: Box<DomainFacts>,
+}
+
+/// The domain's definition as the core made it (and libvirt completed it), and what the
+/// guest agent reported: what a front-end needs to describe the domain (KubeVirt's domain
+/// JSON) without asking libvirt.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DomainFacts {
+    /// "kvm" or "qemu".
+    pub domain_type: String,
+    pub uuid: String,
+    pub arch: String,
+    pub machine: String,
+    pub memory_kib: u64,
+    pub acpi: bool,
+    pub interfaces: Vec<InterfaceFacts>,
+    /// The virtio-serial channels' target names (`org.qemu.guest_agent.0`).
+    pub channels: Vec<String>,
+    pub agent_connected: bool,
+    /// The guest's filesystems are frozen.
+    pub frozen: bool,
+}
+
+/// One network interface of the domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct InterfaceFacts {
+    /// The VMI's interface name (the alias without `ua-`).
+    pub name: String,
+    /// The MAC address (the VMI's, else the one libvirt chose; empty until known).
+    pub mac: String,
+    /// The tap device.
+    pub tap: String,
+    pub model: String,
+}
+
+impl DomainFacts {
+    /// The facts of a planned domain (MACs libvirt has yet to choose are empty).
+    pub fn of(d: &crate::domain::Domain) -> DomainFacts {
+        DomainFacts {
+            domain_type: d.domain_type.as_str().to_string(),
+            uuid: d.uuid.clone().unwrap_or_default(),
+            arch: d.os.arch.clone(),
+            machine: d.os.machine.clone(),
+            memory_kib: d.memory.kib,
+            acpi: d.features.acpi,
+            interfaces: d
+                .devices
+                .interfaces
+                .iter()
+                .map(|i| InterfaceFacts {
+                    name: i.alias.strip_prefix("ua-").unwrap_or(&i.alias).to_string(),
+                    mac: i.mac.clone().unwrap_or_default(),
+                    tap: i.tap.clone(),
+                    model: i.model.clone(),
+                })
+                .collect(),
+            channels: d
+                .devices
+                .channels
+                .iter()
+                .map(|c| c.target_name.clone())
+                .collect(),
+            agent_connected: false,
+            frozen: false,
+        }
+    }
+
+    /// Fills the MACs libvirt chose, from the live domain.
+    pub fn learn_macs(&mut self, live: &crate::domain::live::LiveDomain) {
+        let Some(devices) = &live.devices else {
+            return;
+        };
+        for l in &devices.interface {
+            let alias = l.alias.as_ref().and_then(|a| a.name.as_deref());
+            let mac = l.mac.as_ref().and_then(|m| m.address.as_deref());
+            let (Some(alias), Some(mac)) = (alias, mac) else {
+                continue;
+            };
+            let name = alias.strip_prefix("ua-").unwrap_or(alias);
+            if let Some(i) = self.interfaces.iter_mut().find(|i| i.name == name) {
+                if i.mac.is_empty() {
+                    i.mac = mac.to_string();
+                }
+            }
+        }
+    }
 }
 
 /// The domain metadata KubeVirt's virt-handler reads (`Spec.Metadata.KubeVirt` of its domain
@@ -304,6 +396,35 @@ mod tests {
         );
         log.push(ev("4"));
         assert_eq!(rx.try_recv().unwrap().seq, 4);
+    }
+
+    #[test]
+    fn the_macs_libvirt_chose_fill_only_the_interfaces_without_one() {
+        let iface = |name: &str, mac: &str| InterfaceFacts {
+            name: name.into(),
+            mac: mac.into(),
+            tap: String::new(),
+            model: "virtio".into(),
+        };
+        let mut facts = DomainFacts {
+            interfaces: vec![iface("default", ""), iface("given", "02:00:00:00:00:01")],
+            ..Default::default()
+        };
+        let live = crate::domain::live::LiveDomain::parse(
+            "<domain type='kvm'><name>d</name><devices>\
+             <interface type='ethernet'><mac address='52:54:00:aa:bb:cc'/><alias name='ua-default'/></interface>\
+             <interface type='ethernet'><mac address='52:54:00:00:00:02'/><alias name='ua-given'/></interface>\
+             <interface type='ethernet'><mac address='52:54:00:00:00:03'/><alias name='net9'/></interface>\
+             </devices></domain>",
+        )
+        .unwrap();
+        facts.learn_macs(&live);
+        assert_eq!(facts.interfaces[0].mac, "52:54:00:aa:bb:cc");
+        assert_eq!(
+            facts.interfaces[1].mac, "02:00:00:00:00:01",
+            "the VMI's MAC stays"
+        );
+        assert_eq!(facts.interfaces.len(), 2);
     }
 
     #[test]

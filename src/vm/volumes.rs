@@ -342,6 +342,8 @@ pub(crate) fn disk_status(
         shared: d.shareable || status.is_some_and(|s| s.is_shared()),
         readonly: d.readonly || d.device == crate::domain::DiskDevice::Cdrom,
         size_bytes: size_of(d.source_path()),
+        device: d.device.as_str().to_string(),
+        block: matches!(d.source, crate::domain::DiskSource::Block(_)),
         volume,
     }
 }

@@ -78,8 +78,10 @@ impl Launcher {
             })
             .collect();
         let (name, target) = (plan.domain.name().to_string(), info.clone());
+        let facts = crate::vm::state::DomainFacts::of(&plan.domain);
         self.update(move |s| {
             s.name = name;
+            *s.domain = facts;
             s.uid = target.uid.clone();
             s.disks = disks;
             s.migration_target = Some(target);
