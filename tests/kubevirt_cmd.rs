@@ -56,13 +56,15 @@ async fn domain_json(h: &mut CmdClient) -> String {
         .await
         .unwrap()
         .into_inner();
-    let resp = r.response.expect("a response");
-    // Until the api.Domain JSON is rendered, GetDomain answers "" only when there is no
-    // domain (and says so otherwise).
-    if !r.domain.is_empty() || resp.success {
-        assert!(resp.success, "{resp:?}");
-    }
+    assert!(r.response.as_ref().unwrap().success, "{r:?}");
     r.domain
+}
+
+/// GetDomain's api.Domain JSON, parsed.
+async fn domain(h: &mut CmdClient) -> serde_json::Value {
+    let json = domain_json(h).await;
+    assert!(!json.is_empty(), "GetDomain: no domain");
+    serde_json::from_str(&json).unwrap()
 }
 
 async fn state(l: &mut Client) -> DomainState {
@@ -142,6 +144,21 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     wait_state(&mut l, &pod, DomainState::Running).await;
     pod.wait_console("LV-READY", Duration::from_secs(90));
     let uuid = domuuid(&pod);
+    let d = domain(&mut h).await;
+    assert_eq!(d["Status"]["Status"], "Running", "{d}");
+    assert_eq!(
+        d["Spec"]["Metadata"]["KubeVirt"]["UID"],
+        pod.uid().as_str(),
+        "{d}"
+    );
+    assert_eq!(
+        d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["DeletionGracePeriodSeconds"], 2,
+        "{d}"
+    );
+    assert!(
+        d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["DeletionTimestamp"].is_null(),
+        "{d}"
+    );
 
     // The handler's next reconcile: phase Running. Nothing changes.
     set_phase(&mut vmi, "Running");
@@ -180,6 +197,15 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
         !d.disks.iter().any(|k| k.volume == "fsvol"),
         "attached at AttachedToNode: {d:?}"
     );
+    let d = domain(&mut h).await;
+    assert!(
+        !d["Spec"]["Devices"]["Disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["Alias"]["Name"] == "fsvol"),
+        "{d}"
+    );
     // MountedToPod: attached, and the guest sees it (32 MiB = 65536 sectors) and writes to it.
     set_hotplug_volume(&mut vmi, "fsvol", "virtio", "MountedToPod");
     let r = sync(&mut h, vmi_request(&vmi)).await;
@@ -187,6 +213,14 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     let d = l.get_domain(pb::Empty {}).await.unwrap().into_inner();
     let disk = d.disks.iter().find(|k| k.volume == "fsvol").expect("fsvol");
     assert!(disk.hotplugged && !disk.target.is_empty(), "{disk:?}");
+    // The handler learns the target from the domain JSON (and then sets phase Ready).
+    let d = domain(&mut h).await;
+    let disks = d["Spec"]["Devices"]["Disks"].as_array().expect("disks");
+    let hp = disks
+        .iter()
+        .find(|k| k["Alias"]["Name"] == "fsvol")
+        .unwrap_or_else(|| panic!("fsvol not in the domain JSON: {d}"));
+    assert_eq!(hp["Target"]["Device"], disk.target.as_str(), "{d}");
     let dev = common::wait(Duration::from_secs(30), Duration::from_millis(100), || {
         testkit::guest::device_of(&pod.console(), 65536)
     })
@@ -267,15 +301,37 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     })
     .await;
     assert_eq!(stamped, Ok(true), "no deletion stamp\n{}", pod.dump());
+    let grace = &domain(&mut h).await["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"];
+    let stamp = grace["DeletionTimestamp"]
+        .as_str()
+        .expect("stamped")
+        .to_string();
+    assert!(stamp.ends_with('Z'), "RFC 3339: {stamp}");
     // The handler re-sends Shutdown until it kills: the button is pressed again.
     ok(&mut h, "Shutdown", &vmi).await;
     pod.wait_console_count("LV-ACPI-IGNORED", 2, Duration::from_secs(20));
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(state(&mut l).await, DomainState::Running, "{}", pod.dump());
+    // The stamp is the first Shutdown's, once.
+    let d = domain(&mut h).await;
+    assert_eq!(d["Status"]["Status"], "Running", "{d}");
+    assert_eq!(
+        d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["DeletionTimestamp"],
+        stamp.as_str()
+    );
 
     // Kill: destroyed; the launcher waits for the handler's Delete.
     ok(&mut h, "Kill", &vmi).await;
     wait_state(&mut l, &pod, DomainState::Shutoff).await;
+    let d = domain(&mut h).await;
+    assert_eq!(
+        (
+            d["Status"]["Status"].as_str(),
+            d["Status"]["Reason"].as_str()
+        ),
+        (Some("Shutoff"), Some("Destroyed")),
+        "{d}"
+    );
     ok(&mut h, "Kill", &vmi).await;
     ok(&mut h, "Shutdown", &vmi).await;
     let r = sync(&mut h, vmi_request(&vmi)).await;

@@ -9,11 +9,12 @@ use std::time::Duration;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
+use super::domain;
 use super::pb::cmd::v1 as pb;
 use super::pb::cmd::v1::cmd_server::Cmd;
 use crate::api::{deadline, decode_vmi};
 use crate::spec::VirtualMachineInstance;
-use crate::vm::{state, Command, ControlError, Handle, Reply, FREEZE_TIMEOUT};
+use crate::vm::{Command, ControlError, Handle, Reply, FREEZE_TIMEOUT};
 
 /// The cmd service: one per launcher, beside launcher.v1.
 pub struct CmdService {
@@ -281,17 +282,19 @@ impl Cmd for CmdService {
         &self,
         _req: Request<pb::EmptyRequest>,
     ) -> Result<Response<pb::DomainResponse>, Status> {
-        let s = self.core.status();
-        if matches!(s.state, state::State::None) || s.deleted {
-            return Ok(Response::new(pb::DomainResponse {
-                response: Some(ok()),
-                domain: String::new(),
-            }));
-        }
-        // The api.Domain JSON comes with the notify front-end (domain.rs).
+        // The api.Domain JSON, as the notify events carry it; "" when there is no domain
+        // (none yet, or deleted).
+        let status = self.core.status();
+        let vmi = self.core.vmi.borrow().clone();
+        let domain = match vmi {
+            Some(vmi) if !status.deleted => domain::render(&status, &vmi)
+                .map(|d| String::from_utf8_lossy(&domain::to_json(&d)).into_owned())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::DomainResponse {
-            response: Some(failed("the domain JSON is not available in this build")),
-            domain: String::new(),
+            response: Some(ok()),
+            domain,
         }))
     }
 
