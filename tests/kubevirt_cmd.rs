@@ -114,6 +114,11 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     // No domain yet: GetDomain is "", and Shutdown/Kill/Delete have nothing to do.
     assert_eq!(domain_json(&mut h).await, "");
     let mut vmi = handler_vmi(&pod.vmi_yaml(), "Running").unwrap();
+    // A Filesystem PVC as the handler rewrites it: a hostDisk DiskOrCreate in its own
+    // directory (the launcher creates the sparse image if the handler has not).
+    let host_image = pod.dir.join("vmi-disks/pvc/disk.img");
+    std::fs::create_dir_all(host_image.parent().unwrap()).unwrap();
+    kv::add_host_disk(&mut vmi, "pvc", &host_image, "8Mi");
     for what in ["Shutdown", "Kill", "Delete"] {
         ok(&mut h, what, &vmi).await;
     }
@@ -144,6 +149,12 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     wait_state(&mut l, &pod, DomainState::Running).await;
     pod.wait_console("LV-READY", Duration::from_secs(90));
     let uuid = domuuid(&pod);
+    assert_eq!(std::fs::metadata(&host_image).unwrap().len(), 8 << 20);
+    assert!(
+        testkit::guest::device_of(&pod.console(), 16384).is_some(),
+        "the guest does not see the hostDisk PVC\n{}",
+        pod.dump()
+    );
     let d = domain(&mut h).await;
     assert_eq!(d["Status"]["Status"], "Running", "{d}");
     assert_eq!(
@@ -348,6 +359,54 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
         assert!(r.success, "{r:?}");
     }
     let pod = common::exit_cleanly(pod, Duration::from_secs(30)).await;
+    let left = pod.leftover_processes();
+    assert!(left.is_empty(), "processes left behind: {left:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_shut_down_by_the_handler_waits_for_delete_and_a_sigterm_ends_it() {
+    let mut pod = Pod::new("kv-cmd-off")
+        .with_disk("data", "virtio", 16)
+        .grace(20);
+    pod.wait_for_sync = true;
+    pod.start();
+    pod.wait_socket(Duration::from_secs(30));
+    let mut h = kv::connect_cmd(&pod.socket()).await.unwrap();
+    let mut l = pod.client().await;
+    let mut vmi = handler_vmi(&pod.vmi_yaml(), "Scheduled").unwrap();
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    set_phase(&mut vmi, "Running");
+
+    // Delete while the domain runs: refused in-band, the VM untouched.
+    let r = call(&mut h, "Delete", &vmi).await.unwrap();
+    assert!(!r.success && r.message.contains("running"), "{r:?}");
+    assert_eq!(state(&mut l).await, DomainState::Running);
+
+    // Shutdown: this guest powers off on the button; the domain stays defined, Shutoff
+    // (Shutdown), for the handler to see and delete.
+    ok(&mut h, "Shutdown", &vmi).await;
+    wait_state(&mut l, &pod, DomainState::Shutoff).await;
+    let d = domain(&mut h).await;
+    assert_eq!(
+        (
+            d["Status"]["Status"].as_str(),
+            d["Status"]["Reason"].as_str()
+        ),
+        (Some("Shutoff"), Some("Shutdown")),
+        "{d}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        pod.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the launcher must wait for Delete\n{}",
+        pod.dump()
+    );
+    assert!(pod.virsh(&["list", "--all", "--name"]).contains(&pod.name));
+
+    // The pod is deleted before the handler's Delete came: SIGTERM ends the launcher.
+    let pod = common::stop_cleanly(pod, Duration::from_secs(30)).await;
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
 }

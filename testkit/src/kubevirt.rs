@@ -139,6 +139,22 @@ pub fn set_hotplug_volume(vmi: &mut Value, volume: &str, bus: &str, phase: &str)
     }));
 }
 
+/// Adds the volume `volume` as virt-handler rewrites a Filesystem PVC: a `hostDisk` of type
+/// `DiskOrCreate` at `path` (in a pod: `/var/run/kubevirt-private/vmi-disks/<vol>/disk.img`)
+/// with the claim's `capacity`, on a virtio disk.
+pub fn add_host_disk(vmi: &mut Value, volume: &str, path: &Path, capacity: &str) {
+    vmi["spec"]["domain"]["devices"]["disks"]
+        .as_array_mut()
+        .expect("spec.domain.devices.disks")
+        .push(json!({"name": volume, "disk": {"bus": "virtio"}}));
+    vmi["spec"]["volumes"]
+        .as_array_mut()
+        .expect("spec.volumes")
+        .push(json!({"name": volume, "hostDisk": {
+            "path": path, "type": "DiskOrCreate", "capacity": capacity, "shared": false,
+        }}));
+}
+
 /// The VMI with `uid` as its `metadata.uid`.
 pub fn with_uid(vmi: &Value, uid: &str) -> Value {
     let mut v = vmi.clone();
