@@ -261,6 +261,12 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
         .into_inner();
     assert!(qemu.response.unwrap().success && qemu.version.starts_with("10."));
 
+    // Another VMI's Pause: refused in-band, the VM untouched.
+    let other = with_uid(&vmi, "11111111-2222-4333-8444-555555555555");
+    let r = call(&mut h, "Pause", &other).await.unwrap();
+    assert!(!r.success && r.message.contains("uid"), "{r:?}");
+    assert_eq!(state(&mut l).await, DomainState::Running);
+
     // Pause / unpause, freeze / unfreeze (the guest agent), as virtctl asks through the handler.
     ok(&mut h, "Pause", &vmi).await;
     wait_state(&mut l, &pod, DomainState::Paused).await;

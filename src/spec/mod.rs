@@ -776,6 +776,41 @@ mod tests {
         assert!(msg.contains("spec.domain.cpu.cores"), "{msg}");
         assert!(msg.contains("v.json"), "{msg}");
     }
+
+    #[test]
+    fn the_handlers_volume_status_decides_hot_plug() {
+        let mut vmi = from_str(
+            r#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance",
+                "metadata":{"name":"a"},
+                "spec":{"volumes":[
+                    {"name":"hp","persistentVolumeClaim":{"claimName":"hp"}},
+                    {"name":"flagged","dataVolume":{"name":"dv","hotpluggable":true}},
+                    {"name":"cold","persistentVolumeClaim":{"claimName":"c","hotpluggable":true}},
+                    {"name":"unknown","persistentVolumeClaim":{"claimName":"u","hotpluggable":true}}]},
+                "status":{"volumeStatus":[
+                    {"name":"hp","phase":"AttachedToNode","hotplugVolume":{"attachPodName":"x"}},
+                    {"name":"flagged","phase":"Ready","hotplugVolume":{}},
+                    {"name":"cold","phase":"Ready"}]}}"#,
+            "v.json",
+        )
+        .unwrap();
+        vmi.apply_volume_status_hotplug();
+        let hot: Vec<(&str, bool)> = vmi
+            .spec
+            .volumes
+            .iter()
+            .map(|v| (v.name.as_str(), v.is_hotpluggable()))
+            .collect();
+        assert_eq!(
+            hot,
+            [
+                ("hp", true),
+                ("flagged", true),
+                ("cold", false),
+                ("unknown", true)
+            ]
+        );
+    }
 }
 
 /// Is `s` a DNS-1123 label (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters)?

@@ -234,6 +234,9 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
+        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
         Ok(Response::new(self.simple(&req, Command::Pause).await))
     }
 
@@ -241,6 +244,9 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
+        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
         Ok(Response::new(self.simple(&req, Command::Unpause).await))
     }
 
@@ -248,6 +254,9 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
+        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
         Ok(Response::new(self.simple(&req, Command::Reboot).await))
     }
 
@@ -255,6 +264,9 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
+        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
         Ok(Response::new(self.simple(&req, Command::Reset).await))
     }
 
@@ -262,6 +274,9 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::FreezeRequest>,
     ) -> Result<Response<pb::Response>, Status> {
+        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
         let timeout = match req.get_ref().unfreeze_timeout_seconds {
             s if s > 0 => Duration::from_secs(s as u64),
             _ => FREEZE_TIMEOUT,
@@ -275,6 +290,9 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
+        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
         Ok(Response::new(self.simple(&req, Command::Unfreeze).await))
     }
 
