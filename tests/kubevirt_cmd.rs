@@ -142,6 +142,24 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     assert_eq!(state(&mut l).await, DomainState::None);
     assert_eq!(domain_json(&mut h).await, "");
 
+    // A start whose volume file is missing (a hostDisk of type Disk): refused, named.
+    let mut missing = vmi.clone();
+    set_phase(&mut missing, "Scheduled");
+    let gone = pod.dir.join("vmi-disks/gone/disk.img");
+    kv::add_host_disk(&mut missing, "gone", &gone, "8Mi");
+    let last = missing["spec"]["volumes"].as_array().unwrap().len() - 1;
+    missing["spec"]["volumes"][last]["hostDisk"]["type"] = "Disk".into();
+    let r = sync(&mut h, vmi_request(&missing)).await;
+    assert!(
+        !r.success
+            && r.message
+                .contains(&format!("spec.volumes[{last}].hostDisk.path")),
+        "{r:?}"
+    );
+    eprintln!("missing hostDisk: {}", r.message);
+    assert_eq!(domain_json(&mut h).await, "");
+    ok(&mut h, "Delete", &vmi).await;
+
     // The start: phase Scheduled. Sync returns once the domain is started.
     set_phase(&mut vmi, "Scheduled");
     let r = sync(&mut h, vmi_request(&vmi)).await;

@@ -796,15 +796,18 @@ async fn delete(
     ledger: &Ledger,
     stopping: &Stopping,
 ) -> (Answer, Option<Outcome>) {
-    let Some(reason) = stopping.stopped else {
-        if core.has_started() {
+    let reason = match stopping.stopped {
+        Some(reason) => Some(reason),
+        None if core.has_started() => {
             let e = ControlError::Precondition(
                 "the domain is still running: shut it down or kill it first".into(),
             );
             return (Err(e), None);
         }
-        // No domain ever ran here: nothing to delete.
-        return (Ok(Reply::Done), None);
+        // No domain was ever defined here: nothing to delete.
+        None if core.domain_name().is_err() => return (Ok(Reply::Done), None),
+        // Defined, but its start failed: deleted all the same.
+        None => None,
     };
     let (hv, name) = (core.hypervisor().clone(), core.status().name);
     match tokio::task::spawn_blocking(move || hv.undefine(&name)).await {
@@ -815,7 +818,7 @@ async fn delete(
     ledger.update(|s| s.deleted = true);
     tracing::info!(domain = %core.status().name, "domain deleted, as the handler asked; exiting");
     let outcome = Outcome {
-        reason: Some(reason),
+        reason,
         requested: true,
     };
     (Ok(Reply::Done), Some(outcome))
