@@ -10,6 +10,7 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::domain;
+use super::options::MigrationOptions;
 use super::pb::cmd::v1 as pb;
 use super::pb::cmd::v1::cmd_server::Cmd;
 use crate::api::{deadline, decode_vmi};
@@ -360,6 +361,23 @@ impl Cmd for CmdService {
             response: Some(ok()),
             guest_info_response: "{}".into(),
         }))
+    }
+
+    async fn migrate_virtual_machine(
+        &self,
+        req: Request<pb::MigrationRequest>,
+    ) -> Result<Response<pb::Response>, Status> {
+        // Bad input is answered in-band, as KubeVirt's launcher does before it migrates.
+        let r = req.get_ref();
+        if let Err(m) = same_vmi(&self.core, r.vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
+        if let Err(m) = MigrationOptions::decode(&r.options) {
+            return Ok(Response::new(failed(m)));
+        }
+        Err(Status::unimplemented(
+            "live migration through virt-handler's migration proxies is not implemented yet",
+        ))
     }
 
     async fn ping(

@@ -6,12 +6,14 @@
 //!   launcher.v1 and answered in-band (`Response{success, message}`) as KubeVirt's own
 //!   launcher does: each handler decodes, sends one command to the core and maps the answer;
 //! - `domain`: the `api.Domain` JSON virt-handler reads (GetDomain, notify events);
-//! - `notify`: the client of the handler's notify server.
+//! - `notify`: the client of the handler's notify server;
+//! - `options`: the handler's migration options JSON.
 
 pub mod cmd;
 pub mod domain;
 pub mod info;
 pub mod notify;
+pub mod options;
 
 /// The generated protobuf types and service traits of KubeVirt's cmd protocol.
 #[allow(clippy::all, missing_docs)]
