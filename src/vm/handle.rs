@@ -50,6 +50,20 @@ pub enum Command {
     },
     /// Stop the migration under way; the VM stays here.
     CancelMigration,
+    /// Reset the guest (the reset button: no shutdown).
+    Reset,
+    /// KubeVirt's Sync, from virt-handler: from now on the handler drives the domain's end
+    /// (see [`Command::AcpiShutdown`], [`Command::Delete`]; a stopped domain stays defined
+    /// until Delete). Starts the domain only when none has run and the VMI's `status.phase`
+    /// is neither `Running` nor final; reconciles a running domain; leaves a stopped one be.
+    HandlerSync(VirtualMachineInstance),
+    /// KubeVirt's Shutdown: press the ACPI button (again, each time: a booting guest may miss
+    /// it); the first one stamps `KubevirtMetadata::deletion_timestamp`. No grace clock: the
+    /// handler decides on Kill. Nothing to do (no domain, or stopped) is no error.
+    AcpiShutdown,
+    /// KubeVirt's Delete: remove the stopped domain's definition; the launcher then ends
+    /// (its final event says so). No domain is no error (and ends nothing).
+    Delete,
 }
 
 impl Command {
@@ -58,7 +72,19 @@ impl Command {
     pub(crate) fn is_urgent(&self) -> bool {
         matches!(
             self,
-            Command::Shutdown { .. } | Command::Kill | Command::CancelMigration
+            Command::Shutdown { .. }
+                | Command::Kill
+                | Command::CancelMigration
+                | Command::AcpiShutdown
+                | Command::Delete
+        )
+    }
+
+    /// Commands only virt-handler sends (KubeVirt's front-end): the handler drives the end.
+    pub(crate) fn is_handlers(&self) -> bool {
+        matches!(
+            self,
+            Command::HandlerSync(_) | Command::AcpiShutdown | Command::Delete
         )
     }
 
@@ -83,6 +109,10 @@ impl Command {
             Command::PrepareMigrationTarget { .. } => "PrepareMigrationTarget",
             Command::Migrate { .. } => "Migrate",
             Command::CancelMigration => "CancelMigration",
+            Command::Reset => "Reset",
+            Command::HandlerSync(_) => "HandlerSync",
+            Command::AcpiShutdown => "AcpiShutdown",
+            Command::Delete => "Delete",
         }
     }
 }
@@ -94,7 +124,7 @@ pub enum Reply {
     /// Done; nothing to report.
     Done,
     /// The domain after a Sync.
-    Status(Status),
+    Status(Box<Status>),
     /// How many filesystems were frozen or thawed.
     Filesystems(i32),
     /// The statistics, and the volume of each disk target they cover.

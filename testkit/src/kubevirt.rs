@@ -1,5 +1,7 @@
 //! Test pieces that play KubeVirt's virt-handler against a launcher.
 
+pub mod cmd;
 pub mod notify;
 
+pub use cmd::*;
 pub use notify::{Mode, NotifyServer, Received};
