@@ -57,7 +57,8 @@ pub enum LifecycleKind {
     Defined,
     Undefined,
     Started,
-    Suspended,
+    /// Paused; the detail says why.
+    Suspended(PauseReason),
     Resumed,
     /// QEMU is gone; the detail says why.
     Stopped(StopReason),
@@ -66,6 +67,59 @@ pub enum LifecycleKind {
     PmSuspended,
     Crashed,
     Unknown(i32),
+}
+
+/// Why the domain was paused (`virDomainEventSuspendedDetailType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PauseReason {
+    /// Asked for (virDomainSuspend).
+    Paused,
+    /// For the switch-over of a migration.
+    Migrated,
+    /// An I/O error with error policy stop.
+    IoError,
+    Watchdog,
+    Restored,
+    FromSnapshot,
+    ApiError,
+    /// Post-copy migration running.
+    Postcopy,
+    PostcopyFailed,
+    Unknown,
+}
+
+impl PauseReason {
+    fn from_detail(detail: u32) -> PauseReason {
+        match detail {
+            0 => PauseReason::Paused,
+            1 => PauseReason::Migrated,
+            2 => PauseReason::IoError,
+            3 => PauseReason::Watchdog,
+            4 => PauseReason::Restored,
+            5 => PauseReason::FromSnapshot,
+            6 => PauseReason::ApiError,
+            7 => PauseReason::Postcopy,
+            8 => PauseReason::PostcopyFailed,
+            _ => PauseReason::Unknown,
+        }
+    }
+
+    /// How the core words it in the domain's state reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::Paused => "paused",
+            PauseReason::Migrated => "migration",
+            PauseReason::IoError => "ioerror",
+            PauseReason::Watchdog => "watchdog",
+            PauseReason::Restored => "restored",
+            PauseReason::FromSnapshot => "fromsnapshot",
+            PauseReason::ApiError => "api error",
+            PauseReason::Postcopy => "postcopy",
+            PauseReason::PostcopyFailed => "postcopy failed",
+            PauseReason::Unknown => "unknown",
+        }
+    }
 }
 
 /// Why the domain stopped (`virDomainEventStoppedDetailType`).
@@ -200,7 +254,7 @@ fn lifecycle_kind(event: i32, detail: i32) -> LifecycleKind {
         c::VIR_DOMAIN_EVENT_DEFINED => LifecycleKind::Defined,
         c::VIR_DOMAIN_EVENT_UNDEFINED => LifecycleKind::Undefined,
         c::VIR_DOMAIN_EVENT_STARTED => LifecycleKind::Started,
-        c::VIR_DOMAIN_EVENT_SUSPENDED => LifecycleKind::Suspended,
+        c::VIR_DOMAIN_EVENT_SUSPENDED => LifecycleKind::Suspended(PauseReason::from_detail(detail)),
         c::VIR_DOMAIN_EVENT_RESUMED => LifecycleKind::Resumed,
         c::VIR_DOMAIN_EVENT_STOPPED => LifecycleKind::Stopped(match detail {
             c::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => StopReason::Shutdown,
@@ -259,6 +313,14 @@ mod tests {
     #[test]
     fn unknown_event_codes_are_kept() {
         assert_eq!(lifecycle_kind(99, 0), LifecycleKind::Unknown(99));
+        assert_eq!(
+            lifecycle_kind(c::VIR_DOMAIN_EVENT_SUSPENDED as i32, 2),
+            LifecycleKind::Suspended(PauseReason::IoError)
+        );
+        assert_eq!(
+            lifecycle_kind(c::VIR_DOMAIN_EVENT_SUSPENDED as i32, 0),
+            LifecycleKind::Suspended(PauseReason::Paused)
+        );
         assert_eq!(state_name(42), "NoState");
         assert_eq!(state_name(c::VIR_DOMAIN_PAUSED), "Paused");
     }

@@ -365,7 +365,7 @@ impl Launcher {
                     self.adopt_incoming(ledger);
                     ledger.set_state(State::Running, "unpaused")
                 }
-                LifecycleKind::Suspended => ledger.set_state(State::Paused, "paused"),
+                LifecycleKind::Suspended(why) => ledger.set_state(State::Paused, why.as_str()),
                 LifecycleKind::ShuttingDown => {
                     ledger.set_state(State::ShuttingDown, "guest shutdown")
                 }

@@ -111,6 +111,17 @@ impl Launcher {
         let live = LiveDomain::parse(&xml)
             .map_err(|e| ControlError::Internal(format!("live domain XML: {e}")))?;
         let disks = live.disks().to_vec();
+        // MACs libvirt chose that the status lacks (a VM that arrived by migration).
+        if self
+            .status
+            .borrow()
+            .domain
+            .interfaces
+            .iter()
+            .any(|i| i.mac.is_empty())
+        {
+            self.update(move |s| s.domain.learn_macs(&live));
+        }
         // Kept under the generation read before the call: a change during it makes it stale.
         *self.live_cache() = Some((generation, disks.clone()));
         Ok(disks)

@@ -315,13 +315,27 @@ pub fn lifecycle(status: &Status) -> Option<(&'static str, &'static str)> {
         // Defined, not started yet: the handler tolerates Shutoff/Unknown while Scheduled.
         State::Starting => ("Shutoff", "Unknown"),
         State::Running => ("Running", "Unknown"),
-        State::Paused if migrating => ("Paused", "Migration"),
-        State::Paused => ("Paused", "User"),
+        State::Paused => ("Paused", pause_reason(&status.reason, migrating)),
         State::ShuttingDown => ("ShuttingDown", "User"),
         // The guest panicked; QEMU still runs.
         State::Crashed if status.reason == "panicked" => ("Crashed", "Panicked"),
         State::Shutoff | State::Crashed => ("Shutoff", shutoff_reason(&status.reason)),
     })
+}
+
+/// A pause's reason as the core words it (libvirt's suspended detail).
+fn pause_reason(reason: &str, migrating: bool) -> &'static str {
+    match reason {
+        "paused" if migrating => "Migration",
+        "paused" => "User",
+        "migration" => "Migration",
+        "ioerror" => "IOError",
+        "watchdog" => "Watchdog",
+        "fromsnapshot" | "restored" => "FromSnapshot",
+        "postcopy" => "Postcopy",
+        "postcopy failed" => "PostcopyFailed",
+        _ => "Unknown",
+    }
 }
 
 /// A stop's reason as the core words it (libvirt's stopped detail, lower case).
@@ -520,6 +534,8 @@ pub fn to_json(d: &Domain) -> Vec<u8> {
 }
 
 #[cfg(test)]
+// `KubevirtMetadata {..}.into()`: the same tests whether the status keeps it boxed or not.
+#[allow(clippy::useless_conversion)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
@@ -571,10 +587,12 @@ mod tests {
             state: State::Running,
             reason: "started".into(),
             disks: vec![disk("rootdisk", "vda", false, Phase::Ready)],
+            // `.into()`: the status may keep it boxed.
             kubevirt: KubevirtMetadata {
                 deletion_grace_period_seconds: 30,
                 ..Default::default()
-            },
+            }
+            .into(),
             domain: Box::new(DomainFacts {
                 domain_type: "kvm".into(),
                 uuid: UUID.into(),
@@ -733,7 +751,8 @@ mod tests {
                 abort_status: "Aborting".into(),
                 mode: "PreCopy".into(),
             }),
-        };
+        }
+        .into();
         let d = rendered(&s, &vmi(Some(30)));
         let kv = &d["Spec"]["Metadata"]["KubeVirt"];
         assert_eq!(
@@ -750,7 +769,7 @@ mod tests {
                    "Mode": "PreCopy"})
         );
         // The core has not stamped a grace period yet: the VMI's is used.
-        s.kubevirt = KubevirtMetadata::default();
+        s.kubevirt = Default::default();
         let d = rendered(&s, &vmi(Some(7)));
         assert_eq!(
             d["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"],

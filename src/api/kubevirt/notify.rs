@@ -14,7 +14,8 @@
 //! 5 s per attempt; a transient failure (unavailable, deadline, aborted, transport) drops
 //! the connection and dials again; an event not delivered in time, or refused for another
 //! reason, is logged and dropped; `success: false` is logged. Until the socket has appeared
-//! once (the handler has not contacted the pod yet), the clock does not run: the event waits.
+//! once (the handler has not contacted the pod yet), the clock does not run: the event waits,
+//! and is dropped when the launcher ends without any handler having come.
 //!
 //! Two tasks, so that the core is never held up: a follower that watches the core's status
 //! and event log and queues what to send, and a sender that delivers the queue. The queue is
@@ -184,6 +185,11 @@ impl Queue {
         self.ready.notify_one();
     }
 
+    /// Whether [`Queue::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// The next item; None once closed and empty.
     pub(crate) async fn pop(&self) -> Option<Item> {
         loop {
@@ -211,6 +217,9 @@ impl Queue {
 pub(crate) struct Follower {
     added: bool,
     last: Vec<u8>,
+    /// The I/O error last told (repeats are not told again until the domain changes: with
+    /// error policy `report` every failed request is an event).
+    last_io_error: Option<String>,
 }
 
 impl Follower {
@@ -234,6 +243,7 @@ impl Follower {
         };
         self.added = true;
         self.last = json.clone();
+        self.last_io_error = None;
         queue.push(Item { kind, json });
     }
 
@@ -253,8 +263,9 @@ impl Follower {
                 return true;
             }
             EventKind::IoError => {
-                if let Some(vmi) = vmi {
-                    let message = format!("I/O error on volume {}: {}", e.volume, e.message);
+                let message = format!("{} (volume {})", e.message, e.volume);
+                if let Some(vmi) = vmi.filter(|_| self.last_io_error.as_ref() != Some(&message)) {
+                    self.last_io_error = Some(message.clone());
                     queue.push(Item {
                         kind: Kind::K8s,
                         json: k8s_event(&vmi, "Warning", "IOerror", &message),
@@ -369,6 +380,11 @@ async fn deliver(queue: Arc<Queue>, config: NotifyConfig) {
                 if config.socket.exists() {
                     contacted = true;
                     deadline = Instant::now() + config.event_timeout;
+                } else if queue.is_closed() {
+                    // The launcher is done and no handler ever contacted the pod: there is
+                    // nobody to tell.
+                    tracing::info!("notify: no handler ever contacted the pod; events dropped");
+                    return;
                 } else {
                     tokio::time::sleep(config.interval).await;
                     continue;
@@ -552,6 +568,120 @@ mod tests {
         q.push(item(Kind::Modified, 2));
         assert_eq!(q.pop().await, Some(item(Kind::Modified, 1)));
         assert_eq!(q.pop().await, None);
+    }
+
+    /// A handle on bare channels: the status and VMI senders stand in for the core's ledger.
+    fn handle() -> (
+        Handle,
+        tokio::sync::watch::Sender<crate::vm::state::Status>,
+        tokio::sync::watch::Sender<Option<Arc<crate::spec::VirtualMachineInstance>>>,
+    ) {
+        let (status_tx, status) = tokio::sync::watch::channel(Default::default());
+        let (vmi_tx, vmi) = tokio::sync::watch::channel(None);
+        let h = Handle {
+            requests: tokio::sync::mpsc::unbounded_channel().0,
+            urgent: tokio::sync::mpsc::unbounded_channel().0,
+            status,
+            vmi,
+            console_log: tokio::sync::watch::channel(None).1,
+            events: Arc::new(crate::vm::state::EventLog::new(64)),
+            domain_type: "qemu".into(),
+        };
+        (h, status_tx, vmi_tx)
+    }
+
+    fn test_vmi() -> crate::spec::VirtualMachineInstance {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "vm", "namespace": "ns", "uid": "u-1"},
+            "spec": {"domain": {"devices": {}}}
+        }))
+        .unwrap()
+    }
+
+    fn state_event(state: State, reason: &str) -> Event {
+        let mut e = Event::new(EventKind::Domain);
+        e.state = state;
+        e.reason = reason.into();
+        e
+    }
+
+    #[test]
+    fn the_follower_sends_added_then_changes_only_then_the_end_after_the_last_state() {
+        let (h, status, vmi) = handle();
+        let q = Queue::new(64);
+        let mut f = Follower::default();
+        // Nothing before there is a VMI and a domain.
+        f.domain(&h, &q);
+        vmi.send_replace(Some(Arc::new(test_vmi())));
+        f.domain(&h, &q);
+        assert!(q.kinds().is_empty());
+        let set = |state, reason: &str| {
+            status.send_modify(|s| {
+                s.state = state;
+                s.reason = reason.into();
+            })
+        };
+        set(State::Starting, "sync");
+        f.domain(&h, &q);
+        f.domain(&h, &q);
+        assert_eq!(
+            q.kinds(),
+            [Kind::Added],
+            "an unchanged domain is not sent again"
+        );
+        set(State::Running, "started");
+        f.domain(&h, &q);
+        status.send_modify(|s| s.kubevirt.marked_for_graceful_shutdown = true);
+        f.domain(&h, &q);
+        assert_eq!(q.kinds(), [Kind::Added, Kind::Modified]);
+        let last: serde_json::Value =
+            serde_json::from_slice(&q.lock().items.back().unwrap().json).unwrap();
+        assert_eq!(
+            last["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["MarkedForGracefulShutdown"],
+            serde_json::json!(true)
+        );
+        // An I/O error and a panic become Kubernetes events; other events nothing.
+        let mut io = Event::new(EventKind::IoError);
+        io.volume = "data".into();
+        assert!(!f.event(&h, &q, &io));
+        assert!(!f.event(&h, &q, &io), "a repeat is not told again");
+        assert!(!f.event(&h, &q, &state_event(State::Crashed, "panicked")));
+        assert!(!f.event(&h, &q, &Event::new(EventKind::Agent)));
+        set(State::Shutoff, "shutdown");
+        f.domain(&h, &q);
+        assert!(f.event(&h, &q, &Event::new(EventKind::Final)), "the end");
+        assert_eq!(
+            q.kinds(),
+            [
+                Kind::Added,
+                Kind::Modified,
+                Kind::K8s,
+                Kind::K8s,
+                Kind::Modified,
+                Kind::Final
+            ]
+        );
+        let items: Vec<serde_json::Value> = q
+            .lock()
+            .items
+            .iter()
+            .map(|i| serde_json::from_slice(&i.json).unwrap())
+            .collect();
+        assert_eq!(items[2]["reason"], "IOerror");
+        assert_eq!(items[3]["reason"], "GuestPanicked");
+        assert_eq!(items[4]["Status"]["Status"], "Shutoff");
+        assert_eq!(items[5]["Status"]["Reason"], "NonExistent");
+        assert!(items[5]["ObjectMeta"]["deletionTimestamp"].is_string());
+    }
+
+    #[test]
+    fn no_final_event_without_a_domain() {
+        let (h, _status, vmi) = handle();
+        vmi.send_replace(Some(Arc::new(test_vmi())));
+        let q = Queue::new(8);
+        let mut f = Follower::default();
+        assert!(f.event(&h, &q, &Event::new(EventKind::Final)));
+        assert!(q.kinds().is_empty());
     }
 
     #[test]
