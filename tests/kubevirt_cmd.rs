@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Client, Pod};
 use testkit::kubevirt::{
     self as kv, handler_vmi, raw_vmi_request, set_hotplug_volume, set_phase, vmi_request,
-    with_timeout, with_uid, CmdClient, CmdResponse, LONG_TIMEOUT, SHORT_TIMEOUT,
+    with_timeout, with_uid, CmdClient, CmdResponse, NotifyServer, LONG_TIMEOUT, SHORT_TIMEOUT,
 };
 use tonic::Code;
 use virt_launcher::api::kubevirt::pb::cmd::v1 as cmd;
@@ -96,9 +96,14 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
         .kernel_args("lv.hotplug=rw lv.acpi=ignore")
         .grace(2);
     pod.wait_for_sync = true;
+    let share = pod.dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    pod.extra_args = vec!["--kubevirt-share-dir".into(), share.display().to_string()];
     pod.start();
     pod.wait_socket(Duration::from_secs(30));
     let socket = pod.socket();
+    // The handler's first contact creates the notify pipe in the pod.
+    let notify = NotifyServer::start(&share.join("domain-notify-pipe.sock")).unwrap();
 
     // Discovery, as every new handler client does it.
     assert_eq!(kv::cmd_versions(&socket).await.unwrap(), vec![1]);
@@ -370,6 +375,16 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
         .expect("stamped")
         .to_string();
     assert!(stamp.ends_with('Z'), "RFC 3339: {stamp}");
+    // ... and notified: the handler reads the grace start from the notified domain.
+    let notified = notify
+        .wait_for(Duration::from_secs(20), |got| {
+            got.iter().any(|r| {
+                r.json["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["DeletionTimestamp"]
+                    == stamp.as_str()
+            })
+        })
+        .await;
+    assert!(notified.is_some(), "the deletion stamp was not notified");
     // The handler re-sends Shutdown until it kills: the button is pressed again.
     ok(&mut h, "Shutdown", &vmi).await;
     pod.wait_console_count("LV-ACPI-IGNORED", 2, Duration::from_secs(20));
@@ -413,6 +428,15 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     let pod = common::exit_cleanly(pod, Duration::from_secs(30)).await;
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
+    // The last event the handler got says the domain is gone.
+    let got = notify.stop().await;
+    assert!(
+        got.last().is_some_and(|r| r.is_gone()),
+        "no final event: {:?}",
+        got.iter()
+            .map(|r| (r.event_type.clone(), r.status().to_string()))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
