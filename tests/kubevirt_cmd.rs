@@ -267,6 +267,35 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     set_hotplug_volume(&mut vmi, "fsvol", "virtio", "Ready");
     let r = sync(&mut h, vmi_request(&vmi)).await;
     assert!(r.success, "{r:?}");
+    // Unplug: the volume leaves the spec (and its status); the Sync detaches it.
+    let mut unplugged = vmi.clone();
+    virt_launcher::api::client::remove_volume(&mut unplugged, "fsvol").unwrap();
+    let r = sync(&mut h, vmi_request(&unplugged)).await;
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    let d = domain(&mut h).await;
+    assert!(
+        !d["Spec"]["Devices"]["Disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["Alias"]["Name"] == "fsvol"),
+        "still attached: {d}"
+    );
+    // And back, as the handler re-plugs it (mounted at once this time).
+    set_hotplug_volume(&mut vmi, "fsvol", "virtio", "MountedToPod");
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    // (The first read, at the first plug, found the disk empty.)
+    pod.wait_console_count("LV-HOTREAD", 2, Duration::from_secs(30));
+    let read_back = pod
+        .console()
+        .lines()
+        .any(|l| l.starts_with("LV-HOTREAD ") && l.ends_with(&format!(" lv-hot-{dev}")));
+    assert!(
+        read_back,
+        "the re-plugged disk lost its data\n{}",
+        pod.dump()
+    );
 
     // Reads the handler's metrics and downward metrics use.
     let stats = h
