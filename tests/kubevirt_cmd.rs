@@ -515,3 +515,90 @@ async fn a_guest_shut_down_by_the_handler_waits_for_delete_and_a_sigterm_ends_it
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
 }
+
+/// A tmpfs over a claim directory, to fill it up.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        use nix::mount::{mount, MsFlags};
+        std::fs::create_dir_all(dir).unwrap();
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .unwrap_or_else(|e| panic!("mount tmpfs on {}: {e}", dir.display()));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn filler(&self) -> std::path::PathBuf {
+        self.0.join("filler")
+    }
+
+    /// Fills it up, so that the next allocation fails with ENOSPC.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.filler()).unwrap();
+        let block = vec![0xa5u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.flush();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_resumes_a_vm_paused_by_an_io_error_but_not_one_paused_by_the_user() {
+    // The claim's filesystem is full: the guest's first write fails and the error policy
+    // (stop) pauses the VM.
+    let mut pod = Pod::new("kv-cmd-ioerr")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.write=vda:hello");
+    pod.wait_for_sync = true;
+    let fs = Tmpfs::mount(&pod.pvcs_dir().join("data"), "1m");
+    pod.prepare();
+    fs.fill();
+    pod.spawn();
+    pod.wait_socket(Duration::from_secs(30));
+    let mut h = kv::connect_cmd(&pod.socket()).await.unwrap();
+    let mut l = pod.client().await;
+    let mut vmi = handler_vmi(&pod.vmi_yaml(), "Scheduled").unwrap();
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    wait_state(&mut l, &pod, DomainState::Paused).await;
+    let d = l.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(d.reason, "ioerror", "{d:?}");
+
+    // Room again; the handler's next Sync resumes the VM and the write goes through.
+    std::fs::remove_file(fs.filler()).unwrap();
+    set_phase(&mut vmi, "Running");
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}");
+    wait_state(&mut l, &pod, DomainState::Running).await;
+    pod.wait_console("LV-WROTE vda hello", Duration::from_secs(60));
+
+    // Paused by the user: a Sync leaves it paused.
+    ok(&mut h, "Pause", &vmi).await;
+    wait_state(&mut l, &pod, DomainState::Paused).await;
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(state(&mut l).await, DomainState::Paused);
+
+    ok(&mut h, "Kill", &vmi).await;
+    wait_state(&mut l, &pod, DomainState::Shutoff).await;
+    if let Ok(r) = call(&mut h, "Delete", &vmi).await {
+        assert!(r.success, "{r:?}");
+    }
+    let pod = common::exit_cleanly(pod, Duration::from_secs(30)).await;
+    // Unmounted before the pod's directory goes.
+    drop(fs);
+    drop(pod);
+}
