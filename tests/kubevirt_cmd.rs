@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Client, Pod};
 use testkit::kubevirt::{
     self as kv, handler_vmi, raw_vmi_request, set_hotplug_volume, set_phase, vmi_request,
-    with_timeout, with_uid, CmdClient, CmdResponse, LONG_TIMEOUT, SHORT_TIMEOUT,
+    with_timeout, with_uid, CmdClient, CmdResponse, NotifyServer, LONG_TIMEOUT, SHORT_TIMEOUT,
 };
 use tonic::Code;
 use virt_launcher::api::kubevirt::pb::cmd::v1 as cmd;
@@ -96,9 +96,14 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
         .kernel_args("lv.hotplug=rw lv.acpi=ignore")
         .grace(2);
     pod.wait_for_sync = true;
+    let share = pod.dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    pod.extra_args = vec!["--kubevirt-share-dir".into(), share.display().to_string()];
     pod.start();
     pod.wait_socket(Duration::from_secs(30));
     let socket = pod.socket();
+    // The handler's first contact creates the notify pipe in the pod.
+    let notify = NotifyServer::start(&share.join("domain-notify-pipe.sock")).unwrap();
 
     // Discovery, as every new handler client does it.
     assert_eq!(kv::cmd_versions(&socket).await.unwrap(), vec![1]);
@@ -262,6 +267,35 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     set_hotplug_volume(&mut vmi, "fsvol", "virtio", "Ready");
     let r = sync(&mut h, vmi_request(&vmi)).await;
     assert!(r.success, "{r:?}");
+    // Unplug: the volume leaves the spec (and its status); the Sync detaches it.
+    let mut unplugged = vmi.clone();
+    virt_launcher::api::client::remove_volume(&mut unplugged, "fsvol").unwrap();
+    let r = sync(&mut h, vmi_request(&unplugged)).await;
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    let d = domain(&mut h).await;
+    assert!(
+        !d["Spec"]["Devices"]["Disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["Alias"]["Name"] == "fsvol"),
+        "still attached: {d}"
+    );
+    // And back, as the handler re-plugs it (mounted at once this time).
+    set_hotplug_volume(&mut vmi, "fsvol", "virtio", "MountedToPod");
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    // (The first read, at the first plug, found the disk empty.)
+    pod.wait_console_count("LV-HOTREAD", 2, Duration::from_secs(30));
+    let read_back = pod
+        .console()
+        .lines()
+        .any(|l| l.starts_with("LV-HOTREAD ") && l.ends_with(&format!(" lv-hot-{dev}")));
+    assert!(
+        read_back,
+        "the re-plugged disk lost its data\n{}",
+        pod.dump()
+    );
 
     // Reads the handler's metrics and downward metrics use.
     let stats = h
@@ -370,6 +404,16 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
         .expect("stamped")
         .to_string();
     assert!(stamp.ends_with('Z'), "RFC 3339: {stamp}");
+    // ... and notified: the handler reads the grace start from the notified domain.
+    let notified = notify
+        .wait_for(Duration::from_secs(20), |got| {
+            got.iter().any(|r| {
+                r.json["Spec"]["Metadata"]["KubeVirt"]["GracePeriod"]["DeletionTimestamp"]
+                    == stamp.as_str()
+            })
+        })
+        .await;
+    assert!(notified.is_some(), "the deletion stamp was not notified");
     // The handler re-sends Shutdown until it kills: the button is pressed again.
     ok(&mut h, "Shutdown", &vmi).await;
     pod.wait_console_count("LV-ACPI-IGNORED", 2, Duration::from_secs(20));
@@ -413,6 +457,15 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
     let pod = common::exit_cleanly(pod, Duration::from_secs(30)).await;
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
+    // The last event the handler got says the domain is gone.
+    let got = notify.stop().await;
+    assert!(
+        got.last().is_some_and(|r| r.is_gone()),
+        "no final event: {:?}",
+        got.iter()
+            .map(|r| (r.event_type.clone(), r.status().to_string()))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,4 +514,91 @@ async fn a_guest_shut_down_by_the_handler_waits_for_delete_and_a_sigterm_ends_it
     let pod = common::stop_cleanly(pod, Duration::from_secs(30)).await;
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
+}
+
+/// A tmpfs over a claim directory, to fill it up.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        use nix::mount::{mount, MsFlags};
+        std::fs::create_dir_all(dir).unwrap();
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .unwrap_or_else(|e| panic!("mount tmpfs on {}: {e}", dir.display()));
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn filler(&self) -> std::path::PathBuf {
+        self.0.join("filler")
+    }
+
+    /// Fills it up, so that the next allocation fails with ENOSPC.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.filler()).unwrap();
+        let block = vec![0xa5u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.flush();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_resumes_a_vm_paused_by_an_io_error_but_not_one_paused_by_the_user() {
+    // The claim's filesystem is full: the guest's first write fails and the error policy
+    // (stop) pauses the VM.
+    let mut pod = Pod::new("kv-cmd-ioerr")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.write=vda:hello");
+    pod.wait_for_sync = true;
+    let fs = Tmpfs::mount(&pod.pvcs_dir().join("data"), "1m");
+    pod.prepare();
+    fs.fill();
+    pod.spawn();
+    pod.wait_socket(Duration::from_secs(30));
+    let mut h = kv::connect_cmd(&pod.socket()).await.unwrap();
+    let mut l = pod.client().await;
+    let mut vmi = handler_vmi(&pod.vmi_yaml(), "Scheduled").unwrap();
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    wait_state(&mut l, &pod, DomainState::Paused).await;
+    let d = l.get_domain(pb::Empty {}).await.unwrap().into_inner();
+    assert_eq!(d.reason, "ioerror", "{d:?}");
+
+    // Room again; the handler's next Sync resumes the VM and the write goes through.
+    std::fs::remove_file(fs.filler()).unwrap();
+    set_phase(&mut vmi, "Running");
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}");
+    wait_state(&mut l, &pod, DomainState::Running).await;
+    pod.wait_console("LV-WROTE vda hello", Duration::from_secs(60));
+
+    // Paused by the user: a Sync leaves it paused.
+    ok(&mut h, "Pause", &vmi).await;
+    wait_state(&mut l, &pod, DomainState::Paused).await;
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(state(&mut l).await, DomainState::Paused);
+
+    ok(&mut h, "Kill", &vmi).await;
+    wait_state(&mut l, &pod, DomainState::Shutoff).await;
+    if let Ok(r) = call(&mut h, "Delete", &vmi).await {
+        assert!(r.success, "{r:?}");
+    }
+    let pod = common::exit_cleanly(pod, Duration::from_secs(30)).await;
+    // Unmounted before the pod's directory goes.
+    drop(fs);
+    drop(pod);
 }

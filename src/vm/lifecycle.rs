@@ -53,6 +53,16 @@ impl Launcher {
             // The domain stopped; the handler deletes it next. Nothing to reconcile.
             return Ok(());
         }
+        // Paused by an error (a full claim, a watchdog), not by a Pause: resumed, as
+        // KubeVirt's launcher does on a Sync (the error may be gone; if not, it pauses again).
+        if before.state == State::Paused
+            && matches!(before.reason.as_str(), "ioerror" | "watchdog" | "api error")
+            && before.uid == vmi.metadata.uid.clone().unwrap_or_default()
+        {
+            tracing::info!(reason = %before.reason, "Sync of a VM paused by an error: resuming it");
+            let name = self.domain_name()?;
+            self.blocking(move |hv| hv.resume(&name)).await?;
+        }
         self.reconcile(vmi).await
     }
 

@@ -1,4 +1,5 @@
-//! Test pieces that play KubeVirt's virt-handler against a launcher.
+//! Test pieces that play KubeVirt's virt-handler against a launcher: the cmd client (`cmd`)
+//! and the notify server (`notify`).
 
 pub mod cmd;
 pub mod notify;

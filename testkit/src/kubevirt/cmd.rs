@@ -1,5 +1,5 @@
-//! Playing virt-handler against a launcher (its cmd side): a client of KubeVirt's cmd protocol built from
-//! the same protocol definitions the launcher serves (`proto/kubevirt/cmd`), dialled and
+//! Playing virt-handler's cmd side: a client of KubeVirt's cmd protocol built from the same
+//! protocol definitions the launcher serves (`proto/kubevirt/cmd`), dialled and
 //! version-checked the way virt-handler's `cmdclient.NewClient` does, with its deadlines; and
 //! the VMI as the handler sends it.
 
