@@ -307,8 +307,8 @@ async fn virt_handler_drives_a_vm_from_scheduled_to_deleted() {
 
     // The pod is going away (SIGTERM came first): the launcher does not wait for a Delete
     // once its domain is down; the final event says the domain is gone, and the handler's
-    // Delete finds either nothing to do or the launcher already gone ("disconnected", which
-    // the handler ignores for Delete, vm.go).
+    // Delete finds nothing to do (success) or the launcher already gone ("disconnected",
+    // which the handler ignores for Delete, vm.go).
     let events = notify
         .wait_for(Duration::from_secs(30), |e| e.iter().any(|r| r.is_gone()))
         .await

@@ -182,6 +182,12 @@ impl Handle {
         rx.await.map_err(|_| stopping())?
     }
 
+    /// Whether the owner task has ended: the launcher is on its way out and its domain is
+    /// gone (stopped and undefined on the way).
+    pub fn has_ended(&self) -> bool {
+        self.requests.is_closed()
+    }
+
     /// The domain as last known.
     pub fn status(&self) -> Status {
         let mut s = self.status.borrow().clone();
