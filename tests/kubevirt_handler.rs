@@ -32,6 +32,14 @@ use testkit::kubevirt::{
 use virt_launcher::api::kubevirt::pb::cmd::v1 as cmd;
 
 const MONITOR: &str = env!("CARGO_BIN_EXE_virt-launcher-monitor");
+
+/// The monitor to run: this build's, or `VL_TEST_MONITOR` (e.g. `target/release/…`, for the
+/// release build's figures the test prints; it runs the `virt-launcher` beside it).
+fn monitor_binary() -> std::path::PathBuf {
+    std::env::var_os("VL_TEST_MONITOR")
+        .map(|p| std::path::absolute(p).unwrap())
+        .unwrap_or_else(|| MONITOR.into())
+}
 /// The VMI's `terminationGracePeriodSeconds`: the handler kills this long after its first
 /// Shutdown.
 const VMI_GRACE: i64 = 6;
@@ -146,11 +154,12 @@ async fn virt_handler_drives_a_vm_from_scheduled_to_deleted() {
     for d in &pod.disks {
         d.create(&c.vmi_disks()).unwrap();
     }
-    let mut command = c.command(MONITOR.as_ref()).unwrap();
+    let binary = monitor_binary();
+    let mut command = c.command(&binary).unwrap();
     command.stdin(Stdio::null());
     pod.spawn_command(command);
     let unshare = pod.child.as_ref().unwrap().id() as i32;
-    let monitor = compute::monitor_pid(unshare, MONITOR.as_ref(), Duration::from_secs(10))
+    let monitor = compute::monitor_pid(unshare, &binary, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", pod.log()));
     let ns = testkit::procs::mount_ns(monitor).unwrap();
     let _container = Container(ns.clone());
@@ -176,13 +185,16 @@ async fn virt_handler_drives_a_vm_from_scheduled_to_deleted() {
     // Start: Sync with phase Scheduled returns without waiting for the guest.
     let mut vmi = handler_vmi(&pod.vmi_yaml(), "Scheduled").unwrap();
     vmi["spec"]["terminationGracePeriodSeconds"] = json!(VMI_GRACE);
+    let synced = Instant::now();
     ok(&mut h, "Sync", &vmi, &pod).await;
+    let sync_returned = synced.elapsed();
     let events = notify
         .wait_for(Duration::from_secs(60), |e| {
             e.iter().any(|r| r.status() == "Running")
         })
         .await
         .unwrap_or_else(|| panic!("no Running event: {:?}\n{}", notify.received(), pod.log()));
+    let to_running = synced.elapsed();
     assert_eq!(events[0].event_type, "ADDED", "{events:?}");
     assert!(
         events.iter().skip(1).all(|e| e.event_type == "MODIFIED"),
@@ -230,6 +242,24 @@ async fn virt_handler_drives_a_vm_from_scheduled_to_deleted() {
             .contains("LV-READY")
             .then_some(())
     });
+
+    // Figures, not checks (timing belongs to the benchmarks): what this start took, and the
+    // memory of the pod's own processes with the guest up.
+    let launcher = testkit::procs::pids()
+        .into_iter()
+        .find(|p| {
+            compute::parent(*p) == Some(monitor)
+                && testkit::procs::cmdline(*p).is_some_and(|c| c.contains("virt-launcher "))
+        })
+        .unwrap_or_else(|| panic!("no virt-launcher under the monitor\n{}", pod.log()));
+    let rss = |pid| testkit::procs::status_mib(pid, "VmRSS").unwrap();
+    eprintln!(
+        "Sync returned after {sync_returned:?}, Running notified {to_running:?} after the Sync; \
+         RSS with the guest up: monitor {:.1} MiB, launcher {:.1} MiB ({})",
+        rss(monitor),
+        rss(launcher),
+        binary.display()
+    );
 
     // The pod is deleted: SIGTERM to the monitor. The launcher only marks the domain; the
     // handler, notified, begins the shutdown.
