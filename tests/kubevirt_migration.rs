@@ -151,6 +151,9 @@ fn relay(listen: &Path, to: PathBuf) -> Relay {
 fn proxies(src: &Container, dst: &Container, uid: &str) -> Vec<Relay> {
     let dir = src.proxy_dir();
     std::fs::create_dir_all(&dir).unwrap();
+    for port in ["", "-49152"] {
+        let _ = std::fs::remove_file(dir.join(format!("{uid}{port}-source.sock")));
+    }
     vec![
         relay(
             &dir.join(format!("{uid}-source.sock")),
@@ -174,12 +177,17 @@ fn vmi_of(pod: &Pod, phase: &str) -> Value {
 
 /// `vmi` with the migration's state, as virt-controller sets it.
 fn migrating(vmi: &Value) -> Value {
+    migrating_as(vmi, MIGRATION_UID)
+}
+
+/// `vmi` with the state of migration `uid`.
+fn migrating_as(vmi: &Value, uid: &str) -> Value {
     let mut v = vmi.clone();
     v["status"]["migrationState"] = json!({
-        "migrationUid": MIGRATION_UID,
+        "migrationUid": uid,
         "targetPod": TARGET_POD,
         "sourcePod": "virt-launcher-vl-kvmig-source",
-        "sourceState": {"migrationUid": MIGRATION_UID},
+        "sourceState": {"migrationUid": uid},
     });
     v["status"]["migrationMethod"] = json!("LiveMigration");
     v
@@ -487,4 +495,158 @@ async fn a_vm_migrates_through_the_handlers_proxies_and_counts_on_on_the_target(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits for `c` to exit.
+async fn wait_exit(c: &Container, what: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !c.exited() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\n{}",
+            c.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the guest's counter on `image` passes `above`.
+async fn counts_past(image: &Path, above: u64, what: &str, dump: &dyn Fn() -> String) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = counter(image);
+        if n > above {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: counter stuck at {n}\n{}",
+            dump()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_broken_migration_leaves_the_vm_running_on_the_source() {
+    let (src, src_notify, mut hs, vmi) = source("kvmig-csrc").await;
+    let uid = src.pod.uid();
+
+    // Cancel: a slow migration (1 MiB/s) aborted while it copies memory.
+    let (dst, _dst_notify, mut ht) = target("kvmig-cdst1", &src, &vmi).await;
+    let relays = proxies(&src, &dst, &uid);
+    let first = "5f0c7e2a-0000-4000-8000-0000000c0001";
+    let r = migrate(&mut hs, &migrating_as(&vmi, first), options("1Mi")).await;
+    assert!(r.success, "{}\n{}", r.message, src.dump());
+    let dump = || format!("{}\n{}", src.dump(), dst.dump());
+    wait_events(
+        &src_notify,
+        "the migration's start",
+        Duration::from_secs(30),
+        |got| got.iter().any(|r| migration_of(r)["UID"] == json!(first)),
+        &dump,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let req = || with_timeout(vmi_request(&migrating_as(&vmi, first)), LONG_TIMEOUT);
+    let r = call("Cancel", hs.cancel_virtual_machine_migration(req())).await;
+    assert!(r.success, "{}", r.message);
+    let d = get_domain(&mut hs).await;
+    let abort = d["Spec"]["Metadata"]["KubeVirt"]["Migration"]["AbortStatus"].clone();
+    assert!(
+        abort == json!("Aborting") || abort == json!("Succeeded"),
+        "right after Cancel: {d}"
+    );
+    let got = wait_events(
+        &src_notify,
+        "the aborted migration's end",
+        Duration::from_secs(60),
+        |got| {
+            got.iter().any(|r| {
+                migration_of(r)["UID"] == json!(first)
+                    && migration_of(r)["EndTimestamp"].is_string()
+            })
+        },
+        &dump,
+    )
+    .await;
+    let m = migration_of(got.last().unwrap());
+    assert_eq!(m["Failed"], json!(true), "{}", describe(&got));
+    assert_eq!(m["AbortStatus"], json!("Succeeded"), "{}", describe(&got));
+    assert_eq!(m["FailureReason"], json!("Live migration has been aborted"));
+    // Cancel again: nothing to cancel, no error.
+    let r = call("Cancel again", hs.cancel_virtual_machine_migration(req())).await;
+    assert!(r.success, "{}", r.message);
+    // The VM runs on here.
+    let d = get_domain(&mut hs).await;
+    assert_eq!(d["Status"]["Status"], json!("Running"), "{d}");
+    let n = counter(&src.disk());
+    counts_past(&src.disk(), n + 2, "the source after the cancel", &dump).await;
+    // The same migration again: refused, it ran once.
+    let r = migrate(&mut hs, &migrating_as(&vmi, first), options("0")).await;
+    assert!(
+        !r.success && r.message.contains("already ran"),
+        "{}",
+        r.message
+    );
+    // The handler cleans the target pod up: it goes (the source's pod is not addressed).
+    let r = call(
+        "SignalTargetPodCleanup (source)",
+        hs.signal_target_pod_cleanup(req()),
+    )
+    .await;
+    assert!(r.success, "{}", r.message);
+    let _ = tokio::time::timeout(Duration::from_secs(5), ht.signal_target_pod_cleanup(req())).await;
+    wait_exit(
+        &dst,
+        "the cleaned-up target's exit",
+        Duration::from_secs(10),
+    )
+    .await;
+    drop(relays);
+    drop(dst);
+
+    // A target killed during the migration: the VM stays here, the metadata says why.
+    let (dst, _dst_notify, _ht) = target("kvmig-cdst2", &src, &vmi).await;
+    let _relays = proxies(&src, &dst, &uid);
+    let second = "5f0c7e2a-0000-4000-8000-0000000c0002";
+    let r = migrate(&mut hs, &migrating_as(&vmi, second), options("1Mi")).await;
+    assert!(r.success, "{}\n{}", r.message, src.dump());
+    let dump = || format!("{}\n{}", src.dump(), dst.dump());
+    wait_events(
+        &src_notify,
+        "the second migration's start",
+        Duration::from_secs(30),
+        |got| got.iter().any(|r| migration_of(r)["UID"] == json!(second)),
+        &dump,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    testkit::procs::kill_namespace(&dst.ns);
+    let got = wait_events(
+        &src_notify,
+        "the broken migration's end",
+        Duration::from_secs(120),
+        |got| {
+            got.iter().any(|r| {
+                migration_of(r)["UID"] == json!(second)
+                    && migration_of(r)["EndTimestamp"].is_string()
+            })
+        },
+        &dump,
+    )
+    .await;
+    let m = migration_of(got.last().unwrap());
+    assert_eq!(m["Failed"], json!(true), "{}", describe(&got));
+    assert!(
+        !m["FailureReason"].as_str().unwrap_or_default().is_empty(),
+        "{}",
+        describe(&got)
+    );
+    assert_eq!(m["AbortStatus"], json!(""));
+    eprintln!("killed target: {}", m["FailureReason"]);
+    let d = get_domain(&mut hs).await;
+    assert_eq!(d["Status"]["Status"], json!("Running"), "{d}");
+    let n = counter(&src.disk());
+    counts_past(&src.disk(), n + 2, "the source after the failure", &dump).await;
 }
