@@ -193,11 +193,12 @@ fn migrating_as(vmi: &Value, uid: &str) -> Value {
     v
 }
 
-/// KubeVirt's options JSON (`migration-source.go:537-572`), with a bandwidth.
+/// KubeVirt's options JSON (`migration-source.go:537-572`), with a bandwidth and, as for a
+/// VMI without CPU limits, 8 parallel migration threads.
 fn options(bandwidth: &str) -> Vec<u8> {
     json!({"Bandwidth": bandwidth, "ProgressTimeout": 150, "CompletionTimeoutPerGiB": 150,
         "MaxDowntimeMs": 300, "UnsafeMigration": false, "AllowAutoConverge": false,
-        "AllowPostCopy": false, "AllowWorkloadDisruption": false,
+        "AllowPostCopy": false, "ParallelMigrationThreads": 8, "AllowWorkloadDisruption": false,
         "StallDetectorOptions": null, "Compression": null, "DowntimeTuning": null})
     .to_string()
     .into_bytes()
@@ -649,4 +650,41 @@ async fn a_cancelled_or_broken_migration_leaves_the_vm_running_on_the_source() {
     assert_eq!(d["Status"]["Status"], json!("Running"), "{d}");
     let n = counter(&src.disk());
     counts_past(&src.disk(), n + 2, "the source after the failure", &dump).await;
+    drop(dst);
+
+    // SignalTargetPodCleanup: a target whose VM never came goes when it is addressed (its
+    // POD_NAME is the VMI's targetPod), within KubeVirt's 2 s, leaving no process behind.
+    let (dst, _dst_notify, mut ht) = target("kvmig-cdst3", &src, &vmi).await;
+    let mut elsewhere = migrating(&vmi);
+    elsewhere["status"]["migrationState"]["targetPod"] = json!("virt-launcher-vl-other");
+    let r = call(
+        "SignalTargetPodCleanup (another pod)",
+        ht.signal_target_pod_cleanup(with_timeout(vmi_request(&elsewhere), LONG_TIMEOUT)),
+    )
+    .await;
+    assert!(r.success, "{}", r.message);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!dst.exited(), "not addressed, yet gone\n{}", dst.dump());
+    let r = call(
+        "SignalTargetPodCleanup",
+        ht.signal_target_pod_cleanup(with_timeout(vmi_request(&migrating(&vmi)), LONG_TIMEOUT)),
+    )
+    .await;
+    assert!(r.success, "{}", r.message);
+    let asked = Instant::now();
+    wait_exit(&dst, "the addressed target's exit", Duration::from_secs(10)).await;
+    eprintln!("target pod cleaned up in {:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    let left = testkit::procs::pids()
+        .into_iter()
+        .filter(|p| testkit::procs::mount_ns(*p).is_ok_and(|n| n == dst.ns))
+        .count();
+    assert_eq!(left, 0, "processes left in the target's container");
+    // The source was never disturbed.
+    let d = get_domain(&mut hs).await;
+    assert_eq!(d["Status"]["Status"], json!("Running"), "{d}");
 }

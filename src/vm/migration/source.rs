@@ -605,6 +605,48 @@ mod tests {
     }
 
     #[test]
+    fn the_kubevirt_metadata_ends_once_with_the_abort_result() {
+        use crate::vm::state::{MigrationMetadata, Status};
+        use std::time::{Duration, SystemTime};
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let started = |abort: &str| {
+            let mut s = Status::default();
+            s.kubevirt.migration = Some(MigrationMetadata {
+                uid: "m".into(),
+                start_timestamp: Some(t0),
+                abort_status: abort.into(),
+                mode: "PreCopy".into(),
+                ..Default::default()
+            });
+            s
+        };
+        let t1 = t0 + Duration::from_secs(5);
+        let end = |mut s: Status, failed: bool| {
+            end_kubevirt_migration(&mut s, failed, "broken".into(), t1);
+            s.kubevirt.migration.unwrap()
+        };
+        let m = end(started(""), false);
+        assert_eq!((m.end_timestamp, m.failed), (Some(t1), false));
+        let m = end(started(""), true);
+        assert_eq!((m.failed, m.failure_reason.as_str()), (true, "broken"));
+        let m = end(started("Aborting"), true);
+        assert_eq!(m.abort_status, "Succeeded");
+        assert_eq!(m.failure_reason, ABORTED);
+        let m = end(started("Aborting"), false);
+        assert_eq!((m.abort_status.as_str(), m.failed), ("Failed", false));
+        // Ended already: kept as it was.
+        let mut s = started("");
+        end_kubevirt_migration(&mut s, false, String::new(), t0);
+        end_kubevirt_migration(&mut s, true, "late".into(), t1);
+        let m = s.kubevirt.migration.unwrap();
+        assert_eq!((m.end_timestamp, m.failed), (Some(t0), false));
+        // No KubeVirt migration (launcher.v1's): nothing written.
+        let mut s = Status::default();
+        end_kubevirt_migration(&mut s, true, "x".into(), t1);
+        assert!(s.kubevirt.migration.is_none());
+    }
+
+    #[test]
     pub(crate) fn pod_local_paths_move_and_nothing_else() {
         let xml = "<x><source path='/a/private/virt-serial0'/><log file=\"/a/private/log\"/>\
                    <source file='/vols/data/disk.img'/><kernel>/a/private/k</kernel><b path='/a/privateX/y'/></x>";
