@@ -151,7 +151,7 @@ fn relay(listen: &Path, to: PathBuf) -> Relay {
 fn proxies(src: &Container, dst: &Container, uid: &str) -> Vec<Relay> {
     let dir = src.proxy_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    for port in ["", "-49152"] {
+    for port in ["", "-49152", "-49153"] {
         let _ = std::fs::remove_file(dir.join(format!("{uid}{port}-source.sock")));
     }
     vec![
@@ -163,6 +163,10 @@ fn proxies(src: &Container, dst: &Container, uid: &str) -> Vec<Relay> {
             &dir.join(format!("{uid}-49152-source.sock")),
             dst.proxy_dir().join(format!("{uid}-49152-source.sock")),
         ),
+        relay(
+            &dir.join(format!("{uid}-49153-source.sock")),
+            dst.proxy_dir().join(format!("{uid}-49153-source.sock")),
+        ),
     ]
 }
 
@@ -171,7 +175,7 @@ fn vmi_of(pod: &Pod, phase: &str) -> Value {
     let mut vmi = handler_vmi(&pod.vmi_yaml(), phase).unwrap();
     vmi["spec"]["volumes"] = json!([{"name": "data", "hostDisk": {
         "path": "/var/run/kubevirt-private/vmi-disks/data/disk.img",
-        "type": "DiskOrCreate", "capacity": "16Mi", "shared": true}}]);
+        "type": "DiskOrCreate", "capacity": "16Mi", "shared": pod.rwx}}]);
     vmi
 }
 
@@ -261,10 +265,15 @@ async fn get_domain(h: &mut CmdClient) -> Value {
 
 /// The source running the counting guest, started by the handler's Sync.
 async fn source(name: &str) -> (Container, NotifyServer, CmdClient, Value) {
+    source_with(name, true).await
+}
+
+/// The source, its claim ReadWriteMany (`rwx`) or local to the pod.
+async fn source_with(name: &str, rwx: bool) -> (Container, NotifyServer, CmdClient, Value) {
     let mut pod = Pod::new(name)
         .with_disk("data", "virtio", 16)
         .kernel_args("lv.counter=vda");
-    pod.rwx = true;
+    pod.rwx = rwx;
     pod.wait_for_sync = true;
     let src = Container::start(pod, &[("POD_NAME", "virt-launcher-vl-kvmig-source")]).await;
     for d in &src.pod.disks {
@@ -296,13 +305,18 @@ async fn source(name: &str) -> (Container, NotifyServer, CmdClient, Value) {
 /// A VM-less target for `src`'s VMI, sharing its claim, readied by SyncMigrationTarget.
 async fn target(name: &str, src: &Container, vmi: &Value) -> (Container, NotifyServer, CmdClient) {
     let mut pod = Pod::new(name).with_disk("data", "virtio", 16);
-    pod.rwx = true;
+    pod.rwx = src.pod.rwx;
     pod.wait_for_sync = true;
     let dst = Container::start(pod, &[("POD_NAME", TARGET_POD)]).await;
-    // The same RWX claim: the same file.
     let image = dst.disk();
     std::fs::create_dir_all(image.parent().unwrap()).unwrap();
-    std::fs::hard_link(src.disk(), &image).unwrap();
+    if src.pod.rwx {
+        // The same RWX claim: the same file.
+        std::fs::hard_link(src.disk(), &image).unwrap();
+    } else {
+        // Its own claim, an empty image of the same size, as the handler creates it.
+        testkit::vmi::sparse_file(&image, 16 << 20).unwrap();
+    }
     let notify = dst.notify();
     let mut h = dst.client().await;
     let r = call(
@@ -687,4 +701,68 @@ async fn a_cancelled_or_broken_migration_leaves_the_vm_running_on_the_source() {
     // The source was never disturbed.
     let d = get_domain(&mut hs).await;
     assert_eq!(d["Status"]["Status"], json!("Running"), "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_migration_copies_the_local_disk_through_the_disks_proxy() {
+    let (src, src_notify, mut hs, vmi) = source_with("kvmig-bsrc", false).await;
+    let uid = src.pod.uid();
+    let mut vmi = vmi;
+    vmi["status"]["migrationMethod"] = json!("BlockMigration");
+    let (dst, dst_notify, _ht) = target("kvmig-bdst", &src, &vmi).await;
+    let _relays = proxies(&src, &dst, &uid);
+    let dump = || format!("{}\n{}", src.dump(), dst.dump());
+
+    // A local disk without block migration: refused at once, the VM untouched.
+    let mut live = migrating(&vmi);
+    live["status"]["migrationMethod"] = json!("LiveMigration");
+    let r = migrate(&mut hs, &live, options("0")).await;
+    assert!(!r.success && r.message.contains("data"), "{}", r.message);
+
+    let mut block = migrating(&vmi);
+    block["status"]["migrationMethod"] = json!("BlockMigration");
+    let r = migrate(&mut hs, &block, options("0")).await;
+    assert!(r.success, "{}\n{}", r.message, src.dump());
+    let got = wait_events(
+        &src_notify,
+        "the block migration's end",
+        Duration::from_secs(120),
+        |got| {
+            got.iter()
+                .any(|r| migration_of(r)["EndTimestamp"].is_string())
+        },
+        &dump,
+    )
+    .await;
+    let m = migration_of(
+        got.iter()
+            .rev()
+            .find(|r| migration_of(r)["EndTimestamp"].is_string())
+            .unwrap(),
+    );
+    assert_eq!(m["Failed"], json!(false), "{}", describe(&got));
+    wait_events(
+        &dst_notify,
+        "the target running",
+        Duration::from_secs(60),
+        |got| got.iter().any(|r| r.status() == "Running"),
+        &dump,
+    )
+    .await;
+    wait_exit(&src, "the source's exit", Duration::from_secs(40)).await;
+    // The copy holds the source's data: the counter goes on from it on the target's own disk.
+    let copied = counter(&dst.disk());
+    let at_source = counter(&src.disk());
+    assert!(
+        copied >= at_source && copied > 0,
+        "target {copied}, source {at_source}"
+    );
+    counts_past(
+        &dst.disk(),
+        copied + 2,
+        "the target after block migration",
+        &dump,
+    )
+    .await;
+    eprintln!("block migration: source disk at {at_source}, target's copy at {copied}");
 }
