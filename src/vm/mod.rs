@@ -586,6 +586,26 @@ fn admit(
             )));
             return;
         }
+        // virt-handler asking again for the migration running: nothing to do (KubeVirt's
+        // launcher answers so at once, `live-migration-source.go:307-317`).
+        Request::Command(cmd, reply) if core.migration_running() => match *cmd {
+            Command::HandlerMigrate { migration_uid, .. } => {
+                let same = ledger
+                    .status()
+                    .kubevirt
+                    .migration
+                    .is_some_and(|m| m.uid == migration_uid && m.end_timestamp.is_none());
+                let _ = reply.send(if same {
+                    Ok(Reply::Done)
+                } else {
+                    Err(ControlError::Precondition(
+                        "a migration is already running".into(),
+                    ))
+                });
+                return;
+            }
+            cmd => Request::Command(Box::new(cmd), reply),
+        },
         req => req,
     };
     if let Some(req) = queue.admit(req) {
