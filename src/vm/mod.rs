@@ -586,31 +586,37 @@ fn admit(
             )));
             return;
         }
-        // virt-handler asking again for the migration running: nothing to do (KubeVirt's
-        // launcher answers so at once, `live-migration-source.go:307-317`).
-        Request::Command(cmd, reply) if core.migration_running() => match *cmd {
-            Command::HandlerMigrate { migration_uid, .. } => {
-                let same = ledger
-                    .status()
-                    .kubevirt
-                    .migration
-                    .is_some_and(|m| m.uid == migration_uid && m.end_timestamp.is_none());
-                let _ = reply.send(if same {
-                    Ok(Reply::Done)
-                } else {
-                    Err(ControlError::Precondition(
-                        "a migration is already running".into(),
-                    ))
-                });
-                return;
-            }
-            cmd => Request::Command(Box::new(cmd), reply),
-        },
+        // virt-handler asking again for the migration it started: nothing to do (KubeVirt's
+        // launcher answers so at once, `live-migration-source.go:307-317`); another one while
+        // a migration runs: refused at once.
+        Request::Command(cmd, reply) if handler_migration_started(&cmd, ledger) => {
+            let _ = reply.send(Ok(Reply::Done));
+            return;
+        }
+        Request::Command(cmd, reply)
+            if matches!(*cmd, Command::HandlerMigrate { .. }) && core.migration_running() =>
+        {
+            let _ = reply.send(Err(ControlError::Precondition(
+                "a migration is already running".into(),
+            )));
+            return;
+        }
         req => req,
     };
     if let Some(req) = queue.admit(req) {
         spawn_operation(core, ledger, req, link);
     }
+}
+
+/// Whether `cmd` is virt-handler's Migrate of the migration that started here and has not
+/// ended.
+fn handler_migration_started(cmd: &Command, ledger: &Ledger) -> bool {
+    let Command::HandlerMigrate { migration_uid, .. } = cmd else {
+        return false;
+    };
+    ledger.status().kubevirt.migration.is_some_and(|m| {
+        m.uid == *migration_uid && m.start_timestamp.is_some() && m.end_timestamp.is_none()
+    })
 }
 
 /// Runs an exclusive operation as a child task that tells the owner when it is done (after
