@@ -64,6 +64,26 @@ pub enum Command {
     /// KubeVirt's Delete: remove the stopped domain's definition; the launcher then ends
     /// (its final event says so). No domain is no error (and ends nothing).
     Delete,
+    /// KubeVirt's SyncMigrationTarget: get ready to receive `vmi` through the handler's
+    /// proxies (creates `proxy_dir`, where the incoming QEMU listens); the KubeVirt metadata
+    /// gets the migration's `uid` and start, and its end once the incoming job is over.
+    /// Again for the same VMI while waiting: nothing more to do.
+    HandlerMigrationTarget {
+        vmi: VirtualMachineInstance,
+        migration_uid: String,
+        proxy_dir: PathBuf,
+    },
+    /// KubeVirt's MigrateVirtualMachine: answered once the migration has started (or was
+    /// refused); its progress and result go only into the KubeVirt metadata (`uid`:
+    /// the handler's migration uid). The same uid again while it runs: nothing to do.
+    HandlerMigrate {
+        migration_uid: String,
+        peer: Box<dyn MigrationPeer>,
+        options: MigrateOptions,
+    },
+    /// KubeVirt's SignalTargetPodCleanup addressed to this pod: a migration target whose VM
+    /// has not arrived ends (nothing of it is left); otherwise nothing to do.
+    TargetCleanup,
 }
 
 impl Command {
@@ -77,6 +97,7 @@ impl Command {
                 | Command::CancelMigration
                 | Command::AcpiShutdown
                 | Command::Delete
+                | Command::TargetCleanup
         )
     }
 
@@ -84,7 +105,12 @@ impl Command {
     pub(crate) fn is_handlers(&self) -> bool {
         matches!(
             self,
-            Command::HandlerSync(_) | Command::AcpiShutdown | Command::Delete
+            Command::HandlerSync(_)
+                | Command::AcpiShutdown
+                | Command::Delete
+                | Command::HandlerMigrationTarget { .. }
+                | Command::HandlerMigrate { .. }
+                | Command::TargetCleanup
         )
     }
 
@@ -113,6 +139,9 @@ impl Command {
             Command::HandlerSync(_) => "HandlerSync",
             Command::AcpiShutdown => "AcpiShutdown",
             Command::Delete => "Delete",
+            Command::HandlerMigrationTarget { .. } => "HandlerMigrationTarget",
+            Command::HandlerMigrate { .. } => "HandlerMigrate",
+            Command::TargetCleanup => "TargetCleanup",
         }
     }
 }
@@ -164,6 +193,8 @@ pub struct Handle {
     pub(crate) console_log: watch::Receiver<Option<PathBuf>>,
     pub(crate) events: Arc<EventLog>,
     pub(crate) domain_type: String,
+    /// KubeVirt's pod: `<share dir>/migrationproxy`.
+    pub(crate) migration_proxy_dir: Option<PathBuf>,
 }
 
 impl Handle {
@@ -220,6 +251,12 @@ impl Handle {
     pub fn domain_type(&self) -> &str {
         &self.domain_type
     }
+
+    /// KubeVirt's pod: where the handler's migration proxies (and an incoming QEMU) put
+    /// their sockets.
+    pub fn migration_proxy_dir(&self) -> Option<&std::path::Path> {
+        self.migration_proxy_dir.as_deref()
+    }
 }
 
 /// Removes every `null` member of the objects in `v`, at any depth.
@@ -254,6 +291,7 @@ mod tests {
             console_log: watch::channel(None).1,
             events: Arc::new(EventLog::new(16)),
             domain_type: "qemu".into(),
+            migration_proxy_dir: None,
         };
         (h, requests_rx, urgent_rx)
     }

@@ -61,6 +61,9 @@ pub struct RunOptions {
     pub log_max_bytes: u64,
     /// What SIGTERM (and SIGINT) does.
     pub on_sigterm: OnSigterm,
+    /// KubeVirt's pod: `<share dir>/migrationproxy`, where virt-handler's migration proxies
+    /// meet the launcher's libvirt and QEMU.
+    pub migration_proxy_dir: Option<std::path::PathBuf>,
 }
 
 /// What the launcher does on SIGTERM once a domain runs.
@@ -181,6 +184,7 @@ impl Supervisor {
             console_log: core.console_log.clone(),
             events: core.events.clone(),
             domain_type: core.domain_type().to_string(),
+            migration_proxy_dir: opts.migration_proxy_dir.clone(),
         };
         let sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
         let sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
@@ -582,6 +586,21 @@ fn admit(
             )));
             return;
         }
+        // virt-handler asking again for the migration it started: nothing to do (KubeVirt's
+        // launcher answers so at once, `live-migration-source.go:307-317`); another one while
+        // a migration runs: refused at once.
+        Request::Command(cmd, reply) if handler_migration_started(&cmd, ledger) => {
+            let _ = reply.send(Ok(Reply::Done));
+            return;
+        }
+        Request::Command(cmd, reply)
+            if matches!(*cmd, Command::HandlerMigrate { .. }) && core.migration_running() =>
+        {
+            let _ = reply.send(Err(ControlError::Precondition(
+                "a migration is already running".into(),
+            )));
+            return;
+        }
         req => req,
     };
     if let Some(req) = queue.admit(req) {
@@ -589,11 +608,29 @@ fn admit(
     }
 }
 
+/// Whether `cmd` is virt-handler's Migrate of the migration that started here and has not
+/// ended.
+fn handler_migration_started(cmd: &Command, ledger: &Ledger) -> bool {
+    let Command::HandlerMigrate { migration_uid, .. } = cmd else {
+        return false;
+    };
+    ledger.status().kubevirt.migration.is_some_and(|m| {
+        m.uid == *migration_uid && m.start_timestamp.is_some() && m.end_timestamp.is_none()
+    })
+}
+
 /// Runs an exclusive operation as a child task that tells the owner when it is done (after
 /// everything it reported, on the same channel).
 fn spawn_operation(core: &Arc<Launcher>, ledger: &Ledger, req: Request, link: &mut MigrationLink) {
     let inbox = match &req {
-        Request::Command(cmd, _) if matches!(**cmd, Command::Migrate { .. }) => Some(link.open()),
+        Request::Command(cmd, _)
+            if matches!(
+                **cmd,
+                Command::Migrate { .. } | Command::HandlerMigrate { .. }
+            ) =>
+        {
+            Some(link.open())
+        }
         _ => None,
     };
     // An automatic thaw made stale while it waited its turn ends at once.
@@ -666,6 +703,32 @@ async fn execute(
             .prepare_migration_target(vmi, disk_sizes)
             .await
             .map(Reply::Target),
+        Command::HandlerMigrationTarget {
+            vmi,
+            migration_uid,
+            proxy_dir,
+        } => core
+            .handler_prepare_target(vmi, migration_uid, proxy_dir)
+            .await
+            .map(|()| Reply::Done),
+        Command::HandlerMigrate {
+            migration_uid,
+            peer,
+            options,
+        } => {
+            match inbox {
+                Some(inbox) => {
+                    core.handler_migrate(migration_uid, peer, options, inbox, reply)
+                        .await
+                }
+                None => {
+                    let _ = reply.send(Err(ControlError::Internal(
+                        "a migration started without its link to the owner".into(),
+                    )));
+                }
+            }
+            return None;
+        }
         Command::Migrate { peer, options } => match inbox {
             Some(inbox) => core
                 .migrate(peer.as_ref(), options, inbox)
@@ -679,7 +742,8 @@ async fn execute(
         | Command::Kill
         | Command::CancelMigration
         | Command::AcpiShutdown
-        | Command::Delete => Err(ControlError::Internal(format!(
+        | Command::Delete
+        | Command::TargetCleanup => Err(ControlError::Internal(format!(
             "{name} is handled by the owner"
         ))),
     };
@@ -742,10 +806,34 @@ async fn on_urgent(
     let stop = match *cmd {
         Command::CancelMigration => {
             let answer = core.check_cancel().map(|()| {
+                // KubeVirt's metadata says an abort is under way (`AbortStatus: Aborting`)
+                // until the migration has ended.
+                ledger.update(|s| {
+                    if let Some(m) = s
+                        .kubevirt
+                        .migration
+                        .as_mut()
+                        .filter(|m| m.end_timestamp.is_none() && m.abort_status.is_empty())
+                    {
+                        m.abort_status = "Aborting".into();
+                    }
+                });
                 link.cancel();
                 Reply::Done
             });
             let _ = reply.send(answer);
+            return None;
+        }
+        Command::TargetCleanup => {
+            let _ = reply.send(Ok(Reply::Done));
+            if core.awaiting_migration() {
+                tracing::info!("virt-handler gave up the migration to this pod: exiting");
+                return Some(Outcome {
+                    reason: None,
+                    requested: true,
+                });
+            }
+            tracing::info!("cleanup of this target pod asked for, but a VM runs here: ignored");
             return None;
         }
         Command::Shutdown { grace } => StopRequest::Graceful(grace.unwrap_or_else(|| core.grace())),

@@ -10,6 +10,7 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::domain;
+use super::migration::{HandlerProxies, MigrationState};
 use super::options::MigrationOptions;
 use super::pb::cmd::v1 as pb;
 use super::pb::cmd::v1::cmd_server::Cmd;
@@ -371,16 +372,143 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::MigrationRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        // Bad input is answered in-band, as KubeVirt's launcher does before it migrates.
+        // Bad input is answered in-band, as KubeVirt's launcher does before it migrates; the
+        // migration itself is reported through the domain's KubeVirt metadata only.
         let r = req.get_ref();
         if let Err(m) = same_vmi(&self.core, r.vmi.as_ref()) {
             return Ok(Response::new(failed(m)));
         }
-        if let Err(m) = MigrationOptions::decode(&r.options) {
+        let options = match MigrationOptions::decode(&r.options) {
+            Ok(o) => o,
+            Err(m) => return Ok(Response::new(failed(m))),
+        };
+        let vmi_json = r
+            .vmi
+            .as_ref()
+            .map(|v| v.vmi_json.as_slice())
+            .unwrap_or_default();
+        let Some(state) = MigrationState::of(vmi_json) else {
+            return Ok(Response::new(failed(
+                "VMIRequest.vmi.vmiJson: status.migrationState: required (the migration is not ready)",
+            )));
+        };
+        let uid = match vmi_of(r.vmi.as_ref(), "VMIRequest.vmi") {
+            Ok(v) => v.metadata.uid.unwrap_or_default(),
+            Err(m) => return Ok(Response::new(failed(m))),
+        };
+        let Some(dir) = self.core.migration_proxy_dir() else {
+            return Ok(Response::new(failed(
+                "this launcher does not run in KubeVirt's pod (no migration proxy directory)",
+            )));
+        };
+        let peer = match HandlerProxies::new(dir, &uid) {
+            Ok(p) => p,
+            Err(m) => return Ok(Response::new(failed(m))),
+        };
+        let cmd = Command::HandlerMigrate {
+            migration_uid: state.migration_uid,
+            peer: Box::new(peer),
+            options: options.to_core(state.block_migration),
+        };
+        Ok(Response::new(match self.send(&req, cmd).await {
+            Ok(_) => ok(),
+            Err(ControlError::NoDomain) => failed("VMIRequest.vmi: no domain runs here to migrate"),
+            Err(e) => failed(e.to_string()),
+        }))
+    }
+
+    async fn sync_migration_target(
+        &self,
+        req: Request<pb::VmiRequest>,
+    ) -> Result<Response<pb::Response>, Status> {
+        let r = req.get_ref();
+        let vmi = match vmi_of(r.vmi.as_ref(), "VMIRequest.vmi")
+            .and_then(|v| check_options(r.options.as_ref()).map(|()| v))
+        {
+            Ok(v) => v,
+            Err(m) => return Ok(Response::new(failed(m))),
+        };
+        if let Err(m) = same_vmi(&self.core, r.vmi.as_ref()) {
             return Ok(Response::new(failed(m)));
         }
-        Err(Status::unimplemented(
-            "live migration through virt-handler's migration proxies is not implemented yet",
+        let Some(dir) = self.core.migration_proxy_dir() else {
+            return Ok(Response::new(failed(
+                "this launcher does not run in KubeVirt's pod (no migration proxy directory)",
+            )));
+        };
+        let uid = vmi.metadata.uid.clone().unwrap_or_default();
+        if let Err(m) = HandlerProxies::new(dir, &uid) {
+            return Ok(Response::new(failed(m)));
+        }
+        let vmi_json = r
+            .vmi
+            .as_ref()
+            .map(|v| v.vmi_json.as_slice())
+            .unwrap_or_default();
+        let migration_uid = MigrationState::of(vmi_json)
+            .map(|s| s.migration_uid)
+            .unwrap_or_default();
+        let cmd = Command::HandlerMigrationTarget {
+            vmi,
+            migration_uid,
+            proxy_dir: dir.to_path_buf(),
+        };
+        Ok(Response::new(self.simple(&req, cmd).await))
+    }
+
+    async fn cancel_virtual_machine_migration(
+        &self,
+        req: Request<pb::VmiRequest>,
+    ) -> Result<Response<pb::Response>, Status> {
+        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
+        // As KubeVirt's launcher: nothing to cancel is no error; the abort's result shows in
+        // the metadata (`AbortStatus`).
+        Ok(Response::new(
+            match self.send(&req, Command::CancelMigration).await {
+                Ok(_) | Err(ControlError::NoDomain) | Err(ControlError::Precondition(_)) => ok(),
+                Err(e) => failed(e.to_string()),
+            },
+        ))
+    }
+
+    async fn finalize_virtual_machine_migration(
+        &self,
+        req: Request<pb::VmiRequest>,
+    ) -> Result<Response<pb::Response>, Status> {
+        // KubeVirt's launcher refreshes binding plugins' links and syncs the guest's clock
+        // here; neither applies to our domains. Any number of times.
+        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
+            return Ok(Response::new(failed(m)));
+        }
+        Ok(Response::new(ok()))
+    }
+
+    async fn signal_target_pod_cleanup(
+        &self,
+        req: Request<pb::VmiRequest>,
+    ) -> Result<Response<pb::Response>, Status> {
+        // Addressed to this pod when its `POD_NAME` is the VMI's
+        // `status.migrationState.targetPod` (`cmd-server/server.go:186-201`); else nothing.
+        let r = req.get_ref();
+        if let Err(m) = vmi_of(r.vmi.as_ref(), "VMIRequest.vmi") {
+            return Ok(Response::new(failed(m)));
+        }
+        let vmi_json = r
+            .vmi
+            .as_ref()
+            .map(|v| v.vmi_json.as_slice())
+            .unwrap_or_default();
+        let target_pod = MigrationState::of(vmi_json)
+            .map(|s| s.target_pod)
+            .unwrap_or_default();
+        let me = std::env::var("POD_NAME").unwrap_or_default();
+        if me.is_empty() || me != target_pod {
+            return Ok(Response::new(ok()));
+        }
+        Ok(Response::new(
+            self.simple(&req, Command::TargetCleanup).await,
         ))
     }
 

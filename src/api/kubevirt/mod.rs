@@ -7,11 +7,13 @@
 //!   launcher does: each handler decodes, sends one command to the core and maps the answer;
 //! - `domain`: the `api.Domain` JSON virt-handler reads (GetDomain, notify events);
 //! - `notify`: the client of the handler's notify server;
+//! - `migration`: the migration peer of virt-handler's proxies, the VMI's migration state;
 //! - `options`: the handler's migration options JSON.
 
 pub mod cmd;
 pub mod domain;
 pub mod info;
+pub mod migration;
 pub mod notify;
 pub mod options;
 
