@@ -55,15 +55,6 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
-/// Kills what is left in the container's mount namespace when the test ends (or panics).
-struct Container(String);
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        testkit::procs::kill_namespace(&self.0);
-    }
-}
-
 /// A VMI-carrying call; the in-band answer.
 async fn call(h: &mut CmdClient, what: &str, vmi: &Value) -> Result<cmd::Response, tonic::Status> {
     let req = with_timeout(vmi_request(vmi), LONG_TIMEOUT);
@@ -162,7 +153,7 @@ async fn virt_handler_drives_a_vm_from_scheduled_to_deleted() {
     let monitor = compute::monitor_pid(unshare, &binary, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", pod.log()));
     let ns = testkit::procs::mount_ns(monitor).unwrap();
-    let _container = Container(ns.clone());
+    let _container = compute::Guard::of(monitor).unwrap();
 
     // Readiness is launcher-sock; the handler's first contact: Info, then the notify pipe.
     let sock = c.socket();
