@@ -299,6 +299,10 @@ fn run(args: RunArgs) -> Result<i32> {
         detach_timeout: Duration::from_secs_f64(args.detach_timeout),
         log_max_bytes: args.log_max_bytes,
         on_sigterm: OnSigterm::ShutDown,
+        migration_proxy_dir: args
+            .kubevirt_share_dir
+            .as_deref()
+            .map(pod::migration_proxy_dir),
     };
 
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
@@ -514,6 +518,7 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
         on_sigterm: OnSigterm::MarkForHandler {
             grace: args.grace_period,
         },
+        migration_proxy_dir: Some(pod::migration_proxy_dir(&absolute(&args.share_dir))),
     };
     run_core(&layout, opts, &api, false, Some(absolute(&args.share_dir)))
 }

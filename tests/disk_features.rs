@@ -48,12 +48,7 @@ fn supplemental_pool_maps_the_virtio_disk_queues_and_the_guest_writes_through_th
         "guest did not list vda at 64 MiB:\n{console}"
     );
 
-    let needle = format!("guest=default_{},", pod.name);
-    let qemu = testkit::procs::pids()
-        .into_iter()
-        .filter_map(testkit::procs::cmdline)
-        .find(|c| c.contains(&needle))
-        .unwrap_or_else(|| panic!("no QEMU for {}\n{}", pod.name, pod.dump()));
+    let qemu = qemu_command_line(&pod);
     assert!(
         qemu.contains("iothread-vq-mapping"),
         "QEMU's virtio-blk has no iothread-vq-mapping:\n{qemu}"
@@ -122,12 +117,7 @@ fn cbt_overlay_keeps_the_guest_data_in_the_volume() {
         console.contains("LV-BLOCK vda:131072"),
         "guest did not list vda at 64 MiB:\n{console}"
     );
-    let needle = format!("guest=default_{},", pod.name);
-    let qemu = testkit::procs::pids()
-        .into_iter()
-        .filter_map(testkit::procs::cmdline)
-        .find(|c| c.contains(&needle))
-        .unwrap_or_else(|| panic!("no QEMU for {}\n{}", pod.name, pod.dump()));
+    let qemu = qemu_command_line(&pod);
     assert!(
         qemu.contains("data-file") && qemu.contains("cbt/data.qcow2"),
         "QEMU does not open the overlay with a data file:\n{qemu}"
@@ -141,4 +131,14 @@ fn cbt_overlay_keeps_the_guest_data_in_the_volume() {
         image.starts_with(b"written-through-the-overlay\n"),
         "the PVC image does not hold the guest's data"
     );
+}
+
+/// The command line of `pod`'s QEMU.
+fn qemu_command_line(pod: &Pod) -> String {
+    let needle = format!("guest=default_{},", pod.name);
+    testkit::procs::pids()
+        .into_iter()
+        .filter_map(testkit::procs::cmdline)
+        .find(|c| c.contains(&needle))
+        .unwrap_or_else(|| panic!("no QEMU for {}\n{}", pod.name, pod.dump()))
 }

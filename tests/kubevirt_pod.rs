@@ -47,17 +47,6 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
-/// Kills what is left in the container's mount namespace when the test ends (or panics).
-struct Container(Option<String>);
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        if let Some(ns) = &self.0 {
-            testkit::procs::kill_namespace(ns);
-        }
-    }
-}
-
 /// The processes in mount namespace `ns`, as `pid: command line`.
 fn in_namespace(ns: &str) -> Vec<String> {
     testkit::procs::pids()
@@ -140,7 +129,7 @@ async fn kubevirts_pod_runs_our_launcher() {
         ns,
         testkit::procs::mount_ns(std::process::id() as i32).unwrap()
     );
-    let _container = Container(Some(ns.clone()));
+    let _container = compute::Guard::of(monitor).unwrap();
 
     // SO_PEERCRED: the socket's owner is virt-launcher, a child of the monitor.
     let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
@@ -312,7 +301,7 @@ fn no_domain_within_the_qemu_timeout_fails_the_pod() {
     let _container = wait_for("the container", Duration::from_secs(30), || {
         let ns = testkit::procs::mount_ns(monitor).ok()?;
         (ns != testkit::procs::mount_ns(std::process::id() as i32).ok()?)
-            .then(|| Container(Some(ns)))
+            .then(|| compute::Guard { monitor, ns })
     });
     let sock = dirs.socket();
     wait_for("launcher-sock", Duration::from_secs(30), || {

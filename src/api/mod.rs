@@ -85,7 +85,7 @@ pub fn decode_vmi(
 }
 
 /// Parses `grpc-timeout` (e.g. `500m`, `20S`).
-fn deadline<R>(req: &Request<R>) -> Option<Duration> {
+pub(crate) fn deadline<R>(req: &Request<R>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     // The gRPC spec allows at most 8 digits; more is a malformed header, not a deadline.

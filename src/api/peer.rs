@@ -58,6 +58,7 @@ impl MigrationPeer for GrpcPeer {
             Ok(PreparedTarget {
                 target: d.migration_target.map(TargetInfo::from),
                 disks,
+                disks_unknown: false,
             })
         })
     }

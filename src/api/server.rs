@@ -1,4 +1,5 @@
-//! Serving the API on the pod's unix socket.
+//! Serving the API on the pod's unix socket: launcher.v1 and KubeVirt's cmd protocol
+//! (`kubevirt.cmd.info.CmdInfo`, `kubevirt.cmd.v1.Cmd`) side by side.
 //!
 //! Readiness follows KubeVirt: the socket is bound under a temporary name
 //! (`launcher-init-sock` beside the final path) and atomically renamed to its final name once the
@@ -35,6 +36,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 use tonic::{Request, Status};
 
+use super::kubevirt::cmd::CmdService;
+use super::kubevirt::info::InfoService;
+use super::kubevirt::pb::cmd::info::cmd_info_server::CmdInfoServer;
+use super::kubevirt::pb::cmd::v1::cmd_server::CmdServer;
 use super::pb::launcher_server::LauncherServer;
 use super::{Service, MAX_MESSAGE_BYTES};
 use crate::vm::Handle;
@@ -130,6 +135,15 @@ pub async fn serve(core: Handle, config: &ServerConfig) -> Result<ApiServer, Ser
             None => Err(Status::permission_denied("peer credentials unavailable")),
         }
     };
+    // KubeVirt's cmd protocol beside launcher.v1, on the same socket and over the same core.
+    let cmd = CmdServer::new(CmdService::new(core.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let cmd = tonic::service::interceptor::InterceptedService::new(cmd, auth.clone());
+    let cmd_info = tonic::service::interceptor::InterceptedService::new(
+        CmdInfoServer::new(InfoService),
+        auth.clone(),
+    );
     let svc = LauncherServer::new(Service::new(core))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -144,6 +158,8 @@ pub async fn serve(core: Handle, config: &ServerConfig) -> Result<ApiServer, Ser
                 MAX_IN_FLIGHT,
             ))
             .add_service(svc)
+            .add_service(cmd)
+            .add_service(cmd_info)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             })

@@ -583,6 +583,15 @@ impl Hypervisor {
         })
     }
 
+    /// Hard reset (the reset button): the guest restarts without shutting down.
+    pub fn reset(&self, name: &str) -> Result<(), LibvirtError> {
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "reset", procs::DOMAIN_RESET, |e| {
+                e.u32(0);
+            })
+        })
+    }
+
     fn xml_desc(&self, name: &str, op: &'static str, flags: u32) -> Result<String, LibvirtError> {
         self.with_domain(name, |c, d| {
             rpc(

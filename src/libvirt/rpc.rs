@@ -92,6 +92,7 @@ pub mod procs {
     pub const DOMAIN_GET_BLOCK_INFO: i32 = 194;
     pub const DOMAIN_CREATE_WITH_FLAGS: i32 = 196;
     pub const DOMAIN_GET_STATE: i32 = 212;
+    pub const DOMAIN_RESET: i32 = 245;
     pub const DOMAIN_BLOCK_RESIZE: i32 = 251;
     pub const DOMAIN_SHUTDOWN_FLAGS: i32 = 258;
     pub const DOMAIN_GET_JOB_STATS: i32 = 298;

@@ -399,6 +399,20 @@ pub fn remove_container_disk_sockets(dir: &Path) -> Vec<PathBuf> {
     removed
 }
 
+/// KubeVirt's migration socket directory, `<share dir>/migrationproxy`: on a source the
+/// handler puts its relays there (`<uid>-source.sock`, `<uid>-49152-source.sock`, …), on a
+/// target the incoming QEMU listens there on the same names
+/// (`pkg/virt-launcher/virtwrap/live-migration-target.go:237-240`).
+pub fn migration_proxy_dir(share_dir: &Path) -> PathBuf {
+    share_dir.join("migrationproxy")
+}
+
+/// Creates the migration socket directory (a target's QEMU creates its listening sockets in
+/// it).
+pub fn create_migration_proxy_dir(dir: &Path) -> Result<(), PodError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))
+}
+
 #[cfg(test)]
 mod kubevirt_tests {
     use super::*;

@@ -121,6 +121,29 @@ impl VirtualMachineInstance {
             .as_ref()
             .and_then(|s| s.volume_status.iter().find(|v| v.name == name))
     }
+
+    /// KubeVirt's hot-plug rule, as virt-handler's VMIs carry it: a PVC or DataVolume volume is
+    /// hot-plugged when its `status.volumeStatus` entry has `hotplugVolume`, whatever its
+    /// `hotpluggable` flag says; that flag is set to match. Volumes without a status entry keep
+    /// their flag. (Which hot-plugged disks are attached then follows the entry's phase:
+    /// `MountedToPod` or `Ready`.)
+    pub fn apply_volume_status_hotplug(&mut self) {
+        let Some(status) = &self.status else {
+            return;
+        };
+        for v in &mut self.spec.volumes {
+            let Some(entry) = status.volume_status.iter().find(|e| e.name == v.name) else {
+                continue;
+            };
+            let hotplug = Some(entry.hotplug_volume.is_some());
+            if let Some(p) = &mut v.persistent_volume_claim {
+                p.hotpluggable = hotplug;
+            }
+            if let Some(d) = &mut v.data_volume {
+                d.hotpluggable = hotplug;
+            }
+        }
+    }
 }
 
 /// A `VirtualMachine`: kept for `spec.template` and `spec.dataVolumeTemplates`.
@@ -823,6 +846,41 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("spec.domain.cpu.cores"), "{msg}");
         assert!(msg.contains("v.json"), "{msg}");
+    }
+
+    #[test]
+    fn the_handlers_volume_status_decides_hot_plug() {
+        let mut vmi = from_str(
+            r#"{"apiVersion":"kubevirt.io/v1","kind":"VirtualMachineInstance",
+                "metadata":{"name":"a"},
+                "spec":{"volumes":[
+                    {"name":"hp","persistentVolumeClaim":{"claimName":"hp"}},
+                    {"name":"flagged","dataVolume":{"name":"dv","hotpluggable":true}},
+                    {"name":"cold","persistentVolumeClaim":{"claimName":"c","hotpluggable":true}},
+                    {"name":"unknown","persistentVolumeClaim":{"claimName":"u","hotpluggable":true}}]},
+                "status":{"volumeStatus":[
+                    {"name":"hp","phase":"AttachedToNode","hotplugVolume":{"attachPodName":"x"}},
+                    {"name":"flagged","phase":"Ready","hotplugVolume":{}},
+                    {"name":"cold","phase":"Ready"}]}}"#,
+            "v.json",
+        )
+        .unwrap();
+        vmi.apply_volume_status_hotplug();
+        let hot: Vec<(&str, bool)> = vmi
+            .spec
+            .volumes
+            .iter()
+            .map(|v| (v.name.as_str(), v.is_hotpluggable()))
+            .collect();
+        assert_eq!(
+            hot,
+            [
+                ("hp", true),
+                ("flagged", true),
+                ("cold", false),
+                ("unknown", true)
+            ]
+        );
     }
 }
 

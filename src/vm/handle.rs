@@ -50,6 +50,40 @@ pub enum Command {
     },
     /// Stop the migration under way; the VM stays here.
     CancelMigration,
+    /// Reset the guest (the reset button: no shutdown).
+    Reset,
+    /// KubeVirt's Sync, from virt-handler: from now on the handler drives the domain's end
+    /// (see [`Command::AcpiShutdown`], [`Command::Delete`]; a stopped domain stays defined
+    /// until Delete). Starts the domain only when none has run and the VMI's `status.phase`
+    /// is neither `Running` nor final; reconciles a running domain; leaves a stopped one be.
+    HandlerSync(VirtualMachineInstance),
+    /// KubeVirt's Shutdown: press the ACPI button (again, each time: a booting guest may miss
+    /// it); the first one stamps `KubevirtMetadata::deletion_timestamp`. No grace clock: the
+    /// handler decides on Kill. Nothing to do (no domain, or stopped) is no error.
+    AcpiShutdown,
+    /// KubeVirt's Delete: remove the stopped domain's definition; the launcher then ends
+    /// (its final event says so). No domain is no error (and ends nothing).
+    Delete,
+    /// KubeVirt's SyncMigrationTarget: get ready to receive `vmi` through the handler's
+    /// proxies (creates `proxy_dir`, where the incoming QEMU listens); the KubeVirt metadata
+    /// gets the migration's `uid` and start, and its end once the incoming job is over.
+    /// Again for the same VMI while waiting: nothing more to do.
+    HandlerMigrationTarget {
+        vmi: VirtualMachineInstance,
+        migration_uid: String,
+        proxy_dir: PathBuf,
+    },
+    /// KubeVirt's MigrateVirtualMachine: answered once the migration has started (or was
+    /// refused); its progress and result go only into the KubeVirt metadata (`uid`:
+    /// the handler's migration uid). The same uid again while it runs: nothing to do.
+    HandlerMigrate {
+        migration_uid: String,
+        peer: Box<dyn MigrationPeer>,
+        options: MigrateOptions,
+    },
+    /// KubeVirt's SignalTargetPodCleanup addressed to this pod: a migration target whose VM
+    /// has not arrived ends (nothing of it is left); otherwise nothing to do.
+    TargetCleanup,
 }
 
 impl Command {
@@ -58,7 +92,25 @@ impl Command {
     pub(crate) fn is_urgent(&self) -> bool {
         matches!(
             self,
-            Command::Shutdown { .. } | Command::Kill | Command::CancelMigration
+            Command::Shutdown { .. }
+                | Command::Kill
+                | Command::CancelMigration
+                | Command::AcpiShutdown
+                | Command::Delete
+                | Command::TargetCleanup
+        )
+    }
+
+    /// Commands only virt-handler sends (KubeVirt's front-end): the handler drives the end.
+    pub(crate) fn is_handlers(&self) -> bool {
+        matches!(
+            self,
+            Command::HandlerSync(_)
+                | Command::AcpiShutdown
+                | Command::Delete
+                | Command::HandlerMigrationTarget { .. }
+                | Command::HandlerMigrate { .. }
+                | Command::TargetCleanup
         )
     }
 
@@ -83,6 +135,13 @@ impl Command {
             Command::PrepareMigrationTarget { .. } => "PrepareMigrationTarget",
             Command::Migrate { .. } => "Migrate",
             Command::CancelMigration => "CancelMigration",
+            Command::Reset => "Reset",
+            Command::HandlerSync(_) => "HandlerSync",
+            Command::AcpiShutdown => "AcpiShutdown",
+            Command::Delete => "Delete",
+            Command::HandlerMigrationTarget { .. } => "HandlerMigrationTarget",
+            Command::HandlerMigrate { .. } => "HandlerMigrate",
+            Command::TargetCleanup => "TargetCleanup",
         }
     }
 }
@@ -94,7 +153,7 @@ pub enum Reply {
     /// Done; nothing to report.
     Done,
     /// The domain after a Sync.
-    Status(Status),
+    Status(Box<Status>),
     /// How many filesystems were frozen or thawed.
     Filesystems(i32),
     /// The statistics, and the volume of each disk target they cover.
@@ -134,6 +193,8 @@ pub struct Handle {
     pub(crate) console_log: watch::Receiver<Option<PathBuf>>,
     pub(crate) events: Arc<EventLog>,
     pub(crate) domain_type: String,
+    /// KubeVirt's pod: `<share dir>/migrationproxy`.
+    pub(crate) migration_proxy_dir: Option<PathBuf>,
 }
 
 impl Handle {
@@ -150,6 +211,12 @@ impl Handle {
             .send(Request::Command(Box::new(command), tx))
             .map_err(|_| stopping())?;
         rx.await.map_err(|_| stopping())?
+    }
+
+    /// Whether the owner task has ended: the launcher is on its way out and its domain is
+    /// gone (stopped and undefined on the way).
+    pub fn has_ended(&self) -> bool {
+        self.requests.is_closed()
     }
 
     /// The domain as last known.
@@ -183,6 +250,12 @@ impl Handle {
     /// `kvm` or `qemu`.
     pub fn domain_type(&self) -> &str {
         &self.domain_type
+    }
+
+    /// KubeVirt's pod: where the handler's migration proxies (and an incoming QEMU) put
+    /// their sockets.
+    pub fn migration_proxy_dir(&self) -> Option<&std::path::Path> {
+        self.migration_proxy_dir.as_deref()
     }
 }
 
@@ -218,6 +291,7 @@ mod tests {
             console_log: watch::channel(None).1,
             events: Arc::new(EventLog::new(16)),
             domain_type: "qemu".into(),
+            migration_proxy_dir: None,
         };
         (h, requests_rx, urgent_rx)
     }

@@ -24,6 +24,48 @@ impl Launcher {
         }
     }
 
+    /// KubeVirt's Sync (see [`super::Command::HandlerSync`]): idempotent, as virt-handler
+    /// calls it on every reconcile. Returns once the domain is started, without waiting for
+    /// the guest.
+    pub async fn handler_sync(&self, mut vmi: VirtualMachineInstance) -> Result<(), ControlError> {
+        vmi.apply_volume_status_hotplug();
+        if !self.has_started() {
+            let phase = vmi.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Running" | "Succeeded" | "Failed")) {
+                // The VM ran (elsewhere, or here before) or has ended: never started again.
+                tracing::info!(
+                    phase,
+                    "Sync of a VMI that is running or final: not starting it"
+                );
+                return Ok(());
+            }
+            return self.start(vmi).await;
+        }
+        let before = self.status();
+        if matches!(before.state, State::Shutoff | State::Crashed) {
+            let given = vmi.metadata.uid.clone().unwrap_or_default();
+            if before.uid != given {
+                return Err(ControlError::WrongUid {
+                    running: before.uid,
+                    given,
+                });
+            }
+            // The domain stopped; the handler deletes it next. Nothing to reconcile.
+            return Ok(());
+        }
+        // Paused by an error (a full claim, a watchdog), not by a Pause: resumed, as
+        // KubeVirt's launcher does on a Sync (the error may be gone; if not, it pauses again).
+        if before.state == State::Paused
+            && matches!(before.reason.as_str(), "ioerror" | "watchdog" | "api error")
+            && before.uid == vmi.metadata.uid.clone().unwrap_or_default()
+        {
+            tracing::info!(reason = %before.reason, "Sync of a VM paused by an error: resuming it");
+            let name = self.domain_name()?;
+            self.blocking(move |hv| hv.resume(&name)).await?;
+        }
+        self.reconcile(vmi).await
+    }
+
     pub(crate) async fn start(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
         let plan = self.planner.plan(&vmi)?;
         self.planner.prepare(&vmi, &plan)?;
@@ -38,12 +80,15 @@ impl Launcher {
             .collect();
         let volumes: Vec<String> = disks.iter().map(|d| d.volume.clone()).collect();
         let (n, uid) = (name.clone(), vmi.metadata.uid.clone().unwrap_or_default());
+        let grace = vmi.termination_grace_period().as_secs() as i64;
         let facts = DomainFacts::of(&plan.domain);
         let learn_macs = facts.interfaces.iter().any(|i| i.mac.is_empty());
         self.update(move |s| {
             s.name = n;
             s.uid = uid;
             s.disks = disks;
+            // KubeVirt's GracePeriod.DeletionGracePeriodSeconds, as its converter sets it.
+            s.kubevirt.deletion_grace_period_seconds = grace;
             *s.domain = facts;
         });
         self.set_state(State::Starting, "sync");
@@ -293,6 +338,11 @@ impl Launcher {
     pub async fn reboot(&self) -> Result<(), ControlError> {
         let name = self.domain_name()?;
         self.blocking(move |hv| hv.reboot(&name)).await
+    }
+
+    pub async fn reset(&self) -> Result<(), ControlError> {
+        let name = self.domain_name()?;
+        self.blocking(move |hv| hv.reset(&name)).await
     }
 
     pub async fn stats(&self) -> Result<(DomainStats, Vec<(String, String)>), ControlError> {

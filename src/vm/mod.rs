@@ -61,6 +61,9 @@ pub struct RunOptions {
     pub log_max_bytes: u64,
     /// What SIGTERM (and SIGINT) does.
     pub on_sigterm: OnSigterm,
+    /// KubeVirt's pod: `<share dir>/migrationproxy`, where virt-handler's migration proxies
+    /// meet the launcher's libvirt and QEMU.
+    pub migration_proxy_dir: Option<std::path::PathBuf>,
 }
 
 /// What the launcher does on SIGTERM once a domain runs.
@@ -181,6 +184,7 @@ impl Supervisor {
             console_log: core.console_log.clone(),
             events: core.events.clone(),
             domain_type: core.domain_type().to_string(),
+            migration_proxy_dir: opts.migration_proxy_dir.clone(),
         };
         let sigterm = signal(SignalKind::terminate()).map_err(SupervisorError::Setup)?;
         let sigint = signal(SignalKind::interrupt()).map_err(SupervisorError::Setup)?;
@@ -282,6 +286,47 @@ struct Stopping {
     /// A stop came during a migration: the ACPI button is pressed once the cancelled
     /// migration has ended (the migration tells the owner it is done), or at the latest then.
     acpi_after_migration: Option<AcpiPending>,
+    /// virt-handler drives this launcher (it sent one of its commands): a domain that stops
+    /// stays defined until its Delete, and Shutdown never destroys by itself.
+    handler: bool,
+    /// In the handler's mode: the domain stopped (why), and waits for Delete.
+    stopped: Option<StopReason>,
+    /// The pod was signalled (SIGTERM, SIGINT): a stop ends the launcher in any mode.
+    signalled: bool,
+}
+
+impl Stopping {
+    /// The domain stopped for `reason`: the launcher ends (its outcome), unless virt-handler
+    /// drives it, which deletes the stopped domain itself (KubeVirt's Delete).
+    async fn domain_stopped(
+        &mut self,
+        core: &Arc<Launcher>,
+        ledger: &Ledger,
+        reason: StopReason,
+    ) -> Option<Outcome> {
+        if !self.handler
+            || self.signalled
+            || reason == StopReason::Migrated
+            || core.awaiting_migration()
+        {
+            return Some(finish(core, reason, self.deadline.is_some()).await);
+        }
+        if self.stopped.is_none() {
+            tracing::info!(reason = ?reason, "domain stopped; kept defined until the handler deletes it");
+            let state = ledger.status().state;
+            if !matches!(state, state::State::Shutoff | state::State::Crashed) {
+                // Gone without an event (found by the liveness check or a reconnect).
+                let s = if reason.is_clean() {
+                    state::State::Shutoff
+                } else {
+                    state::State::Crashed
+                };
+                ledger.set_state(s, &format!("{reason:?}").to_lowercase());
+            }
+        }
+        self.stopped = Some(reason);
+        None
+    }
 }
 
 /// An ACPI shutdown waiting for a cancelled migration to end.
@@ -365,6 +410,9 @@ async fn owner_loop(
         kill_at: None,
         destroyed: false,
         acpi_after_migration: None,
+        handler: false,
+        stopped: None,
+        signalled: false,
     };
     let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
     liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -419,14 +467,25 @@ async fn owner_loop(
             }
             _ = sigterm.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
+                stopping.signalled = true;
+                if let Some(reason) = stopping.stopped {
+                    return Ok(finish(core, reason, true).await);
+                }
                 on_signal(core, ledger, opts.on_sigterm, "SIGTERM", &mut stopping, &link).await;
             }
             _ = sigint.recv() => {
                 if !core.has_started() { return Ok(Outcome { reason: None, requested: true }); }
+                stopping.signalled = true;
+                if let Some(reason) = stopping.stopped {
+                    return Ok(finish(core, reason, true).await);
+                }
                 on_signal(core, ledger, opts.on_sigterm, "SIGINT", &mut stopping, &link).await;
             }
             Some(req) = urgent.recv() => {
-                if let Some(outcome) = on_urgent(core, req, &mut stopping, &link).await {
+                if let Request::Command(cmd, _) = &req {
+                    stopping.handler |= cmd.is_handlers();
+                }
+                if let Some(outcome) = on_urgent(core, ledger, req, &mut stopping, &link).await {
                     return Ok(outcome);
                 }
             }
@@ -443,11 +502,13 @@ async fn owner_loop(
             _ = start_timeout => return Err(SupervisorError::StartTimeout(opts.qemu_timeout)),
             // Events can be lost (a daemon restart at the wrong moment): check now and then that
             // the domain we think runs still does, so a stop never goes unnoticed.
-            _ = liveness.tick(), if core.has_started() => {
+            _ = liveness.tick(), if core.has_started() && stopping.stopped.is_none() => {
                 if let Some(reason) = gone(core).await {
                     tracing::warn!(reason = ?reason, "the domain stopped without an event");
                     drain_after_stop(core, ledger, raw_events, internal, reason, &mut link, &mut removals).await;
-                    return Ok(finish(core, reason, stopping.deadline.is_some()).await);
+                    if let Some(outcome) = stopping.domain_stopped(core, ledger, reason).await {
+                        return Ok(outcome);
+                    }
                 }
             }
             Some(ev) = raw_events.recv() => {
@@ -456,13 +517,20 @@ async fn owner_loop(
                 };
                 if let DomainEvent::ConnectionClosed { .. } = ev {
                     if let Some(reason) = reconnect(core).await? {
-                        return Ok(finish(core, reason, stopping.deadline.is_some()).await);
+                        if let Some(outcome) = stopping.domain_stopped(core, ledger, reason).await {
+                            return Ok(outcome);
+                        }
                     }
                 } else if stale_stop(core, &ev).await {
                     tracing::info!("ignoring the stop of an earlier, failed start: the domain runs");
                 } else if let Some(reason) = apply_event(core, ledger, &mut link, &mut removals, &ev) {
+                    if stopping.stopped.is_some() {
+                        continue;
+                    }
                     drain_after_stop(core, ledger, raw_events, internal, reason, &mut link, &mut removals).await;
-                    return Ok(finish(core, reason, stopping.deadline.is_some()).await);
+                    if let Some(outcome) = stopping.domain_stopped(core, ledger, reason).await {
+                        return Ok(outcome);
+                    }
                 }
             }
             Some(ev) = daemon_events.recv() => {
@@ -470,14 +538,17 @@ async fn owner_loop(
                 ledger.publish(EventKind::Daemon, &format!("{ev:?}"));
                 if let DaemonEvent::Restarted { daemon: Daemon::Libvirtd, .. } = ev {
                     if let Some(reason) = reconnect(core).await? {
-                        return Ok(finish(core, reason, stopping.deadline.is_some()).await);
+                        if let Some(outcome) = stopping.domain_stopped(core, ledger, reason).await {
+                            return Ok(outcome);
+                        }
                     }
                 }
             }
             Some(req) = requests.recv() => {
                 if let Request::Command(cmd, _) = &req {
+                    stopping.handler |= cmd.is_handlers();
                     if cmd.is_urgent() {
-                        if let Some(outcome) = on_urgent(core, req, &mut stopping, &link).await {
+                        if let Some(outcome) = on_urgent(core, ledger, req, &mut stopping, &link).await {
                             return Ok(outcome);
                         }
                         continue;
@@ -515,6 +586,21 @@ fn admit(
             )));
             return;
         }
+        // virt-handler asking again for the migration it started: nothing to do (KubeVirt's
+        // launcher answers so at once, `live-migration-source.go:307-317`); another one while
+        // a migration runs: refused at once.
+        Request::Command(cmd, reply) if handler_migration_started(&cmd, ledger) => {
+            let _ = reply.send(Ok(Reply::Done));
+            return;
+        }
+        Request::Command(cmd, reply)
+            if matches!(*cmd, Command::HandlerMigrate { .. }) && core.migration_running() =>
+        {
+            let _ = reply.send(Err(ControlError::Precondition(
+                "a migration is already running".into(),
+            )));
+            return;
+        }
         req => req,
     };
     if let Some(req) = queue.admit(req) {
@@ -522,11 +608,29 @@ fn admit(
     }
 }
 
+/// Whether `cmd` is virt-handler's Migrate of the migration that started here and has not
+/// ended.
+fn handler_migration_started(cmd: &Command, ledger: &Ledger) -> bool {
+    let Command::HandlerMigrate { migration_uid, .. } = cmd else {
+        return false;
+    };
+    ledger.status().kubevirt.migration.is_some_and(|m| {
+        m.uid == *migration_uid && m.start_timestamp.is_some() && m.end_timestamp.is_none()
+    })
+}
+
 /// Runs an exclusive operation as a child task that tells the owner when it is done (after
 /// everything it reported, on the same channel).
 fn spawn_operation(core: &Arc<Launcher>, ledger: &Ledger, req: Request, link: &mut MigrationLink) {
     let inbox = match &req {
-        Request::Command(cmd, _) if matches!(**cmd, Command::Migrate { .. }) => Some(link.open()),
+        Request::Command(cmd, _)
+            if matches!(
+                **cmd,
+                Command::Migrate { .. } | Command::HandlerMigrate { .. }
+            ) =>
+        {
+            Some(link.open())
+        }
         _ => None,
     };
     // An automatic thaw made stale while it waited its turn ends at once.
@@ -577,6 +681,14 @@ async fn execute(
         Command::Pause => core.pause().await.map(|()| Reply::Done),
         Command::Unpause => core.unpause().await.map(|()| Reply::Done),
         Command::Reboot => core.reboot().await.map(|()| Reply::Done),
+        Command::Reset => core.reset().await.map(|()| Reply::Done),
+        Command::HandlerSync(vmi) => {
+            let result = core.handler_sync(vmi).await;
+            if let Err(e) = &result {
+                tracing::debug!(command = name, error = %e, "command failed");
+            }
+            return Some(SyncEnd { reply, result });
+        }
         Command::Freeze { timeout } => core.freeze(timeout).await.map(Reply::Filesystems),
         Command::Unfreeze => core.unfreeze().await.map(Reply::Filesystems),
         Command::Stats => core
@@ -591,6 +703,32 @@ async fn execute(
             .prepare_migration_target(vmi, disk_sizes)
             .await
             .map(Reply::Target),
+        Command::HandlerMigrationTarget {
+            vmi,
+            migration_uid,
+            proxy_dir,
+        } => core
+            .handler_prepare_target(vmi, migration_uid, proxy_dir)
+            .await
+            .map(|()| Reply::Done),
+        Command::HandlerMigrate {
+            migration_uid,
+            peer,
+            options,
+        } => {
+            match inbox {
+                Some(inbox) => {
+                    core.handler_migrate(migration_uid, peer, options, inbox, reply)
+                        .await
+                }
+                None => {
+                    let _ = reply.send(Err(ControlError::Internal(
+                        "a migration started without its link to the owner".into(),
+                    )));
+                }
+            }
+            return None;
+        }
         Command::Migrate { peer, options } => match inbox {
             Some(inbox) => core
                 .migrate(peer.as_ref(), options, inbox)
@@ -600,9 +738,14 @@ async fn execute(
                 "a migration started without its link to the owner".into(),
             )),
         },
-        Command::Shutdown { .. } | Command::Kill | Command::CancelMigration => Err(
-            ControlError::Internal(format!("{name} is handled by the owner")),
-        ),
+        Command::Shutdown { .. }
+        | Command::Kill
+        | Command::CancelMigration
+        | Command::AcpiShutdown
+        | Command::Delete
+        | Command::TargetCleanup => Err(ControlError::Internal(format!(
+            "{name} is handled by the owner"
+        ))),
     };
     if let Err(e) = &answer {
         tracing::debug!(command = name, error = %e, "command failed");
@@ -642,7 +785,7 @@ fn on_internal(ledger: &mut Ledger, removals: &mut Removals, msg: Internal) -> H
                 return Handled::Done { synced: false };
             };
             let ok = result.is_ok();
-            let _ = reply.send(result.map(|()| Reply::Status(ledger.status())));
+            let _ = reply.send(result.map(|()| Reply::Status(Box::new(ledger.status()))));
             return Handled::Done { synced: ok };
         }
     }
@@ -652,6 +795,7 @@ fn on_internal(ledger: &mut Ledger, removals: &mut Removals, msg: Internal) -> H
 /// Handles a stop or a CancelMigration. Returns the outcome when the launcher is done.
 async fn on_urgent(
     core: &Arc<Launcher>,
+    ledger: &Ledger,
     req: Request,
     stopping: &mut Stopping,
     link: &MigrationLink,
@@ -662,13 +806,51 @@ async fn on_urgent(
     let stop = match *cmd {
         Command::CancelMigration => {
             let answer = core.check_cancel().map(|()| {
+                // KubeVirt's metadata says an abort is under way (`AbortStatus: Aborting`)
+                // until the migration has ended.
+                ledger.update(|s| {
+                    if let Some(m) = s
+                        .kubevirt
+                        .migration
+                        .as_mut()
+                        .filter(|m| m.end_timestamp.is_none() && m.abort_status.is_empty())
+                    {
+                        m.abort_status = "Aborting".into();
+                    }
+                });
                 link.cancel();
                 Reply::Done
             });
             let _ = reply.send(answer);
             return None;
         }
+        Command::TargetCleanup => {
+            let _ = reply.send(Ok(Reply::Done));
+            if core.awaiting_migration() {
+                tracing::info!("virt-handler gave up the migration to this pod: exiting");
+                return Some(Outcome {
+                    reason: None,
+                    requested: true,
+                });
+            }
+            tracing::info!("cleanup of this target pod asked for, but a VM runs here: ignored");
+            return None;
+        }
         Command::Shutdown { grace } => StopRequest::Graceful(grace.unwrap_or_else(|| core.grace())),
+        Command::AcpiShutdown => {
+            let _ = reply.send(acpi_shutdown(core, ledger, stopping).await);
+            return None;
+        }
+        Command::Delete => {
+            let (answer, outcome) = delete(core, ledger, stopping).await;
+            let _ = reply.send(answer);
+            return outcome;
+        }
+        // The stopped domain waits for its Delete: nothing to kill.
+        Command::Kill if stopping.stopped.is_some() => {
+            let _ = reply.send(Ok(Reply::Done));
+            return None;
+        }
         Command::Kill => StopRequest::Kill,
         _ => {
             let _ = reply.send(Err(ControlError::Internal("not a stop".into())));
@@ -697,6 +879,65 @@ async fn on_urgent(
         }
     }
     None
+}
+
+/// KubeVirt's Shutdown (see [`Command::AcpiShutdown`]).
+async fn acpi_shutdown(core: &Arc<Launcher>, ledger: &Ledger, stopping: &Stopping) -> Answer {
+    if stopping.stopped.is_some() || !core.has_started() || core.domain_name().is_err() {
+        return Ok(Reply::Done);
+    }
+    if ledger.status().kubevirt.deletion_timestamp.is_none() {
+        let now = std::time::SystemTime::now();
+        ledger.update(|s| s.kubevirt.deletion_timestamp = Some(now));
+        ledger.publish(
+            EventKind::Domain,
+            "graceful shutdown requested: deletion timestamp set",
+        );
+    }
+    tracing::info!("shutting the guest down (ACPI power button), as the handler asked");
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    match tokio::task::spawn_blocking(move || hv.shutdown_acpi(&name)).await {
+        Ok(Ok(())) => Ok(Reply::Done),
+        // Stopped meanwhile: nothing left to shut down.
+        Ok(Err(LibvirtError::NoDomain(_))) => Ok(Reply::Done),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// KubeVirt's Delete (see [`Command::Delete`]): the answer, and the launcher's outcome when
+/// it ends.
+async fn delete(
+    core: &Arc<Launcher>,
+    ledger: &Ledger,
+    stopping: &Stopping,
+) -> (Answer, Option<Outcome>) {
+    let reason = match stopping.stopped {
+        Some(reason) => Some(reason),
+        None if core.has_started() => {
+            let e = ControlError::Precondition(
+                "the domain is still running: shut it down or kill it first".into(),
+            );
+            return (Err(e), None);
+        }
+        // No domain was ever defined here: nothing to delete.
+        None if core.domain_name().is_err() => return (Ok(Reply::Done), None),
+        // Defined, but its start failed: deleted all the same.
+        None => None,
+    };
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    match tokio::task::spawn_blocking(move || hv.undefine(&name)).await {
+        Ok(Ok(())) | Ok(Err(LibvirtError::NoDomain(_))) => {}
+        Ok(Err(e)) => return (Err(e.into()), None),
+        Err(e) => return (Err(e.into()), None),
+    }
+    ledger.update(|s| s.deleted = true);
+    tracing::info!(domain = %core.status().name, "domain deleted, as the handler asked; exiting");
+    let outcome = Outcome {
+        reason,
+        requested: true,
+    };
+    (Ok(Reply::Done), Some(outcome))
 }
 
 /// The events libvirt sends right after a stop still count: after STOPPED(migrated) comes

@@ -125,6 +125,8 @@ pub struct Status {
     /// What KubeVirt's virt-handler reads from the domain's metadata (boxed: rarely set,
     /// and `Status` travels in replies).
     pub kubevirt: Box<KubevirtMetadata>,
+    /// The domain's definition was removed (KubeVirt's Delete): the launcher is ending.
+    pub deleted: bool,
     /// What the core knows of the domain's definition and its guest (boxed: the status
     /// travels in replies).
     pub domain: Box<DomainFacts>,

@@ -214,3 +214,29 @@ pub fn pid_in_namespace(pid: i32) -> Option<i32> {
         .parse()
         .ok()
 }
+
+/// Kills what is left in a container's mount namespace when a test ends (or panics), while
+/// the container's PID 1 (`monitor`) is still in it: a namespace's number is reused once it
+/// is gone, and another test's container (or a benchmark's daemon) may have it by then.
+pub struct Guard {
+    pub monitor: i32,
+    pub ns: String,
+}
+
+impl Guard {
+    /// The guard of the container whose PID 1 is `monitor` (seen from outside).
+    pub fn of(monitor: i32) -> Result<Guard> {
+        Ok(Guard {
+            monitor,
+            ns: crate::procs::mount_ns(monitor)?,
+        })
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if crate::procs::mount_ns(self.monitor).is_ok_and(|ns| ns == self.ns) {
+            crate::procs::kill_namespace(&self.ns);
+        }
+    }
+}

@@ -254,6 +254,22 @@ impl Pod {
         })
     }
 
+    /// Waits until the guest console shows `marker` at least `n` times.
+    pub fn wait_console_count(&mut self, marker: &str, n: usize, timeout: Duration) {
+        let shown = wait(timeout, Duration::from_millis(100), || {
+            if self.console_count(marker) >= n {
+                return Some(());
+            }
+            self.panic_if_exited(&format!("before the console showed {marker:?} {n} times"));
+            None
+        });
+        assert!(
+            shown.is_some(),
+            "console did not show {marker:?} {n} times within {timeout:?}\n{}",
+            self.dump()
+        );
+    }
+
     /// Panics with the logs if the launcher has exited.
     fn panic_if_exited(&mut self, when: &str) {
         if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {

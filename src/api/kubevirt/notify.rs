@@ -586,6 +586,7 @@ mod tests {
             console_log: tokio::sync::watch::channel(None).1,
             events: Arc::new(crate::vm::state::EventLog::new(64)),
             domain_type: "qemu".into(),
+            migration_proxy_dir: None,
         };
         (h, status_tx, vmi_tx)
     }

@@ -85,6 +85,9 @@ pub struct PreparedTarget {
     /// None: it was not prepared as a migration target.
     pub target: Option<TargetInfo>,
     pub disks: Vec<PeerDisk>,
+    /// The peer cannot tell the target's disks (virt-handler's proxies): the sizes of block
+    /// migration's destinations are left to QEMU to check.
+    pub disks_unknown: bool,
 }
 
 /// What the source of a migration needs of the target's launcher. The core knows no transport:

@@ -47,27 +47,15 @@ impl Launcher {
                 "a migration is already running".into(),
             ));
         }
-        let (target, target_disks) = query_target(peer).await?;
+        let (target, target_disks, disks_unknown) = query_target(peer).await?;
         if target.uid != status.uid {
             return Err(ControlError::Precondition(format!(
                 "the target was prepared for VMI uid {:?}, this VM is {:?}",
                 target.uid, status.uid
             )));
         }
-        // Storage rules.
-        let local: Vec<&crate::vm::state::DiskStatus> = status
-            .disks
-            .iter()
-            .filter(|d| !d.shared && !d.readonly)
-            .collect();
-        if !local.is_empty() && !opts.block_migration {
-            let names: Vec<&str> = local.iter().map(|d| d.volume.as_str()).collect();
-            return Err(ControlError::Precondition(format!(
-                "volumes {names:?} are local to this pod (not ReadWriteMany nor shareable): \
-                 refusing to migrate unless block migration is requested"
-            )));
-        }
-        if opts.block_migration {
+        let local = check_storage(&status, &opts)?;
+        if opts.block_migration && !disks_unknown {
             check_copy_sizes(&local, &target_disks)?;
         }
         let vmi = self.vmi().ok_or(ControlError::NoDomain)?;
@@ -218,7 +206,19 @@ impl Launcher {
             }
         };
         let p = outcome.progress.clone();
-        self.update(move |s| s.migration = Some(p));
+        let (failed, reason) = if outcome.success {
+            (false, String::new())
+        } else if p.phase == MigrationPhase::Cancelled {
+            (true, ABORTED.to_string())
+        } else {
+            (true, outcome.message.clone())
+        };
+        let now = std::time::SystemTime::now();
+        // One edit: whoever sees the migration ended sees the KubeVirt metadata's end too.
+        self.update(move |s| {
+            s.migration = Some(p);
+            end_kubevirt_migration(s, failed, reason, now);
+        });
         self.publish_migration(outcome.progress.clone(), &outcome.message);
         tracing::info!(
             success = outcome.success,
@@ -229,6 +229,131 @@ impl Launcher {
         );
         Ok(outcome)
     }
+}
+
+/// The storage rules: only shared or read-only disks migrate directly; local writable ones
+/// (returned) need block migration.
+fn check_storage<'a>(
+    status: &'a crate::vm::state::Status,
+    opts: &MigrateOptions,
+) -> Result<Vec<&'a crate::vm::state::DiskStatus>, ControlError> {
+    let local: Vec<&crate::vm::state::DiskStatus> = status
+        .disks
+        .iter()
+        .filter(|d| !d.shared && !d.readonly)
+        .collect();
+    if !local.is_empty() && !opts.block_migration {
+        let names: Vec<&str> = local.iter().map(|d| d.volume.as_str()).collect();
+        return Err(ControlError::Precondition(format!(
+            "volumes {names:?} are local to this pod (not ReadWriteMany nor shareable): \
+             refusing to migrate unless block migration is requested"
+        )));
+    }
+    Ok(local)
+}
+
+/// What KubeVirt's launcher reports as the reason of an aborted migration.
+const ABORTED: &str = "Live migration has been aborted";
+
+impl Launcher {
+    /// KubeVirt's MigrateVirtualMachine (`live-migration-source.go:287-331, 1389-1423`):
+    /// checks what can be checked at once and answers `reply`; then migrates, and reports
+    /// only through the KubeVirt metadata: `uid`, `StartTimestamp` and `Mode` when it starts,
+    /// `EndTimestamp` when it ends, with `Failed` + `FailureReason` when the VM stayed here,
+    /// and `AbortStatus` `Succeeded` (the abort asked for stopped it) or `Failed` (it
+    /// completed all the same). A migration uid is run once: again while it runs is nothing
+    /// to do, again after it ended is refused.
+    pub(crate) async fn handler_migrate(
+        self: &Arc<Self>,
+        migration_uid: String,
+        peer: Box<dyn MigrationPeer>,
+        opts: MigrateOptions,
+        inbox: MigrationInbox,
+        reply: tokio::sync::oneshot::Sender<crate::vm::handle::Answer>,
+    ) {
+        let status = self.status();
+        if let Some(m) = status
+            .kubevirt
+            .migration
+            .as_ref()
+            .filter(|m| m.uid == migration_uid && m.start_timestamp.is_some())
+        {
+            let answer = match m.end_timestamp {
+                None => Ok(crate::vm::Reply::Done),
+                Some(_) => Err(ControlError::Precondition(format!(
+                    "migration {migration_uid:?} already ran here (failed: {}, abort status: {:?})",
+                    m.failed, m.abort_status
+                ))),
+            };
+            let _ = reply.send(answer);
+            return;
+        }
+        let checked = if self.migration_running() {
+            Err(ControlError::Precondition(
+                "a migration is already running".into(),
+            ))
+        } else if !self.has_started() {
+            Err(ControlError::NoDomain)
+        } else if !matches!(status.state, State::Running | State::Paused) {
+            Err(ControlError::Precondition(format!(
+                "cannot migrate a domain in state {:?}",
+                status.state
+            )))
+        } else {
+            check_storage(&status, &opts).map(|_| ())
+        };
+        if let Err(e) = checked {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let (uid, now) = (migration_uid.clone(), std::time::SystemTime::now());
+        self.update(move |s| {
+            s.kubevirt.migration = Some(crate::vm::state::MigrationMetadata {
+                uid,
+                start_timestamp: Some(now),
+                mode: "PreCopy".into(),
+                ..Default::default()
+            })
+        });
+        let _ = reply.send(Ok(crate::vm::Reply::Done));
+        // Its end is in the metadata with the outcome (see `migrate`); a refusal only here.
+        if let Err(e) = self.migrate(peer.as_ref(), opts, inbox).await {
+            tracing::warn!(error = %e, "migration refused");
+            let now = std::time::SystemTime::now();
+            self.update(move |s| end_kubevirt_migration(s, true, e.to_string(), now));
+        }
+    }
+}
+
+/// Ends the KubeVirt metadata's migration (if one started and has not ended): `EndTimestamp`,
+/// `Failed` + `FailureReason`, and the result of an abort asked for (`Succeeded` when it
+/// stopped the migration, else `Failed`).
+fn end_kubevirt_migration(
+    s: &mut crate::vm::state::Status,
+    failed: bool,
+    reason: String,
+    now: std::time::SystemTime,
+) {
+    let Some(m) = s
+        .kubevirt
+        .migration
+        .as_mut()
+        .filter(|m| m.start_timestamp.is_some() && m.end_timestamp.is_none())
+    else {
+        return;
+    };
+    if m.abort_status == "Aborting" {
+        m.abort_status = if failed { "Succeeded" } else { "Failed" }.into();
+    }
+    if failed {
+        m.failed = true;
+        m.failure_reason = if m.abort_status == "Succeeded" {
+            ABORTED.into()
+        } else {
+            reason
+        };
+    }
+    m.end_timestamp = Some(now);
 }
 
 /// How long a successful migration waits for the JOB_COMPLETED event's statistics before it
@@ -265,14 +390,18 @@ fn check_copy_sizes(
 /// Asks the target launcher what it was prepared for, and its disks.
 async fn query_target(
     peer: &dyn MigrationPeer,
-) -> Result<(TargetInfo, Vec<PeerDisk>), ControlError> {
+) -> Result<(TargetInfo, Vec<PeerDisk>, bool), ControlError> {
     let unreachable = |e: String| {
         ControlError::Precondition(format!("target launcher at {}: {e}", peer.location()))
     };
-    let PreparedTarget { target, disks } = peer.prepared().await.map_err(unreachable)?;
+    let PreparedTarget {
+        target,
+        disks,
+        disks_unknown,
+    } = peer.prepared().await.map_err(unreachable)?;
     let target =
         target.ok_or_else(|| unreachable("it was not prepared as a migration target".into()))?;
-    Ok((target, disks))
+    Ok((target, disks, disks_unknown))
 }
 
 /// Moves pod-local directories in the domain XML to the target pod's.
@@ -433,7 +562,12 @@ async fn monitor(
                     Ok(()) => {
                         progress.mode = MigrationMode::PostCopy;
                         let p = progress.clone();
-                        core.update(move |s| s.migration = Some(p));
+                        core.update(move |s| {
+                            s.migration = Some(p);
+                            if let Some(m) = s.kubevirt.migration.as_mut() {
+                                m.mode = "PostCopy".into();
+                            }
+                        });
                         core.publish_migration(progress.clone(), "switched to post-copy");
                         tracing::info!("completion deadline passed: switched to post-copy");
                     }
@@ -468,6 +602,48 @@ mod tests {
             ..Default::default()
         };
         assert!((0..8).all(|p| downtime_limit(&asked, p) == 20));
+    }
+
+    #[test]
+    fn the_kubevirt_metadata_ends_once_with_the_abort_result() {
+        use crate::vm::state::{MigrationMetadata, Status};
+        use std::time::{Duration, SystemTime};
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let started = |abort: &str| {
+            let mut s = Status::default();
+            s.kubevirt.migration = Some(MigrationMetadata {
+                uid: "m".into(),
+                start_timestamp: Some(t0),
+                abort_status: abort.into(),
+                mode: "PreCopy".into(),
+                ..Default::default()
+            });
+            s
+        };
+        let t1 = t0 + Duration::from_secs(5);
+        let end = |mut s: Status, failed: bool| {
+            end_kubevirt_migration(&mut s, failed, "broken".into(), t1);
+            s.kubevirt.migration.unwrap()
+        };
+        let m = end(started(""), false);
+        assert_eq!((m.end_timestamp, m.failed), (Some(t1), false));
+        let m = end(started(""), true);
+        assert_eq!((m.failed, m.failure_reason.as_str()), (true, "broken"));
+        let m = end(started("Aborting"), true);
+        assert_eq!(m.abort_status, "Succeeded");
+        assert_eq!(m.failure_reason, ABORTED);
+        let m = end(started("Aborting"), false);
+        assert_eq!((m.abort_status.as_str(), m.failed), ("Failed", false));
+        // Ended already: kept as it was.
+        let mut s = started("");
+        end_kubevirt_migration(&mut s, false, String::new(), t0);
+        end_kubevirt_migration(&mut s, true, "late".into(), t1);
+        let m = s.kubevirt.migration.unwrap();
+        assert_eq!((m.end_timestamp, m.failed), (Some(t0), false));
+        // No KubeVirt migration (launcher.v1's): nothing written.
+        let mut s = Status::default();
+        end_kubevirt_migration(&mut s, true, "x".into(), t1);
+        assert!(s.kubevirt.migration.is_none());
     }
 
     #[test]

@@ -3,8 +3,10 @@
 use crate::spec::VirtualMachineInstance;
 use crate::vm::core::{ControlError, Launcher};
 use crate::vm::ledger::Ledger;
-use crate::vm::state::{MigrationPhase, MigrationProgress, TargetInfo};
+use crate::vm::state::{MigrationMetadata, MigrationPhase, MigrationProgress, TargetInfo};
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
 
 impl Launcher {
     /// Readies this (VM-less) launcher to receive `vmi` by migration.
@@ -96,6 +98,39 @@ impl Launcher {
         Ok(info)
     }
 
+    /// KubeVirt's SyncMigrationTarget (`live-migration-target.go:160-283`): the migration
+    /// socket directory (the incoming QEMU listens there, on the names the source's QEMU
+    /// dials in its own pod), the target prepared as for any migration but defining nothing
+    /// (the domain arrives through libvirt), and the KubeVirt metadata: the VMI's grace period
+    /// and the migration's uid, start and mode. Again for the VMI awaited: nothing to do.
+    pub(crate) async fn handler_prepare_target(
+        &self,
+        vmi: VirtualMachineInstance,
+        migration_uid: String,
+        proxy_dir: PathBuf,
+    ) -> Result<(), ControlError> {
+        let uid = vmi.metadata.uid.clone().unwrap_or_default();
+        if self.awaiting_migration() && self.status().uid == uid {
+            return Ok(());
+        }
+        crate::pod::create_migration_proxy_dir(&proxy_dir)
+            .map_err(|e| ControlError::Precondition(e.to_string()))?;
+        let grace = vmi.termination_grace_period().as_secs() as i64;
+        self.prepare_migration_target(vmi, HashMap::new()).await?;
+        let now = SystemTime::now();
+        self.update(move |s| {
+            s.kubevirt.deletion_grace_period_seconds = grace;
+            s.kubevirt.migration = Some(MigrationMetadata {
+                uid: migration_uid,
+                start_timestamp: Some(now),
+                mode: "PreCopy".into(),
+                ..Default::default()
+            });
+        });
+        tracing::info!(dir = %proxy_dir.display(), "ready to receive a migration through virt-handler's proxies");
+        Ok(())
+    }
+
     /// Whether this launcher is a prepared target whose VM has not arrived.
     pub fn awaiting_migration(&self) -> bool {
         !self.has_started() && self.status().migration_target.is_some()
@@ -107,10 +142,16 @@ impl Launcher {
             return;
         }
         ledger.mark_started();
-        ledger.update(|s| {
+        // It arrives when it resumes here: the incoming job is over. KubeVirt's target says so
+        // in its metadata (`live-migration-target.go:352-420`).
+        let now = SystemTime::now();
+        ledger.update(move |s| {
             s.migration_target = None;
             for d in &mut s.disks {
                 d.phase = crate::vm::state::Phase::Ready;
+            }
+            if let Some(m) = s.kubevirt.migration.as_mut() {
+                m.end_timestamp.get_or_insert(now);
             }
         });
         let mut p = ledger
