@@ -22,6 +22,9 @@ pub enum ControlError {
     Precondition(String),
     #[error("libvirtd is restarting; retry")]
     Unavailable,
+    /// The core has ended: the launcher is on its way out, its domain stopped and undefined.
+    #[error("the launcher is stopping")]
+    Stopping,
     #[error("volume {volume}: {reason}")]
     Volume { volume: String, reason: String },
     #[error(transparent)]
@@ -128,6 +131,7 @@ impl ControlError {
             ControlError::Precondition(_) => {
                 Classified::of(FailedPrecondition, "WrongState", vec![])
             }
+            ControlError::Stopping => Classified::of(FailedPrecondition, "Stopping", vec![]),
             ControlError::Unavailable => Classified::of(Unavailable, "LibvirtReconnecting", vec![]),
             ControlError::Volume { volume, reason } => Classified::of(
                 FailedPrecondition,

@@ -206,17 +206,11 @@ impl Handle {
         } else {
             &self.requests
         };
-        let stopping = || ControlError::Precondition("the launcher is stopping".into());
         channel
             .send(Request::Command(Box::new(command), tx))
-            .map_err(|_| stopping())?;
-        rx.await.map_err(|_| stopping())?
-    }
-
-    /// Whether the owner task has ended: the launcher is on its way out and its domain is
-    /// gone (stopped and undefined on the way).
-    pub fn has_ended(&self) -> bool {
-        self.requests.is_closed()
+            .map_err(|_| ControlError::Stopping)?;
+        // The owner ended with the request unanswered.
+        rx.await.map_err(|_| ControlError::Stopping)?
     }
 
     /// The domain as last known.

@@ -51,11 +51,10 @@ impl CmdService {
     /// error).
     async fn send_idempotent<R>(&self, req: &Request<R>, cmd: Command) -> pb::Response {
         match self.send(req, cmd).await {
-            Ok(_) | Err(ControlError::NoDomain) => ok(),
             // The core has ended (the pod is going away after its domain stopped): there is
             // nothing left to shut down, kill or delete. The handler's Delete after the final
             // event lands here.
-            Err(_) if self.core.has_ended() => ok(),
+            Ok(_) | Err(ControlError::NoDomain) | Err(ControlError::Stopping) => ok(),
             Err(e) => failed(e.to_string()),
         }
     }
