@@ -339,13 +339,14 @@ mod tests {
         drop((requests, urgent));
         for cmd in [Command::Pause, Command::Kill] {
             let e = h.send(cmd).await.unwrap_err();
+            assert!(matches!(e, ControlError::Stopping), "{e}");
             assert!(e.to_string().contains("stopping"), "{e}");
         }
         // An owner that takes a command and drops it unanswered (it stopped meanwhile).
         let (h, mut requests, _urgent) = handle();
         let owner = tokio::spawn(async move { drop(requests.recv().await) });
         let e = h.send(Command::Reboot).await.unwrap_err();
-        assert!(matches!(e, ControlError::Precondition(_)), "{e}");
+        assert!(matches!(e, ControlError::Stopping), "{e}");
         owner.await.unwrap();
     }
 
