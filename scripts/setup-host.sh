@@ -152,7 +152,7 @@ else
     log "packages: all present (libvirt $(installed libvirt-daemon), qemu $(installed qemu-system-x86))"
 fi
 
-for tool in libvirtd virtlogd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++; do
+for tool in libvirtd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++; do
     command -v "$tool" >/dev/null || die "$tool not found after installing packages"
 done
 
