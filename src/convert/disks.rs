@@ -657,6 +657,15 @@ pub(crate) fn convert_disks(
         let cache = cache_mode(d.cache.as_deref(), shareable, direct_capable)
             .map_err(|r| err(format!("{f}.cache"), r))?;
         let preallocated = !cbt && facts.preallocated_volumes.contains(name);
+        // A thick-provisioned claim keeps its blocks: no `discard='unmap'` (KubeVirt's
+        // PreallocatedVolumes, which virt-handler derives from the claim's
+        // `persistentVolumeClaimInfo.preallocated` in the VMI's volumeStatus).
+        let keep_allocated = facts.preallocated_volumes.contains(name)
+            || vmi
+                .volume_status(name)
+                .and_then(|s| s.persistent_volume_claim_info.as_ref())
+                .and_then(|p| p.preallocated)
+                == Some(true);
         let io = io_mode(d.io.as_deref(), cache, is_block || preallocated)
             .map_err(|r| err(format!("{f}.io"), r))?;
         let error_policy = match d.error_policy.as_deref().unwrap_or("stop") {
@@ -735,7 +744,7 @@ pub(crate) fn convert_disks(
                     cache: Some(cache.to_string()),
                     io: io.map(str::to_string),
                     error_policy: Some(error_policy),
-                    discard: (device != DiskDevice::Cdrom).then_some("unmap"),
+                    discard: (device != DiskDevice::Cdrom && !keep_allocated).then_some("unmap"),
                     iothread: None,
                     iothread_pool: vec![],
                     queues,

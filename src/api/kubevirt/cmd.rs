@@ -116,9 +116,9 @@ fn options_used(o: Option<&pb::VirtualMachineOptions>) -> Vec<String> {
     if o.virtual_machine_sm_bios.is_some() {
         ignored.push("VirtualMachineSMBios".to_string());
     }
-    if !o.preallocated_volumes.is_empty() {
-        ignored.push("PreallocatedVolumes".to_string());
-    }
+    // PreallocatedVolumes is honoured through the VMI itself: the handler derives it from
+    // volumeStatus[].persistentVolumeClaimInfo.preallocated, which the converter reads (no
+    // discard on those disks).
     if o.topology.is_some() {
         ignored.push("topology".to_string());
     }
