@@ -20,7 +20,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::Pod;
+use common::{monitor_binary, wait_for, Pod};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
@@ -31,29 +31,9 @@ use testkit::kubevirt::{
 };
 use virt_launcher::api::kubevirt::pb::cmd::v1 as cmd;
 
-const MONITOR: &str = env!("CARGO_BIN_EXE_virt-launcher-monitor");
-
-/// The monitor to run: this build's, or `VL_TEST_MONITOR` (e.g. `target/release/…`, for the
-/// release build's figures the test prints; it runs the `virt-launcher` beside it).
-fn monitor_binary() -> std::path::PathBuf {
-    std::env::var_os("VL_TEST_MONITOR")
-        .map(|p| std::path::absolute(p).unwrap())
-        .unwrap_or_else(|| MONITOR.into())
-}
 /// The VMI's `terminationGracePeriodSeconds`: the handler kills this long after its first
 /// Shutdown.
 const VMI_GRACE: i64 = 6;
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// A VMI-carrying call; the in-band answer.
 async fn call(h: &mut CmdClient, what: &str, vmi: &Value) -> Result<cmd::Response, tonic::Status> {

@@ -21,31 +21,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use testkit::compute::{self, Compute};
 
-use common::Pod;
+use common::{monitor_binary, wait_for, Pod};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use virt_launcher::api::pb::{self, DomainState};
-
-const MONITOR: &str = env!("CARGO_BIN_EXE_virt-launcher-monitor");
-
-/// The monitor to run: this build's, or `VL_TEST_MONITOR` (e.g. `target/release/…`, to read the
-/// release build's memory figures the main test prints; it runs the `virt-launcher` beside it).
-fn monitor_binary() -> std::path::PathBuf {
-    std::env::var_os("VL_TEST_MONITOR")
-        .map(|p| std::path::absolute(p).unwrap())
-        .unwrap_or_else(|| MONITOR.into())
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// The processes in mount namespace `ns`, as `pid: command line`.
 fn in_namespace(ns: &str) -> Vec<String> {

@@ -422,6 +422,21 @@ pub fn wait<T>(timeout: Duration, every: Duration, mut f: impl FnMut() -> Option
     found
 }
 
+/// Like [`wait`], every 50 ms, panicking with `what` once `timeout` has passed.
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait(timeout, Duration::from_millis(50), f)
+        .unwrap_or_else(|| panic!("{what}: not within {timeout:?}"))
+}
+
+/// The `virt-launcher-monitor` KubeVirt's pod runs: this build's, or `VL_TEST_MONITOR` (e.g.
+/// `target/release/…`, for the release build's figures some tests print; it runs the
+/// `virt-launcher` beside it).
+pub fn monitor_binary() -> PathBuf {
+    std::env::var_os("VL_TEST_MONITOR")
+        .map(|p| std::path::absolute(p).unwrap())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_virt-launcher-monitor").into())
+}
+
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")

@@ -59,12 +59,38 @@ impl CmdService {
         }
     }
 
+    /// A call carrying a VMI: refused in-band when it is another VMI's (the running one's uid
+    /// differs), else `cmd`'s answer.
+    async fn for_this_vmi<R>(
+        &self,
+        req: &Request<R>,
+        vmi: Option<&pb::Vmi>,
+        cmd: Command,
+        how: How,
+    ) -> Result<Response<pb::Response>, Status> {
+        if let Err(m) = same_vmi(&self.core, vmi) {
+            return Ok(Response::new(failed(m)));
+        }
+        Ok(Response::new(match how {
+            How::Plain => self.simple(req, cmd).await,
+            How::Idempotent => self.send_idempotent(req, cmd).await,
+        }))
+    }
+
     async fn simple<R>(&self, req: &Request<R>, cmd: Command) -> pb::Response {
         match self.send(req, cmd).await {
             Ok(_) => ok(),
             Err(e) => failed(e.to_string()),
         }
     }
+}
+
+/// How a command's failure is answered.
+enum How {
+    /// As it is.
+    Plain,
+    /// "Nothing to do" (no domain, the core has ended) is success.
+    Idempotent,
 }
 
 /// Success, said explicitly (proto3's default is `false`, which older handlers read as failure).
@@ -203,76 +229,81 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
-            return Ok(Response::new(failed(m)));
-        }
-        Ok(Response::new(
-            self.send_idempotent(&req, Command::AcpiShutdown).await,
-        ))
+        self.for_this_vmi(
+            &req,
+            req.get_ref().vmi.as_ref(),
+            Command::AcpiShutdown,
+            How::Idempotent,
+        )
+        .await
     }
 
     async fn kill_virtual_machine(
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
-            return Ok(Response::new(failed(m)));
-        }
-        Ok(Response::new(
-            self.send_idempotent(&req, Command::Kill).await,
-        ))
+        self.for_this_vmi(
+            &req,
+            req.get_ref().vmi.as_ref(),
+            Command::Kill,
+            How::Idempotent,
+        )
+        .await
     }
 
     async fn delete_virtual_machine(
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
-            return Ok(Response::new(failed(m)));
-        }
-        Ok(Response::new(
-            self.send_idempotent(&req, Command::Delete).await,
-        ))
+        self.for_this_vmi(
+            &req,
+            req.get_ref().vmi.as_ref(),
+            Command::Delete,
+            How::Idempotent,
+        )
+        .await
     }
 
     async fn pause_virtual_machine(
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
-            return Ok(Response::new(failed(m)));
-        }
-        Ok(Response::new(self.simple(&req, Command::Pause).await))
+        self.for_this_vmi(&req, req.get_ref().vmi.as_ref(), Command::Pause, How::Plain)
+            .await
     }
 
     async fn unpause_virtual_machine(
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
-            return Ok(Response::new(failed(m)));
-        }
-        Ok(Response::new(self.simple(&req, Command::Unpause).await))
+        self.for_this_vmi(
+            &req,
+            req.get_ref().vmi.as_ref(),
+            Command::Unpause,
+            How::Plain,
+        )
+        .await
     }
 
     async fn soft_reboot_virtual_machine(
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
-            return Ok(Response::new(failed(m)));
-        }
-        Ok(Response::new(self.simple(&req, Command::Reboot).await))
+        self.for_this_vmi(
+            &req,
+            req.get_ref().vmi.as_ref(),
+            Command::Reboot,
+            How::Plain,
+        )
+        .await
     }
 
     async fn reset_virtual_machine(
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
-            return Ok(Response::new(failed(m)));
-        }
-        Ok(Response::new(self.simple(&req, Command::Reset).await))
+        self.for_this_vmi(&req, req.get_ref().vmi.as_ref(), Command::Reset, How::Plain)
+            .await
     }
 
     async fn freeze_virtual_machine(
@@ -295,10 +326,13 @@ impl Cmd for CmdService {
         &self,
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
-        if let Err(m) = same_vmi(&self.core, req.get_ref().vmi.as_ref()) {
-            return Ok(Response::new(failed(m)));
-        }
-        Ok(Response::new(self.simple(&req, Command::Unfreeze).await))
+        self.for_this_vmi(
+            &req,
+            req.get_ref().vmi.as_ref(),
+            Command::Unfreeze,
+            How::Plain,
+        )
+        .await
     }
 
     async fn get_domain(
