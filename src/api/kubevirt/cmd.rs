@@ -21,11 +21,17 @@ use crate::vm::{Command, ControlError, Handle, Reply, FREEZE_TIMEOUT};
 /// The cmd service: one per launcher, beside launcher.v1.
 pub struct CmdService {
     core: Handle,
+    /// The Sync options not acted on were said once (a warning), then at debug level: the
+    /// handler sends the same options with every Sync.
+    ignored_said: std::sync::atomic::AtomicBool,
 }
 
 impl CmdService {
     pub fn new(core: Handle) -> Self {
-        CmdService { core }
+        CmdService {
+            core,
+            ignored_said: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Sends `cmd` to the core within the caller's deadline (the core carries on with it).
@@ -135,8 +141,8 @@ fn check_options(o: Option<&pb::VirtualMachineOptions>) -> Result<(), String> {
     Ok(())
 }
 
-/// What of the handler's options the launcher honours, for the log.
-fn options_used(o: Option<&pb::VirtualMachineOptions>) -> Vec<String> {
+/// The handler's options the launcher does not act on, for the log.
+fn options_ignored(o: Option<&pb::VirtualMachineOptions>) -> Vec<String> {
     let Some(o) = o else { return Vec::new() };
     let mut ignored = Vec::new();
     if o.virtual_machine_sm_bios.is_some() {
@@ -145,6 +151,12 @@ fn options_used(o: Option<&pb::VirtualMachineOptions>) -> Vec<String> {
     // PreallocatedVolumes is honoured through the VMI itself: the handler derives it from
     // volumeStatus[].persistentVolumeClaimInfo.preallocated, which the converter reads (no
     // discard on those disks).
+    if o.mem_balloon_stats_period != 0 {
+        ignored.push("MemBalloonStatsPeriod".to_string());
+    }
+    if o.cluster_config.is_some() {
+        ignored.push("clusterConfig".to_string());
+    }
     if o.topology.is_some() {
         ignored.push("topology".to_string());
     }
@@ -216,9 +228,16 @@ impl Cmd for CmdService {
             Ok(v) => v,
             Err(m) => return Ok(Response::new(failed(m))),
         };
-        let ignored = options_used(r.options.as_ref());
+        let ignored = options_ignored(r.options.as_ref());
         if !ignored.is_empty() {
-            tracing::debug!(?ignored, "Sync options not acted on");
+            if self
+                .ignored_said
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::debug!(?ignored, "Sync options not acted on");
+            } else {
+                tracing::warn!(?ignored, "Sync options not acted on (said once)");
+            }
         }
         Ok(Response::new(
             self.simple(&req, Command::HandlerSync(vmi)).await,
