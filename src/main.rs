@@ -94,6 +94,13 @@ struct RunArgs {
     /// Do not create a private mount/UTS namespace (inside a pod the container already is one).
     #[arg(long)]
     no_isolate: bool,
+    /// Where QEMU's capabilities, as libvirt probed them, are kept from one standalone start
+    /// to the next (libvirt probes again when QEMU, libvirt, the kernel or the CPU changed).
+    #[arg(long, value_name = "DIR", default_value = virt_launcher::pod::capcache::DEFAULT_DIR)]
+    capabilities_cache: PathBuf,
+    /// Probe QEMU's capabilities afresh at every start (about a second) instead.
+    #[arg(long, conflicts_with = "capabilities_cache")]
+    no_capabilities_cache: bool,
     /// Seconds a hot-unplug waits for the guest to release the disk before it is reported
     /// as failed (the disk then stays attached; a late release is still noticed).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
@@ -213,7 +220,9 @@ fn run(args: RunArgs) -> Result<i32> {
             Path::new("/run/virt-launcher").join(format!("launcher-{}", std::process::id()))
         }
     };
-    let layout = PodLayout::new(absolute(&root), !args.no_isolate);
+    let layout = PodLayout::new(absolute(&root), !args.no_isolate).with_capabilities_seed(
+        (!args.no_capabilities_cache).then(|| absolute(&args.capabilities_cache)),
+    );
 
     let mut overrides = args.paths.overrides();
     if layout.is_isolated() {

@@ -460,3 +460,100 @@ fn a_claim_without_disk_img_gets_a_sparse_one_sized_to_the_claim() {
         pod.dump()
     );
 }
+
+/// A standalone launcher's private libvirtd keeps QEMU's capabilities from one start to the
+/// next (`--capabilities-cache`), and a damaged cache costs a probe, never a start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_capabilities_are_kept_between_starts_and_a_bad_one_is_probed_again() {
+    use std::time::SystemTime;
+    let seed = testkit::fresh_dir(
+        std::env::temp_dir().join(format!("vl-capcache-{}", std::process::id())),
+    )
+    .unwrap();
+    // The file libvirt names after the QEMU binary's path.
+    let name = "0000000000000000000000000000000000000000000000000000000000000000.xml";
+    let long_ago = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let set = |path: &std::path::Path, content: Option<&[u8]>| {
+        if let Some(c) = content {
+            std::fs::write(path, c).unwrap();
+        }
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+    };
+    // The daemon's copy, while the launcher runs.
+    let daemon_caps = |pod: &Pod| -> Vec<(String, SystemTime, String)> {
+        let dir = pod.runtime_dir().join("state/cache/qemu/capabilities");
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let content = std::fs::read_to_string(e.path()).unwrap();
+                let mtime = e.metadata().unwrap().modified().unwrap();
+                (e.file_name().into_string().unwrap(), mtime, content)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let run = |tag: &str| {
+        let mut pod = Pod::new(tag).with_disk("data", "virtio", 16);
+        pod.extra_args = vec!["--capabilities-cache".into(), seed.display().to_string()];
+        pod.start();
+        pod.wait_console("LV-READY", Duration::from_secs(90));
+        pod
+    };
+
+    // 1. A seed that is not a capabilities file libvirt could use (and one under a name no
+    //    binary has): the guest starts, libvirt probed, and the probe is saved.
+    set(&seed.join(name), Some(b"garbage"));
+    let pod = run("caps1");
+    let probed = daemon_caps(&pod);
+    let real: Vec<_> = probed.iter().filter(|(n, ..)| n != name).collect();
+    assert_eq!(real.len(), 1, "one QEMU binary probed: {probed:?}");
+    let (real_name, probed_at, content) = real[0];
+    assert!(content.contains("<qemuCaps>"), "{content:.200}");
+    assert!(*probed_at > long_ago);
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
+    let saved = std::fs::read_to_string(seed.join(real_name)).unwrap();
+    assert_eq!(&saved, content, "the probe is kept for the next start");
+
+    // 2. A damaged file under the real name: libvirt does not trust it, probes again, and the
+    //    good result replaces the damaged one.
+    set(&seed.join(real_name), Some(b"<qemuCaps><damaged"));
+    let pod = run("caps2");
+    let (_, reprobed_at, content) = daemon_caps(&pod)
+        .into_iter()
+        .find(|(n, ..)| n == real_name)
+        .unwrap();
+    assert!(reprobed_at > long_ago, "libvirt rewrote the damaged file");
+    assert!(content.contains("<qemuCaps>"), "{content:.200}");
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
+    assert_eq!(
+        std::fs::read_to_string(seed.join(real_name)).unwrap(),
+        content
+    );
+
+    // 3. A good file: the daemon uses it as it is (libvirt rewrites a file only when it probes),
+    //    and the seed is left alone.
+    set(&seed.join(real_name), None);
+    let pod = run("caps3");
+    let (_, used_at, _) = daemon_caps(&pod)
+        .into_iter()
+        .find(|(n, ..)| n == real_name)
+        .unwrap();
+    assert_eq!(
+        used_at, long_ago,
+        "libvirt probed although the cache was valid"
+    );
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
+    let kept = std::fs::metadata(seed.join(real_name))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(kept, long_ago);
+    std::fs::remove_dir_all(&seed).unwrap();
+}

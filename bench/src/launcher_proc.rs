@@ -27,6 +27,14 @@ impl LauncherProc {
         hotplug: Option<&Path>,
         runtime: &Path,
     ) -> Result<LauncherProc> {
+        // The capabilities cache the raw daemons start with too.
+        let caps = match CAPABILITIES.get() {
+            Some(dir) => vec![
+                "--capabilities-cache".to_string(),
+                dir.display().to_string(),
+            ],
+            None => vec!["--no-capabilities-cache".to_string()],
+        };
         let mut cmd = testkit::launcher::Run {
             launcher: &opts.launcher,
             wrapper: &[],
@@ -35,7 +43,7 @@ impl LauncherProc {
             volumes_dir: pvcs,
             kernel_boot_dir: &opts.guest_dir,
             hotplug_dir: hotplug,
-            extra_args: &[],
+            extra_args: &caps,
         }
         .command();
         cmd.stdin(Stdio::null())

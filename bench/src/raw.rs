@@ -28,6 +28,9 @@ hostname "$2"
 exec libvirtd -f "$R/conf/libvirtd.conf" -p "$R/pids/libvirtd.pid"
 "#;
 
+/// The private daemon's QEMU capabilities cache, under its root.
+pub(crate) const CAPABILITIES_DIR: &str = "state/cache/qemu/capabilities";
+
 impl RawLibvirt {
     /// Writes the configuration (the launcher's, from `src/pod/mod.rs`), starts libvirtd in a
     /// new mount + UTS namespace; returns once its socket accepts, with the time that took.
@@ -45,6 +48,10 @@ impl RawLibvirt {
         ] {
             let d = root.join(d);
             fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
+        }
+        // The capabilities the launcher's daemon starts with too (its `--capabilities-cache`).
+        if let Some(seed) = CAPABILITIES.get() {
+            virt_launcher::pod::capcache::seed(seed, &root.join(CAPABILITIES_DIR));
         }
         let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid")?;
         let sock_dir = root.join("sock");

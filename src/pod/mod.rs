@@ -7,6 +7,7 @@
 //! namespace in which each of libvirt's state directories is a private directory under the
 //! runtime root, so several launchers can run side by side and none touches the host's libvirt.
 
+pub mod capcache;
 pub mod children;
 pub mod cmdline;
 pub mod daemons;
@@ -62,6 +63,8 @@ pub struct PodLayout {
     isolated: bool,
     /// KubeVirt's pod ([`PodLayout::kubevirt`]): its directories.
     kubevirt: Option<KubevirtDirs>,
+    /// Where QEMU capabilities are kept across launchers ([`capcache`]); isolated layouts only.
+    capabilities_seed: Option<PathBuf>,
 }
 
 /// The directories of KubeVirt's `compute` container the launcher serves in.
@@ -79,7 +82,21 @@ impl PodLayout {
             root: root.into(),
             isolated,
             kubevirt: None,
+            capabilities_seed: None,
         }
+    }
+
+    /// Seeds the private daemon's QEMU capabilities cache from `dir` and saves what the daemon
+    /// probed back there when the launcher ends ([`capcache`]). Only an isolated layout has a
+    /// private cache: elsewhere libvirt's own `/var/cache/libvirt` persists by itself.
+    pub fn with_capabilities_seed(mut self, dir: Option<PathBuf>) -> Self {
+        self.capabilities_seed = dir.filter(|_| self.isolated);
+        self
+    }
+
+    /// The private daemon's QEMU capabilities cache (its `/var/cache/libvirt/qemu/capabilities`).
+    fn daemon_capabilities_dir(&self) -> PathBuf {
+        self.root.join("state/cache/qemu/capabilities")
     }
 
     pub fn root(&self) -> &Path {
@@ -152,6 +169,10 @@ impl PodLayout {
         }
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
             .map_err(io_err(&self.root))?;
+        if let Some(seed) = &self.capabilities_seed {
+            let n = capcache::seed(seed, &self.daemon_capabilities_dir());
+            tracing::debug!(files = n, seed = %seed.display(), "QEMU capabilities cache seeded");
+        }
         Ok(())
     }
 
@@ -181,6 +202,12 @@ impl PodLayout {
     /// Removes the daemons' state, sockets and configuration once they and QEMU are gone. The
     /// VM's private directory (its console log) stays for whoever wants to read what happened.
     pub fn remove_daemon_state(&self) {
+        if let Some(seed) = &self.capabilities_seed {
+            let n = capcache::save(&self.daemon_capabilities_dir(), seed);
+            if n > 0 {
+                tracing::info!(files = n, seed = %seed.display(), "QEMU capabilities saved for the next start");
+            }
+        }
         let mut dirs = vec![
             self.sock_dir(),
             self.conf_dir(),
@@ -311,6 +338,7 @@ impl PodLayout {
                 libvirt_run_dir: libvirt_run_dir.into(),
                 container_disk_dir: container_disk_dir.into(),
             }),
+            capabilities_seed: None,
         }
     }
 
