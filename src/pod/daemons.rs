@@ -55,6 +55,11 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .process_group(0);
+        // One malloc arena: glibc gives each of libvirtd's ~19 threads that allocates an arena
+        // of its own, and a pod's daemon serves one VM. Measured with a running guest: RSS
+        // 31–39 MiB → 30–32 MiB, of which ~23 MiB are its shared libraries (shared between
+        // pods through the page cache); its private memory 8.1 → 6.7 MiB.
+        cmd.env("MALLOC_ARENA_MAX", "1");
         cmd
     }
 

@@ -350,6 +350,12 @@ impl Command {
         self
     }
 
+    /// Sets an environment variable for the process (the rest is inherited).
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
+        self.inner.env(key, value);
+        self
+    }
+
     /// Runs the process in process group `pgid` (0: a new group led by the process).
     pub fn process_group(&mut self, pgid: i32) -> &mut Command {
         self.inner.process_group(pgid);
