@@ -37,6 +37,8 @@ const FIGURES: &[(&str, bool)] = &[
     ("migration.total", true),
     ("migration.downtime", true),
     ("migration.job_elapsed", true),
+    ("density.all_running", true),
+    ("density.per_vm_pss", true),
 ];
 
 fn positive(v: &Value) -> bool {

@@ -17,13 +17,17 @@
 //!   XML the launcher would generate.
 //! - **raw, warm**: `createXML` on a private daemon started once for the whole run.
 //!
+//! Both sides start their private daemons with the same QEMU capabilities cache, primed once per
+//! run (the launcher's `--capabilities-cache`; libvirt re-probes a stale file by itself).
+//!
 //! Launcher and raw iterations are interleaved (rotating their order) and reported as medians.
 //!
 //! The program is this crate (dev-only, a member of the workspace); `benches/launcher.rs` is
 //! its entry point for `cargo bench` and `tests/bench_smoke.rs` its smoke run. One file a
 //! benchmark: `conversion.rs`, `start_stop.rs` (start, stop and memory with one guest),
 //! `disks.rs` (the disks sweep), `running.rs` (hot-plug, control path, memory with 32
-//! hot-plugged disks on a running VM) and `migration.rs`; what they share: `pods.rs` (VMIs,
+//! hot-plugged disks on a running VM), `migration.rs` and `density.rs` (N pods started at
+//! once against N createXML on one shared daemon); what they share: `pods.rs` (VMIs,
 //! domain XML, the guest's console, the API client), `launcher_proc.rs` (the launcher as a
 //! child), `raw.rs` (the raw libvirt daemons), `orphans.rs` (reaping raw QEMU processes),
 //! `report.rs` (results, table, plot). The launcher harness it shares with the integration
@@ -34,6 +38,7 @@
 //! [`NOT_YET_MEASURED`] and add them to `FIGURES` in `tests/bench_smoke.rs`.
 
 mod conversion;
+mod density;
 mod disks;
 mod launcher_proc;
 mod migration;
@@ -76,6 +81,7 @@ use virt_launcher::{convert, spec};
 
 use conversion::bench_conversion;
 pub use conversion::Conversion;
+pub use density::DensityPoint;
 use disks::bench_disks;
 use launcher_proc::*;
 use orphans::*;
@@ -99,6 +105,7 @@ pub const BENCHMARKS: &[(&str, BenchFn)] = &[
         running::bench_running,
     ),
     ("live migration", migration::bench_migration),
+    ("density (plot)", density::bench_density),
 ];
 
 /// A promised figure whose feature has not landed yet: listed in the output, never omitted.
@@ -199,6 +206,7 @@ pub struct Ctx<'a> {
     disks: Vec<DiskPoint>,
     conversion: Vec<ConversionRow>,
     hotplug_memory: Vec<HotplugMemoryRow>,
+    density: Vec<DensityPoint>,
     load_during: Vec<LoadSample>,
 }
 
@@ -287,6 +295,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         disks: Vec::new(),
         conversion: Vec::new(),
         hotplug_memory: Vec::new(),
+        density: Vec::new(),
         load_during: Vec::new(),
     };
     let machine = machine();
@@ -328,6 +337,8 @@ pub fn run(opts: &Options) -> Result<Report> {
         disks: std::mem::take(&mut ctx.disks),
         conversion: std::mem::take(&mut ctx.conversion),
         hotplug_memory: std::mem::take(&mut ctx.hotplug_memory),
+        density: std::mem::take(&mut ctx.density),
+        density_plot: None,
         load_during: std::mem::take(&mut ctx.load_during),
         not_yet_measured: NOT_YET_MEASURED.to_vec(),
         plot: None,
@@ -336,6 +347,9 @@ pub fn run(opts: &Options) -> Result<Report> {
     drop(ctx);
     if opts.plot && !report.disks.is_empty() {
         report.plot = plot(&report, &opts.out_dir)?;
+    }
+    if opts.plot && !report.density.is_empty() {
+        report.density_plot = density::plot_density(&report, &opts.out_dir)?;
     }
     report.duration_s = began.elapsed().as_secs_f64();
     let json = serde_json::to_string_pretty(&report).context("serialise results")?;
@@ -350,6 +364,11 @@ pub fn run(opts: &Options) -> Result<Report> {
             fs::create_dir_all(dir.join("docs")).context("create docs/")?;
             fs::copy(plot, dir.join(committed)).context("copy the plot to docs/")?;
             in_doc.plot = Some(committed.to_path_buf());
+        }
+        if let (Some(plot), Some(dir)) = (&report.density_plot, doc.parent()) {
+            let committed = Path::new("docs/density.png");
+            fs::copy(plot, dir.join(committed)).context("copy the density plot to docs/")?;
+            in_doc.density_plot = Some(committed.to_path_buf());
         }
         update_doc(doc, &markdown(&in_doc))?;
     }

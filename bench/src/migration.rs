@@ -41,6 +41,8 @@ pub(super) fn bench_migration(ctx: &mut Ctx) -> Result<()> {
         kernel_args: "console=ttyS0 quiet lv.counter=vda",
         rwx: true,
         spare_root_ports: None,
+        grace_seconds: 30,
+        uid: None,
     };
     let rt = tokio_runtime()?;
     let timeout = start_timeout(1);

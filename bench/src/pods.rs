@@ -16,6 +16,10 @@ pub(super) struct VmiSpec<'a> {
     pub rwx: bool,
     /// Spare `pcie-root-port`s for virtio hot-plug (the launcher's annotation).
     pub spare_root_ports: Option<u32>,
+    /// `terminationGracePeriodSeconds`.
+    pub grace_seconds: u64,
+    /// `metadata.uid` (the domain's UUID derives from it) when not [`uid`].
+    pub uid: Option<String>,
 }
 
 /// The VMI's `metadata.uid` (a migration target checks it).
@@ -32,6 +36,8 @@ impl VmiSpec<'_> {
             kernel_args: testkit::vmi::KERNEL_ARGS,
             rwx: false,
             spare_root_ports: None,
+            grace_seconds: 30,
+            uid: None,
         }
     }
 }
@@ -49,8 +55,8 @@ pub(super) fn write_spec_pod(dir: &Path, pvcs: &Path, s: &VmiSpec) -> Result<Pod
     let vmi = dir.join("vmi.yaml");
     testkit::vmi::GuestVmi {
         name: s.name,
-        uid: Some(&uid()),
-        grace_seconds: 30,
+        uid: Some(&s.uid.clone().unwrap_or_else(uid)),
+        grace_seconds: s.grace_seconds,
         kernel_args: s.kernel_args,
         disks: &disks,
         annotations: &annotations,

@@ -151,6 +151,9 @@ pub struct Report {
     pub disks: Vec<DiskPoint>,
     pub conversion: Vec<ConversionRow>,
     pub hotplug_memory: Vec<HotplugMemoryRow>,
+    /// Density: N VMs started at once, for each N.
+    pub density: Vec<crate::DensityPoint>,
+    pub density_plot: Option<PathBuf>,
     /// The load average at the start of each benchmark (other people's tests share the CPUs).
     pub load_during: Vec<LoadSample>,
     pub not_yet_measured: Vec<Planned>,
@@ -351,6 +354,36 @@ pub fn markdown(r: &Report) -> String {
             p.libvirtd_rss_mib,
             p.qemu_rss_mib
         );
+    }
+
+    if !r.density.is_empty() {
+        o.push_str(
+            "\n**Density: N VMs started at once** (one sample each; ms, and MiB per VM besides \
+             its QEMU: a launcher pod is its launcher + its libvirtd, raw is one shared warm \
+             daemon divided by N):\n\n",
+        );
+        o.push_str(
+            "| VMs | launchers → all running | raw: N createXML | ratio | launcher pod RSS | \
+             launcher pod PSS | raw daemon RSS / N | raw daemon PSS / N |\n",
+        );
+        o.push_str("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for p in &r.density {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                p.vms,
+                fmt_num(p.launcher_all_running_ms),
+                fmt_num(p.raw_all_running_ms),
+                p.launcher_all_running_ms / p.raw_all_running_ms.max(1e-9),
+                p.launcher_per_vm_rss_mib,
+                p.launcher_per_vm_pss_mib,
+                p.raw_per_vm_rss_mib,
+                p.raw_per_vm_pss_mib
+            );
+        }
+        if let Some(p) = &r.density_plot {
+            let _ = writeln!(o, "\n![density]({})", p.display());
+        }
     }
 
     o.push_str("\n**Conversion** (µs per call, median of batches):\n\n");

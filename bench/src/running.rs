@@ -241,6 +241,8 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
         kernel_args: "console=ttyS0 quiet",
         rwx: false,
         spare_root_ports: Some(SPARE_ROOT_PORTS),
+        grace_seconds: 30,
+        uid: None,
     };
     let mut pair = Pair::boot(ctx, &spec, "lvb-hotplug")?;
     let before = launcher_mem(pair.pod.pid())?;
