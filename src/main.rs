@@ -335,7 +335,9 @@ fn run_core(
         .context("tokio runtime")?;
     let outcome = runtime.block_on(serve(layout, opts, api, subreaper, share_dir));
     runtime.shutdown_timeout(Duration::from_secs(2));
+    tracing::debug!("runtime shut down");
     layout.remove_daemon_state();
+    tracing::debug!("runtime directory cleaned");
     Ok(outcome?.exit_code())
 }
 
@@ -363,17 +365,21 @@ async fn serve(
         let server = api::server::serve(core.handle(), api).await?;
         let notify = share_dir.map(|d| api::kubevirt::notify::spawn(core.handle(), d));
         let outcome = core.run().await;
+        tracing::debug!("core ended");
         // As KubeVirt's launcher: wait up to 15 s for the final event to be delivered.
         if let Some(n) = notify {
             let _ = tokio::time::timeout(Duration::from_secs(15), n).await;
         }
         server.shutdown().await;
+        tracing::debug!("control API closed");
         Ok(outcome?)
     }
     .await;
     let _ = stop_follow.send(true);
     daemons.stop().await;
+    tracing::debug!("daemons stopped");
     pod::children::kill_leftovers().await;
+    tracing::debug!("no process left");
     result
 }
 

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, watch};
@@ -170,13 +171,18 @@ async fn start_one(layout: &PodLayout, daemon: Daemon) -> Result<Started, Daemon
     let socket = daemon.socket(layout);
     // A stale socket from a crashed predecessor would look ready.
     let _ = std::fs::remove_file(&socket);
-    let mut child = daemon
-        .command(layout)
-        .spawn()
-        .map_err(|source| DaemonError::Spawn {
-            daemon: daemon.name(),
-            source,
-        })?;
+    // The daemon starts on one CPU: libvirt reads the host's CPUID once at start-up and
+    // compares it with what its QEMU capabilities cache recorded, and CPUID carries the x2APIC
+    // id of the CPU it runs on (leaf 0x1f): started on another CPU than the probe ran on, it
+    // throws a valid cache away and probes QEMU again (~1 s). Its threads get the whole set
+    // back once it serves.
+    let pinned = StartCpu::pin();
+    let spawned = daemon.command(layout).spawn();
+    let pinned = StartCpu::restore_caller(pinned);
+    let mut child = spawned.map_err(|source| DaemonError::Spawn {
+        daemon: daemon.name(),
+        source,
+    })?;
     if let Some(stderr) = child.stderr.take() {
         relay(daemon, stderr);
     }
@@ -190,6 +196,9 @@ async fn start_one(layout: &PodLayout, daemon: Daemon) -> Result<Started, Daemon
             });
         }
         if UnixStream::connect(&socket).is_ok() {
+            if let Some(p) = &pinned {
+                p.release(pid);
+            }
             tracing::info!(subcomponent = daemon.name(), pid, "daemon ready");
             return Ok(Started { pid, child });
         }
@@ -279,6 +288,55 @@ async fn terminate(daemon: Daemon, pid: i32) {
         "daemon ignored SIGTERM; killing it"
     );
     let _ = kill(pid, Signal::SIGKILL);
+}
+
+/// The calling thread's CPU set while a daemon is spawned on the first CPU of it.
+struct StartCpu {
+    all: CpuSet,
+}
+
+impl StartCpu {
+    /// Narrows the calling thread (and so the child it spawns next) to its first allowed CPU.
+    /// None when it has one CPU anyway or the kernel refuses.
+    fn pin() -> Option<StartCpu> {
+        let me = Pid::from_raw(0);
+        let all = sched_getaffinity(me).ok()?;
+        let first = (0..CpuSet::count()).find(|&c| all.is_set(c).unwrap_or(false))?;
+        let allowed = (0..CpuSet::count())
+            .filter(|&c| all.is_set(c).unwrap_or(false))
+            .count();
+        if allowed < 2 {
+            return None;
+        }
+        let mut one = CpuSet::new();
+        one.set(first).ok()?;
+        sched_setaffinity(me, &one).ok()?;
+        Some(StartCpu { all })
+    }
+
+    /// Gives the calling thread its CPUs back (right after the spawn).
+    fn restore_caller(pinned: Option<StartCpu>) -> Option<StartCpu> {
+        let p = pinned?;
+        if let Err(e) = sched_setaffinity(Pid::from_raw(0), &p.all) {
+            tracing::warn!(error = %e, "could not restore the launcher thread's CPUs");
+        }
+        Some(p)
+    }
+
+    /// Gives every thread of the daemon `pid` the CPUs back; twice, for a thread created
+    /// while the first pass ran.
+    fn release(&self, pid: i32) {
+        for _ in 0..2 {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return;
+            };
+            for t in tasks.flatten() {
+                if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    let _ = sched_setaffinity(Pid::from_raw(tid), &self.all);
+                }
+            }
+        }
+    }
 }
 
 /// Alive and not a zombie (a zombie awaits the reaper and is gone for our purposes).

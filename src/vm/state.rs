@@ -360,6 +360,19 @@ impl EventLog {
         event.seq
     }
 
+    /// Waits until every live subscriber has taken every event, for at most `within`; at once
+    /// when nobody subscribes. False when a subscriber is still behind at the deadline.
+    pub async fn delivered(&self, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.live.receiver_count() > 0 && !self.live.is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        true
+    }
+
     /// The sequence number of the newest event (0 if none).
     pub fn last_seq(&self) -> u64 {
         self.lock().next - 1
