@@ -11,6 +11,11 @@ pub const VIR_ERR_ARGUMENT_UNSUPPORTED: i32 = 74;
 pub const VIR_ERR_OPERATION_UNSUPPORTED: i32 = 84;
 pub const VIR_ERR_AGENT_UNRESPONSIVE: i32 = 86;
 
+// virDomainQemuAgentCommandTimeoutValues (seconds otherwise).
+pub const VIR_DOMAIN_QEMU_AGENT_COMMAND_BLOCK: i32 = -2;
+pub const VIR_DOMAIN_QEMU_AGENT_COMMAND_DEFAULT: i32 = -1;
+pub const VIR_DOMAIN_QEMU_AGENT_COMMAND_NOWAIT: i32 = 0;
+
 // virDomainState.
 pub const VIR_DOMAIN_NOSTATE: u32 = 0;
 pub const VIR_DOMAIN_RUNNING: u32 = 1;

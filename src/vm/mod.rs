@@ -16,7 +16,7 @@
 //! domain in this pod), `error` (the core's error and its classification), `core` (what the
 //! operations share: configuration, the read sides of the ledger, the libvirt connection).
 
-mod agent;
+pub mod agent;
 mod core;
 pub mod error;
 pub mod handle;
@@ -695,6 +695,15 @@ async fn execute(
             .stats()
             .await
             .map(|(stats, disks)| Reply::Stats { stats, disks }),
+        Command::Exec {
+            path,
+            args,
+            timeout,
+        } => core
+            .guest_exec(&path, &args, timeout)
+            .await
+            .map(Reply::Exec),
+        Command::GuestPing { timeout } => core.guest_ping(timeout).await.map(|()| Reply::Done),
         Command::Versions => core
             .blocking(|hv| hv.versions())
             .await

@@ -91,6 +91,26 @@ impl CmdService {
     }
 }
 
+impl CmdService {
+    /// A probe names the domain (`<namespace>_<name>`); libvirt's lookup of another name
+    /// fails, and so does ours. Empty: this launcher's one domain.
+    fn this_domain(&self, name: &str) -> Result<(), Status> {
+        let ours = self.core.status().name;
+        if name.is_empty() || name == ours {
+            Ok(())
+        } else {
+            Err(Status::unknown(format!(
+                "no domain named {name:?} (this launcher runs {ours:?})"
+            )))
+        }
+    }
+}
+
+/// A probe's timeout: its seconds, at least one (virt-probe's default).
+fn probe_timeout(seconds: i32) -> Duration {
+    Duration::from_secs(seconds.max(1) as u64)
+}
+
 /// How a command's failure is answered.
 enum How {
     /// As it is.
@@ -562,6 +582,54 @@ impl Cmd for CmdService {
         Ok(Response::new(
             self.simple(&req, Command::TargetCleanup).await,
         ))
+    }
+
+    /// virt-probe's exec probe. As KubeVirt's launcher: a command that ran answers success
+    /// with its exit code and standard output (a non-zero exit included); a failure (no
+    /// agent, another domain, not exited in time) answers the gRPC status UNKNOWN with the
+    /// message.
+    async fn exec(
+        &self,
+        req: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        let r = req.get_ref();
+        self.this_domain(&r.domain_name)?;
+        let cmd = Command::Exec {
+            path: r.command.clone(),
+            args: r.args.clone(),
+            timeout: probe_timeout(r.timeout_seconds),
+        };
+        match self.send(&req, cmd).await {
+            Ok(Reply::Exec(o)) => Ok(Response::new(pb::ExecResponse {
+                response: Some(ok()),
+                exit_code: o.exit_code,
+                std_out: o.stdout,
+            })),
+            Ok(r) => Err(Status::unknown(format!("unexpected reply {r:?}"))),
+            Err(e) => Err(Status::unknown(e.to_string())),
+        }
+    }
+
+    /// virt-probe's guest-agent ping probe: success when the agent answers `guest-ping`
+    /// within the timeout, else the gRPC status UNKNOWN with why.
+    async fn guest_ping(
+        &self,
+        req: Request<pb::GuestPingRequest>,
+    ) -> Result<Response<pb::GuestPingResponse>, Status> {
+        let r = req.get_ref();
+        self.this_domain(&r.domain_name)?;
+        let cmd = Command::GuestPing {
+            timeout: probe_timeout(r.timeout_seconds),
+        };
+        match self.send(&req, cmd).await {
+            Ok(_) => Ok(Response::new(pb::GuestPingResponse {
+                response: Some(ok()),
+            })),
+            Err(e) => {
+                tracing::warn!(error = %e, "guest agent ping probe failed");
+                Err(Status::unknown(e.to_string()))
+            }
+        }
     }
 
     async fn ping(

@@ -1,0 +1,181 @@
+//! The guest agent through KubeVirt's cmd protocol, played as virt-handler and virt-probe
+//! play it, on real TCG guests running the test guest's agent: `Exec` runs a command in the
+//! guest and returns its real output and exit code, `GuestPing` answers with an agent and
+//! fails clearly without one.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Pod;
+use testkit::kubevirt::{
+    self as kv, handler_vmi, set_phase, vmi_request, with_timeout, CmdClient, NotifyServer,
+    LONG_TIMEOUT, SHORT_TIMEOUT,
+};
+use tonic::Code;
+use virt_launcher::api::kubevirt::pb::cmd::v1 as cmd;
+
+/// A pod started by the handler's Sync (phase Scheduled), its guest booted.
+async fn started(name: &str, kernel_args: &str) -> (Pod, CmdClient, NotifyServer, String) {
+    let mut pod = Pod::new(name)
+        .with_disk("data", "virtio", 8)
+        .kernel_args(kernel_args);
+    pod.wait_for_sync = true;
+    let share = pod.dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    pod.extra_args = vec!["--kubevirt-share-dir".into(), share.display().to_string()];
+    pod.start();
+    pod.wait_socket(Duration::from_secs(30));
+    let notify = NotifyServer::start(&share.join("domain-notify-pipe.sock")).unwrap();
+    let mut h = kv::connect_cmd(&pod.socket()).await.unwrap();
+    let mut vmi = handler_vmi(&pod.vmi_yaml(), "Scheduled").unwrap();
+    let r = h
+        .sync_virtual_machine(with_timeout(vmi_request(&vmi), LONG_TIMEOUT))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    set_phase(&mut vmi, "Running");
+    pod.wait_console("LV-READY", Duration::from_secs(120));
+    let domain = format!("default_{}", pod.name);
+    (pod, h, notify, domain)
+}
+
+/// GetDomain's api.Domain JSON, parsed.
+async fn domain(h: &mut CmdClient) -> serde_json::Value {
+    let r = h
+        .get_domain(with_timeout(cmd::EmptyRequest {}, SHORT_TIMEOUT))
+        .await
+        .unwrap()
+        .into_inner();
+    serde_json::from_str(&r.domain).unwrap_or_default()
+}
+
+/// The agent channel's state in GetDomain's JSON.
+async fn agent_state(h: &mut CmdClient) -> String {
+    let d = domain(h).await;
+    d["Spec"]["Devices"]["Channels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["Target"]["Name"] == "org.qemu.guest_agent.0")
+        .and_then(|c| c["Target"]["State"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn wait_agent_connected(h: &mut CmdClient, pod: &Pod) {
+    for _ in 0..240 {
+        if agent_state(h).await == "connected" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the guest agent never connected\n{}", pod.dump());
+}
+
+async fn exec(
+    h: &mut CmdClient,
+    domain: &str,
+    command: &str,
+    args: &[&str],
+    timeout_seconds: i32,
+) -> Result<cmd::ExecResponse, tonic::Status> {
+    h.exec(with_timeout(
+        cmd::ExecRequest {
+            domain_name: domain.into(),
+            command: command.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            timeout_seconds,
+        },
+        LONG_TIMEOUT * 3,
+    ))
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn guest_ping(
+    h: &mut CmdClient,
+    domain: &str,
+) -> Result<cmd::GuestPingResponse, tonic::Status> {
+    h.guest_ping(with_timeout(
+        cmd::GuestPingRequest {
+            domain_name: domain.into(),
+            timeout_seconds: 10,
+        },
+        LONG_TIMEOUT,
+    ))
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_guest_ping_reach_the_guest_agent() {
+    // A token only this guest's kernel command line carries: Exec's output must come from it.
+    let token = format!("lv.token=t{}", std::process::id());
+    let (mut pod, mut h, _notify, dom) = started("kv-agent", &token).await;
+    wait_agent_connected(&mut h, &pod).await;
+
+    let p = guest_ping(&mut h, &dom).await.expect("GuestPing");
+    assert!(p.response.unwrap().success);
+
+    // A command run in the guest: its real output.
+    let r = exec(&mut h, &dom, "cat", &["/proc/cmdline"], 20)
+        .await
+        .expect("Exec cat");
+    assert!(r.response.as_ref().unwrap().success, "{r:?}");
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert!(r.std_out.contains(&token), "{r:?}");
+    pod.wait_console("LV-EXEC", Duration::from_secs(10));
+
+    // A non-zero exit is an outcome: success, with the exit code and the output so far.
+    let r = exec(
+        &mut h,
+        &dom,
+        "sh",
+        &["-c", "echo partial $((6*7)); exit 3"],
+        20,
+    )
+    .await
+    .expect("Exec exit 3");
+    assert!(r.response.as_ref().unwrap().success, "{r:?}");
+    assert_eq!(
+        (r.exit_code, r.std_out.as_str()),
+        (3, "partial 42\n"),
+        "{r:?}"
+    );
+
+    // A command that outlives its timeout: an error (gRPC UNKNOWN, as KubeVirt's launcher).
+    let e = exec(&mut h, &dom, "sleep", &["600"], 2)
+        .await
+        .expect_err("Exec past its timeout");
+    assert_eq!(e.code(), Code::Unknown, "{e:?}");
+    assert!(e.message().contains("timed out"), "{e:?}");
+
+    // Another domain's name: refused, nothing run.
+    let execs = pod.console_count("LV-EXEC");
+    let e = exec(&mut h, "default_other", "true", &[], 5)
+        .await
+        .expect_err("Exec in another domain");
+    assert_eq!(e.code(), Code::Unknown, "{e:?}");
+    assert!(e.message().contains("default_other"), "{e:?}");
+    assert_eq!(pod.console_count("LV-EXEC"), execs);
+    common::stop_cleanly(pod, Duration::from_secs(60)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_ping_and_exec_without_an_agent_fail_clearly() {
+    let (pod, mut h, _notify, dom) = started("kv-noagent", "lv.agent=off").await;
+    assert_eq!(agent_state(&mut h).await, "disconnected");
+    let e = guest_ping(&mut h, &dom)
+        .await
+        .expect_err("GuestPing without agent");
+    assert_eq!(e.code(), Code::Unknown, "{e:?}");
+    assert!(e.message().contains("agent is not connected"), "{e:?}");
+    let e = exec(&mut h, &dom, "true", &[], 5)
+        .await
+        .expect_err("Exec without agent");
+    assert_eq!(e.code(), Code::Unknown, "{e:?}");
+    assert!(e.message().contains("agent is not connected"), "{e:?}");
+    common::stop_cleanly(pod, Duration::from_secs(60)).await;
+}
