@@ -1,7 +1,8 @@
 //! The guest agent through KubeVirt's cmd protocol, played as virt-handler and virt-probe
 //! play it, on real TCG guests running the test guest's agent: `Exec` runs a command in the
 //! guest and returns its real output and exit code, `GuestPing` answers with an agent and
-//! fails clearly without one.
+//! fails clearly without one; the agent's facts (polled while it is connected) come back in
+//! `GetGuestInfo`, `GetUsers`, `GetFilesystems` and in the notified domain.
 
 mod common;
 
@@ -49,6 +50,17 @@ async fn domain(h: &mut CmdClient) -> serde_json::Value {
         .unwrap()
         .into_inner();
     serde_json::from_str(&r.domain).unwrap_or_default()
+}
+
+/// GetGuestInfo's JSON, parsed.
+async fn guest_info(h: &mut CmdClient) -> serde_json::Value {
+    let r = h
+        .get_guest_info(with_timeout(cmd::EmptyRequest {}, SHORT_TIMEOUT))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.response.as_ref().unwrap().success, "{r:?}");
+    serde_json::from_str(&r.guest_info_response).unwrap()
 }
 
 /// The agent channel's state in GetDomain's JSON.
@@ -113,8 +125,81 @@ async fn guest_ping(
 async fn exec_and_guest_ping_reach_the_guest_agent() {
     // A token only this guest's kernel command line carries: Exec's output must come from it.
     let token = format!("lv.token=t{}", std::process::id());
-    let (mut pod, mut h, _notify, dom) = started("kv-agent", &token).await;
+    let (mut pod, mut h, notify, dom) = started("kv-agent", &token).await;
     wait_agent_connected(&mut h, &pod).await;
+
+    // The agent's facts, polled as soon as it connected: what the guest itself says.
+    let mut info = serde_json::Value::Null;
+    for _ in 0..120 {
+        info = guest_info(&mut h).await;
+        if info["os"]["id"] == "lv-test" && info["fsInfo"]["disks"].is_array() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let kernel = std::fs::read_to_string(common::guest_dir().join("kernel-version")).unwrap();
+    let kernel = kernel
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_start_matches("linux-image-");
+    assert_eq!(info["os"]["kernelRelease"], kernel, "{info}");
+    assert_eq!(
+        info["os"]["prettyName"], "lv test guest 1 (busybox)",
+        "{info}"
+    );
+    assert_eq!(info["os"]["machine"], "x86_64", "{info}");
+    assert_eq!(info["hostname"], "lv-guest", "{info}");
+    assert_eq!(info["guestAgentVersion"], "lv-0.1", "{info}");
+    assert_eq!(info["timezone"], "UTC, 0", "{info}");
+    assert_eq!(info["fsFreezeStatus"], "thawed", "{info}");
+    assert!(
+        info["supportedCommands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "guest-exec" && c["enabled"] == true),
+        "{info}"
+    );
+    assert_eq!(info["userList"][0]["userName"], "root", "{info}");
+    let tmp = |list: &serde_json::Value| {
+        list.as_array().into_iter().flatten().any(|f| {
+            f["mountPoint"] == "/tmp"
+                && f["fileSystemType"] == "tmpfs"
+                && f["totalBytes"].as_i64() > Some(0)
+        })
+    };
+    assert!(tmp(&info["fsInfo"]["disks"]), "{info}");
+    let users = h
+        .get_users(with_timeout(cmd::EmptyRequest {}, SHORT_TIMEOUT))
+        .await
+        .unwrap()
+        .into_inner();
+    let users: serde_json::Value = serde_json::from_str(&users.guest_user_list_response).unwrap();
+    assert_eq!(users[0]["userName"], "root", "{users}");
+    assert!(users[0]["loginTime"].as_f64() > Some(0.0), "{users}");
+    let fs = h
+        .get_filesystems(with_timeout(cmd::EmptyRequest {}, SHORT_TIMEOUT))
+        .await
+        .unwrap()
+        .into_inner();
+    let fs: serde_json::Value = serde_json::from_str(&fs.guest_filesystems_response).unwrap();
+    assert!(tmp(&fs), "{fs}");
+    // The notified domain carries the agent's facts and the connected channel (virt-handler's
+    // AgentConnected condition and vmi.status.guestOSInfo come from it).
+    let got = notify
+        .wait_for(Duration::from_secs(60), |evs| {
+            evs.iter().any(|e| {
+                e.json["Status"]["OSInfo"]["Id"] == "lv-test"
+                    && e.json["Status"]["Interfaces"].is_array()
+                    && e.json["Spec"]["Devices"]["Channels"][0]["Target"]["State"] == "connected"
+            })
+        })
+        .await;
+    assert!(got.is_some(), "{:#?}", notify.received().last());
+    let d = domain(&mut h).await;
+    assert_eq!(d["Status"]["OSInfo"]["KernelRelease"], kernel, "{d}");
+    assert_eq!(d["Status"]["FSFreezeStatus"]["Status"], "thawed", "{d}");
 
     let p = guest_ping(&mut h, &dom).await.expect("GuestPing");
     assert!(p.response.unwrap().success);
@@ -167,6 +252,13 @@ async fn exec_and_guest_ping_reach_the_guest_agent() {
 async fn guest_ping_and_exec_without_an_agent_fail_clearly() {
     let (pod, mut h, _notify, dom) = started("kv-noagent", "lv.agent=off").await;
     assert_eq!(agent_state(&mut h).await, "disconnected");
+    // Nothing polled: the guest info has no facts (and is no error: the handler's status
+    // update would fail).
+    let info = guest_info(&mut h).await;
+    assert_eq!(
+        info,
+        serde_json::json!({"os": {}, "fsInfo": {"disks": null}})
+    );
     let e = guest_ping(&mut h, &dom)
         .await
         .expect_err("GuestPing without agent");

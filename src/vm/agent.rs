@@ -18,7 +18,7 @@ impl Launcher {
             .map_err(agent_error)?;
         // The owner counts the freeze and schedules its automatic thaw.
         self.report(Report::Frozen { timeout });
-        self.update(|s| s.domain.frozen = true);
+        self.update(|s| set_frozen(s, true));
         self.publish(
             EventKind::Agent,
             &format!(
@@ -37,7 +37,7 @@ impl Launcher {
         };
         match self.blocking(move |hv| hv.fs_thaw(&name)).await {
             Ok(k) => {
-                self.update(|s| s.domain.frozen = false);
+                self.update(|s| set_frozen(s, false));
                 self.publish(
                     EventKind::Agent,
                     &format!("freeze timed out: thawed {k} filesystems"),
@@ -54,10 +54,20 @@ impl Launcher {
             .blocking(move |hv| hv.fs_thaw(&name))
             .await
             .map_err(agent_error)?;
-        self.update(|s| s.domain.frozen = false);
+        self.update(|s| set_frozen(s, false));
         self.publish(EventKind::Agent, &format!("thawed {thawed} filesystems"));
         Ok(thawed)
     }
+}
+
+/// Our freeze state, and the agent's as polled (so that a thaw shows at once, not at the next
+/// poll: virt-handler clears the VMI's freeze status on `thawed`).
+fn set_frozen(s: &mut super::state::Status, frozen: bool) {
+    s.domain.frozen = frozen;
+    let said = if frozen { "frozen" } else { "thawed" };
+    s.domain
+        .guest
+        .insert("guest-fsfreeze-status".into(), said.into());
 }
 
 fn agent_error(e: ControlError) -> ControlError {
@@ -183,6 +193,107 @@ fn exec_outcome(status: &serde_json::Value) -> Result<ExecOutcome, ControlError>
         exit_code,
         stdout: String::from_utf8_lossy(&bytes).into_owned(),
     })
+}
+
+/// What KubeVirt's launcher polls from the guest agent, and how often at most (its
+/// `--qemu-agent-*-interval` defaults): system facts every 120 s, users every 10 s, the
+/// filesystems and the agent's version every 300 s, the freeze state every 5 s.
+const POLLED: &[(&[&str], Duration)] = &[
+    (
+        &[
+            "guest-get-osinfo",
+            "guest-get-host-name",
+            "guest-get-timezone",
+            "guest-network-get-interfaces",
+        ],
+        Duration::from_secs(120),
+    ),
+    (&["guest-get-users"], Duration::from_secs(10)),
+    (&["guest-get-fsinfo"], Duration::from_secs(300)),
+    (&["guest-info"], Duration::from_secs(300)),
+    (&["guest-fsfreeze-status"], Duration::from_secs(5)),
+];
+/// The first interval of each poll, doubled after each round up to the poll's own
+/// (KubeVirt's `pollInitialInterval`): a guest's facts settle in the first minutes.
+const POLL_FIRST: Duration = Duration::from_secs(10);
+/// How long one polled command may take the agent.
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts polling the guest agent unless a poller runs already. The poller asks right away,
+/// then at [`POLLED`]'s intervals, and ends when the agent disconnects or the domain goes.
+pub(crate) fn start_polling(core: &std::sync::Arc<Launcher>) {
+    use std::sync::atomic::Ordering;
+    if core.agent_polling.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let core = core.clone();
+    tokio::spawn(async move {
+        core.poll_agent().await;
+        core.agent_polling.store(false, Ordering::SeqCst);
+        // A connect that came while this poller was ending: poll again.
+        if core.status.borrow().domain.agent_connected && core.domain_name().is_ok() {
+            start_polling(&core);
+        }
+    });
+}
+
+impl Launcher {
+    async fn poll_agent(&self) {
+        tracing::debug!("polling the guest agent");
+        let now = tokio::time::Instant::now();
+        // Per poll: when it is due next, and its interval then.
+        let mut due: Vec<(tokio::time::Instant, Duration)> = POLLED
+            .iter()
+            .map(|(_, max)| (now, POLL_FIRST.min(*max)))
+            .collect();
+        let mut status = self.status.clone();
+        loop {
+            let connected = |s: &super::state::Status| {
+                s.domain.agent_connected
+                    && !s.name.is_empty()
+                    && !matches!(s.state, super::state::State::None)
+            };
+            if !connected(&status.borrow()) {
+                break;
+            }
+            let now = tokio::time::Instant::now();
+            for (i, (commands, max)) in POLLED.iter().enumerate() {
+                if due[i].0 > now {
+                    continue;
+                }
+                for command in *commands {
+                    self.poll_one(command).await;
+                }
+                let interval = due[i].1;
+                due[i] = (now + interval, (interval * 2).min(*max));
+            }
+            let next = due.iter().map(|d| d.0).min().unwrap_or(now + POLL_FIRST);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                changed = status.changed() => if changed.is_err() { break },
+            }
+        }
+        tracing::debug!("guest agent polling ended");
+    }
+
+    /// Asks the agent `command`; keeps its answer when it changed. An agent without the
+    /// command, or one that does not answer, leaves the last answer be (logged at debug).
+    async fn poll_one(&self, command: &'static str) {
+        match self
+            .agent(serde_json::json!({ "execute": command }), POLL_TIMEOUT)
+            .await
+        {
+            Ok(value) => {
+                let unchanged = self.status.borrow().domain.guest.get(command) == Some(&value);
+                if !unchanged {
+                    self.update(move |s| {
+                        s.domain.guest.insert(command.to_string(), value);
+                    });
+                }
+            }
+            Err(e) => tracing::debug!(command, error = %e, "guest agent poll failed"),
+        }
+    }
 }
 
 #[cfg(test)]

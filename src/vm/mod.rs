@@ -993,7 +993,7 @@ async fn drain_after_stop(
 /// Applies a libvirt event: to the state, and a completed job's statistics to the migration
 /// waiting for them. Returns the stop reason when the domain is gone.
 fn apply_event(
-    core: &Launcher,
+    core: &Arc<Launcher>,
     ledger: &Ledger,
     link: &mut MigrationLink,
     removals: &mut Removals,
@@ -1005,7 +1005,16 @@ fn apply_event(
         DomainEvent::DeviceRemovalFailed { alias, .. } => removed(ledger, removals, alias, false),
         _ => {}
     }
-    core.on_domain_event(ledger, ev)
+    let stopped = core.on_domain_event(ledger, ev);
+    // The agent answers (the status says so now): poll it for what KubeVirt reports of the
+    // guest.
+    if let DomainEvent::AgentConnected {
+        connected: true, ..
+    } = ev
+    {
+        agent::start_polling(core);
+    }
+    stopped
 }
 
 /// The detaches waiting for the guest to release a disk: alias → where the answer goes.

@@ -9,11 +9,11 @@ use std::time::Duration;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use super::domain;
 use super::migration::{HandlerProxies, MigrationState};
 use super::options::MigrationOptions;
 use super::pb::cmd::v1 as pb;
 use super::pb::cmd::v1::cmd_server::Cmd;
+use super::{domain, guest};
 use crate::api::{deadline, decode_vmi};
 use crate::spec::VirtualMachineInstance;
 use crate::vm::{Command, ControlError, Handle, Reply, FREEZE_TIMEOUT};
@@ -427,16 +427,41 @@ impl Cmd for CmdService {
         }))
     }
 
+    /// The guest agent's facts as last polled (KubeVirt's launcher answers from its poller's
+    /// cache too); empty fields before the agent has answered.
     async fn get_guest_info(
         &self,
         _req: Request<pb::EmptyRequest>,
     ) -> Result<Response<pb::GuestInfoResponse>, Status> {
-        // The core reads nothing from the guest agent but freeze/thaw: as KubeVirt's launcher
-        // with no agent data, an empty guest-agent info (an error here would fail the
-        // handler's whole VMI status update).
+        let facts = self.core.status().domain;
         Ok(Response::new(pb::GuestInfoResponse {
             response: Some(ok()),
-            guest_info_response: "{}".into(),
+            guest_info_response: guest::guest_info(&facts).to_string(),
+        }))
+    }
+
+    /// The guest's logged-in users, as last polled (`[]` before the agent answered).
+    async fn get_users(
+        &self,
+        _req: Request<pb::EmptyRequest>,
+    ) -> Result<Response<pb::GuestUserListResponse>, Status> {
+        let facts = self.core.status().domain;
+        Ok(Response::new(pb::GuestUserListResponse {
+            response: Some(ok()),
+            guest_user_list_response: json!(guest::users(&facts.guest, usize::MAX)).to_string(),
+        }))
+    }
+
+    /// The guest's mounted filesystems, as last polled (`[]` before the agent answered).
+    async fn get_filesystems(
+        &self,
+        _req: Request<pb::EmptyRequest>,
+    ) -> Result<Response<pb::GuestFilesystemsResponse>, Status> {
+        let facts = self.core.status().domain;
+        Ok(Response::new(pb::GuestFilesystemsResponse {
+            response: Some(ok()),
+            guest_filesystems_response: json!(guest::filesystems(&facts.guest, usize::MAX))
+                .to_string(),
         }))
     }
 

@@ -12,6 +12,7 @@
 
 pub mod cmd;
 pub mod domain;
+pub mod guest;
 pub mod info;
 pub mod migration;
 pub mod notify;
