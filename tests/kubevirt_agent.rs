@@ -271,3 +271,52 @@ async fn guest_ping_and_exec_without_an_agent_fail_clearly() {
     assert!(e.message().contains("agent is not connected"), "{e:?}");
     common::stop_cleanly(pod, Duration::from_secs(60)).await;
 }
+
+/// `kubevirt.cmd.auth.CmdAuth/Authenticate` hands virt-handler the pod's projected token,
+/// read at each call (the kubelet refreshes it); without the file: UNIMPLEMENTED, as from a
+/// launcher that predates the service. No guest needed: the launcher waits for its Sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmd_auth_hands_over_the_pods_token_read_at_each_call() {
+    let mut pod = Pod::new("kv-auth").with_disk("data", "virtio", 8);
+    pod.wait_for_sync = true;
+    let token_file = pod.dir.join("tokens/cmd-auth-token");
+    pod.prepare();
+    let mut cmd = pod.command();
+    cmd.env("VIRT_LAUNCHER_CMD_AUTH_TOKEN", &token_file);
+    pod.spawn_command(cmd);
+    pod.wait_socket(Duration::from_secs(30));
+    let mut a = kv::connect_auth(&pod.socket()).await.unwrap();
+    let auth = |a: &mut kv::AuthClient| {
+        let mut a = a.clone();
+        async move {
+            a.authenticate(with_timeout(
+                virt_launcher::api::kubevirt::pb::cmd::auth::AuthRequest {},
+                SHORT_TIMEOUT,
+            ))
+            .await
+        }
+    };
+
+    let e = auth(&mut a).await.expect_err("no token file");
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("cmd-auth-token"), "{e:?}");
+
+    std::fs::create_dir_all(token_file.parent().unwrap()).unwrap();
+    std::fs::write(&token_file, "eyJhbGciOiJSUzI1NiJ9.first.sig").unwrap();
+    let r = auth(&mut a).await.expect("token").into_inner();
+    assert_eq!(r.token, "eyJhbGciOiJSUzI1NiJ9.first.sig");
+    // The kubelet's refresh (an atomic replace): the next call hands over the new token.
+    let fresh = token_file.with_extension("new");
+    std::fs::write(&fresh, "eyJhbGciOiJSUzI1NiJ9.second.sig\n").unwrap();
+    std::fs::rename(&fresh, &token_file).unwrap();
+    let r = auth(&mut a).await.expect("refreshed token").into_inner();
+    assert_eq!(r.token, "eyJhbGciOiJSUzI1NiJ9.second.sig");
+    // An empty file is no token.
+    std::fs::write(&token_file, "").unwrap();
+    let e = auth(&mut a).await.expect_err("empty token file");
+    assert_eq!(e.code(), Code::Internal, "{e:?}");
+    assert!(e.message().contains("empty"), "{e:?}");
+    // The cmd service goes on beside it.
+    assert_eq!(kv::cmd_versions(&pod.socket()).await.unwrap(), vec![1]);
+    common::stop_cleanly(pod, Duration::from_secs(30)).await;
+}

@@ -837,3 +837,51 @@ async fn block_migration_copies_the_local_disk_through_the_disks_proxy() {
     .await;
     eprintln!("block migration: source disk at {at_source}, target's copy at {copied}");
 }
+
+/// KubeVirt's migration monitor: a migration that overruns `CompletionTimeoutPerGiB` (here
+/// 8 s per GiB of the 128 MiB guest: 1 s, on a slow network and a 1 MiB/s `Bandwidth`) is
+/// aborted by the source; the VM runs on there and the notified `Migration` says Failed, why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_past_its_completion_timeout_is_aborted_and_the_vm_stays_on_the_source() {
+    let (src, src_notify, mut hs, vmi) = source("kvmig-tsrc").await;
+    let uid = src.pod.uid();
+    let (dst, _dst_notify, _ht) = target("kvmig-tdst", &src, &vmi).await;
+    let _relays = proxies_at(&src, &dst, &uid, Some(32 << 10));
+    let mig = "5f0c7e2a-0000-4000-8000-0000000d0001";
+    let mut opts: Value = serde_json::from_slice(&options("1Mi")).unwrap();
+    opts["CompletionTimeoutPerGiB"] = json!(8);
+    let r = migrate(
+        &mut hs,
+        &migrating_as(&vmi, mig),
+        opts.to_string().into_bytes(),
+    )
+    .await;
+    assert!(r.success, "{}\n{}", r.message, src.dump());
+    let dump = || format!("{}\n{}", src.dump(), dst.dump());
+    let got = wait_events(
+        &src_notify,
+        "the overrunning migration's end",
+        Duration::from_secs(120),
+        |got| {
+            got.iter().any(|r| {
+                migration_of(r)["UID"] == json!(mig) && migration_of(r)["EndTimestamp"].is_string()
+            })
+        },
+        &dump,
+    )
+    .await;
+    let m = migration_of(got.last().unwrap());
+    assert_eq!(m["Failed"], json!(true), "{}", describe(&got));
+    let reason = m["FailureReason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("did not complete within") && reason.contains("8s per GiB"),
+        "{}",
+        describe(&got)
+    );
+    // No abort was asked for: the monitor's own.
+    assert_eq!(m["AbortStatus"], json!(""), "{}", describe(&got));
+    let d = get_domain(&mut hs).await;
+    assert_eq!(d["Status"]["Status"], json!("Running"), "{d}");
+    let n = counter(&src.disk());
+    counts_past(&src.disk(), n + 2, "the source after the abort", &dump).await;
+}

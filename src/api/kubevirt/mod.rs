@@ -10,6 +10,7 @@
 //! - `migration`: the migration peer of virt-handler's proxies, the VMI's migration state;
 //! - `options`: the handler's migration options JSON.
 
+pub mod auth;
 pub mod cmd;
 pub mod domain;
 pub mod guest;
@@ -27,6 +28,9 @@ pub mod pb {
         }
         pub mod info {
             tonic::include_proto!("kubevirt.cmd.info");
+        }
+        pub mod auth {
+            tonic::include_proto!("kubevirt.cmd.auth");
         }
     }
 }
