@@ -885,3 +885,83 @@ async fn a_migration_past_its_completion_timeout_is_aborted_and_the_vm_stays_on_
     let n = counter(&src.disk());
     counts_past(&src.disk(), n + 2, "the source after the abort", &dump).await;
 }
+
+/// A paused VM migrates paused (KubeVirt's launcher: `VIR_MIGRATE_PAUSED` when the domain is
+/// paused): the target adopts it paused, its guest does not run until the user unpauses it
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_vm_migrates_and_stays_paused_on_the_target() {
+    let (src, src_notify, mut hs, vmi) = source("kvmig-psrc").await;
+    let uid = src.pod.uid();
+    let (dst, dst_notify, mut ht) = target("kvmig-pdst", &src, &vmi).await;
+    let _relays = proxies(&src, &dst, &uid);
+    let req = || with_timeout(vmi_request(&vmi), LONG_TIMEOUT);
+    let r = call("Pause", hs.pause_virtual_machine(req())).await;
+    assert!(r.success, "{}", r.message);
+    let dump = || format!("{}\n{}", src.dump(), dst.dump());
+    wait_events(
+        &src_notify,
+        "the source paused",
+        Duration::from_secs(30),
+        |got| got.iter().any(|r| r.status() == "Paused"),
+        &dump,
+    )
+    .await;
+    let paused_at = counter(&src.disk());
+
+    let mig = "5f0c7e2a-0000-4000-8000-0000000e0001";
+    let r = migrate(&mut hs, &migrating_as(&vmi, mig), options("0")).await;
+    assert!(r.success, "{}\n{}", r.message, src.dump());
+    let got = wait_events(
+        &src_notify,
+        "the paused migration's end on the source",
+        Duration::from_secs(120),
+        |got| {
+            got.iter()
+                .any(|r| migration_of(r)["EndTimestamp"].is_string())
+        },
+        &dump,
+    )
+    .await;
+    let ended = got
+        .iter()
+        .find(|r| migration_of(r)["EndTimestamp"].is_string())
+        .unwrap();
+    assert_eq!(
+        migration_of(ended)["Failed"],
+        json!(false),
+        "{}",
+        describe(&got)
+    );
+    let got = wait_events(
+        &dst_notify,
+        "the VM adopted paused on the target",
+        Duration::from_secs(60),
+        |got| {
+            got.iter()
+                .any(|r| r.status() == "Paused" && migration_of(r)["EndTimestamp"].is_string())
+        },
+        &dump,
+    )
+    .await;
+    assert!(
+        !got.iter().any(|r| r.status() == "Running"),
+        "the target ran the paused VM\n{}",
+        describe(&got)
+    );
+    // Paused there: the guest's counter stands still ...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(counter(&dst.disk()), paused_at, "{}", dump());
+    let d = get_domain(&mut ht).await;
+    assert_eq!(d["Status"]["Status"], json!("Paused"), "{d}");
+    // ... until the user unpauses it on the target.
+    let r = call("Unpause", ht.unpause_virtual_machine(req())).await;
+    assert!(r.success, "{}", r.message);
+    counts_past(
+        &dst.disk(),
+        paused_at + 2,
+        "the target after unpause",
+        &dump,
+    )
+    .await;
+}

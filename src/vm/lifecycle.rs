@@ -9,7 +9,7 @@ use super::core::{ControlError, Launcher};
 use super::ledger::{Ledger, Report};
 use super::state::{DomainFacts, Event, EventKind, Phase, State};
 use super::volumes::{attached_volume, disk_status, is_hotplug};
-use crate::libvirt::events::StopReason;
+use crate::libvirt::events::{PauseReason, StopReason};
 use crate::libvirt::{DomainEvent, DomainStats, LifecycleKind};
 use crate::spec::VirtualMachineInstance;
 
@@ -374,6 +374,14 @@ impl Launcher {
                 LifecycleKind::Resumed => {
                     self.adopt_incoming(ledger);
                     ledger.set_state(State::Running, "unpaused")
+                }
+                // A VM migrated paused (`VIR_MIGRATE_PAUSED`) arrives as libvirt's end of the
+                // incoming job: paused, not resumed.
+                LifecycleKind::Suspended(why @ PauseReason::Paused)
+                    if self.awaiting_migration() =>
+                {
+                    self.adopt_incoming(ledger);
+                    ledger.set_state(State::Paused, why.as_str())
                 }
                 LifecycleKind::Suspended(why) => ledger.set_state(State::Paused, why.as_str()),
                 LifecycleKind::ShuttingDown => {
