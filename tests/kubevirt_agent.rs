@@ -42,6 +42,17 @@ async fn started(name: &str, kernel_args: &str) -> (Pod, CmdClient, NotifyServer
     (pod, h, notify, domain)
 }
 
+/// The launcher's resident memory (`VmRSS` of its status), for the log.
+fn launcher_rss(pod: &Pod) -> String {
+    let pid = pod.child.as_ref().map_or(0, |c| c.id());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"));
+    line.unwrap_or("VmRSS: ?")
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .to_string()
+}
+
 /// GetDomain's api.Domain JSON, parsed.
 async fn domain(h: &mut CmdClient) -> serde_json::Value {
     let r = h
@@ -132,7 +143,8 @@ async fn exec_and_guest_ping_reach_the_guest_agent() {
     let mut info = serde_json::Value::Null;
     for _ in 0..120 {
         info = guest_info(&mut h).await;
-        if info["os"]["id"] == "lv-test" && info["fsInfo"]["disks"].is_array() {
+        // The first round of polls is over once its last answer (the freeze state) is in.
+        if info["os"]["id"] == "lv-test" && info["fsFreezeStatus"].is_string() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -201,8 +213,40 @@ async fn exec_and_guest_ping_reach_the_guest_agent() {
     assert_eq!(d["Status"]["OSInfo"]["KernelRelease"], kernel, "{d}");
     assert_eq!(d["Status"]["FSFreezeStatus"]["Status"], "thawed", "{d}");
 
+    eprintln!("launcher with the agent polled: {}", launcher_rss(&pod));
     let p = guest_ping(&mut h, &dom).await.expect("GuestPing");
     assert!(p.response.unwrap().success);
+
+    // Paused by its user, the guest cannot answer, yet the VM is healthy: the probe passes
+    // (KubeVirt's launcher does the same), and Exec fails clearly.
+    let vmi = handler_vmi(&pod.vmi_yaml(), "Running").unwrap();
+    let r = h
+        .pause_virtual_machine(with_timeout(vmi_request(&vmi), LONG_TIMEOUT))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.success, "{r:?}");
+    for _ in 0..100 {
+        if domain(&mut h).await["Status"]["Status"] == "Paused" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = guest_ping(&mut h, &dom)
+        .await
+        .expect("GuestPing of a paused VM");
+    assert!(p.response.unwrap().success);
+    let e = exec(&mut h, &dom, "true", &[], 2)
+        .await
+        .expect_err("Exec in a paused VM");
+    assert_eq!(e.code(), Code::Unknown, "{e:?}");
+    eprintln!("Exec while paused: {}", e.message());
+    let r = h
+        .unpause_virtual_machine(with_timeout(vmi_request(&vmi), LONG_TIMEOUT))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.success, "{r:?}");
 
     // A command run in the guest: its real output.
     let r = exec(&mut h, &dom, "cat", &["/proc/cmdline"], 20)
@@ -259,6 +303,7 @@ async fn guest_ping_and_exec_without_an_agent_fail_clearly() {
         info,
         serde_json::json!({"os": {}, "fsInfo": {"disks": null}})
     );
+    eprintln!("launcher without an agent: {}", launcher_rss(&pod));
     let e = guest_ping(&mut h, &dom)
         .await
         .expect_err("GuestPing without agent");
