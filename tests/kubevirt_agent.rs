@@ -294,7 +294,7 @@ async fn exec_and_guest_ping_reach_the_guest_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_ping_and_exec_without_an_agent_fail_clearly() {
-    let (pod, mut h, _notify, dom) = started("kv-noagent", "lv.agent=off").await;
+    let (pod, mut h, notify, dom) = started("kv-noagent", "lv.agent=off").await;
     assert_eq!(agent_state(&mut h).await, "disconnected");
     // Nothing polled: the guest info has no facts (and is no error: the handler's status
     // update would fail).
@@ -309,6 +309,18 @@ async fn guest_ping_and_exec_without_an_agent_fail_clearly() {
         .expect_err("GuestPing without agent");
     assert_eq!(e.code(), Code::Unknown, "{e:?}");
     assert!(e.message().contains("agent is not connected"), "{e:?}");
+    // The handler hears of it: a Warning event GuestAgentPingFailed on the VMI.
+    let got = notify
+        .wait_for(Duration::from_secs(30), |evs| {
+            evs.iter().any(|e| {
+                e.event_type == "K8S"
+                    && e.json["reason"] == "GuestAgentPingFailed"
+                    && e.json["type"] == "Warning"
+                    && e.json["involvedObject"]["name"] == pod.name.as_str()
+            })
+        })
+        .await;
+    assert!(got.is_some(), "{:#?}", notify.received());
     let e = exec(&mut h, &dom, "true", &[], 5)
         .await
         .expect_err("Exec without agent");

@@ -89,6 +89,9 @@ fn agent_error(e: ControlError) -> ControlError {
     }
 }
 
+/// How the event of a failed guest-agent ping probe begins (an [`EventKind::Agent`] event).
+pub const PING_FAILED: &str = "guest agent ping failed";
+
 /// What a command run in the guest (`guest-exec`) ended with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutcome {
@@ -139,6 +142,8 @@ impl Launcher {
                 tracing::debug!(error = %e, state = ?s.state, "guest-ping failed on a healthy VM: passes");
                 return Ok(());
             }
+            // Said on the event log (KubeVirt's front-end makes it a Kubernetes event).
+            self.publish(EventKind::Agent, &format!("{PING_FAILED}: {e}"));
         }
         r
     }
