@@ -250,10 +250,18 @@ pub(crate) fn start_polling(core: &std::sync::Arc<Launcher>) {
         core.poll_agent().await;
         core.agent_polling.store(false, Ordering::SeqCst);
         // A connect that came while this poller was ending: poll again.
-        if core.status.borrow().domain.agent_connected && core.domain_name().is_ok() {
+        if should_poll(&core.status.borrow()) {
             start_polling(&core);
         }
     });
+}
+
+/// Whether the agent is there to poll: connected, and the guest alive.
+fn should_poll(s: &super::state::Status) -> bool {
+    use super::state::State;
+    s.domain.agent_connected
+        && !s.name.is_empty()
+        && !matches!(s.state, State::None | State::Shutoff | State::Crashed)
 }
 
 impl Launcher {
@@ -267,12 +275,7 @@ impl Launcher {
             .collect();
         let mut status = self.status.clone();
         loop {
-            let connected = |s: &super::state::Status| {
-                s.domain.agent_connected
-                    && !s.name.is_empty()
-                    && !matches!(s.state, super::state::State::None)
-            };
-            if !connected(&status.borrow()) {
+            if !should_poll(&status.borrow()) {
                 break;
             }
             let now = tokio::time::Instant::now();
@@ -319,6 +322,25 @@ impl Launcher {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_agent_is_polled_only_while_connected_and_the_guest_alive() {
+        use crate::vm::state::{State, Status};
+        let mut s = Status {
+            name: "ns_vm".into(),
+            state: State::Running,
+            ..Default::default()
+        };
+        assert!(!should_poll(&s), "not connected");
+        s.domain.agent_connected = true;
+        assert!(should_poll(&s));
+        s.state = State::Paused;
+        assert!(should_poll(&s));
+        for gone in [State::Shutoff, State::Crashed, State::None] {
+            s.state = gone;
+            assert!(!should_poll(&s), "{gone:?}");
+        }
+    }
 
     #[test]
     fn exec_status_decodes_exit_code_and_output() {

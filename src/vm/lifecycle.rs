@@ -390,6 +390,9 @@ impl Launcher {
                 // libvirt's CRASHED event is the guest's panic (QEMU still runs).
                 LifecycleKind::Crashed => ledger.set_state(State::Crashed, "panicked"),
                 LifecycleKind::Stopped(r) => {
+                    // QEMU is gone, and the agent's channel with it (libvirt sends no agent
+                    // event for that).
+                    ledger.update(|s| s.domain.agent_connected = false);
                     let state = if r.is_clean() {
                         State::Shutoff
                     } else {
