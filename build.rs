@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ours = ["proto/launcher/v1/launcher.proto"];
     let kubevirt = [
         "proto/kubevirt/cmd/info/info.proto",
+        "proto/kubevirt/cmd/auth/auth.proto",
         "proto/kubevirt/cmd/v1/cmd.proto",
         "proto/kubevirt/notify/v1/notify.proto",
         "proto/kubevirt/notify/info/info.proto",

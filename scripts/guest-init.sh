@@ -14,6 +14,7 @@
 #   LV-ACPI-IGNORED               power button pressed while lv.acpi=ignore
 #   LV-POWEROFF / LV-REBOOT       right before poweroff -f / reboot -f
 #   LV-AGENT <command>            the minimal guest agent received <command>
+#   LV-EXEC <pid> <command...>    guest-exec started <command> as <pid>
 #   LV-ERROR <what>               anything that went wrong (the guest keeps running)
 #
 # Parameters (repeatable ones are applied in order; values cannot contain spaces):
@@ -167,8 +168,11 @@ EOF
 # ---------------------------------------------------------------- guest agent
 # A minimal qemu-guest-agent on the virtio-serial port named org.qemu.guest_agent.0:
 # guest-sync(-delimited), guest-ping, guest-info, guest-get-host-name,
-# guest-get-osinfo, guest-get-time, guest-shutdown, guest-fsfreeze-{freeze,thaw,status}
-# (LV-FROZEN <n> / LV-THAWED <n>). Everything else: CommandNotFound.
+# guest-get-osinfo (/etc/os-release + uname), guest-get-time, guest-get-timezone,
+# guest-get-users, guest-get-fsinfo, guest-network-get-interfaces, guest-shutdown,
+# guest-fsfreeze-{freeze,thaw,status} (LV-FROZEN <n> / LV-THAWED <n>), guest-exec (runs the
+# command for real, output captured, LV-EXEC <pid> <command>; arguments without '"' or '\')
+# and guest-exec-status. Everything else: CommandNotFound.
 agent_port() {
     for n in /sys/class/virtio-ports/*/name; do
         [ -r "$n" ] || continue
@@ -180,6 +184,93 @@ agent_port() {
         fi
     done
     return 1
+}
+
+# json_str <key>: the string value of "<key>" in $line (no escapes inside).
+json_str() {
+    echo "$line" | sed -n "s/.*\"$1\" *: *\"\([^\"]*\)\".*/\1/p"
+}
+
+# os_field <KEY>: a value of /etc/os-release, unquoted.
+os_field() {
+    sed -n "s/^$1=//p" /etc/os-release 2>/dev/null | tr -d '"'
+}
+
+# guest-exec: the command runs in the background; its output, errors and exit code land in
+# /tmp/lv-exec/<pid>.{out,err,rc}, where guest-exec-status finds them (pid: the background
+# job's own process id).
+agent_exec() {
+    path=$(json_str path)
+    args=$(echo "$line" | sed -n 's/.*"arg" *: *\[\([^]]*\)\].*/\1/p')
+    set --
+    if [ -n "$(echo "$args" | tr -d ' ')" ]; then
+        # "a", "b" -> one argument per line
+        list=$(echo "$args" | sed 's/^ *"//; s/" *$//; s/" *, *"/\n/g')
+        while IFS= read -r a; do
+            set -- "$@" "$a"
+        done <<EOF
+$list
+EOF
+    fi
+    mkdir -p /tmp/lv-exec
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    sh -c 'd=/tmp/lv-exec/$$; "$@" </dev/null >$d.out 2>$d.err; echo $? >$d.rc.new; mv $d.rc.new $d.rc' \
+        lv-exec "$path" "$@" 3>&- &
+    echo "LV-EXEC $! $path $*"
+    echo "{\"return\": {\"pid\": $!}}" >&3
+}
+
+agent_exec_status() {
+    epid=$(echo "$line" | sed -n 's/.*"pid" *: *\([0-9]*\).*/\1/p')
+    d=/tmp/lv-exec/$epid
+    if [ -z "$epid" ] || [ ! -e "$d.out" ]; then
+        echo "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Invalid parameter 'pid'\"}}" >&3
+    elif [ -e "$d.rc" ]; then
+        read -r rc <"$d.rc"
+        out=$(base64 <"$d.out" | tr -d '\n')
+        errd=$(base64 <"$d.err" | tr -d '\n')
+        rm -f "$d.out" "$d.err" "$d.rc"
+        echo "{\"return\": {\"exited\": true, \"exitcode\": $rc, \"out-data\": \"$out\", \"err-data\": \"$errd\"}}" >&3
+    else
+        echo '{"return": {"exited": false}}' >&3
+    fi
+}
+
+# guest-get-fsinfo: the mounted filesystems with their sizes from df (no disk details: the
+# test guest mounts no disk).
+agent_fsinfo() {
+    sep=""
+    printf '{"return": [' >&3
+    df -k -P 2>/dev/null | tail -n +2 | while read -r dev blocks used _avail _pct mnt; do
+        fstype=$(awk -v m="$mnt" '$2 == m {print $3; exit}' /proc/mounts)
+        printf '%s{"name": "%s", "mountpoint": "%s", "type": "%s", "used-bytes": %s, "total-bytes": %s, "disk": []}' \
+            "$sep" "$dev" "$mnt" "$fstype" "$((used * 1024))" "$((blocks * 1024))" >&3
+        sep=", "
+    done
+    echo ']}' >&3
+}
+
+# guest-network-get-interfaces: every link with its MAC and addresses.
+agent_interfaces() {
+    sep=""
+    printf '{"return": [' >&3
+    for l in /sys/class/net/*; do
+        n=${l##*/}
+        read -r mac <"$l/address" 2>/dev/null || mac=""
+        ips=""
+        isep=""
+        for a in $(ip -o addr show dev "$n" 2>/dev/null | awk '{print $3 "," $4}'); do
+            fam=${a%%,*}
+            cidr=${a#*,}
+            t=ipv4
+            [ "$fam" = inet6 ] && t=ipv6
+            ips="$ips$isep{\"ip-address-type\": \"$t\", \"ip-address\": \"${cidr%/*}\", \"prefix\": ${cidr#*/}}"
+            isep=", "
+        done
+        printf '%s{"name": "%s", "hardware-address": "%s", "ip-addresses": [%s]}' "$sep" "$n" "$mac" "$ips" >&3
+        sep=", "
+    done
+    echo ']}' >&3
 }
 
 agent_loop() {
@@ -215,13 +306,22 @@ agent_loop() {
                     ;;
                 guest-ping) echo '{"return": {}}' >&3 ;;
                 guest-info)
-                    echo '{"return": {"version": "lv-0.1", "supported_commands": [{"name": "guest-sync", "enabled": true, "success-response": true}, {"name": "guest-sync-delimited", "enabled": true, "success-response": true}, {"name": "guest-ping", "enabled": true, "success-response": true}, {"name": "guest-info", "enabled": true, "success-response": true}, {"name": "guest-get-host-name", "enabled": true, "success-response": true}, {"name": "guest-get-osinfo", "enabled": true, "success-response": true}, {"name": "guest-get-time", "enabled": true, "success-response": true}, {"name": "guest-shutdown", "enabled": true, "success-response": false}, {"name": "guest-fsfreeze-freeze", "enabled": true, "success-response": true}, {"name": "guest-fsfreeze-thaw", "enabled": true, "success-response": true}, {"name": "guest-fsfreeze-status", "enabled": true, "success-response": true}]}}' >&3
+                    echo '{"return": {"version": "lv-0.1", "supported_commands": [{"name": "guest-sync", "enabled": true, "success-response": true}, {"name": "guest-sync-delimited", "enabled": true, "success-response": true}, {"name": "guest-ping", "enabled": true, "success-response": true}, {"name": "guest-info", "enabled": true, "success-response": true}, {"name": "guest-get-host-name", "enabled": true, "success-response": true}, {"name": "guest-get-osinfo", "enabled": true, "success-response": true}, {"name": "guest-get-time", "enabled": true, "success-response": true}, {"name": "guest-get-timezone", "enabled": true, "success-response": true}, {"name": "guest-get-users", "enabled": true, "success-response": true}, {"name": "guest-get-fsinfo", "enabled": true, "success-response": true}, {"name": "guest-network-get-interfaces", "enabled": true, "success-response": true}, {"name": "guest-exec", "enabled": true, "success-response": true}, {"name": "guest-exec-status", "enabled": true, "success-response": true}, {"name": "guest-shutdown", "enabled": true, "success-response": false}, {"name": "guest-fsfreeze-freeze", "enabled": true, "success-response": true}, {"name": "guest-fsfreeze-thaw", "enabled": true, "success-response": true}, {"name": "guest-fsfreeze-status", "enabled": true, "success-response": true}]}}' >&3
                     ;;
                 guest-get-host-name) echo "{\"return\": {\"host-name\": \"$(hostname)\"}}" >&3 ;;
                 guest-get-osinfo)
-                    echo "{\"return\": {\"id\": \"lv-test\", \"name\": \"lv test guest\", \"pretty-name\": \"lv test guest (busybox)\", \"kernel-release\": \"$(uname -r)\", \"machine\": \"$(uname -m)\"}}" >&3
+                    echo "{\"return\": {\"id\": \"$(os_field ID)\", \"name\": \"$(os_field NAME)\", \"pretty-name\": \"$(os_field PRETTY_NAME)\", \"version\": \"$(os_field VERSION)\", \"version-id\": \"$(os_field VERSION_ID)\", \"kernel-release\": \"$(uname -r)\", \"kernel-version\": \"$(uname -v)\", \"machine\": \"$(uname -m)\"}}" >&3
                     ;;
                 guest-get-time) echo "{\"return\": $(date +%s)000000000}" >&3 ;;
+                guest-get-timezone) echo '{"return": {"zone": "UTC", "offset": 0}}' >&3 ;;
+                guest-get-users)
+                    # The console's root "session", since boot.
+                    echo "{\"return\": [{\"user\": \"root\", \"login-time\": $(($(date +%s) - $(cut -d. -f1 /proc/uptime))).0}]}" >&3
+                    ;;
+                guest-get-fsinfo) agent_fsinfo ;;
+                guest-network-get-interfaces) agent_interfaces ;;
+                guest-exec) agent_exec ;;
+                guest-exec-status) agent_exec_status ;;
                 guest-fsfreeze-freeze | guest-fsfreeze-freeze-list)
                     # The test guest's disks are raw block devices: flushing them is the
                     # whole of a consistent point. One "filesystem" per virtio disk.
@@ -287,6 +387,15 @@ block_list() {
 
 # ---------------------------------------------------------------- start
 hostname lv-guest 2>/dev/null
+# What guest-get-osinfo reports.
+mkdir -p /etc
+cat >/etc/os-release <<EOF
+ID=lv-test
+NAME="lv test guest"
+VERSION="1 (busybox)"
+VERSION_ID=1
+PRETTY_NAME="lv test guest 1 (busybox)"
+EOF
 start_acpid
 echo "LV-READY"
 # The first LV-BLOCK comes right after LV-READY, before any LV-WROTE/LV-READ.

@@ -300,6 +300,7 @@ fn run(args: RunArgs) -> Result<i32> {
         socket,
         allowed_uids: args.allow_uids.clone(),
         group: args.socket_group,
+        cmd_auth_token: cmd_auth_token(),
     };
     let opts = RunOptions {
         planner,
@@ -523,6 +524,7 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
         // virt-handler runs as root.
         allowed_uids: vec![0],
         group: None,
+        cmd_auth_token: cmd_auth_token(),
     };
     let opts = RunOptions {
         planner,
@@ -536,4 +538,12 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
         migration_proxy_dir: Some(pod::migration_proxy_dir(&absolute(&args.share_dir))),
     };
     run_core(&layout, opts, &api, false, Some(absolute(&args.share_dir)))
+}
+
+/// The pod's cmd-auth token file: KubeVirt's path, unless `VIRT_LAUNCHER_CMD_AUTH_TOKEN`
+/// names another (tests, which cannot use the host's `/var/run/secrets`).
+fn cmd_auth_token() -> PathBuf {
+    std::env::var_os("VIRT_LAUNCHER_CMD_AUTH_TOKEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| virt_launcher::api::kubevirt::auth::TOKEN_FILE.into())
 }

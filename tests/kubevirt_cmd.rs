@@ -342,7 +342,7 @@ async fn handler_starts_hotplugs_shuts_down_kills_and_deletes() {
 
     // Not served: UNIMPLEMENTED, as the handler expects for what a launcher lacks.
     let e = h
-        .get_users(with_timeout(cmd::EmptyRequest {}, SHORT_TIMEOUT))
+        .get_sev_info(with_timeout(cmd::EmptyRequest {}, SHORT_TIMEOUT))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);

@@ -837,3 +837,131 @@ async fn block_migration_copies_the_local_disk_through_the_disks_proxy() {
     .await;
     eprintln!("block migration: source disk at {at_source}, target's copy at {copied}");
 }
+
+/// KubeVirt's migration monitor: a migration that overruns `CompletionTimeoutPerGiB` (here
+/// 8 s per GiB of the 128 MiB guest: 1 s, on a slow network and a 1 MiB/s `Bandwidth`) is
+/// aborted by the source; the VM runs on there and the notified `Migration` says Failed, why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_past_its_completion_timeout_is_aborted_and_the_vm_stays_on_the_source() {
+    let (src, src_notify, mut hs, vmi) = source("kvmig-tsrc").await;
+    let uid = src.pod.uid();
+    let (dst, _dst_notify, _ht) = target("kvmig-tdst", &src, &vmi).await;
+    let _relays = proxies_at(&src, &dst, &uid, Some(32 << 10));
+    let mig = "5f0c7e2a-0000-4000-8000-0000000d0001";
+    let mut opts: Value = serde_json::from_slice(&options("1Mi")).unwrap();
+    opts["CompletionTimeoutPerGiB"] = json!(8);
+    let r = migrate(
+        &mut hs,
+        &migrating_as(&vmi, mig),
+        opts.to_string().into_bytes(),
+    )
+    .await;
+    assert!(r.success, "{}\n{}", r.message, src.dump());
+    let dump = || format!("{}\n{}", src.dump(), dst.dump());
+    let got = wait_events(
+        &src_notify,
+        "the overrunning migration's end",
+        Duration::from_secs(120),
+        |got| {
+            got.iter().any(|r| {
+                migration_of(r)["UID"] == json!(mig) && migration_of(r)["EndTimestamp"].is_string()
+            })
+        },
+        &dump,
+    )
+    .await;
+    let m = migration_of(got.last().unwrap());
+    assert_eq!(m["Failed"], json!(true), "{}", describe(&got));
+    let reason = m["FailureReason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("did not complete within") && reason.contains("8s per GiB"),
+        "{}",
+        describe(&got)
+    );
+    // No abort was asked for: the monitor's own.
+    assert_eq!(m["AbortStatus"], json!(""), "{}", describe(&got));
+    let d = get_domain(&mut hs).await;
+    assert_eq!(d["Status"]["Status"], json!("Running"), "{d}");
+    let n = counter(&src.disk());
+    counts_past(&src.disk(), n + 2, "the source after the abort", &dump).await;
+}
+
+/// A paused VM migrates paused (KubeVirt's launcher: `VIR_MIGRATE_PAUSED` when the domain is
+/// paused): the target adopts it paused, its guest does not run until the user unpauses it
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_vm_migrates_and_stays_paused_on_the_target() {
+    let (src, src_notify, mut hs, vmi) = source("kvmig-psrc").await;
+    let uid = src.pod.uid();
+    let (dst, dst_notify, mut ht) = target("kvmig-pdst", &src, &vmi).await;
+    let _relays = proxies(&src, &dst, &uid);
+    let req = || with_timeout(vmi_request(&vmi), LONG_TIMEOUT);
+    let r = call("Pause", hs.pause_virtual_machine(req())).await;
+    assert!(r.success, "{}", r.message);
+    let dump = || format!("{}\n{}", src.dump(), dst.dump());
+    wait_events(
+        &src_notify,
+        "the source paused",
+        Duration::from_secs(30),
+        |got| got.iter().any(|r| r.status() == "Paused"),
+        &dump,
+    )
+    .await;
+    let paused_at = counter(&src.disk());
+
+    let mig = "5f0c7e2a-0000-4000-8000-0000000e0001";
+    let r = migrate(&mut hs, &migrating_as(&vmi, mig), options("0")).await;
+    assert!(r.success, "{}\n{}", r.message, src.dump());
+    let got = wait_events(
+        &src_notify,
+        "the paused migration's end on the source",
+        Duration::from_secs(120),
+        |got| {
+            got.iter()
+                .any(|r| migration_of(r)["EndTimestamp"].is_string())
+        },
+        &dump,
+    )
+    .await;
+    let ended = got
+        .iter()
+        .find(|r| migration_of(r)["EndTimestamp"].is_string())
+        .unwrap();
+    assert_eq!(
+        migration_of(ended)["Failed"],
+        json!(false),
+        "{}",
+        describe(&got)
+    );
+    let got = wait_events(
+        &dst_notify,
+        "the VM adopted paused on the target",
+        Duration::from_secs(60),
+        |got| {
+            got.iter()
+                .any(|r| r.status() == "Paused" && migration_of(r)["EndTimestamp"].is_string())
+        },
+        &dump,
+    )
+    .await;
+    assert!(
+        !got.iter().any(|r| r.status() == "Running"),
+        "the target ran the paused VM\n{}",
+        describe(&got)
+    );
+    // Paused there: the guest's counter stands still ...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(counter(&dst.disk()), paused_at, "{}", dump());
+    let d = get_domain(&mut ht).await;
+    assert_eq!(d["Status"]["Status"], json!("Paused"), "{d}");
+    // ... until the user unpauses it on the target.
+    let r = call("Unpause", ht.unpause_virtual_machine(req())).await;
+    assert!(r.success, "{}", r.message);
+    counts_past(
+        &dst.disk(),
+        paused_at + 2,
+        "the target after unpause",
+        &dump,
+    )
+    .await;
+}

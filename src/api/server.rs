@@ -36,8 +36,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 use tonic::{Request, Status};
 
+use super::kubevirt::auth::AuthService;
 use super::kubevirt::cmd::CmdService;
 use super::kubevirt::info::InfoService;
+use super::kubevirt::pb::cmd::auth::cmd_auth_server::CmdAuthServer;
 use super::kubevirt::pb::cmd::info::cmd_info_server::CmdInfoServer;
 use super::kubevirt::pb::cmd::v1::cmd_server::CmdServer;
 use super::pb::launcher_server::LauncherServer;
@@ -72,6 +74,9 @@ pub struct ServerConfig {
     pub allowed_uids: Vec<u32>,
     /// A group given read/write access to the socket (mode 0660), if any.
     pub group: Option<u32>,
+    /// The pod's projected token `kubevirt.cmd.auth.CmdAuth` hands virt-handler (read at each
+    /// call; absent: UNIMPLEMENTED).
+    pub cmd_auth_token: PathBuf,
 }
 
 /// The running server; dropping it does not stop it, `shutdown` does.
@@ -144,6 +149,10 @@ pub async fn serve(core: Handle, config: &ServerConfig) -> Result<ApiServer, Ser
         CmdInfoServer::new(InfoService),
         auth.clone(),
     );
+    let cmd_auth = tonic::service::interceptor::InterceptedService::new(
+        CmdAuthServer::new(AuthService::new(config.cmd_auth_token.clone())),
+        auth.clone(),
+    );
     let svc = LauncherServer::new(Service::new(core))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -160,6 +169,7 @@ pub async fn serve(core: Handle, config: &ServerConfig) -> Result<ApiServer, Ser
             .add_service(svc)
             .add_service(cmd)
             .add_service(cmd_info)
+            .add_service(cmd_auth)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             })

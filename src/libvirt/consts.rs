@@ -11,6 +11,11 @@ pub const VIR_ERR_ARGUMENT_UNSUPPORTED: i32 = 74;
 pub const VIR_ERR_OPERATION_UNSUPPORTED: i32 = 84;
 pub const VIR_ERR_AGENT_UNRESPONSIVE: i32 = 86;
 
+// virDomainQemuAgentCommandTimeoutValues (seconds otherwise).
+pub const VIR_DOMAIN_QEMU_AGENT_COMMAND_BLOCK: i32 = -2;
+pub const VIR_DOMAIN_QEMU_AGENT_COMMAND_DEFAULT: i32 = -1;
+pub const VIR_DOMAIN_QEMU_AGENT_COMMAND_NOWAIT: i32 = 0;
+
 // virDomainState.
 pub const VIR_DOMAIN_NOSTATE: u32 = 0;
 pub const VIR_DOMAIN_RUNNING: u32 = 1;
@@ -85,6 +90,7 @@ pub const VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED: u32 = 2;
 pub const VIR_MIGRATE_LIVE: u32 = 1;
 pub const VIR_MIGRATE_PEER2PEER: u32 = 2;
 pub const VIR_MIGRATE_PERSIST_DEST: u32 = 8;
+pub const VIR_MIGRATE_PAUSED: u32 = 32;
 pub const VIR_MIGRATE_NON_SHARED_DISK: u32 = 64;
 pub const VIR_MIGRATE_UNSAFE: u32 = 512;
 pub const VIR_MIGRATE_AUTO_CONVERGE: u32 = 8192;

@@ -804,6 +804,29 @@ impl Hypervisor {
         })
     }
 
+    /// Sends one guest-agent command (QMP JSON, `{"execute": ...}`) through libvirt
+    /// (`virDomainQemuAgentCommand`) and returns the agent's whole answer (`{"return": ...}`).
+    /// `timeout`: seconds to wait for the agent, or one of `VIR_DOMAIN_QEMU_AGENT_COMMAND_*`.
+    /// Without a connected agent libvirt fails at once with `VIR_ERR_AGENT_UNRESPONSIVE`.
+    pub fn agent_command(
+        &self,
+        name: &str,
+        command: &str,
+        timeout: i32,
+    ) -> Result<String, LibvirtError> {
+        self.with_domain(name, |c, d| {
+            let mut e = Encoder::new();
+            d.encode(&mut e);
+            e.string(command).i32(timeout).u32(0);
+            decode_reply(
+                "guest agent command",
+                c.call_qemu(rpc::qemu_procs::DOMAIN_AGENT_COMMAND, &e.into_bytes()),
+                // qemu_domain_agent_command_ret {remote_string result}
+                |r| Ok(r.opt_string()?.unwrap_or_default()),
+            )
+        })
+    }
+
     /// Freezes all guest filesystems through the guest agent; returns how many were frozen.
     pub fn fs_freeze(&self, name: &str) -> Result<i32, LibvirtError> {
         self.fs_call(name, "freeze filesystems", procs::DOMAIN_FSFREEZE)

@@ -35,6 +35,10 @@ use super::xdr::{decode_typed_params, numeric_params, Decoder, Encoder, RemoteDo
 /// `REMOTE_PROGRAM` and `REMOTE_PROTOCOL_VERSION` of `remote_protocol.x`.
 pub const REMOTE_PROGRAM: u32 = 0x2000_8086;
 pub const REMOTE_PROTOCOL_VERSION: u32 = 1;
+/// `QEMU_PROGRAM` and `QEMU_PROTOCOL_VERSION` of `qemu_protocol.x`: the QEMU driver's own
+/// calls (the guest agent's pass-through).
+pub const QEMU_PROGRAM: u32 = 0x2000_8087;
+pub const QEMU_PROTOCOL_VERSION: u32 = 1;
 /// The keepalive program (`virkeepaliveprotocol.x`): "keep" in ASCII.
 const KEEPALIVE_PROGRAM: u32 = 0x6b65_6570;
 const KEEPALIVE_VERSION: u32 = 1;
@@ -111,6 +115,13 @@ pub mod procs {
     pub const DOMAIN_EVENT_CALLBACK_DEVICE_REMOVAL_FAILED: i32 = 367;
 }
 
+/// The procedures of `qemu_protocol.x` used.
+pub mod qemu_procs {
+    /// `qemu_domain_agent_command_args {dom, cmd, timeout, flags}` →
+    /// `qemu_domain_agent_command_ret {remote_string result}`.
+    pub const DOMAIN_AGENT_COMMAND: i32 = 3;
+}
+
 /// `virConnectCloseReason`, as the close event reports it.
 pub const CLOSE_REASON_ERROR: i32 = 0;
 pub const CLOSE_REASON_EOF: i32 = 1;
@@ -183,10 +194,19 @@ pub struct Header {
 }
 
 impl Header {
+    #[cfg(test)]
     fn call(proc_: i32, serial: u32) -> Self {
+        Self::program_call(REMOTE_PROGRAM, proc_, serial)
+    }
+
+    fn program_call(prog: u32, proc_: i32, serial: u32) -> Self {
         Header {
-            prog: REMOTE_PROGRAM,
-            vers: REMOTE_PROTOCOL_VERSION,
+            prog,
+            vers: if prog == QEMU_PROGRAM {
+                QEMU_PROTOCOL_VERSION
+            } else {
+                REMOTE_PROTOCOL_VERSION
+            },
             proc_,
             kind: kind::CALL,
             serial,
@@ -461,6 +481,14 @@ impl Client {
         self.call_timeout(proc_, args, None)
     }
 
+    /// Calls `proc_` of the QEMU driver's program ([`QEMU_PROGRAM`]) and waits for the reply
+    /// body. Same connection, same serials: the daemon answers it like any other call.
+    pub fn call_qemu(&self, proc_: i32, args: &[u8]) -> Result<Vec<u8>, RpcError> {
+        let (tx, rx) = sync_channel(1);
+        self.send_to(QEMU_PROGRAM, proc_, args, Waiter::Thread(tx))?;
+        rx.recv().map_err(|_| RpcError::Closed)?
+    }
+
     /// [`Client::call`] for a task on the async runtime: the request is written at once (from
     /// the calling thread; a unix socket write that does not block unless the daemon stopped
     /// reading, and keepalive shuts such a connection down) and the returned future resolves
@@ -481,8 +509,12 @@ impl Client {
 
     /// Registers `waiter` under a new serial and writes the call; returns the serial.
     fn send(&self, proc_: i32, args: &[u8], waiter: Waiter) -> Result<u32, RpcError> {
+        self.send_to(REMOTE_PROGRAM, proc_, args, waiter)
+    }
+
+    fn send_to(&self, prog: u32, proc_: i32, args: &[u8], waiter: Waiter) -> Result<u32, RpcError> {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let packet = encode_packet(&Header::call(proc_, serial), args);
+        let packet = encode_packet(&Header::program_call(prog, proc_, serial), args);
         if packet.len() > MESSAGE_MAX {
             return Err(RpcError::Protocol(format!(
                 "call of {} bytes exceeds the protocol's maximum",
@@ -647,8 +679,9 @@ pub enum Incoming<'a> {
 pub fn decode_packet(packet: &[u8]) -> Result<Incoming<'_>, RpcError> {
     let (h, body) = decode_header(packet)?;
     Ok(match (h.prog, h.kind) {
-        (REMOTE_PROGRAM, kind::REPLY) => Incoming::Reply {
+        (REMOTE_PROGRAM | QEMU_PROGRAM, kind::REPLY) => Incoming::Reply {
             serial: h.serial,
+            // Both programs are at version 1.
             result: if h.vers != REMOTE_PROTOCOL_VERSION {
                 Err(RpcError::Protocol(format!("reply of version {}", h.vers)))
             } else {
@@ -776,6 +809,27 @@ mod tests {
             Incoming::Reply {
                 result: Err(RpcError::Protocol(_)),
                 ..
+            }
+        ));
+        // The QEMU driver's program (guest-agent commands): a call carries its program
+        // number, and its reply goes to the caller like any other.
+        let q = Header::program_call(QEMU_PROGRAM, qemu_procs::DOMAIN_AGENT_COMMAND, 11);
+        assert_eq!(
+            &encode_packet(&q, &[])[LEN_WORD..LEN_WORD + 12],
+            &[0x20, 0x00, 0x80, 0x87, 0, 0, 0, 1, 0, 0, 0, 3]
+        );
+        let p = packet(
+            Header {
+                kind: kind::REPLY,
+                ..q
+            },
+            &[0, 0, 0, 0],
+        );
+        assert!(matches!(
+            decode_packet(&p).unwrap(),
+            Incoming::Reply {
+                serial: 11,
+                result: Ok([0, 0, 0, 0])
             }
         ));
         // An error reply whose remote_error is cut short: the caller gets a decode error.

@@ -75,6 +75,8 @@ pub(crate) struct Launcher {
     /// Bumped whenever the domain may have changed: our own device calls, every domain event,
     /// a reconnect. A cached read from an older generation is never used.
     pub(crate) live_generation: AtomicU64,
+    /// A guest-agent poller runs (one at a time; it ends when the agent disconnects).
+    pub(crate) agent_polling: std::sync::atomic::AtomicBool,
 }
 
 impl Launcher {
@@ -108,6 +110,7 @@ impl Launcher {
             libvirtd_pid_file,
             live_cache: Mutex::new(None),
             live_generation: AtomicU64::new(0),
+            agent_polling: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

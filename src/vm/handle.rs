@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use super::agent::ExecOutcome;
 use super::error::ControlError;
 use super::migration::{MigrateOptions, MigrationOutcome, MigrationPeer};
 use super::state::{Event, EventLog, Gap, Status, TargetInfo};
@@ -35,6 +36,16 @@ pub enum Command {
     Unfreeze,
     /// The domain's statistics.
     Stats,
+    /// Run a command in the guest through the guest agent; wait `timeout` for it to exit.
+    Exec {
+        path: String,
+        args: Vec<String>,
+        timeout: Duration,
+    },
+    /// Ping the guest agent; it must answer within `timeout`.
+    GuestPing {
+        timeout: Duration,
+    },
     /// libvirt's and QEMU's versions.
     Versions,
     /// Get ready to receive `vmi` by migration (`disk_sizes`: volume to bytes, for block
@@ -115,9 +126,12 @@ impl Command {
     }
 
     /// Operations that change the domain run one at a time, in arrival order; reads of
-    /// libvirt (statistics, versions) run beside them.
+    /// libvirt (statistics, versions) and the guest agent's probes run beside them.
     pub(crate) fn is_exclusive(&self) -> bool {
-        !matches!(self, Command::Stats | Command::Versions) && !self.is_urgent()
+        !matches!(
+            self,
+            Command::Stats | Command::Versions | Command::Exec { .. } | Command::GuestPing { .. }
+        ) && !self.is_urgent()
     }
 
     pub(crate) fn name(&self) -> &'static str {
@@ -131,6 +145,8 @@ impl Command {
             Command::Freeze { .. } => "Freeze",
             Command::Unfreeze => "Unfreeze",
             Command::Stats => "Stats",
+            Command::Exec { .. } => "Exec",
+            Command::GuestPing { .. } => "GuestPing",
             Command::Versions => "Versions",
             Command::PrepareMigrationTarget { .. } => "PrepareMigrationTarget",
             Command::Migrate { .. } => "Migrate",
@@ -167,6 +183,8 @@ pub enum Reply {
     },
     /// Where the prepared target listens.
     Target(TargetInfo),
+    /// How a command run in the guest ended.
+    Exec(ExecOutcome),
     /// How the migration ended.
     Migrated(MigrationOutcome),
 }

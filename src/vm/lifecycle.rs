@@ -9,7 +9,7 @@ use super::core::{ControlError, Launcher};
 use super::ledger::{Ledger, Report};
 use super::state::{DomainFacts, Event, EventKind, Phase, State};
 use super::volumes::{attached_volume, disk_status, is_hotplug};
-use crate::libvirt::events::StopReason;
+use crate::libvirt::events::{PauseReason, StopReason};
 use crate::libvirt::{DomainEvent, DomainStats, LifecycleKind};
 use crate::spec::VirtualMachineInstance;
 
@@ -375,6 +375,14 @@ impl Launcher {
                     self.adopt_incoming(ledger);
                     ledger.set_state(State::Running, "unpaused")
                 }
+                // A VM migrated paused (`VIR_MIGRATE_PAUSED`) arrives as libvirt's end of the
+                // incoming job: paused, not resumed.
+                LifecycleKind::Suspended(why @ PauseReason::Paused)
+                    if self.awaiting_migration() =>
+                {
+                    self.adopt_incoming(ledger);
+                    ledger.set_state(State::Paused, why.as_str())
+                }
                 LifecycleKind::Suspended(why) => ledger.set_state(State::Paused, why.as_str()),
                 LifecycleKind::ShuttingDown => {
                     ledger.set_state(State::ShuttingDown, "guest shutdown")
@@ -382,6 +390,9 @@ impl Launcher {
                 // libvirt's CRASHED event is the guest's panic (QEMU still runs).
                 LifecycleKind::Crashed => ledger.set_state(State::Crashed, "panicked"),
                 LifecycleKind::Stopped(r) => {
+                    // QEMU is gone, and the agent's channel with it (libvirt sends no agent
+                    // event for that).
+                    ledger.update(|s| s.domain.agent_connected = false);
                     let state = if r.is_clean() {
                         State::Shutoff
                     } else {

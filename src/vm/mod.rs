@@ -16,7 +16,7 @@
 //! domain in this pod), `error` (the core's error and its classification), `core` (what the
 //! operations share: configuration, the read sides of the ledger, the libvirt connection).
 
-mod agent;
+pub mod agent;
 mod core;
 pub mod error;
 pub mod handle;
@@ -698,6 +698,15 @@ async fn execute(
             .stats()
             .await
             .map(|(stats, disks)| Reply::Stats { stats, disks }),
+        Command::Exec {
+            path,
+            args,
+            timeout,
+        } => core
+            .guest_exec(&path, &args, timeout)
+            .await
+            .map(Reply::Exec),
+        Command::GuestPing { timeout } => core.guest_ping(timeout).await.map(|()| Reply::Done),
         Command::Versions => core
             .blocking(|hv| hv.versions())
             .await
@@ -987,7 +996,7 @@ async fn drain_after_stop(
 /// Applies a libvirt event: to the state, and a completed job's statistics to the migration
 /// waiting for them. Returns the stop reason when the domain is gone.
 fn apply_event(
-    core: &Launcher,
+    core: &Arc<Launcher>,
     ledger: &Ledger,
     link: &mut MigrationLink,
     removals: &mut Removals,
@@ -999,7 +1008,16 @@ fn apply_event(
         DomainEvent::DeviceRemovalFailed { alias, .. } => removed(ledger, removals, alias, false),
         _ => {}
     }
-    core.on_domain_event(ledger, ev)
+    let stopped = core.on_domain_event(ledger, ev);
+    // The agent answers (the status says so now): poll it for what KubeVirt reports of the
+    // guest.
+    if let DomainEvent::AgentConnected {
+        connected: true, ..
+    } = ev
+    {
+        agent::start_polling(core);
+    }
+    stopped
 }
 
 /// The detaches waiting for the guest to release a disk: alias → where the answer goes.

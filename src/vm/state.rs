@@ -150,6 +150,10 @@ pub struct DomainFacts {
     pub agent_connected: bool,
     /// The guest's filesystems are frozen.
     pub frozen: bool,
+    /// What the guest agent last answered to each command polled (`guest-get-osinfo`,
+    /// `guest-get-users`, ...): its `return` value, as the agent gave it. Kept after the agent
+    /// disconnects (it describes the guest as last seen), empty until it first answers.
+    pub guest: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// One network interface of the domain.
@@ -203,6 +207,7 @@ impl DomainFacts {
                 .collect(),
             agent_connected: false,
             frozen: false,
+            guest: Default::default(),
         }
     }
 

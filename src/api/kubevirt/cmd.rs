@@ -9,11 +9,11 @@ use std::time::Duration;
 use serde_json::json;
 use tonic::{Request, Response, Status};
 
-use super::domain;
 use super::migration::{HandlerProxies, MigrationState};
 use super::options::MigrationOptions;
 use super::pb::cmd::v1 as pb;
 use super::pb::cmd::v1::cmd_server::Cmd;
+use super::{domain, guest};
 use crate::api::{deadline, decode_vmi};
 use crate::spec::VirtualMachineInstance;
 use crate::vm::{Command, ControlError, Handle, Reply, FREEZE_TIMEOUT};
@@ -89,6 +89,26 @@ impl CmdService {
             Err(e) => failed(e.to_string()),
         }
     }
+}
+
+impl CmdService {
+    /// A probe names the domain (`<namespace>_<name>`); libvirt's lookup of another name
+    /// fails, and so does ours. Empty: this launcher's one domain.
+    fn this_domain(&self, name: &str) -> Result<(), Status> {
+        let ours = self.core.status().name;
+        if name.is_empty() || name == ours {
+            Ok(())
+        } else {
+            Err(Status::unknown(format!(
+                "no domain named {name:?} (this launcher runs {ours:?})"
+            )))
+        }
+    }
+}
+
+/// A probe's timeout: its seconds, at least one (virt-probe's default).
+fn probe_timeout(seconds: i32) -> Duration {
+    Duration::from_secs(seconds.max(1) as u64)
 }
 
 /// How a command's failure is answered.
@@ -407,16 +427,41 @@ impl Cmd for CmdService {
         }))
     }
 
+    /// The guest agent's facts as last polled (KubeVirt's launcher answers from its poller's
+    /// cache too); empty fields before the agent has answered.
     async fn get_guest_info(
         &self,
         _req: Request<pb::EmptyRequest>,
     ) -> Result<Response<pb::GuestInfoResponse>, Status> {
-        // The core reads nothing from the guest agent but freeze/thaw: as KubeVirt's launcher
-        // with no agent data, an empty guest-agent info (an error here would fail the
-        // handler's whole VMI status update).
+        let facts = self.core.status().domain;
         Ok(Response::new(pb::GuestInfoResponse {
             response: Some(ok()),
-            guest_info_response: "{}".into(),
+            guest_info_response: guest::guest_info(&facts).to_string(),
+        }))
+    }
+
+    /// The guest's logged-in users, as last polled (`[]` before the agent answered).
+    async fn get_users(
+        &self,
+        _req: Request<pb::EmptyRequest>,
+    ) -> Result<Response<pb::GuestUserListResponse>, Status> {
+        let facts = self.core.status().domain;
+        Ok(Response::new(pb::GuestUserListResponse {
+            response: Some(ok()),
+            guest_user_list_response: json!(guest::users(&facts.guest, usize::MAX)).to_string(),
+        }))
+    }
+
+    /// The guest's mounted filesystems, as last polled (`[]` before the agent answered).
+    async fn get_filesystems(
+        &self,
+        _req: Request<pb::EmptyRequest>,
+    ) -> Result<Response<pb::GuestFilesystemsResponse>, Status> {
+        let facts = self.core.status().domain;
+        Ok(Response::new(pb::GuestFilesystemsResponse {
+            response: Some(ok()),
+            guest_filesystems_response: json!(guest::filesystems(&facts.guest, usize::MAX))
+                .to_string(),
         }))
     }
 
@@ -562,6 +607,54 @@ impl Cmd for CmdService {
         Ok(Response::new(
             self.simple(&req, Command::TargetCleanup).await,
         ))
+    }
+
+    /// virt-probe's exec probe. As KubeVirt's launcher: a command that ran answers success
+    /// with its exit code and standard output (a non-zero exit included); a failure (no
+    /// agent, another domain, not exited in time) answers the gRPC status UNKNOWN with the
+    /// message.
+    async fn exec(
+        &self,
+        req: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        let r = req.get_ref();
+        self.this_domain(&r.domain_name)?;
+        let cmd = Command::Exec {
+            path: r.command.clone(),
+            args: r.args.clone(),
+            timeout: probe_timeout(r.timeout_seconds),
+        };
+        match self.send(&req, cmd).await {
+            Ok(Reply::Exec(o)) => Ok(Response::new(pb::ExecResponse {
+                response: Some(ok()),
+                exit_code: o.exit_code,
+                std_out: o.stdout,
+            })),
+            Ok(r) => Err(Status::unknown(format!("unexpected reply {r:?}"))),
+            Err(e) => Err(Status::unknown(e.to_string())),
+        }
+    }
+
+    /// virt-probe's guest-agent ping probe: success when the agent answers `guest-ping`
+    /// within the timeout, else the gRPC status UNKNOWN with why.
+    async fn guest_ping(
+        &self,
+        req: Request<pb::GuestPingRequest>,
+    ) -> Result<Response<pb::GuestPingResponse>, Status> {
+        let r = req.get_ref();
+        self.this_domain(&r.domain_name)?;
+        let cmd = Command::GuestPing {
+            timeout: probe_timeout(r.timeout_seconds),
+        };
+        match self.send(&req, cmd).await {
+            Ok(_) => Ok(Response::new(pb::GuestPingResponse {
+                response: Some(ok()),
+            })),
+            Err(e) => {
+                tracing::warn!(error = %e, "guest agent ping probe failed");
+                Err(Status::unknown(e.to_string()))
+            }
+        }
     }
 
     async fn ping(

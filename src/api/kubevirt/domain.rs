@@ -523,10 +523,10 @@ fn skeleton(status: &Status, vmi: &VirtualMachineInstance) -> Domain {
         status: DomainStatus {
             status: String::new(),
             reason: String::new(),
-            interfaces: None,
-            os_info: serde_json::Map::new(),
+            interfaces: super::guest::interfaces(&facts.guest),
+            os_info: super::guest::os_info(&facts.guest),
             fs_freeze_status: FsFreeze {
-                status: if facts.frozen { "frozen" } else { "" }.into(),
+                status: super::guest::fs_freeze_status(facts),
             },
         },
     }
@@ -614,6 +614,7 @@ mod tests {
                 channels: vec![GUEST_AGENT_CHANNEL.into()],
                 agent_connected: false,
                 frozen: false,
+                guest: Default::default(),
             }),
             ..Default::default()
         }

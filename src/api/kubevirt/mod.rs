@@ -10,8 +10,10 @@
 //! - `migration`: the migration peer of virt-handler's proxies, the VMI's migration state;
 //! - `options`: the handler's migration options JSON.
 
+pub mod auth;
 pub mod cmd;
 pub mod domain;
+pub mod guest;
 pub mod info;
 pub mod migration;
 pub mod notify;
@@ -26,6 +28,9 @@ pub mod pb {
         }
         pub mod info {
             tonic::include_proto!("kubevirt.cmd.info");
+        }
+        pub mod auth {
+            tonic::include_proto!("kubevirt.cmd.auth");
         }
     }
 }

@@ -8,7 +8,8 @@
 //! `ADDED` once a domain exists, `MODIFIED` whenever what the handler reads of it changes
 //! (state, disks, agent, freeze, grace stamps, migration metadata), and a last `MODIFIED`
 //! with `ObjectMeta.deletionTimestamp` once the domain is gone for good. I/O errors and a
-//! guest panic also go out as `HandleK8sEvent` (a core/v1 Event on the VMI).
+//! guest panic, and a failed guest-agent ping probe also go out as `HandleK8sEvent` (a core/v1
+//! Event on the VMI).
 //!
 //! Delivery follows KubeVirt's client: each event is tried every second for 20 s, at most
 //! 5 s per attempt; a transient failure (unavailable, deadline, aborted, transport) drops
@@ -269,6 +270,20 @@ impl Follower {
                     queue.push(Item {
                         kind: Kind::K8s,
                         json: k8s_event(&vmi, "Warning", "IOerror", &message),
+                    });
+                }
+            }
+            // KubeVirt's launcher tells the handler of each failed guest-agent ping probe.
+            EventKind::Agent if e.message.starts_with(crate::vm::agent::PING_FAILED) => {
+                if let Some(vmi) = vmi {
+                    let message = format!(
+                        "GuestAgentPing probe failed for VMI {}/{}",
+                        vmi.namespace(),
+                        vmi.metadata.name
+                    );
+                    queue.push(Item {
+                        kind: Kind::K8s,
+                        json: k8s_event(&vmi, "Warning", "GuestAgentPingFailed", &message),
                     });
                 }
             }

@@ -96,6 +96,11 @@ impl Launcher {
         if opts.allow_post_copy {
             flags |= libvirt::VIR_MIGRATE_POSTCOPY;
         }
+        // A paused VM stays paused on the target (KubeVirt's launcher does the same): its
+        // user paused it, the migration must not run it.
+        if self.status().state == crate::vm::state::State::Paused {
+            flags |= libvirt::VIR_MIGRATE_PAUSED;
+        }
         let mut params = MigrateParams {
             uri: Some(target.migration_uri.clone()),
             dest_xml: Some(xml),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint};
+use virt_launcher::api::kubevirt::pb::cmd::auth as auth_pb;
 use virt_launcher::api::kubevirt::pb::cmd::info as info_pb;
 use virt_launcher::api::kubevirt::pb::cmd::v1 as cmd_pb;
 
@@ -43,6 +44,14 @@ pub async fn connect_cmd(socket: &Path) -> Result<CmdClient> {
     );
     Ok(CmdClient::new(dial(socket).await?))
 }
+
+/// A client of `kubevirt.cmd.auth.CmdAuth`, as virt-handler asks it right after dialling.
+pub async fn connect_auth(socket: &Path) -> Result<AuthClient> {
+    Ok(AuthClient::new(dial(socket).await?))
+}
+
+/// A client of `kubevirt.cmd.auth.CmdAuth`.
+pub type AuthClient = auth_pb::cmd_auth_client::CmdAuthClient<Channel>;
 
 async fn dial(socket: &Path) -> Result<Channel> {
     Endpoint::try_from(format!("unix://{}", socket.display()))?
