@@ -2,7 +2,7 @@
 
 use super::facts::PodFacts;
 use super::{err, names, ConvertError, MAX_MEMORY_BYTES};
-use crate::domain::{BackingStore, DataStore, Disk, DiskDevice, DiskSource, Driver};
+use crate::domain::{BackingStore, DataStore, Disk, DiskDevice, DiskSource, DriveAddress, Driver};
 use crate::spec::{is_dns1123_label, Quantity, VirtualMachineInstance, Volume};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -762,6 +762,7 @@ pub(crate) fn convert_disks(
                 alias: format!("ua-{name}"),
                 blockio,
                 reservations,
+                address: None,
             },
         });
     }
@@ -789,6 +790,18 @@ pub(crate) fn convert_disks(
         })
         .collect();
     for (p, dev) in pending.iter_mut().zip(names::assign(&wanted)) {
+        // KubeVirt (storage/disk.go assignDiskToSCSIController): a scsi disk or lun sits on the
+        // virtio-scsi controller 0, bus 0, unit = its name's index (sdh → 7). A scsi cdrom
+        // keeps libvirt's choice, as in KubeVirt.
+        if p.bus == "scsi" && p.disk.device != DiskDevice::Cdrom {
+            p.disk.address = names::drive_index("sd", &dev)
+                .and_then(|i| u32::try_from(i).ok())
+                .map(|unit| DriveAddress {
+                    controller: 0,
+                    bus: 0,
+                    unit,
+                });
+        }
         p.disk.target_dev = dev;
     }
 

@@ -256,6 +256,19 @@ pub struct Disk {
     pub blockio: Option<(u64, u64)>,
     /// Persistent reservations through the pr-helper socket (`lun` only).
     pub reservations: Option<PathBuf>,
+    /// `<address type='drive' controller=… bus=… unit=…/>` (scsi disks and luns).
+    pub address: Option<DriveAddress>,
+}
+
+/// A drive address on a disk controller. KubeVirt puts every scsi disk and lun on the
+/// virtio-scsi controller 0, bus 0, unit = the index of its `sd*` name: libvirt's own choice
+/// would move `sdh` onward to a second, auto-added lsilogic controller (7 units per controller),
+/// which a running guest has no PCI slot for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriveAddress {
+    pub controller: u32,
+    pub bus: u32,
+    pub unit: u32,
 }
 
 /// Escapes a string for an XML attribute value.

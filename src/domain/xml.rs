@@ -437,6 +437,17 @@ fn write_disk(w: &mut W, d: &Disk) {
         w.empty("boot", attrs!["order" => b.to_string()]);
     }
     w.empty("alias", attrs!["name" => d.alias.as_str()]);
+    if let Some(a) = d.address {
+        w.empty(
+            "address",
+            attrs![
+                "type" => "drive",
+                "controller" => a.controller.to_string(),
+                "bus" => a.bus.to_string(),
+                "unit" => a.unit.to_string(),
+            ],
+        );
+    }
     w.close("disk");
 }
 
