@@ -2,7 +2,10 @@
 
 use super::facts::PodFacts;
 use super::{err, names, ConvertError, MAX_MEMORY_BYTES};
-use crate::domain::{BackingStore, DataStore, Disk, DiskDevice, DiskSource, DriveAddress, Driver};
+use crate::domain::{
+    BackingStore, BlockIo, DataStore, Disk, DiskAddress, DiskDevice, DiskSource, DriveAddress,
+    Driver,
+};
 use crate::spec::{is_dns1123_label, Quantity, VirtualMachineInstance, Volume};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -14,6 +17,8 @@ pub(crate) struct Storage {
     pub disks: Vec<Disk>,
     pub iothreads: u32,
     pub uses_usb: bool,
+    /// Some spec disk (attached now or not) is on scsi.
+    pub uses_scsi: bool,
     /// `(bootOrder, field)` of every disk, for the duplicate check with interfaces.
     pub boot_orders: Vec<(u32, String)>,
 }
@@ -336,6 +341,26 @@ fn parse_bus(
     }
 }
 
+/// `dddd:bb:ss.f` (hex; function 0-7) → a PCI address.
+fn parse_pci_address(s: &str) -> Option<DiskAddress> {
+    let (domain, rest) = s.split_once(':')?;
+    let (bus, rest) = rest.split_once(':')?;
+    let (slot, function) = rest.split_once('.')?;
+    let hex = |t: &str, n: usize| {
+        (t.len() == n && t.bytes().all(|c| c.is_ascii_hexdigit()))
+            .then(|| u32::from_str_radix(t, 16).ok())
+            .flatten()
+    };
+    let function = hex(function, 1).filter(|f| *f <= 7)?;
+    let slot = hex(slot, 2).filter(|s| *s <= 0x1f)?;
+    Some(DiskAddress::Pci {
+        domain: u16::try_from(hex(domain, 4)?).ok()?,
+        bus: u8::try_from(hex(bus, 2)?).ok()?,
+        slot: u8::try_from(slot).ok()?,
+        function: u8::try_from(function).ok()?,
+    })
+}
+
 pub(crate) fn convert_disks(
     vmi: &VirtualMachineInstance,
     facts: &PodFacts,
@@ -436,7 +461,8 @@ pub(crate) fn convert_disks(
                 &["sata", "scsi", "usb"],
                 "cdrom",
             )?;
-            (DiskDevice::Cdrom, bus, true)
+            // KubeVirt: a cdrom is read-only unless `readonly: false`.
+            (DiskDevice::Cdrom, bus, c.readonly.unwrap_or(true))
         } else if let Some(l) = &d.lun {
             let bus = parse_bus(
                 &format!("{f}.lun.bus"),
@@ -690,6 +716,18 @@ pub(crate) fn convert_disks(
                 ));
             }
         }
+        if d.block_size
+            .as_ref()
+            .and_then(|b| b.match_volume.as_ref())
+            .is_some_and(crate::spec::FeatureState::on)
+        {
+            // KubeVirt probes the volume's logical/physical block sizes in the pod
+            // (storage/disk.go, matchVolume); we have no probe yet.
+            return Err(err(
+                format!("{f}.blockSize.matchVolume"),
+                "matching the volume's block sizes is not supported yet; set blockSize.custom",
+            ));
+        }
         let blockio = match d.block_size.as_ref().and_then(|b| b.custom.as_ref()) {
             None => None,
             Some(c) => {
@@ -710,7 +748,11 @@ pub(crate) fn convert_disks(
                         ),
                     ));
                 }
-                Some((c.logical, c.physical))
+                Some(BlockIo {
+                    logical: c.logical,
+                    physical: c.physical,
+                    discard_granularity: c.discard_granularity,
+                })
             }
         };
         let dedicated = d.dedicated_io_thread.unwrap_or(false);
@@ -722,7 +764,26 @@ pub(crate) fn convert_disks(
         }
         let queues = (bus == "virtio" && devices.block_multi_queue == Some(true)).then_some(vcpus);
 
-        let readonly = device == DiskDevice::Cdrom || readonly_req || pvc_read_only;
+        let readonly = readonly_req || pvc_read_only;
+        // KubeVirt (storage/disk.go): `pciAddress` only on virtio, as `dddd:bb:ss.f`.
+        let pci_address = match d.disk.as_ref().and_then(|t| t.pci_address.as_deref()) {
+            None => None,
+            Some(a) => {
+                let pf = format!("{f}.disk.pciAddress");
+                if bus != "virtio" {
+                    return Err(err(
+                        pf,
+                        format!("a PCI address needs bus virtio (the disk uses {bus})"),
+                    ));
+                }
+                Some(parse_pci_address(a).ok_or_else(|| {
+                    err(
+                        pf,
+                        format!("{a:?} is not a PCI address (domain:bus:slot.function, e.g. 0000:01:00.0)"),
+                    )
+                })?)
+            }
+        };
         let tray = d.cdrom.as_ref().map(|c| match c.tray.as_deref() {
             None | Some("closed") => Ok("closed".to_string()),
             Some("open") => Ok("open".to_string()),
@@ -762,7 +823,7 @@ pub(crate) fn convert_disks(
                 alias: format!("ua-{name}"),
                 blockio,
                 reservations,
-                address: None,
+                address: pci_address,
             },
         });
     }
@@ -796,10 +857,12 @@ pub(crate) fn convert_disks(
         if p.bus == "scsi" && p.disk.device != DiskDevice::Cdrom {
             p.disk.address = names::drive_index("sd", &dev)
                 .and_then(|i| u32::try_from(i).ok())
-                .map(|unit| DriveAddress {
-                    controller: 0,
-                    bus: 0,
-                    unit,
+                .map(|unit| {
+                    DiskAddress::Drive(DriveAddress {
+                        controller: 0,
+                        bus: 0,
+                        unit,
+                    })
                 });
         }
         p.disk.target_dev = dev;
@@ -807,10 +870,12 @@ pub(crate) fn convert_disks(
 
     let iothreads = assign_iothreads(vmi, &buses, &mut pending)?;
     let uses_usb = pending.iter().any(|p| p.bus == "usb");
+    let uses_scsi = buses.contains(&"scsi");
     Ok(Storage {
         disks: pending.into_iter().map(|p| p.disk).collect(),
         iothreads,
         uses_usb,
+        uses_scsi,
         boot_orders,
     })
 }
@@ -837,6 +902,18 @@ fn assign_iothreads(
     let disks = &domain.devices.disks;
     let dedicated = |i: usize| disks[i].dedicated_io_thread == Some(true);
     let any_dedicated = (0..disks.len()).any(dedicated);
+    if domain.io_threads_policy.as_deref() != Some("supplementalPool")
+        && domain
+            .io_threads
+            .as_ref()
+            .is_some_and(|t| t.supplemental_pool_thread_count.is_some())
+    {
+        // KubeVirt's webhook refuses the count without the policy it belongs to.
+        return Err(err(
+            "spec.domain.ioThreads.supplementalPoolThreadCount",
+            "only with ioThreadsPolicy supplementalPool",
+        ));
+    }
     let limit = match domain.io_threads_policy.as_deref() {
         None if !any_dedicated => return Ok(0),
         None | Some("shared") => 1,

@@ -66,7 +66,7 @@ const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain, ConvertError> {
     check_metadata(vmi)?;
     let mut memory = memory(vmi)?;
-    let cpu = cpu(vmi, facts)?;
+    let (cpu, vcpu_hotplug) = cpu(vmi, facts)?;
     let vcpus = cpu.sockets * cpu.cores * cpu.threads;
     let uuid = domain_uuid(vmi)?;
     let (os, secure_boot) = os(vmi, facts)?;
@@ -88,23 +88,25 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
 
     let inputs = inputs(vmi)?;
     let uses_usb = storage.uses_usb || inputs.iter().any(|i| i.bus == "usb");
-    let mut controllers = vec![
-        Controller {
-            kind: "usb",
-            index: Some(0),
-            model: Some(if uses_usb { "qemu-xhci" } else { "none" }.to_string()),
-        },
-        Controller {
+    let mut controllers = vec![Controller {
+        kind: "usb",
+        index: Some(0),
+        model: Some(if uses_usb { "qemu-xhci" } else { "none" }.to_string()),
+    }];
+    // KubeVirt (compute/controllers.go requiresSCSIController): the virtio-scsi controller is
+    // there for hot-plug unless `disableHotplug`, and then only for a disk on scsi.
+    if dev.disable_hotplug != Some(true) || storage.uses_scsi {
+        controllers.push(Controller {
             kind: "scsi",
             index: Some(0),
             model: Some(virtio_model.to_string()),
-        },
-        Controller {
-            kind: "virtio-serial",
-            index: Some(0),
-            model: Some(virtio_model.to_string()),
-        },
-    ];
+        });
+    }
+    controllers.push(Controller {
+        kind: "virtio-serial",
+        index: Some(0),
+        model: Some(virtio_model.to_string()),
+    });
     let spare = spare_root_ports(vmi, facts)?;
     if os.machine.starts_with("q35") || os.machine.starts_with("pc-q35") {
         // libvirt requires the root complex to be declared (index 0) before any port.
@@ -186,6 +188,22 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         system.push(("serial".to_string(), serial.clone()));
     }
 
+    // KubeVirt (compute/sysinfo.go buildChassis): all five entries once `chassis` is set.
+    let mut chassis = Vec::new();
+    if let Some(c) = &vmi.spec.domain.chassis {
+        for (k, v) in [
+            ("manufacturer", &c.manufacturer),
+            ("version", &c.version),
+            ("serial", &c.serial),
+            ("asset", &c.asset),
+            ("sku", &c.sku),
+        ] {
+            let v = v.clone().unwrap_or_default();
+            check_text(&format!("spec.domain.chassis.{k}"), &v, 256)?;
+            chassis.push((k.to_string(), v));
+        }
+    }
+
     Ok(Domain {
         domain_type: facts.domain_type,
         name: vmi.domain_name(),
@@ -193,10 +211,11 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         kubevirt_uid: vmi.metadata.uid.clone(),
         memory,
         vcpus,
+        vcpu_hotplug,
         iothreads: storage.iothreads,
         cpu,
         os,
-        sysinfo: Some(Sysinfo { system }),
+        sysinfo: Some(Sysinfo { system, chassis }),
         features,
         clock,
         on_poweroff: "destroy",
@@ -254,8 +273,22 @@ fn check_metadata(vmi: &VirtualMachineInstance) -> Result<(), ConvertError> {
     if let Some(uid) = &m.uid {
         check_text("metadata.uid", uid, 128)?;
     }
+    if m.annotations
+        .get(PLACE_ON_ROOT_COMPLEX_ANNOTATION)
+        .is_some_and(|v| v == "true")
+    {
+        // KubeVirt (converter/pci-placement.go) gives every PCI device an explicit slot on
+        // pcie.0 and adds no hot-plug ports; we do not place devices yet.
+        return Err(err(
+            format!("metadata.annotations[{PLACE_ON_ROOT_COMPLEX_ANNOTATION}]"),
+            "placing PCI devices on the root complex is not supported yet",
+        ));
+    }
     Ok(())
 }
+
+/// KubeVirt's annotation that puts every PCI device on the root complex.
+pub const PLACE_ON_ROOT_COMPLEX_ANNOTATION: &str = "kubevirt.io/placePCIDevicesOnRootComplex";
 
 fn domain_uuid(vmi: &VirtualMachineInstance) -> Result<String, ConvertError> {
     if let Some(u) = vmi
@@ -329,7 +362,10 @@ fn memory(vmi: &VirtualMachineInstance) -> Result<Memory, ConvertError> {
     })
 }
 
-fn cpu(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Cpu, ConvertError> {
+fn cpu(
+    vmi: &VirtualMachineInstance,
+    facts: &PodFacts,
+) -> Result<(Cpu, Option<VcpuHotplug>), ConvertError> {
     let spec = vmi.spec.domain.cpu.clone().unwrap_or_default();
     let one = |field: &str, v: Option<u32>| -> Result<u32, ConvertError> {
         match v {
@@ -373,6 +409,40 @@ fn cpu(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Cpu, ConvertErr
             "spec.domain.cpu",
             format!("sockets × cores × threads = {total} vCPUs, more than {MAX_VCPUS}"),
         ));
+    }
+    if spec.dedicated_cpu_placement == Some(true) {
+        // KubeVirt pins each vCPU to the pod's exclusive cpuset (vcpu.go
+        // AdjustDomainForTopologyAndCPUSet) from the topology virt-handler sends; we do not
+        // pin yet, and a VM that asked for dedicated CPUs must not run unpinned.
+        return Err(err(
+            "spec.domain.cpu.dedicatedCpuPlacement",
+            "dedicated CPU placement (vCPU pinning to the pod's cpuset) is not supported yet",
+        ));
+    }
+    // CPU hot-plug (KubeVirt compute/cpu.go configureCPUTopology): the topology gets
+    // `maxSockets` sockets; the vCPUs of the requested sockets are enabled, those of the first
+    // socket are not hot-pluggable.
+    let mut hotplug = None;
+    if let Some(max) = spec.max_sockets.filter(|m| *m != 0) {
+        let f = "spec.domain.cpu.maxSockets";
+        if max < sockets {
+            return Err(err(
+                f,
+                format!("{max} is less than the {sockets} sockets the VM starts with"),
+            ));
+        }
+        let all = u64::from(max) * u64::from(cores) * u64::from(threads);
+        if all > u64::from(MAX_VCPUS) {
+            return Err(err(
+                f,
+                format!("maxSockets × cores × threads = {all} vCPUs, more than {MAX_VCPUS}"),
+            ));
+        }
+        hotplug = Some(VcpuHotplug {
+            enabled: sockets * cores * threads,
+            fixed: cores * threads,
+        });
+        sockets = max;
     }
 
     let valid_name = |s: &str| {
@@ -420,14 +490,17 @@ fn cpu(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Cpu, ConvertErr
         }
         features.push((policy.to_string(), f.name.clone()));
     }
-    Ok(Cpu {
-        mode,
-        sockets,
-        cores,
-        threads,
-        features,
-        comment,
-    })
+    Ok((
+        Cpu {
+            mode,
+            sockets,
+            cores,
+            threads,
+            features,
+            comment,
+        },
+        hotplug,
+    ))
 }
 
 fn os(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(Os, bool), ConvertError> {
@@ -543,6 +616,9 @@ fn features(vmi: &VirtualMachineInstance, secure_boot: bool) -> Result<Features,
             .map(|a| a.end_of_interrupt),
         smm: on(&spec.smm) || secure_boot,
         hyperv: vec![],
+        // KubeVirt (compute/hypervisor_features.go): `kvm: {}` emits hidden state='off'.
+        kvm_hidden: spec.kvm.as_ref().map(|k| k.hidden.unwrap_or(false)),
+        pvspinlock: spec.pvspinlock.as_ref().map(FeatureState::on),
     };
     if secure_boot && spec.smm.as_ref().is_some_and(|s| !s.on()) {
         return Err(err(
@@ -589,7 +665,7 @@ fn features(vmi: &VirtualMachineInstance, secure_boot: bool) -> Result<Features,
                 name: "stimer",
                 on: s.on(),
                 attrs: vec![],
-                direct: None,
+                direct: s.direct.as_ref().map(FeatureState::on),
             });
         }
         f.hyperv.extend(simple("reset", &h.reset));

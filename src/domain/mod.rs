@@ -39,6 +39,9 @@ pub struct Domain {
     pub kubevirt_uid: Option<String>,
     pub memory: Memory,
     pub vcpus: u32,
+    /// CPU hot-plug (`maxSockets`): `<vcpus>` lists every vCPU; the first `enabled` are on,
+    /// those from `fixed` on are hot-pluggable.
+    pub vcpu_hotplug: Option<VcpuHotplug>,
     /// Number of `<iothreads>`; 0 means none.
     pub iothreads: u32,
     pub cpu: Cpu,
@@ -124,6 +127,8 @@ pub struct Nvram {
 pub struct Sysinfo {
     /// `<system><entry name='..'>..</entry>`.
     pub system: Vec<(String, String)>,
+    /// `<chassis><entry name='..'>..</entry>` (`spec.domain.chassis`).
+    pub chassis: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -133,6 +138,16 @@ pub struct Features {
     pub apic: Option<Option<bool>>,
     pub smm: bool,
     pub hyperv: Vec<HypervFeature>,
+    /// `<kvm><hidden state=…/></kvm>`.
+    pub kvm_hidden: Option<bool>,
+    /// `<pvspinlock state=…/>`.
+    pub pvspinlock: Option<bool>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuHotplug {
+    pub enabled: u32,
+    pub fixed: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,18 +267,38 @@ pub struct Disk {
     pub serial: Option<String>,
     pub boot_order: Option<u32>,
     pub alias: String,
-    /// `(logical, physical)` block sizes.
-    pub blockio: Option<(u64, u64)>,
+    pub blockio: Option<BlockIo>,
     /// Persistent reservations through the pr-helper socket (`lun` only).
     pub reservations: Option<PathBuf>,
-    /// `<address type='drive' controller=… bus=… unit=…/>` (scsi disks and luns).
-    pub address: Option<DriveAddress>,
+    /// `<address type='drive' …/>` (scsi disks and luns) or `<address type='pci' …/>`
+    /// (a virtio disk's `pciAddress`).
+    pub address: Option<DiskAddress>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskAddress {
+    Drive(DriveAddress),
+    /// `domain:bus:slot.function`.
+    Pci {
+        domain: u16,
+        bus: u8,
+        slot: u8,
+        function: u8,
+    },
 }
 
 /// A drive address on a disk controller. KubeVirt puts every scsi disk and lun on the
 /// virtio-scsi controller 0, bus 0, unit = the index of its `sd*` name: libvirt's own choice
 /// would move `sdh` onward to a second, auto-added lsilogic controller (7 units per controller),
 /// which a running guest has no PCI slot for.
+/// `<blockio logical_block_size=… physical_block_size=… discard_granularity=…/>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockIo {
+    pub logical: u64,
+    pub physical: u64,
+    pub discard_granularity: Option<u64>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DriveAddress {
     pub controller: u32,

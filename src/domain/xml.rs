@@ -158,6 +158,20 @@ pub(crate) fn write_domain(d: &Domain) -> String {
         attrs!["placement" => "static"],
         &d.vcpus.to_string(),
     );
+    if let Some(h) = d.vcpu_hotplug {
+        w.open("vcpus", attrs![]);
+        for id in 0..d.vcpus {
+            w.empty(
+                "vcpu",
+                attrs![
+                    "id" => id.to_string(),
+                    "enabled" => if id < h.enabled { "yes" } else { "no" },
+                    "hotpluggable" => if id >= h.fixed { "yes" } else { "no" },
+                ],
+            );
+        }
+        w.close("vcpus");
+    }
     if d.iothreads > 0 {
         w.leaf("iothreads", attrs![], &d.iothreads.to_string());
     }
@@ -186,6 +200,13 @@ fn write_sysinfo(w: &mut W, d: &Domain) {
         w.leaf("entry", attrs!["name" => k.as_str()], v);
     }
     w.close("system");
+    if !si.chassis.is_empty() {
+        w.open("chassis", attrs![]);
+        for (k, v) in &si.chassis {
+            w.leaf("entry", attrs!["name" => k.as_str()], v);
+        }
+        w.close("chassis");
+    }
     w.close("sysinfo");
 }
 
@@ -225,7 +246,13 @@ fn write_os(w: &mut W, os: &Os) {
 }
 
 fn write_features(w: &mut W, f: &Features) {
-    if !f.acpi && f.apic.is_none() && !f.smm && f.hyperv.is_empty() {
+    if !f.acpi
+        && f.apic.is_none()
+        && !f.smm
+        && f.hyperv.is_empty()
+        && f.kvm_hidden.is_none()
+        && f.pvspinlock.is_none()
+    {
         return;
     }
     w.open("features", attrs![]);
@@ -255,6 +282,14 @@ fn write_features(w: &mut W, f: &Features) {
             }
         }
         w.close("hyperv");
+    }
+    if let Some(h) = f.kvm_hidden {
+        w.open("kvm", attrs![]);
+        w.empty("hidden", attrs!["state" => on_off(h)]);
+        w.close("kvm");
+    }
+    if let Some(p) = f.pvspinlock {
+        w.empty("pvspinlock", attrs!["state" => on_off(p)]);
     }
     if f.smm {
         w.empty("smm", attrs!["state" => "on"]);
@@ -415,14 +450,15 @@ fn write_disk(w: &mut W, d: &Disk) {
         a.push(("tray", t.as_str().into()));
     }
     w.empty("target", a);
-    if let Some((logical, physical)) = d.blockio {
-        w.empty(
-            "blockio",
-            attrs![
-                "logical_block_size" => logical.to_string(),
-                "physical_block_size" => physical.to_string(),
-            ],
-        );
+    if let Some(b) = d.blockio {
+        let mut a: Attrs<'_> = attrs![
+            "logical_block_size" => b.logical.to_string(),
+            "physical_block_size" => b.physical.to_string(),
+        ];
+        if let Some(g) = b.discard_granularity {
+            a.push(("discard_granularity", g.to_string().into()));
+        }
+        w.empty("blockio", a);
     }
     if d.readonly {
         w.empty("readonly", attrs![]);
@@ -437,8 +473,8 @@ fn write_disk(w: &mut W, d: &Disk) {
         w.empty("boot", attrs!["order" => b.to_string()]);
     }
     w.empty("alias", attrs!["name" => d.alias.as_str()]);
-    if let Some(a) = d.address {
-        w.empty(
+    match d.address {
+        Some(DiskAddress::Drive(a)) => w.empty(
             "address",
             attrs![
                 "type" => "drive",
@@ -446,7 +482,23 @@ fn write_disk(w: &mut W, d: &Disk) {
                 "bus" => a.bus.to_string(),
                 "unit" => a.unit.to_string(),
             ],
-        );
+        ),
+        Some(DiskAddress::Pci {
+            domain,
+            bus,
+            slot,
+            function,
+        }) => w.empty(
+            "address",
+            attrs![
+                "type" => "pci",
+                "domain" => format!("{domain:#06x}"),
+                "bus" => format!("{bus:#04x}"),
+                "slot" => format!("{slot:#04x}"),
+                "function" => format!("{function:#x}"),
+            ],
+        ),
+        None => {}
     }
     w.close("disk");
 }
