@@ -76,9 +76,11 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     let interfaces = interfaces(vmi, facts, &storage.boot_orders)?;
     // vhost-user (passt) maps guest memory: KubeVirt's memory_backing.go and cpu.go
     // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding.
-    memory.shared_memfd = interfaces
+    let passt = interfaces
         .iter()
         .any(|i| matches!(i.attachment, Attachment::Passt { .. }));
+    memory.memfd |= passt;
+    memory.shared = passt;
     let dev = &vmi.spec.domain.devices;
     let virtio_model = if dev.use_virtio_transitional == Some(true) {
         "virtio-transitional"
@@ -155,11 +157,22 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         Memballoon {
             model: "none".to_string(),
             stats_period: None,
+            free_page_reporting: None,
         }
     } else {
+        // KubeVirt (virtwrap/manager.go isFreePageReportingEnabled): on, except for
+        // high-performance VMIs (hugepages; dedicated CPUs are refused above) and the
+        // VMI's opt-out annotation.
+        let off = memory.hugepage_kib.is_some()
+            || vmi
+                .metadata
+                .annotations
+                .get(FREE_PAGE_REPORTING_DISABLED_ANNOTATION)
+                .is_some_and(|v| v == "true");
         Memballoon {
             model: virtio_model.to_string(),
             stats_period: Some(10),
+            free_page_reporting: Some(!off),
         }
     });
     let rngs = if dev.rng.is_some() {
@@ -287,6 +300,12 @@ fn check_metadata(vmi: &VirtualMachineInstance) -> Result<(), ConvertError> {
     Ok(())
 }
 
+/// KubeVirt's annotation that keeps hugepages off memfd (`"false"`).
+pub const MEMFD_ANNOTATION: &str = "kubevirt.io/memfd";
+/// KubeVirt's annotation that turns the balloon's free page reporting off (`"true"`).
+pub const FREE_PAGE_REPORTING_DISABLED_ANNOTATION: &str =
+    "kubevirt.io/free-page-reporting-disabled";
+
 /// KubeVirt's annotation that puts every PCI device on the root complex.
 pub const PLACE_ON_ROOT_COMPLEX_ANNOTATION: &str = "kubevirt.io/placePCIDevicesOnRootComplex";
 
@@ -355,10 +374,19 @@ fn memory(vmi: &VirtualMachineInstance) -> Result<Memory, ConvertError> {
             Some(size)
         }
     };
+    // KubeVirt (compute/memory_backing.go isMemfdRequired): hugepages are backed by memfd,
+    // with the synthetic NUMA cell, unless the VMI's annotation turns memfd off.
+    let memfd = hugepage_kib.is_some()
+        && vmi
+            .metadata
+            .annotations
+            .get(MEMFD_ANNOTATION)
+            .is_none_or(|v| v != "false");
     Ok(Memory {
         kib,
         hugepage_kib,
-        shared_memfd: false,
+        memfd,
+        shared: false,
     })
 }
 
@@ -490,6 +518,17 @@ fn cpu(
         }
         features.push((policy.to_string(), f.name.clone()));
     }
+    // KubeVirt (compute/cpu.go configureCPUFeatures, amd64): a named CPU model gets `mpx`
+    // disabled unless the spec lists mpx itself (libvirt's model files still require the
+    // deprecated feature, which hosts no longer have).
+    if spec
+        .model
+        .as_deref()
+        .is_some_and(|m| m != "host-model" && m != "host-passthrough")
+        && !spec.features.iter().any(|f| f.name == "mpx")
+    {
+        features.push(("disable".to_string(), "mpx".to_string()));
+    }
     Ok((
         Cpu {
             mode,
@@ -619,6 +658,8 @@ fn features(vmi: &VirtualMachineInstance, secure_boot: bool) -> Result<Features,
         // KubeVirt (compute/hypervisor_features.go): `kvm: {}` emits hidden state='off'.
         kvm_hidden: spec.kvm.as_ref().map(|k| k.hidden.unwrap_or(false)),
         pvspinlock: spec.pvspinlock.as_ref().map(FeatureState::on),
+        // KubeVirt (compute/hypervisor_features.go, amd64): vmport off once `features` is set.
+        vmport_off: vmi.spec.domain.features.is_some(),
     };
     if secure_boot && spec.smm.as_ref().is_some_and(|s| !s.on()) {
         return Err(err(

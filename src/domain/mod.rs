@@ -71,10 +71,12 @@ pub struct Memory {
     pub kib: u64,
     /// Hugepage size in KiB when the guest is backed by hugepages.
     pub hugepage_kib: Option<u64>,
-    /// `<memoryBacking><source type='memfd'/><access mode='shared'/>` and a single NUMA cell
-    /// holding all vCPUs and memory (memfd needs a NUMA topology): guest memory another process
-    /// can map, as vhost-user back-ends (passt) need.
-    pub shared_memfd: bool,
+    /// `<memoryBacking><source type='memfd'/>` and a single NUMA cell holding all vCPUs and
+    /// memory (KubeVirt's synthetic NUMA: memfd needs a NUMA topology).
+    pub memfd: bool,
+    /// `<memoryBacking><access mode='shared'/>`: guest memory another process can map, as
+    /// vhost-user back-ends (passt) need.
+    pub shared: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,6 +144,8 @@ pub struct Features {
     pub kvm_hidden: Option<bool>,
     /// `<pvspinlock state=…/>`.
     pub pvspinlock: Option<bool>,
+    /// `<vmport state='off'/>` (KubeVirt on x86 when the VMI has `features`).
+    pub vmport_off: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -356,7 +360,7 @@ pub enum Attachment {
     Tap(String),
     /// `<interface type='vhostuser'>` with `<backend type='passt'>`: libvirt starts passt
     /// (vhost-user mode, libvirt ≥ 11.1) bound to the pod interface `source_dev`. Needs shared
-    /// guest memory ([`Memory::shared_memfd`]).
+    /// guest memory ([`Memory::shared`]).
     Passt {
         source_dev: String,
         log_file: PathBuf,
@@ -419,6 +423,8 @@ pub struct Input {
 pub struct Memballoon {
     pub model: String,
     pub stats_period: Option<u32>,
+    /// `freePageReporting='on|off'` (KubeVirt sets it on every virtio balloon).
+    pub free_page_reporting: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -140,15 +140,17 @@ pub(crate) fn write_domain(d: &Domain) -> String {
     let kib = d.memory.kib.to_string();
     w.leaf("memory", attrs!["unit" => "KiB"], &kib);
     w.leaf("currentMemory", attrs!["unit" => "KiB"], &kib);
-    if d.memory.hugepage_kib.is_some() || d.memory.shared_memfd {
+    if d.memory.hugepage_kib.is_some() || d.memory.memfd || d.memory.shared {
         w.open("memoryBacking", attrs![]);
         if let Some(size) = d.memory.hugepage_kib {
             w.open("hugepages", attrs![]);
             w.empty("page", attrs!["size" => size.to_string(), "unit" => "KiB"]);
             w.close("hugepages");
         }
-        if d.memory.shared_memfd {
+        if d.memory.memfd {
             w.empty("source", attrs!["type" => "memfd"]);
+        }
+        if d.memory.shared {
             w.empty("access", attrs!["mode" => "shared"]);
         }
         w.close("memoryBacking");
@@ -178,11 +180,7 @@ pub(crate) fn write_domain(d: &Domain) -> String {
     write_sysinfo(&mut w, d);
     write_os(&mut w, &d.os);
     write_features(&mut w, &d.features);
-    write_cpu(
-        &mut w,
-        &d.cpu,
-        d.memory.shared_memfd.then_some(d.memory.kib),
-    );
+    write_cpu(&mut w, &d.cpu, d.memory.memfd.then_some(d.memory.kib));
     write_clock(&mut w, &d.clock);
     w.leaf("on_poweroff", attrs![], d.on_poweroff);
     w.leaf("on_reboot", attrs![], d.on_reboot);
@@ -252,6 +250,7 @@ fn write_features(w: &mut W, f: &Features) {
         && f.hyperv.is_empty()
         && f.kvm_hidden.is_none()
         && f.pvspinlock.is_none()
+        && !f.vmport_off
     {
         return;
     }
@@ -290,6 +289,9 @@ fn write_features(w: &mut W, f: &Features) {
     }
     if let Some(p) = f.pvspinlock {
         w.empty("pvspinlock", attrs!["state" => on_off(p)]);
+    }
+    if f.vmport_off {
+        w.empty("vmport", attrs!["state" => "off"]);
     }
     if f.smm {
         w.empty("smm", attrs!["state" => "on"]);
@@ -621,13 +623,17 @@ fn write_devices(w: &mut W, dv: &Devices) {
         w.close("video");
     }
     if let Some(m) = &dv.memballoon {
+        let mut a: Attrs<'_> = attrs!["model" => m.model.as_str()];
+        if let Some(fpr) = m.free_page_reporting {
+            a.push(("freePageReporting", on_off(fpr).into()));
+        }
         match m.stats_period {
             Some(period) => {
-                w.open("memballoon", attrs!["model" => m.model.as_str()]);
+                w.open("memballoon", a);
                 w.empty("stats", attrs!["period" => period.to_string()]);
                 w.close("memballoon");
             }
-            None => w.empty("memballoon", attrs!["model" => m.model.as_str()]),
+            None => w.empty("memballoon", a),
         }
     }
     for r in &dv.rngs {
