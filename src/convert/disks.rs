@@ -19,6 +19,8 @@ pub(crate) struct Storage {
     pub uses_usb: bool,
     /// Some spec disk (attached now or not) is on scsi.
     pub uses_scsi: bool,
+    /// The virtio-scsi controller's iothread (a scsi disk asked for `dedicatedIOThread`).
+    pub scsi_iothread: Option<u32>,
     /// `(bootOrder, field)` of every disk, for the duplicate check with interfaces.
     pub boot_orders: Vec<(u32, String)>,
 }
@@ -756,10 +758,10 @@ pub(crate) fn convert_disks(
             }
         };
         let dedicated = d.dedicated_io_thread.unwrap_or(false);
-        if dedicated && bus != "virtio" {
+        if dedicated && !matches!(bus, "virtio" | "scsi") {
             return Err(err(
                 format!("{f}.dedicatedIOThread"),
-                format!("needs bus virtio (the disk uses {bus})"),
+                format!("needs bus virtio or scsi (the disk uses {bus})"),
             ));
         }
         let queues = (bus == "virtio" && devices.block_multi_queue == Some(true)).then_some(vcpus);
@@ -805,7 +807,11 @@ pub(crate) fn convert_disks(
                     cache: Some(cache.to_string()),
                     io: io.map(str::to_string),
                     error_policy: Some(error_policy),
-                    discard: (device != DiskDevice::Cdrom && !keep_allocated).then_some("unmap"),
+                    // KubeVirt (storage/volume.go): a PVC's disk gets discard whatever its
+                    // device, so a cdrom on a PVC too; other cdroms get none.
+                    discard: ((device != DiskDevice::Cdrom || matches!(kind, Kind::Pvc { .. }))
+                        && !keep_allocated)
+                        .then_some("unmap"),
                     iothread: None,
                     iothread_pool: vec![],
                     queues,
@@ -868,7 +874,7 @@ pub(crate) fn convert_disks(
         p.disk.target_dev = dev;
     }
 
-    let iothreads = assign_iothreads(vmi, &buses, &mut pending)?;
+    let (iothreads, scsi_iothread) = assign_iothreads(vmi, &buses, &mut pending)?;
     let uses_usb = pending.iter().any(|p| p.bus == "usb");
     let uses_scsi = buses.contains(&"scsi");
     Ok(Storage {
@@ -876,6 +882,7 @@ pub(crate) fn convert_disks(
         iothreads,
         uses_usb,
         uses_scsi,
+        scsi_iothread,
         boot_orders,
     })
 }
@@ -897,7 +904,7 @@ fn assign_iothreads(
     vmi: &VirtualMachineInstance,
     buses: &[&'static str],
     pending: &mut [Pending<'_>],
-) -> Result<u32, ConvertError> {
+) -> Result<(u32, Option<u32>), ConvertError> {
     let domain = &vmi.spec.domain;
     let disks = &domain.devices.disks;
     let dedicated = |i: usize| disks[i].dedicated_io_thread == Some(true);
@@ -915,7 +922,7 @@ fn assign_iothreads(
         ));
     }
     let limit = match domain.io_threads_policy.as_deref() {
-        None if !any_dedicated => return Ok(0),
+        None if !any_dedicated => return Ok((0, None)),
         None | Some("shared") => 1,
         Some("auto") => {
             let r = &domain.resources;
@@ -953,7 +960,7 @@ fn assign_iothreads(
             for p in pending.iter_mut().filter(|p| p.bus == "virtio") {
                 p.disk.driver.iothread_pool = pool.clone();
             }
-            return Ok(n);
+            return Ok((n, None));
         }
         Some(other) => {
             return Err(err(
@@ -986,7 +993,10 @@ fn assign_iothreads(
     for p in pending.iter_mut() {
         p.disk.driver.iothread = thread[p.index];
     }
-    Ok(pool + n_dedicated)
+    // KubeVirt (compute/controllers.go computeScsiControllerThread): a dedicated scsi disk
+    // gives the virtio-scsi controller the pool thread after the virtio disks' round-robin.
+    let scsi_dedicated = (0..disks.len()).any(|i| dedicated(i) && buses[i] == "scsi");
+    Ok((pool + n_dedicated, scsi_dedicated.then_some(next_pool)))
 }
 
 #[cfg(test)]

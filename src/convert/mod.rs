@@ -72,7 +72,9 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     let (os, secure_boot) = os(vmi, facts)?;
     let features = features(vmi, secure_boot)?;
     let clock = clock(vmi)?;
-    let storage = disks::convert_disks(vmi, facts, vcpus)?;
+    // vCPUs the VM starts with (with maxSockets, the enabled ones).
+    let requested_vcpus = vcpu_hotplug.map_or(vcpus, |h| h.enabled);
+    let storage = disks::convert_disks(vmi, facts, requested_vcpus)?;
     let interfaces = interfaces(vmi, facts, &storage.boot_orders)?;
     // vhost-user (passt) maps guest memory: KubeVirt's memory_backing.go and cpu.go
     // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding.
@@ -94,6 +96,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         kind: "usb",
         index: Some(0),
         model: Some(if uses_usb { "qemu-xhci" } else { "none" }.to_string()),
+        driver: None,
     }];
     // KubeVirt (compute/controllers.go requiresSCSIController): the virtio-scsi controller is
     // there for hot-plug unless `disableHotplug`, and then only for a disk on scsi.
@@ -102,12 +105,18 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
             kind: "scsi",
             index: Some(0),
             model: Some(virtio_model.to_string()),
+            // Queues: the requested vCPUs (KubeVirt's CalculateRequestedVCPUs).
+            driver: storage.scsi_iothread.map(|iothread| ControllerDriver {
+                iothread,
+                queues: requested_vcpus,
+            }),
         });
     }
     controllers.push(Controller {
         kind: "virtio-serial",
         index: Some(0),
         model: Some(virtio_model.to_string()),
+        driver: None,
     });
     let spare = spare_root_ports(vmi, facts)?;
     if os.machine.starts_with("q35") || os.machine.starts_with("pc-q35") {
@@ -116,12 +125,14 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
             kind: "pci",
             index: Some(0),
             model: Some("pcie-root".to_string()),
+            driver: None,
         });
         for _ in 0..spare {
             controllers.push(Controller {
                 kind: "pci",
                 index: None,
                 model: Some("pcie-root-port".to_string()),
+                driver: None,
             });
         }
     }

@@ -341,6 +341,14 @@ pub struct Controller {
     pub kind: &'static str,
     pub index: Option<u32>,
     pub model: Option<String>,
+    /// `<driver iothread=… queues=…/>` (the virtio-scsi controller under an iothreads policy).
+    pub driver: Option<ControllerDriver>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControllerDriver {
+    pub iothread: u32,
+    pub queues: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

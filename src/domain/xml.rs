@@ -518,7 +518,17 @@ fn write_devices(w: &mut W, dv: &Devices) {
         if let Some(m) = &c.model {
             a.push(("model", m.as_str().into()));
         }
-        w.empty("controller", a);
+        match c.driver {
+            Some(d) => {
+                w.open("controller", a);
+                w.empty(
+                    "driver",
+                    attrs!["iothread" => d.iothread.to_string(), "queues" => d.queues.to_string()],
+                );
+                w.close("controller");
+            }
+            None => w.empty("controller", a),
+        }
     }
     for i in &dv.interfaces {
         let kind = match i.attachment {
