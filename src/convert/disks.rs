@@ -225,6 +225,15 @@ pub fn confined_components(p: &str) -> Result<Vec<&str>, String> {
 }
 
 /// `p` resolved inside `base`; never leaves it.
+/// Where the pod has a kernel-boot artifact: KubeVirt mounts the kernel-boot container's files
+/// flat, by file name (`<base>/<basename>`, container-disk.go
+/// GetKernelBootArtifactPathFromLauncherView). The path is still checked as [`confine`] does.
+pub fn kernel_boot_artifact(base: &Path, p: &str) -> Result<PathBuf, String> {
+    let parts = confined_components(p)?;
+    let name = parts.last().ok_or_else(|| format!("{p:?} names no file"))?;
+    Ok(base.join(name))
+}
+
 pub fn confine(base: &Path, p: &str) -> Result<PathBuf, String> {
     let mut out = base.to_path_buf();
     for c in confined_components(p)? {

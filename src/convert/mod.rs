@@ -36,7 +36,7 @@ use crate::domain::*;
 use crate::spec::{is_dns1123_label, is_dns1123_subdomain, FeatureState, VirtualMachineInstance};
 use facts::PodFacts;
 
-pub use disks::{confine, confined_components};
+pub use disks::{confine, confined_components, kernel_boot_artifact};
 
 /// A rejected spec: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -632,12 +632,14 @@ fn os(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(Os, bool), Conv
         let base = &facts.paths.kernel_boot_dir;
         if let Some(k) = &c.kernel_path {
             os.kernel = Some(
-                disks::confine(base, k).map_err(|r| err(format!("{f}.container.kernelPath"), r))?,
+                disks::kernel_boot_artifact(base, k)
+                    .map_err(|r| err(format!("{f}.container.kernelPath"), r))?,
             );
         }
         if let Some(i) = &c.initrd_path {
             os.initrd = Some(
-                disks::confine(base, i).map_err(|r| err(format!("{f}.container.initrdPath"), r))?,
+                disks::kernel_boot_artifact(base, i)
+                    .map_err(|r| err(format!("{f}.container.initrdPath"), r))?,
             );
         }
         if let Some(args) = &kb.kernel_args {
