@@ -24,8 +24,13 @@
 //!   volume as its raw `<dataStore>`; the pod runtime must have created the overlay.
 //! - Spare `pcie-root-port`s: [`PodFacts::spare_root_ports`] (default 8), overridden per VM by
 //!   the annotation [`SPARE_ROOT_PORTS_ANNOTATION`] (0..=32); only for q35 machines.
-//! - Serial console log always on; guest agent channel gets a fixed socket in the private dir.
-//! - `dedicatedCpuPlacement` and `blockSize.matchVolume` are accepted but not acted on yet.
+//! - Serial console log on unless the handler's clusterConfig turns it off; guest agent channel
+//!   gets a fixed socket in the private dir.
+//! - virt-handler's Sync options ([`crate::spec::HandlerOptions`]): the cluster's SMBIOS, the
+//!   balloon's statistics period, free page reporting and the serial console log.
+//! - `dedicatedCpuPlacement`, `blockSize.matchVolume` and the placePCIDevicesOnRootComplex
+//!   annotation are refused naming the field (not implemented); tests/model_walk.rs checks that
+//!   no other field of the model is accepted and ignored.
 
 mod disks;
 pub mod facts;
@@ -138,13 +143,16 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     }
 
     let paths = &facts.paths;
+    let opts = vmi.handler_options.as_ref();
     let (serials, consoles) = if dev.autoattach_serial_console == Some(false) {
         (vec![], vec![])
     } else {
         (
             vec![Serial {
                 socket: paths.serial_socket(),
-                log: Some(paths.serial_log()),
+                // KubeVirt (isSerialConsoleLogEnabled): the cluster can turn the log off.
+                log: (!opts.is_some_and(|o| o.serial_console_log_disabled))
+                    .then(|| paths.serial_log()),
                 port: 0,
             }],
             vec![Console { port: 0 }],
@@ -175,6 +183,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         // high-performance VMIs (hugepages; dedicated CPUs are refused above) and the
         // VMI's opt-out annotation.
         let off = memory.hugepage_kib.is_some()
+            || opts.is_some_and(|o| o.free_page_reporting_disabled)
             || vmi
                 .metadata
                 .annotations
@@ -182,7 +191,10 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
                 .is_some_and(|v| v == "true");
         Memballoon {
             model: virtio_model.to_string(),
-            stats_period: Some(10),
+            // The handler's MemBalloonStatsPeriod (0: none), else KubeVirt's default 10 s.
+            stats_period: opts
+                .map_or(Some(10), |o| Some(o.mem_balloon_stats_period))
+                .filter(|p| *p != 0),
             free_page_reporting: Some(!off),
         }
     });
@@ -195,12 +207,36 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         vec![]
     };
 
-    let mut system = vec![
-        ("manufacturer".to_string(), "KubeVirt".to_string()),
-        ("product".to_string(), "None".to_string()),
-        ("family".to_string(), "KubeVirt".to_string()),
-        ("uuid".to_string(), uuid.clone()),
-    ];
+    // The cluster's SMBIOS from the handler (KubeVirt compute/sysinfo.go buildSystem), else
+    // KubeVirt's default cluster SMBIOS.
+    let mut system = match opts.and_then(|o| o.smbios.as_ref()) {
+        Some(s) => {
+            let mut v = Vec::new();
+            for (k, val) in [
+                ("manufacturer", &s.manufacturer),
+                ("family", &s.family),
+                ("product", &s.product),
+                ("sku", &s.sku),
+                ("version", &s.version),
+            ] {
+                check_text(
+                    &format!("VirtualMachineOptions.VirtualMachineSMBios.{k}"),
+                    val,
+                    256,
+                )?;
+                if !val.is_empty() {
+                    v.push((k.to_string(), val.clone()));
+                }
+            }
+            v
+        }
+        None => vec![
+            ("manufacturer".to_string(), "KubeVirt".to_string()),
+            ("product".to_string(), "None".to_string()),
+            ("family".to_string(), "KubeVirt".to_string()),
+        ],
+    };
+    system.push(("uuid".to_string(), uuid.clone()));
     if let Some(serial) = vmi
         .spec
         .domain

@@ -74,6 +74,31 @@ pub struct VirtualMachineInstance {
     pub spec: VmiSpec,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<VmiStatus>,
+    /// What virt-handler's Sync options (`VirtualMachineOptions`) tell the converter; not
+    /// part of the VMI document.
+    #[serde(skip)]
+    pub handler_options: Option<HandlerOptions>,
+}
+
+/// The parts of virt-handler's `VirtualMachineOptions` the converter honours, as KubeVirt's
+/// converter does (converter.go: SMBios, MemBalloonStatsPeriod, clusterConfig flags).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HandlerOptions {
+    /// Cluster-wide SMBIOS system information (`spec.configuration.smbios`).
+    pub smbios: Option<Smbios>,
+    /// Balloon statistics period in seconds; 0: no statistics.
+    pub mem_balloon_stats_period: u32,
+    pub free_page_reporting_disabled: bool,
+    pub serial_console_log_disabled: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Smbios {
+    pub manufacturer: String,
+    pub product: String,
+    pub version: String,
+    pub sku: String,
+    pub family: String,
 }
 
 impl VirtualMachineInstance {
@@ -831,6 +856,7 @@ impl VirtualMachine {
             metadata: meta,
             spec: self.spec.template.spec,
             status: None,
+            handler_options: None,
         }
     }
 }
