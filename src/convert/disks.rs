@@ -401,7 +401,8 @@ pub(crate) fn convert_disks(
         }
         let kind = volume_kind(i, v)?;
         let single = match kind {
-            Kind::NoCloud => Some("cloudInitNoCloud"),
+            // Several cloudInitNoCloud volumes are allowed (KubeVirt's webhook does not limit
+            // them): every one is the same ISO, made from the first (checked below).
             Kind::ConfigDrive => Some("cloudInitConfigDrive"),
             Kind::ServiceAccount => Some("serviceAccount"),
             _ => None,
@@ -841,6 +842,25 @@ pub(crate) fn convert_disks(
                 address: pci_address,
             },
         });
+    }
+
+    // The NoCloud volumes share one ISO: read-only views of it (cdroms, read-only disks) may
+    // be several, but a writable one must be the only one (QEMU locks a writable image).
+    let nocloud: Vec<&Pending<'_>> = pending
+        .iter()
+        .filter(|p| matches!(volumes.get(p.name), Some((_, _, Kind::NoCloud))))
+        .collect();
+    if nocloud.len() > 1 {
+        if let Some(w) = nocloud.iter().find(|p| !p.disk.readonly) {
+            return Err(err(
+                format!("spec.domain.devices.disks[{}]", w.index),
+                format!(
+                    "disk {:?} writes the NoCloud ISO that {} other cloudInitNoCloud disk(s) also use; make it a cdrom or readonly",
+                    w.name,
+                    nocloud.len() - 1
+                ),
+            ));
+        }
     }
 
     // bootOrder must be unique across disks (interfaces are checked by the caller).
