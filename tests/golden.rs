@@ -3,6 +3,10 @@
 //! domain XML equals it semantically: attribute order, comments and whitespace-only text are
 //! ignored) or `expected-error.txt` (conversion fails with exactly that message).
 //!
+//! An optional `options.json` stands for virt-handler's Sync options
+//! (`{"smbios": {...}, "memBalloonStatsPeriod": N, "freePageReportingDisabled": bool,
+//! "serialConsoleLogDisabled": bool}`).
+//!
 //! `UPDATE_GOLDEN=1 cargo test --test golden` rewrites the expected files from the current output;
 //! review the diff before committing.
 
@@ -189,7 +193,31 @@ fn run(dir: &Path) -> Result<String, String> {
         .map(|f| dir.join(f))
         .find(|p| p.exists())
         .unwrap_or_else(|| panic!("{}: no vmi.yaml or vmi.json", dir.display()));
-    let vmi = spec::load_file(&vmi_path).map_err(|e| e.to_string())?;
+    let mut vmi = spec::load_file(&vmi_path).map_err(|e| e.to_string())?;
+    let options_path = dir.join("options.json");
+    if options_path.exists() {
+        let o: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&options_path).expect("read options"))
+                .expect("options.json is JSON");
+        let text = |v: &serde_json::Value, k: &str| {
+            v.get(k)
+                .and_then(|s| s.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        vmi.handler_options = Some(spec::HandlerOptions {
+            smbios: o.get("smbios").map(|s| spec::Smbios {
+                manufacturer: text(s, "manufacturer"),
+                product: text(s, "product"),
+                version: text(s, "version"),
+                sku: text(s, "sku"),
+                family: text(s, "family"),
+            }),
+            mem_balloon_stats_period: o["memBalloonStatsPeriod"].as_u64().unwrap_or(0) as u32,
+            free_page_reporting_disabled: o["freePageReportingDisabled"].as_bool() == Some(true),
+            serial_console_log_disabled: o["serialConsoleLogDisabled"].as_bool() == Some(true),
+        });
+    }
     let facts_path = dir.join("facts.json");
     let facts = if facts_path.exists() {
         podfacts::from_file(&facts_path, &vmi).map_err(|e| e.to_string())?

@@ -421,3 +421,57 @@ async fn a_detach_the_guest_does_not_acknowledge_times_out_and_says_so() {
     );
     common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }
+
+/// Seven cold scsi disks take sda–sdg; the eighth, hot-plugged, is sdh. KubeVirt's explicit
+/// drive address (virtio-scsi controller 0, unit 7) lets it attach to the running guest, where
+/// libvirt's own choice (7 units per controller) would put it on a second, auto-added lsilogic
+/// controller, which needs a PCI slot: here there is none (no spare root ports), as on a VM
+/// whose spare ports are used up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eighth_scsi_disk_hot_plugs_onto_the_virtio_scsi_controller() {
+    let mut pod = Pod::new("hpscsi8").with_disk("data", "virtio", 16);
+    for i in 1..=7 {
+        pod = pod.with_disk(&format!("c{i}"), "scsi", 1);
+    }
+    pod.annotations
+        .push("virt-launcher.kubevirt.io/spare-pcie-root-ports: \"0\"".into());
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    // The guest sees the seven 1 MiB scsi disks.
+    wait_block_line(
+        &mut pod,
+        |l| l.matches(":2048").count() == 7,
+        "seven cold scsi disks",
+    );
+    std::fs::File::create(pod.hotplug_dir().join("eighth.img"))
+        .unwrap()
+        .set_len(12 << 20)
+        .unwrap();
+    let mut c = pod.client().await;
+    let mut v = vmi(&mut c).await;
+    client::add_hotplug_volume(&mut v, "eighth", "eighth", "scsi", false).unwrap();
+    let d = sync(&mut c, &v).await.expect("attach the eighth scsi disk");
+    let hp = disk(&d, "eighth").unwrap();
+    assert_eq!(hp.phase(), VolumePhase::Ready, "{d:?}");
+    assert_eq!(hp.target, "sdh", "{d:?}");
+    // In the live domain it sits on the virtio-scsi controller, the only scsi controller.
+    let live = pod.virsh(&["dumpxml", &format!("default_{}", pod.name)]);
+    let eighth = live
+        .split("</disk>")
+        .find(|d| d.contains("ua-eighth"))
+        .unwrap_or_else(|| panic!("no ua-eighth disk in the live domain\n{live}"));
+    assert!(
+        eighth.contains("<address type='drive' controller='0' bus='0' target='0' unit='7'/>"),
+        "{eighth}"
+    );
+    assert_eq!(live.matches("<controller type='scsi'").count(), 1, "{live}");
+    // The guest sees a new 12 MiB disk next to the seven.
+    let g = wait_guest_dev(&mut pod, 24576);
+    assert!(g.starts_with("sd"), "guest named it {g}");
+    wait_block_line(
+        &mut pod,
+        |l| l.matches(":2048").count() == 7 && l.contains(":24576"),
+        "the eighth disk next to the seven",
+    );
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
+}

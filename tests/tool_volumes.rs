@@ -105,7 +105,11 @@ fn vms_whose_start_runs_tools_start_every_time() {
                 // The ISO, the empty disk and the overlay exist: the tools did run.
                 let runtime = pod.runtime_dir();
                 for f in [
-                    runtime.join("private/noCloud.iso"),
+                    // KubeVirt's place: <ephemeral>/cloud-init-data/<namespace>/<name>/.
+                    runtime
+                        .join("ephemeral/cloud-init-data/default")
+                        .join(&pod.name)
+                        .join("noCloud.iso"),
                     runtime.join("ephemeral/empty-disks/scratch.qcow2"),
                     runtime.join("ephemeral/disk-data/root/disk.qcow2"),
                 ] {

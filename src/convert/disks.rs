@@ -2,7 +2,10 @@
 
 use super::facts::PodFacts;
 use super::{err, names, ConvertError, MAX_MEMORY_BYTES};
-use crate::domain::{BackingStore, DataStore, Disk, DiskDevice, DiskSource, Driver};
+use crate::domain::{
+    BackingStore, BlockIo, DataStore, Disk, DiskAddress, DiskDevice, DiskSource, DriveAddress,
+    Driver,
+};
 use crate::spec::{is_dns1123_label, Quantity, VirtualMachineInstance, Volume};
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -14,6 +17,10 @@ pub(crate) struct Storage {
     pub disks: Vec<Disk>,
     pub iothreads: u32,
     pub uses_usb: bool,
+    /// Some spec disk (attached now or not) is on scsi.
+    pub uses_scsi: bool,
+    /// The virtio-scsi controller's iothread (a scsi disk asked for `dedicatedIOThread`).
+    pub scsi_iothread: Option<u32>,
     /// `(bootOrder, field)` of every disk, for the duplicate check with interfaces.
     pub boot_orders: Vec<(u32, String)>,
 }
@@ -218,6 +225,15 @@ pub fn confined_components(p: &str) -> Result<Vec<&str>, String> {
 }
 
 /// `p` resolved inside `base`; never leaves it.
+/// Where the pod has a kernel-boot artifact: KubeVirt mounts the kernel-boot container's files
+/// flat, by file name (`<base>/<basename>`, container-disk.go
+/// GetKernelBootArtifactPathFromLauncherView). The path is still checked as [`confine`] does.
+pub fn kernel_boot_artifact(base: &Path, p: &str) -> Result<PathBuf, String> {
+    let parts = confined_components(p)?;
+    let name = parts.last().ok_or_else(|| format!("{p:?} names no file"))?;
+    Ok(base.join(name))
+}
+
 pub fn confine(base: &Path, p: &str) -> Result<PathBuf, String> {
     let mut out = base.to_path_buf();
     for c in confined_components(p)? {
@@ -336,6 +352,26 @@ fn parse_bus(
     }
 }
 
+/// `dddd:bb:ss.f` (hex; function 0-7) → a PCI address.
+fn parse_pci_address(s: &str) -> Option<DiskAddress> {
+    let (domain, rest) = s.split_once(':')?;
+    let (bus, rest) = rest.split_once(':')?;
+    let (slot, function) = rest.split_once('.')?;
+    let hex = |t: &str, n: usize| {
+        (t.len() == n && t.bytes().all(|c| c.is_ascii_hexdigit()))
+            .then(|| u32::from_str_radix(t, 16).ok())
+            .flatten()
+    };
+    let function = hex(function, 1).filter(|f| *f <= 7)?;
+    let slot = hex(slot, 2).filter(|s| *s <= 0x1f)?;
+    Some(DiskAddress::Pci {
+        domain: u16::try_from(hex(domain, 4)?).ok()?,
+        bus: u8::try_from(hex(bus, 2)?).ok()?,
+        slot: u8::try_from(slot).ok()?,
+        function: u8::try_from(function).ok()?,
+    })
+}
+
 pub(crate) fn convert_disks(
     vmi: &VirtualMachineInstance,
     facts: &PodFacts,
@@ -365,7 +401,8 @@ pub(crate) fn convert_disks(
         }
         let kind = volume_kind(i, v)?;
         let single = match kind {
-            Kind::NoCloud => Some("cloudInitNoCloud"),
+            // Several cloudInitNoCloud volumes are allowed (KubeVirt's webhook does not limit
+            // them): every one is the same ISO, made from the first (checked below).
             Kind::ConfigDrive => Some("cloudInitConfigDrive"),
             Kind::ServiceAccount => Some("serviceAccount"),
             _ => None,
@@ -436,7 +473,8 @@ pub(crate) fn convert_disks(
                 &["sata", "scsi", "usb"],
                 "cdrom",
             )?;
-            (DiskDevice::Cdrom, bus, true)
+            // KubeVirt: a cdrom is read-only unless `readonly: false`.
+            (DiskDevice::Cdrom, bus, c.readonly.unwrap_or(true))
         } else if let Some(l) = &d.lun {
             let bus = parse_bus(
                 &format!("{f}.lun.bus"),
@@ -690,6 +728,18 @@ pub(crate) fn convert_disks(
                 ));
             }
         }
+        if d.block_size
+            .as_ref()
+            .and_then(|b| b.match_volume.as_ref())
+            .is_some_and(crate::spec::FeatureState::on)
+        {
+            // KubeVirt probes the volume's logical/physical block sizes in the pod
+            // (storage/disk.go, matchVolume); we have no probe yet.
+            return Err(err(
+                format!("{f}.blockSize.matchVolume"),
+                "matching the volume's block sizes is not supported yet; set blockSize.custom",
+            ));
+        }
         let blockio = match d.block_size.as_ref().and_then(|b| b.custom.as_ref()) {
             None => None,
             Some(c) => {
@@ -710,19 +760,42 @@ pub(crate) fn convert_disks(
                         ),
                     ));
                 }
-                Some((c.logical, c.physical))
+                Some(BlockIo {
+                    logical: c.logical,
+                    physical: c.physical,
+                    discard_granularity: c.discard_granularity,
+                })
             }
         };
         let dedicated = d.dedicated_io_thread.unwrap_or(false);
-        if dedicated && bus != "virtio" {
+        if dedicated && !matches!(bus, "virtio" | "scsi") {
             return Err(err(
                 format!("{f}.dedicatedIOThread"),
-                format!("needs bus virtio (the disk uses {bus})"),
+                format!("needs bus virtio or scsi (the disk uses {bus})"),
             ));
         }
         let queues = (bus == "virtio" && devices.block_multi_queue == Some(true)).then_some(vcpus);
 
-        let readonly = device == DiskDevice::Cdrom || readonly_req || pvc_read_only;
+        let readonly = readonly_req || pvc_read_only;
+        // KubeVirt (storage/disk.go): `pciAddress` only on virtio, as `dddd:bb:ss.f`.
+        let pci_address = match d.disk.as_ref().and_then(|t| t.pci_address.as_deref()) {
+            None => None,
+            Some(a) => {
+                let pf = format!("{f}.disk.pciAddress");
+                if bus != "virtio" {
+                    return Err(err(
+                        pf,
+                        format!("a PCI address needs bus virtio (the disk uses {bus})"),
+                    ));
+                }
+                Some(parse_pci_address(a).ok_or_else(|| {
+                    err(
+                        pf,
+                        format!("{a:?} is not a PCI address (domain:bus:slot.function, e.g. 0000:01:00.0)"),
+                    )
+                })?)
+            }
+        };
         let tray = d.cdrom.as_ref().map(|c| match c.tray.as_deref() {
             None | Some("closed") => Ok("closed".to_string()),
             Some("open") => Ok("open".to_string()),
@@ -744,7 +817,11 @@ pub(crate) fn convert_disks(
                     cache: Some(cache.to_string()),
                     io: io.map(str::to_string),
                     error_policy: Some(error_policy),
-                    discard: (device != DiskDevice::Cdrom && !keep_allocated).then_some("unmap"),
+                    // KubeVirt (storage/volume.go): a PVC's disk gets discard whatever its
+                    // device, so a cdrom on a PVC too; other cdroms get none.
+                    discard: ((device != DiskDevice::Cdrom || matches!(kind, Kind::Pvc { .. }))
+                        && !keep_allocated)
+                        .then_some("unmap"),
                     iothread: None,
                     iothread_pool: vec![],
                     queues,
@@ -762,8 +839,28 @@ pub(crate) fn convert_disks(
                 alias: format!("ua-{name}"),
                 blockio,
                 reservations,
+                address: pci_address,
             },
         });
+    }
+
+    // The NoCloud volumes share one ISO: read-only views of it (cdroms, read-only disks) may
+    // be several, but a writable one must be the only one (QEMU locks a writable image).
+    let nocloud: Vec<&Pending<'_>> = pending
+        .iter()
+        .filter(|p| matches!(volumes.get(p.name), Some((_, _, Kind::NoCloud))))
+        .collect();
+    if nocloud.len() > 1 {
+        if let Some(w) = nocloud.iter().find(|p| !p.disk.readonly) {
+            return Err(err(
+                format!("spec.domain.devices.disks[{}]", w.index),
+                format!(
+                    "disk {:?} writes the NoCloud ISO that {} other cloudInitNoCloud disk(s) also use; make it a cdrom or readonly",
+                    w.name,
+                    nocloud.len() - 1
+                ),
+            ));
+        }
     }
 
     // bootOrder must be unique across disks (interfaces are checked by the caller).
@@ -789,15 +886,32 @@ pub(crate) fn convert_disks(
         })
         .collect();
     for (p, dev) in pending.iter_mut().zip(names::assign(&wanted)) {
+        // KubeVirt (storage/disk.go assignDiskToSCSIController): a scsi disk or lun sits on the
+        // virtio-scsi controller 0, bus 0, unit = its name's index (sdh → 7). A scsi cdrom
+        // keeps libvirt's choice, as in KubeVirt.
+        if p.bus == "scsi" && p.disk.device != DiskDevice::Cdrom {
+            p.disk.address = names::drive_index("sd", &dev)
+                .and_then(|i| u32::try_from(i).ok())
+                .map(|unit| {
+                    DiskAddress::Drive(DriveAddress {
+                        controller: 0,
+                        bus: 0,
+                        unit,
+                    })
+                });
+        }
         p.disk.target_dev = dev;
     }
 
-    let iothreads = assign_iothreads(vmi, &buses, &mut pending)?;
+    let (iothreads, scsi_iothread) = assign_iothreads(vmi, &buses, &mut pending)?;
     let uses_usb = pending.iter().any(|p| p.bus == "usb");
+    let uses_scsi = buses.contains(&"scsi");
     Ok(Storage {
         disks: pending.into_iter().map(|p| p.disk).collect(),
         iothreads,
         uses_usb,
+        uses_scsi,
+        scsi_iothread,
         boot_orders,
     })
 }
@@ -819,13 +933,25 @@ fn assign_iothreads(
     vmi: &VirtualMachineInstance,
     buses: &[&'static str],
     pending: &mut [Pending<'_>],
-) -> Result<u32, ConvertError> {
+) -> Result<(u32, Option<u32>), ConvertError> {
     let domain = &vmi.spec.domain;
     let disks = &domain.devices.disks;
     let dedicated = |i: usize| disks[i].dedicated_io_thread == Some(true);
     let any_dedicated = (0..disks.len()).any(dedicated);
+    if domain.io_threads_policy.as_deref() != Some("supplementalPool")
+        && domain
+            .io_threads
+            .as_ref()
+            .is_some_and(|t| t.supplemental_pool_thread_count.is_some())
+    {
+        // KubeVirt's webhook refuses the count without the policy it belongs to.
+        return Err(err(
+            "spec.domain.ioThreads.supplementalPoolThreadCount",
+            "only with ioThreadsPolicy supplementalPool",
+        ));
+    }
     let limit = match domain.io_threads_policy.as_deref() {
-        None if !any_dedicated => return Ok(0),
+        None if !any_dedicated => return Ok((0, None)),
         None | Some("shared") => 1,
         Some("auto") => {
             let r = &domain.resources;
@@ -863,7 +989,7 @@ fn assign_iothreads(
             for p in pending.iter_mut().filter(|p| p.bus == "virtio") {
                 p.disk.driver.iothread_pool = pool.clone();
             }
-            return Ok(n);
+            return Ok((n, None));
         }
         Some(other) => {
             return Err(err(
@@ -896,7 +1022,10 @@ fn assign_iothreads(
     for p in pending.iter_mut() {
         p.disk.driver.iothread = thread[p.index];
     }
-    Ok(pool + n_dedicated)
+    // KubeVirt (compute/controllers.go computeScsiControllerThread): a dedicated scsi disk
+    // gives the virtio-scsi controller the pool thread after the virtio disks' round-robin.
+    let scsi_dedicated = (0..disks.len()).any(|i| dedicated(i) && buses[i] == "scsi");
+    Ok((pool + n_dedicated, scsi_dedicated.then_some(next_pool)))
 }
 
 #[cfg(test)]

@@ -64,6 +64,11 @@ pub struct PodPaths {
     /// and each Block claim to its loop device): a PVC directory or Block node may resolve
     /// into one of these as well as into its own directory. Never set from a spec.
     pub trusted_roots: Vec<PathBuf>,
+    /// EFI variable stores (`<name>_VARS.fd`).
+    pub nvram_dir: PathBuf,
+    /// `<namespace>/<name>` of the VMI (each `_` when not a safe path component): KubeVirt
+    /// keys the generated cloud-init ISOs by it under the ephemeral-disk directory.
+    pub vmi_dir: PathBuf,
 }
 
 impl PodPaths {
@@ -84,7 +89,7 @@ impl PodPaths {
             block_dev_dir: "/dev".into(),
             ephemeral_disks_dir: "/var/run/kubevirt-ephemeral-disks".into(),
             container_disks_dir: "/var/run/kubevirt/container-disks".into(),
-            kernel_boot_dir: "/var/run/kubevirt-ephemeral-disks/kernel-boot".into(),
+            kernel_boot_dir: "/var/run/kubevirt/container-disks/kernel-boot".into(),
             private_dir: Path::new("/var/run/kubevirt-private").join(key),
             config_dir: "/var/run/kubevirt-private".into(),
             service_account_dir: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
@@ -93,8 +98,15 @@ impl PodPaths {
             } else {
                 "/var/lib/libvirt/qemu/cbt".into()
             },
+            // KubeVirt's util.PathForNVram (non-root: the backend-storage directory).
+            nvram_dir: if vmi.is_non_root() {
+                "/var/run/kubevirt-private/libvirt/qemu/nvram".into()
+            } else {
+                "/var/lib/libvirt/qemu/nvram".into()
+            },
             passt_log: "/var/run/kubevirt/passt.log".into(),
             trusted_roots: Vec::new(),
+            vmi_dir: Path::new(safe_or(vmi.namespace())).join(safe_or(&vmi.metadata.name)),
         }
     }
 
@@ -163,14 +175,21 @@ impl PodPaths {
         self.container_disks_dir.join(format!("disk_{index}.img"))
     }
 
-    /// Generated NoCloud ISO.
+    /// Generated NoCloud ISO, where KubeVirt's pod has it
+    /// (`<ephemeral>/cloud-init-data/<namespace>/<name>/noCloud.iso`, pkg/cloud-init).
     pub fn cloud_init_no_cloud_iso(&self) -> PathBuf {
-        self.private_dir.join("noCloud.iso")
+        self.cloud_init_dir().join("noCloud.iso")
     }
 
-    /// Generated ConfigDrive ISO.
+    /// Generated ConfigDrive ISO (`<ephemeral>/cloud-init-data/<namespace>/<name>/configdrive.iso`).
     pub fn cloud_init_config_drive_iso(&self) -> PathBuf {
-        self.private_dir.join("configdrive.iso")
+        self.cloud_init_dir().join("configdrive.iso")
+    }
+
+    fn cloud_init_dir(&self) -> PathBuf {
+        self.ephemeral_disks_dir
+            .join("cloud-init-data")
+            .join(&self.vmi_dir)
     }
 
     pub fn config_map_source(&self, volume: &str) -> PathBuf {
@@ -200,11 +219,9 @@ impl PodPaths {
             .join("service-account.iso")
     }
 
-    /// EFI variable store of this VMI.
+    /// EFI variable store of this VMI, where KubeVirt keeps it.
     pub fn nvram(&self, vmi_name: &str) -> PathBuf {
-        self.private_dir
-            .join("nvram")
-            .join(format!("{vmi_name}_VARS.fd"))
+        self.nvram_dir.join(format!("{vmi_name}_VARS.fd"))
     }
 }
 
@@ -272,6 +289,14 @@ impl PodFacts {
             spare_root_ports: DEFAULT_SPARE_ROOT_PORTS,
             pr_helper_socket: "/var/run/kubevirt/daemons/pr/pr-helper.sock".into(),
         }
+    }
+}
+
+fn safe_or(s: &str) -> &str {
+    if is_safe_component(s) {
+        s
+    } else {
+        "_"
     }
 }
 

@@ -24,8 +24,13 @@
 //!   volume as its raw `<dataStore>`; the pod runtime must have created the overlay.
 //! - Spare `pcie-root-port`s: [`PodFacts::spare_root_ports`] (default 8), overridden per VM by
 //!   the annotation [`SPARE_ROOT_PORTS_ANNOTATION`] (0..=32); only for q35 machines.
-//! - Serial console log always on; guest agent channel gets a fixed socket in the private dir.
-//! - `dedicatedCpuPlacement` and `blockSize.matchVolume` are accepted but not acted on yet.
+//! - Serial console log on unless the handler's clusterConfig turns it off; guest agent channel
+//!   gets a fixed socket in the private dir.
+//! - virt-handler's Sync options ([`crate::spec::HandlerOptions`]): the cluster's SMBIOS, the
+//!   balloon's statistics period, free page reporting and the serial console log.
+//! - `dedicatedCpuPlacement`, `blockSize.matchVolume` and the placePCIDevicesOnRootComplex
+//!   annotation are refused naming the field (not implemented); tests/model_walk.rs checks that
+//!   no other field of the model is accepted and ignored.
 
 mod disks;
 pub mod facts;
@@ -36,7 +41,7 @@ use crate::domain::*;
 use crate::spec::{is_dns1123_label, is_dns1123_subdomain, FeatureState, VirtualMachineInstance};
 use facts::PodFacts;
 
-pub use disks::{confine, confined_components};
+pub use disks::{confine, confined_components, kernel_boot_artifact};
 
 /// A rejected spec: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,19 +71,23 @@ const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
 pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain, ConvertError> {
     check_metadata(vmi)?;
     let mut memory = memory(vmi)?;
-    let cpu = cpu(vmi, facts)?;
+    let (cpu, vcpu_hotplug) = cpu(vmi, facts)?;
     let vcpus = cpu.sockets * cpu.cores * cpu.threads;
     let uuid = domain_uuid(vmi)?;
     let (os, secure_boot) = os(vmi, facts)?;
     let features = features(vmi, secure_boot)?;
     let clock = clock(vmi)?;
-    let storage = disks::convert_disks(vmi, facts, vcpus)?;
+    // vCPUs the VM starts with (with maxSockets, the enabled ones).
+    let requested_vcpus = vcpu_hotplug.map_or(vcpus, |h| h.enabled);
+    let storage = disks::convert_disks(vmi, facts, requested_vcpus)?;
     let interfaces = interfaces(vmi, facts, &storage.boot_orders)?;
     // vhost-user (passt) maps guest memory: KubeVirt's memory_backing.go and cpu.go
     // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding.
-    memory.shared_memfd = interfaces
+    let passt = interfaces
         .iter()
         .any(|i| matches!(i.attachment, Attachment::Passt { .. }));
+    memory.memfd |= passt;
+    memory.shared = passt;
     let dev = &vmi.spec.domain.devices;
     let virtio_model = if dev.use_virtio_transitional == Some(true) {
         "virtio-transitional"
@@ -88,23 +97,32 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
 
     let inputs = inputs(vmi)?;
     let uses_usb = storage.uses_usb || inputs.iter().any(|i| i.bus == "usb");
-    let mut controllers = vec![
-        Controller {
-            kind: "usb",
-            index: Some(0),
-            model: Some(if uses_usb { "qemu-xhci" } else { "none" }.to_string()),
-        },
-        Controller {
+    let mut controllers = vec![Controller {
+        kind: "usb",
+        index: Some(0),
+        model: Some(if uses_usb { "qemu-xhci" } else { "none" }.to_string()),
+        driver: None,
+    }];
+    // KubeVirt (compute/controllers.go requiresSCSIController): the virtio-scsi controller is
+    // there for hot-plug unless `disableHotplug`, and then only for a disk on scsi.
+    if dev.disable_hotplug != Some(true) || storage.uses_scsi {
+        controllers.push(Controller {
             kind: "scsi",
             index: Some(0),
             model: Some(virtio_model.to_string()),
-        },
-        Controller {
-            kind: "virtio-serial",
-            index: Some(0),
-            model: Some(virtio_model.to_string()),
-        },
-    ];
+            // Queues: the requested vCPUs (KubeVirt's CalculateRequestedVCPUs).
+            driver: storage.scsi_iothread.map(|iothread| ControllerDriver {
+                iothread,
+                queues: requested_vcpus,
+            }),
+        });
+    }
+    controllers.push(Controller {
+        kind: "virtio-serial",
+        index: Some(0),
+        model: Some(virtio_model.to_string()),
+        driver: None,
+    });
     let spare = spare_root_ports(vmi, facts)?;
     if os.machine.starts_with("q35") || os.machine.starts_with("pc-q35") {
         // libvirt requires the root complex to be declared (index 0) before any port.
@@ -112,24 +130,29 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
             kind: "pci",
             index: Some(0),
             model: Some("pcie-root".to_string()),
+            driver: None,
         });
         for _ in 0..spare {
             controllers.push(Controller {
                 kind: "pci",
                 index: None,
                 model: Some("pcie-root-port".to_string()),
+                driver: None,
             });
         }
     }
 
     let paths = &facts.paths;
+    let opts = vmi.handler_options.as_ref();
     let (serials, consoles) = if dev.autoattach_serial_console == Some(false) {
         (vec![], vec![])
     } else {
         (
             vec![Serial {
                 socket: paths.serial_socket(),
-                log: Some(paths.serial_log()),
+                // KubeVirt (isSerialConsoleLogEnabled): the cluster can turn the log off.
+                log: (!opts.is_some_and(|o| o.serial_console_log_disabled))
+                    .then(|| paths.serial_log()),
                 port: 0,
             }],
             vec![Console { port: 0 }],
@@ -153,11 +176,26 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         Memballoon {
             model: "none".to_string(),
             stats_period: None,
+            free_page_reporting: None,
         }
     } else {
+        // KubeVirt (virtwrap/manager.go isFreePageReportingEnabled): on, except for
+        // high-performance VMIs (hugepages; dedicated CPUs are refused above) and the
+        // VMI's opt-out annotation.
+        let off = memory.hugepage_kib.is_some()
+            || opts.is_some_and(|o| o.free_page_reporting_disabled)
+            || vmi
+                .metadata
+                .annotations
+                .get(FREE_PAGE_REPORTING_DISABLED_ANNOTATION)
+                .is_some_and(|v| v == "true");
         Memballoon {
             model: virtio_model.to_string(),
-            stats_period: Some(10),
+            // The handler's MemBalloonStatsPeriod (0: none), else KubeVirt's default 10 s.
+            stats_period: opts
+                .map_or(Some(10), |o| Some(o.mem_balloon_stats_period))
+                .filter(|p| *p != 0),
+            free_page_reporting: Some(!off),
         }
     });
     let rngs = if dev.rng.is_some() {
@@ -169,12 +207,36 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         vec![]
     };
 
-    let mut system = vec![
-        ("manufacturer".to_string(), "KubeVirt".to_string()),
-        ("product".to_string(), "None".to_string()),
-        ("family".to_string(), "KubeVirt".to_string()),
-        ("uuid".to_string(), uuid.clone()),
-    ];
+    // The cluster's SMBIOS from the handler (KubeVirt compute/sysinfo.go buildSystem), else
+    // KubeVirt's default cluster SMBIOS.
+    let mut system = match opts.and_then(|o| o.smbios.as_ref()) {
+        Some(s) => {
+            let mut v = Vec::new();
+            for (k, val) in [
+                ("manufacturer", &s.manufacturer),
+                ("family", &s.family),
+                ("product", &s.product),
+                ("sku", &s.sku),
+                ("version", &s.version),
+            ] {
+                check_text(
+                    &format!("VirtualMachineOptions.VirtualMachineSMBios.{k}"),
+                    val,
+                    256,
+                )?;
+                if !val.is_empty() {
+                    v.push((k.to_string(), val.clone()));
+                }
+            }
+            v
+        }
+        None => vec![
+            ("manufacturer".to_string(), "KubeVirt".to_string()),
+            ("product".to_string(), "None".to_string()),
+            ("family".to_string(), "KubeVirt".to_string()),
+        ],
+    };
+    system.push(("uuid".to_string(), uuid.clone()));
     if let Some(serial) = vmi
         .spec
         .domain
@@ -186,6 +248,22 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         system.push(("serial".to_string(), serial.clone()));
     }
 
+    // KubeVirt (compute/sysinfo.go buildChassis): all five entries once `chassis` is set.
+    let mut chassis = Vec::new();
+    if let Some(c) = &vmi.spec.domain.chassis {
+        for (k, v) in [
+            ("manufacturer", &c.manufacturer),
+            ("version", &c.version),
+            ("serial", &c.serial),
+            ("asset", &c.asset),
+            ("sku", &c.sku),
+        ] {
+            let v = v.clone().unwrap_or_default();
+            check_text(&format!("spec.domain.chassis.{k}"), &v, 256)?;
+            chassis.push((k.to_string(), v));
+        }
+    }
+
     Ok(Domain {
         domain_type: facts.domain_type,
         name: vmi.domain_name(),
@@ -193,10 +271,11 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         kubevirt_uid: vmi.metadata.uid.clone(),
         memory,
         vcpus,
+        vcpu_hotplug,
         iothreads: storage.iothreads,
         cpu,
         os,
-        sysinfo: Some(Sysinfo { system }),
+        sysinfo: Some(Sysinfo { system, chassis }),
         features,
         clock,
         on_poweroff: "destroy",
@@ -254,8 +333,28 @@ fn check_metadata(vmi: &VirtualMachineInstance) -> Result<(), ConvertError> {
     if let Some(uid) = &m.uid {
         check_text("metadata.uid", uid, 128)?;
     }
+    if m.annotations
+        .get(PLACE_ON_ROOT_COMPLEX_ANNOTATION)
+        .is_some_and(|v| v == "true")
+    {
+        // KubeVirt (converter/pci-placement.go) gives every PCI device an explicit slot on
+        // pcie.0 and adds no hot-plug ports; we do not place devices yet.
+        return Err(err(
+            format!("metadata.annotations[{PLACE_ON_ROOT_COMPLEX_ANNOTATION}]"),
+            "placing PCI devices on the root complex is not supported yet",
+        ));
+    }
     Ok(())
 }
+
+/// KubeVirt's annotation that keeps hugepages off memfd (`"false"`).
+pub const MEMFD_ANNOTATION: &str = "kubevirt.io/memfd";
+/// KubeVirt's annotation that turns the balloon's free page reporting off (`"true"`).
+pub const FREE_PAGE_REPORTING_DISABLED_ANNOTATION: &str =
+    "kubevirt.io/free-page-reporting-disabled";
+
+/// KubeVirt's annotation that puts every PCI device on the root complex.
+pub const PLACE_ON_ROOT_COMPLEX_ANNOTATION: &str = "kubevirt.io/placePCIDevicesOnRootComplex";
 
 fn domain_uuid(vmi: &VirtualMachineInstance) -> Result<String, ConvertError> {
     if let Some(u) = vmi
@@ -322,14 +421,26 @@ fn memory(vmi: &VirtualMachineInstance) -> Result<Memory, ConvertError> {
             Some(size)
         }
     };
+    // KubeVirt (compute/memory_backing.go isMemfdRequired): hugepages are backed by memfd,
+    // with the synthetic NUMA cell, unless the VMI's annotation turns memfd off.
+    let memfd = hugepage_kib.is_some()
+        && vmi
+            .metadata
+            .annotations
+            .get(MEMFD_ANNOTATION)
+            .is_none_or(|v| v != "false");
     Ok(Memory {
         kib,
         hugepage_kib,
-        shared_memfd: false,
+        memfd,
+        shared: false,
     })
 }
 
-fn cpu(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Cpu, ConvertError> {
+fn cpu(
+    vmi: &VirtualMachineInstance,
+    facts: &PodFacts,
+) -> Result<(Cpu, Option<VcpuHotplug>), ConvertError> {
     let spec = vmi.spec.domain.cpu.clone().unwrap_or_default();
     let one = |field: &str, v: Option<u32>| -> Result<u32, ConvertError> {
         match v {
@@ -373,6 +484,40 @@ fn cpu(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Cpu, ConvertErr
             "spec.domain.cpu",
             format!("sockets × cores × threads = {total} vCPUs, more than {MAX_VCPUS}"),
         ));
+    }
+    if spec.dedicated_cpu_placement == Some(true) {
+        // KubeVirt pins each vCPU to the pod's exclusive cpuset (vcpu.go
+        // AdjustDomainForTopologyAndCPUSet) from the topology virt-handler sends; we do not
+        // pin yet, and a VM that asked for dedicated CPUs must not run unpinned.
+        return Err(err(
+            "spec.domain.cpu.dedicatedCpuPlacement",
+            "dedicated CPU placement (vCPU pinning to the pod's cpuset) is not supported yet",
+        ));
+    }
+    // CPU hot-plug (KubeVirt compute/cpu.go configureCPUTopology): the topology gets
+    // `maxSockets` sockets; the vCPUs of the requested sockets are enabled, those of the first
+    // socket are not hot-pluggable.
+    let mut hotplug = None;
+    if let Some(max) = spec.max_sockets.filter(|m| *m != 0) {
+        let f = "spec.domain.cpu.maxSockets";
+        if max < sockets {
+            return Err(err(
+                f,
+                format!("{max} is less than the {sockets} sockets the VM starts with"),
+            ));
+        }
+        let all = u64::from(max) * u64::from(cores) * u64::from(threads);
+        if all > u64::from(MAX_VCPUS) {
+            return Err(err(
+                f,
+                format!("maxSockets × cores × threads = {all} vCPUs, more than {MAX_VCPUS}"),
+            ));
+        }
+        hotplug = Some(VcpuHotplug {
+            enabled: sockets * cores * threads,
+            fixed: cores * threads,
+        });
+        sockets = max;
     }
 
     let valid_name = |s: &str| {
@@ -420,14 +565,28 @@ fn cpu(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Cpu, ConvertErr
         }
         features.push((policy.to_string(), f.name.clone()));
     }
-    Ok(Cpu {
-        mode,
-        sockets,
-        cores,
-        threads,
-        features,
-        comment,
-    })
+    // KubeVirt (compute/cpu.go configureCPUFeatures, amd64): a named CPU model gets `mpx`
+    // disabled unless the spec lists mpx itself (libvirt's model files still require the
+    // deprecated feature, which hosts no longer have).
+    if spec
+        .model
+        .as_deref()
+        .is_some_and(|m| m != "host-model" && m != "host-passthrough")
+        && !spec.features.iter().any(|f| f.name == "mpx")
+    {
+        features.push(("disable".to_string(), "mpx".to_string()));
+    }
+    Ok((
+        Cpu {
+            mode,
+            sockets,
+            cores,
+            threads,
+            features,
+            comment,
+        },
+        hotplug,
+    ))
 }
 
 fn os(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(Os, bool), ConvertError> {
@@ -509,12 +668,14 @@ fn os(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(Os, bool), Conv
         let base = &facts.paths.kernel_boot_dir;
         if let Some(k) = &c.kernel_path {
             os.kernel = Some(
-                disks::confine(base, k).map_err(|r| err(format!("{f}.container.kernelPath"), r))?,
+                disks::kernel_boot_artifact(base, k)
+                    .map_err(|r| err(format!("{f}.container.kernelPath"), r))?,
             );
         }
         if let Some(i) = &c.initrd_path {
             os.initrd = Some(
-                disks::confine(base, i).map_err(|r| err(format!("{f}.container.initrdPath"), r))?,
+                disks::kernel_boot_artifact(base, i)
+                    .map_err(|r| err(format!("{f}.container.initrdPath"), r))?,
             );
         }
         if let Some(args) = &kb.kernel_args {
@@ -543,6 +704,11 @@ fn features(vmi: &VirtualMachineInstance, secure_boot: bool) -> Result<Features,
             .map(|a| a.end_of_interrupt),
         smm: on(&spec.smm) || secure_boot,
         hyperv: vec![],
+        // KubeVirt (compute/hypervisor_features.go): `kvm: {}` emits hidden state='off'.
+        kvm_hidden: spec.kvm.as_ref().map(|k| k.hidden.unwrap_or(false)),
+        pvspinlock: spec.pvspinlock.as_ref().map(FeatureState::on),
+        // KubeVirt (compute/hypervisor_features.go, amd64): vmport off once `features` is set.
+        vmport_off: vmi.spec.domain.features.is_some(),
     };
     if secure_boot && spec.smm.as_ref().is_some_and(|s| !s.on()) {
         return Err(err(
@@ -589,7 +755,7 @@ fn features(vmi: &VirtualMachineInstance, secure_boot: bool) -> Result<Features,
                 name: "stimer",
                 on: s.on(),
                 attrs: vec![],
-                direct: None,
+                direct: s.direct.as_ref().map(FeatureState::on),
             });
         }
         f.hyperv.extend(simple("reset", &h.reset));

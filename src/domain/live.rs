@@ -165,6 +165,7 @@ mod tests {
             alias: "ua-hp".into(),
             blockio: None,
             reservations: None,
+            address: None,
         };
         let l = LiveDisk::parse(&disk.to_xml()).expect("parses");
         assert_eq!(l.disk_type.as_deref(), Some("block"));

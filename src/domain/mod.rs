@@ -39,6 +39,9 @@ pub struct Domain {
     pub kubevirt_uid: Option<String>,
     pub memory: Memory,
     pub vcpus: u32,
+    /// CPU hot-plug (`maxSockets`): `<vcpus>` lists every vCPU; the first `enabled` are on,
+    /// those from `fixed` on are hot-pluggable.
+    pub vcpu_hotplug: Option<VcpuHotplug>,
     /// Number of `<iothreads>`; 0 means none.
     pub iothreads: u32,
     pub cpu: Cpu,
@@ -68,10 +71,12 @@ pub struct Memory {
     pub kib: u64,
     /// Hugepage size in KiB when the guest is backed by hugepages.
     pub hugepage_kib: Option<u64>,
-    /// `<memoryBacking><source type='memfd'/><access mode='shared'/>` and a single NUMA cell
-    /// holding all vCPUs and memory (memfd needs a NUMA topology): guest memory another process
-    /// can map, as vhost-user back-ends (passt) need.
-    pub shared_memfd: bool,
+    /// `<memoryBacking><source type='memfd'/>` and a single NUMA cell holding all vCPUs and
+    /// memory (KubeVirt's synthetic NUMA: memfd needs a NUMA topology).
+    pub memfd: bool,
+    /// `<memoryBacking><access mode='shared'/>`: guest memory another process can map, as
+    /// vhost-user back-ends (passt) need.
+    pub shared: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +129,8 @@ pub struct Nvram {
 pub struct Sysinfo {
     /// `<system><entry name='..'>..</entry>`.
     pub system: Vec<(String, String)>,
+    /// `<chassis><entry name='..'>..</entry>` (`spec.domain.chassis`).
+    pub chassis: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -133,6 +140,18 @@ pub struct Features {
     pub apic: Option<Option<bool>>,
     pub smm: bool,
     pub hyperv: Vec<HypervFeature>,
+    /// `<kvm><hidden state=…/></kvm>`.
+    pub kvm_hidden: Option<bool>,
+    /// `<pvspinlock state=…/>`.
+    pub pvspinlock: Option<bool>,
+    /// `<vmport state='off'/>` (KubeVirt on x86 when the VMI has `features`).
+    pub vmport_off: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuHotplug {
+    pub enabled: u32,
+    pub fixed: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,10 +271,43 @@ pub struct Disk {
     pub serial: Option<String>,
     pub boot_order: Option<u32>,
     pub alias: String,
-    /// `(logical, physical)` block sizes.
-    pub blockio: Option<(u64, u64)>,
+    pub blockio: Option<BlockIo>,
     /// Persistent reservations through the pr-helper socket (`lun` only).
     pub reservations: Option<PathBuf>,
+    /// `<address type='drive' …/>` (scsi disks and luns) or `<address type='pci' …/>`
+    /// (a virtio disk's `pciAddress`).
+    pub address: Option<DiskAddress>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskAddress {
+    Drive(DriveAddress),
+    /// `domain:bus:slot.function`.
+    Pci {
+        domain: u16,
+        bus: u8,
+        slot: u8,
+        function: u8,
+    },
+}
+
+/// A drive address on a disk controller. KubeVirt puts every scsi disk and lun on the
+/// virtio-scsi controller 0, bus 0, unit = the index of its `sd*` name: libvirt's own choice
+/// would move `sdh` onward to a second, auto-added lsilogic controller (7 units per controller),
+/// which a running guest has no PCI slot for.
+/// `<blockio logical_block_size=… physical_block_size=… discard_granularity=…/>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockIo {
+    pub logical: u64,
+    pub physical: u64,
+    pub discard_granularity: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriveAddress {
+    pub controller: u32,
+    pub bus: u32,
+    pub unit: u32,
 }
 
 /// Escapes a string for an XML attribute value.
@@ -289,6 +341,14 @@ pub struct Controller {
     pub kind: &'static str,
     pub index: Option<u32>,
     pub model: Option<String>,
+    /// `<driver iothread=… queues=…/>` (the virtio-scsi controller under an iothreads policy).
+    pub driver: Option<ControllerDriver>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControllerDriver {
+    pub iothread: u32,
+    pub queues: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -308,7 +368,7 @@ pub enum Attachment {
     Tap(String),
     /// `<interface type='vhostuser'>` with `<backend type='passt'>`: libvirt starts passt
     /// (vhost-user mode, libvirt ≥ 11.1) bound to the pod interface `source_dev`. Needs shared
-    /// guest memory ([`Memory::shared_memfd`]).
+    /// guest memory ([`Memory::shared`]).
     Passt {
         source_dev: String,
         log_file: PathBuf,
@@ -371,6 +431,8 @@ pub struct Input {
 pub struct Memballoon {
     pub model: String,
     pub stats_period: Option<u32>,
+    /// `freePageReporting='on|off'` (KubeVirt sets it on every virtio balloon).
+    pub free_page_reporting: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

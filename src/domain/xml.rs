@@ -140,15 +140,17 @@ pub(crate) fn write_domain(d: &Domain) -> String {
     let kib = d.memory.kib.to_string();
     w.leaf("memory", attrs!["unit" => "KiB"], &kib);
     w.leaf("currentMemory", attrs!["unit" => "KiB"], &kib);
-    if d.memory.hugepage_kib.is_some() || d.memory.shared_memfd {
+    if d.memory.hugepage_kib.is_some() || d.memory.memfd || d.memory.shared {
         w.open("memoryBacking", attrs![]);
         if let Some(size) = d.memory.hugepage_kib {
             w.open("hugepages", attrs![]);
             w.empty("page", attrs!["size" => size.to_string(), "unit" => "KiB"]);
             w.close("hugepages");
         }
-        if d.memory.shared_memfd {
+        if d.memory.memfd {
             w.empty("source", attrs!["type" => "memfd"]);
+        }
+        if d.memory.shared {
             w.empty("access", attrs!["mode" => "shared"]);
         }
         w.close("memoryBacking");
@@ -158,17 +160,27 @@ pub(crate) fn write_domain(d: &Domain) -> String {
         attrs!["placement" => "static"],
         &d.vcpus.to_string(),
     );
+    if let Some(h) = d.vcpu_hotplug {
+        w.open("vcpus", attrs![]);
+        for id in 0..d.vcpus {
+            w.empty(
+                "vcpu",
+                attrs![
+                    "id" => id.to_string(),
+                    "enabled" => if id < h.enabled { "yes" } else { "no" },
+                    "hotpluggable" => if id >= h.fixed { "yes" } else { "no" },
+                ],
+            );
+        }
+        w.close("vcpus");
+    }
     if d.iothreads > 0 {
         w.leaf("iothreads", attrs![], &d.iothreads.to_string());
     }
     write_sysinfo(&mut w, d);
     write_os(&mut w, &d.os);
     write_features(&mut w, &d.features);
-    write_cpu(
-        &mut w,
-        &d.cpu,
-        d.memory.shared_memfd.then_some(d.memory.kib),
-    );
+    write_cpu(&mut w, &d.cpu, d.memory.memfd.then_some(d.memory.kib));
     write_clock(&mut w, &d.clock);
     w.leaf("on_poweroff", attrs![], d.on_poweroff);
     w.leaf("on_reboot", attrs![], d.on_reboot);
@@ -186,6 +198,13 @@ fn write_sysinfo(w: &mut W, d: &Domain) {
         w.leaf("entry", attrs!["name" => k.as_str()], v);
     }
     w.close("system");
+    if !si.chassis.is_empty() {
+        w.open("chassis", attrs![]);
+        for (k, v) in &si.chassis {
+            w.leaf("entry", attrs!["name" => k.as_str()], v);
+        }
+        w.close("chassis");
+    }
     w.close("sysinfo");
 }
 
@@ -225,7 +244,14 @@ fn write_os(w: &mut W, os: &Os) {
 }
 
 fn write_features(w: &mut W, f: &Features) {
-    if !f.acpi && f.apic.is_none() && !f.smm && f.hyperv.is_empty() {
+    if !f.acpi
+        && f.apic.is_none()
+        && !f.smm
+        && f.hyperv.is_empty()
+        && f.kvm_hidden.is_none()
+        && f.pvspinlock.is_none()
+        && !f.vmport_off
+    {
         return;
     }
     w.open("features", attrs![]);
@@ -255,6 +281,17 @@ fn write_features(w: &mut W, f: &Features) {
             }
         }
         w.close("hyperv");
+    }
+    if let Some(h) = f.kvm_hidden {
+        w.open("kvm", attrs![]);
+        w.empty("hidden", attrs!["state" => on_off(h)]);
+        w.close("kvm");
+    }
+    if let Some(p) = f.pvspinlock {
+        w.empty("pvspinlock", attrs!["state" => on_off(p)]);
+    }
+    if f.vmport_off {
+        w.empty("vmport", attrs!["state" => "off"]);
     }
     if f.smm {
         w.empty("smm", attrs!["state" => "on"]);
@@ -415,14 +452,15 @@ fn write_disk(w: &mut W, d: &Disk) {
         a.push(("tray", t.as_str().into()));
     }
     w.empty("target", a);
-    if let Some((logical, physical)) = d.blockio {
-        w.empty(
-            "blockio",
-            attrs![
-                "logical_block_size" => logical.to_string(),
-                "physical_block_size" => physical.to_string(),
-            ],
-        );
+    if let Some(b) = d.blockio {
+        let mut a: Attrs<'_> = attrs![
+            "logical_block_size" => b.logical.to_string(),
+            "physical_block_size" => b.physical.to_string(),
+        ];
+        if let Some(g) = b.discard_granularity {
+            a.push(("discard_granularity", g.to_string().into()));
+        }
+        w.empty("blockio", a);
     }
     if d.readonly {
         w.empty("readonly", attrs![]);
@@ -437,6 +475,33 @@ fn write_disk(w: &mut W, d: &Disk) {
         w.empty("boot", attrs!["order" => b.to_string()]);
     }
     w.empty("alias", attrs!["name" => d.alias.as_str()]);
+    match d.address {
+        Some(DiskAddress::Drive(a)) => w.empty(
+            "address",
+            attrs![
+                "type" => "drive",
+                "controller" => a.controller.to_string(),
+                "bus" => a.bus.to_string(),
+                "unit" => a.unit.to_string(),
+            ],
+        ),
+        Some(DiskAddress::Pci {
+            domain,
+            bus,
+            slot,
+            function,
+        }) => w.empty(
+            "address",
+            attrs![
+                "type" => "pci",
+                "domain" => format!("{domain:#06x}"),
+                "bus" => format!("{bus:#04x}"),
+                "slot" => format!("{slot:#04x}"),
+                "function" => format!("{function:#x}"),
+            ],
+        ),
+        None => {}
+    }
     w.close("disk");
 }
 
@@ -453,7 +518,17 @@ fn write_devices(w: &mut W, dv: &Devices) {
         if let Some(m) = &c.model {
             a.push(("model", m.as_str().into()));
         }
-        w.empty("controller", a);
+        match c.driver {
+            Some(d) => {
+                w.open("controller", a);
+                w.empty(
+                    "driver",
+                    attrs!["iothread" => d.iothread.to_string(), "queues" => d.queues.to_string()],
+                );
+                w.close("controller");
+            }
+            None => w.empty("controller", a),
+        }
     }
     for i in &dv.interfaces {
         let kind = match i.attachment {
@@ -558,13 +633,17 @@ fn write_devices(w: &mut W, dv: &Devices) {
         w.close("video");
     }
     if let Some(m) = &dv.memballoon {
+        let mut a: Attrs<'_> = attrs!["model" => m.model.as_str()];
+        if let Some(fpr) = m.free_page_reporting {
+            a.push(("freePageReporting", on_off(fpr).into()));
+        }
         match m.stats_period {
             Some(period) => {
-                w.open("memballoon", attrs!["model" => m.model.as_str()]);
+                w.open("memballoon", a);
                 w.empty("stats", attrs!["period" => period.to_string()]);
                 w.close("memballoon");
             }
-            None => w.empty("memballoon", attrs!["model" => m.model.as_str()]),
+            None => w.empty("memballoon", a),
         }
     }
     for r in &dv.rngs {

@@ -273,7 +273,7 @@ fn check_kernel_boot(vmi: &VirtualMachineInstance, paths: &PodPaths) -> Result<(
         let Some(value) = value else { continue };
         let field = format!("{f}.{field}");
         // A lexically bad path is the converter's error (it names the field too).
-        let Ok(path) = crate::convert::confine(&paths.kernel_boot_dir, value) else {
+        let Ok(path) = crate::convert::kernel_boot_artifact(&paths.kernel_boot_dir, value) else {
             continue;
         };
         let err = |reason| PodFactsError::Field {

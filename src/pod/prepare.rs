@@ -226,7 +226,17 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
         .clone()
         .unwrap_or_else(|| vmi.metadata.name.clone());
     let instance_id = format!("{}.{}", vmi.metadata.name, vmi.namespace());
+    // KubeVirt makes the one NoCloud ISO from the first cloudInitNoCloud volume; the others
+    // are views of the same ISO.
+    let first_nocloud = vmi
+        .spec
+        .volumes
+        .iter()
+        .position(|v| v.cloud_init_no_cloud.is_some());
     for (index, v) in vmi.spec.volumes.iter().enumerate() {
+        if v.cloud_init_no_cloud.is_some() && Some(index) != first_nocloud {
+            continue;
+        }
         let name = v.name.as_str();
         if !crate::spec::is_dns1123_label(name) {
             return Err(PrepareError::Invalid {

@@ -74,6 +74,31 @@ pub struct VirtualMachineInstance {
     pub spec: VmiSpec,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<VmiStatus>,
+    /// What virt-handler's Sync options (`VirtualMachineOptions`) tell the converter; not
+    /// part of the VMI document.
+    #[serde(skip)]
+    pub handler_options: Option<HandlerOptions>,
+}
+
+/// The parts of virt-handler's `VirtualMachineOptions` the converter honours, as KubeVirt's
+/// converter does (converter.go: SMBios, MemBalloonStatsPeriod, clusterConfig flags).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HandlerOptions {
+    /// Cluster-wide SMBIOS system information (`spec.configuration.smbios`).
+    pub smbios: Option<Smbios>,
+    /// Balloon statistics period in seconds; 0: no statistics.
+    pub mem_balloon_stats_period: u32,
+    pub free_page_reporting_disabled: bool,
+    pub serial_console_log_disabled: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Smbios {
+    pub manufacturer: String,
+    pub product: String,
+    pub version: String,
+    pub sku: String,
+    pub family: String,
 }
 
 impl VirtualMachineInstance {
@@ -210,7 +235,18 @@ pub struct DomainSpec {
     pub io_threads_policy: Option<String>,
     /// `ioThreads.supplementalPoolThreadCount` for the `supplementalPool` policy.
     pub io_threads: Option<DiskIoThreads>,
-    pub chassis: Option<serde_json::Value>,
+    pub chassis: Option<Chassis>,
+}
+
+/// `spec.domain.chassis`: SMBIOS chassis information.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Chassis {
+    pub manufacturer: Option<String>,
+    pub version: Option<String>,
+    pub serial: Option<String>,
+    pub asset: Option<String>,
+    pub sku: Option<String>,
 }
 
 /// `spec.domain.ioThreads`.
@@ -250,6 +286,8 @@ pub struct CpuSpec {
     pub model: Option<String>,
     pub features: Vec<CpuFeature>,
     pub dedicated_cpu_placement: Option<bool>,
+    /// CPU hot-plug: the domain gets `maxSockets` sockets, of which `sockets` are enabled.
+    pub max_sockets: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -350,6 +388,29 @@ pub struct Features {
     pub apic: Option<FeatureApic>,
     pub smm: Option<FeatureState>,
     pub hyperv: Option<FeatureHyperv>,
+    /// `kvm.hidden`: hide the KVM signature from the guest.
+    pub kvm: Option<FeatureKvm>,
+    pub pvspinlock: Option<FeatureState>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FeatureKvm {
+    pub hidden: Option<bool>,
+}
+
+/// `hyperv.synictimer`: `{enabled, direct: {enabled}}`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FeatureSynicTimer {
+    pub enabled: Option<bool>,
+    pub direct: Option<FeatureState>,
+}
+
+impl FeatureSynicTimer {
+    pub fn on(&self) -> bool {
+        self.enabled.unwrap_or(true)
+    }
 }
 
 /// `{}` means enabled; `{enabled: false}` disables.
@@ -381,7 +442,7 @@ pub struct FeatureHyperv {
     pub vpindex: Option<FeatureState>,
     pub runtime: Option<FeatureState>,
     pub synic: Option<FeatureState>,
-    pub synictimer: Option<FeatureState>,
+    pub synictimer: Option<FeatureSynicTimer>,
     pub reset: Option<FeatureState>,
     pub vendorid: Option<FeatureVendorId>,
     pub frequencies: Option<FeatureState>,
@@ -417,6 +478,8 @@ pub struct Devices {
     pub autoattach_mem_balloon: Option<bool>,
     pub use_virtio_transitional: Option<bool>,
     pub block_multi_queue: Option<bool>,
+    /// No virtio-scsi controller unless a disk is on scsi (KubeVirt's requiresSCSIController).
+    pub disable_hotplug: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -793,6 +856,7 @@ impl VirtualMachine {
             metadata: meta,
             spec: self.spec.template.spec,
             status: None,
+            handler_options: None,
         }
     }
 }

@@ -15,7 +15,7 @@ use super::pb::cmd::v1 as pb;
 use super::pb::cmd::v1::cmd_server::Cmd;
 use super::{domain, guest};
 use crate::api::{deadline, decode_vmi};
-use crate::spec::VirtualMachineInstance;
+use crate::spec::{HandlerOptions, Smbios, VirtualMachineInstance};
 use crate::vm::{Command, ControlError, Handle, Reply, FREEZE_TIMEOUT};
 
 /// The cmd service: one per launcher, beside launcher.v1.
@@ -161,21 +161,49 @@ fn check_options(o: Option<&pb::VirtualMachineOptions>) -> Result<(), String> {
     Ok(())
 }
 
+/// What the converter honours of the handler's options (KubeVirt's converter reads the same:
+/// the cluster's SMBIOS, the balloon's statistics period, two clusterConfig flags).
+fn handler_options(o: &pb::VirtualMachineOptions) -> HandlerOptions {
+    let cc = o.cluster_config.as_ref();
+    HandlerOptions {
+        smbios: o.virtual_machine_sm_bios.as_ref().map(|s| Smbios {
+            manufacturer: s.manufacturer.clone(),
+            product: s.product.clone(),
+            version: s.version.clone(),
+            sku: s.sku.clone(),
+            family: s.family.clone(),
+        }),
+        mem_balloon_stats_period: o.mem_balloon_stats_period,
+        free_page_reporting_disabled: cc.is_some_and(|c| c.free_page_reporting_disabled),
+        serial_console_log_disabled: cc.is_some_and(|c| c.serial_console_log_disabled),
+    }
+}
+
 /// The handler's options the launcher does not act on, for the log.
 fn options_ignored(o: Option<&pb::VirtualMachineOptions>) -> Vec<String> {
     let Some(o) = o else { return Vec::new() };
     let mut ignored = Vec::new();
-    if o.virtual_machine_sm_bios.is_some() {
-        ignored.push("VirtualMachineSMBios".to_string());
-    }
-    // PreallocatedVolumes is honoured through the VMI itself: the handler derives it from
-    // volumeStatus[].persistentVolumeClaimInfo.preallocated, which the converter reads (no
-    // discard on those disks).
-    if o.mem_balloon_stats_period != 0 {
-        ignored.push("MemBalloonStatsPeriod".to_string());
-    }
-    if o.cluster_config.is_some() {
-        ignored.push("clusterConfig".to_string());
+    // SMBios, MemBalloonStatsPeriod and clusterConfig's FreePageReportingDisabled and
+    // SerialConsoleLogDisabled go to the converter (handler_options). PreallocatedVolumes is
+    // honoured through the VMI itself: the handler derives it from
+    // volumeStatus[].persistentVolumeClaimInfo.preallocated, which the converter reads.
+    if let Some(c) = &o.cluster_config {
+        for (on, name) in [
+            (c.bochs_display_for_efi_guests, "BochsDisplayForEFIGuests"),
+            (
+                c.pcinuma_aware_topology_enabled,
+                "PCINUMAAwareTopologyEnabled",
+            ),
+            (c.vgpu_live_migration_enabled, "VGPULiveMigrationEnabled"),
+            (
+                c.grace_io_virtualization_enabled,
+                "GraceIOVirtualizationEnabled",
+            ),
+        ] {
+            if on {
+                ignored.push(format!("clusterConfig.{name}"));
+            }
+        }
     }
     if o.topology.is_some() {
         ignored.push("topology".to_string());
@@ -242,12 +270,13 @@ impl Cmd for CmdService {
         req: Request<pb::VmiRequest>,
     ) -> Result<Response<pb::Response>, Status> {
         let r = req.get_ref();
-        let vmi = match vmi_of(r.vmi.as_ref(), "VMIRequest.vmi")
+        let mut vmi = match vmi_of(r.vmi.as_ref(), "VMIRequest.vmi")
             .and_then(|v| check_options(r.options.as_ref()).map(|()| v))
         {
             Ok(v) => v,
             Err(m) => return Ok(Response::new(failed(m))),
         };
+        vmi.handler_options = r.options.as_ref().map(handler_options);
         let ignored = options_ignored(r.options.as_ref());
         if !ignored.is_empty() {
             if self
