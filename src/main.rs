@@ -38,6 +38,13 @@ enum Cmd {
     Run(RunArgs),
     /// Print the libvirt domain XML a VMI converts to.
     Render(RenderArgs),
+    /// libvirt's QEMU hook for an incoming migration (run by the pod's libvirtd): reads the
+    /// domain XML on stdin and refuses (exit 1, one line on stderr) any VM but the one awaited.
+    #[command(hide = true)]
+    MigrationHook {
+        /// The awaited VM's identity, as the prepared target wrote it.
+        awaited: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -156,6 +163,7 @@ fn main() -> ExitCode {
                 run(args)
             }
             Cmd::Render(args) => render(args).map(|()| 0),
+            Cmd::MigrationHook { awaited } => return migration_hook(&awaited),
         }
     };
     match result {
@@ -163,6 +171,22 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "launcher failed");
             eprintln!("virt-launcher: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `virt-launcher migration-hook`: libvirt prints our stderr in the source's error.
+fn migration_hook(awaited: &Path) -> ExitCode {
+    let mut xml = String::new();
+    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml) {
+        eprintln!("incoming migration refused: cannot read the domain XML: {e}");
+        return ExitCode::FAILURE;
+    }
+    match vm::migration::target::judge_incoming(awaited, &xml) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
             ExitCode::FAILURE
         }
     }

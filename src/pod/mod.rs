@@ -175,6 +175,20 @@ impl PodLayout {
         let etc = Path::new("/etc/libvirt");
         fs::create_dir_all(etc).map_err(io_err(etc))?;
         write_file(&etc.join("qemu.conf"), QEMU_CONF)?;
+        let _ = fs::remove_file(incoming_migration_file(&self.root));
+        if self.isolated {
+            // Standalone: `/etc/libvirt` is our private one. libvirtd looks for its hooks when
+            // it starts, so the hook is in place before the daemon; it acts only on `migrate`.
+            let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
+            let hooks = etc.join("hooks");
+            fs::create_dir_all(&hooks).map_err(io_err(&hooks))?;
+            let hook = hooks.join("qemu");
+            write_file(
+                &hook,
+                &migration_hook_script(&exe, &incoming_migration_file(&self.root)),
+            )?;
+            fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).map_err(io_err(&hook))?;
+        }
         Ok(())
     }
 
@@ -197,6 +211,32 @@ impl PodLayout {
         }
         let _ = fs::remove_file(self.root.join("launcher.lock"));
     }
+}
+
+/// Where a prepared migration target keeps the identity of the VM it awaits, for the migration
+/// hook (`vm::migration::target::VmIdentity`).
+pub fn incoming_migration_file(root: &Path) -> PathBuf {
+    root.join("conf").join("incoming-migration")
+}
+
+/// libvirt's QEMU hook (`/etc/libvirt/hooks/qemu <domain> <op> <sub-op> -`, the domain XML on
+/// stdin). libvirtd runs it for every operation; all but an incoming migration's `migrate`
+/// pass at once (a shell's start-up), that one asks `virt-launcher migration-hook`, whose
+/// refusal (exit 1, its stderr) libvirt returns to the source before QEMU starts here.
+fn migration_hook_script(exe: &Path, awaited: &Path) -> String {
+    format!(
+        "#!/bin/sh\n\
+         # written by virt-launcher: an incoming migration must be the VM this launcher awaits\n\
+         [ \"$2\" = migrate ] || exit 0\n\
+         exec {} migration-hook {}\n",
+        shell_quote(&exe.display().to_string()),
+        shell_quote(&awaited.display().to_string())
+    )
+}
+
+/// `s` in single quotes, for a shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// libvirtd's configuration for a pod: sockets in `sock_dir` (reachable from outside the
