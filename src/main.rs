@@ -228,16 +228,31 @@ fn render(args: RenderArgs) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<i32> {
+    if !args.no_isolate && pod::pidns::wanted() {
+        // Standalone: PID 1 of a PID namespace of its own, as in a pod (see `pod::pidns`).
+        return Ok(pod::pidns::run_as_pid1(std::env::args_os().skip(1))?);
+    }
+    if pod::pidns::is_child() {
+        pod::pidns::bind_to_parent()?;
+    }
     let input = args.vm.as_ref().or(args.vmi.as_ref());
     let vmi = input.map(|p| spec::load_file(p)).transpose()?;
     let root = match (&args.runtime_dir, &vmi) {
         (Some(dir), _) => dir.clone(),
         (None, Some(vmi)) => Path::new("/run/virt-launcher").join(vmi.domain_name()),
-        (None, None) => {
-            Path::new("/run/virt-launcher").join(format!("launcher-{}", std::process::id()))
-        }
+        (None, None) => Path::new("/run/virt-launcher").join(format!("launcher-{}", launcher_id())),
     };
     let layout = PodLayout::new(absolute(&root), !args.no_isolate);
+    // One launcher per VM on this machine, before any import or daemon (a launcher waiting for
+    // a Sync or a migration has no VM yet: a migration target runs the source's VM by design).
+    let _vm_lock = match &vmi {
+        Some(vmi) if layout.is_isolated() => Some(pod::lock_vm(
+            Path::new(pod::VM_LOCK_DIR),
+            &vmi.domain_name(),
+            layout.root(),
+        )?),
+        _ => None,
+    };
 
     let mut overrides = args.paths.overrides();
     if layout.is_isolated() {
@@ -295,6 +310,8 @@ fn run(args: RunArgs) -> Result<i32> {
 
     layout.create()?;
     let _lock = layout.lock()?;
+    layout.clear_stale(&_lock);
+    layout.create()?;
     if layout.is_isolated() {
         let hostname = args
             .hostname
@@ -304,11 +321,11 @@ fn run(args: RunArgs) -> Result<i32> {
     }
     layout.write_configs(&pod::random_uuid())?;
     tracing::info!(
-        input = ?input,
-        domain_type = ?args.domain_type,
+        input = input.map(|p| p.display().to_string()),
+        domain_type = args.domain_type.as_str(),
         runtime_dir = %layout.root().display(),
         socket = %socket.display(),
-        console_log = ?console_log,
+        console_log = console_log.as_ref().map(|p| p.display().to_string()),
         "launcher starting"
     );
     let api = ServerConfig {
@@ -392,9 +409,15 @@ async fn serve(
     result
 }
 
+/// What names this launcher on the machine: in its own PID namespace its pid is 1, and the
+/// waiter in front of it has the machine's pid.
+fn launcher_id() -> u32 {
+    pod::pidns::waiter_pid().unwrap_or_else(std::process::id)
+}
+
 /// A pod-like hostname: libvirt refuses to migrate between two daemons with the same one.
 fn hostname(vmi: Option<&VirtualMachineInstance>) -> String {
-    let suffix = format!("{:05x}", std::process::id() & 0xfffff);
+    let suffix = format!("{:05x}", launcher_id() & 0xfffff);
     let mut base = format!(
         "virt-launcher-{}",
         vmi.map(|v| v.metadata.name.as_str()).unwrap_or("pod")
@@ -426,7 +449,7 @@ fn is_kubevirt_command_line(argv: &[String]) -> bool {
 fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     let args = KubevirtArgs::parse(argv)?;
     if !args.unknown.is_empty() {
-        tracing::warn!(flags = ?args.unknown, "ignoring unknown flags");
+        tracing::warn!(flags = %args.unknown.join(" "), "ignoring unknown flags");
     }
     if args.simulate_crash {
         anyhow::bail!("--simulate-crash: crashing as asked");
@@ -520,11 +543,11 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     tracing::info!(
         domain = %args.domain_name(),
         uid = %args.uid,
-        domain_type = ?domain_type,
+        domain_type = domain_type.as_str(),
         socket = %socket.display(),
         qemu_timeout_s = args.qemu_timeout.as_secs_f64(),
         grace_period_s = args.grace_period.as_secs(),
-        ignored_flags = ?args.ignored,
+        ignored_flags = %args.ignored.join(" "),
         "launcher starting in KubeVirt's pod"
     );
     let api = ServerConfig {

@@ -91,7 +91,15 @@ fn second_launcher_on_the_same_runtime_dir_is_refused() {
     let mut pod = Pod::new("twice").with_disk("data", "virtio", 16);
     pod.start();
     pod.wait_console("LV-READY", Duration::from_secs(90));
+    // The same VM anywhere is refused by its machine-wide lock (tests/standalone.rs); a
+    // launcher with no VM yet on the same runtime directory, by the directory's.
     let out = pod.command().output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already has a launcher"), "{stderr}");
+    pod.wait_for_sync = true;
+    let out = pod.command().output().unwrap();
+    pod.wait_for_sync = false;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("in use by another launcher"), "{stderr}");
