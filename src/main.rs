@@ -367,8 +367,36 @@ fn run_core(
         .context("tokio runtime")?;
     let outcome = runtime.block_on(serve(layout, opts, api, subreaper, share_dir));
     runtime.shutdown_timeout(Duration::from_secs(2));
+    if let Ok(o) = &outcome {
+        if let Some(reason) = o.reason.filter(|_| o.exit_code() != 0) {
+            // One line that says why, with what QEMU said last (its log goes with the
+            // daemons' state).
+            let tail = qemu_log_tail(QEMU_LOG_DIR, 5);
+            let reason = format!("{reason:?}").to_lowercase();
+            tracing::error!(reason = %reason, qemu_log = %tail, "the VM stopped unexpectedly");
+            eprintln!("virt-launcher: the VM stopped unexpectedly ({reason}); QEMU's last log lines: {tail}");
+        }
+    }
     layout.remove_daemon_state();
     Ok(outcome?.exit_code())
+}
+
+/// Where libvirt keeps QEMU's log (the pod's own: private in standalone mode).
+const QEMU_LOG_DIR: &str = "/var/log/libvirt/qemu";
+
+/// The last `n` lines of the newest QEMU log in `dir`, joined with ` | ` (one line).
+fn qemu_log_tail(dir: &str, n: usize) -> String {
+    let newest = std::fs::read_dir(dir).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+    });
+    let Some(text) = newest.and_then(|e| std::fs::read_to_string(e.path()).ok()) else {
+        return format!("none ({dir} has no QEMU log)");
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 /// Starts the pod's daemons, the core and the control API on it, and runs until the VM

@@ -52,6 +52,12 @@ fn guest_sees_pvc_disk_writes_to_it_and_stops_cleanly_on_sigterm() {
         log.contains("\"reason\":\"Shutdown\""),
         "no shutdown event in the log\n{log}"
     );
+    // A clean stop logs no error (libvirtd's "End of file from agent socket" included).
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(errors.is_empty(), "errors on a clean stop: {errors:#?}");
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
 }

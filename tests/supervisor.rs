@@ -82,6 +82,28 @@ fn qemu_killed_is_reported_as_a_crash_with_non_zero_exit() {
         "no final event\n{}",
         pod.dump()
     );
+    // One line says so, with the end of QEMU's log.
+    let said: Vec<String> = pod
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("virt-launcher:"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(said.len(), 1, "{}", pod.dump());
+    assert!(
+        said[0].contains("stopped unexpectedly (")
+            && said[0].contains("QEMU's last log lines:")
+            && said[0].contains("shutting down, reason=crashed"),
+        "{}",
+        said[0]
+    );
+    assert!(
+        pod.log()
+            .lines()
+            .any(|l| l.contains("\"level\":\"ERROR\"") && l.contains("stopped unexpectedly")),
+        "{}",
+        pod.dump()
+    );
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
 }
