@@ -265,16 +265,19 @@ fn run(args: RunArgs) -> Result<i32> {
     // claims attached) until the launcher returns.
     let _claims = match (&args.vm, &vmi) {
         (Some(vm), Some(vmi)) => {
-            let mut paths = overrides.paths_for(vmi);
-            let claims = datavolume::materialise(
-                vm,
-                vmi,
-                &datavolume::Options {
-                    storage_dir: absolute(&args.storage_dir),
-                    progress: datavolume::ProgressStyle::auto(args.json_logs),
-                },
-                &mut paths,
-            )?;
+            let options = datavolume::Options {
+                storage_dir: absolute(&args.storage_dir),
+                progress: datavolume::ProgressStyle::auto(args.json_logs),
+            };
+            let Some((claims, paths)) =
+                import_unless_stopped(vm.clone(), vmi.clone(), options, overrides.paths_for(vmi))?
+            else {
+                // README: stopped before any VM ran is exit 0. The import works in a scratch
+                // directory and renames only a finished image into place: nothing is lost, and
+                // the next start imports again.
+                tracing::info!("stopped during the import; no VM was started");
+                return Ok(0);
+            };
             overrides.vmi_disks_dir = Some(paths.vmi_disks_dir);
             overrides.block_dev_dir = Some(paths.block_dev_dir);
             // The view links each volume to its claim and each Block claim to its loop device.
@@ -347,6 +350,37 @@ fn run(args: RunArgs) -> Result<i32> {
     };
 
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
+}
+
+/// Imports the VM's DataVolumes, unless SIGTERM or SIGINT comes first (None): then the import
+/// is left to die with the process. Without this a launcher that is PID 1 of its namespace
+/// would ignore both until the VM ran.
+fn import_unless_stopped(
+    vm: PathBuf,
+    vmi: VirtualMachineInstance,
+    options: datavolume::Options,
+    mut paths: virt_launcher::convert::facts::PodPaths,
+) -> Result<Option<(datavolume::Claims, virt_launcher::convert::facts::PodPaths)>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let outcome = runtime.block_on(async move {
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let import = tokio::task::spawn_blocking(move || {
+            datavolume::materialise(&vm, &vmi, &options, &mut paths).map(|c| (c, paths))
+        });
+        tokio::select! {
+            r = import => Ok(Some(r.context("import task")??)),
+            _ = term.recv() => Ok(None),
+            _ = int.recv() => Ok(None),
+        }
+    });
+    // An import that was left runs on until the process ends: do not wait for it.
+    runtime.shutdown_background();
+    outcome
 }
 
 /// Runs the core and the API on a runtime of their own until the VM stops; then removes the

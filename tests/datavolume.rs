@@ -1090,3 +1090,47 @@ fn vm_flag_errors_are_clear() {
     assert!(!status.success());
     assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
+
+/// SIGTERM during an import stops the launcher at once with exit 0 (stopped before any VM
+/// ran, as the README says), starts no VM, leaves nothing running and no claim that looks
+/// complete.
+#[test]
+fn sigterm_during_an_import_exits_0_and_leaves_nothing() {
+    let mut vm = Vm::new("dv-term");
+    let server = Server::start();
+    let raw = raw_image("never-finished", 8 * MIB);
+    server.route(
+        "/slow.img",
+        Route::Slow {
+            data: Arc::new(raw),
+            chunk: 64 << 10,
+            pause: Duration::from_millis(200),
+        },
+    );
+    vm.write(&vm_yaml(
+        &vm.pod.name,
+        "lv.read=vda",
+        &http_dv("slow", &server.url("/slow.img"), &pvc("32Mi")),
+        &["slow"],
+    ));
+    vm.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vm.pod.log().contains("\"message\":\"import progress\"") {
+        assert!(Instant::now() < deadline, "no progress\n{}", vm.pod.dump());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    vm.pod.signal(Signal::SIGTERM);
+    let status = vm.pod.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", vm.pod.dump());
+    let log = vm.pod.log();
+    assert!(log.contains("stopped during the import"), "{log}");
+    assert!(!log.contains("starting domain"), "{log}");
+    let claim = vm.claim("slow");
+    assert!(!claim.join("disk.img").exists(), "half-written disk.img");
+    assert!(!claim.join("claim.json").exists(), "claim marked complete");
+    assert!(
+        vm.pod.leftover_processes().is_empty(),
+        "{:?}",
+        vm.pod.leftover_processes()
+    );
+}
