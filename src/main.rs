@@ -236,7 +236,7 @@ fn run(args: RunArgs) -> Result<i32> {
         pod::pidns::bind_to_parent()?;
     }
     let input = args.vm.as_ref().or(args.vmi.as_ref());
-    let vmi = input.map(|p| spec::load_file(p)).transpose()?;
+    let mut vmi = input.map(|p| spec::load_file(p)).transpose()?;
     let root = match (&args.runtime_dir, &vmi) {
         (Some(dir), _) => dir.clone(),
         (None, Some(vmi)) => Path::new("/run/virt-launcher").join(vmi.domain_name()),
@@ -289,6 +289,11 @@ fn run(args: RunArgs) -> Result<i32> {
         }
         _ => None,
     };
+    // As virt-controller does from the claims: their access modes decide what a migration
+    // may share (a ReadWriteMany DataVolume is not local to this launcher).
+    if let (Some(claims), Some(vmi)) = (&_claims, vmi.as_mut()) {
+        claims.record_in_status(&absolute(&args.storage_dir), vmi);
+    }
     let planner = Planner {
         domain_type: args.domain_type,
         paths: overrides,

@@ -710,6 +710,19 @@ fn block_mode_claim_is_a_loop_device() {
     assert_eq!(meta["volumeMode"], "Block");
     assert_eq!(meta["shared"], true);
     assert!(claim_is_shared(&vm.storage, "default", "blk"));
+    // The launcher reads the claim's access modes: the disk is shared (a migration may leave
+    // it where it is), as a ReadWriteMany claim is in a cluster.
+    let domain = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        vm.pod
+            .client()
+            .await
+            .get_domain(virt_launcher::api::pb::Empty {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let disk = domain.disks.iter().find(|d| d.volume == "blk").unwrap();
+    assert!(disk.shared, "{disk:?}");
     assert!(!vm.claim("blk").join("disk.img").exists());
     vm.stop();
 
