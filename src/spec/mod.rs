@@ -35,6 +35,8 @@ pub enum SpecError {
     },
     #[error("{origin}: not valid JSON/YAML: {reason}")]
     Syntax { origin: String, reason: String },
+    #[error("{origin}: {size} bytes: a manifest may be at most {} bytes (4 MiB; a KubeVirt object is at most ~1.5 MiB)", manifest::MAX_MANIFEST_BYTES)]
+    TooLarge { origin: String, size: u64 },
     #[error("{origin}: no VirtualMachineInstance or VirtualMachine document found")]
     Empty { origin: String },
     #[error("{origin}: unsupported apiVersion {api_version:?} / kind {kind:?} (want kubevirt.io/v1 VirtualMachineInstance or VirtualMachine)")]
