@@ -768,10 +768,43 @@ impl Manifest {
                 kind: kind.to_string(),
             });
         }
-        if kind == "VirtualMachine" {
-            Ok(self.deserialize::<VirtualMachine>(doc)?.into_vmi())
+        let (mut vmi, spec) = if kind == "VirtualMachine" {
+            let vmi = self.deserialize::<VirtualMachine>(doc)?.into_vmi();
+            (vmi, doc.pointer("/spec/template/spec"))
         } else {
-            self.deserialize(doc)
+            (
+                self.deserialize::<VirtualMachineInstance>(doc)?,
+                doc.get("spec"),
+            )
+        };
+        let filesystems: Vec<&str> = spec
+            .and_then(|s| s.pointer("/domain/devices/filesystems"))
+            .and_then(|f| f.as_array())
+            .map(|f| f.iter().filter_map(|f| f.get("name")?.as_str()).collect())
+            .unwrap_or_default();
+        vmi.default_volume_disks(&filesystems);
+        Ok(vmi)
+    }
+}
+
+impl VirtualMachineInstance {
+    /// KubeVirt's defaulting (`SetDefaultVolumeDisk`, at a VMI's creation and in the VM
+    /// controller): a volume that no disk and no filesystem (`filesystems`) names gets a disk
+    /// of its own (`disk: {}`, virtio), which the user then sees in the guest rather than a
+    /// volume silently dropped.
+    pub fn default_volume_disks(&mut self, filesystems: &[&str]) {
+        let devices = &mut self.spec.domain.devices;
+        for v in &self.spec.volumes {
+            let named = devices.disks.iter().any(|d| d.name == v.name)
+                || filesystems.contains(&v.name.as_str());
+            if !named {
+                tracing::info!(volume = %v.name, "the volume has no disk: adding one (virtio), as KubeVirt does");
+                devices.disks.push(Disk {
+                    name: v.name.clone(),
+                    disk: Some(DiskTarget::default()),
+                    ..Default::default()
+                });
+            }
         }
     }
 }
@@ -802,6 +835,44 @@ impl VirtualMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As KubeVirt defaults a VMI: a volume without a disk gets one; one a filesystem uses
+    /// does not; in a VM's template as in a VMI.
+    #[test]
+    fn a_volume_without_a_disk_gets_one_as_kubevirt_adds_it() {
+        let spec = "domain:\n  devices:\n    disks:\n    - name: a\n      disk: {bus: sata}\n    filesystems:\n    - name: fs\n      virtiofs: {}\nvolumes:\n- name: a\n  emptyDisk: {capacity: 1Mi}\n- name: b\n  persistentVolumeClaim: {claimName: b}\n- name: fs\n  persistentVolumeClaim: {claimName: fs}\n";
+        let indent = |text: &str, n: usize| {
+            text.lines()
+                .map(|l| format!("{}{l}\n", " ".repeat(n)))
+                .collect::<String>()
+        };
+        let vmi = format!(
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: x\nspec:\n{}",
+            indent(spec, 2)
+        );
+        let vm = format!(
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: x\nspec:\n  template:\n    spec:\n{}",
+            indent(spec, 6)
+        );
+        for text in [vmi, vm] {
+            let vmi = from_str(&text, "t.yaml").expect("parses");
+            let disks: Vec<(&str, Option<&str>)> = vmi
+                .spec
+                .domain
+                .devices
+                .disks
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.as_str(),
+                        d.disk.as_ref().and_then(|t| t.bus.as_deref()),
+                    )
+                })
+                .collect();
+            assert_eq!(disks, [("a", Some("sata")), ("b", None)], "{text}");
+            assert!(vmi.spec.domain.devices.disks[1].disk.is_some());
+        }
+    }
 
     #[test]
     fn vm_template_becomes_vmi_with_vm_metadata() {
