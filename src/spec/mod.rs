@@ -768,6 +768,22 @@ impl Manifest {
                 kind: kind.to_string(),
             });
         }
+        if kind == "VirtualMachine" {
+            // KubeVirt expands these from VirtualMachineInstancetype/Preference objects in the
+            // cluster; a launcher has none to read, and dropping them would run another VM.
+            for field in ["instancetype", "preference"] {
+                if doc.get("spec").and_then(|s| s.get(field)).is_some() {
+                    return Err(SpecError::Field {
+                        origin: self.origin.clone(),
+                        field: format!("spec.{field}"),
+                        reason: format!(
+                            "{field}s are not resolved here (they live in the cluster): run \
+                             `virtctl expand --vm <name>` and give the launcher the expanded VM"
+                        ),
+                    });
+                }
+            }
+        }
         let (mut vmi, spec) = if kind == "VirtualMachine" {
             let vmi = self.deserialize::<VirtualMachine>(doc)?.into_vmi();
             (vmi, doc.pointer("/spec/template/spec"))
@@ -871,6 +887,20 @@ mod tests {
                 .collect();
             assert_eq!(disks, [("a", Some("sata")), ("b", None)], "{text}");
             assert!(vmi.spec.domain.devices.disks[1].disk.is_some());
+        }
+    }
+
+    #[test]
+    fn an_instancetype_or_preference_is_refused_naming_the_field() {
+        for field in ["instancetype", "preference"] {
+            let yaml = format!("apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: vm\nspec:\n  {field}:\n    name: u1.medium\n  template:\n    spec:\n      domain:\n        devices: {{}}\n");
+            let e = from_str(&yaml, "vm.yaml").unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "vm.yaml: field spec.{field}: {field}s are not resolved"
+                )) && e.contains("virtctl expand"),
+                "{e}"
+            );
         }
     }
 
