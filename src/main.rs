@@ -298,6 +298,9 @@ fn run(args: RunArgs) -> Result<i32> {
         domain_type: args.domain_type,
         paths: overrides,
     };
+    if let Some(why) = vmi.as_ref().and_then(|v| v.nothing_to_boot()) {
+        tracing::warn!("{why}");
+    }
     // A bad spec or a missing volume is reported before anything is started.
     let console_log = match (&vmi, input) {
         (Some(vmi), Some(input)) => Some(

@@ -198,3 +198,35 @@ fn sigkill_leaves_nothing_a_restart_starts_clean_and_one_launcher_per_vm() {
     );
     wait_nothing_left(&pod, "after SIGTERM");
 }
+
+/// A VM with nothing to boot from starts (as in KubeVirt) but says so at once, instead of
+/// looking like a guest that is booting; it stops cleanly.
+#[test]
+fn a_vm_with_nothing_to_boot_is_warned_about() {
+    let mut pod = Pod::new("noboot");
+    pod.prepare();
+    std::fs::write(
+        pod.vmi_path(),
+        "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: vl-noboot\n\
+         spec:\n  terminationGracePeriodSeconds: 1\n  domain:\n    resources:\n      requests:\n        \
+         memory: 64Mi\n    devices: {}\n",
+    )
+    .unwrap();
+    pod.spawn();
+    pod.wait_log("\"message\":\"domain running\"", Duration::from_secs(90));
+    let warning = pod
+        .log()
+        .lines()
+        .find(|l| l.contains("nothing to boot from"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no warning\n{}", pod.dump()));
+    assert!(warning.contains("\"level\":\"WARN\""), "{warning}");
+    assert!(
+        warning.contains("spec.domain.devices.disks") && warning.contains("kernelBoot"),
+        "{warning}"
+    );
+    pod.signal(Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "{}", pod.dump());
+    wait_nothing_left(&pod, "after SIGTERM");
+}

@@ -804,6 +804,26 @@ impl Manifest {
 }
 
 impl VirtualMachineInstance {
+    /// What the guest would boot from is missing (no disk, no kernel, no interface to boot
+    /// from): the VM would start and show nothing, looking like one that boots. A line for
+    /// the user, or None.
+    pub fn nothing_to_boot(&self) -> Option<String> {
+        let d = &self.spec.domain;
+        let kernel = d
+            .firmware
+            .as_ref()
+            .and_then(|f| f.kernel_boot.as_ref())
+            .and_then(|k| k.container.as_ref())
+            .is_some_and(|c| c.kernel_path.is_some());
+        let netboot = d.devices.interfaces.iter().any(|i| i.boot_order.is_some());
+        (d.devices.disks.is_empty() && !kernel && !netboot).then(|| {
+            "the VM has nothing to boot from: no disk (spec.domain.devices.disks), no kernel \
+             (spec.domain.firmware.kernelBoot) and no interface with a bootOrder; it will run \
+             without an operating system"
+                .to_string()
+        })
+    }
+
     /// KubeVirt's defaulting (`SetDefaultVolumeDisk`, at a VMI's creation and in the VM
     /// controller): a volume that no disk and no filesystem (`filesystems`) names gets a disk
     /// of its own (`disk: {}`, virtio), which the user then sees in the guest rather than a
