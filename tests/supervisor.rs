@@ -12,11 +12,7 @@ use nix::unistd::Pid;
 /// Kills `daemon` with SIGKILL and waits for the launcher to have restarted it.
 fn kill_daemon_and_wait_restart(pod: &mut Pod, daemon: &str) {
     let old = pod.daemon_pid(daemon).expect("daemon pid file");
-    let restarted = format!(
-        "Restarted {{ daemon: {}{}",
-        daemon[..1].to_uppercase(),
-        &daemon[1..]
-    );
+    let restarted = format!("\"daemon\":\"{daemon}\",\"event\":\"restarted\"");
     let seen_before = pod.log().matches(&restarted).count();
     kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
     let done = common::wait(Duration::from_secs(10), Duration::from_millis(20), || {
