@@ -38,6 +38,13 @@ enum Cmd {
     Run(RunArgs),
     /// Print the libvirt domain XML a VMI converts to.
     Render(RenderArgs),
+    /// libvirt's QEMU hook for an incoming migration (run by the pod's libvirtd): reads the
+    /// domain XML on stdin and refuses (exit 1, one line on stderr) any VM but the one awaited.
+    #[command(hide = true)]
+    MigrationHook {
+        /// The awaited VM's identity, as the prepared target wrote it.
+        awaited: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -163,6 +170,7 @@ fn main() -> ExitCode {
                 run(args)
             }
             Cmd::Render(args) => render(args).map(|()| 0),
+            Cmd::MigrationHook { awaited } => return migration_hook(&awaited),
         }
     };
     match result {
@@ -170,6 +178,22 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "launcher failed");
             eprintln!("virt-launcher: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `virt-launcher migration-hook`: libvirt prints our stderr in the source's error.
+fn migration_hook(awaited: &Path) -> ExitCode {
+    let mut xml = String::new();
+    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml) {
+        eprintln!("incoming migration refused: cannot read the domain XML: {e}");
+        return ExitCode::FAILURE;
+    }
+    match vm::migration::target::judge_incoming(awaited, &xml) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
             ExitCode::FAILURE
         }
     }
@@ -211,18 +235,33 @@ fn render(args: RenderArgs) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<i32> {
+    if !args.no_isolate && pod::pidns::wanted() {
+        // Standalone: PID 1 of a PID namespace of its own, as in a pod (see `pod::pidns`).
+        return Ok(pod::pidns::run_as_pid1(std::env::args_os().skip(1))?);
+    }
+    if pod::pidns::is_child() {
+        pod::pidns::bind_to_parent()?;
+    }
     let input = args.vm.as_ref().or(args.vmi.as_ref());
-    let vmi = input.map(|p| spec::load_file(p)).transpose()?;
+    let mut vmi = input.map(|p| spec::load_file(p)).transpose()?;
     let root = match (&args.runtime_dir, &vmi) {
         (Some(dir), _) => dir.clone(),
         (None, Some(vmi)) => Path::new("/run/virt-launcher").join(vmi.domain_name()),
-        (None, None) => {
-            Path::new("/run/virt-launcher").join(format!("launcher-{}", std::process::id()))
-        }
+        (None, None) => Path::new("/run/virt-launcher").join(format!("launcher-{}", launcher_id())),
     };
     let layout = PodLayout::new(absolute(&root), !args.no_isolate).with_capabilities_seed(
         (!args.no_capabilities_cache).then(|| absolute(&args.capabilities_cache)),
     );
+    // One launcher per VM on this machine, before any import or daemon (a launcher waiting for
+    // a Sync or a migration has no VM yet: a migration target runs the source's VM by design).
+    let _vm_lock = match &vmi {
+        Some(vmi) if layout.is_isolated() => Some(pod::lock_vm(
+            Path::new(pod::VM_LOCK_DIR),
+            &vmi.domain_name(),
+            layout.root(),
+        )?),
+        _ => None,
+    };
 
     let mut overrides = args.paths.overrides();
     if layout.is_isolated() {
@@ -235,16 +274,19 @@ fn run(args: RunArgs) -> Result<i32> {
     // claims attached) until the launcher returns.
     let _claims = match (&args.vm, &vmi) {
         (Some(vm), Some(vmi)) => {
-            let mut paths = overrides.paths_for(vmi);
-            let claims = datavolume::materialise(
-                vm,
-                vmi,
-                &datavolume::Options {
-                    storage_dir: absolute(&args.storage_dir),
-                    progress: datavolume::ProgressStyle::auto(args.json_logs),
-                },
-                &mut paths,
-            )?;
+            let options = datavolume::Options {
+                storage_dir: absolute(&args.storage_dir),
+                progress: datavolume::ProgressStyle::auto(args.json_logs),
+            };
+            let Some((claims, paths)) =
+                import_unless_stopped(vm.clone(), vmi.clone(), options, overrides.paths_for(vmi))?
+            else {
+                // README: stopped before any VM ran is exit 0. The import works in a scratch
+                // directory and renames only a finished image into place: nothing is lost, and
+                // the next start imports again.
+                tracing::info!("stopped during the import; no VM was started");
+                return Ok(0);
+            };
             overrides.vmi_disks_dir = Some(paths.vmi_disks_dir);
             overrides.block_dev_dir = Some(paths.block_dev_dir);
             // The view links each volume to its claim and each Block claim to its loop device.
@@ -256,10 +298,18 @@ fn run(args: RunArgs) -> Result<i32> {
         }
         _ => None,
     };
+    // As virt-controller does from the claims: their access modes decide what a migration
+    // may share (a ReadWriteMany DataVolume is not local to this launcher).
+    if let (Some(claims), Some(vmi)) = (&_claims, vmi.as_mut()) {
+        claims.record_in_status(&absolute(&args.storage_dir), vmi);
+    }
     let planner = Planner {
         domain_type: args.domain_type,
         paths: overrides,
     };
+    if let Some(why) = vmi.as_ref().and_then(|v| v.nothing_to_boot()) {
+        tracing::warn!("{why}");
+    }
     // A bad spec or a missing volume is reported before anything is started.
     let console_log = match (&vmi, input) {
         (Some(vmi), Some(input)) => Some(
@@ -280,6 +330,8 @@ fn run(args: RunArgs) -> Result<i32> {
 
     layout.create()?;
     let _lock = layout.lock()?;
+    layout.clear_stale(&_lock);
+    layout.create()?;
     if layout.is_isolated() {
         let hostname = args
             .hostname
@@ -289,11 +341,11 @@ fn run(args: RunArgs) -> Result<i32> {
     }
     layout.write_configs(&pod::random_uuid())?;
     tracing::info!(
-        input = ?input,
-        domain_type = ?args.domain_type,
+        input = input.map(|p| p.display().to_string()),
+        domain_type = args.domain_type.as_str(),
         runtime_dir = %layout.root().display(),
         socket = %socket.display(),
-        console_log = ?console_log,
+        console_log = console_log.as_ref().map(|p| p.display().to_string()),
         "launcher starting"
     );
     let api = ServerConfig {
@@ -318,6 +370,37 @@ fn run(args: RunArgs) -> Result<i32> {
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
 }
 
+/// Imports the VM's DataVolumes, unless SIGTERM or SIGINT comes first (None): then the import
+/// is left to die with the process. Without this a launcher that is PID 1 of its namespace
+/// would ignore both until the VM ran.
+fn import_unless_stopped(
+    vm: PathBuf,
+    vmi: VirtualMachineInstance,
+    options: datavolume::Options,
+    mut paths: virt_launcher::convert::facts::PodPaths,
+) -> Result<Option<(datavolume::Claims, virt_launcher::convert::facts::PodPaths)>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let outcome = runtime.block_on(async move {
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let import = tokio::task::spawn_blocking(move || {
+            datavolume::materialise(&vm, &vmi, &options, &mut paths).map(|c| (c, paths))
+        });
+        tokio::select! {
+            r = import => Ok(Some(r.context("import task")??)),
+            _ = term.recv() => Ok(None),
+            _ = int.recv() => Ok(None),
+        }
+    });
+    // An import that was left runs on until the process ends: do not wait for it.
+    runtime.shutdown_background();
+    outcome
+}
+
 /// Runs the core and the API on a runtime of their own until the VM stops; then removes the
 /// daemons' state. `subreaper`: whether orphans (a daemonized QEMU) become ours;
 /// `share_dir`: KubeVirt's share dir, whose notify pipe gets the domain's events.
@@ -337,9 +420,37 @@ fn run_core(
     let outcome = runtime.block_on(serve(layout, opts, api, subreaper, share_dir));
     runtime.shutdown_timeout(Duration::from_secs(2));
     tracing::debug!("runtime shut down");
+    if let Ok(o) = &outcome {
+        if let Some(reason) = o.reason.filter(|_| o.exit_code() != 0) {
+            // One line that says why, with what QEMU said last (its log goes with the
+            // daemons' state).
+            let tail = qemu_log_tail(QEMU_LOG_DIR, 5);
+            let reason = format!("{reason:?}").to_lowercase();
+            tracing::error!(reason = %reason, qemu_log = %tail, "the VM stopped unexpectedly");
+            eprintln!("virt-launcher: the VM stopped unexpectedly ({reason}); QEMU's last log lines: {tail}");
+        }
+    }
     layout.remove_daemon_state();
     tracing::debug!("runtime directory cleaned");
     Ok(outcome?.exit_code())
+}
+
+/// Where libvirt keeps QEMU's log (the pod's own: private in standalone mode).
+const QEMU_LOG_DIR: &str = "/var/log/libvirt/qemu";
+
+/// The last `n` lines of the newest QEMU log in `dir`, joined with ` | ` (one line).
+fn qemu_log_tail(dir: &str, n: usize) -> String {
+    let newest = std::fs::read_dir(dir).ok().and_then(|entries| {
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+    });
+    let Some(text) = newest.and_then(|e| std::fs::read_to_string(e.path()).ok()) else {
+        return format!("none ({dir} has no QEMU log)");
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 /// Starts the pod's daemons, the core and the control API on it, and runs until the VM
@@ -384,9 +495,15 @@ async fn serve(
     result
 }
 
+/// What names this launcher on the machine: in its own PID namespace its pid is 1, and the
+/// waiter in front of it has the machine's pid.
+fn launcher_id() -> u32 {
+    pod::pidns::waiter_pid().unwrap_or_else(std::process::id)
+}
+
 /// A pod-like hostname: libvirt refuses to migrate between two daemons with the same one.
 fn hostname(vmi: Option<&VirtualMachineInstance>) -> String {
-    let suffix = format!("{:05x}", std::process::id() & 0xfffff);
+    let suffix = format!("{:05x}", launcher_id() & 0xfffff);
     let mut base = format!(
         "virt-launcher-{}",
         vmi.map(|v| v.metadata.name.as_str()).unwrap_or("pod")
@@ -418,7 +535,7 @@ fn is_kubevirt_command_line(argv: &[String]) -> bool {
 fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     let args = KubevirtArgs::parse(argv)?;
     if !args.unknown.is_empty() {
-        tracing::warn!(flags = ?args.unknown, "ignoring unknown flags");
+        tracing::warn!(flags = %args.unknown.join(" "), "ignoring unknown flags");
     }
     if args.simulate_crash {
         anyhow::bail!("--simulate-crash: crashing as asked");
@@ -512,11 +629,11 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     tracing::info!(
         domain = %args.domain_name(),
         uid = %args.uid,
-        domain_type = ?domain_type,
+        domain_type = domain_type.as_str(),
         socket = %socket.display(),
         qemu_timeout_s = args.qemu_timeout.as_secs_f64(),
         grace_period_s = args.grace_period.as_secs(),
-        ignored_flags = ?args.ignored,
+        ignored_flags = %args.ignored.join(" "),
         "launcher starting in KubeVirt's pod"
     );
     let api = ServerConfig {

@@ -119,3 +119,29 @@ fn unwritable_runtime_dir_is_named_and_nothing_starts() {
         "{line}"
     );
 }
+
+/// A manifest over 4 MiB (a KubeVirt object is at most ~1.5 MiB) is refused before it is
+/// parsed: one line naming the file and the limit, nothing started, no runtime directory.
+#[test]
+fn a_manifest_over_4_mib_is_refused_before_parsing() {
+    let pod = Pod::new("huge").with_disk("data", "virtio", 16);
+    pod.prepare();
+    let mut yaml = std::fs::read_to_string(pod.vmi_path()).unwrap();
+    yaml = yaml.replacen(
+        "metadata:\n",
+        &format!(
+            "metadata:\n  annotations:\n    pad: \"{}\"\n",
+            "x".repeat(5 << 20)
+        ),
+        1,
+    );
+    std::fs::write(pod.vmi_path(), &yaml).unwrap();
+    let line = fails(&pod);
+    assert!(
+        line.contains(&pod.vmi_path().display().to_string())
+            && line.contains(&format!("{} bytes", yaml.len()))
+            && line.contains("at most 4194304 bytes"),
+        "{line}"
+    );
+    assert!(!pod.runtime_dir().exists(), "a runtime directory was made");
+}

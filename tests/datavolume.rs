@@ -710,6 +710,19 @@ fn block_mode_claim_is_a_loop_device() {
     assert_eq!(meta["volumeMode"], "Block");
     assert_eq!(meta["shared"], true);
     assert!(claim_is_shared(&vm.storage, "default", "blk"));
+    // The launcher reads the claim's access modes: the disk is shared (a migration may leave
+    // it where it is), as a ReadWriteMany claim is in a cluster.
+    let domain = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        vm.pod
+            .client()
+            .await
+            .get_domain(virt_launcher::api::pb::Empty {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let disk = domain.disks.iter().find(|d| d.volume == "blk").unwrap();
+    assert!(disk.shared, "{disk:?}");
     assert!(!vm.claim("blk").join("disk.img").exists());
     vm.stop();
 
@@ -1089,4 +1102,48 @@ fn vm_flag_errors_are_clear() {
     ]);
     assert!(!status.success());
     assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+/// SIGTERM during an import stops the launcher at once with exit 0 (stopped before any VM
+/// ran, as the README says), starts no VM, leaves nothing running and no claim that looks
+/// complete.
+#[test]
+fn sigterm_during_an_import_exits_0_and_leaves_nothing() {
+    let mut vm = Vm::new("dv-term");
+    let server = Server::start();
+    let raw = raw_image("never-finished", 8 * MIB);
+    server.route(
+        "/slow.img",
+        Route::Slow {
+            data: Arc::new(raw),
+            chunk: 64 << 10,
+            pause: Duration::from_millis(200),
+        },
+    );
+    vm.write(&vm_yaml(
+        &vm.pod.name,
+        "lv.read=vda",
+        &http_dv("slow", &server.url("/slow.img"), &pvc("32Mi")),
+        &["slow"],
+    ));
+    vm.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !vm.pod.log().contains("\"message\":\"import progress\"") {
+        assert!(Instant::now() < deadline, "no progress\n{}", vm.pod.dump());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    vm.pod.signal(Signal::SIGTERM);
+    let status = vm.pod.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", vm.pod.dump());
+    let log = vm.pod.log();
+    assert!(log.contains("stopped during the import"), "{log}");
+    assert!(!log.contains("starting domain"), "{log}");
+    let claim = vm.claim("slow");
+    assert!(!claim.join("disk.img").exists(), "half-written disk.img");
+    assert!(!claim.join("claim.json").exists(), "claim marked complete");
+    assert!(
+        vm.pod.leftover_processes().is_empty(),
+        "{:?}",
+        vm.pod.leftover_processes()
+    );
 }

@@ -755,6 +755,7 @@ async fn hotplug_file_deleted_before_attach() {
         Ok(d) => d.into_inner().domain.unwrap(),
         Err(e) => {
             assert!(e.message().contains("hp"), "{e}");
+            assert_said_once(e.message());
             c.get_domain(pb::Empty {}).await.unwrap().into_inner()
         }
     };
@@ -768,6 +769,11 @@ async fn hotplug_file_deleted_before_attach() {
         hp.message.contains("hp.img"),
         "message names the path: {hp:?}"
     );
+    assert_said_once(&hp.message);
+    // The log says it once too (each line: the volume, the cause).
+    for line in pod.log().lines().filter(|l| l.contains("hp.img")) {
+        assert_said_once(line);
+    }
     assert_eq!(d.state(), pb::DomainState::Running);
     // Back again: attached.
     fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
@@ -786,6 +792,16 @@ async fn hotplug_file_deleted_before_attach() {
         pod.wait_console("vdc:16384", Duration::from_secs(20));
         stop_and_check(pod);
     });
+}
+
+/// Each cause once: no `volume hp: volume hp: …`, the OS error not repeated.
+fn assert_said_once(message: &str) {
+    for part in ["volume hp:", "No such file or directory"] {
+        assert!(
+            message.matches(part).count() <= 1,
+            "{part:?} more than once: {message}"
+        );
+    }
 }
 
 /// The core checks `podfacts::confined_hotplug_path` before it attaches.

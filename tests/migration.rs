@@ -697,3 +697,99 @@ async fn block_migration_copies_local_disks_to_the_target() {
     );
     assert!(b.leftover_processes().is_empty() && a.leftover_processes().is_empty());
 }
+
+/// `virsh migrate` run by hand on `src`'s libvirtd, past the launcher's own checks: only the
+/// target's libvirt (its migration hook) can refuse it. Its stderr.
+fn virsh_migrate_by_hand(src: &Pod, target: &pb::MigrationTarget) -> String {
+    let pid = src.daemon_pid("libvirtd").expect("libvirtd pid file");
+    let uri = format!(
+        "qemu+unix:///system?socket={}/sock/libvirt-sock",
+        src.runtime_dir().display()
+    );
+    let domain = format!("default_{}", src.name);
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "virsh", "-c", &uri])
+        .args(["migrate", "--live", "--p2p", "--unsafe", &domain])
+        .arg(&target.libvirt_uri)
+        .args(["--migrateuri", &target.migration_uri])
+        .output()
+        .expect("run virsh");
+    assert!(!out.status.success(), "virsh migrate went through");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_takes_only_the_vm_it_was_prepared_for() {
+    // The same uid (hand-written VMIs copied from one another, or with none at all), another VM.
+    let a = source("migi", true);
+    let b = target("migi-t", &a);
+    let other = a.vmi_yaml().replace(&a.name, "vl-other");
+    let prepared = prepare(&b, &other).await;
+    assert_eq!(
+        (prepared.namespace.as_str(), prepared.name.as_str()),
+        ("default", "vl-other")
+    );
+    assert!(!prepared.domain_uuid.is_empty(), "{prepared:?}");
+
+    // Through the launcher: refused before anything starts, naming both VMs.
+    let mut c = a.client().await;
+    let e = c
+        .migrate(pb::MigrateRequest {
+            target_socket: b.socket().display().to_string(),
+            options: Some(options()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("default/vl-other") && e.message().contains("default/vl-migi"),
+        "{}",
+        e.message()
+    );
+
+    // Past the launcher: the target's libvirt asks its hook, which refuses before QEMU starts.
+    let err = virsh_migrate_by_hand(&a, &prepared);
+    assert!(
+        err.contains("refused")
+            && err.contains("default_vl-migi")
+            && err.contains("default/vl-other"),
+        "{err}"
+    );
+    assert!(
+        !b.log().contains("incoming migration arrived"),
+        "{}",
+        b.dump()
+    );
+    assert!(
+        b.client()
+            .await
+            .get_domain(pb::Empty {})
+            .await
+            .unwrap()
+            .into_inner()
+            .migration_target
+            .is_some(),
+        "the target no longer awaits its VM"
+    );
+    still_running_on(&a).await;
+
+    // Nothing was lost: the target ends as a target that no VM reached, the VM stops cleanly.
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, b) = common::exit_status(b, Duration::from_secs(20)).await;
+    assert!(status.success(), "{}", b.dump());
+    assert!(
+        b.leftover_processes().is_empty(),
+        "{:?}",
+        b.leftover_processes()
+    );
+    let before = a.disk_counter("data");
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, a) = common::exit_status(a, Duration::from_secs(40)).await;
+    assert!(status.success(), "{}", a.dump());
+    assert!(a.disk_counter("data") >= before);
+    assert!(
+        a.leftover_processes().is_empty(),
+        "{:?}",
+        a.leftover_processes()
+    );
+}

@@ -12,11 +12,7 @@ use nix::unistd::Pid;
 /// Kills `daemon` with SIGKILL and waits for the launcher to have restarted it.
 fn kill_daemon_and_wait_restart(pod: &mut Pod, daemon: &str) {
     let old = pod.daemon_pid(daemon).expect("daemon pid file");
-    let restarted = format!(
-        "Restarted {{ daemon: {}{}",
-        daemon[..1].to_uppercase(),
-        &daemon[1..]
-    );
+    let restarted = format!("\"daemon\":\"{daemon}\",\"event\":\"restarted\"");
     let seen_before = pod.log().matches(&restarted).count();
     kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
     let done = common::wait(Duration::from_secs(10), Duration::from_millis(20), || {
@@ -82,6 +78,28 @@ fn qemu_killed_is_reported_as_a_crash_with_non_zero_exit() {
         "no final event\n{}",
         pod.dump()
     );
+    // One line says so, with the end of QEMU's log.
+    let said: Vec<String> = pod
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("virt-launcher:"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(said.len(), 1, "{}", pod.dump());
+    assert!(
+        said[0].contains("stopped unexpectedly (")
+            && said[0].contains("QEMU's last log lines:")
+            && said[0].contains("shutting down, reason=crashed"),
+        "{}",
+        said[0]
+    );
+    assert!(
+        pod.log()
+            .lines()
+            .any(|l| l.contains("\"level\":\"ERROR\"") && l.contains("stopped unexpectedly")),
+        "{}",
+        pod.dump()
+    );
     let left = pod.leftover_processes();
     assert!(left.is_empty(), "processes left behind: {left:#?}");
 }
@@ -91,7 +109,15 @@ fn second_launcher_on_the_same_runtime_dir_is_refused() {
     let mut pod = Pod::new("twice").with_disk("data", "virtio", 16);
     pod.start();
     pod.wait_console("LV-READY", Duration::from_secs(90));
+    // The same VM anywhere is refused by its machine-wide lock (tests/standalone.rs); a
+    // launcher with no VM yet on the same runtime directory, by the directory's.
     let out = pod.command().output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already has a launcher"), "{stderr}");
+    pod.wait_for_sync = true;
+    let out = pod.command().output().unwrap();
+    pod.wait_for_sync = false;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("in use by another launcher"), "{stderr}");

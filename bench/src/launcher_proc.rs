@@ -97,6 +97,11 @@ impl LauncherProc {
         self.child.id() as i32
     }
 
+    /// The launcher itself: PID 1 of the PID namespace behind the waiter `pid()` starts.
+    pub(crate) fn launcher_pid(&self) -> i32 {
+        testkit::procs::launcher_pid(self.pid())
+    }
+
     /// The control socket (published by renaming once the launcher serves).
     pub(crate) fn socket(&self) -> PathBuf {
         testkit::launcher::socket(&self.runtime)
@@ -121,7 +126,7 @@ impl LauncherProc {
     }
 
     pub(crate) fn note_namespace(&mut self) {
-        self.mnt_ns = mount_ns(self.pid()).ok();
+        self.mnt_ns = mount_ns(self.launcher_pid()).ok();
     }
 
     pub(crate) fn signal(&self, sig: Signal) -> Result<()> {

@@ -67,8 +67,7 @@ use nix::unistd::Pid;
 use serde::Serialize;
 use serde_json::Value;
 use testkit::procs::{
-    find_qemu, kill_matching, kill_namespace, mount_ns, pids, pss_mib, read_pid, rss_mib,
-    status_mib,
+    find_qemu, kill_matching, kill_namespace, mount_ns, pids, pss_mib, rss_mib, status_mib,
 };
 use virt::connect::Connect;
 use virt::domain::Domain;

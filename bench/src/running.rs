@@ -245,7 +245,7 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
         uid: None,
     };
     let mut pair = Pair::boot(ctx, &spec, "lvb-hotplug")?;
-    let before = launcher_mem(pair.pod.pid())?;
+    let before = launcher_mem(pair.pod.launcher_pid())?;
     progress(&format!(
         "running VM: both guests up, launcher RSS {:.1} MiB",
         before.rss
@@ -310,7 +310,7 @@ pub(super) fn bench_running(ctx: &mut Ctx) -> Result<()> {
         pod.check_alive()
     })?;
     std::thread::sleep(SETTLE);
-    let after = launcher_mem(pair.pod.pid())?;
+    let after = launcher_mem(pair.pod.launcher_pid())?;
     progress(&format!(
         "launcher with {HOTPLUG_TOTAL} hot-plugged disks: RSS {:.1} MiB (PSS {:.1} MiB)",
         after.rss, after.pss

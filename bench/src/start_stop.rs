@@ -353,12 +353,14 @@ pub(crate) fn launcher_once(ctx: &mut Ctx, disks: usize) -> Result<LauncherRun> 
     let booted = wait_console(&console, t0 + timeout, || pod.check_alive())?;
     std::thread::sleep(SETTLE);
 
-    let libvirtd = read_pid(&testkit::launcher::daemon_pid_file(&runtime, "libvirtd"))?;
+    let libvirtd = testkit::launcher::daemon_pid(&runtime, "libvirtd")?;
     let qemu = find_qemu(&ctx.name, &mount_ns(libvirtd)?)?;
+    // The launcher itself, not the waiter in front of its PID namespace.
+    let launcher = pod.launcher_pid();
     let rss = PodRss {
-        launcher: rss_mib(pod.pid())?,
-        launcher_anon: status_mib(pod.pid(), "RssAnon")?,
-        launcher_pss: pss_mib(pod.pid())?,
+        launcher: rss_mib(launcher)?,
+        launcher_anon: status_mib(launcher, "RssAnon")?,
+        launcher_pss: pss_mib(launcher)?,
         libvirtd: rss_mib(libvirtd)?,
         qemu: rss_mib(qemu)?,
     };

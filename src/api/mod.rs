@@ -162,6 +162,9 @@ impl From<state::TargetInfo> for pb::MigrationTarget {
     fn from(t: state::TargetInfo) -> Self {
         pb::MigrationTarget {
             uid: t.uid,
+            namespace: t.namespace,
+            name: t.name,
+            domain_uuid: t.domain_uuid,
             libvirt_uri: t.libvirt_uri,
             migration_uri: t.migration_uri,
             disks_uri: t.disks_uri,
@@ -177,6 +180,9 @@ impl From<pb::MigrationTarget> for state::TargetInfo {
     fn from(t: pb::MigrationTarget) -> Self {
         state::TargetInfo {
             uid: t.uid,
+            namespace: t.namespace,
+            name: t.name,
+            domain_uuid: t.domain_uuid,
             libvirt_uri: t.libvirt_uri,
             migration_uri: t.migration_uri,
             disks_uri: t.disks_uri,

@@ -147,6 +147,41 @@ pub struct Claims {
     loops: Vec<loopdev::LoopDevice>,
 }
 
+impl Claims {
+    /// Writes into the VMI's `status.volumeStatus` what virt-controller copies there from each
+    /// volume's claim: its name, access modes and volume mode. What decides whether a live
+    /// migration may share a claim (ReadWriteMany) is then the claim's recorded access modes, as
+    /// in a cluster. What the file already states for a volume is kept.
+    pub fn record_in_status(&self, storage_dir: &Path, vmi: &mut VirtualMachineInstance) {
+        for (volume, claim_ref) in &self.volumes {
+            let Some(meta) = claim::read_meta(&claim::claim_dir(storage_dir, claim_ref)) else {
+                continue;
+            };
+            let status = vmi.status.get_or_insert_with(Default::default);
+            let i = match status.volume_status.iter().position(|v| v.name == *volume) {
+                Some(i) => i,
+                None => {
+                    status.volume_status.push(crate::spec::VolumeStatus {
+                        name: volume.clone(),
+                        ..Default::default()
+                    });
+                    status.volume_status.len() - 1
+                }
+            };
+            let info = status.volume_status[i]
+                .persistent_volume_claim_info
+                .get_or_insert_with(Default::default);
+            info.claim_name
+                .get_or_insert_with(|| claim_ref.name.clone());
+            if info.access_modes.is_empty() {
+                info.access_modes = meta.access_modes.clone();
+            }
+            info.volume_mode
+                .get_or_insert_with(|| meta.volume_mode.as_str().to_string());
+        }
+    }
+}
+
 impl Drop for Claims {
     fn drop(&mut self) {
         for dev in &self.loops {
@@ -522,6 +557,66 @@ fn io_error(dv: &str, path: &Path) -> impl FnOnce(std::io::Error) -> DataVolumeE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ReadWriteMany claim of `run --vm` is shared as in a cluster: its recorded access
+    /// modes reach the VMI's volume status (a migration reads them there); a ReadWriteOnce one
+    /// stays local; what the file states is kept.
+    #[test]
+    fn claims_record_their_access_modes_in_the_vmi_status() {
+        let storage = std::env::temp_dir().join(format!("dv-status-{}", std::process::id()));
+        let write = |name: &str, modes: &[&str]| {
+            let c = spec::ClaimRef {
+                namespace: "default".into(),
+                name: name.into(),
+            };
+            let dir = claim::claim_dir(&storage, &c);
+            fs::create_dir_all(&dir).unwrap();
+            let meta = ClaimMeta {
+                name: name.into(),
+                namespace: "default".into(),
+                source: serde_json::json!({"blank": {}}),
+                requested: "1Mi".into(),
+                size: 1 << 20,
+                volume_mode: spec::VolumeMode::Filesystem,
+                access_modes: modes.iter().map(|m| m.to_string()).collect(),
+                shared: modes.contains(&"ReadWriteMany"),
+                completed_at: String::new(),
+            };
+            fs::write(
+                dir.join(claim::META_FILE),
+                serde_json::to_vec(&meta).unwrap(),
+            )
+            .unwrap();
+            c
+        };
+        let claims = Claims {
+            volumes: [
+                ("rwx".to_string(), write("rwx-dv", &["ReadWriteMany"])),
+                ("rwo".to_string(), write("rwo-dv", &["ReadWriteOnce"])),
+                ("stated".to_string(), write("stated-dv", &["ReadWriteMany"])),
+            ]
+            .into_iter()
+            .collect(),
+            loops: Vec::new(),
+        };
+        let mut vmi: VirtualMachineInstance = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+            "metadata": {"name": "vm"},
+            "spec": {"domain": {"devices": {}}},
+            "status": {"volumeStatus": [{"name": "stated",
+                "persistentVolumeClaimInfo": {"accessModes": ["ReadWriteOnce"]}}]}
+        }))
+        .unwrap();
+        claims.record_in_status(&storage, &mut vmi);
+        fs::remove_dir_all(&storage).unwrap();
+        let rwx = vmi.volume_status("rwx").unwrap();
+        assert!(rwx.is_shared(), "{rwx:?}");
+        let info = rwx.persistent_volume_claim_info.as_ref().unwrap();
+        assert_eq!(info.claim_name.as_deref(), Some("rwx-dv"));
+        assert_eq!(info.volume_mode.as_deref(), Some("Filesystem"));
+        assert!(!vmi.volume_status("rwo").unwrap().is_shared());
+        assert!(!vmi.volume_status("stated").unwrap().is_shared());
+    }
 
     fn scratch(name: &str, text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("dv-load-{}-{name}", std::process::id()));

@@ -362,8 +362,11 @@ fn relay(daemon: Daemon, stderr: crate::pod::process::ChildStderr) {
 
 /// Errors libvirtd reports at every start in a pod, which concern drivers a launcher does not
 /// use (virtual networks, host D-Bus): logged at debug level so real errors stand out.
-const EXPECTED_NOISE: [&str; 9] = [
+const EXPECTED_NOISE: [&str; 10] = [
     "End of file while reading data", // a client (our readiness probe) hung up
+    // The guest agent's channel closed: at every guest shutdown (the agentConnected event
+    // already says so).
+    "End of file from agent socket",
     "Unable to find 'dnsmasq' binary",
     "Unable to get system bus connection",
     "DBus not available",

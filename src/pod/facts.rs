@@ -46,6 +46,19 @@ pub enum PodFactsError {
     },
 }
 
+impl PodFactsError {
+    /// What is wrong, without the `volume <name>: ` the caller's own error already says.
+    pub fn reason(&self) -> String {
+        match self {
+            PodFactsError::Volume { path, reason, .. } => format!("{}: {reason}", path.display()),
+            PodFactsError::VolumeName { .. } => {
+                "name is not a DNS-1123 label, refusing to use it in a path".into()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 /// What a confined path must be once resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathKind {

@@ -13,6 +13,7 @@ pub mod cmdline;
 pub mod daemons;
 pub mod facts;
 pub mod image;
+pub mod pidns;
 pub mod prepare;
 pub mod process;
 
@@ -35,6 +36,8 @@ pub enum PodError {
     },
     #[error("runtime directory {0} is in use by another launcher (lock held)")]
     Busy(PathBuf),
+    #[error("VM {vm} already has a launcher (runtime directory {holder}): one launcher per VM on a machine")]
+    VmBusy { vm: String, holder: String },
     #[error("cannot isolate the launcher ({step}): {source}; standalone mode needs root (CAP_SYS_ADMIN)")]
     Isolate { step: String, source: nix::Error },
 }
@@ -185,6 +188,31 @@ impl PodLayout {
             .map_err(|_| PodError::Busy(self.root.clone()))
     }
 
+    /// Removes what a launcher that died without cleaning up left in this runtime root (the
+    /// daemons' pid files, sockets, state and configuration). Only under the root's lock.
+    pub fn clear_stale(&self, _lock: &Flock<File>) {
+        let stale: Vec<PathBuf> = [
+            self.sock_dir(),
+            self.conf_dir(),
+            self.pid_dir(),
+            self.root.join("state"),
+            self.root.join("bin"),
+        ]
+        .into_iter()
+        .filter(|d| self.kubevirt.is_none() || *d != self.sock_dir())
+        .filter(|d| holds_files(d))
+        .collect();
+        if stale.is_empty() {
+            return;
+        }
+        tracing::info!(runtime_dir = %self.root.display(), "removing what a previous launcher left here");
+        for d in stale {
+            if let Err(e) = fs::remove_dir_all(&d) {
+                tracing::warn!(path = %d.display(), error = %e, "could not remove a stale runtime directory");
+            }
+        }
+    }
+
     /// Writes libvirtd.conf and qemu.conf, and installs qemu.conf where
     /// libvirtd reads it (`/etc/libvirt`, private to this pod).
     pub fn write_configs(&self, host_uuid: &str) -> Result<(), PodError> {
@@ -196,6 +224,20 @@ impl PodLayout {
         let etc = Path::new("/etc/libvirt");
         fs::create_dir_all(etc).map_err(io_err(etc))?;
         write_file(&etc.join("qemu.conf"), QEMU_CONF)?;
+        let _ = fs::remove_file(incoming_migration_file(&self.root));
+        if self.isolated {
+            // Standalone: `/etc/libvirt` is our private one. libvirtd looks for its hooks when
+            // it starts, so the hook is in place before the daemon; it acts only on `migrate`.
+            let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
+            let hooks = etc.join("hooks");
+            fs::create_dir_all(&hooks).map_err(io_err(&hooks))?;
+            let hook = hooks.join("qemu");
+            write_file(
+                &hook,
+                &migration_hook_script(&exe, &incoming_migration_file(&self.root)),
+            )?;
+            fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).map_err(io_err(&hook))?;
+        }
         Ok(())
     }
 
@@ -224,6 +266,79 @@ impl PodLayout {
         }
         let _ = fs::remove_file(self.root.join("launcher.lock"));
     }
+}
+
+/// Whether there is anything but directories under `dir`.
+fn holds_files(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => holds_files(&e.path()),
+            _ => true,
+        })
+    })
+}
+
+/// Where standalone launchers lock the VM they run, machine-wide.
+pub const VM_LOCK_DIR: &str = "/run/virt-launcher/locks";
+
+/// Takes the machine-wide lock of the VM `domain` (`<namespace>_<name>`) for the life of the
+/// process, wherever its runtime root is: a second launcher for the same VM is refused before it
+/// imports or starts anything (two would run one VM twice, or fight over its disks). The lock
+/// file names the runtime root of the launcher holding it.
+pub fn lock_vm(
+    lock_dir: &Path,
+    domain: &str,
+    runtime_root: &Path,
+) -> Result<Flock<File>, PodError> {
+    fs::create_dir_all(lock_dir).map_err(io_err(lock_dir))?;
+    // The name was validated as a Kubernetes name; still, never a path.
+    let file_name = domain.replace(['/', '\0'], "_");
+    let path = lock_dir.join(format!("{file_name}.lock"));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0).map_err(io_err(&path))?;
+            lock.write_all(runtime_root.display().to_string().as_bytes())
+                .map_err(io_err(&path))?;
+            Ok(lock)
+        }
+        Err(_) => Err(PodError::VmBusy {
+            vm: domain.replacen('_', "/", 1),
+            holder: fs::read_to_string(&path).unwrap_or_else(|_| "unknown".into()),
+        }),
+    }
+}
+
+/// Where a prepared migration target keeps the identity of the VM it awaits, for the migration
+/// hook (`vm::migration::target::VmIdentity`).
+pub fn incoming_migration_file(root: &Path) -> PathBuf {
+    root.join("conf").join("incoming-migration")
+}
+
+/// libvirt's QEMU hook (`/etc/libvirt/hooks/qemu <domain> <op> <sub-op> -`, the domain XML on
+/// stdin). libvirtd runs it for every operation; all but an incoming migration's `migrate`
+/// pass at once (a shell's start-up), that one asks `virt-launcher migration-hook`, whose
+/// refusal (exit 1, its stderr) libvirt returns to the source before QEMU starts here.
+fn migration_hook_script(exe: &Path, awaited: &Path) -> String {
+    format!(
+        "#!/bin/sh\n\
+         # written by virt-launcher: an incoming migration must be the VM this launcher awaits\n\
+         [ \"$2\" = migrate ] || exit 0\n\
+         exec {} migration-hook {}\n",
+        shell_quote(&exe.display().to_string()),
+        shell_quote(&awaited.display().to_string())
+    )
+}
+
+/// `s` in single quotes, for a shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// libvirtd's configuration for a pod: sockets in `sock_dir` (reachable from outside the
@@ -290,6 +405,18 @@ pub fn isolate(layout: &PodLayout, hostname: &str) -> Result<(), PodError> {
         None::<&str>,
     )
     .map_err(step("make / private"))?;
+    if std::process::id() == 1 {
+        // PID 1 of our own PID namespace ([`pidns`]): a /proc that shows its pids, for libvirt
+        // (which reads /proc/<pid> of the QEMU it starts) and for us.
+        mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(step("mount /proc"))?;
+    }
     for (name, target) in LIBVIRT_DIRS {
         let src = layout.root.join("state").join(name);
         fs::create_dir_all(target).map_err(io_err(Path::new(target)))?;

@@ -332,6 +332,12 @@ impl Command {
         self
     }
 
+    /// Sets an environment variable of the process.
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
+        self.inner.env(key, value);
+        self
+    }
+
     pub fn stdin(&mut self, cfg: impl Into<Stdio>) -> &mut Command {
         self.stdin_set = true;
         self.inner.stdin(cfg);
@@ -347,12 +353,6 @@ impl Command {
     pub fn stderr(&mut self, cfg: impl Into<Stdio>) -> &mut Command {
         self.stderr_set = true;
         self.inner.stderr(cfg);
-        self
-    }
-
-    /// Sets an environment variable for the process (the rest is inherited).
-    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
-        self.inner.env(key, value);
         self
     }
 

@@ -13,6 +13,10 @@ use std::path::Path;
 /// count too), hence well above the deserialiser's limit of 128 real levels.
 pub const MAX_FLOW_DEPTH: usize = 256;
 
+/// The largest manifest read (4 MiB, the gRPC default message size): Kubernetes stores an
+/// object in at most ~1.5 MiB (etcd), so anything larger is not a KubeVirt object.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
 /// A manifest's documents (empty YAML documents left out) and where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Manifest {
@@ -24,16 +28,39 @@ pub struct Manifest {
 impl Manifest {
     /// Read and split `path`.
     pub fn read(path: &Path) -> Result<Manifest, SpecError> {
+        use std::io::Read;
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        let read_err = |source| SpecError::Read {
             origin: origin.clone(),
             source,
-        })?;
+        };
+        // Refused before anything is parsed, or even read past the limit (a pipe, a file that
+        // grows): parsing a 200 MB VMI took 623 MB.
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_MANIFEST_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+            let size = std::fs::metadata(path)
+                .map(|m| m.len())
+                .unwrap_or(bytes.len() as u64)
+                .max(bytes.len() as u64);
+            return Err(SpecError::TooLarge { origin, size });
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         Manifest::parse(&text, &origin)
     }
 
     /// Split `text` (JSON, or YAML documents); `origin` names the source in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Manifest, SpecError> {
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(SpecError::TooLarge {
+                origin: origin.to_string(),
+                size: text.len() as u64,
+            });
+        }
         let syntax = |reason: String| SpecError::Syntax {
             origin: origin.to_string(),
             reason,

@@ -35,6 +35,8 @@ pub enum SpecError {
     },
     #[error("{origin}: not valid JSON/YAML: {reason}")]
     Syntax { origin: String, reason: String },
+    #[error("{origin}: {size} bytes: a manifest may be at most {} bytes (4 MiB; a KubeVirt object is at most ~1.5 MiB)", manifest::MAX_MANIFEST_BYTES)]
+    TooLarge { origin: String, size: u64 },
     #[error("{origin}: no VirtualMachineInstance or VirtualMachine document found")]
     Empty { origin: String },
     #[error("{origin}: unsupported apiVersion {api_version:?} / kind {kind:?} (want kubevirt.io/v1 VirtualMachineInstance or VirtualMachine)")]
@@ -830,9 +832,78 @@ impl Manifest {
             });
         }
         if kind == "VirtualMachine" {
-            Ok(self.deserialize::<VirtualMachine>(doc)?.into_vmi())
+            // KubeVirt expands these from VirtualMachineInstancetype/Preference objects in the
+            // cluster; a launcher has none to read, and dropping them would run another VM.
+            for field in ["instancetype", "preference"] {
+                if doc.get("spec").and_then(|s| s.get(field)).is_some() {
+                    return Err(SpecError::Field {
+                        origin: self.origin.clone(),
+                        field: format!("spec.{field}"),
+                        reason: format!(
+                            "{field}s are not resolved here (they live in the cluster): run \
+                             `virtctl expand --vm <name>` and give the launcher the expanded VM"
+                        ),
+                    });
+                }
+            }
+        }
+        let (mut vmi, spec) = if kind == "VirtualMachine" {
+            let vmi = self.deserialize::<VirtualMachine>(doc)?.into_vmi();
+            (vmi, doc.pointer("/spec/template/spec"))
         } else {
-            self.deserialize(doc)
+            (
+                self.deserialize::<VirtualMachineInstance>(doc)?,
+                doc.get("spec"),
+            )
+        };
+        let filesystems: Vec<&str> = spec
+            .and_then(|s| s.pointer("/domain/devices/filesystems"))
+            .and_then(|f| f.as_array())
+            .map(|f| f.iter().filter_map(|f| f.get("name")?.as_str()).collect())
+            .unwrap_or_default();
+        vmi.default_volume_disks(&filesystems);
+        Ok(vmi)
+    }
+}
+
+impl VirtualMachineInstance {
+    /// What the guest would boot from is missing (no disk, no kernel, no interface to boot
+    /// from): the VM would start and show nothing, looking like one that boots. A line for
+    /// the user, or None.
+    pub fn nothing_to_boot(&self) -> Option<String> {
+        let d = &self.spec.domain;
+        let kernel = d
+            .firmware
+            .as_ref()
+            .and_then(|f| f.kernel_boot.as_ref())
+            .and_then(|k| k.container.as_ref())
+            .is_some_and(|c| c.kernel_path.is_some());
+        let netboot = d.devices.interfaces.iter().any(|i| i.boot_order.is_some());
+        (d.devices.disks.is_empty() && !kernel && !netboot).then(|| {
+            "the VM has nothing to boot from: no disk (spec.domain.devices.disks), no kernel \
+             (spec.domain.firmware.kernelBoot) and no interface with a bootOrder; it will run \
+             without an operating system"
+                .to_string()
+        })
+    }
+
+    /// KubeVirt's defaulting (`SetDefaultVolumeDisk`, at a VMI's creation and in the VM
+    /// controller): a volume that no disk and no filesystem (`filesystems`) names gets a disk
+    /// of its own (`disk: {}`, virtio), which the user then sees in the guest rather than a
+    /// volume silently dropped.
+    pub fn default_volume_disks(&mut self, filesystems: &[&str]) {
+        let devices = &mut self.spec.domain.devices;
+        for v in &self.spec.volumes {
+            let named = devices.disks.iter().any(|d| d.name == v.name)
+                || filesystems.contains(&v.name.as_str());
+            if !named {
+                tracing::info!(volume = %v.name, "the volume has no disk: adding one (virtio), as KubeVirt does");
+                devices.disks.push(Disk {
+                    name: v.name.clone(),
+                    disk: Some(DiskTarget::default()),
+                    ..Default::default()
+                });
+            }
         }
     }
 }
@@ -864,6 +935,58 @@ impl VirtualMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As KubeVirt defaults a VMI: a volume without a disk gets one; one a filesystem uses
+    /// does not; in a VM's template as in a VMI.
+    #[test]
+    fn a_volume_without_a_disk_gets_one_as_kubevirt_adds_it() {
+        let spec = "domain:\n  devices:\n    disks:\n    - name: a\n      disk: {bus: sata}\n    filesystems:\n    - name: fs\n      virtiofs: {}\nvolumes:\n- name: a\n  emptyDisk: {capacity: 1Mi}\n- name: b\n  persistentVolumeClaim: {claimName: b}\n- name: fs\n  persistentVolumeClaim: {claimName: fs}\n";
+        let indent = |text: &str, n: usize| {
+            text.lines()
+                .map(|l| format!("{}{l}\n", " ".repeat(n)))
+                .collect::<String>()
+        };
+        let vmi = format!(
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata:\n  name: x\nspec:\n{}",
+            indent(spec, 2)
+        );
+        let vm = format!(
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: x\nspec:\n  template:\n    spec:\n{}",
+            indent(spec, 6)
+        );
+        for text in [vmi, vm] {
+            let vmi = from_str(&text, "t.yaml").expect("parses");
+            let disks: Vec<(&str, Option<&str>)> = vmi
+                .spec
+                .domain
+                .devices
+                .disks
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.as_str(),
+                        d.disk.as_ref().and_then(|t| t.bus.as_deref()),
+                    )
+                })
+                .collect();
+            assert_eq!(disks, [("a", Some("sata")), ("b", None)], "{text}");
+            assert!(vmi.spec.domain.devices.disks[1].disk.is_some());
+        }
+    }
+
+    #[test]
+    fn an_instancetype_or_preference_is_refused_naming_the_field() {
+        for field in ["instancetype", "preference"] {
+            let yaml = format!("apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: vm\nspec:\n  {field}:\n    name: u1.medium\n  template:\n    spec:\n      domain:\n        devices: {{}}\n");
+            let e = from_str(&yaml, "vm.yaml").unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "vm.yaml: field spec.{field}: {field}s are not resolved"
+                )) && e.contains("virtctl expand"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn vm_template_becomes_vmi_with_vm_metadata() {

@@ -537,7 +537,17 @@ async fn owner_loop(
                 }
             }
             Some(ev) = daemon_events.recv() => {
-                tracing::info!(event = ?ev, "daemon event");
+                match &ev {
+                    DaemonEvent::Died { daemon, exit } => {
+                        tracing::info!(daemon = daemon.name(), event = "died", exit = %exit, "daemon event")
+                    }
+                    DaemonEvent::Restarted { daemon, pid } => {
+                        tracing::info!(daemon = daemon.name(), event = "restarted", pid, "daemon event")
+                    }
+                    DaemonEvent::RestartFailed { daemon, error } => {
+                        tracing::info!(daemon = daemon.name(), event = "restartFailed", error = %error, "daemon event")
+                    }
+                }
                 ledger.publish(EventKind::Daemon, &format!("{ev:?}"));
                 if let DaemonEvent::Restarted { daemon: Daemon::Libvirtd, .. } = ev {
                     if let Some(reason) = reconnect(core).await? {

@@ -102,6 +102,11 @@ impl MigrationProgress {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TargetInfo {
     pub uid: String,
+    /// The VM it was prepared for: the VMI's namespace and name, and the domain's UUID (empty
+    /// when the peer cannot tell, as virt-handler's proxies).
+    pub namespace: String,
+    pub name: String,
+    pub domain_uuid: String,
     pub libvirt_uri: String,
     pub migration_uri: String,
     pub disks_uri: String,

@@ -203,7 +203,7 @@ impl Launcher {
         if let Err(e) = crate::pod::facts::confined_hotplug_path(&paths, &volume, block) {
             let e = ControlError::Volume {
                 volume: volume.clone(),
-                reason: e.to_string(),
+                reason: e.reason(),
             };
             self.add_failed(vmi, &disk, &e.to_string());
             return Err(e);

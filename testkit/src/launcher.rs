@@ -70,6 +70,13 @@ pub fn daemon_pid_file(runtime_dir: &Path, daemon: &str) -> PathBuf {
     runtime_dir.join("pids").join(format!("{daemon}.pid"))
 }
 
+/// The machine's pid of a daemon the launcher runs (its pid file has the pid in the launcher's
+/// PID namespace).
+pub fn daemon_pid(runtime_dir: &Path, daemon: &str) -> Result<i32> {
+    let pid = crate::procs::read_pid(&daemon_pid_file(runtime_dir, daemon))?;
+    crate::procs::host_pid(pid, &runtime_dir.display().to_string())
+}
+
 /// A client on the launcher's control socket.
 pub async fn connect(socket: &Path) -> Result<Client> {
     client::connect(socket)

@@ -92,6 +92,41 @@ pub fn read_pid(path: &Path) -> Result<i32> {
         .with_context(|| format!("{}: not a pid: {text:?}", path.display()))
 }
 
+/// The machine's pid of the process that has pid `ns_pid` in its own PID namespace (a pid
+/// file written inside a launcher's namespace) and whose command line mentions `needle`.
+pub fn host_pid(ns_pid: i32, needle: &str) -> Result<i32> {
+    pids()
+        .into_iter()
+        .find(|&p| {
+            let innermost = fs::read_to_string(format!("/proc/{p}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .and_then(|v| v.split_whitespace().last().map(str::to_string))
+                });
+            innermost == Some(ns_pid.to_string()) && cmdline(p).is_some_and(|c| c.contains(needle))
+        })
+        .ok_or_else(|| anyhow!("no process with pid {ns_pid} in its namespace mentions {needle}"))
+}
+
+/// The launcher behind `pid`: the PID 1 of the PID namespace that the waiter `pid` started
+/// (standalone `run`), else `pid` itself.
+pub fn launcher_pid(pid: i32) -> i32 {
+    pids()
+        .into_iter()
+        .find(|&p| {
+            fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+                s.contains(&format!("\nPPid:\t{pid}\n"))
+                    && s.lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .and_then(|v| v.split_whitespace().last())
+                        == Some("1")
+            })
+        })
+        .unwrap_or(pid)
+}
+
 /// VmRSS of `pid`, in MiB.
 pub fn rss_mib(pid: i32) -> Result<f64> {
     status_mib(pid, "VmRSS")

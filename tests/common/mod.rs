@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use testkit::launcher::Client;
 pub use testkit::vmi::Disk;
-use testkit::{guest, launcher, procs};
+use testkit::{guest, launcher};
 
 pub const LAUNCHER: &str = env!("CARGO_BIN_EXE_virt-launcher");
 
@@ -366,7 +366,7 @@ impl Pod {
 
     /// pid of a daemon the launcher runs (`libvirtd`, `virtlogd`), from its pid file.
     pub fn daemon_pid(&self, daemon: &str) -> Option<i32> {
-        procs::read_pid(&launcher::daemon_pid_file(&self.runtime_dir(), daemon)).ok()
+        launcher::daemon_pid(&self.runtime_dir(), daemon).ok()
     }
 
     /// Runs `virsh` against the pod's own libvirtd, inside its mount namespace; its output.

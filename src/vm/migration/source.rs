@@ -48,17 +48,19 @@ impl Launcher {
             ));
         }
         let (target, target_disks, disks_unknown) = query_target(peer).await?;
-        if target.uid != status.uid {
+        let vmi = self.vmi().ok_or(ControlError::NoDomain)?;
+        let here = super::target::VmIdentity::of(&vmi, &status.domain.uuid);
+        if let Err(prepared_for) = here.accepted_by(&target) {
             return Err(ControlError::Precondition(format!(
-                "the target was prepared for VMI uid {:?}, this VM is {:?}",
-                target.uid, status.uid
+                "target launcher at {}: it was prepared for {prepared_for}, not for this VM, {}",
+                peer.location(),
+                here.describe()
             )));
         }
         let local = check_storage(&status, &opts)?;
         if opts.block_migration && !disks_unknown {
             check_copy_sizes(&local, &target_disks)?;
         }
-        let vmi = self.vmi().ok_or(ControlError::NoDomain)?;
         let here = self.planner.paths.paths_for(&vmi);
         let name = status.name.clone();
         let n = name.clone();
