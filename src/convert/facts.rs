@@ -255,6 +255,9 @@ pub struct PodFacts {
     pub spare_root_ports: u32,
     /// Socket of the persistent-reservation helper (`lun` with `reservation: true`).
     pub pr_helper_socket: PathBuf,
+    /// MTU of the pod interface behind each `masquerade`/`bridge` interface, by interface
+    /// name (the domain interface gets it, as KubeVirt's phase 2 does).
+    pub interface_mtus: BTreeMap<String, u32>,
 }
 
 impl PodFacts {
@@ -271,6 +274,7 @@ impl PodFacts {
             image_formats: BTreeMap::new(),
             spare_root_ports: DEFAULT_SPARE_ROOT_PORTS,
             pr_helper_socket: "/var/run/kubevirt/daemons/pr/pr-helper.sock".into(),
+            interface_mtus: BTreeMap::new(),
         }
     }
 }

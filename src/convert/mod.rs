@@ -736,11 +736,37 @@ fn interfaces(
             ));
         }
     }
+    for (i, n) in vmi.spec.networks.iter().enumerate() {
+        if !vmi
+            .spec
+            .domain
+            .devices
+            .interfaces
+            .iter()
+            .any(|ifc| ifc.name == n.name)
+        {
+            return Err(err(
+                format!("spec.networks[{i}].name"),
+                format!(
+                    "no interface named {:?} in spec.domain.devices.interfaces",
+                    n.name
+                ),
+            ));
+        }
+    }
     let mut orders: std::collections::BTreeMap<u32, String> = disk_boot_orders
         .iter()
         .map(|(o, f)| (*o, f.clone()))
         .collect();
     let mut seen = std::collections::BTreeSet::new();
+    let mut macs = std::collections::BTreeMap::new();
+    let vmi_key = vmi.metadata.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            vmi.metadata.namespace.as_deref().unwrap_or_default(),
+            vmi.metadata.name
+        )
+    });
     let mut out = Vec::new();
     for (i, ifc) in vmi.spec.domain.devices.interfaces.iter().enumerate() {
         let f = format!("spec.domain.devices.interfaces[{i}]");
@@ -762,10 +788,25 @@ fn interfaces(
                 format!("no network named {:?} in spec.networks", ifc.name),
             ));
         }
+        let net = &vmi.spec.networks[networks[ifc.name.as_str()]];
         let attachment = if ifc.masquerade.is_some() || ifc.bridge.is_some() {
-            Attachment::Tap(format!("tap{i}"))
+            let multus = net.pod.is_none();
+            if multus && ifc.masquerade.is_some() {
+                return Err(err(
+                    format!("{f}.masquerade"),
+                    format!(
+                        "masquerade works on the pod network only; network {:?} is a multus network",
+                        ifc.name
+                    ),
+                ));
+            }
+            let pod_iface = names::pod_interface_name(
+                &ifc.name,
+                multus,
+                status_pod_interface(vmi, &ifc.name)?.as_deref(),
+            );
+            Attachment::Tap(names::tap_name(&pod_iface, multus))
         } else if ifc.passt_binding.is_some() {
-            let net = &vmi.spec.networks[networks[ifc.name.as_str()]];
             if net.pod.is_none() {
                 return Err(err(
                     format!("{f}.passtBinding"),
@@ -811,18 +852,38 @@ fn interfaces(
                 ))
             }
         };
-        if let Some(mac) = &ifc.mac_address {
-            let parts: Vec<&str> = mac.split([':', '-']).collect();
-            if parts.len() != 6
-                || !parts
-                    .iter()
-                    .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
-            {
-                return Err(err(
-                    format!("{f}.macAddress"),
-                    format!("{mac:?} is not a MAC address"),
-                ));
+        let mac = match &ifc.mac_address {
+            Some(mac) => {
+                let parts: Vec<&str> = mac.split([':', '-']).collect();
+                if parts.len() != 6
+                    || !parts
+                        .iter()
+                        .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
+                {
+                    return Err(err(
+                        format!("{f}.macAddress"),
+                        format!("{mac:?} is not a MAC address"),
+                    ));
+                }
+                let first = u8::from_str_radix(parts[0], 16).unwrap_or_default();
+                if first & 1 == 1 {
+                    return Err(err(
+                        format!("{f}.macAddress"),
+                        format!("{mac:?} is a multicast address"),
+                    ));
+                }
+                mac.replace('-', ":").to_ascii_lowercase()
             }
+            None => names::stable_mac(&vmi_key, &ifc.name),
+        };
+        if let Some(prev) = macs.insert(mac.clone(), format!("{f}.macAddress")) {
+            return Err(err(
+                format!("{f}.macAddress"),
+                format!(
+                    "{mac} is already the MAC of {}",
+                    prev.trim_end_matches(".macAddress")
+                ),
+            ));
         }
         if let Some(m) = ifc.mtu {
             if !(68..=65535).contains(&m) {
@@ -852,19 +913,59 @@ fn interfaces(
                 Some(o)
             }
         };
+        let mtu = match (&attachment, ifc.mtu) {
+            (_, Some(m)) => Some(m),
+            (Attachment::Tap(_), None) => facts.interface_mtus.get(&ifc.name).copied(),
+            _ => None,
+        };
         out.push(Interface {
             alias: format!("ua-{}", ifc.name),
-            mac: ifc
-                .mac_address
-                .as_ref()
-                .map(|m| m.replace('-', ":").to_ascii_lowercase()),
+            mac: Some(mac),
             attachment,
             model,
-            mtu: ifc.mtu,
+            mtu,
+            // As KubeVirt: no option ROM unless the interface boots (iPXE is not wanted).
+            rom_off: boot_order.is_none(),
             boot_order,
         });
     }
     Ok(out)
+}
+
+/// The pod interface name the VMI status recorded for interface `name` (KubeVirt keeps the
+/// primary network's there), checked to be an interface name.
+fn status_pod_interface(
+    vmi: &VirtualMachineInstance,
+    name: &str,
+) -> Result<Option<String>, ConvertError> {
+    let Some((k, dev)) = vmi.status.as_ref().and_then(|s| {
+        s.interfaces
+            .iter()
+            .enumerate()
+            .find(|(_, st)| st.name.as_deref() == Some(name))
+            .and_then(|(k, st)| Some((k, st.pod_interface_name.as_deref()?)))
+    }) else {
+        return Ok(None);
+    };
+    if dev.is_empty() {
+        return Ok(None);
+    }
+    if !is_interface_name(dev) {
+        return Err(err(
+            format!("status.interfaces[{k}].podInterfaceName"),
+            format!("{dev:?} is not a network interface name"),
+        ));
+    }
+    Ok(Some(dev.to_string()))
+}
+
+/// A Linux network interface name: 1..=15 of `[A-Za-z0-9._-]`.
+fn is_interface_name(dev: &str) -> bool {
+    !dev.is_empty()
+        && dev.len() <= 15
+        && dev
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// Envoy's ports, kept from the guest when Istio injects its proxy (KubeVirt

@@ -299,6 +299,8 @@ pub struct Interface {
     pub model: String,
     pub mtu: Option<u32>,
     pub boot_order: Option<u32>,
+    /// `<rom enabled='no'/>`: no option ROM (KubeVirt's choice for an interface that does not boot).
+    pub rom_off: bool,
 }
 
 /// How an interface reaches the pod network.

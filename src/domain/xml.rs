@@ -503,6 +503,9 @@ fn write_devices(w: &mut W, dv: &Devices) {
         if let Some(b) = i.boot_order {
             w.empty("boot", attrs!["order" => b.to_string()]);
         }
+        if i.rom_off {
+            w.empty("rom", attrs!["enabled" => "no"]);
+        }
         w.empty("alias", attrs!["name" => i.alias.as_str()]);
         w.close("interface");
     }

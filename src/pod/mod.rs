@@ -12,6 +12,7 @@ pub mod cmdline;
 pub mod daemons;
 pub mod facts;
 pub mod image;
+pub mod net;
 pub mod prepare;
 pub mod process;
 

@@ -75,6 +75,9 @@ pub(crate) struct Launcher {
     /// Bumped whenever the domain may have changed: our own device calls, every domain event,
     /// a reconnect. A cached read from an older generation is never used.
     pub(crate) live_generation: AtomicU64,
+    /// Network phase 2's DHCP servers, started with the first domain and kept for the pod's
+    /// life (the guest renews and reboots).
+    pub(crate) network: Mutex<crate::pod::net::Phase2>,
 }
 
 impl Launcher {
@@ -108,6 +111,7 @@ impl Launcher {
             libvirtd_pid_file,
             live_cache: Mutex::new(None),
             live_generation: AtomicU64::new(0),
+            network: Mutex::new(crate::pod::net::Phase2::default()),
         })
     }
 

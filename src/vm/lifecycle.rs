@@ -69,6 +69,7 @@ impl Launcher {
     pub(crate) async fn start(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
         let plan = self.planner.plan(&vmi)?;
         self.planner.prepare(&vmi, &plan)?;
+        self.network_phase2(&vmi, &plan.domain)?;
         self.set_console_log(plan.facts.paths.serial_log());
         let name = plan.domain.name().to_string();
         let disks: Vec<_> = plan
@@ -121,6 +122,22 @@ impl Launcher {
             self.set_phase(&v, Phase::Ready, "");
         }
         Ok(())
+    }
+
+    /// Network phase 2 (see [`crate::pod::net`]): the taps are there, the DHCP servers run.
+    pub(crate) fn network_phase2(
+        &self,
+        vmi: &VirtualMachineInstance,
+        domain: &crate::domain::Domain,
+    ) -> Result<(), ControlError> {
+        let mut running = self.network.lock().unwrap_or_else(|e| e.into_inner());
+        crate::pod::net::setup(
+            vmi,
+            domain,
+            std::path::Path::new(crate::pod::net::RESOLV_CONF),
+            &mut running,
+        )
+        .map_err(|e| ControlError::Plan(e.into()))
     }
 
     /// Records the MACs libvirt chose for the interfaces the VMI gave none.

@@ -69,6 +69,8 @@ pub enum PlanError {
     Convert(#[from] ConvertError),
     #[error(transparent)]
     Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Network(#[from] crate::pod::net::NetError),
 }
 
 /// A converted VMI, ready to define (`domain.to_xml()`).

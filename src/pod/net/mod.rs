@@ -1,0 +1,293 @@
+//! Network phase 2, the launcher's half of KubeVirt's pod networking (`SetupPodNetworkPhase2`):
+//! the handler's phase 1 built the tap (`tap0`, `tap<hash>` for Multus), the bridge
+//! `k6t-<pod interface>` and, for `masquerade`, the NAT rules; the launcher finds them, gives
+//! the domain interface the tap, MAC and MTU (the converter does, from [`probe_mtus`]), and
+//! serves the guest its address with a single-client DHCP server on the bridge ([`setup`]).
+//!
+//! Decisions (where KubeVirt's code is not simply followed):
+//! - The guest's MAC, when the VMI gives none, is derived from the VMI's uid and the
+//!   interface's name (see [`crate::convert::names::stable_mac`]), not taken from the pod
+//!   interface: it stays the same across restarts and migrations, and the DHCP server only
+//!   answers that MAC.
+//! - The DHCP hostname is the VMI's `spec.hostname`, else its name (what virt-controller makes
+//!   the pod's hostname).
+//! - A missing tap is an error naming the interface (KubeVirt falls back to the pod interface
+//!   itself, which only works with binding plugins we do not support).
+
+pub mod dhcp;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use crate::convert::names;
+use crate::domain::{Attachment, Domain};
+use crate::spec::VirtualMachineInstance;
+
+/// Where the pod's resolver configuration is (DNS servers and search domains for the guest).
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// KubeVirt's default `vmNetworkCIDR` for masquerade.
+pub const DEFAULT_MASQUERADE_CIDR: &str = "10.0.2.0/24";
+
+/// Why phase 2 failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("interface {interface}: no tap device {tap} in this pod (KubeVirt's virt-handler creates it in network phase 1)")]
+    NoTap { interface: String, tap: String },
+    #[error("interface {interface}: no bridge {bridge} in this pod (KubeVirt's virt-handler creates it in network phase 1)")]
+    NoBridge { interface: String, bridge: String },
+    #[error("{field}: {reason}")]
+    Spec { field: String, reason: String },
+    #[error("interface {interface}: {source}")]
+    Dhcp {
+        interface: String,
+        source: dhcp::DhcpError,
+    },
+}
+
+/// A network interface of this pod's network namespace.
+fn link_dir(name: &str) -> PathBuf {
+    Path::new("/sys/class/net").join(name)
+}
+
+fn link_mtu(name: &str) -> Option<u32> {
+    std::fs::read_to_string(link_dir(name).join("mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The `masquerade`/`bridge` interfaces of a VMI: (index in spec.networks, interface name,
+/// Multus or not, pod interface name).
+fn tap_interfaces(
+    vmi: &VirtualMachineInstance,
+) -> Vec<(usize, &crate::spec::Interface, bool, String)> {
+    let mut out = Vec::new();
+    for ifc in &vmi.spec.domain.devices.interfaces {
+        if ifc.masquerade.is_none() && ifc.bridge.is_none() {
+            continue;
+        }
+        let Some((k, net)) = vmi
+            .spec
+            .networks
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n.name == ifc.name)
+        else {
+            continue;
+        };
+        let multus = net.pod.is_none();
+        let status = vmi.status.as_ref().and_then(|s| {
+            s.interfaces
+                .iter()
+                .find(|st| st.name.as_deref() == Some(ifc.name.as_str()))
+                .and_then(|st| st.pod_interface_name.clone())
+                .filter(|d| !d.is_empty())
+        });
+        let pod = names::pod_interface_name(&ifc.name, multus, status.as_deref());
+        out.push((k, ifc, multus, pod));
+    }
+    out
+}
+
+/// The MTU of the pod interface behind each `masquerade`/`bridge` interface (by interface
+/// name), for the converter; interfaces whose pod interface is not there are left out.
+pub fn probe_mtus(vmi: &VirtualMachineInstance) -> BTreeMap<String, u32> {
+    tap_interfaces(vmi)
+        .into_iter()
+        .filter_map(|(_, ifc, _, pod)| Some((ifc.name.clone(), link_mtu(&pod)?)))
+        .collect()
+}
+
+/// Gateway (the bridge's address), the guest's address and the prefix of a masquerade
+/// `vmNetworkCIDR` (`a.b.c.d/p`, p ≤ 30): the network's first and second addresses.
+pub fn masquerade_addresses(cidr: &str) -> Result<(Ipv4Addr, Ipv4Addr, u8), String> {
+    let (ip, prefix) = cidr
+        .split_once('/')
+        .ok_or_else(|| format!("{cidr:?} is not an IPv4 CIDR (a.b.c.d/n)"))?;
+    let ip: Ipv4Addr = ip
+        .parse()
+        .map_err(|_| format!("{cidr:?} is not an IPv4 CIDR (a.b.c.d/n)"))?;
+    let prefix: u8 =
+        prefix.parse().ok().filter(|p| *p <= 30).ok_or_else(|| {
+            format!("{cidr:?}: the prefix must be 0..30 (room for gateway and VM)")
+        })?;
+    let net = u32::from(ip) & u32::from(dhcp::netmask(prefix));
+    Ok((Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2), prefix))
+}
+
+/// DNS servers (IPv4) and search domains of a resolv.conf.
+pub fn parse_resolv_conf(text: &str) -> (Vec<Ipv4Addr>, Vec<String>) {
+    let (mut dns, mut search) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => {
+                if let Some(ip) = words.next().and_then(|w| w.parse::<Ipv4Addr>().ok()) {
+                    dns.push(ip);
+                }
+            }
+            Some("search") | Some("domain") => {
+                search = words
+                    .filter(|d| d.len() <= 253 && *d != ".")
+                    .map(|d| d.trim_end_matches('.').to_string())
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    (dns, search)
+}
+
+/// The DHCP servers phase 2 started, kept running for the pod's life (dropping one stops it).
+#[derive(Debug, Default)]
+pub struct Phase2 {
+    /// By bridge name.
+    pub servers: BTreeMap<String, (String, dhcp::Server)>,
+}
+
+impl Phase2 {
+    /// Whether the guest on interface `name` got its address from us.
+    pub fn leased(&self, interface: &str) -> Option<bool> {
+        self.servers
+            .values()
+            .find(|(i, _)| i == interface)
+            .map(|(_, s)| s.leased())
+    }
+}
+
+/// Phase 2 for `domain` (converted from `vmi`): checks each tap is there and starts the DHCP
+/// server of each `masquerade` interface on its bridge (once per bridge: a server already
+/// running in `running` is kept). `resolv_conf` is the pod's resolver configuration.
+pub fn setup(
+    vmi: &VirtualMachineInstance,
+    domain: &Domain,
+    resolv_conf: &Path,
+    running: &mut Phase2,
+) -> Result<(), NetError> {
+    let taps = tap_interfaces(vmi);
+    if taps.is_empty() {
+        return Ok(());
+    }
+    let (dns, search) =
+        parse_resolv_conf(&std::fs::read_to_string(resolv_conf).unwrap_or_default());
+    let hostname = vmi
+        .spec
+        .hostname
+        .clone()
+        .unwrap_or_else(|| vmi.metadata.name.clone());
+    let hostname: String = hostname.chars().take(63).collect();
+    for (k, ifc, _multus, pod) in taps {
+        let alias = format!("ua-{}", ifc.name);
+        let Some(di) = domain.devices.interfaces.iter().find(|i| i.alias == alias) else {
+            continue;
+        };
+        let Attachment::Tap(tap) = &di.attachment else {
+            continue;
+        };
+        if !link_dir(tap).exists() {
+            return Err(NetError::NoTap {
+                interface: ifc.name.clone(),
+                tap: tap.clone(),
+            });
+        }
+        if ifc.masquerade.is_none() {
+            tracing::warn!(interface = %ifc.name, "bridge binding: the guest gets no address from this launcher (the handler's cached address is not served yet)");
+            continue;
+        }
+        let bridge = names::bridge_name(&pod);
+        if running.servers.contains_key(&bridge) {
+            continue;
+        }
+        if !link_dir(&bridge).exists() {
+            return Err(NetError::NoBridge {
+                interface: ifc.name.clone(),
+                bridge,
+            });
+        }
+        let cidr = vmi.spec.networks[k]
+            .pod
+            .as_ref()
+            .and_then(|p| p.get("vmNetworkCIDR"))
+            .and_then(|c| c.as_str())
+            .filter(|c| !c.is_empty())
+            .unwrap_or(DEFAULT_MASQUERADE_CIDR);
+        let (gateway, guest, prefix) =
+            masquerade_addresses(cidr).map_err(|reason| NetError::Spec {
+                field: format!("spec.networks[{k}].pod.vmNetworkCIDR"),
+                reason,
+            })?;
+        let client_mac =
+            di.mac
+                .as_deref()
+                .and_then(dhcp::parse_mac)
+                .ok_or_else(|| NetError::Spec {
+                    field: format!("interface {}", ifc.name),
+                    reason: "has no MAC address".into(),
+                })?;
+        let mtu = di
+            .mtu
+            .or_else(|| link_mtu(&pod))
+            .and_then(|m| u16::try_from(m).ok());
+        let cfg = dhcp::DhcpConfig {
+            client_mac,
+            client_ip: guest,
+            prefix,
+            server_ip: gateway,
+            router: Some(gateway),
+            dns: dns.clone(),
+            search: search.clone(),
+            mtu,
+            hostname: Some(hostname.clone()),
+        };
+        let server = dhcp::Server::start(cfg, &bridge).map_err(|source| NetError::Dhcp {
+            interface: ifc.name.clone(),
+            source,
+        })?;
+        tracing::info!(interface = %ifc.name, %tap, %bridge, ip = %guest, "network phase 2 done");
+        running.servers.insert(bridge, (ifc.name.clone(), server));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masquerade_cidrs() {
+        assert_eq!(
+            masquerade_addresses("10.0.2.0/24").unwrap(),
+            (Ipv4Addr::new(10, 0, 2, 1), Ipv4Addr::new(10, 0, 2, 2), 24)
+        );
+        assert_eq!(
+            masquerade_addresses("192.168.7.77/28").unwrap(),
+            (
+                Ipv4Addr::new(192, 168, 7, 65),
+                Ipv4Addr::new(192, 168, 7, 66),
+                28
+            )
+        );
+        assert!(masquerade_addresses("10.0.2.0").is_err());
+        assert!(masquerade_addresses("10.0.2.0/31").is_err());
+        assert!(masquerade_addresses("fd00::/64").is_err());
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let (dns, search) = parse_resolv_conf(
+            "# comment\nsearch ns1.svc.cluster.local svc.cluster.local cluster.local\n\
+             nameserver 10.96.0.10\nnameserver fd00::10\noptions ndots:5\n",
+        );
+        assert_eq!(dns, vec![Ipv4Addr::new(10, 96, 0, 10)]);
+        assert_eq!(
+            search,
+            vec![
+                "ns1.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local"
+            ]
+        );
+    }
+}
