@@ -36,6 +36,7 @@
 #   lv.fetch=<ip|gw>:<port>  after the lease: connect, print the first line (LV-FETCH);
 #                          gw = the lease's router; retried for 60 s
 #   lv.serve=<port>        after the lease: a TCP responder on <port> (LV-SERVING)
+#   lv.mtu=ignore          do not apply the lease's MTU (LV-NET shows mtu= empty)
 #
 # PID 1 must never exit (the kernel panics): everything ends in an endless loop.
 
@@ -357,6 +358,7 @@ net_scripts() {
 case "$1" in
     bound | renew)
         ip addr flush dev "$interface"
+        grep -q 'lv.mtu=ignore' /proc/cmdline && mtu=
         [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
         prefix=$(ipcalc -p "$ip" "$subnet" | cut -d= -f2)
         ip addr add "$ip/$prefix" dev "$interface"

@@ -231,3 +231,106 @@ fn masquerade_guest_gets_its_lease_and_reaches_the_peer_through_nat() {
     let status = pod.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
 }
+
+/// A free TCP port on the host's loopback (bound and released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A standalone pod with the default network: `--publish <published>:8081`, the guest asked to
+/// fetch from the host's loopback port `fetch` through its gateway and to serve on 8081.
+fn standalone_pod(name: &str, fetch: u16, published: u16) -> Pod {
+    let mut pod = Pod::new(name)
+        .with_disk("data", "virtio", 16)
+        .kernel_args(&format!("lv.net=dhcp lv.fetch=gw:{fetch} lv.serve=8081"));
+    pod.extra_args = vec!["--publish".into(), format!("{published}:8081")];
+    pod.prepare();
+    std::fs::write(pod.vmi_path(), with_default_network(&pod.vmi_yaml())).unwrap();
+    pod.spawn();
+    pod
+}
+
+fn stop(mut pod: Pod) {
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
+    let left = pod.leftover_processes();
+    assert!(left.is_empty(), "processes left behind (passt?): {left:#?}");
+}
+
+#[test]
+fn standalone_guest_gets_its_address_from_passt() {
+    let published = free_port();
+    let mut pod = standalone_pod("passt", free_port(), published);
+    // passt hands the guest the host's own address and gateway by DHCP.
+    let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
+    let lease = console.lines().find(|l| l.contains("LV-NET ")).unwrap();
+    let route = String::from_utf8(
+        Command::new("ip")
+            .args(["-4", "route", "show", "default"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let gateway = route.split_whitespace().nth(2).unwrap_or("?").to_string();
+    assert!(
+        lease.contains(&format!(" router={gateway} ")),
+        "lease {lease:?} does not name the host's gateway {gateway}\n{}",
+        pod.dump()
+    );
+    let xml = pod.virsh(&["dumpxml", "default_vl-passt"]);
+    for want in [
+        "<interface type='user'>".to_string(),
+        "<backend type='passt'".into(),
+        format!("<range start='{published}' to='8081'/>"),
+        "<rom enabled='no'/>".into(),
+    ] {
+        assert!(xml.contains(&want), "domain XML lacks {want}:\n{xml}");
+    }
+    stop(pod);
+}
+
+/// Debian 12's passt (0.0~git20230309) with libvirt 11.3 and QEMU 10 (`-netdev stream`): the
+/// guest's DHCP works, a TCP connection is set up both ways (the host's server accepts), but
+/// no TCP payload ever reaches the other side, with or without the 65520 MTU passt offers.
+/// Run with a newer passt: `cargo test --test network -- --ignored`.
+#[test]
+#[ignore = "Debian 12's passt (2023-03) carries no TCP payload with QEMU 10: needs a newer passt"]
+fn standalone_guest_reaches_host_loopback_and_answers_on_a_published_port() {
+    // A server on the host's loopback: passt maps the guest's gateway address to it.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        writeln!(s, "host-loopback-says-hi").unwrap();
+    });
+    let published = free_port();
+    let mut pod = standalone_pod("passt-tcp", port, published);
+    pod.wait_console("LV-NET ", Duration::from_secs(180));
+    pod.wait_console("host-loopback-says-hi", Duration::from_secs(90));
+    server.join().unwrap();
+
+    pod.wait_console("LV-SERVING 8081", Duration::from_secs(10));
+    let mut reply = String::new();
+    for _ in 0..30 {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", published)) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            reply.clear();
+            if BufReader::new(s).read_line(&mut reply).is_ok() && !reply.is_empty() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        reply.starts_with("lv-guest vl-passt-tcp "),
+        "no reply through the published port {published}: {reply:?}\n{}",
+        pod.dump()
+    );
+    stop(pod);
+}

@@ -800,12 +800,39 @@ fn interfaces(
                     ),
                 ));
             }
-            let pod_iface = names::pod_interface_name(
-                &ifc.name,
-                multus,
-                status_pod_interface(vmi, &ifc.name)?.as_deref(),
-            );
-            Attachment::Tap(names::tap_name(&pod_iface, multus))
+            let ports = masquerade_ports(&f, ifc)?;
+            match &facts.standalone_network {
+                Some(_) if multus => {
+                    return Err(err(
+                        format!("{f}.name"),
+                        format!(
+                            "network {:?} is a multus network: it needs KubeVirt's pod network (not standalone)",
+                            ifc.name
+                        ),
+                    ))
+                }
+                Some(sn) if ifc.masquerade.is_some() => standalone_user(sn, &ports),
+                Some(sn) => match &sn.host_bridge {
+                    Some(b) => Attachment::Bridge(b.clone()),
+                    None => {
+                        return Err(err(
+                            format!("{f}.bridge"),
+                            format!(
+                                "interface {:?}: a bridge binding standalone needs a host bridge (--host-bridge NAME)",
+                                ifc.name
+                            ),
+                        ))
+                    }
+                },
+                None => {
+                    let pod_iface = names::pod_interface_name(
+                        &ifc.name,
+                        multus,
+                        status_pod_interface(vmi, &ifc.name)?.as_deref(),
+                    );
+                    Attachment::Tap(names::tap_name(&pod_iface, multus))
+                }
+            }
         } else if ifc.passt_binding.is_some() {
             if net.pod.is_none() {
                 return Err(err(
@@ -932,6 +959,74 @@ fn interfaces(
     Ok(out)
 }
 
+/// A masquerade interface's `ports` as (protocol, port), checked.
+fn masquerade_ports(
+    f: &str,
+    ifc: &crate::spec::Interface,
+) -> Result<Vec<(&'static str, u16)>, ConvertError> {
+    let mut out = Vec::new();
+    for (j, port) in ifc.ports.iter().enumerate() {
+        let pf = format!("{f}.ports[{j}]");
+        let p = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| {
+                err(
+                    format!("{pf}.port"),
+                    format!("{} is out of range (1..65535)", port.port),
+                )
+            })?;
+        let proto = match port.protocol.as_deref() {
+            None | Some("") => "tcp",
+            Some(x) if x.eq_ignore_ascii_case("tcp") => "tcp",
+            Some(x) if x.eq_ignore_ascii_case("udp") => "udp",
+            Some(x) => {
+                return Err(err(
+                    format!("{pf}.protocol"),
+                    format!("{x:?} is not TCP or UDP"),
+                ))
+            }
+        };
+        out.push((proto, p));
+    }
+    Ok(out)
+}
+
+/// The standalone pod network: libvirt's passt back-end in socket mode, forwarding the
+/// interface's `ports` (host port = guest port) and the `--publish`ed ones. Nothing is
+/// forwarded unless asked for (on a shared host, every port of the host is not the VM's).
+fn standalone_user(sn: &facts::StandaloneNetwork, ports: &[(&'static str, u16)]) -> Attachment {
+    let mut port_forwards = Vec::new();
+    for proto in ["tcp", "udp"] {
+        let mut ranges: Vec<PortRange> = ports
+            .iter()
+            .filter(|(p, _)| *p == proto)
+            .map(|(_, port)| PortRange {
+                start: *port,
+                to: None,
+                exclude: false,
+            })
+            .collect();
+        ranges.extend(
+            sn.publish
+                .iter()
+                .filter(|p| p.proto == proto)
+                .map(|p| PortRange {
+                    start: p.host,
+                    to: (p.guest != p.host).then_some(p.guest),
+                    exclude: false,
+                }),
+        );
+        if !ranges.is_empty() {
+            port_forwards.push(PortForward { proto, ranges });
+        }
+    }
+    Attachment::User {
+        log_file: sn.passt_log.clone(),
+        port_forwards,
+    }
+}
+
 /// The pod interface name the VMI status recorded for interface `name` (KubeVirt keeps the
 /// primary network's there), checked to be an interface name.
 fn status_pod_interface(
@@ -1021,6 +1116,7 @@ fn passt_attachment(
     if istio {
         tcp.extend(ISTIO_RESERVED_PORTS.iter().map(|p| PortRange {
             start: *p,
+            to: None,
             exclude: true,
         }));
     }
@@ -1037,6 +1133,7 @@ fn passt_attachment(
             })?;
         let range = PortRange {
             start,
+            to: None,
             exclude: false,
         };
         match port.protocol.as_deref() {

@@ -183,14 +183,10 @@ impl DomainFacts {
                 .map(|i| InterfaceFacts {
                     name: i.alias.strip_prefix("ua-").unwrap_or(&i.alias).to_string(),
                     mac: i.mac.clone().unwrap_or_default(),
-                    kind: match i.attachment {
-                        crate::domain::Attachment::Tap(_) => "ethernet",
-                        crate::domain::Attachment::Passt { .. } => "vhostuser",
-                    }
-                    .to_string(),
+                    kind: i.attachment.kind().to_string(),
                     tap: match &i.attachment {
                         crate::domain::Attachment::Tap(t) => t.clone(),
-                        crate::domain::Attachment::Passt { .. } => String::new(),
+                        _ => String::new(),
                     },
                     model: i.model.clone(),
                 })

@@ -12,7 +12,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
+pub use dhcproto::v4::MessageType;
+use dhcproto::v4::{DhcpOption, Flags, HType, Message, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Name};
 
 /// KubeVirt's "infinite" lease: 999 days, in seconds.
@@ -147,6 +148,34 @@ pub fn reply(cfg: &DhcpConfig, packet: &[u8]) -> Option<Vec<u8>> {
     msg.to_vec().ok()
 }
 
+/// The parts of a DHCP message a reader checks (the fuzz target, the server's log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// A BOOTREPLY (from a server).
+    pub reply: bool,
+    pub mac: [u8; 6],
+    pub kind: Option<MessageType>,
+    pub yiaddr: Ipv4Addr,
+    pub server: Option<Ipv4Addr>,
+}
+
+/// Decodes a DHCP message; `None` when it is not one.
+pub fn summarize(packet: &[u8]) -> Option<Summary> {
+    let m = Message::decode(&mut Decoder::new(&packet[..packet.len().min(MAX_PACKET)])).ok()?;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(m.chaddr().get(..6)?);
+    Some(Summary {
+        reply: m.opcode() == Opcode::BootReply,
+        mac,
+        kind: m.opts().msg_type(),
+        yiaddr: m.yiaddr(),
+        server: match m.opts().get(OptionCode::ServerIdentifier) {
+            Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+            _ => None,
+        },
+    })
+}
+
 /// Where a reply goes: unicast to a client that has its address (`ciaddr`, a renewal),
 /// broadcast otherwise (the guest has no address to receive on, and we send no ARP).
 fn destination(request: &[u8]) -> SocketAddrV4 {
@@ -274,10 +303,7 @@ async fn serve(
         let to = destination(request);
         match socket.send_to(&answer, to).await {
             Ok(_) => {
-                let ack = Message::decode(&mut Decoder::new(&answer))
-                    .ok()
-                    .and_then(|m| m.opts().msg_type())
-                    == Some(MessageType::Ack);
+                let ack = summarize(&answer).and_then(|m| m.kind) == Some(MessageType::Ack);
                 if ack && !*leased.borrow() {
                     tracing::info!(%bridge, ip = %cfg.client_ip, "DHCP lease given");
                     leased.send_replace(true);

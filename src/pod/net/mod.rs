@@ -38,6 +38,15 @@ pub enum NetError {
     NoBridge { interface: String, bridge: String },
     #[error("{field}: {reason}")]
     Spec { field: String, reason: String },
+    #[error("interface {interface}: standalone networking needs passt, which is not installed (apt-get install passt)")]
+    NoPasst { interface: String },
+    #[error("interface {interface}: --host-bridge {bridge} is not a bridge on this host")]
+    NoHostBridge { interface: String, bridge: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("interface {interface}: {source}")]
     Dhcp {
         interface: String,
@@ -56,6 +65,41 @@ fn link_mtu(name: &str) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Whether KubeVirt's phase 1 built this network namespace's pod network (its `tap0`).
+pub fn phase1_present() -> bool {
+    link_dir("tap0").exists()
+}
+
+/// Whether `program` is an executable file in `PATH`.
+fn in_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| {
+            std::fs::metadata(d.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// libvirt's directory for passt's socket and pid file. QEMU runs as root here, so libvirt
+/// starts passt as root, and passt then drops to `nobody` before it writes its pid file: the
+/// directory must be nobody's. It is this launcher's private `/run/libvirt` (standalone).
+pub const PASST_STATE_DIR: &str = "/run/libvirt/qemu/passt";
+
+fn passt_state_dir() -> Result<(), NetError> {
+    let fail = |source: std::io::Error| NetError::Io {
+        path: PathBuf::from(PASST_STATE_DIR),
+        source,
+    };
+    std::fs::create_dir_all(PASST_STATE_DIR).map_err(fail)?;
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .map(|u| (u.uid, u.gid))
+        .unwrap_or((65534.into(), 65534.into()));
+    nix::unistd::chown(PASST_STATE_DIR, Some(nobody.0), Some(nobody.1)).map_err(|e| fail(e.into()))
 }
 
 /// The `masquerade`/`bridge` interfaces of a VMI: (index in spec.networks, interface name,
@@ -166,6 +210,30 @@ pub fn setup(
     resolv_conf: &Path,
     running: &mut Phase2,
 ) -> Result<(), NetError> {
+    for i in &domain.devices.interfaces {
+        match &i.attachment {
+            Attachment::User { .. } | Attachment::Passt { .. } if !in_path("passt") => {
+                return Err(NetError::NoPasst {
+                    interface: i.alias.strip_prefix("ua-").unwrap_or(&i.alias).to_string(),
+                })
+            }
+            Attachment::Bridge(b) if !link_dir(b).join("bridge").exists() => {
+                return Err(NetError::NoHostBridge {
+                    interface: i.alias.strip_prefix("ua-").unwrap_or(&i.alias).to_string(),
+                    bridge: b.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    if domain
+        .devices
+        .interfaces
+        .iter()
+        .any(|i| matches!(i.attachment, Attachment::User { .. }))
+    {
+        passt_state_dir()?;
+    }
     let taps = tap_interfaces(vmi);
     if taps.is_empty() {
         return Ok(());
