@@ -334,3 +334,93 @@ fn standalone_guest_reaches_host_loopback_and_answers_on_a_published_port() {
     );
     stop(pod);
 }
+
+/// Phase 1 as virt-handler builds it for a bridge binding: the pod interface renamed
+/// `eth0-nic` (its address moved to the guest), on bridge `k6t-eth0` (169.254.75.10/32) with
+/// `tap0`; the pod's address, gateway, MAC and MTU cached in `vif-cache-eth0.json`.
+fn phase1_bridge(n: &Netns, private: &std::path::Path) {
+    n.ip(&n.pod, "link add eth0-nic type veth peer name veth-pod");
+    n.ip(&n.pod, &format!("link set veth-pod netns {}", n.node));
+    n.ip(&n.pod, "link set eth0-nic mtu 1400");
+    n.ip(&n.node, "link set veth-pod mtu 1400");
+    n.ip(&n.node, "addr add 10.99.0.1/24 dev veth-pod");
+    for ns in [&n.pod, &n.node] {
+        n.ip(ns, "link set lo up");
+    }
+    n.ip(&n.node, "link set veth-pod up");
+    n.ip(&n.pod, "link add k6t-eth0 type bridge");
+    n.ip(&n.pod, "addr add 169.254.75.10/32 dev k6t-eth0");
+    n.ip(&n.pod, "tuntap add dev tap0 mode tap");
+    n.ip(&n.pod, "link set tap0 mtu 1400");
+    for l in ["eth0-nic", "tap0"] {
+        n.ip(&n.pod, &format!("link set {l} master k6t-eth0"));
+        n.ip(&n.pod, &format!("link set {l} up"));
+    }
+    n.ip(&n.pod, "link set k6t-eth0 up");
+    // KubeVirt's cache.DHCPConfig as Go writes it (MAC 02:00:00:aa:bb:02 in base64).
+    std::fs::create_dir_all(private).unwrap();
+    std::fs::write(
+        private.join("vif-cache-eth0.json"),
+        r#"{"Name":"eth0","IP":{"IP":"10.99.0.2","Mask":"////AA==","Label":"","Flags":0,"Scope":0,"Peer":null,"Broadcast":"","PreferedLft":0,"ValidLft":0,"LinkIndex":0},"IPv6":{"IP":"","Mask":null,"Label":"","Flags":0,"Scope":0,"Peer":null,"Broadcast":"","PreferedLft":0,"ValidLft":0,"LinkIndex":0},"MAC":"AgAAqrsC","AdvertisingIPAddr":"","AdvertisingIPv6Addr":"","Routes":[{"LinkIndex":3,"ILinkIndex":0,"Scope":0,"Dst":null,"Src":"","Gw":"10.99.0.1","MultiPath":null,"Protocol":0,"Priority":0,"Table":254,"Type":1,"Tos":0,"Flags":0}],"Mtu":1400,"IPAMDisabled":false,"Gateway":"10.99.0.1","Subdomain":""}"#,
+    )
+    .unwrap();
+    let etc = format!("/etc/netns/{}", n.pod);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(format!("{etc}/resolv.conf"), "nameserver 10.96.0.10\n").unwrap();
+}
+
+#[test]
+fn bridge_guest_gets_the_cached_pod_address_and_mac() {
+    let n = Netns::new("brdg");
+    let mut pod = Pod::new("brdg")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.net=dhcp lv.fetch=10.99.0.1:8080");
+    let private = pod.dir.join("kubevirt-private");
+    phase1_bridge(&n, &private);
+    let server = Netns::in_ns(&n.node, || {
+        let l = TcpListener::bind("10.99.0.1:8080").unwrap();
+        let (mut s, from) = l.accept().unwrap();
+        writeln!(s, "node-says-hi from={}", from.ip()).unwrap();
+    });
+    // The cache lives in the pod's /var/run/kubevirt-private: a private bind mount in the
+    // mount namespace `ip netns exec` makes.
+    pod.wrapper = vec![
+        "ip".into(),
+        "netns".into(),
+        "exec".into(),
+        n.pod.clone(),
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "mkdir -p /var/run/kubevirt-private && mount --bind {} /var/run/kubevirt-private && exec \"$@\"",
+            private.display()
+        ),
+        "sh".into(),
+    ];
+    pod.prepare();
+    let yaml = with_default_network(&pod.vmi_yaml()).replace("masquerade: {}", "bridge: {}");
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
+    pod.spawn();
+
+    let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
+    let lease = console.lines().find(|l| l.contains("LV-NET ")).unwrap();
+    assert!(
+        lease.contains("LV-NET 10.99.0.2/24 router=10.99.0.1 dns=10.96.0.10 ")
+            && lease.contains(" mtu=1400 "),
+        "unexpected lease: {lease}\n{}",
+        pod.dump()
+    );
+    // Straight onto the node's network: the node sees the guest's own (the pod's) address.
+    pod.wait_console(
+        "LV-FETCH 10.99.0.1:8080 node-says-hi from=10.99.0.2",
+        Duration::from_secs(90),
+    );
+    server.join().unwrap();
+    let xml = pod.virsh(&["dumpxml", "default_vl-brdg"]);
+    assert!(
+        xml.contains("<mac address='02:00:00:aa:bb:02'/>")
+            && xml.contains("<target dev='tap0' managed='no'/>"),
+        "the domain does not take over the pod interface's MAC on tap0:\n{xml}"
+    );
+    stop(pod);
+}

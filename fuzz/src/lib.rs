@@ -141,6 +141,7 @@ pub fn dhcp_packet(data: &[u8]) {
         search: vec!["default.svc.cluster.local".into(), "cluster.local".into()],
         mtu: Some(1450),
         hostname: Some("vm".into()),
+        routes: vec![(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(10, 0, 2, 1))],
     };
     let Some(out) = dhcp::reply(&cfg, data) else {
         return;

@@ -258,6 +258,9 @@ pub struct PodFacts {
     /// MTU of the pod interface behind each `masquerade`/`bridge` interface, by interface
     /// name (the domain interface gets it, as KubeVirt's phase 2 does).
     pub interface_mtus: BTreeMap<String, u32>,
+    /// The MAC the handler's phase 1 cached for each `bridge` interface (the pod interface's
+    /// own, which the guest takes over), by interface name.
+    pub interface_macs: BTreeMap<String, String>,
     /// Set when the launcher runs outside KubeVirt and no handler built the pod network
     /// (no `tap0`): the pod network is passt's user-mode networking, a bridge binding needs
     /// a host bridge.
@@ -326,6 +329,7 @@ impl PodFacts {
             spare_root_ports: DEFAULT_SPARE_ROOT_PORTS,
             pr_helper_socket: "/var/run/kubevirt/daemons/pr/pr-helper.sock".into(),
             interface_mtus: BTreeMap::new(),
+            interface_macs: BTreeMap::new(),
             standalone_network: None,
         }
     }

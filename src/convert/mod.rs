@@ -901,7 +901,10 @@ fn interfaces(
                 }
                 mac.replace('-', ":").to_ascii_lowercase()
             }
-            None => names::stable_mac(&vmi_key, &ifc.name),
+            None => match facts.interface_macs.get(&ifc.name) {
+                Some(m) if matches!(attachment, Attachment::Tap(_)) => m.clone(),
+                _ => names::stable_mac(&vmi_key, &ifc.name),
+            },
         };
         if let Some(prev) = macs.insert(mac.clone(), format!("{f}.macAddress")) {
             return Err(err(

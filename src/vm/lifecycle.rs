@@ -134,6 +134,7 @@ impl Launcher {
         crate::pod::net::setup(
             vmi,
             domain,
+            &self.planner.paths.paths_for(vmi).config_dir,
             std::path::Path::new(crate::pod::net::RESOLV_CONF),
             &mut running,
         )

@@ -39,6 +39,8 @@ pub struct DhcpConfig {
     pub search: Vec<String>,
     pub mtu: Option<u16>,
     pub hostname: Option<String>,
+    /// Classless static routes (option 121): (destination, prefix, gateway).
+    pub routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -143,6 +145,14 @@ pub fn reply(cfg: &DhcpConfig, packet: &[u8]) -> Option<Vec<u8>> {
         }
         if let Some(m) = cfg.mtu {
             opts.insert(DhcpOption::InterfaceMtu(m));
+        }
+        let routes: Vec<_> = cfg
+            .routes
+            .iter()
+            .filter_map(|(dst, p, gw)| Some((ipnet::Ipv4Net::new(*dst, *p).ok()?.trunc(), *gw)))
+            .collect();
+        if !routes.is_empty() {
+            opts.insert(DhcpOption::ClasslessStaticRoute(routes));
         }
     }
     msg.to_vec().ok()
@@ -348,6 +358,7 @@ mod tests {
             search: vec!["ns1.svc.cluster.local".into(), "cluster.local".into()],
             mtu: Some(1450),
             hostname: Some("my-vm".into()),
+            routes: vec![],
         }
     }
 

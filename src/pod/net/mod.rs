@@ -184,6 +184,157 @@ pub fn parse_resolv_conf(text: &str) -> (Vec<Ipv4Addr>, Vec<String>) {
     (dns, search)
 }
 
+/// What virt-handler's phase 1 cached for a bridge binding (`vif-cache-<pod iface>.json` in
+/// the pod's private dir; KubeVirt's `cache.DHCPConfig` as Go's encoding/json writes it: a
+/// `netlink.Addr` as `{"IP": "...", "Mask": "<base64>"}`, a MAC as base64).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct VifCache {
+    #[serde(rename = "IP", default)]
+    pub ip: Option<GoAddr>,
+    #[serde(rename = "MAC", default)]
+    pub mac: Option<String>,
+    #[serde(rename = "Mtu", default)]
+    pub mtu: Option<u16>,
+    #[serde(rename = "IPAMDisabled", default)]
+    pub ipam_disabled: bool,
+    #[serde(rename = "Gateway", default)]
+    pub gateway: Option<String>,
+    #[serde(rename = "Routes", default)]
+    pub routes: Option<Vec<GoRoute>>,
+}
+
+/// Go's `net.IPNet` in JSON.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct GoAddr {
+    #[serde(rename = "IP", default)]
+    pub ip: Option<String>,
+    #[serde(rename = "Mask", default)]
+    pub mask: Option<String>,
+}
+
+/// The parts of Go's `netlink.Route` a DHCP route needs.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct GoRoute {
+    #[serde(rename = "Dst", default)]
+    pub dst: Option<GoAddr>,
+    #[serde(rename = "Gw", default)]
+    pub gw: Option<String>,
+}
+
+impl GoAddr {
+    /// (address, prefix length), IPv4 only.
+    fn v4(&self) -> Option<(Ipv4Addr, u8)> {
+        let ip: Ipv4Addr = self.ip.as_deref()?.parse().ok()?;
+        let mask = crate::pod::prepare::decode_base64(self.mask.as_deref()?).ok()?;
+        let mask = &mask[mask.len().checked_sub(4)?..];
+        let bits = u32::from_be_bytes(mask.try_into().ok()?);
+        (bits.leading_ones() == bits.count_ones()).then_some((ip, bits.count_ones() as u8))
+    }
+}
+
+impl VifCache {
+    /// The MAC the pod interface had (the guest takes it over).
+    pub fn mac(&self) -> Option<String> {
+        let b = crate::pod::prepare::decode_base64(self.mac.as_deref()?).ok()?;
+        (b.len() == 6).then(|| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+    }
+}
+
+/// The cache file of pod interface `pod` under the pod's private dir.
+pub fn vif_cache_path(config_dir: &Path, pod: &str) -> PathBuf {
+    config_dir.join(format!("vif-cache-{pod}.json"))
+}
+
+/// Reads a pod interface's cache; `Ok(None)` when there is none.
+pub fn read_vif_cache(path: &Path) -> Result<Option<VifCache>, NetError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| NetError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(NetError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The MACs the handler cached for the bridge-bound interfaces (by interface name).
+pub fn probe_bridge_macs(
+    vmi: &VirtualMachineInstance,
+    config_dir: &Path,
+) -> BTreeMap<String, String> {
+    tap_interfaces(vmi)
+        .into_iter()
+        .filter(|(_, ifc, _, _)| ifc.bridge.is_some())
+        .filter_map(|(_, ifc, _, pod)| {
+            let cache = read_vif_cache(&vif_cache_path(config_dir, &pod)).ok()??;
+            Some((ifc.name.clone(), cache.mac()?))
+        })
+        .collect()
+}
+
+/// The DHCP config of a bridge binding from the handler's cache; `None` when the pod
+/// interface had no IPv4 address (no IPAM: the guest is on its own).
+fn bridge_dhcp(
+    vmi: &VirtualMachineInstance,
+    ifc: &crate::spec::Interface,
+    cache: &VifCache,
+    client_mac: [u8; 6],
+    mtu: Option<u16>,
+) -> Option<dhcp::DhcpConfig> {
+    if cache.ipam_disabled {
+        return None;
+    }
+    let (ip, prefix) = cache.ip.as_ref()?.v4()?;
+    // KubeVirt's "fake" bridge address, 169.254.75.1<index of the interface>.
+    let index = vmi
+        .spec
+        .domain
+        .devices
+        .interfaces
+        .iter()
+        .position(|i| i.name == ifc.name)
+        .unwrap_or(0);
+    let server_ip = Ipv4Addr::new(169, 254, 75, 10u8.saturating_add(index.min(9) as u8));
+    let routes = cache
+        .routes
+        .iter()
+        .flatten()
+        .filter_map(|r| {
+            let gw: Ipv4Addr = r.gw.as_deref()?.parse().ok()?;
+            let (dst, p) = r
+                .dst
+                .as_ref()
+                .and_then(GoAddr::v4)
+                .unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
+            Some((dst, p, gw))
+        })
+        .collect::<Vec<_>>();
+    let mut routes_sorted: Vec<_> = routes.iter().filter(|r| r.1 != 0).copied().collect();
+    routes_sorted.extend(routes.iter().filter(|r| r.1 == 0).copied());
+    Some(dhcp::DhcpConfig {
+        client_mac,
+        client_ip: ip,
+        prefix,
+        server_ip,
+        router: cache.gateway.as_deref().and_then(|g| g.parse().ok()),
+        dns: Vec::new(),
+        search: Vec::new(),
+        mtu: cache.mtu.filter(|m| *m > 0).or(mtu),
+        hostname: None,
+        routes: routes_sorted,
+    })
+}
+
 /// The DHCP servers phase 2 started, kept running for the pod's life (dropping one stops it).
 #[derive(Debug, Default)]
 pub struct Phase2 {
@@ -207,6 +358,7 @@ impl Phase2 {
 pub fn setup(
     vmi: &VirtualMachineInstance,
     domain: &Domain,
+    config_dir: &Path,
     resolv_conf: &Path,
     running: &mut Phase2,
 ) -> Result<(), NetError> {
@@ -260,10 +412,6 @@ pub fn setup(
                 tap: tap.clone(),
             });
         }
-        if ifc.masquerade.is_none() {
-            tracing::warn!(interface = %ifc.name, "bridge binding: the guest gets no address from this launcher (the handler's cached address is not served yet)");
-            continue;
-        }
         let bridge = names::bridge_name(&pod);
         if running.servers.contains_key(&bridge) {
             continue;
@@ -273,6 +421,39 @@ pub fn setup(
                 interface: ifc.name.clone(),
                 bridge,
             });
+        }
+        let client_mac =
+            di.mac
+                .as_deref()
+                .and_then(dhcp::parse_mac)
+                .ok_or_else(|| NetError::Spec {
+                    field: format!("interface {}", ifc.name),
+                    reason: "has no MAC address".into(),
+                })?;
+        if ifc.masquerade.is_none() {
+            let path = vif_cache_path(config_dir, &pod);
+            let Some(cache) = read_vif_cache(&path)? else {
+                tracing::warn!(interface = %ifc.name, path = %path.display(), "bridge binding without the handler's cache: no DHCP server (the guest configures itself)");
+                continue;
+            };
+            let mtu = link_mtu(&format!("{pod}-nic"))
+                .or_else(|| link_mtu(&pod))
+                .and_then(|m| u16::try_from(m).ok());
+            let Some(mut cfg) = bridge_dhcp(vmi, ifc, &cache, client_mac, mtu) else {
+                tracing::info!(interface = %ifc.name, "bridge binding: the pod interface had no IPv4 address, no DHCP server");
+                continue;
+            };
+            cfg.dns = dns.clone();
+            cfg.search = search.clone();
+            cfg.hostname = Some(hostname.clone());
+            let ip = cfg.client_ip;
+            let server = dhcp::Server::start(cfg, &bridge).map_err(|source| NetError::Dhcp {
+                interface: ifc.name.clone(),
+                source,
+            })?;
+            tracing::info!(interface = %ifc.name, %tap, %bridge, %ip, "network phase 2 done (bridge)");
+            running.servers.insert(bridge, (ifc.name.clone(), server));
+            continue;
         }
         let cidr = vmi.spec.networks[k]
             .pod
@@ -286,14 +467,6 @@ pub fn setup(
                 field: format!("spec.networks[{k}].pod.vmNetworkCIDR"),
                 reason,
             })?;
-        let client_mac =
-            di.mac
-                .as_deref()
-                .and_then(dhcp::parse_mac)
-                .ok_or_else(|| NetError::Spec {
-                    field: format!("interface {}", ifc.name),
-                    reason: "has no MAC address".into(),
-                })?;
         let mtu = di
             .mtu
             .or_else(|| link_mtu(&pod))
@@ -308,6 +481,7 @@ pub fn setup(
             search: search.clone(),
             mtu,
             hostname: Some(hostname.clone()),
+            routes: Vec::new(),
         };
         let server = dhcp::Server::start(cfg, &bridge).map_err(|source| NetError::Dhcp {
             interface: ifc.name.clone(),
@@ -340,6 +514,35 @@ mod tests {
         assert!(masquerade_addresses("10.0.2.0").is_err());
         assert!(masquerade_addresses("10.0.2.0/31").is_err());
         assert!(masquerade_addresses("fd00::/64").is_err());
+    }
+
+    #[test]
+    fn vif_cache_as_go_writes_it() {
+        let text = r#"{"Name":"eth0","IP":{"IP":"10.99.0.2","Mask":"////AA==","Label":"","Flags":0,"Scope":0,"Peer":null,"Broadcast":"","PreferedLft":0,"ValidLft":0,"LinkIndex":0},"IPv6":{"IP":"","Mask":null,"Label":"","Flags":0,"Scope":0,"Peer":null,"Broadcast":"","PreferedLft":0,"ValidLft":0,"LinkIndex":0},"MAC":"AgAAqrsC","AdvertisingIPAddr":"","AdvertisingIPv6Addr":"","Routes":[{"LinkIndex":3,"ILinkIndex":0,"Scope":0,"Dst":null,"Src":"","Gw":"10.99.0.1","MultiPath":null,"Protocol":0,"Priority":0,"Table":254,"Type":1,"Tos":0,"Flags":0},{"LinkIndex":3,"Dst":{"IP":"10.99.0.0","Mask":"////AA=="},"Gw":""}],"Mtu":1400,"IPAMDisabled":false,"Gateway":"10.99.0.1","Subdomain":""}"#;
+        let cache: VifCache = serde_json::from_str(text).unwrap();
+        assert_eq!(cache.mac().as_deref(), Some("02:00:00:aa:bb:02"));
+        assert_eq!(
+            cache.ip.as_ref().unwrap().v4(),
+            Some((Ipv4Addr::new(10, 99, 0, 2), 24))
+        );
+        let vmi: VirtualMachineInstance = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "vm"},
+            "spec": {"domain": {"devices": {"interfaces": [{"name": "default", "bridge": {}}]}},
+                     "networks": [{"name": "default", "pod": {}}]}
+        }))
+        .unwrap();
+        let ifc = &vmi.spec.domain.devices.interfaces[0];
+        let cfg = bridge_dhcp(&vmi, ifc, &cache, [2, 0, 0, 0xaa, 0xbb, 2], None).unwrap();
+        assert_eq!(cfg.client_ip, Ipv4Addr::new(10, 99, 0, 2));
+        assert_eq!(cfg.prefix, 24);
+        assert_eq!(cfg.server_ip, Ipv4Addr::new(169, 254, 75, 10));
+        assert_eq!(cfg.router, Some(Ipv4Addr::new(10, 99, 0, 1)));
+        assert_eq!(cfg.mtu, Some(1400));
+        // The default route goes last (RFC 3442 clients ignore option 3 when 121 is there).
+        assert_eq!(
+            cfg.routes,
+            vec![(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(10, 99, 0, 1))]
+        );
     }
 
     #[test]
