@@ -221,6 +221,24 @@ fn masquerade_guest_gets_its_lease_and_reaches_the_peer_through_nat() {
     ] {
         assert!(xml.contains(&want), "domain XML lacks {want}:\n{xml}");
     }
+    // Our GetDomain carries the interface with the lease the guest took.
+    let domain = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = testkit::launcher::connect(&pod.socket()).await.unwrap();
+        c.get_domain(virt_launcher::api::pb::Empty {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let ifc = domain
+        .interfaces
+        .iter()
+        .find(|i| i.name == "default")
+        .expect("interface default in GetDomain");
+    assert_eq!(
+        (ifc.mac.as_str(), ifc.tap.as_str(), ifc.r#type.as_str()),
+        (mac.as_str(), "tap0", "ethernet")
+    );
+    assert_eq!(ifc.ip_addresses, vec!["10.0.2.2".to_string()]);
     let pid = pod.child.as_ref().unwrap().id() as i32;
     eprintln!(
         "launcher RSS with the guest running and the DHCP server up: {:.1} MiB",

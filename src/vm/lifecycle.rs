@@ -138,7 +138,26 @@ impl Launcher {
             std::path::Path::new(crate::pod::net::RESOLV_CONF),
             &mut running,
         )
-        .map_err(|e| ControlError::Plan(e.into()))
+        .map_err(|e| ControlError::Plan(e.into()))?;
+        // Each guest's lease, once given, goes into the status (GetDomain, the notified domain).
+        for (interface, ip, mut leased) in running.take_started() {
+            let internal = self.internal.clone();
+            tokio::spawn(async move {
+                if leased.wait_for(|l| *l).await.is_ok() {
+                    let f = move |s: &mut super::state::Status| {
+                        if let Some(i) =
+                            s.domain.interfaces.iter_mut().find(|i| i.name == interface)
+                        {
+                            i.ips = vec![ip.to_string()];
+                        }
+                    };
+                    let _ = internal.send(super::Internal::Report(super::ledger::Report::Status(
+                        Box::new(f),
+                    )));
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Records the MACs libvirt chose for the interfaces the VMI gave none.

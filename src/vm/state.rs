@@ -164,6 +164,8 @@ pub struct InterfaceFacts {
     /// The tap device (empty for passt).
     pub tap: String,
     pub model: String,
+    /// The guest's addresses: the lease our DHCP server gave (empty until given).
+    pub ips: Vec<String>,
 }
 
 impl DomainFacts {
@@ -189,6 +191,7 @@ impl DomainFacts {
                         _ => String::new(),
                     },
                     model: i.model.clone(),
+                    ips: Vec::new(),
                 })
                 .collect(),
             channels: d
@@ -413,6 +416,7 @@ mod tests {
             kind: "ethernet".into(),
             tap: String::new(),
             model: "virtio".into(),
+            ips: vec![],
         };
         let mut facts = DomainFacts {
             interfaces: vec![iface("default", ""), iface("given", "02:00:00:00:00:01")],

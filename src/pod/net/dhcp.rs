@@ -276,6 +276,11 @@ impl Server {
     pub fn leased(&self) -> bool {
         *self.leased.borrow()
     }
+
+    /// Becomes true when the client was given its address.
+    pub fn lease_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leased.clone()
+    }
 }
 
 async fn serve(

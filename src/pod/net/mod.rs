@@ -340,9 +340,23 @@ fn bridge_dhcp(
 pub struct Phase2 {
     /// By bridge name.
     pub servers: BTreeMap<String, (String, dhcp::Server)>,
+    /// Servers started since [`Phase2::take_started`] was last called: (interface, address,
+    /// lease watch).
+    started: Vec<(String, Ipv4Addr, tokio::sync::watch::Receiver<bool>)>,
 }
 
 impl Phase2 {
+    /// The servers started since the last call, to follow their leases.
+    pub fn take_started(&mut self) -> Vec<(String, Ipv4Addr, tokio::sync::watch::Receiver<bool>)> {
+        std::mem::take(&mut self.started)
+    }
+
+    fn insert(&mut self, bridge: String, interface: &str, ip: Ipv4Addr, server: dhcp::Server) {
+        self.started
+            .push((interface.to_string(), ip, server.lease_watch()));
+        self.servers.insert(bridge, (interface.to_string(), server));
+    }
+
     /// Whether the guest on interface `name` got its address from us.
     pub fn leased(&self, interface: &str) -> Option<bool> {
         self.servers
@@ -452,7 +466,7 @@ pub fn setup(
                 source,
             })?;
             tracing::info!(interface = %ifc.name, %tap, %bridge, %ip, "network phase 2 done (bridge)");
-            running.servers.insert(bridge, (ifc.name.clone(), server));
+            running.insert(bridge, &ifc.name, ip, server);
             continue;
         }
         let cidr = vmi.spec.networks[k]
@@ -488,7 +502,7 @@ pub fn setup(
             source,
         })?;
         tracing::info!(interface = %ifc.name, %tap, %bridge, ip = %guest, "network phase 2 done");
-        running.servers.insert(bridge, (ifc.name.clone(), server));
+        running.insert(bridge, &ifc.name, guest, server);
     }
     Ok(())
 }
