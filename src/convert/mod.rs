@@ -13,8 +13,12 @@
 //! - `<uuid>` = `spec.domain.firmware.uuid`, else `metadata.uid` when it is a UUID, else
 //!   KubeVirt's name-derived firmware UUID; the SMBIOS system uuid is the same value (libvirt
 //!   rejects a mismatch).
-//! - Interfaces: each `masquerade`/`bridge` interface becomes `<interface type='ethernet'>` on a
-//!   pre-created tap `tap<index>` (`managed='no'`); the pod network code creates the taps. A
+//! - Interfaces: each `masquerade`/`bridge` interface becomes `<interface type='ethernet'>` on
+//!   the tap KubeVirt's handler creates (`tap0` for the pod network, `tap<hash>` for Multus;
+//!   `managed='no'`), with the pod interface's MTU, the VMI's MAC (else the handler's cached one
+//!   for `bridge`, else one derived from the VMI's uid: stable across restarts and migrations)
+//!   and `<rom enabled='no'/>` unless it boots. Standalone (no handler: [`PodFacts::standalone_network`])
+//!   `masquerade` is libvirt's passt in socket mode and `bridge` a host bridge. A
 //!   `passtBinding` interface becomes KubeVirt's vhost-user interface with libvirt's passt
 //!   back-end (see `passt_attachment`), with shared memfd guest memory and one NUMA cell. No
 //!   interface is invented when the spec lists none. SR-IOV, slirp, the discontinued `passt`
