@@ -300,6 +300,12 @@ fn dhcp_packets() -> Vec<(&'static str, Vec<u8>)> {
             "discover-other-client.bin",
             request(MessageType::Discover, [2, 0, 0, 0, 0, 9], None),
         ),
+        // The fuzzer's first find: hlen 144 made dhcproto's chaddr() panic.
+        ("discover-hlen-144.bin", {
+            let mut p = request(MessageType::Discover, ours, None);
+            p[2] = 144;
+            p
+        }),
     ]
 }
 

@@ -65,13 +65,25 @@ pub fn netmask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(bits)
 }
 
+/// Decodes a datagram with dhcproto, bounded to [`MAX_PACKET`] bytes. dhcproto has panics on
+/// some malformed input (a `debug_assert!` on option lengths, found by fuzzing; `chaddr()` is
+/// guarded by checking `hlen` first): a panic is caught and the datagram dropped, so no
+/// client's bytes can stop the server.
+fn decode(packet: &[u8]) -> Option<Message> {
+    let packet = &packet[..packet.len().min(MAX_PACKET)];
+    std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(packet)).ok())
+        .ok()
+        .flatten()
+}
+
 /// The answer to one datagram from a client, or `None` (not ours, not a request we answer,
 /// not DHCP at all). Never panics, whatever the bytes.
 pub fn reply(cfg: &DhcpConfig, packet: &[u8]) -> Option<Vec<u8>> {
-    let packet = &packet[..packet.len().min(MAX_PACKET)];
-    let req = Message::decode(&mut Decoder::new(packet)).ok()?;
+    let req = decode(packet)?;
+    // `hlen` first: dhcproto's `chaddr()` slices by it and panics past 16 (found by fuzzing).
     if req.opcode() != Opcode::BootRequest
         || req.htype() != HType::Eth
+        || req.hlen() != 6
         || req.chaddr().get(..6)? != cfg.client_mac
     {
         return None;
@@ -171,7 +183,10 @@ pub struct Summary {
 
 /// Decodes a DHCP message; `None` when it is not one.
 pub fn summarize(packet: &[u8]) -> Option<Summary> {
-    let m = Message::decode(&mut Decoder::new(&packet[..packet.len().min(MAX_PACKET)])).ok()?;
+    let m = decode(packet)?;
+    if m.hlen() != 6 {
+        return None;
+    }
     let mut mac = [0u8; 6];
     mac.copy_from_slice(m.chaddr().get(..6)?);
     Some(Summary {
@@ -189,8 +204,7 @@ pub fn summarize(packet: &[u8]) -> Option<Summary> {
 /// Where a reply goes: unicast to a client that has its address (`ciaddr`, a renewal),
 /// broadcast otherwise (the guest has no address to receive on, and we send no ARP).
 fn destination(request: &[u8]) -> SocketAddrV4 {
-    let unicast = Message::decode(&mut Decoder::new(&request[..request.len().min(MAX_PACKET)]))
-        .ok()
+    let unicast = decode(request)
         .map(|m| m.ciaddr())
         .filter(|ip| !ip.is_unspecified() && !ip.is_broadcast());
     SocketAddrV4::new(unicast.unwrap_or(Ipv4Addr::BROADCAST), 68)
@@ -454,6 +468,16 @@ mod tests {
         let mut cut = request(MessageType::Discover, c.client_mac, None);
         cut.truncate(100);
         assert!(reply(&c, &cut).is_none());
+        // A hardware address length past chaddr's 16 bytes (dhcproto would panic on it).
+        let mut long = request(MessageType::Discover, c.client_mac, None);
+        long[2] = 144;
+        assert!(reply(&c, &long).is_none());
+        assert!(summarize(&long).is_none());
+        // The fuzzer's second find: an option whose length trips a dhcproto debug_assert!.
+        let odd = include_bytes!(
+            "../../../fuzz/corpus/dhcp_packets/crash-option-length-debug-assert.bin"
+        );
+        assert!(reply(&c, odd).is_none());
     }
 
     #[test]
