@@ -146,7 +146,11 @@ pub fn dhcp_packet(data: &[u8]) {
     let Some(out) = dhcp::reply(&cfg, data) else {
         return;
     };
-    assert!(out.len() <= dhcp::MAX_PACKET, "reply of {} bytes", out.len());
+    assert!(
+        out.len() <= dhcp::MAX_PACKET,
+        "reply of {} bytes",
+        out.len()
+    );
     let summary = dhcp::summarize(&out).expect("our reply decodes");
     assert_eq!(summary.mac, cfg.client_mac);
     assert_eq!(summary.server, Some(cfg.server_ip));
