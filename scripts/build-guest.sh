@@ -23,12 +23,14 @@ DEB_CACHE=$(abs "${DEB_CACHE:-.cache/debs}")
 # built-in ones are skipped with a warning.
 #  virtio core + PCI transport, virtio-blk disks, virtio-serial (console/agent channel),
 #  virtio-scsi disks (scsi_mod, sd_mod), ACPI power button (button) + evdev so that
-#  busybox acpid can read it from /dev/input/event*.
+#  busybox acpid can read it from /dev/input/event*; virtio_net for the network tests
+#  (udhcpc's raw socket needs AF_PACKET, built into the Debian cloud kernel).
 WANTED_MODULES=(
     virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     virtio_blk virtio_console
     virtio_scsi scsi_mod sd_mod
     button evdev
+    virtio_net
 )
 
 log() { echo "build-guest: $*"; }

@@ -16,6 +16,13 @@
 #   LV-AGENT <command>            the minimal guest agent received <command>
 #   LV-EXEC <pid> <command...>    guest-exec started <command> as <pid>
 #   LV-ERROR <what>               anything that went wrong (the guest keeps running)
+#   LV-NET <ip>/<prefix> router=<ip> dns=<a,b> domain=<d> mtu=<n> hostname=<h>
+#                                 lv.net=dhcp: udhcpc got a lease on eth0 and configured it
+#                                 (a value is empty when the server sent no such option)
+#   LV-NET-FAIL                   lv.net=dhcp: no eth0, or no lease (udhcpc gave up)
+#   LV-FETCH <ip>:<port> <line>   lv.fetch=<ip|gw>:<port>: first line a TCP server sent
+#   LV-SERVING <port>             lv.serve=<port>: a TCP responder listens; each connection
+#                                 gets one line "lv-guest <hostname> <ip>" and is closed
 #
 # Parameters (repeatable ones are applied in order; values cannot contain spaces):
 #   lv.write=<dev>:<text>  write "<text>\n" at offset 0 of /dev/<dev>, sync, read back
@@ -26,6 +33,11 @@
 #                          LV-HOTWROTE <dev> lv-hot-<dev>); list (default): only LV-BLOCK
 #   lv.agent=on|off        answer a qemu-guest-agent channel (org.qemu.guest_agent.0)
 #                          if one exists (default on)
+#   lv.net=dhcp            bring eth0 up and get a DHCPv4 lease with udhcpc (LV-NET)
+#   lv.fetch=<ip|gw>:<port>  after the lease: connect, print the first line (LV-FETCH);
+#                          gw = the lease's router; retried for 60 s
+#   lv.serve=<port>        after the lease: a TCP responder on <port> (LV-SERVING)
+#   lv.mtu=ignore          do not apply the lease's MTU (LV-NET shows mtu= empty)
 #
 # PID 1 must never exit (the kernel panics): everything ends in an endless loop.
 
@@ -438,6 +450,106 @@ if [ "$AGENT" != off ]; then
         agent_loop "$port" &
     fi
 fi
+
+# ---------------------------------------------------------------- network (networking issue #18)
+# lv.net=dhcp: virtio_net's eth0 gets its address from the DHCP server on the other side
+# (the launcher's own server in a pod, passt standalone). udhcpc calls /tmp/lv-udhcpc.sh.
+NET=
+for arg in $CMDLINE; do
+    case "$arg" in
+        lv.net=*) NET=${arg#lv.net=} ;;
+    esac
+done
+
+net_scripts() {
+    cat >/tmp/lv-udhcpc.sh <<'EOF'
+#!/bin/sh
+case "$1" in
+    bound | renew)
+        ip addr flush dev "$interface"
+        grep -q 'lv.mtu=ignore' /proc/cmdline && mtu=
+        [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
+        prefix=$(ipcalc -p "$ip" "$subnet" | cut -d= -f2)
+        ip addr add "$ip/$prefix" dev "$interface"
+        r=${router%% *}
+        [ -n "$r" ] && ip route add default via "$r" dev "$interface"
+        : >/etc/resolv.conf
+        [ -n "$domain" ] && echo "search $domain" >>/etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >>/etc/resolv.conf; done
+        echo "$ip" >/tmp/lv-ip
+        echo "$r" >/tmp/lv-router
+        [ -n "$hostname" ] && hostname "$hostname"
+        dnsl=$(echo $dns | tr ' ' ',')
+        echo "LV-NET $ip/$prefix router=$r dns=$dnsl domain=$domain mtu=$mtu hostname=$hostname" >/dev/console
+        ;;
+esac
+exit 0
+EOF
+    chmod 755 /tmp/lv-udhcpc.sh
+    cat >/tmp/lv-respond.sh <<'EOF'
+#!/bin/sh
+echo "lv-guest $(hostname) $(cat /tmp/lv-ip 2>/dev/null)"
+EOF
+    chmod 755 /tmp/lv-respond.sh
+}
+
+# net_fetch <ip|gw>:<port>: first line from a TCP server, retried for 60 s.
+net_fetch() {
+    host=${1%%:*}
+    port=${1#*:}
+    [ "$host" = gw ] && host=$(cat /tmp/lv-router 2>/dev/null)
+    i=0
+    while [ $i -lt 60 ]; do
+        line=$(nc -w 3 "$host" "$port" </dev/null 2>/dev/null | head -n 1 | tr -d '\000-\037\177-\377')
+        if [ -n "$line" ]; then
+            echo "LV-FETCH $host:$port $line"
+            return 0
+        fi
+        i=$((i + 1))
+        sleep 1
+    done
+    err "fetch $host:$port: no reply in 60 s"
+}
+
+net_up() {
+    net_scripts
+    i=0
+    while [ ! -e /sys/class/net/eth0 ]; do
+        i=$((i + 1))
+        if [ "$i" -gt 100 ]; then
+            err "no eth0"
+            echo "LV-NET-FAIL"
+            return 1
+        fi
+        sleep 0.1
+    done
+    ip link set lo up
+    ip link set eth0 up
+    if ! udhcpc -i eth0 -s /tmp/lv-udhcpc.sh -q -f -n -t 30 -T 2 >/tmp/lv-udhcpc.log 2>&1; then
+        echo "LV-NET-FAIL"
+        return 1
+    fi
+    for arg in $CMDLINE; do
+        case "$arg" in
+            lv.serve=*)
+                p=${arg#lv.serve=}
+                nc -ll -p "$p" -e /tmp/lv-respond.sh &
+                echo "LV-SERVING $p"
+                ;;
+        esac
+    done
+    for arg in $CMDLINE; do
+        case "$arg" in
+            lv.fetch=*) net_fetch "${arg#lv.fetch=}" ;;
+        esac
+    done
+}
+
+case "$NET" in
+    '') ;;
+    dhcp) net_up & ;;
+    *) err "unknown lv.net=$NET (use dhcp)" ;;
+esac
 
 # ---------------------------------------------------------------- block watcher
 # hot_rw <dev>: with lv.hotplug=rw, a disk that appears while the guest runs is read

@@ -39,6 +39,7 @@ PACKAGES=(
     qemu-system-x86 qemu-utils passt pkg-config libxml2-utils
     busybox-static cpio xz-utils gzip
     xorriso util-linux iproute2 g++
+    nftables
 )
 # Packages that must come from bookworm-backports, with the major version each must have.
 declare -A BACKPORTED=(

@@ -35,7 +35,7 @@ struct Cli {
 enum Cmd {
     /// Run a VM until it stops or the launcher gets SIGTERM (standalone: a VMI or VM file in, a VM
     /// out).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the libvirt domain XML a VMI converts to.
     Render(RenderArgs),
     /// libvirt's QEMU hook for an incoming migration (run by the pod's libvirtd): reads the
@@ -108,6 +108,15 @@ struct RunArgs {
     /// Probe QEMU's capabilities afresh at every start (about a second) instead.
     #[arg(long, conflicts_with = "capabilities_cache")]
     no_capabilities_cache: bool,
+    /// Forward a host port to the guest's pod-network interface, when no KubeVirt handler
+    /// built the pod network (passt): HOST:GUEST, HOST:GUEST/tcp or HOST:GUEST/udp
+    /// (repeatable). A masquerade interface's `ports` are forwarded as well.
+    #[arg(long = "publish", value_name = "HOST:GUEST")]
+    publish: Vec<virt_launcher::convert::facts::Published>,
+    /// The existing host bridge a `bridge` interface joins when no KubeVirt handler built the
+    /// pod network.
+    #[arg(long, value_name = "NAME")]
+    host_bridge: Option<String>,
     /// Seconds a hot-unplug waits for the guest to release the disk before it is reported
     /// as failed (the disk then stays attached; a late release is still noticed).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
@@ -167,7 +176,7 @@ fn main() -> ExitCode {
         match cli.command {
             Cmd::Run(args) => {
                 logging::init(args.json_logs);
-                run(args)
+                run(*args)
             }
             Cmd::Render(args) => render(args).map(|()| 0),
             Cmd::MigrationHook { awaited } => return migration_hook(&awaited),
@@ -306,6 +315,11 @@ fn run(args: RunArgs) -> Result<i32> {
     let planner = Planner {
         domain_type: args.domain_type,
         paths: overrides,
+        standalone_network: Some(virt_launcher::convert::facts::StandaloneNetwork {
+            publish: args.publish.clone(),
+            host_bridge: args.host_bridge.clone(),
+            passt_log: layout.root().join("passt.log"),
+        }),
     };
     if let Some(why) = vmi.as_ref().and_then(|v| v.nothing_to_boot()) {
         tracing::warn!("{why}");
@@ -605,6 +619,7 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
             container_disks_dir: Some(container_disks),
             ..PathOverrides::default()
         },
+        standalone_network: None,
     };
     let socket = absolute(&args.init_socket()).with_file_name("launcher-sock");
     for dir in [

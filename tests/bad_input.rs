@@ -145,3 +145,44 @@ fn a_manifest_over_4_mib_is_refused_before_parsing() {
     );
     assert!(!pod.runtime_dir().exists(), "a runtime directory was made");
 }
+
+/// The VMI of `pod` with one interface of `binding` on the pod network.
+fn with_pod_interface(pod: &Pod, binding: &str) {
+    let yaml = pod
+        .vmi_yaml()
+        .replacen(
+            "    devices:\n",
+            &format!(
+                "    devices:\n      interfaces:\n      - name: default\n        {binding}: {{}}\n"
+            ),
+            1,
+        )
+        .replacen(
+            "  volumes:\n",
+            "  networks:\n  - name: default\n    pod: {}\n  volumes:\n",
+            1,
+        );
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
+}
+
+#[test]
+fn standalone_bridge_binding_without_a_host_bridge_names_the_interface() {
+    let pod = Pod::new("nobridge").with_disk("data", "virtio", 16);
+    pod.prepare();
+    with_pod_interface(&pod, "bridge");
+    let line = fails(&pod);
+    assert!(
+        line.contains("spec.domain.devices.interfaces[0].bridge") && line.contains("--host-bridge"),
+        "{line}"
+    );
+}
+
+#[test]
+fn bad_publish_flag_is_named() {
+    let (status, stderr) = run_launcher(&["run", "--publish", "80:70000", "--vmi", "/nonexistent"]);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--publish") && stderr.contains("70000"),
+        "{stderr}"
+    );
+}

@@ -1,6 +1,6 @@
 //! The fuzz seeds of `fuzz/corpus/libvirt_packets/` and the generated ones of
 //! `fuzz/corpus/grpc_requests/`, made with the launcher's own encoders (there are no recorded
-//! libvirt packets). The test fails when a committed seed is no longer what the encoders make;
+//! libvirt packets), and the DHCP requests of `fuzz/corpus/dhcp_packets/`. The test fails when a committed seed is no longer what the encoders make;
 //! `WRITE_SEEDS=1 cargo test --test fuzz_seeds` rewrites them.
 
 use std::path::Path;
@@ -279,4 +279,37 @@ fn libvirt_packet_seeds_are_what_the_encoder_makes() {
 #[test]
 fn grpc_request_seeds_are_what_prost_makes() {
     check("grpc_requests", grpc_requests());
+}
+
+/// Requests from the guest's DHCP client: each kind the server answers or ignores, one from
+/// another client.
+fn dhcp_packets() -> Vec<(&'static str, Vec<u8>)> {
+    use virt_launcher::pod::net::dhcp::{request, MessageType};
+    let ours = [2, 0, 0, 0xaa, 0xbb, 1];
+    let ip = std::net::Ipv4Addr::new(10, 0, 2, 2);
+    vec![
+        ("discover.bin", request(MessageType::Discover, ours, None)),
+        ("request.bin", request(MessageType::Request, ours, Some(ip))),
+        (
+            "request-other-address.bin",
+            request(MessageType::Request, ours, Some([10, 0, 2, 9].into())),
+        ),
+        ("inform.bin", request(MessageType::Inform, ours, None)),
+        ("release.bin", request(MessageType::Release, ours, None)),
+        (
+            "discover-other-client.bin",
+            request(MessageType::Discover, [2, 0, 0, 0, 0, 9], None),
+        ),
+        // The fuzzer's first find: hlen 144 made dhcproto's chaddr() panic.
+        ("discover-hlen-144.bin", {
+            let mut p = request(MessageType::Discover, ours, None);
+            p[2] = 144;
+            p
+        }),
+    ]
+}
+
+#[test]
+fn dhcp_seeds_are_what_the_encoder_makes() {
+    check("dhcp_packets", dhcp_packets());
 }

@@ -124,3 +124,35 @@ pub fn well_formed(xml: &str) {
         }
     }
 }
+
+/// A `dhcp_packets` input: one datagram from the guest's side of the bridge, answered as the
+/// launcher's DHCP server answers it. Whatever the bytes: no panic, at most one reply, and a
+/// reply is a well-formed BOOTREPLY to our client's MAC that carries our server identifier.
+pub fn dhcp_packet(data: &[u8]) {
+    use std::net::Ipv4Addr;
+    use virt_launcher::pod::net::dhcp::{self, DhcpConfig};
+    let cfg = DhcpConfig {
+        client_mac: [2, 0, 0, 0xaa, 0xbb, 1],
+        client_ip: Ipv4Addr::new(10, 0, 2, 2),
+        prefix: 24,
+        server_ip: Ipv4Addr::new(10, 0, 2, 1),
+        router: Some(Ipv4Addr::new(10, 0, 2, 1)),
+        dns: vec![Ipv4Addr::new(10, 96, 0, 10)],
+        search: vec!["default.svc.cluster.local".into(), "cluster.local".into()],
+        mtu: Some(1450),
+        hostname: Some("vm".into()),
+        routes: vec![(Ipv4Addr::UNSPECIFIED, 0, Ipv4Addr::new(10, 0, 2, 1))],
+    };
+    let Some(out) = dhcp::reply(&cfg, data) else {
+        return;
+    };
+    assert!(
+        out.len() <= dhcp::MAX_PACKET,
+        "reply of {} bytes",
+        out.len()
+    );
+    let summary = dhcp::summarize(&out).expect("our reply decodes");
+    assert_eq!(summary.mac, cfg.client_mac);
+    assert_eq!(summary.server, Some(cfg.server_ip));
+    assert!(summary.reply);
+}

@@ -155,6 +155,18 @@ pub fn domain_pb(s: &state::Status) -> pb::Domain {
         last_seq: s.last_seq,
         migration_target: s.migration_target.clone().map(pb::MigrationTarget::from),
         migration: s.migration.as_ref().map(migration_pb),
+        interfaces: s
+            .domain
+            .interfaces
+            .iter()
+            .map(|i| pb::Interface {
+                name: i.name.clone(),
+                mac: i.mac.clone(),
+                r#type: i.kind.clone(),
+                tap: i.tap.clone(),
+                ip_addresses: i.ips.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -272,6 +272,63 @@ pub struct PodFacts {
     pub spare_root_ports: u32,
     /// Socket of the persistent-reservation helper (`lun` with `reservation: true`).
     pub pr_helper_socket: PathBuf,
+    /// MTU of the pod interface behind each `masquerade`/`bridge` interface, by interface
+    /// name (the domain interface gets it, as KubeVirt's phase 2 does).
+    pub interface_mtus: BTreeMap<String, u32>,
+    /// The MAC the handler's phase 1 cached for each `bridge` interface (the pod interface's
+    /// own, which the guest takes over), by interface name.
+    pub interface_macs: BTreeMap<String, String>,
+    /// Set when the launcher runs outside KubeVirt and no handler built the pod network
+    /// (no `tap0`): the pod network is passt's user-mode networking, a bridge binding needs
+    /// a host bridge.
+    pub standalone_network: Option<StandaloneNetwork>,
+}
+
+/// Standalone networking: what the command line gave for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StandaloneNetwork {
+    /// `--publish HOST:GUEST[/udp]`: host ports forwarded to the guest.
+    pub publish: Vec<Published>,
+    /// `--host-bridge NAME`: the host bridge a `bridge` interface joins.
+    pub host_bridge: Option<String>,
+    /// passt's log file.
+    pub passt_log: PathBuf,
+}
+
+/// One `--publish`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// `tcp` or `udp`.
+    pub proto: &'static str,
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl std::str::FromStr for Published {
+    type Err = String;
+    /// `HOST:GUEST`, `HOST:GUEST/tcp` or `HOST:GUEST/udp`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ports, proto) = match s.split_once('/') {
+            None => (s, "tcp"),
+            Some((p, "tcp")) => (p, "tcp"),
+            Some((p, "udp")) => (p, "udp"),
+            Some((_, other)) => return Err(format!("{other:?} is not tcp or udp")),
+        };
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p >= 1)
+                .ok_or_else(|| format!("{p:?} is not a port (1..65535)"))
+        };
+        let (host, guest) = ports
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?} is not HOST:GUEST[/tcp|/udp]"))?;
+        Ok(Published {
+            proto,
+            host: port(host)?,
+            guest: port(guest)?,
+        })
+    }
 }
 
 impl PodFacts {
@@ -288,6 +345,9 @@ impl PodFacts {
             image_formats: BTreeMap::new(),
             spare_root_ports: DEFAULT_SPARE_ROOT_PORTS,
             pr_helper_socket: "/var/run/kubevirt/daemons/pr/pr-helper.sock".into(),
+            interface_mtus: BTreeMap::new(),
+            interface_macs: BTreeMap::new(),
+            standalone_network: None,
         }
     }
 }

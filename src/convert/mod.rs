@@ -13,8 +13,12 @@
 //! - `<uuid>` = `spec.domain.firmware.uuid`, else `metadata.uid` when it is a UUID, else
 //!   KubeVirt's name-derived firmware UUID; the SMBIOS system uuid is the same value (libvirt
 //!   rejects a mismatch).
-//! - Interfaces: each `masquerade`/`bridge` interface becomes `<interface type='ethernet'>` on a
-//!   pre-created tap `tap<index>` (`managed='no'`); the pod network code creates the taps. A
+//! - Interfaces: each `masquerade`/`bridge` interface becomes `<interface type='ethernet'>` on
+//!   the tap KubeVirt's handler creates (`tap0` for the pod network, `tap<hash>` for Multus;
+//!   `managed='no'`), with the pod interface's MTU, the VMI's MAC (else the handler's cached one
+//!   for `bridge`, else one derived from the VMI's uid: stable across restarts and migrations)
+//!   and `<rom enabled='no'/>` unless it boots. Standalone (no handler: [`PodFacts::standalone_network`])
+//!   `masquerade` is libvirt's passt in socket mode and `bridge` a host bridge. A
 //!   `passtBinding` interface becomes KubeVirt's vhost-user interface with libvirt's passt
 //!   back-end (see `passt_attachment`), with shared memfd guest memory and one NUMA cell. No
 //!   interface is invented when the spec lists none. SR-IOV, slirp, the discontinued `passt`
@@ -902,11 +906,37 @@ fn interfaces(
             ));
         }
     }
+    for (i, n) in vmi.spec.networks.iter().enumerate() {
+        if !vmi
+            .spec
+            .domain
+            .devices
+            .interfaces
+            .iter()
+            .any(|ifc| ifc.name == n.name)
+        {
+            return Err(err(
+                format!("spec.networks[{i}].name"),
+                format!(
+                    "no interface named {:?} in spec.domain.devices.interfaces",
+                    n.name
+                ),
+            ));
+        }
+    }
     let mut orders: std::collections::BTreeMap<u32, String> = disk_boot_orders
         .iter()
         .map(|(o, f)| (*o, f.clone()))
         .collect();
     let mut seen = std::collections::BTreeSet::new();
+    let mut macs = std::collections::BTreeMap::new();
+    let vmi_key = vmi.metadata.uid.clone().unwrap_or_else(|| {
+        format!(
+            "{}/{}",
+            vmi.metadata.namespace.as_deref().unwrap_or_default(),
+            vmi.metadata.name
+        )
+    });
     let mut out = Vec::new();
     for (i, ifc) in vmi.spec.domain.devices.interfaces.iter().enumerate() {
         let f = format!("spec.domain.devices.interfaces[{i}]");
@@ -928,10 +958,52 @@ fn interfaces(
                 format!("no network named {:?} in spec.networks", ifc.name),
             ));
         }
+        let net = &vmi.spec.networks[networks[ifc.name.as_str()]];
         let attachment = if ifc.masquerade.is_some() || ifc.bridge.is_some() {
-            Attachment::Tap(format!("tap{i}"))
+            let multus = net.pod.is_none();
+            if multus && ifc.masquerade.is_some() {
+                return Err(err(
+                    format!("{f}.masquerade"),
+                    format!(
+                        "masquerade works on the pod network only; network {:?} is a multus network",
+                        ifc.name
+                    ),
+                ));
+            }
+            let ports = masquerade_ports(&f, ifc)?;
+            match &facts.standalone_network {
+                Some(_) if multus => {
+                    return Err(err(
+                        format!("{f}.name"),
+                        format!(
+                            "network {:?} is a multus network: it needs KubeVirt's pod network (not standalone)",
+                            ifc.name
+                        ),
+                    ))
+                }
+                Some(sn) if ifc.masquerade.is_some() => standalone_user(sn, &ports),
+                Some(sn) => match &sn.host_bridge {
+                    Some(b) => Attachment::Bridge(b.clone()),
+                    None => {
+                        return Err(err(
+                            format!("{f}.bridge"),
+                            format!(
+                                "interface {:?}: a bridge binding standalone needs a host bridge (--host-bridge NAME)",
+                                ifc.name
+                            ),
+                        ))
+                    }
+                },
+                None => {
+                    let pod_iface = names::pod_interface_name(
+                        &ifc.name,
+                        multus,
+                        status_pod_interface(vmi, &ifc.name)?.as_deref(),
+                    );
+                    Attachment::Tap(names::tap_name(&pod_iface, multus))
+                }
+            }
         } else if ifc.passt_binding.is_some() {
-            let net = &vmi.spec.networks[networks[ifc.name.as_str()]];
             if net.pod.is_none() {
                 return Err(err(
                     format!("{f}.passtBinding"),
@@ -977,18 +1049,41 @@ fn interfaces(
                 ))
             }
         };
-        if let Some(mac) = &ifc.mac_address {
-            let parts: Vec<&str> = mac.split([':', '-']).collect();
-            if parts.len() != 6
-                || !parts
-                    .iter()
-                    .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
-            {
-                return Err(err(
-                    format!("{f}.macAddress"),
-                    format!("{mac:?} is not a MAC address"),
-                ));
+        let mac = match &ifc.mac_address {
+            Some(mac) => {
+                let parts: Vec<&str> = mac.split([':', '-']).collect();
+                if parts.len() != 6
+                    || !parts
+                        .iter()
+                        .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
+                {
+                    return Err(err(
+                        format!("{f}.macAddress"),
+                        format!("{mac:?} is not a MAC address"),
+                    ));
+                }
+                let first = u8::from_str_radix(parts[0], 16).unwrap_or_default();
+                if first & 1 == 1 {
+                    return Err(err(
+                        format!("{f}.macAddress"),
+                        format!("{mac:?} is a multicast address"),
+                    ));
+                }
+                mac.replace('-', ":").to_ascii_lowercase()
             }
+            None => match facts.interface_macs.get(&ifc.name) {
+                Some(m) if matches!(attachment, Attachment::Tap(_)) => m.clone(),
+                _ => names::stable_mac(&vmi_key, &ifc.name),
+            },
+        };
+        if let Some(prev) = macs.insert(mac.clone(), format!("{f}.macAddress")) {
+            return Err(err(
+                format!("{f}.macAddress"),
+                format!(
+                    "{mac} is already the MAC of {}",
+                    prev.trim_end_matches(".macAddress")
+                ),
+            ));
         }
         if let Some(m) = ifc.mtu {
             if !(68..=65535).contains(&m) {
@@ -1018,19 +1113,127 @@ fn interfaces(
                 Some(o)
             }
         };
+        let mtu = match (&attachment, ifc.mtu) {
+            (_, Some(m)) => Some(m),
+            (Attachment::Tap(_), None) => facts.interface_mtus.get(&ifc.name).copied(),
+            _ => None,
+        };
         out.push(Interface {
             alias: format!("ua-{}", ifc.name),
-            mac: ifc
-                .mac_address
-                .as_ref()
-                .map(|m| m.replace('-', ":").to_ascii_lowercase()),
+            mac: Some(mac),
             attachment,
             model,
-            mtu: ifc.mtu,
+            mtu,
+            // As KubeVirt: no option ROM unless the interface boots (iPXE is not wanted).
+            rom_off: boot_order.is_none(),
             boot_order,
         });
     }
     Ok(out)
+}
+
+/// A masquerade interface's `ports` as (protocol, port), checked.
+fn masquerade_ports(
+    f: &str,
+    ifc: &crate::spec::Interface,
+) -> Result<Vec<(&'static str, u16)>, ConvertError> {
+    let mut out = Vec::new();
+    for (j, port) in ifc.ports.iter().enumerate() {
+        let pf = format!("{f}.ports[{j}]");
+        let p = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| {
+                err(
+                    format!("{pf}.port"),
+                    format!("{} is out of range (1..65535)", port.port),
+                )
+            })?;
+        let proto = match port.protocol.as_deref() {
+            None | Some("") => "tcp",
+            Some(x) if x.eq_ignore_ascii_case("tcp") => "tcp",
+            Some(x) if x.eq_ignore_ascii_case("udp") => "udp",
+            Some(x) => {
+                return Err(err(
+                    format!("{pf}.protocol"),
+                    format!("{x:?} is not TCP or UDP"),
+                ))
+            }
+        };
+        out.push((proto, p));
+    }
+    Ok(out)
+}
+
+/// The standalone pod network: libvirt's passt back-end in socket mode, forwarding the
+/// interface's `ports` (host port = guest port) and the `--publish`ed ones. Nothing is
+/// forwarded unless asked for (on a shared host, every port of the host is not the VM's).
+fn standalone_user(sn: &facts::StandaloneNetwork, ports: &[(&'static str, u16)]) -> Attachment {
+    let mut port_forwards = Vec::new();
+    for proto in ["tcp", "udp"] {
+        let mut ranges: Vec<PortRange> = ports
+            .iter()
+            .filter(|(p, _)| *p == proto)
+            .map(|(_, port)| PortRange {
+                start: *port,
+                to: None,
+                exclude: false,
+            })
+            .collect();
+        ranges.extend(
+            sn.publish
+                .iter()
+                .filter(|p| p.proto == proto)
+                .map(|p| PortRange {
+                    start: p.host,
+                    to: (p.guest != p.host).then_some(p.guest),
+                    exclude: false,
+                }),
+        );
+        if !ranges.is_empty() {
+            port_forwards.push(PortForward { proto, ranges });
+        }
+    }
+    Attachment::User {
+        log_file: sn.passt_log.clone(),
+        port_forwards,
+    }
+}
+
+/// The pod interface name the VMI status recorded for interface `name` (KubeVirt keeps the
+/// primary network's there), checked to be an interface name.
+fn status_pod_interface(
+    vmi: &VirtualMachineInstance,
+    name: &str,
+) -> Result<Option<String>, ConvertError> {
+    let Some((k, dev)) = vmi.status.as_ref().and_then(|s| {
+        s.interfaces
+            .iter()
+            .enumerate()
+            .find(|(_, st)| st.name.as_deref() == Some(name))
+            .and_then(|(k, st)| Some((k, st.pod_interface_name.as_deref()?)))
+    }) else {
+        return Ok(None);
+    };
+    if dev.is_empty() {
+        return Ok(None);
+    }
+    if !is_interface_name(dev) {
+        return Err(err(
+            format!("status.interfaces[{k}].podInterfaceName"),
+            format!("{dev:?} is not a network interface name"),
+        ));
+    }
+    Ok(Some(dev.to_string()))
+}
+
+/// A Linux network interface name: 1..=15 of `[A-Za-z0-9._-]`.
+fn is_interface_name(dev: &str) -> bool {
+    !dev.is_empty()
+        && dev.len() <= 15
+        && dev
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// Envoy's ports, kept from the guest when Istio injects its proxy (KubeVirt
@@ -1086,6 +1289,7 @@ fn passt_attachment(
     if istio {
         tcp.extend(ISTIO_RESERVED_PORTS.iter().map(|p| PortRange {
             start: *p,
+            to: None,
             exclude: true,
         }));
     }
@@ -1102,6 +1306,7 @@ fn passt_attachment(
             })?;
         let range = PortRange {
             start,
+            to: None,
             exclude: false,
         };
         match port.protocol.as_deref() {

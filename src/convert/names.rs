@@ -114,3 +114,74 @@ mod tests {
         assert_eq!(got, ["vda", "vdb", "vdc"]);
     }
 }
+
+/// The pod interface a network reaches the VM through, as KubeVirt's handler names it
+/// (`pkg/network/namescheme`): the pod network's is `eth0` (or the name the VMI status
+/// recorded), a secondary (Multus) network's is `pod` + the first 11 hex digits of the SHA-256
+/// of the network's name.
+pub fn pod_interface_name(network: &str, multus: bool, status_name: Option<&str>) -> String {
+    if multus {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(network.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        return format!("pod{}", &hex[..11]);
+    }
+    status_name.unwrap_or("eth0").to_string()
+}
+
+/// The tap device the handler's phase 1 creates for a network (`pkg/network/link/names.go`):
+/// `tap0` for the pod network, `tap` + the hash of a Multus pod interface otherwise.
+pub fn tap_name(pod_interface: &str, multus: bool) -> String {
+    if multus {
+        format!("tap{}", pod_interface.get(3..).unwrap_or_default())
+    } else {
+        "tap0".to_string()
+    }
+}
+
+/// The in-pod bridge between the pod interface and the tap (`k6t-eth0`, `k6t-<hash>`).
+pub fn bridge_name(pod_interface: &str) -> String {
+    format!(
+        "k6t-{}",
+        pod_interface.strip_prefix("pod").unwrap_or(pod_interface)
+    )
+}
+
+/// A MAC for an interface the VMI gives none: locally administered, unicast, derived from the
+/// VMI's identity (`uid`, else `namespace/name`) and the interface's name, so the same VMI gets
+/// the same MAC on every start, in every pod and after a migration.
+pub fn stable_mac(vmi_key: &str, interface: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(format!("{vmi_key}/{interface}").as_bytes());
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        d[0], d[1], d[2], d[3], d[4]
+    )
+}
+
+#[cfg(test)]
+mod net_tests {
+    use super::*;
+
+    #[test]
+    fn multus_names_follow_kubevirt() {
+        // sha256("red") = b1f51a511f1da0cd348b8f8598db32e61cb963e5fc69e2b41485bf99590ed75a
+        let pod = pod_interface_name("red", true, None);
+        assert_eq!(pod, "podb1f51a511f1");
+        assert_eq!(tap_name(&pod, true), "tapb1f51a511f1");
+        assert_eq!(bridge_name(&pod), "k6t-b1f51a511f1");
+        assert_eq!(pod_interface_name("default", false, None), "eth0");
+        assert_eq!(tap_name("eth0", false), "tap0");
+        assert_eq!(bridge_name("eth0"), "k6t-eth0");
+    }
+
+    #[test]
+    fn stable_macs_are_unicast_local_and_differ_per_interface() {
+        let a = stable_mac("uid-1", "default");
+        assert_eq!(a, stable_mac("uid-1", "default"));
+        assert_ne!(a, stable_mac("uid-1", "other"));
+        assert_ne!(a, stable_mac("uid-2", "default"));
+        assert!(a.starts_with("02:"));
+        assert_eq!(a.len(), 17);
+    }
+}

@@ -359,6 +359,8 @@ pub struct Interface {
     pub model: String,
     pub mtu: Option<u32>,
     pub boot_order: Option<u32>,
+    /// `<rom enabled='no'/>`: no option ROM (KubeVirt's choice for an interface that does not boot).
+    pub rom_off: bool,
 }
 
 /// How an interface reaches the pod network.
@@ -374,6 +376,27 @@ pub enum Attachment {
         log_file: PathBuf,
         port_forwards: Vec<PortForward>,
     },
+    /// `<interface type='user'>` with `<backend type='passt'>`: libvirt starts passt in its
+    /// socket mode (standalone: user-mode networking on the host's connection), forwarding
+    /// `port_forwards` from the host.
+    User {
+        log_file: PathBuf,
+        port_forwards: Vec<PortForward>,
+    },
+    /// `<interface type='bridge'>` on an existing host bridge (standalone bridge binding).
+    Bridge(String),
+}
+
+impl Attachment {
+    /// libvirt's interface type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Attachment::Tap(_) => "ethernet",
+            Attachment::Passt { .. } => "vhostuser",
+            Attachment::User { .. } => "user",
+            Attachment::Bridge(_) => "bridge",
+        }
+    }
 }
 
 /// `<portForward proto=…>`: with no ranges, every port of that protocol is forwarded.
@@ -387,6 +410,8 @@ pub struct PortForward {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortRange {
     pub start: u16,
+    /// The guest's port when it differs from the host's (`to=`).
+    pub to: Option<u16>,
     pub exclude: bool,
 }
 

@@ -531,11 +531,7 @@ fn write_devices(w: &mut W, dv: &Devices) {
         }
     }
     for i in &dv.interfaces {
-        let kind = match i.attachment {
-            Attachment::Tap(_) => "ethernet",
-            Attachment::Passt { .. } => "vhostuser",
-        };
-        w.open("interface", attrs!["type" => kind]);
+        w.open("interface", attrs!["type" => i.attachment.kind()]);
         if let Some(mac) = &i.mac {
             w.empty("mac", attrs!["address" => mac.as_str()]);
         }
@@ -544,12 +540,22 @@ fn write_devices(w: &mut W, dv: &Devices) {
                 w.empty("target", attrs!["dev" => tap.as_str(), "managed" => "no"]);
                 w.empty("model", attrs!["type" => i.model.as_str()]);
             }
+            Attachment::Bridge(bridge) => {
+                w.empty("source", attrs!["bridge" => bridge.as_str()]);
+                w.empty("model", attrs!["type" => i.model.as_str()]);
+            }
             Attachment::Passt {
-                source_dev,
+                source_dev: _,
+                log_file,
+                port_forwards,
+            }
+            | Attachment::User {
                 log_file,
                 port_forwards,
             } => {
-                w.empty("source", attrs!["dev" => source_dev.as_str()]);
+                if let Attachment::Passt { source_dev, .. } = &i.attachment {
+                    w.empty("source", attrs!["dev" => source_dev.as_str()]);
+                }
                 w.empty("model", attrs!["type" => i.model.as_str()]);
                 w.empty(
                     "backend",
@@ -563,6 +569,9 @@ fn write_devices(w: &mut W, dv: &Devices) {
                     w.open("portForward", attrs!["proto" => pf.proto]);
                     for r in &pf.ranges {
                         let mut a: Attrs<'_> = attrs!["start" => r.start.to_string()];
+                        if let Some(to) = r.to {
+                            a.push(("to", to.to_string().into()));
+                        }
                         if r.exclude {
                             a.push(("exclude", "yes".into()));
                         }
@@ -577,6 +586,9 @@ fn write_devices(w: &mut W, dv: &Devices) {
         }
         if let Some(b) = i.boot_order {
             w.empty("boot", attrs!["order" => b.to_string()]);
+        }
+        if i.rom_off {
+            w.empty("rom", attrs!["enabled" => "no"]);
         }
         w.empty("alias", attrs!["name" => i.alias.as_str()]);
         w.close("interface");

@@ -493,6 +493,8 @@ pub fn probe_running(
     let mut facts = PodFacts::defaults(vmi);
     facts.domain_type = domain_type;
     facts.firmware = probe_firmware();
+    facts.interface_mtus = crate::pod::net::probe_mtus(vmi);
+    facts.interface_macs = crate::pod::net::probe_bridge_macs(vmi, &paths.config_dir);
 
     // Claim images (hot-plugged ones aside) probed, and how many of them allow O_DIRECT.
     let (mut claim_images, mut claim_images_direct) = (0usize, 0usize);

@@ -13,6 +13,7 @@ pub mod cmdline;
 pub mod daemons;
 pub mod facts;
 pub mod image;
+pub mod net;
 pub mod pidns;
 pub mod prepare;
 pub mod process;

@@ -69,6 +69,7 @@ impl Launcher {
     pub(crate) async fn start(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
         let plan = self.planner.plan(&vmi)?;
         self.planner.prepare(&vmi, &plan)?;
+        self.network_phase2(&vmi, &plan.domain)?;
         self.set_console_log(plan.facts.paths.serial_log());
         let name = plan.domain.name().to_string();
         let disks: Vec<_> = plan
@@ -119,6 +120,42 @@ impl Launcher {
         tracing::info!(domain = %name, elapsed_ms = t.elapsed().as_millis() as u64, "domain running");
         for v in volumes {
             self.set_phase(&v, Phase::Ready, "");
+        }
+        Ok(())
+    }
+
+    /// Network phase 2 (see [`crate::pod::net`]): the taps are there, the DHCP servers run.
+    pub(crate) fn network_phase2(
+        &self,
+        vmi: &VirtualMachineInstance,
+        domain: &crate::domain::Domain,
+    ) -> Result<(), ControlError> {
+        let mut running = self.network.lock().unwrap_or_else(|e| e.into_inner());
+        crate::pod::net::setup(
+            vmi,
+            domain,
+            &self.planner.paths.paths_for(vmi).config_dir,
+            std::path::Path::new(crate::pod::net::RESOLV_CONF),
+            &mut running,
+        )
+        .map_err(|e| ControlError::Plan(e.into()))?;
+        // Each guest's lease, once given, goes into the status (GetDomain, the notified domain).
+        for (interface, ip, mut leased) in running.take_started() {
+            let internal = self.internal.clone();
+            tokio::spawn(async move {
+                if leased.wait_for(|l| *l).await.is_ok() {
+                    let f = move |s: &mut super::state::Status| {
+                        if let Some(i) =
+                            s.domain.interfaces.iter_mut().find(|i| i.name == interface)
+                        {
+                            i.ips = vec![ip.to_string()];
+                        }
+                    };
+                    let _ = internal.send(super::Internal::Report(super::ledger::Report::Status(
+                        Box::new(f),
+                    )));
+                }
+            });
         }
         Ok(())
     }

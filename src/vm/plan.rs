@@ -52,6 +52,9 @@ impl PathOverrides {
 pub struct Planner {
     pub domain_type: DomainType,
     pub paths: PathOverrides,
+    /// Outside KubeVirt (`virt-launcher run`): the network used when no handler built the
+    /// pod network (see [`PodFacts::standalone_network`]). `None` in KubeVirt's pod.
+    pub standalone_network: Option<crate::convert::facts::StandaloneNetwork>,
 }
 
 /// Why a VMI cannot run here.
@@ -69,6 +72,8 @@ pub enum PlanError {
     Convert(#[from] ConvertError),
     #[error(transparent)]
     Prepare(#[from] PrepareError),
+    #[error(transparent)]
+    Network(#[from] crate::pod::net::NetError),
 }
 
 /// A converted VMI, ready to define (`domain.to_xml()`).
@@ -93,8 +98,11 @@ impl Planner {
         attached: &BTreeMap<String, AttachedVolume>,
     ) -> Result<Plan, PlanError> {
         create_missing_images(vmi, &self.paths.paths_for(vmi))?;
-        let facts =
+        let mut facts =
             podfacts::probe_running(vmi, self.paths.paths_for(vmi), self.domain_type, attached)?;
+        if !crate::pod::net::phase1_present() {
+            facts.standalone_network = self.standalone_network.clone();
+        }
         let domain = convert::convert(vmi, &facts)?;
         Ok(Plan { facts, domain })
     }

@@ -173,6 +173,8 @@ pub struct InterfaceFacts {
     /// The tap device (empty for passt).
     pub tap: String,
     pub model: String,
+    /// The guest's addresses: the lease our DHCP server gave (empty until given).
+    pub ips: Vec<String>,
 }
 
 impl DomainFacts {
@@ -192,16 +194,13 @@ impl DomainFacts {
                 .map(|i| InterfaceFacts {
                     name: i.alias.strip_prefix("ua-").unwrap_or(&i.alias).to_string(),
                     mac: i.mac.clone().unwrap_or_default(),
-                    kind: match i.attachment {
-                        crate::domain::Attachment::Tap(_) => "ethernet",
-                        crate::domain::Attachment::Passt { .. } => "vhostuser",
-                    }
-                    .to_string(),
+                    kind: i.attachment.kind().to_string(),
                     tap: match &i.attachment {
                         crate::domain::Attachment::Tap(t) => t.clone(),
-                        crate::domain::Attachment::Passt { .. } => String::new(),
+                        _ => String::new(),
                     },
                     model: i.model.clone(),
+                    ips: Vec::new(),
                 })
                 .collect(),
             channels: d
@@ -440,6 +439,7 @@ mod tests {
             kind: "ethernet".into(),
             tap: String::new(),
             model: "virtio".into(),
+            ips: vec![],
         };
         let mut facts = DomainFacts {
             interfaces: vec![iface("default", ""), iface("given", "02:00:00:00:00:01")],

@@ -296,6 +296,17 @@ pub struct FsFreeze {
     pub status: String,
 }
 
+/// The interfaces whose guest took a lease from us, as `api.InterfaceStatus`; `None` when none.
+fn lease_statuses(facts: &crate::vm::state::DomainFacts) -> Option<Vec<serde_json::Value>> {
+    let v: Vec<serde_json::Value> = facts
+        .interfaces
+        .iter()
+        .filter(|i| !i.ips.is_empty() && !i.mac.is_empty())
+        .map(|i| serde_json::json!({"Mac": i.mac, "Ip": i.ips[0], "IPs": i.ips}))
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
 /// `metav1.Time` as JSON: RFC 3339, whole seconds, UTC.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
@@ -523,7 +534,9 @@ fn skeleton(status: &Status, vmi: &VirtualMachineInstance) -> Domain {
         status: DomainStatus {
             status: String::new(),
             reason: String::new(),
-            interfaces: super::guest::interfaces(&facts.guest),
+            // The guest agent's view when it reported; until then the leases our DHCP server
+            // gave (KubeVirt's InterfaceStatus fields; the handler matches them by MAC).
+            interfaces: super::guest::interfaces(&facts.guest).or_else(|| lease_statuses(facts)),
             os_info: super::guest::os_info(&facts.guest),
             fs_freeze_status: FsFreeze {
                 status: super::guest::fs_freeze_status(facts),
@@ -610,6 +623,7 @@ mod tests {
                     kind: "ethernet".into(),
                     tap: "tap0".into(),
                     model: "virtio".into(),
+                    ips: vec![],
                 }],
                 channels: vec![GUEST_AGENT_CHANNEL.into()],
                 agent_connected: false,
@@ -804,6 +818,7 @@ mod tests {
             kind: "ethernet".into(),
             tap: "tap1".into(),
             model: "virtio".into(),
+            ips: vec![],
         });
         let d = rendered(&s, &vmi(None));
         let disks = d["Spec"]["Devices"]["Disks"].as_array().unwrap();
@@ -869,5 +884,19 @@ mod tests {
         assert_eq!(d["Status"]["Status"], json!("NoState"));
         assert_eq!(d["Status"]["Reason"], json!("NonExistent"));
         assert_eq!(d["Spec"]["Metadata"]["KubeVirt"]["UID"], json!(UID));
+    }
+
+    #[test]
+    fn the_lease_we_gave_is_the_interface_status_until_the_agent_reports() {
+        let mut s = status();
+        assert_eq!(
+            rendered(&s, &vmi(None))["Status"]["Interfaces"],
+            json!(null)
+        );
+        s.domain.interfaces[0].ips = vec!["10.0.2.2".into()];
+        assert_eq!(
+            rendered(&s, &vmi(None))["Status"]["Interfaces"],
+            json!([{"Mac": "02:7a:1e:00:00:01", "Ip": "10.0.2.2", "IPs": ["10.0.2.2"]}])
+        );
     }
 }

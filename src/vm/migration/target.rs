@@ -52,6 +52,8 @@ impl Launcher {
         self.planner
             .prepare(&vmi, &plan)
             .map_err(|e| undo(e.into()))?;
+        // The arriving guest keeps its lease; the DHCP server answers its renewals and reboots.
+        self.network_phase2(&vmi, &plan.domain).map_err(undo)?;
         let paths = &plan.facts.paths;
         let awaited = VmIdentity::of(&vmi, plan.domain.uuid.as_deref().unwrap_or_default());
         // The target's libvirtd asks the migration hook about every incoming domain (standalone

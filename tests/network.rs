@@ -1,0 +1,444 @@
+//! Pod networking with real guests (issue #18).
+//!
+//! `masquerade_guest_gets_its_lease_and_reaches_the_peer_through_nat` builds a pod network
+//! namespace the way KubeVirt's virt-handler's phase 1 leaves it (pod interface `eth0`, a veth to
+//! a "node" namespace; bridge `k6t-eth0` with 10.0.2.1/24; tap `tap0` on it; nftables masquerade
+//! out of `eth0` and a DNAT of one port back to the guest) and runs the launcher in it: the guest
+//! gets 10.0.2.2 and the pod's DNS settings from our DHCP server, fetches a line from a TCP
+//! server in the node namespace (which sees the pod's address: NAT), and answers on its own port
+//! through the DNAT.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::Pod;
+
+/// Runs a command, panics with its output when it fails.
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two network namespaces (`pod`, `node`) and the pod's resolv.conf; removed on drop.
+struct Netns {
+    pod: String,
+    node: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let id = std::process::id();
+        let n = Netns {
+            pod: format!("vl-{tag}-{id}-pod"),
+            node: format!("vl-{tag}-{id}-node"),
+        };
+        run(&["ip", "netns", "add", &n.pod]);
+        run(&["ip", "netns", "add", &n.node]);
+        n
+    }
+
+    fn ip(&self, ns: &str, args: &str) {
+        let mut v = vec!["ip", "-n", ns];
+        v.extend(args.split_whitespace());
+        run(&v);
+    }
+
+    fn exec(&self, ns: &str, args: &[&str]) {
+        let mut v = vec!["ip", "netns", "exec", ns];
+        v.extend_from_slice(args);
+        run(&v);
+    }
+
+    /// Runs `f` on a thread that lives in namespace `ns` (a thread's network namespace is its
+    /// own: the test process stays where it is).
+    fn in_ns<T: Send + 'static>(
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.pod, &self.node] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.pod));
+    }
+}
+
+/// Phase 1 as virt-handler builds it for a masquerade interface, with the pod interface
+/// `eth0` (10.99.0.2/24, MTU 1400) wired to the node namespace (10.99.0.1).
+fn phase1(n: &Netns) {
+    n.ip(&n.pod, "link add eth0 type veth peer name veth-pod");
+    n.ip(&n.pod, &format!("link set veth-pod netns {}", n.node));
+    n.ip(&n.pod, "link set eth0 mtu 1400");
+    n.ip(&n.node, "link set veth-pod mtu 1400");
+    n.ip(&n.pod, "addr add 10.99.0.2/24 dev eth0");
+    n.ip(&n.node, "addr add 10.99.0.1/24 dev veth-pod");
+    for ns in [&n.pod, &n.node] {
+        n.ip(ns, "link set lo up");
+    }
+    n.ip(&n.pod, "link set eth0 up");
+    n.ip(&n.node, "link set veth-pod up");
+    n.ip(&n.pod, "route add default via 10.99.0.1");
+    n.ip(&n.pod, "link add k6t-eth0 type bridge");
+    n.ip(&n.pod, "addr add 10.0.2.1/24 dev k6t-eth0");
+    n.ip(&n.pod, "tuntap add dev tap0 mode tap");
+    n.ip(&n.pod, "link set tap0 mtu 1400");
+    n.ip(&n.pod, "link set tap0 master k6t-eth0");
+    n.ip(&n.pod, "link set tap0 up");
+    n.ip(&n.pod, "link set k6t-eth0 up");
+    n.exec(&n.pod, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    let rules = "table ip nat {\n\
+        chain prerouting { type nat hook prerouting priority -100; iifname \"eth0\" tcp dport 8081 dnat to 10.0.2.2; }\n\
+        chain postrouting { type nat hook postrouting priority 100; ip saddr 10.0.2.2 oifname \"eth0\" masquerade; }\n\
+        }\n";
+    let file = std::env::temp_dir().join(format!("{}.nft", n.pod));
+    std::fs::write(&file, rules).unwrap();
+    n.exec(&n.pod, &["nft", "-f", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(file);
+    // `ip netns exec` shows /etc/netns/<ns>/resolv.conf as /etc/resolv.conf: the pod's DNS.
+    let etc = format!("/etc/netns/{}", n.pod);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        format!("{etc}/resolv.conf"),
+        "search default.svc.cluster.local svc.cluster.local cluster.local\n\
+         nameserver 10.96.0.10\noptions ndots:5\n",
+    )
+    .unwrap();
+}
+
+/// The VMI of `pod` with KubeVirt's default network (what its admission webhook adds).
+fn with_default_network(yaml: &str) -> String {
+    yaml.replacen(
+        "    devices:\n",
+        "    devices:\n      interfaces:\n      - name: default\n        masquerade: {}\n",
+        1,
+    )
+    .replacen(
+        "  volumes:\n",
+        "  networks:\n  - name: default\n    pod: {}\n  volumes:\n",
+        1,
+    )
+}
+
+#[test]
+fn masquerade_guest_gets_its_lease_and_reaches_the_peer_through_nat() {
+    let n = Netns::new("masq");
+    phase1(&n);
+
+    // The "node"'s TCP server: one line naming the address the connection came from.
+    let server = Netns::in_ns(&n.node, || {
+        let l = TcpListener::bind("10.99.0.1:8080").unwrap();
+        let (mut s, from) = l.accept().unwrap();
+        writeln!(s, "peer-says-hi from={}", from.ip()).unwrap();
+    });
+
+    let mut pod = Pod::new("masq")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.net=dhcp lv.fetch=10.99.0.1:8080 lv.serve=8081");
+    pod.wrapper = vec!["ip".into(), "netns".into(), "exec".into(), n.pod.clone()];
+    pod.prepare();
+    std::fs::write(pod.vmi_path(), with_default_network(&pod.vmi_yaml())).unwrap();
+    pod.spawn();
+
+    let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
+    let lease = console
+        .lines()
+        .find(|l| l.contains("LV-NET "))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        lease.ends_with(
+            "LV-NET 10.0.2.2/24 router=10.0.2.1 dns=10.96.0.10 \
+             domain=default.svc.cluster.local mtu=1400 hostname=vl-masq"
+        ),
+        "unexpected lease: {lease}\n{}",
+        pod.dump()
+    );
+    // Out through the masquerade: the node sees the pod's address, not the guest's.
+    pod.wait_console(
+        "LV-FETCH 10.99.0.1:8080 peer-says-hi from=10.99.0.2",
+        Duration::from_secs(90),
+    );
+    server.join().unwrap();
+
+    // In through the DNAT to the guest's responder.
+    pod.wait_console("LV-SERVING 8081", Duration::from_secs(10));
+    let reply = Netns::in_ns(&n.node, || {
+        for _ in 0..30 {
+            if let Ok(s) = TcpStream::connect_timeout(
+                &"10.99.0.2:8081".parse().unwrap(),
+                Duration::from_secs(3),
+            ) {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut line = String::new();
+                if BufReader::new(s).read_line(&mut line).is_ok() && !line.is_empty() {
+                    return line;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        String::new()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        reply.trim(),
+        "lv-guest vl-masq 10.0.2.2",
+        "no reply from the guest\n{}",
+        pod.dump()
+    );
+
+    // The domain got the tap, a stable MAC, the pod interface's MTU and no option ROM.
+    let xml = pod.virsh(&["dumpxml", "default_vl-masq"]);
+    let mac = virt_launcher::convert::names::stable_mac(&pod.uid(), "default");
+    for want in [
+        "<target dev='tap0' managed='no'/>".to_string(),
+        format!("<mac address='{mac}'/>"),
+        "<mtu size='1400'/>".into(),
+        "<rom enabled='no'/>".into(),
+    ] {
+        assert!(xml.contains(&want), "domain XML lacks {want}:\n{xml}");
+    }
+    // Our GetDomain carries the interface with the lease the guest took.
+    let domain = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = testkit::launcher::connect(&pod.socket()).await.unwrap();
+        c.get_domain(virt_launcher::api::pb::Empty {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let ifc = domain
+        .interfaces
+        .iter()
+        .find(|i| i.name == "default")
+        .expect("interface default in GetDomain");
+    assert_eq!(
+        (ifc.mac.as_str(), ifc.tap.as_str(), ifc.r#type.as_str()),
+        (mac.as_str(), "tap0", "ethernet")
+    );
+    assert_eq!(ifc.ip_addresses, vec!["10.0.2.2".to_string()]);
+    let pid = pod.child.as_ref().unwrap().id() as i32;
+    eprintln!(
+        "launcher RSS with the guest running and the DHCP server up: {:.1} MiB",
+        testkit::procs::rss_mib(pid).unwrap_or(0.0)
+    );
+
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
+}
+
+/// A free TCP port on the host's loopback (bound and released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A standalone pod with the default network: `--publish <published>:8081`, the guest asked to
+/// fetch from the host's loopback port `fetch` through its gateway and to serve on 8081.
+fn standalone_pod(name: &str, fetch: u16, published: u16) -> Pod {
+    let mut pod = Pod::new(name)
+        .with_disk("data", "virtio", 16)
+        .kernel_args(&format!("lv.net=dhcp lv.fetch=gw:{fetch} lv.serve=8081"));
+    pod.extra_args = vec!["--publish".into(), format!("{published}:8081")];
+    pod.prepare();
+    std::fs::write(pod.vmi_path(), with_default_network(&pod.vmi_yaml())).unwrap();
+    pod.spawn();
+    pod
+}
+
+fn stop(mut pod: Pod) {
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
+    let left = pod.leftover_processes();
+    assert!(left.is_empty(), "processes left behind (passt?): {left:#?}");
+}
+
+#[test]
+fn standalone_guest_gets_its_address_from_passt() {
+    let published = free_port();
+    let mut pod = standalone_pod("passt", free_port(), published);
+    // passt hands the guest the host's own address and gateway by DHCP.
+    let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
+    let lease = console.lines().find(|l| l.contains("LV-NET ")).unwrap();
+    let route = String::from_utf8(
+        Command::new("ip")
+            .args(["-4", "route", "show", "default"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let gateway = route.split_whitespace().nth(2).unwrap_or("?").to_string();
+    assert!(
+        lease.contains(&format!(" router={gateway} ")),
+        "lease {lease:?} does not name the host's gateway {gateway}\n{}",
+        pod.dump()
+    );
+    let xml = pod.virsh(&["dumpxml", "default_vl-passt"]);
+    for want in [
+        "<interface type='user'>".to_string(),
+        "<backend type='passt'".into(),
+        format!("<range start='{published}' to='8081'/>"),
+        "<rom enabled='no'/>".into(),
+    ] {
+        assert!(xml.contains(&want), "domain XML lacks {want}:\n{xml}");
+    }
+    stop(pod);
+}
+
+/// Debian 12's passt (0.0~git20230309) with libvirt 11.3 and QEMU 10 (`-netdev stream`): the
+/// guest's DHCP works, a TCP connection is set up both ways (the host's server accepts), but
+/// no TCP payload ever reaches the other side, with or without the 65520 MTU passt offers.
+/// Run with a newer passt: `cargo test --test network -- --ignored`.
+#[test]
+#[ignore = "Debian 12's passt (2023-03) carries no TCP payload with QEMU 10: needs a newer passt"]
+fn standalone_guest_reaches_host_loopback_and_answers_on_a_published_port() {
+    // A server on the host's loopback: passt maps the guest's gateway address to it.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        writeln!(s, "host-loopback-says-hi").unwrap();
+    });
+    let published = free_port();
+    let mut pod = standalone_pod("passt-tcp", port, published);
+    pod.wait_console("LV-NET ", Duration::from_secs(180));
+    pod.wait_console("host-loopback-says-hi", Duration::from_secs(90));
+    server.join().unwrap();
+
+    pod.wait_console("LV-SERVING 8081", Duration::from_secs(10));
+    let mut reply = String::new();
+    for _ in 0..30 {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", published)) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            reply.clear();
+            if BufReader::new(s).read_line(&mut reply).is_ok() && !reply.is_empty() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        reply.starts_with("lv-guest vl-passt-tcp "),
+        "no reply through the published port {published}: {reply:?}\n{}",
+        pod.dump()
+    );
+    stop(pod);
+}
+
+/// Phase 1 as virt-handler builds it for a bridge binding: the pod interface renamed
+/// `eth0-nic` (its address moved to the guest), on bridge `k6t-eth0` (169.254.75.10/32) with
+/// `tap0`; the pod's address, gateway, MAC and MTU cached in `vif-cache-eth0.json`.
+fn phase1_bridge(n: &Netns, private: &std::path::Path) {
+    n.ip(&n.pod, "link add eth0-nic type veth peer name veth-pod");
+    n.ip(&n.pod, &format!("link set veth-pod netns {}", n.node));
+    n.ip(&n.pod, "link set eth0-nic mtu 1400");
+    n.ip(&n.node, "link set veth-pod mtu 1400");
+    n.ip(&n.node, "addr add 10.99.0.1/24 dev veth-pod");
+    for ns in [&n.pod, &n.node] {
+        n.ip(ns, "link set lo up");
+    }
+    n.ip(&n.node, "link set veth-pod up");
+    n.ip(&n.pod, "link add k6t-eth0 type bridge");
+    n.ip(&n.pod, "addr add 169.254.75.10/32 dev k6t-eth0");
+    n.ip(&n.pod, "tuntap add dev tap0 mode tap");
+    n.ip(&n.pod, "link set tap0 mtu 1400");
+    for l in ["eth0-nic", "tap0"] {
+        n.ip(&n.pod, &format!("link set {l} master k6t-eth0"));
+        n.ip(&n.pod, &format!("link set {l} up"));
+    }
+    n.ip(&n.pod, "link set k6t-eth0 up");
+    // KubeVirt's cache.DHCPConfig as Go writes it (MAC 02:00:00:aa:bb:02 in base64).
+    std::fs::create_dir_all(private).unwrap();
+    std::fs::write(
+        private.join("vif-cache-eth0.json"),
+        r#"{"Name":"eth0","IP":{"IP":"10.99.0.2","Mask":"////AA==","Label":"","Flags":0,"Scope":0,"Peer":null,"Broadcast":"","PreferedLft":0,"ValidLft":0,"LinkIndex":0},"IPv6":{"IP":"","Mask":null,"Label":"","Flags":0,"Scope":0,"Peer":null,"Broadcast":"","PreferedLft":0,"ValidLft":0,"LinkIndex":0},"MAC":"AgAAqrsC","AdvertisingIPAddr":"","AdvertisingIPv6Addr":"","Routes":[{"LinkIndex":3,"ILinkIndex":0,"Scope":0,"Dst":null,"Src":"","Gw":"10.99.0.1","MultiPath":null,"Protocol":0,"Priority":0,"Table":254,"Type":1,"Tos":0,"Flags":0}],"Mtu":1400,"IPAMDisabled":false,"Gateway":"10.99.0.1","Subdomain":""}"#,
+    )
+    .unwrap();
+    let etc = format!("/etc/netns/{}", n.pod);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(format!("{etc}/resolv.conf"), "nameserver 10.96.0.10\n").unwrap();
+}
+
+#[test]
+fn bridge_guest_gets_the_cached_pod_address_and_mac() {
+    let n = Netns::new("brdg");
+    let mut pod = Pod::new("brdg")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.net=dhcp lv.fetch=10.99.0.1:8080");
+    let private = pod.dir.join("kubevirt-private");
+    phase1_bridge(&n, &private);
+    let server = Netns::in_ns(&n.node, || {
+        let l = TcpListener::bind("10.99.0.1:8080").unwrap();
+        let (mut s, from) = l.accept().unwrap();
+        writeln!(s, "node-says-hi from={}", from.ip()).unwrap();
+    });
+    // The cache lives in the pod's /var/run/kubevirt-private: a private bind mount in the
+    // mount namespace `ip netns exec` makes.
+    pod.wrapper = vec![
+        "ip".into(),
+        "netns".into(),
+        "exec".into(),
+        n.pod.clone(),
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "mkdir -p /var/run/kubevirt-private && mount --bind {} /var/run/kubevirt-private && exec \"$@\"",
+            private.display()
+        ),
+        "sh".into(),
+    ];
+    pod.prepare();
+    let yaml = with_default_network(&pod.vmi_yaml()).replace("masquerade: {}", "bridge: {}");
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
+    pod.spawn();
+
+    let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
+    let lease = console.lines().find(|l| l.contains("LV-NET ")).unwrap();
+    assert!(
+        lease.contains("LV-NET 10.99.0.2/24 router=10.99.0.1 dns=10.96.0.10 ")
+            && lease.contains(" mtu=1400 "),
+        "unexpected lease: {lease}\n{}",
+        pod.dump()
+    );
+    // Straight onto the node's network: the node sees the guest's own (the pod's) address.
+    pod.wait_console(
+        "LV-FETCH 10.99.0.1:8080 node-says-hi from=10.99.0.2",
+        Duration::from_secs(90),
+    );
+    server.join().unwrap();
+    let xml = pod.virsh(&["dumpxml", "default_vl-brdg"]);
+    assert!(
+        xml.contains("<mac address='02:00:00:aa:bb:02'/>")
+            && xml.contains("<target dev='tap0' managed='no'/>"),
+        "the domain does not take over the pod interface's MAC on tap0:\n{xml}"
+    );
+    stop(pod);
+}
