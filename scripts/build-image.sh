@@ -49,6 +49,7 @@ for b in "${BINARIES[@]}"; do
     [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b missing (cargo build --release --locked --bins)"
 done
 
+# >>> base: everything from here to "<<< base" makes the Debian layer, and is its cache key.
 # The packages of the runtime layer. The virtualisation packages come from bookworm-backports
 # (the pin below); everything else from bookworm. Recommends are not installed.
 PACKAGES=(
@@ -71,6 +72,17 @@ EXCLUDES=(
     '/usr/share/qemu/*edk2-arm*' '/usr/share/qemu/*edk2-aarch64*' '/usr/share/qemu/*edk2-riscv*'
     '/usr/share/qemu/*edk2-loongarch*' '/usr/share/qemu/*palcode*' '/usr/share/qemu/*canyonlands*'
     '/usr/share/qemu/*petalogix*' '/usr/share/qemu/*bamboo*' '/usr/share/qemu/*npcm7xx*' '/usr/share/qemu/*qemu_vga.ndrv'
+    # QEMU's 32-bit PC and microvm emulators: KubeVirt's domains are x86_64 "q35"/"pc" ones.
+    '/usr/bin/qemu-system-i386' '/usr/bin/qemu-system-x86_64-microvm'
+)
+# Packages the dependencies bring in that nothing in the pod runs (daemons of a full system,
+# and perl for usrmerge's one-time conversion): purged after the install, ignoring the
+# dependencies that name them. packages.tsv lists what stays.
+PURGE=(
+    polkitd libpolkit-agent-1-0 libpolkit-gobject-1-0 elogind libpam-elogind
+    dbus dbus-bin dbus-daemon dbus-session-bus-common dbus-system-bus-common
+    cron cron-daemon-common usrmerge libfile-find-rule-perl libnumber-compare-perl
+    libtext-glob-perl perl perl-modules-5.36 libperl5.36
 )
 DPKG_OPTS=()
 for p in "${EXCLUDES[@]}"; do DPKG_OPTS+=(--dpkgopt="path-exclude=$p"); done
@@ -99,13 +111,14 @@ trap 'rm -rf "$WORK"' EXIT
 
 # ------------------------------------------------------------------ layer 1: the base
 BASE_KEY=$( {
-    cat "${BASH_SOURCE[0]}"
+    sed -n '/^# >>> base/,/^# <<< base/p' "${BASH_SOURCE[0]}"
     echo "$MIRROR"
 } | sha | cut -c1-16)
 BASE=$CACHE/base-$BASE_KEY
 # The base's time stamps: fixed, so that the same packages give the same layer.
 export SOURCE_DATE_EPOCH=1704067200 # 2024-01-01T00:00:00Z
 if [ -s "$BASE/layer.tar.gz" ] && [ -s "$BASE/diffid" ]; then
+    touch "$BASE"
     log "base layer: cached ($BASE)"
 else
     log "base layer: mmdebstrap bookworm + bookworm-backports (a few minutes)"
@@ -115,6 +128,7 @@ else
         --aptopt='Acquire::Retries "3"' --aptopt='APT::Install-Recommends "false"' \
         "${DPKG_OPTS[@]}" \
         --setup-hook="mkdir -p \"\$1/etc/apt/preferences.d\" && cp '$WORK/pin' \"\$1/etc/apt/preferences.d/virt-launcher-backports\"" \
+        --customize-hook="chroot \"\$1\" dpkg --purge --force-depends ${PURGE[*]}" \
         --include="$(
             IFS=,
             echo "${PACKAGES[*]}"
@@ -173,8 +187,12 @@ else
     rm -rf "$RFS"
     rm -rf "$BASE"
     mv "$NEWBASE" "$BASE"
+    # Other bases (older inputs) unused for a week go.
+    find "$CACHE" -mindepth 1 -maxdepth 1 -name 'base-*' ! -name "base-$BASE_KEY" -mtime +7 \
+        -exec rm -rf {} +
     log "base layer: $(wc -l <"$BASE/packages.tsv") packages, cached in $BASE"
 fi
+# <<< base
 
 # ------------------------------------------------------------------ layer 2: the launcher
 L2=$WORK/launcher

@@ -153,8 +153,8 @@ fn runs_in(pid: i32, rootfs: &Path, path: &str) -> bool {
     inside.is_some() && inside == id(rootfs.join(path))
 }
 
-/// The capabilities of the compute container: the runtime's defaults (containerd's and
-/// CRI-O's set) without NET_RAW, plus SYS_NICE, as virt-controller asks for a root VMI.
+/// The capabilities of the compute container: the runtime's defaults (containerd's set)
+/// plus what virt-controller adds for a root VMI (NET_BIND_SERVICE, SYS_NICE).
 fn capabilities() -> Value {
     let caps = [
         "CAP_CHOWN",
@@ -162,6 +162,7 @@ fn capabilities() -> Value {
         "CAP_FSETID",
         "CAP_FOWNER",
         "CAP_MKNOD",
+        "CAP_NET_RAW",
         "CAP_SETGID",
         "CAP_SETUID",
         "CAP_SETFCAP",
