@@ -177,6 +177,18 @@ else
         "$RFS"/var/log/* "$RFS"/var/lib/dpkg/*-old "$RFS"/dev/* "$RFS"/tmp/* \
         "$RFS"/etc/machine-id "$RFS"/var/cache/ldconfig/aux-cache "$RFS"/etc/apt/preferences.d
     : >"$RFS/etc/machine-id"
+    # xml-core writes its catalog entries in hash order: sorted, the layer is the same on
+    # every build (the only difference two builds of the same packages had).
+    rm -f "$RFS"/etc/xml/*.old
+    for f in "$RFS/etc/xml/catalog" "$RFS/var/lib/xml-core/catalog"; do
+        [ -f "$f" ] || continue
+        first=$(grep -n '^<delegate' "$f" | head -n 1 | cut -d: -f1)
+        last=$(grep -n '^<delegate' "$f" | tail -n 1 | cut -d: -f1)
+        [ -n "$first" ] || continue
+        { head -n $((first - 1)) "$f"; sed -n "${first},${last}p" "$f" | LC_ALL=C sort
+            tail -n +$((last + 1)) "$f"; } >"$f.sorted"
+        mv "$f.sorted" "$f"
+    done
     mkdir -p "$RFS/var/log/libvirt"
     NEWBASE=$WORK/base
     mkdir -p "$NEWBASE"
