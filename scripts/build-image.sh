@@ -41,7 +41,7 @@ die() {
 log() { echo "build-image: $*"; }
 
 [ "$(id -u)" = 0 ] || die "run as root (mmdebstrap makes the root filesystem as root)"
-for tool in mmdebstrap tar gzip sha256sum jq dpkg-query; do
+for tool in mmdebstrap tar gzip sha256sum jq dpkg-query strip; do
     command -v "$tool" >/dev/null || die "$tool not found (./devtool setup installs it)"
 done
 BINARIES=(virt-launcher virt-launcher-monitor launcherctl)
@@ -209,8 +209,10 @@ fi
 # ------------------------------------------------------------------ layer 2: the launcher
 L2=$WORK/launcher
 mkdir -p "$L2/usr/bin" "$L2/usr/share/virt-launcher"
+# Without debug information (a release build has none; a debug build's is most of its size).
 for b in "${BINARIES[@]}"; do
-    install -m 0755 "$BIN_DIR/$b" "$L2/usr/bin/$b"
+    strip --strip-debug -o "$L2/usr/bin/$b" "$BIN_DIR/$b" || die "strip $BIN_DIR/$b failed"
+    chmod 0755 "$L2/usr/bin/$b"
 done
 (cd "$L2/usr/bin" && sha256sum "${BINARIES[@]}") >"$L2/usr/share/virt-launcher/binaries.sha256"
 VERSION=$(awk -F'"' '/^version *=/ {print $2; exit}' "$ROOT/Cargo.toml")
