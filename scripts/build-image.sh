@@ -12,7 +12,8 @@
 #     pinned version (the SBOM). Cached in /var/cache/virt-launcher/image/base-<key>/ (VL_IMAGE_CACHE),
 #     keyed on this script and the mirror.
 #  2. launcher: /usr/bin/virt-launcher, virt-launcher-monitor, launcherctl (built on the host;
-#     they need only libc) and /usr/share/virt-launcher/binaries.sha256.
+#     they need only libc), virt-freezer (container/bin/, KubeVirt's command line over
+#     launcherctl) and /usr/share/virt-launcher/binaries.sha256.
 #
 # Result: target/image/<tag>/oci (an OCI image layout) and target/image/<tag>/virt-launcher.oci.tar
 # (the same as an oci-archive for `skopeo copy oci-archive:…`); target/image/current links to
@@ -214,7 +215,12 @@ for b in "${BINARIES[@]}"; do
     strip --strip-debug -o "$L2/usr/bin/$b" "$BIN_DIR/$b" || die "strip $BIN_DIR/$b failed"
     chmod 0755 "$L2/usr/bin/$b"
 done
-(cd "$L2/usr/bin" && sha256sum "${BINARIES[@]}") >"$L2/usr/share/virt-launcher/binaries.sha256"
+# KubeVirt's small clients that we provide (container/bin/): virt-freezer.
+SCRIPTS=(virt-freezer)
+for b in "${SCRIPTS[@]}"; do
+    install -m 0755 "$ROOT/container/bin/$b" "$L2/usr/bin/$b"
+done
+(cd "$L2/usr/bin" && sha256sum "${BINARIES[@]}" "${SCRIPTS[@]}") >"$L2/usr/share/virt-launcher/binaries.sha256"
 VERSION=$(awk -F'"' '/^version *=/ {print $2; exit}' "$ROOT/Cargo.toml")
 REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
 L2_DIFF=$(reproducible_tar "$L2" "$WORK/launcher.tar.gz")

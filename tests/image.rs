@@ -231,6 +231,7 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         "virt-launcher",
         "virt-launcher-monitor",
         "launcherctl",
+        "virt-freezer",
         "libvirtd",
         "qemu-system-x86_64",
         "qemu-img",
@@ -524,6 +525,40 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         guest::first_line(&hotplug.join("fsvol.img")),
         format!("lv-hot-{dev}")
     );
+    // KubeVirt's virt-freezer, exec'ed in the container as a backup tool's freeze hook does:
+    // the guest agent freezes and thaws the guest's filesystems; bad flags are refused.
+    let exec = |args: &[&str]| {
+        container
+            .runc()
+            .args(["exec", &container.id, "/usr/bin/virt-freezer"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = exec(&["--freeze", "--name", name, "--namespace", "default"]);
+    assert!(
+        out.status.success(),
+        "virt-freezer --freeze: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::wait_for("the guest froze", Duration::from_secs(30), || {
+        console().contains("LV-FROZEN").then_some(())
+    });
+    let out = exec(&["--unfreeze", "--name", name, "--namespace", "default"]);
+    assert!(out.status.success(), "virt-freezer --unfreeze: {out:?}");
+    common::wait_for("the guest thawed", Duration::from_secs(30), || {
+        console().contains("LV-THAWED").then_some(())
+    });
+    let out = exec(&["--freeze", "--name", name]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("both --name and --namespace must be provided"),
+        "{out:?}"
+    );
+
     let qemu = testkit::procs::pids()
         .into_iter()
         .find(|p| {
