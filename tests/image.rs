@@ -619,3 +619,69 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
     // Passed: the bundle and volumes go (a failure keeps them to look at).
     fs::remove_dir_all(&top).unwrap();
 }
+
+/// `scripts/build-image.sh` on bad input: not root, missing binaries, a package archive that
+/// cannot be reached. Each is one line on stderr and a non-zero exit, and nothing is left
+/// where the next build would take it (no cached base, no image, no `current`).
+#[test]
+fn the_image_build_refuses_bad_input_in_one_line() {
+    let script = testkit::root().join("scripts/build-image.sh");
+    let top = testkit::fresh_dir(
+        std::env::temp_dir().join(format!("vl-image-bad-{}", std::process::id())),
+    )
+    .unwrap();
+    let (cache, target) = (top.join("cache"), top.join("target"));
+    let bins = top.join("bin");
+    fs::create_dir_all(&bins).unwrap();
+    for b in ["virt-launcher", "virt-launcher-monitor", "launcherctl"] {
+        fs::copy(common::LAUNCHER, bins.join(b)).unwrap();
+    }
+    let build = |cmd: &mut Command, bin_dir: &Path| {
+        let out = cmd
+            .arg(&script)
+            .arg(bin_dir)
+            .env("VL_IMAGE_CACHE", &cache)
+            .env("CARGO_TARGET_DIR", &target)
+            // Nothing listens on port 9 here: every download fails at once.
+            .env("VIRT_LAUNCHER_BACKPORTS_URI", "http://127.0.0.1:9/debian")
+            .env(
+                "VIRT_LAUNCHER_SECURITY_URI",
+                "http://127.0.0.1:9/debian-security",
+            )
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(err.lines().count(), 1, "not one line: {err}");
+        err
+    };
+    let err = build(
+        Command::new("setpriv").args(["--reuid=65534", "--regid=65534", "--clear-groups"]),
+        &bins,
+    );
+    assert!(err.contains("ERROR: run as root"), "{err}");
+    let err = build(&mut Command::new("bash"), &top.join("none"));
+    assert!(
+        err.contains("none/virt-launcher missing (cargo build --release"),
+        "{err}"
+    );
+    let err = build(&mut Command::new("bash"), &bins);
+    assert!(
+        err.contains("ERROR: mmdebstrap failed: ") && err.contains("127.0.0.1:9"),
+        "{err}"
+    );
+    let left = |d: &Path| {
+        fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert!(left(&cache).is_empty(), "cache: {:?}", left(&cache));
+    // Only the failed run's log stays, beside (not in) any image.
+    assert_eq!(left(&target.join("image")), vec!["mmdebstrap.log"]);
+    fs::remove_dir_all(&top).unwrap();
+}
