@@ -6,14 +6,15 @@
 # Two layers, each a reproducible tar (sorted, fixed mtimes, numeric owners, gzip -n):
 #  1. base: a Debian 12 root filesystem made by mmdebstrap from the packages the launcher runs
 #     (libvirt 11 daemon + QEMU driver and QEMU 10 from bookworm-backports, pinned as
-#     setup-host.sh pins them; passt, OVMF, qemu-utils, xorriso), no apt, no docs/man/locales,
+#     setup-host.sh pins them; passt, OVMF, qemu-utils, xorriso, virsh for node-labeller.sh),
+#     no apt, no docs/man/locales,
 #     no apt lists or caches; KubeVirt's layout: user qemu 107:107, /var/run -> ../run,
 #     libvirt's directories; /usr/share/virt-launcher/packages.tsv lists every package with its
 #     pinned version (the SBOM). Cached in /var/cache/virt-launcher/image/base-<key>/ (VL_IMAGE_CACHE),
 #     keyed on this script and the mirror.
 #  2. launcher: /usr/bin/virt-launcher, virt-launcher-monitor, launcherctl (built on the host;
-#     they need only libc), virt-freezer (container/bin/, KubeVirt's command line over
-#     launcherctl) and /usr/share/virt-launcher/binaries.sha256.
+#     they need only libc), virt-freezer and node-labeller.sh (container/bin/: KubeVirt's
+#     command lines, ours) and /usr/share/virt-launcher/binaries.sha256.
 #
 # Result: target/image/<tag>/oci (an OCI image layout) and target/image/<tag>/virt-launcher.oci.tar
 # (the same as an oci-archive for `skopeo copy oci-archive:…`); target/image/current links to
@@ -56,6 +57,8 @@ done
 PACKAGES=(
     libvirt-daemon libvirt-daemon-driver-qemu
     qemu-system-x86 qemu-utils passt ovmf xorriso
+    # virsh, for node-labeller.sh (virt-handler's init container runs the launcher image).
+    libvirt-clients
     # libvirt-daemon-driver-qemu depends on "systemd-container | sysvinit-core": the
     # smaller alternative (no systemd in a container).
     sysvinit-core
@@ -215,8 +218,8 @@ for b in "${BINARIES[@]}"; do
     strip --strip-debug -o "$L2/usr/bin/$b" "$BIN_DIR/$b" || die "strip $BIN_DIR/$b failed"
     chmod 0755 "$L2/usr/bin/$b"
 done
-# KubeVirt's small clients that we provide (container/bin/): virt-freezer.
-SCRIPTS=(virt-freezer)
+# KubeVirt's small clients that we provide (container/bin/): virt-freezer, node-labeller.sh.
+SCRIPTS=(virt-freezer node-labeller.sh)
 for b in "${SCRIPTS[@]}"; do
     install -m 0755 "$ROOT/container/bin/$b" "$L2/usr/bin/$b"
 done

@@ -685,3 +685,115 @@ fn the_image_build_refuses_bad_input_in_one_line() {
     assert_eq!(left(&target.join("image")), vec!["mmdebstrap.log"]);
     fs::remove_dir_all(&top).unwrap();
 }
+
+/// virt-handler's DaemonSet runs the launcher image as its `virt-launcher` init container,
+/// `/bin/sh -c node-labeller.sh` with the node's `/var/lib/kubevirt-node-labeller` mounted:
+/// the three files virt-handler's node labeller reads appear there, from a libvirtd in the
+/// image, and the container exits 0.
+#[test]
+fn virt_handlers_init_container_writes_the_node_labeller_files() {
+    let Some((oci, tag)) = built_image() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no launcher image under target/image/current: ./devtool test builds it first"
+        );
+        eprintln!("SKIPPED: no launcher image built (target/image/current): run ./devtool image");
+        return;
+    };
+    let top = testkit::fresh_dir(
+        std::env::temp_dir().join(format!("vl-image-labeller-{}", std::process::id())),
+    )
+    .unwrap();
+    let bundle = top.join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", oci.display()))
+        .arg(&bundle));
+    let labels = top.join("node-labeller");
+    fs::create_dir_all(&labels).unwrap();
+    let config_path = bundle.join("config.json");
+    let mut config: Value = serde_json::from_slice(&fs::read(&config_path).unwrap()).unwrap();
+    let mut env: Vec<Value> = config["process"]["env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    env.extend(["PREFERRED_VIRTTYPE=kvm", "HYPERVISOR_DEVICE=kvm"].map(Value::from));
+    config["process"]["args"] = json!(["/bin/sh", "-c", "node-labeller.sh"]);
+    config["process"]["env"] = json!(env);
+    config["process"]["terminal"] = json!(false);
+    config["process"]["user"] = json!({"uid": 0, "gid": 0});
+    config["process"]["capabilities"] = capabilities();
+    config["root"] = json!({"path": "rootfs", "readonly": false});
+    config["mounts"].as_array_mut().unwrap().push(bind(
+        &labels,
+        "/var/lib/kubevirt-node-labeller",
+        &[],
+    ));
+    let kvm = Path::new("/dev/kvm");
+    let with_kvm = fs::metadata(kvm).is_ok_and(|m| m.file_type().is_char_device());
+    if with_kvm {
+        let (node, allow) = device("/dev/kvm", "c", kvm);
+        config["linux"]["devices"] = json!([node]);
+        config["linux"]["resources"]["devices"]
+            .as_array_mut()
+            .unwrap()
+            .push(allow);
+    }
+    if let Some(o) = config["linux"].as_object_mut() {
+        o.remove("uidMappings");
+        o.remove("gidMappings");
+    }
+    config["linux"]["cgroupsPath"] = json!(format!("/vl-image-labeller-{}", std::process::id()));
+    fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+
+    let log = top.join("container.log");
+    let mut container = Container {
+        id: format!("vl-image-labeller-{}", std::process::id()),
+        state_root: top.join("runc"),
+        child: None,
+        log: log.clone(),
+    };
+    let out = fs::File::create(&log).unwrap();
+    container.child = Some(
+        container
+            .runc()
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(&container.id)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("runc run"),
+    );
+    let status = common::wait_for("the init container", Duration::from_secs(120), || {
+        container.exited()
+    });
+    assert!(status.success(), "{status:?}\n{}", container.log());
+    let read = |f: &str| {
+        fs::read_to_string(labels.join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}\n{}", container.log()))
+    };
+    let domcaps = read("virsh_domcapabilities.xml");
+    let virttype = if with_kvm { "kvm" } else { "qemu" };
+    assert!(
+        domcaps.contains("<domainCapabilities>")
+            && domcaps.contains(&format!("<domain>{virttype}</domain>"))
+            && domcaps.contains("<machine>pc-q35"),
+        "{domcaps}"
+    );
+    let features = read("supported_features.xml");
+    assert!(
+        features.contains("<cpu") && features.contains("<feature "),
+        "{features}"
+    );
+    let caps = read("capabilities.xml");
+    assert!(
+        caps.contains("<capabilities>") && caps.contains("<host>"),
+        "{caps}"
+    );
+    let list = run(container.runc().args(["list", "-q"]));
+    assert!(!list.lines().any(|l| l.trim() == container.id), "{list}");
+    drop(container);
+    fs::remove_dir_all(&top).unwrap();
+}
