@@ -13,7 +13,7 @@
 #     pinned version (the SBOM). Cached in /var/cache/virt-launcher/image/base-<key>/ (VL_IMAGE_CACHE),
 #     keyed on this script and the mirror.
 #  2. launcher: /usr/bin/virt-launcher, virt-launcher-monitor, launcherctl (built on the host;
-#     they need only libc), virt-freezer and node-labeller.sh (container/bin/: KubeVirt's
+#     they need only libc), virt-freezer, virt-tail and node-labeller.sh (container/bin/: KubeVirt's
 #     command lines, ours) and /usr/share/virt-launcher/binaries.sha256.
 #
 # Result: target/image/<tag>/oci (an OCI image layout) and target/image/<tag>/virt-launcher.oci.tar
@@ -218,8 +218,9 @@ for b in "${BINARIES[@]}"; do
     strip --strip-debug -o "$L2/usr/bin/$b" "$BIN_DIR/$b" || die "strip $BIN_DIR/$b failed"
     chmod 0755 "$L2/usr/bin/$b"
 done
-# KubeVirt's small clients that we provide (container/bin/): virt-freezer, node-labeller.sh.
-SCRIPTS=(virt-freezer node-labeller.sh)
+# KubeVirt's small clients that we provide (container/bin/): virt-freezer, virt-tail,
+# node-labeller.sh.
+SCRIPTS=(virt-freezer virt-tail node-labeller.sh)
 for b in "${SCRIPTS[@]}"; do
     install -m 0755 "$ROOT/container/bin/$b" "$L2/usr/bin/$b"
 done

@@ -232,6 +232,8 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         "virt-launcher-monitor",
         "launcherctl",
         "virt-freezer",
+        "virt-tail",
+        "node-labeller.sh",
         "libvirtd",
         "qemu-system-x86_64",
         "qemu-img",
@@ -558,6 +560,58 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
             .contains("both --name and --namespace must be provided"),
         "{out:?}"
     );
+
+    // KubeVirt's guest-console-log sidecar: virt-tail streams the serial console log from its
+    // start and ends cleanly on SIGTERM.
+    let mut tail = container
+        .runc()
+        .args([
+            "exec",
+            &container.id,
+            "/usr/bin/virt-tail",
+            "-v",
+            "3",
+            "--logfile",
+        ])
+        .arg(format!("/var/run/kubevirt-private/{uid}/virt-serial0-log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut streamed = Vec::new();
+    while !streamed.iter().any(|l: &String| l.contains(&wrote)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => streamed.push(line),
+            Err(e) => panic!("virt-tail: {e} after {streamed:?}"),
+        }
+    }
+    assert!(
+        streamed.iter().any(|l| l.contains("LV-READY")),
+        "{streamed:?}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tail.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = common::wait_for("virt-tail to end", Duration::from_secs(30), || {
+        tail.try_wait().unwrap()
+    });
+    assert!(st.success(), "virt-tail on SIGTERM: {st:?}");
 
     let qemu = testkit::procs::pids()
         .into_iter()
