@@ -576,7 +576,7 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         .arg(format!("/var/run/kubevirt-private/{uid}/virt-serial0-log"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(fs::File::create(top.join("virt-tail.err")).unwrap())
         .spawn()
         .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -596,7 +596,10 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => streamed.push(line),
-            Err(e) => panic!("virt-tail: {e} after {streamed:?}"),
+            Err(e) => panic!(
+                "virt-tail: {e} after {streamed:?}: {}",
+                fs::read_to_string(top.join("virt-tail.err")).unwrap_or_default()
+            ),
         }
     }
     assert!(
