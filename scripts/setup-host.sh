@@ -5,7 +5,10 @@
 #  - apt packages: libvirt 11.x (monolithic daemon + QEMU driver + clients + dev) and QEMU 10.x
 #    from Debian's bookworm-backports (the generation KubeVirt v1.9 ships: libvirt 11, QEMU 10),
 #    passt, tools for the test guest (busybox-static, cpio, xz-utils), xorriso (cloud-init ISOs),
-#    util-linux (losetup, unshare, nsenter), iproute2, g++ (libFuzzer's C++, for fuzz/).
+#    util-linux (losetup, unshare, nsenter), iproute2, g++ (libFuzzer's C++, for fuzz/),
+#    and for the launcher image (./devtool image, tests/image.rs): mmdebstrap (the root
+#    filesystem from Debian packages), umoci (unpacks the OCI image), runc (runs it:
+#    Debian 12's crun refuses this machine's hybrid cgroup v1 layout), jq.
 #    bookworm-backports is enabled in apt's sources and pinned for only the virtualisation
 #    packages (/etc/apt/preferences.d/virt-launcher-backports); everything else stays bookworm.
 #  - users/groups libvirt expects: kvm, libvirt, libvirt-qemu
@@ -40,6 +43,7 @@ PACKAGES=(
     busybox-static cpio xz-utils gzip
     xorriso util-linux iproute2 g++
     nftables
+    mmdebstrap umoci runc jq
 )
 # Packages that must come from bookworm-backports, with the major version each must have.
 declare -A BACKPORTED=(
@@ -153,7 +157,8 @@ else
     log "packages: all present (libvirt $(installed libvirt-daemon), qemu $(installed qemu-system-x86))"
 fi
 
-for tool in libvirtd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++; do
+for tool in libvirtd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++ \
+    mmdebstrap umoci runc jq; do
     command -v "$tool" >/dev/null || die "$tool not found after installing packages"
 done
 
