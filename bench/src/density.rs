@@ -124,12 +124,12 @@ fn launchers_at_once(ctx: &mut Ctx, n: usize) -> Result<(f64, f64, f64)> {
     std::thread::sleep(SETTLE);
     let (mut rss, mut pss) = (0.0, 0.0);
     for (pod, (dir, ..)) in pods.iter().zip(&made) {
-        let libvirtd = read_pid(&testkit::launcher::daemon_pid_file(
-            &dir.join("runtime"),
-            "libvirtd",
-        ))?;
-        rss += rss_mib(pod.pid())? + rss_mib(libvirtd)?;
-        pss += pss_mib(pod.pid())? + pss_mib(libvirtd)?;
+        let libvirtd = testkit::launcher::daemon_pid(&dir.join("runtime"), "libvirtd")?;
+        // The pod's processes: the launcher (not the standalone waiter in front of its PID
+        // namespace, which a pod does not have) and its libvirtd.
+        let launcher = pod.launcher_pid();
+        rss += rss_mib(launcher)? + rss_mib(libvirtd)?;
+        pss += pss_mib(launcher)? + pss_mib(libvirtd)?;
     }
     for pod in &pods {
         pod.signal(Signal::SIGTERM)?;
