@@ -216,6 +216,7 @@ fn run(dir: &Path) -> Result<String, String> {
             mem_balloon_stats_period: o["memBalloonStatsPeriod"].as_u64().unwrap_or(0) as u32,
             free_page_reporting_disabled: o["freePageReportingDisabled"].as_bool() == Some(true),
             serial_console_log_disabled: o["serialConsoleLogDisabled"].as_bool() == Some(true),
+            bochs_display_for_efi_guests: o["bochsDisplayForEFIGuests"].as_bool() == Some(true),
         });
     }
     let facts_path = dir.join("facts.json");

@@ -169,10 +169,28 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
             vec![Graphics {
                 vnc_socket: paths.vnc_socket(),
             }],
-            vec![Video {
-                model: "vga".to_string(),
-                heads: 1,
-                vram: Some(16384),
+            // KubeVirt (configureAMD64VideoDevice): bochs for an EFI guest when the cluster
+            // asks for it (no VRAM size), else VGA with 16 MiB.
+            vec![if opts.is_some_and(|o| o.bochs_display_for_efi_guests)
+                && vmi
+                    .spec
+                    .domain
+                    .firmware
+                    .as_ref()
+                    .and_then(|f| f.bootloader.as_ref())
+                    .is_some_and(|b| b.efi.is_some())
+            {
+                Video {
+                    model: "bochs".to_string(),
+                    heads: 1,
+                    vram: None,
+                }
+            } else {
+                Video {
+                    model: "vga".to_string(),
+                    heads: 1,
+                    vram: Some(16384),
+                }
             }],
         )
     };

@@ -92,6 +92,8 @@ pub struct HandlerOptions {
     pub mem_balloon_stats_period: u32,
     pub free_page_reporting_disabled: bool,
     pub serial_console_log_disabled: bool,
+    /// clusterConfig's BochsDisplayForEFIGuests: an EFI guest's display is `bochs`, not `vga`.
+    pub bochs_display_for_efi_guests: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

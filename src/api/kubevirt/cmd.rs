@@ -176,6 +176,7 @@ fn handler_options(o: &pb::VirtualMachineOptions) -> HandlerOptions {
         mem_balloon_stats_period: o.mem_balloon_stats_period,
         free_page_reporting_disabled: cc.is_some_and(|c| c.free_page_reporting_disabled),
         serial_console_log_disabled: cc.is_some_and(|c| c.serial_console_log_disabled),
+        bochs_display_for_efi_guests: cc.is_some_and(|c| c.bochs_display_for_efi_guests),
     }
 }
 
@@ -183,13 +184,12 @@ fn handler_options(o: &pb::VirtualMachineOptions) -> HandlerOptions {
 fn options_ignored(o: Option<&pb::VirtualMachineOptions>) -> Vec<String> {
     let Some(o) = o else { return Vec::new() };
     let mut ignored = Vec::new();
-    // SMBios, MemBalloonStatsPeriod and clusterConfig's FreePageReportingDisabled and
-    // SerialConsoleLogDisabled go to the converter (handler_options). PreallocatedVolumes is
+    // SMBios, MemBalloonStatsPeriod and clusterConfig's FreePageReportingDisabled,
+    // SerialConsoleLogDisabled and BochsDisplayForEFIGuests go to the converter (handler_options). PreallocatedVolumes is
     // honoured through the VMI itself: the handler derives it from
     // volumeStatus[].persistentVolumeClaimInfo.preallocated, which the converter reads.
     if let Some(c) = &o.cluster_config {
         for (on, name) in [
-            (c.bochs_display_for_efi_guests, "BochsDisplayForEFIGuests"),
             (
                 c.pcinuma_aware_topology_enabled,
                 "PCINUMAAwareTopologyEnabled",
