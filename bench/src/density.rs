@@ -245,18 +245,5 @@ pub(crate) fn plot_density(r: &Report, out: &Path) -> Result<Option<PathBuf>> {
     );
     let gp = out.join("density.gp");
     write(&gp, &script)?;
-    if !in_path("gnuplot") {
-        return Ok(None);
-    }
-    let out = Command::new("gnuplot")
-        .arg(&gp)
-        .output()
-        .context("run gnuplot")?;
-    if !out.status.success() {
-        bail!(
-            "gnuplot failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(Some(png))
+    Ok(gnuplot(&gp)?.then_some(png))
 }

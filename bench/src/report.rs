@@ -465,12 +465,17 @@ pub(crate) fn plot(r: &Report, out: &Path) -> Result<Option<PathBuf>> {
     );
     let gp = out.join("disks.gp");
     write(&gp, &script)?;
+    Ok(gnuplot(&gp)?.then_some(png))
+}
+
+/// Runs gnuplot on the script `gp`; false when gnuplot is missing.
+pub(crate) fn gnuplot(gp: &Path) -> Result<bool> {
     if !in_path("gnuplot") {
         progress("gnuplot not found: no plot (./devtool bench installs gnuplot-nox)");
-        return Ok(None);
+        return Ok(false);
     }
     let out = Command::new("gnuplot")
-        .arg(&gp)
+        .arg(gp)
         .output()
         .context("run gnuplot")?;
     if !out.status.success() {
@@ -479,7 +484,7 @@ pub(crate) fn plot(r: &Report, out: &Path) -> Result<Option<PathBuf>> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(Some(png))
+    Ok(true)
 }
 
 pub(crate) const DOC_BEGIN: &str = "<!-- bench-results:begin -->";

@@ -988,7 +988,7 @@ fn interfaces(
                     ),
                 ));
             }
-            let ports = masquerade_ports(&f, ifc)?;
+            let ports = interface_ports(&f, ifc)?;
             match &facts.standalone_network {
                 Some(_) if multus => {
                     return Err(err(
@@ -1150,8 +1150,9 @@ fn interfaces(
     Ok(out)
 }
 
-/// A masquerade interface's `ports` as (protocol, port), checked.
-fn masquerade_ports(
+/// An interface's `ports` (masquerade, passt) as (protocol, port), checked: TCP or UDP, the
+/// port in 1..65535.
+fn interface_ports(
     f: &str,
     ifc: &crate::spec::Interface,
 ) -> Result<Vec<(&'static str, u16)>, ConvertError> {
@@ -1311,32 +1312,15 @@ fn passt_attachment(
             exclude: true,
         }));
     }
-    for (j, port) in ifc.ports.iter().enumerate() {
-        let pf = format!("{f}.ports[{j}]");
-        let start = u16::try_from(port.port)
-            .ok()
-            .filter(|p| *p >= 1)
-            .ok_or_else(|| {
-                err(
-                    format!("{pf}.port"),
-                    format!("{} is out of range (1..65535)", port.port),
-                )
-            })?;
+    for (proto, start) in interface_ports(&f, ifc)? {
         let range = PortRange {
             start,
             to: None,
             exclude: false,
         };
-        match port.protocol.as_deref() {
-            None | Some("") => tcp.push(range),
-            Some(p) if p.eq_ignore_ascii_case("tcp") => tcp.push(range),
-            Some(p) if p.eq_ignore_ascii_case("udp") => udp.push(range),
-            Some(p) => {
-                return Err(err(
-                    format!("{pf}.protocol"),
-                    format!("{p:?} is not TCP or UDP (passt forwards those only)"),
-                ))
-            }
+        match proto {
+            "udp" => udp.push(range),
+            _ => tcp.push(range),
         }
     }
     let mut port_forwards = Vec::new();

@@ -59,15 +59,7 @@ pub fn run_as_pid1(args: impl IntoIterator<Item = OsString>) -> Result<i32, PidN
         source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
     })?;
     // Signals wait for `sigwait` below (the child starts with none blocked: std resets it).
-    let mut signals = SigSet::empty();
-    for s in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGCHLD,
-    ] {
-        signals.add(s);
-    }
+    let signals = forwarded();
     signals.thread_block().map_err(setup("block signals"))?;
     unshare(CloneFlags::CLONE_NEWPID).map_err(setup("unshare"))?;
     let (lifeline, keep) = nix::unistd::pipe().map_err(setup("pipe"))?;
