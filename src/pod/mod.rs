@@ -189,14 +189,18 @@ impl PodLayout {
             .map_err(|_| PodError::Busy(self.root.clone()))
     }
 
-    /// Removes what a launcher that died without cleaning up left in this runtime root (the
-    /// daemons' pid files, sockets, state and configuration). Only under the root's lock.
+    /// Removes what a launcher that died without cleaning up left in this runtime root: the
+    /// daemons' pid files, sockets and configuration, libvirt's runtime state (its record of
+    /// running domains, in `/run/libvirt`) and its domain definitions (`/etc/libvirt`). Kept:
+    /// `/var/lib/libvirt` (the VM's NVRAM, changed-block-tracking overlays) and the
+    /// capabilities cache. Only under the root's lock.
     pub fn clear_stale(&self, _lock: &Flock<File>) {
         let stale: Vec<PathBuf> = [
             self.sock_dir(),
             self.conf_dir(),
             self.pid_dir(),
-            self.root.join("state"),
+            self.root.join("state/run"),
+            self.root.join("state/etc"),
             self.root.join("bin"),
         ]
         .into_iter()
