@@ -25,8 +25,6 @@ const INERT: &[(&str, &str)] = &[
     ("spec.hostname", "given to the guest by cloud-init/DHCP in the pod, not by the domain (as in KubeVirt's converter)"),
     ("spec.domain.devices.interfaces[].ports", "passt's forwarded ports: the passt command line (src/pod), not domain XML, except with passtBinding (checked by the net engineer's golden cases)"),
     ("spec.domain.devices.interfaces[].ports[].name", "a label for the port; KubeVirt ignores it too"),
-    ("spec.domain.devices.interfaces[].ports[].port", "passt's forwarded ports: the passt command line (src/pod)"),
-    ("spec.domain.devices.interfaces[].ports[].protocol", "passt's forwarded ports: the passt command line (src/pod)"),
     ("spec.domain.devices.disks[].tag", "KubeVirt uses it only for the guest's device metadata (cloud-init config drive), which we do not generate"),
     ("spec.volumes[].ephemeral.persistentVolumeClaim.readOnly", "the ephemeral overlay is written, the claim below is never written either way"),
     ("spec.volumes[].ephemeral.persistentVolumeClaim.hotpluggable", "an ephemeral volume is not hot-plugged (KubeVirt: only PVC/DataVolume volumes)"),
@@ -47,7 +45,6 @@ const INERT: &[(&str, &str)] = &[
     ("spec.volumes[].secret.volumeLabel", "the ISO's volume label, written by `prepare` (src/vm)"),
     ("spec.volumes[].serviceAccount.serviceAccountName", "the pod mounts the account's token; `prepare` makes the ISO"),
     ("spec.domain.devices.interfaces[].bridge", "bridge and masquerade differ in the pod's network set-up (src/pod); the domain's tap interface is the same, as in KubeVirt's converter"),
-    ("spec.networks[].multus", "the pod's network set-up (src/pod) picks the Multus interface; the domain's tap interface is the same, as in KubeVirt's converter"),
     ("spec.domain.firmware.bootloader.efi.persistent", "virt-controller mounts the backend-storage PVC at the NVRAM directory; the domain's NVRAM path is the same (KubeVirt compute/os.go)"),
     ("spec.volumes[].cloudInitNoCloud.userDataBase64", "the content of the ISO `prepare` writes (src/vm), not domain XML"),
     ("spec.volumes[].cloudInitNoCloud.networkData", "the content of the ISO `prepare` writes (src/vm), not domain XML"),
@@ -65,7 +62,6 @@ const INERT: &[(&str, &str)] = &[
     ("status.volumeStatus[].persistentVolumeClaimInfo.filesystemOverhead", "online expansion of a running VM (src/vm/volumes), not domain XML"),
     ("status.interfaces", "the pod interface of each VMI interface: read by the pod network set-up (src/pod), not domain XML"),
     ("status.interfaces[].name", "the pod network set-up (src/pod), not domain XML"),
-    ("status.interfaces[].podInterfaceName", "the pod network set-up (src/pod), not domain XML"),
     ("status.runtimeUser", "non-root runs: only the CBT overlay directory depends on it (walked with CBT Enabled in cbt-non-root-initializing); the launcher refuses non-root pods (README)"),
 ];
 
