@@ -171,14 +171,16 @@ async fn start_one(layout: &PodLayout, daemon: Daemon) -> Result<Started, Daemon
     let socket = daemon.socket(layout);
     // A stale socket from a crashed predecessor would look ready.
     let _ = std::fs::remove_file(&socket);
-    // The daemon starts on one CPU: libvirt reads the host's CPUID once at start-up and
-    // compares it with what its QEMU capabilities cache recorded, and CPUID carries the x2APIC
-    // id of the CPU it runs on (leaf 0x1f): started on another CPU than the probe ran on, it
-    // throws a valid cache away and probes QEMU again (~1 s). Its threads get the whole set
-    // back once it serves.
-    let pinned = StartCpu::pin();
+    // With a capabilities cache to reuse, the daemon runs on one CPU. libvirt reads the host's
+    // CPUID at start-up and compares it with the CPUID its cached QEMU capabilities recorded
+    // (read by whichever thread probed), and CPUID carries the x2APIC id of the CPU it runs on
+    // (leaf 0x1f): a daemon on another CPU than the probe's throws a valid cache away and
+    // probes QEMU again (~1 s; on half the starts here). The daemon's own work is light;
+    // QEMU does not inherit the pinning: libvirt gives it every online CPU when no
+    // `emulatorpin` says otherwise (qemuProcessInitCpuAffinity).
+    let pinned = layout.has_capabilities_seed().then(StartCpu::pin).flatten();
     let spawned = daemon.command(layout).spawn();
-    let pinned = StartCpu::restore_caller(pinned);
+    StartCpu::restore_caller(pinned);
     let mut child = spawned.map_err(|source| DaemonError::Spawn {
         daemon: daemon.name(),
         source,
@@ -196,9 +198,6 @@ async fn start_one(layout: &PodLayout, daemon: Daemon) -> Result<Started, Daemon
             });
         }
         if UnixStream::connect(&socket).is_ok() {
-            if let Some(p) = &pinned {
-                p.release(pid);
-            }
             tracing::info!(subcomponent = daemon.name(), pid, "daemon ready");
             return Ok(Started { pid, child });
         }
@@ -315,25 +314,10 @@ impl StartCpu {
     }
 
     /// Gives the calling thread its CPUs back (right after the spawn).
-    fn restore_caller(pinned: Option<StartCpu>) -> Option<StartCpu> {
-        let p = pinned?;
-        if let Err(e) = sched_setaffinity(Pid::from_raw(0), &p.all) {
-            tracing::warn!(error = %e, "could not restore the launcher thread's CPUs");
-        }
-        Some(p)
-    }
-
-    /// Gives every thread of the daemon `pid` the CPUs back; twice, for a thread created
-    /// while the first pass ran.
-    fn release(&self, pid: i32) {
-        for _ in 0..2 {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-                return;
-            };
-            for t in tasks.flatten() {
-                if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
-                    let _ = sched_setaffinity(Pid::from_raw(tid), &self.all);
-                }
+    fn restore_caller(pinned: Option<StartCpu>) {
+        if let Some(p) = pinned {
+            if let Err(e) = sched_setaffinity(Pid::from_raw(0), &p.all) {
+                tracing::warn!(error = %e, "could not restore the launcher thread's CPUs");
             }
         }
     }

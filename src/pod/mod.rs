@@ -98,6 +98,11 @@ impl PodLayout {
         self
     }
 
+    /// Whether the daemon starts from a capabilities seed ([`capcache`]).
+    pub fn has_capabilities_seed(&self) -> bool {
+        self.capabilities_seed.is_some()
+    }
+
     /// The private daemon's QEMU capabilities cache (its `/var/cache/libvirt/qemu/capabilities`).
     fn daemon_capabilities_dir(&self) -> PathBuf {
         self.root.join("state/cache/qemu/capabilities")
