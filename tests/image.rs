@@ -296,39 +296,18 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
     let mut config: Value = serde_json::from_slice(&fs::read(&config_path).unwrap()).unwrap();
     let uid = format!("00000000-0000-4000-8000-{:012x}", std::process::id());
     let name = "vl-image";
-    let args: Vec<String> = [
-        "/usr/bin/virt-launcher-monitor",
-        "--qemu-timeout",
-        "271s",
-        "--name",
-        name,
-        "--uid",
-        &uid,
-        "--namespace",
-        "default",
-        "--kubevirt-share-dir",
-        "/var/run/kubevirt",
-        "--ephemeral-disk-dir",
-        "/var/run/kubevirt-ephemeral-disks",
-        "--container-disk-dir",
-        "/var/run/kubevirt/container-disks",
-        "--grace-period-seconds",
-        &GRACE.to_string(),
-        "--hook-sidecars",
-        "0",
-        "--ovmf-path",
-        "/usr/share/OVMF",
-        "--disk-memory-limit",
-        "2097152000",
-        "--hypervisor",
-        "kvm",
-        "--allow-emulation",
-        "--domain-type",
-        "qemu",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = vec!["/usr/bin/virt-launcher-monitor".to_string()];
+    args.extend(testkit::compute::monitor_args(
+        &testkit::compute::MonitorArgs {
+            qemu_timeout: "271s",
+            name,
+            uid: &uid,
+            share_dir: "/var/run/kubevirt",
+            ephemeral_dir: "/var/run/kubevirt-ephemeral-disks",
+            container_disk_dir: "/var/run/kubevirt/container-disks",
+            grace_seconds: GRACE,
+        },
+    ));
     let mut env: Vec<Value> = config["process"]["env"]
         .as_array()
         .cloned()

@@ -87,38 +87,15 @@ impl Compute {
     /// `--domain-type qemu` (TCG here) and [`Compute::extra_args`].
     pub fn args(&self) -> Vec<String> {
         let path = |p: PathBuf| p.display().to_string();
-        let mut args: Vec<String> = [
-            "--qemu-timeout",
-            &self.qemu_timeout,
-            "--name",
-            &self.name,
-            "--uid",
-            &self.uid,
-            "--namespace",
-            "default",
-            "--kubevirt-share-dir",
-            &path(self.share()),
-            "--ephemeral-disk-dir",
-            &path(self.ephemeral()),
-            "--container-disk-dir",
-            &path(self.container_disks()),
-            "--grace-period-seconds",
-            &self.grace_seconds.to_string(),
-            "--hook-sidecars",
-            "0",
-            "--ovmf-path",
-            "/usr/share/OVMF",
-            "--disk-memory-limit",
-            "2097152000",
-            "--hypervisor",
-            "kvm",
-            "--allow-emulation",
-            "--domain-type",
-            "qemu",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args = monitor_args(&MonitorArgs {
+            qemu_timeout: &self.qemu_timeout,
+            name: &self.name,
+            uid: &self.uid,
+            share_dir: &path(self.share()),
+            ephemeral_dir: &path(self.ephemeral()),
+            container_disk_dir: &path(self.container_disks()),
+            grace_seconds: self.grace_seconds,
+        });
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -239,4 +216,54 @@ impl Drop for Guard {
             crate::procs::kill_namespace(&self.ns);
         }
     }
+}
+
+/// What virt-controller's compute container command line says of one VMI.
+#[derive(Debug, Clone, Copy)]
+pub struct MonitorArgs<'a> {
+    pub qemu_timeout: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    /// `--kubevirt-share-dir`, `--ephemeral-disk-dir`, `--container-disk-dir`.
+    pub share_dir: &'a str,
+    pub ephemeral_dir: &'a str,
+    pub container_disk_dir: &'a str,
+    pub grace_seconds: u64,
+}
+
+/// The monitor's arguments as virt-controller renders them (`template.go`, namespace
+/// `default`), then `--allow-emulation --domain-type qemu` (TCG on these machines).
+pub fn monitor_args(a: &MonitorArgs) -> Vec<String> {
+    [
+        "--qemu-timeout",
+        a.qemu_timeout,
+        "--name",
+        a.name,
+        "--uid",
+        a.uid,
+        "--namespace",
+        "default",
+        "--kubevirt-share-dir",
+        a.share_dir,
+        "--ephemeral-disk-dir",
+        a.ephemeral_dir,
+        "--container-disk-dir",
+        a.container_disk_dir,
+        "--grace-period-seconds",
+        &a.grace_seconds.to_string(),
+        "--hook-sidecars",
+        "0",
+        "--ovmf-path",
+        "/usr/share/OVMF",
+        "--disk-memory-limit",
+        "2097152000",
+        "--hypervisor",
+        "kvm",
+        "--allow-emulation",
+        "--domain-type",
+        "qemu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
