@@ -375,6 +375,25 @@ async fn target(name: &str, src: &Container, vmi: &Value) -> (Container, NotifyS
     (dst, notify, h)
 }
 
+/// Waits (up to 120 s) for a notified domain whose `Migration` has an `EndTimestamp`.
+async fn wait_migration_end(
+    n: &NotifyServer,
+    what: &str,
+    dump: &dyn Fn() -> String,
+) -> Vec<Received> {
+    wait_events(
+        n,
+        what,
+        Duration::from_secs(120),
+        |got| {
+            got.iter()
+                .any(|r| migration_of(r)["EndTimestamp"].is_string())
+        },
+        dump,
+    )
+    .await
+}
+
 async fn wait_events(
     n: &NotifyServer,
     what: &str,
@@ -794,17 +813,7 @@ async fn block_migration_copies_the_local_disk_through_the_disks_proxy() {
     block["status"]["migrationMethod"] = json!("BlockMigration");
     let r = migrate(&mut hs, &block, options("0")).await;
     assert!(r.success, "{}\n{}", r.message, src.dump());
-    let got = wait_events(
-        &src_notify,
-        "the block migration's end",
-        Duration::from_secs(120),
-        |got| {
-            got.iter()
-                .any(|r| migration_of(r)["EndTimestamp"].is_string())
-        },
-        &dump,
-    )
-    .await;
+    let got = wait_migration_end(&src_notify, "the block migration's end", &dump).await;
     let m = migration_of(
         got.iter()
             .rev()
@@ -912,14 +921,9 @@ async fn a_paused_vm_migrates_and_stays_paused_on_the_target() {
     let mig = "5f0c7e2a-0000-4000-8000-0000000e0001";
     let r = migrate(&mut hs, &migrating_as(&vmi, mig), options("0")).await;
     assert!(r.success, "{}\n{}", r.message, src.dump());
-    let got = wait_events(
+    let got = wait_migration_end(
         &src_notify,
         "the paused migration's end on the source",
-        Duration::from_secs(120),
-        |got| {
-            got.iter()
-                .any(|r| migration_of(r)["EndTimestamp"].is_string())
-        },
         &dump,
     )
     .await;
