@@ -91,6 +91,31 @@ struct Container {
 }
 
 impl Container {
+    /// `runc run` of `bundle` as container `id`, its state and its log (`container.log`)
+    /// under `top`.
+    fn run(id: String, bundle: &Path, top: &Path) -> Container {
+        let log = top.join("container.log");
+        let mut container = Container {
+            id,
+            state_root: top.join("runc"),
+            child: None,
+            log: log.clone(),
+        };
+        let out = fs::File::create(&log).unwrap();
+        let child = container
+            .runc()
+            .args(["run", "--bundle"])
+            .arg(bundle)
+            .arg(&container.id)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("runc run");
+        container.child = Some(child);
+        container
+    }
+
     fn runc(&self) -> Command {
         let mut c = Command::new("runc");
         c.arg("--root").arg(&self.state_root);
@@ -371,25 +396,7 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
 
     // Run it. runc's state lives under a root of our own, the container's cgroup is
     // /vl-image-<pid> (runc removes it when the container is deleted).
-    let log = top.join("container.log");
-    let mut container = Container {
-        id: format!("vl-image-{}", std::process::id()),
-        state_root: top.join("runc"),
-        child: None,
-        log: log.clone(),
-    };
-    let out = fs::File::create(&log).unwrap();
-    let child = container
-        .runc()
-        .args(["run", "--bundle"])
-        .arg(&bundle)
-        .arg(&container.id)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("runc run");
-    container.child = Some(child);
+    let mut container = Container::run(format!("vl-image-{}", std::process::id()), &bundle, &top);
 
     // The handler's notify server in the share dir; the pod is ready once launcher-sock is.
     let notify = NotifyServer::start(&public.join("domain-notify-pipe.sock")).unwrap();
@@ -790,25 +797,10 @@ fn virt_handlers_init_container_writes_the_node_labeller_files() {
     config["linux"]["cgroupsPath"] = json!(format!("/vl-image-labeller-{}", std::process::id()));
     fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 
-    let log = top.join("container.log");
-    let mut container = Container {
-        id: format!("vl-image-labeller-{}", std::process::id()),
-        state_root: top.join("runc"),
-        child: None,
-        log: log.clone(),
-    };
-    let out = fs::File::create(&log).unwrap();
-    container.child = Some(
-        container
-            .runc()
-            .args(["run", "--bundle"])
-            .arg(&bundle)
-            .arg(&container.id)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("runc run"),
+    let mut container = Container::run(
+        format!("vl-image-labeller-{}", std::process::id()),
+        &bundle,
+        &top,
     );
     let status = common::wait_for("the init container", Duration::from_secs(120), || {
         container.exited()
