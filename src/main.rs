@@ -346,6 +346,7 @@ fn run(args: RunArgs) -> Result<i32> {
     let _lock = layout.lock()?;
     layout.clear_stale(&_lock);
     layout.create()?;
+    layout.seed_capabilities();
     if layout.is_isolated() {
         let hostname = args
             .hostname

@@ -178,11 +178,16 @@ impl PodLayout {
         }
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
             .map_err(io_err(&self.root))?;
+        Ok(())
+    }
+
+    /// Fills the private daemon's capabilities cache from the seed, if there is one (once,
+    /// before the daemon starts).
+    pub fn seed_capabilities(&self) {
         if let Some(seed) = &self.capabilities_seed {
             let n = capcache::seed(seed, &self.daemon_capabilities_dir());
             tracing::debug!(files = n, seed = %seed.display(), "QEMU capabilities cache seeded");
         }
-        Ok(())
     }
 
     /// Takes the runtime root's lock for the life of the process: a second launcher on the same
