@@ -168,7 +168,11 @@ fn main() -> ExitCode {
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let result = if is_kubevirt_command_line(&argv) {
+    // `virt-launcher virt-tail …` (the image's /usr/bin/virt-tail): KubeVirt's flags, read by
+    // hand because its klog flags are to be ignored; before the KubeVirt check (`--logfile`).
+    let result = if argv.first().is_some_and(|a| a == "virt-tail") {
+        virt_tail(&argv[1..])
+    } else if is_kubevirt_command_line(&argv) {
         logging::init(true);
         run_kubevirt(argv)
     } else {
@@ -206,6 +210,18 @@ fn migration_hook(awaited: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `virt-launcher virt-tail`: one current-thread runtime for the signal and the poll timer.
+fn virt_tail(args: &[String]) -> Result<i32> {
+    let Some(logfile) = pod::tail::logfile_arg(args) else {
+        anyhow::bail!("virt-tail: --logfile must be provided");
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(pod::tail::run(&logfile))?;
+    Ok(0)
 }
 
 impl PathArgs {

@@ -592,12 +592,14 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         streamed.iter().any(|l| l.contains("LV-READY")),
         "{streamed:?}"
     );
-    // The runtime signals the process itself (as for a sidecar's PID 1 when the pod ends).
+    // The runtime signals the process itself (as for a sidecar's PID 1 when the pod ends;
+    // the image's virt-tail script execs `virt-launcher virt-tail`).
     let in_container = testkit::procs::pids()
         .into_iter()
         .find(|p| {
             testkit::procs::mount_ns(*p).is_ok_and(|n| n == ns)
-                && testkit::procs::cmdline(*p).is_some_and(|c| c.contains("/usr/bin/virt-tail"))
+                && testkit::procs::cmdline(*p)
+                    .is_some_and(|c| c.contains("virt-launcher virt-tail"))
         })
         .expect("virt-tail in the container");
     nix::sys::signal::kill(

@@ -17,6 +17,7 @@ pub mod net;
 pub mod pidns;
 pub mod prepare;
 pub mod process;
+pub mod tail;
 
 use std::fs::{self, File};
 use std::io::Write;
