@@ -13,7 +13,8 @@
 #     pinned version (the SBOM). Cached in /var/cache/virt-launcher/image/base-<key>/ (VL_IMAGE_CACHE),
 #     keyed on this script and the mirror.
 #  2. launcher: /usr/bin/virt-launcher, virt-launcher-monitor, launcherctl (built on the host;
-#     they need only libc), virt-freezer, virt-tail and node-labeller.sh (container/bin/: KubeVirt's
+#     they need only libc), container-disk (static), virt-tail and virt-probe (symlinks to
+#     virt-launcher), virt-freezer and node-labeller.sh (container/bin/: KubeVirt's
 #     command lines, ours) and /usr/share/virt-launcher/binaries.sha256.
 #
 # Result: target/image/<tag>/oci (an OCI image layout) and target/image/<tag>/virt-launcher.oci.tar
@@ -50,6 +51,18 @@ BINARIES=(virt-launcher virt-launcher-monitor launcherctl)
 for b in "${BINARIES[@]}"; do
     [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b missing (cargo build --release --locked --bins)"
 done
+# container-disk runs inside images that are not ours (a containerDisk image may have no libc:
+# virt-controller's init container copies it there): a static release build of its own crate,
+# in its own target directory (RUSTFLAGS would rebuild everything else). Tens of seconds once.
+STATIC_TARGET=$TARGET/static
+log "container-disk (static)"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --release \
+    -p container-disk --target x86_64-unknown-linux-gnu --target-dir "$STATIC_TARGET" ||
+    die "building container-disk failed"
+CONTAINER_DISK=$STATIC_TARGET/x86_64-unknown-linux-gnu/release/container-disk
+if readelf -l "$CONTAINER_DISK" | grep -q INTERP; then
+    die "$CONTAINER_DISK is not static"
+fi
 
 # >>> base: everything from here to "<<< base" makes the Debian layer, and is its cache key.
 # The packages of the runtime layer. The virtualisation packages come from bookworm-backports
@@ -218,13 +231,18 @@ for b in "${BINARIES[@]}"; do
     strip --strip-debug -o "$L2/usr/bin/$b" "$BIN_DIR/$b" || die "strip $BIN_DIR/$b failed"
     chmod 0755 "$L2/usr/bin/$b"
 done
-# KubeVirt's small clients that we provide (container/bin/): virt-freezer, virt-tail,
-# node-labeller.sh.
-SCRIPTS=(virt-freezer virt-tail node-labeller.sh)
+# KubeVirt's small clients that we provide: scripts (container/bin/: virt-freezer,
+# node-labeller.sh) and tools of the launcher binary, run through a symlink (virt-tail, the
+# console-log sidecar; virt-probe, the exec and guest-agent-ping probes).
+SCRIPTS=(virt-freezer node-labeller.sh)
 for b in "${SCRIPTS[@]}"; do
     install -m 0755 "$ROOT/container/bin/$b" "$L2/usr/bin/$b"
 done
-(cd "$L2/usr/bin" && sha256sum "${BINARIES[@]}" "${SCRIPTS[@]}") >"$L2/usr/share/virt-launcher/binaries.sha256"
+for b in virt-tail virt-probe; do
+    ln -s virt-launcher "$L2/usr/bin/$b"
+done
+install -m 0755 "$CONTAINER_DISK" "$L2/usr/bin/container-disk"
+(cd "$L2/usr/bin" && sha256sum "${BINARIES[@]}" container-disk "${SCRIPTS[@]}") >"$L2/usr/share/virt-launcher/binaries.sha256"
 VERSION=$(awk -F'"' '/^version *=/ {print $2; exit}' "$ROOT/Cargo.toml")
 REVISION=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
 L2_DIFF=$(reproducible_tar "$L2" "$WORK/launcher.tar.gz")

@@ -168,10 +168,24 @@ fn main() -> ExitCode {
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    // `virt-launcher virt-tail …` (the image's /usr/bin/virt-tail): KubeVirt's flags, read by
-    // hand because its klog flags are to be ignored; before the KubeVirt check (`--logfile`).
-    let result = if argv.first().is_some_and(|a| a == "virt-tail") {
-        virt_tail(&argv[1..])
+    // KubeVirt's small tools in the compute container, as the image's symlinks to this binary
+    // (`/usr/bin/virt-tail`) or as `virt-launcher virt-tail …`: their flags are KubeVirt's,
+    // read by hand (klog flags are ignored); before the KubeVirt check (`--logfile`).
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| Some(p.file_name()?.to_string_lossy().into_owned()));
+    let (tool, tool_args) = match invoked_as.as_deref() {
+        Some(t @ ("virt-tail" | "virt-probe")) => (Some(t.to_string()), &argv[..]),
+        _ => match argv.first().map(String::as_str) {
+            Some(t @ ("virt-tail" | "virt-probe")) => (Some(t.to_string()), &argv[1..]),
+            _ => (None, &argv[..]),
+        },
+    };
+    let result = if tool.as_deref() == Some("virt-tail") {
+        virt_tail(tool_args)
+    } else if tool.as_deref() == Some("virt-probe") {
+        return virt_probe(tool_args);
     } else if is_kubevirt_command_line(&argv) {
         logging::init(true);
         run_kubevirt(argv)
@@ -222,6 +236,38 @@ fn virt_tail(args: &[String]) -> Result<i32> {
         .build()?;
     runtime.block_on(pod::tail::run(&logfile))?;
     Ok(0)
+}
+
+/// `virt-launcher virt-probe` (the image's /usr/bin/virt-probe): KubeVirt's exit codes, the
+/// guest command's stdout, and a failure's reason as one line on stderr.
+fn virt_probe(argv: &[String]) -> ExitCode {
+    use api::kubevirt::probe::{self, ProbeArgs};
+    let args = match ProbeArgs::parse(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("virt-probe: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(probe::run(&args)).map_err(|e| e.to_string()));
+    match outcome {
+        Ok(o) => {
+            if !o.stdout.is_empty() {
+                println!("{}", o.stdout);
+            }
+            // KubeVirt's os.Exit(code): the low byte.
+            ExitCode::from(o.exit_code as u8)
+        }
+        Err(e) => {
+            eprintln!("virt-probe: {e}");
+            // KubeVirt's: a failed ping exits 1, a failed Exec call with its -1.
+            ExitCode::from(if args.guest_agent_ping { 1 } else { 255 })
+        }
+    }
 }
 
 impl PathArgs {

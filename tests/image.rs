@@ -48,6 +48,19 @@ fn built_image() -> Option<(PathBuf, String)> {
         .then(|| (oci, tag.trim().to_string()))
 }
 
+/// The built image; `None` (the test is skipped, saying so) outside CI when there is none.
+fn image_or_skip() -> Option<(PathBuf, String)> {
+    let image = built_image();
+    if image.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no launcher image under target/image/current: ./devtool test builds it first"
+        );
+        eprintln!("SKIPPED: no launcher image built (target/image/current): run ./devtool image");
+    }
+    image
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd
         .stdin(Stdio::null())
@@ -230,12 +243,7 @@ fn is_socket(p: &Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
-    let Some((oci, tag)) = built_image() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "no launcher image under target/image/current: ./devtool test builds it first"
-        );
-        eprintln!("SKIPPED: no launcher image built (target/image/current): run ./devtool image");
+    let Some((oci, tag)) = image_or_skip() else {
         return;
     };
     let guest_dir = common::guest_dir();
@@ -258,6 +266,7 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         "launcherctl",
         "virt-freezer",
         "virt-tail",
+        "virt-probe",
         "node-labeller.sh",
         "libvirtd",
         "qemu-system-x86_64",
@@ -547,6 +556,37 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         "{out:?}"
     );
 
+    // KubeVirt's exec and guest-agent-ping probes, as virt-controller wraps them
+    // (`virt-probe --domainName NS_NAME --timeoutSeconds N …`, found on PATH).
+    let probe = |domain: &str, args: &[&str]| {
+        container
+            .runc()
+            .args(["exec", &container.id, "virt-probe", "--domainName", domain])
+            .args(["--timeoutSeconds", "20"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let domain = format!("default_{name}");
+    let out = probe(&domain, &["--guestAgentPing"]);
+    assert!(out.status.success(), "virt-probe --guestAgentPing: {out:?}");
+    let out = probe(
+        &domain,
+        &["--command", "sh", "--", "-c", "echo probe $((6*7)); exit 3"],
+    );
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()),
+        (Some(3), "probe 42\n\n"),
+        "virt-probe --command: the guest command's exit code and output (and Println's newline): {out:?}"
+    );
+    let out = probe("default_other", &["--command", "true"]);
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no domain named \"default_other\""),
+        "{out:?}"
+    );
+
     // KubeVirt's guest-console-log sidecar: virt-tail streams the serial console log from its
     // start and ends cleanly on SIGTERM.
     let mut tail = container
@@ -592,14 +632,12 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         streamed.iter().any(|l| l.contains("LV-READY")),
         "{streamed:?}"
     );
-    // The runtime signals the process itself (as for a sidecar's PID 1 when the pod ends;
-    // the image's virt-tail script execs `virt-launcher virt-tail`).
+    // The runtime signals the process itself (as for a sidecar's PID 1 when the pod ends).
     let in_container = testkit::procs::pids()
         .into_iter()
         .find(|p| {
             testkit::procs::mount_ns(*p).is_ok_and(|n| n == ns)
-                && testkit::procs::cmdline(*p)
-                    .is_some_and(|c| c.contains("virt-launcher virt-tail"))
+                && testkit::procs::cmdline(*p).is_some_and(|c| c.contains("/usr/bin/virt-tail"))
         })
         .expect("virt-tail in the container");
     nix::sys::signal::kill(
@@ -745,12 +783,7 @@ fn the_image_build_refuses_bad_input_in_one_line() {
 /// image, and the container exits 0.
 #[test]
 fn virt_handlers_init_container_writes_the_node_labeller_files() {
-    let Some((oci, tag)) = built_image() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "no launcher image under target/image/current: ./devtool test builds it first"
-        );
-        eprintln!("SKIPPED: no launcher image built (target/image/current): run ./devtool image");
+    let Some((oci, tag)) = image_or_skip() else {
         return;
     };
     let top = testkit::fresh_dir(
@@ -832,6 +865,79 @@ fn virt_handlers_init_container_writes_the_node_labeller_files() {
     );
     let list = run(container.runc().args(["list", "-q"]));
     assert!(!list.lines().any(|l| l.trim() == container.id), "{list}");
+    drop(container);
+    fs::remove_dir_all(&top).unwrap();
+}
+
+/// A containerDisk container as virt-controller renders it: the user's disk image (here one
+/// with no libc, no shell: only `/disk/`) runs the launcher image's `container-disk`, copied in
+/// by the `container-disk-binary` init container. It serves the socket virt-handler finds the
+/// container by, and as the container's PID 1 ends with exit 0 on SIGTERM.
+#[test]
+fn the_images_container_disk_runs_in_a_disk_image_without_libc() {
+    let Some((oci, tag)) = image_or_skip() else {
+        return;
+    };
+    let id = format!("vl-image-cdisk-{}", std::process::id());
+    let top = testkit::fresh_dir(std::env::temp_dir().join(&id)).unwrap();
+    let launcher = top.join("launcher");
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", oci.display()))
+        .arg(&launcher));
+    let binary = launcher.join("rootfs/usr/bin/container-disk");
+
+    // The disk image's bundle: /disk/disk.img and the copied binary, nothing else.
+    let bundle = top.join("disk");
+    let rootfs = bundle.join("rootfs");
+    fs::create_dir_all(rootfs.join("disk")).unwrap();
+    fs::create_dir_all(rootfs.join("container-disk-binary/usr/bin")).unwrap();
+    fs::write(rootfs.join("disk/disk.img"), vec![0u8; 4096]).unwrap();
+    fs::copy(
+        &binary,
+        rootfs.join("container-disk-binary/usr/bin/container-disk"),
+    )
+    .unwrap();
+    run(Command::new("runc")
+        .arg("spec")
+        .arg("--bundle")
+        .arg(&bundle));
+    let shared = top.join("container-disk-data");
+    fs::create_dir_all(&shared).unwrap();
+    let config_path = bundle.join("config.json");
+    let mut config: Value = serde_json::from_slice(&fs::read(&config_path).unwrap()).unwrap();
+    config["process"]["args"] = json!([
+        "/container-disk-binary/usr/bin/container-disk",
+        "--copy-path",
+        "/var/run/kubevirt-ephemeral-disks/container-disk-data/disk_0"
+    ]);
+    config["process"]["terminal"] = json!(false);
+    config["root"] = json!({"path": "rootfs", "readonly": false});
+    config["mounts"].as_array_mut().unwrap().push(bind(
+        &shared,
+        "/var/run/kubevirt-ephemeral-disks/container-disk-data",
+        &[],
+    ));
+    config["linux"]["cgroupsPath"] = json!(format!("/{id}"));
+    fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+
+    let mut container = Container::run(id, &bundle, &top);
+    let sock = shared.join("disk_0.sock");
+    common::wait_for("the container's socket", Duration::from_secs(60), || {
+        if let Some(st) = container.exited() {
+            panic!("container-disk exited: {st:?}\n{}", container.log());
+        }
+        is_socket(&sock).then_some(())
+    });
+    // virt-handler's check: a connection is accepted (and closed).
+    std::os::unix::net::UnixStream::connect(&sock).expect("connect to the container's socket");
+
+    run(container.runc().args(["kill", &container.id, "TERM"]));
+    let status = common::wait_for("container-disk to end", Duration::from_secs(30), || {
+        container.exited()
+    });
+    assert!(status.success(), "{status:?}\n{}", container.log());
+    assert!(!sock.exists(), "the socket is removed at SIGTERM");
     drop(container);
     fs::remove_dir_all(&top).unwrap();
 }

@@ -8,7 +8,8 @@
 //! - `domain`: the `api.Domain` JSON virt-handler reads (GetDomain, notify events);
 //! - `notify`: the client of the handler's notify server;
 //! - `migration`: the migration peer of virt-handler's proxies, the VMI's migration state;
-//! - `options`: the handler's migration options JSON.
+//! - `options`: the handler's migration options JSON;
+//! - `probe`: `virt-probe`, the client the pod's exec and guest-agent-ping probes run.
 
 pub mod auth;
 pub mod cmd;
@@ -18,6 +19,7 @@ pub mod info;
 pub mod migration;
 pub mod notify;
 pub mod options;
+pub mod probe;
 
 /// The generated protobuf types and service traits of KubeVirt's cmd protocol.
 #[allow(clippy::all, missing_docs)]
