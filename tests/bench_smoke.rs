@@ -39,6 +39,8 @@ const FIGURES: &[(&str, bool)] = &[
     ("migration.job_elapsed", true),
     ("density.all_running", true),
     ("density.per_vm_pss", true),
+    ("dropin.sync_running", true),
+    ("dropin.notify_pause", true),
 ];
 
 fn positive(v: &Value) -> bool {

@@ -42,6 +42,8 @@ pub struct Received {
     pub json: serde_json::Value,
     /// How it was answered.
     pub mode: Mode,
+    /// When it arrived (the benchmark's notify latency).
+    pub at: Instant,
 }
 
 impl Received {
@@ -83,6 +85,7 @@ impl Shared {
         if *self.stopped.borrow() {
             return Err(gone());
         }
+        let at = Instant::now();
         let mode = self.mode();
         let json = serde_json::from_slice(bytes)
             .map_err(|e| Status::invalid_argument(format!("not JSON: {e}")))?;
@@ -90,6 +93,7 @@ impl Shared {
             event_type,
             json,
             mode,
+            at,
         });
         match mode {
             Mode::Accept => Ok(Response::new(NotifyResponse {
