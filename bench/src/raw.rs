@@ -66,8 +66,14 @@ impl RawLibvirt {
             let p = root.join(format!("{name}.log"));
             fs::File::create(&p).with_context(|| format!("create {}", p.display()))
         };
+        // Pinned to the first allowed CPU, as the launcher pins its daemon: libvirt compares the
+        // CPUID of the CPU it starts on (its x2APIC id included) with the one the cached
+        // capabilities recorded, and re-probes QEMU (~1 s) on a mismatch. Unpinned, the raw
+        // daemons missed the cache on about half their starts and looked slower than they are.
+        // QEMU is not pinned by it (libvirt gives QEMU every online CPU).
         let libvirtd = spawn_known(
-            Command::new("unshare")
+            Command::new("taskset")
+                .args(["-c", &first_cpu()?.to_string(), "unshare"])
                 .args([
                     "--mount",
                     "--uts",
@@ -221,4 +227,13 @@ impl Drop for RawLibvirt {
         // With the separator: `…/mr4/` must not match another pair's `…/mr41/`.
         kill_matching(&[format!("{}/", self.root.display())]);
     }
+}
+
+/// The first CPU this process may run on (the launcher pins its daemon to the first of its own).
+fn first_cpu() -> Result<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let all = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
+    (0..CpuSet::count())
+        .find(|&c| all.is_set(c).unwrap_or(false))
+        .ok_or_else(|| anyhow!("no CPU allowed"))
 }
