@@ -78,6 +78,10 @@ struct RunArgs {
     /// Where claims of --vm live (`<dir>/claims/<namespace>/<name>`), kept across runs.
     #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
     storage_dir: PathBuf,
+    /// Where containerDisk images pulled from their registries are cached, by digest
+    /// (standalone; each run's guest writes go to an overlay removed at stop).
+    #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::container_disk::DEFAULT_CACHE_DIR)]
+    container_disk_cache: PathBuf,
     /// The control API socket (KubeVirt's pod: /var/run/kubevirt/sockets/launcher-sock).
     /// Default: <runtime-dir>/launcher-sock.
     #[arg(long, value_name = "PATH")]
@@ -287,8 +291,10 @@ fn run(args: RunArgs) -> Result<i32> {
                 storage_dir: absolute(&args.storage_dir),
                 progress: datavolume::ProgressStyle::auto(args.json_logs),
             };
-            let Some((claims, paths)) =
-                import_unless_stopped(vm.clone(), vmi.clone(), options, overrides.paths_for(vmi))?
+            let (vm, vmi, mut paths) = (vm.clone(), vmi.clone(), overrides.paths_for(vmi));
+            let Some((claims, paths)) = unless_stopped(move || {
+                datavolume::materialise(&vm, &vmi, &options, &mut paths).map(|c| (c, paths))
+            })?
             else {
                 // README: stopped before any VM ran is exit 0. The import works in a scratch
                 // directory and renames only a finished image into place: nothing is lost, and
@@ -304,6 +310,32 @@ fn run(args: RunArgs) -> Result<i32> {
                 PathBuf::from("/dev"),
             ];
             Some(claims)
+        }
+        _ => None,
+    };
+    // Standalone containerDisk volumes: each image pulled into the cache (or found there) and
+    // linked into our runtime root; the overlays of an earlier run are discarded and this
+    // run's are removed when the launcher returns.
+    let _container_disks = match &vmi {
+        Some(v) if layout.is_isolated() && datavolume::container_disk::wanted(v) => {
+            let cache = absolute(&args.container_disk_cache);
+            let links = layout.root().join("container-disks");
+            let options = datavolume::container_disk::Options {
+                cache_dir: cache.clone(),
+                progress: datavolume::ProgressStyle::auto(args.json_logs),
+            };
+            let (v2, l2) = (v.clone(), links.clone());
+            let Some(mut disks) =
+                unless_stopped(move || datavolume::container_disk::prepare(&v2, &options, &l2))?
+            else {
+                tracing::info!("stopped while pulling a containerDisk image; no VM was started");
+                return Ok(0);
+            };
+            overrides.container_disks_dir = Some(links);
+            overrides.trusted_roots.push(cache);
+            let paths = overrides.paths_for(v);
+            disks.discard_overlays(v, |volume| paths.overlay(volume));
+            Some(disks)
         }
         _ => None,
     };
@@ -385,15 +417,14 @@ fn run(args: RunArgs) -> Result<i32> {
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
 }
 
-/// Imports the VM's DataVolumes, unless SIGTERM or SIGINT comes first (None): then the import
-/// is left to die with the process. Without this a launcher that is PID 1 of its namespace
-/// would ignore both until the VM ran.
-fn import_unless_stopped(
-    vm: PathBuf,
-    vmi: VirtualMachineInstance,
-    options: datavolume::Options,
-    mut paths: virt_launcher::convert::facts::PodPaths,
-) -> Result<Option<(datavolume::Claims, virt_launcher::convert::facts::PodPaths)>> {
+/// Runs `work` (an import or a pull), unless SIGTERM or SIGINT comes first (None): then the
+/// work is left to die with the process. Without this a launcher that is PID 1 of its
+/// namespace would ignore both until the VM ran.
+fn unless_stopped<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<Option<T>>
+where
+    T: Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -402,9 +433,7 @@ fn import_unless_stopped(
     let outcome = runtime.block_on(async move {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let import = tokio::task::spawn_blocking(move || {
-            datavolume::materialise(&vm, &vmi, &options, &mut paths).map(|c| (c, paths))
-        });
+        let import = tokio::task::spawn_blocking(work);
         tokio::select! {
             r = import => Ok(Some(r.context("import task")??)),
             _ = term.recv() => Ok(None),

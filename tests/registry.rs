@@ -1,0 +1,661 @@
+//! Registry sources and standalone containerDisk end to end, against a real registry: Debian's
+//! `docker-registry` on 127.0.0.1 (started by each test, with htpasswd auth where the test
+//! needs it), holding images the test builds with `umoci` (one layer with `/disk/disk.qcow2`)
+//! and pushes with `skopeo`. The real TCG test guest then reads the disk (`lv.read=vda` →
+//! `LV-READ vda <first line>`), or writes it (`lv.write=vda:<text>`).
+//!
+//! No external network: every image is made here.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{guest_dir, run_launcher, Pod, LAUNCHER};
+use nix::sys::signal::Signal;
+
+const MIB: u64 = 1 << 20;
+const BOOT: Duration = Duration::from_secs(120);
+
+// ------------------------------------------------------------------------------ the registry
+
+/// `docker-registry serve` on a free loopback port; killed (by pid) on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+    /// `user:password` when the registry wants them.
+    creds: Option<String>,
+}
+
+impl Registry {
+    /// A registry storing under `dir`; with `auth`, htpasswd (bcrypt) Basic authentication.
+    fn start(dir: &Path, auth: Option<(&str, &str)>) -> Registry {
+        fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: vl-test\n",
+            dir.join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd (apache2-utils; ./devtool setup installs it)");
+            assert!(out.status.success(), "htpasswd: {out:?}");
+            fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
+            config += &format!(
+                "auth:\n  htpasswd:\n    realm: vl-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            );
+        }
+        fs::write(dir.join("config.yml"), config).unwrap();
+        let log = fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (./devtool setup installs it)");
+        let mut r = Registry {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+            creds: auth.map(|(u, p)| format!("{u}:{p}")),
+        };
+        common::wait_for("the registry to listen", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                panic!(
+                    "docker-registry exited {status}: {}",
+                    fs::read_to_string(r.dir.join("registry.log")).unwrap_or_default()
+                );
+            }
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        r
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Builds an image of one layer holding `files` (path in the image, content) with umoci
+    /// and pushes it as `<host>/<name>` with skopeo.
+    fn push(&self, name: &str, files: &[(&str, &[u8])]) {
+        let work = self
+            .dir
+            .join(format!("build-{}", name.replace(['/', ':'], "-")));
+        let _ = fs::remove_dir_all(&work);
+        fs::create_dir_all(&work).unwrap();
+        let layout = work.join("oci");
+        let image = format!("{}:img", layout.display());
+        let bundle = work.join("bundle");
+        run("umoci", &["init", "--layout", layout.to_str().unwrap()]);
+        run("umoci", &["new", "--image", &image]);
+        run(
+            "umoci",
+            &["unpack", "--image", &image, bundle.to_str().unwrap()],
+        );
+        for (path, data) in files {
+            let target = bundle.join("rootfs").join(path);
+            fs::create_dir_all(target.parent().unwrap()).unwrap();
+            fs::write(&target, data).unwrap();
+        }
+        run(
+            "umoci",
+            &["repack", "--image", &image, bundle.to_str().unwrap()],
+        );
+        let dest = format!("docker://{}/{name}", self.host());
+        let mut args = vec![
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--insecure-policy",
+        ];
+        if let Some(c) = &self.creds {
+            args.extend(["--dest-creds", c]);
+        }
+        let src = format!("oci:{image}");
+        args.extend([src.as_str(), dest.as_str()]);
+        run("skopeo", &args);
+        let _ = fs::remove_dir_all(&work);
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(tool: &str, args: &[&str]) {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A loopback port nothing listens on (right now).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+// ------------------------------------------------------------------------------ images
+
+/// A raw disk image of `size` bytes: `text\n` at offset 0, a marker at 1 MiB, zeros elsewhere.
+fn raw_image(text: &str, size: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size as usize];
+    let line = format!("{text}\n");
+    v[..line.len()].copy_from_slice(line.as_bytes());
+    let mark = format!("data-region-of-{text}");
+    v[MIB as usize..MIB as usize + mark.len()].copy_from_slice(mark.as_bytes());
+    v
+}
+
+/// `raw` as qcow2 (`qemu-img convert`).
+fn qcow2(scratch: &Path, raw: &[u8]) -> Vec<u8> {
+    fs::create_dir_all(scratch).unwrap();
+    let (src, dst) = (scratch.join("src.raw"), scratch.join("out.qcow2"));
+    fs::write(&src, raw).unwrap();
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            src.to_str().unwrap(),
+            dst.to_str().unwrap(),
+        ],
+    );
+    let q = fs::read(&dst).unwrap();
+    let _ = fs::remove_file(&src);
+    let _ = fs::remove_file(&dst);
+    q
+}
+
+/// An empty qcow2 of `size` bytes of virtual size (a few hundred KiB on disk).
+fn empty_qcow2(scratch: &Path, size: u64) -> Vec<u8> {
+    fs::create_dir_all(scratch).unwrap();
+    let dst = scratch.join("empty.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            dst.to_str().unwrap(),
+            &size.to_string(),
+        ],
+    );
+    let q = fs::read(&dst).unwrap();
+    let _ = fs::remove_file(&dst);
+    q
+}
+
+/// FNV-1a: a checksum to compare an imported disk with its source.
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+// ------------------------------------------------------------------------------ the VM
+
+/// The test guest (kernelBoot, 128Mi) with one virtio disk `vda` from `volume` (YAML of one
+/// `spec.volumes` entry's source, indented for it); `kind` VirtualMachineInstance, or a
+/// VirtualMachine with `templates` as its dataVolumeTemplates.
+fn guest_yaml(kind: &str, name: &str, kernel_args: &str, templates: &str, volume: &str) -> String {
+    let (pre, ind) = if kind == "VirtualMachine" {
+        (
+            format!("  dataVolumeTemplates:\n{templates}  template:\n    spec:\n"),
+            "    ",
+        )
+    } else {
+        (String::new(), "")
+    };
+    let body = format!(
+        "terminationGracePeriodSeconds: 20
+domain:
+  resources:
+    requests:
+      memory: 128Mi
+  firmware:
+    kernelBoot:
+      kernelArgs: \"console=ttyS0 quiet {kernel_args}\"
+      container:
+        image: test-guest
+        kernelPath: /vmlinuz
+        initrdPath: /initramfs.gz
+  devices:
+    disks:
+    - name: disk
+      disk:
+        bus: virtio
+volumes:
+- name: disk
+{volume}"
+    );
+    let indent = if kind == "VirtualMachine" {
+        format!("{ind}  ")
+    } else {
+        "  ".to_string()
+    };
+    let body: String = body.lines().map(|l| format!("{indent}{l}\n")).collect();
+    format!(
+        "apiVersion: kubevirt.io/v1\nkind: {kind}\nmetadata:\n  name: {name}\nspec:\n{pre}{body}"
+    )
+}
+
+/// A `registry` DataVolume template named `disk` (spec.pvc, Filesystem, `size`).
+fn registry_dv(url: &str, secret: Option<&str>, size: &str) -> String {
+    format!(
+        "    - metadata:
+        name: disk
+      spec:
+        source:
+          registry:
+            url: \"{url}\"
+{}        pvc:
+          accessModes:
+            - ReadWriteOnce
+          resources:
+            requests:
+              storage: {size}
+",
+        secret
+            .map(|s| format!("            secretRef: {s}\n"))
+            .unwrap_or_default()
+    )
+}
+
+/// A Secret document with CDI's registry keys.
+fn secret_doc(name: &str, user: &str, password: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\ntype: Opaque\ndata:\n  accessKeyId: {}\n  secretKey: {}\n",
+        b64(user),
+        b64(password)
+    )
+}
+
+/// A launcher run of one test: its directory, storage, cache and arguments.
+struct Run {
+    pod: Pod,
+    /// `--vm` (a VirtualMachine) or `--vmi`.
+    flag: &'static str,
+}
+
+impl Run {
+    fn new(name: &str, flag: &'static str) -> Run {
+        Run {
+            pod: Pod::new(name),
+            flag,
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.pod.dir.join("guest.yaml")
+    }
+
+    fn write(&self, yaml: &str) {
+        fs::write(self.file(), yaml).unwrap();
+    }
+
+    fn storage(&self) -> PathBuf {
+        self.pod.dir.join("storage")
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.pod.dir.join("cd-cache")
+    }
+
+    fn claim(&self) -> PathBuf {
+        self.storage().join("claims/default/disk")
+    }
+
+    fn args(&self) -> Vec<String> {
+        [
+            "run",
+            self.flag,
+            self.file().to_str().unwrap(),
+            "--storage-dir",
+            self.storage().to_str().unwrap(),
+            "--container-disk-cache",
+            self.cache().to_str().unwrap(),
+            "--domain-type",
+            "qemu",
+            "--json-logs",
+            "--runtime-dir",
+            self.pod.runtime_dir().to_str().unwrap(),
+            "--kernel-boot-dir",
+            guest_dir().to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    fn start(&mut self) {
+        let _ = fs::remove_file(self.pod.console_log());
+        let mut cmd = Command::new(LAUNCHER);
+        cmd.args(self.args());
+        self.pod.spawn_command(cmd);
+    }
+
+    fn stop(&mut self) {
+        self.pod.signal(Signal::SIGTERM);
+        let status = self.pod.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "launcher exit {status}\n{}",
+            self.pod.dump()
+        );
+        let left = self.pod.leftover_processes();
+        assert!(left.is_empty(), "processes left behind: {left:#?}");
+    }
+
+    /// Runs the launcher expecting it to fail before any VM starts; the one error line.
+    fn fails(&self) -> String {
+        let args = self.args();
+        let (status, stderr) = run_launcher(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!status.success(), "launcher succeeded:\n{stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("virt-launcher: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "want one error line:\n{stderr}");
+        assert!(
+            !self.pod.console_log().exists(),
+            "a VM was started:\n{stderr}"
+        );
+        errors[0].to_string()
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(child) = self.pod.child.as_mut() {
+            testkit::procs::terminate(child, Duration::from_secs(40));
+        }
+    }
+}
+
+/// Names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+// ------------------------------------------------------------------------------ tests
+
+/// A qcow2 disk in `/disk/` of an image in a registry that wants a password: the Secret in the
+/// same file (as `kubectl apply -f` takes it) gives CDI's `accessKeyId`/`secretKey`; the claim
+/// holds the image's data (checksum) and the guest reads it.
+#[test]
+fn registry_import_with_credentials_boots() {
+    let mut run = Run::new("reg-import", "--vm");
+    let registry = Registry::start(&run.pod.dir.join("registry"), Some(("tester", "s3cret")));
+    let raw = raw_image("registry-content", 8 * MIB);
+    let image = qcow2(&run.pod.dir.join("scratch"), &raw);
+    registry.push("disks/guest:v1", &[("disk/disk.qcow2", &image)]);
+    let url = format!("docker://{}/disks/guest:v1", registry.host());
+    run.write(&format!(
+        "{}{}",
+        guest_yaml(
+            "VirtualMachine",
+            &run.pod.name,
+            "lv.read=vda",
+            &registry_dv(&url, Some("reg-creds"), "64Mi"),
+            "  dataVolume:\n    name: disk\n",
+        ),
+        secret_doc("reg-creds", "tester", "s3cret")
+    ));
+
+    run.start();
+    run.pod.wait_console("LV-READ vda registry-content", BOOT);
+    // spec.pvc 64Mi less CDI's 5.5 % filesystem overhead = 60 MiB.
+    let disk = run.claim().join("disk.img");
+    let got = fs::read(&disk).unwrap();
+    assert_eq!(got.len() as u64, 60 * MIB, "claim size");
+    assert_eq!(
+        checksum(&got[..raw.len()]),
+        checksum(&raw),
+        "the claim's data differs from the image's"
+    );
+    assert!(got[raw.len()..].iter().all(|b| *b == 0));
+    drop(got);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(run.claim().join("claim.json")).unwrap()).unwrap();
+    assert_eq!(meta["source"]["registry"]["url"], url.as_str());
+    assert_eq!(meta["source"]["registry"]["secretRef"], "reg-creds");
+    assert_eq!(entries(&run.claim()), ["claim.json", "disk.img"]);
+    let log = run.pod.log();
+    assert!(
+        log.contains("pulling the image's disk") && log.contains("\"file\":\"disk/disk.qcow2\""),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret"), "the password reached the log");
+    run.stop();
+}
+
+/// Bad registry input: one line naming the DataVolume and the reason; no claim left behind.
+#[test]
+fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
+    let run = Run::new("reg-bad", "--vm");
+    let registry = Registry::start(&run.pod.dir.join("registry"), Some(("tester", "s3cret")));
+    let scratch = run.pod.dir.join("scratch");
+    let small = qcow2(&scratch, &raw_image("small", 4 * MIB));
+    registry.push("disks/guest:v1", &[("disk/disk.qcow2", &small)]);
+    registry.push("disks/nodisk:v1", &[("etc/motd", b"no disk here\n")]);
+    registry.push(
+        "disks/two:v1",
+        &[("disk/a.qcow2", &small), ("disk/b.qcow2", &small)],
+    );
+    registry.push(
+        "disks/big:v1",
+        &[("disk/disk.qcow2", &empty_qcow2(&scratch, 1 << 30))],
+    );
+    let host = registry.host();
+    let good_secret = secret_doc("reg-creds", "tester", "s3cret");
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        (
+            "image without /disk/",
+            format!("docker://{host}/disks/nodisk:v1"),
+            good_secret.clone(),
+            "has no disk: no file under /disk/",
+        ),
+        (
+            "two files in /disk/",
+            format!("docker://{host}/disks/two:v1"),
+            good_secret.clone(),
+            "/disk/ in the image holds more than one file",
+        ),
+        (
+            "unknown tag",
+            format!("docker://{host}/disks/guest:v9"),
+            good_secret.clone(),
+            "disks/guest:v9 not found in registry",
+        ),
+        (
+            "wrong credentials",
+            format!("docker://{host}/disks/guest:v1"),
+            secret_doc("reg-creds", "tester", "wrong"),
+            "refused the credentials of user \"tester\"",
+        ),
+        (
+            "missing Secret",
+            format!("docker://{host}/disks/guest:v1"),
+            String::new(),
+            "secretRef: Secret default/reg-creds is not in",
+        ),
+        (
+            "larger than the claim",
+            format!("docker://{host}/disks/big:v1"),
+            good_secret.clone(),
+            "image virtual size 1073741824 bytes exceeds the claim's usable size 31457280 bytes",
+        ),
+        (
+            "registry down",
+            format!("docker://127.0.0.1:{}/disks/guest:v1", free_port()),
+            good_secret.clone(),
+            "unreachable",
+        ),
+    ];
+    for (what, url, secret, want) in &cases {
+        run.write(&format!(
+            "{}{secret}",
+            guest_yaml(
+                "VirtualMachine",
+                &run.pod.name,
+                "",
+                &registry_dv(url, Some("reg-creds"), "32Mi"),
+                "  dataVolume:\n    name: disk\n",
+            )
+        ));
+        let line = run.fails();
+        eprintln!("{what}: {line}");
+        assert!(
+            line.starts_with("virt-launcher: DataVolume default/disk: "),
+            "{what}: {line}"
+        );
+        assert!(line.contains(want), "{what}: want {want:?} in\n{line}");
+        assert!(!line.contains("s3cret"), "{what}: password in {line}");
+        assert!(
+            !run.claim().exists(),
+            "{what}: claim directory left: {:?}",
+            entries(&run.claim())
+        );
+    }
+    // Without secretRef against a registry that wants credentials.
+    run.write(&guest_yaml(
+        "VirtualMachine",
+        &run.pod.name,
+        "",
+        &registry_dv(&format!("docker://{host}/disks/guest:v1"), None, "32Mi"),
+        "  dataVolume:\n    name: disk\n",
+    ));
+    let line = run.fails();
+    assert!(
+        line.contains("DataVolume default/disk: ")
+            && line.contains("requires credentials for disks/guest (give secretRef)"),
+        "{line}"
+    );
+    assert!(!run.claim().exists());
+    assert!(run.pod.leftover_processes().is_empty());
+}
+
+/// A standalone containerDisk is pulled into the cache by digest and runs under an overlay
+/// that is new at every start and removed at stop: the first run's writes are gone in the
+/// second, which uses the cached image (IfNotPresent). A bad image names the volume.
+#[test]
+fn container_disk_is_pulled_cached_and_ephemeral() {
+    let mut run = Run::new("reg-cd", "--vmi");
+    let registry = Registry::start(&run.pod.dir.join("registry"), None);
+    let raw = raw_image("container-disk-content", 8 * MIB);
+    let image = qcow2(&run.pod.dir.join("scratch"), &raw);
+    registry.push("disks/cd:v1", &[("disk/disk.qcow2", &image)]);
+    let host = registry.host();
+    let name = run.pod.name.clone();
+    let vmi = |args: &str, image: &str| {
+        guest_yaml(
+            "VirtualMachineInstance",
+            &name,
+            args,
+            "",
+            &format!("  containerDisk:\n    image: {image}\n"),
+        )
+    };
+
+    // Bad references first: nothing is started, nothing cached.
+    for (image, want) in [
+        (
+            format!("{host}/disks/cd:v9"),
+            "disks/cd:v9 not found in registry",
+        ),
+        (
+            format!("127.0.0.1:{}/disks/cd:v1", free_port()),
+            "unreachable",
+        ),
+    ] {
+        run.write(&vmi("", &image));
+        let line = run.fails();
+        assert!(
+            line.starts_with(&format!(
+                "virt-launcher: volume disk: containerDisk image {image:?}: "
+            )) && line.contains(want),
+            "{line}"
+        );
+    }
+    assert_eq!(entries(&run.cache()), [".lock", "refs"]);
+    assert!(entries(&run.cache().join("refs")).is_empty());
+
+    run.write(&vmi(
+        "lv.write=vda:written-by-run-1",
+        &format!("{host}/disks/cd:v1"),
+    ));
+    run.start();
+    run.pod.wait_console("LV-WROTE vda written-by-run-1", BOOT);
+    let overlay_dir = run.pod.runtime_dir().join("ephemeral/disk-data/disk");
+    assert!(
+        overlay_dir.join("disk.qcow2").exists(),
+        "{}",
+        run.pod.dump()
+    );
+    run.stop();
+    assert!(!overlay_dir.exists(), "the overlay outlived the run");
+    assert!(!run.pod.runtime_dir().join("container-disks").exists());
+    // The cache holds the image's disk as pushed, read-only, under its manifest digest.
+    let cached: Vec<String> = entries(&run.cache())
+        .into_iter()
+        .filter(|e| e.starts_with("sha256-"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{:?}", entries(&run.cache()));
+    let disk = run.cache().join(&cached[0]).join("disk.img");
+    assert_eq!(checksum(&fs::read(&disk).unwrap()), checksum(&image));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&disk).unwrap().permissions().mode() & 0o222, 0);
+
+    // A stale overlay from a killed run would be reused if it were kept: plant one.
+    fs::create_dir_all(&overlay_dir).unwrap();
+    fs::File::create(overlay_dir.join("disk.qcow2"))
+        .unwrap()
+        .write_all(b"stale overlay")
+        .unwrap();
+    run.write(&vmi("lv.read=vda", &format!("{host}/disks/cd:v1")));
+    run.start();
+    run.pod
+        .wait_console("LV-READ vda container-disk-content", BOOT);
+    assert!(
+        run.pod.log().contains("containerDisk image in the cache"),
+        "{}",
+        run.pod.dump()
+    );
+    run.stop();
+    assert!(!overlay_dir.exists());
+}
