@@ -30,18 +30,42 @@ struct Registry {
     dir: PathBuf,
     /// `user:password` when the registry wants them.
     creds: Option<String>,
+    /// The token service of a registry with token (Bearer) authentication.
+    tokens: Option<TokenServer>,
+}
+
+/// How a test registry authenticates.
+enum Auth<'a> {
+    None,
+    /// htpasswd (bcrypt): `WWW-Authenticate: Basic`.
+    Basic(&'a str, &'a str),
+    /// `WWW-Authenticate: Bearer` with a token service ([`TokenServer`]) that checks these.
+    Token(&'a str, &'a str),
 }
 
 impl Registry {
-    /// A registry storing under `dir`; with `auth`, htpasswd (bcrypt) Basic authentication.
-    fn start(dir: &Path, auth: Option<(&str, &str)>) -> Registry {
+    /// A registry storing under `dir`, authenticating as `auth` says.
+    fn start(dir: &Path, auth: Auth) -> Registry {
         fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: vl-test\n",
             dir.join("data").display()
         );
-        if let Some((user, password)) = auth {
+        let mut tokens = None;
+        let mut creds = None;
+        if let Auth::Token(user, password) = auth {
+            let t = TokenServer::start(dir, user, password);
+            config += &format!(
+                "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: vl-registry\n    issuer: vl-token-issuer\n    rootcertbundle: {}\n",
+                t.port,
+                t.cert.display()
+            );
+            creds = Some(format!("{user}:{password}"));
+            tokens = Some(t);
+        }
+        if let Auth::Basic(user, password) = auth {
+            creds = Some(format!("{user}:{password}"));
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, password])
                 .output()
@@ -67,7 +91,8 @@ impl Registry {
             child,
             port,
             dir: dir.to_path_buf(),
-            creds: auth.map(|(u, p)| format!("{u}:{p}")),
+            creds,
+            tokens,
         };
         common::wait_for("the registry to listen", Duration::from_secs(60), || {
             if let Ok(Some(status)) = r.child.try_wait() {
@@ -133,6 +158,168 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A token service as Docker's distribution expects one: `GET /token?service=…&scope=…` with
+/// Basic credentials → a JWT (RS256, the signing certificate in `x5c`, made here with
+/// `openssl`) granting pull and push on the scope's repository. Wrong credentials get 401.
+/// Each request's scope is recorded.
+struct TokenServer {
+    port: u16,
+    cert: PathBuf,
+    scopes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TokenServer {
+    fn start(dir: &Path, user: &str, password: &str) -> TokenServer {
+        let (key, cert) = (dir.join("token-key.pem"), dir.join("token-cert.pem"));
+        run(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=vl-token-issuer",
+                "-keyout",
+                key.to_str().unwrap(),
+                "-out",
+                cert.to_str().unwrap(),
+            ],
+        );
+        let pem = fs::read_to_string(&cert).unwrap();
+        let der_b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let scopes: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let (seen, want) = (
+            scopes.clone(),
+            format!("Basic {}", b64(&format!("{user}:{password}"))),
+        );
+        let scratch = dir.to_path_buf();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = answer_token(conn, &want, &der_b64, &key, &scratch, &seen);
+            }
+        });
+        TokenServer { port, cert, scopes }
+    }
+}
+
+fn answer_token(
+    mut conn: TcpStream,
+    want_auth: &str,
+    x5c: &str,
+    key: &Path,
+    scratch: &Path,
+    seen: &std::sync::Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut auth = String::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                auth = v.trim().to_string();
+            }
+        }
+    }
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .map(percent_decode)
+            .unwrap_or_default()
+    };
+    let scope = param("scope");
+    seen.lock()
+        .unwrap()
+        .push(format!("{scope} auth={}", !auth.is_empty()));
+    if auth != want_auth {
+        let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#;
+        return write!(
+            conn,
+            "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    // scope=repository:<name>:<actions>
+    let repo = scope
+        .strip_prefix("repository:")
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(name, _)| name.to_string())
+        .unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = format!(r#"{{"typ":"JWT","alg":"RS256","x5c":["{x5c}"]}}"#);
+    let claims = format!(
+        r#"{{"iss":"vl-token-issuer","sub":"tester","aud":"{}","exp":{},"nbf":{},"iat":{},"jti":"{}-{now}","access":[{{"type":"repository","name":"{repo}","actions":["pull","push"]}}]}}"#,
+        param("service"),
+        now + 600,
+        now - 60,
+        now - 60,
+        std::process::id()
+    );
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.as_bytes()),
+        b64url(claims.as_bytes())
+    );
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let input = scratch.join(format!("jwt-{n}.in"));
+    fs::write(&input, &signing_input)?;
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .arg(&input)
+        .output()?;
+    let _ = fs::remove_file(&input);
+    assert!(out.status.success(), "openssl dgst -sign: {out:?}");
+    let token = format!("{signing_input}.{}", b64url(&out.stdout));
+    let body = format!(r#"{{"token":"{token}","expires_in":600}}"#);
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn b64url(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
 fn run(tool: &str, args: &[&str]) {
@@ -414,13 +601,17 @@ fn entries(dir: &Path) -> Vec<String> {
 
 // ------------------------------------------------------------------------------ tests
 
-/// A qcow2 disk in `/disk/` of an image in a registry that wants a password: the Secret in the
-/// same file (as `kubectl apply -f` takes it) gives CDI's `accessKeyId`/`secretKey`; the claim
-/// holds the image's data (checksum) and the guest reads it.
+/// A qcow2 disk in `/disk/` of an image in a registry with token authentication (as Docker
+/// Hub, quay.io and ghcr.io do it): the Secret in the same file (as `kubectl apply -f` takes
+/// it) gives CDI's `accessKeyId`/`secretKey`, which buy a pull token; the claim holds the
+/// image's data (checksum) and the guest reads it.
 #[test]
-fn registry_import_with_credentials_boots() {
+fn registry_import_with_a_token_boots() {
     let mut run = Run::new("reg-import", "--vm");
-    let registry = Registry::start(&run.pod.dir.join("registry"), Some(("tester", "s3cret")));
+    let registry = Registry::start(
+        &run.pod.dir.join("registry"),
+        Auth::Token("tester", "s3cret"),
+    );
     let raw = raw_image("registry-content", 8 * MIB);
     let image = qcow2(&run.pod.dir.join("scratch"), &raw);
     registry.push("disks/guest:v1", &[("disk/disk.qcow2", &image)]);
@@ -461,6 +652,18 @@ fn registry_import_with_credentials_boots() {
         "{log}"
     );
     assert!(!log.contains("s3cret"), "the password reached the log");
+    let scopes = registry
+        .tokens
+        .as_ref()
+        .unwrap()
+        .scopes
+        .lock()
+        .unwrap()
+        .clone();
+    assert!(
+        scopes.contains(&"repository:disks/guest:pull auth=true".to_string()),
+        "no pull token asked with credentials: {scopes:?}"
+    );
     run.stop();
 }
 
@@ -468,7 +671,10 @@ fn registry_import_with_credentials_boots() {
 #[test]
 fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
     let run = Run::new("reg-bad", "--vm");
-    let registry = Registry::start(&run.pod.dir.join("registry"), Some(("tester", "s3cret")));
+    let registry = Registry::start(
+        &run.pod.dir.join("registry"),
+        Auth::Basic("tester", "s3cret"),
+    );
     let scratch = run.pod.dir.join("scratch");
     let small = qcow2(&scratch, &raw_image("small", 4 * MIB));
     registry.push("disks/guest:v1", &[("disk/disk.qcow2", &small)]);
@@ -552,6 +758,35 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
             entries(&run.claim())
         );
     }
+    // Token authentication: wrong credentials are refused by the token service.
+    let tokens = Registry::start(
+        &run.pod.dir.join("token-registry"),
+        Auth::Token("tester", "s3cret"),
+    );
+    tokens.push("disks/guest:v1", &[("disk/disk.qcow2", &small)]);
+    run.write(&format!(
+        "{}{}",
+        guest_yaml(
+            "VirtualMachine",
+            &run.pod.name,
+            "",
+            &registry_dv(
+                &format!("docker://{}/disks/guest:v1", tokens.host()),
+                Some("reg-creds"),
+                "32Mi"
+            ),
+            "  dataVolume:\n    name: disk\n",
+        ),
+        secret_doc("reg-creds", "tester", "wrong")
+    ));
+    let line = run.fails();
+    assert!(
+        line.starts_with("virt-launcher: DataVolume default/disk: ")
+            && line.contains("refused the credentials of user \"tester\""),
+        "{line}"
+    );
+    assert!(!run.claim().exists());
+
     // Without secretRef against a registry that wants credentials.
     run.write(&guest_yaml(
         "VirtualMachine",
@@ -576,7 +811,7 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
 #[test]
 fn container_disk_is_pulled_cached_and_ephemeral() {
     let mut run = Run::new("reg-cd", "--vmi");
-    let registry = Registry::start(&run.pod.dir.join("registry"), None);
+    let registry = Registry::start(&run.pod.dir.join("registry"), Auth::None);
     let raw = raw_image("container-disk-content", 8 * MIB);
     let image = qcow2(&run.pod.dir.join("scratch"), &raw);
     registry.push("disks/cd:v1", &[("disk/disk.qcow2", &image)]);
