@@ -153,6 +153,85 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// One HTTP/1.1 request to the registry (with its Basic credentials, if any): status,
+    /// the `Docker-Content-Digest` header, body.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> (u16, String, String) {
+        use std::io::Read;
+        let mut conn = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let auth = self
+            .creds
+            .as_ref()
+            .map(|c| format!("Authorization: Basic {}\r\n", b64(c)))
+            .unwrap_or_default();
+        write!(
+            conn,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Accept: application/vnd.oci.image.manifest.v1+json\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.host(),
+            body.len()
+        )
+        .unwrap();
+        conn.write_all(body).unwrap();
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp).unwrap();
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
+        let digest = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("docker-content-digest:")
+                    .then(|| l.split_once(':').unwrap().1.trim().to_string())
+            })
+            .unwrap_or_default();
+        (status, digest, body.to_string())
+    }
+
+    /// Pushes an OCI index `<repo>:<tag>` listing the manifests of `<repo>:<entry tag>` for
+    /// each (os/architecture, entry tag).
+    fn push_index(&self, repo: &str, tag: &str, entries: &[(&str, &str)]) {
+        let mut manifests = Vec::new();
+        for (platform, entry) in entries {
+            let (status, digest, body) = self.request(
+                "GET",
+                &format!("/v2/{repo}/manifests/{entry}"),
+                "text/plain",
+                b"",
+            );
+            assert_eq!(status, 200, "{repo}:{entry}: {body}");
+            let (os, arch) = platform.split_once('/').unwrap();
+            manifests.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": digest, "size": body.len(),
+                "platform": {"os": os, "architecture": arch}
+            }));
+        }
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests
+        });
+        let (status, _, body) = self.request(
+            "PUT",
+            &format!("/v2/{repo}/manifests/{tag}"),
+            "application/vnd.oci.image.index.v1+json",
+            index.to_string().as_bytes(),
+        );
+        assert_eq!(status, 201, "PUT index {repo}:{tag}: {body}");
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -687,6 +766,16 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
         "disks/big:v1",
         &[("disk/disk.qcow2", &empty_qcow2(&scratch, 1 << 30))],
     );
+    // Multi-platform indexes: the amd64 entry is the one without a disk (so picking it shows),
+    // and an index without amd64.
+    registry.push("disks/multi:amd64", &[("etc/motd", b"amd64 variant\n")]);
+    registry.push("disks/multi:arm64", &[("disk/disk.qcow2", &small)]);
+    registry.push_index(
+        "disks/multi",
+        "v1",
+        &[("linux/arm64", "arm64"), ("linux/amd64", "amd64")],
+    );
+    registry.push_index("disks/multi", "armonly", &[("linux/arm64", "arm64")]);
     let host = registry.host();
     let good_secret = secret_doc("reg-creds", "tester", "s3cret");
     let cases: Vec<(&str, String, String, &str)> = vec![
@@ -701,6 +790,18 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
             format!("docker://{host}/disks/two:v1"),
             good_secret.clone(),
             "/disk/ in the image holds more than one file",
+        ),
+        (
+            "index: the linux/amd64 variant is taken",
+            format!("docker://{host}/disks/multi:v1"),
+            good_secret.clone(),
+            "the image has no disk: no file under /disk/",
+        ),
+        (
+            "index without linux/amd64",
+            format!("docker://{host}/disks/multi:armonly"),
+            good_secret.clone(),
+            "the image has no linux/amd64 variant (it has linux/arm64)",
         ),
         (
             "unknown tag",
@@ -807,38 +908,47 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
 
 /// A standalone containerDisk is pulled into the cache by digest and runs under an overlay
 /// that is new at every start and removed at stop: the first run's writes are gone in the
-/// second, which uses the cached image (IfNotPresent). A bad image names the volume.
+/// second (a planted stale overlay is not reused either). `:latest` is resolved at every start
+/// (kubelet's `Always`): a new image pushed under it is a new cache entry, the old one is left
+/// as it was. Bad references name the volume; nothing is started or cached.
 #[test]
 fn container_disk_is_pulled_cached_and_ephemeral() {
     let mut run = Run::new("reg-cd", "--vmi");
     let registry = Registry::start(&run.pod.dir.join("registry"), Auth::None);
-    let raw = raw_image("container-disk-content", 8 * MIB);
-    let image = qcow2(&run.pod.dir.join("scratch"), &raw);
-    registry.push("disks/cd:v1", &[("disk/disk.qcow2", &image)]);
+    let scratch = run.pod.dir.join("scratch");
+    let first = qcow2(&scratch, &raw_image("container-disk-content", 8 * MIB));
+    registry.push("disks/cd:latest", &[("disk/disk.qcow2", &first)]);
     let host = registry.host();
     let name = run.pod.name.clone();
-    let vmi = |args: &str, image: &str| {
+    let vmi = |args: &str, image: &str, policy: &str| {
         guest_yaml(
             "VirtualMachineInstance",
             &name,
             args,
             "",
-            &format!("  containerDisk:\n    image: {image}\n"),
+            &format!("  containerDisk:\n    image: {image}\n{policy}"),
         )
     };
 
     // Bad references first: nothing is started, nothing cached.
-    for (image, want) in [
+    for (image, policy, want) in [
         (
             format!("{host}/disks/cd:v9"),
+            "",
             "disks/cd:v9 not found in registry",
         ),
         (
             format!("127.0.0.1:{}/disks/cd:v1", free_port()),
+            "",
             "unreachable",
         ),
+        (
+            format!("{host}/disks/cd"),
+            "    imagePullPolicy: Never\n",
+            "not in the cache",
+        ),
     ] {
-        run.write(&vmi("", &image));
+        run.write(&vmi("", &image, policy));
         let line = run.fails();
         assert!(
             line.starts_with(&format!(
@@ -850,10 +960,8 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
     assert_eq!(entries(&run.cache()), [".lock", "refs"]);
     assert!(entries(&run.cache().join("refs")).is_empty());
 
-    run.write(&vmi(
-        "lv.write=vda:written-by-run-1",
-        &format!("{host}/disks/cd:v1"),
-    ));
+    let image = format!("{host}/disks/cd");
+    run.write(&vmi("lv.write=vda:written-by-run-1", &image, ""));
     run.start();
     run.pod.wait_console("LV-WROTE vda written-by-run-1", BOOT);
     let overlay_dir = run.pod.runtime_dir().join("ephemeral/disk-data/disk");
@@ -866,15 +974,21 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
     assert!(!overlay_dir.exists(), "the overlay outlived the run");
     assert!(!run.pod.runtime_dir().join("container-disks").exists());
     // The cache holds the image's disk as pushed, read-only, under its manifest digest.
-    let cached: Vec<String> = entries(&run.cache())
-        .into_iter()
-        .filter(|e| e.starts_with("sha256-"))
-        .collect();
-    assert_eq!(cached.len(), 1, "{:?}", entries(&run.cache()));
-    let disk = run.cache().join(&cached[0]).join("disk.img");
-    assert_eq!(checksum(&fs::read(&disk).unwrap()), checksum(&image));
+    let cached = |run: &Run| -> Vec<PathBuf> {
+        entries(&run.cache())
+            .into_iter()
+            .filter(|e| e.starts_with("sha256-"))
+            .map(|e| run.cache().join(e).join("disk.img"))
+            .collect()
+    };
+    let disks = cached(&run);
+    assert_eq!(disks.len(), 1, "{:?}", entries(&run.cache()));
+    assert_eq!(checksum(&fs::read(&disks[0]).unwrap()), checksum(&first));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(fs::metadata(&disk).unwrap().permissions().mode() & 0o222, 0);
+    assert_eq!(
+        fs::metadata(&disks[0]).unwrap().permissions().mode() & 0o222,
+        0
+    );
 
     // A stale overlay from a killed run would be reused if it were kept: plant one.
     fs::create_dir_all(&overlay_dir).unwrap();
@@ -882,15 +996,31 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
         .unwrap()
         .write_all(b"stale overlay")
         .unwrap();
-    run.write(&vmi("lv.read=vda", &format!("{host}/disks/cd:v1")));
+    run.write(&vmi("lv.read=vda", &image, ""));
     run.start();
     run.pod
         .wait_console("LV-READ vda container-disk-content", BOOT);
     assert!(
-        run.pod.log().contains("containerDisk image in the cache"),
+        run.pod
+            .log()
+            .contains("containerDisk image already in the cache"),
         "{}",
         run.pod.dump()
     );
     run.stop();
     assert!(!overlay_dir.exists());
+
+    // A new image under the same tag: a new cache entry; the old one is untouched.
+    let second = qcow2(&scratch, &raw_image("container-disk-content-2", 8 * MIB));
+    registry.push("disks/cd:latest", &[("disk/disk.qcow2", &second)]);
+    run.start();
+    run.pod
+        .wait_console("LV-READ vda container-disk-content-2", BOOT);
+    run.stop();
+    let now = cached(&run);
+    assert_eq!(now.len(), 2, "{:?}", entries(&run.cache()));
+    assert!(now.contains(&disks[0]));
+    assert_eq!(checksum(&fs::read(&disks[0]).unwrap()), checksum(&first));
+    let new = now.iter().find(|d| **d != disks[0]).unwrap();
+    assert_eq!(checksum(&fs::read(new).unwrap()), checksum(&second));
 }
