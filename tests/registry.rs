@@ -113,6 +113,11 @@ impl Registry {
     /// Builds an image of one layer holding `files` (path in the image, content) with umoci
     /// and pushes it as `<host>/<name>` with skopeo.
     fn push(&self, name: &str, files: &[(&str, &[u8])]) {
+        self.push_layers(name, &[files]);
+    }
+
+    /// [`Registry::push`] with one layer per entry of `layers`, the first at the bottom.
+    fn push_layers(&self, name: &str, layers: &[&[(&str, &[u8])]]) {
         let work = self
             .dir
             .join(format!("build-{}", name.replace(['/', ':'], "-")));
@@ -127,15 +132,23 @@ impl Registry {
             "umoci",
             &["unpack", "--image", &image, bundle.to_str().unwrap()],
         );
-        for (path, data) in files {
-            let target = bundle.join("rootfs").join(path);
-            fs::create_dir_all(target.parent().unwrap()).unwrap();
-            fs::write(&target, data).unwrap();
+        for files in layers {
+            for (path, data) in *files {
+                let target = bundle.join("rootfs").join(path);
+                fs::create_dir_all(target.parent().unwrap()).unwrap();
+                fs::write(&target, data).unwrap();
+            }
+            run(
+                "umoci",
+                &[
+                    "repack",
+                    "--refresh-bundle",
+                    "--image",
+                    &image,
+                    bundle.to_str().unwrap(),
+                ],
+            );
         }
-        run(
-            "umoci",
-            &["repack", "--image", &image, bundle.to_str().unwrap()],
-        );
         let dest = format!("docker://{}/{name}", self.host());
         let mut args = vec![
             "copy",
@@ -474,6 +487,25 @@ fn empty_qcow2(scratch: &Path, size: u64) -> Vec<u8> {
     q
 }
 
+/// `gzip -c` of `data`.
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut child = Command::new("gzip")
+        .arg("-c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("gzip");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data));
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    assert!(child.wait().unwrap().success());
+    feeder.join().unwrap().unwrap();
+    out
+}
+
 /// FNV-1a: a checksum to compare an imported disk with its source.
 fn checksum(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -491,7 +523,21 @@ fn b64(s: &str) -> String {
 /// The test guest (kernelBoot, 128Mi) with one virtio disk `vda` from `volume` (YAML of one
 /// `spec.volumes` entry's source, indented for it); `kind` VirtualMachineInstance, or a
 /// VirtualMachine with `templates` as its dataVolumeTemplates.
-fn guest_yaml(kind: &str, name: &str, kernel_args: &str, templates: &str, volume: &str) -> String {
+fn guest_yaml(
+    kind: &str,
+    name: &str,
+    kernel_args: &str,
+    templates: &str,
+    volumes: &[(&str, &str)],
+) -> String {
+    let disks: String = volumes
+        .iter()
+        .map(|(n, _)| format!("    - name: {n}\n      disk:\n        bus: virtio\n"))
+        .collect();
+    let volumes: String = volumes
+        .iter()
+        .map(|(n, v)| format!("- name: {n}\n{v}"))
+        .collect();
     let (pre, ind) = if kind == "VirtualMachine" {
         (
             format!("  dataVolumeTemplates:\n{templates}  template:\n    spec:\n"),
@@ -515,12 +561,8 @@ domain:
         initrdPath: /initramfs.gz
   devices:
     disks:
-    - name: disk
-      disk:
-        bus: virtio
-volumes:
-- name: disk
-{volume}"
+{disks}volumes:
+{volumes}"
     );
     let indent = if kind == "VirtualMachine" {
         format!("{ind}  ")
@@ -535,9 +577,14 @@ volumes:
 
 /// A `registry` DataVolume template named `disk` (spec.pvc, Filesystem, `size`).
 fn registry_dv(url: &str, secret: Option<&str>, size: &str) -> String {
+    named_registry_dv("disk", url, secret, size)
+}
+
+/// A `registry` DataVolume template (spec.pvc, Filesystem, `size`).
+fn named_registry_dv(name: &str, url: &str, secret: Option<&str>, size: &str) -> String {
     format!(
         "    - metadata:
-        name: disk
+        name: {name}
       spec:
         source:
           registry:
@@ -694,21 +741,44 @@ fn registry_import_with_a_token_boots() {
     let raw = raw_image("registry-content", 8 * MIB);
     let image = qcow2(&run.pod.dir.join("scratch"), &raw);
     registry.push("disks/guest:v1", &[("disk/disk.qcow2", &image)]);
+    // Two layers, the disk (raw, gzip-compressed, as CDI takes it) in the upper one.
+    let raw2 = raw_image("registry-gzip-content", 5 * MIB);
+    let gz = gzip(&raw2);
+    registry.push_layers(
+        "disks/layered:v2",
+        &[
+            &[("etc/os-release", b"ID=test\n")],
+            &[("disk/disk.img.gz", &gz)],
+        ],
+    );
     let url = format!("docker://{}/disks/guest:v1", registry.host());
+    let url2 = format!("docker://{}/disks/layered:v2", registry.host());
     run.write(&format!(
         "{}{}",
         guest_yaml(
             "VirtualMachine",
             &run.pod.name,
-            "lv.read=vda",
-            &registry_dv(&url, Some("reg-creds"), "64Mi"),
-            "  dataVolume:\n    name: disk\n",
+            "lv.read=vda lv.read=vdb",
+            &format!(
+                "{}{}",
+                registry_dv(&url, Some("reg-creds"), "64Mi"),
+                named_registry_dv("second", &url2, Some("reg-creds"), "16Mi")
+            ),
+            &[
+                ("disk", "  dataVolume:\n    name: disk\n"),
+                ("second", "  dataVolume:\n    name: second\n"),
+            ],
         ),
         secret_doc("reg-creds", "tester", "s3cret")
     ));
 
     run.start();
     run.pod.wait_console("LV-READ vda registry-content", BOOT);
+    run.pod
+        .wait_console("LV-READ vdb registry-gzip-content", BOOT);
+    let second = fs::read(run.storage().join("claims/default/second/disk.img")).unwrap();
+    assert_eq!(checksum(&second[..raw2.len()]), checksum(&raw2));
+    drop(second);
     // spec.pvc 64Mi less CDI's 5.5 % filesystem overhead = 60 MiB.
     let disk = run.claim().join("disk.img");
     let got = fs::read(&disk).unwrap();
@@ -842,7 +912,7 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
                 &run.pod.name,
                 "",
                 &registry_dv(url, Some("reg-creds"), "32Mi"),
-                "  dataVolume:\n    name: disk\n",
+                &[("disk", "  dataVolume:\n    name: disk\n")],
             )
         ));
         let line = run.fails();
@@ -876,7 +946,7 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
                 Some("reg-creds"),
                 "32Mi"
             ),
-            "  dataVolume:\n    name: disk\n",
+            &[("disk", "  dataVolume:\n    name: disk\n")],
         ),
         secret_doc("reg-creds", "tester", "wrong")
     ));
@@ -894,7 +964,7 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
         &run.pod.name,
         "",
         &registry_dv(&format!("docker://{host}/disks/guest:v1"), None, "32Mi"),
-        "  dataVolume:\n    name: disk\n",
+        &[("disk", "  dataVolume:\n    name: disk\n")],
     ));
     let line = run.fails();
     assert!(
@@ -926,7 +996,10 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
             &name,
             args,
             "",
-            &format!("  containerDisk:\n    image: {image}\n{policy}"),
+            &[(
+                "disk",
+                &format!("  containerDisk:\n    image: {image}\n{policy}"),
+            )],
         )
     };
 
