@@ -929,6 +929,39 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
             entries(&run.claim())
         );
     }
+    // certConfigMap: the ConfigMap must be in the file and hold a PEM certificate (a
+    // loopback registry is reached over plain http, where it is not used).
+    for (doc, want) in [
+        (
+            String::new(),
+            "certConfigMap: ConfigMap default/reg-ca is not in",
+        ),
+        (
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: reg-ca\ndata:\n  ca.crt: nonsense\n".to_string(),
+            "certConfigMap: ConfigMap default/reg-ca holds no PEM certificate",
+        ),
+    ] {
+        let dv = registry_dv(&format!("docker://{host}/disks/guest:v1"), Some("reg-creds"), "32Mi")
+            .replace("secretRef: reg-creds\n", "secretRef: reg-creds\n            certConfigMap: reg-ca\n");
+        run.write(&format!(
+            "{}{good_secret}{doc}",
+            guest_yaml(
+                "VirtualMachine",
+                &run.pod.name,
+                "",
+                &dv,
+                &[("disk", "  dataVolume:\n    name: disk\n")],
+            )
+        ));
+        let line = run.fails();
+        assert!(
+            line.starts_with("virt-launcher: DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source.registry.")
+                && line.contains(want),
+            "want {want:?} in\n{line}"
+        );
+        assert!(!run.claim().exists());
+    }
+
     // Token authentication: wrong credentials are refused by the token service.
     let tokens = Registry::start(
         &run.pod.dir.join("token-registry"),

@@ -8,7 +8,8 @@
 //!                                  (read-only; a new image is a new directory: an old one
 //!                                  is never rewritten under a running overlay)
 //! <cache>/refs/<sha256 of ref>     "<digest>\n<reference>\n": what a tag last resolved to
-//! <cache>/.pull-<pid>-<n>/         scratch space of a pull in progress
+//! <cache>/.pull-<pid>-<volume>/    scratch space of a pull in progress (an interrupted
+//!                                  one is removed by the next pull)
 //! <cache>/.lock                    flock held while pulling
 //! <runtime>/container-disks/disk_<index>.img → the cached disk (the launcher's
 //!                                  containerDisk directory, KubeVirt's naming)
@@ -157,6 +158,17 @@ pub fn prepare_with_agent(
                 .map_err(|(_, e)| io("*", &lock_path)(std::io::Error::from(e)))?
         }
     };
+
+    // Pulls that were interrupted (a launcher killed mid-pull): nobody else pulls while we
+    // hold the lock.
+    if let Ok(rd) = fs::read_dir(&cache) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".pull-") {
+                tracing::info!(path = %e.path().display(), "removing an interrupted containerDisk pull");
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
 
     for (index, v) in vmi.spec.volumes.iter().enumerate() {
         let Some(cd) = &v.container_disk else {
