@@ -1053,6 +1053,11 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
             "    imagePullPolicy: Never\n",
             "not in the cache",
         ),
+        (
+            "quay.io/containerdisks/fedora:41".to_string(),
+            "",
+            "the registry is reached over https, which this build does not support",
+        ),
     ] {
         run.write(&vmi("", &image, policy));
         let line = run.fails();

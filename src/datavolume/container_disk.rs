@@ -119,6 +119,21 @@ pub fn prepare(
     opts: &Options,
     links_dir: &Path,
 ) -> Result<ContainerDisks, ContainerDiskError> {
+    // The imports' agent has no TLS stack in this build: say so instead of a connect error.
+    for v in &vmi.spec.volumes {
+        let Some(cd) = &v.container_disk else {
+            continue;
+        };
+        if ImageRef::parse(&cd.image).is_ok_and(|r| r.is_https()) {
+            return Err(ContainerDiskError::Pull {
+                volume: v.name.clone(),
+                image: cd.image.clone(),
+                reason: "the registry is reached over https, which this build does not support \
+                         (no TLS stack); a registry on a loopback address is reached over http"
+                    .into(),
+            });
+        }
+    }
     prepare_with_agent(vmi, opts, links_dir, &super::import::agent())
 }
 

@@ -638,7 +638,7 @@ impl<'a> Client<'a> {
         let mut found: Option<DiskFile> = None;
         {
             let stream: Box<dyn Read + '_> = if gzip {
-                Box::new(flate2::read::GzDecoder::new(&mut raw))
+                Box::new(flate2::read::MultiGzDecoder::new(&mut raw))
             } else {
                 Box::new(&mut raw)
             };
