@@ -71,7 +71,7 @@ struct RunArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "vm")]
     vmi: Option<PathBuf>,
     /// A kubevirt.io/v1 VirtualMachine whose spec.dataVolumeTemplates are imported into
-    /// --storage-dir first, as CDI would (http, pvc clone, blank); its PVC and DataVolume
+    /// --storage-dir first, as CDI would (http, registry, pvc clone, blank); its PVC and DataVolume
     /// volumes are that directory's claims.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["volumes_dir", "block_dir"])]
     vm: Option<PathBuf>,
