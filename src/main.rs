@@ -82,6 +82,11 @@ struct RunArgs {
     /// (standalone; each run's guest writes go to an overlay removed at stop).
     #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::container_disk::DEFAULT_CACHE_DIR)]
     container_disk_cache: PathBuf,
+    /// Take containerDisk images from DIR (`disk_<volume index>.img`, raw or qcow2, as
+    /// KubeVirt's pod has them) instead of pulling them (offline use); still read-only under
+    /// an overlay removed at stop.
+    #[arg(long, value_name = "DIR", conflicts_with = "container_disk_cache")]
+    container_disk_dir: Option<PathBuf>,
     /// The control API socket (KubeVirt's pod: /var/run/kubevirt/sockets/launcher-sock).
     /// Default: <runtime-dir>/launcher-sock.
     #[arg(long, value_name = "PATH")]
@@ -318,21 +323,33 @@ fn run(args: RunArgs) -> Result<i32> {
     // run's are removed when the launcher returns.
     let _container_disks = match &vmi {
         Some(v) if layout.is_isolated() && datavolume::container_disk::wanted(v) => {
-            let cache = absolute(&args.container_disk_cache);
-            let links = layout.root().join("container-disks");
-            let options = datavolume::container_disk::Options {
-                cache_dir: cache.clone(),
-                progress: datavolume::ProgressStyle::auto(args.json_logs),
+            let mut disks = match &args.container_disk_dir {
+                Some(dir) => {
+                    overrides.container_disks_dir = Some(absolute(dir));
+                    datavolume::container_disk::ContainerDisks::default()
+                }
+                None => {
+                    let cache = absolute(&args.container_disk_cache);
+                    let links = layout.root().join("container-disks");
+                    let options = datavolume::container_disk::Options {
+                        cache_dir: cache.clone(),
+                        progress: datavolume::ProgressStyle::auto(args.json_logs),
+                    };
+                    let (v2, l2) = (v.clone(), links.clone());
+                    let Some(disks) = unless_stopped(move || {
+                        datavolume::container_disk::prepare(&v2, &options, &l2)
+                    })?
+                    else {
+                        tracing::info!(
+                            "stopped while pulling a containerDisk image; no VM was started"
+                        );
+                        return Ok(0);
+                    };
+                    overrides.container_disks_dir = Some(links);
+                    overrides.trusted_roots.push(cache);
+                    disks
+                }
             };
-            let (v2, l2) = (v.clone(), links.clone());
-            let Some(mut disks) =
-                unless_stopped(move || datavolume::container_disk::prepare(&v2, &options, &l2))?
-            else {
-                tracing::info!("stopped while pulling a containerDisk image; no VM was started");
-                return Ok(0);
-            };
-            overrides.container_disks_dir = Some(links);
-            overrides.trusted_roots.push(cache);
             let paths = overrides.paths_for(v);
             disks.discard_overlays(v, |volume| paths.overlay(volume));
             Some(disks)

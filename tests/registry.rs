@@ -616,6 +616,8 @@ struct Run {
     pod: Pod,
     /// `--vm` (a VirtualMachine) or `--vmi`.
     flag: &'static str,
+    /// `--container-disk-dir` instead of the cache.
+    container_disk_dir: Option<PathBuf>,
 }
 
 impl Run {
@@ -623,6 +625,7 @@ impl Run {
         Run {
             pod: Pod::new(name),
             flag,
+            container_disk_dir: None,
         }
     }
 
@@ -647,14 +650,18 @@ impl Run {
     }
 
     fn args(&self) -> Vec<String> {
+        let (cd_flag, cd_dir) = match &self.container_disk_dir {
+            Some(d) => ("--container-disk-dir", d.clone()),
+            None => ("--container-disk-cache", self.cache()),
+        };
         [
             "run",
             self.flag,
             self.file().to_str().unwrap(),
             "--storage-dir",
             self.storage().to_str().unwrap(),
-            "--container-disk-cache",
-            self.cache().to_str().unwrap(),
+            cd_flag,
+            cd_dir.to_str().unwrap(),
             "--domain-type",
             "qemu",
             "--json-logs",
@@ -1134,4 +1141,26 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
     assert_eq!(checksum(&fs::read(&disks[0]).unwrap()), checksum(&first));
     let new = now.iter().find(|d| **d != disks[0]).unwrap();
     assert_eq!(checksum(&fs::read(new).unwrap()), checksum(&second));
+
+    // Offline: --container-disk-dir holds the image as KubeVirt's pod would (disk_<index>.img,
+    // raw here); nothing is pulled, the overlay still goes at stop and the file is unchanged.
+    let offline = run.pod.dir.join("offline");
+    fs::create_dir_all(&offline).unwrap();
+    let raw = raw_image("offline-content", 4 * MIB);
+    fs::write(offline.join("disk_0.img"), &raw).unwrap();
+    run.container_disk_dir = Some(offline.clone());
+    run.write(&vmi(
+        "lv.write=vda:offline-write",
+        "any.example/never/pulled:1",
+        "",
+    ));
+    run.start();
+    run.pod.wait_console("LV-WROTE vda offline-write", BOOT);
+    assert!(!run.pod.log().contains("pulling containerDisk image"));
+    run.stop();
+    assert!(!overlay_dir.exists());
+    assert_eq!(
+        checksum(&fs::read(offline.join("disk_0.img")).unwrap()),
+        checksum(&raw)
+    );
 }
