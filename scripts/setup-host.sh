@@ -8,7 +8,10 @@
 #    util-linux (losetup, unshare, nsenter), iproute2, g++ (libFuzzer's C++, for fuzz/),
 #    and for the launcher image (./devtool image, tests/image.rs): mmdebstrap (the root
 #    filesystem from Debian packages), umoci (unpacks the OCI image), runc (runs it:
-#    Debian 12's crun refuses this machine's hybrid cgroup v1 layout), jq.
+#    Debian 12's crun refuses this machine's hybrid cgroup v1 layout), jq; for the registry
+#    tests (tests/registry.rs): docker-registry (a registry on the loopback address, started by
+#    the test; its host-wide service is never started), skopeo (pushes the test's image) and
+#    apache2-utils (htpasswd: the registry's bcrypt password file).
 #    bookworm-backports is enabled in apt's sources and pinned for only the virtualisation
 #    packages (/etc/apt/preferences.d/virt-launcher-backports); everything else stays bookworm.
 #  - users/groups libvirt expects: kvm, libvirt, libvirt-qemu
@@ -44,6 +47,7 @@ PACKAGES=(
     xorriso util-linux iproute2 g++
     nftables
     mmdebstrap umoci runc jq
+    docker-registry skopeo apache2-utils
 )
 # Packages that must come from bookworm-backports, with the major version each must have.
 declare -A BACKPORTED=(
@@ -158,7 +162,7 @@ else
 fi
 
 for tool in libvirtd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++ \
-    mmdebstrap umoci runc jq; do
+    mmdebstrap umoci runc jq docker-registry skopeo htpasswd; do
     command -v "$tool" >/dev/null || die "$tool not found after installing packages"
 done
 

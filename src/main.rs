@@ -71,13 +71,22 @@ struct RunArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "vm")]
     vmi: Option<PathBuf>,
     /// A kubevirt.io/v1 VirtualMachine whose spec.dataVolumeTemplates are imported into
-    /// --storage-dir first, as CDI would (http, pvc clone, blank); its PVC and DataVolume
+    /// --storage-dir first, as CDI would (http, registry, pvc clone, blank); its PVC and DataVolume
     /// volumes are that directory's claims.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["volumes_dir", "block_dir"])]
     vm: Option<PathBuf>,
     /// Where claims of --vm live (`<dir>/claims/<namespace>/<name>`), kept across runs.
     #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
     storage_dir: PathBuf,
+    /// Where containerDisk images pulled from their registries are cached, by digest
+    /// (standalone; each run's guest writes go to an overlay removed at stop).
+    #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::container_disk::DEFAULT_CACHE_DIR)]
+    container_disk_cache: PathBuf,
+    /// Take containerDisk images from DIR (`disk_<volume index>.img`, raw or qcow2, as
+    /// KubeVirt's pod has them) instead of pulling them (offline use); still read-only under
+    /// an overlay removed at stop.
+    #[arg(long, value_name = "DIR", conflicts_with = "container_disk_cache")]
+    container_disk_dir: Option<PathBuf>,
     /// The control API socket (KubeVirt's pod: /var/run/kubevirt/sockets/launcher-sock).
     /// Default: <runtime-dir>/launcher-sock.
     #[arg(long, value_name = "PATH")]
@@ -349,8 +358,10 @@ fn run(args: RunArgs) -> Result<i32> {
                 storage_dir: absolute(&args.storage_dir),
                 progress: datavolume::ProgressStyle::auto(args.json_logs),
             };
-            let Some((claims, paths)) =
-                import_unless_stopped(vm.clone(), vmi.clone(), options, overrides.paths_for(vmi))?
+            let (vm, vmi, mut paths) = (vm.clone(), vmi.clone(), overrides.paths_for(vmi));
+            let Some((claims, paths)) = unless_stopped(move || {
+                datavolume::materialise(&vm, &vmi, &options, &mut paths).map(|c| (c, paths))
+            })?
             else {
                 // README: stopped before any VM ran is exit 0. The import works in a scratch
                 // directory and renames only a finished image into place: nothing is lost, and
@@ -366,6 +377,44 @@ fn run(args: RunArgs) -> Result<i32> {
                 PathBuf::from("/dev"),
             ];
             Some(claims)
+        }
+        _ => None,
+    };
+    // Standalone containerDisk volumes: each image pulled into the cache (or found there) and
+    // linked into our runtime root; the overlays of an earlier run are discarded and this
+    // run's are removed when the launcher returns.
+    let _container_disks = match &vmi {
+        Some(v) if layout.is_isolated() && datavolume::container_disk::wanted(v) => {
+            let mut disks = match &args.container_disk_dir {
+                Some(dir) => {
+                    overrides.container_disks_dir = Some(absolute(dir));
+                    datavolume::container_disk::ContainerDisks::default()
+                }
+                None => {
+                    let cache = absolute(&args.container_disk_cache);
+                    let links = layout.root().join("container-disks");
+                    let options = datavolume::container_disk::Options {
+                        cache_dir: cache.clone(),
+                        progress: datavolume::ProgressStyle::auto(args.json_logs),
+                    };
+                    let (v2, l2) = (v.clone(), links.clone());
+                    let Some(disks) = unless_stopped(move || {
+                        datavolume::container_disk::prepare(&v2, &options, &l2)
+                    })?
+                    else {
+                        tracing::info!(
+                            "stopped while pulling a containerDisk image; no VM was started"
+                        );
+                        return Ok(0);
+                    };
+                    overrides.container_disks_dir = Some(links);
+                    overrides.trusted_roots.push(cache);
+                    disks
+                }
+            };
+            let paths = overrides.paths_for(v);
+            disks.discard_overlays(v, |volume| paths.overlay(volume));
+            Some(disks)
         }
         _ => None,
     };
@@ -447,15 +496,14 @@ fn run(args: RunArgs) -> Result<i32> {
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
 }
 
-/// Imports the VM's DataVolumes, unless SIGTERM or SIGINT comes first (None): then the import
-/// is left to die with the process. Without this a launcher that is PID 1 of its namespace
-/// would ignore both until the VM ran.
-fn import_unless_stopped(
-    vm: PathBuf,
-    vmi: VirtualMachineInstance,
-    options: datavolume::Options,
-    mut paths: virt_launcher::convert::facts::PodPaths,
-) -> Result<Option<(datavolume::Claims, virt_launcher::convert::facts::PodPaths)>> {
+/// Runs `work` (an import or a pull), unless SIGTERM or SIGINT comes first (None): then the
+/// work is left to die with the process. Without this a launcher that is PID 1 of its
+/// namespace would ignore both until the VM ran.
+fn unless_stopped<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<Option<T>>
+where
+    T: Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -464,9 +512,7 @@ fn import_unless_stopped(
     let outcome = runtime.block_on(async move {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let import = tokio::task::spawn_blocking(move || {
-            datavolume::materialise(&vm, &vmi, &options, &mut paths).map(|c| (c, paths))
-        });
+        let import = tokio::task::spawn_blocking(work);
         tokio::select! {
             r = import => Ok(Some(r.context("import task")??)),
             _ = term.recv() => Ok(None),

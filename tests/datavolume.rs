@@ -988,11 +988,11 @@ fn bad_input_names_the_datavolume_and_leaves_the_claim_alone() {
             "spec.source: unknown source type \"nfs\"",
         ),
         (
-            "registry",
-            "    - metadata:\n        name: bad\n      spec:\n        source:\n          registry:\n            url: docker://quay.io/containerdisks/fedora:latest\n"
+            "registry imageStream",
+            "    - metadata:\n        name: bad\n      spec:\n        source:\n          registry:\n            imageStream: fedora\n"
                 .to_string()
                 + &pvc("32Mi"),
-            "spec.source.registry is not supported in standalone mode",
+            "spec.source.registry.imageStream is not supported in standalone mode",
         ),
         (
             "missing clone source",

@@ -93,7 +93,8 @@ fn sniff_file(job: &Job, path: &Path) -> Result<Magic, DataVolumeError> {
 
 // ------------------------------------------------------------------------------ http
 
-fn agent() -> ureq::Agent {
+/// The HTTP agent of every import (http and registry sources).
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(15)))
@@ -105,7 +106,7 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn http_reason(e: &ureq::Error) -> String {
+pub(crate) fn http_reason(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Io(io) => io_reason(io),
         ureq::Error::HostNotFound => "host not found".into(),
@@ -173,7 +174,7 @@ fn download(job: &Job, url: &str, headers: &[String], dest: &Path) -> Result<u64
     Ok(written)
 }
 
-enum CopyError {
+pub(crate) enum CopyError {
     Read(io::Error),
     Write(io::Error),
 }
@@ -183,7 +184,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Copy `src` to `dst` (at its current position), seeking over all-zero 4 KiB blocks instead
 /// of writing them. The caller sets the final length (a trailing hole is not written).
-fn sparse_copy(
+pub(crate) fn sparse_copy(
     src: &mut impl Read,
     dst: &mut File,
     mut on_progress: impl FnMut(u64),
@@ -431,10 +432,19 @@ pub(crate) fn from_http(
     headers: &[String],
     target: u64,
 ) -> Result<PathBuf, DataVolumeError> {
-    let mut current = job.staging.join("download");
+    let current = job.staging.join("download");
     let size = download(job, url, headers, &current)?;
     tracing::info!(dataVolume = job.dv, url, bytes = size, "downloaded");
+    from_file(job, current, target)
+}
 
+/// Unpack and convert the downloaded `current` (in the staging directory) into
+/// `<staging>/disk.img` (raw, at most `target` bytes of virtual size).
+pub(crate) fn from_file(
+    job: &Job,
+    mut current: PathBuf,
+    target: u64,
+) -> Result<PathBuf, DataVolumeError> {
     let mut layer = 0;
     let (virtual_size, format) = loop {
         match sniff_file(job, &current)? {
@@ -481,6 +491,42 @@ pub(crate) fn from_http(
         fs::rename(&current, &disk).map_err(job.io(&disk))?;
     }
     Ok(disk)
+}
+
+/// Pull the disk of the registry image `url` (`docker://…`) and unpack and convert it into
+/// `<staging>/disk.img` (raw, at most `target` bytes of virtual size).
+pub(crate) fn from_registry(
+    job: &Job,
+    agent: &ureq::Agent,
+    url: &str,
+    credentials: Option<super::registry::Credentials>,
+    target: u64,
+) -> Result<PathBuf, DataVolumeError> {
+    use super::registry::{Client, ImageRef, RegistryError};
+    let fail = |e: RegistryError| match e {
+        RegistryError::TooLarge { size, limit } => too_large(job, size, limit),
+        other => DataVolumeError::Download {
+            dv: job.dv.to_string(),
+            url: url.to_string(),
+            reason: other.to_string(),
+        },
+    };
+    let image = ImageRef::parse(url).map_err(fail)?;
+    let mut client = Client::new(agent, image.clone(), credentials);
+    let manifest = client.manifest().map_err(fail)?;
+    tracing::info!(dataVolume = job.dv, image = %image, digest = %manifest.digest,
+        layers = manifest.layers.len(), "pulling the image's disk");
+    let dest = job.staging.join("download");
+    let mut progress = Progress::new(job.dv, "download", None, job.style);
+    let disk = client
+        .extract_disk(&manifest, &dest, Some(target), &mut |done, total| {
+            progress.set_total(total);
+            progress.set(done);
+        })
+        .map_err(fail)?;
+    progress.finish();
+    tracing::info!(dataVolume = job.dv, file = %disk.name, bytes = disk.bytes, "pulled");
+    from_file(job, dest, target)
 }
 
 /// Copy the image of another claim into `<staging>/disk.img`; `None` target = the source's size.

@@ -9,8 +9,11 @@
 //! layout KubeVirt uses.
 //!
 //! Sources: `http` (raw or qcow2, optionally gzip/xz compressed; told apart by magic bytes),
-//! `pvc` (a copy of another claim in the storage directory, by namespace/name) and `blank`.
-//! `registry` and the cluster-only sources fail with an error that says why.
+//! `registry` (the one file under `/disk/` of a container image, pulled by [`registry`]; its
+//! `secretRef` Secret and `certConfigMap` ConfigMap come from the same manifest file, as
+//! `kubectl apply -f` would create them), `pvc` (a copy of another claim in the storage
+//! directory, by namespace/name) and `blank`. The cluster-only sources fail with an error that
+//! says why.
 //!
 //! Sizes follow CDI (see [`spec::DataVolumeSpec::disk_size`]): a `spec.pvc` Filesystem claim
 //! holds a disk of the request minus CDI's default 5.5 % filesystem overhead (rounded down to
@@ -28,9 +31,11 @@
 //! migration).
 
 pub mod claim;
+pub mod container_disk;
 mod import;
 mod loopdev;
 mod progress;
+pub mod registry;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -212,6 +217,11 @@ pub fn claim_meta(storage_dir: &Path, namespace: &str, name: &str) -> Option<Cla
 /// Read the VirtualMachine in `file` (JSON or YAML; the first `VirtualMachine` document),
 /// through the one manifest reader ([`Manifest`]) and its nesting guard.
 pub fn load_vm(file: &Path) -> Result<VirtualMachine, DataVolumeError> {
+    load_vm_manifest(file).map(|(vm, _)| vm)
+}
+
+/// [`load_vm`], and the manifest it came from (its Secrets and ConfigMaps).
+fn load_vm_manifest(file: &Path) -> Result<(VirtualMachine, Manifest), DataVolumeError> {
     let manifest = Manifest::read(file)?;
     let Some(doc) = manifest.find_kind("VirtualMachine") else {
         let found = manifest
@@ -226,7 +236,8 @@ pub fn load_vm(file: &Path) -> Result<VirtualMachine, DataVolumeError> {
             ),
         });
     };
-    Ok(manifest.deserialize(doc)?)
+    let vm = manifest.deserialize(doc)?;
+    Ok((vm, manifest))
 }
 
 /// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
@@ -239,7 +250,7 @@ pub fn materialise(
     opts: &Options,
     paths: &mut PodPaths,
 ) -> Result<Claims, DataVolumeError> {
-    let vm = load_vm(vm_file)?;
+    let (vm, manifest) = load_vm_manifest(vm_file)?;
     let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
     let namespace = vmi.namespace().to_string();
 
@@ -283,7 +294,7 @@ pub fn materialise(
         // A cycle of clones: run them anyway, the first one reports its missing source.
         let next = ready.first().copied().unwrap_or(0);
         let s = pending.remove(next);
-        ensure_claim(s, &storage, opts.progress)?;
+        ensure_claim(s, &storage, opts.progress, &manifest)?;
     }
 
     build_view(vmi, &storage, paths)
@@ -294,6 +305,7 @@ fn ensure_claim(
     s: &DataVolumeSpec,
     storage: &Path,
     style: ProgressStyle,
+    manifest: &Manifest,
 ) -> Result<(), DataVolumeError> {
     let dv = s.claim.to_string();
     let dir = claim::claim_dir(storage, &s.claim);
@@ -343,7 +355,7 @@ fn ensure_claim(
 
     let t = std::time::Instant::now();
     tracing::info!(dataVolume = %dv, source = s.source.kind(), claim = %dir.display(), "importing");
-    let result = import_into(s, storage, &dir, &staging, style);
+    let result = import_into(s, storage, &dir, &staging, style, manifest);
     let _ = fs::remove_dir_all(&staging);
     match result {
         Ok(meta) => {
@@ -367,6 +379,7 @@ fn import_into(
     dir: &Path,
     staging: &Path,
     style: ProgressStyle,
+    manifest: &Manifest,
 ) -> Result<ClaimMeta, DataVolumeError> {
     let dv = s.claim.to_string();
     let requested = s.requested.as_ref().map(|(_, b)| *b);
@@ -388,6 +401,43 @@ fn import_into(
         Source::Http { url, headers } => {
             let target = s.disk_size(requested.unwrap_or(0));
             (import::from_http(&job, url, headers, target)?, target)
+        }
+        Source::Registry {
+            url,
+            secret_ref,
+            cert_config_map,
+        } => {
+            let target = s.disk_size(requested.unwrap_or(0));
+            let field = |f: &str| {
+                format!(
+                    "spec.dataVolumeTemplates[{}].spec.source.registry.{f}",
+                    s.index
+                )
+            };
+            let spec_err = |f: &str, reason: String| DataVolumeError::Spec {
+                dv: dv.clone(),
+                field: field(f),
+                reason,
+            };
+            let credentials = match secret_ref {
+                None => None,
+                Some(name) => Some(
+                    registry_credentials(manifest, &s.claim.namespace, name)
+                        .map_err(|r| spec_err("secretRef", r))?,
+                ),
+            };
+            let ca = match cert_config_map {
+                None => None,
+                Some(name) => Some(
+                    ca_bundle(manifest, &s.claim.namespace, name)
+                        .map_err(|r| spec_err("certConfigMap", r))?,
+                ),
+            };
+            let agent = registry_agent(&dv, url, ca.as_deref())?;
+            (
+                import::from_registry(&job, &agent, url, credentials, target)?,
+                target,
+            )
         }
         Source::Blank => (import::blank(&job)?, s.disk_size(requested.unwrap_or(0))),
         Source::Pvc(src) => {
@@ -440,6 +490,142 @@ fn import_into(
         return Err(io(&meta_path)(e));
     }
     Ok(meta)
+}
+
+/// The `kind` object `namespace/name` among the manifest's documents.
+fn manifest_object<'m>(
+    manifest: &'m Manifest,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+) -> Option<&'m serde_json::Value> {
+    manifest.docs.iter().find(|d| {
+        d.get("kind").and_then(|k| k.as_str()) == Some(kind)
+            && d.pointer("/metadata/name").and_then(|n| n.as_str()) == Some(name)
+            && d.pointer("/metadata/namespace")
+                .and_then(|n| n.as_str())
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default")
+                == namespace
+    })
+}
+
+/// A Secret's keys: `data` (base64) and `stringData` (text, which wins, as the API server
+/// merges it).
+fn secret_keys(
+    manifest: &Manifest,
+    namespace: &str,
+    name: &str,
+) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    let doc = manifest_object(manifest, "Secret", namespace, name).ok_or_else(|| {
+        format!(
+            "Secret {namespace}/{name} is not in {} (put it in the same file, as a separate document)",
+            manifest.origin
+        )
+    })?;
+    let mut keys = BTreeMap::new();
+    if let Some(data) = doc.get("data").and_then(|d| d.as_object()) {
+        for (k, v) in data {
+            let text = v.as_str().unwrap_or_default();
+            let bytes = crate::pod::prepare::decode_base64(text)
+                .map_err(|e| format!("Secret {namespace}/{name}: data.{k} is not base64 ({e})"))?;
+            keys.insert(k.clone(), bytes);
+        }
+    }
+    if let Some(data) = doc.get("stringData").and_then(|d| d.as_object()) {
+        for (k, v) in data {
+            keys.insert(
+                k.clone(),
+                v.as_str().unwrap_or_default().as_bytes().to_vec(),
+            );
+        }
+    }
+    Ok(keys)
+}
+
+/// User and password from the Secret `secretRef` names (CDI's keys `accessKeyId` and
+/// `secretKey`).
+fn registry_credentials(
+    manifest: &Manifest,
+    namespace: &str,
+    name: &str,
+) -> Result<registry::Credentials, String> {
+    let keys = secret_keys(manifest, namespace, name)?;
+    let get = |k: &str| {
+        keys.get(k)
+            .map(|v| {
+                String::from_utf8_lossy(v)
+                    .trim_end_matches('\n')
+                    .to_string()
+            })
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "Secret {namespace}/{name} has no {k} (CDI's key for the registry's {})",
+                    if k == "accessKeyId" {
+                        "user name"
+                    } else {
+                        "password"
+                    }
+                )
+            })
+    };
+    Ok(registry::Credentials {
+        username: get("accessKeyId")?,
+        password: get("secretKey")?,
+    })
+}
+
+/// The PEM certificates of the ConfigMap `certConfigMap` names (every key, as CDI mounts them
+/// all as the importer's CA directory).
+fn ca_bundle(manifest: &Manifest, namespace: &str, name: &str) -> Result<String, String> {
+    let doc = manifest_object(manifest, "ConfigMap", namespace, name).ok_or_else(|| {
+        format!(
+            "ConfigMap {namespace}/{name} is not in {} (put it in the same file, as a separate document)",
+            manifest.origin
+        )
+    })?;
+    let pem: String = doc
+        .get("data")
+        .and_then(|d| d.as_object())
+        .map(|d| {
+            d.values()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "ConfigMap {namespace}/{name} holds no PEM certificate in its data"
+        ));
+    }
+    Ok(pem)
+}
+
+/// The agent for a registry import. A plain-http (loopback) registry does not use a CA; an
+/// https one needs the TLS agent (built with `ca` when given), which this build does not have.
+fn registry_agent(dv: &str, url: &str, ca: Option<&str>) -> Result<ureq::Agent, DataVolumeError> {
+    let https = registry::ImageRef::parse(url)
+        .map(|r| r.is_https())
+        .unwrap_or(false);
+    if ca.is_some() && !https {
+        tracing::warn!(
+            dataVolume = dv,
+            url,
+            "certConfigMap unused: the registry is reached over plain http (a loopback address)"
+        );
+    }
+    if https {
+        return Err(DataVolumeError::Download {
+            dv: dv.to_string(),
+            url: url.to_string(),
+            reason: "the registry is reached over https, which this build does not support \
+                     (no TLS stack); a registry on a loopback address is reached over http"
+                .into(),
+        });
+    }
+    Ok(import::agent())
 }
 
 /// `<storage>/vms/<ns>/<vm>/{volumes,block}`: one entry per PVC/DataVolume volume, named after

@@ -41,6 +41,13 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    /// Learn (or correct) the total once it is known.
+    pub(crate) fn set_total(&mut self, total: Option<u64>) {
+        if total.is_some() {
+            self.total = total;
+        }
+    }
+
     pub(crate) fn new(
         dv: &str,
         phase: &'static str,

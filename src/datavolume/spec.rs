@@ -34,6 +34,14 @@ pub enum Source {
     Pvc(ClaimRef),
     /// `source.blank`: an empty (zero) disk.
     Blank,
+    /// `source.registry`: the one file under `/disk/` of a container image
+    /// (`docker://host[:port]/repo[:tag|@digest]`), with CDI's Secret (`accessKeyId` /
+    /// `secretKey`) and CA ConfigMap named by `secretRef` / `certConfigMap`.
+    Registry {
+        url: String,
+        secret_ref: Option<String>,
+        cert_config_map: Option<String>,
+    },
 }
 
 impl Source {
@@ -42,6 +50,7 @@ impl Source {
             Source::Http { .. } => "http",
             Source::Pvc(_) => "pvc",
             Source::Blank => "blank",
+            Source::Registry { .. } => "registry",
         }
     }
 }
@@ -81,6 +90,8 @@ impl VolumeMode {
 /// A validated DataVolume template.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DataVolumeSpec {
+    /// Its index in `spec.dataVolumeTemplates` (for field paths).
+    pub index: usize,
     pub claim: ClaimRef,
     pub source: Source,
     /// `spec.source` as written (recorded in the claim's metadata).
@@ -185,6 +196,24 @@ struct HttpDoc {
     cert_config_map: Option<IgnoredAny>,
 }
 
+/// `spec.source.registry` (CDI's `DataVolumeSourceRegistry`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RegistryDoc {
+    url: Option<String>,
+    image_stream: Option<String>,
+    pull_method: Option<String>,
+    secret_ref: Option<String>,
+    cert_config_map: Option<String>,
+    platform: Option<PlatformDoc>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PlatformDoc {
+    architecture: Option<String>,
+}
+
 /// `spec.source.pvc`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -199,6 +228,7 @@ enum SourceKind {
     Http(HttpDoc),
     Pvc(PvcSourceDoc),
     Blank,
+    Registry(RegistryDoc),
     /// A CDI source type that standalone mode cannot serve (its name).
     Unsupported(&'static str),
 }
@@ -211,9 +241,7 @@ struct SourceDoc {
 }
 
 /// CDI's source types that need a cluster (or a registry) to import from.
-const CLUSTER_SOURCES: &[&str] = &[
-    "registry", "s3", "gcs", "upload", "imageio", "vddk", "snapshot",
-];
+const CLUSTER_SOURCES: &[&str] = &["s3", "gcs", "upload", "imageio", "vddk", "snapshot"];
 
 impl<'de> Deserialize<'de> for SourceDoc {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -221,7 +249,7 @@ impl<'de> Deserialize<'de> for SourceDoc {
         impl<'de> Visitor<'de> for Kinds {
             type Value = SourceDoc;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object naming one source type (http, pvc or blank)")
+                f.write_str("an object naming one source type (http, registry, pvc or blank)")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SourceDoc, A::Error> {
                 let mut kinds = Vec::new();
@@ -234,6 +262,9 @@ impl<'de> Deserialize<'de> for SourceDoc {
                         "blank" => map
                             .next_value::<Option<IgnoredAny>>()?
                             .map(|_| SourceKind::Blank),
+                        "registry" => map
+                            .next_value::<Option<RegistryDoc>>()?
+                            .map(SourceKind::Registry),
                         k => match CLUSTER_SOURCES.iter().find(|c| **c == k) {
                             Some(name) => map
                                 .next_value::<Option<IgnoredAny>>()?
@@ -243,7 +274,7 @@ impl<'de> Deserialize<'de> for SourceDoc {
                                     continue;
                                 }
                                 return Err(serde::de::Error::custom(format!(
-                                    "unknown source type {k:?} (standalone mode imports http, pvc and blank)"
+                                    "unknown source type {k:?} (standalone mode imports http, registry, pvc and blank)"
                                 )));
                             }
                         },
@@ -328,12 +359,12 @@ pub fn parse(
         Some(s) => source(&claim, s, &field_err, &unsupported)?,
         None if doc.source_ref.is_some() => return Err(unsupported(
             "spec.sourceRef",
-            "a DataSource reference needs the cluster's CDI; give spec.source (http, pvc or blank)",
+            "a DataSource reference needs the cluster's CDI; give spec.source (http, registry, pvc or blank)",
         )),
         None => {
             return Err(field_err(
                 "spec.source",
-                "is required (http, pvc or blank)".into(),
+                "is required (http, registry, pvc or blank)".into(),
             ))
         }
     };
@@ -385,6 +416,7 @@ pub fn parse(
     }
 
     let spec = DataVolumeSpec {
+        index,
         claim,
         source,
         source_json,
@@ -418,7 +450,7 @@ fn source(
         (None, _) => {
             return Err(field_err(
                 "spec.source",
-                "names no source type (http, pvc or blank)".into(),
+                "names no source type (http, registry, pvc or blank)".into(),
             ))
         }
         (Some((a, _)), Some((b, _))) => {
@@ -502,16 +534,76 @@ fn source(
             Ok(Source::Pvc(source))
         }
         SourceKind::Blank => Ok(Source::Blank),
-        SourceKind::Unsupported("registry") => Err(unsupported(
-            "spec.source.registry",
-            "pulling a container image needs a registry, which standalone mode does not reach \
-             (it works offline); serve the disk image over http, or use a containerDisk volume",
-        )),
+        SourceKind::Registry(r) => registry(r, field_err, unsupported),
         SourceKind::Unsupported(kind) => Err(unsupported(
             &format!("spec.source.{kind}"),
-            "it needs services of a cluster (CDI); standalone mode imports http, pvc and blank",
+            "it needs services of a cluster (CDI); standalone mode imports http, registry, pvc and blank",
         )),
     }
+}
+
+/// `spec.source.registry`, checked (the URL parses as an image reference; what standalone
+/// mode cannot do is refused by name).
+fn registry(
+    r: RegistryDoc,
+    field_err: &dyn Fn(&str, String) -> DataVolumeError,
+    unsupported: &dyn Fn(&str, &str) -> DataVolumeError,
+) -> Result<Source, DataVolumeError> {
+    if r.image_stream.is_some() {
+        return Err(unsupported(
+            "spec.source.registry.imageStream",
+            "an OpenShift ImageStream needs a cluster; give spec.source.registry.url",
+        ));
+    }
+    // "pod" (CDI's default) and "node" end alike here: the launcher pulls the image itself.
+    if let Some(m) = r.pull_method.as_deref() {
+        if m != "pod" && m != "node" {
+            return Err(field_err(
+                "spec.source.registry.pullMethod",
+                format!("{m:?} is not pod or node"),
+            ));
+        }
+    }
+    if let Some(arch) = r.platform.and_then(|p| p.architecture) {
+        if !arch.is_empty() && arch != "amd64" {
+            return Err(unsupported(
+                "spec.source.registry.platform.architecture",
+                &format!("{arch:?}: this launcher runs amd64 guests only"),
+            ));
+        }
+    }
+    let url = match r.url.as_deref().map(str::trim) {
+        Some(u) if !u.is_empty() => u.to_string(),
+        _ => {
+            return Err(field_err(
+                "spec.source.registry.url",
+                "is required (docker://host[:port]/repository[:tag])".into(),
+            ))
+        }
+    };
+    if !url.starts_with("docker://") {
+        return Err(field_err(
+            "spec.source.registry.url",
+            format!("{url:?} is not a docker:// URL (docker://host[:port]/repository[:tag])"),
+        ));
+    }
+    super::registry::ImageRef::parse(&url)
+        .map_err(|e| field_err("spec.source.registry.url", e.to_string()))?;
+    let name = |field: &str, v: Option<String>| -> Result<Option<String>, DataVolumeError> {
+        match v {
+            None => Ok(None),
+            Some(n) if is_dns1123_subdomain(&n) => Ok(Some(n)),
+            Some(n) => Err(field_err(
+                &format!("spec.source.registry.{field}"),
+                format!("{n:?} is not an object name"),
+            )),
+        }
+    };
+    Ok(Source::Registry {
+        url,
+        secret_ref: name("secretRef", r.secret_ref)?,
+        cert_config_map: name("certConfigMap", r.cert_config_map)?,
+    })
 }
 
 fn valid_header(s: &str) -> bool {
@@ -560,6 +652,25 @@ mod tests {
     }
 
     #[test]
+    fn registry_source_reads_url_secret_and_ca() {
+        let s = dv(json!({
+            "source": {"registry": {"url": "docker://127.0.0.1:5000/disks/alpine:3",
+                "secretRef": "reg-creds", "certConfigMap": "reg-ca", "pullMethod": "node"}},
+            "storage": {"resources": {"requests": {"storage": "1Gi"}}}
+        }))
+        .expect("valid");
+        assert_eq!(
+            s.source,
+            Source::Registry {
+                url: "docker://127.0.0.1:5000/disks/alpine:3".into(),
+                secret_ref: Some("reg-creds".into()),
+                cert_config_map: Some("reg-ca".into()),
+            }
+        );
+        assert_eq!(s.source.kind(), "registry");
+    }
+
+    #[test]
     fn storage_form_keeps_the_requested_size_and_block_is_exact() {
         let s = dv(json!({"source": {"blank": {}},
             "storage": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "100M"}}}}))
@@ -602,8 +713,20 @@ mod tests {
                 "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source: unknown source type \"nfs\"",
             ),
             (
-                json!({"source": {"registry": {"url": "docker://x"}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
-                "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source.registry is not supported",
+                json!({"source": {"registry": {"url": "http://x/y"}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source.registry.url: \"http://x/y\" is not a docker:// URL",
+            ),
+            (
+                json!({"source": {"registry": {"url": "docker://h:5000/X"}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source.registry.url: \"docker://h:5000/X\" has an invalid repository",
+            ),
+            (
+                json!({"source": {"registry": {"imageStream": "is"}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source.registry.imageStream is not supported",
+            ),
+            (
+                json!({"source": {"registry": {"url": "docker://h/x", "secretRef": "Bad_Name"}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),
+                "spec.source.registry.secretRef: \"Bad_Name\" is not an object name",
             ),
             (
                 json!({"source": {"http": {}}, "pvc": {"resources": {"requests": {"storage": "1Gi"}}}}),

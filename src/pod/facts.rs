@@ -581,7 +581,19 @@ pub fn probe_running(
         if v.container_disk.is_some() {
             let image = paths.container_disk(index);
             if std::fs::symlink_metadata(&image).is_ok() {
-                confined_volume_path(&v.name, &paths.container_disks_dir, &image, PathKind::File)?;
+                // Standalone links each image to the launcher's own cache (a trusted root).
+                let err = |reason| PodFactsError::Volume {
+                    volume: v.name.clone(),
+                    path: image.clone(),
+                    reason,
+                };
+                let real = confine_existing_or_trusted(
+                    &paths.container_disks_dir,
+                    &paths.trusted_roots,
+                    &image,
+                )
+                .map_err(err)?;
+                check_kind(&real, PathKind::File).map_err(err)?;
             }
             let format = crate::pod::image::sniff(&image)
                 .map(|m| m.disk_format())
