@@ -9,7 +9,8 @@
 //! layout KubeVirt uses.
 //!
 //! Sources: `http` (raw or qcow2, optionally gzip/xz compressed; told apart by magic bytes),
-//! `pvc` (a copy of another claim in the storage directory, by namespace/name) and `blank`.
+//! `pvc` (a copy of another claim in the storage directory, by namespace/name), `snapshot` (a
+//! copy of a volume of a VM snapshot, see [`snapshot`]) and `blank`.
 //! `registry` and the cluster-only sources fail with an error that says why.
 //!
 //! Sizes follow CDI (see [`spec::DataVolumeSpec::disk_size`]): a `spec.pvc` Filesystem claim
@@ -31,6 +32,7 @@ pub mod claim;
 mod import;
 mod loopdev;
 mod progress;
+pub mod snapshot;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,6 +47,7 @@ use crate::convert::facts::PodPaths;
 use crate::spec::{Manifest, SpecError, VirtualMachine, VirtualMachineInstance};
 
 pub use claim::ClaimMeta;
+pub(crate) use progress::Progress;
 pub use progress::ProgressStyle;
 pub use spec::{ClaimRef, DataVolumeSpec, Source, VolumeMode};
 
@@ -403,6 +406,17 @@ fn import_into(
             let _guard = File::create(&src_lock)
                 .ok()
                 .and_then(|f| Flock::lock(f, FlockArg::LockShared).ok());
+            import::from_claim(&job, &src_image, requested.map(|r| s.disk_size(r)))?
+        }
+        Source::Snapshot(src) => {
+            let (src_image, _, _guard) =
+                snapshot::clone_source(storage, src).map_err(|reason| {
+                    DataVolumeError::CloneSource {
+                        dv: dv.clone(),
+                        source_claim: format!("snapshot {src}"),
+                        reason,
+                    }
+                })?;
             import::from_claim(&job, &src_image, requested.map(|r| s.disk_size(r)))?
         }
     };

@@ -34,6 +34,9 @@ pub enum Source {
     Pvc(ClaimRef),
     /// `source.blank`: an empty (zero) disk.
     Blank,
+    /// `source.snapshot` (namespace/name): a copy of a volume of a local VM snapshot
+    /// (`<snapshot>` holding one volume, or `<snapshot>.<volume>`).
+    Snapshot(ClaimRef),
 }
 
 impl Source {
@@ -42,6 +45,7 @@ impl Source {
             Source::Http { .. } => "http",
             Source::Pvc(_) => "pvc",
             Source::Blank => "blank",
+            Source::Snapshot(_) => "snapshot",
         }
     }
 }
@@ -198,6 +202,8 @@ struct PvcSourceDoc {
 enum SourceKind {
     Http(HttpDoc),
     Pvc(PvcSourceDoc),
+    /// `spec.source.snapshot`: the same two fields as `pvc`.
+    Snapshot(PvcSourceDoc),
     Blank,
     /// A CDI source type that standalone mode cannot serve (its name).
     Unsupported(&'static str),
@@ -211,9 +217,7 @@ struct SourceDoc {
 }
 
 /// CDI's source types that need a cluster (or a registry) to import from.
-const CLUSTER_SOURCES: &[&str] = &[
-    "registry", "s3", "gcs", "upload", "imageio", "vddk", "snapshot",
-];
+const CLUSTER_SOURCES: &[&str] = &["registry", "s3", "gcs", "upload", "imageio", "vddk"];
 
 impl<'de> Deserialize<'de> for SourceDoc {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -231,6 +235,9 @@ impl<'de> Deserialize<'de> for SourceDoc {
                         "pvc" => map
                             .next_value::<Option<PvcSourceDoc>>()?
                             .map(SourceKind::Pvc),
+                        "snapshot" => map
+                            .next_value::<Option<PvcSourceDoc>>()?
+                            .map(SourceKind::Snapshot),
                         "blank" => map
                             .next_value::<Option<IgnoredAny>>()?
                             .map(|_| SourceKind::Blank),
@@ -365,7 +372,8 @@ pub fn parse(
             Some((q.0, bytes))
         }
     };
-    let clone_infers_size = form == StorageForm::Storage && matches!(source, Source::Pvc(_));
+    let clone_infers_size =
+        form == StorageForm::Storage && matches!(source, Source::Pvc(_) | Source::Snapshot(_));
     if requested.is_none() && !clone_infers_size {
         return Err(field_err(
             &f("resources.requests.storage"),
@@ -502,6 +510,32 @@ fn source(
             Ok(Source::Pvc(source))
         }
         SourceKind::Blank => Ok(Source::Blank),
+        SourceKind::Snapshot(snap) => {
+            let name = match snap.name {
+                Some(n) if is_dns1123_subdomain(&n) => n,
+                other => {
+                    return Err(field_err(
+                        "spec.source.snapshot.name",
+                        format!(
+                            "{} is not a snapshot name",
+                            other.map_or("missing".to_string(), |n| format!("{n:?}"))
+                        ),
+                    ))
+                }
+            };
+            let namespace = match snap.namespace {
+                None => claim.namespace.clone(),
+                Some(n) if n.is_empty() => claim.namespace.clone(),
+                Some(n) if is_dns1123_label(&n) => n,
+                Some(other) => {
+                    return Err(field_err(
+                        "spec.source.snapshot.namespace",
+                        format!("{other:?} is not a namespace name"),
+                    ))
+                }
+            };
+            Ok(Source::Snapshot(ClaimRef { namespace, name }))
+        }
         SourceKind::Unsupported("registry") => Err(unsupported(
             "spec.source.registry",
             "pulling a container image needs a registry, which standalone mode does not reach \
