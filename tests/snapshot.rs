@@ -425,3 +425,122 @@ fn crash_consistent_snapshot_and_bad_input() {
         "second-disk"
     );
 }
+
+/// Measurement (run by hand: `cargo test --test snapshot -- --ignored --nocapture`): how long
+/// the guest stays frozen with libvirt's backup API in push mode against a copy made while
+/// frozen (what a snapshot must do without reflinks: `cp` of the claim), for a 512 MiB claim
+/// of random data, and whether the storage filesystem can reflink (`cp --reflink=always`).
+/// Asserts only that the snapshot holds the claim's data; prints the figures.
+#[test]
+#[ignore]
+fn measure_backup_push_against_a_frozen_copy() {
+    const SIZE_MIB: u64 = 512;
+    let mut vm = Vm::new("snap-measure");
+    let name = vm.pod.name.clone();
+    let golden = vm.storage.join("claims/default/golden");
+    fs::create_dir_all(&golden).unwrap();
+    let status = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={}", golden.join("disk.img").display()),
+            "bs=1M",
+            &format!("count={SIZE_MIB}"),
+            "status=none",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let big = "    - metadata:
+        name: big
+      spec:
+        source:
+          pvc:
+            name: golden
+        storage: {}
+";
+    vm.write(&vm_yaml(&name, "lv.counter=vda", big, &["big"]));
+    vm.start();
+    vm.pod.wait_console("LV-AGENT ", BOOT);
+    wait_count_above(&vm.pod, 3);
+    let claim = vm.claim_image("big");
+    let claim_sum = checksum(&claim);
+
+    // The agent's own freeze/thaw round trips, without a copy running.
+    let ctl = |args: &[&str]| {
+        let t = std::time::Instant::now();
+        let out = Command::new(LAUNCHERCTL)
+            .args(["--socket", vm.pod.socket().to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.elapsed()
+    };
+    let freeze_alone = ctl(&["freeze"]);
+    let thaw_alone = ctl(&["unfreeze"]);
+    println!(
+        "MEASURE agent alone: launcherctl freeze {} ms, unfreeze {} ms",
+        freeze_alone.as_millis(),
+        thaw_alone.as_millis()
+    );
+    let t = std::time::Instant::now();
+    let r = vm
+        .snapshot("m1")
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.pod.dump()));
+    let snapshot_total = t.elapsed();
+    let snap_file = vm.storage.join("snapshots/default/m1/big.img");
+    assert_eq!(
+        checksum(&snap_file),
+        claim_sum,
+        "the snapshot holds the claim"
+    );
+
+    let copy = vm.pod.dir.join("copy.img");
+    let t = std::time::Instant::now();
+    let status = Command::new("cp")
+        .args([
+            "--sparse=always",
+            claim.to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    let cp_time = t.elapsed();
+    assert!(status.success());
+    let _ = fs::remove_file(&copy);
+    let reflink = Command::new("cp")
+        .args([
+            "--reflink=always",
+            claim.to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let _ = fs::remove_file(&copy);
+    vm.stop();
+    println!(
+        "MEASURE backup-push: frozen {} ms, copy {} ms for {} bytes, launcherctl round trip {} ms",
+        r["frozenMs"],
+        r["copyMs"],
+        r["bytes"],
+        snapshot_total.as_millis()
+    );
+    println!(
+        "MEASURE frozen copy (no reflink): cp of the {SIZE_MIB} MiB claim {} ms; frozen-time ratio backup/cp = {:.4}",
+        cp_time.as_millis(),
+        r["frozenMs"].as_f64().unwrap() / cp_time.as_millis().max(1) as f64
+    );
+    println!(
+        "MEASURE reflink: cp --reflink=always {}: {}",
+        if reflink.status.success() {
+            "works"
+        } else {
+            "fails"
+        },
+        String::from_utf8_lossy(&reflink.stderr).trim()
+    );
+}

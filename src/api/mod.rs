@@ -543,25 +543,6 @@ impl LauncherApi for Service {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_header_is_parsed() {
-        let mut req = Request::new(());
-        req.metadata_mut()
-            .insert("grpc-timeout", "250m".parse().unwrap());
-        assert_eq!(deadline(&req), Some(Duration::from_millis(250)));
-        req.metadata_mut()
-            .insert("grpc-timeout", "3S".parse().unwrap());
-        assert_eq!(deadline(&req), Some(Duration::from_secs(3)));
-        req.metadata_mut()
-            .insert("grpc-timeout", "x".parse().unwrap());
-        assert_eq!(deadline(&req), None);
-    }
-}
-
 /// A snapshot as the API returns it.
 fn snapshot_pb(o: &crate::vm::snapshot::SnapshotOutcome) -> pb::SnapshotResponse {
     let m = &o.manifest;
@@ -584,5 +565,24 @@ fn snapshot_pb(o: &crate::vm::snapshot::SnapshotOutcome) -> pb::SnapshotResponse
             })
             .collect(),
         directory: o.directory.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_is_parsed() {
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(deadline(&req), Some(Duration::from_millis(250)));
+        req.metadata_mut()
+            .insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(deadline(&req), Some(Duration::from_secs(3)));
+        req.metadata_mut()
+            .insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(deadline(&req), None);
     }
 }

@@ -565,8 +565,10 @@ mod tests {
 
         // An interrupted one: no manifest.
         let broken = check_ref("default", "broken").unwrap();
-        let p2 = begin(&storage, &broken).unwrap();
-        std::mem::forget(p2); // as if the process died
+        // What a snapshot whose process died left: copies, no manifest, no lock held.
+        let bdir = snapshot_dir(&storage, &broken);
+        fs::create_dir_all(&bdir).unwrap();
+        fs::write(bdir.join("root.img"), b"partial").unwrap();
         let listed = list(&storage, None);
         assert_eq!(listed.len(), 2, "{listed:?}");
         assert!(matches!(&listed[0], Listed::Incomplete { name, .. } if name == "broken"));
@@ -581,6 +583,12 @@ mod tests {
                 snapshots_root(&storage).display()
             )
         );
+
+        // Taking it again starts over; abandoned, nothing of it is left.
+        let again = begin(&storage, &broken).unwrap();
+        assert!(!bdir.join("root.img").exists());
+        drop(again);
+        assert!(!bdir.exists());
 
         // Claims with other contents: restored to the snapshot's.
         let root_dir = claim::claim_dir(&storage, &check_ref("default", "root-dv").unwrap());

@@ -609,6 +609,33 @@ mod tests {
         assert_eq!(b.access_modes, vec!["ReadWriteOnce".to_string()]);
     }
 
+    /// CDI's `source.snapshot` (namespace/name): a local VM snapshot here; the storage form
+    /// takes its size; a bad name is refused naming the field.
+    #[test]
+    fn snapshot_source_names_a_local_snapshot() {
+        let s = dv(
+            json!({"source": {"snapshot": {"namespace": "prod", "name": "snap1.root"}},
+            "storage": {}}),
+        )
+        .expect("valid");
+        assert_eq!(
+            s.source,
+            Source::Snapshot(ClaimRef {
+                namespace: "prod".into(),
+                name: "snap1.root".into()
+            })
+        );
+        assert_eq!(s.source.kind(), "snapshot");
+        assert_eq!(s.requested, None);
+        let err = dv(json!({"source": {"snapshot": {"name": "../x"}}, "storage": {}}))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source.snapshot.name: \"../x\" is not a snapshot name"
+        );
+    }
+
     #[test]
     fn clone_in_storage_form_may_omit_the_size() {
         let s = dv(json!({"source": {"pvc": {"name": "golden"}}, "storage": {}})).expect("valid");
