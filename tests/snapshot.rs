@@ -426,9 +426,9 @@ fn crash_consistent_snapshot_and_bad_input() {
     );
 }
 
-/// Measurement (run by hand: `cargo test --test snapshot -- --ignored --nocapture`): how long
-/// the guest stays frozen with libvirt's backup API in push mode against a copy made while
-/// frozen (what a snapshot must do without reflinks: `cp` of the claim), for a 512 MiB claim
+/// Measurement (run by hand: `cargo test --test snapshot -- --ignored --nocapture`, and again
+/// with `VIRT_LAUNCHER_SNAPSHOT_COPY=push`): how long the guest stays frozen with libvirt's
+/// backup API (pull mode, or push mode) against a copy made while frozen (what a snapshot must do without reflinks: `cp` of the claim), for a 512 MiB claim
 /// of random data, and whether the storage filesystem can reflink (`cp --reflink=always`).
 /// Asserts only that the snapshot holds the claim's data; prints the figures.
 #[test]
@@ -523,7 +523,8 @@ fn measure_backup_push_against_a_frozen_copy() {
     let _ = fs::remove_file(&copy);
     vm.stop();
     println!(
-        "MEASURE backup-push: frozen {} ms, copy {} ms for {} bytes, launcherctl round trip {} ms",
+        "MEASURE backup ({}): frozen {} ms, copy {} ms for {} bytes, launcherctl round trip {} ms",
+        std::env::var("VIRT_LAUNCHER_SNAPSHOT_COPY").unwrap_or_else(|_| "pull".into()),
         r["frozenMs"],
         r["copyMs"],
         r["bytes"],

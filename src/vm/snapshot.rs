@@ -1,17 +1,22 @@
 //! Snapshot of the running VM (KubeVirt's `VirtualMachineSnapshot`, online): every claim of the
 //! VM copied at one point in time while the guest runs on.
 //!
-//! The point in time is libvirt's `virDomainBackupBegin` in push mode: QEMU starts a
-//! copy-before-write job per disk, so what the guest writes afterwards never reaches the copy.
-//! With the guest agent connected the filesystems are frozen just around that call (the
-//! agent's freeze, as for virt-freezer) and thawed as soon as it returns; the copy then runs
-//! with the guest thawed. Without the agent the snapshot is crash-consistent (KubeVirt's
-//! `NoGuestAgent` indication). The copy is a libvirt job, followed here by its statistics
-//! (bytes, rate, ETA) until it ends; the manifest is written last.
+//! The point in time is libvirt's `virDomainBackupBegin`: QEMU starts a copy-before-write
+//! filter per disk, so what the guest writes afterwards never reaches the copy. With the guest
+//! agent connected the filesystems are frozen just around that call (the agent's freeze, as
+//! for virt-freezer) and thawed as soon as it returns. Without the agent the snapshot is
+//! crash-consistent (KubeVirt's `NoGuestAgent` indication). The manifest is written last.
+//!
+//! Pull mode by default: QEMU exports the point in time over NBD on a unix socket in the
+//! snapshot's directory and `qemu-img convert` reads it after the thaw (progress from its
+//! `-p`); the job is then aborted, which is how a pull-mode backup ends. Push mode (QEMU
+//! writes the copies itself, followed by the job's statistics) starts copying inside
+//! `backupBegin`, and QEMU's busy main loop then delays the agent's thaw by seconds (measured
+//! in the README); it stays selectable with `VIRT_LAUNCHER_SNAPSHOT_COPY=push`.
 //!
 //! Reflink copies (`FICLONE`) were the other way: they need a filesystem with shared extents
 //! (XFS with reflink, btrfs), and without one the copy would have to be made entirely while
-//! the guest is frozen. See the README for the measurements.
+//! the guest is frozen.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -108,13 +113,34 @@ impl Launcher {
 
         let pending =
             snap::begin(&storage.dir, &s).map_err(|e| ControlError::Precondition(e.to_string()))?;
-        let mut xml = String::from("<domainbackup mode='push'>\n  <disks>\n");
+        let mode = CopyMode::from_env().map_err(refused)?;
+        let socket = pending.dir.join(".nbd.sock");
+        if mode == CopyMode::Pull && socket.as_os_str().len() > 100 {
+            return Err(refused(format!(
+                "the storage directory's path is too long for the copy's unix socket ({})",
+                socket.display()
+            )));
+        }
+        let mut xml = match mode {
+            CopyMode::Push => String::from("<domainbackup mode='push'>\n  <disks>\n"),
+            CopyMode::Pull => format!(
+                "<domainbackup mode='pull'>\n  <server transport='unix' socket='{}'/>\n  <disks>\n",
+                xml_escape(&socket.display().to_string())
+            ),
+        };
         for d in &status.disks {
             match volumes.iter().find(|(v, _, _)| v == &d.volume) {
                 Some((v, _, target)) => {
-                    let file = pending.dir.join(snap::volume_file(v));
+                    let file = pending.dir.join(match mode {
+                        CopyMode::Push => snap::volume_file(v),
+                        CopyMode::Pull => format!(".{v}.scratch"),
+                    });
+                    let (element, kind) = match mode {
+                        CopyMode::Push => ("target", "<driver type='raw'/>\n      "),
+                        CopyMode::Pull => ("scratch", ""),
+                    };
                     xml += &format!(
-                        "    <disk name='{}' backup='yes' type='file'>\n      <driver type='raw'/>\n      <target file='{}'/>\n    </disk>\n",
+                        "    <disk name='{}' backup='yes' type='file'>\n      {kind}<{element} file='{}'/>\n    </disk>\n",
                         xml_escape(target),
                         xml_escape(&file.display().to_string())
                     );
@@ -163,38 +189,20 @@ impl Launcher {
             &format!("snapshot {s}: point in time fixed ({consistency}); copying"),
         );
 
-        // The copy: follow the job until it ends.
         let copy_start = Instant::now();
         let label = format!("snapshot {s}");
-        let mut progress: Option<Progress> = None;
-        loop {
-            let d = domain.clone();
-            let stats = self.blocking(move |hv| hv.job_stats(&d, false)).await?;
-            if stats.job_type == VIR_DOMAIN_JOB_NONE {
-                break;
+        let bytes = match mode {
+            CopyMode::Push => self.follow_push(&domain, &label).await?,
+            CopyMode::Pull => {
+                let copied = pull_copies(&volumes, &socket, &pending.dir, &label).await;
+                // The pull-mode job ends when it is aborted (libvirt removes the scratch files).
+                let d = domain.clone();
+                if let Err(e) = self.blocking(move |hv| hv.abort_job(&d)).await {
+                    tracing::warn!(error = %e, "ending the snapshot's backup job failed");
+                }
+                copied.map_err(refused)?
             }
-            let total = stats.get("disk_total").map(|v| v as u64);
-            let done = stats.get("disk_processed").map(|v| v as u64).unwrap_or(0);
-            let p = progress.get_or_insert_with(|| {
-                Progress::new(&label, "snapshot", total, ProgressStyle::Log)
-            });
-            p.set(done);
-            tokio::time::sleep(POLL).await;
-        }
-        let d = domain.clone();
-        let end = self.blocking(move |hv| hv.job_stats(&d, true)).await?;
-        if end.job_type != VIR_DOMAIN_JOB_COMPLETED {
-            return Err(refused(format!(
-                "the copy failed (libvirt job type {}; see the QEMU log); nothing was kept",
-                end.job_type
-            )));
-        }
-        let bytes = end.get("disk_total").map(|v| v as u64).unwrap_or_default();
-        let p = progress.get_or_insert_with(|| {
-            Progress::new(&label, "snapshot", Some(bytes), ProgressStyle::Log)
-        });
-        p.set(bytes);
-        p.finish();
+        };
         let copy_ms = copy_start.elapsed().as_millis() as u64;
 
         let mut manifest_volumes = Vec::new();
@@ -238,6 +246,143 @@ impl Launcher {
             directory,
         })
     }
+}
+
+/// How the copy is made after the point in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyMode {
+    /// libvirt's backup in push mode: QEMU writes the copies itself, right away.
+    Push,
+    /// libvirt's backup in pull mode: QEMU exports the point in time over NBD (guest writes
+    /// meanwhile go copy-before-write to a scratch file) and `qemu-img convert` reads it,
+    /// after the thaw.
+    Pull,
+}
+
+impl CopyMode {
+    /// `VIRT_LAUNCHER_SNAPSHOT_COPY` (`pull`, the default, or `push`: for measurements).
+    fn from_env() -> Result<CopyMode, String> {
+        match std::env::var("VIRT_LAUNCHER_SNAPSHOT_COPY").as_deref() {
+            Err(_) | Ok("") | Ok("pull") => Ok(CopyMode::Pull),
+            Ok("push") => Ok(CopyMode::Push),
+            Ok(other) => Err(format!(
+                "VIRT_LAUNCHER_SNAPSHOT_COPY={other:?}: use pull or push"
+            )),
+        }
+    }
+}
+
+impl Launcher {
+    /// Push mode: follows the backup job until it ends; its bytes.
+    async fn follow_push(&self, domain: &str, label: &str) -> Result<u64, ControlError> {
+        let mut progress: Option<Progress> = None;
+        loop {
+            let d = domain.to_string();
+            let stats = self.blocking(move |hv| hv.job_stats(&d, false)).await?;
+            if stats.job_type == VIR_DOMAIN_JOB_NONE {
+                break;
+            }
+            let total = stats.get("disk_total").map(|v| v as u64);
+            let done = stats.get("disk_processed").map(|v| v as u64).unwrap_or(0);
+            let p = progress
+                .get_or_insert_with(|| Progress::new(label, "snapshot", total, ProgressStyle::Log));
+            p.set(done);
+            tokio::time::sleep(POLL).await;
+        }
+        let d = domain.to_string();
+        let end = self.blocking(move |hv| hv.job_stats(&d, true)).await?;
+        if end.job_type != VIR_DOMAIN_JOB_COMPLETED {
+            return Err(ControlError::Precondition(format!(
+                "{label}: the copy failed (libvirt job type {}; see the QEMU log); nothing was kept",
+                end.job_type
+            )));
+        }
+        let bytes = end.get("disk_total").map(|v| v as u64).unwrap_or_default();
+        let p = progress.get_or_insert_with(|| {
+            Progress::new(label, "snapshot", Some(bytes), ProgressStyle::Log)
+        });
+        p.set(bytes);
+        p.finish();
+        Ok(bytes)
+    }
+}
+
+/// Pull mode: `qemu-img convert` of each volume's NBD export (named after its disk target)
+/// into `<dir>/<volume>.img`, with progress over all of them; the bytes copied.
+async fn pull_copies(
+    volumes: &[(String, crate::datavolume::ClaimMeta, String)],
+    socket: &std::path::Path,
+    dir: &std::path::Path,
+    label: &str,
+) -> Result<u64, String> {
+    let jobs: Vec<(String, u64, String, PathBuf)> = volumes
+        .iter()
+        .map(|(volume, meta, target)| {
+            (
+                volume.clone(),
+                meta.size,
+                format!("nbd+unix:///{target}?socket={}", socket.display()),
+                dir.join(snap::volume_file(volume)),
+            )
+        })
+        .collect();
+    let label = label.to_string();
+    tokio::task::spawn_blocking(move || {
+        let total: u64 = jobs.iter().map(|j| j.1).sum();
+        let mut progress = Progress::new(&label, "snapshot", Some(total), ProgressStyle::Log);
+        let mut base = 0u64;
+        for (volume, size, source, dest) in &jobs {
+            let mut child = crate::pod::process::Command::new("qemu-img")
+                .args(["convert", "-p", "-f", "raw", "-O", "raw"])
+                .arg(source)
+                .arg(dest)
+                .stdout(crate::pod::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("volume {volume}: {e}"))?;
+            // `-p` prints "    (12.34/100%)" lines ended by \r.
+            if let Some(mut out) = child.stdout.take() {
+                let mut buf = [0u8; 256];
+                let mut line = Vec::new();
+                while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    for &b in &buf[..n] {
+                        if b == b'\r' || b == b'\n' {
+                            if let Some(pct) = percent(&line) {
+                                progress.set(base + (*size as f64 * pct / 100.0) as u64);
+                            }
+                            line.clear();
+                        } else {
+                            line.push(b);
+                        }
+                    }
+                }
+            }
+            let output = child
+                .wait_with_output()
+                .map_err(|e| format!("volume {volume}: {e}"))?;
+            if !output.success() {
+                return Err(format!(
+                    "volume {volume}: the copy failed: {}",
+                    output.failure()
+                ));
+            }
+            base += size;
+            progress.set(base);
+        }
+        progress.finish();
+        Ok(total)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// The percentage in a `qemu-img -p` line.
+fn percent(line: &[u8]) -> Option<f64> {
+    let text = std::str::from_utf8(line).ok()?.trim();
+    let inner = text.strip_prefix('(')?.split('/').next()?;
+    inner.parse().ok()
 }
 
 /// `virDomainJobOperation`'s backup, in a job's `operation` statistic.
