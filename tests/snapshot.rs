@@ -424,6 +424,47 @@ fn crash_consistent_snapshot_and_bad_input() {
         testkit::guest::first_line(&vm.claim_image("data")),
         "second-disk"
     );
+
+    // A DataVolume cloned from a snapshot that does not exist: one line, no claim made.
+    let clone = "    - metadata:
+        name: from-nothing
+      spec:
+        source:
+          snapshot:
+            name: nope
+        storage: {}
+";
+    vm.write(&vm_yaml(&name, "", clone, &["from-nothing"]));
+    let vm_file = vm.pod.dir.join("vm.yaml");
+    let runtime = vm.pod.runtime_dir();
+    let guest = guest_dir();
+    let (status, stderr) = common::run_launcher(&[
+        "run",
+        "--vm",
+        vm_file.to_str().unwrap(),
+        "--storage-dir",
+        vm.storage.to_str().unwrap(),
+        "--domain-type",
+        "qemu",
+        "--runtime-dir",
+        runtime.to_str().unwrap(),
+        "--kernel-boot-dir",
+        guest.to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("virt-launcher: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].starts_with(
+            "virt-launcher: DataVolume default/from-nothing: clone source claim snapshot default/nope: no complete snapshot default/nope"
+        ),
+        "{}",
+        errors[0]
+    );
+    assert!(!vm.storage.join("claims/default/from-nothing").exists());
 }
 
 /// Measurement (run by hand: `cargo test --test snapshot -- --ignored --nocapture`, and again

@@ -402,3 +402,29 @@ fn xml_escape(s: &str) -> String {
         .replace('\'', "&apos;")
         .replace('"', "&quot;")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_img_progress_lines() {
+        assert_eq!(percent(b"    (12.50/100%)"), Some(12.5));
+        assert_eq!(percent(b"(100.00/100%)"), Some(100.0));
+        assert_eq!(percent(b"qemu-img: error"), None);
+        assert_eq!(percent(b""), None);
+    }
+
+    /// A backup's completed job is a snapshot's, never the migration's.
+    #[test]
+    fn backup_jobs_are_told_apart() {
+        assert!(is_backup_job(&[("operation".into(), 9.0)]));
+        assert!(!is_backup_job(&[("operation".into(), 5.0)]));
+        assert!(!is_backup_job(&[("downtime".into(), 9.0)]));
+    }
+
+    #[test]
+    fn names_in_the_backup_xml_are_escaped() {
+        assert_eq!(xml_escape("a'b<c>&\""), "a&apos;b&lt;c&gt;&amp;&quot;");
+    }
+}
