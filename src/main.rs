@@ -53,6 +53,18 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SnapshotCmd {
+    /// Snapshot the claims of the stopped VM in FILE (a running VM: `launcherctl snapshot`).
+    Create {
+        #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
+        storage_dir: PathBuf,
+        /// The VirtualMachine (as given to `run --vm`).
+        #[arg(long, value_name = "FILE")]
+        vm: PathBuf,
+        name: String,
+        /// Always log JSON lines, even on a terminal.
+        #[arg(long)]
+        json_logs: bool,
+    },
     /// List the snapshots (all namespaces unless --namespace is given).
     List {
         #[command(flatten)]
@@ -744,6 +756,33 @@ fn snapshot_command(cmd: SnapshotCmd) -> Result<i32> {
         snapshot::check_ref(at.namespace.as_deref().unwrap_or("default"), name)
     };
     match cmd {
+        SnapshotCmd::Create {
+            storage_dir,
+            vm,
+            name,
+            json_logs,
+        } => {
+            logging::init(json_logs);
+            let m = snapshot::take_offline(
+                &absolute(&storage_dir),
+                &absolute(&vm),
+                &name,
+                datavolume::ProgressStyle::auto(json_logs),
+            )?;
+            println!(
+                "snapshot {}/{} of the stopped VM {} taken: {} bytes ({})",
+                m.namespace,
+                m.name,
+                m.vm,
+                m.size(),
+                m.volumes
+                    .iter()
+                    .map(|v| v.volume.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(0)
+        }
         SnapshotCmd::List { at, json } => {
             let storage = absolute(&at.storage_dir);
             if let Some(ns) = &at.namespace {

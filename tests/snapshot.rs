@@ -387,6 +387,17 @@ fn crash_consistent_snapshot_and_bad_input() {
     assert_eq!(checksum(&vm.claim_image("data")), data_sum);
     let claim_dir = vm.claim_image("data").parent().unwrap().to_path_buf();
     assert!(!claim_dir.join(".restore").exists());
+    // An offline snapshot of the running VM is refused: it goes through its launcher.
+    let vm_file = vm.pod.dir.join("vm.yaml");
+    let (ok, _, err) = vm.offline(&["create", "--vm", vm_file.to_str().unwrap(), "offline"]);
+    assert!(!ok);
+    let line = one_error_line(&err);
+    assert!(
+        line.starts_with(&format!(
+            "virt-launcher: snapshot default/offline: VM default/{name} is running"
+        )) && line.ends_with("launcherctl snapshot offline"),
+        "{line}"
+    );
     // Unknown snapshots.
     for cmd in ["restore", "delete"] {
         let (ok, _, err) = vm.offline(&[cmd, "nope"]);
@@ -465,6 +476,36 @@ fn crash_consistent_snapshot_and_bad_input() {
         errors[0]
     );
     assert!(!vm.storage.join("claims/default/from-nothing").exists());
+    // An offline snapshot of a VM whose claim is gone: one line, nothing kept.
+    let (ok, _, err) = vm.offline(&["create", "--vm", vm_file.to_str().unwrap(), "offline"]);
+    assert!(!ok);
+    let line = one_error_line(&err);
+    assert!(
+        line.starts_with(
+            "virt-launcher: snapshot default/offline: claim default/from-nothing of volume from-nothing is gone"
+        ),
+        "{line}"
+    );
+    assert!(!vm.storage.join("snapshots/default/offline").exists());
+    // The stopped VM, offline: copies of its claims, no indications.
+    vm.write(&vm_yaml(&name, "", "", &[]));
+    let (ok, out, err) = vm.offline(&["create", "--vm", vm_file.to_str().unwrap(), "offline"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("snapshot default/offline of the stopped VM"),
+        "{out}"
+    );
+    let copy = vm.storage.join("snapshots/default/offline/counter.img");
+    assert_eq!(checksum(&copy), checksum(&vm.claim_image("counter")));
+    let (ok, out, _) = vm.offline(&["list", "--json"]);
+    assert!(ok);
+    let offline: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["manifest"]["name"] == "offline")
+        .collect();
+    assert_eq!(offline.len(), 1, "{out}");
+    assert_eq!(offline[0]["manifest"]["indications"], serde_json::json!([]));
 }
 
 /// Measurement (run by hand: `cargo test --test snapshot -- --ignored --nocapture`, and again

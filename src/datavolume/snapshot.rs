@@ -452,6 +452,113 @@ pub fn restore(
     Ok(done)
 }
 
+/// Takes snapshot `s` of the stopped VM in `vm_file` (KubeVirt's offline snapshot: no
+/// indications): a copy of each of its claims, refused while a launcher runs the VM (take it
+/// through that launcher: `launcherctl snapshot`).
+pub fn take_offline(
+    storage: &Path,
+    vm_file: &Path,
+    name: &str,
+    style: ProgressStyle,
+) -> Result<Manifest, SnapshotError> {
+    let vm = super::load_vm(vm_file).map_err(|e| SnapshotError::Refused {
+        snapshot: name.to_string(),
+        reason: e.to_string(),
+    })?;
+    let vmi = vm.into_vmi();
+    let namespace = vmi.namespace().to_string();
+    let s = check_ref(&namespace, name)?;
+    let refused = |reason: String| SnapshotError::Refused {
+        snapshot: s.to_string(),
+        reason,
+    };
+    let domain = format!("{namespace}_{}", vmi.metadata.name);
+    let _vm_lock = crate::pod::lock_vm(
+        Path::new(crate::pod::VM_LOCK_DIR),
+        &domain,
+        Path::new("virt-launcher snapshot create"),
+    )
+    .map_err(|e| {
+        refused(match e {
+            crate::pod::PodError::VmBusy { vm, holder } => format!(
+                "VM {vm} is running (its launcher's runtime directory is {holder}); take the snapshot through it: launcherctl snapshot {name}"
+            ),
+            e => e.to_string(),
+        })
+    })?;
+    let mut claims = Vec::new();
+    for v in &vmi.spec.volumes {
+        let claim_name = if let Some(d) = &v.data_volume {
+            &d.name
+        } else if let Some(p) = &v.persistent_volume_claim {
+            &p.claim_name
+        } else {
+            continue;
+        };
+        let c = check_ref(&namespace, claim_name).map_err(|_| {
+            refused(format!(
+                "volume {}: {claim_name:?} is not a claim name",
+                v.name
+            ))
+        })?;
+        let dir = claim::claim_dir(storage, &c);
+        let Some(meta) = claim::read_meta(&dir) else {
+            return Err(refused(format!(
+                "claim {c} of volume {} is gone (no complete claim in {})",
+                v.name,
+                dir.display()
+            )));
+        };
+        claims.push((v.name.clone(), c, meta));
+    }
+    if claims.is_empty() {
+        return Err(refused("the VM has no claims to snapshot".into()));
+    }
+    let pending = begin(storage, &s)?;
+    let mut volumes = Vec::new();
+    for (volume, c, meta) in claims {
+        let scratch = pending.dir.join(format!(".copy-{volume}"));
+        fs::create_dir(&scratch).map_err(io(&s, &scratch))?;
+        let label = c.to_string();
+        let job = Job {
+            dv: &label,
+            style,
+            staging: &scratch,
+            size_hint: "the claim's size",
+        };
+        let src = claim::claim_dir(storage, &c).join(claim::image_name(meta.volume_mode));
+        let (disk, size) = import::from_claim(&job, &src, None)
+            .and_then(|(d, size)| import::finish(&job, &d, size, false).map(|_| (d, size)))
+            .map_err(|e| SnapshotError::Copy {
+                snapshot: s.to_string(),
+                source: Box::new(e),
+            })?;
+        let file = volume_file(&volume);
+        let dest = pending.dir.join(&file);
+        fs::rename(&disk, &dest).map_err(io(&s, &dest))?;
+        let _ = fs::remove_dir(&scratch);
+        let mut meta = meta;
+        meta.size = size;
+        volumes.push(SnapshotVolume {
+            volume,
+            claim: meta,
+            file,
+        });
+    }
+    let manifest = Manifest {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        vm: vmi.metadata.name.clone(),
+        creation_time: claim::rfc3339(SystemTime::now()),
+        indications: Vec::new(),
+        frozen_ms: 0,
+        method: "copy (VM stopped)".into(),
+        volumes,
+    };
+    pending.commit(&manifest)?;
+    Ok(manifest)
+}
+
 /// The copy a DataVolume `source.snapshot` clones: `name` is a snapshot holding exactly one
 /// volume, or `<snapshot>.<volume>` for one volume of a snapshot holding several.
 pub(crate) fn clone_source(
