@@ -701,6 +701,23 @@ mod tests {
         let root_dir = claim::claim_dir(&storage, &check_ref("default", "root-dv").unwrap());
         fs::create_dir_all(&root_dir).unwrap();
         fs::write(root_dir.join("disk.img"), vec![0u8; 100]).unwrap();
+        // A restore that fails on its second volume (its copy is gone) changes no claim.
+        let data_copy = snapshot_dir(&storage, &s).join("data.img");
+        let kept = storage.join("data.img.kept");
+        fs::rename(&data_copy, &kept).unwrap();
+        let e = restore(&storage, &s, ProgressStyle::Log)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("snapshot default/s1: "), "{e}");
+        assert_eq!(fs::read(root_dir.join("disk.img")).unwrap(), vec![0u8; 100]);
+        assert!(!root_dir.join(RESTORE_DIR).exists());
+        let data_dir = claim::claim_dir(&storage, &check_ref("default", "data-dv").unwrap());
+        assert!(
+            !data_dir.exists(),
+            "the claim it would have created is not left"
+        );
+        fs::rename(&kept, &data_copy).unwrap();
+
         let done = restore(&storage, &s, ProgressStyle::Log).unwrap();
         assert_eq!(done.len(), 2);
         assert_eq!(
