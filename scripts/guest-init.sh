@@ -375,6 +375,11 @@ agent_loop() {
 # /tmp/lv-held, the value its disk holds; it prints LV-FROZEN-COUNT <n>. The thaw lets it go.
 counter_hold() {
     [ -e /tmp/lv-counter-running ] || return 0
+    # Frozen already (a second freeze): the counter is held where it was.
+    if [ -e /tmp/lv-hold ] && [ -s /tmp/lv-held ]; then
+        echo "LV-FROZEN-COUNT $(cat /tmp/lv-held)"
+        return 0
+    fi
     rm -f /tmp/lv-held
     : >/tmp/lv-hold
     i=0
