@@ -11,6 +11,8 @@
 #   LV-WROTE <dev> <text>         lv.write=<dev>:<text> done (text read back from disk)
 #   LV-READ <dev> <line>          lv.read=<dev>: first line at offset 0 of /dev/<dev>
 #   LV-COUNT <n>                  lv.counter=<dev>: n is on disk (fsync'ed) when printed
+#   LV-FROZEN-COUNT <n>           guest-fsfreeze-freeze with lv.counter running: the counter
+#                                 is held and n is what its disk holds until the thaw
 #   LV-ACPI-IGNORED               power button pressed while lv.acpi=ignore
 #   LV-POWEROFF / LV-REBOOT       right before poweroff -f / reboot -f
 #   LV-AGENT <command>            the minimal guest agent received <command>
@@ -339,10 +341,12 @@ agent_loop() {
                     # whole of a consistent point. One "filesystem" per virtio disk.
                     sync
                     FROZEN=$(ls -d /sys/block/vd* 2>/dev/null | wc -l)
+                    counter_hold
                     echo "LV-FROZEN $FROZEN"
                     echo "{\"return\": $FROZEN}" >&3
                     ;;
                 guest-fsfreeze-thaw)
+                    counter_release
                     echo "LV-THAWED ${FROZEN:-0}"
                     echo "{\"return\": ${FROZEN:-0}}" >&3
                     FROZEN=0
@@ -365,6 +369,42 @@ agent_loop() {
     done
 }
 
+# ---------------------------------------------------------------- counter freeze (snapshot issue #21)
+# A freeze holds the counter between two writes, as a real filesystem freeze holds writers:
+# the agent's freeze sets /tmp/lv-hold and waits (up to 10 s) until the counter says, in
+# /tmp/lv-held, the value its disk holds; it prints LV-FROZEN-COUNT <n>. The thaw lets it go.
+counter_hold() {
+    [ -e /tmp/lv-counter-running ] || return 0
+    # Frozen already (a second freeze): the counter is held where it was.
+    if [ -e /tmp/lv-hold ] && [ -s /tmp/lv-held ]; then
+        echo "LV-FROZEN-COUNT $(cat /tmp/lv-held)"
+        return 0
+    fi
+    rm -f /tmp/lv-held
+    : >/tmp/lv-hold
+    i=0
+    while [ ! -s /tmp/lv-held ] && [ $i -lt 200 ]; do
+        i=$((i + 1))
+        sleep 0.05
+    done
+    if [ -s /tmp/lv-held ]; then
+        echo "LV-FROZEN-COUNT $(cat /tmp/lv-held)"
+    else
+        err "the counter did not stop for the freeze within 10 s"
+    fi
+}
+
+counter_release() {
+    rm -f /tmp/lv-hold /tmp/lv-held
+}
+
+# counter_wait_thawed <n>: called by the counter before each write; n is on its disk.
+counter_wait_thawed() {
+    [ -e /tmp/lv-hold ] || return 0
+    echo "$1" >/tmp/lv-held.new && mv /tmp/lv-held.new /tmp/lv-held
+    while [ -e /tmp/lv-hold ]; do sleep 0.05; done
+}
+
 # ---------------------------------------------------------------- counter
 counter_loop() {
     dev=$1
@@ -373,7 +413,9 @@ counter_loop() {
     case "$n" in
         '' | *[!0-9]*) n=0 ;;
     esac
+    : >/tmp/lv-counter-running
     while :; do
+        counter_wait_thawed "$n"
         n=$((n + 1))
         if put_line "$dev" "$n"; then
             echo "LV-COUNT $n"

@@ -45,6 +45,59 @@ enum Cmd {
         /// The awaited VM's identity, as the prepared target wrote it.
         awaited: PathBuf,
     },
+    /// Snapshots in a storage directory: list, restore onto the stopped VM, delete (take one
+    /// of a running VM with `launcherctl snapshot create`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Snapshot the claims of the stopped VM in FILE (a running VM: `launcherctl snapshot`).
+    Create {
+        #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
+        storage_dir: PathBuf,
+        /// The VirtualMachine (as given to `run --vm`).
+        #[arg(long, value_name = "FILE")]
+        vm: PathBuf,
+        name: String,
+        /// Always log JSON lines, even on a terminal.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// List the snapshots (all namespaces unless --namespace is given).
+    List {
+        #[command(flatten)]
+        at: SnapshotAt,
+        /// JSON lines (one manifest per snapshot) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the VM's claims with the snapshot's copies (the VM must be stopped).
+    Restore {
+        #[command(flatten)]
+        at: SnapshotAt,
+        name: String,
+        /// Always log JSON lines, even on a terminal.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Delete a snapshot.
+    Delete {
+        #[command(flatten)]
+        at: SnapshotAt,
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct SnapshotAt {
+    /// The storage directory of `run --vm`.
+    #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
+    storage_dir: PathBuf,
+    /// The snapshot's namespace (the VM's).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
 }
 
 #[derive(Args)]
@@ -207,6 +260,16 @@ fn main() -> ExitCode {
             }
             Cmd::Render(args) => render(args).map(|()| 0),
             Cmd::MigrationHook { awaited } => return migration_hook(&awaited),
+            // Its error is the one line on stderr (its log has progress only).
+            Cmd::Snapshot(cmd) => {
+                return match snapshot_command(cmd) {
+                    Ok(_) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("virt-launcher: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
         }
     };
     match result {
@@ -491,6 +554,10 @@ fn run(args: RunArgs) -> Result<i32> {
             .kubevirt_share_dir
             .as_deref()
             .map(pod::migration_proxy_dir),
+        storage: _claims.as_ref().map(|c| vm::snapshot::SnapshotStorage {
+            dir: absolute(&args.storage_dir),
+            claims: c.volumes.clone(),
+        }),
     };
 
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
@@ -777,6 +844,7 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
             grace: args.grace_period,
         },
         migration_proxy_dir: Some(pod::migration_proxy_dir(&absolute(&args.share_dir))),
+        storage: None,
     };
     run_core(&layout, opts, &api, false, Some(absolute(&args.share_dir)))
 }
@@ -787,4 +855,109 @@ fn cmd_auth_token() -> PathBuf {
     std::env::var_os("VIRT_LAUNCHER_CMD_AUTH_TOKEN")
         .map(PathBuf::from)
         .unwrap_or_else(|| virt_launcher::api::kubevirt::auth::TOKEN_FILE.into())
+}
+
+/// `virt-launcher snapshot ...`: against the storage directory, no launcher needed.
+fn snapshot_command(cmd: SnapshotCmd) -> Result<i32> {
+    use virt_launcher::datavolume::snapshot::{self, Listed};
+    let sref = |at: &SnapshotAt, name: &str| {
+        snapshot::check_ref(at.namespace.as_deref().unwrap_or("default"), name)
+    };
+    match cmd {
+        SnapshotCmd::Create {
+            storage_dir,
+            vm,
+            name,
+            json_logs,
+        } => {
+            logging::init(json_logs);
+            let m = snapshot::take_offline(
+                &absolute(&storage_dir),
+                &absolute(&vm),
+                &name,
+                datavolume::ProgressStyle::auto(json_logs),
+            )?;
+            println!(
+                "snapshot {}/{} of the stopped VM {} taken: {} bytes ({})",
+                m.namespace,
+                m.name,
+                m.vm,
+                m.size(),
+                m.volumes
+                    .iter()
+                    .map(|v| v.volume.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(0)
+        }
+        SnapshotCmd::List { at, json } => {
+            let storage = absolute(&at.storage_dir);
+            if let Some(ns) = &at.namespace {
+                snapshot::check_ref(ns, "x")?;
+            }
+            let listed = snapshot::list(&storage, at.namespace.as_deref());
+            if json {
+                for l in &listed {
+                    let v = match l {
+                        Listed::Ready(m) => {
+                            serde_json::json!({"phase": "Succeeded", "readyToUse": true, "manifest": m})
+                        }
+                        Listed::Incomplete { namespace, name } => serde_json::json!({
+                            "phase": "InProgress", "readyToUse": false,
+                            "namespace": namespace, "name": name}),
+                    };
+                    println!("{v}");
+                }
+                return Ok(0);
+            }
+            println!(
+                "{:<16} {:<24} {:<16} {:<10} {:<21} {:>12}  INDICATIONS",
+                "NAMESPACE", "NAME", "VM", "READY", "CREATED", "BYTES"
+            );
+            for l in &listed {
+                match l {
+                    Listed::Ready(m) => println!(
+                        "{:<16} {:<24} {:<16} {:<10} {:<21} {:>12}  {}",
+                        m.namespace,
+                        m.name,
+                        m.vm,
+                        "true",
+                        m.creation_time,
+                        m.size(),
+                        m.indications.join(",")
+                    ),
+                    Listed::Incomplete { namespace, name } => println!(
+                        "{namespace:<16} {name:<24} {:<16} {:<10} {:<21} {:>12}  (incomplete: being taken, or interrupted)",
+                        "-", "false", "-", "-"
+                    ),
+                }
+            }
+            Ok(0)
+        }
+        SnapshotCmd::Restore {
+            at,
+            name,
+            json_logs,
+        } => {
+            logging::init(json_logs);
+            let storage = absolute(&at.storage_dir);
+            let s = sref(&at, &name)?;
+            let done = snapshot::restore(&storage, &s, datavolume::ProgressStyle::auto(json_logs))?;
+            for r in &done {
+                println!(
+                    "restored volume {} onto claim {} ({} bytes)",
+                    r.volume, r.claim, r.size
+                );
+            }
+            Ok(0)
+        }
+        SnapshotCmd::Delete { at, name } => {
+            let storage = absolute(&at.storage_dir);
+            let s = sref(&at, &name)?;
+            snapshot::delete(&storage, &s)?;
+            println!("snapshot {s} deleted");
+            Ok(0)
+        }
+    }
 }

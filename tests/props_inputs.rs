@@ -75,6 +75,7 @@ fn every_parser(b: &[u8]) {
     let _ = pb::FreezeRequest::decode(b);
     let _ = pb::WatchRequest::decode(b);
     let _ = pb::MigrateRequest::decode(b);
+    let _ = pb::SnapshotRequest::decode(b);
     let _ = pb::PrepareMigrationTargetRequest::decode(b);
     if let Ok(req) = pb::SyncRequest::decode(b) {
         // What the Sync handler does with the bytes before the core sees them.

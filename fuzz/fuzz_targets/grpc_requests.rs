@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<pb::FreezeRequest>(data);
     round_trip::<pb::WatchRequest>(data);
     round_trip::<pb::MigrateRequest>(data);
+    round_trip::<pb::SnapshotRequest>(data);
     if let Some(r) = round_trip::<pb::SyncRequest>(data) {
         vmi(&r.vmi);
     }

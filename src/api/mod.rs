@@ -476,6 +476,17 @@ impl LauncherApi for Service {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn snapshot(
+        &self,
+        req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        match within_deadline(&req, self.send(Command::Snapshot { name })).await? {
+            Reply::Snapshot(o) => Ok(Response::new(snapshot_pb(&o))),
+            r => Err(unexpected(r)),
+        }
+    }
+
     type WatchStream = EventStream;
 
     async fn watch(
@@ -529,6 +540,31 @@ impl LauncherApi for Service {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A snapshot as the API returns it.
+fn snapshot_pb(o: &crate::vm::snapshot::SnapshotOutcome) -> pb::SnapshotResponse {
+    let m = &o.manifest;
+    pb::SnapshotResponse {
+        namespace: m.namespace.clone(),
+        name: m.name.clone(),
+        vm: m.vm.clone(),
+        creation_time: m.creation_time.clone(),
+        indications: m.indications.clone(),
+        frozen_ms: m.frozen_ms,
+        bytes: o.bytes,
+        copy_ms: o.copy_ms,
+        volumes: m
+            .volumes
+            .iter()
+            .map(|v| pb::SnapshotVolume {
+                volume: v.volume.clone(),
+                claim: format!("{}/{}", v.claim.namespace, v.claim.name),
+                size_bytes: v.claim.size,
+            })
+            .collect(),
+        directory: o.directory.display().to_string(),
     }
 }
 

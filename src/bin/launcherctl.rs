@@ -117,6 +117,12 @@ enum Cmd {
     },
     /// Abort the running migration (the VM stays here).
     CancelMigration,
+    /// Snapshot every claim of the running VM into the launcher's storage directory (list,
+    /// restore and delete with `virt-launcher snapshot`).
+    Snapshot {
+        /// The snapshot's name (unique in the VM's namespace).
+        name: String,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -423,6 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
             "pong",
             json,
         ),
+        Cmd::Snapshot { name } => snapshot(&mut c, name, json).await?,
     }
     Ok(())
 }
@@ -600,4 +607,51 @@ fn tail(path: &PathBuf, follow: bool) -> Result<()> {
             f.seek(SeekFrom::Start(0))?;
         }
     }
+}
+
+/// `launcherctl snapshot NAME`: waits for the copy; the launcher logs its progress.
+async fn snapshot(
+    c: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>,
+    name: String,
+    json: bool,
+) -> Result<()> {
+    let r = c
+        .snapshot(pb::SnapshotRequest { name })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let consistency = if r.indications.iter().any(|i| i == "GuestAgent") {
+        format!("guest agent froze the filesystems for {} ms", r.frozen_ms)
+    } else {
+        "no guest agent: crash-consistent".to_string()
+    };
+    let volumes: Vec<String> = r
+        .volumes
+        .iter()
+        .map(|v| format!("{} ({}, {} bytes)", v.volume, v.claim, v.size_bytes))
+        .collect();
+    out(
+        json,
+        json!({
+            "namespace": r.namespace, "name": r.name, "vm": r.vm,
+            "creationTime": r.creation_time, "indications": r.indications,
+            "frozenMs": r.frozen_ms, "bytes": r.bytes, "copyMs": r.copy_ms,
+            "directory": r.directory,
+            "volumes": r.volumes.iter().map(|v| json!({
+                "volume": v.volume, "claim": v.claim, "sizeBytes": v.size_bytes})).collect::<Vec<_>>(),
+        }),
+        &format!(
+            "snapshot {}/{} of VM {} taken at {} ({consistency}; indications {}): {} copied in {} ms into {}\nvolumes: {}",
+            r.namespace,
+            r.name,
+            r.vm,
+            r.creation_time,
+            r.indications.join(","),
+            r.bytes,
+            r.copy_ms,
+            r.directory,
+            volumes.join(", ")
+        ),
+    );
+    Ok(())
 }

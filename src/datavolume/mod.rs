@@ -12,8 +12,8 @@
 //! `registry` (the one file under `/disk/` of a container image, pulled by [`registry`]; its
 //! `secretRef` Secret and `certConfigMap` ConfigMap come from the same manifest file, as
 //! `kubectl apply -f` would create them), `pvc` (a copy of another claim in the storage
-//! directory, by namespace/name) and `blank`. The cluster-only sources fail with an error that
-//! says why.
+//! directory, by namespace/name), `snapshot` (a copy of a volume of a VM snapshot, see
+//! [`snapshot`]) and `blank`. The cluster-only sources fail with an error that says why.
 //!
 //! Sizes follow CDI (see [`spec::DataVolumeSpec::disk_size`]): a `spec.pvc` Filesystem claim
 //! holds a disk of the request minus CDI's default 5.5 % filesystem overhead (rounded down to
@@ -36,6 +36,7 @@ mod import;
 mod loopdev;
 mod progress;
 pub mod registry;
+pub mod snapshot;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,6 +51,7 @@ use crate::convert::facts::PodPaths;
 use crate::spec::{Manifest, SpecError, VirtualMachine, VirtualMachineInstance};
 
 pub use claim::ClaimMeta;
+pub(crate) use progress::Progress;
 pub use progress::ProgressStyle;
 pub use spec::{ClaimRef, DataVolumeSpec, Source, VolumeMode};
 
@@ -453,6 +455,17 @@ fn import_into(
             let _guard = File::create(&src_lock)
                 .ok()
                 .and_then(|f| Flock::lock(f, FlockArg::LockShared).ok());
+            import::from_claim(&job, &src_image, requested.map(|r| s.disk_size(r)))?
+        }
+        Source::Snapshot(src) => {
+            let (src_image, _, _guard) =
+                snapshot::clone_source(storage, src).map_err(|reason| {
+                    DataVolumeError::CloneSource {
+                        dv: dv.clone(),
+                        source_claim: format!("snapshot {src}"),
+                        reason,
+                    }
+                })?;
             import::from_claim(&job, &src_image, requested.map(|r| s.disk_size(r)))?
         }
     };

@@ -42,6 +42,9 @@ pub enum Source {
         secret_ref: Option<String>,
         cert_config_map: Option<String>,
     },
+    /// `source.snapshot` (namespace/name): a copy of a volume of a local VM snapshot
+    /// (`<snapshot>` holding one volume, or `<snapshot>.<volume>`).
+    Snapshot(ClaimRef),
 }
 
 impl Source {
@@ -51,6 +54,7 @@ impl Source {
             Source::Pvc(_) => "pvc",
             Source::Blank => "blank",
             Source::Registry { .. } => "registry",
+            Source::Snapshot(_) => "snapshot",
         }
     }
 }
@@ -227,6 +231,8 @@ struct PvcSourceDoc {
 enum SourceKind {
     Http(HttpDoc),
     Pvc(PvcSourceDoc),
+    /// `spec.source.snapshot`: the same two fields as `pvc`.
+    Snapshot(PvcSourceDoc),
     Blank,
     Registry(RegistryDoc),
     /// A CDI source type that standalone mode cannot serve (its name).
@@ -241,7 +247,7 @@ struct SourceDoc {
 }
 
 /// CDI's source types that need a cluster (or a registry) to import from.
-const CLUSTER_SOURCES: &[&str] = &["s3", "gcs", "upload", "imageio", "vddk", "snapshot"];
+const CLUSTER_SOURCES: &[&str] = &["s3", "gcs", "upload", "imageio", "vddk"];
 
 impl<'de> Deserialize<'de> for SourceDoc {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -259,6 +265,9 @@ impl<'de> Deserialize<'de> for SourceDoc {
                         "pvc" => map
                             .next_value::<Option<PvcSourceDoc>>()?
                             .map(SourceKind::Pvc),
+                        "snapshot" => map
+                            .next_value::<Option<PvcSourceDoc>>()?
+                            .map(SourceKind::Snapshot),
                         "blank" => map
                             .next_value::<Option<IgnoredAny>>()?
                             .map(|_| SourceKind::Blank),
@@ -274,7 +283,7 @@ impl<'de> Deserialize<'de> for SourceDoc {
                                     continue;
                                 }
                                 return Err(serde::de::Error::custom(format!(
-                                    "unknown source type {k:?} (standalone mode imports http, registry, pvc and blank)"
+                                    "unknown source type {k:?} (standalone mode imports http, registry, pvc, snapshot and blank)"
                                 )));
                             }
                         },
@@ -396,7 +405,8 @@ pub fn parse(
             Some((q.0, bytes))
         }
     };
-    let clone_infers_size = form == StorageForm::Storage && matches!(source, Source::Pvc(_));
+    let clone_infers_size =
+        form == StorageForm::Storage && matches!(source, Source::Pvc(_) | Source::Snapshot(_));
     if requested.is_none() && !clone_infers_size {
         return Err(field_err(
             &f("resources.requests.storage"),
@@ -535,9 +545,35 @@ fn source(
         }
         SourceKind::Blank => Ok(Source::Blank),
         SourceKind::Registry(r) => registry(r, field_err, unsupported),
+        SourceKind::Snapshot(snap) => {
+            let name = match snap.name {
+                Some(n) if is_dns1123_subdomain(&n) => n,
+                other => {
+                    return Err(field_err(
+                        "spec.source.snapshot.name",
+                        format!(
+                            "{} is not a snapshot name",
+                            other.map_or("missing".to_string(), |n| format!("{n:?}"))
+                        ),
+                    ))
+                }
+            };
+            let namespace = match snap.namespace {
+                None => claim.namespace.clone(),
+                Some(n) if n.is_empty() => claim.namespace.clone(),
+                Some(n) if is_dns1123_label(&n) => n,
+                Some(other) => {
+                    return Err(field_err(
+                        "spec.source.snapshot.namespace",
+                        format!("{other:?} is not a namespace name"),
+                    ))
+                }
+            };
+            Ok(Source::Snapshot(ClaimRef { namespace, name }))
+        }
         SourceKind::Unsupported(kind) => Err(unsupported(
             &format!("spec.source.{kind}"),
-            "it needs services of a cluster (CDI); standalone mode imports http, registry, pvc and blank",
+            "it needs services of a cluster (CDI); standalone mode imports http, registry, pvc, snapshot and blank",
         )),
     }
 }
@@ -684,6 +720,33 @@ mod tests {
         assert_eq!(b.volume_mode, VolumeMode::Block);
         assert_eq!(b.disk_size(64 << 20), 64 << 20);
         assert_eq!(b.access_modes, vec!["ReadWriteOnce".to_string()]);
+    }
+
+    /// CDI's `source.snapshot` (namespace/name): a local VM snapshot here; the storage form
+    /// takes its size; a bad name is refused naming the field.
+    #[test]
+    fn snapshot_source_names_a_local_snapshot() {
+        let s = dv(
+            json!({"source": {"snapshot": {"namespace": "prod", "name": "snap1.root"}},
+            "storage": {}}),
+        )
+        .expect("valid");
+        assert_eq!(
+            s.source,
+            Source::Snapshot(ClaimRef {
+                namespace: "prod".into(),
+                name: "snap1.root".into()
+            })
+        );
+        assert_eq!(s.source.kind(), "snapshot");
+        assert_eq!(s.requested, None);
+        let err = dv(json!({"source": {"snapshot": {"name": "../x"}}, "storage": {}}))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "DataVolume default/disk: spec.dataVolumeTemplates[0].spec.source.snapshot.name: \"../x\" is not a snapshot name"
+        );
     }
 
     #[test]

@@ -85,6 +85,12 @@ pub const VIR_DOMAIN_XML_MIGRATABLE: u32 = 8;
 pub const VIR_DOMAIN_BLOCK_RESIZE_BYTES: u32 = 1;
 pub const VIR_DOMAIN_JOB_STATS_COMPLETED: u32 = 1;
 pub const VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED: u32 = 2;
+/// `virDomainBackupBeginFlags`: the push-mode targets exist already (created by the caller).
+pub const VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL: u32 = 1;
+
+// virDomainJobType.
+pub const VIR_DOMAIN_JOB_NONE: i32 = 0;
+pub const VIR_DOMAIN_JOB_COMPLETED: i32 = 3;
 
 // virDomainMigrateFlags.
 pub const VIR_MIGRATE_LIVE: u32 = 1;

@@ -832,6 +832,34 @@ impl Hypervisor {
         self.fs_call(name, "freeze filesystems", procs::DOMAIN_FSFREEZE)
     }
 
+    /// Starts a backup job (`virDomainBackupBegin`, libvirt 7.2+): in push mode QEMU copies
+    /// the point in time of this call of each disk the `<domainbackup>` XML names into its
+    /// target while the guest runs on. Returns once the point in time is fixed; the copy is a
+    /// job ([`Hypervisor::job_stats`]), which ends with libvirt's job-completed event.
+    pub fn backup_begin(&self, name: &str, xml: &str, flags: u32) -> Result<(), LibvirtError> {
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "backup begin", procs::DOMAIN_BACKUP_BEGIN, |e| {
+                e.string(xml).opt_string(None).u32(flags);
+            })
+        })
+    }
+
+    /// The XML of the backup job running (`virDomainBackupGetXMLDesc`).
+    pub fn backup_xml(&self, name: &str) -> Result<String, LibvirtError> {
+        self.with_domain(name, |c, d| {
+            rpc(
+                c,
+                "backup dumpxml",
+                procs::DOMAIN_BACKUP_GET_XML_DESC,
+                |e| {
+                    d.encode(e);
+                    e.u32(0);
+                },
+                |r| r.string(),
+            )
+        })
+    }
+
     /// Thaws all guest filesystems; returns how many were thawed.
     pub fn fs_thaw(&self, name: &str) -> Result<i32, LibvirtError> {
         self.fs_call(name, "thaw filesystems", procs::DOMAIN_FSTHAW)

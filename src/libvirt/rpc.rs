@@ -113,6 +113,8 @@ pub mod procs {
     pub const DOMAIN_EVENT_CALLBACK_JOB_COMPLETED: i32 = 363;
     pub const DOMAIN_MIGRATE_START_POST_COPY: i32 = 364;
     pub const DOMAIN_EVENT_CALLBACK_DEVICE_REMOVAL_FAILED: i32 = 367;
+    pub const DOMAIN_BACKUP_BEGIN: i32 = 421;
+    pub const DOMAIN_BACKUP_GET_XML_DESC: i32 = 422;
 }
 
 /// The procedures of `qemu_protocol.x` used.

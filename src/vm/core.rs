@@ -80,6 +80,8 @@ pub(crate) struct Launcher {
     /// Network phase 2's DHCP servers, started with the first domain and kept for the pod's
     /// life (the guest renews and reboots).
     pub(crate) network: Mutex<crate::pod::net::Phase2>,
+    /// Where the VM's claims live, for snapshots (standalone `run --vm`).
+    pub(crate) storage: Option<super::snapshot::SnapshotStorage>,
 }
 
 impl Launcher {
@@ -94,6 +96,7 @@ impl Launcher {
             sockets,
             detach_timeout,
             libvirtd_pid_file,
+            storage,
         } = config;
         let domain_type = format!("{:?}", planner.domain_type).to_lowercase();
         Arc::new(Launcher {
@@ -115,6 +118,7 @@ impl Launcher {
             live_generation: AtomicU64::new(0),
             agent_polling: std::sync::atomic::AtomicBool::new(false),
             network: Mutex::new(crate::pod::net::Phase2::default()),
+            storage,
         })
     }
 

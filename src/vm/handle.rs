@@ -95,6 +95,10 @@ pub enum Command {
     /// KubeVirt's SignalTargetPodCleanup addressed to this pod: a migration target whose VM
     /// has not arrived ends (nothing of it is left); otherwise nothing to do.
     TargetCleanup,
+    /// Snapshot every claim of the running VM into the storage directory as `name`.
+    Snapshot {
+        name: String,
+    },
 }
 
 impl Command {
@@ -158,6 +162,7 @@ impl Command {
             Command::HandlerMigrationTarget { .. } => "HandlerMigrationTarget",
             Command::HandlerMigrate { .. } => "HandlerMigrate",
             Command::TargetCleanup => "TargetCleanup",
+            Command::Snapshot { .. } => "Snapshot",
         }
     }
 }
@@ -187,6 +192,8 @@ pub enum Reply {
     Exec(ExecOutcome),
     /// How the migration ended.
     Migrated(MigrationOutcome),
+    /// The snapshot taken.
+    Snapshot(Box<super::snapshot::SnapshotOutcome>),
 }
 
 /// The answer to a command.

@@ -24,6 +24,7 @@ mod ledger;
 mod lifecycle;
 pub mod migration;
 pub mod plan;
+pub mod snapshot;
 pub mod state;
 mod volumes;
 
@@ -64,6 +65,9 @@ pub struct RunOptions {
     /// KubeVirt's pod: `<share dir>/migrationproxy`, where virt-handler's migration proxies
     /// meet the launcher's libvirt and QEMU.
     pub migration_proxy_dir: Option<std::path::PathBuf>,
+    /// Standalone `run --vm`: the storage directory and the VM's claims (what a snapshot
+    /// copies); `None` elsewhere (snapshots are refused).
+    pub storage: Option<snapshot::SnapshotStorage>,
 }
 
 /// What the launcher does on SIGTERM once a domain runs.
@@ -129,6 +133,7 @@ pub(crate) struct CoreConfig {
     pub sockets: Option<migration::PodSockets>,
     pub detach_timeout: Duration,
     pub libvirtd_pid_file: Option<std::path::PathBuf>,
+    pub storage: Option<snapshot::SnapshotStorage>,
 }
 
 /// The owner of the domain's state, before it runs: connected to libvirtd, listening for
@@ -172,6 +177,7 @@ impl Supervisor {
             }),
             detach_timeout: opts.detach_timeout,
             libvirtd_pid_file: Some(layout.pid_dir().join("libvirtd.pid")),
+            storage: opts.storage.clone(),
         };
         let (internal_tx, internal) = mpsc::unbounded_channel();
         let (ledger, views) = Ledger::new(requests_tx.clone());
@@ -704,6 +710,10 @@ async fn execute(
         }
         Command::Freeze { timeout } => core.freeze(timeout).await.map(Reply::Filesystems),
         Command::Unfreeze => core.unfreeze().await.map(Reply::Filesystems),
+        Command::Snapshot { name } => core
+            .snapshot(&name)
+            .await
+            .map(|o| Reply::Snapshot(Box::new(o))),
         Command::Stats => core
             .stats()
             .await
@@ -1013,7 +1023,10 @@ fn apply_event(
     ev: &DomainEvent,
 ) -> Option<StopReason> {
     match ev {
-        DomainEvent::JobCompleted { stats, .. } => link.job_completed(stats),
+        // A snapshot's backup job ends with the same event: it is not a migration's.
+        DomainEvent::JobCompleted { stats, .. } if !snapshot::is_backup_job(stats) => {
+            link.job_completed(stats)
+        }
         DomainEvent::DeviceRemoved { alias, .. } => removed(ledger, removals, alias, true),
         DomainEvent::DeviceRemovalFailed { alias, .. } => removed(ledger, removals, alias, false),
         _ => {}
