@@ -75,6 +75,10 @@ struct RunArgs {
     /// volumes are that directory's claims.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["volumes_dir", "block_dir"])]
     vm: Option<PathBuf>,
+    /// Warn about fields KubeVirt does not know (a newer KubeVirt's) instead of refusing the
+    /// file; a KubeVirt field the launcher does not support is refused either way.
+    #[arg(long)]
+    allow_unknown_fields: bool,
     /// Where claims of --vm live (`<dir>/claims/<namespace>/<name>`), kept across runs.
     #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
     storage_dir: PathBuf,
@@ -144,6 +148,9 @@ struct RunArgs {
 struct RenderArgs {
     #[arg(long, value_name = "FILE")]
     vmi: PathBuf,
+    /// Warn about fields KubeVirt does not know instead of refusing the file.
+    #[arg(long)]
+    allow_unknown_fields: bool,
     /// Pod facts as JSON (`{"blockVolumes": [...], "directIO": true, "domainType": "kvm"}`);
     /// without it the real filesystem is probed.
     #[arg(long, value_name = "FILE")]
@@ -223,12 +230,20 @@ impl PathArgs {
     }
 }
 
+fn unknown_fields(allow: bool) -> spec::UnknownFields {
+    if allow {
+        spec::UnknownFields::Warn
+    } else {
+        spec::UnknownFields::Refuse
+    }
+}
+
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn render(args: RenderArgs) -> Result<()> {
-    let vmi = spec::load_file(&args.vmi)?;
+    let vmi = spec::load_file_checked(&args.vmi, unknown_fields(args.allow_unknown_fields))?;
     let facts = match &args.pod_facts {
         Some(f) => podfacts::from_file(f, &vmi)?,
         None => podfacts::probe(
@@ -252,7 +267,10 @@ fn run(args: RunArgs) -> Result<i32> {
         pod::pidns::bind_to_parent()?;
     }
     let input = args.vm.as_ref().or(args.vmi.as_ref());
-    let mut vmi = input.map(|p| spec::load_file(p)).transpose()?;
+    let unknown = unknown_fields(args.allow_unknown_fields);
+    let mut vmi = input
+        .map(|p| spec::load_file_checked(p, unknown))
+        .transpose()?;
     let root = match (&args.runtime_dir, &vmi) {
         (Some(dir), _) => dir.clone(),
         (None, Some(vmi)) => Path::new("/run/virt-launcher").join(vmi.domain_name()),
