@@ -252,8 +252,10 @@ fn render(args: RenderArgs) -> Result<()> {
             args.domain_type,
         )?,
     };
-    let domain =
-        convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
+    let domain = convert::convert(&vmi, &facts)
+        .and_then(|domain| virt_launcher::vm::plan::pcie_fits(&vmi, &domain).map(|()| domain))
+        .map_err(|e| anyhow::anyhow!("{}", vmi.user_text(&e.to_string())))
+        .with_context(|| format!("{}", args.vmi.display()))?;
     print!("{}", domain.to_xml());
     Ok(())
 }
@@ -297,6 +299,17 @@ fn run(args: RunArgs) -> Result<i32> {
         overrides.private_dir = Some(layout.private_dir());
         overrides.ephemeral_disks_dir = Some(layout.root().join("ephemeral"));
     }
+    // The whole VM is checked before any import (hours for a large image) or daemon: its
+    // DataVolume templates, then its conversion with the claims as the templates describe them.
+    if let (Some(vm), Some(vmi)) = (&args.vm, &vmi) {
+        check_before_import(
+            vm,
+            vmi,
+            &overrides,
+            args.domain_type,
+            &standalone_network(&args, &layout),
+        )?;
+    }
     // Standalone DataVolumes: claims imported into the storage dir; kept (loop devices of Block
     // claims attached) until the launcher returns.
     let _claims = match (&args.vm, &vmi) {
@@ -333,20 +346,19 @@ fn run(args: RunArgs) -> Result<i32> {
     let planner = Planner {
         domain_type: args.domain_type,
         paths: overrides,
-        standalone_network: Some(virt_launcher::convert::facts::StandaloneNetwork {
-            publish: args.publish.clone(),
-            host_bridge: args.host_bridge.clone(),
-            passt_log: layout.root().join("passt.log"),
-        }),
+        standalone_network: Some(standalone_network(&args, &layout)),
     };
-    if let Some(why) = vmi.as_ref().and_then(|v| v.nothing_to_boot()) {
-        tracing::warn!("{why}");
+    if let Some(vmi) = &vmi {
+        if let Some(why) = vmi.nothing_to_boot() {
+            tracing::warn!("{}", vmi.user_text(&why));
+        }
     }
     // A bad spec or a missing volume is reported before anything is started.
     let console_log = match (&vmi, input) {
         (Some(vmi), Some(input)) => Some(
             planner
                 .plan(vmi)
+                .map_err(|e| anyhow::anyhow!("{}", vmi.user_text(&e.to_string())))
                 .with_context(|| input.display().to_string())?
                 .facts
                 .paths
@@ -401,6 +413,54 @@ fn run(args: RunArgs) -> Result<i32> {
     };
 
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
+}
+
+fn standalone_network(
+    args: &RunArgs,
+    layout: &PodLayout,
+) -> virt_launcher::convert::facts::StandaloneNetwork {
+    virt_launcher::convert::facts::StandaloneNetwork {
+        publish: args.publish.clone(),
+        host_bridge: args.host_bridge.clone(),
+        passt_log: layout.root().join("passt.log"),
+    }
+}
+
+/// `run --vm`: the DataVolume templates and the VM's conversion, checked without any I/O
+/// (the claims taken as their templates describe them), so that a bad spec fails before an
+/// import; errors name the fields as written in the VM.
+fn check_before_import(
+    vm_file: &Path,
+    vmi: &VirtualMachineInstance,
+    overrides: &PathOverrides,
+    domain_type: DomainType,
+    network: &virt_launcher::convert::facts::StandaloneNetwork,
+) -> Result<()> {
+    let vm = datavolume::load_vm(vm_file)?;
+    let templates = datavolume::templates(&vm, vmi)?;
+    let mut facts = virt_launcher::convert::facts::PodFacts::defaults(vmi);
+    facts.domain_type = domain_type;
+    facts.paths = overrides.paths_for(vmi);
+    facts.standalone_network = Some(network.clone());
+    for t in templates
+        .iter()
+        .filter(|t| t.volume_mode == datavolume::VolumeMode::Block)
+    {
+        for v in &vmi.spec.volumes {
+            let claim = v.data_volume.as_ref().map(|d| d.name.as_str()).or(v
+                .persistent_volume_claim
+                .as_ref()
+                .map(|p| p.claim_name.as_str()));
+            if claim == Some(t.claim.name.as_str()) {
+                facts.block_volumes.insert(v.name.clone());
+            }
+        }
+    }
+    convert::convert(vmi, &facts)
+        .and_then(|domain| virt_launcher::vm::plan::pcie_fits(vmi, &domain))
+        .map_err(|e| anyhow::anyhow!("{}", vmi.user_text(&e.to_string())))
+        .with_context(|| vm_file.display().to_string())?;
+    Ok(())
 }
 
 /// Imports the VM's DataVolumes, unless SIGTERM or SIGINT comes first (None): then the import

@@ -254,3 +254,33 @@ fn a_kubevirt_field_not_implemented_is_refused_by_name() {
     );
     assert!(!pod.runtime_dir().exists(), "a runtime directory was made");
 }
+
+/// 300 disks do not fit a q35 machine's PCIe topology (measured: 229 virtio disks beside the
+/// default controllers and balloon): the first disk that does not fit is named, before any
+/// daemon starts.
+#[test]
+fn too_many_disks_for_the_pcie_topology_name_the_disk_that_does_not_fit() {
+    let pod = Pod::new("manydisks");
+    let disks: String = (0..300)
+        .map(|i| format!("      - name: d{i}\n        disk: {{bus: virtio}}\n"))
+        .collect();
+    let volumes: String = (0..300)
+        .map(|i| format!("  - name: d{i}\n    emptyDisk: {{capacity: 1Mi}}\n"))
+        .collect();
+    std::fs::write(
+        pod.vmi_path(),
+        format!(
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {{name: {}}}\n\
+             spec:\n  domain:\n    resources: {{requests: {{memory: 64Mi}}}}\n    devices:\n      \
+             disks:\n{disks}  volumes:\n{volumes}",
+            pod.name
+        ),
+    )
+    .unwrap();
+    let line = fails(&pod);
+    assert!(
+        line.contains("spec.domain.devices.disks[229]: disk \"d229\" does not fit the q35 machine's PCIe topology"),
+        "{line}"
+    );
+    assert!(!pod.runtime_dir().exists(), "a runtime directory was made");
+}

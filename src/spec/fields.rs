@@ -228,6 +228,34 @@ fn one_level_down(ty: &str, key: &str, map: &serde_json::Map<String, Value>) -> 
         .map(|h| format!("{h}.{key}"))
 }
 
+/// `text` with every VMI spec path (`spec.domain…`, `spec.volumes[0]…`) written as in a
+/// VirtualMachine (`spec.template.spec.domain…`).
+pub fn template_paths(text: &str) -> String {
+    let spec_fields = fields_of("v1.VirtualMachineInstanceSpec");
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut rest = text;
+    while let Some(at) = rest.find("spec.") {
+        let (before, after) = rest.split_at(at);
+        out.push_str(before);
+        let boundary = out
+            .chars()
+            .last()
+            .is_none_or(|c| !(c.is_alphanumeric() || c == '.' || c == '_'));
+        let name: String = after["spec.".len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        if boundary && spec_fields.iter().any(|(f, _)| *f == name) {
+            out.push_str("spec.template.spec.");
+        } else {
+            out.push_str("spec.");
+        }
+        rest = &after["spec.".len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The closest of `candidates` to `typo`, when close enough to be what was meant.
 pub fn suggest<'a>(typo: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
     let lower = typo.to_ascii_lowercase();
@@ -431,6 +459,14 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn vmi_paths_are_written_as_in_a_vm() {
+        assert_eq!(
+            template_paths("spec.domain.memory: missing (see spec.volumes[0], spec.template.spec.x, my.spec.domain, spec.nothing)"),
+            "spec.template.spec.domain.memory: missing (see spec.template.spec.volumes[0], spec.template.spec.x, my.spec.domain, spec.nothing)"
+        );
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub struct VirtualMachineInstance {
     /// part of the VMI document.
     #[serde(skip)]
     pub handler_options: Option<HandlerOptions>,
+    /// Read from a VirtualMachine's `spec.template`: messages name its fields as the user
+    /// wrote them ([`VirtualMachineInstance::user_text`]).
+    #[serde(skip)]
+    pub from_vm: bool,
 }
 
 /// The parts of virt-handler's `VirtualMachineOptions` the converter honours, as KubeVirt's
@@ -131,6 +135,15 @@ pub struct Smbios {
 }
 
 impl VirtualMachineInstance {
+    /// `text` (an error, a warning) with the VMI's field paths as the user wrote them: for a
+    /// VM, `spec.domain.cpu` is `spec.template.spec.domain.cpu`.
+    pub fn user_text(&self, text: &str) -> String {
+        if !self.from_vm {
+            return text.to_string();
+        }
+        fields::template_paths(text)
+    }
+
     /// `spec.terminationGracePeriodSeconds`, default 30 s (KubeVirt's default for VMs).
     pub fn termination_grace_period(&self) -> Duration {
         Duration::from_secs(self.spec.termination_grace_period_seconds.unwrap_or(30))
@@ -1019,6 +1032,7 @@ impl VirtualMachine {
             spec: self.spec.template.spec,
             status: None,
             handler_options: None,
+            from_vm: true,
         }
     }
 }
