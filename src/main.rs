@@ -133,6 +133,10 @@ struct RunArgs {
     #[arg(long, default_value_t = virt_launcher::pod::daemons::DEFAULT_LOG_MAX_BYTES,
           value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
     log_max_bytes: u64,
+    /// Seconds after which a guest that wrote nothing to its serial console is warned
+    /// about (0: never).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    console_silence_warning: u64,
     /// Always log JSON lines, even on a terminal.
     #[arg(long)]
     json_logs: bool,
@@ -410,6 +414,8 @@ fn run(args: RunArgs) -> Result<i32> {
             .kubevirt_share_dir
             .as_deref()
             .map(pod::migration_proxy_dir),
+        console_silence: (args.console_silence_warning > 0)
+            .then(|| Duration::from_secs(args.console_silence_warning)),
     };
 
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
@@ -747,6 +753,8 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
             grace: args.grace_period,
         },
         migration_proxy_dir: Some(pod::migration_proxy_dir(&absolute(&args.share_dir))),
+        // KubeVirt's launcher says nothing of a silent console; neither does ours there.
+        console_silence: None,
     };
     run_core(&layout, opts, &api, false, Some(absolute(&args.share_dir)))
 }
