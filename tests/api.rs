@@ -618,6 +618,23 @@ fn launcherctl_finds_a_standalone_launcher_by_vm_name() {
     let vmi: serde_json::Value = serde_json::from_str(&vmi).unwrap();
     assert_eq!(vmi["metadata"]["name"], vm.as_str());
 
+    // A failed attach (no image yet) is retried by attaching again, without a detach.
+    let (ok, _, err) = ctl(&["--vm", &vm, "attach", "late"]);
+    assert!(!ok, "attached a volume with no image");
+    assert!(err.contains("late"), "{err}");
+    let f = std::fs::File::create(pod.hotplug_dir().join("late.img")).unwrap();
+    f.set_len(8 << 20).unwrap();
+    let (ok, out, err) = ctl(&["--vm", &vm, "--json", "attach", "late"]);
+    assert!(ok, "retry: {out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let late = status["disks"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["volume"] == "late"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(late["phase"], "Ready", "{status}");
+    // The guest sees the 8 MiB disk (16384 sectors) in its block-device list.
+    pod.wait_console(":16384", Duration::from_secs(60));
+
     // The first event (the current state) with its time.
     let mut events = std::process::Command::new(env!("CARGO_BIN_EXE_launcherctl"))
         .args(["--vm", &vm, "events"])

@@ -55,7 +55,8 @@ enum Cmd {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Hot-plug a PVC (or DataVolume) as a disk: adds it to the VMI and syncs.
+    /// Hot-plug a PVC (or DataVolume) as a disk: adds it to the VMI and syncs; a volume whose
+    /// attach failed is retried.
     Attach {
         volume: String,
         /// The claim's name (default: the volume's name).
@@ -285,13 +286,26 @@ async fn run(cli: Cli) -> Result<()> {
             datavolume,
         } => {
             let mut vmi = current_vmi(&mut c).await?;
-            client::add_hotplug_volume(
+            let added = client::add_hotplug_volume(
                 &mut vmi,
                 &volume,
                 claim.as_deref().unwrap_or(&volume),
                 &bus,
                 datavolume,
-            )?;
+            );
+            if let Err(e) = added {
+                // A volume whose attach failed is still in the VMI: syncing it again retries
+                // the attach (no detach needed first).
+                let d = c.get_domain(pb::Empty {}).await.map_err(status_error)?;
+                let failed = d
+                    .into_inner()
+                    .disks
+                    .iter()
+                    .any(|x| x.volume == volume && x.phase() == VolumePhase::Failed);
+                if !failed {
+                    return Err(e.into());
+                }
+            }
             let d = sync(&mut c, &vmi).await?;
             print_domain(&d, json);
         }
