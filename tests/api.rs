@@ -635,6 +635,35 @@ fn launcherctl_finds_a_standalone_launcher_by_vm_name() {
     // The guest sees the 8 MiB disk (16384 sectors) in its block-device list.
     pod.wait_console(":16384", Duration::from_secs(60));
 
+    // `sync FILE`: the VMI as synced, less the hot-plugged volume, unplugs it.
+    let (_, synced, _) = ctl(&["--vm", &vm, "vmi"]);
+    let mut synced: serde_json::Value = serde_json::from_str(&synced).unwrap();
+    client::remove_volume(&mut synced, "late").unwrap();
+    let file = pod.dir.join("synced.json");
+    std::fs::write(&file, synced.to_string()).unwrap();
+    let (ok, out, err) = ctl(&["--vm", &vm, "--json", "sync", file.to_str().unwrap()]);
+    assert!(ok, "sync: {out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        status["disks"]
+            .as_array()
+            .is_some_and(|d| !d.iter().any(|d| d["volume"] == "late")),
+        "{status}"
+    );
+    // A typo in the file is refused before anything is sent.
+    std::fs::write(
+        &file,
+        synced
+            .to_string()
+            .replacen("\"domain\":{", "\"domain\":{\"cpux\":{},", 1),
+    )
+    .unwrap();
+    let (ok, _, err) = ctl(&["--vm", &vm, "sync", file.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("field spec.domain.cpux: unknown field"),
+        "{err}"
+    );
+
     // The first event (the current state) with its time.
     let mut events = std::process::Command::new(env!("CARGO_BIN_EXE_launcherctl"))
         .args(["--vm", &vm, "events"])

@@ -68,6 +68,11 @@ enum Cmd {
         #[arg(long)]
         datavolume: bool,
     },
+    /// Sync the VMI in FILE (JSON or YAML, checked as `virt-launcher run` checks a file): the
+    /// running VM is reconciled to it (hot-plug, unplug, expansion).
+    Sync {
+        file: PathBuf,
+    },
     /// Hot-unplug a volume: removes it from the VMI and syncs (waits for the guest).
     Detach {
         volume: String,
@@ -307,6 +312,16 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             let d = sync(&mut c, &vmi).await?;
+            print_domain(&d, json);
+        }
+        Cmd::Sync { file } => {
+            let manifest = virt_launcher::spec::Manifest::read(&file)?;
+            // Refused here with the field as written, rather than by the launcher.
+            manifest.vmi_checked(virt_launcher::spec::UnknownFields::Refuse)?;
+            let doc = manifest
+                .find_kind("VirtualMachineInstance")
+                .with_context(|| format!("{}: no VirtualMachineInstance", file.display()))?;
+            let d = sync(&mut c, doc).await?;
             print_domain(&d, json);
         }
         Cmd::Detach { volume } => {
