@@ -128,6 +128,10 @@ struct RunArgs {
     /// volumes are that directory's claims.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["volumes_dir", "block_dir"])]
     vm: Option<PathBuf>,
+    /// Warn about fields KubeVirt does not know (a newer KubeVirt's) instead of refusing the
+    /// file; a KubeVirt field the launcher does not support is refused either way.
+    #[arg(long)]
+    allow_unknown_fields: bool,
     /// Where claims of --vm live (`<dir>/claims/<namespace>/<name>`), kept across runs.
     #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
     storage_dir: PathBuf,
@@ -191,6 +195,10 @@ struct RunArgs {
     #[arg(long, default_value_t = virt_launcher::pod::daemons::DEFAULT_LOG_MAX_BYTES,
           value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
     log_max_bytes: u64,
+    /// Seconds after which a guest that wrote nothing to its serial console is warned
+    /// about (0: never).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    console_silence_warning: u64,
     /// Always log JSON lines, even on a terminal.
     #[arg(long)]
     json_logs: bool,
@@ -206,6 +214,9 @@ struct RunArgs {
 struct RenderArgs {
     #[arg(long, value_name = "FILE")]
     vmi: PathBuf,
+    /// Warn about fields KubeVirt does not know instead of refusing the file.
+    #[arg(long)]
+    allow_unknown_fields: bool,
     /// Pod facts as JSON (`{"blockVolumes": [...], "directIO": true, "domainType": "kvm"}`);
     /// without it the real filesystem is probed.
     #[arg(long, value_name = "FILE")]
@@ -357,12 +368,20 @@ impl PathArgs {
     }
 }
 
+fn unknown_fields(allow: bool) -> spec::UnknownFields {
+    if allow {
+        spec::UnknownFields::Warn
+    } else {
+        spec::UnknownFields::Refuse
+    }
+}
+
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn render(args: RenderArgs) -> Result<()> {
-    let vmi = spec::load_file(&args.vmi)?;
+    let vmi = spec::load_file_checked(&args.vmi, unknown_fields(args.allow_unknown_fields))?;
     let facts = match &args.pod_facts {
         Some(f) => podfacts::from_file(f, &vmi)?,
         None => podfacts::probe(
@@ -371,8 +390,10 @@ fn render(args: RenderArgs) -> Result<()> {
             args.domain_type,
         )?,
     };
-    let domain =
-        convert::convert(&vmi, &facts).with_context(|| format!("{}", args.vmi.display()))?;
+    let domain = convert::convert(&vmi, &facts)
+        .and_then(|domain| virt_launcher::vm::plan::pcie_fits(&vmi, &domain).map(|()| domain))
+        .map_err(|e| anyhow::anyhow!("{}", vmi.user_text(&e.to_string())))
+        .with_context(|| format!("{}", args.vmi.display()))?;
     print!("{}", domain.to_xml());
     Ok(())
 }
@@ -386,7 +407,10 @@ fn run(args: RunArgs) -> Result<i32> {
         pod::pidns::bind_to_parent()?;
     }
     let input = args.vm.as_ref().or(args.vmi.as_ref());
-    let mut vmi = input.map(|p| spec::load_file(p)).transpose()?;
+    let unknown = unknown_fields(args.allow_unknown_fields);
+    let mut vmi = input
+        .map(|p| spec::load_file_checked(p, unknown))
+        .transpose()?;
     let root = match (&args.runtime_dir, &vmi) {
         (Some(dir), _) => dir.clone(),
         (None, Some(vmi)) => Path::new("/run/virt-launcher").join(vmi.domain_name()),
@@ -412,6 +436,17 @@ fn run(args: RunArgs) -> Result<i32> {
         // the host's /var/run/kubevirt* directories.
         overrides.private_dir = Some(layout.private_dir());
         overrides.ephemeral_disks_dir = Some(layout.root().join("ephemeral"));
+    }
+    // The whole VM is checked before any import (hours for a large image) or daemon: its
+    // DataVolume templates, then its conversion with the claims as the templates describe them.
+    if let (Some(vm), Some(vmi)) = (&args.vm, &vmi) {
+        check_before_import(
+            vm,
+            vmi,
+            &overrides,
+            args.domain_type,
+            &standalone_network(&args, &layout),
+        )?;
     }
     // Standalone DataVolumes: claims imported into the storage dir; kept (loop devices of Block
     // claims attached) until the launcher returns.
@@ -489,20 +524,19 @@ fn run(args: RunArgs) -> Result<i32> {
     let planner = Planner {
         domain_type: args.domain_type,
         paths: overrides,
-        standalone_network: Some(virt_launcher::convert::facts::StandaloneNetwork {
-            publish: args.publish.clone(),
-            host_bridge: args.host_bridge.clone(),
-            passt_log: layout.root().join("passt.log"),
-        }),
+        standalone_network: Some(standalone_network(&args, &layout)),
     };
-    if let Some(why) = vmi.as_ref().and_then(|v| v.nothing_to_boot()) {
-        tracing::warn!("{why}");
+    if let Some(vmi) = &vmi {
+        if let Some(why) = vmi.nothing_to_boot() {
+            tracing::warn!("{}", vmi.user_text(&why));
+        }
     }
     // A bad spec or a missing volume is reported before anything is started.
     let console_log = match (&vmi, input) {
         (Some(vmi), Some(input)) => Some(
             planner
                 .plan(vmi)
+                .map_err(|e| anyhow::anyhow!("{}", vmi.user_text(&e.to_string())))
                 .with_context(|| input.display().to_string())?
                 .facts
                 .paths
@@ -558,9 +592,59 @@ fn run(args: RunArgs) -> Result<i32> {
             dir: absolute(&args.storage_dir),
             claims: c.volumes.clone(),
         }),
+        console_silence: (args.console_silence_warning > 0)
+            .then(|| Duration::from_secs(args.console_silence_warning)),
     };
 
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
+}
+
+fn standalone_network(
+    args: &RunArgs,
+    layout: &PodLayout,
+) -> virt_launcher::convert::facts::StandaloneNetwork {
+    virt_launcher::convert::facts::StandaloneNetwork {
+        publish: args.publish.clone(),
+        host_bridge: args.host_bridge.clone(),
+        passt_log: layout.root().join("passt.log"),
+    }
+}
+
+/// `run --vm`: the DataVolume templates and the VM's conversion, checked without any I/O
+/// (the claims taken as their templates describe them), so that a bad spec fails before an
+/// import; errors name the fields as written in the VM.
+fn check_before_import(
+    vm_file: &Path,
+    vmi: &VirtualMachineInstance,
+    overrides: &PathOverrides,
+    domain_type: DomainType,
+    network: &virt_launcher::convert::facts::StandaloneNetwork,
+) -> Result<()> {
+    let vm = datavolume::load_vm(vm_file)?;
+    let templates = datavolume::templates(&vm, vmi)?;
+    let mut facts = virt_launcher::convert::facts::PodFacts::defaults(vmi);
+    facts.domain_type = domain_type;
+    facts.paths = overrides.paths_for(vmi);
+    facts.standalone_network = Some(network.clone());
+    for t in templates
+        .iter()
+        .filter(|t| t.volume_mode == datavolume::VolumeMode::Block)
+    {
+        for v in &vmi.spec.volumes {
+            let claim = v.data_volume.as_ref().map(|d| d.name.as_str()).or(v
+                .persistent_volume_claim
+                .as_ref()
+                .map(|p| p.claim_name.as_str()));
+            if claim == Some(t.claim.name.as_str()) {
+                facts.block_volumes.insert(v.name.clone());
+            }
+        }
+    }
+    convert::convert(vmi, &facts)
+        .and_then(|domain| virt_launcher::vm::plan::pcie_fits(vmi, &domain))
+        .map_err(|e| anyhow::anyhow!("{}", vmi.user_text(&e.to_string())))
+        .with_context(|| vm_file.display().to_string())?;
+    Ok(())
 }
 
 /// Runs `work` (an import or a pull), unless SIGTERM or SIGINT comes first (None): then the
@@ -845,6 +929,8 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
         },
         migration_proxy_dir: Some(pod::migration_proxy_dir(&absolute(&args.share_dir))),
         storage: None,
+        // KubeVirt's launcher says nothing of a silent console; neither does ours there.
+        console_silence: None,
     };
     run_core(&layout, opts, &api, false, Some(absolute(&args.share_dir)))
 }

@@ -557,3 +557,144 @@ async fn qemu_capabilities_are_kept_between_starts_and_a_bad_one_is_probed_again
     assert_eq!(kept, long_ago);
     std::fs::remove_dir_all(&seed).unwrap();
 }
+
+/// `launcherctl` finds a standalone launcher by its VM's name (`--vm`), lists it, and its
+/// commands say what they did: pause and resume twice each succeed, events carry their time,
+/// `console --json` prints JSON lines, `vmi` prints the VMI.
+#[test]
+fn launcherctl_finds_a_standalone_launcher_by_vm_name() {
+    let mut pod = Pod::new("ctl").with_disk("data", "virtio", 16);
+    pod.start();
+    pod.wait_console("LV-READY", Duration::from_secs(120));
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_launcherctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let vm = pod.name.clone();
+
+    let (ok, list, err) = ctl(&["list"]);
+    let row = list
+        .lines()
+        .find(|l| l.starts_with(&format!("default/{vm} ")))
+        .unwrap_or_else(|| panic!("{vm} not listed:\n{list}{err}"));
+    assert!(ok && row.contains("Running"), "{row}");
+    assert!(
+        row.contains(&pod.runtime_dir().display().to_string()),
+        "{row}"
+    );
+
+    let (ok, status, err) = ctl(&["--vm", &vm, "--json", "status"]);
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["state"], "Running", "{status}");
+
+    for cmd in ["pause", "pause", "resume", "resume"] {
+        let (ok, out, err) = ctl(&["--vm", &vm, cmd]);
+        assert!(ok, "{cmd}: {out}{err}");
+    }
+    let (_, status, _) = ctl(&["--vm", &vm, "--json", "status"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["state"], "Running", "{status}");
+
+    let (ok, console, err) = ctl(&["--vm", &vm, "--json", "console"]);
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = console
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["line"].as_str().is_some_and(|t| t.contains("LV-READY"))),
+        "{console}"
+    );
+
+    let (ok, vmi, err) = ctl(&["--vm", &format!("default/{vm}"), "vmi"]);
+    assert!(ok, "{err}");
+    let vmi: serde_json::Value = serde_json::from_str(&vmi).unwrap();
+    assert_eq!(vmi["metadata"]["name"], vm.as_str());
+
+    // A failed attach (no image yet) is retried by attaching again, without a detach.
+    let (ok, _, err) = ctl(&["--vm", &vm, "attach", "late"]);
+    assert!(!ok, "attached a volume with no image");
+    assert!(err.contains("late"), "{err}");
+    let f = std::fs::File::create(pod.hotplug_dir().join("late.img")).unwrap();
+    f.set_len(8 << 20).unwrap();
+    let (ok, out, err) = ctl(&["--vm", &vm, "--json", "attach", "late"]);
+    assert!(ok, "retry: {out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let late = status["disks"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["volume"] == "late"))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(late["phase"], "Ready", "{status}");
+    // The guest sees the 8 MiB disk (16384 sectors) in its block-device list.
+    pod.wait_console(":16384", Duration::from_secs(60));
+
+    // `sync FILE`: the VMI as synced, less the hot-plugged volume, unplugs it.
+    let (_, synced, _) = ctl(&["--vm", &vm, "vmi"]);
+    let mut synced: serde_json::Value = serde_json::from_str(&synced).unwrap();
+    client::remove_volume(&mut synced, "late").unwrap();
+    let file = pod.dir.join("synced.json");
+    std::fs::write(&file, synced.to_string()).unwrap();
+    let (ok, out, err) = ctl(&["--vm", &vm, "--json", "sync", file.to_str().unwrap()]);
+    assert!(ok, "sync: {out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        status["disks"]
+            .as_array()
+            .is_some_and(|d| !d.iter().any(|d| d["volume"] == "late")),
+        "{status}"
+    );
+    // A typo in the file is refused before anything is sent.
+    std::fs::write(
+        &file,
+        synced
+            .to_string()
+            .replacen("\"domain\":{", "\"domain\":{\"cpux\":{},", 1),
+    )
+    .unwrap();
+    let (ok, _, err) = ctl(&["--vm", &vm, "sync", file.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("field spec.domain.cpux: unknown field"),
+        "{err}"
+    );
+
+    // The first event (the current state) with its time.
+    let mut events = std::process::Command::new(env!("CARGO_BIN_EXE_launcherctl"))
+        .args(["--vm", &vm, "events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(events.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let _ = events.kill();
+    let _ = events.wait();
+    let stamp = first.split_whitespace().next().unwrap_or_default();
+    assert!(
+        humantime::parse_rfc3339(stamp).is_ok(),
+        "no timestamp first: {first}"
+    );
+
+    let (ok, _, err) = ctl(&["--vm", "no-such-vm", "status"]);
+    assert!(!ok);
+    assert!(
+        err.contains("no standalone launcher has run VM default/no-such-vm here"),
+        "{err}"
+    );
+
+    pod.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        pod.wait_exit(Duration::from_secs(40)).success(),
+        "{}",
+        pod.dump()
+    );
+}

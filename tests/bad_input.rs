@@ -186,3 +186,101 @@ fn bad_publish_flag_is_named() {
         "{stderr}"
     );
 }
+
+/// A typo in a field name (`sokets`) is refused as kubectl's strict field validation refuses
+/// it: one line naming the field as written and what was meant; nothing started, no runtime
+/// directory. `--allow-unknown-fields` lets it through with a warning naming it (the run then
+/// stops at the next problem, a missing claim, so no VM boots here).
+#[test]
+fn a_typo_in_a_field_is_refused_with_a_suggestion_unless_allowed() {
+    let pod = Pod::new("typo").with_disk("data", "virtio", 16);
+    pod.prepare();
+    let yaml = pod
+        .vmi_yaml()
+        .replacen("  domain:\n", "  domain:\n    cpu:\n      sokets: 2\n", 1);
+    std::fs::write(pod.vmi_path(), &yaml).unwrap();
+    let line = fails(&pod);
+    assert_eq!(
+        line,
+        format!(
+            "virt-launcher: {}: field spec.domain.cpu.sokets: unknown field (KubeVirt has no \
+             such field): did you mean \"sockets\"?; --allow-unknown-fields runs it anyway (a \
+             warning per unknown field)",
+            pod.vmi_path().display()
+        )
+    );
+    assert!(!pod.runtime_dir().exists(), "a runtime directory was made");
+
+    std::fs::remove_dir_all(pod.pvcs_dir().join("data")).unwrap();
+    let (status, stderr) = run_launcher(&[
+        "run",
+        "--allow-unknown-fields",
+        "--vmi",
+        pod.vmi_path().to_str().unwrap(),
+        "--domain-type",
+        "qemu",
+        "--runtime-dir",
+        pod.runtime_dir().to_str().unwrap(),
+        "--volumes-dir",
+        pod.pvcs_dir().to_str().unwrap(),
+    ]);
+    assert!(!status.success());
+    let warned = stderr
+        .lines()
+        .any(|l| l.contains("spec.domain.cpu.sokets") && l.contains("WARN"));
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(warned && last.contains("data"), "{stderr}");
+    assert!(pod.leftover_processes().is_empty());
+}
+
+/// A KubeVirt field the launcher does not implement is refused by name, not dropped.
+#[test]
+fn a_kubevirt_field_not_implemented_is_refused_by_name() {
+    let pod = Pod::new("unsupported").with_disk("data", "virtio", 16);
+    pod.prepare();
+    let yaml = pod.vmi_yaml().replacen(
+        "    devices:\n",
+        "    devices:\n      watchdog:\n        name: w\n        i6300esb: {action: poweroff}\n",
+        1,
+    );
+    std::fs::write(pod.vmi_path(), &yaml).unwrap();
+    let line = fails(&pod);
+    assert!(
+        line.ends_with(
+            "field spec.domain.devices.watchdog: a KubeVirt field this launcher does not \
+             support: remove it to run the VM without it"
+        ),
+        "{line}"
+    );
+    assert!(!pod.runtime_dir().exists(), "a runtime directory was made");
+}
+
+/// 300 disks do not fit a q35 machine's PCIe topology (measured: 229 virtio disks beside the
+/// default controllers and balloon): the first disk that does not fit is named, before any
+/// daemon starts.
+#[test]
+fn too_many_disks_for_the_pcie_topology_name_the_disk_that_does_not_fit() {
+    let pod = Pod::new("manydisks");
+    let disks: String = (0..300)
+        .map(|i| format!("      - name: d{i}\n        disk: {{bus: virtio}}\n"))
+        .collect();
+    let volumes: String = (0..300)
+        .map(|i| format!("  - name: d{i}\n    emptyDisk: {{capacity: 1Mi}}\n"))
+        .collect();
+    std::fs::write(
+        pod.vmi_path(),
+        format!(
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {{name: {}}}\n\
+             spec:\n  domain:\n    resources: {{requests: {{memory: 64Mi}}}}\n    devices:\n      \
+             disks:\n{disks}  volumes:\n{volumes}",
+            pod.name
+        ),
+    )
+    .unwrap();
+    let line = fails(&pod);
+    assert!(
+        line.contains("spec.domain.devices.disks[229]: disk \"d229\" does not fit the q35 machine's PCIe topology"),
+        "{line}"
+    );
+    assert!(!pod.runtime_dir().exists(), "a runtime directory was made");
+}

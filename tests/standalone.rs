@@ -204,6 +204,7 @@ fn sigkill_leaves_nothing_a_restart_starts_clean_and_one_launcher_per_vm() {
 #[test]
 fn a_vm_with_nothing_to_boot_is_warned_about() {
     let mut pod = Pod::new("noboot");
+    pod.extra_args = vec!["--console-silence-warning".into(), "5".into()];
     pod.prepare();
     std::fs::write(
         pod.vmi_path(),
@@ -224,6 +225,12 @@ fn a_vm_with_nothing_to_boot_is_warned_about() {
     assert!(
         warning.contains("spec.domain.devices.disks") && warning.contains("kernelBoot"),
         "{warning}"
+    );
+    // Nothing on the serial console for the set time (the firmware finds nothing to boot
+    // and says nothing there): one warning saying so.
+    pod.wait_log(
+        "the guest has written nothing to its serial console for 5 s",
+        Duration::from_secs(60),
     );
     pod.signal(Signal::SIGTERM);
     let status = pod.wait_exit(Duration::from_secs(40));

@@ -20,13 +20,14 @@ use virt_launcher::api::pb::{self, DomainState, EventKind, VolumePhase};
     about = "Talk to a virt-launcher over its control socket"
 )]
 struct Cli {
-    /// The launcher's control socket.
-    #[arg(
-        long,
-        env = "LAUNCHER_SOCKET",
-        default_value = "/var/run/kubevirt/sockets/launcher-sock"
-    )]
-    socket: PathBuf,
+    /// The launcher's control socket [default: KubeVirt's pod's,
+    /// /var/run/kubevirt/sockets/launcher-sock].
+    #[arg(long, env = "LAUNCHER_SOCKET", global = true)]
+    socket: Option<PathBuf>,
+    /// The standalone launcher of this VM (NAME or NAMESPACE/NAME; see `launcherctl list`);
+    /// it takes precedence over --socket and LAUNCHER_SOCKET.
+    #[arg(long, global = true, value_name = "NAME")]
+    vm: Option<String>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -36,20 +37,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The standalone launchers on this machine: VM, state, runtime directory.
+    List,
     /// The domain: state, reason, disks and their phases.
     Status,
+    /// The VMI the launcher runs (JSON), as last synced.
+    Vmi,
     /// Follow domain and volume events (Ctrl-C to stop).
     Events {
         /// Resume after this sequence number (0: from now, starting with the current state).
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
-    /// Print the guest's serial console log; with --follow, keep printing what it adds.
+    /// Print the guest's serial console log; with --follow, keep printing what it adds;
+    /// with --json, one JSON object per line (`{"line": ...}`).
     Console {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Hot-plug a PVC (or DataVolume) as a disk: adds it to the VMI and syncs.
+    /// Hot-plug a PVC (or DataVolume) as a disk: adds it to the VMI and syncs; a volume whose
+    /// attach failed is retried.
     Attach {
         volume: String,
         /// The claim's name (default: the volume's name).
@@ -61,17 +68,24 @@ enum Cmd {
         #[arg(long)]
         datavolume: bool,
     },
+    /// Sync the VMI in FILE (JSON or YAML, checked as `virt-launcher run` checks a file): the
+    /// running VM is reconciled to it (hot-plug, unplug, expansion).
+    Sync {
+        file: PathBuf,
+    },
     /// Hot-unplug a volume: removes it from the VMI and syncs (waits for the guest).
     Detach {
         volume: String,
     },
+    /// Pause the guest's CPUs (a paused VM stays paused).
     Pause,
+    /// Resume a paused guest (a running VM stays running).
     Resume,
     /// ACPI shutdown; destroyed after the grace period.
     Shutdown {
-        /// Seconds (default: the VMI's terminationGracePeriodSeconds).
-        #[arg(long, default_value_t = 0)]
-        grace: u32,
+        /// Seconds [default: the VMI's terminationGracePeriodSeconds].
+        #[arg(long)]
+        grace: Option<u32>,
     },
     /// Immediate power-off.
     Kill,
@@ -147,12 +161,103 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{code}: {}", s.message())
 }
 
+/// KubeVirt's pod's control socket.
+const POD_SOCKET: &str = "/var/run/kubevirt/sockets/launcher-sock";
+
+/// The standalone launcher's runtime directory for VM `vm` (NAME or NAMESPACE/NAME), from the
+/// machine-wide lock it holds (`virt-launcher run` writes its runtime directory there).
+fn runtime_dir_of(vm: &str) -> Result<PathBuf> {
+    let (ns, name) = vm.split_once('/').unwrap_or(("default", vm));
+    if !virt_launcher::spec::is_dns1123_label(ns)
+        || !virt_launcher::spec::is_dns1123_subdomain(name)
+    {
+        bail!("--vm {vm:?}: not a VM name (NAME or NAMESPACE/NAME)");
+    }
+    let lock = PathBuf::from(virt_launcher::pod::VM_LOCK_DIR).join(format!("{ns}_{name}.lock"));
+    let dir = std::fs::read_to_string(&lock).map_err(|_| {
+        anyhow::anyhow!(
+            "no standalone launcher has run VM {ns}/{name} here (see `launcherctl list`)"
+        )
+    })?;
+    Ok(PathBuf::from(dir.trim()))
+}
+
+/// The launchers that hold a VM lock here: (namespace/name, runtime dir), sorted.
+fn standalone_launchers() -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(virt_launcher::pod::VM_LOCK_DIR) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let domain = file.strip_suffix(".lock")?;
+            let dir = std::fs::read_to_string(e.path()).ok()?;
+            Some((domain.replacen('_', "/", 1), PathBuf::from(dir.trim())))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn list(json: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for (vm, dir) in standalone_launchers() {
+        let socket = dir.join("launcher-sock");
+        // A lock file outlives its launcher: only those that answer are listed.
+        let Ok(Ok(mut c)) =
+            tokio::time::timeout(Duration::from_secs(2), client::connect(&socket)).await
+        else {
+            continue;
+        };
+        let state = match c.get_domain(pb::Empty {}).await {
+            Ok(d) => state_name(d.into_inner().state).to_string(),
+            Err(e) => format!("({})", e.message()),
+        };
+        rows.push((vm, state, dir));
+    }
+    if json {
+        let v: Vec<Value> = rows
+            .iter()
+            .map(|(vm, state, dir)| json!({"vm": vm, "state": state, "runtimeDir": dir.display().to_string()}))
+            .collect();
+        println!("{}", Value::Array(v));
+    } else if rows.is_empty() {
+        println!("no standalone launcher runs here");
+    } else {
+        println!("{:<32} {:<12} RUNTIME DIR", "VM", "STATE");
+        for (vm, state, dir) in rows {
+            println!("{vm:<32} {state:<12} {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<()> {
-    let mut c = client::connect(&cli.socket)
-        .await
-        .with_context(|| format!("cannot connect to {}", cli.socket.display()))?;
     let json = cli.json;
+    if let Cmd::List = cli.command {
+        return list(json).await;
+    }
+    let socket = match (&cli.vm, &cli.socket) {
+        (Some(vm), _) => runtime_dir_of(vm)?.join("launcher-sock"),
+        (None, Some(s)) => s.clone(),
+        (None, None) => PathBuf::from(POD_SOCKET),
+    };
+    let mut c = client::connect(&socket)
+        .await
+        .with_context(|| match &cli.vm {
+            Some(vm) => format!(
+                "the launcher of VM {vm} does not answer on {}",
+                socket.display()
+            ),
+            None => format!("cannot connect to {}", socket.display()),
+        })?;
     match cli.command {
+        Cmd::List => unreachable!("handled above"),
+        Cmd::Vmi => {
+            let vmi = current_vmi(&mut c).await?;
+            println!("{}", serde_json::to_string_pretty(&vmi)?);
+        }
         Cmd::Status => {
             let d = c
                 .get_domain(pb::Empty {})
@@ -183,7 +288,7 @@ async fn run(cli: Cli) -> Result<()> {
             if info.console_log.is_empty() {
                 bail!("no console yet: the launcher has not started a domain");
             }
-            tail(&PathBuf::from(info.console_log), follow)?;
+            tail(&PathBuf::from(info.console_log), follow, json)?;
         }
         Cmd::Attach {
             volume,
@@ -192,14 +297,37 @@ async fn run(cli: Cli) -> Result<()> {
             datavolume,
         } => {
             let mut vmi = current_vmi(&mut c).await?;
-            client::add_hotplug_volume(
+            let added = client::add_hotplug_volume(
                 &mut vmi,
                 &volume,
                 claim.as_deref().unwrap_or(&volume),
                 &bus,
                 datavolume,
-            )?;
+            );
+            if let Err(e) = added {
+                // A volume whose attach failed is still in the VMI: syncing it again retries
+                // the attach (no detach needed first).
+                let d = c.get_domain(pb::Empty {}).await.map_err(status_error)?;
+                let failed = d
+                    .into_inner()
+                    .disks
+                    .iter()
+                    .any(|x| x.volume == volume && x.phase() == VolumePhase::Failed);
+                if !failed {
+                    return Err(e.into());
+                }
+            }
             let d = sync(&mut c, &vmi).await?;
+            print_domain(&d, json);
+        }
+        Cmd::Sync { file } => {
+            let manifest = virt_launcher::spec::Manifest::read(&file)?;
+            // Refused here with the field as written, rather than by the launcher.
+            manifest.vmi_checked(virt_launcher::spec::UnknownFields::Refuse)?;
+            let doc = manifest
+                .find_kind("VirtualMachineInstance")
+                .with_context(|| format!("{}: no VirtualMachineInstance", file.display()))?;
+            let d = sync(&mut c, doc).await?;
             print_domain(&d, json);
         }
         Cmd::Detach { volume } => {
@@ -213,14 +341,21 @@ async fn run(cli: Cli) -> Result<()> {
             "paused",
             json,
         ),
-        Cmd::Resume => done(
-            c.unpause(pb::Empty {}).await.map_err(status_error)?,
-            "resumed",
-            json,
-        ),
+        Cmd::Resume => match c.unpause(pb::Empty {}).await {
+            Ok(r) => done(r, "resumed", json),
+            // As pause: asking for the state the VM is in succeeds.
+            Err(e) => {
+                let d = c.get_domain(pb::Empty {}).await.map_err(status_error)?;
+                if d.into_inner().state() != DomainState::Running {
+                    return Err(status_error(e));
+                }
+                out(json, json!({"ok": true}), "already running");
+            }
+        },
         Cmd::Shutdown { grace } => done(
             c.shutdown(pb::ShutdownRequest {
-                grace_seconds: grace,
+                // 0: the VMI's terminationGracePeriodSeconds.
+                grace_seconds: grace.unwrap_or(0),
             })
             .await
             .map_err(status_error)?,
@@ -362,7 +497,7 @@ async fn run(cli: Cli) -> Result<()> {
             progress_timeout,
         } => {
             // Follow progress on a second connection while the call runs.
-            let mut watcher = client::connect(&cli.socket).await?;
+            let mut watcher = client::connect(&socket).await?;
             let after = watcher
                 .get_domain(pb::Empty {})
                 .await
@@ -581,21 +716,41 @@ fn print_event(e: &pb::Event, json: bool) {
             e.message
         ),
     };
+    // When it happened (UTC, to the millisecond), first on the line.
+    let time =
+        std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(e.time_unix_ms).unwrap_or(0));
+    let stamp = humantime::format_rfc3339_millis(time).to_string();
     out(
         json,
-        json!({"seq": e.seq, "timeUnixMs": e.time_unix_ms, "kind": kind, "state": state_name(e.state), "reason": e.reason, "volume": e.volume, "phase": phase_name(e.phase), "message": e.message}),
-        text.trim_end(),
+        json!({"seq": e.seq, "time": stamp, "timeUnixMs": e.time_unix_ms, "kind": kind, "state": state_name(e.state), "reason": e.reason, "volume": e.volume, "phase": phase_name(e.phase), "message": e.message}),
+        &format!("{stamp} {}", text.trim_end()),
     );
 }
 
-fn tail(path: &PathBuf, follow: bool) -> Result<()> {
+fn tail(path: &PathBuf, follow: bool, json: bool) -> Result<()> {
     let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     let mut stdout = std::io::stdout();
     let mut buf = Vec::new();
+    // --json: whole lines only, each as {"line": ...}; a partial last line waits for its end.
+    let mut partial = Vec::new();
     loop {
         buf.clear();
         f.read_to_end(&mut buf)?;
-        stdout.write_all(&buf)?;
+        if json {
+            partial.extend_from_slice(&buf);
+            while let Some(i) = partial.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=i).collect();
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches(['\n', '\r']);
+                writeln!(stdout, "{}", json!({ "line": text }))?;
+            }
+            if !follow && !partial.is_empty() {
+                let text = String::from_utf8_lossy(&partial).into_owned();
+                writeln!(stdout, "{}", json!({ "line": text }))?;
+            }
+        } else {
+            stdout.write_all(&buf)?;
+        }
         stdout.flush()?;
         if !follow {
             return Ok(());

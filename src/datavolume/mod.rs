@@ -242,20 +242,14 @@ fn load_vm_manifest(file: &Path) -> Result<(VirtualMachine, Manifest), DataVolum
     Ok((vm, manifest))
 }
 
-/// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
-/// `opts.storage_dir`, then point `paths` (`vmi_disks_dir`, `block_dev_dir`) at this VM's view
-/// of its claims. `vmi` is the VMI the launcher runs (from the same file). Call before
-/// [`crate::pod::facts::probe`]; keep the returned [`Claims`] alive while the VM runs.
-pub fn materialise(
-    vm_file: &Path,
+/// The DataVolume templates of `vm` (whose VMI is `vmi`), read and checked without any I/O:
+/// every error names the template's field as written in the VM. [`materialise`] reads them
+/// again; the launcher calls this first, so that a bad template fails before any import.
+pub fn templates(
+    vm: &VirtualMachine,
     vmi: &VirtualMachineInstance,
-    opts: &Options,
-    paths: &mut PodPaths,
-) -> Result<Claims, DataVolumeError> {
-    let (vm, manifest) = load_vm_manifest(vm_file)?;
-    let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
+) -> Result<Vec<DataVolumeSpec>, DataVolumeError> {
     let namespace = vmi.namespace().to_string();
-
     let mut specs = Vec::new();
     let mut names = BTreeSet::new();
     for (i, t) in vm.spec.data_volume_templates.iter().enumerate() {
@@ -282,6 +276,23 @@ pub fn materialise(
         }
         specs.push(s);
     }
+
+    Ok(specs)
+}
+
+/// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
+/// `opts.storage_dir`, then point `paths` (`vmi_disks_dir`, `block_dev_dir`) at this VM's view
+/// of its claims. `vmi` is the VMI the launcher runs (from the same file). Call before
+/// [`crate::pod::facts::probe`]; keep the returned [`Claims`] alive while the VM runs.
+pub fn materialise(
+    vm_file: &Path,
+    vmi: &VirtualMachineInstance,
+    opts: &Options,
+    paths: &mut PodPaths,
+) -> Result<Claims, DataVolumeError> {
+    let (vm, manifest) = load_vm_manifest(vm_file)?;
+    let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
+    let specs = templates(&vm, vmi)?;
 
     // Clones of claims that other templates of this VM create come after those.
     let mut pending: Vec<&DataVolumeSpec> = specs.iter().collect();

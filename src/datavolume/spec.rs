@@ -246,6 +246,18 @@ struct SourceDoc {
     kinds: Vec<(String, SourceKind)>,
 }
 
+/// CDI fields of a DataVolume's `spec` that only the cluster acts on (storage classes,
+/// scheduling, limits a claim does not use).
+const CLUSTER_ONLY: &[&str] = &[
+    "priorityClassName",
+    "pvc.storageClassName",
+    "storage.storageClassName",
+    "pvc.volumeAttributesClassName",
+    "storage.volumeAttributesClassName",
+    "pvc.resources.limits",
+    "storage.resources.limits",
+];
+
 /// CDI's source types that need a cluster (or a registry) to import from.
 const CLUSTER_SOURCES: &[&str] = &["s3", "gcs", "upload", "imageio", "vddk"];
 
@@ -344,7 +356,11 @@ pub fn parse(
     if !spec.is_object() {
         return Err(field_err("spec", "is missing or not an object".into()));
     }
-    let doc: SpecDoc = serde_path_to_error::deserialize(spec).map_err(|e| {
+    let mut skipped = Vec::new();
+    let mut on_skip =
+        |path: serde_ignored::Path| skipped.push(crate::spec::fields::segments(&path));
+    let de = serde_ignored::Deserializer::new(spec, &mut on_skip);
+    let doc: SpecDoc = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." {
             "spec".to_string()
@@ -353,6 +369,36 @@ pub fn parse(
         };
         field_err(&field, e.into_inner().to_string())
     })?;
+
+    // CDI's fields this model skips: those that only a cluster acts on are ignored, as a
+    // pod's launcher never sees them; the others would change the claim and are refused.
+    // Fields CDI does not know were refused with the VM, or allowed (`spec::fields`); empty
+    // ones ask for nothing.
+    let refused = skipped.iter().find_map(|segs| {
+        use crate::spec::fields::{display, known, Seg};
+        let pointer: String = segs
+            .iter()
+            .map(|s| match s {
+                Seg::Key(k) => format!("/{k}"),
+                Seg::Index(i) => format!("/{i}"),
+            })
+            .collect();
+        let empty = match spec.pointer(&pointer) {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(Value::Object(o)) => o.is_empty(),
+            Some(_) => false,
+        };
+        let field = display(segs);
+        (known("v1beta1.DataVolumeSpec", segs) && !empty && !CLUSTER_ONLY.contains(&field.as_str()))
+            .then_some(field)
+    });
+    if let Some(field) = refused {
+        return Err(unsupported(
+            &format!("spec.{field}"),
+            "a CDI field standalone import does not support: remove it to import without it",
+        ));
+    }
 
     if let Some(ct) = &doc.content_type {
         if ct != "kubevirt" {
@@ -889,12 +935,12 @@ mod tests {
     /// Fields the model does not use are ignored, as the VMI ignores them; a `null` source
     /// type counts as absent.
     #[test]
-    fn unknown_fields_and_null_sources_are_ignored() {
+    fn cluster_fields_unknown_fields_and_null_sources_are_ignored() {
         let s = dv(json!({
-            "storageClassName": "fast", "priorityClassName": "p", "checkpoints": [],
+            "priorityClassName": "p", "checkpoints": [], "nonsense": 1,
             "source": {"http": {"url": " http://x/a.img ", "certConfigMap": null, "extra": 1},
                        "blank": null, "nfs": null},
-            "pvc": {"storageClassName": "fast", "dataSource": {"x": 1},
+            "pvc": {"storageClassName": "fast", "dataSource": null,
                     "resources": {"requests": {"storage": "1Gi"}, "limits": {"storage": "2Gi"}}}
         }))
         .expect("valid");
@@ -907,5 +953,38 @@ mod tests {
         );
         assert_eq!(s.access_modes, vec!["ReadWriteOnce".to_string()]);
         assert!(!s.preallocation);
+    }
+
+    #[test]
+    fn cdi_fields_standalone_does_not_implement_are_refused_by_name() {
+        for (field, value, path) in [
+            (
+                "checkpoints",
+                json!([{"previous": "", "current": "a"}]),
+                "spec.checkpoints",
+            ),
+            (
+                "pvc",
+                json!({"resources": {"requests": {"storage": "1Gi"}},
+                           "dataSource": {"kind": "VolumeSnapshot", "name": "s"}}),
+                "spec.pvc.dataSource",
+            ),
+            (
+                "pvc",
+                json!({"resources": {"requests": {"storage": "1Gi"}}, "volumeName": "pv1"}),
+                "spec.pvc.volumeName",
+            ),
+        ] {
+            let mut spec = json!({"source": {"blank": {}},
+                                  "pvc": {"resources": {"requests": {"storage": "1Gi"}}}});
+            spec[field] = value;
+            let e = dv(spec).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "spec.dataVolumeTemplates[0].{path} is not supported in standalone mode"
+                )),
+                "{e}"
+            );
+        }
     }
 }

@@ -110,6 +110,24 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// [`Manifest::deserialize`], telling `on_skip` the path of every field the model does
+    /// not read.
+    pub fn deserialize_tracking<T: DeserializeOwned>(
+        &self,
+        doc: &serde_json::Value,
+        on_skip: &mut dyn FnMut(Vec<super::fields::Seg>),
+    ) -> Result<T, SpecError> {
+        let mut callback = |path: serde_ignored::Path| on_skip(super::fields::segments(&path));
+        let de = serde_ignored::Deserializer::new(doc, &mut callback);
+        serde_path_to_error::deserialize(de).map_err(|e| SpecError::Field {
+            origin: self.origin.clone(),
+            field: e.path().to_string(),
+            reason: e.inner().to_string(),
+        })
+    }
+}
+
 /// A top-level string field of a document (`kind`, `apiVersion`), or "".
 pub(super) fn str_field<'a>(v: &'a serde_json::Value, k: &str) -> &'a str {
     v.get(k).and_then(|s| s.as_str()).unwrap_or_default()

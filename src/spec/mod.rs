@@ -10,9 +10,12 @@
 //! template lacks them.
 
 pub mod cdi;
+pub mod fields;
+mod kubevirt_fields;
 mod manifest;
 mod quantity;
 
+pub use fields::UnknownFields;
 pub use manifest::{Manifest, MAX_FLOW_DEPTH};
 pub use quantity::{parse_quantity, Quantity, QuantityError};
 
@@ -51,6 +54,28 @@ pub enum SpecError {
         field: String,
         reason: String,
     },
+    /// Fields that are not read: unknown to KubeVirt, or not supported here (see [`fields`]).
+    #[error("{origin}: {}", fields_text(problems))]
+    Fields {
+        origin: String,
+        problems: Vec<fields::Problem>,
+    },
+}
+
+fn fields_text(problems: &[fields::Problem]) -> String {
+    let mut text: Vec<String> = problems
+        .iter()
+        .map(|p| format!("field {}: {}", p.path(), p.reason()))
+        .collect();
+    if problems
+        .iter()
+        .any(|p| matches!(p, fields::Problem::Unknown { .. }))
+    {
+        text.push(
+            "--allow-unknown-fields runs it anyway (a warning per unknown field)".to_string(),
+        );
+    }
+    text.join("; ")
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -80,6 +105,10 @@ pub struct VirtualMachineInstance {
     /// part of the VMI document.
     #[serde(skip)]
     pub handler_options: Option<HandlerOptions>,
+    /// Read from a VirtualMachine's `spec.template`: messages name its fields as the user
+    /// wrote them ([`VirtualMachineInstance::user_text`]).
+    #[serde(skip)]
+    pub from_vm: bool,
 }
 
 /// The parts of virt-handler's `VirtualMachineOptions` the converter honours, as KubeVirt's
@@ -106,6 +135,15 @@ pub struct Smbios {
 }
 
 impl VirtualMachineInstance {
+    /// `text` (an error, a warning) with the VMI's field paths as the user wrote them: for a
+    /// VM, `spec.domain.cpu` is `spec.template.spec.domain.cpu`.
+    pub fn user_text(&self, text: &str) -> String {
+        if !self.from_vm {
+            return text.to_string();
+        }
+        fields::template_paths(text)
+    }
+
     /// `spec.terminationGracePeriodSeconds`, default 30 s (KubeVirt's default for VMs).
     pub fn termination_grace_period(&self) -> Duration {
         Duration::from_secs(self.spec.termination_grace_period_seconds.unwrap_or(30))
@@ -799,6 +837,14 @@ pub fn load_file(path: &Path) -> Result<VirtualMachineInstance, SpecError> {
     Manifest::read(path)?.vmi()
 }
 
+/// A user's VMI or VM file, every field of it read or reported ([`Manifest::vmi_checked`]).
+pub fn load_file_checked(
+    path: &Path,
+    unknown: UnknownFields,
+) -> Result<VirtualMachineInstance, SpecError> {
+    Manifest::read(path)?.vmi_checked(unknown)
+}
+
 /// Parse `text` (JSON or YAML); `origin` names the source in error messages.
 pub fn from_str(text: &str, origin: &str) -> Result<VirtualMachineInstance, SpecError> {
     Manifest::parse(text, origin)?.vmi()
@@ -807,7 +853,21 @@ pub fn from_str(text: &str, origin: &str) -> Result<VirtualMachineInstance, Spec
 impl Manifest {
     /// The VMI of this manifest: its first `VirtualMachineInstance` or `VirtualMachine`
     /// document (or its only document, whatever it is, so that a wrong kind is named).
+    /// Fields outside the model are ignored: what KubeVirt's handler sends was validated by
+    /// the cluster, possibly a newer one.
     pub fn vmi(&self) -> Result<VirtualMachineInstance, SpecError> {
+        self.vmi_with(None)
+    }
+
+    /// [`Manifest::vmi`] of a user's file: a field KubeVirt does not know is an error
+    /// (kubectl's strict field validation; a warning with [`UnknownFields::Warn`]), and so is
+    /// a KubeVirt field the launcher does not implement, unless it is harmless
+    /// ([`fields::harmless`]).
+    pub fn vmi_checked(&self, unknown: UnknownFields) -> Result<VirtualMachineInstance, SpecError> {
+        self.vmi_with(Some(unknown))
+    }
+
+    fn vmi_with(&self, check: Option<UnknownFields>) -> Result<VirtualMachineInstance, SpecError> {
         let is_ours = |v: &serde_json::Value| {
             matches!(
                 manifest::str_field(v, "kind"),
@@ -849,15 +909,57 @@ impl Manifest {
                 }
             }
         }
+        let root = fields::root_type(kind);
+        if let Some(policy) = check {
+            let unknown = fields::unknown(doc, root);
+            if policy == UnknownFields::Warn {
+                for p in &unknown {
+                    tracing::warn!(
+                        field = p.path(),
+                        "{}; ignored (--allow-unknown-fields)",
+                        p.reason()
+                    );
+                }
+            } else if !unknown.is_empty() {
+                return Err(SpecError::Fields {
+                    origin: self.origin.clone(),
+                    problems: unknown,
+                });
+            }
+        }
+        // KubeVirt's fields the model skips: harmless, or not supported.
+        let mut skipped = Vec::new();
+        let mut on_skip = |path: Vec<fields::Seg>| skipped.push(path);
         let (mut vmi, spec) = if kind == "VirtualMachine" {
-            let vmi = self.deserialize::<VirtualMachine>(doc)?.into_vmi();
+            let vmi = self
+                .deserialize_tracking::<VirtualMachine>(doc, &mut on_skip)?
+                .into_vmi();
             (vmi, doc.pointer("/spec/template/spec"))
         } else {
             (
-                self.deserialize::<VirtualMachineInstance>(doc)?,
+                self.deserialize_tracking::<VirtualMachineInstance>(doc, &mut on_skip)?,
                 doc.get("spec"),
             )
         };
+        if check.is_some() {
+            let mut unsupported = Vec::new();
+            for segs in skipped.iter().filter(|segs| fields::known(root, segs)) {
+                let path = fields::display(segs);
+                match fields::verdict(kind, doc, segs) {
+                    fields::Verdict::Harmless => {}
+                    fields::Verdict::Without(what) => tracing::warn!(field = %path, "{what}"),
+                    fields::Verdict::Unsupported => {
+                        unsupported.push(fields::Problem::Unsupported { path })
+                    }
+                }
+            }
+            if !unsupported.is_empty() {
+                return Err(SpecError::Fields {
+                    origin: self.origin.clone(),
+                    problems: unsupported,
+                });
+            }
+        }
         let filesystems: Vec<&str> = spec
             .and_then(|s| s.pointer("/domain/devices/filesystems"))
             .and_then(|f| f.as_array())
@@ -930,6 +1032,7 @@ impl VirtualMachine {
             spec: self.spec.template.spec,
             status: None,
             handler_options: None,
+            from_vm: true,
         }
     }
 }
@@ -974,6 +1077,145 @@ mod tests {
             assert_eq!(disks, [("a", Some("sata")), ("b", None)], "{text}");
             assert!(vmi.spec.domain.devices.disks[1].disk.is_some());
         }
+    }
+
+    /// A VMI as `kubectl get vmi -o yaml` prints it (KubeVirt 1.x, with memory hot-plug room).
+    const KUBECTL_GET_VMI: &str = r#"apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata:
+  annotations:
+    kubevirt.io/latest-observed-api-version: v1
+    kubevirt.io/vm-generation: "1"
+  creationTimestamp: "2026-12-02T10:00:00Z"
+  finalizers: [kubevirt.io/virtualMachineControllerFinalize, foregroundDeleteVirtualMachine]
+  generation: 10
+  labels: {kubevirt.io/nodeName: node01, kubevirt.io/vm: testvm}
+  managedFields:
+  - apiVersion: kubevirt.io/v1
+    fieldsType: FieldsV1
+    fieldsV1: {"f:metadata": {"f:labels": {".": {}}}}
+    manager: virt-controller
+    operation: Update
+    time: "2026-12-02T10:00:00Z"
+  name: testvm
+  namespace: default
+  ownerReferences:
+  - {apiVersion: kubevirt.io/v1, blockOwnerDeletion: true, controller: true, kind: VirtualMachine, name: testvm, uid: 0b6f6e6c-1111-4c8e-9d1e-000000000001}
+  resourceVersion: "12345"
+  uid: 0b6f6e6c-1111-4c8e-9d1e-000000000002
+spec:
+  architecture: ARCH
+  domain:
+    cpu: {cores: 1, maxSockets: 4, model: host-model, sockets: 1, threads: 1}
+    devices:
+      disks:
+      - {disk: {bus: virtio}, name: containerdisk}
+      interfaces:
+      - {masquerade: {}, name: default}
+    features: {acpi: {enabled: true}}
+    firmware: {serial: 5c6b5c43-0000-0000-0000-000000000000, uuid: 5a9fc181-957e-5c32-9e5a-2de5e9673531}
+    machine: {type: q35}
+    memory: {guest: 128Mi, maxGuest: 512Mi}
+    resources:
+      requests: {memory: 128Mi}
+  evictionStrategy: None
+  nodeSelector: {kubernetes.io/hostname: node01}
+  networks:
+  - {name: default, pod: {}}
+  terminationGracePeriodSeconds: 0
+  volumes:
+  - {containerDisk: {image: quay.io/kubevirt/cirros-container-disk-demo, imagePullPolicy: IfNotPresent}, name: containerdisk}
+status:
+  activePods: {5a9fc181-957e-5c32-9e5a-2de5e9673531: node01}
+  conditions:
+  - {lastProbeTime: null, lastTransitionTime: "2026-12-02T10:00:05Z", status: "True", type: Ready}
+  currentCPUTopology: {cores: 1, sockets: 1, threads: 1}
+  guestOSInfo: {}
+  interfaces:
+  - {infoSource: domain, ipAddress: 10.244.0.20, mac: "52:54:00:00:00:01", name: default, queueCount: 1}
+  launcherContainerImageVersion: quay.io/kubevirt/virt-launcher:v1.6.0
+  machine: {type: pc-q35-rhel9.6.0}
+  memory: {guestAtBoot: 128Mi, guestCurrent: 128Mi, guestRequested: 128Mi}
+  migrationMethod: BlockMigration
+  migrationTransport: Unix
+  nodeName: node01
+  phase: Running
+  phaseTransitionTimestamps:
+  - {phase: Running, phaseTransitionTimestamp: "2026-12-02T10:00:05Z"}
+  qosClass: Burstable
+  runtimeUser: 0
+  selinuxContext: none
+  virtualMachineRevisionName: revision-start-vm-1
+  volumeStatus:
+  - {name: containerdisk, target: vda}
+"#;
+
+    fn checked(text: &str, unknown: UnknownFields) -> Result<VirtualMachineInstance, SpecError> {
+        Manifest::parse(text, "vmi.yaml")?.vmi_checked(unknown)
+    }
+
+    #[test]
+    fn a_vmi_as_kubectl_prints_it_is_accepted_whole() {
+        let arch = match std::env::consts::ARCH {
+            "aarch64" => "arm64",
+            _ => "amd64",
+        };
+        let vmi = checked(
+            &KUBECTL_GET_VMI.replace("ARCH", arch),
+            UnknownFields::Refuse,
+        )
+        .expect("kubectl's VMI is accepted");
+        assert_eq!(vmi.domain_name(), "default_testvm");
+        // Another architecture than the host's is not harmless.
+        let e = checked(
+            &KUBECTL_GET_VMI.replace("ARCH", "s390x"),
+            UnknownFields::Refuse,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "vmi.yaml: field spec.architecture: a KubeVirt field this launcher does not \
+             support: remove it to run the VM without it"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_the_path_as_written_and_a_suggestion() {
+        let vm =
+            "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: vm}\nspec:\n  \
+                  template:\n    spec:\n      domain:\n        cpu: {sokets: 2}\n        \
+                  resources: {requests: {memory: 64Mi}}\n        devices: {}\n";
+        let e = checked(vm, UnknownFields::Refuse).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "vm.yaml: field spec.template.spec.domain.cpu.sokets: unknown field (KubeVirt has \
+             no such field): did you mean \"sockets\"?; --allow-unknown-fields runs it anyway \
+             (a warning per unknown field)"
+                .replace("vm.yaml", "vmi.yaml")
+        );
+        // The opt-out: the field is ignored (with a warning), the rest is read.
+        let vmi = checked(vm, UnknownFields::Warn).expect("allowed");
+        assert_eq!(vmi.spec.domain.cpu.and_then(|c| c.sockets), None);
+        // The lenient reader (KubeVirt's handler) ignores it, as before.
+        assert!(from_str(vm, "vm.yaml").is_ok());
+    }
+
+    #[test]
+    fn kubevirt_fields_not_implemented_are_refused_by_name() {
+        let vmi = "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {name: x}\n\
+                   spec:\n  domain:\n    devices:\n      tpm: {}\n      gpus:\n      - {name: g, \
+                   deviceName: nvidia.com/GP102GL}\n    resources: {requests: {memory: 64Mi}}\n  \
+                   startStrategy: Paused\n";
+        let e = checked(vmi, UnknownFields::Warn).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "vmi.yaml: field spec.domain.devices.gpus: a KubeVirt field this launcher does not \
+             support: remove it to run the VM without it; field spec.domain.devices.tpm: a \
+             KubeVirt field this launcher does not support: remove it to run the VM without it; \
+             field spec.startStrategy: a KubeVirt field this launcher does not support: remove \
+             it to run the VM without it"
+        );
     }
 
     #[test]

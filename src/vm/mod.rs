@@ -68,6 +68,9 @@ pub struct RunOptions {
     /// Standalone `run --vm`: the storage directory and the VM's claims (what a snapshot
     /// copies); `None` elsewhere (snapshots are refused).
     pub storage: Option<snapshot::SnapshotStorage>,
+    /// Warn when the guest writes nothing to its serial console for this long after the
+    /// relay began (a guest that boots usually does); `None`: no warning.
+    pub console_silence: Option<Duration>,
 }
 
 /// What the launcher does on SIGTERM once a domain runs.
@@ -199,6 +202,7 @@ impl Supervisor {
             log_max_bytes: opts.log_max_bytes,
             stop: pod.stop_follow,
             started: false,
+            console_silence: opts.console_silence,
         };
         Ok(Supervisor {
             core,
@@ -269,6 +273,7 @@ struct Relays {
     log_max_bytes: u64,
     stop: watch::Receiver<bool>,
     started: bool,
+    console_silence: Option<Duration>,
 }
 
 impl Relays {
@@ -281,8 +286,42 @@ impl Relays {
         };
         let max = self.log_max_bytes;
         daemons::follow_file("qemu", self.layout.qemu_log(&name), max, self.stop.clone());
+        if let Some(after) = self.console_silence {
+            tokio::spawn(warn_if_silent(console.clone(), after, self.stop.clone()));
+        }
         daemons::follow_file("console", console, max, self.stop.clone());
         self.started = true;
+    }
+}
+
+/// One warning when the console log (and its rotated copy) has not grown `after` the relay
+/// began: a guest that boots says something on its serial console, one that hangs in the
+/// firmware or in a kernel without `console=ttyS0` does not.
+async fn warn_if_silent(
+    console: std::path::PathBuf,
+    after: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let sizes = || {
+        let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut rotated = console.as_os_str().to_owned();
+        rotated.push(".1");
+        (len(&console), len(std::path::Path::new(&rotated)))
+    };
+    let before = sizes();
+    tokio::select! {
+        _ = tokio::time::sleep(after) => {}
+        _ = stop.wait_for(|s| *s) => return,
+    }
+    if sizes() == before {
+        tracing::warn!(
+            console_log = %console.display(),
+            seconds = after.as_secs(),
+            "the guest has written nothing to its serial console for {} s: a booting guest \
+             usually does; check that its disk or kernel boots and that the kernel's console \
+             is ttyS0 (console=ttyS0)",
+            after.as_secs()
+        );
     }
 }
 

@@ -104,6 +104,7 @@ impl Planner {
             facts.standalone_network = self.standalone_network.clone();
         }
         let domain = convert::convert(vmi, &facts)?;
+        pcie_fits(vmi, &domain)?;
         Ok(Plan { facts, domain })
     }
 
@@ -111,6 +112,71 @@ impl Planner {
     pub fn prepare(&self, vmi: &VirtualMachineInstance, plan: &Plan) -> Result<(), PlanError> {
         Ok(prepare::prepare(vmi, &plan.facts)?)
     }
+}
+
+/// Slots of a q35 machine's `pcie.0` that libvirt can give to root ports: 1 to 30 (0 is the
+/// host bridge, 31 the ICH9 functions), less one per video device (libvirt puts the primary
+/// one on `pcie.0`). Measured with libvirt 11.3 / QEMU 10.0: 229 virtio disks beside a SCSI
+/// controller, a virtio-serial controller and a balloon run; 230 fail to define ("a PCI slot
+/// is needed to connect a PCI controller model='pcie-root-port', but none is available").
+const Q35_ROOT_PORT_SLOTS: usize = 30;
+/// libvirt puts up to 8 root ports in one slot (multifunction).
+const ROOT_PORTS_PER_SLOT: usize = 8;
+
+/// Whether the domain's PCIe devices fit a q35 machine: every virtio disk, interface,
+/// controller (SCSI, virtio-serial, USB), balloon, RNG and virtio input takes a root port of
+/// its own (libvirt puts the spare root ports to use first). The disk that does not fit is
+/// named, as the user wrote it; libvirt's own error names no device.
+pub fn pcie_fits(vmi: &VirtualMachineInstance, domain: &Domain) -> Result<(), ConvertError> {
+    if !domain.os.machine.contains("q35") {
+        return Ok(());
+    }
+    let d = &domain.devices;
+    let slots = Q35_ROOT_PORT_SLOTS.saturating_sub(d.videos.len());
+    let ports = slots * ROOT_PORTS_PER_SLOT;
+    let others = d.interfaces.len()
+        + d.controllers
+            .iter()
+            .filter(|c| {
+                matches!(c.kind, "scsi" | "virtio-serial")
+                    || c.kind == "usb" && c.model.as_deref() != Some("none")
+            })
+            .count()
+        + d.memballoon.as_ref().is_some_and(|m| m.model != "none") as usize
+        + d.rngs.len()
+        + d.inputs.iter().filter(|i| i.bus == "virtio").count();
+    let virtio: Vec<&str> = d
+        .disks
+        .iter()
+        .filter(|disk| disk.bus == "virtio")
+        .map(|disk| disk.alias.strip_prefix("ua-").unwrap_or(&disk.alias))
+        .collect();
+    let room = ports.saturating_sub(others);
+    let Some(first) = virtio.get(room) else {
+        return Ok(());
+    };
+    let index = vmi
+        .spec
+        .domain
+        .devices
+        .disks
+        .iter()
+        .position(|x| x.name == *first);
+    let field = match index {
+        Some(i) => format!("spec.domain.devices.disks[{i}]"),
+        None => format!("volume {first}"),
+    };
+    Err(convert::ConvertError {
+        field,
+        reason: format!(
+            "disk {first:?} does not fit the {} machine's PCIe topology: {} virtio disks are \
+             given, at most {room} fit beside the VM's {others} other PCIe devices ({slots} \
+             slots of {ROOT_PORTS_PER_SLOT} root ports); put more disks on a virtio-scsi bus \
+             (bus: scsi), which takes no root port per disk",
+            domain.os.machine,
+            virtio.len(),
+        ),
+    })
 }
 
 /// The size KubeVirt gives `disk.img` on a claim of `capacity` bytes: CDI's usable space
@@ -223,6 +289,49 @@ pub fn create_copy_targets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn many_disks(n: usize) -> VirtualMachineInstance {
+        let disks: String = (0..n)
+            .map(|i| format!("      - name: d{i}\n        disk: {{bus: virtio}}\n"))
+            .collect();
+        let volumes: String = (0..n)
+            .map(|i| format!("  - name: d{i}\n    emptyDisk: {{capacity: 1Mi}}\n"))
+            .collect();
+        crate::spec::from_str(
+            &format!(
+                "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {{name: m}}\n\
+                 spec:\n  domain:\n    resources: {{requests: {{memory: 64Mi}}}}\n    devices:\n      \
+                 disks:\n      - name: cd\n        cdrom: {{bus: sata}}\n{disks}  volumes:\n  - name: cd\n    \
+                 emptyDisk: {{capacity: 1Mi}}\n{volumes}"
+            ),
+            "many.yaml",
+        )
+        .unwrap()
+    }
+
+    /// The measured limit (see [`Q35_ROOT_PORT_SLOTS`]): 229 virtio disks beside the SCSI and
+    /// virtio-serial controllers and the balloon; the 230th is named (index 230: a SATA
+    /// cdrom comes first and takes no root port).
+    #[test]
+    fn too_many_disks_for_the_pcie_topology_name_the_first_that_does_not_fit() {
+        let convert = |vmi: &VirtualMachineInstance| {
+            convert::convert(vmi, &PodFacts::defaults(vmi)).expect("converts")
+        };
+        let vmi = many_disks(229);
+        assert_eq!(pcie_fits(&vmi, &convert(&vmi)), Ok(()));
+        let vmi = many_disks(300);
+        let e = pcie_fits(&vmi, &convert(&vmi)).unwrap_err();
+        assert_eq!(e.field, "spec.domain.devices.disks[230]");
+        assert!(
+            e.reason.starts_with(
+                "disk \"d229\" does not fit the q35 machine's PCIe topology: 300 virtio disks \
+                 are given, at most 229 fit beside the VM's 3 other PCIe devices (29 slots of 8 \
+                 root ports)"
+            ),
+            "{}",
+            e.reason
+        );
+    }
 
     #[test]
     fn usable_size_leaves_the_overhead_and_rounds_to_mib() {
