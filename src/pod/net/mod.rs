@@ -38,7 +38,7 @@ pub enum NetError {
     NoBridge { interface: String, bridge: String },
     #[error("{field}: {reason}")]
     Spec { field: String, reason: String },
-    #[error("interface {interface}: standalone networking needs passt, which is not installed (apt-get install passt)")]
+    #[error("interface {interface}: standalone networking needs passt, which is not in PATH (./devtool setup builds it into /usr/local/bin)")]
     NoPasst { interface: String },
     #[error("interface {interface}: --host-bridge {bridge} is not a bridge on this host")]
     NoHostBridge { interface: String, bridge: String },
@@ -84,22 +84,31 @@ fn in_path(program: &str) -> bool {
 }
 
 /// libvirt's directory for passt's socket and pid file. QEMU runs as root here, so libvirt
-/// starts passt as root, and passt then drops to `nobody` before it writes its pid file: the
-/// directory must be nobody's. It is this launcher's private `/run/libvirt` (standalone).
+/// starts passt as root. passt then gives up its capabilities (still uid 0, without
+/// `CAP_DAC_OVERRIDE`) before it binds its socket, and older passt (Debian 12's) changes to
+/// `nobody` before it writes its pid file: the directory is root's and `nobody`'s group's,
+/// mode 0770, so both can write it. It is this launcher's private `/run/libvirt` (standalone).
 pub const PASST_STATE_DIR: &str = "/run/libvirt/qemu/passt";
 
 fn passt_state_dir() -> Result<(), NetError> {
+    use std::os::unix::fs::PermissionsExt;
     let fail = |source: std::io::Error| NetError::Io {
         path: PathBuf::from(PASST_STATE_DIR),
         source,
     };
     std::fs::create_dir_all(PASST_STATE_DIR).map_err(fail)?;
-    let nobody = nix::unistd::User::from_name("nobody")
+    let nobody_gid = nix::unistd::User::from_name("nobody")
         .ok()
         .flatten()
-        .map(|u| (u.uid, u.gid))
-        .unwrap_or((65534.into(), 65534.into()));
-    nix::unistd::chown(PASST_STATE_DIR, Some(nobody.0), Some(nobody.1)).map_err(|e| fail(e.into()))
+        .map(|u| u.gid)
+        .unwrap_or(65534.into());
+    nix::unistd::chown(
+        PASST_STATE_DIR,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nobody_gid),
+    )
+    .map_err(|e| fail(e.into()))?;
+    std::fs::set_permissions(PASST_STATE_DIR, std::fs::Permissions::from_mode(0o770)).map_err(fail)
 }
 
 /// The `masquerade`/`bridge` interfaces of a VMI: (index in spec.networks, interface name,
