@@ -100,7 +100,12 @@ fn phase1(n: &Netns) {
     n.ip(&n.pod, "link set eth0 up");
     n.ip(&n.node, "link set veth-pod up");
     n.ip(&n.pod, "route add default via 10.99.0.1");
-    n.ip(&n.pod, "link add k6t-eth0 type bridge");
+    // KubeVirt gives every masquerade bridge one MAC (link.StaticMasqueradeBridgeMAC): the
+    // guest's ARP entry for its gateway stays right after a migration to another pod.
+    n.ip(
+        &n.pod,
+        "link add k6t-eth0 address 02:00:00:00:00:00 type bridge",
+    );
     n.ip(&n.pod, "addr add 10.0.2.1/24 dev k6t-eth0");
     n.ip(&n.pod, "tuntap add dev tap0 mode tap");
     n.ip(&n.pod, "link set tap0 mtu 1400");
@@ -111,12 +116,17 @@ fn phase1(n: &Netns) {
     let rules = "table ip nat {\n\
         chain prerouting { type nat hook prerouting priority -100; iifname \"eth0\" tcp dport 8081 dnat to 10.0.2.2; }\n\
         chain postrouting { type nat hook postrouting priority 100; ip saddr 10.0.2.2 oifname \"eth0\" masquerade; }\n\
+        }\n\
+        table ip filter {\n\
+        chain output { type filter hook output priority 0; ip daddr 10.96.0.10 reject; }\n\
         }\n";
     let file = std::env::temp_dir().join(format!("{}.nft", n.pod));
     std::fs::write(&file, rules).unwrap();
     n.exec(&n.pod, &["nft", "-f", file.to_str().unwrap()]);
     let _ = std::fs::remove_file(file);
     // `ip netns exec` shows /etc/netns/<ns>/resolv.conf as /etc/resolv.conf: the pod's DNS.
+    // No DNS server answers here: the filter above refuses the pod's own queries at once
+    // (libvirt resolves host names at start and migration; each would wait out its timeout).
     let etc = format!("/etc/netns/{}", n.pod);
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::write(
@@ -248,6 +258,131 @@ fn masquerade_guest_gets_its_lease_and_reaches_the_peer_through_nat() {
     pod.signal(nix::sys::signal::Signal::SIGTERM);
     let status = pod.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
+}
+
+/// The first line the guest's responder sends to a connection from namespace `ns` to `addr`
+/// (through the pod's DNAT), retried for 30 s; empty if none came.
+fn guest_reply(ns: &str, addr: &'static str) -> String {
+    Netns::in_ns(ns, move || {
+        for _ in 0..30 {
+            if let Ok(s) =
+                TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))
+            {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut line = String::new();
+                if BufReader::new(s).read_line(&mut line).is_ok() && !line.is_empty() {
+                    return line.trim().to_string();
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        String::new()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Test 5d: a masquerade interface survives a live migration to another pod (its own network
+/// namespace, built by its own phase 1, as two pods on two nodes are): the target's domain has
+/// the same MAC on its `tap0`, and the guest keeps its address (no new lease) and answers
+/// through the target pod's DNAT.
+#[test]
+fn masquerade_interface_survives_a_live_migration_with_its_mac_and_address() {
+    let (n1, n2) = (Netns::new("nmgs"), Netns::new("nmgt"));
+    phase1(&n1);
+    phase1(&n2);
+
+    let mut src = Pod::new("netmig")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.net=dhcp lv.serve=8081");
+    src.rwx = true;
+    src.wrapper = vec!["ip".into(), "netns".into(), "exec".into(), n1.pod.clone()];
+    src.prepare();
+    let vmi = with_default_network(&src.vmi_yaml());
+    std::fs::write(src.vmi_path(), &vmi).unwrap();
+    src.spawn();
+    let console = src.wait_console("LV-NET ", Duration::from_secs(180));
+    let lease = console.lines().find(|l| l.contains("LV-NET ")).unwrap();
+    assert!(
+        lease.contains("LV-NET 10.0.2.2/24 router=10.0.2.1 "),
+        "unexpected lease: {lease}
+{}",
+        src.dump()
+    );
+    src.wait_console("LV-SERVING 8081", Duration::from_secs(30));
+    assert_eq!(
+        guest_reply(&n1.node, "10.99.0.2:8081"),
+        "lv-guest vl-netmig 10.0.2.2",
+        "no reply from the guest on the source\n{}",
+        src.dump()
+    );
+    let mac = virt_launcher::convert::names::stable_mac(&src.uid(), "default");
+    let src_xml = src.virsh(&["dumpxml", "default_vl-netmig"]);
+    assert!(
+        src_xml.contains(&format!("<mac address='{mac}'/>")),
+        "{src_xml}"
+    );
+
+    // The target: an empty pod in the other namespace, sharing the RWX claim.
+    let mut dst = Pod::new("netmig-t").with_disk("data", "virtio", 16);
+    dst.shared_pvcs = Some(src.pvcs_dir());
+    dst.wait_for_sync = true;
+    dst.wrapper = vec!["ip".into(), "netns".into(), "exec".into(), n2.pod.clone()];
+    dst.start();
+    dst.wait_socket(Duration::from_secs(60));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let mut t = dst.client().await;
+        t.prepare_migration_target(virt_launcher::api::pb::PrepareMigrationTargetRequest {
+            vmi: vmi.as_bytes().to_vec(),
+            disk_sizes: Default::default(),
+        })
+        .await
+        .expect("prepare the target");
+        let mut s = src.client().await;
+        s.migrate(virt_launcher::api::pb::MigrateRequest {
+            target_socket: dst.socket().display().to_string(),
+            options: Some(virt_launcher::api::pb::MigrationOptions {
+                progress_timeout: 120,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("Migrate call")
+        .into_inner()
+    });
+    assert!(
+        result.success,
+        "migration failed: {}\n{}\n{}",
+        result.message,
+        src.dump(),
+        dst.dump()
+    );
+    let status = src.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "source exit {status}\n{}", src.dump());
+
+    // Same MAC on the target's tap0, and the guest (no new DHCP exchange: its lease holds)
+    // still has 10.0.2.2: it answers through the target pod's DNAT.
+    let dst_xml = dst.virsh(&["dumpxml", "default_vl-netmig"]);
+    for want in [
+        format!("<mac address='{mac}'/>"),
+        "<target dev='tap0' managed='no'/>".into(),
+    ] {
+        assert!(
+            dst_xml.contains(&want),
+            "target domain lacks {want}:\n{dst_xml}"
+        );
+    }
+    assert_eq!(
+        guest_reply(&n2.node, "10.99.0.2:8081"),
+        "lv-guest vl-netmig 10.0.2.2",
+        "no reply from the guest on the target\n{}",
+        dst.dump()
+    );
+    dst.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = dst.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "target exit {status}\n{}", dst.dump());
 }
 
 /// A free TCP port on the host's loopback (bound and released).
