@@ -93,6 +93,9 @@ fn phase1(n: &Netns) {
     n.ip(&n.pod, "link set eth0 mtu 1400");
     n.ip(&n.node, "link set veth-pod mtu 1400");
     n.ip(&n.pod, "addr add 10.99.0.2/24 dev eth0");
+    // The pod has IPv6 too (the launcher then serves DHCPv6), and phase 1 gives the bridge
+    // KubeVirt's fd10:0:2::1/120.
+    n.ip(&n.pod, "-6 addr add fd99::2/64 dev eth0 nodad");
     n.ip(&n.node, "addr add 10.99.0.1/24 dev veth-pod");
     for ns in [&n.pod, &n.node] {
         n.ip(ns, "link set lo up");
@@ -107,6 +110,7 @@ fn phase1(n: &Netns) {
         "link add k6t-eth0 address 02:00:00:00:00:00 type bridge",
     );
     n.ip(&n.pod, "addr add 10.0.2.1/24 dev k6t-eth0");
+    n.ip(&n.pod, "-6 addr add fd10:0:2::1/120 dev k6t-eth0 nodad");
     n.ip(&n.pod, "tuntap add dev tap0 mode tap");
     n.ip(&n.pod, "link set tap0 mtu 1400");
     n.ip(&n.pod, "link set tap0 master k6t-eth0");
@@ -249,6 +253,92 @@ fn masquerade_guest_gets_its_lease_and_reaches_the_peer_through_nat() {
         (mac.as_str(), "tap0", "ethernet")
     );
     assert_eq!(ifc.ip_addresses, vec!["10.0.2.2".to_string()]);
+
+    // DHCPv6 (the pod has IPv6): the test guest's busybox has no DHCPv6 client, so a client on
+    // a veth in a third namespace, plugged into the pod's bridge beside the tap, solicits
+    // fd10:0:2::2 from the launcher's server and requests it; the lease shows in GetDomain.
+    let cli = format!("vl-masq-{}-cli", std::process::id());
+    run(&["ip", "netns", "add", &cli]);
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _del = Del(cli.clone());
+    n.ip(&n.pod, "link add vc1 type veth peer name vc0");
+    n.ip(&n.pod, &format!("link set vc0 netns {cli}"));
+    n.ip(&n.pod, "link set vc1 master k6t-eth0");
+    n.ip(&n.pod, "link set vc1 up");
+    n.exec(
+        &cli,
+        &["sysctl", "-q", "-w", "net.ipv6.conf.vc0.accept_dad=0"],
+    );
+    n.ip(&cli, "link set vc0 up");
+    let client_mac = [2, 0, 0, 0xdd, 0xcc, 6];
+    let answers = Netns::in_ns(&cli, move || {
+        use virt_launcher::pod::net::dhcpv6::{request, summarize, MessageType, ALL_SERVERS};
+        let index = nix::net::if_::if_nametoindex("vc0").unwrap();
+        let s = std::net::UdpSocket::bind("[::]:546").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let to = std::net::SocketAddrV6::new(ALL_SERVERS, 547, 0, index);
+        let mut buf = [0u8; 1500];
+        let mut ask = |kind, server_id: Option<Vec<u8>>| {
+            for _ in 0..30 {
+                if s.send_to(&request(kind, client_mac, server_id.clone()), to)
+                    .is_ok()
+                {
+                    if let Ok((len, _)) = s.recv_from(&mut buf) {
+                        if let Some(m) = summarize(&buf[..len]) {
+                            return Some(m);
+                        }
+                    }
+                } else {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            None
+        };
+        let adv = ask(MessageType::Solicit, None);
+        let server_id = adv.as_ref().and_then(|a| a.server_id.clone());
+        (adv, ask(MessageType::Request, server_id))
+    })
+    .join()
+    .unwrap();
+    let guest6: std::net::Ipv6Addr = "fd10:0:2::2".parse().unwrap();
+    let (adv, rep) = answers;
+    let adv = adv.unwrap_or_else(|| panic!("no DHCPv6 Advertise\n{}", pod.dump()));
+    assert_eq!(
+        (adv.kind, adv.addresses),
+        (
+            virt_launcher::pod::net::dhcpv6::MessageType::Advertise,
+            vec![guest6]
+        )
+    );
+    let rep = rep.unwrap_or_else(|| panic!("no DHCPv6 Reply\n{}", pod.dump()));
+    assert_eq!(
+        (rep.kind, rep.addresses),
+        (
+            virt_launcher::pod::net::dhcpv6::MessageType::Reply,
+            vec![guest6]
+        )
+    );
+    let ips = common::wait_for(
+        "the IPv6 lease in GetDomain",
+        Duration::from_secs(30),
+        || {
+            let d = tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let mut c = testkit::launcher::connect(&pod.socket()).await.unwrap();
+                c.get_domain(virt_launcher::api::pb::Empty {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+            });
+            let i = d.interfaces.into_iter().find(|i| i.name == "default")?;
+            (i.ip_addresses.len() == 2).then_some(i.ip_addresses)
+        },
+    );
+    assert_eq!(ips, vec!["10.0.2.2".to_string(), guest6.to_string()]);
     let pid = pod.child.as_ref().unwrap().id() as i32;
     eprintln!(
         "launcher RSS with the guest running and the DHCP server up: {:.1} MiB",

@@ -1034,11 +1034,14 @@ fn interfaces(
             passt_attachment(vmi, facts, i, ifc)?
         } else if ifc.sriov.is_some() {
             return Err(err(
-                f,
-                "sriov interfaces are not supported by this launcher",
+                format!("{f}.sriov"),
+                "SR-IOV interfaces are not supported by this launcher (host devices are not handed to it)",
             ));
         } else if ifc.slirp.is_some() {
-            return Err(err(f, "slirp was removed from KubeVirt; use masquerade"));
+            return Err(err(
+                format!("{f}.slirp"),
+                "slirp was removed from KubeVirt; use masquerade",
+            ));
         } else if ifc.passt.is_some() {
             return Err(err(
                 format!("{f}.passt"),
