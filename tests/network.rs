@@ -484,15 +484,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A standalone pod with the default network: `--publish <published>:8081`, the guest asked to
-/// fetch from the host's loopback port `fetch` through its gateway and to serve on 8081.
-fn standalone_pod(name: &str, fetch: u16, published: u16) -> Pod {
+/// A standalone pod with the default network (its interface bound by `binding`, e.g.
+/// `masquerade: {}`): `--publish <published>:8081`, the guest asked to fetch from the host's
+/// loopback port `fetch` through its gateway and to serve on 8081.
+fn standalone_pod(name: &str, binding: &str, fetch: u16, published: u16) -> Pod {
     let mut pod = Pod::new(name)
         .with_disk("data", "virtio", 16)
         .kernel_args(&format!("lv.net=dhcp lv.fetch=gw:{fetch} lv.serve=8081"));
     pod.extra_args = vec!["--publish".into(), format!("{published}:8081")];
     pod.prepare();
-    std::fs::write(pod.vmi_path(), with_default_network(&pod.vmi_yaml())).unwrap();
+    let yaml = with_default_network(&pod.vmi_yaml()).replace("masquerade: {}", binding);
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
     pod.spawn();
     pod
 }
@@ -506,9 +508,11 @@ fn stop(mut pod: Pod) {
 }
 
 #[test]
-fn standalone_guest_gets_its_address_from_passt() {
+fn standalone_passt_binding_guest_gets_its_address_from_passt() {
     let published = free_port();
-    let mut pod = standalone_pod("passt", free_port(), published);
+    // KubeVirt's passt binding: standalone it is the same socket-mode passt as masquerade
+    // (test 5c below boots masquerade).
+    let mut pod = standalone_pod("passt", "passtBinding: {}", free_port(), published);
     // passt hands the guest the host's own address and gateway by DHCP.
     let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
     let lease = console.lines().find(|l| l.contains("LV-NET ")).unwrap();
@@ -551,7 +555,7 @@ fn standalone_guest_reaches_host_loopback_and_answers_on_a_published_port() {
         writeln!(s, "host-loopback-says-hi").unwrap();
     });
     let published = free_port();
-    let mut pod = standalone_pod("passt-tcp", port, published);
+    let mut pod = standalone_pod("passt-tcp", "masquerade: {}", port, published);
     let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
     // "LV-NET <ip>/<len> …": the address passt gave the guest (the host's own).
     let address = console
