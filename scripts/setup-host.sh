@@ -4,7 +4,7 @@
 #
 #  - apt packages: libvirt 11.x (monolithic daemon + QEMU driver + clients + dev) and QEMU 10.x
 #    from Debian's bookworm-backports (the generation KubeVirt v1.9 ships: libvirt 11, QEMU 10),
-#    passt, tools for the test guest (busybox-static, cpio, xz-utils), xorriso (cloud-init ISOs),
+#    tools for the test guest (busybox-static, cpio, xz-utils), xorriso (cloud-init ISOs),
 #    util-linux (losetup, unshare, nsenter), iproute2, g++ (libFuzzer's C++, for fuzz/),
 #    and for the launcher image (./devtool image, tests/image.rs): mmdebstrap (the root
 #    filesystem from Debian packages), umoci (unpacks the OCI image), runc (runs it:
@@ -14,6 +14,9 @@
 #    apache2-utils (htpasswd: the registry's bcrypt password file).
 #    bookworm-backports is enabled in apt's sources and pinned for only the virtualisation
 #    packages (/etc/apt/preferences.d/virt-launcher-backports); everything else stays bookworm.
+#  - passt 0.0~git20250503.587980c (Debian 13's) built from Debian's source tarball (sha256-
+#    pinned) into /usr/local/bin, which libvirt finds first in PATH: Debian 12's passt
+#    (2023-03) carries no TCP payload with QEMU 10, and trixie's binary package needs glibc 2.38
 #  - users/groups libvirt expects: kvm, libvirt, libvirt-qemu
 #  - /var/log/libvirt, /var/run/libvirt, /var/lib/libvirt, /var/cache/libvirt
 #  - the Rust toolchain (rustup in ~/.cargo/bin) is present and recent enough
@@ -42,7 +45,7 @@ LIBVIRT_MAJOR=11
 QEMU_MAJOR=10
 PACKAGES=(
     libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-    qemu-system-x86 qemu-utils passt pkg-config libxml2-utils
+    qemu-system-x86 qemu-utils pkg-config libxml2-utils curl make gcc
     busybox-static cpio xz-utils gzip
     xorriso util-linux iproute2 g++
     nftables
@@ -161,8 +164,39 @@ else
     log "packages: all present (libvirt $(installed libvirt-daemon), qemu $(installed qemu-system-x86))"
 fi
 
+# ------------------------------------------------------------------ passt
+# libvirt runs "passt" from its PATH (libvirt 11 resolves helper programs at run time).
+PASST_VERSION=0.0~git20250503.587980c
+PASST_SHA256=69d5eb843f7d648c2cc60bfbca6ea7b5014c6b6f07cdee362c2a8cf490515a49
+PASST_URL="${VIRT_LAUNCHER_DEBIAN_URI:-http://deb.debian.org/debian}/pool/main/p/passt/passt_${PASST_VERSION}.orig.tar.xz"
+PASST_BIN=/usr/local/bin/passt
+if [ -x "$PASST_BIN" ] && grep -qaF "$PASST_VERSION" "$PASST_BIN"; then
+    log "passt: $PASST_VERSION in $PASST_BIN"
+else
+    log "passt $PASST_VERSION: building from Debian's source ($PASST_URL)"
+    t0=$(date +%s)
+    work=$(mktemp -d /tmp/setup-host-passt.XXXXXX)
+    tarball="$work/passt.orig.tar.xz"
+    curl -fsS --retry 3 --max-time 300 -o "$tarball" "$PASST_URL" ||
+        { rm -rf "$work"; die "passt: cannot download $PASST_URL"; }
+    echo "$PASST_SHA256  $tarball" | sha256sum -c --quiet - >/dev/null 2>&1 ||
+        { rm -rf "$work"; die "passt: $PASST_URL does not have the pinned sha256 $PASST_SHA256"; }
+    tar -xJf "$tarball" -C "$work" --strip-components=1
+    # passt and passt.avx2 (passt runs the AVX2 build beside it when the CPU has AVX2).
+    # Two runs: make passes passt.avx2's -mavx2 on to its prerequisite passt otherwise.
+    { make -C "$work" VERSION="$PASST_VERSION" passt &&
+        make -C "$work" VERSION="$PASST_VERSION" passt.avx2; } >"$work/build.log" 2>&1 ||
+        { cp "$work/build.log" /tmp/setup-host-passt.log; rm -rf "$work"; die "passt: build failed (log: /tmp/setup-host-passt.log)"; }
+    install -m 0755 "$work/passt" "$work/passt.avx2" /usr/local/bin/
+    rm -rf "$work"
+    log "passt: built and installed $PASST_BIN in $(($(date +%s) - t0)) s"
+    DID=$((DID + 1))
+fi
+[ "$(command -v passt)" = "$PASST_BIN" ] ||
+    log "warning: 'passt' in PATH is $(command -v passt), not $PASST_BIN: put /usr/local/bin first in PATH"
+
 for tool in libvirtd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++ \
-    mmdebstrap umoci runc jq docker-registry skopeo htpasswd; do
+    mmdebstrap umoci runc jq docker-registry skopeo htpasswd passt; do
     command -v "$tool" >/dev/null || die "$tool not found after installing packages"
 done
 

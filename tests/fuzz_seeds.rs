@@ -313,3 +313,49 @@ fn dhcp_packets() -> Vec<(&'static str, Vec<u8>)> {
 fn dhcp_seeds_are_what_the_encoder_makes() {
     check("dhcp_packets", dhcp_packets());
 }
+
+/// DHCPv6 client messages: each kind the server answers, one for another server, one with
+/// rapid commit.
+fn dhcpv6_packets() -> Vec<(&'static str, Vec<u8>)> {
+    use virt_launcher::pod::net::dhcpv6::{request, MessageType};
+    let mac = [2, 0, 0, 0xaa, 0xbb, 1];
+    let ours = vec![0, 3, 0, 1, 2, 0, 0, 0, 0, 0];
+    vec![
+        ("solicit.bin", request(MessageType::Solicit, mac, None)),
+        (
+            "request.bin",
+            request(MessageType::Request, mac, Some(ours.clone())),
+        ),
+        (
+            "renew.bin",
+            request(MessageType::Renew, mac, Some(ours.clone())),
+        ),
+        (
+            "release.bin",
+            request(MessageType::Release, mac, Some(ours)),
+        ),
+        (
+            "information-request.bin",
+            request(MessageType::InformationRequest, mac, None),
+        ),
+        (
+            "request-other-server.bin",
+            request(
+                MessageType::Request,
+                mac,
+                Some(vec![0, 3, 0, 1, 9, 9, 9, 9, 9, 9]),
+            ),
+        ),
+        ("solicit-rapid-commit.bin", {
+            // Option 14 (rapid commit), length 0, appended.
+            let mut p = request(MessageType::Solicit, mac, None);
+            p.extend_from_slice(&[0, 14, 0, 0]);
+            p
+        }),
+    ]
+}
+
+#[test]
+fn dhcpv6_seeds_are_what_the_encoder_makes() {
+    check("dhcpv6_packets", dhcpv6_packets());
+}

@@ -93,6 +93,9 @@ fn phase1(n: &Netns) {
     n.ip(&n.pod, "link set eth0 mtu 1400");
     n.ip(&n.node, "link set veth-pod mtu 1400");
     n.ip(&n.pod, "addr add 10.99.0.2/24 dev eth0");
+    // The pod has IPv6 too (the launcher then serves DHCPv6), and phase 1 gives the bridge
+    // KubeVirt's fd10:0:2::1/120.
+    n.ip(&n.pod, "-6 addr add fd99::2/64 dev eth0 nodad");
     n.ip(&n.node, "addr add 10.99.0.1/24 dev veth-pod");
     for ns in [&n.pod, &n.node] {
         n.ip(ns, "link set lo up");
@@ -100,8 +103,14 @@ fn phase1(n: &Netns) {
     n.ip(&n.pod, "link set eth0 up");
     n.ip(&n.node, "link set veth-pod up");
     n.ip(&n.pod, "route add default via 10.99.0.1");
-    n.ip(&n.pod, "link add k6t-eth0 type bridge");
+    // KubeVirt gives every masquerade bridge one MAC (link.StaticMasqueradeBridgeMAC): the
+    // guest's ARP entry for its gateway stays right after a migration to another pod.
+    n.ip(
+        &n.pod,
+        "link add k6t-eth0 address 02:00:00:00:00:00 type bridge",
+    );
     n.ip(&n.pod, "addr add 10.0.2.1/24 dev k6t-eth0");
+    n.ip(&n.pod, "-6 addr add fd10:0:2::1/120 dev k6t-eth0 nodad");
     n.ip(&n.pod, "tuntap add dev tap0 mode tap");
     n.ip(&n.pod, "link set tap0 mtu 1400");
     n.ip(&n.pod, "link set tap0 master k6t-eth0");
@@ -111,12 +120,17 @@ fn phase1(n: &Netns) {
     let rules = "table ip nat {\n\
         chain prerouting { type nat hook prerouting priority -100; iifname \"eth0\" tcp dport 8081 dnat to 10.0.2.2; }\n\
         chain postrouting { type nat hook postrouting priority 100; ip saddr 10.0.2.2 oifname \"eth0\" masquerade; }\n\
+        }\n\
+        table ip filter {\n\
+        chain output { type filter hook output priority 0; ip daddr 10.96.0.10 reject; }\n\
         }\n";
     let file = std::env::temp_dir().join(format!("{}.nft", n.pod));
     std::fs::write(&file, rules).unwrap();
     n.exec(&n.pod, &["nft", "-f", file.to_str().unwrap()]);
     let _ = std::fs::remove_file(file);
     // `ip netns exec` shows /etc/netns/<ns>/resolv.conf as /etc/resolv.conf: the pod's DNS.
+    // No DNS server answers here: the filter above refuses the pod's own queries at once
+    // (libvirt resolves host names at start and migration; each would wait out its timeout).
     let etc = format!("/etc/netns/{}", n.pod);
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::write(
@@ -238,7 +252,85 @@ fn masquerade_guest_gets_its_lease_and_reaches_the_peer_through_nat() {
         (ifc.mac.as_str(), ifc.tap.as_str(), ifc.r#type.as_str()),
         (mac.as_str(), "tap0", "ethernet")
     );
-    assert_eq!(ifc.ip_addresses, vec!["10.0.2.2".to_string()]);
+    // The lease, or the guest agent's view of the same interface once it has reported.
+    assert!(
+        ifc.ip_addresses.contains(&"10.0.2.2".to_string()),
+        "{:?}",
+        ifc.ip_addresses
+    );
+
+    // DHCPv6 (the pod has IPv6): the test guest's busybox has no DHCPv6 client, so a client on
+    // a veth in a third namespace, plugged into the pod's bridge beside the tap, solicits
+    // fd10:0:2::2 from the launcher's server and requests it.
+    let cli = format!("vl-masq-{}-cli", std::process::id());
+    run(&["ip", "netns", "add", &cli]);
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _del = Del(cli.clone());
+    n.ip(&n.pod, "link add vc1 type veth peer name vc0");
+    n.ip(&n.pod, &format!("link set vc0 netns {cli}"));
+    n.ip(&n.pod, "link set vc1 master k6t-eth0");
+    n.ip(&n.pod, "link set vc1 up");
+    n.exec(
+        &cli,
+        &["sysctl", "-q", "-w", "net.ipv6.conf.vc0.accept_dad=0"],
+    );
+    n.ip(&cli, "link set vc0 up");
+    let client_mac = [2, 0, 0, 0xdd, 0xcc, 6];
+    let answers = Netns::in_ns(&cli, move || {
+        use virt_launcher::pod::net::dhcpv6::{request, summarize, MessageType, ALL_SERVERS};
+        let index = nix::net::if_::if_nametoindex("vc0").unwrap();
+        let s = std::net::UdpSocket::bind("[::]:546").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let to = std::net::SocketAddrV6::new(ALL_SERVERS, 547, 0, index);
+        let mut buf = [0u8; 1500];
+        let mut ask = |kind, server_id: Option<Vec<u8>>| {
+            for _ in 0..30 {
+                if s.send_to(&request(kind, client_mac, server_id.clone()), to)
+                    .is_ok()
+                {
+                    if let Ok((len, _)) = s.recv_from(&mut buf) {
+                        if let Some(m) = summarize(&buf[..len]) {
+                            return Some(m);
+                        }
+                    }
+                } else {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            None
+        };
+        let adv = ask(MessageType::Solicit, None);
+        let server_id = adv.as_ref().and_then(|a| a.server_id.clone());
+        (adv, ask(MessageType::Request, server_id))
+    })
+    .join()
+    .unwrap();
+    let guest6: std::net::Ipv6Addr = "fd10:0:2::2".parse().unwrap();
+    let (adv, rep) = answers;
+    let adv = adv.unwrap_or_else(|| panic!("no DHCPv6 Advertise\n{}", pod.dump()));
+    assert_eq!(
+        (adv.kind, adv.addresses),
+        (
+            virt_launcher::pod::net::dhcpv6::MessageType::Advertise,
+            vec![guest6]
+        )
+    );
+    let rep = rep.unwrap_or_else(|| panic!("no DHCPv6 Reply\n{}", pod.dump()));
+    assert_eq!(
+        (rep.kind, rep.addresses),
+        (
+            virt_launcher::pod::net::dhcpv6::MessageType::Reply,
+            vec![guest6]
+        )
+    );
+    // The server counts it as given (the client is not the guest, whose addresses GetDomain
+    // shows from the guest agent once it reports).
+    pod.wait_log("DHCPv6 lease given", Duration::from_secs(30));
     let pid = pod.child.as_ref().unwrap().id() as i32;
     eprintln!(
         "launcher RSS with the guest running and the DHCP server up: {:.1} MiB",
@@ -250,6 +342,131 @@ fn masquerade_guest_gets_its_lease_and_reaches_the_peer_through_nat() {
     assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
 }
 
+/// The first line the guest's responder sends to a connection from namespace `ns` to `addr`
+/// (through the pod's DNAT), retried for 30 s; empty if none came.
+fn guest_reply(ns: &str, addr: &'static str) -> String {
+    Netns::in_ns(ns, move || {
+        for _ in 0..30 {
+            if let Ok(s) =
+                TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3))
+            {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut line = String::new();
+                if BufReader::new(s).read_line(&mut line).is_ok() && !line.is_empty() {
+                    return line.trim().to_string();
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        String::new()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Test 5d: a masquerade interface survives a live migration to another pod (its own network
+/// namespace, built by its own phase 1, as two pods on two nodes are): the target's domain has
+/// the same MAC on its `tap0`, and the guest keeps its address (no new lease) and answers
+/// through the target pod's DNAT.
+#[test]
+fn masquerade_interface_survives_a_live_migration_with_its_mac_and_address() {
+    let (n1, n2) = (Netns::new("nmgs"), Netns::new("nmgt"));
+    phase1(&n1);
+    phase1(&n2);
+
+    let mut src = Pod::new("netmig")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.net=dhcp lv.serve=8081");
+    src.rwx = true;
+    src.wrapper = vec!["ip".into(), "netns".into(), "exec".into(), n1.pod.clone()];
+    src.prepare();
+    let vmi = with_default_network(&src.vmi_yaml());
+    std::fs::write(src.vmi_path(), &vmi).unwrap();
+    src.spawn();
+    let console = src.wait_console("LV-NET ", Duration::from_secs(180));
+    let lease = console.lines().find(|l| l.contains("LV-NET ")).unwrap();
+    assert!(
+        lease.contains("LV-NET 10.0.2.2/24 router=10.0.2.1 "),
+        "unexpected lease: {lease}
+{}",
+        src.dump()
+    );
+    src.wait_console("LV-SERVING 8081", Duration::from_secs(30));
+    assert_eq!(
+        guest_reply(&n1.node, "10.99.0.2:8081"),
+        "lv-guest vl-netmig 10.0.2.2",
+        "no reply from the guest on the source\n{}",
+        src.dump()
+    );
+    let mac = virt_launcher::convert::names::stable_mac(&src.uid(), "default");
+    let src_xml = src.virsh(&["dumpxml", "default_vl-netmig"]);
+    assert!(
+        src_xml.contains(&format!("<mac address='{mac}'/>")),
+        "{src_xml}"
+    );
+
+    // The target: an empty pod in the other namespace, sharing the RWX claim.
+    let mut dst = Pod::new("netmig-t").with_disk("data", "virtio", 16);
+    dst.shared_pvcs = Some(src.pvcs_dir());
+    dst.wait_for_sync = true;
+    dst.wrapper = vec!["ip".into(), "netns".into(), "exec".into(), n2.pod.clone()];
+    dst.start();
+    dst.wait_socket(Duration::from_secs(60));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let mut t = dst.client().await;
+        t.prepare_migration_target(virt_launcher::api::pb::PrepareMigrationTargetRequest {
+            vmi: vmi.as_bytes().to_vec(),
+            disk_sizes: Default::default(),
+        })
+        .await
+        .expect("prepare the target");
+        let mut s = src.client().await;
+        s.migrate(virt_launcher::api::pb::MigrateRequest {
+            target_socket: dst.socket().display().to_string(),
+            options: Some(virt_launcher::api::pb::MigrationOptions {
+                progress_timeout: 120,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("Migrate call")
+        .into_inner()
+    });
+    assert!(
+        result.success,
+        "migration failed: {}\n{}\n{}",
+        result.message,
+        src.dump(),
+        dst.dump()
+    );
+    let status = src.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "source exit {status}\n{}", src.dump());
+
+    // Same MAC on the target's tap0, and the guest (no new DHCP exchange: its lease holds)
+    // still has 10.0.2.2: it answers through the target pod's DNAT.
+    let dst_xml = dst.virsh(&["dumpxml", "default_vl-netmig"]);
+    for want in [
+        format!("<mac address='{mac}'/>"),
+        "<target dev='tap0' managed='no'/>".into(),
+    ] {
+        assert!(
+            dst_xml.contains(&want),
+            "target domain lacks {want}:\n{dst_xml}"
+        );
+    }
+    assert_eq!(
+        guest_reply(&n2.node, "10.99.0.2:8081"),
+        "lv-guest vl-netmig 10.0.2.2",
+        "no reply from the guest on the target\n{}",
+        dst.dump()
+    );
+    dst.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = dst.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "target exit {status}\n{}", dst.dump());
+}
+
 /// A free TCP port on the host's loopback (bound and released).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -259,15 +476,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A standalone pod with the default network: `--publish <published>:8081`, the guest asked to
-/// fetch from the host's loopback port `fetch` through its gateway and to serve on 8081.
-fn standalone_pod(name: &str, fetch: u16, published: u16) -> Pod {
+/// A standalone pod with the default network (its interface bound by `binding`, e.g.
+/// `masquerade: {}`): `--publish <published>:8081`, the guest asked to fetch from the host's
+/// loopback port `fetch` through its gateway and to serve on 8081.
+fn standalone_pod(name: &str, binding: &str, fetch: u16, published: u16) -> Pod {
     let mut pod = Pod::new(name)
         .with_disk("data", "virtio", 16)
         .kernel_args(&format!("lv.net=dhcp lv.fetch=gw:{fetch} lv.serve=8081"));
     pod.extra_args = vec!["--publish".into(), format!("{published}:8081")];
     pod.prepare();
-    std::fs::write(pod.vmi_path(), with_default_network(&pod.vmi_yaml())).unwrap();
+    let yaml = with_default_network(&pod.vmi_yaml()).replace("masquerade: {}", binding);
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
     pod.spawn();
     pod
 }
@@ -281,9 +500,11 @@ fn stop(mut pod: Pod) {
 }
 
 #[test]
-fn standalone_guest_gets_its_address_from_passt() {
+fn standalone_passt_binding_guest_gets_its_address_from_passt() {
     let published = free_port();
-    let mut pod = standalone_pod("passt", free_port(), published);
+    // KubeVirt's passt binding: standalone it is the same socket-mode passt as masquerade
+    // (test 5c below boots masquerade).
+    let mut pod = standalone_pod("passt", "passtBinding: {}", free_port(), published);
     // passt hands the guest the host's own address and gateway by DHCP.
     let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
     let lease = console.lines().find(|l| l.contains("LV-NET ")).unwrap();
@@ -310,15 +531,33 @@ fn standalone_guest_gets_its_address_from_passt() {
     ] {
         assert!(xml.contains(&want), "domain XML lacks {want}:\n{xml}");
     }
+    // No DHCP server of ours here: GetDomain has the address from the guest agent.
+    let address = lease
+        .split("LV-NET ")
+        .nth(1)
+        .and_then(|l| l.split('/').next())
+        .unwrap()
+        .to_string();
+    let ips = common::wait(Duration::from_secs(150), Duration::from_secs(1), || {
+        let d = tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let mut c = testkit::launcher::connect(&pod.socket()).await.ok()?;
+            c.get_domain(virt_launcher::api::pb::Empty {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        })?;
+        let i = d.interfaces.into_iter().find(|i| i.name == "default")?;
+        (!i.ip_addresses.is_empty()).then_some(i.ip_addresses)
+    })
+    .unwrap_or_else(|| panic!("no address in GetDomain\n{}", pod.dump()));
+    assert!(ips.contains(&address), "{ips:?} lacks {address}");
     stop(pod);
 }
 
-/// Debian 12's passt (0.0~git20230309) with libvirt 11.3 and QEMU 10 (`-netdev stream`): the
-/// guest's DHCP works, a TCP connection is set up both ways (the host's server accepts), but
-/// no TCP payload ever reaches the other side, with or without the 65520 MTU passt offers.
-/// Run with a newer passt: `cargo test --test network -- --ignored`.
+/// Needs passt newer than Debian 12's (0.0~git20230309 carries no TCP payload with QEMU 10's
+/// `-netdev stream`): `./devtool setup` builds trixie's 0.0~git20250503 into /usr/local/bin,
+/// which libvirt finds first in PATH.
 #[test]
-#[ignore = "Debian 12's passt (2023-03) carries no TCP payload with QEMU 10: needs a newer passt"]
 fn standalone_guest_reaches_host_loopback_and_answers_on_a_published_port() {
     // A server on the host's loopback: passt maps the guest's gateway address to it.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -328,8 +567,15 @@ fn standalone_guest_reaches_host_loopback_and_answers_on_a_published_port() {
         writeln!(s, "host-loopback-says-hi").unwrap();
     });
     let published = free_port();
-    let mut pod = standalone_pod("passt-tcp", port, published);
-    pod.wait_console("LV-NET ", Duration::from_secs(180));
+    let mut pod = standalone_pod("passt-tcp", "masquerade: {}", port, published);
+    let console = pod.wait_console("LV-NET ", Duration::from_secs(180));
+    // "LV-NET <ip>/<len> …": the address passt gave the guest (the host's own).
+    let address = console
+        .lines()
+        .find_map(|l| l.split("LV-NET ").nth(1))
+        .and_then(|l| l.split('/').next())
+        .unwrap()
+        .to_string();
     pod.wait_console("host-loopback-says-hi", Duration::from_secs(90));
     server.join().unwrap();
 
@@ -345,8 +591,9 @@ fn standalone_guest_reaches_host_loopback_and_answers_on_a_published_port() {
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+    // "lv-guest <hostname> <ip>": passt gives no hostname by DHCP, the guest keeps its own.
     assert!(
-        reply.starts_with("lv-guest vl-passt-tcp "),
+        reply.starts_with("lv-guest ") && reply.trim_end().ends_with(&format!(" {address}")),
         "no reply through the published port {published}: {reply:?}\n{}",
         pod.dump()
     );

@@ -125,6 +125,34 @@ pub fn well_formed(xml: &str) {
     }
 }
 
+/// A `dhcpv6_packets` input: one datagram from the guest's side of the bridge, answered as the
+/// launcher's DHCPv6 server answers it. Whatever the bytes: no panic, at most one reply, and a
+/// reply is a well-formed Advertise or Reply with our server DUID and no address but the
+/// guest's.
+pub fn dhcpv6_packet(data: &[u8]) {
+    use virt_launcher::pod::net::dhcpv6::{self, Dhcpv6Config, MessageType};
+    let cfg = Dhcpv6Config {
+        client_ip: "fd10:0:2::2".parse().unwrap(),
+        server_mac: [2, 0, 0, 0, 0, 0],
+        dns: vec!["fd00::10".parse().unwrap()],
+    };
+    let Some(out) = dhcpv6::reply(&cfg, data) else {
+        return;
+    };
+    assert!(
+        out.len() <= dhcpv6::MAX_PACKET,
+        "reply of {} bytes",
+        out.len()
+    );
+    let summary = dhcpv6::summarize(&out).expect("our reply decodes");
+    assert!(matches!(
+        summary.kind,
+        MessageType::Advertise | MessageType::Reply
+    ));
+    assert_eq!(summary.server_id, Some(cfg.server_duid()));
+    assert!(summary.addresses.iter().all(|a| *a == cfg.client_ip));
+}
+
 /// A `dhcp_packets` input: one datagram from the guest's side of the bridge, answered as the
 /// launcher's DHCP server answers it. Whatever the bytes: no panic, at most one reply, and a
 /// reply is a well-formed BOOTREPLY to our client's MAC that carries our server identifier.

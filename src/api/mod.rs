@@ -164,7 +164,7 @@ pub fn domain_pb(s: &state::Status) -> pb::Domain {
                 mac: i.mac.clone(),
                 r#type: i.kind.clone(),
                 tap: i.tap.clone(),
-                ip_addresses: i.ips.clone(),
+                ip_addresses: s.domain.interface_ips(i),
             })
             .collect(),
     }

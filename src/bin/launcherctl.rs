@@ -666,9 +666,34 @@ fn print_domain(d: &pb::Domain, json: bool) {
             }
         );
     }
+    let interfaces: Vec<Value> = d
+        .interfaces
+        .iter()
+        .map(|i| json!({"name": i.name, "mac": i.mac, "type": i.r#type, "tap": i.tap, "ipAddresses": i.ip_addresses}))
+        .collect();
+    if !d.interfaces.is_empty() {
+        text += &format!(
+            "{:<20} {:<17} {:<9} {:<8} {}\n",
+            "INTERFACE", "MAC", "TYPE", "TAP", "ADDRESSES"
+        );
+    }
+    for i in &d.interfaces {
+        text += &format!(
+            "{:<20} {:<17} {:<9} {:<8} {}\n",
+            i.name,
+            i.mac,
+            i.r#type,
+            if i.tap.is_empty() { "-" } else { &i.tap },
+            if i.ip_addresses.is_empty() {
+                "-".to_string()
+            } else {
+                i.ip_addresses.join(",")
+            }
+        );
+    }
     out(
         json,
-        json!({"name": d.name, "uid": d.uid, "state": state_name(d.state), "reason": d.reason, "disks": disks, "lastSeq": d.last_seq}),
+        json!({"name": d.name, "uid": d.uid, "state": state_name(d.state), "reason": d.reason, "disks": disks, "interfaces": interfaces, "lastSeq": d.last_seq}),
         text.trim_end(),
     );
 }

@@ -18,8 +18,8 @@
 //!   `managed='no'`), with the pod interface's MTU, the VMI's MAC (else the handler's cached one
 //!   for `bridge`, else one derived from the VMI's uid: stable across restarts and migrations)
 //!   and `<rom enabled='no'/>` unless it boots. Standalone (no handler: [`PodFacts::standalone_network`])
-//!   `masquerade` is libvirt's passt in socket mode and `bridge` a host bridge. A
-//!   `passtBinding` interface becomes KubeVirt's vhost-user interface with libvirt's passt
+//!   `masquerade` and `passtBinding` are libvirt's passt in socket mode and `bridge` a host
+//!   bridge. In a pod, a `passtBinding` interface becomes KubeVirt's vhost-user interface with libvirt's passt
 //!   back-end (see `passt_attachment`), with shared memfd guest memory and one NUMA cell. No
 //!   interface is invented when the spec lists none. SR-IOV, slirp, the discontinued `passt`
 //!   and binding plugins are rejected.
@@ -1031,14 +1031,22 @@ fn interfaces(
                     ),
                 ));
             }
-            passt_attachment(vmi, facts, i, ifc)?
+            match &facts.standalone_network {
+                // Standalone, no pod: passt in socket mode, as for masquerade (the same
+                // network for the guest; the ports forwarded only when listed or published).
+                Some(sn) => standalone_user(sn, &interface_ports(&f, ifc)?),
+                None => passt_attachment(vmi, facts, i, ifc)?,
+            }
         } else if ifc.sriov.is_some() {
             return Err(err(
-                f,
-                "sriov interfaces are not supported by this launcher",
+                format!("{f}.sriov"),
+                "SR-IOV interfaces are not supported by this launcher (host devices are not handed to it)",
             ));
         } else if ifc.slirp.is_some() {
-            return Err(err(f, "slirp was removed from KubeVirt; use masquerade"));
+            return Err(err(
+                format!("{f}.slirp"),
+                "slirp was removed from KubeVirt; use masquerade",
+            ));
         } else if ifc.passt.is_some() {
             return Err(err(
                 format!("{f}.passt"),

@@ -148,7 +148,10 @@ impl Launcher {
                         if let Some(i) =
                             s.domain.interfaces.iter_mut().find(|i| i.name == interface)
                         {
-                            i.ips = vec![ip.to_string()];
+                            let ip = ip.to_string();
+                            if !i.ips.contains(&ip) {
+                                i.ips.push(ip);
+                            }
                         }
                     };
                     let _ = internal.send(super::Internal::Report(super::ledger::Report::Status(

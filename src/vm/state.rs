@@ -178,6 +178,35 @@ pub struct InterfaceFacts {
 }
 
 impl DomainFacts {
+    /// The guest's addresses on the interface with MAC `mac`: what the guest agent last
+    /// reported (`guest-network-get-interfaces`) when it did, else the lease our DHCP server
+    /// gave (issue #18: the agent's view first).
+    pub fn interface_ips(&self, iface: &InterfaceFacts) -> Vec<String> {
+        let from_agent = self
+            .guest
+            .get("guest-network-get-interfaces")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|list| {
+                list.iter().find(|i| {
+                    !iface.mac.is_empty()
+                        && i.get("hardware-address")
+                            .and_then(serde_json::Value::as_str)
+                            .is_some_and(|m| m.eq_ignore_ascii_case(&iface.mac))
+                })
+            })
+            .and_then(|i| i.get("ip-addresses"))
+            .and_then(serde_json::Value::as_array)
+            .map(|addrs| {
+                addrs
+                    .iter()
+                    .filter_map(|a| a.get("ip-address").and_then(serde_json::Value::as_str))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|ips| !ips.is_empty());
+        from_agent.unwrap_or_else(|| iface.ips.clone())
+    }
+
     /// The facts of a planned domain (MACs libvirt has yet to choose are empty).
     pub fn of(d: &crate::domain::Domain) -> DomainFacts {
         DomainFacts {
@@ -407,6 +436,35 @@ impl EventLog {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn interface_addresses_come_from_the_agent_else_the_lease() {
+        let mut d = super::DomainFacts::default();
+        let ifc = super::InterfaceFacts {
+            name: "default".into(),
+            mac: "02:00:00:aa:bb:01".into(),
+            ips: vec!["10.0.2.2".into()],
+            ..Default::default()
+        };
+        assert_eq!(d.interface_ips(&ifc), vec!["10.0.2.2"]);
+        d.guest.insert(
+            "guest-network-get-interfaces".into(),
+            serde_json::json!([
+                {"name": "lo", "hardware-address": "00:00:00:00:00:00",
+                 "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1"}]},
+                {"name": "eth0", "hardware-address": "02:00:00:AA:BB:01", "ip-addresses": [
+                    {"ip-address-type": "ipv4", "ip-address": "10.0.2.2", "prefix": 24},
+                    {"ip-address-type": "ipv6", "ip-address": "fd10:0:2::2", "prefix": 120}]}
+            ]),
+        );
+        assert_eq!(d.interface_ips(&ifc), vec!["10.0.2.2", "fd10:0:2::2"]);
+        // An interface the agent does not list (no addresses yet): the lease.
+        let other = super::InterfaceFacts {
+            mac: "02:00:00:aa:bb:09".into(),
+            ..ifc.clone()
+        };
+        assert_eq!(d.interface_ips(&other), vec!["10.0.2.2"]);
+    }
+
     use super::*;
 
     fn ev(msg: &str) -> Event {

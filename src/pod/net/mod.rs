@@ -15,9 +15,10 @@
 //!   itself, which only works with binding plugins we do not support).
 
 pub mod dhcp;
+pub mod dhcpv6;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use crate::convert::names;
@@ -28,6 +29,8 @@ use crate::spec::VirtualMachineInstance;
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// KubeVirt's default `vmNetworkCIDR` for masquerade.
 pub const DEFAULT_MASQUERADE_CIDR: &str = "10.0.2.0/24";
+/// KubeVirt's default `vmIPv6NetworkCIDR` for masquerade.
+pub const DEFAULT_MASQUERADE_CIDR6: &str = "fd10:0:2::/120";
 
 /// Why phase 2 failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +41,7 @@ pub enum NetError {
     NoBridge { interface: String, bridge: String },
     #[error("{field}: {reason}")]
     Spec { field: String, reason: String },
-    #[error("interface {interface}: standalone networking needs passt, which is not installed (apt-get install passt)")]
+    #[error("interface {interface}: standalone networking needs passt, which is not in PATH (./devtool setup builds it into /usr/local/bin)")]
     NoPasst { interface: String },
     #[error("interface {interface}: --host-bridge {bridge} is not a bridge on this host")]
     NoHostBridge { interface: String, bridge: String },
@@ -84,22 +87,31 @@ fn in_path(program: &str) -> bool {
 }
 
 /// libvirt's directory for passt's socket and pid file. QEMU runs as root here, so libvirt
-/// starts passt as root, and passt then drops to `nobody` before it writes its pid file: the
-/// directory must be nobody's. It is this launcher's private `/run/libvirt` (standalone).
+/// starts passt as root. passt then gives up its capabilities (still uid 0, without
+/// `CAP_DAC_OVERRIDE`) before it binds its socket, and older passt (Debian 12's) changes to
+/// `nobody` before it writes its pid file: the directory is root's and `nobody`'s group's,
+/// mode 0770, so both can write it. It is this launcher's private `/run/libvirt` (standalone).
 pub const PASST_STATE_DIR: &str = "/run/libvirt/qemu/passt";
 
 fn passt_state_dir() -> Result<(), NetError> {
+    use std::os::unix::fs::PermissionsExt;
     let fail = |source: std::io::Error| NetError::Io {
         path: PathBuf::from(PASST_STATE_DIR),
         source,
     };
     std::fs::create_dir_all(PASST_STATE_DIR).map_err(fail)?;
-    let nobody = nix::unistd::User::from_name("nobody")
+    let nobody_gid = nix::unistd::User::from_name("nobody")
         .ok()
         .flatten()
-        .map(|u| (u.uid, u.gid))
-        .unwrap_or((65534.into(), 65534.into()));
-    nix::unistd::chown(PASST_STATE_DIR, Some(nobody.0), Some(nobody.1)).map_err(|e| fail(e.into()))
+        .map(|u| u.gid)
+        .unwrap_or(65534.into());
+    nix::unistd::chown(
+        PASST_STATE_DIR,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nobody_gid),
+    )
+    .map_err(|e| fail(e.into()))?;
+    std::fs::set_permissions(PASST_STATE_DIR, std::fs::Permissions::from_mode(0o770)).map_err(fail)
 }
 
 /// The `masquerade`/`bridge` interfaces of a VMI: (index in spec.networks, interface name,
@@ -159,6 +171,53 @@ pub fn masquerade_addresses(cidr: &str) -> Result<(Ipv4Addr, Ipv4Addr, u8), Stri
         })?;
     let net = u32::from(ip) & u32::from(dhcp::netmask(prefix));
     Ok((Ipv4Addr::from(net + 1), Ipv4Addr::from(net + 2), prefix))
+}
+
+/// Gateway (the bridge's address) and the guest's address of a masquerade
+/// `vmIPv6NetworkCIDR` (`addr/p`, p ≤ 126): the network's first and second addresses.
+pub fn masquerade_addresses6(cidr: &str) -> Result<(Ipv6Addr, Ipv6Addr), String> {
+    let net: ipnet::Ipv6Net = cidr
+        .parse()
+        .map_err(|_| format!("{cidr:?} is not an IPv6 CIDR (addr/n)"))?;
+    if net.prefix_len() > 126 {
+        return Err(format!(
+            "{cidr:?}: the prefix must be 0..126 (room for gateway and VM)"
+        ));
+    }
+    let base = u128::from(net.trunc().addr());
+    Ok((Ipv6Addr::from(base + 1), Ipv6Addr::from(base + 2)))
+}
+
+/// Whether pod interface `name` has a global IPv6 address (ULAs count, as Go's
+/// `IsGlobalUnicast`): KubeVirt's condition for the DHCPv6 server. From `/proc/net/if_inet6`
+/// (`<addr> <index> <prefix> <scope> <flags> <name>`, scope 00 = global).
+fn has_global_ipv6(name: &str) -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|t| {
+        t.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 6 && f[5] == name && f[3] == "00"
+        })
+    })
+}
+
+/// A link's MAC (`/sys/class/net/<name>/address`).
+fn link_mac(name: &str) -> Option<[u8; 6]> {
+    dhcp::parse_mac(
+        std::fs::read_to_string(link_dir(name).join("address"))
+            .ok()?
+            .trim(),
+    )
+}
+
+/// The IPv6 DNS servers of a resolv.conf.
+pub fn parse_resolv_conf_v6(text: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then_some(())?;
+            w.next()?.parse().ok()
+        })
+        .collect()
 }
 
 /// DNS servers (IPv4) and search domains of a resolv.conf.
@@ -340,21 +399,29 @@ fn bridge_dhcp(
 pub struct Phase2 {
     /// By bridge name.
     pub servers: BTreeMap<String, (String, dhcp::Server)>,
+    /// The DHCPv6 servers (masquerade, pods with IPv6), by bridge name.
+    pub servers6: BTreeMap<String, dhcpv6::Server>,
     /// Servers started since [`Phase2::take_started`] was last called: (interface, address,
     /// lease watch).
-    started: Vec<(String, Ipv4Addr, tokio::sync::watch::Receiver<bool>)>,
+    started: Vec<(String, IpAddr, tokio::sync::watch::Receiver<bool>)>,
 }
 
 impl Phase2 {
     /// The servers started since the last call, to follow their leases.
-    pub fn take_started(&mut self) -> Vec<(String, Ipv4Addr, tokio::sync::watch::Receiver<bool>)> {
+    pub fn take_started(&mut self) -> Vec<(String, IpAddr, tokio::sync::watch::Receiver<bool>)> {
         std::mem::take(&mut self.started)
     }
 
     fn insert(&mut self, bridge: String, interface: &str, ip: Ipv4Addr, server: dhcp::Server) {
         self.started
-            .push((interface.to_string(), ip, server.lease_watch()));
+            .push((interface.to_string(), ip.into(), server.lease_watch()));
         self.servers.insert(bridge, (interface.to_string(), server));
+    }
+
+    fn insert6(&mut self, bridge: String, interface: &str, ip: Ipv6Addr, server: dhcpv6::Server) {
+        self.started
+            .push((interface.to_string(), ip.into(), server.lease_watch()));
+        self.servers6.insert(bridge, server);
     }
 
     /// Whether the guest on interface `name` got its address from us.
@@ -502,7 +569,34 @@ pub fn setup(
             source,
         })?;
         tracing::info!(interface = %ifc.name, %tap, %bridge, ip = %guest, "network phase 2 done");
-        running.insert(bridge, &ifc.name, guest, server);
+        running.insert(bridge.clone(), &ifc.name, guest, server);
+        // DHCPv6 where the pod has IPv6 (KubeVirt's condition: a global address on the pod
+        // interface).
+        if has_global_ipv6(&pod) && !running.servers6.contains_key(&bridge) {
+            let field = format!("spec.networks[{k}].pod.vmIPv6NetworkCIDR");
+            let cidr = vmi.spec.networks[k]
+                .pod
+                .as_ref()
+                .and_then(|p| p.get("vmIPv6NetworkCIDR"))
+                .and_then(|c| c.as_str())
+                .filter(|c| !c.is_empty())
+                .unwrap_or(DEFAULT_MASQUERADE_CIDR6);
+            let (_, guest6) =
+                masquerade_addresses6(cidr).map_err(|reason| NetError::Spec { field, reason })?;
+            let cfg = dhcpv6::Dhcpv6Config {
+                client_ip: guest6,
+                server_mac: link_mac(&bridge).unwrap_or([2, 0, 0, 0, 0, 0]),
+                dns: parse_resolv_conf_v6(
+                    &std::fs::read_to_string(resolv_conf).unwrap_or_default(),
+                ),
+            };
+            let server = dhcpv6::Server::start(cfg, &bridge).map_err(|source| NetError::Dhcp {
+                interface: ifc.name.clone(),
+                source,
+            })?;
+            tracing::info!(interface = %ifc.name, %bridge, ip = %guest6, "DHCPv6 server up");
+            running.insert6(bridge, &ifc.name, guest6, server);
+        }
     }
     Ok(())
 }
@@ -528,6 +622,23 @@ mod tests {
         assert!(masquerade_addresses("10.0.2.0").is_err());
         assert!(masquerade_addresses("10.0.2.0/31").is_err());
         assert!(masquerade_addresses("fd00::/64").is_err());
+        assert_eq!(
+            masquerade_addresses6(DEFAULT_MASQUERADE_CIDR6).unwrap(),
+            (
+                "fd10:0:2::1".parse().unwrap(),
+                "fd10:0:2::2".parse().unwrap()
+            )
+        );
+        assert_eq!(
+            masquerade_addresses6("fd20::77/112").unwrap().1,
+            "fd20::2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(masquerade_addresses6("fd20::/127").is_err());
+        assert!(masquerade_addresses6("10.0.2.0/24").is_err());
+        assert_eq!(
+            parse_resolv_conf_v6("nameserver 10.96.0.10\nnameserver fd00::10\nsearch a\n"),
+            vec!["fd00::10".parse::<Ipv6Addr>().unwrap()]
+        );
     }
 
     #[test]
