@@ -286,6 +286,7 @@ fn run(args: RunArgs) -> Result<i32> {
             let options = datavolume::Options {
                 storage_dir: absolute(&args.storage_dir),
                 progress: datavolume::ProgressStyle::auto(args.json_logs),
+                importer: datavolume::importer_path(),
             };
             let Some((claims, paths)) =
                 import_unless_stopped(vm.clone(), vmi.clone(), options, overrides.paths_for(vmi))?
@@ -385,9 +386,10 @@ fn run(args: RunArgs) -> Result<i32> {
     run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
 }
 
-/// Imports the VM's DataVolumes, unless SIGTERM or SIGINT comes first (None): then the import
-/// is left to die with the process. Without this a launcher that is PID 1 of its namespace
-/// would ignore both until the VM ran.
+/// Imports the VM's DataVolumes (in `virt-launcher-import`, started from this thread, which
+/// outlives it), unless SIGTERM or SIGINT comes first (None): then the import's process group
+/// is killed. Without this a launcher that is PID 1 of its namespace would ignore both until
+/// the VM ran.
 fn import_unless_stopped(
     vm: PathBuf,
     vmi: VirtualMachineInstance,
@@ -402,13 +404,16 @@ fn import_unless_stopped(
     let outcome = runtime.block_on(async move {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let process = datavolume::spawn_import(&vm, &vmi, &options)?;
+        let stopper = process.stopper();
         let import = tokio::task::spawn_blocking(move || {
-            datavolume::materialise(&vm, &vmi, &options, &mut paths).map(|c| (c, paths))
+            process.wait()?;
+            datavolume::attach(&vmi, &options, &mut paths).map(|c| (c, paths))
         });
         tokio::select! {
             r = import => Ok(Some(r.context("import task")??)),
-            _ = term.recv() => Ok(None),
-            _ = int.recv() => Ok(None),
+            _ = term.recv() => { stopper.stop(); Ok(None) }
+            _ = int.recv() => { stopper.stop(); Ok(None) }
         }
     });
     // An import that was left runs on until the process ends: do not wait for it.

@@ -945,9 +945,9 @@ fn bad_input_names_the_datavolume_and_leaves_the_claim_alone() {
         ),
         ("404", http(server.url("/missing.qcow2")), "HTTP 404 Not Found"),
         (
-            "https",
+            "https to a plain http server",
             http(format!("https://127.0.0.1:{}/x.qcow2", server.port)),
-            "https is not supported by this build",
+            "cannot import https://127.0.0.1:",
         ),
         (
             "empty file",

@@ -28,9 +28,12 @@
 //! migration).
 
 pub mod claim;
+pub mod http;
 mod import;
 mod loopdev;
 mod progress;
+mod refs;
+pub mod s3;
 pub mod spec;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,7 +49,7 @@ use crate::spec::{Manifest, SpecError, VirtualMachine, VirtualMachineInstance};
 
 pub use claim::ClaimMeta;
 pub use progress::ProgressStyle;
-pub use spec::{ClaimRef, DataVolumeSpec, Source, VolumeMode};
+pub use spec::{ClaimRef, DataVolumeSpec, Remote, Source, VolumeMode};
 
 use import::{io_reason, Job};
 
@@ -122,6 +125,11 @@ pub enum DataVolumeError {
         claim: String,
         dir: PathBuf,
     },
+    /// The import process's own error line (it names the DataVolume).
+    #[error("{0}")]
+    Import(String),
+    #[error("the import process {}: {reason}", path.display())]
+    Importer { path: PathBuf, reason: String },
     #[error("volume {volume}: {}: {reason}", path.display())]
     View {
         volume: String,
@@ -136,6 +144,23 @@ pub struct Options {
     /// Where claims live (`<dir>/claims/<namespace>/<name>`).
     pub storage_dir: PathBuf,
     pub progress: ProgressStyle,
+    /// The `virt-launcher-import` binary (see [`importer_path`]).
+    pub importer: PathBuf,
+}
+
+/// The import binary's name; it sits next to `virt-launcher`.
+pub const IMPORTER: &str = "virt-launcher-import";
+
+/// `$VIRT_LAUNCHER_IMPORT`, else `virt-launcher-import` in the directory of the running
+/// binary (the launcher's image and `cargo build` put them side by side).
+pub fn importer_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VIRT_LAUNCHER_IMPORT").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(IMPORTER)))
+        .unwrap_or_else(|| PathBuf::from(IMPORTER))
 }
 
 /// Claims in use by a running launcher. Dropping it detaches the loop devices this launcher
@@ -212,7 +237,10 @@ pub fn claim_meta(storage_dir: &Path, namespace: &str, name: &str) -> Option<Cla
 /// Read the VirtualMachine in `file` (JSON or YAML; the first `VirtualMachine` document),
 /// through the one manifest reader ([`Manifest`]) and its nesting guard.
 pub fn load_vm(file: &Path) -> Result<VirtualMachine, DataVolumeError> {
-    let manifest = Manifest::read(file)?;
+    vm_of(&Manifest::read(file)?, file)
+}
+
+fn vm_of(manifest: &Manifest, file: &Path) -> Result<VirtualMachine, DataVolumeError> {
     let Some(doc) = manifest.find_kind("VirtualMachine") else {
         let found = manifest
             .docs
@@ -231,17 +259,117 @@ pub fn load_vm(file: &Path) -> Result<VirtualMachine, DataVolumeError> {
 
 /// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
 /// `opts.storage_dir`, then point `paths` (`vmi_disks_dir`, `block_dev_dir`) at this VM's view
-/// of its claims. `vmi` is the VMI the launcher runs (from the same file). Call before
-/// [`crate::pod::facts::probe`]; keep the returned [`Claims`] alive while the VM runs.
+/// of its claims. `vmi` is the VMI the launcher runs (from the same file). The import runs in
+/// a `virt-launcher-import` process ([`spawn_import`]), so that its TLS stack and buffers
+/// never enter the launcher's memory. Call before [`crate::pod::facts::probe`]; keep the
+/// returned [`Claims`] alive while the VM runs.
 pub fn materialise(
     vm_file: &Path,
     vmi: &VirtualMachineInstance,
     opts: &Options,
     paths: &mut PodPaths,
 ) -> Result<Claims, DataVolumeError> {
-    let vm = load_vm(vm_file)?;
+    spawn_import(vm_file, vmi, opts)?.wait()?;
+    attach(vmi, opts, paths)
+}
+
+/// A running `virt-launcher-import` (the leader of its own process group).
+pub struct ImportProcess {
+    child: crate::pod::process::Child,
+    path: PathBuf,
+}
+
+/// Stops an import from another thread.
+#[derive(Clone, Copy, Debug)]
+pub struct ImportStopper(i32);
+
+impl ImportStopper {
+    /// SIGKILL to the import's process group (it and the tools it runs). What it leaves is
+    /// scratch space that the next import removes; no claim looks complete.
+    pub fn stop(self) {
+        use nix::sys::signal::{killpg, Signal};
+        let _ = killpg(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// Start `virt-launcher-import` for `vm_file`'s DataVolumes, its stderr (logs, progress)
+/// shared with ours. Spawn it from a thread that outlives it: it dies with its parent thread
+/// (`PR_SET_PDEATHSIG`).
+pub fn spawn_import(
+    vm_file: &Path,
+    vmi: &VirtualMachineInstance,
+    opts: &Options,
+) -> Result<ImportProcess, DataVolumeError> {
+    use crate::pod::process::{Command, Stdio};
     let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
-    let namespace = vmi.namespace().to_string();
+    let mut cmd = Command::new(&opts.importer);
+    cmd.arg("--vm")
+        .arg(vm_file)
+        .arg("--namespace")
+        .arg(vmi.namespace())
+        .arg("--storage-dir")
+        .arg(&storage)
+        .arg("--progress")
+        .arg(match opts.progress {
+            ProgressStyle::Bar => "bar",
+            ProgressStyle::Log => "log",
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let child = cmd.spawn().map_err(|e| DataVolumeError::Importer {
+        path: opts.importer.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(ImportProcess {
+        child,
+        path: opts.importer.clone(),
+    })
+}
+
+impl ImportProcess {
+    pub fn stopper(&self) -> ImportStopper {
+        ImportStopper(self.child.pid())
+    }
+
+    /// Waits for the import; its error line becomes ours.
+    pub fn wait(self) -> Result<(), DataVolumeError> {
+        let path = self.path;
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|e| DataVolumeError::Importer {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if out.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(line) => Err(DataVolumeError::Import(line.trim().to_string())),
+            None => Err(DataVolumeError::Importer {
+                path,
+                reason: format!("ended without a word ({})", out.exit),
+            }),
+        }
+    }
+}
+
+/// What `virt-launcher-import` does: every DataVolume of the VirtualMachine in `vm_file`
+/// (namespace `namespace`) becomes a complete claim under `opts.storage_dir`, ConfigMaps and
+/// Secrets coming from the same file.
+pub fn import_claims(
+    vm_file: &Path,
+    namespace: &str,
+    storage_dir: &Path,
+    progress: ProgressStyle,
+) -> Result<(), DataVolumeError> {
+    let manifest = Manifest::read(vm_file)?;
+    let vm = vm_of(&manifest, vm_file)?;
+    let objects = refs::collect(&manifest, namespace)?;
+    let storage = std::path::absolute(storage_dir).unwrap_or(storage_dir.to_path_buf());
+    let namespace = namespace.to_string();
 
     let mut specs = Vec::new();
     let mut names = BTreeSet::new();
@@ -283,9 +411,18 @@ pub fn materialise(
         // A cycle of clones: run them anyway, the first one reports its missing source.
         let next = ready.first().copied().unwrap_or(0);
         let s = pending.remove(next);
-        ensure_claim(s, &storage, opts.progress)?;
+        ensure_claim(s, &storage, progress, &objects)?;
     }
+    Ok(())
+}
 
+/// Point `paths` at this VM's view of its (complete) claims: see [`materialise`].
+pub fn attach(
+    vmi: &VirtualMachineInstance,
+    opts: &Options,
+    paths: &mut PodPaths,
+) -> Result<Claims, DataVolumeError> {
+    let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
     build_view(vmi, &storage, paths)
 }
 
@@ -294,6 +431,7 @@ fn ensure_claim(
     s: &DataVolumeSpec,
     storage: &Path,
     style: ProgressStyle,
+    objects: &refs::Objects,
 ) -> Result<(), DataVolumeError> {
     let dv = s.claim.to_string();
     let dir = claim::claim_dir(storage, &s.claim);
@@ -343,7 +481,7 @@ fn ensure_claim(
 
     let t = std::time::Instant::now();
     tracing::info!(dataVolume = %dv, source = s.source.kind(), claim = %dir.display(), "importing");
-    let result = import_into(s, storage, &dir, &staging, style);
+    let result = import_into(s, storage, &dir, &staging, style, objects);
     let _ = fs::remove_dir_all(&staging);
     match result {
         Ok(meta) => {
@@ -367,6 +505,7 @@ fn import_into(
     dir: &Path,
     staging: &Path,
     style: ProgressStyle,
+    objects: &refs::Objects,
 ) -> Result<ClaimMeta, DataVolumeError> {
     let dv = s.claim.to_string();
     let requested = s.requested.as_ref().map(|(_, b)| *b);
@@ -385,9 +524,13 @@ fn import_into(
         size_hint: &size_hint,
     };
     let (disk, size) = match &s.source {
-        Source::Http { url, headers } => {
+        Source::Http(r) | Source::S3(r) => {
             let target = s.disk_size(requested.unwrap_or(0));
-            (import::from_http(&job, url, headers, target)?, target)
+            let (agent, request) = remote_request(s, r, objects)?;
+            (
+                import::from_remote(&job, &r.url, &agent, request.as_ref(), target)?,
+                target,
+            )
         }
         Source::Blank => (import::blank(&job)?, s.disk_size(requested.unwrap_or(0))),
         Source::Pvc(src) => {
@@ -440,6 +583,111 @@ fn import_into(
         return Err(io(&meta_path)(e));
     }
     Ok(meta)
+}
+
+/// The agent and the request of an http or s3 source, its Secrets and ConfigMap read from the
+/// manifest.
+fn remote_request(
+    s: &DataVolumeSpec,
+    r: &Remote,
+    objects: &refs::Objects,
+) -> Result<(ureq::Agent, Box<dyn http::RequestSource>), DataVolumeError> {
+    let kind = s.source.kind();
+    let field_err = |field: &str, reason: String| DataVolumeError::Spec {
+        dv: s.claim.to_string(),
+        field: format!("{}.spec.source.{kind}.{field}", s.template),
+        reason,
+    };
+    let mut tls = http::TlsOptions::default();
+    if let Some(cm) = &r.cert_config_map {
+        let pem = objects
+            .value("ConfigMap", cm, "ca.pem")
+            .map_err(|reason| field_err("certConfigMap", reason))?;
+        tls.extra_ca_pem = Some(pem.to_vec());
+    }
+    let agent = http::http_agent(&tls).map_err(|e| {
+        field_err(
+            "certConfigMap",
+            format!(
+                "ca.pem of ConfigMap {:?}: {e}",
+                r.cert_config_map.as_deref().unwrap_or("")
+            ),
+        )
+    })?;
+    let credentials = match &r.secret_ref {
+        None => None,
+        Some(name) => {
+            let key = |k: &str| -> Result<String, DataVolumeError> {
+                let v = objects
+                    .value("Secret", name, k)
+                    .map_err(|reason| field_err("secretRef", reason))?;
+                String::from_utf8(v.to_vec())
+                    .map(|t| t.trim().to_string())
+                    .map_err(|_| {
+                        field_err(
+                            "secretRef",
+                            format!("Secret {name:?}: {k} is not UTF-8 text"),
+                        )
+                    })
+            };
+            Some(s3::Credentials {
+                access_key_id: key("accessKeyId")?,
+                secret_key: key("secretKey")?,
+            })
+        }
+    };
+    if let Source::S3(_) = &s.source {
+        let object = s3::ObjectUrl::parse(&r.url).map_err(|reason| field_err("url", reason))?;
+        return Ok((
+            agent,
+            Box::new(s3::S3Request {
+                object,
+                credentials,
+            }),
+        ));
+    }
+    if !r.url.starts_with("http://") && !r.url.starts_with("https://") {
+        return Err(DataVolumeError::Download {
+            dv: s.claim.to_string(),
+            url: r.url.clone(),
+            reason: "not an http:// or https:// URL".into(),
+        });
+    }
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut add = |h: &str| {
+        if let Some((name, value)) = h.split_once(':') {
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    };
+    r.headers.iter().for_each(|h| add(h));
+    for (i, name) in r.secret_extra_headers.iter().enumerate() {
+        let values = objects
+            .secret_values(name)
+            .map_err(|reason| field_err(&format!("secretExtraHeaders[{i}]"), reason))?;
+        for v in values {
+            let text = String::from_utf8_lossy(v);
+            if !spec::valid_header(text.trim()) {
+                return Err(field_err(
+                    &format!("secretExtraHeaders[{i}]"),
+                    format!("Secret {name:?} holds a value that is not a \"Name: value\" header"),
+                ));
+            }
+            add(text.trim());
+        }
+    }
+    if let Some(c) = credentials {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.access_key_id, c.secret_key));
+        headers.push(("Authorization".into(), format!("Basic {token}")));
+    }
+    Ok((
+        agent,
+        Box::new(http::Plain {
+            url: r.url.clone(),
+            headers,
+        }),
+    ))
 }
 
 /// `<storage>/vms/<ns>/<vm>/{volumes,block}`: one entry per PVC/DataVolume volume, named after
