@@ -8,7 +8,9 @@
 #    util-linux (losetup, unshare, nsenter), iproute2, g++ (libFuzzer's C++, for fuzz/),
 #    and for the launcher image (./devtool image, tests/image.rs): mmdebstrap (the root
 #    filesystem from Debian packages), umoci (unpacks the OCI image), runc (runs it:
-#    Debian 12's crun refuses this machine's hybrid cgroup v1 layout), jq.
+#    Debian 12's crun refuses this machine's hybrid cgroup v1 layout), jq; openssl (test CAs),
+#    curl (the import benchmark's baseline), python3-pip (moto, below).
+#  - moto[server] from PyPI: the S3-compatible server of tests/datavolume.rs
 #    bookworm-backports is enabled in apt's sources and pinned for only the virtualisation
 #    packages (/etc/apt/preferences.d/virt-launcher-backports); everything else stays bookworm.
 #  - users/groups libvirt expects: kvm, libvirt, libvirt-qemu
@@ -44,6 +46,7 @@ PACKAGES=(
     xorriso util-linux iproute2 g++
     nftables
     mmdebstrap umoci runc jq
+    openssl curl python3 python3-pip
 )
 # Packages that must come from bookworm-backports, with the major version each must have.
 declare -A BACKPORTED=(
@@ -158,9 +161,21 @@ else
 fi
 
 for tool in libvirtd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++ \
-    mmdebstrap umoci runc jq; do
+    mmdebstrap umoci runc jq openssl curl python3; do
     command -v "$tool" >/dev/null || die "$tool not found after installing packages"
 done
+
+# ------------------------------------------------------------------ moto (S3 for the tests)
+# tests/datavolume.rs imports DataVolumes from an S3-compatible server: moto in server mode
+# (`python3 -m moto.server`, with boto3 for the test's set-up), from PyPI.
+if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
+    PIP_LOG=$(mktemp /tmp/setup-host-pip.XXXXXX)
+    python3 -m pip install -q 'moto[server]' >"$PIP_LOG" 2>&1 ||
+        python3 -m pip install -q --break-system-packages 'moto[server]' >"$PIP_LOG" 2>&1 ||
+        die "pip install 'moto[server]' failed (log: $PIP_LOG)"
+    log "installed moto[server] (log: $PIP_LOG)"
+    DID=$((DID + 1))
+fi
 
 # ------------------------------------------------------------------ users, groups
 for g in kvm libvirt libvirt-qemu; do

@@ -39,6 +39,7 @@ const FIGURES: &[(&str, bool)] = &[
     ("migration.job_elapsed", true),
     ("density.all_running", true),
     ("density.per_vm_pss", true),
+    ("import.http_qcow2", true),
 ];
 
 fn positive(v: &Value) -> bool {

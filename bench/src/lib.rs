@@ -27,7 +27,8 @@
 //! benchmark: `conversion.rs`, `start_stop.rs` (start, stop and memory with one guest),
 //! `disks.rs` (the disks sweep), `running.rs` (hot-plug, control path, memory with 32
 //! hot-plugged disks on a running VM), `migration.rs` and `density.rs` (N pods started at
-//! once against N createXML on one shared daemon); what they share: `pods.rs` (VMIs,
+//! once against N createXML on one shared daemon), `import.rs` (a DataVolume import against
+//! curl + qemu-img); what they share: `pods.rs` (VMIs,
 //! domain XML, the guest's console, the API client), `launcher_proc.rs` (the launcher as a
 //! child), `raw.rs` (the raw libvirt daemons), `orphans.rs` (reaping raw QEMU processes),
 //! `report.rs` (results, table, plot). The launcher harness it shares with the integration
@@ -40,6 +41,7 @@
 mod conversion;
 mod density;
 mod disks;
+mod import;
 mod launcher_proc;
 mod migration;
 mod orphans;
@@ -105,6 +107,7 @@ pub const BENCHMARKS: &[(&str, BenchFn)] = &[
     ),
     ("live migration", migration::bench_migration),
     ("density (plot)", density::bench_density),
+    ("import", import::bench_import),
 ];
 
 /// A promised figure whose feature has not landed yet: listed in the output, never omitted.

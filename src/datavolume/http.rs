@@ -83,8 +83,17 @@ pub fn reason(e: &ureq::Error) -> String {
         ureq::Error::ConnectionFailed => "connection failed".into(),
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
         ureq::Error::TooManyRedirects => "too many redirects".into(),
-        ureq::Error::Rustls(r) => format!("TLS: {r}"),
+        ureq::Error::Rustls(r) => tls_text(r),
         other => other.to_string(),
+    }
+}
+
+fn tls_text(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(_) => format!(
+            "TLS: {e} (trusted are the system's CA certificates and the certConfigMap's ca.pem)"
+        ),
+        _ => format!("TLS: {e}"),
     }
 }
 
@@ -93,6 +102,9 @@ fn io_text(e: &io::Error) -> String {
     if let Some(inner) = e.get_ref() {
         if let Some(r) = inner.downcast_ref::<ureq::Error>() {
             return reason(r);
+        }
+        if let Some(r) = inner.downcast_ref::<rustls::Error>() {
+            return tls_text(r);
         }
     }
     let s = e.to_string();
@@ -223,8 +235,13 @@ pub fn fetch(
             Ok(()) => {}
             Err(CopyError::Write(e)) => return Err(FetchError::Local(e)),
             Err(CopyError::Read(e)) => {
-                last_error = format!("transfer interrupted: {}", io_text(&e));
+                let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
+                last_error = format!(
+                    "transfer interrupted after {done}{of} bytes: {}",
+                    io_text(&e)
+                );
                 tracing::warn!(bytes = done, total, error = %last_error, "the transfer broke");
+                std::thread::sleep(backoff(attempt));
                 continue;
             }
         }
@@ -232,6 +249,7 @@ pub fn fetch(
             Some(t) if done < t => {
                 last_error = format!("transfer ended after {done} of {t} bytes");
                 tracing::warn!(bytes = done, total = t, "the transfer ended early");
+                std::thread::sleep(backoff(attempt));
                 continue;
             }
             Some(t) if done > t => {
