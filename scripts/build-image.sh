@@ -12,9 +12,9 @@
 #     libvirt's directories; /usr/share/virt-launcher/packages.tsv lists every package with its
 #     pinned version (the SBOM). Cached in /var/cache/virt-launcher/image/base-<key>/ (VL_IMAGE_CACHE),
 #     keyed on this script and the mirror.
-#  2. launcher: /usr/bin/virt-launcher, virt-launcher-monitor, launcherctl (built on the host;
-#     they need only libc), container-disk (static), virt-tail and virt-probe (symlinks to
-#     virt-launcher), virt-freezer and node-labeller.sh (container/bin/: KubeVirt's
+#  2. launcher: /usr/bin/virt-launcher, virt-launcher-monitor, launcherctl, virt-launcher-import
+#     (built on the host; they need only libc), container-disk (static), virt-tail and
+#     virt-probe (symlinks to virt-launcher), virt-freezer and node-labeller.sh (container/bin/: KubeVirt's
 #     command lines, ours) and /usr/share/virt-launcher/binaries.sha256.
 #
 # Result: target/image/<tag>/oci (an OCI image layout) and target/image/<tag>/virt-launcher.oci.tar
@@ -47,7 +47,7 @@ log() { echo "build-image: $*"; }
 for tool in mmdebstrap tar gzip sha256sum jq dpkg-query strip; do
     command -v "$tool" >/dev/null || die "$tool not found (./devtool setup installs it)"
 done
-BINARIES=(virt-launcher virt-launcher-monitor launcherctl)
+BINARIES=(virt-launcher virt-launcher-monitor launcherctl virt-launcher-import)
 for b in "${BINARIES[@]}"; do
     [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b missing (cargo build --release --locked --bins)"
 done

@@ -12,6 +12,9 @@
 #    tests (tests/registry.rs): docker-registry (a registry on the loopback address, started by
 #    the test; its host-wide service is never started), skopeo (pushes the test's image) and
 #    apache2-utils (htpasswd: the registry's bcrypt password file).
+#    openssl (test CAs),
+#    curl (the import benchmark's baseline), python3-pip (moto, below).
+#  - moto[server] from PyPI: the S3-compatible server of tests/datavolume.rs
 #    bookworm-backports is enabled in apt's sources and pinned for only the virtualisation
 #    packages (/etc/apt/preferences.d/virt-launcher-backports); everything else stays bookworm.
 #  - passt 0.0~git20250503.587980c (Debian 13's) built from Debian's source tarball (sha256-
@@ -51,6 +54,7 @@ PACKAGES=(
     nftables
     mmdebstrap umoci runc jq
     docker-registry skopeo apache2-utils
+    openssl python3 python3-pip
 )
 # Packages that must come from bookworm-backports, with the major version each must have.
 declare -A BACKPORTED=(
@@ -196,9 +200,21 @@ fi
     log "warning: 'passt' in PATH is $(command -v passt), not $PASST_BIN: put /usr/local/bin first in PATH"
 
 for tool in libvirtd virsh qemu-system-x86_64 qemu-img xorriso losetup unshare nsenter ip cpio busybox g++ \
-    mmdebstrap umoci runc jq docker-registry skopeo htpasswd passt; do
+    mmdebstrap umoci runc jq docker-registry skopeo htpasswd passt openssl curl python3; do
     command -v "$tool" >/dev/null || die "$tool not found after installing packages"
 done
+
+# ------------------------------------------------------------------ moto (S3 for the tests)
+# tests/datavolume.rs imports DataVolumes from an S3-compatible server: moto in server mode
+# (`python3 -m moto.server`, with boto3 for the test's set-up), from PyPI.
+if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
+    PIP_LOG=$(mktemp /tmp/setup-host-pip.XXXXXX)
+    python3 -m pip install -q 'moto[server]' >"$PIP_LOG" 2>&1 ||
+        python3 -m pip install -q --break-system-packages 'moto[server]' >"$PIP_LOG" 2>&1 ||
+        die "pip install 'moto[server]' failed (log: $PIP_LOG)"
+    log "installed moto[server] (log: $PIP_LOG)"
+    DID=$((DID + 1))
+fi
 
 # ------------------------------------------------------------------ users, groups
 for g in kvm libvirt libvirt-qemu; do

@@ -455,11 +455,20 @@ fn run(args: RunArgs) -> Result<i32> {
             let options = datavolume::Options {
                 storage_dir: absolute(&args.storage_dir),
                 progress: datavolume::ProgressStyle::auto(args.json_logs),
+                importer: datavolume::importer_path(),
             };
-            let (vm, vmi, mut paths) = (vm.clone(), vmi.clone(), overrides.paths_for(vmi));
-            let Some((claims, paths)) = unless_stopped(move || {
-                datavolume::materialise(&vm, &vmi, &options, &mut paths).map(|c| (c, paths))
-            })?
+            let (vmi, mut paths) = (vmi.clone(), overrides.paths_for(vmi));
+            // In `virt-launcher-import` (its TLS stack never enters our memory), spawned from
+            // this thread, which outlives it (it dies with its parent thread).
+            let process = datavolume::spawn_import(vm, &vmi, &options)?;
+            let stopper = process.stopper();
+            let Some((claims, paths)) = unless_stopped(
+                move || {
+                    process.wait()?;
+                    datavolume::attach(&vmi, &options, &mut paths).map(|c| (c, paths))
+                },
+                move || stopper.stop(),
+            )?
             else {
                 // README: stopped before any VM ran is exit 0. The import works in a scratch
                 // directory and renames only a finished image into place: nothing is lost, and
@@ -495,10 +504,28 @@ fn run(args: RunArgs) -> Result<i32> {
                         cache_dir: cache.clone(),
                         progress: datavolume::ProgressStyle::auto(args.json_logs),
                     };
-                    let (v2, l2) = (v.clone(), links.clone());
-                    let Some(disks) = unless_stopped(move || {
-                        datavolume::container_disk::prepare(&v2, &options, &l2)
-                    })?
+                    // Pulled in `virt-launcher-import` (the TLS stack stays out of our memory),
+                    // which leaves the links for us to own.
+                    let vmi_file = layout.root().join("container-disks-vmi.json");
+                    std::fs::write(&vmi_file, serde_json::to_vec(v)?)
+                        .with_context(|| vmi_file.display().to_string())?;
+                    let process = datavolume::spawn_container_disk_pull(
+                        &datavolume::importer_path(),
+                        options.progress,
+                        &vmi_file,
+                        &options.cache_dir,
+                        &links,
+                    )?;
+                    let stopper = process.stopper();
+                    let l2 = links.clone();
+                    let Some(disks) = unless_stopped(
+                        move || {
+                            process
+                                .wait()
+                                .map(|()| datavolume::container_disk::ContainerDisks::adopt(l2))
+                        },
+                        move || stopper.stop(),
+                    )?
                     else {
                         tracing::info!(
                             "stopped while pulling a containerDisk image; no VM was started"
@@ -621,7 +648,7 @@ fn check_before_import(
     network: &virt_launcher::convert::facts::StandaloneNetwork,
 ) -> Result<()> {
     let vm = datavolume::load_vm(vm_file)?;
-    let templates = datavolume::templates(&vm, vmi)?;
+    let templates = datavolume::templates(&vm, vmi.namespace())?;
     let mut facts = virt_launcher::convert::facts::PodFacts::defaults(vmi);
     facts.domain_type = domain_type;
     facts.paths = overrides.paths_for(vmi);
@@ -647,10 +674,14 @@ fn check_before_import(
     Ok(())
 }
 
-/// Runs `work` (an import or a pull), unless SIGTERM or SIGINT comes first (None): then the
-/// work is left to die with the process. Without this a launcher that is PID 1 of its
-/// namespace would ignore both until the VM ran.
-fn unless_stopped<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<Option<T>>
+/// Runs `work` (an import or a pull), unless SIGTERM or SIGINT comes first (None): then
+/// `on_stop` runs (it kills an import's process group) and the work is left to die with the
+/// process. Without this a launcher that is PID 1 of its namespace would ignore both until the
+/// VM ran.
+fn unless_stopped<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+    on_stop: impl FnOnce(),
+) -> Result<Option<T>>
 where
     T: Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
@@ -666,8 +697,8 @@ where
         let import = tokio::task::spawn_blocking(work);
         tokio::select! {
             r = import => Ok(Some(r.context("import task")??)),
-            _ = term.recv() => Ok(None),
-            _ = int.recv() => Ok(None),
+            _ = term.recv() => { on_stop(); Ok(None) }
+            _ = int.recv() => { on_stop(); Ok(None) }
         }
     });
     // An import that was left runs on until the process ends: do not wait for it.

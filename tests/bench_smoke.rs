@@ -41,6 +41,7 @@ const FIGURES: &[(&str, bool)] = &[
     ("density.per_vm_pss", true),
     ("dropin.sync_running", true),
     ("dropin.notify_pause", true),
+    ("import.http_qcow2", true),
 ];
 
 fn positive(v: &Value) -> bool {

@@ -264,6 +264,7 @@ async fn the_image_runs_a_vm_under_runc_as_kubevirts_pod() {
         "virt-launcher",
         "virt-launcher-monitor",
         "launcherctl",
+        "virt-launcher-import",
         "virt-freezer",
         "virt-tail",
         "virt-probe",
@@ -724,7 +725,12 @@ fn the_image_build_refuses_bad_input_in_one_line() {
     let (cache, target) = (top.join("cache"), top.join("target"));
     let bins = top.join("bin");
     fs::create_dir_all(&bins).unwrap();
-    for b in ["virt-launcher", "virt-launcher-monitor", "launcherctl"] {
+    for b in [
+        "virt-launcher",
+        "virt-launcher-monitor",
+        "launcherctl",
+        "virt-launcher-import",
+    ] {
         fs::copy(common::LAUNCHER, bins.join(b)).unwrap();
     }
     let build = |cmd: &mut Command, bin_dir: &Path| {

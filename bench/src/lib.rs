@@ -27,8 +27,9 @@
 //! benchmark: `conversion.rs`, `start_stop.rs` (start, stop and memory with one guest),
 //! `disks.rs` (the disks sweep), `running.rs` (hot-plug, control path, memory with 32
 //! hot-plugged disks on a running VM), `migration.rs`, `density.rs` (N pods started at
-//! once against N createXML on one shared daemon) and `dropin.rs` (KubeVirt's protocol against
-//! our own API on the same launcher); what they share: `pods.rs` (VMIs,
+//! once against N createXML on one shared daemon), `dropin.rs` (KubeVirt's protocol against
+//! our own API on the same launcher) and `import.rs` (a DataVolume import against curl +
+//! qemu-img); what they share: `pods.rs` (VMIs,
 //! domain XML, the guest's console, the API client), `launcher_proc.rs` (the launcher as a
 //! child), `raw.rs` (the raw libvirt daemons), `orphans.rs` (reaping raw QEMU processes),
 //! `report.rs` (results, table, plot). The launcher harness it shares with the integration
@@ -42,6 +43,7 @@ mod conversion;
 mod density;
 mod disks;
 mod dropin;
+mod import;
 mod launcher_proc;
 mod migration;
 mod orphans;
@@ -108,6 +110,7 @@ pub const BENCHMARKS: &[(&str, BenchFn)] = &[
     ("live migration", migration::bench_migration),
     ("density (plot)", density::bench_density),
     ("drop-in path", dropin::bench_dropin),
+    ("import", import::bench_import),
 ];
 
 /// A promised figure whose feature has not landed yet: listed in the output, never omitted.

@@ -50,6 +50,8 @@ pub enum ContainerDiskError {
         path: PathBuf,
         reason: String,
     },
+    #[error("containerDisk images: the TLS set-up failed: {0}")]
+    Tls(String),
 }
 
 /// How [`prepare`] runs.
@@ -69,6 +71,21 @@ pub struct ContainerDisks {
 }
 
 impl ContainerDisks {
+    /// The links `prepare` made in `links_dir` (by `virt-launcher-import`), to be removed when
+    /// the returned value drops.
+    pub fn adopt(links_dir: PathBuf) -> ContainerDisks {
+        ContainerDisks {
+            links_dir: Some(links_dir),
+            overlays: Vec::new(),
+        }
+    }
+
+    /// Leave the links in place (the import process hands them to the launcher).
+    pub fn keep(mut self) {
+        self.links_dir = None;
+        self.overlays.clear();
+    }
+
     /// Remove the overlays of the VMI's containerDisk volumes (each one's directory, found
     /// with `overlay(volume)`) now, before a start, and again at drop.
     pub fn discard_overlays(
@@ -119,22 +136,11 @@ pub fn prepare(
     opts: &Options,
     links_dir: &Path,
 ) -> Result<ContainerDisks, ContainerDiskError> {
-    // The imports' agent has no TLS stack in this build: say so instead of a connect error.
-    for v in &vmi.spec.volumes {
-        let Some(cd) = &v.container_disk else {
-            continue;
-        };
-        if ImageRef::parse(&cd.image).is_ok_and(|r| r.is_https()) {
-            return Err(ContainerDiskError::Pull {
-                volume: v.name.clone(),
-                image: cd.image.clone(),
-                reason: "the registry is reached over https, which this build does not support \
-                         (no TLS stack); a registry on a loopback address is reached over http"
-                    .into(),
-            });
-        }
-    }
-    prepare_with_agent(vmi, opts, links_dir, &super::import::agent())
+    // An image's registry on a loopback address is reached over plain http; others over https
+    // with the system roots.
+    let agent = super::http::http_agent(&super::http::TlsOptions::default())
+        .map_err(|e| ContainerDiskError::Tls(e.to_string()))?;
+    prepare_with_agent(vmi, opts, links_dir, &agent)
 }
 
 /// [`prepare`] with the given agent (a TLS one for https registries).

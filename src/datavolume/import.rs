@@ -8,16 +8,15 @@
 //! a backing file or an external data file are refused (they would read host files), as CDI
 //! does; VMDK/VDI/VHD(X), bzip2 and zstd are refused with their name.
 //!
-//! HTTP is `ureq` 3 without default features: HTTP/1.1 with redirects, chunked bodies and
-//! `HTTP(S)_PROXY`/`NO_PROXY`, seven small crates, no TLS stack — an `https://` URL is refused
-//! with a clear error. Downloads are not resumed: an interrupted import starts over.
+//! HTTP(S) is [`super::http`] (ureq 3 with rustls): a transfer that breaks is resumed with a
+//! Range request. This runs in `virt-launcher-import`, never in the long-running launcher.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
+use super::http::{self, FetchError, RequestSource, CHUNK};
 use super::progress::{Progress, ProgressStyle};
 use super::DataVolumeError;
 use crate::pod::image::{self, Magic};
@@ -93,132 +92,37 @@ fn sniff_file(job: &Job, path: &Path) -> Result<Magic, DataVolumeError> {
 
 // ------------------------------------------------------------------------------ http
 
-/// The HTTP agent of every import (http and registry sources).
-pub(crate) fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(15)))
-        .timeout_recv_response(Some(Duration::from_secs(60)))
-        .timeout_per_read(Some(Duration::from_secs(60)))
-        .max_redirects(10)
-        .user_agent(concat!("virt-launcher/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
-}
-
-pub(crate) fn http_reason(e: &ureq::Error) -> String {
-    match e {
-        ureq::Error::Io(io) => io_reason(io),
-        ureq::Error::HostNotFound => "host not found".into(),
-        ureq::Error::ConnectionFailed => "connection failed".into(),
-        ureq::Error::Timeout(t) => format!("timed out ({t})"),
-        ureq::Error::TooManyRedirects => "too many redirects".into(),
-        other => other.to_string(),
-    }
-}
-
-/// GET `url` into `dest`, sparsely (all-zero 4 KiB blocks become holes). Returns the length.
-fn download(job: &Job, url: &str, headers: &[String], dest: &Path) -> Result<u64, DataVolumeError> {
+/// GET into `dest` through `agent` (resuming a broken transfer, see [`http::fetch`]), with
+/// progress. Returns the length.
+fn download(
+    job: &Job,
+    shown_url: &str,
+    agent: &ureq::Agent,
+    source: &dyn RequestSource,
+    dest: &Path,
+) -> Result<u64, DataVolumeError> {
     let fail = |reason: String| DataVolumeError::Download {
         dv: job.dv.to_string(),
-        url: url.to_string(),
+        url: shown_url.to_string(),
         reason,
     };
-    if url.starts_with("https://") {
-        return Err(fail(
-            "https is not supported by this build (no TLS stack); serve the image over http".into(),
-        ));
-    }
-    if !url.starts_with("http://") {
-        return Err(fail("not an http:// URL".into()));
-    }
-    let mut req = agent().get(url);
-    for h in headers {
-        if let Some((name, value)) = h.split_once(':') {
-            req = req.header(name.trim(), value.trim());
-        }
-    }
-    let resp = req.call().map_err(|e| fail(http_reason(&e)))?;
-    let status = resp.status();
-    if status.as_u16() != 200 {
-        return Err(fail(
-            format!(
-                "HTTP {} {}",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            )
-            .trim_end()
-            .to_string(),
-        ));
-    }
-    let total = resp.body().content_length();
-    let mut body = resp.into_body().into_reader();
-    let mut out = File::create(dest).map_err(job.io(dest))?;
-    let mut progress = Progress::new(job.dv, "download", total, job.style);
-    let written = sparse_copy(&mut body, &mut out, |n| progress.add(n)).map_err(|e| match e {
-        CopyError::Read(e) => fail(format!("transfer interrupted: {}", io_reason(&e))),
-        CopyError::Write(e) => job.io(dest)(e),
+    let mut progress: Option<Progress> = None;
+    let written = http::fetch(agent, source, dest, |done, total| {
+        progress
+            .get_or_insert_with(|| Progress::new(job.dv, "download", total, job.style))
+            .set(done)
+    })
+    .map_err(|e| match e {
+        FetchError::Remote(reason) => fail(reason),
+        FetchError::Local(e) => job.io(dest)(e),
     })?;
-    if let Some(total) = total {
-        if written != total {
-            return Err(fail(format!(
-                "transfer ended after {written} of {total} bytes"
-            )));
-        }
+    if let Some(p) = progress.as_mut() {
+        p.finish();
     }
-    progress.finish();
-    out.set_len(written).map_err(job.io(dest))?;
     if written == 0 {
         return Err(fail("the server sent an empty file".into()));
     }
     Ok(written)
-}
-
-pub(crate) enum CopyError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
-const BLOCK: usize = 4096;
-const CHUNK: usize = 1 << 20;
-
-/// Copy `src` to `dst` (at its current position), seeking over all-zero 4 KiB blocks instead
-/// of writing them. The caller sets the final length (a trailing hole is not written).
-pub(crate) fn sparse_copy(
-    src: &mut impl Read,
-    dst: &mut File,
-    mut on_progress: impl FnMut(u64),
-) -> Result<u64, CopyError> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        // Fill the buffer as far as the source allows, so blocks stay aligned.
-        let mut filled = 0;
-        while filled < CHUNK {
-            match src.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(CopyError::Read(e)),
-            }
-        }
-        if filled == 0 {
-            return Ok(total);
-        }
-        for block in buf[..filled].chunks(BLOCK) {
-            if block.iter().all(|b| *b == 0) {
-                dst.seek(SeekFrom::Current(block.len() as i64))
-                    .map_err(CopyError::Write)?;
-            } else {
-                dst.write_all(block).map_err(CopyError::Write)?;
-            }
-        }
-        total += filled as u64;
-        on_progress(filled as u64);
-        if filled < CHUNK {
-            return Ok(total);
-        }
-    }
 }
 
 // ------------------------------------------------------------------------------ tools
@@ -425,16 +329,23 @@ fn too_large(job: &Job, virtual_size: u64, usable: u64) -> DataVolumeError {
     }
 }
 
-/// Download, unpack and convert `url` into `<staging>/disk.img` (raw, length `target`).
-pub(crate) fn from_http(
+/// Download, unpack and convert an image (`shown_url` in messages) into `<staging>/disk.img`
+/// (raw, length `target`).
+pub(crate) fn from_remote(
     job: &Job,
-    url: &str,
-    headers: &[String],
+    shown_url: &str,
+    agent: &ureq::Agent,
+    source: &dyn RequestSource,
     target: u64,
 ) -> Result<PathBuf, DataVolumeError> {
     let current = job.staging.join("download");
-    let size = download(job, url, headers, &current)?;
-    tracing::info!(dataVolume = job.dv, url, bytes = size, "downloaded");
+    let size = download(job, shown_url, agent, source, &current)?;
+    tracing::info!(
+        dataVolume = job.dv,
+        url = shown_url,
+        bytes = size,
+        "downloaded"
+    );
     from_file(job, current, target)
 }
 
@@ -556,9 +467,9 @@ pub(crate) fn from_claim(
         src.seek(SeekFrom::Start(data)).map_err(job.io(source))?;
         dst.seek(SeekFrom::Start(data)).map_err(job.io(&disk))?;
         let mut range = (&mut src).take(end - data);
-        sparse_copy(&mut range, &mut dst, |_| {}).map_err(|e| match e {
-            CopyError::Read(e) => job.io(source)(e),
-            CopyError::Write(e) => job.io(&disk)(e),
+        http::sparse_copy(&mut range, &mut dst, |_| {}).map_err(|e| match e {
+            http::CopyError::Read(e) => job.io(source)(e),
+            http::CopyError::Write(e) => job.io(&disk)(e),
         })?;
         progress.set(end);
         pos = end.max(data + 1);
@@ -615,28 +526,6 @@ pub(crate) fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sparse_copy_keeps_data_and_skips_zeros() {
-        let dir = std::env::temp_dir().join(format!("vl-dv-sparse-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("mkdir");
-        let mut data = vec![0u8; 3 * CHUNK + 100];
-        data[..5].copy_from_slice(b"hello");
-        data[2 * CHUNK + 7] = 1;
-        let last = data.len() - 1;
-        data[last] = 9;
-        let path = dir.join("out");
-        let mut out = File::create(&path).expect("create");
-        let mut seen = 0;
-        let n = sparse_copy(&mut &data[..], &mut out, |k| seen += k)
-            .unwrap_or_else(|_| panic!("copy failed"));
-        assert_eq!(n, data.len() as u64);
-        assert_eq!(seen, n);
-        out.set_len(n).expect("len");
-        assert_eq!(fs::read(&path).expect("read"), data);
-        let _ = fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn qemu_prefix_is_trimmed() {

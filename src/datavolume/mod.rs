@@ -8,12 +8,13 @@
 //! `<volume>/disk.img` and Block claims as a block device node `<volume>` — exactly the pod
 //! layout KubeVirt uses.
 //!
-//! Sources: `http` (raw or qcow2, optionally gzip/xz compressed; told apart by magic bytes),
-//! `registry` (the one file under `/disk/` of a container image, pulled by [`registry`]; its
-//! `secretRef` Secret and `certConfigMap` ConfigMap come from the same manifest file, as
-//! `kubectl apply -f` would create them), `pvc` (a copy of another claim in the storage
+//! Sources: `http` (http or https; raw or qcow2, optionally gzip/xz compressed; told apart by
+//! magic bytes), `s3` (SigV4-signed, path-style), `registry` (the one file under `/disk/` of a
+//! container image, pulled by [`registry`]), `pvc` (a copy of another claim in the storage
 //! directory, by namespace/name), `snapshot` (a copy of a volume of a VM snapshot, see
-//! [`snapshot`]) and `blank`. The cluster-only sources fail with an error that says why.
+//! [`snapshot`]) and `blank`. Secrets (`secretRef`) and ConfigMaps (`certConfigMap`) come from
+//! the same manifest file, as `kubectl apply -f` would create them. The cluster-only sources
+//! fail with an error that says why.
 //!
 //! Sizes follow CDI (see [`spec::DataVolumeSpec::disk_size`]): a `spec.pvc` Filesystem claim
 //! holds a disk of the request minus CDI's default 5.5 % filesystem overhead (rounded down to
@@ -32,10 +33,13 @@
 
 pub mod claim;
 pub mod container_disk;
+pub mod http;
 mod import;
 mod loopdev;
 mod progress;
+mod refs;
 pub mod registry;
+pub mod s3;
 pub mod snapshot;
 pub mod spec;
 
@@ -53,7 +57,7 @@ use crate::spec::{Manifest, SpecError, VirtualMachine, VirtualMachineInstance};
 pub use claim::ClaimMeta;
 pub(crate) use progress::Progress;
 pub use progress::ProgressStyle;
-pub use spec::{ClaimRef, DataVolumeSpec, Source, VolumeMode};
+pub use spec::{ClaimRef, DataVolumeSpec, Remote, Source, VolumeMode};
 
 use import::{io_reason, Job};
 
@@ -129,6 +133,11 @@ pub enum DataVolumeError {
         claim: String,
         dir: PathBuf,
     },
+    /// The import process's own error line (it names the DataVolume).
+    #[error("{0}")]
+    Import(String),
+    #[error("the import process {}: {reason}", path.display())]
+    Importer { path: PathBuf, reason: String },
     #[error("volume {volume}: {}: {reason}", path.display())]
     View {
         volume: String,
@@ -143,6 +152,23 @@ pub struct Options {
     /// Where claims live (`<dir>/claims/<namespace>/<name>`).
     pub storage_dir: PathBuf,
     pub progress: ProgressStyle,
+    /// The `virt-launcher-import` binary (see [`importer_path`]).
+    pub importer: PathBuf,
+}
+
+/// The import binary's name; it sits next to `virt-launcher`.
+pub const IMPORTER: &str = "virt-launcher-import";
+
+/// `$VIRT_LAUNCHER_IMPORT`, else `virt-launcher-import` in the directory of the running
+/// binary (the launcher's image and `cargo build` put them side by side).
+pub fn importer_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VIRT_LAUNCHER_IMPORT").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(IMPORTER)))
+        .unwrap_or_else(|| PathBuf::from(IMPORTER))
 }
 
 /// Claims in use by a running launcher. Dropping it detaches the loop devices this launcher
@@ -219,12 +245,10 @@ pub fn claim_meta(storage_dir: &Path, namespace: &str, name: &str) -> Option<Cla
 /// Read the VirtualMachine in `file` (JSON or YAML; the first `VirtualMachine` document),
 /// through the one manifest reader ([`Manifest`]) and its nesting guard.
 pub fn load_vm(file: &Path) -> Result<VirtualMachine, DataVolumeError> {
-    load_vm_manifest(file).map(|(vm, _)| vm)
+    vm_of(&Manifest::read(file)?, file)
 }
 
-/// [`load_vm`], and the manifest it came from (its Secrets and ConfigMaps).
-fn load_vm_manifest(file: &Path) -> Result<(VirtualMachine, Manifest), DataVolumeError> {
-    let manifest = Manifest::read(file)?;
+fn vm_of(manifest: &Manifest, file: &Path) -> Result<VirtualMachine, DataVolumeError> {
     let Some(doc) = manifest.find_kind("VirtualMachine") else {
         let found = manifest
             .docs
@@ -238,18 +262,155 @@ fn load_vm_manifest(file: &Path) -> Result<(VirtualMachine, Manifest), DataVolum
             ),
         });
     };
-    let vm = manifest.deserialize(doc)?;
-    Ok((vm, manifest))
+    Ok(manifest.deserialize(doc)?)
 }
 
-/// The DataVolume templates of `vm` (whose VMI is `vmi`), read and checked without any I/O:
-/// every error names the template's field as written in the VM. [`materialise`] reads them
+/// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
+/// `opts.storage_dir`, then point `paths` (`vmi_disks_dir`, `block_dev_dir`) at this VM's view
+/// of its claims. `vmi` is the VMI the launcher runs (from the same file). The import runs in
+/// a `virt-launcher-import` process ([`spawn_import`]), so that its TLS stack and buffers
+/// never enter the launcher's memory. Call before [`crate::pod::facts::probe`]; keep the
+/// returned [`Claims`] alive while the VM runs.
+pub fn materialise(
+    vm_file: &Path,
+    vmi: &VirtualMachineInstance,
+    opts: &Options,
+    paths: &mut PodPaths,
+) -> Result<Claims, DataVolumeError> {
+    spawn_import(vm_file, vmi, opts)?.wait()?;
+    attach(vmi, opts, paths)
+}
+
+/// A running `virt-launcher-import` (the leader of its own process group).
+pub struct ImportProcess {
+    child: crate::pod::process::Child,
+    path: PathBuf,
+}
+
+/// Stops an import from another thread.
+#[derive(Clone, Copy, Debug)]
+pub struct ImportStopper(i32);
+
+impl ImportStopper {
+    /// SIGKILL to the import's process group (it and the tools it runs). What it leaves is
+    /// scratch space that the next import removes; no claim looks complete.
+    pub fn stop(self) {
+        use nix::sys::signal::{killpg, Signal};
+        let _ = killpg(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// Start `virt-launcher-import` for `vm_file`'s DataVolumes, its stderr (logs, progress)
+/// shared with ours. Spawn it from a thread that outlives it: it dies with its parent thread
+/// (`PR_SET_PDEATHSIG`).
+pub fn spawn_import(
+    vm_file: &Path,
+    vmi: &VirtualMachineInstance,
+    opts: &Options,
+) -> Result<ImportProcess, DataVolumeError> {
+    let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
+    spawn_importer(
+        &opts.importer,
+        opts.progress,
+        &[
+            "--vm".as_ref(),
+            vm_file.as_os_str(),
+            "--namespace".as_ref(),
+            vmi.namespace().as_ref(),
+            "--storage-dir".as_ref(),
+            storage.as_os_str(),
+        ],
+    )
+}
+
+/// Start `virt-launcher-import` pulling the containerDisk images of the VMI in `vmi_file`
+/// (JSON) into `cache` and linking them as `<links>/disk_<index>.img` (see
+/// [`container_disk::prepare`]); as [`spawn_import`], the TLS stack stays in that process.
+pub fn spawn_container_disk_pull(
+    importer: &Path,
+    progress: ProgressStyle,
+    vmi_file: &Path,
+    cache: &Path,
+    links: &Path,
+) -> Result<ImportProcess, DataVolumeError> {
+    spawn_importer(
+        importer,
+        progress,
+        &[
+            "--container-disks-of".as_ref(),
+            vmi_file.as_os_str(),
+            "--container-disk-cache".as_ref(),
+            cache.as_os_str(),
+            "--container-disk-links".as_ref(),
+            links.as_os_str(),
+        ],
+    )
+}
+
+fn spawn_importer(
+    importer: &Path,
+    progress: ProgressStyle,
+    args: &[&std::ffi::OsStr],
+) -> Result<ImportProcess, DataVolumeError> {
+    use crate::pod::process::{Command, Stdio};
+    let mut cmd = Command::new(importer);
+    cmd.args(args)
+        .arg("--progress")
+        .arg(match progress {
+            ProgressStyle::Bar => "bar",
+            ProgressStyle::Log => "log",
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let child = cmd.spawn().map_err(|e| DataVolumeError::Importer {
+        path: importer.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(ImportProcess {
+        child,
+        path: importer.to_path_buf(),
+    })
+}
+
+impl ImportProcess {
+    pub fn stopper(&self) -> ImportStopper {
+        ImportStopper(self.child.pid())
+    }
+
+    /// Waits for the import; its error line becomes ours.
+    pub fn wait(self) -> Result<(), DataVolumeError> {
+        let path = self.path;
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|e| DataVolumeError::Importer {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if out.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        match text.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(line) => Err(DataVolumeError::Import(line.trim().to_string())),
+            None => Err(DataVolumeError::Importer {
+                path,
+                reason: format!("ended without a word ({})", out.exit),
+            }),
+        }
+    }
+}
+
+/// The DataVolume templates of `vm` (in `namespace`), read and checked without any I/O:
+/// every error names the template's field as written in the VM. [`import_claims`] reads them
 /// again; the launcher calls this first, so that a bad template fails before any import.
 pub fn templates(
     vm: &VirtualMachine,
-    vmi: &VirtualMachineInstance,
+    namespace: &str,
 ) -> Result<Vec<DataVolumeSpec>, DataVolumeError> {
-    let namespace = vmi.namespace().to_string();
+    let namespace = namespace.to_string();
+
     let mut specs = Vec::new();
     let mut names = BTreeSet::new();
     for (i, t) in vm.spec.data_volume_templates.iter().enumerate() {
@@ -276,23 +437,23 @@ pub fn templates(
         }
         specs.push(s);
     }
-
     Ok(specs)
 }
 
-/// Make every DataVolume of the VirtualMachine in `vm_file` a complete claim under
-/// `opts.storage_dir`, then point `paths` (`vmi_disks_dir`, `block_dev_dir`) at this VM's view
-/// of its claims. `vmi` is the VMI the launcher runs (from the same file). Call before
-/// [`crate::pod::facts::probe`]; keep the returned [`Claims`] alive while the VM runs.
-pub fn materialise(
+/// What `virt-launcher-import` does: every DataVolume of the VirtualMachine in `vm_file`
+/// (namespace `namespace`) becomes a complete claim under `opts.storage_dir`, ConfigMaps and
+/// Secrets coming from the same file.
+pub fn import_claims(
     vm_file: &Path,
-    vmi: &VirtualMachineInstance,
-    opts: &Options,
-    paths: &mut PodPaths,
-) -> Result<Claims, DataVolumeError> {
-    let (vm, manifest) = load_vm_manifest(vm_file)?;
-    let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
-    let specs = templates(&vm, vmi)?;
+    namespace: &str,
+    storage_dir: &Path,
+    progress: ProgressStyle,
+) -> Result<(), DataVolumeError> {
+    let manifest = Manifest::read(vm_file)?;
+    let vm = vm_of(&manifest, vm_file)?;
+    let objects = refs::collect(&manifest, namespace)?;
+    let storage = std::path::absolute(storage_dir).unwrap_or(storage_dir.to_path_buf());
+    let specs = templates(&vm, namespace)?;
 
     // Clones of claims that other templates of this VM create come after those.
     let mut pending: Vec<&DataVolumeSpec> = specs.iter().collect();
@@ -307,9 +468,18 @@ pub fn materialise(
         // A cycle of clones: run them anyway, the first one reports its missing source.
         let next = ready.first().copied().unwrap_or(0);
         let s = pending.remove(next);
-        ensure_claim(s, &storage, opts.progress, &manifest)?;
+        ensure_claim(s, &storage, progress, &objects)?;
     }
+    Ok(())
+}
 
+/// Point `paths` at this VM's view of its (complete) claims: see [`materialise`].
+pub fn attach(
+    vmi: &VirtualMachineInstance,
+    opts: &Options,
+    paths: &mut PodPaths,
+) -> Result<Claims, DataVolumeError> {
+    let storage = std::path::absolute(&opts.storage_dir).unwrap_or(opts.storage_dir.clone());
     build_view(vmi, &storage, paths)
 }
 
@@ -318,7 +488,7 @@ fn ensure_claim(
     s: &DataVolumeSpec,
     storage: &Path,
     style: ProgressStyle,
-    manifest: &Manifest,
+    objects: &refs::Objects,
 ) -> Result<(), DataVolumeError> {
     let dv = s.claim.to_string();
     let dir = claim::claim_dir(storage, &s.claim);
@@ -368,7 +538,7 @@ fn ensure_claim(
 
     let t = std::time::Instant::now();
     tracing::info!(dataVolume = %dv, source = s.source.kind(), claim = %dir.display(), "importing");
-    let result = import_into(s, storage, &dir, &staging, style, manifest);
+    let result = import_into(s, storage, &dir, &staging, style, objects);
     let _ = fs::remove_dir_all(&staging);
     match result {
         Ok(meta) => {
@@ -392,7 +562,7 @@ fn import_into(
     dir: &Path,
     staging: &Path,
     style: ProgressStyle,
-    manifest: &Manifest,
+    objects: &refs::Objects,
 ) -> Result<ClaimMeta, DataVolumeError> {
     let dv = s.claim.to_string();
     let requested = s.requested.as_ref().map(|(_, b)| *b);
@@ -411,9 +581,13 @@ fn import_into(
         size_hint: &size_hint,
     };
     let (disk, size) = match &s.source {
-        Source::Http { url, headers } => {
+        Source::Http(r) | Source::S3(r) => {
             let target = s.disk_size(requested.unwrap_or(0));
-            (import::from_http(&job, url, headers, target)?, target)
+            let (agent, request) = remote_request(s, r, objects)?;
+            (
+                import::from_remote(&job, &r.url, &agent, request.as_ref(), target)?,
+                target,
+            )
         }
         Source::Registry {
             url,
@@ -421,36 +595,28 @@ fn import_into(
             cert_config_map,
         } => {
             let target = s.disk_size(requested.unwrap_or(0));
-            let field = |f: &str| {
-                format!(
-                    "spec.dataVolumeTemplates[{}].spec.source.registry.{f}",
-                    s.index
-                )
-            };
-            let spec_err = |f: &str, reason: String| DataVolumeError::Spec {
-                dv: dv.clone(),
-                field: field(f),
-                reason,
-            };
-            let credentials = match secret_ref {
-                None => None,
-                Some(name) => Some(
-                    registry_credentials(manifest, &s.claim.namespace, name)
-                        .map_err(|r| spec_err("secretRef", r))?,
-                ),
-            };
-            let ca = match cert_config_map {
-                None => None,
-                Some(name) => Some(
-                    ca_bundle(manifest, &s.claim.namespace, name)
-                        .map_err(|r| spec_err("certConfigMap", r))?,
-                ),
-            };
-            let agent = registry_agent(&dv, url, ca.as_deref())?;
+            let (agent, credentials) = registry_access(
+                s,
+                url,
+                secret_ref.as_deref(),
+                cert_config_map.as_deref(),
+                objects,
+            )?;
             (
                 import::from_registry(&job, &agent, url, credentials, target)?,
                 target,
             )
+        }
+        Source::Snapshot(src) => {
+            let (src_image, _, _guard) =
+                snapshot::clone_source(storage, src).map_err(|reason| {
+                    DataVolumeError::CloneSource {
+                        dv: dv.clone(),
+                        source_claim: format!("snapshot {src}"),
+                        reason,
+                    }
+                })?;
+            import::from_claim(&job, &src_image, requested.map(|r| s.disk_size(r)))?
         }
         Source::Blank => (import::blank(&job)?, s.disk_size(requested.unwrap_or(0))),
         Source::Pvc(src) => {
@@ -466,17 +632,6 @@ fn import_into(
             let _guard = File::create(&src_lock)
                 .ok()
                 .and_then(|f| Flock::lock(f, FlockArg::LockShared).ok());
-            import::from_claim(&job, &src_image, requested.map(|r| s.disk_size(r)))?
-        }
-        Source::Snapshot(src) => {
-            let (src_image, _, _guard) =
-                snapshot::clone_source(storage, src).map_err(|reason| {
-                    DataVolumeError::CloneSource {
-                        dv: dv.clone(),
-                        source_claim: format!("snapshot {src}"),
-                        reason,
-                    }
-                })?;
             import::from_claim(&job, &src_image, requested.map(|r| s.disk_size(r)))?
         }
     };
@@ -516,140 +671,181 @@ fn import_into(
     Ok(meta)
 }
 
-/// The `kind` object `namespace/name` among the manifest's documents.
-fn manifest_object<'m>(
-    manifest: &'m Manifest,
-    kind: &str,
-    namespace: &str,
-    name: &str,
-) -> Option<&'m serde_json::Value> {
-    manifest.docs.iter().find(|d| {
-        d.get("kind").and_then(|k| k.as_str()) == Some(kind)
-            && d.pointer("/metadata/name").and_then(|n| n.as_str()) == Some(name)
-            && d.pointer("/metadata/namespace")
-                .and_then(|n| n.as_str())
-                .filter(|n| !n.is_empty())
-                .unwrap_or("default")
-                == namespace
-    })
-}
-
-/// A Secret's keys: `data` (base64) and `stringData` (text, which wins, as the API server
-/// merges it).
-fn secret_keys(
-    manifest: &Manifest,
-    namespace: &str,
-    name: &str,
-) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let doc = manifest_object(manifest, "Secret", namespace, name).ok_or_else(|| {
-        format!(
-            "Secret {namespace}/{name} is not in {} (put it in the same file, as a separate document)",
-            manifest.origin
-        )
-    })?;
-    let mut keys = BTreeMap::new();
-    if let Some(data) = doc.get("data").and_then(|d| d.as_object()) {
-        for (k, v) in data {
-            let text = v.as_str().unwrap_or_default();
-            let bytes = crate::pod::prepare::decode_base64(text)
-                .map_err(|e| format!("Secret {namespace}/{name}: data.{k} is not base64 ({e})"))?;
-            keys.insert(k.clone(), bytes);
+/// The agent and credentials of a registry source: the `certConfigMap`'s `ca.pem` trusted
+/// besides the system roots (a registry on a loopback address is reached over plain http, as
+/// Docker does), the `secretRef`'s `accessKeyId`/`secretKey` as user and password.
+fn registry_access(
+    s: &DataVolumeSpec,
+    url: &str,
+    secret_ref: Option<&str>,
+    cert_config_map: Option<&str>,
+    objects: &refs::Objects,
+) -> Result<(ureq::Agent, Option<registry::Credentials>), DataVolumeError> {
+    let field_err = |field: &str, reason: String| DataVolumeError::Spec {
+        dv: s.claim.to_string(),
+        field: format!("{}.spec.source.registry.{field}", s.template),
+        reason,
+    };
+    let mut tls = http::TlsOptions::default();
+    if let Some(cm) = cert_config_map {
+        let pem = objects
+            .value("ConfigMap", cm, "ca.pem")
+            .map_err(|reason| field_err("certConfigMap", reason))?;
+        if !String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(field_err(
+                "certConfigMap",
+                format!("ca.pem of ConfigMap {cm:?} holds no PEM certificate"),
+            ));
         }
-    }
-    if let Some(data) = doc.get("stringData").and_then(|d| d.as_object()) {
-        for (k, v) in data {
-            keys.insert(
-                k.clone(),
-                v.as_str().unwrap_or_default().as_bytes().to_vec(),
+        let https = registry::ImageRef::parse(url).is_ok_and(|r| r.is_https());
+        if !https {
+            tracing::warn!(
+                dataVolume = %s.claim,
+                url,
+                "certConfigMap unused: the registry is reached over plain http (a loopback address)"
             );
         }
+        tls.extra_ca_pem = Some(pem.to_vec());
     }
-    Ok(keys)
-}
-
-/// User and password from the Secret `secretRef` names (CDI's keys `accessKeyId` and
-/// `secretKey`).
-fn registry_credentials(
-    manifest: &Manifest,
-    namespace: &str,
-    name: &str,
-) -> Result<registry::Credentials, String> {
-    let keys = secret_keys(manifest, namespace, name)?;
-    let get = |k: &str| {
-        keys.get(k)
-            .map(|v| {
-                String::from_utf8_lossy(v)
-                    .trim_end_matches('\n')
-                    .to_string()
-            })
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                format!(
-                    "Secret {namespace}/{name} has no {k} (CDI's key for the registry's {})",
-                    if k == "accessKeyId" {
-                        "user name"
-                    } else {
-                        "password"
-                    }
-                )
-            })
-    };
-    Ok(registry::Credentials {
-        username: get("accessKeyId")?,
-        password: get("secretKey")?,
-    })
-}
-
-/// The PEM certificates of the ConfigMap `certConfigMap` names (every key, as CDI mounts them
-/// all as the importer's CA directory).
-fn ca_bundle(manifest: &Manifest, namespace: &str, name: &str) -> Result<String, String> {
-    let doc = manifest_object(manifest, "ConfigMap", namespace, name).ok_or_else(|| {
-        format!(
-            "ConfigMap {namespace}/{name} is not in {} (put it in the same file, as a separate document)",
-            manifest.origin
+    let agent = http::http_agent(&tls).map_err(|e| {
+        field_err(
+            "certConfigMap",
+            format!(
+                "ca.pem of ConfigMap {:?}: {e}",
+                cert_config_map.unwrap_or("")
+            ),
         )
     })?;
-    let pem: String = doc
-        .get("data")
-        .and_then(|d| d.as_object())
-        .map(|d| {
-            d.values()
-                .filter_map(|v| v.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default();
-    if !pem.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(format!(
-            "ConfigMap {namespace}/{name} holds no PEM certificate in its data"
-        ));
-    }
-    Ok(pem)
+    let credentials = match secret_ref {
+        None => None,
+        Some(name) => {
+            let key = |k: &str| -> Result<String, DataVolumeError> {
+                let v = objects
+                    .value("Secret", name, k)
+                    .map_err(|reason| field_err("secretRef", reason))?;
+                let text = String::from_utf8_lossy(v)
+                    .trim_end_matches('\n')
+                    .to_string();
+                if text.is_empty() {
+                    return Err(field_err(
+                        "secretRef",
+                        format!("Secret {name:?}: {k} is empty"),
+                    ));
+                }
+                Ok(text)
+            };
+            Some(registry::Credentials {
+                username: key("accessKeyId")?,
+                password: key("secretKey")?,
+            })
+        }
+    };
+    Ok((agent, credentials))
 }
 
-/// The agent for a registry import. A plain-http (loopback) registry does not use a CA; an
-/// https one needs the TLS agent (built with `ca` when given), which this build does not have.
-fn registry_agent(dv: &str, url: &str, ca: Option<&str>) -> Result<ureq::Agent, DataVolumeError> {
-    let https = registry::ImageRef::parse(url)
-        .map(|r| r.is_https())
-        .unwrap_or(false);
-    if ca.is_some() && !https {
-        tracing::warn!(
-            dataVolume = dv,
-            url,
-            "certConfigMap unused: the registry is reached over plain http (a loopback address)"
-        );
+/// The agent and the request of an http or s3 source, its Secrets and ConfigMap read from the
+/// manifest.
+fn remote_request(
+    s: &DataVolumeSpec,
+    r: &Remote,
+    objects: &refs::Objects,
+) -> Result<(ureq::Agent, Box<dyn http::RequestSource>), DataVolumeError> {
+    let kind = s.source.kind();
+    let field_err = |field: &str, reason: String| DataVolumeError::Spec {
+        dv: s.claim.to_string(),
+        field: format!("{}.spec.source.{kind}.{field}", s.template),
+        reason,
+    };
+    let mut tls = http::TlsOptions::default();
+    if let Some(cm) = &r.cert_config_map {
+        let pem = objects
+            .value("ConfigMap", cm, "ca.pem")
+            .map_err(|reason| field_err("certConfigMap", reason))?;
+        tls.extra_ca_pem = Some(pem.to_vec());
     }
-    if https {
+    let agent = http::http_agent(&tls).map_err(|e| {
+        field_err(
+            "certConfigMap",
+            format!(
+                "ca.pem of ConfigMap {:?}: {e}",
+                r.cert_config_map.as_deref().unwrap_or("")
+            ),
+        )
+    })?;
+    let credentials = match &r.secret_ref {
+        None => None,
+        Some(name) => {
+            let key = |k: &str| -> Result<String, DataVolumeError> {
+                let v = objects
+                    .value("Secret", name, k)
+                    .map_err(|reason| field_err("secretRef", reason))?;
+                String::from_utf8(v.to_vec())
+                    .map(|t| t.trim().to_string())
+                    .map_err(|_| {
+                        field_err(
+                            "secretRef",
+                            format!("Secret {name:?}: {k} is not UTF-8 text"),
+                        )
+                    })
+            };
+            Some(s3::Credentials {
+                access_key_id: key("accessKeyId")?,
+                secret_key: key("secretKey")?,
+            })
+        }
+    };
+    if let Source::S3(_) = &s.source {
+        let object = s3::ObjectUrl::parse(&r.url).map_err(|reason| field_err("url", reason))?;
+        return Ok((
+            agent,
+            Box::new(s3::S3Request {
+                object,
+                credentials,
+            }),
+        ));
+    }
+    if !r.url.starts_with("http://") && !r.url.starts_with("https://") {
         return Err(DataVolumeError::Download {
-            dv: dv.to_string(),
-            url: url.to_string(),
-            reason: "the registry is reached over https, which this build does not support \
-                     (no TLS stack); a registry on a loopback address is reached over http"
-                .into(),
+            dv: s.claim.to_string(),
+            url: r.url.clone(),
+            reason: "not an http:// or https:// URL".into(),
         });
     }
-    Ok(import::agent())
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut add = |h: &str| {
+        if let Some((name, value)) = h.split_once(':') {
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    };
+    r.headers.iter().for_each(|h| add(h));
+    for (i, name) in r.secret_extra_headers.iter().enumerate() {
+        let values = objects
+            .secret_values(name)
+            .map_err(|reason| field_err(&format!("secretExtraHeaders[{i}]"), reason))?;
+        for v in values {
+            let text = String::from_utf8_lossy(v);
+            if !spec::valid_header(text.trim()) {
+                return Err(field_err(
+                    &format!("secretExtraHeaders[{i}]"),
+                    format!("Secret {name:?} holds a value that is not a \"Name: value\" header"),
+                ));
+            }
+            add(text.trim());
+        }
+    }
+    if let Some(c) = credentials {
+        use base64::Engine;
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.access_key_id, c.secret_key));
+        headers.push(("Authorization".into(), format!("Basic {token}")));
+    }
+    Ok((
+        agent,
+        Box::new(http::Plain {
+            url: r.url.clone(),
+            headers,
+        }),
+    ))
 }
 
 /// `<storage>/vms/<ns>/<vm>/{volumes,block}`: one entry per PVC/DataVolume volume, named after

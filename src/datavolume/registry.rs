@@ -309,7 +309,7 @@ impl<'a> Client<'a> {
                 RegistryError::Transport(format!(
                     "registry {} unreachable: {}",
                     self.image.registry,
-                    super::import::http_reason(&e)
+                    super::http::reason(&e)
                 ))
             })?;
             if resp.status().as_u16() != 401 {
@@ -381,7 +381,7 @@ impl<'a> Client<'a> {
                 let mut resp = req.call().map_err(|e| {
                     RegistryError::Transport(format!(
                         "token service {realm} unreachable: {}",
-                        super::import::http_reason(&e)
+                        super::http::reason(&e)
                     ))
                 })?;
                 let status = resp.status().as_u16();
@@ -751,14 +751,15 @@ fn write_disk(
     let mut out = File::create(dest).map_err(WriteError::Write)?;
     let mut done = 0u64;
     let mut whole = io::Cursor::new(head).chain(entry);
-    let written = super::import::sparse_copy(&mut whole, &mut out, |n| {
+    super::http::sparse_copy(&mut whole, &mut out, |n| {
         done += n;
         progress(done, Some(size));
     })
     .map_err(|e| match e {
-        super::import::CopyError::Read(e) => WriteError::Read(e),
-        super::import::CopyError::Write(e) => WriteError::Write(e),
+        super::http::CopyError::Read(e) => WriteError::Read(e),
+        super::http::CopyError::Write(e) => WriteError::Write(e),
     })?;
+    let written = done;
     out.set_len(written).map_err(WriteError::Write)?;
     if written != size {
         return Err(WriteError::Read(io::Error::new(
@@ -889,7 +890,7 @@ fn read_document(
         .map_err(|e| {
             RegistryError::Transport(format!(
                 "cannot read the {what}: {}",
-                super::import::http_reason(&e)
+                super::http::reason(&e)
             ))
         })
 }

@@ -25,11 +25,30 @@ impl std::fmt::Display for ClaimRef {
     }
 }
 
+/// `source.http` or `source.s3`: an image fetched over HTTP(S). Secrets and ConfigMaps are
+/// named here and read from the manifest at import time (`virt-launcher-import`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Remote {
+    pub url: String,
+    /// `extraHeaders` (http only), `Name: value`.
+    pub headers: Vec<String>,
+    /// `secretRef`: a Secret with `accessKeyId` and `secretKey` (CDI's keys): basic auth for
+    /// http, the S3 credentials for s3.
+    pub secret_ref: Option<String>,
+    /// `secretExtraHeaders` (http only): Secrets whose values are more `Name: value` headers.
+    pub secret_extra_headers: Vec<String>,
+    /// `certConfigMap`: a ConfigMap whose `ca.pem` is trusted besides the system roots.
+    pub cert_config_map: Option<String>,
+}
+
 /// Where the data comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     /// `source.http`: an image (raw/qcow2, optionally gz/xz compressed) fetched with GET.
-    Http { url: String, headers: Vec<String> },
+    Http(Remote),
+    /// `source.s3`: an object of an S3-compatible store, path-style URL
+    /// (`https://endpoint/bucket/key`; `s3://endpoint/bucket/key` is https), SigV4-signed.
+    S3(Remote),
     /// `source.pvc`: a copy of another local claim.
     Pvc(ClaimRef),
     /// `source.blank`: an empty (zero) disk.
@@ -50,7 +69,8 @@ pub enum Source {
 impl Source {
     pub fn kind(&self) -> &'static str {
         match self {
-            Source::Http { .. } => "http",
+            Source::Http(_) => "http",
+            Source::S3(_) => "s3",
             Source::Pvc(_) => "pvc",
             Source::Blank => "blank",
             Source::Registry { .. } => "registry",
@@ -97,6 +117,8 @@ pub struct DataVolumeSpec {
     /// Its index in `spec.dataVolumeTemplates` (for field paths).
     pub index: usize,
     pub claim: ClaimRef,
+    /// `spec.dataVolumeTemplates[i]`: where the template is, for error messages.
+    pub template: String,
     pub source: Source,
     /// `spec.source` as written (recorded in the claim's metadata).
     pub source_json: Value,
@@ -195,9 +217,18 @@ impl AccessMode {
 struct HttpDoc {
     url: Option<String>,
     extra_headers: Option<Vec<String>>,
-    secret_ref: Option<IgnoredAny>,
-    secret_extra_headers: Option<IgnoredAny>,
-    cert_config_map: Option<IgnoredAny>,
+    secret_ref: Option<String>,
+    secret_extra_headers: Option<Vec<String>>,
+    cert_config_map: Option<String>,
+}
+
+/// `spec.source.s3`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct S3Doc {
+    url: Option<String>,
+    secret_ref: Option<String>,
+    cert_config_map: Option<String>,
 }
 
 /// `spec.source.registry` (CDI's `DataVolumeSourceRegistry`).
@@ -230,6 +261,7 @@ struct PvcSourceDoc {
 #[derive(Debug)]
 enum SourceKind {
     Http(HttpDoc),
+    S3(S3Doc),
     Pvc(PvcSourceDoc),
     /// `spec.source.snapshot`: the same two fields as `pvc`.
     Snapshot(PvcSourceDoc),
@@ -259,7 +291,7 @@ const CLUSTER_ONLY: &[&str] = &[
 ];
 
 /// CDI's source types that need a cluster (or a registry) to import from.
-const CLUSTER_SOURCES: &[&str] = &["s3", "gcs", "upload", "imageio", "vddk"];
+const CLUSTER_SOURCES: &[&str] = &["gcs", "upload", "imageio", "vddk"];
 
 impl<'de> Deserialize<'de> for SourceDoc {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -267,13 +299,16 @@ impl<'de> Deserialize<'de> for SourceDoc {
         impl<'de> Visitor<'de> for Kinds {
             type Value = SourceDoc;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object naming one source type (http, registry, pvc or blank)")
+                f.write_str(
+                    "an object naming one source type (http, s3, registry, pvc, snapshot or blank)",
+                )
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SourceDoc, A::Error> {
                 let mut kinds = Vec::new();
                 while let Some(key) = map.next_key::<String>()? {
                     let kind = match key.as_str() {
                         "http" => map.next_value::<Option<HttpDoc>>()?.map(SourceKind::Http),
+                        "s3" => map.next_value::<Option<S3Doc>>()?.map(SourceKind::S3),
                         "pvc" => map
                             .next_value::<Option<PvcSourceDoc>>()?
                             .map(SourceKind::Pvc),
@@ -295,7 +330,7 @@ impl<'de> Deserialize<'de> for SourceDoc {
                                     continue;
                                 }
                                 return Err(serde::de::Error::custom(format!(
-                                    "unknown source type {k:?} (standalone mode imports http, registry, pvc, snapshot and blank)"
+                                    "unknown source type {k:?} (standalone mode imports http, s3, registry, pvc, snapshot and blank)"
                                 )));
                             }
                         },
@@ -414,12 +449,12 @@ pub fn parse(
         Some(s) => source(&claim, s, &field_err, &unsupported)?,
         None if doc.source_ref.is_some() => return Err(unsupported(
             "spec.sourceRef",
-            "a DataSource reference needs the cluster's CDI; give spec.source (http, registry, pvc or blank)",
+            "a DataSource reference needs the cluster's CDI; give spec.source (http, s3, registry, pvc, snapshot or blank)",
         )),
         None => {
             return Err(field_err(
                 "spec.source",
-                "is required (http, registry, pvc or blank)".into(),
+                "is required (http, s3, registry, pvc, snapshot or blank)".into(),
             ))
         }
     };
@@ -474,6 +509,7 @@ pub fn parse(
     let spec = DataVolumeSpec {
         index,
         claim,
+        template: template.clone(),
         source,
         source_json,
         form,
@@ -506,7 +542,7 @@ fn source(
         (None, _) => {
             return Err(field_err(
                 "spec.source",
-                "names no source type (http, registry, pvc or blank)".into(),
+                "names no source type (http, s3, registry, pvc, snapshot or blank)".into(),
             ))
         }
         (Some((a, _)), Some((b, _))) => {
@@ -527,26 +563,6 @@ fn source(
                     ))
                 }
             };
-            for (key, present, why) in [
-                ("secretRef", http.secret_ref.is_some(), "a Secret"),
-                (
-                    "secretExtraHeaders",
-                    http.secret_extra_headers.is_some(),
-                    "a Secret",
-                ),
-                (
-                    "certConfigMap",
-                    http.cert_config_map.is_some(),
-                    "a ConfigMap (and TLS)",
-                ),
-            ] {
-                if present {
-                    return Err(unsupported(
-                        &format!("spec.source.http.{key}"),
-                        &format!("it needs {why}, which standalone mode does not have"),
-                    ));
-                }
-            }
             let headers = http.extra_headers.unwrap_or_default();
             if let Some(i) = headers.iter().position(|h| !valid_header(h)) {
                 return Err(field_err(
@@ -554,7 +570,56 @@ fn source(
                     format!("{:?} is not a \"Name: value\" header", headers[i]),
                 ));
             }
-            Ok(Source::Http { url, headers })
+            let secret_extra_headers = http.secret_extra_headers.unwrap_or_default();
+            for (i, name) in secret_extra_headers.iter().enumerate() {
+                object_name(
+                    field_err,
+                    &format!("spec.source.http.secretExtraHeaders[{i}]"),
+                    name,
+                )?;
+            }
+            Ok(Source::Http(Remote {
+                url,
+                headers,
+                secret_ref: optional_name(
+                    field_err,
+                    "spec.source.http.secretRef",
+                    http.secret_ref,
+                )?,
+                secret_extra_headers,
+                cert_config_map: optional_name(
+                    field_err,
+                    "spec.source.http.certConfigMap",
+                    http.cert_config_map,
+                )?,
+            }))
+        }
+        SourceKind::S3(s3) => {
+            let url = match s3.url.as_deref().map(str::trim) {
+                Some(u) if !u.is_empty() => u.to_string(),
+                _ => {
+                    return Err(field_err(
+                        "spec.source.s3.url",
+                        "is required (a string)".into(),
+                    ))
+                }
+            };
+            if let Err(reason) = super::s3::ObjectUrl::parse(&url) {
+                return Err(field_err(
+                    "spec.source.s3.url",
+                    format!("{url:?}: {reason}"),
+                ));
+            }
+            Ok(Source::S3(Remote {
+                url,
+                secret_ref: optional_name(field_err, "spec.source.s3.secretRef", s3.secret_ref)?,
+                cert_config_map: optional_name(
+                    field_err,
+                    "spec.source.s3.certConfigMap",
+                    s3.cert_config_map,
+                )?,
+                ..Remote::default()
+            }))
         }
         SourceKind::Pvc(pvc) => {
             let name = match pvc.name {
@@ -619,7 +684,7 @@ fn source(
         }
         SourceKind::Unsupported(kind) => Err(unsupported(
             &format!("spec.source.{kind}"),
-            "it needs services of a cluster (CDI); standalone mode imports http, registry, pvc, snapshot and blank",
+            "it needs services of a cluster (CDI); standalone mode imports http, s3, registry, pvc, snapshot and blank",
         )),
     }
 }
@@ -688,7 +753,35 @@ fn registry(
     })
 }
 
-fn valid_header(s: &str) -> bool {
+/// A Secret or ConfigMap name (DNS-1123 subdomain) as written at `field`.
+fn object_name(
+    field_err: &dyn Fn(&str, String) -> DataVolumeError,
+    field: &str,
+    name: &str,
+) -> Result<(), DataVolumeError> {
+    if is_dns1123_subdomain(name) {
+        Ok(())
+    } else {
+        Err(field_err(
+            field,
+            format!("{name:?} is not a Secret or ConfigMap name"),
+        ))
+    }
+}
+
+/// An optional object name; an empty string counts as absent (as CDI treats it).
+fn optional_name(
+    field_err: &dyn Fn(&str, String) -> DataVolumeError,
+    field: &str,
+    name: Option<String>,
+) -> Result<Option<String>, DataVolumeError> {
+    match name.filter(|n| !n.is_empty()) {
+        Some(n) => object_name(field_err, field, &n).map(|()| Some(n)),
+        None => Ok(None),
+    }
+}
+
+pub(crate) fn valid_header(s: &str) -> bool {
     match s.split_once(':') {
         Some((name, value)) => {
             !name.is_empty()
@@ -726,10 +819,10 @@ mod tests {
         assert_eq!(s.disk_size(20 << 30), 19353 << 20);
         assert_eq!(
             s.source,
-            Source::Http {
+            Source::Http(Remote {
                 url: "http://example.com/my-vm-image.qcow2".into(),
-                headers: vec![]
-            }
+                ..Remote::default()
+            })
         );
     }
 
@@ -922,8 +1015,16 @@ mod tests {
                 "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source: invalid type: string \"http://x\", expected an object naming one source type",
             ),
             (
-                json!({"source": {"s3": {"url": "s3://x"}}, "pvc": {}}),
-                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.s3 is not supported in standalone mode",
+                json!({"source": {"gcs": {"url": "gs://x"}}, "pvc": {}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.gcs is not supported in standalone mode",
+            ),
+            (
+                json!({"source": {"s3": {"url": "s3://host/bucket-only"}}, "pvc": {}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.s3.url: \"s3://host/bucket-only\": names no object key",
+            ),
+            (
+                json!({"source": {"http": {"url": "https://h/x", "certConfigMap": "Bad_Name"}}, "pvc": {}}),
+                "DataVolume default/disk: spec.dataVolumeTemplates[2].spec.source.http.certConfigMap: \"Bad_Name\" is not a Secret or ConfigMap name",
             ),
         ];
         for (spec, want) in cases {
@@ -946,10 +1047,10 @@ mod tests {
         .expect("valid");
         assert_eq!(
             s.source,
-            Source::Http {
+            Source::Http(Remote {
                 url: "http://x/a.img".into(),
-                headers: vec![]
-            }
+                ..Remote::default()
+            })
         );
         assert_eq!(s.access_modes, vec!["ReadWriteOnce".to_string()]);
         assert!(!s.preallocation);

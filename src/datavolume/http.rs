@@ -1,0 +1,411 @@
+//! HTTP(S) for imports: one agent constructor ([`http_agent`]) that every source fetching over
+//! the network uses (http, s3, registry), and a resumable GET into a file ([`fetch`]).
+//!
+//! TLS is rustls (with *ring*) through ureq's `rustls` feature. The trusted roots are the
+//! system's (`/etc/ssl/certs`, read by `rustls-native-certs`, as curl and CDI's Go importer use
+//! them: an administrator's added CA counts) plus, when a DataVolume names a `certConfigMap`,
+//! the certificates of its `ca.pem` — added to the system roots, as CDI does.
+//!
+//! This module is linked only into `virt-launcher-import`, the process that imports: the
+//! long-running launcher never maps or touches TLS code (see `src/bin/virt-launcher-import.rs`).
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
+
+/// What a connection trusts.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// PEM certificates (a `certConfigMap`'s `ca.pem`) trusted besides the system roots.
+    pub extra_ca_pem: Option<Vec<u8>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the CA bundle holds no PEM certificate")]
+    NoCertificate,
+    #[error("the CA bundle is not valid PEM: {0}")]
+    BadPem(String),
+}
+
+/// The HTTP agent of imports: HTTP/1.1, TLS with the system roots plus `tls`'s, redirects,
+/// `HTTP(S)_PROXY`/`NO_PROXY`, statuses returned (not errors), generous timeouts per step and
+/// none overall (an image may take long).
+pub fn http_agent(tls: &TlsOptions) -> Result<ureq::Agent, TlsError> {
+    let mut roots: Vec<Certificate<'static>> = Vec::new();
+    if let Some(pem) = &tls.extra_ca_pem {
+        for item in ureq::tls::parse_pem(pem) {
+            if let PemItem::Certificate(c) = item.map_err(|e| TlsError::BadPem(e.to_string()))? {
+                roots.push(c);
+            }
+        }
+        if roots.is_empty() {
+            return Err(TlsError::NoCertificate);
+        }
+    }
+    // A system without a CA store (or with unreadable entries) still trusts what it has and
+    // the DataVolume's CA: the handshake then names the unknown issuer.
+    let system = rustls_native_certs::load_native_certs();
+    for e in &system.errors {
+        tracing::debug!(error = %e, "a system CA certificate could not be read");
+    }
+    roots.extend(
+        system
+            .certs
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()).to_owned()),
+    );
+    let tls_config = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::Specific(Arc::new(roots)))
+        .build();
+    Ok(ureq::Agent::config_builder()
+        .tls_config(tls_config)
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(15)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .max_redirects(10)
+        .user_agent(concat!("virt-launcher/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into())
+}
+
+/// `ureq::Error` as a short reason (TLS failures say what was wrong with the certificate).
+pub fn reason(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => io_text(io),
+        ureq::Error::HostNotFound => "host not found".into(),
+        ureq::Error::ConnectionFailed => "connection failed".into(),
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::TooManyRedirects => "too many redirects".into(),
+        ureq::Error::Rustls(r) => tls_text(r),
+        other => other.to_string(),
+    }
+}
+
+fn tls_text(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(_) => format!(
+            "TLS: {e} (trusted are the system's CA certificates and the certConfigMap's ca.pem)"
+        ),
+        _ => format!("TLS: {e}"),
+    }
+}
+
+fn io_text(e: &io::Error) -> String {
+    // A TLS alert or certificate error surfaces as an io::Error wrapping rustls's.
+    if let Some(inner) = e.get_ref() {
+        if let Some(r) = inner.downcast_ref::<ureq::Error>() {
+            return reason(r);
+        }
+        if let Some(r) = inner.downcast_ref::<rustls::Error>() {
+            return tls_text(r);
+        }
+    }
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// A GET to make: the URL and headers of each attempt (an S3 request is signed afresh for
+/// each); [`fetch`] adds `Range` and `If-Range` when it resumes.
+pub trait RequestSource {
+    fn request(&self) -> Result<(String, Vec<(String, String)>), String>;
+}
+
+/// A GET of a fixed URL with fixed headers.
+pub struct Plain {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl RequestSource for Plain {
+    fn request(&self) -> Result<(String, Vec<(String, String)>), String> {
+        Ok((self.url.clone(), self.headers.clone()))
+    }
+}
+
+/// Why [`fetch`] failed.
+#[derive(Debug)]
+pub enum FetchError {
+    /// The server or the transfer (the reason, one line).
+    Remote(String),
+    /// Writing the file.
+    Local(io::Error),
+}
+
+/// How many times a broken transfer is resumed (or restarted, when the server ignores Range).
+pub const ATTEMPTS: u32 = 5;
+
+/// GET into `dest` (created), sparsely: all-zero 4 KiB blocks become holes. A transfer that
+/// breaks is resumed with `Range: bytes=N-` (and `If-Range` with the first response's `ETag`
+/// or `Last-Modified`), up to [`ATTEMPTS`] times; a server that answers the range with a
+/// whole `200` restarts the file. `on_progress(done, total)` sees absolute byte counts.
+/// Returns the length.
+pub fn fetch(
+    agent: &ureq::Agent,
+    source: &dyn RequestSource,
+    dest: &Path,
+    mut on_progress: impl FnMut(u64, Option<u64>),
+) -> Result<u64, FetchError> {
+    let mut out = File::create(dest).map_err(FetchError::Local)?;
+    let mut done = 0u64;
+    let mut total: Option<u64> = None;
+    let mut validator: Option<String> = None;
+    let mut last_error = String::new();
+    for attempt in 0..ATTEMPTS {
+        let (url, headers) = source.request().map_err(FetchError::Remote)?;
+        let mut req = agent.get(&url);
+        for (k, v) in &headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let resuming = done > 0;
+        if resuming {
+            req = req.header("Range", format!("bytes={done}-"));
+            if let Some(v) = &validator {
+                req = req.header("If-Range", v.as_str());
+            }
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            // The first connection's failure is the answer (refused, TLS, DNS); a later one may
+            // be a server restarting: try again.
+            Err(e) if attempt == 0 => return Err(FetchError::Remote(reason(&e))),
+            Err(e) => {
+                last_error = reason(&e);
+                std::thread::sleep(backoff(attempt));
+                continue;
+            }
+        };
+        let status = resp.status().as_u16();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        match (status, resuming) {
+            (200, _) => {
+                if resuming {
+                    tracing::info!(
+                        offset = done,
+                        "the server ignored the range request; starting the file over"
+                    );
+                    done = 0;
+                    out.set_len(0).map_err(FetchError::Local)?;
+                }
+                total = resp.body().content_length();
+                validator = header("etag").or_else(|| header("last-modified"));
+            }
+            (206, true) => {
+                let range = header("content-range").unwrap_or_default();
+                if !range.starts_with(&format!("bytes {done}-")) {
+                    return Err(FetchError::Remote(format!(
+                        "the server resumed at the wrong offset ({range:?}, wanted byte {done})"
+                    )));
+                }
+                tracing::info!(offset = done, attempt, "resuming the download");
+            }
+            _ => {
+                let body = resp
+                    .into_body()
+                    .with_config()
+                    .limit(16 << 10)
+                    .read_to_string()
+                    .unwrap_or_default();
+                return Err(FetchError::Remote(
+                    status_text(status) + &error_detail(&body),
+                ));
+            }
+        }
+        out.seek(SeekFrom::Start(done)).map_err(FetchError::Local)?;
+        let mut body = resp.into_body().into_reader();
+        let copied = sparse_copy(&mut body, &mut out, |n| {
+            done += n;
+            on_progress(done, total);
+        });
+        match copied {
+            Ok(()) => {}
+            Err(CopyError::Write(e)) => return Err(FetchError::Local(e)),
+            Err(CopyError::Read(e)) => {
+                let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
+                last_error = format!(
+                    "transfer interrupted after {done}{of} bytes: {}",
+                    io_text(&e)
+                );
+                tracing::warn!(bytes = done, total, error = %last_error, "the transfer broke");
+                std::thread::sleep(backoff(attempt));
+                continue;
+            }
+        }
+        match total {
+            Some(t) if done < t => {
+                last_error = format!("transfer ended after {done} of {t} bytes");
+                tracing::warn!(bytes = done, total = t, "the transfer ended early");
+                std::thread::sleep(backoff(attempt));
+                continue;
+            }
+            Some(t) if done > t => {
+                return Err(FetchError::Remote(format!(
+                    "the server sent {done} bytes, more than the {t} it announced"
+                )))
+            }
+            _ => {}
+        }
+        out.set_len(done).map_err(FetchError::Local)?;
+        return Ok(done);
+    }
+    Err(FetchError::Remote(format!(
+        "{last_error} (gave up after {ATTEMPTS} attempts)"
+    )))
+}
+
+/// `: Code: Message` of an S3-style XML error body, if it is one.
+fn error_detail(body: &str) -> String {
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let end = body[start..].find(&format!("</{name}>"))? + start;
+        Some(body[start..end].trim().to_string())
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) if !m.is_empty() => format!(": {c}: {m}"),
+        (Some(c), _) => format!(": {c}"),
+        _ => String::new(),
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200 << attempt.min(5))
+}
+
+/// `HTTP 404 Not Found`.
+pub fn status_text(status: u16) -> String {
+    let reason = ureq::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    format!("HTTP {status} {reason}").trim_end().to_string()
+}
+
+pub(crate) enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+const BLOCK: usize = 4096;
+pub(crate) const CHUNK: usize = 1 << 20;
+
+/// Copy `src` to `dst` (at its current position), seeking over all-zero 4 KiB blocks instead
+/// of writing them; `on_progress` gets each chunk's length once it is written. The caller sets
+/// the final length (a trailing hole is not written).
+pub(crate) fn sparse_copy(
+    src: &mut impl Read,
+    dst: &mut File,
+    mut on_progress: impl FnMut(u64),
+) -> Result<(), CopyError> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        // Fill the buffer as far as the source allows, so blocks stay aligned.
+        let mut filled = 0;
+        let mut read_error = None;
+        while filled < CHUNK {
+            match src.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    read_error = Some(e);
+                    break;
+                }
+            }
+        }
+        // What arrived before a broken read is kept: a resume starts after it.
+        for block in buf[..filled].chunks(BLOCK) {
+            if block.iter().all(|b| *b == 0) {
+                dst.seek(SeekFrom::Current(block.len() as i64))
+                    .map_err(CopyError::Write)?;
+            } else {
+                dst.write_all(block).map_err(CopyError::Write)?;
+            }
+        }
+        if filled > 0 {
+            on_progress(filled as u64);
+        }
+        if let Some(e) = read_error {
+            return Err(CopyError::Read(e));
+        }
+        if filled < CHUNK {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_skips_zeros() {
+        let dir = std::env::temp_dir().join(format!("vl-dv-sparse-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut data = vec![0u8; 3 * CHUNK + 100];
+        data[..5].copy_from_slice(b"hello");
+        data[2 * CHUNK + 7] = 1;
+        let last = data.len() - 1;
+        data[last] = 9;
+        let path = dir.join("out");
+        let mut out = File::create(&path).expect("create");
+        let mut seen = 0;
+        sparse_copy(&mut &data[..], &mut out, |k| seen += k)
+            .unwrap_or_else(|_| panic!("copy failed"));
+        assert_eq!(seen, data.len() as u64);
+        out.set_len(seen).expect("len");
+        assert_eq!(std::fs::read(&path).expect("read"), data);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A read that fails midway keeps (and counts) what came before it.
+    #[test]
+    fn sparse_copy_keeps_what_arrived_before_a_broken_read() {
+        struct Breaks(Vec<u8>, usize);
+        impl Read for Breaks {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.1 >= self.0.len() {
+                    return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"));
+                }
+                let n = buf.len().min(self.0.len() - self.1).min(1000);
+                buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("vl-dv-broken-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("out");
+        let mut out = File::create(&path).expect("create");
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let mut seen = 0;
+        let r = sparse_copy(&mut Breaks(data.clone(), 0), &mut out, |k| seen += k);
+        assert!(matches!(r, Err(CopyError::Read(_))));
+        assert_eq!(seen, 5000);
+        assert_eq!(std::fs::read(&path).expect("read"), data);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_ca_bundle_without_certificates_is_refused() {
+        let tls = TlsOptions {
+            extra_ca_pem: Some(b"not a certificate\n".to_vec()),
+        };
+        assert!(matches!(http_agent(&tls), Err(TlsError::NoCertificate)));
+    }
+}
