@@ -459,10 +459,33 @@ fn memory(vmi: &VirtualMachineInstance) -> Result<Memory, ConvertError> {
     })
 }
 
-fn cpu(
-    vmi: &VirtualMachineInstance,
-    facts: &PodFacts,
-) -> Result<(Cpu, Option<VcpuHotplug>), ConvertError> {
+/// The vCPU topology a VMI asks for: what `<cpu><topology>` and `<vcpus>` are made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuTopology {
+    /// With CPU hot-plug, `maxSockets`.
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+    /// CPU hot-plug (`maxSockets`): how many vCPUs are enabled.
+    pub hotplug: Option<VcpuHotplug>,
+}
+
+impl VcpuTopology {
+    /// The vCPUs the VM runs with: the enabled ones with CPU hot-plug, else all.
+    pub fn online(&self) -> u32 {
+        self.hotplug
+            .map_or(self.sockets * self.cores * self.threads, |h| h.enabled)
+    }
+
+    /// The vCPUs the domain can ever have (`<vcpu>`).
+    pub fn max(&self) -> u32 {
+        self.sockets * self.cores * self.threads
+    }
+}
+
+/// The vCPU topology of `vmi` (KubeVirt's `GetCPUTopology` and, with `maxSockets`,
+/// compute/cpu.go `configureCPUTopology`), checked as the converter checks it.
+pub fn vcpu_topology(vmi: &VirtualMachineInstance) -> Result<VcpuTopology, ConvertError> {
     let spec = vmi.spec.domain.cpu.clone().unwrap_or_default();
     let one = |field: &str, v: Option<u32>| -> Result<u32, ConvertError> {
         match v {
@@ -541,7 +564,77 @@ fn cpu(
         });
         sockets = max;
     }
+    Ok(VcpuTopology {
+        sockets,
+        cores,
+        threads,
+        hotplug,
+    })
+}
 
+/// What may change in a running VM's CPU (KubeVirt's live update of `sockets`, CPU hot-plug):
+/// only `sockets`, up to the `maxSockets` the VM (`started`) runs with. Another `cores` or
+/// `threads`, more sockets than that, or any socket change of a VM started without
+/// `maxSockets` is refused naming the field.
+pub fn check_running_cpu(
+    started: &VirtualMachineInstance,
+    vmi: &VirtualMachineInstance,
+) -> Result<(), ConvertError> {
+    let Ok(old) = vcpu_topology(started) else {
+        return Ok(());
+    };
+    // The sockets asked for, whatever maxSockets says.
+    let mut asked = vmi.clone();
+    if let Some(cpu) = asked.spec.domain.cpu.as_mut() {
+        cpu.max_sockets = None;
+    }
+    let new = vcpu_topology(&asked)?;
+    for (field, was, now) in [
+        ("spec.domain.cpu.cores", old.cores, new.cores),
+        ("spec.domain.cpu.threads", old.threads, new.threads),
+    ] {
+        if was != now {
+            return Err(err(
+                field,
+                format!(
+                    "{now} differs from the {was} the running VM has; only sockets can change \
+                     while it runs (CPU hot-plug), the rest needs a restart"
+                ),
+            ));
+        }
+    }
+    let f = "spec.domain.cpu.sockets";
+    match old.hotplug {
+        Some(_) if new.sockets > old.sockets => Err(err(
+            f,
+            format!(
+                "{} is more than the {} of spec.domain.cpu.maxSockets the VM was started with",
+                new.sockets, old.sockets
+            ),
+        )),
+        None if new.sockets != old.sockets => Err(err(
+            f,
+            format!(
+                "{} differs from the {} the running VM has, which was started without \
+                 spec.domain.cpu.maxSockets (no CPU hot-plug); restart it",
+                new.sockets, old.sockets
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn cpu(
+    vmi: &VirtualMachineInstance,
+    facts: &PodFacts,
+) -> Result<(Cpu, Option<VcpuHotplug>), ConvertError> {
+    let spec = vmi.spec.domain.cpu.clone().unwrap_or_default();
+    let VcpuTopology {
+        sockets,
+        cores,
+        threads,
+        hotplug,
+    } = vcpu_topology(vmi)?;
     let valid_name = |s: &str| {
         !s.is_empty()
             && s.len() <= 64
@@ -1401,5 +1494,56 @@ fn spare_root_ports(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<u3
                     format!("{v:?} is not a number between 0 and {MAX_SPARE_ROOT_PORTS}"),
                 )
             }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vmi(cpu: serde_json::Value) -> VirtualMachineInstance {
+        let vmi = serde_json::json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+            "metadata": {"name": "t"},
+            "spec": {"domain": {"cpu": cpu, "resources": {"requests": {"memory": "1Gi"}},
+                "devices": {}}}
+        });
+        crate::spec::from_str(&vmi.to_string(), "t").expect("vmi")
+    }
+
+    /// Only sockets change while a VM runs, up to the maxSockets it started with.
+    #[test]
+    fn a_running_vms_cpu_changes_only_in_sockets_up_to_max_sockets() {
+        let hp = vmi(serde_json::json!({"sockets": 1, "cores": 2, "maxSockets": 3}));
+        let t = vcpu_topology(&hp).unwrap();
+        assert_eq!((t.online(), t.max()), (2, 6));
+        let with = |cpu| check_running_cpu(&hp, &vmi(cpu)).map_err(|e| e.field);
+        assert_eq!(
+            with(serde_json::json!({"sockets": 3, "cores": 2, "maxSockets": 3})),
+            Ok(())
+        );
+        // More than maxSockets: the sockets are named, even with a maxSockets to match.
+        assert_eq!(
+            with(serde_json::json!({"sockets": 4, "cores": 2, "maxSockets": 4})),
+            Err("spec.domain.cpu.sockets".into())
+        );
+        assert_eq!(
+            with(serde_json::json!({"sockets": 2, "cores": 1, "maxSockets": 3})),
+            Err("spec.domain.cpu.cores".into())
+        );
+        assert_eq!(
+            with(serde_json::json!({"sockets": 2, "cores": 2, "threads": 2, "maxSockets": 3})),
+            Err("spec.domain.cpu.threads".into())
+        );
+        // Started without maxSockets: no socket change.
+        let fixed = vmi(serde_json::json!({"sockets": 2}));
+        assert_eq!(
+            check_running_cpu(&fixed, &vmi(serde_json::json!({"sockets": 3}))).map_err(|e| e.field),
+            Err("spec.domain.cpu.sockets".into())
+        );
+        assert_eq!(
+            check_running_cpu(&fixed, &vmi(serde_json::json!({"sockets": 2}))),
+            Ok(())
+        );
     }
 }
