@@ -220,6 +220,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
             free_page_reporting: Some(!off),
         }
     });
+    let (watchdogs, sounds) = watchdog_and_sound(vmi)?;
     let rngs = if dev.rng.is_some() {
         vec![Rng {
             model: virtio_model.to_string(),
@@ -318,8 +319,98 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
             inputs,
             memballoon,
             rngs,
+            watchdogs,
+            sounds,
         },
     })
+}
+
+/// A device name as a libvirt user alias (`ua-<name>`): KubeVirt's `NewUserDefinedAlias`.
+fn user_alias(field: &str, name: &str) -> Result<String, ConvertError> {
+    if name.is_empty() {
+        return Err(err(field, "required"));
+    }
+    if !is_dns1123_label(name) {
+        return Err(err(field, format!("{name:?} is not a DNS-1123 label")));
+    }
+    Ok(format!("ua-{name}"))
+}
+
+/// `devices.watchdog` and `devices.sound` (KubeVirt compute/watchdog.go, compute/sound.go), and
+/// the devices a single host cannot give (refused naming the field): a TPM (no swtpm in the
+/// launcher's image), GPUs and host devices (assigned by device plugins).
+fn watchdog_and_sound(
+    vmi: &VirtualMachineInstance,
+) -> Result<(Vec<Watchdog>, Vec<Sound>), ConvertError> {
+    let dev = &vmi.spec.domain.devices;
+    let mut watchdogs = Vec::new();
+    if let Some(wd) = &dev.watchdog {
+        let base = "spec.domain.devices.watchdog";
+        let alias = user_alias(&format!("{base}.name"), &wd.name)?;
+        if wd.diag288.is_some() {
+            return Err(err(
+                format!("{base}.diag288"),
+                "diag288 is s390x's watchdog; this launcher runs x86_64 guests (use i6300esb)",
+            ));
+        }
+        let Some(m) = &wd.i6300esb else {
+            return Err(err(
+                base,
+                format!("watchdog {:?} has no model: set i6300esb", wd.name),
+            ));
+        };
+        let action = match m.action.as_deref() {
+            None | Some("") | Some("reset") => "reset",
+            Some("poweroff") => "poweroff",
+            Some("shutdown") => "shutdown",
+            Some(other) => {
+                return Err(err(
+                    format!("{base}.i6300esb.action"),
+                    format!("{other:?} is not one of poweroff, reset, shutdown"),
+                ))
+            }
+        };
+        watchdogs.push(Watchdog {
+            model: "i6300esb",
+            action,
+            alias,
+        });
+    }
+    let mut sounds = Vec::new();
+    if let Some(snd) = &dev.sound {
+        let base = "spec.domain.devices.sound";
+        let alias = user_alias(&format!("{base}.name"), &snd.name)?;
+        let model = match snd.model.as_deref() {
+            None | Some("") | Some("ich9") => "ich9",
+            Some("ac97") => "ac97",
+            Some(other) => {
+                return Err(err(
+                    format!("{base}.model"),
+                    format!("{other:?} is not ich9 or ac97"),
+                ))
+            }
+        };
+        sounds.push(Sound { model, alias });
+    }
+    if dev.tpm.as_ref().is_some_and(|t| t.enabled != Some(false)) {
+        return Err(err(
+            "spec.domain.devices.tpm",
+            "an emulated TPM needs swtpm, which the launcher's image does not ship; not supported",
+        ));
+    }
+    for (field, list) in [
+        ("spec.domain.devices.gpus", &dev.gpus),
+        ("spec.domain.devices.hostDevices", &dev.host_devices),
+    ] {
+        if !list.is_empty() {
+            return Err(err(
+                format!("{field}[0]"),
+                "host devices are assigned by device plugins (the PCI or mediated devices \
+                 virt-handler passes through); not supported",
+            ));
+        }
+    }
+    Ok((watchdogs, sounds))
 }
 
 /// Reject text XML cannot carry or that has no business in a domain (control characters).
@@ -451,8 +542,56 @@ fn memory(vmi: &VirtualMachineInstance) -> Result<Memory, ConvertError> {
             .annotations
             .get(MEMFD_ANNOTATION)
             .is_none_or(|v| v != "false");
+    // Memory hot-plug (KubeVirt compute/memory.go): `<maxMemory>` of maxGuest, unless it equals
+    // the guest memory. The alignment and minimum are virt-controller's rules
+    // (liveupdate/memory ValidateLiveUpdateMemory), checked here for a VMI written by hand.
+    let mut max_kib = None;
+    if let Some(mq) = d.memory.as_ref().and_then(|m| m.max_guest.as_ref()) {
+        let f = "spec.domain.memory.maxGuest";
+        let max = mq.value().map_err(|e| err(f, e.to_string()))?;
+        let align: u64 = if hugepage_kib == Some(1024 * 1024) {
+            1 << 30
+        } else {
+            2 << 20
+        };
+        if max > MAX_MEMORY_BYTES {
+            return Err(err(f, format!("{:?} is out of range (.. 16Ti)", mq.0)));
+        }
+        if max < bytes {
+            return Err(err(
+                f,
+                format!(
+                    "{:?} is less than the guest memory ({field} {:?})",
+                    mq.0, q.0
+                ),
+            ));
+        }
+        if max != bytes {
+            let block = align >> 20;
+            if max % align != 0 {
+                return Err(err(
+                    f,
+                    format!(
+                        "{:?} is not a multiple of {block} MiB (the hot-plug block)",
+                        mq.0
+                    ),
+                ));
+            }
+            if bytes % align != 0 {
+                return Err(err(
+                    field,
+                    format!(
+                        "{:?} is not a multiple of {block} MiB, as memory hot-plug (maxGuest) needs",
+                        q.0
+                    ),
+                ));
+            }
+            max_kib = Some(max / 1024);
+        }
+    }
     Ok(Memory {
         kib,
+        max_kib,
         hugepage_kib,
         memfd,
         shared: false,
