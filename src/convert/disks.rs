@@ -242,10 +242,14 @@ pub fn confine(base: &Path, p: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// hostDisk paths are host paths mounted at the same place: absolute, no `..`.
+/// hostDisk paths are host paths of a file: absolute, no `..` (standalone uses the path
+/// itself; in KubeVirt's pod its directory is mounted at `vmi-disks/<volume>/`).
 fn host_path(p: &str) -> Result<(), String> {
     if !p.starts_with('/') {
         return Err(format!("{p:?} is not an absolute path"));
+    }
+    if std::path::Path::new(p).file_name().is_none() || p.ends_with('/') {
+        return Err(format!("{p:?} names no file"));
     }
     confined_components(p).map(|_| ())
 }
@@ -605,7 +609,7 @@ pub(crate) fn convert_disks(
                 false,
             ),
             Kind::HostDisk { path } => (
-                DiskSource::File(PathBuf::from(path)),
+                DiskSource::File(paths.host_disk(name, path)),
                 "raw",
                 None,
                 facts.direct_io,

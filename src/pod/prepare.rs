@@ -283,7 +283,8 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
                 )?;
             }
         } else if let Some(h) = &v.host_disk {
-            let p = Path::new(&h.path);
+            let host_disk = facts.paths.host_disk(name, &h.path);
+            let p = host_disk.as_path();
             if h.disk_type == "DiskOrCreate" && !p.exists() {
                 let bytes = h
                     .capacity
