@@ -102,6 +102,10 @@ const SEEDS: &[(&str, &str)] = &[
         r#"{"path": "/data/disk.img", "type": "Disk"}"#,
     ),
     ("spec.volumes[].configMap", r#"{"name": "cm"}"#),
+    (
+        "spec.volumes[].sysprep",
+        r#"{"configMap": {"name": "unattend"}}"#,
+    ),
     ("spec.volumes[].secret", r#"{"secretName": "s"}"#),
     (
         "spec.volumes[].serviceAccount",
@@ -160,6 +164,7 @@ const ONE_OF: &[&[&str]] = &[
         "secret",
         "serviceAccount",
         "downwardAPI",
+        "sysprep",
     ],
     &[
         "masquerade",

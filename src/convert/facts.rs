@@ -211,6 +211,16 @@ impl PodPaths {
     pub fn config_map_source(&self, volume: &str) -> PathBuf {
         self.config_dir.join("config-map").join(volume)
     }
+    /// KubeVirt's `config.GetSysprepSourcePath`: where the pod mounts the ConfigMap or Secret.
+    pub fn sysprep_source(&self, volume: &str) -> PathBuf {
+        self.config_dir.join("sysprep").join(volume)
+    }
+    /// KubeVirt's `config.GetSysprepDiskPath`.
+    pub fn sysprep_iso(&self, volume: &str) -> PathBuf {
+        self.config_dir
+            .join("sysprep-disks")
+            .join(format!("{volume}.iso"))
+    }
     pub fn config_map_iso(&self, volume: &str) -> PathBuf {
         self.config_dir
             .join("config-map-disks")

@@ -666,6 +666,23 @@ pub struct Volume {
     pub service_account: Option<ServiceAccountSource>,
     #[serde(rename = "downwardAPI")]
     pub downward_api: Option<serde_json::Value>,
+    /// Windows' unattended set-up: a ConfigMap or Secret holding `autounattend.xml` or
+    /// `unattend.xml`, given to the guest as an ISO cdrom.
+    pub sysprep: Option<SysprepSource>,
+}
+
+/// `volumes[].sysprep`: where the answer file comes from (one of the two).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SysprepSource {
+    pub config_map: Option<LocalObjectReference>,
+    pub secret: Option<LocalObjectReference>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LocalObjectReference {
+    pub name: String,
 }
 
 impl Volume {
@@ -738,12 +755,6 @@ pub struct CloudInitSource {
     pub network_data_base64: Option<String>,
     pub secret_ref: Option<LocalObjectReference>,
     pub network_data_secret_ref: Option<LocalObjectReference>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct LocalObjectReference {
-    pub name: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
