@@ -512,6 +512,17 @@ async fn a_sync_with_more_sockets_hot_plugs_a_vcpu_the_guest_brings_online() {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("spec.domain.cpu.cores"), "{e:?}");
     v["spec"]["domain"]["cpu"]["cores"] = json!(1);
+    // Another memory size: refused (no memory hot-plug), naming the field the VMI uses.
+    let memory = v["spec"]["domain"]["resources"]["requests"]["memory"].clone();
+    v["spec"]["domain"]["resources"]["requests"]["memory"] = json!("256Mi");
+    let e = sync(&mut c, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .contains("spec.domain.resources.requests.memory"),
+        "{e:?}"
+    );
+    v["spec"]["domain"]["resources"]["requests"]["memory"] = memory;
 
     // Two sockets: the second vCPU is plugged, live and in the definition.
     v["spec"]["domain"]["cpu"]["sockets"] = json!(2);

@@ -763,6 +763,39 @@ pub fn check_running_cpu(
     }
 }
 
+/// The guest memory of a running VM does not change through a Sync: KubeVirt grows it through
+/// `SyncVirtualMachineMemory` (virtio-mem), which this launcher does not implement. Another
+/// guest memory is refused naming the field the VMI sets it with.
+pub fn check_running_memory(
+    started: &VirtualMachineInstance,
+    vmi: &VirtualMachineInstance,
+) -> Result<(), ConvertError> {
+    let (Ok(old), Ok(new)) = (memory(started), memory(vmi)) else {
+        // A VMI the converter refuses is refused by the plan, naming its field.
+        return Ok(());
+    };
+    if old.kib == new.kib {
+        return Ok(());
+    }
+    let d = &vmi.spec.domain;
+    let field = if d.memory.as_ref().and_then(|m| m.guest.as_ref()).is_some() {
+        "spec.domain.memory.guest"
+    } else if d.resources.requests.contains_key("memory") {
+        "spec.domain.resources.requests.memory"
+    } else {
+        "spec.domain.resources.limits.memory"
+    };
+    Err(err(
+        field,
+        format!(
+            "{} MiB differs from the {} MiB the running VM has: memory hot-plug is not \
+             supported (restart the VM)",
+            new.kib / 1024,
+            old.kib / 1024
+        ),
+    ))
+}
+
 fn cpu(
     vmi: &VirtualMachineInstance,
     facts: &PodFacts,
@@ -1673,6 +1706,18 @@ mod tests {
         assert_eq!(
             with(serde_json::json!({"sockets": 2, "cores": 2, "threads": 2, "maxSockets": 3})),
             Err("spec.domain.cpu.threads".into())
+        );
+        // Memory does not change while the VM runs.
+        let m = |g: &str| {
+            let mut v = hp.clone();
+            v.spec.domain.memory =
+                Some(serde_json::from_value(serde_json::json!({"guest": g})).unwrap());
+            v
+        };
+        assert_eq!(check_running_memory(&hp, &m("1Gi")), Ok(()));
+        assert_eq!(
+            check_running_memory(&hp, &m("2Gi")).map_err(|e| e.field),
+            Err("spec.domain.memory.guest".into())
         );
         // Started without maxSockets: no socket change.
         let fixed = vmi(serde_json::json!({"sockets": 2}));

@@ -20,6 +20,13 @@ impl Launcher {
         if !self.has_started() {
             self.start(vmi).await
         } else {
+            // Ours only: virt-handler's Sync carries a grown memory too, and grows it through
+            // SyncVirtualMachineMemory (UNIMPLEMENTED here), as KubeVirt's launcher ignores it
+            // in SyncVMI.
+            if let Some(started) = self.vmi() {
+                crate::convert::check_running_memory(&started, &vmi)
+                    .map_err(|e| ControlError::Plan(e.into()))?;
+            }
             self.reconcile(vmi).await
         }
     }
