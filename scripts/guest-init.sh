@@ -25,6 +25,10 @@
 #   LV-FETCH <ip>:<port> <line>   lv.fetch=<ip|gw>:<port>: first line a TCP server sent
 #   LV-SERVING <port>             lv.serve=<port>: a TCP responder listens; each connection
 #                                 gets one line "lv-guest <hostname> <ip>" and is closed
+#   LV-CPUS <list>                the online CPUs (/sys/devices/system/cpu/online, e.g. 0-1),
+#                                 printed at start and on change (checked every 0.5 s); a
+#                                 hot-plugged CPU is brought online first, as a distribution's
+#                                 udev rule (SUBSYSTEM=="cpu", ACTION=="add") does
 #
 # Parameters (repeatable ones are applied in order; values cannot contain spaces):
 #   lv.write=<dev>:<text>  write "<text>\n" at offset 0 of /dev/<dev>, sync, read back
@@ -613,6 +617,22 @@ hot_rw() {
     esac
 }
 
+# cpu_watch: bring hot-plugged (offline) CPUs online, print LV-CPUS when the online set
+# changed. Builtins only (no fork): it runs every 0.5 s.
+cpus_last=
+cpu_watch() {
+    for f in /sys/devices/system/cpu/cpu[0-9]*/online; do
+        [ -e "$f" ] || continue
+        read -r v <"$f" 2>/dev/null || continue
+        [ "$v" = 0 ] && { echo 1 >"$f" 2>/dev/null || err "cannot online ${f%/online}"; }
+    done
+    read -r cpus </sys/devices/system/cpu/online 2>/dev/null || return 0
+    if [ "$cpus" != "$cpus_last" ]; then
+        echo "LV-CPUS $cpus"
+        cpus_last=$cpus
+    fi
+}
+
 # Every 50 ms a look at the names in /sys/block (a glob: no process forked), so that a new disk
 # is reported within 50 ms; every 0.5 s (or when the names change) the full list with sizes,
 # which also reports a disk that grew.
@@ -628,6 +648,7 @@ while :; do
     fi
     tick=0
     last_names=$names
+    cpu_watch
     block_list
     if [ "$cur" != "$last" ]; then
         echo "LV-BLOCK$cur"

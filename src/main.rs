@@ -364,6 +364,8 @@ impl PathArgs {
             ephemeral_disks_dir: None,
             container_disks_dir: None,
             trusted_roots: Vec::new(),
+            // Standalone: the host path as written; KubeVirt's pod mounts its directory.
+            host_disk_at_host_path: true,
         }
     }
 }

@@ -335,6 +335,61 @@ fn cloud_init_and_config_sources_may_not_leave_their_directories() {
 }
 
 #[test]
+fn a_sysprep_iso_needs_an_answer_file_and_stays_in_its_directory() {
+    use virt_launcher::convert::facts::PodFacts;
+    let l = Layout::new("sysprep");
+    let v = virt_launcher::spec::from_str(
+        &vmi(
+            json!([{"name": "sp", "sysprep": {"configMap": {"name": "unattend"}}}]),
+            None,
+            None,
+        )
+        .to_string(),
+        "t",
+    )
+    .unwrap();
+    let mut facts = PodFacts::defaults(&v);
+    facts.paths.config_dir = l.p("config");
+    facts.paths.private_dir = l.p("private");
+    let prepare = || virt_launcher::pod::prepare::prepare(&v, &facts).map_err(|e| e.to_string());
+    // No source: the error names the volume and the directory.
+    let e = prepare().unwrap_err();
+    assert!(
+        e.starts_with("volume sp: ") && e.contains("config/sysprep/sp"),
+        "{e}"
+    );
+    // A source without an answer file (KubeVirt's validateUnattendPresence).
+    fs::create_dir_all(l.p("config/sysprep/sp")).unwrap();
+    fs::write(l.p("config/sysprep/sp/notes.txt"), b"x").unwrap();
+    let e = prepare().unwrap_err();
+    assert!(
+        e.contains("autounattend.xml") && e.contains("unattend.xml"),
+        "{e}"
+    );
+    assert!(!l.p("config/sysprep-disks/sp.iso").exists());
+    // The answer file (any case): an ISO labelled unattendCD that holds it.
+    fs::write(
+        l.p("config/sysprep/sp/Autounattend.xml"),
+        b"<unattend>lv-sysprep-answer</unattend>",
+    )
+    .unwrap();
+    prepare().expect("sysprep ISO");
+    let iso = fs::read(l.p("config/sysprep-disks/sp.iso")).unwrap();
+    // ISO 9660 primary volume descriptor at 32 KiB; its volume id at byte 40.
+    assert_eq!(&iso[32768 + 1..32768 + 6], b"CD001");
+    assert_eq!(&iso[32768 + 40..32768 + 50], b"unattendCD");
+    assert!(
+        iso.windows(17).any(|w| w == b"lv-sysprep-answer"),
+        "the answer file is not in the ISO"
+    );
+    // A source symlinked out of its directory is refused.
+    fs::remove_dir_all(l.p("config/sysprep/sp")).unwrap();
+    symlink("/etc", l.p("config/sysprep/sp")).unwrap();
+    let e = prepare().unwrap_err();
+    assert!(e.starts_with("volume sp: ") && e.contains("outside"), "{e}");
+}
+
+#[test]
 fn hotplug_path_check_for_attach() {
     // What the core calls right before attaching (see podfacts::confined_hotplug_path).
     let l = Layout::new("hpcheck");

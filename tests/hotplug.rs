@@ -1,5 +1,6 @@
 //! Storage while the VM runs: hot-plug of Filesystem and Block PVCs on virtio, detach,
-//! re-attach with the data intact, online expansion, and failures that leave the VM running.
+//! re-attach with the data intact, online expansion, and failures that leave the VM running;
+//! and CPU hot-plug (more sockets, up to maxSockets).
 //! Every step is checked from inside the guest (its console markers).
 
 mod common;
@@ -473,5 +474,66 @@ async fn an_eighth_scsi_disk_hot_plugs_onto_the_virtio_scsi_controller() {
         |l| l.matches(":2048").count() == 7 && l.contains(":24576"),
         "the eighth disk next to the seven",
     );
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
+}
+
+/// CPU hot-plug (issue #20): a VM started with 1 of `maxSockets` 2 sockets gets the second
+/// socket's vCPU through a Sync with 2 sockets, and the guest sees a new online CPU. More
+/// sockets than `maxSockets`, or another `cores`, are refused naming the field, and the VM
+/// runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_with_more_sockets_hot_plugs_a_vcpu_the_guest_brings_online() {
+    let mut pod = Pod::new("cpuhp").with_disk("data", "virtio", 1);
+    pod.prepare();
+    let yaml = std::fs::read_to_string(pod.vmi_path()).unwrap();
+    let yaml = yaml.replacen(
+        "    resources:\n",
+        "    cpu:\n      sockets: 1\n      cores: 1\n      threads: 1\n      maxSockets: 2\n    resources:\n",
+        1,
+    );
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
+    pod.spawn();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    pod.wait_online_cpus("0");
+    let domain = format!("default_{}", pod.name);
+    let mut c = pod.client().await;
+    let mut v = vmi(&mut c).await;
+
+    // Above maxSockets: refused, naming the field.
+    v["spec"]["domain"]["cpu"]["sockets"] = json!(3);
+    let e = sync(&mut c, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("spec.domain.cpu.sockets"), "{e:?}");
+    assert!(e.message().contains("maxSockets"), "{e:?}");
+    // Another core count: refused (only sockets change while the VM runs).
+    v["spec"]["domain"]["cpu"]["sockets"] = json!(1);
+    v["spec"]["domain"]["cpu"]["cores"] = json!(2);
+    let e = sync(&mut c, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("spec.domain.cpu.cores"), "{e:?}");
+    v["spec"]["domain"]["cpu"]["cores"] = json!(1);
+    // Another memory size: refused (no memory hot-plug), naming the field the VMI uses.
+    let memory = v["spec"]["domain"]["resources"]["requests"]["memory"].clone();
+    v["spec"]["domain"]["resources"]["requests"]["memory"] = json!("256Mi");
+    let e = sync(&mut c, &v).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .contains("spec.domain.resources.requests.memory"),
+        "{e:?}"
+    );
+    v["spec"]["domain"]["resources"]["requests"]["memory"] = memory;
+
+    // Two sockets: the second vCPU is plugged, live and in the definition.
+    v["spec"]["domain"]["cpu"]["sockets"] = json!(2);
+    sync(&mut c, &v).await.expect("hot-plug the second socket");
+    let live = pod.virsh(&["vcpucount", &domain, "--live", "--active"]);
+    assert_eq!(live.trim(), "2", "{live}");
+    let config = pod.virsh(&["vcpucount", &domain, "--config", "--active"]);
+    assert_eq!(config.trim(), "2", "{config}");
+    // The guest sees CPU 1 and brings it online.
+    pod.wait_online_cpus("0-1");
+    // The same Sync again: nothing to do.
+    sync(&mut c, &v).await.expect("the same Sync again");
     common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }

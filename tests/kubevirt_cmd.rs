@@ -607,3 +607,55 @@ async fn a_sync_resumes_a_vm_paused_by_an_io_error_but_not_one_paused_by_the_use
     drop(fs);
     drop(pod);
 }
+
+/// CPU hot-plug as virt-handler drives it (issue #20): SyncVirtualMachineCPUs with a VMI of
+/// more sockets plugs their vCPUs (KubeVirt's `UpdateVCPUs`) and the guest brings the new CPU
+/// online; more sockets than `maxSockets` is refused in-band, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_virtual_machine_cpus_plugs_the_vcpus_of_more_sockets() {
+    let mut pod = Pod::new("kv-cpuhp").with_disk("data", "virtio", 1);
+    pod.wait_for_sync = true;
+    pod.start();
+    pod.wait_socket(Duration::from_secs(30));
+    let mut h = kv::connect_cmd(&pod.socket()).await.unwrap();
+    let mut l = pod.client().await;
+    let mut vmi = handler_vmi(&pod.vmi_yaml(), "Scheduled").unwrap();
+    vmi["spec"]["domain"]["cpu"] =
+        serde_json::json!({"sockets": 1, "cores": 1, "threads": 1, "maxSockets": 2});
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    wait_state(&mut l, &pod, DomainState::Running).await;
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    pod.wait_online_cpus("0");
+    set_phase(&mut vmi, "Running");
+
+    let cpus = |vmi: &serde_json::Value| with_timeout(vmi_request(vmi), LONG_TIMEOUT);
+    vmi["spec"]["domain"]["cpu"]["sockets"] = 3.into();
+    let r = h
+        .sync_virtual_machine_cp_us(cpus(&vmi))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !r.success && r.message.contains("spec.domain.cpu.sockets"),
+        "{r:?}"
+    );
+    vmi["spec"]["domain"]["cpu"]["sockets"] = 2.into();
+    let r = h
+        .sync_virtual_machine_cp_us(cpus(&vmi))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.success, "{r:?}\n{}", pod.dump());
+    pod.wait_online_cpus("0-1");
+    // The handler's next Sync carries the same VMI: nothing more to do.
+    let r = sync(&mut h, vmi_request(&vmi)).await;
+    assert!(r.success, "{r:?}");
+
+    ok(&mut h, "Kill", &vmi).await;
+    wait_state(&mut l, &pod, DomainState::Shutoff).await;
+    if let Ok(r) = call(&mut h, "Delete", &vmi).await {
+        assert!(r.success, "{r:?}");
+    }
+    common::exit_cleanly(pod, Duration::from_secs(30)).await;
+}

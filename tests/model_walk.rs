@@ -52,6 +52,12 @@ const INERT: &[(&str, &str)] = &[
     ("spec.volumes[].cloudInitConfigDrive.userDataBase64", "the content of the ISO `prepare` writes (src/vm), not domain XML"),
     ("spec.volumes[].cloudInitConfigDrive.networkData", "the content of the ISO `prepare` writes (src/vm), not domain XML"),
     ("spec.volumes[].cloudInitConfigDrive.networkDataBase64", "the content of the ISO `prepare` writes (src/vm), not domain XML"),
+    ("spec.domain.devices.gpus[].name", "GPUs are refused whatever they are (spec.domain.devices.gpus[0]: device plugins)"),
+    ("spec.domain.devices.gpus[].deviceName", "GPUs are refused whatever they are (spec.domain.devices.gpus[0]: device plugins)"),
+    ("spec.domain.devices.hostDevices[].name", "host devices are refused whatever they are (spec.domain.devices.hostDevices[0]: device plugins)"),
+    ("spec.domain.devices.hostDevices[].deviceName", "host devices are refused whatever they are (spec.domain.devices.hostDevices[0]: device plugins)"),
+    ("spec.domain.devices.tpm.persistent", "a TPM is refused whatever its persistence (spec.domain.devices.tpm: no swtpm in the image)"),
+    ("spec.domain.devices.watchdog.diag288.action", "diag288 (s390x) is refused whatever its action (spec.domain.devices.watchdog.diag288)"),
     ("status.phase", "virt-controller's bookkeeping; the domain does not depend on it"),
     ("status.volumeStatus[].phase", "hot-plug readiness only matters for hotpluggable volumes (walked via hotplugVolume); for others KubeVirt ignores it"),
     ("status.volumeStatus[].persistentVolumeClaimInfo.claimName", "virt-controller's bookkeeping"),
@@ -80,6 +86,11 @@ const SEEDS: &[(&str, &str)] = &[
         "spec.domain.firmware.kernelBoot",
         r#"{"container": {"image": "k", "kernelPath": "/vmlinuz"}}"#,
     ),
+    (
+        "spec.domain.devices.watchdog",
+        r#"{"name": "wd", "i6300esb": {}}"#,
+    ),
+    ("spec.domain.devices.sound", r#"{"name": "snd"}"#),
     ("spec.volumes[].dataVolume", r#"{"name": "dv"}"#),
     (
         "spec.volumes[].ephemeral",
@@ -91,6 +102,10 @@ const SEEDS: &[(&str, &str)] = &[
         r#"{"path": "/data/disk.img", "type": "Disk"}"#,
     ),
     ("spec.volumes[].configMap", r#"{"name": "cm"}"#),
+    (
+        "spec.volumes[].sysprep",
+        r#"{"configMap": {"name": "unattend"}}"#,
+    ),
     ("spec.volumes[].secret", r#"{"secretName": "s"}"#),
     (
         "spec.volumes[].serviceAccount",
@@ -149,6 +164,7 @@ const ONE_OF: &[&[&str]] = &[
         "secret",
         "serviceAccount",
         "downwardAPI",
+        "sysprep",
     ],
     &[
         "masquerade",

@@ -46,6 +46,7 @@ enum Kind<'a> {
     Secret,
     ServiceAccount,
     DownwardApi,
+    Sysprep,
 }
 
 fn volume_kind<'a>(i: usize, v: &'a Volume) -> Result<Kind<'a>, ConvertError> {
@@ -172,10 +173,34 @@ fn volume_kind<'a>(i: usize, v: &'a Volume) -> Result<Kind<'a>, ConvertError> {
     if v.downward_api.is_some() {
         kinds.push(("downwardAPI", Kind::DownwardApi));
     }
+    if let Some(sp) = &v.sysprep {
+        let sf = format!("{f}.sysprep");
+        match (&sp.config_map, &sp.secret) {
+            (Some(_), Some(_)) => {
+                return Err(err(sf, "has both configMap and secret; give one"));
+            }
+            (None, None) => {
+                return Err(err(
+                    sf,
+                    "needs configMap or secret (holding autounattend.xml or unattend.xml)",
+                ));
+            }
+            (Some(r), None) | (None, Some(r)) if r.name.is_empty() => {
+                let which = if sp.config_map.is_some() {
+                    "configMap"
+                } else {
+                    "secret"
+                };
+                return Err(err(format!("{sf}.{which}.name"), "required"));
+            }
+            _ => {}
+        }
+        kinds.push(("sysprep", Kind::Sysprep));
+    }
     match kinds.len() {
         0 => Err(err(
             f,
-            format!("volume {:?} has no supported source (persistentVolumeClaim, dataVolume, containerDisk, ephemeral, emptyDisk, hostDisk, cloudInitNoCloud, cloudInitConfigDrive, configMap, secret, serviceAccount, downwardAPI)", v.name),
+            format!("volume {:?} has no supported source (persistentVolumeClaim, dataVolume, containerDisk, ephemeral, emptyDisk, hostDisk, cloudInitNoCloud, cloudInitConfigDrive, configMap, secret, serviceAccount, downwardAPI, sysprep)", v.name),
         )),
         1 => Ok(kinds.pop().map(|(_, k)| k).ok_or_else(|| err(f, "no source"))?),
         _ => Err(err(
@@ -242,10 +267,14 @@ pub fn confine(base: &Path, p: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-/// hostDisk paths are host paths mounted at the same place: absolute, no `..`.
+/// hostDisk paths are host paths of a file: absolute, no `..` (standalone uses the path
+/// itself; in KubeVirt's pod its directory is mounted at `vmi-disks/<volume>/`).
 fn host_path(p: &str) -> Result<(), String> {
     if !p.starts_with('/') {
         return Err(format!("{p:?} is not an absolute path"));
+    }
+    if std::path::Path::new(p).file_name().is_none() || p.ends_with('/') {
+        return Err(format!("{p:?} names no file"));
     }
     confined_components(p).map(|_| ())
 }
@@ -605,7 +634,7 @@ pub(crate) fn convert_disks(
                 false,
             ),
             Kind::HostDisk { path } => (
-                DiskSource::File(PathBuf::from(path)),
+                DiskSource::File(paths.host_disk(name, path)),
                 "raw",
                 None,
                 facts.direct_io,
@@ -620,6 +649,13 @@ pub(crate) fn convert_disks(
             ),
             Kind::ConfigDrive => (
                 DiskSource::File(paths.cloud_init_config_drive_iso()),
+                "raw",
+                None,
+                facts.direct_io,
+                false,
+            ),
+            Kind::Sysprep => (
+                DiskSource::File(paths.sysprep_iso(name)),
                 "raw",
                 None,
                 facts.direct_io,

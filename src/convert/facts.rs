@@ -69,6 +69,10 @@ pub struct PodPaths {
     /// `<namespace>/<name>` of the VMI (each `_` when not a safe path component): KubeVirt
     /// keys the generated cloud-init ISOs by it under the ephemeral-disk directory.
     pub vmi_dir: PathBuf,
+    /// Standalone (`virt-launcher run`): a hostDisk is the host file its `path` names. false
+    /// (KubeVirt's pod): virt-controller mounts the path's directory at
+    /// `<vmi_disks_dir>/<volume>/`, so the disk is `<vmi_disks_dir>/<volume>/<file name>`.
+    pub host_disk_at_host_path: bool,
 }
 
 impl PodPaths {
@@ -107,7 +111,19 @@ impl PodPaths {
             passt_log: "/var/run/kubevirt/passt.log".into(),
             trusted_roots: Vec::new(),
             vmi_dir: Path::new(safe_or(vmi.namespace())).join(safe_or(&vmi.metadata.name)),
+            host_disk_at_host_path: false,
         }
+    }
+
+    /// Where the hostDisk of `volume` with `path` is (see [`PodPaths::host_disk_at_host_path`];
+    /// KubeVirt's `hostdisk.GetMountedHostDiskPath`). `path` is absolute without `..` (the
+    /// converter checks it) and `volume` a DNS-1123 label.
+    pub fn host_disk(&self, volume: &str, path: &str) -> PathBuf {
+        if self.host_disk_at_host_path {
+            return PathBuf::from(path);
+        }
+        let file = Path::new(path).file_name().unwrap_or_default();
+        self.vmi_disks_dir.join(volume).join(file)
     }
 
     /// The serial console's unix socket (`<private_dir>/virt-serial0`).
@@ -194,6 +210,16 @@ impl PodPaths {
 
     pub fn config_map_source(&self, volume: &str) -> PathBuf {
         self.config_dir.join("config-map").join(volume)
+    }
+    /// KubeVirt's `config.GetSysprepSourcePath`: where the pod mounts the ConfigMap or Secret.
+    pub fn sysprep_source(&self, volume: &str) -> PathBuf {
+        self.config_dir.join("sysprep").join(volume)
+    }
+    /// KubeVirt's `config.GetSysprepDiskPath`.
+    pub fn sysprep_iso(&self, volume: &str) -> PathBuf {
+        self.config_dir
+            .join("sysprep-disks")
+            .join(format!("{volume}.iso"))
     }
     pub fn config_map_iso(&self, volume: &str) -> PathBuf {
         self.config_dir

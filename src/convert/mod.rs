@@ -220,6 +220,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
             free_page_reporting: Some(!off),
         }
     });
+    let (watchdogs, sounds) = watchdog_and_sound(vmi)?;
     let rngs = if dev.rng.is_some() {
         vec![Rng {
             model: virtio_model.to_string(),
@@ -318,8 +319,98 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
             inputs,
             memballoon,
             rngs,
+            watchdogs,
+            sounds,
         },
     })
+}
+
+/// A device name as a libvirt user alias (`ua-<name>`): KubeVirt's `NewUserDefinedAlias`.
+fn user_alias(field: &str, name: &str) -> Result<String, ConvertError> {
+    if name.is_empty() {
+        return Err(err(field, "required"));
+    }
+    if !is_dns1123_label(name) {
+        return Err(err(field, format!("{name:?} is not a DNS-1123 label")));
+    }
+    Ok(format!("ua-{name}"))
+}
+
+/// `devices.watchdog` and `devices.sound` (KubeVirt compute/watchdog.go, compute/sound.go), and
+/// the devices a single host cannot give (refused naming the field): a TPM (no swtpm in the
+/// launcher's image), GPUs and host devices (assigned by device plugins).
+fn watchdog_and_sound(
+    vmi: &VirtualMachineInstance,
+) -> Result<(Vec<Watchdog>, Vec<Sound>), ConvertError> {
+    let dev = &vmi.spec.domain.devices;
+    let mut watchdogs = Vec::new();
+    if let Some(wd) = &dev.watchdog {
+        let base = "spec.domain.devices.watchdog";
+        let alias = user_alias(&format!("{base}.name"), &wd.name)?;
+        if wd.diag288.is_some() {
+            return Err(err(
+                format!("{base}.diag288"),
+                "diag288 is s390x's watchdog; this launcher runs x86_64 guests (use i6300esb)",
+            ));
+        }
+        let Some(m) = &wd.i6300esb else {
+            return Err(err(
+                base,
+                format!("watchdog {:?} has no model: set i6300esb", wd.name),
+            ));
+        };
+        let action = match m.action.as_deref() {
+            None | Some("") | Some("reset") => "reset",
+            Some("poweroff") => "poweroff",
+            Some("shutdown") => "shutdown",
+            Some(other) => {
+                return Err(err(
+                    format!("{base}.i6300esb.action"),
+                    format!("{other:?} is not one of poweroff, reset, shutdown"),
+                ))
+            }
+        };
+        watchdogs.push(Watchdog {
+            model: "i6300esb",
+            action,
+            alias,
+        });
+    }
+    let mut sounds = Vec::new();
+    if let Some(snd) = &dev.sound {
+        let base = "spec.domain.devices.sound";
+        let alias = user_alias(&format!("{base}.name"), &snd.name)?;
+        let model = match snd.model.as_deref() {
+            None | Some("") | Some("ich9") => "ich9",
+            Some("ac97") => "ac97",
+            Some(other) => {
+                return Err(err(
+                    format!("{base}.model"),
+                    format!("{other:?} is not ich9 or ac97"),
+                ))
+            }
+        };
+        sounds.push(Sound { model, alias });
+    }
+    if dev.tpm.as_ref().is_some_and(|t| t.enabled != Some(false)) {
+        return Err(err(
+            "spec.domain.devices.tpm",
+            "an emulated TPM needs swtpm, which the launcher's image does not ship; not supported",
+        ));
+    }
+    for (field, list) in [
+        ("spec.domain.devices.gpus", &dev.gpus),
+        ("spec.domain.devices.hostDevices", &dev.host_devices),
+    ] {
+        if !list.is_empty() {
+            return Err(err(
+                format!("{field}[0]"),
+                "host devices are assigned by device plugins (the PCI or mediated devices \
+                 virt-handler passes through); not supported",
+            ));
+        }
+    }
+    Ok((watchdogs, sounds))
 }
 
 /// Reject text XML cannot carry or that has no business in a domain (control characters).
@@ -451,18 +542,89 @@ fn memory(vmi: &VirtualMachineInstance) -> Result<Memory, ConvertError> {
             .annotations
             .get(MEMFD_ANNOTATION)
             .is_none_or(|v| v != "false");
+    // Memory hot-plug (KubeVirt compute/memory.go): `<maxMemory>` of maxGuest, unless it equals
+    // the guest memory. The alignment and minimum are virt-controller's rules
+    // (liveupdate/memory ValidateLiveUpdateMemory), checked here for a VMI written by hand.
+    let mut max_kib = None;
+    if let Some(mq) = d.memory.as_ref().and_then(|m| m.max_guest.as_ref()) {
+        let f = "spec.domain.memory.maxGuest";
+        let max = mq.value().map_err(|e| err(f, e.to_string()))?;
+        let align: u64 = if hugepage_kib == Some(1024 * 1024) {
+            1 << 30
+        } else {
+            2 << 20
+        };
+        if max > MAX_MEMORY_BYTES {
+            return Err(err(f, format!("{:?} is out of range (.. 16Ti)", mq.0)));
+        }
+        if max < bytes {
+            return Err(err(
+                f,
+                format!(
+                    "{:?} is less than the guest memory ({field} {:?})",
+                    mq.0, q.0
+                ),
+            ));
+        }
+        if max != bytes {
+            let block = align >> 20;
+            if max % align != 0 {
+                return Err(err(
+                    f,
+                    format!(
+                        "{:?} is not a multiple of {block} MiB (the hot-plug block)",
+                        mq.0
+                    ),
+                ));
+            }
+            if bytes % align != 0 {
+                return Err(err(
+                    field,
+                    format!(
+                        "{:?} is not a multiple of {block} MiB, as memory hot-plug (maxGuest) needs",
+                        q.0
+                    ),
+                ));
+            }
+            max_kib = Some(max / 1024);
+        }
+    }
     Ok(Memory {
         kib,
+        max_kib,
         hugepage_kib,
         memfd,
         shared: false,
     })
 }
 
-fn cpu(
-    vmi: &VirtualMachineInstance,
-    facts: &PodFacts,
-) -> Result<(Cpu, Option<VcpuHotplug>), ConvertError> {
+/// The vCPU topology a VMI asks for: what `<cpu><topology>` and `<vcpus>` are made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuTopology {
+    /// With CPU hot-plug, `maxSockets`.
+    pub sockets: u32,
+    pub cores: u32,
+    pub threads: u32,
+    /// CPU hot-plug (`maxSockets`): how many vCPUs are enabled.
+    pub hotplug: Option<VcpuHotplug>,
+}
+
+impl VcpuTopology {
+    /// The vCPUs the VM runs with: the enabled ones with CPU hot-plug, else all.
+    pub fn online(&self) -> u32 {
+        self.hotplug
+            .map_or(self.sockets * self.cores * self.threads, |h| h.enabled)
+    }
+
+    /// The vCPUs the domain can ever have (`<vcpu>`).
+    pub fn max(&self) -> u32 {
+        self.sockets * self.cores * self.threads
+    }
+}
+
+/// The vCPU topology of `vmi` (KubeVirt's `GetCPUTopology` and, with `maxSockets`,
+/// compute/cpu.go `configureCPUTopology`), checked as the converter checks it.
+pub fn vcpu_topology(vmi: &VirtualMachineInstance) -> Result<VcpuTopology, ConvertError> {
     let spec = vmi.spec.domain.cpu.clone().unwrap_or_default();
     let one = |field: &str, v: Option<u32>| -> Result<u32, ConvertError> {
         match v {
@@ -541,7 +703,110 @@ fn cpu(
         });
         sockets = max;
     }
+    Ok(VcpuTopology {
+        sockets,
+        cores,
+        threads,
+        hotplug,
+    })
+}
 
+/// What may change in a running VM's CPU (KubeVirt's live update of `sockets`, CPU hot-plug):
+/// only `sockets`, up to the `maxSockets` the VM (`started`) runs with. Another `cores` or
+/// `threads`, more sockets than that, or any socket change of a VM started without
+/// `maxSockets` is refused naming the field.
+pub fn check_running_cpu(
+    started: &VirtualMachineInstance,
+    vmi: &VirtualMachineInstance,
+) -> Result<(), ConvertError> {
+    let Ok(old) = vcpu_topology(started) else {
+        return Ok(());
+    };
+    // The sockets asked for, whatever maxSockets says.
+    let mut asked = vmi.clone();
+    if let Some(cpu) = asked.spec.domain.cpu.as_mut() {
+        cpu.max_sockets = None;
+    }
+    let new = vcpu_topology(&asked)?;
+    for (field, was, now) in [
+        ("spec.domain.cpu.cores", old.cores, new.cores),
+        ("spec.domain.cpu.threads", old.threads, new.threads),
+    ] {
+        if was != now {
+            return Err(err(
+                field,
+                format!(
+                    "{now} differs from the {was} the running VM has; only sockets can change \
+                     while it runs (CPU hot-plug), the rest needs a restart"
+                ),
+            ));
+        }
+    }
+    let f = "spec.domain.cpu.sockets";
+    match old.hotplug {
+        Some(_) if new.sockets > old.sockets => Err(err(
+            f,
+            format!(
+                "{} is more than the {} of spec.domain.cpu.maxSockets the VM was started with",
+                new.sockets, old.sockets
+            ),
+        )),
+        None if new.sockets != old.sockets => Err(err(
+            f,
+            format!(
+                "{} differs from the {} the running VM has, which was started without \
+                 spec.domain.cpu.maxSockets (no CPU hot-plug); restart it",
+                new.sockets, old.sockets
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The guest memory of a running VM does not change through a Sync: KubeVirt grows it through
+/// `SyncVirtualMachineMemory` (virtio-mem), which this launcher does not implement. Another
+/// guest memory is refused naming the field the VMI sets it with.
+pub fn check_running_memory(
+    started: &VirtualMachineInstance,
+    vmi: &VirtualMachineInstance,
+) -> Result<(), ConvertError> {
+    let (Ok(old), Ok(new)) = (memory(started), memory(vmi)) else {
+        // A VMI the converter refuses is refused by the plan, naming its field.
+        return Ok(());
+    };
+    if old.kib == new.kib {
+        return Ok(());
+    }
+    let d = &vmi.spec.domain;
+    let field = if d.memory.as_ref().and_then(|m| m.guest.as_ref()).is_some() {
+        "spec.domain.memory.guest"
+    } else if d.resources.requests.contains_key("memory") {
+        "spec.domain.resources.requests.memory"
+    } else {
+        "spec.domain.resources.limits.memory"
+    };
+    Err(err(
+        field,
+        format!(
+            "{} MiB differs from the {} MiB the running VM has: memory hot-plug is not \
+             supported (restart the VM)",
+            new.kib / 1024,
+            old.kib / 1024
+        ),
+    ))
+}
+
+fn cpu(
+    vmi: &VirtualMachineInstance,
+    facts: &PodFacts,
+) -> Result<(Cpu, Option<VcpuHotplug>), ConvertError> {
+    let spec = vmi.spec.domain.cpu.clone().unwrap_or_default();
+    let VcpuTopology {
+        sockets,
+        cores,
+        threads,
+        hotplug,
+    } = vcpu_topology(vmi)?;
     let valid_name = |s: &str| {
         !s.is_empty()
             && s.len() <= 64
@@ -1409,5 +1674,68 @@ fn spare_root_ports(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<u3
                     format!("{v:?} is not a number between 0 and {MAX_SPARE_ROOT_PORTS}"),
                 )
             }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vmi(cpu: serde_json::Value) -> VirtualMachineInstance {
+        let vmi = serde_json::json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+            "metadata": {"name": "t"},
+            "spec": {"domain": {"cpu": cpu, "resources": {"requests": {"memory": "1Gi"}},
+                "devices": {}}}
+        });
+        crate::spec::from_str(&vmi.to_string(), "t").expect("vmi")
+    }
+
+    /// Only sockets change while a VM runs, up to the maxSockets it started with.
+    #[test]
+    fn a_running_vms_cpu_changes_only_in_sockets_up_to_max_sockets() {
+        let hp = vmi(serde_json::json!({"sockets": 1, "cores": 2, "maxSockets": 3}));
+        let t = vcpu_topology(&hp).unwrap();
+        assert_eq!((t.online(), t.max()), (2, 6));
+        let with = |cpu| check_running_cpu(&hp, &vmi(cpu)).map_err(|e| e.field);
+        assert_eq!(
+            with(serde_json::json!({"sockets": 3, "cores": 2, "maxSockets": 3})),
+            Ok(())
+        );
+        // More than maxSockets: the sockets are named, even with a maxSockets to match.
+        assert_eq!(
+            with(serde_json::json!({"sockets": 4, "cores": 2, "maxSockets": 4})),
+            Err("spec.domain.cpu.sockets".into())
+        );
+        assert_eq!(
+            with(serde_json::json!({"sockets": 2, "cores": 1, "maxSockets": 3})),
+            Err("spec.domain.cpu.cores".into())
+        );
+        assert_eq!(
+            with(serde_json::json!({"sockets": 2, "cores": 2, "threads": 2, "maxSockets": 3})),
+            Err("spec.domain.cpu.threads".into())
+        );
+        // Memory does not change while the VM runs.
+        let m = |g: &str| {
+            let mut v = hp.clone();
+            v.spec.domain.memory =
+                Some(serde_json::from_value(serde_json::json!({"guest": g})).unwrap());
+            v
+        };
+        assert_eq!(check_running_memory(&hp, &m("1Gi")), Ok(()));
+        assert_eq!(
+            check_running_memory(&hp, &m("2Gi")).map_err(|e| e.field),
+            Err("spec.domain.memory.guest".into())
+        );
+        // Started without maxSockets: no socket change.
+        let fixed = vmi(serde_json::json!({"sockets": 2}));
+        assert_eq!(
+            check_running_cpu(&fixed, &vmi(serde_json::json!({"sockets": 3}))).map_err(|e| e.field),
+            Err("spec.domain.cpu.sockets".into())
+        );
+        assert_eq!(
+            check_running_cpu(&fixed, &vmi(serde_json::json!({"sockets": 2}))),
+            Ok(())
+        );
     }
 }

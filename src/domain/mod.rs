@@ -69,6 +69,9 @@ impl Domain {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Memory {
     pub kib: u64,
+    /// Memory hot-plug (`memory.maxGuest`): `<maxMemory slots='0'>`, what the memory may grow
+    /// to while the VM runs.
+    pub max_kib: Option<u64>,
     /// Hugepage size in KiB when the guest is backed by hugepages.
     pub hugepage_kib: Option<u64>,
     /// `<memoryBacking><source type='memfd'/>` and a single NUMA cell holding all vCPUs and
@@ -197,6 +200,23 @@ pub struct Devices {
     pub inputs: Vec<Input>,
     pub memballoon: Option<Memballoon>,
     pub rngs: Vec<Rng>,
+    pub watchdogs: Vec<Watchdog>,
+    pub sounds: Vec<Sound>,
+}
+
+/// `<watchdog model=… action=…>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watchdog {
+    pub model: &'static str,
+    pub action: &'static str,
+    pub alias: String,
+}
+
+/// `<sound model=…>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sound {
+    pub model: &'static str,
+    pub alias: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

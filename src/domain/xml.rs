@@ -137,6 +137,13 @@ pub(crate) fn write_domain(d: &Domain) -> String {
         w.close("kubevirt");
         w.close("metadata");
     }
+    if let Some(max) = d.memory.max_kib {
+        w.leaf(
+            "maxMemory",
+            attrs!["slots" => "0", "unit" => "KiB"],
+            &max.to_string(),
+        );
+    }
     let kib = d.memory.kib.to_string();
     w.leaf("memory", attrs!["unit" => "KiB"], &kib);
     w.leaf("currentMemory", attrs!["unit" => "KiB"], &kib);
@@ -662,6 +669,19 @@ fn write_devices(w: &mut W, dv: &Devices) {
         w.open("rng", attrs!["model" => r.model.as_str()]);
         w.leaf("backend", attrs!["model" => "random"], &p(&r.backend));
         w.close("rng");
+    }
+    for wd in &dv.watchdogs {
+        w.open(
+            "watchdog",
+            attrs!["model" => wd.model, "action" => wd.action],
+        );
+        w.empty("alias", attrs!["name" => wd.alias.as_str()]);
+        w.close("watchdog");
+    }
+    for snd in &dv.sounds {
+        w.open("sound", attrs!["model" => snd.model]);
+        w.empty("alias", attrs!["name" => snd.alias.as_str()]);
+        w.close("sound");
     }
     w.close("devices");
 }

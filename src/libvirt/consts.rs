@@ -78,6 +78,8 @@ pub const VIR_DOMAIN_MEMORY_STAT_NR: u32 = 13;
 // Flags.
 pub const VIR_DOMAIN_AFFECT_LIVE: u32 = 1;
 pub const VIR_DOMAIN_AFFECT_CONFIG: u32 = 2;
+/// virDomainVcpuFlags: the maximum rather than the current count.
+pub const VIR_DOMAIN_VCPU_MAXIMUM: u32 = 4;
 pub const VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN: u32 = 1;
 pub const VIR_DOMAIN_REBOOT_ACPI_POWER_BTN: u32 = 1;
 pub const VIR_DOMAIN_XML_SECURE: u32 = 1;

@@ -713,6 +713,43 @@ impl Hypervisor {
         })
     }
 
+    /// The running domain's vCPUs: (online, maximum) (`virDomainGetVcpusFlags` with
+    /// `VIR_DOMAIN_AFFECT_LIVE`, and with `VIR_DOMAIN_VCPU_MAXIMUM`).
+    pub fn vcpus(&self, name: &str) -> Result<(u32, u32), LibvirtError> {
+        self.with_domain(name, |c, d| {
+            let get = |op: &'static str, flags: u32| {
+                rpc(
+                    c,
+                    op,
+                    procs::DOMAIN_GET_VCPUS_FLAGS,
+                    |e| {
+                        d.encode(e);
+                        e.u32(flags);
+                    },
+                    |r| r.i32(),
+                )
+            };
+            let current = get("vcpu count", VIR_DOMAIN_AFFECT_LIVE)?;
+            let max = get(
+                "vcpu count (maximum)",
+                VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_VCPU_MAXIMUM,
+            )?;
+            Ok((current.max(0) as u32, max.max(0) as u32))
+        })
+    }
+
+    /// Plugs or unplugs vCPUs so that `count` are online, in the running domain and its
+    /// definition (`virDomainSetVcpusFlags`, as KubeVirt's `UpdateVCPUs`). An unplug completes
+    /// when the guest releases the vCPUs.
+    pub fn set_vcpus(&self, name: &str, count: u32) -> Result<(), LibvirtError> {
+        self.with_domain(name, |c, d| {
+            dom_call(c, d, "set vcpus", procs::DOMAIN_SET_VCPUS_FLAGS, |e| {
+                e.u32(count)
+                    .u32(VIR_DOMAIN_AFFECT_LIVE | VIR_DOMAIN_AFFECT_CONFIG);
+            })
+        })
+    }
+
     /// Whether the domain is defined.
     pub fn exists(&self, name: &str) -> Result<bool, LibvirtError> {
         match self.with_domain(name, |_, _| Ok(())) {

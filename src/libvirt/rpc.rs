@@ -95,6 +95,8 @@ pub mod procs {
     pub const DOMAIN_MIGRATE_SET_MAX_DOWNTIME: i32 = 166;
     pub const DOMAIN_GET_BLOCK_INFO: i32 = 194;
     pub const DOMAIN_CREATE_WITH_FLAGS: i32 = 196;
+    pub const DOMAIN_SET_VCPUS_FLAGS: i32 = 199;
+    pub const DOMAIN_GET_VCPUS_FLAGS: i32 = 200;
     pub const DOMAIN_GET_STATE: i32 = 212;
     pub const DOMAIN_RESET: i32 = 245;
     pub const DOMAIN_BLOCK_RESIZE: i32 = 251;

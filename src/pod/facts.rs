@@ -313,6 +313,8 @@ struct FactsFile {
     preallocated_volumes: Vec<String>,
     image_formats: BTreeMap<String, ImageFormat>,
     spare_root_ports: Option<u32>,
+    /// Standalone's hostDisk paths (see `PodPaths::host_disk_at_host_path`).
+    host_disk_at_host_path: bool,
 }
 
 /// Read the `--pod-facts` JSON file. No filesystem probing; paths are KubeVirt's defaults.
@@ -348,6 +350,7 @@ pub fn from_json(text: &str, vmi: &VirtualMachineInstance) -> Result<PodFacts, S
     if let Some(n) = file.spare_root_ports {
         facts.spare_root_ports = n;
     }
+    facts.paths.host_disk_at_host_path = file.host_disk_at_host_path;
     Ok(facts)
 }
 
@@ -573,7 +576,7 @@ pub fn probe_running(
             if h.path.starts_with('/') && !h.path.split('/').any(|c| c == "..") {
                 check_host_disk(
                     &format!("spec.volumes[{index}].hostDisk.path"),
-                    Path::new(&h.path),
+                    &paths.host_disk(&v.name, &h.path),
                     h.disk_type == "DiskOrCreate",
                 )?;
             }

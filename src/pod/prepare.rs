@@ -10,8 +10,8 @@
 //! - hostDisk `DiskOrCreate`: sparse raw file of the requested capacity when missing;
 //! - cloudInitNoCloud: ISO (volume id `cidata`: `meta-data`, `user-data`, `network-config`);
 //! - cloudInitConfigDrive: ISO (volume id `config-2`: `openstack/latest/{meta_data.json,user_data,network_data.json}`);
-//! - configMap / secret / downwardAPI / serviceAccount: ISO of the mounted source directory
-//!   (volume id = `volumeLabel` or `cfgdata`).
+//! - configMap / secret / downwardAPI / serviceAccount / sysprep: ISO of the mounted source directory
+//!   (volume id = `volumeLabel` or `cfgdata`; sysprep: `unattendCD`, with an answer file).
 //!
 //! Existing overlays and images are kept (a restarted launcher in the same pod reuses them).
 //! External tools: `qemu-img` and `xorrisofs`, looked up in `PATH`. Hot-plugged volumes are not
@@ -283,7 +283,8 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
                 )?;
             }
         } else if let Some(h) = &v.host_disk {
-            let p = Path::new(&h.path);
+            let host_disk = facts.paths.host_disk(name, &h.path);
+            let p = host_disk.as_path();
             if h.disk_type == "DiskOrCreate" && !p.exists() {
                 let bytes = h
                     .capacity
@@ -355,6 +356,28 @@ pub fn prepare(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<(), Pre
                 &paths.config_dir.join("config-map"),
                 &paths.config_map_source(name),
             )?;
+        } else if v.sysprep.is_some() {
+            // KubeVirt's config.CreateSysprepDisks: the answer file must be there; label
+            // `unattendCD` (what Windows Setup looks for).
+            let base = paths.config_dir.join("sysprep");
+            let src = confined(name, &base, &paths.sysprep_source(name))?;
+            let has_answer_file = std::fs::read_dir(&src)
+                .map_err(io_err(name, &src))?
+                .filter_map(Result::ok)
+                .any(|e| {
+                    let n = e.file_name().to_string_lossy().to_ascii_lowercase();
+                    n == "autounattend.xml" || n == "unattend.xml"
+                });
+            if !has_answer_file {
+                return Err(PrepareError::Invalid {
+                    volume: name.to_string(),
+                    reason: format!(
+                        "the sysprep source {} holds neither autounattend.xml nor unattend.xml",
+                        src.display()
+                    ),
+                });
+            }
+            make_iso(name, &paths.sysprep_iso(name), "unattendCD", &src)?;
         } else if let Some(s) = &v.secret {
             let label = s.volume_label.as_deref().unwrap_or("cfgdata");
             make_confined_iso(

@@ -311,6 +311,8 @@ pub struct ResourceRequirements {
 pub struct MemorySpec {
     pub guest: Option<Quantity>,
     pub hugepages: Option<Hugepages>,
+    /// Memory hot-plug: the most `guest` may grow to while the VM runs (`<maxMemory>`).
+    pub max_guest: Option<Quantity>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -522,6 +524,59 @@ pub struct Devices {
     pub block_multi_queue: Option<bool>,
     /// No virtio-scsi controller unless a disk is on scsi (KubeVirt's requiresSCSIController).
     pub disable_hotplug: Option<bool>,
+    pub watchdog: Option<Watchdog>,
+    pub sound: Option<SoundDevice>,
+    pub tpm: Option<TpmDevice>,
+    /// Assigned by device plugins (PCI or mediated devices): refused by the converter.
+    pub gpus: Vec<HostDevice>,
+    /// Assigned by device plugins (PCI or mediated devices): refused by the converter.
+    pub host_devices: Vec<HostDevice>,
+}
+
+/// An element of `devices.gpus` or `devices.hostDevices`: a device plugin's resource.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HostDevice {
+    pub name: String,
+    /// The device plugin's resource name (e.g. `nvidia.com/TU104GL_Tesla_T4`).
+    pub device_name: String,
+}
+
+/// `devices.watchdog`: one watchdog device, of one model.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Watchdog {
+    pub name: String,
+    /// The Intel 6300ESB (x86).
+    pub i6300esb: Option<WatchdogModel>,
+    /// s390x's diag288.
+    pub diag288: Option<WatchdogModel>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WatchdogModel {
+    /// `poweroff`, `reset` or `shutdown` (KubeVirt's default: `reset`).
+    pub action: Option<String>,
+}
+
+/// `devices.sound`: one sound card.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SoundDevice {
+    pub name: String,
+    /// `ich9` (the default) or `ac97`.
+    pub model: Option<String>,
+}
+
+/// `devices.tpm`: an emulated TPM 2.0 (swtpm).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TpmDevice {
+    /// false: no TPM (as if the field were absent).
+    pub enabled: Option<bool>,
+    /// The TPM's state kept across restarts (a backend-storage PVC in KubeVirt).
+    pub persistent: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -649,6 +704,23 @@ pub struct Volume {
     pub service_account: Option<ServiceAccountSource>,
     #[serde(rename = "downwardAPI")]
     pub downward_api: Option<serde_json::Value>,
+    /// Windows' unattended set-up: a ConfigMap or Secret holding `autounattend.xml` or
+    /// `unattend.xml`, given to the guest as an ISO cdrom.
+    pub sysprep: Option<SysprepSource>,
+}
+
+/// `volumes[].sysprep`: where the answer file comes from (one of the two).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SysprepSource {
+    pub config_map: Option<LocalObjectReference>,
+    pub secret: Option<LocalObjectReference>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LocalObjectReference {
+    pub name: String,
 }
 
 impl Volume {
@@ -721,12 +793,6 @@ pub struct CloudInitSource {
     pub network_data_base64: Option<String>,
     pub secret_ref: Option<LocalObjectReference>,
     pub network_data_secret_ref: Option<LocalObjectReference>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct LocalObjectReference {
-    pub name: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

@@ -68,6 +68,9 @@ pub enum Command {
     /// until Delete). Starts the domain only when none has run and the VMI's `status.phase`
     /// is neither `Running` nor final; reconciles a running domain; leaves a stopped one be.
     HandlerSync(VirtualMachineInstance),
+    /// KubeVirt's SyncVirtualMachineCPUs: the running domain gets the vCPUs of the VMI's
+    /// sockets online (CPU hot-plug up to the `maxSockets` it started with).
+    HandlerSyncVcpus(VirtualMachineInstance),
     /// KubeVirt's Shutdown: press the ACPI button (again, each time: a booting guest may miss
     /// it); the first one stamps `KubevirtMetadata::deletion_timestamp`. No grace clock: the
     /// handler decides on Kill. Nothing to do (no domain, or stopped) is no error.
@@ -121,6 +124,7 @@ impl Command {
         matches!(
             self,
             Command::HandlerSync(_)
+                | Command::HandlerSyncVcpus(_)
                 | Command::AcpiShutdown
                 | Command::Delete
                 | Command::HandlerMigrationTarget { .. }
@@ -157,6 +161,7 @@ impl Command {
             Command::CancelMigration => "CancelMigration",
             Command::Reset => "Reset",
             Command::HandlerSync(_) => "HandlerSync",
+            Command::HandlerSyncVcpus(_) => "HandlerSyncVcpus",
             Command::AcpiShutdown => "AcpiShutdown",
             Command::Delete => "Delete",
             Command::HandlerMigrationTarget { .. } => "HandlerMigrationTarget",

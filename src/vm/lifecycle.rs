@@ -20,6 +20,13 @@ impl Launcher {
         if !self.has_started() {
             self.start(vmi).await
         } else {
+            // Ours only: virt-handler's Sync carries a grown memory too, and grows it through
+            // SyncVirtualMachineMemory (UNIMPLEMENTED here), as KubeVirt's launcher ignores it
+            // in SyncVMI.
+            if let Some(started) = self.vmi() {
+                crate::convert::check_running_memory(&started, &vmi)
+                    .map_err(|e| ControlError::Plan(e.into()))?;
+            }
             self.reconcile(vmi).await
         }
     }
@@ -268,6 +275,14 @@ impl Launcher {
         }
         let t0 = std::time::Instant::now();
         let name = self.domain_name()?;
+        // The VMI the domain runs (for what may not change while it runs).
+        let started = self.vmi();
+        if let Some(started) = &started {
+            // Before the plan: a VMI with more sockets than the running VM's maxSockets is
+            // refused for its sockets, not for its maxSockets.
+            crate::convert::check_running_cpu(started, &vmi)
+                .map_err(|e| ControlError::Plan(e.into()))?;
+        }
         let live = self.live_disks(&name).await?;
         let looked = t0.elapsed();
         // The hot-plugged volumes the domain holds are planned as it holds them, not probed
@@ -344,6 +359,11 @@ impl Launcher {
                 failures.push(e);
             }
         }
+        // CPU hot-plug: the VMI's sockets, online.
+        // (What may change was checked before the plan.)
+        if let Err(e) = self.update_vcpus(&name, &vmi, None).await {
+            failures.push(e);
+        }
         tracing::debug!(
             live_xml_us = looked.as_micros() as u64,
             plan_us = (planned - looked).as_micros() as u64,
@@ -355,6 +375,76 @@ impl Launcher {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// KubeVirt's SyncVirtualMachineCPUs (`UpdateVCPUs`): the running domain gets the vCPUs
+    /// of the VMI's sockets online.
+    pub async fn sync_vcpus(&self, vmi: VirtualMachineInstance) -> Result<(), ControlError> {
+        let before = self.status();
+        let given = vmi.metadata.uid.clone().unwrap_or_default();
+        if before.uid != given {
+            return Err(ControlError::WrongUid {
+                running: before.uid,
+                given,
+            });
+        }
+        let name = self.domain_name()?;
+        let started = self.vmi();
+        self.update_vcpus(&name, &vmi, started.as_deref()).await
+    }
+
+    /// CPU hot-plug (KubeVirt's `UpdateVCPUs`): plugs or unplugs vCPUs so that the running
+    /// domain has those of `vmi`'s sockets online (`virDomainSetVcpusFlags`, live and in the
+    /// definition). Only `sockets` may change while the VM runs, and only up to the
+    /// `maxSockets` it started with; anything else is refused naming the field.
+    pub(crate) async fn update_vcpus(
+        &self,
+        name: &str,
+        vmi: &VirtualMachineInstance,
+        started: Option<&VirtualMachineInstance>,
+    ) -> Result<(), ControlError> {
+        let bad = |field: &str, reason: String| {
+            ControlError::Plan(crate::convert::err(field, reason).into())
+        };
+        if let Some(started) = started {
+            crate::convert::check_running_cpu(started, vmi)
+                .map_err(|e| ControlError::Plan(e.into()))?;
+        }
+        let wanted =
+            crate::convert::vcpu_topology(vmi).map_err(|e| ControlError::Plan(e.into()))?;
+        let n = name.to_string();
+        let (online, max) = self.blocking(move |hv| hv.vcpus(&n)).await?;
+        let count = wanted.online();
+        if count == online {
+            return Ok(());
+        }
+        let per_socket = wanted.cores * wanted.threads;
+        let sockets = count / per_socket.max(1);
+        if count > max {
+            return Err(bad(
+                "spec.domain.cpu.sockets",
+                if max == online {
+                    format!(
+                        "{sockets} sockets: the VM runs {online} vCPUs and was started without \
+                         spec.domain.cpu.maxSockets, so no vCPU can be hot-plugged; restart it"
+                    )
+                } else {
+                    format!(
+                        "{sockets} sockets is more than the {} of spec.domain.cpu.maxSockets \
+                         the VM was started with",
+                        max / per_socket.max(1)
+                    )
+                },
+            ));
+        }
+        tracing::info!(domain = %name, from = online, to = count, "CPU hot-plug: setting the online vCPUs");
+        let n = name.to_string();
+        self.blocking(move |hv| hv.set_vcpus(&n, count)).await?;
+        self.publish(
+            EventKind::Domain,
+            &format!("vCPUs online: {online} -> {count} ({sockets} sockets)"),
+        );
+        Ok(())
     }
 
     /// Whether there is anything to stop: a domain, or a prepared migration target.

@@ -747,6 +747,7 @@ async fn execute(
             }
             return Some(SyncEnd { reply, result });
         }
+        Command::HandlerSyncVcpus(vmi) => core.sync_vcpus(vmi).await.map(|()| Reply::Done),
         Command::Freeze { timeout } => core.freeze(timeout).await.map(Reply::Filesystems),
         Command::Unfreeze => core.unfreeze().await.map(Reply::Filesystems),
         Command::Snapshot { name } => core

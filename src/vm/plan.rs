@@ -24,6 +24,8 @@ pub struct PathOverrides {
     pub container_disks_dir: Option<PathBuf>,
     /// See [`PodPaths::trusted_roots`]: set only by the launcher (standalone DataVolumes).
     pub trusted_roots: Vec<PathBuf>,
+    /// Standalone: hostDisks at their host paths (see [`PodPaths::host_disk_at_host_path`]).
+    pub host_disk_at_host_path: bool,
 }
 
 impl PathOverrides {
@@ -43,6 +45,7 @@ impl PathOverrides {
         set(&mut p.ephemeral_disks_dir, &self.ephemeral_disks_dir);
         set(&mut p.container_disks_dir, &self.container_disks_dir);
         p.trusted_roots = self.trusted_roots.clone();
+        p.host_disk_at_host_path = self.host_disk_at_host_path;
         p
     }
 }

@@ -62,6 +62,16 @@ pub fn counts(console: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The guest's online CPUs as its latest `LV-CPUS` line lists them (`0-1`: the kernel's
+/// `/sys/devices/system/cpu/online`; the guest brings hot-plugged CPUs online first).
+pub fn online_cpus(console: &str) -> Option<&str> {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("LV-CPUS "))
+        .map(str::trim)
+}
+
 /// The guest's `LV-BLOCK` lines in order (it prints one whenever its disks change, looking
 /// every 50 ms), each as its disks: `(name, sectors)`.
 pub fn block_lines(console: &str) -> impl Iterator<Item = Vec<(&str, u64)>> {

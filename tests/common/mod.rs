@@ -254,6 +254,23 @@ impl Pod {
         })
     }
 
+    /// Waits until the guest's online CPUs (its latest `LV-CPUS` line) are `want`.
+    pub fn wait_online_cpus(&mut self, want: &str) {
+        let shown = wait(Duration::from_secs(60), Duration::from_millis(100), || {
+            if guest::online_cpus(&self.console()) == Some(want) {
+                return Some(());
+            }
+            self.panic_if_exited(&format!("before the guest's online CPUs were {want}"));
+            None
+        });
+        shown.unwrap_or_else(|| {
+            panic!(
+                "the guest's online CPUs did not become {want}\n{}",
+                self.dump()
+            )
+        })
+    }
+
     /// Waits until the guest console shows `marker` at least `n` times.
     pub fn wait_console_count(&mut self, marker: &str, n: usize, timeout: Duration) {
         let shown = wait(timeout, Duration::from_millis(100), || {

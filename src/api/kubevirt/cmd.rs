@@ -293,6 +293,20 @@ impl Cmd for CmdService {
         ))
     }
 
+    /// CPU hot-plug (KubeVirt's `UpdateVCPUs`): the vCPUs of the VMI's sockets online.
+    async fn sync_virtual_machine_cp_us(
+        &self,
+        req: Request<pb::VmiRequest>,
+    ) -> Result<Response<pb::Response>, Status> {
+        let vmi = match vmi_of(req.get_ref().vmi.as_ref(), "VMIRequest.vmi") {
+            Ok(v) => v,
+            Err(m) => return Ok(Response::new(failed(m))),
+        };
+        Ok(Response::new(
+            self.simple(&req, Command::HandlerSyncVcpus(vmi)).await,
+        ))
+    }
+
     async fn shutdown_virtual_machine(
         &self,
         req: Request<pb::VmiRequest>,
