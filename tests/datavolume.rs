@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{guest_dir, run_launcher, Pod, LAUNCHER};
+use common::{guest_dir, guest_vm_yaml as vm_yaml, Pod};
 use nix::sys::signal::Signal;
 use virt_launcher::datavolume::claim_is_shared;
 
@@ -339,45 +339,6 @@ fn assert_disk_holds(disk: &Path, source: &[u8], size: u64) {
 
 // ------------------------------------------------------------------------------ the VM
 
-/// A VirtualMachine with the test guest (kernelBoot, 128Mi), one virtio disk per entry of
-/// `disks` backed by the DataVolume of the same name, and `templates` (YAML list items,
-/// indented for `spec.dataVolumeTemplates`).
-fn vm_yaml(name: &str, kernel_args: &str, templates: &str, disks: &[&str]) -> String {
-    let mut devices = String::new();
-    let mut volumes = String::new();
-    for d in disks {
-        devices +=
-            &format!("            - name: {d}\n              disk:\n                bus: virtio\n");
-        volumes += &format!("        - name: {d}\n          dataVolume:\n            name: {d}\n");
-    }
-    format!(
-        "apiVersion: kubevirt.io/v1
-kind: VirtualMachine
-metadata:
-  name: {name}
-spec:
-  dataVolumeTemplates:
-{templates}  template:
-    spec:
-      terminationGracePeriodSeconds: 20
-      domain:
-        resources:
-          requests:
-            memory: 128Mi
-        firmware:
-          kernelBoot:
-            kernelArgs: \"console=ttyS0 quiet {kernel_args}\"
-            container:
-              image: test-guest
-              kernelPath: /vmlinuz
-              initrdPath: /initramfs.gz
-        devices:
-          disks:
-{devices}      volumes:
-{volumes}"
-    )
-}
-
 /// An `http` DataVolume template.
 fn http_dv(name: &str, url: &str, storage: &str) -> String {
     format!(
@@ -457,41 +418,19 @@ impl Vm {
 
     /// Starts the launcher (a fresh launcher log and console).
     fn start(&mut self) {
-        let _ = fs::remove_file(self.pod.console_log());
-        let mut cmd = Command::new(LAUNCHER);
-        cmd.args(self.args());
-        self.pod.spawn_command(cmd);
+        let args = self.args();
+        self.pod.start_launcher(&args);
     }
 
     /// SIGTERM and a clean exit.
     fn stop(&mut self) {
-        self.pod.signal(Signal::SIGTERM);
-        let status = self.pod.wait_exit(Duration::from_secs(60));
-        assert!(
-            status.success(),
-            "launcher exit {status}\n{}",
-            self.pod.dump()
-        );
-        let left = self.pod.leftover_processes();
-        assert!(left.is_empty(), "processes left behind: {left:#?}");
+        self.pod.stop_cleanly();
     }
 
     /// Runs the launcher to completion, expecting it to fail before any VM starts; returns the
     /// error line.
     fn fails(&self) -> String {
-        let args = self.args();
-        let (status, stderr) = run_launcher(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(!status.success(), "launcher succeeded:\n{stderr}");
-        let errors: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.starts_with("virt-launcher: "))
-            .collect();
-        assert_eq!(errors.len(), 1, "want one error line:\n{stderr}");
-        assert!(
-            !self.pod.console_log().exists(),
-            "a VM was started:\n{stderr}"
-        );
-        errors[0].to_string()
+        self.pod.fails_before_any_vm(&self.args())
     }
 
     /// `LV-BLOCK` sizes (sectors) of the guest's disks.

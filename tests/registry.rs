@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{guest_dir, run_launcher, Pod, LAUNCHER};
-use nix::sys::signal::Signal;
+use common::{guest_dir, Pod};
 
 const MIB: u64 = 1 << 20;
 const BOOT: Duration = Duration::from_secs(120);
@@ -675,39 +674,17 @@ impl Run {
     }
 
     fn start(&mut self) {
-        let _ = fs::remove_file(self.pod.console_log());
-        let mut cmd = Command::new(LAUNCHER);
-        cmd.args(self.args());
-        self.pod.spawn_command(cmd);
+        let args = self.args();
+        self.pod.start_launcher(&args);
     }
 
     fn stop(&mut self) {
-        self.pod.signal(Signal::SIGTERM);
-        let status = self.pod.wait_exit(Duration::from_secs(60));
-        assert!(
-            status.success(),
-            "launcher exit {status}\n{}",
-            self.pod.dump()
-        );
-        let left = self.pod.leftover_processes();
-        assert!(left.is_empty(), "processes left behind: {left:#?}");
+        self.pod.stop_cleanly();
     }
 
     /// Runs the launcher expecting it to fail before any VM starts; the one error line.
     fn fails(&self) -> String {
-        let args = self.args();
-        let (status, stderr) = run_launcher(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(!status.success(), "launcher succeeded:\n{stderr}");
-        let errors: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.starts_with("virt-launcher: "))
-            .collect();
-        assert_eq!(errors.len(), 1, "want one error line:\n{stderr}");
-        assert!(
-            !self.pod.console_log().exists(),
-            "a VM was started:\n{stderr}"
-        );
-        errors[0].to_string()
+        self.pod.fails_before_any_vm(&self.args())
     }
 }
 

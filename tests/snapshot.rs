@@ -25,13 +25,6 @@ const LAUNCHERCTL: &str = env!("CARGO_BIN_EXE_launcherctl");
 /// A VirtualMachine with the test guest and two 8Mi blank DataVolumes, `counter` (vda) and
 /// `data` (vdb), and `extra` more templates and disks (YAML, already indented).
 fn vm_yaml(name: &str, kernel_args: &str, extra_templates: &str, extra_disks: &[&str]) -> String {
-    let mut devices = String::new();
-    let mut volumes = String::new();
-    for d in ["counter", "data"].iter().chain(extra_disks) {
-        devices +=
-            &format!("            - name: {d}\n              disk:\n                bus: virtio\n");
-        volumes += &format!("        - name: {d}\n          dataVolume:\n            name: {d}\n");
-    }
     let blank = |n: &str| {
         format!(
             "    - metadata:
@@ -46,34 +39,13 @@ fn vm_yaml(name: &str, kernel_args: &str, extra_templates: &str, extra_disks: &[
 "
         )
     };
-    format!(
-        "apiVersion: kubevirt.io/v1
-kind: VirtualMachine
-metadata:
-  name: {name}
-spec:
-  dataVolumeTemplates:
-{}{}{extra_templates}  template:
-    spec:
-      terminationGracePeriodSeconds: 20
-      domain:
-        resources:
-          requests:
-            memory: 128Mi
-        firmware:
-          kernelBoot:
-            kernelArgs: \"console=ttyS0 quiet {kernel_args}\"
-            container:
-              image: test-guest
-              kernelPath: /vmlinuz
-              initrdPath: /initramfs.gz
-        devices:
-          disks:
-{devices}      volumes:
-{volumes}",
-        blank("counter"),
-        blank("data"),
-    )
+    let templates = format!("{}{}{extra_templates}", blank("counter"), blank("data"));
+    let disks: Vec<&str> = ["counter", "data"]
+        .iter()
+        .chain(extra_disks)
+        .copied()
+        .collect();
+    common::guest_vm_yaml(name, kernel_args, &templates, &disks)
 }
 
 struct Vm {

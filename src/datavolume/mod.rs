@@ -671,6 +671,31 @@ fn import_into(
     Ok(meta)
 }
 
+/// The HTTP agent of a source: the system's CA certificates, and the `ca.pem` of the
+/// `certConfigMap` ConfigMap if the source names one (`field_err` names the source's field).
+fn tls_agent(
+    cert_config_map: Option<&str>,
+    objects: &refs::Objects,
+    field_err: &dyn Fn(&str, String) -> DataVolumeError,
+) -> Result<ureq::Agent, DataVolumeError> {
+    let mut tls = http::TlsOptions::default();
+    if let Some(cm) = cert_config_map {
+        let pem = objects
+            .value("ConfigMap", cm, "ca.pem")
+            .map_err(|reason| field_err("certConfigMap", reason))?;
+        tls.extra_ca_pem = Some(pem.to_vec());
+    }
+    http::http_agent(&tls).map_err(|e| {
+        field_err(
+            "certConfigMap",
+            format!(
+                "ca.pem of ConfigMap {:?}: {e}",
+                cert_config_map.unwrap_or("")
+            ),
+        )
+    })
+}
+
 /// The agent and credentials of a registry source: the `certConfigMap`'s `ca.pem` trusted
 /// besides the system roots (a registry on a loopback address is reached over plain http, as
 /// Docker does), the `secretRef`'s `accessKeyId`/`secretKey` as user and password.
@@ -686,7 +711,6 @@ fn registry_access(
         field: format!("{}.spec.source.registry.{field}", s.template),
         reason,
     };
-    let mut tls = http::TlsOptions::default();
     if let Some(cm) = cert_config_map {
         let pem = objects
             .value("ConfigMap", cm, "ca.pem")
@@ -697,25 +721,15 @@ fn registry_access(
                 format!("ca.pem of ConfigMap {cm:?} holds no PEM certificate"),
             ));
         }
-        let https = registry::ImageRef::parse(url).is_ok_and(|r| r.is_https());
-        if !https {
+        if !registry::ImageRef::parse(url).is_ok_and(|r| r.is_https()) {
             tracing::warn!(
                 dataVolume = %s.claim,
                 url,
                 "certConfigMap unused: the registry is reached over plain http (a loopback address)"
             );
         }
-        tls.extra_ca_pem = Some(pem.to_vec());
     }
-    let agent = http::http_agent(&tls).map_err(|e| {
-        field_err(
-            "certConfigMap",
-            format!(
-                "ca.pem of ConfigMap {:?}: {e}",
-                cert_config_map.unwrap_or("")
-            ),
-        )
-    })?;
+    let agent = tls_agent(cert_config_map, objects, &field_err)?;
     let credentials = match secret_ref {
         None => None,
         Some(name) => {
@@ -756,22 +770,7 @@ fn remote_request(
         field: format!("{}.spec.source.{kind}.{field}", s.template),
         reason,
     };
-    let mut tls = http::TlsOptions::default();
-    if let Some(cm) = &r.cert_config_map {
-        let pem = objects
-            .value("ConfigMap", cm, "ca.pem")
-            .map_err(|reason| field_err("certConfigMap", reason))?;
-        tls.extra_ca_pem = Some(pem.to_vec());
-    }
-    let agent = http::http_agent(&tls).map_err(|e| {
-        field_err(
-            "certConfigMap",
-            format!(
-                "ca.pem of ConfigMap {:?}: {e}",
-                r.cert_config_map.as_deref().unwrap_or("")
-            ),
-        )
-    })?;
+    let agent = tls_agent(r.cert_config_map.as_deref(), objects, &field_err)?;
     let credentials = match &r.secret_ref {
         None => None,
         Some(name) => {

@@ -460,6 +460,39 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 impl Pod {
+    /// Starts `virt-launcher` with `args` (its console log removed first).
+    pub fn start_launcher(&mut self, args: &[String]) {
+        let _ = std::fs::remove_file(self.console_log());
+        let mut cmd = Command::new(LAUNCHER);
+        cmd.args(args);
+        self.spawn_command(cmd);
+    }
+
+    /// SIGTERM, a clean exit (within 60 s), and no process of the pod left behind.
+    pub fn stop_cleanly(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(60));
+        assert!(status.success(), "launcher exit {status}\n{}", self.dump());
+        let left = self.leftover_processes();
+        assert!(left.is_empty(), "processes left behind: {left:#?}");
+    }
+
+    /// Runs `virt-launcher` with `args` to completion, expecting it to fail before any VM
+    /// starts; its one error line.
+    pub fn fails_before_any_vm(&self, args: &[String]) -> String {
+        let (status, stderr) = run_launcher(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!status.success(), "launcher succeeded:\n{stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("virt-launcher: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "want one error line:\n{stderr}");
+        assert!(!self.console_log().exists(), "a VM was started:\n{stderr}");
+        errors[0].to_string()
+    }
+}
+
+impl Pod {
     /// SIGTERM, then: exit 0 within 40 s, the guest stopped by its own ACPI shutdown (reason
     /// Shutdown in the launcher's log), and no process of the pod left behind.
     pub fn sigterm_and_expect_shutdown(&mut self) {
@@ -507,5 +540,44 @@ pub fn run_launcher(args: &[&str]) -> (ExitStatus, String) {
     (
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A VirtualMachine with the test guest (kernelBoot, 128Mi), one virtio disk per entry of
+/// `disks` backed by the DataVolume of the same name, and `templates` (YAML list items,
+/// indented for `spec.dataVolumeTemplates`).
+pub fn guest_vm_yaml(name: &str, kernel_args: &str, templates: &str, disks: &[&str]) -> String {
+    let mut devices = String::new();
+    let mut volumes = String::new();
+    for d in disks {
+        devices +=
+            &format!("            - name: {d}\n              disk:\n                bus: virtio\n");
+        volumes += &format!("        - name: {d}\n          dataVolume:\n            name: {d}\n");
+    }
+    format!(
+        "apiVersion: kubevirt.io/v1
+kind: VirtualMachine
+metadata:
+  name: {name}
+spec:
+  dataVolumeTemplates:
+{templates}  template:
+    spec:
+      terminationGracePeriodSeconds: 20
+      domain:
+        resources:
+          requests:
+            memory: 128Mi
+        firmware:
+          kernelBoot:
+            kernelArgs: \"console=ttyS0 quiet {kernel_args}\"
+            container:
+              image: test-guest
+              kernelPath: /vmlinuz
+              initrdPath: /initramfs.gz
+        devices:
+          disks:
+{devices}      volumes:
+{volumes}"
     )
 }

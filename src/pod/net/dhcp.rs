@@ -221,12 +221,16 @@ pub enum DhcpError {
     },
 }
 
-/// A UDP socket on port 67 of `bridge` only (`SO_BINDTODEVICE`), allowed to broadcast;
-/// `SO_REUSEADDR` lets one server per bridge share the port.
-fn bind(bridge: &str) -> Result<std::net::UdpSocket, DhcpError> {
-    use nix::sys::socket::{
-        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
-    };
+/// A non-blocking UDP socket of `family` for `bridge` only (`SO_BINDTODEVICE`), with
+/// `SO_REUSEADDR` (one server per bridge shares the port) and `options` set, bound to `addr`.
+pub(super) fn device_socket(
+    bridge: &str,
+    family: nix::sys::socket::AddressFamily,
+    options: impl FnOnce(&OwnedFd) -> Result<(), (&'static str, nix::Error)>,
+    addr: &dyn nix::sys::socket::SockaddrLike,
+    bind_step: &'static str,
+) -> Result<std::net::UdpSocket, DhcpError> {
+    use nix::sys::socket::{bind, setsockopt, socket, sockopt, SockFlag, SockType};
     let fail = |step: &'static str| {
         move |e: nix::Error| DhcpError::Socket {
             bridge: bridge.to_string(),
@@ -235,26 +239,34 @@ fn bind(bridge: &str) -> Result<std::net::UdpSocket, DhcpError> {
         }
     };
     let fd: OwnedFd = socket(
-        AddressFamily::Inet,
+        family,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )
     .map_err(fail("socket"))?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail("SO_REUSEADDR"))?;
-    setsockopt(&fd, sockopt::Broadcast, &true).map_err(fail("SO_BROADCAST"))?;
+    options(&fd).map_err(|(step, e)| fail(step)(e))?;
     setsockopt(
         &fd,
         sockopt::BindToDevice,
         &std::ffi::OsString::from(bridge),
     )
     .map_err(fail("SO_BINDTODEVICE"))?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::new(0, 0, 0, 0, 67),
-    )
-    .map_err(fail("bind 0.0.0.0:67"))?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), addr).map_err(fail(bind_step))?;
     Ok(std::net::UdpSocket::from(fd))
+}
+
+/// A UDP socket on port 67 of `bridge` only, allowed to broadcast.
+fn bind(bridge: &str) -> Result<std::net::UdpSocket, DhcpError> {
+    use nix::sys::socket::{setsockopt, sockopt, AddressFamily, SockaddrIn};
+    device_socket(
+        bridge,
+        AddressFamily::Inet,
+        |fd| setsockopt(fd, sockopt::Broadcast, &true).map_err(|e| ("SO_BROADCAST", e)),
+        &SockaddrIn::new(0, 0, 0, 0, 67),
+        "bind 0.0.0.0:67",
+    )
 }
 
 /// A running server; dropping it stops it.

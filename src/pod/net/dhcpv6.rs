@@ -15,7 +15,6 @@
 //! not contain its MAC.
 
 use std::net::{Ipv6Addr, SocketAddr};
-use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 pub use dhcproto::v6::MessageType;
@@ -196,38 +195,15 @@ pub fn request(kind: MessageType, mac: [u8; 6], server_id: Option<Vec<u8>>) -> V
 /// A UDP socket on `[::]:port` of `bridge` only (`SO_BINDTODEVICE`), IPv6 only, joined to
 /// [`ALL_SERVERS`] on the bridge.
 pub fn bind(bridge: &str, port: u16) -> Result<std::net::UdpSocket, DhcpError> {
-    use nix::sys::socket::{
-        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn6,
-    };
-    let fail = |step: &'static str| {
-        move |e: nix::Error| DhcpError::Socket {
-            bridge: bridge.to_string(),
-            step,
-            source: std::io::Error::from(e),
-        }
-    };
-    let fd: OwnedFd = socket(
-        AddressFamily::Inet6,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(fail("socket"))?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail("SO_REUSEADDR"))?;
-    setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(fail("IPV6_V6ONLY"))?;
-    setsockopt(
-        &fd,
-        sockopt::BindToDevice,
-        &std::ffi::OsString::from(bridge),
-    )
-    .map_err(fail("SO_BINDTODEVICE"))?;
+    use nix::sys::socket::{setsockopt, sockopt, AddressFamily, SockaddrIn6};
     let any = std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
+    let socket = super::dhcp::device_socket(
+        bridge,
+        AddressFamily::Inet6,
+        |fd| setsockopt(fd, sockopt::Ipv6V6Only, &true).map_err(|e| ("IPV6_V6ONLY", e)),
         &SockaddrIn6::from(any),
-    )
-    .map_err(fail("bind [::]:547"))?;
-    let socket = std::net::UdpSocket::from(fd);
+        "bind [::]:547",
+    )?;
     let index = std::fs::read_to_string(format!("/sys/class/net/{bridge}/ifindex"))
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
