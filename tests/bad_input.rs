@@ -240,14 +240,14 @@ fn a_kubevirt_field_not_implemented_is_refused_by_name() {
     pod.prepare();
     let yaml = pod.vmi_yaml().replacen(
         "    devices:\n",
-        "    devices:\n      watchdog:\n        name: w\n        i6300esb: {action: poweroff}\n",
+        "    devices:\n      panicDevices:\n      - {model: isa}\n",
         1,
     );
     std::fs::write(pod.vmi_path(), &yaml).unwrap();
     let line = fails(&pod);
     assert!(
         line.ends_with(
-            "field spec.domain.devices.watchdog: a KubeVirt field this launcher does not \
+            "field spec.domain.devices.panicDevices: a KubeVirt field this launcher does not \
              support: remove it to run the VM without it"
         ),
         "{line}"

@@ -1038,9 +1038,10 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
             "not in the cache",
         ),
         (
-            "quay.io/containerdisks/fedora:41".to_string(),
+            // Not loopback: https (`.invalid` never resolves).
+            "registry.invalid/disks/cd:v1".to_string(),
             "",
-            "the registry is reached over https, which this build does not support",
+            "registry https://registry.invalid unreachable",
         ),
     ] {
         run.write(&vmi("", &image, policy));

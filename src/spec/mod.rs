@@ -1269,15 +1269,17 @@ status:
 
     #[test]
     fn kubevirt_fields_not_implemented_are_refused_by_name() {
+        // Fields our model lacks; a TPM or GPUs are modelled and refused by the converter.
         let vmi = "apiVersion: kubevirt.io/v1\nkind: VirtualMachineInstance\nmetadata: {name: x}\n\
-                   spec:\n  domain:\n    devices:\n      tpm: {}\n      gpus:\n      - {name: g, \
-                   deviceName: nvidia.com/GP102GL}\n    resources: {requests: {memory: 64Mi}}\n  \
+                   spec:\n  domain:\n    devices:\n      panicDevices:\n      - {model: isa}\n      \
+                   downwardMetrics: {}\n    resources: {requests: {memory: 64Mi}}\n  \
                    startStrategy: Paused\n";
         let e = checked(vmi, UnknownFields::Warn).unwrap_err().to_string();
         assert_eq!(
             e,
-            "vmi.yaml: field spec.domain.devices.gpus: a KubeVirt field this launcher does not \
-             support: remove it to run the VM without it; field spec.domain.devices.tpm: a \
+            "vmi.yaml: field spec.domain.devices.downwardMetrics: a KubeVirt field this launcher \
+             does not support: remove it to run the VM without it; field \
+             spec.domain.devices.panicDevices: a \
              KubeVirt field this launcher does not support: remove it to run the VM without it; \
              field spec.startStrategy: a KubeVirt field this launcher does not support: remove \
              it to run the VM without it"

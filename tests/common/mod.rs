@@ -531,16 +531,41 @@ pub async fn exit_status(mut pod: Pod, timeout: Duration) -> (ExitStatus, Pod) {
 }
 
 /// Runs the launcher to completion with the given arguments; returns (status, stderr).
+/// Runs the launcher to its exit. Every caller expects an exit well within two minutes (a
+/// refusal, a short run): one that keeps running (a check that let a VM start) is killed and
+/// fails the test with what it printed, instead of hanging the suite.
 pub fn run_launcher(args: &[&str]) -> (ExitStatus, String) {
-    let out = Command::new(LAUNCHER)
+    use std::io::Read;
+    let mut child = Command::new(LAUNCHER)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run virt-launcher");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut pipe = child.stderr.take().expect("stderr piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = pipe.read_to_end(&mut text);
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for virt-launcher") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+            let stderr = reader.join().unwrap_or_default();
+            panic!("virt-launcher {args:?} still ran after 120 s (SIGTERM sent):\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().expect("stderr reader"))
 }
 
 /// A VirtualMachine with the test guest (kernelBoot, 128Mi), one virtio disk per entry of
