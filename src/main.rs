@@ -508,7 +508,15 @@ fn run(args: RunArgs) -> Result<i32> {
                     };
                     // Pulled in `virt-launcher-import` (the TLS stack stays out of our memory),
                     // which leaves the links for us to own.
+                    // The VMI goes to it in a file of our runtime root, which may not exist
+                    // yet (created with the mode PodLayout::create gives it); removed once read.
                     let vmi_file = layout.root().join("container-disks-vmi.json");
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(layout.root())
+                        .with_context(|| layout.root().display().to_string())?;
                     std::fs::write(&vmi_file, serde_json::to_vec(v)?)
                         .with_context(|| vmi_file.display().to_string())?;
                     let process = datavolume::spawn_container_disk_pull(
@@ -520,15 +528,16 @@ fn run(args: RunArgs) -> Result<i32> {
                     )?;
                     let stopper = process.stopper();
                     let l2 = links.clone();
-                    let Some(disks) = unless_stopped(
+                    let pulled = unless_stopped(
                         move || {
                             process
                                 .wait()
                                 .map(|()| datavolume::container_disk::ContainerDisks::adopt(l2))
                         },
                         move || stopper.stop(),
-                    )?
-                    else {
+                    );
+                    let _ = std::fs::remove_file(&vmi_file);
+                    let Some(disks) = pulled? else {
                         tracing::info!(
                             "stopped while pulling a containerDisk image; no VM was started"
                         );

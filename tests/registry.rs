@@ -873,7 +873,7 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
             "missing Secret",
             format!("docker://{host}/disks/guest:v1"),
             String::new(),
-            "secretRef: Secret default/reg-creds is not in",
+            "secretRef: Secret \"reg-creds\" is not in",
         ),
         (
             "larger than the claim",
