@@ -918,11 +918,15 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
     for (doc, want) in [
         (
             String::new(),
-            "certConfigMap: ConfigMap default/reg-ca is not in",
+            "certConfigMap: ConfigMap \"reg-ca\" is not in",
         ),
         (
             "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: reg-ca\ndata:\n  ca.crt: nonsense\n".to_string(),
-            "certConfigMap: ConfigMap default/reg-ca holds no PEM certificate",
+            "certConfigMap: ConfigMap \"reg-ca\" has no key \"ca.pem\"",
+        ),
+        (
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: reg-ca\ndata:\n  ca.pem: nonsense\n".to_string(),
+            "certConfigMap: ca.pem of ConfigMap \"reg-ca\" holds no PEM certificate",
         ),
     ] {
         let dv = registry_dv(&format!("docker://{host}/disks/guest:v1"), Some("reg-creds"), "32Mi")
@@ -1041,7 +1045,7 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
             // Not loopback: https (`.invalid` never resolves).
             "registry.invalid/disks/cd:v1".to_string(),
             "",
-            "registry https://registry.invalid unreachable",
+            "registry registry.invalid unreachable",
         ),
     ] {
         run.write(&vmi("", &image, policy));
