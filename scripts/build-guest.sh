@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build the tiny TCG test guest: a Debian 12 cloud kernel + an initramfs made of
-# static busybox, scripts/guest-init.sh as /init and the few kernel modules it needs.
+# static busybox, scripts/guest-init.sh as /init and the few kernel modules it needs, plus
+# a DHCPv6 client (Debian's busybox has no udhcpc6): wide-dhcpv6-client's dhcp6c with the
+# shared libraries it loads (libfl2's libfl.so.2, libc6's libc.so.6 and dynamic loader).
 #
 #   scripts/build-guest.sh            -> ${GUEST_DIR:-.cache/guest}/{vmlinuz,initramfs.gz}
 #   FORCE=1 scripts/build-guest.sh    rebuild even when the outputs are up to date
@@ -122,6 +124,12 @@ BDEB=$(fetch busybox-static)
 KVER=$(dpkg-deb -f "$KDEB" Version)
 log "kernel: $KPKG $KVER"
 log "busybox: busybox-static $(dpkg-deb -f "$BDEB" Version)"
+DHCP6_PKGS=(wide-dhcpv6-client libfl2 libc6)
+for p in "${DHCP6_PKGS[@]}"; do
+    d=$(fetch "$p")
+    log "dhcpv6 client: $p $(dpkg-deb -f "$d" Version)"
+    dpkg-deb -x "$d" "$WORK/dhcp6"
+done
 
 dpkg-deb -x "$KDEB" "$WORK/kernel"
 dpkg-deb -x "$BDEB" "$WORK/busybox"
@@ -142,6 +150,18 @@ for applet in $("$BUSYBOX" --list); do
     [ "$applet" = busybox ] || ln -sf busybox "$R/bin/$applet"
 done
 install -m 0755 "$INIT" "$R/init"
+# dhcp6c and what it loads (ldd: libfl.so.2, libc.so.6, /lib64/ld-linux-x86-64.so.2). It
+# keeps its DUID in /var/lib/dhcpv6 (made by the init).
+D6="$WORK/dhcp6"
+MA=lib/x86_64-linux-gnu
+mkdir -p "$R/$MA" "$R/lib64"
+install -m 0755 "$D6/usr/sbin/dhcp6c" "$R/sbin/dhcp6c" || die "no usr/sbin/dhcp6c in wide-dhcpv6-client"
+for lib in "usr/$MA/libfl.so.2.0.0" "$MA/libc.so.6" "$MA/ld-linux-x86-64.so.2"; do
+    [ -e "$D6/$lib" ] || die "no $lib in ${DHCP6_PKGS[*]}"
+    cp -L "$D6/$lib" "$R/$MA/${lib##*/}"
+done
+ln -sf libfl.so.2.0.0 "$R/$MA/libfl.so.2"
+ln -sf "/$MA/ld-linux-x86-64.so.2" "$R/lib64/ld-linux-x86-64.so.2"
 # Not required (the init reopens /dev/console after mounting devtmpfs), but lets the
 # kernel give init a console from the start.
 if [ "$(id -u)" = 0 ]; then

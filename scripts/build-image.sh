@@ -6,8 +6,12 @@
 # Two layers, each a reproducible tar (sorted, fixed mtimes, numeric owners, gzip -n):
 #  1. base: a Debian 12 root filesystem made by mmdebstrap from the packages the launcher runs
 #     (libvirt 11 daemon + QEMU driver and QEMU 10 from bookworm-backports, pinned as
-#     setup-host.sh pins them; passt, OVMF, qemu-utils, xorriso, virsh for node-labeller.sh),
+#     setup-host.sh pins them; OVMF, qemu-utils, xorriso, virsh for node-labeller.sh),
 #     no apt, no docs/man/locales,
+#     and passt built from Debian 13's sha256-pinned source by scripts/build-passt.sh (Debian
+#     12's passt has no --vhost-user, which libvirt 11 needs for KubeVirt >= 1.8's
+#     passtBinding) in /usr/bin, recorded in packages.tsv (version without a Debian revision)
+#     and in /usr/share/virt-launcher/sources.tsv (tarball URL, sha256, binary sha256),
 #     no apt lists or caches; KubeVirt's layout: user qemu 107:107, /var/run -> ../run,
 #     libvirt's directories; /usr/share/virt-launcher/packages.tsv lists every package with its
 #     pinned version (the SBOM). Cached in /var/cache/virt-launcher/image/base-<key>/ (VL_IMAGE_CACHE),
@@ -44,7 +48,7 @@ die() {
 log() { echo "build-image: $*"; }
 
 [ "$(id -u)" = 0 ] || die "run as root (mmdebstrap makes the root filesystem as root)"
-for tool in mmdebstrap tar gzip sha256sum jq dpkg-query strip; do
+for tool in mmdebstrap tar gzip sha256sum jq dpkg-query strip curl make cc; do
     command -v "$tool" >/dev/null || die "$tool not found (./devtool setup installs it)"
 done
 BINARIES=(virt-launcher virt-launcher-monitor launcherctl virt-launcher-import)
@@ -69,14 +73,14 @@ fi
 # (the pin below); everything else from bookworm. Recommends are not installed.
 PACKAGES=(
     libvirt-daemon libvirt-daemon-driver-qemu
-    qemu-system-x86 qemu-utils passt ovmf xorriso
+    qemu-system-x86 qemu-utils ovmf xorriso
     # virsh, for node-labeller.sh (virt-handler's init container runs the launcher image).
     libvirt-clients
     # libvirt-daemon-driver-qemu depends on "systemd-container | sysvinit-core": the
     # smaller alternative (no systemd in a container).
     sysvinit-core
 )
-PIN='Package: libvirt* libnss-libvirt qemu-* seabios ipxe-qemu libslirp0 passt
+PIN='Package: libvirt* libnss-libvirt qemu-* seabios ipxe-qemu libslirp0
 Pin: release n=bookworm-backports
 Pin-Priority: 990'
 # Paths dpkg never unpacks into the image: documentation, manuals, translations, and QEMU
@@ -129,6 +133,7 @@ trap 'rm -rf "$WORK"' EXIT
 # ------------------------------------------------------------------ layer 1: the base
 BASE_KEY=$( {
     sed -n '/^# >>> base/,/^# <<< base/p' "${BASH_SOURCE[0]}"
+    cat "$ROOT/scripts/build-passt.sh"
     echo "$MIRROR"
 } | sha | cut -c1-16)
 BASE=$CACHE/base-$BASE_KEY
@@ -165,11 +170,25 @@ else
         v=${v#*:}
         [ "${v%%.*}" = "${want#*:}" ] || die "${want%%:*} is ${v:-missing}, not ${want#*:}.x (is bookworm-backports reachable at $MIRROR?)"
     done
-    # The SBOM: every package with its version, architecture and source.
+    # passt from source (no Debian package of it in the image: nothing depends on one).
+    [ "$(dpkg-query --admindir="$RFS/var/lib/dpkg" -W -f='${db:Status-Status}' passt 2>/dev/null)" != installed ] ||
+        die "Debian's passt package got into the image (a dependency?): the source-built one replaces it"
+    "$ROOT/scripts/build-passt.sh" "$RFS/usr/bin" >"$WORK/passt.log" 2>&1 ||
+        die "passt: $(tail -n 1 "$WORK/passt.log")"
+    PASST_VERSION=$("$ROOT/scripts/build-passt.sh" --version)
+    # The SBOM: every package with its version, architecture and source; passt, built here
+    # from Debian's upstream tarball, with its upstream version (no Debian revision).
     mkdir -p "$RFS/usr/share/virt-launcher"
-    dpkg-query --admindir="$RFS/var/lib/dpkg" -W \
-        -f='${Package}\t${Version}\t${Architecture}\t${source:Package}\t${source:Version}\n' |
-        LC_ALL=C sort >"$RFS/usr/share/virt-launcher/packages.tsv"
+    {
+        dpkg-query --admindir="$RFS/var/lib/dpkg" -W \
+            -f='${Package}\t${Version}\t${Architecture}\t${source:Package}\t${source:Version}\n'
+        printf 'passt\t%s\tamd64\tpasst\t%s\n' "$PASST_VERSION" "$PASST_VERSION"
+    } | LC_ALL=C sort >"$RFS/usr/share/virt-launcher/packages.tsv"
+    # What was built from source, from what: path, version, tarball, its sha256, the binary's.
+    for b in passt passt.avx2; do
+        printf '/usr/bin/%s\t%s\t%s\t%s\n' "$b" "$PASST_VERSION" \
+            "$("$ROOT/scripts/build-passt.sh" --source)" "$(sha <"$RFS/usr/bin/$b")"
+    done >"$RFS/usr/share/virt-launcher/sources.tsv"
     # KubeVirt's users: qemu 107:107 (non-root VMIs; fsGroup 107). libvirtd's QEMU driver
     # resolves its built-in user libvirt-qemu before reading qemu.conf and refuses to start
     # without it (libvirt-daemon-system, which makes it, ships host-wide services: not here).

@@ -22,6 +22,10 @@
 #                                 lv.net=dhcp: udhcpc got a lease on eth0 and configured it
 #                                 (a value is empty when the server sent no such option)
 #   LV-NET-FAIL                   lv.net=dhcp: no eth0, or no lease (udhcpc gave up)
+#   LV-NET6 <ip6>/<prefix> dns=<a,b>
+#                                 lv.net6=dhcp: dhcp6c (wide-dhcpv6) got an IA_NA address on
+#                                 eth0 and configured it (dns: the DHCPv6 DNS option)
+#   LV-NET6-FAIL                  lv.net6=dhcp: no global IPv6 address on eth0 within 60 s
 #   LV-FETCH <ip>:<port> <line>   lv.fetch=<ip|gw>:<port>: first line a TCP server sent
 #   LV-SERVING <port>             lv.serve=<port>: a TCP responder listens; each connection
 #                                 gets one line "lv-guest <hostname> <ip>" and is closed
@@ -40,8 +44,12 @@
 #   lv.agent=on|off        answer a qemu-guest-agent channel (org.qemu.guest_agent.0)
 #                          if one exists (default on)
 #   lv.net=dhcp            bring eth0 up and get a DHCPv4 lease with udhcpc (LV-NET)
+#   lv.net6=dhcp           after the DHCPv4 lease: get an IPv6 address with dhcp6c (LV-NET6)
+#   lv.gw6=<ip6>           after the DHCPv6 lease: default IPv6 route via <ip6>, on-link (DHCPv6
+#                          has no route option; a real guest learns it from cloud-init or an RA)
 #   lv.fetch=<ip|gw>:<port>  after the lease: connect, print the first line (LV-FETCH);
-#                          gw = the lease's router; retried for 60 s
+#                          gw = the lease's router; an IPv6 address as [ip6]:<port>;
+#                          retried for 60 s
 #   lv.serve=<port>        after the lease: a TCP responder on <port> (LV-SERVING)
 #   lv.mtu=ignore          do not apply the lease's MTU (LV-NET shows mtu= empty)
 #
@@ -541,8 +549,10 @@ EOF
 
 # net_fetch <ip|gw>:<port>: first line from a TCP server, retried for 60 s.
 net_fetch() {
-    host=${1%%:*}
-    port=${1#*:}
+    host=${1%:*}
+    port=${1##*:}
+    host=${host#[}
+    host=${host%]}
     [ "$host" = gw ] && host=$(cat /tmp/lv-router 2>/dev/null)
     i=0
     while [ $i -lt 60 ]; do
@@ -555,6 +565,51 @@ net_fetch() {
         sleep 1
     done
     err "fetch $host:$port: no reply in 60 s"
+}
+
+# net6_up: dhcp6c asks for one address (IA_NA) and the DNS servers; it adds the address to
+# eth0 itself and then runs /tmp/lv-dhcp6c.sh, which records the DNS servers.
+net6_up() {
+    mkdir -p /var/lib/dhcpv6
+    cat >/tmp/lv-dhcp6c.conf <<'EOF'
+interface eth0 {
+    send ia-na 0;
+    request domain-name-servers;
+    script "/tmp/lv-dhcp6c.sh";
+};
+id-assoc na 0 { };
+EOF
+    cat >/tmp/lv-dhcp6c.sh <<'EOF'
+#!/bin/sh
+echo "$new_domain_name_servers" >/tmp/lv-dns6.new && mv /tmp/lv-dns6.new /tmp/lv-dns6
+exit 0
+EOF
+    chmod 755 /tmp/lv-dhcp6c.sh
+    dhcp6c -f -d -c /tmp/lv-dhcp6c.conf -p /tmp/lv-dhcp6c.pid eth0 >/tmp/lv-dhcp6c.log 2>&1 &
+    i=0
+    a=
+    while [ $i -lt 120 ]; do
+        a=$(ip -6 -o addr show dev eth0 scope global 2>/dev/null | awk '{print $4; exit}')
+        [ -n "$a" ] && [ -e /tmp/lv-dns6 ] && break
+        i=$((i + 1))
+        sleep 0.5
+    done
+    if [ -z "$a" ]; then
+        err "dhcp6c: $(tail -n 3 /tmp/lv-dhcp6c.log 2>/dev/null | tr '\n' ' ')"
+        echo "LV-NET6-FAIL"
+        return 1
+    fi
+    for arg in $CMDLINE; do
+        case "$arg" in
+            lv.gw6=*)
+                # The IA_NA address is a /128: the gateway is made on-link first.
+                gw6=${arg#lv.gw6=}
+                { ip -6 route add "$gw6" dev eth0 && ip -6 route add default via "$gw6" dev eth0; } ||
+                    err "ip -6 route add default via $gw6"
+                ;;
+        esac
+    done
+    echo "LV-NET6 $a dns=$(tr -s ' \n' ',' </tmp/lv-dns6 | sed 's/,$//')"
 }
 
 net_up() {
@@ -570,11 +625,20 @@ net_up() {
         sleep 0.1
     done
     ip link set lo up
+    # No duplicate address detection: the link-local and DHCPv6 addresses are usable at once
+    # (the guest is alone on its link).
+    echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad 2>/dev/null
     ip link set eth0 up
     if ! udhcpc -i eth0 -s /tmp/lv-udhcpc.sh -q -f -n -t 30 -T 2 >/tmp/lv-udhcpc.log 2>&1; then
         echo "LV-NET-FAIL"
         return 1
     fi
+    for arg in $CMDLINE; do
+        case "$arg" in
+            lv.net6=dhcp) net6_up ;;
+            lv.net6=*) err "unknown $arg (use lv.net6=dhcp)" ;;
+        esac
+    done
     for arg in $CMDLINE; do
         case "$arg" in
             lv.serve=*)

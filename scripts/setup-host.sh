@@ -18,7 +18,7 @@
 #    bookworm-backports is enabled in apt's sources and pinned for only the virtualisation
 #    packages (/etc/apt/preferences.d/virt-launcher-backports); everything else stays bookworm.
 #  - passt 0.0~git20250503.587980c (Debian 13's) built from Debian's source tarball (sha256-
-#    pinned) into /usr/local/bin, which libvirt finds first in PATH: Debian 12's passt
+#    pinned; scripts/build-passt.sh) into /usr/local/bin, which libvirt finds first in PATH: Debian 12's passt
 #    (2023-03) carries no TCP payload with QEMU 10, and trixie's binary package needs glibc 2.38
 #  - users/groups libvirt expects: kvm, libvirt, libvirt-qemu
 #  - /var/log/libvirt, /var/run/libvirt, /var/lib/libvirt, /var/cache/libvirt
@@ -27,6 +27,7 @@
 # It never starts a host-wide libvirtd/virtlogd: the launcher starts its own private
 # daemons. Apt runs with a temporary policy-rc.d that forbids service starts.
 set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 log() { echo "setup-host: $*"; }
 die() {
@@ -170,29 +171,15 @@ fi
 
 # ------------------------------------------------------------------ passt
 # libvirt runs "passt" from its PATH (libvirt 11 resolves helper programs at run time).
-PASST_VERSION=0.0~git20250503.587980c
-PASST_SHA256=69d5eb843f7d648c2cc60bfbca6ea7b5014c6b6f07cdee362c2a8cf490515a49
-PASST_URL="${VIRT_LAUNCHER_DEBIAN_URI:-http://deb.debian.org/debian}/pool/main/p/passt/passt_${PASST_VERSION}.orig.tar.xz"
+# scripts/build-passt.sh holds the pin (version, source tarball, sha256) and builds it.
+PASST_VERSION=$("$ROOT/scripts/build-passt.sh" --version)
 PASST_BIN=/usr/local/bin/passt
 if [ -x "$PASST_BIN" ] && grep -qaF "$PASST_VERSION" "$PASST_BIN"; then
     log "passt: $PASST_VERSION in $PASST_BIN"
 else
-    log "passt $PASST_VERSION: building from Debian's source ($PASST_URL)"
+    log "passt $PASST_VERSION: building from Debian's source ($("$ROOT/scripts/build-passt.sh" --source | cut -f1))"
     t0=$(date +%s)
-    work=$(mktemp -d /tmp/setup-host-passt.XXXXXX)
-    tarball="$work/passt.orig.tar.xz"
-    curl -fsS --retry 3 --max-time 300 -o "$tarball" "$PASST_URL" ||
-        { rm -rf "$work"; die "passt: cannot download $PASST_URL"; }
-    echo "$PASST_SHA256  $tarball" | sha256sum -c --quiet - >/dev/null 2>&1 ||
-        { rm -rf "$work"; die "passt: $PASST_URL does not have the pinned sha256 $PASST_SHA256"; }
-    tar -xJf "$tarball" -C "$work" --strip-components=1
-    # passt and passt.avx2 (passt runs the AVX2 build beside it when the CPU has AVX2).
-    # Two runs: make passes passt.avx2's -mavx2 on to its prerequisite passt otherwise.
-    { make -C "$work" VERSION="$PASST_VERSION" passt &&
-        make -C "$work" VERSION="$PASST_VERSION" passt.avx2; } >"$work/build.log" 2>&1 ||
-        { cp "$work/build.log" /tmp/setup-host-passt.log; rm -rf "$work"; die "passt: build failed (log: /tmp/setup-host-passt.log)"; }
-    install -m 0755 "$work/passt" "$work/passt.avx2" /usr/local/bin/
-    rm -rf "$work"
+    "$ROOT/scripts/build-passt.sh" /usr/local/bin || die "passt: scripts/build-passt.sh failed"
     log "passt: built and installed $PASST_BIN in $(($(date +%s) - t0)) s"
     DID=$((DID + 1))
 fi

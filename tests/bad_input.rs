@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{run_launcher, Pod};
+use common::{run_launcher, run_launcher_env, Pod};
 
 /// Runs the launcher on `pod`'s VMI file and returns its last stderr line, asserting a
 /// failed exit with one clear line and no process left.
@@ -12,9 +12,20 @@ fn fails(pod: &Pod) -> String {
 }
 
 fn fails_with_runtime(pod: &Pod, runtime: &std::path::Path) -> String {
+    fails_with(pod, runtime, &[], &[])
+}
+
+/// [`fails`] with extra arguments and environment variables.
+fn fails_with(
+    pod: &Pod,
+    runtime: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> String {
     let vmi = pod.vmi_path();
     let pvcs = pod.pvcs_dir();
-    let (status, stderr) = run_launcher(&[
+    let guest = common::guest_dir();
+    let mut args = vec![
         "run",
         "--vmi",
         vmi.to_str().unwrap(),
@@ -25,8 +36,10 @@ fn fails_with_runtime(pod: &Pod, runtime: &std::path::Path) -> String {
         "--volumes-dir",
         pvcs.to_str().unwrap(),
         "--kernel-boot-dir",
-        common::guest_dir().to_str().unwrap(),
-    ]);
+        guest.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (status, stderr) = run_launcher_env(&args, env);
     assert!(!status.success(), "launcher succeeded on bad input");
     let last = stderr.lines().last().unwrap_or_default().to_string();
     assert!(
@@ -175,6 +188,61 @@ fn standalone_bridge_binding_without_a_host_bridge_names_the_interface() {
         line.contains("spec.domain.devices.interfaces[0].bridge") && line.contains("--host-bridge"),
         "{line}"
     );
+}
+
+#[test]
+fn standalone_bridge_binding_on_a_host_bridge_that_is_not_one_names_it() {
+    let pod = Pod::new("notbridge").with_disk("data", "virtio", 16);
+    pod.prepare();
+    with_pod_interface(&pod, "bridge");
+    let line = fails_with(&pod, &pod.runtime_dir(), &["--host-bridge", "lo"], &[]);
+    assert!(
+        line.contains("interface default") && line.contains("--host-bridge lo is not a bridge"),
+        "{line}"
+    );
+}
+
+/// A directory with a link to every program of the test's `PATH` except `passt`: the
+/// launcher's `PATH` without passt, everything else as it was.
+fn path_without_passt(dir: &std::path::Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for d in std::env::split_paths(&path) {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().starts_with("passt") {
+                continue;
+            }
+            // The first directory of PATH wins, as in a lookup.
+            let _ = std::os::unix::fs::symlink(e.path(), dir.join(&name));
+        }
+    }
+    dir.display().to_string()
+}
+
+/// passt missing (standalone masquerade and passtBinding need it): one line naming the
+/// interface and what to install; the daemons the launcher had started are gone, no VM runs.
+#[test]
+fn standalone_network_without_passt_names_the_interface_and_what_to_install() {
+    for binding in ["masquerade", "passtBinding"] {
+        let pod = Pod::new("nopasst").with_disk("data", "virtio", 16);
+        pod.prepare();
+        with_pod_interface(&pod, binding);
+        let bin = pod.runtime_dir().with_extension("bin");
+        let path = path_without_passt(&bin);
+        let line = fails_with(&pod, &pod.runtime_dir(), &[], &[("PATH", &path)]);
+        let _ = std::fs::remove_dir_all(&bin);
+        eprintln!("{binding}: {line}");
+        assert!(
+            line.contains("interface default")
+                && line.contains("passt")
+                && line.contains("apt-get install passt"),
+            "{binding}: {line}"
+        );
+    }
 }
 
 #[test]

@@ -947,3 +947,62 @@ fn the_images_container_disk_runs_in_a_disk_image_without_libc() {
     drop(container);
     fs::remove_dir_all(&top).unwrap();
 }
+
+/// The image's passt is the one scripts/build-passt.sh builds from Debian 13's pinned source,
+/// not Debian 12's package: it knows `--vhost-user` (libvirt 11 starts it so for passtBinding,
+/// KubeVirt 1.8 and later); the SBOM lists it with
+/// the pinned version and no Debian passt package, and sources.tsv names its tarball, the
+/// tarball's sha256 and the installed binary's sha256.
+#[test]
+fn the_images_passt_is_the_pinned_source_build_and_knows_vhost_user() {
+    let Some((oci, tag)) = image_or_skip() else {
+        return;
+    };
+    let top = testkit::fresh_dir(
+        std::env::temp_dir().join(format!("vl-image-passt-{}", std::process::id())),
+    )
+    .unwrap();
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", oci.display()))
+        .arg(top.join("bundle")));
+    let rootfs = top.join("bundle/rootfs");
+    // Run from the unpacked image on the host (passt finds passt.avx2 beside it through
+    // /proc/self/exe, which a bare chroot lacks); it needs only libc.
+    let help = Command::new(rootfs.join("usr/bin/passt"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&help.stdout),
+        String::from_utf8_lossy(&help.stderr)
+    );
+    assert!(text.contains("--vhost-user"), "the image's passt:\n{text}");
+
+    let script = testkit::root().join("scripts/build-passt.sh");
+    let pinned = |arg: &str| run(Command::new(&script).arg(arg)).trim().to_string();
+    let version = pinned("--version");
+    let sbom = fs::read_to_string(rootfs.join("usr/share/virt-launcher/packages.tsv")).unwrap();
+    let rows: Vec<&str> = sbom.lines().filter(|l| l.starts_with("passt\t")).collect();
+    assert_eq!(
+        rows,
+        [format!("passt\t{version}\tamd64\tpasst\t{version}")],
+        "passt in the SBOM"
+    );
+    let sources = fs::read_to_string(rootfs.join("usr/share/virt-launcher/sources.tsv")).unwrap();
+    let digest = run(Command::new("sha256sum").arg(rootfs.join("usr/bin/passt")))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        sources.lines().any(|l| l
+            == format!(
+                "/usr/bin/passt\t{version}\t{}\t{digest}",
+                pinned("--source")
+            )),
+        "sources.tsv:\n{sources}"
+    );
+    let _ = fs::remove_dir_all(&top);
+}

@@ -10,9 +10,9 @@ use super::plan::PlanError;
 /// Why an operation failed, in terms a controller can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("{0}")]
+    #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("{0}")]
+    #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("no domain is running")]
     NoDomain,

@@ -535,9 +535,15 @@ pub async fn exit_status(mut pod: Pod, timeout: Duration) -> (ExitStatus, Pod) {
 /// refusal, a short run): one that keeps running (a check that let a VM start) is killed and
 /// fails the test with what it printed, instead of hanging the suite.
 pub fn run_launcher(args: &[&str]) -> (ExitStatus, String) {
+    run_launcher_env(args, &[])
+}
+
+/// [`run_launcher`] with extra environment variables (e.g. a `PATH` without some program).
+pub fn run_launcher_env(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
     use std::io::Read;
     let mut child = Command::new(LAUNCHER)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -23,6 +23,37 @@ pub const MAX_PACKET: usize = 1500;
 /// Requests handled per second at most; the rest are dropped unread.
 pub const MAX_PER_SECOND: u32 = 64;
 
+/// The per-second budget of requests a server handles: [`MAX_PER_SECOND`] in each window of
+/// one second, the rest dropped unread (shared by the DHCPv4 and DHCPv6 servers).
+#[derive(Debug)]
+pub(super) struct Budget {
+    window: Instant,
+    handled: u32,
+}
+
+impl Budget {
+    pub(super) fn new(now: Instant) -> Budget {
+        Budget {
+            window: now,
+            handled: 0,
+        }
+    }
+
+    /// Whether a request arriving at `now` is handled, and, when a new window begins after
+    /// a flood, how many requests the last window received.
+    pub(super) fn admit(&mut self, now: Instant) -> (bool, Option<u32>) {
+        let mut flood = None;
+        if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
+            if self.handled > MAX_PER_SECOND {
+                flood = Some(self.handled);
+            }
+            (self.window, self.handled) = (now, 0);
+        }
+        self.handled = self.handled.saturating_add(1);
+        (self.handled <= MAX_PER_SECOND, flood)
+    }
+}
+
 /// What the server offers its one client.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DhcpConfig {
@@ -317,7 +348,7 @@ async fn serve(
 ) {
     tracing::info!(%bridge, client_ip = %cfg.client_ip, "DHCP server started");
     let mut buf = vec![0u8; MAX_PACKET];
-    let (mut window, mut handled) = (Instant::now(), 0u32);
+    let mut budget = Budget::new(Instant::now());
     loop {
         let n = match socket.recv_from(&mut buf).await {
             Ok((n, _)) => n,
@@ -327,14 +358,11 @@ async fn serve(
                 continue;
             }
         };
-        if window.elapsed() >= Duration::from_secs(1) {
-            if handled > MAX_PER_SECOND {
-                tracing::warn!(%bridge, requests = handled, "DHCP flood: requests dropped");
-            }
-            (window, handled) = (Instant::now(), 0);
+        let (admitted, flood) = budget.admit(Instant::now());
+        if let Some(requests) = flood {
+            tracing::warn!(%bridge, requests, "DHCP flood: requests dropped");
         }
-        handled += 1;
-        if handled > MAX_PER_SECOND {
+        if !admitted {
             continue;
         }
         let request = &buf[..n];
@@ -490,6 +518,21 @@ mod tests {
             "../../../fuzz/corpus/dhcp_packets/crash-option-length-debug-assert.bin"
         );
         assert!(reply(&c, odd).is_none());
+    }
+
+    #[test]
+    fn the_budget_handles_at_most_max_per_second_requests_a_second() {
+        let t0 = Instant::now();
+        let mut b = Budget::new(t0);
+        let admitted = (0..10_000).filter(|_| b.admit(t0).0).count();
+        assert_eq!(admitted, MAX_PER_SECOND as usize);
+        // The next window: admitted again, and the flood of the last one reported once.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(b.admit(t1), (true, Some(10_000)));
+        assert_eq!(b.admit(t1), (true, None));
+        // A quiet window reports nothing.
+        let t2 = t1 + Duration::from_millis(1500);
+        assert_eq!(b.admit(t2), (true, None));
     }
 
     #[test]

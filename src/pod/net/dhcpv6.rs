@@ -28,7 +28,7 @@ pub const LEASE_SECONDS: u32 = super::dhcp::LEASE_SECONDS;
 /// The longest request looked at; longer datagrams are cut.
 pub const MAX_PACKET: usize = 1500;
 /// Requests handled per second at most; the rest are dropped unread.
-pub const MAX_PER_SECOND: u32 = 64;
+pub const MAX_PER_SECOND: u32 = super::dhcp::MAX_PER_SECOND;
 /// All_DHCP_Relay_Agents_and_Servers (RFC 8415 section 7.1).
 pub const ALL_SERVERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2);
 
@@ -270,7 +270,7 @@ async fn serve(
 ) {
     tracing::info!(%bridge, client_ip = %cfg.client_ip, "DHCPv6 server started");
     let mut buf = vec![0u8; MAX_PACKET];
-    let (mut window, mut handled) = (Instant::now(), 0u32);
+    let mut budget = super::dhcp::Budget::new(Instant::now());
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -280,14 +280,11 @@ async fn serve(
                 continue;
             }
         };
-        if window.elapsed() >= Duration::from_secs(1) {
-            if handled > MAX_PER_SECOND {
-                tracing::warn!(%bridge, requests = handled, "DHCPv6 flood: requests dropped");
-            }
-            (window, handled) = (Instant::now(), 0);
+        let (admitted, flood) = budget.admit(Instant::now());
+        if let Some(requests) = flood {
+            tracing::warn!(%bridge, requests, "DHCPv6 flood: requests dropped");
         }
-        handled += 1;
-        if handled > MAX_PER_SECOND || !matches!(peer, SocketAddr::V6(_)) {
+        if !admitted || !matches!(peer, SocketAddr::V6(_)) {
             continue;
         }
         let Some(answer) = reply(&cfg, &buf[..n]) else {
@@ -474,8 +471,43 @@ mod tests {
                 .expect("lease not reported")
                 .unwrap();
             client.send_to(&[0xff; 64], to).await.unwrap();
-            let again = exchange(&client, to, MessageType::Renew, adv.server_id).await;
+            let again = exchange(&client, to, MessageType::Renew, adv.server_id.clone()).await;
             assert_eq!(again.kind, MessageType::Reply);
+
+            // A flood: 20,000 datagrams, garbage and real Solicits mixed, as fast as the
+            // socket takes them. The server answers at most its budget a second, keeps
+            // running, and answers a Request once the flood is over.
+            let flooder = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+            let solicit = request(MessageType::Solicit, MAC, None);
+            let started = Instant::now();
+            for i in 0..20_000u32 {
+                let junk = [(i % 251) as u8; 300];
+                let packet: &[u8] = if i % 2 == 0 { &solicit } else { &junk };
+                let _ = flooder.send_to(packet, to).await;
+            }
+            let mut answers = 0u32;
+            let mut b = vec![0u8; 1500];
+            while let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(500), flooder.recv_from(&mut b)).await
+            {
+                answers += 1;
+            }
+            let windows = started.elapsed().as_secs() as u32 + 1;
+            eprintln!(
+                "flood: 20000 datagrams in {:?}, {answers} answered",
+                started.elapsed()
+            );
+            assert!(answers > 0, "the server answered nothing of the flood");
+            assert!(
+                answers <= MAX_PER_SECOND * windows,
+                "{answers} answers in {windows} windows: more than the budget"
+            );
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let after = exchange(&client, to, MessageType::Request, adv.server_id).await;
+            assert_eq!(
+                (after.kind, after.addresses),
+                (MessageType::Reply, vec![c.client_ip])
+            );
         });
     }
 }

@@ -41,7 +41,7 @@ pub enum NetError {
     NoBridge { interface: String, bridge: String },
     #[error("{field}: {reason}")]
     Spec { field: String, reason: String },
-    #[error("interface {interface}: standalone networking needs passt, which is not in PATH (./devtool setup builds it into /usr/local/bin)")]
+    #[error("interface {interface}: standalone networking needs passt, which is not in PATH: install it (apt-get install passt; ./devtool setup builds a newer one into /usr/local/bin)")]
     NoPasst { interface: String },
     #[error("interface {interface}: --host-bridge {bridge} is not a bridge on this host")]
     NoHostBridge { interface: String, bridge: String },
