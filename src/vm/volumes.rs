@@ -217,6 +217,11 @@ impl Launcher {
             s.disks.push(status);
         });
         self.set_phase(&volume, Phase::Attaching, "");
+        // Changed-block tracking: a hot-plugged PVC sits behind its overlay too, made now that
+        // the volume is mounted (KubeVirt: the Mounted phase, before the attach).
+        if let Err(e) = crate::pod::prepare::cbt_overlays([&disk]) {
+            return Err(self.volume_failed(&volume, e.to_string()));
+        }
         if let Err(reason) = check_openable(disk.source_path(), disk.readonly) {
             return Err(self.volume_failed(&volume, reason));
         }
