@@ -86,10 +86,16 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     let storage = disks::convert_disks(vmi, facts, requested_vcpus)?;
     let interfaces = interfaces(vmi, facts, &storage.boot_orders)?;
     // vhost-user (passt) maps guest memory: KubeVirt's memory_backing.go and cpu.go
-    // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding.
-    let passt = interfaces
+    // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding. KubeVirt
+    // decides by the VMI (HasPasstBinding), so a standalone passtBinding, whose socket-mode passt
+    // would not need it, gets the same memory backing as in KubeVirt's pod.
+    let passt = vmi
+        .spec
+        .domain
+        .devices
+        .interfaces
         .iter()
-        .any(|i| matches!(i.attachment, Attachment::Passt { .. }));
+        .any(|i| i.passt_binding.is_some());
     memory.memfd |= passt;
     memory.shared = passt;
     let dev = &vmi.spec.domain.devices;
