@@ -312,6 +312,39 @@ impl Launcher {
         }
     }
 
+    /// Changed-block tracking: an unplugged volume's overlay is deleted (KubeVirt's
+    /// DeleteQCOW2Overlay), so that a later hot-plug starts a new one. Only the overlay the
+    /// disk was attached through, in the overlay directory.
+    pub(crate) fn delete_cbt_overlay(
+        &self,
+        vmi: &VirtualMachineInstance,
+        volume: &str,
+        live: &crate::domain::live::LiveDisk,
+    ) -> Result<(), ControlError> {
+        if !vmi.cbt_applies() {
+            return Ok(());
+        }
+        let overlay = self.planner.paths.paths_for(vmi).cbt_overlay(volume);
+        let attached_through = live
+            .source
+            .as_ref()
+            .and_then(|s| s.file.as_deref())
+            .is_some_and(|f| Path::new(f) == overlay);
+        if !attached_through {
+            return Ok(());
+        }
+        match std::fs::remove_file(&overlay) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ControlError::Volume {
+                volume: volume.to_string(),
+                reason: format!(
+                    "detached, but its changed-block tracking overlay {} stays: {e}",
+                    overlay.display()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The guest released the disk with alias `alias` after its detach had stopped waiting
     /// (timed out): the owner records that the disk is gone now.
     pub(crate) fn released_late(ledger: &Ledger, alias: &str) {
