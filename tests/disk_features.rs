@@ -5,7 +5,8 @@
 //! - changed-block tracking: with `status.changedBlockTracking.state: Initializing` the
 //!   launcher puts the PVC behind a qcow2 overlay whose raw data file (`<dataStore>`) is the PVC
 //!   image itself: its data is kept and read through, and the guest's writes land in it;
-//! - sysprep: the ISO made of the answer file is mounted and read by the guest.
+//! - sysprep: the ISO made of the answer file is mounted and read by the guest;
+//! - `blockSize.matchVolume`: the guest sees the claim filesystem's block size.
 
 mod common;
 
@@ -147,6 +148,50 @@ fn cbt_overlay_made_by_the_launcher_keeps_the_pvc_data_and_takes_the_writes() {
         "the PVC lost what it held at 8 MiB"
     );
     assert_eq!(bytes.len(), 64 << 20, "the PVC image changed size");
+}
+
+/// `blockSize.matchVolume` (KubeVirt: the volume's block sizes; for a file, its filesystem's
+/// block size): the launcher probes the claim image's filesystem and the guest's kernel sees
+/// those sizes on the disk.
+#[test]
+fn match_volume_gives_the_guest_the_claim_filesystem_block_size() {
+    let mut pod = Pod::new("bsize")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.bsize=vda");
+    pod.prepare();
+    let yaml = std::fs::read_to_string(pod.vmi_path()).unwrap();
+    let disk = "        - name: data\n          disk:\n            bus: virtio\n";
+    assert!(yaml.contains(disk), "{yaml}");
+    let yaml = yaml.replacen(
+        disk,
+        &format!("{disk}          blockSize:\n            matchVolume: {{}}\n"),
+        1,
+    );
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
+    // statfs's f_bsize of the claim image, as coreutils reads it.
+    let out = Command::new("stat")
+        .args(["-f", "-c", "%s"])
+        .arg(pod.disk_image("data"))
+        .output()
+        .unwrap();
+    let size = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(size.parse::<u64>().is_ok(), "stat -f: {size:?}");
+    pod.spawn();
+
+    let console = pod.wait_console("LV-BSIZE vda ", Duration::from_secs(120));
+    assert!(
+        console.contains(&format!("LV-BSIZE vda {size} {size}")),
+        "the guest does not see {size}-byte blocks:\n{console}"
+    );
+    let xml = pod.virsh(&["dumpxml", &format!("default_{}", pod.name)]);
+    let want = format!(
+        "<blockio logical_block_size='{size}' physical_block_size='{size}' discard_granularity='{size}'/>"
+    );
+    assert!(xml.contains(&want), "domain XML lacks {want}:\n{xml}");
+
+    pod.signal(Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
 }
 
 /// A sysprep volume (KubeVirt: a ConfigMap or Secret mounted at

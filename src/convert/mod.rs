@@ -32,9 +32,11 @@
 //!   gets a fixed socket in the private dir.
 //! - virt-handler's Sync options ([`crate::spec::HandlerOptions`]): the cluster's SMBIOS, the
 //!   balloon's statistics period, free page reporting and the serial console log.
-//! - `dedicatedCpuPlacement`, `blockSize.matchVolume` and the placePCIDevicesOnRootComplex
-//!   annotation are refused naming the field (not implemented); tests/model_walk.rs checks that
-//!   no other field of the model is accepted and ignored.
+//! - `blockSize.matchVolume`: the block sizes the pod probed on the volume
+//!   ([`facts::PodFacts::volume_block_io`]).
+//! - `dedicatedCpuPlacement` and the placePCIDevicesOnRootComplex annotation are refused naming
+//!   the field (not implemented); tests/model_walk.rs checks that no other field of the model is
+//!   accepted and ignored.
 
 mod disks;
 pub mod facts;
