@@ -801,10 +801,10 @@ mod tests {
             panic!("no block device with a node in /dev to probe");
         };
         let io = block_device_io(&dev).unwrap();
-        let out = std::process::Command::new("blockdev")
+        let out = crate::pod::process::Command::new("blockdev")
             .args(["--getss", "--getpbsz"])
             .arg(&dev)
-            .output()
+            .run()
             .unwrap();
         let text = String::from_utf8(out.stdout).unwrap();
         let v: Vec<u64> = text
