@@ -6,7 +6,8 @@
 //!   launcher puts the PVC behind a qcow2 overlay whose raw data file (`<dataStore>`) is the PVC
 //!   image itself: its data is kept and read through, and the guest's writes land in it;
 //! - sysprep: the ISO made of the answer file is mounted and read by the guest;
-//! - `blockSize.matchVolume`: the guest sees the claim filesystem's block size.
+//! - `blockSize.matchVolume`: the guest sees the claim filesystem's block size;
+//! - devices placed on the root complex (KubeVirt's annotation) boot and work.
 
 mod common;
 
@@ -188,6 +189,37 @@ fn match_volume_gives_the_guest_the_claim_filesystem_block_size() {
         "<blockio logical_block_size='{size}' physical_block_size='{size}' discard_granularity='{size}'/>"
     );
     assert!(xml.contains(&want), "domain XML lacks {want}:\n{xml}");
+
+    pod.signal(Signal::SIGTERM);
+    let status = pod.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "launcher exit {status}\n{}", pod.dump());
+}
+
+/// KubeVirt's `kubevirt.io/placePCIDevicesOnRootComplex` annotation: every PCI device on the
+/// root complex (bus 0x00), no spare root ports; the guest runs and uses its virtio disk.
+#[test]
+fn devices_placed_on_the_root_complex_boot_and_work() {
+    let mut pod = Pod::new("rootcplx")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.write=vda:on-the-root-complex");
+    pod.annotations
+        .push("kubevirt.io/placePCIDevicesOnRootComplex: \"true\"".into());
+    pod.start();
+    pod.wait_console("LV-WROTE vda on-the-root-complex", Duration::from_secs(120));
+    let xml = pod.virsh(&["dumpxml", &format!("default_{}", pod.name)]);
+    let data = xml
+        .split("</disk>")
+        .find(|d| d.contains("ua-data"))
+        .unwrap_or_else(|| panic!("no ua-data disk\n{xml}"));
+    assert!(
+        data.contains(
+            "<address type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'/>"
+        ),
+        "{data}"
+    );
+    let balloon = xml.split("<memballoon").nth(1).unwrap_or_default();
+    assert!(balloon.contains("bus='0x00'"), "{xml}");
+    assert!(!xml.contains("pcie-root-port"), "{xml}");
 
     pod.signal(Signal::SIGTERM);
     let status = pod.wait_exit(Duration::from_secs(40));
