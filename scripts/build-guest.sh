@@ -31,6 +31,7 @@ WANTED_MODULES=(
     virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     virtio_blk virtio_console
     virtio_scsi scsi_mod sd_mod
+    sr_mod isofs
     button evdev
     virtio_net
 )

@@ -10,6 +10,10 @@
 #                                 (checked every 0.5 s: hot-plug, unplug, growth)
 #   LV-WROTE <dev> <text>         lv.write=<dev>:<text> done (text read back from disk)
 #   LV-READ <dev> <line>          lv.read=<dev>: first line at offset 0 of /dev/<dev>
+#   LV-BSIZE <dev> <log> <phys>   lv.bsize=<dev>: the logical and physical block sizes the
+#                                 guest's kernel sees on /dev/<dev>
+#   LV-FILE <dev> <file> <line>   lv.file=<dev>:<file>: first line of <file> on the ISO 9660
+#                                 filesystem of /dev/<dev> (a cdrom, e.g. sr0), mounted read-only
 #   LV-COUNT <n>                  lv.counter=<dev>: n is on disk (fsync'ed) when printed
 #   LV-FROZEN-COUNT <n>           guest-fsfreeze-freeze with lv.counter running: the counter
 #                                 is held and n is what its disk holds until the thaw
@@ -37,6 +41,8 @@
 # Parameters (repeatable ones are applied in order; values cannot contain spaces):
 #   lv.write=<dev>:<text>  write "<text>\n" at offset 0 of /dev/<dev>, sync, read back
 #   lv.read=<dev>          print the first line of /dev/<dev>
+#   lv.bsize=<dev>         print the block sizes of /dev/<dev> (LV-BSIZE)
+#   lv.file=<dev>:<file>   mount /dev/<dev> (iso9660, read-only) and print <file>'s first line
 #   lv.counter=<dev>       count every 200 ms, resuming from the value on the disk
 #   lv.acpi=poweroff|ignore   what the ACPI power button does (default poweroff)
 #   lv.hotplug=list|rw     rw: read and write disks that appear while running (LV-HOTREAD,
@@ -489,6 +495,29 @@ for arg in $CMDLINE; do
         lv.read=*)
             dev=${arg#lv.read=}
             wait_dev "$dev" && echo "LV-READ $dev $(first_line "$dev")"
+            ;;
+        lv.bsize=*)
+            dev=${arg#lv.bsize=}
+            wait_dev "$dev" && echo "LV-BSIZE $dev $(cat "/sys/block/$dev/queue/logical_block_size") $(cat "/sys/block/$dev/queue/physical_block_size")"
+            ;;
+        lv.file=*)
+            v=${arg#lv.file=}
+            dev=${v%%:*}
+            file=${v#*:}
+            if [ -z "$dev" ] || [ "$dev" = "$v" ]; then
+                err "bad lv.file=$v (want <dev>:<file>)"
+            elif wait_dev "$dev"; then
+                mkdir -p "/mnt/$dev"
+                if out=$(mount -t iso9660 -o ro "/dev/$dev" "/mnt/$dev" 2>&1); then
+                    if [ -r "/mnt/$dev/$file" ]; then
+                        echo "LV-FILE $dev $file $(head -n 1 "/mnt/$dev/$file" | tr -d '\000-\037\177-\377')"
+                    else
+                        err "no $file on /dev/$dev: $(ls "/mnt/$dev" | tr '\n' ' ')"
+                    fi
+                else
+                    err "mount /dev/$dev: $out"
+                fi
+            fi
             ;;
     esac
 done

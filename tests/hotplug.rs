@@ -423,6 +423,81 @@ async fn a_detach_the_guest_does_not_acknowledge_times_out_and_says_so() {
     common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }
 
+/// Changed-block tracking on a hot-plugged PVC (KubeVirt's launcher: the overlay is made when
+/// the volume is mounted, before the attach, and deleted with the unplug). The claim holds data
+/// before the attach: the guest reads it through the overlay and its write lands in the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_plugged_pvc_under_cbt_gets_its_overlay_and_loses_it_with_the_unplug() {
+    let mut pod = Pod::new("cbthp")
+        .with_disk("data", "virtio", 16)
+        .kernel_args("lv.hotplug=rw");
+    pod.prepare();
+    let mut yaml = std::fs::read_to_string(pod.vmi_path()).unwrap();
+    assert!(!yaml.contains("\nstatus:"), "{yaml}");
+    yaml.push_str("status:\n  changedBlockTracking:\n    state: Initializing\n");
+    std::fs::write(pod.vmi_path(), yaml).unwrap();
+    pod.spawn();
+    pod.wait_console("LV-READY", Duration::from_secs(90));
+    let image = pod.hotplug_dir().join("cbtvol.img");
+    let marker = b"kept-at-8-MiB";
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::File::create(&image).unwrap();
+        f.set_len(32 << 20).unwrap();
+        f.write_all(b"held-before-the-plug\n").unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(marker).unwrap();
+    }
+    let overlay = pod.runtime_dir().join("state/lib/qemu/cbt/cbtvol.qcow2");
+    assert!(!overlay.exists());
+
+    let mut c = pod.client().await;
+    let mut v = vmi(&mut c).await;
+    assert_eq!(
+        v["status"]["changedBlockTracking"]["state"], "Initializing",
+        "{v}"
+    );
+    client::add_hotplug_volume(&mut v, "cbtvol", "cbtvol", "virtio", false).unwrap();
+    let d = sync(&mut c, &v).await.expect("attach under CBT");
+    assert_eq!(
+        disk(&d, "cbtvol").unwrap().phase(),
+        VolumePhase::Ready,
+        "{d:?}"
+    );
+    assert!(overlay.exists(), "no overlay {}", overlay.display());
+    let live = pod.virsh(&["dumpxml", &format!("default_{}", pod.name)]);
+    let hp = live
+        .split("</disk>")
+        .find(|d| d.contains("ua-cbtvol"))
+        .unwrap_or_else(|| panic!("no ua-cbtvol disk in the live domain\n{live}"));
+    assert!(
+        // The launcher's /var/lib/libvirt is <runtime>/state/lib standalone.
+        hp.contains("<source file='/var/lib/libvirt/qemu/cbt/cbtvol.qcow2'")
+            && hp.contains(&format!("<source file='{}'", image.display()))
+            && hp.contains("<dataStore type='file'>"),
+        "{hp}"
+    );
+    let g = wait_guest_dev(&mut pod, 65536);
+    pod.wait_console(
+        &format!("LV-HOTREAD {g} held-before-the-plug"),
+        Duration::from_secs(30),
+    );
+    pod.wait_console(
+        &format!("LV-HOTWROTE {g} lv-hot-{g}"),
+        Duration::from_secs(30),
+    );
+
+    client::remove_volume(&mut v, "cbtvol").unwrap();
+    let d = sync(&mut c, &v).await.expect("detach under CBT");
+    assert!(disk(&d, "cbtvol").is_none(), "{d:?}");
+    assert!(!overlay.exists(), "the overlay stays after the unplug");
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(first_line(&image), format!("lv-hot-{g}"));
+    assert_eq!(&bytes[8 << 20..(8 << 20) + marker.len()], marker);
+    assert_eq!(bytes.len(), 32 << 20);
+    common::stop_cleanly(pod, Duration::from_secs(40)).await;
+}
+
 /// Seven cold scsi disks take sda–sdg; the eighth, hot-plugged, is sdh. KubeVirt's explicit
 /// drive address (virtio-scsi controller 0, unit 7) lets it attach to the running guest, where
 /// libvirt's own choice (7 units per controller) would put it on a second, auto-added lsilogic

@@ -523,9 +523,26 @@ fn standalone_passt_binding_guest_gets_its_address_from_passt() {
         "<backend type='passt'".into(),
         format!("<range start='{published}' to='8081'/>"),
         "<rom enabled='no'/>".into(),
+        // KubeVirt's memory backing for a passtBinding (memory_backing.go isMemfdRequired):
+        // shared memfd memory and the synthetic NUMA cell, without hugepages: issue #20's
+        // hugepages-less memfd start, booted (the guest got its lease above).
+        "<source type='memfd'/>".into(),
+        "<access mode='shared'/>".into(),
+        "<cell id='0' cpus='0' memory='131072' unit='KiB'".into(),
     ] {
         assert!(xml.contains(&want), "domain XML lacks {want}:\n{xml}");
     }
+    assert!(!xml.contains("<hugepages"), "{xml}");
+    let needle = "guest=default_vl-passt,";
+    let qemu = testkit::procs::pids()
+        .into_iter()
+        .filter_map(testkit::procs::cmdline)
+        .find(|c| c.contains(needle))
+        .unwrap_or_else(|| panic!("no QEMU for vl-passt\n{}", pod.dump()));
+    assert!(
+        qemu.contains("memory-backend-memfd") && qemu.contains("\"share\":true"),
+        "QEMU's guest memory is not a shared memfd:\n{qemu}"
+    );
     // No DHCP server of ours here: GetDomain has the address from the guest agent.
     let address = lease
         .split("LV-NET ")

@@ -764,19 +764,20 @@ pub(crate) fn convert_disks(
                 ));
             }
         }
-        if d.block_size
+        // KubeVirt (storage/disk.go): `custom` wins; else `matchVolume` takes the sizes the pod
+        // probed on the volume (PodFacts::volume_block_io).
+        let match_volume = d
+            .block_size
             .as_ref()
             .and_then(|b| b.match_volume.as_ref())
-            .is_some_and(crate::spec::FeatureState::on)
-        {
-            // KubeVirt probes the volume's logical/physical block sizes in the pod
-            // (storage/disk.go, matchVolume); we have no probe yet.
-            return Err(err(
-                format!("{f}.blockSize.matchVolume"),
-                "matching the volume's block sizes is not supported yet; set blockSize.custom",
-            ));
-        }
+            .is_some_and(crate::spec::FeatureState::on);
         let blockio = match d.block_size.as_ref().and_then(|b| b.custom.as_ref()) {
+            None if match_volume => Some(*facts.volume_block_io.get(name).ok_or_else(|| {
+                err(
+                    format!("{f}.blockSize.matchVolume"),
+                    format!("no block sizes were probed for volume {name:?}"),
+                )
+            })?),
             None => None,
             Some(c) => {
                 let bf = format!("{f}.blockSize.custom");

@@ -290,6 +290,10 @@ pub struct PodFacts {
     pub firmware: FirmwarePaths,
     /// Volumes whose image is fully preallocated (→ `io='native'` with `cache='none'`).
     pub preallocated_volumes: BTreeSet<String>,
+    /// Block sizes probed for the disks with `blockSize.matchVolume`, by volume name
+    /// (KubeVirt's storage/disk.go detectOptimalBlockIO: a block device's logical/physical sizes
+    /// and discard granularity, a file's filesystem block size for all three).
+    pub volume_block_io: BTreeMap<String, crate::domain::BlockIo>,
     /// Formats of containerDisk base images, by volume name; when absent the overlay's own
     /// header names its backing file and `<backingStore>` is left out.
     pub image_formats: BTreeMap<String, ImageFormat>,
@@ -368,6 +372,7 @@ impl PodFacts {
             paths: PodPaths::kubevirt_defaults(vmi),
             firmware: FirmwarePaths::default(),
             preallocated_volumes: BTreeSet::new(),
+            volume_block_io: BTreeMap::new(),
             image_formats: BTreeMap::new(),
             spare_root_ports: DEFAULT_SPARE_ROOT_PORTS,
             pr_helper_socket: "/var/run/kubevirt/daemons/pr/pr-helper.sock".into(),

@@ -32,9 +32,12 @@
 //!   gets a fixed socket in the private dir.
 //! - virt-handler's Sync options ([`crate::spec::HandlerOptions`]): the cluster's SMBIOS, the
 //!   balloon's statistics period, free page reporting and the serial console log.
-//! - `dedicatedCpuPlacement`, `blockSize.matchVolume` and the placePCIDevicesOnRootComplex
-//!   annotation are refused naming the field (not implemented); tests/model_walk.rs checks that
-//!   no other field of the model is accepted and ignored.
+//! - `blockSize.matchVolume`: the block sizes the pod probed on the volume
+//!   ([`facts::PodFacts::volume_block_io`]).
+//! - The placePCIDevicesOnRootComplex annotation: every PCI device on `pcie.0`, no spare root
+//!   ports (KubeVirt's pci-placement.go).
+//! - `dedicatedCpuPlacement` is refused naming the field (not implemented); tests/model_walk.rs
+//!   checks that no other field of the model is accepted and ignored.
 
 mod disks;
 pub mod facts;
@@ -86,10 +89,16 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     let storage = disks::convert_disks(vmi, facts, requested_vcpus)?;
     let interfaces = interfaces(vmi, facts, &storage.boot_orders)?;
     // vhost-user (passt) maps guest memory: KubeVirt's memory_backing.go and cpu.go
-    // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding.
-    let passt = interfaces
+    // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding. KubeVirt
+    // decides by the VMI (HasPasstBinding), so a standalone passtBinding, whose socket-mode passt
+    // would not need it, gets the same memory backing as in KubeVirt's pod.
+    let passt = vmi
+        .spec
+        .domain
+        .devices
+        .interfaces
         .iter()
-        .any(|i| matches!(i.attachment, Attachment::Passt { .. }));
+        .any(|i| i.passt_binding.is_some());
     memory.memfd |= passt;
     memory.shared = passt;
     let dev = &vmi.spec.domain.devices;
@@ -102,6 +111,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     let inputs = inputs(vmi)?;
     let uses_usb = storage.uses_usb || inputs.iter().any(|i| i.bus == "usb");
     let mut controllers = vec![Controller {
+        pci_slot: None,
         kind: "usb",
         index: Some(0),
         model: Some(if uses_usb { "qemu-xhci" } else { "none" }.to_string()),
@@ -111,6 +121,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     // there for hot-plug unless `disableHotplug`, and then only for a disk on scsi.
     if dev.disable_hotplug != Some(true) || storage.uses_scsi {
         controllers.push(Controller {
+            pci_slot: None,
             kind: "scsi",
             index: Some(0),
             model: Some(virtio_model.to_string()),
@@ -122,15 +133,23 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         });
     }
     controllers.push(Controller {
+        pci_slot: None,
         kind: "virtio-serial",
         index: Some(0),
         model: Some(virtio_model.to_string()),
         driver: None,
     });
-    let spare = spare_root_ports(vmi, facts)?;
+    // KubeVirt adds no hot-plug ports when every device sits on the root complex.
+    let root_complex = places_on_root_complex(vmi);
+    let spare = if root_complex {
+        0
+    } else {
+        spare_root_ports(vmi, facts)?
+    };
     if os.machine.starts_with("q35") || os.machine.starts_with("pc-q35") {
         // libvirt requires the root complex to be declared (index 0) before any port.
         controllers.push(Controller {
+            pci_slot: None,
             kind: "pci",
             index: Some(0),
             model: Some("pcie-root".to_string()),
@@ -138,6 +157,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         });
         for _ in 0..spare {
             controllers.push(Controller {
+                pci_slot: None,
                 kind: "pci",
                 index: None,
                 model: Some("pcie-root-port".to_string()),
@@ -196,6 +216,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     };
     let memballoon = Some(if dev.autoattach_mem_balloon == Some(false) {
         Memballoon {
+            pci_slot: None,
             model: "none".to_string(),
             stats_period: None,
             free_page_reporting: None,
@@ -212,6 +233,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
                 .get(FREE_PAGE_REPORTING_DISABLED_ANNOTATION)
                 .is_some_and(|v| v == "true");
         Memballoon {
+            pci_slot: None,
             model: virtio_model.to_string(),
             // The handler's MemBalloonStatsPeriod (0: none), else KubeVirt's default 10 s.
             stats_period: opts
@@ -223,6 +245,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     let (watchdogs, sounds) = watchdog_and_sound(vmi)?;
     let rngs = if dev.rng.is_some() {
         vec![Rng {
+            pci_slot: None,
             model: virtio_model.to_string(),
             backend: "/dev/urandom".into(),
         }]
@@ -304,25 +327,99 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         on_poweroff: "destroy",
         on_reboot: "restart",
         on_crash: "destroy",
-        devices: Devices {
-            disks: storage.disks,
-            controllers,
-            interfaces,
-            serials,
-            consoles,
-            channels: vec![Channel {
-                socket: paths.guest_agent_socket(),
-                target_name: GUEST_AGENT_CHANNEL.to_string(),
-            }],
-            graphics,
-            videos,
-            inputs,
-            memballoon,
-            rngs,
-            watchdogs,
-            sounds,
+        devices: {
+            let mut devices = Devices {
+                disks: storage.disks,
+                controllers,
+                interfaces,
+                serials,
+                consoles,
+                channels: vec![Channel {
+                    socket: paths.guest_agent_socket(),
+                    target_name: GUEST_AGENT_CHANNEL.to_string(),
+                }],
+                graphics,
+                videos,
+                inputs,
+                memballoon,
+                rngs,
+                watchdogs,
+                sounds,
+            };
+            if root_complex {
+                place_on_root_complex(&mut devices).map_err(|reason| {
+                    err(
+                        format!("metadata.annotations[{PLACE_ON_ROOT_COMPLEX_ANNOTATION}]"),
+                        reason,
+                    )
+                })?;
+            }
+            devices
         },
     })
+}
+
+fn places_on_root_complex(vmi: &VirtualMachineInstance) -> bool {
+    vmi.metadata
+        .annotations
+        .get(PLACE_ON_ROOT_COMPLEX_ANNOTATION)
+        .is_some_and(|v| v == "true")
+}
+
+/// KubeVirt's PlacePCIDevicesOnRootComplex (converter/pci-placement.go): every PCI device gets
+/// the next free slot on `pcie.0`, in KubeVirt's order (interfaces, controllers but the root
+/// complex itself, virtio disks, virtio inputs, watchdogs, the RNG, the balloon), from slot 2 on,
+/// skipping 0x1b (the ICH9 sound card) and 0x1f (QEMU's SATA controller). A disk with its own
+/// `pciAddress` keeps it and takes no slot.
+fn place_on_root_complex(dv: &mut Devices) -> Result<(), String> {
+    let mut last: i32 = -1;
+    let mut next = || -> Result<Option<u8>, String> {
+        let slot = match last + 1 {
+            0 | 1 => 2,
+            s @ (0x1b | 0x1f) => s + 1,
+            s => s,
+        };
+        if slot >= 0x20 {
+            return Err("too many PCI devices for the root bus (slots 0x02-0x1f)".into());
+        }
+        last = slot;
+        Ok(u8::try_from(slot).ok())
+    };
+    for i in &mut dv.interfaces {
+        i.pci_slot = next()?;
+    }
+    for c in &mut dv.controllers {
+        if c.model.as_deref() != Some("pcie-root") {
+            c.pci_slot = next()?;
+        }
+    }
+    for d in &mut dv.disks {
+        if d.bus == "virtio" && d.address.is_none() {
+            if let Some(slot) = next()? {
+                d.address = Some(DiskAddress::Pci {
+                    domain: 0,
+                    bus: 0,
+                    slot,
+                    function: 0,
+                });
+            }
+        }
+    }
+    for i in &mut dv.inputs {
+        if i.bus == "virtio" {
+            i.pci_slot = next()?;
+        }
+    }
+    for w in &mut dv.watchdogs {
+        w.pci_slot = next()?;
+    }
+    for r in &mut dv.rngs {
+        r.pci_slot = next()?;
+    }
+    if let Some(m) = &mut dv.memballoon {
+        m.pci_slot = next()?;
+    }
+    Ok(())
 }
 
 /// A device name as a libvirt user alias (`ua-<name>`): KubeVirt's `NewUserDefinedAlias`.
@@ -371,6 +468,7 @@ fn watchdog_and_sound(
             }
         };
         watchdogs.push(Watchdog {
+            pci_slot: None,
             model: "i6300esb",
             action,
             alias,
@@ -445,17 +543,6 @@ fn check_metadata(vmi: &VirtualMachineInstance) -> Result<(), ConvertError> {
     }
     if let Some(uid) = &m.uid {
         check_text("metadata.uid", uid, 128)?;
-    }
-    if m.annotations
-        .get(PLACE_ON_ROOT_COMPLEX_ANNOTATION)
-        .is_some_and(|v| v == "true")
-    {
-        // KubeVirt (converter/pci-placement.go) gives every PCI device an explicit slot on
-        // pcie.0 and adds no hot-plug ports; we do not place devices yet.
-        return Err(err(
-            format!("metadata.annotations[{PLACE_ON_ROOT_COMPLEX_ANNOTATION}]"),
-            "placing PCI devices on the root complex is not supported yet",
-        ));
     }
     Ok(())
 }
@@ -1410,6 +1497,7 @@ fn interfaces(
             _ => None,
         };
         out.push(Interface {
+            pci_slot: None,
             alias: format!("ua-{}", ifc.name),
             mac: Some(mac),
             attachment,
@@ -1652,6 +1740,7 @@ fn inputs(vmi: &VirtualMachineInstance) -> Result<Vec<Input>, ConvertError> {
             }
         };
         out.push(Input {
+            pci_slot: None,
             kind: inp.input_type.clone(),
             bus: bus.to_string(),
             alias: format!("ua-{}", inp.name),

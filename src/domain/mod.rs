@@ -210,6 +210,9 @@ pub struct Watchdog {
     pub model: &'static str,
     pub action: &'static str,
     pub alias: String,
+    /// `<address type='pci' bus='0x00' slot=…>` on the root complex (KubeVirt's
+    /// placePCIDevicesOnRootComplex annotation); None: libvirt places it.
+    pub pci_slot: Option<u8>,
 }
 
 /// `<sound model=…>`.
@@ -361,6 +364,9 @@ pub struct Controller {
     pub kind: &'static str,
     pub index: Option<u32>,
     pub model: Option<String>,
+    /// `<address type='pci' bus='0x00' slot=…>` on the root complex (KubeVirt's
+    /// placePCIDevicesOnRootComplex annotation); None: libvirt places it.
+    pub pci_slot: Option<u8>,
     /// `<driver iothread=… queues=…/>` (the virtio-scsi controller under an iothreads policy).
     pub driver: Option<ControllerDriver>,
 }
@@ -374,6 +380,9 @@ pub struct ControllerDriver {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
     pub alias: String,
+    /// `<address type='pci' bus='0x00' slot=…>` on the root complex (KubeVirt's
+    /// placePCIDevicesOnRootComplex annotation); None: libvirt places it.
+    pub pci_slot: Option<u8>,
     pub mac: Option<String>,
     pub attachment: Attachment,
     pub model: String,
@@ -470,11 +479,17 @@ pub struct Input {
     pub kind: String,
     pub bus: String,
     pub alias: String,
+    /// `<address type='pci' bus='0x00' slot=…>` on the root complex (KubeVirt's
+    /// placePCIDevicesOnRootComplex annotation); None: libvirt places it.
+    pub pci_slot: Option<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Memballoon {
     pub model: String,
+    /// `<address type='pci' bus='0x00' slot=…>` on the root complex (KubeVirt's
+    /// placePCIDevicesOnRootComplex annotation); None: libvirt places it.
+    pub pci_slot: Option<u8>,
     pub stats_period: Option<u32>,
     /// `freePageReporting='on|off'` (KubeVirt sets it on every virtio balloon).
     pub free_page_reporting: Option<bool>,
@@ -484,4 +499,7 @@ pub struct Memballoon {
 pub struct Rng {
     pub model: String,
     pub backend: PathBuf,
+    /// `<address type='pci' bus='0x00' slot=…>` on the root complex (KubeVirt's
+    /// placePCIDevicesOnRootComplex annotation); None: libvirt places it.
+    pub pci_slot: Option<u8>,
 }

@@ -512,6 +512,23 @@ fn write_disk(w: &mut W, d: &Disk) {
     w.close("disk");
 }
 
+/// A device's slot on the root complex (`pcie.0`), as KubeVirt's PlacePCIDevicesOnRootComplex
+/// writes it.
+fn write_pci_slot(w: &mut W, slot: Option<u8>) {
+    if let Some(slot) = slot {
+        w.empty(
+            "address",
+            attrs![
+                "type" => "pci",
+                "domain" => "0x0000",
+                "bus" => "0x00",
+                "slot" => format!("{slot:#04x}"),
+                "function" => "0x0",
+            ],
+        );
+    }
+}
+
 fn write_devices(w: &mut W, dv: &Devices) {
     w.open("devices", attrs![]);
     for d in &dv.disks {
@@ -525,17 +542,19 @@ fn write_devices(w: &mut W, dv: &Devices) {
         if let Some(m) = &c.model {
             a.push(("model", m.as_str().into()));
         }
-        match c.driver {
-            Some(d) => {
-                w.open("controller", a);
-                w.empty(
-                    "driver",
-                    attrs!["iothread" => d.iothread.to_string(), "queues" => d.queues.to_string()],
-                );
-                w.close("controller");
-            }
-            None => w.empty("controller", a),
+        if c.driver.is_none() && c.pci_slot.is_none() {
+            w.empty("controller", a);
+            continue;
         }
+        w.open("controller", a);
+        if let Some(d) = c.driver {
+            w.empty(
+                "driver",
+                attrs!["iothread" => d.iothread.to_string(), "queues" => d.queues.to_string()],
+            );
+        }
+        write_pci_slot(w, c.pci_slot);
+        w.close("controller");
     }
     for i in &dv.interfaces {
         w.open("interface", attrs!["type" => i.attachment.kind()]);
@@ -598,6 +617,7 @@ fn write_devices(w: &mut W, dv: &Devices) {
             w.empty("rom", attrs!["enabled" => "no"]);
         }
         w.empty("alias", attrs!["name" => i.alias.as_str()]);
+        write_pci_slot(w, i.pci_slot);
         w.close("interface");
     }
     for s in &dv.serials {
@@ -632,6 +652,7 @@ fn write_devices(w: &mut W, dv: &Devices) {
             attrs!["type" => i.kind.as_str(), "bus" => i.bus.as_str()],
         );
         w.empty("alias", attrs!["name" => i.alias.as_str()]);
+        write_pci_slot(w, i.pci_slot);
         w.close("input");
     }
     for g in &dv.graphics {
@@ -656,18 +677,21 @@ fn write_devices(w: &mut W, dv: &Devices) {
         if let Some(fpr) = m.free_page_reporting {
             a.push(("freePageReporting", on_off(fpr).into()));
         }
-        match m.stats_period {
-            Some(period) => {
-                w.open("memballoon", a);
+        if m.stats_period.is_none() && m.pci_slot.is_none() {
+            w.empty("memballoon", a);
+        } else {
+            w.open("memballoon", a);
+            if let Some(period) = m.stats_period {
                 w.empty("stats", attrs!["period" => period.to_string()]);
-                w.close("memballoon");
             }
-            None => w.empty("memballoon", a),
+            write_pci_slot(w, m.pci_slot);
+            w.close("memballoon");
         }
     }
     for r in &dv.rngs {
         w.open("rng", attrs!["model" => r.model.as_str()]);
         w.leaf("backend", attrs!["model" => "random"], &p(&r.backend));
+        write_pci_slot(w, r.pci_slot);
         w.close("rng");
     }
     for wd in &dv.watchdogs {
@@ -676,6 +700,7 @@ fn write_devices(w: &mut W, dv: &Devices) {
             attrs!["model" => wd.model, "action" => wd.action],
         );
         w.empty("alias", attrs!["name" => wd.alias.as_str()]);
+        write_pci_slot(w, wd.pci_slot);
         w.close("watchdog");
     }
     for snd in &dv.sounds {

@@ -300,6 +300,144 @@ fn check_kernel_boot(vmi: &VirtualMachineInstance, paths: &PodPaths) -> Result<(
     Ok(())
 }
 
+/// `blockSize.matchVolume` (KubeVirt's storage/disk.go detectOptimalBlockIO): the block sizes
+/// of each such disk's volume, where the launcher finds it. A disk with `blockSize.custom`
+/// keeps its own sizes, as in KubeVirt.
+fn probe_block_sizes(
+    vmi: &VirtualMachineInstance,
+    paths: &PodPaths,
+    facts: &mut PodFacts,
+) -> Result<(), PodFactsError> {
+    for d in &vmi.spec.domain.devices.disks {
+        let Some(b) = &d.block_size else { continue };
+        if b.custom.is_some() || !b.match_volume.as_ref().is_some_and(|m| m.on()) {
+            continue;
+        }
+        // A disk without a volume, or a bad volume name, is the converter's error.
+        let Some(v) = vmi.spec.volumes.iter().find(|v| v.name == d.name) else {
+            continue;
+        };
+        if !is_dns1123_label(&v.name) {
+            continue;
+        }
+        let (path, block) = volume_backend(v, paths, &facts.block_volumes);
+        let probed = if block {
+            block_device_io(&path)
+        } else {
+            filesystem_io(&path)
+        };
+        let io = probed.map_err(|reason| PodFactsError::Volume {
+            volume: v.name.clone(),
+            path: path.clone(),
+            reason: format!("blockSize.matchVolume: {reason}"),
+        })?;
+        facts.volume_block_io.insert(v.name.clone(), io);
+    }
+    Ok(())
+}
+
+/// Where a volume's data is in the pod, and whether it is a block device: a claim's image or
+/// node (hot-plugged or not), a hostDisk's file; for the images the launcher makes itself
+/// (overlays, empty disks, ISOs), the directory they go to (KubeVirt probes the same
+/// filesystem through the image).
+fn volume_backend(
+    v: &crate::spec::Volume,
+    paths: &PodPaths,
+    block_volumes: &std::collections::BTreeSet<String>,
+) -> (PathBuf, bool) {
+    let block = block_volumes.contains(&v.name);
+    let hotplug = v
+        .persistent_volume_claim
+        .as_ref()
+        .and_then(|p| p.hotpluggable)
+        .or_else(|| v.data_volume.as_ref().and_then(|d| d.hotpluggable))
+        .unwrap_or(false);
+    if v.persistent_volume_claim.is_some() || v.data_volume.is_some() {
+        let path = match (hotplug, block) {
+            (true, b) => paths.hotplug_path(&v.name, b),
+            (false, true) => paths.pvc_block(&v.name),
+            (false, false) => paths.pvc_image(&v.name),
+        };
+        return (path, block);
+    }
+    if let Some(h) = &v.host_disk {
+        return (paths.host_disk(&v.name, &h.path), false);
+    }
+    if v.container_disk.is_some() || v.ephemeral.is_some() || v.empty_disk.is_some() {
+        return (paths.ephemeral_disks_dir.clone(), false);
+    }
+    (paths.config_dir.clone(), false)
+}
+
+/// A block device's sizes from sysfs (the values of the BLKSSZGET/BLKPBSZGET ioctls KubeVirt
+/// uses) and its discard granularity, with KubeVirt's corrections: a zero size takes the
+/// other's, a granularity that is not a multiple of the logical size becomes the physical size.
+fn block_device_io(path: &Path) -> Result<crate::domain::BlockIo, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(path).map_err(|e| io_reason(&e))?;
+    if !meta.file_type().is_block_device() {
+        return Err("not a block device".into());
+    }
+    let (major, minor) = (
+        nix::sys::stat::major(meta.rdev()),
+        nix::sys::stat::minor(meta.rdev()),
+    );
+    let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    // A partition has its queue on its disk.
+    let queue = [dev.join("queue"), dev.join("../queue")]
+        .into_iter()
+        .find(|q| q.is_dir())
+        .ok_or_else(|| format!("no queue directory under {}", dev.display()))?;
+    let read = |name: &str| -> Result<u64, String> {
+        let p = queue.join(name);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => t
+                .trim()
+                .parse()
+                .map_err(|_| format!("{}: not a number: {t:?}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && name == "discard_granularity" => {
+                Ok(0)
+            }
+            Err(e) => Err(format!("{}: {}", p.display(), io_reason(&e))),
+        }
+    };
+    let (mut logical, mut physical) = (read("logical_block_size")?, read("physical_block_size")?);
+    let mut discard = read("discard_granularity")?;
+    if logical == 0 && physical == 0 {
+        return Err("the device reports block sizes of 0".into());
+    }
+    if logical == 0 {
+        logical = physical;
+    } else if physical == 0 {
+        physical = logical;
+    }
+    if discard % logical != 0 {
+        discard = physical;
+    }
+    Ok(crate::domain::BlockIo {
+        logical,
+        physical,
+        discard_granularity: Some(discard),
+    })
+}
+
+/// A file's sizes: its filesystem's block size for all three (KubeVirt's
+/// getOptimalBlockIOForFile). An image the launcher has not made yet is probed through the
+/// nearest directory that exists.
+fn filesystem_io(path: &Path) -> Result<crate::domain::BlockIo, String> {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .ok_or_else(|| "nothing of the path exists".to_string())?;
+    let st = nix::sys::statfs::statfs(existing).map_err(|e| format!("statfs: {e}"))?;
+    let size = u64::try_from(st.block_size()).map_err(|_| "statfs: a negative block size")?;
+    Ok(crate::domain::BlockIo {
+        logical: size,
+        physical: size,
+        discard_granularity: Some(size),
+    })
+}
+
 /// The `--pod-facts` file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
@@ -315,6 +453,16 @@ struct FactsFile {
     spare_root_ports: Option<u32>,
     /// Standalone's hostDisk paths (see `PodPaths::host_disk_at_host_path`).
     host_disk_at_host_path: bool,
+    /// `blockSize.matchVolume`'s probe, by volume name.
+    volume_block_sizes: BTreeMap<String, BlockSizesFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BlockSizesFile {
+    logical: u64,
+    physical: u64,
+    discard_granularity: Option<u64>,
 }
 
 /// Read the `--pod-facts` JSON file. No filesystem probing; paths are KubeVirt's defaults.
@@ -351,6 +499,18 @@ pub fn from_json(text: &str, vmi: &VirtualMachineInstance) -> Result<PodFacts, S
         facts.spare_root_ports = n;
     }
     facts.paths.host_disk_at_host_path = file.host_disk_at_host_path;
+    facts.volume_block_io = file
+        .volume_block_sizes
+        .into_iter()
+        .map(|(v, b)| {
+            let io = crate::domain::BlockIo {
+                logical: b.logical,
+                physical: b.physical,
+                discard_granularity: b.discard_granularity,
+            };
+            (v, io)
+        })
+        .collect();
     Ok(facts)
 }
 
@@ -571,6 +731,7 @@ pub fn probe_running(
     }
 
     check_kernel_boot(vmi, &paths)?;
+    probe_block_sizes(vmi, &paths, &mut facts)?;
     for (index, v) in vmi.spec.volumes.iter().enumerate() {
         if let Some(h) = &v.host_disk {
             if h.path.starts_with('/') && !h.path.split('/').any(|c| c == "..") {
@@ -625,6 +786,48 @@ pub fn probe_running(
 mod tests {
     use super::*;
     use crate::spec;
+
+    /// matchVolume's block device probe reads what the BLKSSZGET/BLKPBSZGET ioctls report
+    /// (`blockdev --getss --getpbsz`), on the first block device of this machine with a node.
+    #[test]
+    fn block_device_sizes_match_the_ioctls() {
+        let Some(dev) = std::fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| Path::new("/dev").join(e.file_name()))
+            .find(|p| p.exists())
+        else {
+            panic!("no block device with a node in /dev to probe");
+        };
+        let io = block_device_io(&dev).unwrap();
+        let out = crate::pod::process::Command::new("blockdev")
+            .args(["--getss", "--getpbsz"])
+            .arg(&dev)
+            .run()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let v: Vec<u64> = text
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        assert_eq!(vec![io.logical, io.physical], v, "{}", dev.display());
+        assert_eq!(io.discard_granularity.unwrap() % io.logical, 0);
+        let file = block_device_io(Path::new("/dev/null")).unwrap_err();
+        assert_eq!(file, "not a block device");
+    }
+
+    #[test]
+    fn a_missing_image_is_probed_through_its_directory() {
+        let tmp = std::env::temp_dir();
+        let io = filesystem_io(&tmp.join("not-made-yet/disk.qcow2")).unwrap();
+        let st = nix::sys::statfs::statfs(&tmp).unwrap();
+        assert_eq!(io.logical, st.block_size() as u64);
+        assert_eq!(
+            (io.physical, io.discard_granularity),
+            (io.logical, Some(io.logical))
+        );
+    }
 
     fn vmi(json: &str) -> VirtualMachineInstance {
         spec::from_str(json, "test").expect("test vmi parses")

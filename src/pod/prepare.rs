@@ -13,11 +13,16 @@
 //! - configMap / secret / downwardAPI / serviceAccount / sysprep: ISO of the mounted source directory
 //!   (volume id = `volumeLabel` or `cfgdata`; sysprep: `unattendCD`, with an answer file).
 //!
+//! - changed-block tracking ([`cbt_overlays`], from the converted domain): the qcow2 overlay
+//!   `<cbt_dir>/<volume>.qcow2` whose raw data file is the PVC, DataVolume or hostDisk itself.
+//!
 //! Existing overlays and images are kept (a restarted launcher in the same pod reuses them).
 //! External tools: `qemu-img` and `xorrisofs`, looked up in `PATH`. Hot-plugged volumes are not
-//! touched here. Call it once; it is not safe to run concurrently for one VMI.
+//! touched by [`prepare`] ([`cbt_overlays`] makes their overlays as they attach). Call it once;
+//! it is not safe to run concurrently for one VMI.
 
 use crate::convert::facts::{ImageFormat, PodFacts};
+use crate::domain::{Disk, DiskSource};
 use crate::pod::process::{Command, ProcessError};
 use crate::spec::{CloudInitSource, VirtualMachineInstance};
 use std::path::{Path, PathBuf};
@@ -93,6 +98,101 @@ fn overlay(
             overlay.as_os_str(),
         ],
     )
+}
+
+/// KubeVirt's cluster size for a changed-block tracking overlay (virtwrap/storage/cbt.go).
+const CBT_CLUSTER_SIZE: &str = "256k";
+
+/// Creates the changed-block tracking overlay of every disk of `disks` that has one (a qcow2
+/// source with a `<dataStore>`, as the converter emits it for a PVC, DataVolume or hostDisk
+/// while `status.changedBlockTracking` is Initializing or Enabled) and whose overlay is not
+/// there yet; an existing overlay is kept, with its bitmaps (KubeVirt's launcher likewise).
+pub fn cbt_overlays<'a>(disks: impl IntoIterator<Item = &'a Disk>) -> Result<(), PrepareError> {
+    for d in disks {
+        let (Some(ds), DiskSource::File(overlay)) = (&d.data_store, &d.source) else {
+            continue;
+        };
+        let (data, block) = match &ds.source {
+            DiskSource::File(p) => (p, false),
+            DiskSource::Block(p) => (p, true),
+        };
+        cbt_overlay(d.volume(), overlay, data, block)?;
+    }
+    Ok(())
+}
+
+/// One overlay, as KubeVirt's `createQCOW2OverlayFunc` makes it: qcow2, 256 KiB clusters, the
+/// volume's size, the volume as its raw data file (`data-file-raw`: the volume stays a valid raw
+/// image). KubeVirt runs `blockdev-create` in qemu-storage-daemon on the opened volume; `qemu-img
+/// create -o data_file=<volume>` would recreate (empty) the volume instead. Here the overlay is
+/// created over a scratch data file and then pointed at the volume by `qemu-img amend`, which
+/// only rewrites the overlay's header: the volume's bytes are never written (tested in
+/// tests/disk_features.rs with a volume holding data). Made under a temporary name and renamed,
+/// so an interrupted start leaves no half-made overlay.
+fn cbt_overlay(volume: &str, overlay: &Path, data: &Path, block: bool) -> Result<(), PrepareError> {
+    if overlay.exists() {
+        return Ok(());
+    }
+    mkparent(volume, overlay)?;
+    // The volume's size: a block device's from its end, a file's from its length.
+    let size = {
+        use std::io::Seek;
+        let mut f = std::fs::File::open(data).map_err(io_err(volume, data))?;
+        if block {
+            f.seek(std::io::SeekFrom::End(0))
+                .map_err(io_err(volume, data))?
+        } else {
+            f.metadata().map_err(io_err(volume, data))?.len()
+        }
+    };
+    let tmp = overlay.with_extension("qcow2.tmp");
+    let scratch = overlay.with_extension("qcow2.scratch");
+    for p in [&tmp, &scratch] {
+        match std::fs::remove_file(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(volume, p)(e)),
+            _ => {}
+        }
+    }
+    // qemu's option syntax: a comma in a value is doubled.
+    let opt = |p: &Path| p.as_os_str().to_string_lossy().replace(',', ",,");
+    let made = run(
+        volume,
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-o".as_ref(),
+            format!(
+                "data_file={},data_file_raw=on,cluster_size={CBT_CLUSTER_SIZE}",
+                opt(&scratch)
+            )
+            .as_ref(),
+            tmp.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+    )
+    .and_then(|()| {
+        run(
+            volume,
+            "qemu-img",
+            &[
+                "amend".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-o".as_ref(),
+                format!("data_file={}", opt(data)).as_ref(),
+                tmp.as_os_str(),
+            ],
+        )
+    })
+    .and_then(|()| std::fs::rename(&tmp, overlay).map_err(io_err(volume, overlay)));
+    let _ = std::fs::remove_file(&scratch);
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    made
 }
 
 /// The backing format of a containerDisk's overlay, from the base image's first bytes.

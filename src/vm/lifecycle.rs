@@ -327,6 +327,8 @@ impl Launcher {
             if was_hotplugged && !wanted_volumes.contains(&volume) {
                 if let Err(e) = self.detach(&name, volume, l).await {
                     failures.push(e);
+                } else if let Err(e) = self.delete_cbt_overlay(&vmi, volume, l) {
+                    failures.push(e);
                 }
             }
         }

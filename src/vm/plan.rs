@@ -111,9 +111,11 @@ impl Planner {
         Ok(Plan { facts, domain })
     }
 
-    /// Creates the files the domain needs (ISOs, overlays, empty disks).
+    /// Creates the files the domain needs (ISOs, overlays, empty disks, changed-block
+    /// tracking overlays).
     pub fn prepare(&self, vmi: &VirtualMachineInstance, plan: &Plan) -> Result<(), PlanError> {
-        Ok(prepare::prepare(vmi, &plan.facts)?)
+        prepare::prepare(vmi, &plan.facts)?;
+        Ok(prepare::cbt_overlays(&plan.domain.devices.disks)?)
     }
 }
 

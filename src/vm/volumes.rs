@@ -217,6 +217,11 @@ impl Launcher {
             s.disks.push(status);
         });
         self.set_phase(&volume, Phase::Attaching, "");
+        // Changed-block tracking: a hot-plugged PVC sits behind its overlay too, made now that
+        // the volume is mounted (KubeVirt: the Mounted phase, before the attach).
+        if let Err(e) = crate::pod::prepare::cbt_overlays([&disk]) {
+            return Err(self.volume_failed(&volume, e.to_string()));
+        }
         if let Err(reason) = check_openable(disk.source_path(), disk.readonly) {
             return Err(self.volume_failed(&volume, reason));
         }
@@ -304,6 +309,39 @@ impl Launcher {
                 );
                 Err(e)
             }
+        }
+    }
+
+    /// Changed-block tracking: an unplugged volume's overlay is deleted (KubeVirt's
+    /// DeleteQCOW2Overlay), so that a later hot-plug starts a new one. Only the overlay the
+    /// disk was attached through, in the overlay directory.
+    pub(crate) fn delete_cbt_overlay(
+        &self,
+        vmi: &VirtualMachineInstance,
+        volume: &str,
+        live: &crate::domain::live::LiveDisk,
+    ) -> Result<(), ControlError> {
+        if !vmi.cbt_applies() {
+            return Ok(());
+        }
+        let overlay = self.planner.paths.paths_for(vmi).cbt_overlay(volume);
+        let attached_through = live
+            .source
+            .as_ref()
+            .and_then(|s| s.file.as_deref())
+            .is_some_and(|f| Path::new(f) == overlay);
+        if !attached_through {
+            return Ok(());
+        }
+        match std::fs::remove_file(&overlay) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ControlError::Volume {
+                volume: volume.to_string(),
+                reason: format!(
+                    "detached, but its changed-block tracking overlay {} stays: {e}",
+                    overlay.display()
+                ),
+            }),
+            _ => Ok(()),
         }
     }
 
