@@ -358,3 +358,67 @@ fn semantic_compare_ignores_attribute_order_but_not_values() {
     diff("", &a, &c, &mut d);
     assert!(d.contains("/a/@y: expected \"2\", got \"3\""), "{d}");
 }
+
+/// Every expected.xml is defined by a real libvirt (the host's 11.x with the launcher's own
+/// libvirtd.conf and qemu.conf, in a private daemon as the benchmark's raw side runs it) and
+/// undefined again: the schema alone does not know QEMU's capabilities (device models, machine
+/// types, CPU features) that `virDomainDefineXML` checks. Nothing is started.
+#[test]
+fn golden_outputs_are_defined_by_a_real_libvirt() {
+    let root = PathBuf::from(format!("/tmp/vl-golden-define-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (mut daemon, _) = launcher_bench::raw::RawLibvirt::start(&root, "golden-define")
+        .unwrap_or_else(|e| panic!("a private libvirtd (needs root and libvirt): {e:#}"));
+    let uri = daemon.uri();
+    let virsh = |args: &[&str]| {
+        std::process::Command::new("virsh")
+            .arg("-q")
+            .arg("-c")
+            .arg(&uri)
+            .args(args)
+            .output()
+            .expect("run virsh")
+    };
+    let mut bad = String::new();
+    let mut defined = 0;
+    for dir in cases() {
+        let xml = dir.join("expected.xml");
+        if !xml.exists() {
+            continue;
+        }
+        let out = virsh(&["define", xml.to_str().unwrap()]);
+        if !out.status.success() {
+            let _ = writeln!(
+                bad,
+                "{}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            continue;
+        }
+        defined += 1;
+        let text = std::fs::read_to_string(&xml).unwrap();
+        let name = text
+            .split_once("<name>")
+            .and_then(|(_, rest)| rest.split_once("</name>"))
+            .map(|(name, _)| name.to_string())
+            .expect("a <name> in expected.xml");
+        let out = virsh(&["undefine", "--nvram", &name]);
+        let out = if out.status.success() {
+            out
+        } else {
+            virsh(&["undefine", &name])
+        };
+        assert!(
+            out.status.success(),
+            "{}: undefine {name}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    daemon.stop().expect("stop the private libvirtd");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(bad.is_empty(), "libvirt refused to define:\n{bad}");
+    assert!(defined >= 20, "only {defined} golden domains defined");
+}

@@ -48,7 +48,7 @@ mod launcher_proc;
 mod migration;
 mod orphans;
 mod pods;
-mod raw;
+pub mod raw;
 mod report;
 mod running;
 mod start_stop;

@@ -8,7 +8,7 @@ pub(crate) enum RawDaemon {
     Libvirtd,
 }
 
-pub(crate) struct RawLibvirt {
+pub struct RawLibvirt {
     pub(crate) root: PathBuf,
     pub(crate) libvirtd: Option<Child>,
     pub(crate) conn: Option<Connect>,
@@ -34,7 +34,7 @@ pub(crate) const CAPABILITIES_DIR: &str = "state/cache/qemu/capabilities";
 impl RawLibvirt {
     /// Writes the configuration (the launcher's, from `src/pod/mod.rs`), starts libvirtd in a
     /// new mount + UTS namespace; returns once its socket accepts, with the time that took.
-    pub(crate) fn start(root: &Path, hostname: &str) -> Result<(RawLibvirt, Duration)> {
+    pub fn start(root: &Path, hostname: &str) -> Result<(RawLibvirt, Duration)> {
         let t0 = Instant::now();
         for d in [
             "sock",
@@ -108,7 +108,7 @@ impl RawLibvirt {
         Ok((raw, t0.elapsed()))
     }
 
-    pub(crate) fn uri(&self) -> String {
+    pub fn uri(&self) -> String {
         format!(
             "qemu+unix:///system?socket={}",
             self.root.join("sock/libvirt-sock").display()
@@ -194,7 +194,7 @@ impl RawLibvirt {
 
     /// Destroys any domain still running, stops libvirtd (SIGTERM, SIGKILL after
     /// 10 s), and kills anything left in the namespace. Returns how long it took.
-    pub(crate) fn stop(&mut self) -> Result<Duration> {
+    pub fn stop(&mut self) -> Result<Duration> {
         let t = Instant::now();
         if let Some(conn) = self.conn.take() {
             if let Ok(doms) = conn.list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE) {

@@ -549,6 +549,22 @@ pub(crate) fn convert_disks(
             ));
         }
 
+        // libvirt refuses a read-only sata hard disk (its IDE/AHCI emulation has none);
+        // KubeVirt's admission refuses `disk.readonly` on sata for the same reason.
+        if matches!(device, DiskDevice::Disk) && bus == "sata" && (readonly_req || pvc_read_only) {
+            let why = if readonly_req {
+                "readonly: true"
+            } else {
+                "its claim is mounted readOnly"
+            };
+            return Err(err(
+                bus_field,
+                format!(
+                    "sata hard disks cannot be read-only ({why}): use bus virtio or scsi, or a cdrom"
+                ),
+            ));
+        }
+
         let mut boot_order = None;
         if let Some(order) = d.boot_order {
             let bf = format!("{f}.bootOrder");
