@@ -551,6 +551,17 @@ async fn run(cli: Cli) -> Result<()> {
             if !r.success {
                 bail!("migration failed");
             }
+            // Standalone: the source exits now and the target takes the VM's lock over; wait
+            // for that, so that the next `launcherctl --vm` reaches the target.
+            if let Some(vm) = &cli.vm {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while runtime_dir_of(vm).map(|d| d.join("launcher-sock") == socket)? {
+                    if std::time::Instant::now() > deadline {
+                        bail!("migrated, but the target has not taken VM {vm} over after 30 s");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
         Cmd::CancelMigration => done(
             c.cancel_migration(pb::Empty {})
