@@ -621,6 +621,7 @@ fn run(args: RunArgs) -> Result<i32> {
     let _lock = layout.lock()?;
     layout.clear_stale(&_lock);
     layout.create()?;
+    keep_log(&layout, args.log_max_bytes);
     layout.seed_capabilities();
     if layout.is_isolated() {
         let hostname = args
@@ -698,6 +699,19 @@ fn run(args: RunArgs) -> Result<i32> {
         args.kubevirt_share_dir.clone(),
         on_arrival,
     )
+}
+
+/// The launcher's log goes to `<runtime dir>/launcher.log` too (`launcherctl logs`), fresh at
+/// every start as a container's log is; without it (a read-only runtime dir) stderr only.
+fn keep_log(layout: &PodLayout, max_bytes: u64) {
+    let path = layout.root().join("launcher.log");
+    let _ = std::fs::remove_file(&path);
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    let _ = std::fs::remove_file(&old);
+    if let Err(e) = logging::also_to_file(&path, max_bytes) {
+        tracing::warn!(path = %path.display(), error = %e, "the launcher's log goes to stderr only");
+    }
 }
 
 /// The sizes of the local (not shared) disks of the launcher running VM `domain`
@@ -1062,6 +1076,7 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     }
     layout.create()?;
     let _lock = layout.lock()?;
+    keep_log(&layout, virt_launcher::pod::daemons::DEFAULT_LOG_MAX_BYTES);
     layout.write_configs(&pod::random_uuid())?;
     layout.link_virtqemud_sock()?;
     layout.link_virtqemud_program()?;

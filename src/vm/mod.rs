@@ -780,6 +780,7 @@ async fn execute(
             .await
             .map(Reply::Exec),
         Command::GuestPing { timeout } => core.guest_ping(timeout).await.map(|()| Reply::Done),
+        Command::DomainXml => core.domain_xml().await.map(Reply::Xml),
         Command::Versions => core
             .blocking(|hv| hv.versions())
             .await
