@@ -208,3 +208,113 @@ impl Drop for IncomingClaims {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::VirtualMachine;
+    use serde_json::json;
+
+    fn vm(mode: &str) -> (VirtualMachineInstance, Vec<DataVolumeSpec>) {
+        let vm: VirtualMachine = serde_json::from_value(json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": "vm"},
+            "spec": {
+                "dataVolumeTemplates": [{"metadata": {"name": "data"}, "spec": {
+                    "source": {"blank": {}},
+                    "storage": {"accessModes": [mode], "resources": {"requests": {"storage": "2Mi"}}}}}],
+                "template": {"spec": {"domain": {"devices": {}},
+                    "volumes": [{"name": "disk0", "dataVolume": {"name": "data"}}]}}}
+        }))
+        .unwrap();
+        let templates = super::super::templates(&vm, "default").unwrap();
+        let vmi: VirtualMachineInstance = serde_json::from_value(json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+            "metadata": {"name": "vm"},
+            "spec": {"domain": {"devices": {}},
+                "volumes": [{"name": "disk0", "dataVolume": {"name": "data"}}]}
+        }))
+        .unwrap();
+        (vmi, templates)
+    }
+
+    fn storage(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("incoming-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// A ReadWriteOnce claim is made empty at the source's size, marked, and removed unless
+    /// the VM arrived; then it is complete.
+    #[test]
+    fn a_readwriteonce_claim_is_made_for_the_copy_and_kept_only_once_the_vm_arrived() {
+        let (vmi, templates) = vm("ReadWriteOnce");
+        let dir = storage("rwo");
+        let sizes: HashMap<String, u64> = [("disk0".to_string(), 3 << 20)].into();
+        let claim = dir.join("claims/default/data");
+
+        let made = prepare(&vmi, &templates, &dir, &sizes).unwrap();
+        assert!(!made.is_empty());
+        assert_eq!(fs::metadata(claim.join("disk.img")).unwrap().len(), 3 << 20);
+        assert!(claim.join(INCOMING_MARKER).exists());
+        assert!(
+            claim::read_meta(&claim).is_none(),
+            "complete before the VM came"
+        );
+        drop(made);
+        assert!(!claim.exists(), "left behind without the VM");
+
+        let mut made = prepare(&vmi, &templates, &dir, &sizes).unwrap();
+        made.arrived().unwrap();
+        drop(made);
+        let meta = claim::read_meta(&claim).expect("complete once arrived");
+        assert_eq!((meta.size, meta.shared), (3 << 20, false));
+        assert!(!claim.join(INCOMING_MARKER).exists());
+
+        // Now a complete ReadWriteOnce claim is here: another target on it is refused.
+        let e = prepare(&vmi, &templates, &dir, &sizes)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("DataVolume default/data: ") && e.contains("--storage-dir"),
+            "{e}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refusals_name_the_datavolume_and_leave_nothing() {
+        // No size from the source.
+        let (vmi, templates) = vm("ReadWriteOnce");
+        let dir = storage("nosize");
+        let e = prepare(&vmi, &templates, &dir, &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not report the size of volume disk0"),
+            "{e}"
+        );
+        assert!(!dir.join("claims/default/data").exists());
+        // A directory that is neither a claim nor a target's.
+        fs::create_dir_all(dir.join("claims/default/data")).unwrap();
+        let sizes: HashMap<String, u64> = [("disk0".to_string(), 1 << 20)].into();
+        let e = prepare(&vmi, &templates, &dir, &sizes)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a complete claim"), "{e}");
+        assert!(
+            dir.join("claims/default/data").exists(),
+            "removed a user's directory"
+        );
+        // A shared claim that is not here.
+        let (vmi, templates) = vm("ReadWriteMany");
+        let e = prepare(&vmi, &templates, &storage("rwx"), &sizes)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ReadWriteMany") && e.contains("source's --storage-dir"),
+            "{e}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
