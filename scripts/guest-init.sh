@@ -33,6 +33,7 @@
 #   LV-FETCH <ip>:<port> <line>   lv.fetch=<ip|gw>:<port>: first line a TCP server sent
 #   LV-SERVING <port>             lv.serve=<port>: a TCP responder listens; each connection
 #                                 gets one line "lv-guest <hostname> <ip>" and is closed
+#   LV-ECHO <line>                lv.echo: a line typed on the serial console (ttyS0)
 #   LV-CPUS <list>                the online CPUs (/sys/devices/system/cpu/online, e.g. 0-1),
 #                                 printed at start and on change (checked every 0.5 s); a
 #                                 hot-plugged CPU is brought online first, as a distribution's
@@ -58,6 +59,7 @@
 #                          retried for 60 s
 #   lv.serve=<port>        after the lease: a TCP responder on <port> (LV-SERVING)
 #   lv.mtu=ignore          do not apply the lease's MTU (LV-NET shows mtu= empty)
+#   lv.echo                read lines typed on the serial console and print LV-ECHO <line>
 #
 # PID 1 must never exit (the kernel panics): everything ends in an endless loop.
 
@@ -522,9 +524,17 @@ for arg in $CMDLINE; do
     esac
 done
 
+# lv.echo: each line typed on the serial console comes back as LV-ECHO <line>.
+echo_loop() {
+    while IFS= read -r line; do
+        echo "LV-ECHO $line"
+    done </dev/console
+}
+
 for arg in $CMDLINE; do
     case "$arg" in
         lv.counter=*) counter_loop "${arg#lv.counter=}" & ;;
+        lv.echo) echo_loop & ;;
     esac
 done
 

@@ -24,11 +24,78 @@ pub fn init(force_json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| Tee);
     if force_json || !std::io::stderr().is_terminal() {
         builder.event_format(JsonLines).init();
     } else {
         builder.compact().init();
+    }
+}
+
+/// The launcher's log as a file too (`launcherctl logs`): set once the runtime directory is
+/// known ([`also_to_file`]); lines before that go to stderr only.
+static FILE: std::sync::OnceLock<std::sync::Mutex<LogFile>> = std::sync::OnceLock::new();
+
+struct LogFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    len: u64,
+    max: u64,
+}
+
+/// From now on every log line also goes to `path` (created or appended to), rotated to
+/// `<path>.1` when it reaches `max_bytes`. Once per process; later calls are ignored.
+pub fn also_to_file(path: &std::path::Path, max_bytes: u64) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    let _ = FILE.set(std::sync::Mutex::new(LogFile {
+        path: path.to_path_buf(),
+        file,
+        len,
+        max: max_bytes,
+    }));
+    Ok(())
+}
+
+/// The file the log also goes to, if any.
+pub fn file() -> Option<std::path::PathBuf> {
+    FILE.get()
+        .and_then(|f| f.lock().ok().map(|f| f.path.clone()))
+}
+
+/// stderr, and the log file when there is one.
+struct Tee;
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = std::io::stderr().write(buf)?;
+        if let Some(Ok(mut f)) = FILE.get().map(|f| f.lock()) {
+            if f.len + n as u64 > f.max && f.len > 0 {
+                // Rotated as the console log is: the old lines as `<file>.1`, a new file.
+                let mut old = f.path.as_os_str().to_owned();
+                old.push(".1");
+                let reopened = std::fs::rename(&f.path, &old).and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&f.path)
+                });
+                if let Ok(file) = reopened {
+                    f.file = file;
+                    f.len = 0;
+                }
+            }
+            if f.file.write_all(&buf[..n]).is_ok() {
+                f.len += n as u64;
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 

@@ -132,6 +132,13 @@ struct RunArgs {
     /// file; a KubeVirt field the launcher does not support is refused either way.
     #[arg(long)]
     allow_unknown_fields: bool,
+    /// Do not start the VM of --vm or --vmi: wait for it to arrive by live migration from the
+    /// launcher running it on this machine (`launcherctl --vm NAME migrate --target <this
+    /// launcher's socket>`). With --vm, a ReadWriteMany claim is the source's (give the same
+    /// --storage-dir); any other claim is created empty in this --storage-dir at the source's
+    /// size for `migrate --block`, and kept only once the VM has arrived.
+    #[arg(long)]
+    migration_target: bool,
     /// Where claims of --vm live (`<dir>/claims/<namespace>/<name>`), kept across runs.
     #[arg(long, value_name = "DIR", default_value = virt_launcher::datavolume::DEFAULT_STORAGE_DIR)]
     storage_dir: PathBuf,
@@ -413,6 +420,9 @@ fn run(args: RunArgs) -> Result<i32> {
     let mut vmi = input
         .map(|p| spec::load_file_checked(p, unknown))
         .transpose()?;
+    if args.migration_target && vmi.is_none() {
+        anyhow::bail!("--migration-target: give the VM it receives (--vm FILE or --vmi FILE)");
+    }
     let root = match (&args.runtime_dir, &vmi) {
         (Some(dir), _) => dir.clone(),
         (None, Some(vmi)) => Path::new("/run/virt-launcher").join(vmi.domain_name()),
@@ -423,8 +433,10 @@ fn run(args: RunArgs) -> Result<i32> {
     );
     // One launcher per VM on this machine, before any import or daemon (a launcher waiting for
     // a Sync or a migration has no VM yet: a migration target runs the source's VM by design).
+    // A migration target takes the lock over once the VM has arrived (the source still runs
+    // it until then).
     let _vm_lock = match &vmi {
-        Some(vmi) if layout.is_isolated() => Some(pod::lock_vm(
+        Some(vmi) if layout.is_isolated() && !args.migration_target => Some(pod::lock_vm(
             Path::new(pod::VM_LOCK_DIR),
             &vmi.domain_name(),
             layout.root(),
@@ -452,7 +464,33 @@ fn run(args: RunArgs) -> Result<i32> {
     }
     // Standalone DataVolumes: claims imported into the storage dir; kept (loop devices of Block
     // claims attached) until the launcher returns.
+    // A migration target: the source's local disks' sizes (the destination images of a block
+    // migration are created at those), from the launcher running the VM here.
+    let source_sizes = match &vmi {
+        Some(vmi) if args.migration_target => source_disk_sizes(&vmi.domain_name()),
+        _ => Default::default(),
+    };
+    let mut incoming = None;
     let _claims = match (&args.vm, &vmi) {
+        (Some(vm), Some(vmi)) if args.migration_target => {
+            // Nothing is imported: the claims come with the VM (shared, or copied by --block).
+            let storage = absolute(&args.storage_dir);
+            let templates = datavolume::templates(&datavolume::load_vm(vm)?, vmi.namespace())?;
+            // Dropped before the VM arrives (an error, a stop), it removes what it created.
+            let created = datavolume::incoming::prepare(vmi, &templates, &storage, &source_sizes)?;
+            let options = datavolume::Options {
+                storage_dir: storage.clone(),
+                progress: datavolume::ProgressStyle::auto(args.json_logs),
+                importer: datavolume::importer_path(),
+            };
+            let mut paths = overrides.paths_for(vmi);
+            let claims = datavolume::attach(vmi, &options, &mut paths)?;
+            incoming = Some(std::sync::Arc::new(std::sync::Mutex::new(created)));
+            overrides.vmi_disks_dir = Some(paths.vmi_disks_dir);
+            overrides.block_dev_dir = Some(paths.block_dev_dir);
+            overrides.trusted_roots = vec![storage.join("claims"), PathBuf::from("/dev")];
+            Some(claims)
+        }
         (Some(vm), Some(vmi)) => {
             let options = datavolume::Options {
                 storage_dir: absolute(&args.storage_dir),
@@ -592,6 +630,7 @@ fn run(args: RunArgs) -> Result<i32> {
     let _lock = layout.lock()?;
     layout.clear_stale(&_lock);
     layout.create()?;
+    keep_log(&layout, args.log_max_bytes);
     layout.seed_capabilities();
     if layout.is_isolated() {
         let hostname = args
@@ -632,9 +671,94 @@ fn run(args: RunArgs) -> Result<i32> {
         }),
         console_silence: (args.console_silence_warning > 0)
             .then(|| Duration::from_secs(args.console_silence_warning)),
+        incoming: args.migration_target.then_some(source_sizes),
     };
 
-    run_core(&layout, opts, &api, true, args.kubevirt_share_dir.clone())
+    // A migration target: once the VM runs here, the claims created for it are complete and
+    // the VM's machine-wide lock passes to this launcher (as the source exits).
+    let on_arrival: Option<Box<dyn FnOnce() + Send>> = match (&opts.vmi, args.migration_target) {
+        (Some(vmi), true) => {
+            let claims = incoming.clone();
+            let (domain, root) = (vmi.domain_name(), layout.root().to_path_buf());
+            let isolated = layout.is_isolated();
+            Some(Box::new(move || {
+                if let Some(Ok(mut c)) = claims.as_ref().map(|c| c.lock()) {
+                    if let Err(e) = c.arrived() {
+                        tracing::error!(error = %e, "cannot complete the migrated claim");
+                    }
+                }
+                if isolated {
+                    // Held until this process exits (the descriptor is close-on-exec).
+                    std::thread::spawn(move || {
+                        match pod::lock_vm_when_free(Path::new(pod::VM_LOCK_DIR), &domain, &root) {
+                            Ok(lock) => std::mem::forget(lock),
+                            Err(e) => tracing::warn!(error = %e, "cannot take the VM's lock over"),
+                        }
+                    });
+                }
+            }))
+        }
+        _ => None,
+    };
+    run_core(
+        &layout,
+        opts,
+        &api,
+        true,
+        args.kubevirt_share_dir.clone(),
+        on_arrival,
+    )
+}
+
+/// The launcher's log goes to `<runtime dir>/launcher.log` too (`launcherctl logs`), fresh at
+/// every start as a container's log is; without it (a read-only runtime dir) stderr only.
+fn keep_log(layout: &PodLayout, max_bytes: u64) {
+    let path = layout.root().join("launcher.log");
+    let _ = std::fs::remove_file(&path);
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    let _ = std::fs::remove_file(&old);
+    if let Err(e) = logging::also_to_file(&path, max_bytes) {
+        tracing::warn!(path = %path.display(), error = %e, "the launcher's log goes to stderr only");
+    }
+}
+
+/// The sizes of the local (not shared) disks of the launcher running VM `domain`
+/// (`<namespace>_<name>`) on this machine, found through the VM's machine-wide lock; empty
+/// when none answers.
+fn source_disk_sizes(domain: &str) -> std::collections::HashMap<String, u64> {
+    let lock = Path::new(pod::VM_LOCK_DIR).join(format!("{domain}.lock"));
+    let Ok(dir) = std::fs::read_to_string(&lock) else {
+        return Default::default();
+    };
+    let socket = PathBuf::from(dir.trim()).join("launcher-sock");
+    let ask = async {
+        let mut c = api::client::connect(&socket).await.ok()?;
+        let d = c.get_domain(api::pb::Empty {}).await.ok()?.into_inner();
+        Some(
+            d.disks
+                .into_iter()
+                .filter(|d| !d.shared)
+                .map(|d| (d.volume, d.size_bytes))
+                .collect(),
+        )
+    };
+    let sizes = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()
+        .and_then(|rt| {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), ask)
+                    .await
+                    .ok()
+                    .flatten()
+            })
+        });
+    if sizes.is_none() {
+        tracing::info!(socket = %socket.display(), "no source launcher answers for this VM here");
+    }
+    sizes.unwrap_or_default()
 }
 
 fn standalone_network(
@@ -726,6 +850,7 @@ fn run_core(
     api: &ServerConfig,
     subreaper: bool,
     share_dir: Option<PathBuf>,
+    on_arrival: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<i32> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -733,7 +858,7 @@ fn run_core(
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let outcome = runtime.block_on(serve(layout, opts, api, subreaper, share_dir));
+    let outcome = runtime.block_on(serve(layout, opts, api, subreaper, share_dir, on_arrival));
     runtime.shutdown_timeout(Duration::from_secs(2));
     tracing::debug!("runtime shut down");
     if let Ok(o) = &outcome {
@@ -778,6 +903,7 @@ async fn serve(
     api: &ServerConfig,
     subreaper: bool,
     share_dir: Option<PathBuf>,
+    on_arrival: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<vm::Outcome> {
     let reaper = Reaper::start_as(subreaper).context("cannot set up process supervision")?;
     let (daemon_tx, daemon_events) = mpsc::unbounded_channel();
@@ -792,6 +918,9 @@ async fn serve(
         let core = vm::Supervisor::connect(pod, opts).await?;
         let server = api::server::serve(core.handle(), api).await?;
         let notify = share_dir.map(|d| api::kubevirt::notify::spawn(core.handle(), d));
+        if let Some(hook) = on_arrival {
+            tokio::spawn(when_arrived(core.handle(), hook));
+        }
         let outcome = core.run().await;
         tracing::debug!("core ended");
         // As KubeVirt's launcher: wait up to 15 s for the final event to be delivered.
@@ -809,6 +938,22 @@ async fn serve(
     pod::children::kill_leftovers().await;
     tracing::debug!("no process left");
     result
+}
+
+/// Runs `hook` (off the runtime) once the VM this prepared target awaits has arrived.
+async fn when_arrived(handle: vm::Handle, hook: Box<dyn FnOnce() + Send>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = handle.status();
+        let done = s.migration_target.is_none()
+            && s.migration
+                .as_ref()
+                .is_some_and(|m| m.phase == vm::state::MigrationPhase::Succeeded);
+        if done {
+            let _ = tokio::task::spawn_blocking(hook).await;
+            return;
+        }
+    }
 }
 
 /// What names this launcher on the machine: in its own PID namespace its pid is 1, and the
@@ -940,6 +1085,7 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     }
     layout.create()?;
     let _lock = layout.lock()?;
+    keep_log(&layout, virt_launcher::pod::daemons::DEFAULT_LOG_MAX_BYTES);
     layout.write_configs(&pod::random_uuid())?;
     layout.link_virtqemud_sock()?;
     layout.link_virtqemud_program()?;
@@ -973,8 +1119,16 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
         storage: None,
         // KubeVirt's launcher says nothing of a silent console; neither does ours there.
         console_silence: None,
+        incoming: None,
     };
-    run_core(&layout, opts, &api, false, Some(absolute(&args.share_dir)))
+    run_core(
+        &layout,
+        opts,
+        &api,
+        false,
+        Some(absolute(&args.share_dir)),
+        None,
+    )
 }
 
 /// The pod's cmd-auth token file: KubeVirt's path, unless `VIRT_LAUNCHER_CMD_AUTH_TOKEN`

@@ -600,7 +600,7 @@ fn launcherctl_finds_a_standalone_launcher_by_vm_name() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["state"], "Running", "{status}");
 
-    let (ok, console, err) = ctl(&["--vm", &vm, "--json", "console"]);
+    let (ok, console, err) = ctl(&["--vm", &vm, "--json", "console", "--log"]);
     assert!(ok, "{err}");
     let lines: Vec<serde_json::Value> = console
         .lines()

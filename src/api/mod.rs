@@ -412,7 +412,29 @@ impl LauncherApi for Service {
                 .console_log()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            launcher_log: crate::logging::file()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            // The serial socket beside its log (`virt-serial0` and `virt-serial0-log`).
+            console_socket: self
+                .core
+                .console_log()
+                .and_then(|p| {
+                    let name = p.file_name()?.to_str()?.strip_suffix("-log")?.to_string();
+                    Some(p.with_file_name(name).display().to_string())
+                })
+                .unwrap_or_default(),
         }))
+    }
+
+    async fn get_domain_xml(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<Response<pb::DomainXml>, Status> {
+        match within_deadline(&req, self.send(Command::DomainXml)).await? {
+            Reply::Xml(xml) => Ok(Response::new(pb::DomainXml { xml })),
+            r => Err(unexpected(r)),
+        }
     }
 
     async fn prepare_migration_target(

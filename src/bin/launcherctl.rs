@@ -49,19 +49,58 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         after: u64,
     },
-    /// Print the guest's serial console log; with --follow, keep printing what it adds;
-    /// with --json, one JSON object per line (`{"line": ...}`).
+    /// Attach to the guest's serial console (Ctrl-] detaches), or print its log (--log).
+    ///
+    /// As `virtctl console`: what you type goes to the guest, what it writes comes back;
+    /// Ctrl-] (byte 0x1d) detaches, as does the end of stdin. On a terminal, the terminal is
+    /// put in raw mode and restored on exit. With --log, print the console's log instead (what
+    /// the guest wrote since it started). With --json, the guest's output is one JSON object
+    /// per line (`{"line": ...}`), attached or not.
     Console {
+        /// Print the console log instead of attaching.
+        #[arg(long)]
+        log: bool,
+        /// With --log: keep printing what the guest adds (implies --log).
         #[arg(long, short)]
         follow: bool,
+    },
+    /// The live domain XML, as libvirt has it (as `virsh dumpxml` prints it).
+    Xml,
+    /// The launcher's own log (what it writes on stderr), as `kubectl logs` prints a
+    /// container's.
+    ///
+    /// The launcher keeps it in `<runtime dir>/launcher.log` (rotated to `launcher.log.1` at
+    /// --log-max-bytes), fresh at every start.
+    Logs {
+        /// Keep printing what the launcher adds (Ctrl-C to stop).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N lines (then follow from there with -f).
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+    },
+    /// Grow a volume's claim to SIZE, as when a PVC is resized; the guest sees it at once.
+    ///
+    /// The claim's capacity in the VMI's status becomes SIZE (what virt-controller records for
+    /// a grown claim) and the launcher grows the disk online: a Filesystem claim's disk.img to
+    /// SIZE less the filesystem overhead (5.5% unless the status gives filesystemOverhead).
+    /// Shrinking is refused.
+    Expand {
+        /// The VM's volume (a persistentVolumeClaim or dataVolume volume).
+        volume: String,
+        /// The claim's new capacity, a Kubernetes quantity (`2Gi`, `500M`).
+        #[arg(long, value_name = "SIZE")]
+        size: String,
     },
     /// Hot-plug a PVC (or DataVolume) as a disk: adds it to the VMI and syncs; a volume whose
     /// attach failed is retried.
     Attach {
+        /// The new volume's name (and its disk's).
         volume: String,
         /// The claim's name (default: the volume's name).
         #[arg(long)]
         claim: Option<String>,
+        /// The disk's bus: virtio or scsi.
         #[arg(long, default_value = "virtio")]
         bus: String,
         /// The volume is a DataVolume rather than a plain PVC.
@@ -71,10 +110,12 @@ enum Cmd {
     /// Sync the VMI in FILE (JSON or YAML, checked as `virt-launcher run` checks a file): the
     /// running VM is reconciled to it (hot-plug, unplug, expansion).
     Sync {
+        /// The VirtualMachineInstance file.
         file: PathBuf,
     },
     /// Hot-unplug a volume: removes it from the VMI and syncs (waits for the guest).
     Detach {
+        /// The hot-plugged volume's name.
         volume: String,
     },
     /// Pause the guest's CPUs (a paused VM stays paused).
@@ -89,20 +130,25 @@ enum Cmd {
     },
     /// Immediate power-off.
     Kill,
+    /// ACPI reboot request.
     Reboot,
     /// Freeze the guest's filesystems (guest agent); thawed automatically after --timeout.
     Freeze {
+        /// Seconds after which the filesystems are thawed if no unfreeze came.
         #[arg(long, default_value_t = 60)]
         timeout: u32,
     },
+    /// Thaw the guest's filesystems.
     Unfreeze,
     /// CPU, memory and per-disk I/O figures.
     Stats,
     /// Versions and capabilities.
     Info,
+    /// Whether the launcher answers.
     Ping,
     /// Ready this VM-less launcher to receive the VMI in FILE by live migration.
     PrepareTarget {
+        /// The VMI the source runs (JSON or YAML).
         vmi: PathBuf,
         /// The source launcher's control socket: its local (not shared) disks' sizes size the
         /// destination images a block migration copies into (created when missing).
@@ -117,15 +163,20 @@ enum Cmd {
         /// MiB/s (0: unlimited).
         #[arg(long, default_value_t = 0)]
         bandwidth: u64,
+        /// Allow switching to post-copy when pre-copy does not converge.
         #[arg(long)]
         post_copy: bool,
+        /// Allow QEMU to throttle the guest's CPUs so that the copy converges.
         #[arg(long)]
         auto_converge: bool,
-        /// Copy local (non-shared) disks.
+        /// Copy local (non-shared, e.g. ReadWriteOnce) disks to the target over NBD.
         #[arg(long)]
         block: bool,
+        /// Abort when the migration takes longer than this many seconds per GiB of guest
+        /// memory (0: no limit).
         #[arg(long, default_value_t = 0)]
         completion_timeout_per_gib: u64,
+        /// Abort when no progress is made for this many seconds (0: no limit).
         #[arg(long, default_value_t = 0)]
         progress_timeout: u64,
     },
@@ -279,7 +330,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Console { follow } => {
+        Cmd::Console { log, follow } => {
             let info = c
                 .info(pb::Empty {})
                 .await
@@ -288,8 +339,38 @@ async fn run(cli: Cli) -> Result<()> {
             if info.console_log.is_empty() {
                 bail!("no console yet: the launcher has not started a domain");
             }
-            tail(&PathBuf::from(info.console_log), follow, json)?;
+            if log || follow {
+                tail(&PathBuf::from(info.console_log), follow, json, None)?;
+            } else {
+                let name = c
+                    .get_domain(pb::Empty {})
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .name;
+                console::attach(&PathBuf::from(info.console_socket), &name, json)?;
+            }
         }
+        Cmd::Xml => {
+            let x = c
+                .get_domain_xml(pb::Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            out(json, json!({"xml": x.xml}), x.xml.trim_end());
+        }
+        Cmd::Logs { follow, tail: n } => {
+            let info = c
+                .info(pb::Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if info.launcher_log.is_empty() {
+                bail!("this launcher keeps no log file (its log is on its stderr only)");
+            }
+            tail(&PathBuf::from(info.launcher_log), follow, json, n)?;
+        }
+        Cmd::Expand { volume, size } => expand(&mut c, &volume, &size, json).await?,
         Cmd::Attach {
             volume,
             claim,
@@ -551,6 +632,17 @@ async fn run(cli: Cli) -> Result<()> {
             if !r.success {
                 bail!("migration failed");
             }
+            // Standalone: the source exits now and the target takes the VM's lock over; wait
+            // for that, so that the next `launcherctl --vm` reaches the target.
+            if let Some(vm) = &cli.vm {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while runtime_dir_of(vm).map(|d| d.join("launcher-sock") == socket)? {
+                    if std::time::Instant::now() > deadline {
+                        bail!("migrated, but the target has not taken VM {vm} over after 30 s");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
         Cmd::CancelMigration => done(
             c.cancel_migration(pb::Empty {})
@@ -752,15 +844,34 @@ fn print_event(e: &pb::Event, json: bool) {
     );
 }
 
-fn tail(path: &PathBuf, follow: bool, json: bool) -> Result<()> {
+/// Prints the file at `path` (only its last `last` lines if given); with `follow`, what is
+/// added to it, across truncation (a new boot) and rotation (a new file at `path`).
+fn tail(path: &PathBuf, follow: bool, json: bool, last: Option<usize>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     let mut stdout = std::io::stdout();
     let mut buf = Vec::new();
     // --json: whole lines only, each as {"line": ...}; a partial last line waits for its end.
     let mut partial = Vec::new();
+    let mut first = true;
     loop {
         buf.clear();
         f.read_to_end(&mut buf)?;
+        if let (true, Some(n)) = (std::mem::take(&mut first), last) {
+            let starts: Vec<usize> = std::iter::once(0)
+                .chain(
+                    buf.iter()
+                        .enumerate()
+                        .filter(|(i, b)| **b == b'\n' && i + 1 < buf.len())
+                        .map(|(i, _)| i + 1),
+                )
+                .collect();
+            let from = starts[starts.len().saturating_sub(n)..]
+                .first()
+                .copied()
+                .unwrap_or(0);
+            buf.drain(..if n == 0 { buf.len() } else { from });
+        }
         if json {
             partial.extend_from_slice(&buf);
             while let Some(i) = partial.iter().position(|b| *b == b'\n') {
@@ -783,10 +894,97 @@ fn tail(path: &PathBuf, follow: bool, json: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
         // Truncated (a new boot with append off): start over.
         let pos = f.stream_position()?;
-        if std::fs::metadata(path)?.len() < pos {
+        let now = std::fs::metadata(path)?;
+        if now.ino() != f.metadata()?.ino() {
+            // Rotated: the rest of the old file, then the new one from its start.
+            buf.clear();
+            f.read_to_end(&mut buf)?;
+            stdout.write_all(&buf)?;
+            f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+        } else if now.len() < pos {
             f.seek(SeekFrom::Start(0))?;
         }
     }
+}
+
+/// `launcherctl expand VOLUME --size SIZE`: the claim's capacity in the VMI's status, synced.
+async fn expand(
+    c: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>,
+    volume: &str,
+    size: &str,
+    json: bool,
+) -> Result<()> {
+    let bytes = virt_launcher::spec::parse_quantity(size)
+        .ok()
+        .map(|milli| milli / 1000)
+        .filter(|b| *b > 0)
+        .with_context(|| format!("--size {size:?}: not a size (a quantity such as 2Gi)"))?;
+    let mut vmi = current_vmi(c).await?;
+    let claim = vmi["spec"]["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == volume))
+        .and_then(|v| {
+            v["persistentVolumeClaim"]["claimName"]
+                .as_str()
+                .or(v["dataVolume"]["name"].as_str())
+        })
+        .map(str::to_string)
+        .with_context(|| {
+            format!("volume {volume}: not a persistentVolumeClaim or dataVolume volume of the VM")
+        })?;
+    let before = disk_size(c, volume).await?;
+    // As virt-controller records a claim that grew: status.volumeStatus[].
+    // persistentVolumeClaimInfo.capacity.storage (the entry made if the VMI has none).
+    let statuses = vmi["status"]["volumeStatus"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut statuses: Vec<Value> = statuses;
+    let i = match statuses.iter().position(|s| s["name"] == volume) {
+        Some(i) => i,
+        None => {
+            statuses.push(json!({"name": volume, "phase": "Ready"}));
+            statuses.len() - 1
+        }
+    };
+    let info = &mut statuses[i]["persistentVolumeClaimInfo"];
+    if !info.is_object() {
+        *info = json!({});
+    }
+    info["claimName"] = json!(claim);
+    info["capacity"]["storage"] = json!(size);
+    if !vmi["status"].is_object() {
+        vmi["status"] = json!({});
+    }
+    vmi["status"]["volumeStatus"] = Value::Array(statuses);
+    sync(c, &vmi).await?;
+    let after = disk_size(c, volume).await?;
+    out(
+        json,
+        json!({"volume": volume, "claim": claim, "capacity": size, "capacityBytes": bytes as u64, "sizeBytesBefore": before, "sizeBytes": after}),
+        &if after > before {
+            format!("volume {volume}: claim {claim} is {size}; the disk grew from {before} to {after} bytes")
+        } else {
+            format!("volume {volume}: claim {claim} is {size}; the disk stays {after} bytes (already that large, or larger than the capacity less the filesystem overhead)")
+        },
+    );
+    Ok(())
+}
+
+async fn disk_size(
+    c: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>,
+    volume: &str,
+) -> Result<u64> {
+    let d = c
+        .get_domain(pb::Empty {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    d.disks
+        .iter()
+        .find(|d| d.volume == volume)
+        .map(|d| d.size_bytes)
+        .with_context(|| format!("volume {volume}: not a disk of the running VM"))
 }
 
 /// `launcherctl snapshot NAME`: waits for the copy; the launcher logs its progress.
@@ -834,4 +1032,112 @@ async fn snapshot(
         ),
     );
     Ok(())
+}
+
+/// The interactive serial console (`launcherctl console`), as `virtctl console` is: stdin to
+/// the guest, the guest to stdout, Ctrl-] to detach.
+mod console {
+    use std::io::{IsTerminal, Read, Write};
+    use std::net::Shutdown;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+
+    use anyhow::{Context, Result};
+    use nix::sys::termios::{self, SetArg, Termios};
+    use serde_json::json;
+
+    /// Ctrl-], virtctl's escape sequence.
+    pub const DETACH: u8 = 0x1d;
+
+    /// The terminal's settings before raw mode; restored when dropped (on every way out).
+    struct RawMode(Termios);
+
+    impl RawMode {
+        fn enter() -> Result<RawMode> {
+            let stdin = std::io::stdin();
+            let saved = termios::tcgetattr(stdin.as_fd()).context("read the terminal's mode")?;
+            let mut raw = saved.clone();
+            termios::cfmakeraw(&mut raw);
+            termios::tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw)
+                .context("set the terminal to raw mode")?;
+            Ok(RawMode(saved))
+        }
+    }
+
+    impl Drop for RawMode {
+        fn drop(&mut self) {
+            let _ = termios::tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, &self.0);
+        }
+    }
+
+    /// Attaches to the console socket of domain `name` until Ctrl-], the end of stdin, or the
+    /// guest's side closing (the VM stopped).
+    pub fn attach(socket: &Path, name: &str, json: bool) -> Result<()> {
+        let stream = UnixStream::connect(socket).with_context(|| {
+            format!(
+                "cannot connect to the serial console at {}",
+                socket.display()
+            )
+        })?;
+        eprint!("Successfully connected to {name} console. The escape sequence is ^]\r\n");
+        let raw = if std::io::stdin().is_terminal() {
+            Some(RawMode::enter()?)
+        } else {
+            None
+        };
+        let mut to_guest = stream.try_clone().context("console socket")?;
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let chunk = &buf[..n];
+                if let Some(i) = chunk.iter().position(|b| *b == DETACH) {
+                    let _ = to_guest.write_all(&chunk[..i]);
+                    break;
+                }
+                if to_guest.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+            // Ends the reading side below too.
+            let _ = to_guest.shutdown(Shutdown::Both);
+        });
+        let mut from_guest = stream;
+        let mut stdout = std::io::stdout();
+        let mut buf = [0u8; 4096];
+        let mut partial: Vec<u8> = Vec::new();
+        let line = |bytes: &[u8]| {
+            let text = String::from_utf8_lossy(bytes);
+            json!({ "line": text.trim_end_matches(['\n', '\r']) }).to_string()
+        };
+        loop {
+            let n = match from_guest.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if json {
+                partial.extend_from_slice(&buf[..n]);
+                while let Some(i) = partial.iter().position(|b| *b == b'\n') {
+                    let l: Vec<u8> = partial.drain(..=i).collect();
+                    if writeln!(stdout, "{}", line(&l)).is_err() {
+                        return Ok(());
+                    }
+                }
+            } else if stdout.write_all(&buf[..n]).is_err() {
+                return Ok(());
+            }
+            let _ = stdout.flush();
+        }
+        if json && !partial.is_empty() {
+            let _ = writeln!(stdout, "{}", line(&partial));
+        }
+        drop(raw);
+        eprintln!();
+        Ok(())
+    }
 }

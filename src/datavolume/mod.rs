@@ -35,6 +35,7 @@ pub mod claim;
 pub mod container_disk;
 pub mod http;
 mod import;
+pub mod incoming;
 mod loopdev;
 mod progress;
 mod refs;
@@ -136,6 +137,9 @@ pub enum DataVolumeError {
     /// The import process's own error line (it names the DataVolume).
     #[error("{0}")]
     Import(String),
+    /// A migration target cannot have this claim (`run --migration-target`).
+    #[error("DataVolume {dv}: {reason}")]
+    Incoming { dv: String, reason: String },
     #[error("the import process {}: {reason}", path.display())]
     Importer { path: PathBuf, reason: String },
     #[error("volume {volume}: {}: {reason}", path.display())]

@@ -306,6 +306,25 @@ pub fn lock_vm(
     domain: &str,
     runtime_root: &Path,
 ) -> Result<Flock<File>, PodError> {
+    take_vm_lock(lock_dir, domain, runtime_root, false)
+}
+
+/// [`lock_vm`], waiting for the holder to let go: a migration target whose VM has arrived
+/// takes the VM's lock over from the source launcher as that one exits.
+pub fn lock_vm_when_free(
+    lock_dir: &Path,
+    domain: &str,
+    runtime_root: &Path,
+) -> Result<Flock<File>, PodError> {
+    take_vm_lock(lock_dir, domain, runtime_root, true)
+}
+
+fn take_vm_lock(
+    lock_dir: &Path,
+    domain: &str,
+    runtime_root: &Path,
+    wait: bool,
+) -> Result<Flock<File>, PodError> {
     fs::create_dir_all(lock_dir).map_err(io_err(lock_dir))?;
     // The name was validated as a Kubernetes name; still, never a path.
     let file_name = domain.replace(['/', '\0'], "_");
@@ -317,7 +336,12 @@ pub fn lock_vm(
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+    let how = if wait {
+        FlockArg::LockExclusive
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    match Flock::lock(file, how) {
         Ok(mut lock) => {
             lock.set_len(0).map_err(io_err(&path))?;
             lock.write_all(runtime_root.display().to_string().as_bytes())

@@ -48,6 +48,8 @@ pub enum Command {
     },
     /// libvirt's and QEMU's versions.
     Versions,
+    /// The live domain XML.
+    DomainXml,
     /// Get ready to receive `vmi` by migration (`disk_sizes`: volume to bytes, for block
     /// migration).
     PrepareMigrationTarget {
@@ -138,7 +140,11 @@ impl Command {
     pub(crate) fn is_exclusive(&self) -> bool {
         !matches!(
             self,
-            Command::Stats | Command::Versions | Command::Exec { .. } | Command::GuestPing { .. }
+            Command::Stats
+                | Command::Versions
+                | Command::DomainXml
+                | Command::Exec { .. }
+                | Command::GuestPing { .. }
         ) && !self.is_urgent()
     }
 
@@ -156,6 +162,7 @@ impl Command {
             Command::Exec { .. } => "Exec",
             Command::GuestPing { .. } => "GuestPing",
             Command::Versions => "Versions",
+            Command::DomainXml => "DomainXml",
             Command::PrepareMigrationTarget { .. } => "PrepareMigrationTarget",
             Command::Migrate { .. } => "Migrate",
             Command::CancelMigration => "CancelMigration",
@@ -193,6 +200,8 @@ pub enum Reply {
     },
     /// Where the prepared target listens.
     Target(TargetInfo),
+    /// The live domain XML.
+    Xml(String),
     /// How a command run in the guest ended.
     Exec(ExecOutcome),
     /// How the migration ended.

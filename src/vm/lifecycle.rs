@@ -477,6 +477,12 @@ impl Launcher {
         self.blocking(move |hv| hv.reset(&name)).await
     }
 
+    /// The live domain XML, as libvirt has it.
+    pub async fn domain_xml(&self) -> Result<String, ControlError> {
+        let name = self.domain_name()?;
+        self.blocking(move |hv| hv.xml(&name)).await
+    }
+
     pub async fn stats(&self) -> Result<(DomainStats, Vec<(String, String)>), ControlError> {
         let name = self.domain_name()?;
         let disks: Vec<(String, String)> = self

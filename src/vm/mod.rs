@@ -71,6 +71,10 @@ pub struct RunOptions {
     /// Warn when the guest writes nothing to its serial console for this long after the
     /// relay began (a guest that boots usually does); `None`: no warning.
     pub console_silence: Option<Duration>,
+    /// Standalone `run --migration-target`: `vmi` is not started but awaited by live
+    /// migration (the target prepared for it at once); the map sizes the destination images
+    /// a block migration copies into (volume name to bytes, as the source reports them).
+    pub incoming: Option<std::collections::HashMap<String, u64>>,
 }
 
 /// What the launcher does on SIGTERM once a domain runs.
@@ -95,6 +99,8 @@ pub enum SupervisorError {
     Libvirt(#[from] LibvirtError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error("cannot await the VM as a migration target: {0}")]
+    Prepare(ControlError),
     #[error("no domain was started within --qemu-timeout ({0:?})")]
     StartTimeout(Duration),
     #[error("internal task failed")]
@@ -239,8 +245,14 @@ impl Supervisor {
             ..
         } = self;
         let result = async {
-            if let Some(vmi) = opts.vmi.clone() {
-                core.sync(vmi).await?;
+            match (opts.vmi.clone(), opts.incoming.clone()) {
+                (Some(vmi), Some(disk_sizes)) => {
+                    core.prepare_migration_target(vmi, disk_sizes)
+                        .await
+                        .map_err(SupervisorError::Prepare)?;
+                }
+                (Some(vmi), None) => core.sync(vmi).await?,
+                (None, _) => {}
             }
             owner_loop(&core, &opts, relays, &mut inputs, &mut ledger).await
         }
@@ -485,7 +497,8 @@ async fn owner_loop(
             }
         };
         let start_timeout = async {
-            if core.has_started() {
+            // A prepared migration target waits for its VM as long as it takes to come.
+            if core.has_started() || core.awaiting_migration() {
                 std::future::pending::<()>().await
             } else {
                 tokio::time::sleep_until((launched + opts.qemu_timeout).into()).await
@@ -767,6 +780,7 @@ async fn execute(
             .await
             .map(Reply::Exec),
         Command::GuestPing { timeout } => core.guest_ping(timeout).await.map(|()| Reply::Done),
+        Command::DomainXml => core.domain_xml().await.map(Reply::Xml),
         Command::Versions => core
             .blocking(|hv| hv.versions())
             .await
