@@ -70,8 +70,10 @@ fn image(dir: &Path, mib: usize) -> Result<Vec<u8>> {
     Ok(q)
 }
 
+/// Runs `cmd` as a known child: the benchmark's orphan reaper leaves it to us (with a plain
+/// `Command::output` the reaper could take its exit status first: "No child processes").
 fn run_ok(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    let out = run_known(cmd)?;
     if !out.status.success() {
         bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }

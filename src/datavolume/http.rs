@@ -328,14 +328,7 @@ pub(crate) fn sparse_copy(
             }
         }
         // What arrived before a broken read is kept: a resume starts after it.
-        for block in buf[..filled].chunks(BLOCK) {
-            if block.iter().all(|b| *b == 0) {
-                dst.seek(SeekFrom::Current(block.len() as i64))
-                    .map_err(CopyError::Write)?;
-            } else {
-                dst.write_all(block).map_err(CopyError::Write)?;
-            }
-        }
+        write_sparse(dst, &buf[..filled]).map_err(CopyError::Write)?;
         if filled > 0 {
             on_progress(filled as u64);
         }
@@ -346,6 +339,38 @@ pub(crate) fn sparse_copy(
             return Ok(());
         }
     }
+}
+
+/// Write `data` at `dst`'s position, seeking over its all-zero 4 KiB blocks: one `write`
+/// per run of data blocks and one seek per run of zero blocks (a write per block cost 49 000
+/// syscalls for a 200 MiB image).
+fn write_sparse(dst: &mut File, data: &[u8]) -> io::Result<()> {
+    let mut start = 0;
+    while start < data.len() {
+        let zero = is_zero(&data[start..(start + BLOCK).min(data.len())]);
+        let mut end = start;
+        while end < data.len() {
+            let block = &data[end..(end + BLOCK).min(data.len())];
+            if is_zero(block) != zero {
+                break;
+            }
+            end += block.len();
+        }
+        if zero {
+            dst.seek(SeekFrom::Current((end - start) as i64))?;
+        } else {
+            dst.write_all(&data[start..end])?;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// All zero bytes? (Compared 16 bytes at a time.)
+fn is_zero(block: &[u8]) -> bool {
+    let mut words = block.chunks_exact(16);
+    words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
+        && words.remainder().iter().all(|b| *b == 0)
 }
 
 #[cfg(test)]
@@ -370,7 +395,25 @@ mod tests {
         assert_eq!(seen, data.len() as u64);
         out.set_len(seen).expect("len");
         assert_eq!(std::fs::read(&path).expect("read"), data);
+        // The zero runs are holes: a few 4 KiB blocks of data are allocated, not 3 MiB.
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&path).expect("stat").blocks() * 512;
+        assert!(allocated < CHUNK as u64, "{allocated} bytes allocated");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn zero_blocks_are_told_from_data_at_every_offset() {
+        assert!(is_zero(&[0u8; BLOCK]));
+        assert!(is_zero(&[0u8; 7]));
+        for i in [0, 15, 16, 17, BLOCK - 1] {
+            let mut b = [0u8; BLOCK];
+            b[i] = 1;
+            assert!(!is_zero(&b), "byte {i}");
+        }
+        let mut short = [0u8; 21];
+        short[20] = 1;
+        assert!(!is_zero(&short));
     }
 
     /// A read that fails midway keeps (and counts) what came before it.
