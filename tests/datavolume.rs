@@ -48,12 +48,15 @@ enum Route {
 }
 
 /// A tiny HTTP/1.1 server on 127.0.0.1, plain or TLS: GET only, one thread per connection,
-/// no keep-alive. Unknown paths get 404. Every request head is recorded.
+/// no keep-alive. Unknown paths get 404. Every request head is recorded. A path given an
+/// `ETag` ([`Server::etag`]) sends it, and answers a Range request whose `If-Range` names
+/// another tag with the whole file (200), as a server whose file changed does.
 struct Server {
     port: u16,
     tls: bool,
     routes: Arc<Mutex<HashMap<String, Route>>>,
     requests: Arc<Mutex<Vec<String>>>,
+    etags: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Server {
@@ -85,16 +88,17 @@ impl Server {
         let port = listener.local_addr().expect("addr").port();
         let routes: Arc<Mutex<HashMap<String, Route>>> = Arc::default();
         let requests: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (r, q) = (routes.clone(), requests.clone());
+        let etags: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let (r, q, e) = (routes.clone(), requests.clone(), etags.clone());
         let is_tls = tls.is_some();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (r, q, tls) = (r.clone(), q.clone(), tls.clone());
+                let (r, q, e, tls) = (r.clone(), q.clone(), e.clone(), tls.clone());
                 std::thread::spawn(move || {
                     let _ = match tls {
-                        None => serve(conn, &r, &q),
+                        None => serve(conn, &r, &q, &e),
                         Some(config) => match rustls::ServerConnection::new(config) {
-                            Ok(c) => serve(rustls::StreamOwned::new(c, conn), &r, &q),
+                            Ok(c) => serve(rustls::StreamOwned::new(c, conn), &r, &q, &e),
                             Err(_) => Ok(()),
                         },
                     };
@@ -106,7 +110,16 @@ impl Server {
             tls: is_tls,
             routes,
             requests,
+            etags,
         }
+    }
+
+    /// `path` sends `ETag: "<tag>"` from now on.
+    fn etag(&self, path: &str, tag: &str) {
+        self.etags
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), format!("\"{tag}\""));
     }
 
     fn url(&self, path: &str) -> String {
@@ -151,6 +164,7 @@ fn serve(
     conn: impl Read + Write,
     routes: &Mutex<HashMap<String, Route>>,
     requests: &Mutex<Vec<String>>,
+    etags: &Mutex<HashMap<String, String>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn);
     let mut request_line = String::new();
@@ -158,6 +172,7 @@ fn serve(
     let mut head = request_line.trim().to_string();
     let mut range_from: Option<usize> = None;
     let mut authorization = String::new();
+    let mut if_range: Option<String> = None;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
@@ -175,6 +190,9 @@ fn serve(
             if name == "authorization" {
                 authorization = value.to_string();
             }
+            if name == "if-range" {
+                if_range = Some(value.to_string());
+            }
         }
     }
     requests.lock().unwrap().push(head);
@@ -184,11 +202,20 @@ fn serve(
         .unwrap_or("/")
         .to_string();
     let route = routes.lock().unwrap().get(&path).cloned();
+    let etag = etags.lock().unwrap().get(&path).cloned();
+    let etag_line = etag
+        .as_ref()
+        .map(|t| format!("ETag: {t}\r\n"))
+        .unwrap_or_default();
+    // If-Range naming another version: the whole (changed) file.
+    if if_range.is_some() && if_range != etag {
+        range_from = None;
+    }
     // A GET has no body: what the reader buffered beyond the head is nothing.
     let mut out = reader.into_inner();
     let head = |len: usize| {
         format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\n{etag_line}Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
         )
     };
     let whole_or_range = |out: &mut dyn Write, data: &[u8]| -> std::io::Result<()> {
@@ -999,6 +1026,177 @@ fn interrupted_import_starts_over_and_reports_progress() {
     vm.stop();
     assert_disk_holds(&claim.join("disk.img"), &data, 30 * MIB);
     assert_eq!(entries(&claim), ["claim.json", "disk.img"]);
+}
+
+/// Random-looking data (not sparse) after the first 2 MiB of `raw_image(text, 8 MiB)`.
+fn busy_image(text: &str, seed: usize) -> Vec<u8> {
+    let mut data = raw_image(text, 8 * MIB);
+    for (i, b) in data[2 * MIB as usize..].iter_mut().enumerate() {
+        *b = ((i + seed).wrapping_mul(2_654_435_761) >> 13) as u8 | 1;
+    }
+    data
+}
+
+/// The resume record of claim `claim`'s interrupted download, once it shows at least
+/// `bytes` downloaded.
+fn wait_for_record(vm: &Vm, claim: &str, bytes: u64) -> serde_json::Value {
+    let path = vm.claim(claim).join(".import/download.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+            .filter(|v| v["bytes"].as_u64().is_some_and(|b| b >= bytes))
+        {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no resume record of {claim} with {bytes} bytes\n{}",
+            vm.pod.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills the launcher (and so its import) at once; no claim may look complete after.
+fn kill_mid_import(vm: &mut Vm, claims: &[&str]) {
+    vm.pod.signal(Signal::SIGKILL);
+    vm.pod.wait_exit(Duration::from_secs(10));
+    for c in claims {
+        let claim = vm.claim(c);
+        assert!(
+            !claim.join("disk.img").exists(),
+            "{c}: half-written disk.img"
+        );
+        assert!(
+            !claim.join("claim.json").exists(),
+            "{c}: claim marked complete"
+        );
+    }
+}
+
+/// The `Range` start and `If-Range` of a request head.
+fn range_of(head: &str) -> (Option<u64>, Option<String>) {
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::to_string)
+    };
+    (
+        header("range: bytes=").and_then(|r| r.strip_suffix('-').and_then(|r| r.parse().ok())),
+        header("if-range: "),
+    )
+}
+
+/// An https download killed midway (the launcher SIGKILLed, as by a crash or `kill -9`) is
+/// resumed by the next `run --vm` with a Range request from where its record says it stopped,
+/// `If-Range` naming the server's ETag; one whose file changed on the server in between (another
+/// ETag) comes back whole and is started over. Neither kill leaves a claim a VM would boot
+/// from; each claim ends holding exactly its (latest) source, and the guest reads both.
+#[test]
+fn killed_download_resumes_with_range_on_the_next_run() {
+    let mut vm = Vm::new("dv-resume");
+    let scratch = vm.pod.dir.join("scratch");
+    let pki = make_pki(&scratch, "resume");
+    let server = Server::start_tls(&pki.cert, &pki.key);
+    let first = Arc::new(busy_image("resumed-on-the-next-run", 1));
+    let second_old = Arc::new(busy_image("the-old-version", 2));
+    let second_new = Arc::new(busy_image("changed-on-the-server", 3));
+    // ~0.7 MiB/s: an 8 MiB import takes >10 s.
+    let slow = |data: &Arc<Vec<u8>>| Route::Slow {
+        data: data.clone(),
+        chunk: 64 << 10,
+        pause: Duration::from_millis(90),
+    };
+    server.route("/first.img", slow(&first));
+    server.etag("/first.img", "first-v1");
+    server.route("/second.img", slow(&second_old));
+    server.etag("/second.img", "second-v1");
+    let templates = remote_dv(
+        "first",
+        "http",
+        &server.url("/first.img"),
+        None,
+        Some("ca"),
+        &pvc("32Mi"),
+    ) + &remote_dv(
+        "second",
+        "http",
+        &server.url("/second.img"),
+        None,
+        Some("ca"),
+        &pvc("32Mi"),
+    );
+    vm.write(
+        &(ca_config_map("ca", &pki.ca)
+            + "---\n"
+            + &vm_yaml(
+                &vm.pod.name,
+                "lv.read=vda lv.read=vdb",
+                &templates,
+                &["first", "second"],
+            )),
+    );
+
+    // Run 1: killed while `first` downloads.
+    vm.start();
+    wait_for_record(&vm, "first", MIB);
+    kill_mid_import(&mut vm, &["first", "second"]);
+    let record = read_json(&vm.claim("first").join(".import/download.json"));
+    let stopped_at = record["bytes"].as_u64().unwrap();
+    assert_eq!(record["validator"], "\"first-v1\"", "{record}");
+    assert_eq!(record["total"], first.len() as u64, "{record}");
+    assert!(stopped_at < first.len() as u64, "{record}");
+    assert_eq!(server.hits("/first.img"), 1);
+
+    // Run 2: `first` resumes (fast now) and completes; killed while `second` downloads.
+    server.route("/first.img", Route::File(first.clone()));
+    vm.start();
+    wait_for_record(&vm, "second", MIB);
+    kill_mid_import(&mut vm, &["second"]);
+    assert!(
+        vm.claim("first").join("claim.json").exists(),
+        "{}",
+        vm.pod.dump()
+    );
+    let heads = server.heads("/first.img");
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    assert_eq!(
+        range_of(&heads[1]),
+        (Some(stopped_at), Some("\"first-v1\"".to_string())),
+        "{}",
+        heads[1]
+    );
+    let log = vm.pod.log();
+    assert!(log.contains("resuming its download"), "{log}");
+    assert!(
+        log.contains("resuming the download an earlier run left"),
+        "{log}"
+    );
+
+    // Run 3: `second` changed on the server meanwhile: the If-Range fails, the whole new file
+    // comes back and replaces the partial old one.
+    server.route("/second.img", Route::File(second_new.clone()));
+    server.etag("/second.img", "second-v2");
+    vm.start();
+    vm.pod
+        .wait_console("LV-READ vda resumed-on-the-next-run", BOOT);
+    vm.pod
+        .wait_console("LV-READ vdb changed-on-the-server", BOOT);
+    let log = vm.pod.log();
+    assert!(log.contains("starting the file over"), "{log}");
+    vm.stop();
+    let heads = server.heads("/second.img");
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    let (from, validator) = range_of(&heads[1]);
+    assert!(from.is_some_and(|f| f > 0), "{}", heads[1]);
+    assert_eq!(validator.as_deref(), Some("\"second-v1\""), "{}", heads[1]);
+    assert_disk_holds(&vm.claim("first").join("disk.img"), &first, 30 * MIB);
+    assert_disk_holds(&vm.claim("second").join("disk.img"), &second_new, 30 * MIB);
+    for c in ["first", "second"] {
+        assert_eq!(entries(&vm.claim(c)), ["claim.json", "disk.img"], "{c}");
+    }
 }
 
 /// Bad sources and images: one error line naming the DataVolume and the problem, a failed exit,
