@@ -1535,6 +1535,44 @@ fn make_pki(dir: &Path, name: &str) -> Pki {
     }
 }
 
+/// A certificate for 127.0.0.1 (the key of [`make_pki`]'s `srv.key`) signed by `name`'s CA,
+/// valid only on 1 January 2020 (`openssl ca` with explicit dates). Call after `make_pki`.
+fn expired_cert(dir: &Path, name: &str) -> Vec<u8> {
+    let dir = dir.join(format!("pki-{name}"));
+    fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n",
+    )
+    .unwrap();
+    fs::write(dir.join("index.txt"), "").unwrap();
+    fs::write(dir.join("serial"), "1000\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca.pem",
+            "-keyfile",
+            "ca.key",
+            "-in",
+            "srv.csr",
+            "-out",
+            "expired.pem",
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+            "-extfile",
+            "ext.cnf",
+            "-notext",
+        ],
+    );
+    fs::read(dir.join("expired.pem")).unwrap()
+}
+
 /// A self-signed server certificate for 127.0.0.1 (no CA anywhere).
 fn self_signed(dir: &Path) -> Pki {
     let dir = dir.join("pki-self");
@@ -1821,11 +1859,14 @@ fn bad_https_and_s3_input_is_named_and_leaves_no_claim() {
     let good = make_pki(&scratch, "good");
     let other = make_pki(&scratch, "other");
     let selfsigned = self_signed(&scratch);
+    let expired = expired_cert(&scratch, "good");
     let server = Server::start_tls(&good.cert, &good.key);
     let self_server = Server::start_tls(&selfsigned.cert, &selfsigned.key);
+    let expired_server = Server::start_tls(&expired, &good.key);
     let raw = raw_image("bad", 4 * MIB);
     let url = server.file("/disk.img", raw.clone());
     let self_url = self_server.file("/disk.img", raw.clone());
+    let expired_url = expired_server.file("/disk.img", raw.clone());
     server.route(
         "/auth.img",
         Route::Auth {
@@ -1855,6 +1896,12 @@ fn bad_https_and_s3_input_is_named_and_leaves_no_claim() {
     };
     let s3 = |u: &str, secret: Option<&str>| remote_dv("bad", "s3", u, secret, None, &pvc("32Mi"));
     let cases: Vec<(&str, String, String, &str)> = vec![
+        (
+            "expired certificate (its CA trusted)",
+            good_ca.clone(),
+            http(&expired_url, None, Some("ca")),
+            "TLS: invalid peer certificate: certificate expired",
+        ),
         (
             "wrong CA",
             ca_config_map("ca", &other.ca),
