@@ -15,6 +15,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1737,6 +1738,126 @@ fn remote_dv(
         t += &format!("            certConfigMap: {c}\n");
     }
     t + storage
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a local server (moto): each request head is recorded
+/// (lower-case) and passed on; the response comes back 64 KiB every 90 ms while `slow` is set.
+struct SlowProxy {
+    port: u16,
+    slow: Arc<AtomicBool>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl SlowProxy {
+    fn start(upstream: u16) -> SlowProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = listener.local_addr().expect("addr").port();
+        let slow = Arc::new(AtomicBool::new(true));
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (s, h) = (slow.clone(), heads.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (s, h) = (s.clone(), h.clone());
+                std::thread::spawn(move || {
+                    let _ = relay(conn, upstream, &s, &h);
+                });
+            }
+        });
+        SlowProxy { port, slow, heads }
+    }
+
+    fn gets(&self) -> Vec<String> {
+        let heads = self.heads.lock().unwrap();
+        heads
+            .iter()
+            .filter(|h| h.starts_with("get "))
+            .cloned()
+            .collect()
+    }
+}
+
+/// One request (a GET: a head, no body) to `upstream`, its response back to `client`.
+fn relay(
+    client: TcpStream,
+    upstream: u16,
+    slow: &AtomicBool,
+    heads: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        head += &line;
+        if line == "\r\n" {
+            break;
+        }
+    }
+    heads.lock().unwrap().push(head.to_ascii_lowercase());
+    let mut server = TcpStream::connect(("127.0.0.1", upstream))?;
+    server.write_all(head.as_bytes())?;
+    let mut client = client;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = server.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        client.write_all(&buf[..n])?;
+        if slow.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(90));
+        }
+    }
+}
+
+/// The same for an `s3` source (moto, SigV4, behind [`SlowProxy`]): killed mid-download, the
+/// next run asks moto for the rest only (a signed GET with `Range` from the recorded byte) and
+/// the claim holds exactly the object.
+#[test]
+fn killed_s3_download_resumes_on_the_next_run() {
+    let mut vm = Vm::new("dv-s3resume");
+    let data = busy_image("s3-resumed-on-the-next-run", 4);
+    let moto = Moto::start(&vm.pod.dir, &[("images", "disk.img", data.as_slice())]);
+    let proxy = SlowProxy::start(moto.port);
+    let url = format!("http://127.0.0.1:{}/images/disk.img", proxy.port);
+    vm.write(
+        &(vm_yaml(
+            &vm.pod.name,
+            "lv.read=vda",
+            &remote_dv("bucket", "s3", &url, Some("s3-creds"), None, &pvc("32Mi")),
+            &["bucket"],
+        ) + &secret_doc("s3-creds", &moto.key_id, &moto.secret)),
+    );
+    vm.start();
+    wait_for_record(&vm, "bucket", MIB);
+    kill_mid_import(&mut vm, &["bucket"]);
+    let record = read_json(&vm.claim("bucket").join(".import/download.json"));
+    let stopped_at = record["bytes"].as_u64().unwrap();
+    assert!(stopped_at < data.len() as u64, "{record}");
+    let validator = record["validator"].as_str().unwrap().to_ascii_lowercase();
+
+    proxy.slow.store(false, Ordering::SeqCst);
+    vm.start();
+    vm.pod
+        .wait_console("LV-READ vda s3-resumed-on-the-next-run", BOOT);
+    vm.stop();
+    let gets = proxy.gets();
+    assert_eq!(gets.len(), 2, "{gets:#?}");
+    assert_eq!(
+        range_of(&gets[1]),
+        (Some(stopped_at), Some(validator)),
+        "{}",
+        gets[1]
+    );
+    assert!(
+        gets[1].contains("authorization: aws4-hmac-sha256"),
+        "{}",
+        gets[1]
+    );
+    assert_disk_holds(&vm.claim("bucket").join("disk.img"), &data, 30 * MIB);
+    assert_eq!(entries(&vm.claim("bucket")), ["claim.json", "disk.img"]);
 }
 
 /// https with a CA from the manifest's ConfigMap and basic auth from its Secret, an S3 object
