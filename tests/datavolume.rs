@@ -958,7 +958,8 @@ fn a_bad_vm_fails_before_any_import_naming_its_template_path() {
 }
 
 /// An import killed mid-download leaves no disk the VM could boot from; the next run starts
-/// over and completes. Progress goes to the log as JSON lines with bytes, total, rate and ETA.
+/// over and completes (this server sends no ETag or Last-Modified: nothing to check a resumed
+/// file against; see `killed_download_resumes_with_range_on_the_next_run`). Progress goes to the log as JSON lines with bytes, total, rate and ETA.
 #[test]
 fn interrupted_import_starts_over_and_reports_progress() {
     let mut vm = Vm::new("dv-interrupt");
