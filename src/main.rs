@@ -508,6 +508,9 @@ fn run(args: RunArgs) -> Result<i32> {
                     };
                     // Pulled in `virt-launcher-import` (the TLS stack stays out of our memory),
                     // which leaves the links for us to own.
+                    // The runtime root is made (again, idempotently) with the daemons'
+                    // directories below; the VMI for the import process goes there already.
+                    layout.create()?;
                     let vmi_file = layout.root().join("container-disks-vmi.json");
                     std::fs::write(&vmi_file, serde_json::to_vec(v)?)
                         .with_context(|| vmi_file.display().to_string())?;

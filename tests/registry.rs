@@ -873,7 +873,7 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
             "missing Secret",
             format!("docker://{host}/disks/guest:v1"),
             String::new(),
-            "secretRef: Secret default/reg-creds is not in",
+            "secretRef: Secret \"reg-creds\" is not in",
         ),
         (
             "larger than the claim",
@@ -918,11 +918,11 @@ fn registry_bad_input_names_the_datavolume_and_leaves_nothing() {
     for (doc, want) in [
         (
             String::new(),
-            "certConfigMap: ConfigMap default/reg-ca is not in",
+            "certConfigMap: ConfigMap \"reg-ca\" is not in",
         ),
         (
-            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: reg-ca\ndata:\n  ca.crt: nonsense\n".to_string(),
-            "certConfigMap: ConfigMap default/reg-ca holds no PEM certificate",
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: reg-ca\ndata:\n  ca.pem: nonsense\n".to_string(),
+            "certConfigMap: ca.pem of ConfigMap \"reg-ca\" holds no PEM certificate",
         ),
     ] {
         let dv = registry_dv(&format!("docker://{host}/disks/guest:v1"), Some("reg-creds"), "32Mi")
