@@ -15,6 +15,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,12 +49,15 @@ enum Route {
 }
 
 /// A tiny HTTP/1.1 server on 127.0.0.1, plain or TLS: GET only, one thread per connection,
-/// no keep-alive. Unknown paths get 404. Every request head is recorded.
+/// no keep-alive. Unknown paths get 404. Every request head is recorded. A path given an
+/// `ETag` ([`Server::etag`]) sends it, and answers a Range request whose `If-Range` names
+/// another tag with the whole file (200), as a server whose file changed does.
 struct Server {
     port: u16,
     tls: bool,
     routes: Arc<Mutex<HashMap<String, Route>>>,
     requests: Arc<Mutex<Vec<String>>>,
+    etags: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Server {
@@ -85,16 +89,17 @@ impl Server {
         let port = listener.local_addr().expect("addr").port();
         let routes: Arc<Mutex<HashMap<String, Route>>> = Arc::default();
         let requests: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (r, q) = (routes.clone(), requests.clone());
+        let etags: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let (r, q, e) = (routes.clone(), requests.clone(), etags.clone());
         let is_tls = tls.is_some();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (r, q, tls) = (r.clone(), q.clone(), tls.clone());
+                let (r, q, e, tls) = (r.clone(), q.clone(), e.clone(), tls.clone());
                 std::thread::spawn(move || {
                     let _ = match tls {
-                        None => serve(conn, &r, &q),
+                        None => serve(conn, &r, &q, &e),
                         Some(config) => match rustls::ServerConnection::new(config) {
-                            Ok(c) => serve(rustls::StreamOwned::new(c, conn), &r, &q),
+                            Ok(c) => serve(rustls::StreamOwned::new(c, conn), &r, &q, &e),
                             Err(_) => Ok(()),
                         },
                     };
@@ -106,7 +111,16 @@ impl Server {
             tls: is_tls,
             routes,
             requests,
+            etags,
         }
+    }
+
+    /// `path` sends `ETag: "<tag>"` from now on.
+    fn etag(&self, path: &str, tag: &str) {
+        self.etags
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), format!("\"{tag}\""));
     }
 
     fn url(&self, path: &str) -> String {
@@ -151,6 +165,7 @@ fn serve(
     conn: impl Read + Write,
     routes: &Mutex<HashMap<String, Route>>,
     requests: &Mutex<Vec<String>>,
+    etags: &Mutex<HashMap<String, String>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn);
     let mut request_line = String::new();
@@ -158,6 +173,7 @@ fn serve(
     let mut head = request_line.trim().to_string();
     let mut range_from: Option<usize> = None;
     let mut authorization = String::new();
+    let mut if_range: Option<String> = None;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
@@ -175,6 +191,9 @@ fn serve(
             if name == "authorization" {
                 authorization = value.to_string();
             }
+            if name == "if-range" {
+                if_range = Some(value.to_string());
+            }
         }
     }
     requests.lock().unwrap().push(head);
@@ -184,11 +203,20 @@ fn serve(
         .unwrap_or("/")
         .to_string();
     let route = routes.lock().unwrap().get(&path).cloned();
+    let etag = etags.lock().unwrap().get(&path).cloned();
+    let etag_line = etag
+        .as_ref()
+        .map(|t| format!("ETag: {t}\r\n"))
+        .unwrap_or_default();
+    // If-Range naming another version: the whole (changed) file.
+    if if_range.is_some() && if_range != etag {
+        range_from = None;
+    }
     // A GET has no body: what the reader buffered beyond the head is nothing.
     let mut out = reader.into_inner();
     let head = |len: usize| {
         format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\n{etag_line}Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
         )
     };
     let whole_or_range = |out: &mut dyn Write, data: &[u8]| -> std::io::Result<()> {
@@ -930,7 +958,8 @@ fn a_bad_vm_fails_before_any_import_naming_its_template_path() {
 }
 
 /// An import killed mid-download leaves no disk the VM could boot from; the next run starts
-/// over and completes. Progress goes to the log as JSON lines with bytes, total, rate and ETA.
+/// over and completes (this server sends no ETag or Last-Modified: nothing to check a resumed
+/// file against; see `killed_download_resumes_with_range_on_the_next_run`). Progress goes to the log as JSON lines with bytes, total, rate and ETA.
 #[test]
 fn interrupted_import_starts_over_and_reports_progress() {
     let mut vm = Vm::new("dv-interrupt");
@@ -999,6 +1028,177 @@ fn interrupted_import_starts_over_and_reports_progress() {
     vm.stop();
     assert_disk_holds(&claim.join("disk.img"), &data, 30 * MIB);
     assert_eq!(entries(&claim), ["claim.json", "disk.img"]);
+}
+
+/// Random-looking data (not sparse) after the first 2 MiB of `raw_image(text, 8 MiB)`.
+fn busy_image(text: &str, seed: usize) -> Vec<u8> {
+    let mut data = raw_image(text, 8 * MIB);
+    for (i, b) in data[2 * MIB as usize..].iter_mut().enumerate() {
+        *b = ((i + seed).wrapping_mul(2_654_435_761) >> 13) as u8 | 1;
+    }
+    data
+}
+
+/// The resume record of claim `claim`'s interrupted download, once it shows at least
+/// `bytes` downloaded.
+fn wait_for_record(vm: &Vm, claim: &str, bytes: u64) -> serde_json::Value {
+    let path = vm.claim(claim).join(".import/download.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = fs::read(&path)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+            .filter(|v| v["bytes"].as_u64().is_some_and(|b| b >= bytes))
+        {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no resume record of {claim} with {bytes} bytes\n{}",
+            vm.pod.dump()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Kills the launcher (and so its import) at once; no claim may look complete after.
+fn kill_mid_import(vm: &mut Vm, claims: &[&str]) {
+    vm.pod.signal(Signal::SIGKILL);
+    vm.pod.wait_exit(Duration::from_secs(10));
+    for c in claims {
+        let claim = vm.claim(c);
+        assert!(
+            !claim.join("disk.img").exists(),
+            "{c}: half-written disk.img"
+        );
+        assert!(
+            !claim.join("claim.json").exists(),
+            "{c}: claim marked complete"
+        );
+    }
+}
+
+/// The `Range` start and `If-Range` of a request head.
+fn range_of(head: &str) -> (Option<u64>, Option<String>) {
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::to_string)
+    };
+    (
+        header("range: bytes=").and_then(|r| r.strip_suffix('-').and_then(|r| r.parse().ok())),
+        header("if-range: "),
+    )
+}
+
+/// An https download killed midway (the launcher SIGKILLed, as by a crash or `kill -9`) is
+/// resumed by the next `run --vm` with a Range request from where its record says it stopped,
+/// `If-Range` naming the server's ETag; one whose file changed on the server in between (another
+/// ETag) comes back whole and is started over. Neither kill leaves a claim a VM would boot
+/// from; each claim ends holding exactly its (latest) source, and the guest reads both.
+#[test]
+fn killed_download_resumes_with_range_on_the_next_run() {
+    let mut vm = Vm::new("dv-resume");
+    let scratch = vm.pod.dir.join("scratch");
+    let pki = make_pki(&scratch, "resume");
+    let server = Server::start_tls(&pki.cert, &pki.key);
+    let first = Arc::new(busy_image("resumed-on-the-next-run", 1));
+    let second_old = Arc::new(busy_image("the-old-version", 2));
+    let second_new = Arc::new(busy_image("changed-on-the-server", 3));
+    // ~0.7 MiB/s: an 8 MiB import takes >10 s.
+    let slow = |data: &Arc<Vec<u8>>| Route::Slow {
+        data: data.clone(),
+        chunk: 64 << 10,
+        pause: Duration::from_millis(90),
+    };
+    server.route("/first.img", slow(&first));
+    server.etag("/first.img", "first-v1");
+    server.route("/second.img", slow(&second_old));
+    server.etag("/second.img", "second-v1");
+    let templates = remote_dv(
+        "first",
+        "http",
+        &server.url("/first.img"),
+        None,
+        Some("ca"),
+        &pvc("32Mi"),
+    ) + &remote_dv(
+        "second",
+        "http",
+        &server.url("/second.img"),
+        None,
+        Some("ca"),
+        &pvc("32Mi"),
+    );
+    vm.write(
+        &(ca_config_map("ca", &pki.ca)
+            + "---\n"
+            + &vm_yaml(
+                &vm.pod.name,
+                "lv.read=vda lv.read=vdb",
+                &templates,
+                &["first", "second"],
+            )),
+    );
+
+    // Run 1: killed while `first` downloads.
+    vm.start();
+    wait_for_record(&vm, "first", MIB);
+    kill_mid_import(&mut vm, &["first", "second"]);
+    let record = read_json(&vm.claim("first").join(".import/download.json"));
+    let stopped_at = record["bytes"].as_u64().unwrap();
+    assert_eq!(record["validator"], "\"first-v1\"", "{record}");
+    assert_eq!(record["total"], first.len() as u64, "{record}");
+    assert!(stopped_at < first.len() as u64, "{record}");
+    assert_eq!(server.hits("/first.img"), 1);
+
+    // Run 2: `first` resumes (fast now) and completes; killed while `second` downloads.
+    server.route("/first.img", Route::File(first.clone()));
+    vm.start();
+    wait_for_record(&vm, "second", MIB);
+    kill_mid_import(&mut vm, &["second"]);
+    assert!(
+        vm.claim("first").join("claim.json").exists(),
+        "{}",
+        vm.pod.dump()
+    );
+    let heads = server.heads("/first.img");
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    assert_eq!(
+        range_of(&heads[1]),
+        (Some(stopped_at), Some("\"first-v1\"".to_string())),
+        "{}",
+        heads[1]
+    );
+    let log = vm.pod.log();
+    assert!(log.contains("resuming its download"), "{log}");
+    assert!(
+        log.contains("resuming the download an earlier run left"),
+        "{log}"
+    );
+
+    // Run 3: `second` changed on the server meanwhile: the If-Range fails, the whole new file
+    // comes back and replaces the partial old one.
+    server.route("/second.img", Route::File(second_new.clone()));
+    server.etag("/second.img", "second-v2");
+    vm.start();
+    vm.pod
+        .wait_console("LV-READ vda resumed-on-the-next-run", BOOT);
+    vm.pod
+        .wait_console("LV-READ vdb changed-on-the-server", BOOT);
+    let log = vm.pod.log();
+    assert!(log.contains("starting the file over"), "{log}");
+    vm.stop();
+    let heads = server.heads("/second.img");
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    let (from, validator) = range_of(&heads[1]);
+    assert!(from.is_some_and(|f| f > 0), "{}", heads[1]);
+    assert_eq!(validator.as_deref(), Some("\"second-v1\""), "{}", heads[1]);
+    assert_disk_holds(&vm.claim("first").join("disk.img"), &first, 30 * MIB);
+    assert_disk_holds(&vm.claim("second").join("disk.img"), &second_new, 30 * MIB);
+    for c in ["first", "second"] {
+        assert_eq!(entries(&vm.claim(c)), ["claim.json", "disk.img"], "{c}");
+    }
 }
 
 /// Bad sources and images: one error line naming the DataVolume and the problem, a failed exit,
@@ -1337,6 +1537,44 @@ fn make_pki(dir: &Path, name: &str) -> Pki {
     }
 }
 
+/// A certificate for 127.0.0.1 (the key of [`make_pki`]'s `srv.key`) signed by `name`'s CA,
+/// valid only on 1 January 2020 (`openssl ca` with explicit dates). Call after `make_pki`.
+fn expired_cert(dir: &Path, name: &str) -> Vec<u8> {
+    let dir = dir.join(format!("pki-{name}"));
+    fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n",
+    )
+    .unwrap();
+    fs::write(dir.join("index.txt"), "").unwrap();
+    fs::write(dir.join("serial"), "1000\n").unwrap();
+    openssl(
+        &dir,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca.pem",
+            "-keyfile",
+            "ca.key",
+            "-in",
+            "srv.csr",
+            "-out",
+            "expired.pem",
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+            "-extfile",
+            "ext.cnf",
+            "-notext",
+        ],
+    );
+    fs::read(dir.join("expired.pem")).unwrap()
+}
+
 /// A self-signed server certificate for 127.0.0.1 (no CA anywhere).
 fn self_signed(dir: &Path) -> Pki {
     let dir = dir.join("pki-self");
@@ -1503,6 +1741,126 @@ fn remote_dv(
     t + storage
 }
 
+/// A TCP proxy on 127.0.0.1 in front of a local server (moto): each request head is recorded
+/// (lower-case) and passed on; the response comes back 64 KiB every 90 ms while `slow` is set.
+struct SlowProxy {
+    port: u16,
+    slow: Arc<AtomicBool>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl SlowProxy {
+    fn start(upstream: u16) -> SlowProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = listener.local_addr().expect("addr").port();
+        let slow = Arc::new(AtomicBool::new(true));
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (s, h) = (slow.clone(), heads.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (s, h) = (s.clone(), h.clone());
+                std::thread::spawn(move || {
+                    let _ = relay(conn, upstream, &s, &h);
+                });
+            }
+        });
+        SlowProxy { port, slow, heads }
+    }
+
+    fn gets(&self) -> Vec<String> {
+        let heads = self.heads.lock().unwrap();
+        heads
+            .iter()
+            .filter(|h| h.starts_with("get "))
+            .cloned()
+            .collect()
+    }
+}
+
+/// One request (a GET: a head, no body) to `upstream`, its response back to `client`.
+fn relay(
+    client: TcpStream,
+    upstream: u16,
+    slow: &AtomicBool,
+    heads: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        head += &line;
+        if line == "\r\n" {
+            break;
+        }
+    }
+    heads.lock().unwrap().push(head.to_ascii_lowercase());
+    let mut server = TcpStream::connect(("127.0.0.1", upstream))?;
+    server.write_all(head.as_bytes())?;
+    let mut client = client;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = server.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        client.write_all(&buf[..n])?;
+        if slow.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(90));
+        }
+    }
+}
+
+/// The same for an `s3` source (moto, SigV4, behind [`SlowProxy`]): killed mid-download, the
+/// next run asks moto for the rest only (a signed GET with `Range` from the recorded byte) and
+/// the claim holds exactly the object.
+#[test]
+fn killed_s3_download_resumes_on_the_next_run() {
+    let mut vm = Vm::new("dv-s3resume");
+    let data = busy_image("s3-resumed-on-the-next-run", 4);
+    let moto = Moto::start(&vm.pod.dir, &[("images", "disk.img", data.as_slice())]);
+    let proxy = SlowProxy::start(moto.port);
+    let url = format!("http://127.0.0.1:{}/images/disk.img", proxy.port);
+    vm.write(
+        &(vm_yaml(
+            &vm.pod.name,
+            "lv.read=vda",
+            &remote_dv("bucket", "s3", &url, Some("s3-creds"), None, &pvc("32Mi")),
+            &["bucket"],
+        ) + &secret_doc("s3-creds", &moto.key_id, &moto.secret)),
+    );
+    vm.start();
+    wait_for_record(&vm, "bucket", MIB);
+    kill_mid_import(&mut vm, &["bucket"]);
+    let record = read_json(&vm.claim("bucket").join(".import/download.json"));
+    let stopped_at = record["bytes"].as_u64().unwrap();
+    assert!(stopped_at < data.len() as u64, "{record}");
+    let validator = record["validator"].as_str().unwrap().to_ascii_lowercase();
+
+    proxy.slow.store(false, Ordering::SeqCst);
+    vm.start();
+    vm.pod
+        .wait_console("LV-READ vda s3-resumed-on-the-next-run", BOOT);
+    vm.stop();
+    let gets = proxy.gets();
+    assert_eq!(gets.len(), 2, "{gets:#?}");
+    assert_eq!(
+        range_of(&gets[1]),
+        (Some(stopped_at), Some(validator)),
+        "{}",
+        gets[1]
+    );
+    assert!(
+        gets[1].contains("authorization: aws4-hmac-sha256"),
+        "{}",
+        gets[1]
+    );
+    assert_disk_holds(&vm.claim("bucket").join("disk.img"), &data, 30 * MIB);
+    assert_eq!(entries(&vm.claim("bucket")), ["claim.json", "disk.img"]);
+}
+
 /// https with a CA from the manifest's ConfigMap and basic auth from its Secret, an S3 object
 /// (moto, SigV4 by the Secret's keys), and an https download that breaks midway and is
 /// resumed with a Range request: each claim holds exactly its source and the guest reads all
@@ -1623,11 +1981,14 @@ fn bad_https_and_s3_input_is_named_and_leaves_no_claim() {
     let good = make_pki(&scratch, "good");
     let other = make_pki(&scratch, "other");
     let selfsigned = self_signed(&scratch);
+    let expired = expired_cert(&scratch, "good");
     let server = Server::start_tls(&good.cert, &good.key);
     let self_server = Server::start_tls(&selfsigned.cert, &selfsigned.key);
+    let expired_server = Server::start_tls(&expired, &good.key);
     let raw = raw_image("bad", 4 * MIB);
     let url = server.file("/disk.img", raw.clone());
     let self_url = self_server.file("/disk.img", raw.clone());
+    let expired_url = expired_server.file("/disk.img", raw.clone());
     server.route(
         "/auth.img",
         Route::Auth {
@@ -1657,6 +2018,12 @@ fn bad_https_and_s3_input_is_named_and_leaves_no_claim() {
     };
     let s3 = |u: &str, secret: Option<&str>| remote_dv("bad", "s3", u, secret, None, &pvc("32Mi"));
     let cases: Vec<(&str, String, String, &str)> = vec![
+        (
+            "expired certificate (its CA trusted)",
+            good_ca.clone(),
+            http(&expired_url, None, Some("ca")),
+            "TLS: invalid peer certificate: certificate expired",
+        ),
         (
             "wrong CA",
             ca_config_map("ca", &other.ca),

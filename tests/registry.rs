@@ -1045,7 +1045,7 @@ fn container_disk_is_pulled_cached_and_ephemeral() {
             // Not loopback: https (`.invalid` never resolves).
             "registry.invalid/disks/cd:v1".to_string(),
             "",
-            "registry registry.invalid unreachable",
+            "registry https://registry.invalid unreachable",
         ),
     ] {
         run.write(&vmi("", &image, policy));

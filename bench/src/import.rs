@@ -55,23 +55,22 @@ fn image(dir: &Path, mib: usize) -> Result<Vec<u8>> {
     let dst = dir.join("src.qcow2");
     fs::write(&src, &raw).context("write the raw image")?;
     drop(raw);
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(&src)
-        .arg(&dst)
-        .output()
-        .context("qemu-img")?;
-    if !out.status.success() {
-        bail!("qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&src)
+            .arg(&dst),
+    )?;
     let q = fs::read(&dst).context("read the qcow2 image")?;
     fs::remove_file(&src).ok();
     fs::remove_file(&dst).ok();
     Ok(q)
 }
 
+/// Runs `cmd` as a known child: the benchmark's orphan reaper leaves it to us (with a plain
+/// `Command::output` the reaper could take its exit status first: "No child processes").
 fn run_ok(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    let out = run_known(cmd)?;
     if !out.status.success() {
         bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }

@@ -30,7 +30,15 @@ pub(crate) struct Job<'a> {
     pub staging: &'a Path,
     /// Where the claim's usable size comes from (for "too large" errors).
     pub size_hint: &'a str,
+    /// The DataVolume's `spec.source` as written, when a download it makes may be resumed by
+    /// a later run (http and s3 sources).
+    pub source: Option<&'a serde_json::Value>,
 }
+
+/// The downloaded file in the staging directory, and its resume record
+/// ([`http::Partial`]): the two things an interrupted import leaves for the next run.
+pub(crate) const DOWNLOAD: &str = "download";
+pub(crate) const RESUME_RECORD: &str = "download.json";
 
 impl Job<'_> {
     fn io(&self, path: &Path) -> impl FnOnce(io::Error) -> DataVolumeError {
@@ -106,11 +114,17 @@ fn download(
         url: shown_url.to_string(),
         reason,
     };
+    let record_path = job.staging.join(RESUME_RECORD);
     let mut progress: Option<Progress> = None;
-    let written = http::fetch(agent, source, dest, |done, total| {
-        progress
-            .get_or_insert_with(|| Progress::new(job.dv, "download", total, job.style))
-            .set(done)
+    let record = job.source.map(|source| http::ResumeRecord {
+        path: &record_path,
+        source,
+    });
+    let written = http::fetch(agent, source, dest, record.as_ref(), |done, total| {
+        let p = progress
+            .get_or_insert_with(|| Progress::resumed(job.dv, "download", total, done, job.style));
+        p.set_total(total);
+        p.set(done)
     })
     .map_err(|e| match e {
         FetchError::Remote(reason) => fail(reason),
@@ -338,7 +352,7 @@ pub(crate) fn from_remote(
     source: &dyn RequestSource,
     target: u64,
 ) -> Result<PathBuf, DataVolumeError> {
-    let current = job.staging.join("download");
+    let current = job.staging.join(DOWNLOAD);
     let size = download(job, shown_url, agent, source, &current)?;
     tracing::info!(
         dataVolume = job.dv,

@@ -23,9 +23,13 @@
 //!
 //! Crash safety: an import works in `<claim>/.import/` and renames the finished, fsynced image
 //! into place, then writes `claim.json` (atomically) last. A claim is complete exactly when
-//! `claim.json` exists; an interrupted import is started over from scratch on the next run.
-//! A failed import removes its scratch files, and the claim directory too if the import
-//! created it, so the claim is left as it was.
+//! `claim.json` exists. An interrupted import (killed, or the launcher stopped) is done again
+//! on the next run, except that an http/s3 download resumes where it stopped with a Range
+//! request, when its record (`.import/download.json`) names the same source and the server
+//! gave an `ETag` or `Last-Modified` to check that the file is unchanged (see
+//! [`http::Partial`]); it is then unpacked and converted again. As CDI's scratch space: the
+//! partial file never is the claim's disk. A failed import removes its scratch files, and the
+//! claim directory too if the import created it, so the claim is left as it was.
 //!
 //! Sharing: `claim.json` records `accessModes`; a `ReadWriteMany` claim is `shared`
 //! ([`claim_is_shared`]), the signal that two local launchers may use it at once (live
@@ -535,10 +539,33 @@ fn ensure_claim(
     fs::create_dir_all(&dir).map_err(io(&dir))?;
     let staging = dir.join(claim::STAGING_DIR);
     if staging.exists() {
-        tracing::info!(dataVolume = %dv, "an earlier import was interrupted; starting over");
-        fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        // What an interrupted http/s3 import downloaded is kept for its download to resume
+        // (with its record, which says where it stopped and of what); the rest is made again.
+        let resumable = matches!(s.source, Source::Http(_) | Source::S3(_))
+            && staging.join(import::RESUME_RECORD).is_file()
+            && staging.join(import::DOWNLOAD).is_file();
+        if resumable {
+            tracing::info!(dataVolume = %dv, "an earlier import was interrupted; resuming its download");
+            for entry in fs::read_dir(&staging).map_err(io(&staging))?.flatten() {
+                let name = entry.file_name();
+                if name != import::RESUME_RECORD && name != import::DOWNLOAD {
+                    let path = entry.path();
+                    let removed = if path.is_dir() && !path.is_symlink() {
+                        fs::remove_dir_all(&path)
+                    } else {
+                        fs::remove_file(&path)
+                    };
+                    removed.map_err(io(&path))?;
+                }
+            }
+        } else {
+            tracing::info!(dataVolume = %dv, "an earlier import was interrupted; starting over");
+            fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        }
     }
-    fs::create_dir(&staging).map_err(io(&staging))?;
+    if !staging.exists() {
+        fs::create_dir(&staging).map_err(io(&staging))?;
+    }
 
     let t = std::time::Instant::now();
     tracing::info!(dataVolume = %dv, source = s.source.kind(), claim = %dir.display(), "importing");
@@ -583,6 +610,7 @@ fn import_into(
         style,
         staging,
         size_hint: &size_hint,
+        source: Some(&s.source_json),
     };
     let (disk, size) = match &s.source {
         Source::Http(r) | Source::S3(r) => {

@@ -34,6 +34,8 @@ pub(crate) struct Progress {
     phase: &'static str,
     total: Option<u64>,
     done: u64,
+    /// Bytes already there when the transfer began (a resumed download): not in the rate.
+    base: u64,
     style: ProgressStyle,
     start: Instant,
     last: Option<Instant>,
@@ -54,11 +56,23 @@ impl Progress {
         total: Option<u64>,
         style: ProgressStyle,
     ) -> Self {
+        Progress::resumed(dv, phase, total, 0, style)
+    }
+
+    /// Progress of a transfer that begins with `base` bytes already done.
+    pub(crate) fn resumed(
+        dv: &str,
+        phase: &'static str,
+        total: Option<u64>,
+        base: u64,
+        style: ProgressStyle,
+    ) -> Self {
         let mut p = Progress {
             dv: dv.to_string(),
             phase,
             total,
-            done: 0,
+            done: base,
+            base,
             style,
             start: Instant::now(),
             last: None,
@@ -99,7 +113,7 @@ impl Progress {
     fn rate(&self) -> f64 {
         let secs = self.start.elapsed().as_secs_f64();
         if secs > 0.0 {
-            self.done as f64 / secs
+            self.done.saturating_sub(self.base) as f64 / secs
         } else {
             0.0
         }

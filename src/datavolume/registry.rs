@@ -308,7 +308,7 @@ impl<'a> Client<'a> {
             let resp = req.call().map_err(|e| {
                 RegistryError::Transport(format!(
                     "registry {} unreachable: {}",
-                    self.image.registry,
+                    self.image.base_url(),
                     super::http::reason(&e)
                 ))
             })?;

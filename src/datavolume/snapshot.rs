@@ -399,6 +399,7 @@ pub fn restore(
                 style,
                 staging: &staging,
                 size_hint: "the snapshot's claim size",
+                source: None,
             };
             let src = dir.join(&v.file);
             let copy = import::from_claim(&job, &src, Some(v.claim.size))
@@ -525,6 +526,7 @@ pub fn take_offline(
             style,
             staging: &scratch,
             size_hint: "the claim's size",
+            source: None,
         };
         let src = claim::claim_dir(storage, &c).join(claim::image_name(meta.volume_mode));
         let (disk, size) = import::from_claim(&job, &src, None)
