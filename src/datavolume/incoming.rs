@@ -132,21 +132,7 @@ fn prepare_one(
     fs::create_dir_all(&dir).map_err(io(&dir))?;
     let marker = dir.join(INCOMING_MARKER);
     let image = dir.join(claim::image_name(s.volume_mode));
-    let meta = ClaimMeta {
-        name: s.claim.name.clone(),
-        namespace: s.claim.namespace.clone(),
-        source: s.source_json.clone(),
-        requested: s
-            .requested
-            .as_ref()
-            .map(|(t, _)| t.clone())
-            .unwrap_or_default(),
-        size,
-        volume_mode: s.volume_mode,
-        access_modes: s.access_modes.clone(),
-        shared: false,
-        completed_at: String::new(),
-    };
+    let meta = s.claim_meta(size, false, String::new());
     // Recorded first: a failure below removes the directory.
     out.created.push((dir.clone(), meta));
     fs::write(&marker, b"a migration target's claim, not filled yet\n").map_err(io(&marker))?;

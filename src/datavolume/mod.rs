@@ -674,21 +674,7 @@ fn import_into(
     fs::rename(&disk, &image).map_err(io(&image))?;
     claim::sync_dir(dir).map_err(io(dir))?;
 
-    let meta = ClaimMeta {
-        name: s.claim.name.clone(),
-        namespace: s.claim.namespace.clone(),
-        source: s.source_json.clone(),
-        requested: s
-            .requested
-            .as_ref()
-            .map(|(t, _)| t.clone())
-            .unwrap_or_default(),
-        size,
-        volume_mode: s.volume_mode,
-        access_modes: s.access_modes.clone(),
-        shared: s.shared(),
-        completed_at: claim::rfc3339(SystemTime::now()),
-    };
+    let meta = s.claim_meta(size, s.shared(), claim::rfc3339(SystemTime::now()));
     let meta_path = dir.join(claim::META_FILE);
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| DataVolumeError::Io {
         dv: dv.clone(),

@@ -8,6 +8,7 @@ use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::claim::ClaimMeta;
 use super::DataVolumeError;
 use crate::spec::cdi::{usable_space, FilesystemOverhead, ALIGN};
 use crate::spec::{is_dns1123_label, is_dns1123_subdomain, Quantity};
@@ -150,6 +151,26 @@ impl DataVolumeSpec {
     /// `ReadWriteMany` claims can be used by two launchers at once (live migration).
     pub fn shared(&self) -> bool {
         self.access_modes.iter().any(|m| m == "ReadWriteMany")
+    }
+
+    /// What the claim directory records of this DataVolume (`claim.json`), for a disk of
+    /// `size` bytes; `completed_at` empty while the claim is not complete.
+    pub fn claim_meta(&self, size: u64, shared: bool, completed_at: String) -> ClaimMeta {
+        ClaimMeta {
+            name: self.claim.name.clone(),
+            namespace: self.claim.namespace.clone(),
+            source: self.source_json.clone(),
+            requested: self
+                .requested
+                .as_ref()
+                .map(|(t, _)| t.clone())
+                .unwrap_or_default(),
+            size,
+            volume_mode: self.volume_mode,
+            access_modes: self.access_modes.clone(),
+            shared,
+            completed_at,
+        }
     }
 }
 
