@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::Pod;
 use nix::sched::{sched_getaffinity, CpuSet};
 use nix::unistd::Pid;
+use virt_launcher::api::pb;
 
 /// The host's id of the thread `tid` of the pod's PID namespace (the one `in_ns` is in):
 /// QEMU runs in the pod's namespace, and QMP reports its thread ids there.
@@ -110,5 +111,21 @@ async fn a_guest_with_dedicated_cpus_runs_its_vcpu_pinned() {
     assert_ne!(qemu, tid, "QEMU runs its vCPU in a thread of its own");
     assert_eq!(cpus_allowed(qemu), emu_cpu, "QEMU's emulator thread {qemu}");
 
+    // A migration would carry this pod's pins to another pod: refused, the VM runs on.
+    let mut c = pod.client().await;
+    let e = c
+        .migrate(pb::MigrateRequest {
+            target_socket: "/nonexistent/launcher-sock".into(),
+            options: Some(pb::MigrationOptions::default()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("dedicatedCpuPlacement"), "{e:?}");
+    assert_eq!(
+        cpus_allowed(tid),
+        vcpu_cpu,
+        "vCPU thread {tid} after the refusal"
+    );
     common::stop_cleanly(pod, Duration::from_secs(40)).await;
 }
