@@ -486,6 +486,9 @@ fn convert_doc(doc: &Value) -> String {
     let mut facts = PodFacts::defaults(&vmi);
     // `lun` needs a block volume; every other kind ignores this.
     facts.block_volumes.insert("root".into());
+    // A pod CPU set to pin onto: `dedicatedCpuPlacement` changes the domain (its <cputune>),
+    // not only an error.
+    facts.cpu_set = (0..16).collect();
     match convert::convert(&vmi, &facts) {
         Ok(d) => d.to_xml(),
         Err(e) => format!("error: {e}"),

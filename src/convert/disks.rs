@@ -1006,6 +1006,13 @@ fn assign_iothreads(
     let limit = match domain.io_threads_policy.as_deref() {
         None if !any_dedicated => return Ok((0, None)),
         None | Some("shared") => 1,
+        // KubeVirt: iothreads share the emulator thread's own CPU.
+        Some("auto")
+            if vmi.is_cpu_dedicated()
+                && domain.cpu.as_ref().and_then(|c| c.isolate_emulator_thread) == Some(true) =>
+        {
+            1
+        }
         Some("auto") => {
             let r = &domain.resources;
             let cpus = match r

@@ -312,6 +312,13 @@ pub struct PodFacts {
     /// (no `tap0`): the pod network is passt's user-mode networking, a bridge binding needs
     /// a host bridge.
     pub standalone_network: Option<StandaloneNetwork>,
+    /// The pod's CPU set, ascending: the CPUs the kubelet's static CPU manager gave the pod
+    /// (its cgroup's cpuset); standalone, the launcher's own affinity. `dedicatedCpuPlacement`
+    /// pins the vCPUs onto these. Empty: not known (nothing can be pinned).
+    pub cpu_set: Vec<u32>,
+    /// The host's cores as lists of sibling hardware threads (`thread_siblings_list`), in
+    /// host order; a CPU of [`PodFacts::cpu_set`] on no list is a core of its own.
+    pub cpu_siblings: Vec<Vec<u32>>,
 }
 
 /// Standalone networking: what the command line gave for it.
@@ -379,6 +386,8 @@ impl PodFacts {
             interface_mtus: BTreeMap::new(),
             interface_macs: BTreeMap::new(),
             standalone_network: None,
+            cpu_set: Vec::new(),
+            cpu_siblings: Vec::new(),
         }
     }
 }

@@ -36,9 +36,10 @@
 //!   ([`facts::PodFacts::volume_block_io`]).
 //! - The placePCIDevicesOnRootComplex annotation: every PCI device on `pcie.0`, no spare root
 //!   ports (KubeVirt's pci-placement.go).
-//! - `dedicatedCpuPlacement` is refused naming the field (not implemented); tests/model_walk.rs
+//! - `dedicatedCpuPlacement`: `<cputune>` pins onto the pod's CPU set ([`cpupin`]); tests/model_walk.rs
 //!   checks that no other field of the model is accepted and ignored.
 
+pub mod cpupin;
 mod disks;
 pub mod facts;
 pub mod names;
@@ -87,6 +88,9 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
     // vCPUs the VM starts with (with maxSockets, the enabled ones).
     let requested_vcpus = vcpu_hotplug.map_or(vcpus, |h| h.enabled);
     let storage = disks::convert_disks(vmi, facts, requested_vcpus)?;
+    let cputune = dedicated_cpus(vmi, facts, &cpu, requested_vcpus, storage.iothreads)?;
+    let mut features = features;
+    features.kvm_hint_dedicated = cputune.is_some();
     let interfaces = interfaces(vmi, facts, &storage.boot_orders)?;
     // vhost-user (passt) maps guest memory: KubeVirt's memory_backing.go and cpu.go
     // configureSyntheticNUMA (memfd, shared access, one NUMA cell) for a passtBinding. KubeVirt
@@ -223,9 +227,9 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         }
     } else {
         // KubeVirt (virtwrap/manager.go isFreePageReportingEnabled): on, except for
-        // high-performance VMIs (hugepages; dedicated CPUs are refused above) and the
-        // VMI's opt-out annotation.
+        // high-performance VMIs (hugepages, dedicated CPUs) and the VMI's opt-out annotation.
         let off = memory.hugepage_kib.is_some()
+            || vmi.is_cpu_dedicated()
             || opts.is_some_and(|o| o.free_page_reporting_disabled)
             || vmi
                 .metadata
@@ -319,6 +323,7 @@ pub fn convert(vmi: &VirtualMachineInstance, facts: &PodFacts) -> Result<Domain,
         vcpus,
         vcpu_hotplug,
         iothreads: storage.iothreads,
+        cputune,
         cpu,
         os,
         sysinfo: Some(Sysinfo { system, chassis }),
@@ -756,15 +761,6 @@ pub fn vcpu_topology(vmi: &VirtualMachineInstance) -> Result<VcpuTopology, Conve
             format!("sockets × cores × threads = {total} vCPUs, more than {MAX_VCPUS}"),
         ));
     }
-    if spec.dedicated_cpu_placement == Some(true) {
-        // KubeVirt pins each vCPU to the pod's exclusive cpuset (vcpu.go
-        // AdjustDomainForTopologyAndCPUSet) from the topology virt-handler sends; we do not
-        // pin yet, and a VM that asked for dedicated CPUs must not run unpinned.
-        return Err(err(
-            "spec.domain.cpu.dedicatedCpuPlacement",
-            "dedicated CPU placement (vCPU pinning to the pod's cpuset) is not supported yet",
-        ));
-    }
     // CPU hot-plug (KubeVirt compute/cpu.go configureCPUTopology): the topology gets
     // `maxSockets` sockets; the vCPUs of the requested sockets are enabled, those of the first
     // socket are not hot-pluggable.
@@ -796,6 +792,47 @@ pub fn vcpu_topology(vmi: &VirtualMachineInstance) -> Result<VcpuTopology, Conve
         threads,
         hotplug,
     })
+}
+
+/// `dedicatedCpuPlacement` (see [`cpupin`]): the `<cputune>` pinning the vCPUs (with
+/// `maxSockets`, the enabled ones), the emulator thread and the iothreads onto the pod's CPU
+/// set. None for a VM without dedicated CPUs.
+fn dedicated_cpus(
+    vmi: &VirtualMachineInstance,
+    facts: &PodFacts,
+    cpu: &Cpu,
+    enabled_vcpus: u32,
+    iothreads: u32,
+) -> Result<Option<CpuTune>, ConvertError> {
+    let spec = vmi.spec.domain.cpu.clone().unwrap_or_default();
+    if !vmi.is_cpu_dedicated() {
+        if spec.isolate_emulator_thread == Some(true) {
+            // KubeVirt's webhook: isolateEmulatorThread only with dedicatedCpuPlacement.
+            return Err(err(
+                "spec.domain.cpu.isolateEmulatorThread",
+                "only with spec.domain.cpu.dedicatedCpuPlacement: true",
+            ));
+        }
+        return Ok(None);
+    }
+    let threads = cpu.threads.max(1);
+    let supplemental = if vmi.spec.domain.io_threads_policy.as_deref() == Some("supplementalPool") {
+        iothreads
+    } else {
+        0
+    };
+    let req = cpupin::Request {
+        cores: enabled_vcpus / threads,
+        threads,
+        isolate_emulator: spec.isolate_emulator_thread == Some(true),
+        emulator_even_parity: vmi
+            .metadata
+            .annotations
+            .contains_key(cpupin::EMULATOR_EVEN_PARITY_ANNOTATION),
+        iothreads,
+        supplemental_iothreads: supplemental,
+    };
+    cpupin::pin(&req, &facts.cpu_set, &facts.cpu_siblings).map(Some)
 }
 
 /// What may change in a running VM's CPU (KubeVirt's live update of `sockets`, CPU hot-plug):
@@ -830,6 +867,22 @@ pub fn check_running_cpu(
         }
     }
     let f = "spec.domain.cpu.sockets";
+    let running_sockets = old.hotplug.map_or(old.sockets, |h| {
+        h.enabled / (old.cores * old.threads).max(1)
+    });
+    if started.is_cpu_dedicated() && new.sockets != running_sockets {
+        // KubeVirt re-pins every vCPU after a hot-plug (manager.go UpdateVCPUs); this launcher
+        // does not, and a plugged vCPU must not run unpinned.
+        return Err(err(
+            f,
+            format!(
+                "{} differs from the {running_sockets} the running VM has; CPU hot-plug of a VM \
+                 with spec.domain.cpu.dedicatedCpuPlacement (re-pinning) is not supported, \
+                 restart it",
+                new.sockets
+            ),
+        ));
+    }
     match old.hotplug {
         Some(_) if new.sockets > old.sockets => Err(err(
             f,
@@ -1080,6 +1133,7 @@ fn features(vmi: &VirtualMachineInstance, secure_boot: bool) -> Result<Features,
         hyperv: vec![],
         // KubeVirt (compute/hypervisor_features.go): `kvm: {}` emits hidden state='off'.
         kvm_hidden: spec.kvm.as_ref().map(|k| k.hidden.unwrap_or(false)),
+        kvm_hint_dedicated: false,
         pvspinlock: spec.pvspinlock.as_ref().map(FeatureState::on),
         // KubeVirt (compute/hypervisor_features.go, amd64): vmport off once `features` is set.
         vmport_off: vmi.spec.domain.features.is_some(),
@@ -1826,5 +1880,13 @@ mod tests {
             check_running_cpu(&fixed, &vmi(serde_json::json!({"sockets": 2}))),
             Ok(())
         );
+        // Dedicated CPUs: no hot-plug (the plugged vCPU would run unpinned).
+        let pinned = |s: u32| {
+            vmi(serde_json::json!({"sockets": s, "maxSockets": 4, "dedicatedCpuPlacement": true}))
+        };
+        assert_eq!(check_running_cpu(&pinned(2), &pinned(2)), Ok(()));
+        let e = check_running_cpu(&pinned(2), &pinned(3)).unwrap_err();
+        assert_eq!(e.field, "spec.domain.cpu.sockets");
+        assert!(e.reason.contains("dedicatedCpuPlacement"), "{e}");
     }
 }

@@ -44,6 +44,8 @@ pub struct Domain {
     pub vcpu_hotplug: Option<VcpuHotplug>,
     /// Number of `<iothreads>`; 0 means none.
     pub iothreads: u32,
+    /// `<cputune>`: vCPU, emulator and iothread pinning (`dedicatedCpuPlacement`).
+    pub cputune: Option<CpuTune>,
     pub cpu: Cpu,
     pub os: Os,
     pub sysinfo: Option<Sysinfo>,
@@ -145,10 +147,23 @@ pub struct Features {
     pub hyperv: Vec<HypervFeature>,
     /// `<kvm><hidden state=…/></kvm>`.
     pub kvm_hidden: Option<bool>,
+    /// `<kvm><hint-dedicated state='on'/></kvm>` (dedicated vCPUs).
+    pub kvm_hint_dedicated: bool,
     /// `<pvspinlock state=…/>`.
     pub pvspinlock: Option<bool>,
     /// `<vmport state='off'/>` (KubeVirt on x86 when the VMI has `features`).
     pub vmport_off: bool,
+}
+
+/// `<cputune>`: each entry is `(id, cpuset)` with the cpuset as libvirt writes it (`3`, `2,3`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuTune {
+    /// `<vcpupin vcpu=… cpuset=…/>`.
+    pub vcpupin: Vec<(u32, String)>,
+    /// `<emulatorpin cpuset=…/>`.
+    pub emulatorpin: Option<String>,
+    /// `<iothreadpin iothread=… cpuset=…/>`.
+    pub iothreadpin: Vec<(u32, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -184,6 +184,25 @@ pub(crate) fn write_domain(d: &Domain) -> String {
     if d.iothreads > 0 {
         w.leaf("iothreads", attrs![], &d.iothreads.to_string());
     }
+    if let Some(t) = &d.cputune {
+        w.open("cputune", attrs![]);
+        for (vcpu, set) in &t.vcpupin {
+            w.empty(
+                "vcpupin",
+                attrs!["vcpu" => vcpu.to_string(), "cpuset" => set.as_str()],
+            );
+        }
+        if let Some(set) = &t.emulatorpin {
+            w.empty("emulatorpin", attrs!["cpuset" => set.as_str()]);
+        }
+        for (thread, set) in &t.iothreadpin {
+            w.empty(
+                "iothreadpin",
+                attrs!["iothread" => thread.to_string(), "cpuset" => set.as_str()],
+            );
+        }
+        w.close("cputune");
+    }
     write_sysinfo(&mut w, d);
     write_os(&mut w, &d.os);
     write_features(&mut w, &d.features);
@@ -256,6 +275,7 @@ fn write_features(w: &mut W, f: &Features) {
         && !f.smm
         && f.hyperv.is_empty()
         && f.kvm_hidden.is_none()
+        && !f.kvm_hint_dedicated
         && f.pvspinlock.is_none()
         && !f.vmport_off
     {
@@ -289,9 +309,14 @@ fn write_features(w: &mut W, f: &Features) {
         }
         w.close("hyperv");
     }
-    if let Some(h) = f.kvm_hidden {
+    if f.kvm_hidden.is_some() || f.kvm_hint_dedicated {
         w.open("kvm", attrs![]);
-        w.empty("hidden", attrs!["state" => on_off(h)]);
+        if let Some(h) = f.kvm_hidden {
+            w.empty("hidden", attrs!["state" => on_off(h)]);
+        }
+        if f.kvm_hint_dedicated {
+            w.empty("hint-dedicated", attrs!["state" => "on"]);
+        }
         w.close("kvm");
     }
     if let Some(p) = f.pvspinlock {

@@ -455,6 +455,10 @@ struct FactsFile {
     host_disk_at_host_path: bool,
     /// `blockSize.matchVolume`'s probe, by volume name.
     volume_block_sizes: BTreeMap<String, BlockSizesFile>,
+    /// The pod's CPU set (`dedicatedCpuPlacement`).
+    cpu_set: Vec<u32>,
+    /// The host's cores as sibling-thread lists.
+    cpu_siblings: Vec<Vec<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -499,6 +503,10 @@ pub fn from_json(text: &str, vmi: &VirtualMachineInstance) -> Result<PodFacts, S
         facts.spare_root_ports = n;
     }
     facts.paths.host_disk_at_host_path = file.host_disk_at_host_path;
+    facts.cpu_set = file.cpu_set;
+    facts.cpu_set.sort_unstable();
+    facts.cpu_set.dedup();
+    facts.cpu_siblings = file.cpu_siblings;
     facts.volume_block_io = file
         .volume_block_sizes
         .into_iter()
@@ -512,6 +520,52 @@ pub fn from_json(text: &str, vmi: &VirtualMachineInstance) -> Result<PodFacts, S
         })
         .collect();
     Ok(facts)
+}
+
+/// The pod's CPU set and the host cores of its CPUs. The launcher's affinity is the pod's CPU
+/// set: in a KubeVirt pod the kubelet's static CPU manager confines the pod's cgroup cpuset to
+/// its exclusive CPUs, which bounds every process in it (KubeVirt reads the same set from the
+/// cgroup); standalone, it is whatever the launcher was started with (`taskset`).
+fn probe_cpus() -> (Vec<u32>, Vec<Vec<u32>>) {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let Ok(set) = sched_getaffinity(nix::unistd::Pid::this()) else {
+        return (Vec::new(), Vec::new());
+    };
+    let cpus: Vec<u32> = (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .filter_map(|c| u32::try_from(c).ok())
+        .collect();
+    let mut siblings: Vec<Vec<u32>> = Vec::new();
+    for c in &cpus {
+        let path = format!("/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list");
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        if let Some(core) = parse_cpu_list(text.trim()) {
+            if !siblings.contains(&core) {
+                siblings.push(core);
+            }
+        }
+    }
+    (cpus, siblings)
+}
+
+/// `0-3,6` → `[0, 1, 2, 3, 6]`; None when malformed.
+pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                if b < a || b - a > 65536 {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    Some(out)
 }
 
 fn io_reason(e: &std::io::Error) -> String {
@@ -657,6 +711,9 @@ pub fn probe_running(
     facts.domain_type = domain_type;
     facts.firmware = probe_firmware();
     facts.interface_mtus = crate::pod::net::probe_mtus(vmi);
+    if vmi.is_cpu_dedicated() {
+        (facts.cpu_set, facts.cpu_siblings) = probe_cpus();
+    }
     facts.interface_macs = crate::pod::net::probe_bridge_macs(vmi, &paths.config_dir);
 
     // Claim images (hot-plugged ones aside) probed, and how many of them allow O_DIRECT.
@@ -870,6 +927,17 @@ mod tests {
             PodPaths::kubevirt_defaults(&v).private_dir,
             Path::new("/var/run/kubevirt-private/ok")
         );
+    }
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_writes_them() {
+        assert_eq!(parse_cpu_list("0-2,5,7-8"), Some(vec![0, 1, 2, 5, 7, 8]));
+        assert_eq!(parse_cpu_list("3"), Some(vec![3]));
+        assert_eq!(parse_cpu_list("2-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+        let v = vmi(PVC_VMI);
+        let f = from_json(r#"{"cpuSet": [3, 1, 1], "cpuSiblings": [[1, 3]]}"#, &v).unwrap();
+        assert_eq!((f.cpu_set, f.cpu_siblings), (vec![1, 3], vec![vec![1, 3]]));
     }
 
     #[test]

@@ -170,6 +170,15 @@ impl VirtualMachineInstance {
             .is_some_and(ChangedBlockTrackingStatus::applies)
     }
 
+    /// Did the VMI ask for dedicated CPUs (KubeVirt's `IsCPUDedicated`)?
+    pub fn is_cpu_dedicated(&self) -> bool {
+        self.spec
+            .domain
+            .cpu
+            .as_ref()
+            .is_some_and(|c| c.dedicated_cpu_placement == Some(true))
+    }
+
     /// Does QEMU run as a non-root user (KubeVirt's `vmitrait.IsNonRoot`)?
     pub fn is_non_root(&self) -> bool {
         self.metadata
@@ -330,6 +339,9 @@ pub struct CpuSpec {
     pub model: Option<String>,
     pub features: Vec<CpuFeature>,
     pub dedicated_cpu_placement: Option<bool>,
+    /// With `dedicatedCpuPlacement`: the emulator thread gets a CPU of its own from the pod's
+    /// CPU set (KubeVirt's `<emulatorpin>`).
+    pub isolate_emulator_thread: Option<bool>,
     /// CPU hot-plug: the domain gets `maxSockets` sockets, of which `sockets` are enabled.
     pub max_sockets: Option<u32>,
 }

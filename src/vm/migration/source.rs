@@ -47,8 +47,17 @@ impl Launcher {
                 "a migration is already running".into(),
             ));
         }
-        let (target, target_disks, disks_unknown) = query_target(peer).await?;
         let vmi = self.vmi().ok_or(ControlError::NoDomain)?;
+        if vmi.is_cpu_dedicated() {
+            // The domain's <cputune> names the source pod's CPUs; KubeVirt's target re-pins
+            // onto its own pod's set (premigration cpu hook), which this launcher does not.
+            return Err(ControlError::Precondition(
+                "cannot migrate a VM with spec.domain.cpu.dedicatedCpuPlacement: its vCPUs are \
+                 pinned to this pod's CPUs and re-pinning on the target is not implemented"
+                    .into(),
+            ));
+        }
+        let (target, target_disks, disks_unknown) = query_target(peer).await?;
         let here = super::target::VmIdentity::of(&vmi, &status.domain.uuid);
         if let Err(prepared_for) = here.accepted_by(&target) {
             return Err(ControlError::Precondition(format!(
