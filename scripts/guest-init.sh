@@ -4,7 +4,7 @@
 # Driven by the kernel command line (/proc/cmdline); prints machine-readable marker
 # lines on the console (ttyS0, kernel booted with console=ttyS0):
 #
-#   LV-READY                      once, after mounts + module loading
+#   LV-READY                      once, after mounts + module loading and the first LV-BLOCK
 #   LV-BLOCK vda:2048 sda:8192    all /sys/block/{sd,vd}* with size in 512-byte sectors,
 #                                 sorted; printed at start and then only on change
 #                                 (checked every 0.5 s: hot-plug, unplug, growth)
@@ -471,11 +471,12 @@ VERSION_ID=1
 PRETTY_NAME="lv test guest 1 (busybox)"
 EOF
 start_acpid
-echo "LV-READY"
-# The first LV-BLOCK comes right after LV-READY, before any LV-WROTE/LV-READ.
+# The first LV-BLOCK comes before LV-READY (a test that saw LV-READY reads the disks at once),
+# and before any LV-WROTE/LV-READ.
 block_list
 echo "LV-BLOCK$cur"
 last=$cur
+echo "LV-READY"
 
 for arg in $CMDLINE; do
     case "$arg" in
