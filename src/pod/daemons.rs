@@ -30,6 +30,11 @@ use crate::pod::process::{Child, Command, Exit, ProcessError, Reaper, Stdio};
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a daemon may take to exit after SIGTERM before it gets SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a starting daemon's socket, and a stopping daemon's exit, are checked. libvirtd
+/// opens its socket and exits within a few milliseconds of being asked: with a 20 ms poll the
+/// launcher noticed its exit ~10 ms late on average (SIGTERM → exit was 36 ms after `domain
+/// stopped` against 7 ms for raw libvirt). A check is a connect or one /proc read.
+const POLL: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -209,7 +214,7 @@ async fn start_one(layout: &PodLayout, daemon: Daemon) -> Result<Started, Daemon
                 timeout: READY_TIMEOUT,
             });
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -280,7 +285,7 @@ async fn terminate(daemon: Daemon, pid: i32) {
         if !is_alive(pid) {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL).await;
     }
     tracing::warn!(
         subcomponent = daemon.name(),
