@@ -86,6 +86,13 @@ pub fn read_meta(dir: &Path) -> Option<ClaimMeta> {
     serde_json::from_str(&text).ok()
 }
 
+/// Makes the claim in `dir` complete: its metadata written atomically as `claim.json` (the
+/// one writer of what [`read_meta`] reads).
+pub fn write_meta(dir: &Path, meta: &ClaimMeta) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
+    write_atomic(&dir.join(META_FILE), &json)
+}
+
 /// The data file of a claim (complete or made by hand) and its mode, if it has one.
 pub fn existing_image(dir: &Path) -> Option<(PathBuf, VolumeMode)> {
     if let Some(meta) = read_meta(dir) {

@@ -151,13 +151,7 @@ impl IncomingClaims {
             let dv = format!("{}/{}", meta.namespace, meta.name);
             let mut meta = meta.clone();
             meta.completed_at = claim::rfc3339(SystemTime::now());
-            let path = dir.join(claim::META_FILE);
-            let json = serde_json::to_vec_pretty(&meta).map_err(|e| DataVolumeError::Io {
-                dv: dv.clone(),
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            claim::write_atomic(&path, &json).map_err(io_error(&dv, &path))?;
+            claim::write_meta(dir, &meta).map_err(io_error(&dv, &dir.join(claim::META_FILE)))?;
             let marker = dir.join(INCOMING_MARKER);
             let _ = fs::remove_file(&marker);
             tracing::info!(dataVolume = %dv, claim = %dir.display(), "the migrated claim is complete");

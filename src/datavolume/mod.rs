@@ -675,16 +675,10 @@ fn import_into(
     claim::sync_dir(dir).map_err(io(dir))?;
 
     let meta = s.claim_meta(size, s.shared(), claim::rfc3339(SystemTime::now()));
-    let meta_path = dir.join(claim::META_FILE);
-    let json = serde_json::to_vec_pretty(&meta).map_err(|e| DataVolumeError::Io {
-        dv: dv.clone(),
-        path: meta_path.clone(),
-        reason: e.to_string(),
-    })?;
-    if let Err(e) = claim::write_atomic(&meta_path, &json) {
+    if let Err(e) = claim::write_meta(dir, &meta) {
         // Without its marker the image would be imported again anyway; do not leave it behind.
         let _ = fs::remove_file(&image);
-        return Err(io(&meta_path)(e));
+        return Err(io(&dir.join(claim::META_FILE))(e));
     }
     Ok(meta)
 }

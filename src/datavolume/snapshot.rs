@@ -436,13 +436,7 @@ pub fn restore(
         let _ = fs::remove_dir(&staging);
         let mut meta = v.claim.clone();
         meta.completed_at = claim::rfc3339(SystemTime::now());
-        let meta_path = cdir.join(claim::META_FILE);
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| SnapshotError::Io {
-            snapshot: s.to_string(),
-            path: meta_path.clone(),
-            reason: e.to_string(),
-        })?;
-        claim::write_atomic(&meta_path, &json).map_err(io(s, &meta_path))?;
+        claim::write_meta(&cdir, &meta).map_err(io(s, &cdir.join(claim::META_FILE)))?;
         claim::sync_dir(&cdir).map_err(io(s, &cdir))?;
         done.push(Restored {
             volume: v.volume.clone(),
