@@ -727,11 +727,10 @@ fn keep_log(layout: &PodLayout, max_bytes: u64) {
 /// (`<namespace>_<name>`) on this machine, found through the VM's machine-wide lock; empty
 /// when none answers.
 fn source_disk_sizes(domain: &str) -> std::collections::HashMap<String, u64> {
-    let lock = Path::new(pod::VM_LOCK_DIR).join(format!("{domain}.lock"));
-    let Ok(dir) = std::fs::read_to_string(&lock) else {
+    let Some(dir) = pod::vm_lock_holder(Path::new(pod::VM_LOCK_DIR), domain) else {
         return Default::default();
     };
-    let socket = PathBuf::from(dir.trim()).join("launcher-sock");
+    let socket = dir.join("launcher-sock");
     let ask = async {
         let mut c = api::client::connect(&socket).await.ok()?;
         let d = c.get_domain(api::pb::Empty {}).await.ok()?.into_inner();

@@ -2,7 +2,7 @@
 //! for scripts.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -224,13 +224,12 @@ fn runtime_dir_of(vm: &str) -> Result<PathBuf> {
     {
         bail!("--vm {vm:?}: not a VM name (NAME or NAMESPACE/NAME)");
     }
-    let lock = PathBuf::from(virt_launcher::pod::VM_LOCK_DIR).join(format!("{ns}_{name}.lock"));
-    let dir = std::fs::read_to_string(&lock).map_err(|_| {
+    let lock_dir = Path::new(virt_launcher::pod::VM_LOCK_DIR);
+    virt_launcher::pod::vm_lock_holder(lock_dir, &format!("{ns}_{name}")).ok_or_else(|| {
         anyhow::anyhow!(
             "no standalone launcher has run VM {ns}/{name} here (see `launcherctl list`)"
         )
-    })?;
-    Ok(PathBuf::from(dir.trim()))
+    })
 }
 
 /// The launchers that hold a VM lock here: (namespace/name, runtime dir), sorted.

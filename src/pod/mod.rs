@@ -326,9 +326,7 @@ fn take_vm_lock(
     wait: bool,
 ) -> Result<Flock<File>, PodError> {
     fs::create_dir_all(lock_dir).map_err(io_err(lock_dir))?;
-    // The name was validated as a Kubernetes name; still, never a path.
-    let file_name = domain.replace(['/', '\0'], "_");
-    let path = lock_dir.join(format!("{file_name}.lock"));
+    let path = vm_lock_file(lock_dir, domain);
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -353,6 +351,20 @@ fn take_vm_lock(
             holder: fs::read_to_string(&path).unwrap_or_else(|_| "unknown".into()),
         }),
     }
+}
+
+/// The lock file of VM `domain` (`<namespace>_<name>`) in `lock_dir`.
+fn vm_lock_file(lock_dir: &Path, domain: &str) -> PathBuf {
+    // The name was validated as a Kubernetes name; still, never a path.
+    let file_name = domain.replace(['/', '\0'], "_");
+    lock_dir.join(format!("{file_name}.lock"))
+}
+
+/// The runtime root that the launcher which last locked VM `domain` wrote into its lock file
+/// ([`lock_vm`]), if one ever did.
+pub fn vm_lock_holder(lock_dir: &Path, domain: &str) -> Option<PathBuf> {
+    let text = fs::read_to_string(vm_lock_file(lock_dir, domain)).ok()?;
+    Some(PathBuf::from(text.trim()))
 }
 
 /// Where a prepared migration target keeps the identity of the VM it awaits, for the migration
