@@ -941,17 +941,16 @@ async fn serve(
 
 /// Runs `hook` (off the runtime) once the VM this prepared target awaits has arrived.
 async fn when_arrived(handle: vm::Handle, hook: Box<dyn FnOnce() + Send>) {
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let s = handle.status();
-        let done = s.migration_target.is_none()
-            && s.migration
-                .as_ref()
-                .is_some_and(|m| m.phase == vm::state::MigrationPhase::Succeeded);
-        if done {
-            let _ = tokio::task::spawn_blocking(hook).await;
-            return;
-        }
+    let arrived = handle
+        .wait_status(|s| {
+            s.migration_target.is_none()
+                && s.migration
+                    .as_ref()
+                    .is_some_and(|m| m.phase == vm::state::MigrationPhase::Succeeded)
+        })
+        .await;
+    if arrived {
+        let _ = tokio::task::spawn_blocking(hook).await;
     }
 }
 

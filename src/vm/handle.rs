@@ -259,6 +259,12 @@ impl Handle {
         s
     }
 
+    /// Waits until the domain's status satisfies `done` (at once if it does now); `false` when
+    /// the core ended first.
+    pub async fn wait_status(&self, done: impl FnMut(&Status) -> bool) -> bool {
+        self.status.clone().wait_for(done).await.is_ok()
+    }
+
     /// The events after `after`, and the live ones to come.
     pub fn subscribe(&self, after: u64) -> Result<(Vec<Event>, broadcast::Receiver<Event>), Gap> {
         self.events.subscribe(after)
