@@ -346,12 +346,7 @@ fn volume_backend(
     block_volumes: &std::collections::BTreeSet<String>,
 ) -> (PathBuf, bool) {
     let block = block_volumes.contains(&v.name);
-    let hotplug = v
-        .persistent_volume_claim
-        .as_ref()
-        .and_then(|p| p.hotpluggable)
-        .or_else(|| v.data_volume.as_ref().and_then(|d| d.hotpluggable))
-        .unwrap_or(false);
+    let hotplug = v.is_hotpluggable();
     if v.persistent_volume_claim.is_some() || v.data_volume.is_some() {
         let path = match (hotplug, block) {
             (true, b) => paths.hotplug_path(&v.name, b),
