@@ -48,12 +48,32 @@ pub(crate) struct PodRss {
     /// them (libvirtd maps the same libvirt libraries).
     pub(crate) launcher_pss: f64,
     pub(crate) libvirtd: f64,
+    /// libvirtd's anonymous memory; the rest of its RSS is its binary and ~60 shared
+    /// libraries (file-backed, shared with every other pod's daemon through the page cache).
+    pub(crate) libvirtd_anon: f64,
+    pub(crate) libvirtd_pss: f64,
     pub(crate) qemu: f64,
 }
+
+/// The test guest's memory (`testkit::vmi`: `resources.requests.memory: 128Mi`), the part of
+/// QEMU's RSS that is the guest's own.
+const GUEST_MEMORY_MIB: f64 = 128.0;
 
 impl PodRss {
     pub(crate) fn total(&self) -> f64 {
         self.launcher + self.libvirtd + self.qemu
+    }
+
+    /// Everything in the pod but QEMU: what the pod costs besides the VM itself.
+    pub(crate) fn besides_qemu(&self) -> f64 {
+        self.launcher + self.libvirtd
+    }
+
+    /// QEMU's RSS beyond the guest's memory (device models, TCG's translation cache, its
+    /// libraries). The guest's pages count in full although a small guest has not touched them
+    /// all, so this is the least QEMU adds.
+    pub(crate) fn qemu_overhead(&self) -> f64 {
+        self.qemu - GUEST_MEMORY_MIB
     }
 }
 
@@ -285,7 +305,37 @@ pub(crate) fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
         )),
         None,
     );
-    let rows: [(&'static str, RssField); 6] = [
+    ctx.figure(
+        "memory.pod_besides_qemu",
+        "memory: everything in the pod but QEMU (launcher + libvirtd RSS), 1 running guest",
+        "MiB",
+        &lv(|r| r.rss.besides_qemu()),
+        "VmRSS of the launcher + its libvirtd, 0.5 s after LV-READY",
+        None,
+        Some(Goal::Below(25.0)),
+    );
+    ctx.figure(
+        "memory.pod_besides_qemu_pss",
+        "memory: everything in the pod but QEMU, PSS (shared pages split with QEMU and other pods)",
+        "MiB",
+        &lv(|r| r.rss.launcher_pss + r.rss.libvirtd_pss),
+        "Pss of the launcher + its libvirtd, sampled likewise",
+        None,
+        None,
+    );
+    ctx.figure(
+        "memory.qemu_overhead",
+        "memory: QEMU's RSS beyond the guest's 128 MiB (TCG)",
+        "MiB",
+        &lv(|r| r.rss.qemu_overhead()),
+        "VmRSS of QEMU minus the guest's memory size",
+        Some((
+            &cv(|r| r.rss.qemu_overhead()),
+            "the same for the cold raw daemon's QEMU",
+        )),
+        None,
+    );
+    let rows: [(&'static str, RssField); 11] = [
         ("virt-launcher", |r| r.launcher),
         ("virt-launcher: anonymous (heap, stacks)", |r| {
             r.launcher_anon
@@ -298,7 +348,18 @@ pub(crate) fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
             r.launcher_pss
         }),
         ("libvirtd", |r| r.libvirtd),
+        ("libvirtd: anonymous (heap, stacks)", |r| r.libvirtd_anon),
+        ("libvirtd: file-backed (binary, shared libraries)", |r| {
+            r.libvirtd - r.libvirtd_anon
+        }),
+        ("libvirtd: PSS (shared pages split)", |r| r.libvirtd_pss),
+        ("everything but QEMU (launcher + libvirtd)", |r| {
+            r.besides_qemu()
+        }),
         ("qemu-system-x86_64", |r| r.qemu),
+        ("qemu-system-x86_64 beyond the guest's 128 MiB", |r| {
+            r.qemu_overhead()
+        }),
     ];
     for (process, f) in rows {
         let lm = Stat::of(&l.iter().map(|r| f(&r.rss)).collect::<Vec<_>>()).map(|s| s.median);
@@ -306,7 +367,9 @@ pub(crate) fn bench_lifecycle(ctx: &mut Ctx) -> Result<()> {
         ctx.memory.push(MemoryRow {
             process,
             launcher_pod_mib: lm,
-            raw_libvirt_mib: rm.filter(|_| !process.starts_with("virt-launcher")),
+            raw_libvirt_mib: rm.filter(|_| {
+                !process.starts_with("virt-launcher") && !process.starts_with("everything")
+            }),
         });
     }
     ctx.memory.push(MemoryRow {
@@ -362,6 +425,8 @@ pub(crate) fn launcher_once(ctx: &mut Ctx, disks: usize) -> Result<LauncherRun> 
         launcher_anon: status_mib(launcher, "RssAnon")?,
         launcher_pss: pss_mib(launcher)?,
         libvirtd: rss_mib(libvirtd)?,
+        libvirtd_anon: status_mib(libvirtd, "RssAnon")?,
+        libvirtd_pss: pss_mib(libvirtd)?,
         qemu: rss_mib(qemu)?,
     };
 
@@ -408,6 +473,8 @@ pub(crate) fn raw_cold_once(ctx: &mut Ctx, disks: usize) -> Result<RawColdRun> {
         launcher_anon: 0.0,
         launcher_pss: 0.0,
         libvirtd: rss_mib(raw.pid(RawDaemon::Libvirtd)?)?,
+        libvirtd_anon: status_mib(raw.pid(RawDaemon::Libvirtd)?, "RssAnon")?,
+        libvirtd_pss: pss_mib(raw.pid(RawDaemon::Libvirtd)?)?,
         qemu: rss_mib(find_qemu(&ctx.name, &raw.mnt_ns)?)?,
     };
 

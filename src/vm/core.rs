@@ -77,6 +77,9 @@ pub(crate) struct Launcher {
     pub(crate) live_generation: AtomicU64,
     /// A guest-agent poller runs (one at a time; it ends when the agent disconnects).
     pub(crate) agent_polling: std::sync::atomic::AtomicBool,
+    /// Set once the guest is being shut down: no further guest-agent polls
+    /// ([`super::agent::quiet_agent`]).
+    pub(crate) agent_quiet: std::sync::atomic::AtomicBool,
     /// Network phase 2's DHCP servers, started with the first domain and kept for the pod's
     /// life (the guest renews and reboots).
     pub(crate) network: Mutex<crate::pod::net::Phase2>,
@@ -117,6 +120,7 @@ impl Launcher {
             live_cache: Mutex::new(None),
             live_generation: AtomicU64::new(0),
             agent_polling: std::sync::atomic::AtomicBool::new(false),
+            agent_quiet: std::sync::atomic::AtomicBool::new(false),
             network: Mutex::new(crate::pod::net::Phase2::default()),
             storage,
         })

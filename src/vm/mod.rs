@@ -981,6 +981,7 @@ async fn acpi_shutdown(core: &Arc<Launcher>, ledger: &Ledger, stopping: &Stoppin
         );
     }
     tracing::info!("shutting the guest down (ACPI power button), as the handler asked");
+    agent::quiet_agent(core);
     let (hv, name) = (core.hypervisor().clone(), core.status().name);
     match tokio::task::spawn_blocking(move || hv.shutdown_acpi(&name)).await {
         Ok(Ok(())) => Ok(Reply::Done),
@@ -1227,6 +1228,7 @@ async fn on_signal(
 
 /// Presses the guest's ACPI power button.
 async fn press_acpi(core: &Arc<Launcher>, why: &str, grace: Duration) {
+    agent::quiet_agent(core);
     tracing::info!(
         why,
         grace_s = grace.as_secs(),
@@ -1248,6 +1250,7 @@ async fn destroy(core: &Arc<Launcher>, why: &str, stopping: &mut Stopping) {
     }
     stopping.destroyed = true;
     stopping.acpi_after_migration = None;
+    agent::quiet_agent(core);
     tracing::warn!(why, "destroying the domain");
     let (hv, name) = (core.hypervisor().clone(), core.status().name);
     match tokio::task::spawn_blocking(move || hv.destroy(&name)).await {
