@@ -430,6 +430,7 @@ pub(crate) fn launcher_once(ctx: &mut Ctx, disks: usize) -> Result<LauncherRun> 
         qemu: rss_mib(qemu)?,
     };
 
+    std::thread::sleep(STOP_AFTER - SETTLE);
     let ts = Instant::now();
     pod.signal(Signal::SIGTERM)?;
     let (stopped, _) =
@@ -478,6 +479,7 @@ pub(crate) fn raw_cold_once(ctx: &mut Ctx, disks: usize) -> Result<RawColdRun> {
         qemu: rss_mib(find_qemu(&ctx.name, &raw.mnt_ns)?)?,
     };
 
+    std::thread::sleep(STOP_AFTER - SETTLE);
     let ts = Instant::now();
     shutdown_acpi(&dom)?;
     wait_inactive(&dom, Duration::from_secs(60))?;
@@ -513,7 +515,7 @@ pub(crate) fn raw_warm_once(ctx: &mut Ctx, disks: usize, stop: WarmStop) -> Resu
     if !matches!(stop, WarmStop::DestroyAtOnce) {
         let booted = wait_console(&console, t0 + timeout, || warm.check_alive())?;
         to_console_ms = Some(ms(booted - t0));
-        std::thread::sleep(SETTLE);
+        std::thread::sleep(STOP_AFTER);
     }
     let ts = Instant::now();
     match stop {
