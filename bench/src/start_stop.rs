@@ -469,13 +469,14 @@ pub(crate) fn raw_cold_once(ctx: &mut Ctx, disks: usize) -> Result<RawColdRun> {
     let to_running = t0.elapsed();
     let booted = wait_console(&console, t0 + timeout, || raw.check_alive())?;
     std::thread::sleep(SETTLE);
+    let libvirtd = raw.pid(RawDaemon::Libvirtd)?;
     let rss = PodRss {
         launcher: 0.0,
         launcher_anon: 0.0,
         launcher_pss: 0.0,
-        libvirtd: rss_mib(raw.pid(RawDaemon::Libvirtd)?)?,
-        libvirtd_anon: status_mib(raw.pid(RawDaemon::Libvirtd)?, "RssAnon")?,
-        libvirtd_pss: pss_mib(raw.pid(RawDaemon::Libvirtd)?)?,
+        libvirtd: rss_mib(libvirtd)?,
+        libvirtd_anon: status_mib(libvirtd, "RssAnon")?,
+        libvirtd_pss: pss_mib(libvirtd)?,
         qemu: rss_mib(find_qemu(&ctx.name, &raw.mnt_ns)?)?,
     };
 
