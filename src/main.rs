@@ -639,7 +639,7 @@ fn run(args: RunArgs) -> Result<i32> {
             .unwrap_or_else(|| hostname(vmi.as_ref()));
         pod::isolate(&layout, &hostname)?;
     }
-    layout.write_configs(&pod::random_uuid())?;
+    layout.write_configs(&pod::random_uuid(), vmi.is_none() || args.migration_target)?;
     tracing::info!(
         input = input.map(|p| p.display().to_string()),
         domain_type = args.domain_type.as_str(),
@@ -1084,7 +1084,8 @@ fn run_kubevirt(argv: Vec<String>) -> Result<i32> {
     layout.create()?;
     let _lock = layout.lock()?;
     keep_log(&layout, virt_launcher::pod::daemons::DEFAULT_LOG_MAX_BYTES);
-    layout.write_configs(&pod::random_uuid())?;
+    // Not isolated: no migration hook (the handler's proxies are what reach this libvirtd).
+    layout.write_configs(&pod::random_uuid(), false)?;
     layout.link_virtqemud_sock()?;
     layout.link_virtqemud_program()?;
     tracing::info!(

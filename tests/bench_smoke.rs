@@ -43,6 +43,7 @@ const FIGURES: &[(&str, bool)] = &[
     ("density.all_running", true),
     ("density.per_vm_pss", true),
     ("dropin.sync_running", true),
+    ("dropin.sync_running_late", true),
     ("dropin.notify_pause", true),
     ("import.http_qcow2", true),
 ];

@@ -25,6 +25,32 @@ fn guest_sees_pvc_disk_writes_to_it_and_stops_cleanly_on_sigterm() {
     // Its console is relayed into the launcher's JSON log too.
     pod.wait_log("\"subcomponent\":\"console\"", Duration::from_secs(5));
 
+    // The pod's hostname resolves inside the pod, as in a Kubernetes pod (libvirtd looks it up
+    // at every domain start; unknown, it would go to DNS).
+    let pid = pod.daemon_pid("libvirtd").expect("libvirtd pid file");
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "-u", "sh", "-c"])
+        .arg("getent hosts \"$(hostname)\"")
+        .output()
+        .expect("run nsenter");
+    let hosts = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && hosts.starts_with("127.0.1.1 "),
+        "the pod's hostname does not resolve in the pod: {hosts:?} {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A launcher started with its VM never becomes a migration target: its libvirtd has no
+    // hook to fork for every operation.
+    let etc = pod.runtime_dir().join("state/etc");
+    assert!(etc.join("qemu.conf").exists(), "{} has no qemu.conf", etc.display());
+    assert!(!etc.join("hooks/qemu").exists(), "{} has a hook", etc.display());
+    // The capabilities were loaded while the VM's files were prepared.
+    assert!(
+        pod.log().contains("QEMU capabilities loaded ahead of the VM"),
+        "{}",
+        pod.dump()
+    );
+
     let t = Instant::now();
     pod.signal(Signal::SIGTERM);
     let status = pod.wait_exit(Duration::from_secs(40));

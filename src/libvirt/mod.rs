@@ -983,6 +983,30 @@ impl Hypervisor {
         })
     }
 
+    /// The domain capabilities of the default emulator for `arch`, `machine` and `virttype`
+    /// (`virConnectGetDomainCapabilities`), as XML. On a fresh daemon the first call loads the
+    /// emulator's QEMU capabilities (from libvirt's cache, or by probing QEMU): the work a
+    /// domain's first define would otherwise wait for.
+    pub async fn domain_capabilities(
+        &self,
+        arch: &str,
+        machine: Option<&str>,
+        virttype: &str,
+    ) -> Result<String, LibvirtError> {
+        let conn = self.connection()?;
+        let mut e = Encoder::new();
+        e.opt_string(None)
+            .opt_string(Some(arch))
+            .opt_string(machine)
+            .opt_string(Some(virttype))
+            .u32(0);
+        let reply = conn
+            .client
+            .call_async(procs::CONNECT_GET_DOMAIN_CAPABILITIES, &e.into_bytes())
+            .await;
+        decode_reply("domain capabilities", reply, |d| d.string())
+    }
+
     /// libvirt's and QEMU's versions, as "major.minor.micro".
     pub fn versions(&self) -> Result<(String, String), LibvirtError> {
         self.with_conn(|c| {

@@ -230,8 +230,14 @@ impl PodLayout {
     }
 
     /// Writes libvirtd.conf and qemu.conf, and installs qemu.conf where
-    /// libvirtd reads it (`/etc/libvirt`, private to this pod).
-    pub fn write_configs(&self, host_uuid: &str) -> Result<(), PodError> {
+    /// libvirtd reads it (`/etc/libvirt`, private to this pod). `may_receive_migration`: this
+    /// launcher can become a migration target (it starts without a VM, or as a target), so an
+    /// isolated pod gets the migration hook.
+    pub fn write_configs(
+        &self,
+        host_uuid: &str,
+        may_receive_migration: bool,
+    ) -> Result<(), PodError> {
         let sock_dir = self.sock_dir();
         let libvirtd = libvirtd_conf(&sock_dir, host_uuid);
         let conf = self.conf_dir();
@@ -241,9 +247,13 @@ impl PodLayout {
         fs::create_dir_all(etc).map_err(io_err(etc))?;
         write_file(&etc.join("qemu.conf"), QEMU_CONF)?;
         let _ = fs::remove_file(incoming_migration_file(&self.root));
-        if self.isolated {
+        if self.isolated && may_receive_migration {
             // Standalone: `/etc/libvirt` is our private one. libvirtd looks for its hooks when
             // it starts, so the hook is in place before the daemon; it acts only on `migrate`.
+            // Only a launcher that may await a migration has one: libvirtd runs the hook (a
+            // fork of the daemon, a shell) for every operation, three times on a domain's
+            // start and twice on its stop, and a launcher started with its VM never becomes a
+            // target (`prepare_migration_target` refuses once a VM has started).
             let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
             let hooks = etc.join("hooks");
             fs::create_dir_all(&hooks).map_err(io_err(&hooks))?;
@@ -482,7 +492,51 @@ pub fn isolate(layout: &PodLayout, hostname: &str) -> Result<(), PodError> {
         .map_err(step(&format!("bind {} over {target}", src.display())))?;
     }
     nix::unistd::sethostname(hostname).map_err(step("sethostname"))?;
-    Ok(())
+    resolvable_hostname(layout, hostname, Path::new(HOSTS))
+}
+
+/// The machine's hosts file.
+const HOSTS: &str = "/etc/hosts";
+
+/// Makes the pod's hostname resolve, as the kubelet does in a Kubernetes pod (it writes the
+/// pod's name into the pod's own /etc/hosts): the machine's hosts file plus a line for
+/// `hostname`, bound over `hosts` in the pod's mount namespace. libvirtd canonicalises its
+/// hostname (`getaddrinfo`) when it starts and at every domain start, and a name that no
+/// hosts file knows goes to DNS: a query per start (7 ms here for the first), and on a
+/// machine whose resolver does not answer, seconds of timeouts before every VM start. Nothing
+/// is done when the machine has no hosts file (there is nothing to bind over).
+fn resolvable_hostname(layout: &PodLayout, hostname: &str, hosts: &Path) -> Result<(), PodError> {
+    let machine = match fs::read_to_string(hosts) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(hosts)(e)),
+    };
+    let ours = layout.conf_dir().join("hosts");
+    write_file(&ours, &pod_hosts(&machine, hostname))?;
+    mount(
+        Some(&ours),
+        hosts,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|source| PodError::Isolate {
+        step: format!("bind {} over {}", ours.display(), hosts.display()),
+        source,
+    })
+}
+
+/// `machine` (a hosts file) with a line that names `hostname` (Debian's address for the
+/// machine's own name, 127.0.1.1).
+fn pod_hosts(machine: &str, hostname: &str) -> String {
+    let mut out = machine.to_string();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "# the pod's hostname (virt-launcher)\n127.0.1.1\t{hostname}\n"
+    ));
+    out
 }
 
 /// A fresh random UUID (v4, from the OS's random source) for libvirtd's `host_uuid`: two pods
@@ -649,6 +703,35 @@ mod kubevirt_tests {
         removed.sort();
         assert_eq!(removed, [cd.join("dir.sock"), cd.join("disk_0.sock")]);
         assert!(cd.join("disk_0.img").exists());
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod hosts_tests {
+    use super::*;
+
+    #[test]
+    fn the_pod_hosts_file_keeps_the_machines_lines_and_names_the_pod() {
+        let machine = "127.0.0.1 localhost\n::1 localhost ip6-localhost";
+        let pod = pod_hosts(machine, "virt-launcher-vm1-42");
+        assert!(pod.starts_with("127.0.0.1 localhost\n::1 localhost ip6-localhost\n"));
+        assert!(pod.ends_with("127.0.1.1\tvirt-launcher-vm1-42\n"), "{pod}");
+        assert_eq!(
+            pod_hosts("", "h").lines().last(),
+            Some("127.0.1.1\th"),
+            "an empty hosts file gets the one line"
+        );
+    }
+
+    #[test]
+    fn a_machine_without_a_hosts_file_is_left_alone() {
+        let tmp = std::env::temp_dir().join(format!("vl-hosts-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let layout = PodLayout::new(&tmp, true);
+        fs::create_dir_all(layout.conf_dir()).unwrap();
+        resolvable_hostname(&layout, "h", &tmp.join("no-hosts")).unwrap();
+        assert!(!layout.conf_dir().join("hosts").exists());
         fs::remove_dir_all(&tmp).unwrap();
     }
 }
