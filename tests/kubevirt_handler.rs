@@ -154,11 +154,15 @@ async fn virt_handler_drives_a_vm_from_scheduled_to_deleted() {
     assert_eq!(get_domain(&mut h).await, "", "a domain before any Sync");
     // While it waits for the handler, the launcher has QEMU's capabilities loaded (here a
     // probe: KubeVirt's pod starts with an empty cache), so the Sync does not wait for them.
-    wait_for("capabilities loaded before the Sync", Duration::from_secs(60), || {
-        pod.log()
-            .contains("QEMU capabilities loaded ahead of the VM")
-            .then_some(())
-    });
+    wait_for(
+        "capabilities loaded before the Sync",
+        Duration::from_secs(60),
+        || {
+            pod.log()
+                .contains("QEMU capabilities loaded ahead of the VM")
+                .then_some(())
+        },
+    );
 
     // Start: Sync with phase Scheduled returns without waiting for the guest.
     let mut vmi = handler_vmi(&pod.vmi_yaml(), "Scheduled").unwrap();

@@ -42,11 +42,20 @@ fn guest_sees_pvc_disk_writes_to_it_and_stops_cleanly_on_sigterm() {
     // A launcher started with its VM never becomes a migration target: its libvirtd has no
     // hook to fork for every operation.
     let etc = pod.runtime_dir().join("state/etc");
-    assert!(etc.join("qemu.conf").exists(), "{} has no qemu.conf", etc.display());
-    assert!(!etc.join("hooks/qemu").exists(), "{} has a hook", etc.display());
+    assert!(
+        etc.join("qemu.conf").exists(),
+        "{} has no qemu.conf",
+        etc.display()
+    );
+    assert!(
+        !etc.join("hooks/qemu").exists(),
+        "{} has a hook",
+        etc.display()
+    );
     // The capabilities were loaded while the VM's files were prepared.
     assert!(
-        pod.log().contains("QEMU capabilities loaded ahead of the VM"),
+        pod.log()
+            .contains("QEMU capabilities loaded ahead of the VM"),
         "{}",
         pod.dump()
     );
