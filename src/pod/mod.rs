@@ -482,14 +482,7 @@ pub fn isolate(layout: &PodLayout, hostname: &str) -> Result<(), PodError> {
     for (name, target) in LIBVIRT_DIRS {
         let src = layout.root.join("state").join(name);
         fs::create_dir_all(target).map_err(io_err(Path::new(target)))?;
-        mount(
-            Some(&src),
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(step(&format!("bind {} over {target}", src.display())))?;
+        bind(&src, Path::new(target))?;
     }
     nix::unistd::sethostname(hostname).map_err(step("sethostname"))?;
     resolvable_hostname(layout, hostname, Path::new(HOSTS))
@@ -513,15 +506,20 @@ fn resolvable_hostname(layout: &PodLayout, hostname: &str, hosts: &Path) -> Resu
     };
     let ours = layout.conf_dir().join("hosts");
     write_file(&ours, &pod_hosts(&machine, hostname))?;
+    bind(&ours, hosts)
+}
+
+/// Binds `src` over `target` (in the pod's mount namespace, see [`isolate`]).
+fn bind(src: &Path, target: &Path) -> Result<(), PodError> {
     mount(
-        Some(&ours),
-        hosts,
+        Some(src),
+        target,
         None::<&str>,
         MsFlags::MS_BIND,
         None::<&str>,
     )
     .map_err(|source| PodError::Isolate {
-        step: format!("bind {} over {}", ours.display(), hosts.display()),
+        step: format!("bind {} over {}", src.display(), target.display()),
         source,
     })
 }

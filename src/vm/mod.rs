@@ -245,19 +245,17 @@ impl Supervisor {
             ..
         } = self;
         let result = async {
+            // Whatever comes first (a VM to prepare, a Sync, an incoming migration) finds them
+            // loaded or loading.
+            warm_capabilities(&core);
             match (opts.vmi.clone(), opts.incoming.clone()) {
                 (Some(vmi), Some(disk_sizes)) => {
-                    warm_capabilities(&core);
                     core.prepare_migration_target(vmi, disk_sizes)
                         .await
                         .map_err(SupervisorError::Prepare)?;
                 }
-                (Some(vmi), None) => {
-                    // The load runs while the VM's files and network are prepared.
-                    warm_capabilities(&core);
-                    core.sync(vmi).await?
-                }
-                (None, _) => warm_capabilities(&core),
+                (Some(vmi), None) => core.sync(vmi).await?,
+                (None, _) => {}
             }
             owner_loop(&core, &opts, relays, &mut inputs, &mut ledger).await
         }
@@ -1016,9 +1014,7 @@ async fn acpi_shutdown(core: &Arc<Launcher>, ledger: &Ledger, stopping: &Stoppin
         );
     }
     tracing::info!("shutting the guest down (ACPI power button), as the handler asked");
-    agent::quiet_agent(core);
-    let (hv, name) = (core.hypervisor().clone(), core.status().name);
-    match tokio::task::spawn_blocking(move || hv.shutdown_acpi(&name)).await {
+    match acpi_button(core).await {
         Ok(Ok(())) => Ok(Reply::Done),
         // Stopped meanwhile: nothing left to shut down.
         Ok(Err(LibvirtError::NoDomain(_))) => Ok(Reply::Done),
@@ -1261,16 +1257,24 @@ async fn on_signal(
     }
 }
 
+/// Presses the domain's ACPI power button (off the runtime), after ending the guest-agent
+/// polls ([`agent::quiet_agent`]): the libvirt call's result, in the blocking task's.
+async fn acpi_button(
+    core: &Arc<Launcher>,
+) -> Result<Result<(), LibvirtError>, tokio::task::JoinError> {
+    agent::quiet_agent(core);
+    let (hv, name) = (core.hypervisor().clone(), core.status().name);
+    tokio::task::spawn_blocking(move || hv.shutdown_acpi(&name)).await
+}
+
 /// Presses the guest's ACPI power button.
 async fn press_acpi(core: &Arc<Launcher>, why: &str, grace: Duration) {
-    agent::quiet_agent(core);
     tracing::info!(
         why,
         grace_s = grace.as_secs(),
         "shutting the guest down (ACPI power button)"
     );
-    let (hv, name) = (core.hypervisor().clone(), core.status().name);
-    match tokio::task::spawn_blocking(move || hv.shutdown_acpi(&name)).await {
+    match acpi_button(core).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "ACPI shutdown request failed; the domain is destroyed when the grace period ends")
